@@ -1,0 +1,31 @@
+# make run | test | bench | clean — everything runs from the repo's own venv.
+VENV ?= .venv
+PYTHON ?= python3
+# torch==2.13.0 in pyproject.toml also matches CUDA builds; pin the local CPU wheel so pip never
+# pulls a CUDA torch (and its nvidia-* dependencies).
+TORCH_PIN ?= torch==2.13.0+cpu
+PYTEST_ARGS ?=
+
+export FLWR_TELEMETRY_ENABLED=0
+
+.PHONY: install run test bench clean
+
+install: $(VENV)/.installed
+
+# Re-install only when pyproject.toml changes; the stamp records the last good install.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -e '.[test]' '$(TORCH_PIN)'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/l2d --config config/local.toml
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/run_all.py
+
+clean:
+	rm -rf .data/ .regtest/

@@ -1,0 +1,1 @@
+"""Bitcoin bridge: bitcoind RPC and ZMQ client, SPV checks, peg-in and peg-out."""

@@ -1,0 +1,1 @@
+"""Federated learning: Flower server and client apps, robust aggregation, DP and rewards."""

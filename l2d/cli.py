@@ -1,0 +1,259 @@
+"""l2-cli: keys, queries, signed transfers and burns, admin mint, snapshot and proof export over the REST API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+from coincurve import PrivateKey
+
+from .core import tx as T
+from .core.params import network_by_name
+from .core.tree import Proof, verify_proof
+
+DEFAULT_API = os.environ.get("L2D_API", "http://127.0.0.1:8650")
+
+
+class CliError(Exception):
+    """A failure to report in one line (exit 1)."""
+
+
+def _request(api: str, method: str, path: str, body: Optional[dict[str, Any]] = None,
+             token: Optional[str] = None, raw: bool = False) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(api.rstrip("/") + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            payload = resp.read()
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            err = json.loads(text)
+            msg = f"{err.get('error')}: {err.get('message')}"
+        except ValueError:
+            msg = text.strip()[:200]
+        raise CliError(f"{method} {path} -> HTTP {e.code} {msg}") from None
+    except urllib.error.URLError as e:
+        raise CliError(f"cannot reach the daemon at {api}: {e.reason}") from None
+    return payload if raw else json.loads(payload)
+
+
+def load_secret(path: Path) -> bytes:
+    try:
+        text = path.read_text().strip()
+        secret = bytes.fromhex(text)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read key file {path}: {e}") from None
+    if len(secret) != 32:
+        raise CliError(f"key file {path} must hold 64 hex characters")
+    return secret
+
+
+def pubkey_of(secret: bytes) -> bytes:
+    return PrivateKey(secret).public_key_xonly.format()
+
+
+def write_private(path: Path, data: bytes, force: bool = False) -> None:
+    """Create path with mode 0600 (never world-readable, even briefly)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise CliError(f"{path} exists; use --force to overwrite") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _account_id(arg: str) -> str:
+    p = Path(arg)
+    if p.is_file():
+        return pubkey_of(load_secret(p)).hex()
+    try:
+        if len(bytes.fromhex(arg)) == 32:
+            return arg.lower()
+    except ValueError:
+        pass
+    raise CliError(f"{arg!r} is neither a key file nor a 64-hex-character account")
+
+
+def _wait_committed(api: str, txid: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st: dict[str, Any] = _request(api, "GET", f"/api/l2/tx/{txid}")
+        if st.get("status") == "committed" or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+def _send(a: argparse.Namespace, payload: T.AnyPayload) -> dict[str, Any]:
+    secret = load_secret(Path(a.key))
+    sender = pubkey_of(secret).hex()
+    status = _request(a.api, "GET", "/api/status")
+    network = network_by_name(status["network"])
+    nonce = a.nonce if a.nonce is not None else _request(a.api, "GET", f"/api/l2/accounts/{sender}")["nonce"]
+    tx = T.sign(network, secret, nonce, a.fee, payload, os.urandom(32))
+    res: dict[str, Any] = _request(a.api, "POST", "/api/l2/tx", {"tx": tx.raw.hex()})
+    if a.wait:
+        res.update(_wait_committed(a.api, res["txid"], a.wait))
+    return res
+
+
+def cmd_keygen(a: argparse.Namespace) -> dict[str, Any]:
+    secret = PrivateKey().secret
+    write_private(Path(a.out), secret.hex().encode() + b"\n", a.force)
+    return {"key_file": a.out, "account": pubkey_of(secret).hex()}
+
+
+def cmd_pubkey(a: argparse.Namespace) -> dict[str, Any]:
+    return {"account": pubkey_of(load_secret(Path(a.key))).hex()}
+
+
+def cmd_status(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = _request(a.api, "GET", "/api/status")
+    return res
+
+
+def cmd_balance(a: argparse.Namespace) -> dict[str, Any]:
+    acc = _request(a.api, "GET", f"/api/l2/accounts/{_account_id(a.account)}")
+    value = verify_proof(bytes.fromhex(acc["state_root"]), Proof.decode(bytes.fromhex(acc["proof"])))
+    if (value is not None) != acc["exists"]:
+        raise CliError("the daemon's proof disagrees with its answer")
+    acc["proof_verified"] = True
+    return {k: acc[k] for k in ("account", "exists", "balance_sat", "nonce", "height", "state_root", "proof_verified")}
+
+
+def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
+    acc = _request(a.api, "GET", f"/api/l2/accounts/{_account_id(a.account)}")
+    Path(a.out).write_bytes(bytes.fromhex(acc["proof"]))
+    return {"proof_file": a.out, "root": acc["state_root"], "height": acc["height"],
+            "verify_with": f"l2-verify proof --root {acc['state_root']} {a.out}"}
+
+
+def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
+    return _send(a, T.Transfer(bytes.fromhex(_account_id(a.to)), a.amount))
+
+
+def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
+    return _send(a, T.Burn(a.amount, a.destination.encode()))
+
+
+def _token(a: argparse.Namespace) -> str:
+    tok = a.token or os.environ.get("L2D_ADMIN_TOKEN")
+    if not tok:
+        raise CliError("admin command needs --token or L2D_ADMIN_TOKEN")
+    return tok
+
+
+def cmd_mint(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = _request(a.api, "POST", "/api/admin/mint",
+                                   {"recipient": _account_id(a.to), "amount_sat": a.amount}, token=_token(a))
+    if a.wait:
+        res.update(_wait_committed(a.api, res["txid"], a.wait))
+    return res
+
+
+def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
+    tok = _token(a)
+    info: dict[str, Any] = _request(a.api, "POST", "/api/admin/snapshot", {}, token=tok)
+    data = _request(a.api, "GET", f"/api/admin/snapshots/{info['name']}", token=tok, raw=True)
+    Path(a.out).write_bytes(data)
+    info.update(snapshot_file=a.out, verify_with=f"l2-verify snapshot {a.out} --expect-root {info['state_root']}")
+    return info
+
+
+def cmd_block(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = _request(a.api, "GET", f"/api/l2/blocks/{a.height}")
+    return res
+
+
+def cmd_tx(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = _request(a.api, "GET", f"/api/l2/tx/{a.txid}")
+    return res
+
+
+def _sat(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of satoshis")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="l2-cli", description=__doc__)
+    ap.add_argument("--api", default=DEFAULT_API, help="daemon REST address (default %(default)s, or $L2D_API)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("keygen", help="create a key file (mode 0600)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_keygen)
+    p = sub.add_parser("pubkey", help="account id (x-only public key) of a key file")
+    p.add_argument("--key", required=True)
+    p.set_defaults(fn=cmd_pubkey)
+    sub.add_parser("status", help="daemon status").set_defaults(fn=cmd_status)
+    p = sub.add_parser("balance", help="balance and nonce, with the proof checked locally")
+    p.add_argument("account", help="64-hex account id or a key file")
+    p.set_defaults(fn=cmd_balance)
+    p = sub.add_parser("proof", help="write an account's state proof for l2-verify")
+    p.add_argument("account")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_proof)
+    for name, fn in (("transfer", cmd_transfer), ("burn", cmd_burn)):
+        p = sub.add_parser(name, help=f"sign and submit a {name}")
+        p.add_argument("--key", required=True)
+        if name == "transfer":
+            p.add_argument("--to", required=True, help="recipient account id or key file")
+        else:
+            p.add_argument("--destination", default="", help="where the burn is paid out (peg-out)")
+        p.add_argument("--amount", type=_sat, required=True, help="satoshis")
+        p.add_argument("--fee", type=int, default=1, help="satoshis (default %(default)s)")
+        p.add_argument("--nonce", type=int, help="override the committed nonce (to queue several)")
+        p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("mint", help="admin: mint on local/regtest")
+    p.add_argument("--to", required=True)
+    p.add_argument("--amount", type=_sat, required=True)
+    p.add_argument("--token", help="admin token (default $L2D_ADMIN_TOKEN)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS")
+    p.set_defaults(fn=cmd_mint)
+    p = sub.add_parser("snapshot", help="admin: take a snapshot now and download it")
+    p.add_argument("--out", required=True)
+    p.add_argument("--token")
+    p.set_defaults(fn=cmd_snapshot)
+    p = sub.add_parser("block", help="show a block")
+    p.add_argument("height", type=int)
+    p.set_defaults(fn=cmd_block)
+    p = sub.add_parser("tx", help="status of a transaction")
+    p.add_argument("txid")
+    p.set_defaults(fn=cmd_tx)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        res = a.fn(a)
+    except (CliError, T.DecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The daemon's one validated, immutable configuration object, built from a TOML file."""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from coincurve import PublicKeyXOnly
+
+from .core.params import MAX_MONEY, NETWORKS
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_ENV: Final = "L2D_ADMIN_TOKEN"
+MIN_ADMIN_TOKEN_LEN: Final = 16
+MAX_BODY_LIMIT: Final = 10 * 1024 * 1024
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REDACTED: Final = "<redacted>"
+# A millisecond Unix timestamp: the lower bound (2001-09-09) catches seconds given by mistake,
+# the upper bound is the end of year 9999.
+MIN_TIMESTAMP_MS: Final = 1_000_000_000_000
+MAX_TIMESTAMP_MS: Final = 253_402_300_799_999
+DEFAULT_GENESIS_TIMESTAMP_MS: Final = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+_HEX64: Final = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+_REQUIRED: Final = object()  # sentinel: the key has no default
+
+
+def _show(value: object) -> str:
+    """A value as the user would write it in TOML/JSON (strings quoted, booleans lower-case)."""
+    try:
+        return json.dumps(value, default=str, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class _Section:
+    """One TOML table being read: typed getters that name the dotted key in every error."""
+
+    def __init__(self, name: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+        self.name = name
+        self.data = data
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            key = unknown[0]
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suffix = f" (did you mean {self.dotted(hint[0])}?)" if hint else ""
+            raise ConfigError(f"config: unknown key {self.dotted(key)}{suffix}")
+
+    def dotted(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def fail(self, key: str, value: object, why: str) -> ConfigError:
+        return ConfigError(f"config: {self.dotted(key)} = {_show(value)}: {why}")
+
+    def raw(self, key: str, default: object) -> object:
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            raise ConfigError(f"config: missing required key {self.dotted(key)}")
+        return default
+
+    def get_int(self, key: str, lo: int, hi: int, default: object = _REQUIRED) -> int:
+        value = self.raw(key, default)
+        # bool is a subclass of int: `true` must not pass for 1.
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise self.fail(key, value, f"must be an integer between {lo} and {hi}")
+        return value
+
+    def get_str(self, key: str, default: object = _REQUIRED) -> str:
+        value = self.raw(key, default)
+        if not isinstance(value, str):
+            raise self.fail(key, value, "must be a string")
+        return value
+
+    def get_choice(self, key: str, choices: tuple[str, ...], default: object = _REQUIRED,
+               fold_case: bool = False) -> str:
+        value = self.get_str(key, default)
+        norm = value.upper() if fold_case else value
+        if norm not in choices:
+            raise self.fail(key, value, f"must be one of {', '.join(choices)}")
+        return norm
+
+    def get_path(self, key: str, base_dir: Path, default: object = _REQUIRED) -> Path:
+        value = self.raw(key, default)
+        if isinstance(value, Path):  # defaults are already resolved
+            return value
+        if not isinstance(value, str) or not value.strip() or "\x00" in value:
+            raise self.fail(key, value, "must be a non-empty path string")
+        return _resolve(Path(value).expanduser(), base_dir)
+
+    def get_table(self, key: str) -> Mapping[str, Any]:
+        value = self.raw(key, {})
+        if not isinstance(value, Mapping):
+            raise self.fail(key, value, "must be a table")
+        return value
+
+
+def _resolve(p: Path, base_dir: Path) -> Path:
+    """Relative paths are relative to the config file's directory, never to the working directory."""
+    return (p if p.is_absolute() else base_dir / p).resolve()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    network: str  # one of l2d.core.params.NETWORKS
+    data_dir: Path  # absolute
+    log_level: str  # upper-case logging level name
+
+
+@dataclass(frozen=True, slots=True)
+class ChainConfig:
+    genesis_timestamp_ms: int
+    min_fee_sat: int  # consensus minimum fee per transaction
+    genesis_alloc: tuple[tuple[bytes, int], ...]  # (x-only pubkey, sats), sorted by pubkey
+    mint_authority_key_file: Path | None  # absolute; None on networks without an admin mint
+
+    @property
+    def genesis_supply_sat(self) -> int:
+        return sum(amount for _, amount in self.genesis_alloc)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockConfig:
+    interval_ms: int
+    max_txs: int
+
+
+@dataclass(frozen=True, slots=True)
+class MempoolConfig:
+    max_txs: int
+    max_per_sender: int
+    min_fee_sat: int  # relay policy; never below chain.min_fee_sat
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    host: str
+    port: int  # 0 = let the OS pick a free port (tests)
+    admin_token: str  # "" = admin endpoints disabled
+    max_body_bytes: int
+
+    def __repr__(self) -> str:  # keep the token out of tracebacks and debug logs
+        token = REDACTED if self.admin_token else ""
+        return (f"ApiConfig(host={self.host!r}, port={self.port}, admin_token={token!r}, "
+                f"max_body_bytes={self.max_body_bytes})")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotConfig:
+    dir: Path  # absolute
+    every_blocks: int  # 0 = no periodic snapshots
+    keep: int
+
+
+_SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: NodeConfig
+    chain: ChainConfig
+    block: BlockConfig
+    mempool: MempoolConfig
+    api: ApiConfig
+    snapshots: SnapshotConfig
+    source: Path | None  # the TOML file it was loaded from; None when built from a dict
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+        """Read and validate a TOML config file; relative paths in it resolve against its directory."""
+        source = Path(path).expanduser().resolve()
+        try:
+            with source.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {source}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: cannot parse {source}: {e}") from None
+        return cls.from_dict(data, source.parent, env=env, source=source)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], base_dir: str | os.PathLike[str],
+                  env: Mapping[str, str] | None = None, source: Path | None = None) -> Config:
+        """Validate a parsed config; `env` defaults to os.environ (for $L2D_ADMIN_TOKEN)."""
+        base = Path(base_dir).expanduser().resolve()
+        env = os.environ if env is None else env
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config: top level = {_show(d)}: must be a table")
+        unknown = sorted(set(d) - set(_SECTIONS))
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], _SECTIONS, n=1)
+            suffix = f" (did you mean {hint[0]}?)" if hint else ""
+            raise ConfigError(f"config: unknown key {unknown[0]}{suffix}")
+        tables: dict[str, Mapping[str, Any]] = {}
+        for name in _SECTIONS:
+            value = d.get(name, {})
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config: {name} = {_show(value)}: must be a table")
+            tables[name] = value
+
+        node = _node(tables["node"], base)
+        chain = _chain(tables["chain"], base, node)
+        block = _block(tables["block"])
+        mempool = _mempool(tables["mempool"], chain)
+        api = _api(tables["api"], env)
+        snapshots = _snapshots(tables["snapshots"], base, node)
+        return cls(node, chain, block, mempool, api, snapshots, source)
+
+    def effective(self) -> dict[str, Any]:
+        """The effective configuration as a JSON-able dict, admin token redacted (for the start-up log)."""
+        c = self.chain
+        return {
+            "source": None if self.source is None else str(self.source),
+            "node": {"network": self.node.network, "data_dir": str(self.node.data_dir),
+                     "log_level": self.node.log_level},
+            "chain": {
+                "genesis_timestamp_ms": c.genesis_timestamp_ms,
+                "min_fee_sat": c.min_fee_sat,
+                "genesis_alloc": {pk.hex(): amount for pk, amount in c.genesis_alloc},
+                "mint_authority_key_file": (None if c.mint_authority_key_file is None
+                                            else str(c.mint_authority_key_file)),
+            },
+            "block": {"interval_ms": self.block.interval_ms, "max_txs": self.block.max_txs},
+            "mempool": {"max_txs": self.mempool.max_txs, "max_per_sender": self.mempool.max_per_sender,
+                        "min_fee_sat": self.mempool.min_fee_sat},
+            "api": {"host": self.api.host, "port": self.api.port,
+                    "admin_token": REDACTED if self.api.admin_token else None,
+                    "max_body_bytes": self.api.max_body_bytes},
+            "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
+                          "keep": self.snapshots.keep},
+        }
+
+
+def _node(t: Mapping[str, Any], base: Path) -> NodeConfig:
+    s = _Section("node", t, ("network", "data_dir", "log_level"))
+    return NodeConfig(
+        network=s.get_choice("network", tuple(NETWORKS)),
+        data_dir=s.get_path("data_dir", base),
+        log_level=s.get_choice("log_level", LOG_LEVELS, default="INFO", fold_case=True),
+    )
+
+
+def _chain(t: Mapping[str, Any], base: Path, node: NodeConfig) -> ChainConfig:
+    s = _Section("chain", t, ("genesis_timestamp_ms", "min_fee_sat", "genesis_alloc",
+                              "mint_authority_key_file"))
+    timestamp = s.get_int("genesis_timestamp_ms", MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS,
+                      default=DEFAULT_GENESIS_TIMESTAMP_MS)
+    min_fee = s.get_int("min_fee_sat", 0, MAX_MONEY, default=1)
+
+    alloc: dict[bytes, int] = {}
+    table = s.get_table("genesis_alloc")
+    a = _Section("chain.genesis_alloc", table, tuple(table))
+    total = 0
+    for key_hex, amount in table.items():
+        try:
+            if not _HEX64.fullmatch(key_hex):
+                raise ValueError(key_hex)
+            pubkey = bytes.fromhex(key_hex)
+            PublicKeyXOnly(pubkey)  # a key off the curve could never spend its allocation
+        except ValueError:
+            raise a.fail(key_hex, amount, "the key must be a 64-hex-character x-only secp256k1 "
+                         "public key") from None
+        if pubkey in alloc:
+            raise ConfigError(f"config: duplicate key {a.dotted(key_hex)} (same public key listed twice)")
+        alloc[pubkey] = a.get_int(key_hex, 1, MAX_MONEY)
+        total += alloc[pubkey]
+        if total > MAX_MONEY:
+            raise ConfigError(f"config: chain.genesis_alloc = {total} sat in total: must not exceed "
+                              f"{MAX_MONEY} (21 million BTC)")
+
+    mint_default: object = node.data_dir / "mint_authority.key"
+    if not NETWORKS[node.network].admin_mint:
+        if "mint_authority_key_file" in t:
+            raise s.fail("mint_authority_key_file", t["mint_authority_key_file"],
+                         f"network {node.network} has no mint authority; remove this key")
+        mint_file: Path | None = None
+    else:
+        mint_file = s.get_path("mint_authority_key_file", base, default=mint_default)
+
+    return ChainConfig(
+        genesis_timestamp_ms=timestamp,
+        min_fee_sat=min_fee,
+        genesis_alloc=tuple(sorted(alloc.items())),
+        mint_authority_key_file=mint_file,
+    )
+
+
+def _block(t: Mapping[str, Any]) -> BlockConfig:
+    s = _Section("block", t, ("interval_ms", "max_txs"))
+    return BlockConfig(
+        interval_ms=s.get_int("interval_ms", 10, 3_600_000, default=1000),
+        max_txs=s.get_int("max_txs", 1, 100_000, default=1000),
+    )
+
+
+def _mempool(t: Mapping[str, Any], chain: ChainConfig) -> MempoolConfig:
+    s = _Section("mempool", t, ("max_txs", "max_per_sender", "min_fee_sat"))
+    max_txs = s.get_int("max_txs", 1, 1_000_000, default=10_000)
+    return MempoolConfig(
+        max_txs=max_txs,
+        max_per_sender=s.get_int("max_per_sender", 1, max_txs, default=min(64, max_txs)),
+        # Relaying below the consensus minimum would only fill the pool with unminable txs.
+        min_fee_sat=s.get_int("min_fee_sat", chain.min_fee_sat, MAX_MONEY, default=chain.min_fee_sat),
+    )
+
+
+def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
+    s = _Section("api", t, ("host", "port", "admin_token", "max_body_bytes"))
+    host = s.get_str("host", default="127.0.0.1")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise s.fail("host", host, "must be an IP address literal (e.g. 127.0.0.1, ::1) "
+                         "or localhost") from None
+    port = s.get_int("port", 0, 65535, default=8650)
+
+    token = s.get_str("admin_token", default="")
+    where = "api.admin_token"
+    env_token = env.get(ADMIN_TOKEN_ENV, "")
+    if env_token:  # an empty variable counts as unset, so `export L2D_ADMIN_TOKEN=` cannot disable auth
+        token, where = env_token, f"api.admin_token (from ${ADMIN_TOKEN_ENV})"
+    # The value itself is a secret: the error shows its length, never its characters.
+    if token and (len(token) < MIN_ADMIN_TOKEN_LEN or token != token.strip()):
+        raise ConfigError(f"config: {where} = <{len(token)} characters, redacted>: must be empty (admin "
+                          f"API disabled) or at least {MIN_ADMIN_TOKEN_LEN} characters without "
+                          "surrounding whitespace")
+
+    return ApiConfig(
+        host=host,
+        port=port,
+        admin_token=token,
+        max_body_bytes=s.get_int("max_body_bytes", 1, MAX_BODY_LIMIT, default=1024 * 1024),
+    )
+
+
+def _snapshots(t: Mapping[str, Any], base: Path, node: NodeConfig) -> SnapshotConfig:
+    s = _Section("snapshots", t, ("dir", "every_blocks", "keep"))
+    return SnapshotConfig(
+        dir=s.get_path("dir", base, default=node.data_dir / "snapshots"),
+        every_blocks=s.get_int("every_blocks", 0, 10_000_000, default=1000),
+        keep=s.get_int("keep", 1, 10_000, default=5),
+    )

@@ -1,0 +1,216 @@
+"""State layout (namespaced keys, canonical values) and the state transition function.
+
+apply_tx(view, tx, rules) either records the transaction's writes in view or raises a Rejected
+subclass having written nothing: every check runs before the first write.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Callable, Iterable, Optional
+
+from .errors import (BadNonce, DecodeError, FeeTooLow, ForeignNetwork, InsufficientBalance, InvalidTransaction, Overflow,
+                     Unauthorized, UnknownSender)
+from .params import MAX_MONEY, Network
+from .tx import Transaction, TxType, check_signature, is_valid_key
+
+
+class Namespace(IntEnum):
+    """First byte of every state key. Later subsystems add theirs here, never reuse a number."""
+
+    META = 0x00
+    ACCOUNT = 0x01
+    PEGIN = 0x02
+    PEGOUT = 0x03
+    ANCHOR = 0x04
+    WORKER = 0x05
+    TASK = 0x06
+    FL_ROUND = 0x07
+    RELAY = 0x08
+
+
+def meta_key(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) > 32:
+        raise ValueError(f"meta key name {name!r} longer than 32 bytes")
+    return bytes((Namespace.META,)) + raw.ljust(32, b"\0")
+
+
+def account_key(pubkey: bytes) -> bytes:
+    return bytes((Namespace.ACCOUNT,)) + pubkey
+
+
+SUPPLY_KEY = meta_key("supply")
+MINT_AUTHORITY_KEY = meta_key("mint_authority")
+
+_ACCOUNT = struct.Struct(">QQ")
+_SUPPLY = struct.Struct(">QQQ")
+_ACC_PREFIX = bytes((Namespace.ACCOUNT,))
+_MAX_NONCE = 2**64 - 1  # an account's nonce is a u64; the last value can never be followed
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    balance_sat: int
+    nonce: int
+
+    def encode(self) -> bytes:
+        return _ACCOUNT.pack(self.balance_sat, self.nonce)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "Account":
+        if len(b) != _ACCOUNT.size:
+            raise DecodeError(f"account value is {len(b)} bytes, expected {_ACCOUNT.size}")
+        return cls(*_ACCOUNT.unpack(b))
+
+
+@dataclass(frozen=True, slots=True)
+class Supply:
+    """Money created and destroyed so far. Invariant: sum(balances) + fees_sat == minted_sat - burned_sat."""
+
+    minted_sat: int
+    burned_sat: int
+    fees_sat: int
+
+    def encode(self) -> bytes:
+        return _SUPPLY.pack(self.minted_sat, self.burned_sat, self.fees_sat)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "Supply":
+        if len(b) != _SUPPLY.size:
+            raise DecodeError(f"supply value is {len(b)} bytes, expected {_SUPPLY.size}")
+        return cls(*_SUPPLY.unpack(b))
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Consensus parameters of one chain, passed in (never global)."""
+
+    network: Network
+    min_fee_sat: int
+
+
+Getter = Callable[[bytes], Optional[bytes]]
+_MISSING = object()
+
+
+class StateView:
+    """Write overlay over a read-only base; writes maps key -> value, or None for a deletion."""
+
+    __slots__ = ("_base", "writes")
+
+    def __init__(self, base: Getter) -> None:
+        self._base = base
+        self.writes: dict[bytes, Optional[bytes]] = {}
+
+    def get(self, key: bytes) -> Optional[bytes]:
+        v = self.writes.get(key, _MISSING)
+        if v is _MISSING:
+            return self._base(key)
+        return v  # type: ignore[return-value]
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.writes[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.writes[key] = None
+
+    def account(self, pubkey: bytes) -> Optional[Account]:
+        v = self.get(_ACC_PREFIX + pubkey)
+        return None if v is None else Account.decode(v)
+
+
+def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checked: bool = False) -> None:
+    """Apply one decoded transaction to view, or raise a Rejected subclass and change nothing."""
+    if tx.network_id != rules.network.id:
+        raise ForeignNetwork(f"transaction is for network id {tx.network_id}, this is {rules.network.name}")
+    if tx.nonce >= _MAX_NONCE:
+        raise BadNonce(f"nonce {tx.nonce} leaves no next nonce")
+    if not signature_checked:
+        check_signature(tx)
+    get = view.get
+    typ = tx.payload.TYPE
+    sender_key = _ACC_PREFIX + tx.sender
+    raw = get(sender_key)
+    sup_raw = get(SUPPLY_KEY)
+    minted, burned, fees = _SUPPLY.unpack(sup_raw) if sup_raw is not None else (0, 0, 0)
+    fee = tx.fee_sat
+
+    if typ == TxType.MINT:
+        if not rules.network.admin_mint:
+            raise Unauthorized(f"minting is not allowed on {rules.network.name}")
+        if get(MINT_AUTHORITY_KEY) != tx.sender:
+            raise Unauthorized(f"{tx.sender.hex()} is not the mint authority")
+        if fee != 0:
+            raise InvalidTransaction("a mint carries no fee")
+        bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
+        if tx.nonce != nonce:
+            raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
+        recipient, amount = tx.payload.recipient, tx.payload.amount_sat  # type: ignore[union-attr]
+        if not is_valid_key(recipient):
+            raise InvalidTransaction(f"recipient {recipient.hex()} is not a valid x-only key")
+        if minted + amount > MAX_MONEY:
+            raise Overflow(f"minting {amount} would exceed the supply cap {MAX_MONEY}")
+        if recipient == tx.sender:
+            view.put(sender_key, _ACCOUNT.pack(bal + amount, nonce + 1))
+        else:
+            rkey = _ACC_PREFIX + recipient
+            r = get(rkey)
+            rbal, rnonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
+            view.put(sender_key, _ACCOUNT.pack(bal, nonce + 1))
+            view.put(rkey, _ACCOUNT.pack(rbal + amount, rnonce))
+        view.put(SUPPLY_KEY, _SUPPLY.pack(minted + amount, burned, fees))
+        return
+
+    if raw is None:
+        raise UnknownSender(f"no account {tx.sender.hex()}")
+    bal, nonce = _ACCOUNT.unpack(raw)
+    if tx.nonce != nonce:
+        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
+    if fee < rules.min_fee_sat:
+        raise FeeTooLow(f"fee {fee} sat is below the floor of {rules.min_fee_sat} sat")
+    amount = tx.payload.amount_sat
+    if amount + fee > bal:
+        raise InsufficientBalance(f"needs {amount + fee} sat (amount {amount} + fee {fee}), balance is {bal}")
+
+    if typ == TxType.TRANSFER:
+        recipient = tx.payload.recipient  # type: ignore[union-attr]
+        if recipient == tx.sender:
+            raise InvalidTransaction("transfer to oneself")
+        if not is_valid_key(recipient):
+            raise InvalidTransaction(f"recipient {recipient.hex()} is not a valid x-only key")
+        rkey = _ACC_PREFIX + recipient
+        r = get(rkey)
+        rbal, rnonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
+        if rbal + amount > MAX_MONEY:
+            raise Overflow(f"recipient balance would exceed {MAX_MONEY}")
+        view.put(sender_key, _ACCOUNT.pack(bal - amount - fee, nonce + 1))
+        view.put(rkey, _ACCOUNT.pack(rbal + amount, rnonce))
+        view.put(SUPPLY_KEY, _SUPPLY.pack(minted, burned, fees + fee))
+    elif typ == TxType.BURN:
+        view.put(sender_key, _ACCOUNT.pack(bal - amount - fee, nonce + 1))
+        view.put(SUPPLY_KEY, _SUPPLY.pack(minted, burned + amount, fees + fee))
+    else:  # a decoded type this state transition does not handle yet
+        raise InvalidTransaction(f"transaction type {typ!r} is not applicable")
+
+
+def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[bytes]) -> dict[bytes, bytes]:
+    """The key/value set of block 0: allocations (counted as minted) and the mint authority."""
+    state: dict[bytes, bytes] = {}
+    total = 0
+    for pubkey, amount in alloc:
+        if not is_valid_key(pubkey):
+            raise InvalidTransaction(f"genesis allocation to invalid key {pubkey.hex()}")
+        if not 0 < amount <= MAX_MONEY or account_key(pubkey) in state:
+            raise InvalidTransaction(f"genesis allocation {pubkey.hex()}: bad or repeated amount {amount}")
+        total += amount
+        state[account_key(pubkey)] = Account(amount, 0).encode()
+    if total > MAX_MONEY:
+        raise Overflow(f"genesis allocations total {total} exceeds {MAX_MONEY}")
+    state[SUPPLY_KEY] = Supply(total, 0, 0).encode()
+    if mint_authority is not None:
+        if not is_valid_key(mint_authority):
+            raise InvalidTransaction("mint authority is not a valid x-only key")
+        state[MINT_AUTHORITY_KEY] = mint_authority
+    return state

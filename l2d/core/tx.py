@@ -1,0 +1,219 @@
+"""L2 transactions: one versioned envelope for every type, BIP340-signed over a tagged hash.
+
+Envelope (big-endian integers; see docs/transaction-format.md):
+    version u8 | network u8 | type u8 | sender 32 (x-only key) | nonce u64 | fee_sat u64
+    | payload (CompactSize length + bytes) | signature 64 (BIP340 Schnorr)
+The signature commits to every byte before it (sighash = H("l2d/tx/sighash", body)).
+The txid is H("l2d/tx/id", whole encoding).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from functools import lru_cache
+from typing import ClassVar, Protocol, Union
+
+from coincurve import PrivateKey, PublicKeyXOnly
+
+from .codec import Reader, write_bytes
+from .errors import BadSignature, DecodeError, OutOfRange, TrailingBytes, Truncated, UnknownType, UnknownVersion
+from .hashing import H_TX_SIG, H_TXID
+from .params import MAX_MONEY, Network
+
+TX_VERSION = 1
+MAX_PAYLOAD = 1024
+MAX_TX_SIZE = 3 + 32 + 8 + 8 + 3 + MAX_PAYLOAD + 64
+MAX_BURN_DESTINATION = 128
+_HEAD = struct.Struct(">BBB32sQQ")
+_DEST_AMOUNT = struct.Struct(">32sQ")
+_AMOUNT = struct.Struct(">Q")
+
+
+class TxType(IntEnum):
+    TRANSFER = 1
+    MINT = 2
+    BURN = 3
+
+
+def _check_amount(amount: int, what: str) -> None:
+    if not 0 < amount <= MAX_MONEY:
+        raise OutOfRange(f"{what} {amount} is outside 1..{MAX_MONEY}")
+
+
+class Payload(Protocol):
+    TYPE: ClassVar[TxType]
+
+    def encode(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Move amount_sat from the sender to recipient."""
+
+    TYPE: ClassVar[TxType] = TxType.TRANSFER
+    recipient: bytes
+    amount_sat: int
+
+    def __post_init__(self) -> None:
+        if len(self.recipient) != 32:
+            raise OutOfRange(f"recipient key is {len(self.recipient)} bytes, expected 32")
+        _check_amount(self.amount_sat, f"{self.TYPE.name.lower()} amount")
+
+    def encode(self) -> bytes:
+        return _DEST_AMOUNT.pack(self.recipient, self.amount_sat)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "Transfer":
+        if len(b) != _DEST_AMOUNT.size:
+            raise DecodeError(f"{cls.TYPE.name.lower()} payload is {len(b)} bytes, expected {_DEST_AMOUNT.size}")
+        return cls(*_DEST_AMOUNT.unpack(b))
+
+
+@dataclass(frozen=True, slots=True)
+class Mint(Transfer):
+    """Create amount_sat for recipient (mint authority only, on networks that allow it)."""
+
+    TYPE: ClassVar[TxType] = TxType.MINT
+
+
+@dataclass(frozen=True, slots=True)
+class Burn:
+    """Destroy amount_sat of the sender's balance; destination names where it is paid out (peg-out)."""
+
+    TYPE: ClassVar[TxType] = TxType.BURN
+    amount_sat: int
+    destination: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_amount(self.amount_sat, "burn amount")
+        if len(self.destination) > MAX_BURN_DESTINATION:
+            raise OutOfRange(f"burn destination is {len(self.destination)} bytes, limit {MAX_BURN_DESTINATION}")
+
+    def encode(self) -> bytes:
+        return _AMOUNT.pack(self.amount_sat) + write_bytes(self.destination)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "Burn":
+        r = Reader(b, "burn payload")
+        amount = r.u64()
+        dest = r.var_bytes(MAX_BURN_DESTINATION)
+        r.end()
+        return cls(amount, dest)
+
+
+AnyPayload = Union[Transfer, Mint, Burn]
+PAYLOAD_TYPES: dict[int, type] = {TxType.TRANSFER: Transfer, TxType.MINT: Mint, TxType.BURN: Burn}
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    network_id: int
+    sender: bytes  # 32-byte x-only public key
+    nonce: int
+    fee_sat: int
+    payload: AnyPayload
+    signature: bytes
+    raw: bytes  # the canonical encoding; kept so hashing never re-encodes
+
+    @property
+    def type(self) -> TxType:
+        return self.payload.TYPE
+
+    @property
+    def txid(self) -> bytes:
+        return H_TXID(self.raw)
+
+    @property
+    def sighash(self) -> bytes:
+        return H_TX_SIG(self.raw[:-64])
+
+    def encode(self) -> bytes:
+        return self.raw
+
+
+def encode_body(network_id: int, sender: bytes, nonce: int, fee_sat: int, payload: AnyPayload) -> bytes:
+    if len(sender) != 32:
+        raise OutOfRange(f"sender key is {len(sender)} bytes, expected 32")
+    if not 0 <= nonce < 2**64 or not 0 <= fee_sat <= MAX_MONEY:
+        raise OutOfRange(f"nonce {nonce} or fee {fee_sat} out of range")
+    p = payload.encode()
+    if len(p) > MAX_PAYLOAD:
+        raise OutOfRange(f"payload is {len(p)} bytes, limit {MAX_PAYLOAD}")
+    return _HEAD.pack(TX_VERSION, network_id, payload.TYPE, sender, nonce, fee_sat) + write_bytes(p)
+
+
+def sign(network: Network, secret: bytes, nonce: int, fee_sat: int, payload: AnyPayload, aux: bytes) -> Transaction:
+    """Build and sign a transaction. aux is BIP340 auxiliary randomness (32 bytes; the caller's RNG)."""
+    key = PrivateKey(secret)
+    sender = key.public_key_xonly.format()
+    body = encode_body(network.id, sender, nonce, fee_sat, payload)
+    sig = key.sign_schnorr(H_TX_SIG(body), aux)
+    return Transaction(network.id, sender, nonce, fee_sat, payload, sig, body + sig)
+
+
+def decode(raw: bytes, network: Network) -> Transaction:
+    """Strictly decode one transaction for network; raises a DecodeError subclass on anything else."""
+    n = len(raw)
+    if n > MAX_TX_SIZE:
+        raise OutOfRange(f"transaction is {n} bytes, limit {MAX_TX_SIZE}")
+    if n < _HEAD.size + 1:
+        raise Truncated(f"transaction: {n} bytes is shorter than the {_HEAD.size + 1}-byte header")
+    version, net, typ, sender, nonce, fee = _HEAD.unpack_from(raw, 0)
+    if version != TX_VERSION:
+        raise UnknownVersion(f"transaction version {version} (this code knows {TX_VERSION})")
+    network.check(net, "transaction")
+    cls = PAYLOAD_TYPES.get(typ)
+    if cls is None:
+        raise UnknownType(f"transaction type {typ}")
+    if fee > MAX_MONEY:
+        raise OutOfRange(f"fee {fee} exceeds {MAX_MONEY}")
+    plen = raw[_HEAD.size]
+    if plen < 0xFD:  # the common case, read without a Reader: this is the ledger's hot path
+        start = _HEAD.size + 1
+        if n != start + plen + 64:
+            if n < start + plen + 64:
+                raise Truncated(f"transaction: {n} bytes, payload and signature need {start + plen + 64}")
+            raise TrailingBytes(f"transaction: {n - start - plen - 64} trailing bytes after the signature")
+        payload_raw = raw[start:start + plen]
+    else:
+        r = Reader(raw, "transaction")
+        r.pos = _HEAD.size
+        payload_raw = r.var_bytes(MAX_PAYLOAD)
+        r.take(64)
+        r.end()
+    return Transaction(net, sender, nonce, fee, cls.decode(payload_raw), raw[-64:], raw)
+
+
+@lru_cache(maxsize=1 << 16)
+def xonly_key(key: bytes) -> PublicKeyXOnly:
+    """Parse (and cache) an x-only key; raises ValueError if it is not a point on the curve."""
+    return PublicKeyXOnly(key)
+
+
+def is_valid_key(key: bytes) -> bool:
+    if len(key) != 32:
+        return False
+    try:
+        xonly_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+def check_signature(tx: Transaction) -> None:
+    """Raise BadSignature unless tx carries a valid BIP340 signature by its sender."""
+    try:
+        pk = xonly_key(tx.sender)
+    except ValueError:
+        raise BadSignature("sender is not a valid x-only public key") from None
+    if not pk.verify(tx.signature, H_TX_SIG(tx.raw[:-64])):
+        raise BadSignature(f"signature does not verify for sender {tx.sender.hex()}")
+
+
+def signature_ok(raw: bytes) -> bool:
+    """Process-pool friendly check on raw bytes (sender at offset 3, signature last)."""
+    try:
+        return bool(xonly_key(raw[3:35]).verify(raw[-64:], H_TX_SIG(raw[:-64])))
+    except ValueError:
+        return False

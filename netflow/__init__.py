@@ -1,0 +1,1 @@
+"""Relay network: relay mesh, signed relay receipts and relay rewards."""

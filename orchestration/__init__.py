@@ -1,0 +1,1 @@
+"""AI task orchestration: scheduler, workers, result verification and slashing."""

@@ -1,0 +1,237 @@
+"""Recompute every committed vector in tests/vectors/ from its inputs and compare byte for byte."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from coincurve import PrivateKey
+
+from l2d.core import errors
+from l2d.core.block import Block, BlockHeader, check_link, genesis_header, tx_root
+from l2d.core.errors import BadSignature, DecodeError, ProofError
+from l2d.core.params import network_by_name
+from l2d.core.state import Rules, StateView, apply_tx, genesis_state
+from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
+from l2d.core.tx import AnyPayload, Burn, Mint, Transfer, check_signature, decode, sign, signature_ok
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+
+
+def load(name: str) -> Any:
+    return json.loads((VECTORS / name).read_text())
+
+
+TXS = load("transactions.json")
+TREE = load("state_tree.json")
+BLOCKS = load("blocks.json")
+KINDS = {"present": ProofKind.PRESENT, "absent-empty": ProofKind.ABSENT_EMPTY, "absent-other": ProofKind.ABSENT_OTHER}
+
+
+def x(s: str) -> bytes:
+    return bytes.fromhex(s)
+
+
+def payload_of(v: dict[str, Any]) -> AnyPayload:
+    p = v["payload"]
+    if v["type"] == "burn":
+        return Burn(p["amount_sat"], x(p["destination"]))
+    cls = {"transfer": Transfer, "mint": Mint}[v["type"]]
+    return cls(x(p["recipient"]), p["amount_sat"])
+
+
+def error_class(name: str) -> type[Exception]:
+    cls = getattr(errors, name)
+    assert isinstance(cls, type) and issubclass(cls, errors.L2Error)
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------- transactions
+
+
+def test_transaction_vectors_cover_every_type_and_network() -> None:
+    assert {v["type"] for v in TXS["valid"]} == {"transfer", "mint", "burn"}
+    assert len({v["network"] for v in TXS["valid"]}) >= 3
+
+
+@pytest.mark.parametrize("v", TXS["valid"], ids=[v["name"] for v in TXS["valid"]])
+def test_transaction_vector(v: dict[str, Any]) -> None:
+    net = network_by_name(v["network"])
+    assert net.id == v["network_id"]
+    secret = x(v["secret"])
+    assert PrivateKey(secret).public_key_xonly.format().hex() == v["sender"]
+    payload = payload_of(v)
+    assert payload.encode().hex() == v["payload_hex"]
+    t = sign(net, secret, v["nonce"], v["fee_sat"], payload, x(v["aux"]))
+    assert t.raw.hex() == v["raw"]
+    assert t.sighash.hex() == v["sighash"]
+    assert t.txid.hex() == v["txid"]
+    got = decode(x(v["raw"]), net)
+    assert got == t
+    assert (got.sender.hex(), got.nonce, got.fee_sat, got.payload) == (v["sender"], v["nonce"], v["fee_sat"], payload)
+    check_signature(got)
+    assert signature_ok(got.raw)
+
+
+@pytest.mark.parametrize("v", TXS["invalid"], ids=[v["name"] for v in TXS["invalid"]])
+def test_invalid_transaction_vector(v: dict[str, Any]) -> None:
+    net, raw = network_by_name(v["network"]), x(v["raw"])
+    cls = error_class(v["error"])
+    if cls is BadSignature:
+        t = decode(raw, net)
+        with pytest.raises(BadSignature):
+            check_signature(t)
+        assert not signature_ok(raw)
+        return
+    assert issubclass(cls, DecodeError)
+    with pytest.raises(cls) as info:
+        decode(raw, net)
+    assert type(info.value) is cls
+
+
+# ---------------------------------------------------------------------------------------------- state tree
+
+SETS = {s["name"]: s for s in TREE["sets"]}
+
+
+def replay(history: list[list[str]]) -> tuple[StateTree, dict[bytes, bytes]]:
+    tree, model = StateTree(), {}
+    for op in history:
+        if op[0] == "set":
+            tree.set(x(op[1]), x(op[2]))
+            model[x(op[1])] = x(op[2])
+        else:
+            assert op[0] == "delete" and len(op) == 2
+            tree.delete(x(op[1]))
+            model.pop(x(op[1]), None)
+    return tree, model
+
+
+def test_tree_vectors_cover_the_required_sets() -> None:
+    sizes = {n: len(s["items"]) for n, s in SETS.items()}
+    assert sizes["empty"] == 0 and sizes["one-key"] == 1 and sizes["two-keys-long-prefix"] == 2
+    assert sizes["fifty-keys"] == 50
+    assert any(op[0] == "delete" for op in SETS["with-deletions"]["history"])
+    assert {p["kind"] for p in TREE["proofs"]} == set(KINDS)
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_tree_set_vector(name: str) -> None:
+    s = SETS[name]
+    root = x(s["root"])
+    items = [(x(k), x(v)) for k, v in s["items"]]
+    assert [k for k, _ in items] == sorted({k for k, _ in items})  # strictly increasing
+    tree, model = replay(s["history"])
+    assert model == dict(items)
+    assert tree.root() == root
+    assert len(tree) == len(items)
+    b = RootBuilder()
+    for k, v in items:
+        b.add(k, v)
+    assert b.root() == root
+    assert reference_root(dict(items)) == root
+    assert root_of(reversed(items)) == root
+    fresh = StateTree()
+    for k, v in reversed(items):
+        fresh.set(k, v)
+    assert fresh.root() == root
+
+
+@pytest.mark.parametrize("p", TREE["proofs"], ids=[p["name"] for p in TREE["proofs"]])
+def test_proof_vector(p: dict[str, Any]) -> None:
+    assert set(p) >= {"root", "proof", "expect", "value"}
+    root, raw = x(p["root"]), x(p["proof"])
+    proof = Proof.decode(raw)
+    assert proof.encode() == raw
+    assert proof.key.hex() == p["key"] and proof.kind == KINDS[p["kind"]] and len(proof.levels) == p["levels"]
+    got: Optional[bytes] = verify_proof(root, proof)
+    if p["expect"] == "present":
+        assert got is not None and got.hex() == p["value"]
+    else:
+        assert p["expect"] == "absent" and p["value"] is None and got is None
+    # the tree the proof came from produces exactly these bytes
+    tree, model = replay(SETS[p["set"]]["history"])
+    assert tree.root() == root
+    assert tree.prove(proof.key, model.__getitem__).encode() == raw
+
+
+@pytest.mark.parametrize("p", TREE["invalid_proofs"], ids=[p["name"] for p in TREE["invalid_proofs"]])
+def test_invalid_proof_vector(p: dict[str, Any]) -> None:
+    cls = error_class(p["error"])
+    assert issubclass(cls, (DecodeError, ProofError))
+    with pytest.raises(cls) as info:
+        verify_proof(x(p["root"]), Proof.decode(x(p["proof"])))
+    assert type(info.value) is cls
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+def header_of(h: dict[str, Any]) -> BlockHeader:
+    return BlockHeader(h["network_id"], h["height"], x(h["prev_hash"]), h["timestamp_ms"], h["tx_count"],
+                       x(h["tx_root"]), x(h["state_root"]), h["version"])
+
+
+def test_genesis_block_vector() -> None:
+    net = network_by_name(BLOCKS["network"])
+    g = BLOCKS["genesis"]
+    state = genesis_state([(x(pk), amount) for pk, amount in g["alloc"]], x(g["mint_authority"]))
+    assert root_of(state.items()).hex() == g["state_root"]
+    header = genesis_header(net, g["header"]["timestamp_ms"], x(g["state_root"]))
+    assert header == header_of(g["header"])
+    assert header.encode().hex() == g["header_hex"]
+    assert header.hash.hex() == g["hash"]
+    assert Block(header, ()).encode().hex() == g["block_hex"]
+    assert Block.decode(x(g["block_hex"]), net) == Block(header, ())
+
+
+def test_block_vector() -> None:
+    net = network_by_name(BLOCKS["network"])
+    g, b = BLOCKS["genesis"], BLOCKS["block"]
+    state = genesis_state([(x(pk), amount) for pk, amount in g["alloc"]], x(g["mint_authority"]))
+    txs = [decode(x(raw), net) for raw in b["txs"]]
+    assert [t.txid.hex() for t in txs] == b["txids"]
+    tree = StateTree()
+    for k, v in state.items():
+        tree.set(k, v)
+    view = StateView(state.get)
+    for t in txs:
+        apply_tx(view, t, Rules(net, BLOCKS["min_fee_sat"]))
+    for k, v in view.writes.items():
+        if v is None:
+            tree.delete(k)
+        else:
+            tree.set(k, v)
+    header = BlockHeader(net.id, 1, x(g["hash"]), b["header"]["timestamp_ms"], len(txs),
+                         tx_root([t.txid for t in txs]), tree.root())
+    assert header == header_of(b["header"])
+    assert header.encode().hex() == b["header_hex"]
+    assert header.hash.hex() == b["hash"]
+    block = Block(header, tuple(txs))
+    assert block.encode().hex() == b["block_hex"]
+    assert Block.decode(x(b["block_hex"]), net) == block
+    check_link(header_of(g["header"]), header)
+
+
+# ---------------------------------------------------------------------------------------------- generator
+
+
+def test_committed_vectors_are_what_the_generator_writes() -> None:
+    spec = importlib.util.spec_from_file_location("l2d_make_vectors", VECTORS / "make_vectors.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, text in mod.render().items():
+        assert (VECTORS / name).read_text() == text, f"{name} is stale: run tests/vectors/make_vectors.py"
+
+
+def test_worked_example_in_the_doc_matches_the_vector() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "transaction-format.md").read_text()
+    example = doc[doc.index("## Worked example"):]
+    block = example[example.index("raw     = "):example.index("sighash = ")]
+    raw = "".join(line.split("=")[-1].strip() for line in block.splitlines())
+    v = next(v for v in TXS["valid"] if v["name"] == "transfer-basic")
+    assert raw == v["raw"]
+    assert v["sighash"] in example and v["txid"] in example

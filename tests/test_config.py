@@ -1,0 +1,369 @@
+"""Tests for l2d.config: the sample configs load, and every validation rule names key and value."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from coincurve import PrivateKey
+
+from l2d.config import ADMIN_TOKEN_ENV, Config, ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+MAX_MONEY = 21_000_000 * 100_000_000
+TOKEN = "a-valid-admin-token-0123456789"
+
+
+def demo_pubkey(n: int) -> str:
+    secret = hashlib.sha256(b"l2d demo account %d" % n).digest()
+    return PrivateKey(secret).public_key_xonly.format().hex()
+
+
+PK1, PK2, PK3 = demo_pubkey(1), demo_pubkey(2), demo_pubkey(3)
+OFF_CURVE = "ff" * 32  # 64 hex characters, but not the x coordinate of any secp256k1 point
+
+
+@pytest.fixture(autouse=True)
+def no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+
+
+def base() -> dict[str, Any]:
+    return {
+        "node": {"network": "local", "data_dir": "data"},
+        "chain": {"genesis_alloc": {PK1: 1000}},
+        "api": {"admin_token": TOKEN},
+    }
+
+
+def build(mutate: Callable[[dict[str, Any]], None], tmp_path: Path) -> Config:
+    d = copy.deepcopy(base())
+    mutate(d)
+    return Config.from_dict(d, tmp_path, env={})
+
+
+def reject(mutate: Callable[[dict[str, Any]], None], tmp_path: Path) -> str:
+    with pytest.raises(ConfigError) as e:
+        build(mutate, tmp_path)
+    return str(e.value)
+
+
+# -- the shipped configs -------------------------------------------------------------------------
+
+def test_local_toml_loads() -> None:
+    c = Config.load(CONFIG_DIR / "local.toml")
+    assert c.node.network == "local"
+    assert c.node.data_dir == (CONFIG_DIR.parent / ".data" / "local").resolve()
+    assert c.block.interval_ms == 1000 and c.block.max_txs == 1000
+    assert (c.api.host, c.api.port) == ("127.0.0.1", 8650)
+    assert c.snapshots.every_blocks == 100 and c.snapshots.keep == 5
+    assert c.chain.genesis_timestamp_ms == 1767225600000 and c.chain.min_fee_sat == 1
+    assert c.chain.mint_authority_key_file == (CONFIG_DIR.parent / ".data/local/mint_authority.key").resolve()
+    assert c.source == (CONFIG_DIR / "local.toml").resolve()
+    # The demo allocations are the documented, reproducible keys.
+    assert dict((pk.hex(), amount) for pk, amount in c.chain.genesis_alloc) == {
+        PK1: 50_000_000_000, PK2: 20_000_000_000, PK3: 5_000_000_000}
+
+
+def test_regtest_toml_loads() -> None:
+    c = Config.load(CONFIG_DIR / "regtest.toml")
+    assert c.node.network == "regtest"
+    assert c.node.data_dir == (CONFIG_DIR.parent / ".data" / "regtest").resolve()
+    assert c.api.port == 8651
+    assert c.chain.genesis_alloc == ()
+
+
+def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
+    c = Config.from_dict({"node": {"network": "local", "data_dir": "d"}}, tmp_path, env={})
+    assert c.node.log_level == "INFO"
+    assert c.api.host == "127.0.0.1" and c.api.admin_token == ""
+    assert c.snapshots.dir == c.node.data_dir / "snapshots"
+    assert c.chain.mint_authority_key_file == c.node.data_dir / "mint_authority.key"
+    assert c.mempool.min_fee_sat == c.chain.min_fee_sat
+    assert c.source is None
+
+
+def test_config_is_immutable() -> None:
+    c = Config.load(CONFIG_DIR / "local.toml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.block.interval_ms = 5  # type: ignore[misc]
+
+
+# -- rejections: each names the dotted key and the bad value ---------------------------------------
+
+def test_out_of_range_message_is_exact(tmp_path: Path) -> None:
+    msg = reject(lambda d: d.setdefault("block", {}).update(interval_ms=-5), tmp_path)
+    assert msg == "config: block.interval_ms = -5: must be an integer between 10 and 3600000"
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    msg = reject(lambda d: d["api"].update(prot=8650), tmp_path)
+    assert msg.startswith("config: unknown key api.prot")
+    assert "did you mean api.port?" in msg
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    msg = reject(lambda d: d.update(bitcoind={}), tmp_path)
+    assert msg.startswith("config: unknown key bitcoind")
+
+
+def test_section_must_be_a_table(tmp_path: Path) -> None:
+    assert reject(lambda d: d.update(block=5), tmp_path) == "config: block = 5: must be a table"
+
+
+@pytest.mark.parametrize("key", ["network", "data_dir"])
+def test_missing_required_key(tmp_path: Path, key: str) -> None:
+    msg = reject(lambda d: d["node"].pop(key), tmp_path)
+    assert msg == f"config: missing required key node.{key}"
+
+
+def test_missing_node_table(tmp_path: Path) -> None:
+    assert reject(lambda d: d.pop("node"), tmp_path) == "config: missing required key node.network"
+
+
+@pytest.mark.parametrize("section,key,value,shown", [
+    ("block", "interval_ms", "1000", '"1000"'),       # string
+    ("block", "interval_ms", 1000.0, "1000.0"),       # float
+    ("block", "max_txs", True, "true"),               # bool is an int subclass: still rejected
+    ("mempool", "max_txs", False, "false"),
+    ("api", "port", True, "true"),
+    ("snapshots", "every_blocks", [1], "[1]"),
+])
+def test_wrong_type_for_int(tmp_path: Path, section: str, key: str, value: object, shown: str) -> None:
+    msg = reject(lambda d: d.setdefault(section, {}).update({key: value}), tmp_path)
+    assert msg.startswith(f"config: {section}.{key} = {shown}: must be an integer between ")
+
+
+def test_wrong_type_for_string(tmp_path: Path) -> None:
+    msg = reject(lambda d: d["api"].update(host=127), tmp_path)
+    assert msg == "config: api.host = 127: must be a string"
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("block", "interval_ms", 9),
+    ("block", "interval_ms", 3_600_001),
+    ("block", "max_txs", 0),
+    ("block", "max_txs", 100_001),
+    ("api", "port", -1),
+    ("api", "port", 65536),
+    ("api", "max_body_bytes", 0),
+    ("api", "max_body_bytes", 10 * 1024 * 1024 + 1),
+    ("snapshots", "every_blocks", -1),
+    ("snapshots", "keep", 0),
+    ("chain", "min_fee_sat", -1),
+    ("chain", "genesis_timestamp_ms", 1767225600),   # seconds, not milliseconds
+    ("mempool", "max_txs", 0),
+])
+def test_out_of_range(tmp_path: Path, section: str, key: str, value: int) -> None:
+    msg = reject(lambda d: d.setdefault(section, {}).update({key: value}), tmp_path)
+    assert msg.startswith(f"config: {section}.{key} = {value}: must be an integer between ")
+
+
+def test_range_edges_accepted(tmp_path: Path) -> None:
+    def edges(d: dict[str, Any]) -> None:
+        d["block"] = {"interval_ms": 10, "max_txs": 100_000}
+        d["api"].update(port=0, max_body_bytes=10 * 1024 * 1024)
+        d["snapshots"] = {"every_blocks": 0, "keep": 1}
+    c = build(edges, tmp_path)
+    assert c.api.port == 0 and c.snapshots.every_blocks == 0 and c.block.interval_ms == 10
+
+
+def test_max_per_sender_cannot_exceed_mempool_size(tmp_path: Path) -> None:
+    msg = reject(lambda d: d.update(mempool={"max_txs": 10, "max_per_sender": 11}), tmp_path)
+    assert msg == "config: mempool.max_per_sender = 11: must be an integer between 1 and 10"
+
+
+def test_mempool_fee_not_below_chain_fee(tmp_path: Path) -> None:
+    def m(d: dict[str, Any]) -> None:
+        d["chain"]["min_fee_sat"] = 10
+        d["mempool"] = {"min_fee_sat": 5}
+    msg = reject(m, tmp_path)
+    assert msg.startswith("config: mempool.min_fee_sat = 5: must be an integer between 10 and ")
+
+
+def test_bad_network(tmp_path: Path) -> None:
+    msg = reject(lambda d: d["node"].update(network="testnet"), tmp_path)
+    assert msg == 'config: node.network = "testnet": must be one of local, regtest, signet, mainnet'
+
+
+def test_log_level(tmp_path: Path) -> None:
+    assert build(lambda d: d["node"].update(log_level="debug"), tmp_path).node.log_level == "DEBUG"
+    msg = reject(lambda d: d["node"].update(log_level="LOUD"), tmp_path)
+    assert msg.startswith('config: node.log_level = "LOUD": must be one of DEBUG, INFO')
+
+
+@pytest.mark.parametrize("value", ["", "   ", 5])
+def test_bad_path(tmp_path: Path, value: object) -> None:
+    msg = reject(lambda d: d["node"].update(data_dir=value), tmp_path)
+    assert msg == f"config: node.data_dir = {json.dumps(value)}: must be a non-empty path string"
+
+
+@pytest.mark.parametrize("host", ["example.com", "", "127.0.0.1:80"])
+def test_bad_host(tmp_path: Path, host: str) -> None:
+    msg = reject(lambda d: d["api"].update(host=host), tmp_path)
+    assert msg.startswith(f"config: api.host = {json.dumps(host)}: must be an IP address literal")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "0.0.0.0", "10.1.2.3"])
+def test_good_host(tmp_path: Path, host: str) -> None:
+    assert build(lambda d: d["api"].update(host=host), tmp_path).api.host == host
+
+
+# -- genesis allocations ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [
+    "zz" * 32,        # not hex
+    PK1[:62],         # 31 bytes
+    PK1 + "00",       # 33 bytes
+    "02" + PK1,       # compressed (33-byte) key instead of x-only
+    OFF_CURVE,        # 32 bytes, but not on the curve
+])
+def test_bad_alloc_pubkey(tmp_path: Path, key: str) -> None:
+    msg = reject(lambda d: d["chain"].update(genesis_alloc={key: 1000}), tmp_path)
+    assert msg.startswith(f"config: chain.genesis_alloc.{key} = 1000: the key must be a 64-hex-character x-only")
+
+
+@pytest.mark.parametrize("amount,shown", [(-1, "-1"), (0, "0"), (MAX_MONEY + 1, str(MAX_MONEY + 1)),
+                                          (True, "true"), ("1000", '"1000"'), (1.5, "1.5")])
+def test_bad_alloc_amount(tmp_path: Path, amount: object, shown: str) -> None:
+    msg = reject(lambda d: d["chain"].update(genesis_alloc={PK1: amount}), tmp_path)
+    assert msg == f"config: chain.genesis_alloc.{PK1} = {shown}: must be an integer between 1 and {MAX_MONEY}"
+
+
+def test_alloc_total_cannot_exceed_max_money(tmp_path: Path) -> None:
+    half = MAX_MONEY // 2 + 1
+    msg = reject(lambda d: d["chain"].update(genesis_alloc={PK1: half, PK2: half}), tmp_path)
+    assert msg.startswith(f"config: chain.genesis_alloc = {2 * half} sat in total: must not exceed {MAX_MONEY}")
+
+
+def test_alloc_total_at_max_money_accepted(tmp_path: Path) -> None:
+    c = build(lambda d: d["chain"].update(genesis_alloc={PK1: MAX_MONEY - 1, PK2: 1}), tmp_path)
+    assert c.chain.genesis_supply_sat == MAX_MONEY
+
+
+def test_alloc_duplicate_key_in_other_case(tmp_path: Path) -> None:
+    msg = reject(lambda d: d["chain"].update(genesis_alloc={PK1: 1, PK1.upper(): 2}), tmp_path)
+    assert msg.startswith(f"config: duplicate key chain.genesis_alloc.{PK1.upper()}")
+
+
+def test_alloc_must_be_a_table(tmp_path: Path) -> None:
+    msg = reject(lambda d: d["chain"].update(genesis_alloc=[PK1]), tmp_path)
+    assert msg == f'config: chain.genesis_alloc = ["{PK1}"]: must be a table'
+
+
+def test_genesis_alloc_is_sorted_by_pubkey_bytes(tmp_path: Path) -> None:
+    alloc = {PK2: 2, PK3: 3, PK1: 1}  # insertion order deliberately unsorted
+    c = build(lambda d: d["chain"].update(genesis_alloc=alloc), tmp_path)
+    keys = [pk for pk, _ in c.chain.genesis_alloc]
+    assert keys == sorted(keys)
+    assert all(isinstance(pk, bytes) and len(pk) == 32 for pk in keys)
+    assert dict(c.chain.genesis_alloc) == {bytes.fromhex(k): v for k, v in alloc.items()}
+    # Same allocations in another order give the same value.
+    other = build(lambda d: d["chain"].update(genesis_alloc=dict(reversed(alloc.items()))), tmp_path)
+    assert other.chain.genesis_alloc == c.chain.genesis_alloc
+
+
+def test_mint_authority_only_on_admin_mint_networks(tmp_path: Path) -> None:
+    def mainnet(d: dict[str, Any]) -> None:
+        d["node"]["network"] = "mainnet"
+    assert build(mainnet, tmp_path).chain.mint_authority_key_file is None
+
+    def mainnet_with_key(d: dict[str, Any]) -> None:
+        mainnet(d)
+        d["chain"]["mint_authority_key_file"] = "mint.key"
+    msg = reject(mainnet_with_key, tmp_path)
+    assert msg.startswith('config: chain.mint_authority_key_file = "mint.key": network mainnet has no mint authority')
+
+
+# -- admin token -----------------------------------------------------------------------------------
+
+def test_short_token_rejected_without_echoing_it(tmp_path: Path) -> None:
+    msg = reject(lambda d: d["api"].update(admin_token="short-secret"), tmp_path)
+    assert msg.startswith("config: api.admin_token = <12 characters, redacted>: must be empty")
+    assert "short-secret" not in msg
+
+
+def test_token_with_whitespace_rejected(tmp_path: Path) -> None:
+    msg = reject(lambda d: d["api"].update(admin_token=TOKEN + "\n"), tmp_path)
+    assert msg.startswith("config: api.admin_token = <")
+
+
+def test_empty_token_disables_admin(tmp_path: Path) -> None:
+    c = build(lambda d: d["api"].update(admin_token=""), tmp_path)
+    assert c.api.admin_token == ""
+    assert c.effective()["api"]["admin_token"] is None
+
+
+def test_env_token_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    env_token = "token-from-the-environment-42"
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, env_token)
+    assert Config.load(CONFIG_DIR / "local.toml").api.admin_token == env_token
+
+
+def test_empty_env_token_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "")
+    assert Config.load(CONFIG_DIR / "local.toml").api.admin_token == "local-dev-token-change-me-0001"
+
+
+def test_short_env_token_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "tiny")
+    with pytest.raises(ConfigError) as e:
+        Config.load(CONFIG_DIR / "local.toml")
+    assert str(e.value).startswith(f"config: api.admin_token (from ${ADMIN_TOKEN_ENV}) = <4 characters, redacted>")
+    assert "tiny" not in str(e.value)
+
+
+def test_effective_redacts_token_and_is_json() -> None:
+    c = Config.load(CONFIG_DIR / "local.toml")
+    eff = c.effective()
+    text = json.dumps(eff)
+    assert c.api.admin_token not in text
+    assert eff["api"]["admin_token"] == "<redacted>"
+    assert eff["node"] == {"network": "local", "data_dir": str(c.node.data_dir), "log_level": "INFO"}
+    assert eff["chain"]["genesis_alloc"][PK1] == 50_000_000_000
+    assert c.api.admin_token not in repr(c)
+
+
+# -- files and paths -------------------------------------------------------------------------------
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf_dir = tmp_path / "etc" / "l2d"
+    conf_dir.mkdir(parents=True)
+    absolute = tmp_path / "abs" / "snaps"
+    (conf_dir / "node.toml").write_text(
+        '[node]\nnetwork = "regtest"\ndata_dir = "../data"\n'
+        f'[snapshots]\ndir = "{absolute.as_posix()}"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    c = Config.load(conf_dir / "node.toml")
+    assert c.node.data_dir == (tmp_path / "etc" / "data").resolve()
+    assert c.snapshots.dir == absolute.resolve()
+    assert c.chain.mint_authority_key_file == c.node.data_dir / "mint_authority.key"
+    # A relative path to the config file itself is taken from the working directory, as usual.
+    monkeypatch.chdir(tmp_path)
+    assert Config.load(Path("etc/l2d/node.toml")).node.data_dir == (tmp_path / "etc" / "data").resolve()
+
+
+def test_unparseable_toml(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("[node\nnetwork = ")
+    with pytest.raises(ConfigError, match=r"^config: cannot parse .*bad\.toml"):
+        Config.load(p)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config: cannot read .*nope\.toml"):
+        Config.load(tmp_path / "nope.toml")
+
+
+def test_toml_unknown_key_from_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[node]\nnetwork = "local"\ndata_dir = "d"\n[api]\nprot = 1\n')
+    with pytest.raises(ConfigError, match=r"^config: unknown key api\.prot"):
+        Config.load(p)

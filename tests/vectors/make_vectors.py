@@ -1,0 +1,370 @@
+"""Generate the consensus test vectors in tests/vectors/*.json (run by hand; the output is committed).
+
+    cd /work/main && PYTHONPATH=. .venv/bin/python tests/vectors/make_vectors.py           # rewrite the files
+    cd /work/main && PYTHONPATH=. .venv/bin/python tests/vectors/make_vectors.py --check   # exit 1 if stale
+
+Everything here is deterministic: secrets are sha256(b"l2d test key N"), BIP340 aux randomness is fixed
+per vector, and no clock or RNG is read. Regenerating must therefore reproduce the committed files byte for
+byte; if it does not, a consensus encoding changed, and that needs a deliberate decision (new versions, a
+changelog entry), not a silent refresh. tests/core/test_vectors.py recomputes every vector from its inputs;
+the daemon and l2-verify must both pass them.
+
+Files written:
+    transactions.json  signed transactions (inputs, raw, sighash, txid) and invalid encodings with their error
+    state_tree.json    key/value sets with their roots, and encoded proofs with the expected result
+    blocks.json        a genesis header and a block with three transactions applied to it
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from coincurve import PrivateKey  # noqa: E402
+
+from l2d.core.block import Block, BlockHeader, genesis_header, tx_root  # noqa: E402
+from l2d.core.errors import DecodeError, ProofError  # noqa: E402
+from l2d.core.hashing import EMPTY_ROOT  # noqa: E402
+from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network  # noqa: E402
+from l2d.core.state import Rules, StateView, apply_tx, genesis_state  # noqa: E402
+from l2d.core.tree import Proof, StateTree, root_of, verify_proof  # noqa: E402
+from l2d.core.tx import AnyPayload, Burn, Mint, Transaction, Transfer, decode, sign, signature_ok  # noqa: E402
+
+OUT = Path(__file__).resolve().parent
+AUX_ZERO = bytes(32)
+AUX_COUNT = bytes(range(1, 33))
+AUX_FF = b"\xff" * 32
+
+
+def secret(n: int) -> bytes:
+    return hashlib.sha256(b"l2d test key %d" % n).digest()
+
+
+def pubkey(n: int) -> bytes:
+    return PrivateKey(secret(n)).public_key_xonly.format()
+
+
+def k33(label: str) -> bytes:
+    """A deterministic 33-byte state key."""
+    return hashlib.sha256(label.encode()).digest() + hashlib.sha256(b"x" + label.encode()).digest()[:1]
+
+
+def payload_json(p: AnyPayload) -> dict[str, Any]:
+    if isinstance(p, Burn):
+        return {"amount_sat": p.amount_sat, "destination": p.destination.hex()}
+    return {"recipient": p.recipient.hex(), "amount_sat": p.amount_sat}
+
+
+TYPE_NAMES = {1: "transfer", 2: "mint", 3: "burn"}
+
+
+def tx_json(name: str, net: Network, key: int, nonce: int, fee: int, payload: AnyPayload, aux: bytes) -> dict[str, Any]:
+    t = sign(net, secret(key), nonce, fee, payload, aux)
+    if decode(t.raw, net) != t:
+        raise SystemExit(f"vector {name}: does not round-trip")
+    return {
+        "name": name, "network": net.name, "network_id": net.id, "key_index": key, "secret": secret(key).hex(),
+        "aux": aux.hex(), "sender": t.sender.hex(), "type": TYPE_NAMES[int(t.type)], "nonce": nonce,
+        "fee_sat": fee, "payload": payload_json(payload), "payload_hex": payload.encode().hex(), "raw": t.raw.hex(),
+        "sighash": t.sighash.hex(), "txid": t.txid.hex(),
+    }
+
+
+def error_name(fn: Callable[[], object]) -> Optional[str]:
+    try:
+        fn()
+    except (DecodeError, ProofError) as e:
+        return type(e).__name__
+    return None
+
+
+def transactions() -> dict[str, Any]:
+    valid = [
+        tx_json("transfer-basic", LOCAL, 1, 0, 10, Transfer(pubkey(2), 1_000), AUX_ZERO),
+        tx_json("transfer-limits", REGTEST, 2, 2**64 - 1, MAX_MONEY, Transfer(pubkey(1), MAX_MONEY), AUX_COUNT),
+        tx_json("transfer-signet", SIGNET, 3, 41, 250, Transfer(pubkey(1), 1), AUX_FF),
+        tx_json("transfer-mainnet", MAINNET, 1, 7, 1, Transfer(pubkey(3), 123_456_789), AUX_ZERO),
+        tx_json("mint-basic", REGTEST, 0, 0, 0, Mint(pubkey(1), 5_000_000_000), AUX_ZERO),
+        tx_json("mint-to-self", LOCAL, 0, 1, 0, Mint(pubkey(0), 1), AUX_COUNT),
+        tx_json("burn-empty-destination", LOCAL, 2, 3, 5, Burn(700), AUX_ZERO),
+        tx_json("burn-with-destination", REGTEST, 1, 1, 2, Burn(99_000, b"bcrt1qexampledestination"), AUX_FF),
+        tx_json("burn-max-destination", LOCAL, 3, 0, 0, Burn(MAX_MONEY, bytes(range(128))), AUX_COUNT),
+    ]
+    base = bytes.fromhex(valid[0]["raw"])
+
+    def patched(offset: int, new: bytes) -> bytes:
+        return base[:offset] + new + base[offset + len(new):]
+
+    payload = base[52:92]
+    invalid_raw = [
+        ("truncated-signature", base[:-1], "local"),
+        ("truncated-header", base[:50], "local"),
+        ("trailing-byte", base + b"\0", "local"),
+        ("unknown-version", patched(0, b"\x02"), "local"),
+        ("unknown-type", patched(2, b"\x04"), "local"),
+        ("wrong-network", base, "regtest"),
+        ("fee-above-max-money", patched(43, (MAX_MONEY + 1).to_bytes(8, "big")), "local"),
+        ("amount-zero", patched(84, bytes(8)), "local"),
+        ("amount-above-max-money", patched(84, (MAX_MONEY + 1).to_bytes(8, "big")), "local"),
+        ("payload-length-short", base[:51] + b"\x27" + payload[:39] + base[92:], "local"),
+        ("payload-length-non-minimal", base[:51] + b"\xfd\x28\x00" + base[52:], "local"),
+        ("oversize", b"\x01" * 1143, "local"),
+        ("bad-signature", base[:-1] + bytes((base[-1] ^ 1,)), "local"),
+        ("sender-not-on-curve", patched(3, (5).to_bytes(32, "big")), "local"),
+    ]
+    invalid = []
+    for name, raw, net_name in invalid_raw:
+        net = {"local": LOCAL, "regtest": REGTEST}[net_name]
+        err = error_name(lambda: decode(raw, net))
+        if err is None:
+            err = "BadSignature" if not signature_ok(raw) else None
+        if err is None:
+            raise SystemExit(f"invalid vector {name} is valid")
+        invalid.append({"name": name, "network": net_name, "raw": raw.hex(), "error": err})
+    return {
+        "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. secret = sha256(b'l2d test key "
+                   "N'); raw is the full encoding; sighash = H('l2d/tx/sighash', raw[:-64]); txid = H('l2d/tx/id', "
+                   "raw). 'error' of an invalid vector is the DecodeError subclass decode() raises, or BadSignature "
+                   "when it decodes but the signature does not verify.",
+        "valid": valid,
+        "invalid": invalid,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- state tree
+
+
+def tree_sets() -> list[tuple[str, list[tuple[str, bytes, bytes]]]]:
+    """(name, history) with history a list of ("set", key, value) / ("delete", key, b"")."""
+    prefix = b"\x01" + b"\xa5" * 31
+    two = [("set", prefix + b"\x1f", b"second"), ("set", prefix + b"\x10", b"first")]  # share 65 nibbles
+    fifty = [("set", k33(f"fifty {i}"), hashlib.sha256(b"v%d" % i).digest()[: i % 9 * 4]) for i in range(50)]
+    hist: list[tuple[str, bytes, bytes]] = [("set", k33(f"del {i}"), b"value %d" % i) for i in range(20)]
+    hist += [("set", k33(f"del {i}"), b"updated %d" % i) for i in range(0, 20, 3)]
+    hist += [("delete", k33(f"del {i}"), b"") for i in range(0, 20, 2)]
+    hist += [("delete", k33("never there"), b"")]
+    genesis = genesis_state([(pubkey(1), 10_000), (pubkey(2), 5_000)], pubkey(0))
+    return [
+        ("empty", []),
+        ("one-key", [("set", k33("one"), b"only value")]),
+        ("two-keys-long-prefix", two),
+        ("fifty-keys", fifty),
+        ("with-deletions", hist),
+        ("deleted-to-empty", [("set", k33("a"), b"1"), ("set", k33("b"), b"2"), ("delete", k33("a"), b""),
+                              ("delete", k33("b"), b"")]),
+        ("genesis-state", [("set", k, v) for k, v in genesis.items()]),
+    ]
+
+
+def replay(history: list[tuple[str, bytes, bytes]]) -> tuple[StateTree, dict[bytes, bytes]]:
+    tree, model = StateTree(), {}
+    for op, k, v in history:
+        if op == "set":
+            tree.set(k, v)
+            model[k] = v
+        else:
+            tree.delete(k)
+            model.pop(k, None)
+    return tree, model
+
+
+def state_tree() -> dict[str, Any]:
+    sets = []
+    trees: dict[str, tuple[StateTree, dict[bytes, bytes]]] = {}
+    for name, history in tree_sets():
+        tree, model = replay(history)
+        root = tree.root()
+        if root != root_of(model.items()):
+            raise SystemExit(f"set {name}: StateTree and RootBuilder disagree")
+        trees[name] = (tree, model)
+        sets.append({
+            "name": name,
+            "history": [[op, k.hex()] + ([v.hex()] if op == "set" else []) for op, k, v in history],
+            "items": [[k.hex(), model[k].hex()] for k in sorted(model)],
+            "root": root.hex(),
+        })
+
+    prefix = b"\x01" + b"\xa5" * 31
+    probes = [
+        ("empty-absent", "empty", k33("anything")),
+        ("one-key-present", "one-key", k33("one")),
+        ("one-key-absent-other", "one-key", k33("not one")),
+        ("two-keys-present-deepest", "two-keys-long-prefix", prefix + b"\x10"),
+        ("two-keys-absent-empty-deepest", "two-keys-long-prefix", prefix + b"\x17"),
+        ("two-keys-absent-empty-shallow", "two-keys-long-prefix", b"\x01\xa5\xa4" + b"\0" * 30),
+        ("fifty-present", "fifty-keys", k33("fifty 17")),
+        ("fifty-present-empty-value", "fifty-keys", k33("fifty 0")),
+        ("with-deletions-present-updated", "with-deletions", k33("del 3")),
+        ("with-deletions-absent-deleted", "with-deletions", k33("del 4")),
+        ("deleted-to-empty-absent", "deleted-to-empty", k33("a")),
+        ("genesis-present-supply", "genesis-state", b"\x00" + b"supply".ljust(32, b"\0")),
+        ("genesis-present-account", "genesis-state", b"\x01" + pubkey(1)),
+        ("genesis-absent-account", "genesis-state", b"\x01" + pubkey(3)),
+    ]
+    # one absence proof of each kind in the fifty-key tree
+    fifty_tree, fifty_model = trees["fifty-keys"]
+    kinds_needed = {"absent-empty", "absent-other"}
+    i = 0
+    while kinds_needed:
+        k = k33(f"fifty probe {i}")
+        p = fifty_tree.prove(k, fifty_model.__getitem__)
+        kind = ("present", "absent-empty", "absent-other")[p.kind]
+        if kind in kinds_needed and (kind != "absent-other" or p.other_value):
+            kinds_needed.discard(kind)
+            probes.append((f"fifty-{kind}", "fifty-keys", k))
+        i += 1
+
+    proofs = []
+    kinds_seen = set()
+    for name, set_name, key in probes:
+        tree, model = trees[set_name]
+        p = tree.prove(key, model.__getitem__)
+        raw = p.encode()
+        got = verify_proof(tree.root(), Proof.decode(raw))
+        if got != model.get(key):
+            raise SystemExit(f"proof {name} does not verify to the truth")
+        kind = ("present", "absent-empty", "absent-other")[p.kind]
+        kinds_seen.add(kind)
+        proofs.append({
+            "name": name, "set": set_name, "kind": kind, "key": key.hex(), "levels": len(p.levels),
+            "root": tree.root().hex(), "proof": raw.hex(), "expect": "present" if got is not None else "absent",
+            "value": None if got is None else got.hex(),
+        })
+    if kinds_seen != {"present", "absent-empty", "absent-other"}:
+        raise SystemExit(f"proof kinds covered: {kinds_seen}")
+
+    by_name = {p["name"]: p for p in proofs}
+    present = by_name["fifty-present"]
+    absent = by_name["fifty-absent-other"]
+    p_raw, a_raw = bytes.fromhex(present["proof"]), bytes.fromhex(absent["proof"])
+    value_off = 1 + 33 + 1 + 1  # version, key, kind, value length (a one-byte CompactSize here)
+
+    def flip(b: bytes, i: int) -> bytes:
+        return b[:i] + bytes((b[i] ^ 1,)) + b[i + 1:]
+
+    bad = [
+        ("wrong-root", present["root"], p_raw, by_name["one-key-present"]["root"]),
+        ("value-changed", present["root"], flip(p_raw, value_off), None),
+        ("sibling-changed", present["root"], flip(p_raw, len(p_raw) - 1), None),
+        ("other-value-changed", absent["root"], flip(a_raw, 1 + 33 + 1 + 33 + 1), None),
+        ("present-relabelled-absent", present["root"], p_raw[:34] + b"\x01" + p_raw[35:], None),
+        ("truncated", present["root"], p_raw[:-1], None),
+        ("trailing-byte", present["root"], p_raw + b"\0", None),
+        ("unknown-version", present["root"], b"\x02" + p_raw[1:], None),
+        ("too-many-levels", EMPTY_ROOT.hex(), b"\x01" + b"\0" * 33 + b"\x01" + b"\x43", None),
+    ]
+    invalid = []
+    for name, root_hex, raw, other_root in bad:
+        root = bytes.fromhex(other_root or root_hex)
+        err = error_name(lambda: verify_proof(root, Proof.decode(raw)))
+        if err is None:
+            raise SystemExit(f"invalid proof {name} verifies")
+        invalid.append({"name": name, "root": root.hex(), "proof": raw.hex(), "error": err})
+    return {
+        "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. Keys are 33 bytes. A set's "
+                   "root is the root of 'items'; 'history' ([\"set\", key, value] / [\"delete\", key]) replayed on "
+                   "an empty tree gives the same root. A proof vector verifies against 'root' to 'value' when "
+                   "'expect' is present and to absence otherwise. Invalid proofs fail to decode (a DecodeError "
+                   "subclass) or to verify (ProofError).",
+        "sets": sets,
+        "proofs": proofs,
+        "invalid_proofs": invalid,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+def header_json(h: BlockHeader) -> dict[str, Any]:
+    return {"version": h.version, "network_id": h.network_id, "height": h.height, "prev_hash": h.prev_hash.hex(),
+            "timestamp_ms": h.timestamp_ms, "tx_count": h.tx_count, "tx_root": h.tx_root.hex(),
+            "state_root": h.state_root.hex()}
+
+
+def blocks() -> dict[str, Any]:
+    net = REGTEST
+    alloc = [(pubkey(1), 10_000_000), (pubkey(2), 2_500_000)]
+    authority = pubkey(0)
+    state = genesis_state(alloc, authority)
+    g = genesis_header(net, 1_700_000_000_000, root_of(state.items()))
+    genesis_block = Block(g, ())
+
+    rules = Rules(net, 1)
+    txs: list[Transaction] = [
+        sign(net, secret(1), 0, 100, Transfer(pubkey(2), 1_000_000), AUX_ZERO),
+        sign(net, secret(0), 0, 0, Mint(pubkey(3), 42_000), AUX_ZERO),
+        sign(net, secret(2), 0, 50, Burn(300_000, b"bcrt1qpegoutdestination"), AUX_ZERO),
+    ]
+    view = StateView(state.get)
+    for t in txs:
+        apply_tx(view, t, rules)
+    after = dict(state)
+    for k, v in view.writes.items():
+        if v is None:
+            after.pop(k, None)
+        else:
+            after[k] = v
+    h1 = BlockHeader(net.id, 1, g.hash, 1_700_000_060_000, len(txs), tx_root([t.txid for t in txs]),
+                     root_of(after.items()))
+    b1 = Block(h1, tuple(txs))
+    if Block.decode(b1.encode(), net) != b1:
+        raise SystemExit("block 1 does not round-trip")
+    return {
+        "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. Block 1's transactions are "
+                   "applied in order to the genesis state with min_fee_sat 1; its state_root is the root of the "
+                   "result. hash = H('l2d/block', header_hex).",
+        "network": net.name,
+        "min_fee_sat": rules.min_fee_sat,
+        "genesis": {
+            "alloc": [[pk.hex(), amount] for pk, amount in alloc],
+            "mint_authority": authority.hex(),
+            "state_root": g.state_root.hex(),
+            "header": header_json(g),
+            "header_hex": g.encode().hex(),
+            "block_hex": genesis_block.encode().hex(),
+            "hash": g.hash.hex(),
+        },
+        "block": {
+            "txs": [t.raw.hex() for t in txs],
+            "txids": [t.txid.hex() for t in txs],
+            "header": header_json(h1),
+            "header_hex": h1.encode().hex(),
+            "block_hex": b1.encode().hex(),
+            "hash": h1.hash.hex(),
+        },
+    }
+
+
+def render() -> dict[str, str]:
+    docs = {"transactions.json": transactions(), "state_tree.json": state_tree(), "blocks.json": blocks()}
+    return {name: json.dumps(doc, indent=1) + "\n" for name, doc in docs.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
+    args = ap.parse_args()
+    stale = []
+    for name, text in render().items():
+        path = OUT / name
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print(f"stale vectors: {', '.join(stale)} (regenerate deliberately; see the module docstring)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
