@@ -124,3 +124,16 @@ def test_bip341_key_path_tweaks() -> None:
         ik = bytes.fromhex(inter["internalPubkey"])
         root = bytes.fromhex(given["merkleRoot"]) if given["merkleRoot"] else None
         assert taptweak(ik, root).hex() == inter["tweak"]
+
+
+def test_pinned_anchor_vectors() -> None:
+    vectors = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "anchors.json").read_text())["vectors"]
+    for v in vectors:
+        rec = AnchorRecord(v["network_id"], v["l2_height"], bytes.fromhex(v["state_root"]), bytes.fromhex(v["prev_link"]))
+        assert rec.encode().hex() == v["record"] and rec.link.hex() == v["link"]
+        assert op_return_script(rec).hex() == v["op_return_script"]
+        t = TaprootAnchor(rec, bytes.fromhex(v["federation_key"]))
+        assert t.leaf[1].hex() == v["leaf_script"] and t.merkle_root.hex() == v["leaf_hash"]
+        assert t.output_key.hex() == v["output_key"] and t.script_pubkey.hex() == v["script_pubkey"]
+        assert t.control_block.hex() == v["control_block"]
+    assert vectors[1]["prev_link"] == vectors[0]["link"]
