@@ -39,8 +39,12 @@ class Store:
         self._state = self.env.open_db(b"state")
         self._blocks = self.env.open_db(b"blocks")
         self._txs = self.env.open_db(b"txs")
+        try:
+            self._check_or_init_meta()
+        except BaseException:
+            self.env.close()
+            raise
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
-        self._check_or_init_meta()
 
     def _check_or_init_meta(self) -> None:
         with self.env.begin(write=True, db=self._meta) as txn:

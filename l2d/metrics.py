@@ -1,0 +1,119 @@
+"""Daemon metrics: counters, gauges and a histogram rendered in the Prometheus text exposition format 0.0.4.
+
+Written by hand (no prometheus_client dependency). Not thread-safe by design: every update runs on the
+event loop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Labels = tuple[tuple[str, str], ...]
+
+
+def escape_label_value(v: str) -> str:
+    """Escape a label value as the exposition format requires (backslash, double quote, newline)."""
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _fmt_labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels) + "}"
+
+
+def _fmt_value(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    return repr(float(v))
+
+
+class Counter:
+    """A monotonically increasing counter, optionally with labels."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self.values: dict[Labels, int] = {}
+
+    def inc(self, n: int = 1, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        self.values[key] = self.values.get(key, 0) + n
+
+    def get(self, **labels: str) -> int:
+        return self.values.get(tuple(sorted(labels.items())), 0)
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        if not self.values:
+            out.append(f"{self.name} 0")
+        for labels, v in sorted(self.values.items()):
+            out.append(f"{self.name}{_fmt_labels(labels)} {v}")
+        return out
+
+
+class Histogram:
+    """A histogram with fixed upper bounds (seconds)."""
+
+    def __init__(self, name: str, help_text: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.help = help_text
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.sum += v
+        self.count += 1
+        for i, b in enumerate(self.bounds):
+            if v <= b:
+                self.counts[i] += 1
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for b, c in zip(self.bounds, self.counts):
+            out.append(f'{self.name}_bucket{{le="{_fmt_value(b)}"}} {c}')
+        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{self.name}_sum {_fmt_value(self.sum)}")
+        out.append(f"{self.name}_count {self.count}")
+        return out
+
+
+def gauge(name: str, help_text: str, value: float, labels: Labels = ()) -> list[str]:
+    """Lines of one gauge sample, read at render time."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{_fmt_labels(labels)} {_fmt_value(value)}"]
+
+
+class Metrics:
+    """Every metric the daemon exports; gauges are read from callbacks when rendered."""
+
+    def __init__(self) -> None:
+        self.blocks_committed = Counter("l2d_blocks_committed_total", "Blocks committed by this process.")
+        self.txs_committed = Counter("l2d_txs_committed_total", "Transactions committed in blocks.")
+        self.txs_accepted = Counter("l2d_txs_accepted_total", "Transactions admitted to the mempool.")
+        self.txs_rejected = Counter("l2d_txs_rejected_total",
+                                    "Transactions refused, by stage (admission or block) and reason.")
+        self.snapshots = Counter("l2d_snapshots_total", "Snapshots written, by trigger.")
+        self.http_requests = Counter("l2d_http_requests_total", "HTTP requests served, by route and status.")
+        self.block_build = Histogram("l2d_block_build_seconds", "Time to build and commit one block.",
+                                     (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
+    def render(self, gauges: Mapping[str, tuple[str, Callable[[], float]]]) -> str:
+        """The whole exposition: counters and histogram, then each gauge name -> (help, read())."""
+        lines: list[str] = []
+        for name, (help_text, read) in gauges.items():
+            lines += gauge(name, help_text, read())
+        for c in (self.blocks_committed, self.txs_committed, self.txs_accepted, self.txs_rejected,
+                  self.snapshots, self.http_requests):
+            lines += c.render()
+        lines += self.block_build.render()
+        return "\n".join(lines) + "\n"

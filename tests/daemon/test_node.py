@@ -1,0 +1,291 @@
+"""Node lifecycle: restart, foreign data dirs, clean shutdown, failure handling, snapshots, the l2d process."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from coincurve import PrivateKey
+
+from l2d.config import Config
+from l2d.core.params import LOCAL
+from l2d.core.snapshot import list_snapshots, verify_snapshot
+from l2d.core.state import Account, account_key
+from l2d.core.tx import Transaction, Transfer, sign
+from l2d.node import Node, NodeError, load_or_create_secret
+from l2d.store import StoreError
+
+REPO = Path(__file__).resolve().parents[2]
+GENESIS_SAT = 1_000_000
+
+
+def secret(n: int) -> bytes:
+    return hashlib.sha256(b"l2d test key %d" % n).digest()
+
+
+def pubkey(n: int) -> bytes:
+    return PrivateKey(secret(n)).public_key_xonly.format()
+
+
+def transfer(frm: int, to: int, amount: int, nonce: int, fee: int = 1) -> Transaction:
+    return sign(LOCAL, secret(frm), nonce, fee, Transfer(pubkey(to), amount), b"\0" * 32)
+
+
+def balance(node: Node, n: int) -> tuple[int, int]:
+    raw = node.store.get_state(account_key(pubkey(n)))
+    assert raw is not None
+    a = Account.decode(raw)
+    return a.balance_sat, a.nonce
+
+
+async def test_restart_keeps_height_and_root(tmp_path: Path, make_cfg: Callable[..., Config],
+                                             wait_until: Any) -> None:
+    cfg = make_cfg(tmp_path / "data")
+    node = Node.from_config(cfg)
+    await node.start(serve_http=False)
+    txs = [transfer(1, 4, 100, n) for n in range(3)] + [transfer(2, 4, 7, 0)]
+    for t in txs:
+        node.submit(t.raw)
+
+    async def all_committed() -> bool:
+        return all(node.store.tx_location(t.txid) is not None for t in txs)
+
+    await wait_until(all_committed, what="4 transactions committed")
+    await node.stop()
+    assert not node.failed
+    tip = node.tip
+    assert tip.height >= 1
+
+    again = Node.from_config(cfg)
+    try:
+        assert again.tip == tip
+        assert again.ledger.tree.root() == tip.state_root
+        assert balance(again, 1) == (GENESIS_SAT - 303, 3)
+        assert balance(again, 4) == (307, 0)
+    finally:
+        await again.stop()
+
+
+async def test_other_network_data_dir_refused(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
+    data = tmp_path / "data"
+    first = Node.from_config(make_cfg(data))
+    await first.stop()
+    with pytest.raises(StoreError, match="network b?'?local'?.*regtest|made for network"):
+        Node.from_config(make_cfg(data, "regtest"))
+    # the refusal left the database usable for its own network
+    ok = Node.from_config(make_cfg(data))
+    await ok.stop()
+
+
+async def test_other_genesis_in_data_dir_refused(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
+    data = tmp_path / "data"
+    first = Node.from_config(make_cfg(data))
+    await first.stop()
+    other = make_cfg(data, chain={"genesis_alloc": {pubkey(1).hex(): 5}})
+    with pytest.raises(NodeError, match="holds another chain"):
+        Node.from_config(other)
+
+
+@pytest.mark.parametrize("how", ["stop-event", "cancel-producer"])
+async def test_clean_stop_finishes_the_block_in_flight(tmp_path: Path, make_cfg: Callable[..., Config],
+                                                       monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    cfg = make_cfg(tmp_path / "data", block={"interval_ms": 10, "max_txs": 4})
+    node = Node.from_config(cfg)
+    real_commit = node.ledger.commit_async
+    entered, release = asyncio.Event(), asyncio.Event()
+    commits = 0
+
+    async def held_commit(built: Any) -> None:  # the second commit waits until the test lets it go
+        nonlocal commits
+        commits += 1
+        if commits == 2:
+            entered.set()
+            await release.wait()
+        await real_commit(built)
+
+    monkeypatch.setattr(node.ledger, "commit_async", held_commit)
+    await node.start(serve_http=False)
+    txs = [transfer(s, 5, 1, n) for n in range(12) for s in (1, 2, 3)]
+    for t in txs:
+        node.submit(t.raw)
+    await asyncio.wait_for(entered.wait(), 10)
+    in_flight = node.tip.height + 1  # the tip moves only once the commit has returned
+    assert in_flight == 2
+    if how == "cancel-producer":
+        producer = next(t for t in node._tasks if t.get_name() == "block-producer")
+        producer.cancel()  # cancellation must not interrupt the shielded commit
+    node.request_stop()
+    stopping = asyncio.create_task(node.stop())
+    await asyncio.wait([stopping], timeout=0.05)
+    assert not stopping.done()  # stop() waits for the commit in flight ...
+    release.set()
+    await asyncio.wait_for(stopping, 10)
+    assert not node.failed
+    stopped_at = node.tip
+    assert stopped_at.height == in_flight  # ... which completed; no other block was started
+    assert len(node.mempool) > 0  # there was more to do
+
+    again = Node.from_config(cfg)  # Ledger.open checks the stored state against the tip's root
+    try:
+        assert again.tip == stopped_at  # the block in flight was committed, nothing after it
+        total = 0
+        for h in range(1, stopped_at.height + 1):
+            blk = again.ledger.block(h)
+            assert blk is not None and blk.header.tx_count == len(blk.txs) <= 4
+            assert all(again.store.tx_location(t.txid) == (h, i) for i, t in enumerate(blk.txs))
+            total += len(blk.txs)
+        assert sum(balance(again, s)[1] for s in (1, 2, 3)) == total
+        assert again.ledger.block(stopped_at.height + 1) is None
+    finally:
+        await again.stop()
+
+
+async def test_unexpected_failure_commits_nothing_more(tmp_path: Path, make_cfg: Callable[..., Config],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_cfg(tmp_path / "data")
+    node = Node.from_config(cfg)
+    node.submit(transfer(1, 4, 100, 0).raw)
+
+    async def broken_commit(*args: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(node.store, "commit_block_async", broken_commit)
+    rc = await asyncio.wait_for(node.run(install_signals=False), 10)
+    assert rc == 1 and node.failed
+    again = Node.from_config(cfg)
+    try:
+        assert again.tip.height == 0
+    finally:
+        await again.stop()
+
+
+async def test_snapshot_now_verifies_against_the_tip(tmp_path: Path, make_cfg: Callable[..., Config],
+                                                     wait_until: Any) -> None:
+    node = Node.from_config(make_cfg(tmp_path / "data", snapshots={"every_blocks": 1, "keep": 2}))
+    await node.start(serve_http=False)
+    try:
+        for n in range(3):  # one block per transaction: each waits for the previous one to commit
+            t = transfer(1, 4, 10, n)
+            node.submit(t.raw)
+
+            async def committed(t: Transaction = t) -> bool:
+                return node.store.tx_location(t.txid) is not None
+
+            await wait_until(committed, what=f"tx {n} committed")
+
+        async def periodic_done() -> bool:
+            return [h for h, _ in list_snapshots(node.snapshot_dir, LOCAL)][-1:] == [node.tip.height]
+
+        await wait_until(periodic_done, what="a periodic snapshot of the tip")
+        info = await node.snapshot_now()
+        tip = node.tip
+        assert (info.height, info.state_root, info.block_hash) == (tip.height, tip.state_root, tip.hash)
+        with open(info.path, "rb") as f:
+            header = verify_snapshot(f, LOCAL, expect_root=tip.state_root)
+        assert header.height == tip.height and header.record_count == len(node.ledger.tree)
+        assert len(list_snapshots(node.snapshot_dir, LOCAL)) <= 2  # pruned to snapshots.keep
+        assert node.metrics.snapshots.get(trigger="periodic") >= 1
+    finally:
+        await node.stop()
+
+
+def test_mint_key_file_created_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "mint.key"
+    s1 = load_or_create_secret(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_secret(path) == s1
+    path.write_text("nothex\n")
+    with pytest.raises(NodeError, match="64 hex"):
+        load_or_create_secret(path)
+
+
+async def test_authority_key_persists_across_restarts(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg(tmp_path / "data")
+    a = Node.from_config(cfg)
+    await a.stop()
+    b = Node.from_config(cfg)  # same key file, so the same genesis: accepted
+    await b.stop()
+    assert a.authority_pubkey == b.authority_pubkey is not None
+    assert cfg.chain.mint_authority_key_file is not None
+    assert cfg.chain.mint_authority_key_file.stat().st_mode & 0o777 == 0o600
+
+
+# -- the l2d process -------------------------------------------------------------------------------------------
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "L2D_ADMIN_TOKEN"}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nnetwork = "local"\ndata_dir = "d"\n[block]\ninterval_ms = "fast"\n')
+    p = subprocess.run([sys.executable, "-m", "l2d.node", "--config", str(bad)], capture_output=True, text=True,
+                       timeout=60, cwd=REPO, env=_env())
+    assert p.returncode == 2, p.stderr
+    assert "block.interval_ms" in p.stderr and '"fast"' in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    missing = subprocess.run([sys.executable, "-m", "l2d.node", "--config", str(tmp_path / "none.toml")],
+                             capture_output=True, text=True, timeout=60, cwd=REPO, env=_env())
+    assert missing.returncode == 2 and "none.toml" in missing.stderr
+
+
+def test_daemon_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"""
+[node]
+network = "local"
+data_dir = "data"
+[chain]
+[chain.genesis_alloc]
+{pubkey(1).hex()} = {GENESIS_SAT}
+[block]
+interval_ms = 50
+[api]
+port = 0
+admin_token = "process-test-token-0123456789"
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "l2d.node", "--config", str(cfg)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, cwd=REPO, env=_env())
+    lines: list[dict[str, Any]] = []
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        port = None
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            rec = json.loads(line)  # every log line is one JSON object
+            lines.append(rec)
+            if rec["msg"] == "api listening":
+                port = rec["port"]
+        assert port, lines
+        first = lines[0]
+        assert {"ts", "level", "logger", "msg"} <= set(first)
+        assert first["config"]["node"]["network"] == "local"
+        assert first["config"]["api"]["admin_token"] == "<redacted>"
+        assert "process-test-token" not in json.dumps(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"ok": True}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
+            assert json.loads(r.read())["height"] == 0
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    tail = [json.loads(x) for x in rest.splitlines() if x.strip()]
+    assert any(r["msg"] == "stopped" and r["failed"] is False for r in tail)
+    assert (tmp_path / "data" / "mint_authority.key").stat().st_mode & 0o777 == 0o600
