@@ -9,7 +9,7 @@ Everything is read in bounded chunks: a snapshot of any size verifies in constan
 
 Errors (each names the record index and file offset when it is about one place):
     SnapshotMalformed (a DecodeError; l2-verify exit 2): BadMagic, SnapshotVersionError, SnapshotWrongNetwork,
-        SnapshotTruncated, SnapshotTrailingBytes, BadRecordLength -- the bytes are not a snapshot we can read;
+        SnapshotTruncated, SnapshotTrailingBytes, BadRecordLength (NonMinimalLength) -- the bytes are not a snapshot we can read;
     SnapshotInvalid (l2-verify exit 1): ChecksumMismatch, RootMismatch, KeyOrderError (DuplicateKey) -- a
         well-formed snapshot that does not verify.
 A record-level problem found mid-stream (bad length encoding, key order) is first checked against the file's own
@@ -100,9 +100,13 @@ class SnapshotTrailingBytes(SnapshotMalformed, TrailingBytes):
 
 
 class BadRecordLength(SnapshotMalformed, OutOfRange):
-    """A value length that is not minimally encoded or exceeds tree.MAX_VALUE."""
+    """A value length above tree.MAX_VALUE (or, as NonMinimalLength, not minimally encoded)."""
 
     kind = "bad-record-length"
+
+
+class NonMinimalLength(BadRecordLength, NonMinimalVarint):
+    kind = "non-minimal-length"
 
 
 class SnapshotInvalid(SnapshotError):
@@ -299,7 +303,7 @@ class _Body:
         ln = int.from_bytes(data[pos + 34:vs], "little")
         where = f"record {i} at offset {self.base + pos}"
         if ln < (0xFD if size == 2 else 0x10000 if size == 4 else 0x100000000):
-            self._damaged(BadRecordLength(f"{where}: value length {ln} is not minimally encoded",
+            self._damaged(NonMinimalLength(f"{where}: value length {ln} is not minimally encoded",
                                           record=i, offset=self.base + pos))
         if ln > MAX_VALUE:
             self._damaged(BadRecordLength(f"{where}: value length {ln} exceeds the limit {MAX_VALUE}",

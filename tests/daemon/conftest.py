@@ -146,3 +146,75 @@ async def signet_client(tmp_path: Path) -> AsyncIterator[tuple[Node, Client]]:
     """A node on a network without admin mint (signet), for the 403 paths."""
     async for pair in _node_and_client(make_config(tmp_path / "signet", "signet")):
         yield pair
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class DaemonProcess:
+    """A real `l2d` process (python -m l2d.node) on a TOML config; its JSON log lines are kept in `lines`."""
+
+    def __init__(self, config_path: Path) -> None:
+        import os
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "L2D_ADMIN_TOKEN"}
+        env["PYTHONPATH"] = str(REPO)
+        self.proc = subprocess.Popen([sys.executable, "-m", "l2d.node", "--config", str(config_path)],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+        self.lines: list[dict[str, Any]] = []
+        self.port = self._read_port()
+
+    def _read_port(self, timeout: float = 60) -> int:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            rec = json.loads(line)  # every log line is one JSON object
+            self.lines.append(rec)
+            if rec["msg"] == "api listening":
+                return int(rec["port"])
+        self.kill()
+        raise AssertionError(f"l2d did not start: {self.lines[-5:]}")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url(path), timeout=10) as r:
+            return json.loads(r.read())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def terminate(self) -> tuple[int, list[dict[str, Any]]]:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        rest = self.proc.communicate(timeout=60)[1]
+        return self.proc.returncode, [json.loads(x) for x in rest.splitlines() if x.strip()]
+
+
+@pytest.fixture
+def daemon_process() -> Iterator[Callable[[Path], DaemonProcess]]:
+    """Factory starting real l2d processes; every one still running at teardown is killed."""
+    started: list[DaemonProcess] = []
+
+    def start(config_path: Path) -> DaemonProcess:
+        p = DaemonProcess(config_path)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.kill()

@@ -1,0 +1,38 @@
+"""Run every benchmark (make bench) and print one JSON object of figures, each with its same-run baseline.
+
+    python bench/run_all.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import bench_daemon_memory  # noqa: E402
+import bench_ledger  # noqa: E402
+import bench_verifier  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    a = ap.parse_args()
+    n = 20_000 if a.quick else 1_000_000
+    results = {
+        "ledger": bench_ledger.main(["--quick"] if a.quick else []),
+        "verifier": bench_verifier.main(["--records", str(n)]),
+        "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
+    }
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

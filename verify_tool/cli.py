@@ -1,0 +1,207 @@
+"""l2-verify: check a snapshot or a state proof offline -- no daemon, no database, no network.
+
+    l2-verify snapshot FILE [--expect-root HEX] [--network NAME] [--json]
+    l2-verify proof --root HEX PROOF_FILE [--json]
+
+Exit codes:
+    0  verified;
+    1  verification failed: checksum mismatch, state root mismatch (or not the --expect-root), keys duplicated or
+       out of order, a proof that does not lead to --root;
+    2  malformed input or usage: not a snapshot (magic), unknown format version, another network, truncated file,
+       trailing bytes, a badly encoded record length, an undecodable proof, unreadable file, bad hex, bad arguments.
+A snapshot damaged after it was written (its own checksum fails) reports the checksum mismatch (1) and names the
+first inconsistency found; only running out of bytes is always "truncated" (2).
+
+Output: one line (OK ... on stdout; FAIL ... / ERROR ... on stderr), or with --json one JSON object on stdout:
+{"ok", "command", "exit_code", "error", "error_type", ...details}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any, BinaryIO, NoReturn, Optional, Sequence
+
+from l2d.core.errors import DecodeError, L2Error, ProofError
+from l2d.core.params import NETWORKS, network_by_name
+from l2d.core.snapshot import TRAILER_SIZE, SnapshotError, SnapshotInvalid, verify_snapshot
+from l2d.core.tree import Proof, ProofKind, verify_proof
+
+EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+MAX_PROOF_FILE = 1 << 20  # the largest binary proof is ~100 kB; its hex about twice that
+_HEX = re.compile(rb"[0-9a-fA-F]+")
+_KIND = {ProofKind.PRESENT: "present", ProofKind.ABSENT_EMPTY: "absent-empty", ProofKind.ABSENT_OTHER: "absent-other"}
+
+
+class _Outcome(Exception):
+    """A finished check that did not verify: exit code, one-line message and details for --json."""
+
+    def __init__(self, code: int, message: str, error_type: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.error_type = error_type
+        self.fields = fields
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.format_usage().strip()}\n{self.prog}: error: {message}")
+
+
+def _hex32(text: str, what: str) -> bytes:
+    s = text.strip()
+    if len(s) != 64 or not _HEX.fullmatch(s.encode()):
+        raise _Outcome(EXIT_ERROR, f"{what} must be 64 hex characters (32 bytes), got {text!r}", "bad-argument")
+    return bytes.fromhex(s)
+
+
+def _open(path: str) -> BinaryIO:
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise _Outcome(EXIT_ERROR, f"cannot open {path}: {e.strerror or e}", "io-error") from None
+
+
+def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
+    expect = _hex32(a.expect_root, "--expect-root") if a.expect_root is not None else None
+    network = network_by_name(a.network) if a.network else None
+    f = _open(a.file)
+    try:
+        header = verify_snapshot(f, network, expect)
+        checksum: Optional[str] = None
+        if f.seekable():
+            f.seek(-TRAILER_SIZE, os.SEEK_END)
+            checksum = f.read(TRAILER_SIZE).hex()
+    except SnapshotError as e:
+        code = EXIT_FAIL if isinstance(e, SnapshotInvalid) else EXIT_ERROR
+        raise _Outcome(code, str(e), e.kind, record=e.record, offset=e.offset) from None
+    except L2Error as e:  # any other core rejection of the input
+        code = EXIT_ERROR if isinstance(e, DecodeError) else EXIT_FAIL
+        raise _Outcome(code, str(e), type(e).__name__) from None
+    except OSError as e:
+        raise _Outcome(EXIT_ERROR, f"cannot read {a.file}: {e.strerror or e}", "io-error") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    root = header.state_root.hex()
+    return {
+        "line": f"OK snapshot height {header.height} root {root} ({header.record_count} records, "
+                f"network {header.network_name}, block {header.block_hash.hex()})",
+        "network": header.network_name, "network_id": header.network_id, "height": header.height,
+        "block_hash": header.block_hash.hex(), "state_root": root, "record_count": header.record_count,
+        "checksum": checksum,
+    }
+
+
+def _read_proof(path: str) -> bytes:
+    f = _open(path)
+    try:
+        data = f.read(MAX_PROOF_FILE + 1)
+    except OSError as e:
+        raise _Outcome(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    if len(data) > MAX_PROOF_FILE:
+        raise _Outcome(EXIT_ERROR, f"{path} is larger than {MAX_PROOF_FILE} bytes: not a proof", "malformed")
+    compact = b"".join(data.split())
+    # A binary proof starts with its version byte 0x01, never an ASCII hex digit: the two forms cannot be confused.
+    if compact and _HEX.fullmatch(compact):
+        if len(compact) % 2:
+            raise _Outcome(EXIT_ERROR, f"{path}: odd number of hex digits ({len(compact)})", "malformed")
+        return bytes.fromhex(compact.decode())
+    return data
+
+
+def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
+    root = _hex32(a.root, "--root")
+    raw = _read_proof(a.proof_file)
+    try:
+        proof = Proof.decode(raw)
+    except DecodeError as e:
+        raise _Outcome(EXIT_ERROR, f"not a valid proof encoding: {e}", type(e).__name__) from None
+    key = proof.key.hex()
+    details = {"root": root.hex(), "key": key, "kind": _KIND[proof.kind], "levels": len(proof.levels)}
+    try:
+        value = verify_proof(root, proof)
+    except ProofError as e:
+        raise _Outcome(EXIT_FAIL, f"key {key}: {e}", "proof-mismatch", **details) from None
+    if value is not None:
+        shown = value.hex() if len(value) <= 64 else value[:64].hex() + "..."
+        line = f"OK proof: key {key} present, value {shown} ({len(value)} bytes) under root {root.hex()}"
+    elif proof.kind == ProofKind.ABSENT_OTHER:
+        line = (f"OK proof: key {key} absent under root {root.hex()} (its path ends at the leaf of "
+                f"{proof.other_key.hex()})")
+    else:
+        line = f"OK proof: key {key} absent under root {root.hex()} (its path ends in an empty slot)"
+    return {"line": line, **details, "present": value is not None, "value": None if value is None else value.hex()}
+
+
+def _parser() -> _Parser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON object instead of a line")
+    p = _Parser(prog="l2-verify", description="Offline verifier for l2d snapshots and state proofs.",
+                epilog="exit codes: 0 verified, 1 verification failed, 2 malformed input or usage")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("snapshot", parents=[common], help="recompute a snapshot's state root (streaming)")
+    s.add_argument("file", metavar="FILE", help="snapshot file ('-' for stdin)")
+    s.add_argument("--expect-root", metavar="HEX", help="also require this state root (64 hex characters)")
+    s.add_argument("--network", choices=sorted(NETWORKS), help="also require this network")
+    s.set_defaults(fn=cmd_snapshot)
+    q = sub.add_parser("proof", parents=[common], help="check an inclusion or non-inclusion proof against a root")
+    q.add_argument("--root", metavar="HEX", required=True, help="state root (64 hex characters)")
+    q.add_argument("proof_file", metavar="PROOF_FILE", help="Proof.encode() bytes, or their hex")
+    q.set_defaults(fn=cmd_proof)
+    return p
+
+
+def _print(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in args
+    try:
+        a = _parser().parse_args(args)
+    except _UsageError as e:
+        print(str(e), file=sys.stderr)
+        if want_json:
+            command = next((x for x in args if x in ("snapshot", "proof")), None)
+            _print({"ok": False, "command": command, "exit_code": EXIT_ERROR,
+                    "error": str(e).rsplit("error: ", 1)[-1], "error_type": "usage"})
+        return EXIT_ERROR
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    target = a.file if a.command == "snapshot" else a.proof_file
+    try:
+        result = a.fn(a)
+    except _Outcome as o:
+        if a.json:
+            _print({"ok": False, "command": a.command, "file": target, "exit_code": o.code, "error": o.message,
+                    "error_type": o.error_type, **o.fields})
+        else:
+            print(f"{'FAIL' if o.code == EXIT_FAIL else 'ERROR'} {a.command} {target}: {o.message}", file=sys.stderr)
+        return o.code
+    line = result.pop("line")
+    if a.json:
+        _print({"ok": True, "command": a.command, "file": target, "exit_code": EXIT_OK, "error": None,
+                "error_type": None, **result})
+    else:
+        print(line)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
