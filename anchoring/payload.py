@@ -81,48 +81,53 @@ def parse_op_return(script: bytes, network: Network) -> AnchorRecord:
 
 # -- Taproot (BIP341) -----------------------------------------------------------------------------------------
 
-Leaf = tuple[int, bytes]  # (leaf version, script)
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """A tapscript leaf: leaf version and script bytes."""
+
+    version: int
+    script: bytes
+
+
 ScriptTree = Union[Leaf, Sequence["ScriptTree"]]  # a leaf, or [left, right]
 
 
 def tapleaf_hash(leaf: Leaf) -> bytes:
-    version, script = leaf
-    return tagged_hash(bytes((version,)) + write_varint(len(script)) + script, "TapLeaf")
-
-
-def _is_leaf(t: ScriptTree) -> bool:
-    return isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], int)
+    return bytes(tagged_hash(bytes((leaf.version,)) + write_varint(len(leaf.script)) + leaf.script, "TapLeaf"))
 
 
 def tree_root(tree: Optional[ScriptTree]) -> Optional[bytes]:
     """BIP341 Merkle root of a script tree (None for a key-path-only output)."""
     if tree is None:
         return None
-    if _is_leaf(tree):
-        return tapleaf_hash(tree)  # type: ignore[arg-type]
+    return _root(tree)
+
+
+def _root(tree: ScriptTree) -> bytes:
+    if isinstance(tree, Leaf):
+        return tapleaf_hash(tree)
     if len(tree) == 1:
-        return tree_root(tree[0])
+        return _root(tree[0])
     if len(tree) != 2:
         raise OutOfRange("a script tree branch has exactly two children")
-    left, right = tree_root(tree[0]), tree_root(tree[1])
-    return tapbranch_tagged_hash(left, right)  # type: ignore[arg-type]
+    return bytes(tapbranch_tagged_hash(_root(tree[0]), _root(tree[1])))
 
 
 def merkle_path(tree: ScriptTree, target: Leaf) -> Optional[bytes]:
     """Concatenated sibling hashes from target's leaf up to the root, or None if target is not in tree."""
-    if _is_leaf(tree):
+    if isinstance(tree, Leaf):
         return b"" if tree == target else None
     if len(tree) == 1:
         return merkle_path(tree[0], target)
     for i in (0, 1):
         p = merkle_path(tree[i], target)
         if p is not None:
-            return p + tree_root(tree[1 - i])  # type: ignore[operator]
+            return p + _root(tree[1 - i])
     return None
 
 
 def taptweak(internal_key: bytes, merkle_root: Optional[bytes]) -> bytes:
-    return tagged_hash(internal_key + (merkle_root or b""), "TapTweak")
+    return bytes(tagged_hash(internal_key + (merkle_root or b""), "TapTweak"))
 
 
 def output_key(internal_key: bytes, merkle_root: Optional[bytes]) -> tuple[bytes, int]:
@@ -144,7 +149,7 @@ def control_block(internal_key: bytes, tree: ScriptTree, leaf: Leaf) -> bytes:
     if path is None:
         raise OutOfRange("leaf is not in the script tree")
     _, parity = output_key(internal_key, tree_root(tree))
-    return bytes((leaf[0] | parity,)) + internal_key + path
+    return bytes((leaf.version | parity,)) + internal_key + path
 
 
 def anchor_leaf(record: AnchorRecord, federation_key: bytes) -> Leaf:
@@ -152,7 +157,7 @@ def anchor_leaf(record: AnchorRecord, federation_key: bytes) -> Leaf:
     if len(federation_key) != 32:
         raise OutOfRange("federation key must be a 32-byte x-only key")
     script = bytes((32,)) + record.link + bytes((OP_DROP, 32)) + federation_key + bytes((OP_CHECKSIG,))
-    return (LEAF_VERSION_TAPSCRIPT, script)
+    return Leaf(LEAF_VERSION_TAPSCRIPT, script)
 
 
 @dataclass(frozen=True, slots=True)

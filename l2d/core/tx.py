@@ -103,7 +103,7 @@ class Burn:
 
 
 AnyPayload = Union[Transfer, Mint, Burn]
-PAYLOAD_TYPES: dict[int, type] = {TxType.TRANSFER: Transfer, TxType.MINT: Mint, TxType.BURN: Burn}
+PAYLOAD_TYPES: dict[int, Union[type[Transfer], type[Burn]]] = {TxType.TRANSFER: Transfer, TxType.MINT: Mint, TxType.BURN: Burn}
 
 
 @dataclass(frozen=True, slots=True)

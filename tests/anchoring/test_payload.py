@@ -24,14 +24,14 @@ def _tree(t: Any) -> Optional[ScriptTree]:
     if t is None:
         return None
     if isinstance(t, dict):
-        return (t["leafVersion"], bytes.fromhex(t["script"]))
+        return Leaf(t["leafVersion"], bytes.fromhex(t["script"]))
     return [_tree(x) for x in t]  # type: ignore[misc]
 
 
 def _leaves(t: Optional[ScriptTree]) -> list[Leaf]:
     if t is None:
         return []
-    if isinstance(t, tuple):
+    if isinstance(t, Leaf):
         return [t]
     return [leaf for x in t for leaf in _leaves(x)]
 
@@ -87,7 +87,7 @@ def test_record_fields_are_validated() -> None:
 
 def test_taproot_anchor_commits_to_the_record_and_never_op_true() -> None:
     a = TaprootAnchor(REC, FED)
-    version, script = a.leaf
+    version, script = a.leaf.version, a.leaf.script
     assert version == 0xC0
     assert script == bytes([32]) + REC.link + bytes([0x75, 32]) + FED + bytes([0xAC])
     assert b"\x51" != script[-1:]  # ends in OP_CHECKSIG, never OP_TRUE
@@ -133,7 +133,7 @@ def test_pinned_anchor_vectors() -> None:
         assert rec.encode().hex() == v["record"] and rec.link.hex() == v["link"]
         assert op_return_script(rec).hex() == v["op_return_script"]
         t = TaprootAnchor(rec, bytes.fromhex(v["federation_key"]))
-        assert t.leaf[1].hex() == v["leaf_script"] and t.merkle_root.hex() == v["leaf_hash"]
+        assert t.leaf.script.hex() == v["leaf_script"] and t.merkle_root.hex() == v["leaf_hash"]
         assert t.output_key.hex() == v["output_key"] and t.script_pubkey.hex() == v["script_pubkey"]
         assert t.control_block.hex() == v["control_block"]
     assert vectors[1]["prev_link"] == vectors[0]["link"]
