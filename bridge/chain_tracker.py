@@ -52,27 +52,13 @@ class BlockRef:
 
 
 @dataclass(frozen=True, slots=True)
-class Connected:
+class Connected(BlockRef):
     """A block joined the best chain."""
-
-    height: int
-    block_hash: bytes
-
-    @property
-    def block_hash_hex(self) -> str:
-        return self.block_hash[::-1].hex()
 
 
 @dataclass(frozen=True, slots=True)
-class Disconnected:
+class Disconnected(BlockRef):
     """A block left the best chain (reorg)."""
-
-    height: int
-    block_hash: bytes
-
-    @property
-    def block_hash_hex(self) -> str:
-        return self.block_hash[::-1].hex()
 
 
 ChainEvent = Union[Connected, Disconnected]
