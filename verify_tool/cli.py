@@ -124,7 +124,7 @@ def _read_proof(path: str) -> bytes:
 
 def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
     root = _hex32(a.root, "--root")
-    raw = _read_proof(a.proof_file)
+    raw = _read_proof(a.file)
     try:
         proof = Proof.decode(raw)
     except DecodeError as e:
@@ -146,6 +146,29 @@ def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
     return {"line": line, **details, "present": value is not None, "value": None if value is None else value.hex()}
 
 
+# -- audit: l2-verify audit BUNDLE (the checks live in verify_tool/audit.py) -------------------------------------
+def _add_audit_parser(sub: "argparse._SubParsersAction[_Parser]", common: _Parser) -> None:
+    c = sub.add_parser("audit", parents=[common],
+                       help="check an audit bundle: anchor commitment, merkle proof, header chain, confirmations")
+    c.add_argument("file", metavar="BUNDLE", help="audit bundle file ('-' for stdin)")
+    c.add_argument("--checkpoint", metavar="HEIGHT:HASH", help="trusted block hash (display hex) at a height")
+    c.add_argument("--min-conf", metavar="K", type=int, default=1, help="required confirmations (default 1)")
+    c.add_argument("--chain", choices=("regtest", "testnet", "signet", "mainnet"),
+                   help="Bitcoin chain (default: the one the bundle's L2 network anchors to)")
+    c.set_defaults(fn=cmd_audit)
+
+
+def cmd_audit(a: argparse.Namespace) -> dict[str, Any]:
+    from verify_tool.audit import run_audit  # imported here: snapshot/proof runs need no Bitcoin libraries
+
+    code, result, line = run_audit(a.file, a.checkpoint, a.min_conf, a.chain)
+    envelope = ("ok", "command", "file", "exit_code", "error", "error_type")  # main() writes these itself
+    details = {k: v for k, v in result.items() if k not in envelope}
+    if code != EXIT_OK:
+        raise _Outcome(code, str(result["error"]), str(result["error_type"]), **details)
+    return {"line": line, **details}
+
+
 def _parser() -> _Parser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -161,8 +184,9 @@ def _parser() -> _Parser:
     s.set_defaults(fn=cmd_snapshot)
     q = sub.add_parser("proof", parents=[common], help="check an inclusion or non-inclusion proof against a root")
     q.add_argument("--root", metavar="HEX", required=True, help="state root (64 hex characters)")
-    q.add_argument("proof_file", metavar="PROOF_FILE", help="Proof.encode() bytes, or their hex")
+    q.add_argument("file", metavar="PROOF_FILE", help="Proof.encode() bytes, or their hex")
     q.set_defaults(fn=cmd_proof)
+    _add_audit_parser(sub, common)
     return p
 
 
@@ -178,13 +202,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         if want_json:
-            command = next((x for x in args if x in ("snapshot", "proof")), None)
+            command = next((x for x in args if x in ("snapshot", "proof", "audit")), None)
             _print({"ok": False, "command": command, "exit_code": EXIT_ERROR,
                     "error": str(e).rsplit("error: ", 1)[-1], "error_type": "usage"})
         return EXIT_ERROR
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
-    target = a.file if a.command == "snapshot" else a.proof_file
+    target = a.file
     try:
         result = a.fn(a)
     except _Outcome as o:

@@ -1,0 +1,312 @@
+"""Audit bundles built end to end (BIP340 federation key, a real Bitcoin transaction, a ground regtest chain):
+verified as is, and every tampered variant fails with the error for the rule it breaks."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import struct
+from typing import Callable, Optional
+
+import pytest
+from bitcoin.core import (COutPoint, CMutableTransaction, CMutableTxIn, CMutableTxOut, CScript, CTxInWitness,
+                          CTxWitness)
+from bitcoin.core.script import CScriptWitness
+from coincurve import PrivateKey
+
+from anchoring.audit import (MAGIC, AccountProofInvalid, AnchorKind, AnchorNotInTx, AuditBundle, BlockNotInChain,
+                             BundleChecksumMismatch, BundleMalformed, EvidenceHeightMismatch, ProofEvidence, Section,
+                             SnapshotEvidence, StateRootMismatch, TooFewConfirmations, verify_bundle)
+from anchoring.payload import AnchorRecord, TaprootAnchor, op_return_script
+from bridge.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BadLink, BadProofOfWork, CheckpointMismatch, Header,
+                        MerkleMutation, MerkleRootMismatch, PartialMerkleTree, TimeTooNew, TxNotInProof,
+                        bits_to_target, build_partial_merkle_tree, compute_merkle_root, make_header,
+                        parse_merkleblock, parse_tx, serialize_merkleblock)
+from l2d.core.errors import TrailingBytes, Truncated, UnknownVersion, WrongNetwork
+from l2d.core.params import LOCAL, REGTEST
+from l2d.core.snapshot import SnapshotInvalid, write_snapshot
+from l2d.core.tree import KEY_SIZE, StateTree
+
+L2_HEIGHT = 1234
+ANCHOR_HEIGHT = 5  # Bitcoin height of the anchor block
+AFTER = 20  # headers after it
+ANCHOR_INDEX = 2  # position of the anchor transaction in its block (of five)
+_sha = hashlib.sha256
+_PACK = struct.Struct("<i32s32sIII")
+REGTEST_GENESIS = make_header(1, b"\0" * 32,
+                              bytes.fromhex("4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b")[::-1],
+                              1296688602, 0x207FFFFF, 2)
+
+
+def grind(prev: bytes, root: bytes, t: int, bits: int = 0x207FFFFF, *, fail: bool = False) -> Header:
+    """A header meeting its target (or, with fail, one that misses it)."""
+    target = bits_to_target(bits)
+    base = _PACK.pack(0x20000000, prev, root, t, bits, 0)[:76]
+    nonce = 0
+    while True:
+        raw = base + nonce.to_bytes(4, "little")
+        h = _sha(_sha(raw).digest()).digest()
+        if (int.from_bytes(h, "little") <= target) != fail:
+            return Header(0x20000000, prev, root, t, bits, nonce, h)
+        nonce += 1
+
+
+def state(n: int, salt: bytes = b"") -> dict[bytes, bytes]:
+    return {b"\x01" + _sha(salt + b"acct%d" % i).digest(): b"balance %d" % (1000 * i) for i in range(n)}
+
+
+def tree_of(items: dict[bytes, bytes]) -> StateTree:
+    t = StateTree()
+    for k, v in items.items():
+        t.set(k, v)
+    return t
+
+
+def snapshot_bytes(items: dict[bytes, bytes], height: int = L2_HEIGHT) -> bytes:
+    buf = io.BytesIO()
+    root = tree_of(items).root()
+    write_snapshot(buf, REGTEST, height, b"\x07" * 32, root, sorted(items.items()), len(items))
+    return buf.getvalue()
+
+
+def proofs_for(items: dict[bytes, bytes], keys: list[bytes]) -> ProofEvidence:
+    t = tree_of(items)
+    return ProofEvidence(t.root(), tuple(t.prove(k, items.__getitem__) for k in keys))
+
+
+FED_SECRET = _sha(b"l2d test federation key").digest()
+FED_KEY = PrivateKey(FED_SECRET).public_key_xonly.format()
+
+
+def spend(i: int, script: bytes, value: int = 50_000, witness: bool = True) -> CMutableTransaction:
+    tx = CMutableTransaction([CMutableTxIn(COutPoint(_sha(b"prev%d" % i).digest(), i), nSequence=0xFFFFFFFD)],
+                             [CMutableTxOut(value, CScript(script))])
+    if witness:  # segwit spend: the txid must come from the serialization without it
+        sig = PrivateKey(FED_SECRET).sign_schnorr(_sha(b"msg%d" % i).digest(), b"\0" * 32)
+        tx.wit = CTxWitness([CTxInWitness(CScriptWitness([sig]))])
+    return tx
+
+
+def anchor_tx(record: AnchorRecord, kind: AnchorKind) -> bytes:
+    if kind == AnchorKind.OP_RETURN:
+        out = op_return_script(record)
+        value = 0
+    else:
+        out = TaprootAnchor(record, FED_KEY).script_pubkey
+        value = 330
+    tx = spend(99, b"\x00\x14" + b"\x33" * 20, witness=True)
+    tx.vout = [CMutableTxOut(value, CScript(out)), CMutableTxOut(90_000, CScript(b"\x00\x14" + b"\x44" * 20))]
+    return tx.serialize()
+
+
+@dataclasses.dataclass
+class World:
+    bundle: AuditBundle
+    headers: list[Header]  # heights 0.. (genesis first)
+    txs: list[bytes]  # raw transactions of the anchor block
+    txids: list[bytes]
+    items: dict[bytes, bytes]
+
+
+def make_world(kind: AnchorKind, evidence: str = "proofs", start: int = 0) -> World:
+    items = state(8)
+    keys = sorted(items)
+    ev = SnapshotEvidence(snapshot_bytes(items)) if evidence == "snapshot" else proofs_for(
+        items, [keys[1], keys[5], b"\x02" + b"\0" * (KEY_SIZE - 1)])  # two present, one absent
+    record = AnchorRecord(REGTEST.id, L2_HEIGHT, tree_of(items).root())
+    coinbase = CMutableTransaction([CMutableTxIn(COutPoint(), CScript(b"\x01\x05"))],
+                                   [CMutableTxOut(50 * 10**8, CScript(b"\x51"))]).serialize()
+    txs = [coinbase, spend(1, b"\x51").serialize(), anchor_tx(record, kind), spend(3, b"\x52", witness=False)
+           .serialize(), spend(4, b"\x53").serialize()]
+    txids = [parse_tx(t).txid for t in txs]
+    root, _ = compute_merkle_root(txids)
+    headers = [REGTEST_GENESIS]
+    for height in range(1, ANCHOR_HEIGHT + AFTER + 1):
+        prev = headers[-1]
+        merkle = root if height == ANCHOR_HEIGHT else _sha(b"block%d" % height).digest()
+        headers.append(grind(prev.hash, merkle, prev.time + 600))
+    pmt = build_partial_merkle_tree(txids, [i == ANCHOR_INDEX for i in range(len(txids))])
+    bundle = AuditBundle(REGTEST.id, record, kind, FED_KEY if kind == AnchorKind.TAPROOT else b"",
+                         txs[ANCHOR_INDEX], serialize_merkleblock(headers[ANCHOR_HEIGHT], pmt), start,
+                         b"".join(h.serialize() for h in headers[start:]), ev)
+    return World(bundle, headers, txs, txids, items)
+
+
+@pytest.fixture(scope="module", params=[AnchorKind.OP_RETURN, AnchorKind.TAPROOT], ids=["op_return", "taproot"])
+def world(request: pytest.FixtureRequest) -> World:
+    return make_world(request.param)
+
+
+def verify(b: AuditBundle, checkpoint: Optional[tuple[int, bytes]] = None, min_conf: int = 1,
+           now: Optional[int] = None):  # type: ignore[no-untyped-def]
+    return verify_bundle(AuditBundle.decode(b.encode()), REGTEST, BITCOIN_REGTEST, checkpoint, min_conf, now=now)
+
+
+# -- verifies ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("evidence", ["proofs", "snapshot"])
+@pytest.mark.parametrize("kind", [AnchorKind.OP_RETURN, AnchorKind.TAPROOT])
+def test_complete_bundle_verifies(kind: AnchorKind, evidence: str) -> None:
+    w = make_world(kind, evidence)
+    raw = w.bundle.encode()
+    assert raw.startswith(MAGIC) and AuditBundle.decode(raw) == w.bundle
+    assert AuditBundle.decode(raw).encode() == raw
+    r = verify(w.bundle, now=w.headers[-1].time)
+    assert (r.block_height, r.tx_index, r.confirmations) == (ANCHOR_HEIGHT, ANCHOR_INDEX, AFTER + 1)
+    assert (r.tip_height, r.start_height, r.l2_height) == (ANCHOR_HEIGHT + AFTER, 0, L2_HEIGHT)
+    assert r.txid == w.txids[ANCHOR_INDEX] and r.block_hash == w.headers[ANCHOR_HEIGHT].hash
+    assert r.state_root == w.bundle.record.state_root and r.anchor_kind == kind
+    assert r.vout == 0 and r.start_hash == BITCOIN_REGTEST.genesis_hash
+    if evidence == "snapshot":
+        assert (r.evidence, r.records, r.proven) == ("snapshot", 8, ())
+    else:
+        assert r.evidence == "root+proofs"
+        assert [v is not None for _, v in r.proven] == [True, True, False]
+    d = r.to_dict()
+    assert d["txid"] == parse_tx(w.txs[ANCHOR_INDEX]).txid_hex and d["confirmations"] == AFTER + 1
+
+
+def test_checkpoints(world: World) -> None:
+    b, hs = world.bundle, world.headers
+    verify(b, checkpoint=(0, hs[0].hash))
+    verify(b, checkpoint=(7, hs[7].hash))
+    with pytest.raises(CheckpointMismatch):
+        verify(b, checkpoint=(7, hs[8].hash))
+    with pytest.raises(CheckpointMismatch):
+        verify(b, checkpoint=(ANCHOR_HEIGHT + AFTER + 1, hs[0].hash))  # not covered by the bundle
+    from_cp = make_world(world.bundle.anchor_kind, start=3)
+    r = verify(from_cp.bundle, checkpoint=(3, hs[3].hash))
+    assert (r.start_height, r.confirmations, r.checkpoint) == (3, AFTER + 1, (3, hs[3].hash))
+    with pytest.raises(CheckpointMismatch):
+        verify(from_cp.bundle, checkpoint=(3, hs[4].hash))
+    with pytest.raises(CheckpointMismatch):  # a chain starting at height 0 must start with the genesis
+        verify(dataclasses.replace(from_cp.bundle, headers_start_height=0))
+    with pytest.raises(CheckpointMismatch):  # mainnet parameters: not the mainnet genesis
+        verify_bundle(b, REGTEST, BITCOIN_MAINNET, None, 1)
+
+
+# -- tampered variants ---------------------------------------------------------------------------------------------
+def test_changed_root(world: World) -> None:
+    other = state(8, b"other")
+    with pytest.raises(StateRootMismatch):
+        verify(dataclasses.replace(world.bundle, evidence=proofs_for(other, sorted(other)[:2])))
+    with pytest.raises(StateRootMismatch):
+        verify(dataclasses.replace(world.bundle, evidence=SnapshotEvidence(snapshot_bytes(other))))
+    with pytest.raises(StateRootMismatch):
+        verify(dataclasses.replace(world.bundle, evidence=ProofEvidence(b"\x09" * 32)))
+
+
+def test_bad_evidence(world: World) -> None:
+    items = world.items
+    with pytest.raises(EvidenceHeightMismatch):
+        verify(dataclasses.replace(world.bundle, evidence=SnapshotEvidence(snapshot_bytes(items, L2_HEIGHT + 1))))
+    snap = bytearray(snapshot_bytes(items))
+    snap[120] ^= 1  # inside a record: the snapshot's own checksum catches it
+    with pytest.raises(SnapshotInvalid):
+        verify(dataclasses.replace(world.bundle, evidence=SnapshotEvidence(bytes(snap))))
+    good = proofs_for(items, sorted(items)[:2])
+    other = state(8, b"other")
+    foreign = proofs_for(other, sorted(other)[:1]).proofs
+    with pytest.raises(AccountProofInvalid, match="account proof 2"):
+        verify(dataclasses.replace(world.bundle, evidence=ProofEvidence(good.state_root, good.proofs + foreign)))
+
+
+def test_changed_record(world: World) -> None:
+    rec = world.bundle.record
+    for changed in (dataclasses.replace(rec, l2_height=rec.l2_height + 1),
+                    dataclasses.replace(rec, prev_link=b"\x01" * 32)):
+        with pytest.raises(AnchorNotInTx):
+            verify(dataclasses.replace(world.bundle, record=changed))
+    if world.bundle.anchor_kind == AnchorKind.TAPROOT:
+        other_key = PrivateKey(_sha(b"someone else").digest()).public_key_xonly.format()
+        with pytest.raises(AnchorNotInTx):
+            verify(dataclasses.replace(world.bundle, federation_key=other_key))
+        with pytest.raises(AnchorNotInTx):  # right record, claimed as OP_RETURN
+            verify(dataclasses.replace(world.bundle, anchor_kind=AnchorKind.OP_RETURN, federation_key=b""))
+    else:
+        with pytest.raises(AnchorNotInTx):
+            verify(dataclasses.replace(world.bundle, anchor_kind=AnchorKind.TAPROOT, federation_key=FED_KEY))
+
+
+def _mb(world: World, pmt: PartialMerkleTree) -> bytes:
+    return serialize_merkleblock(world.headers[ANCHOR_HEIGHT], pmt)
+
+
+def test_wrong_merkle_proof(world: World) -> None:
+    header, pmt = parse_merkleblock(world.bundle.merkleblock)
+    flipped = (pmt.hashes[0][:5] + bytes([pmt.hashes[0][5] ^ 0x40]) + pmt.hashes[0][6:],) + pmt.hashes[1:]
+    with pytest.raises(MerkleRootMismatch):
+        verify(dataclasses.replace(world.bundle, merkleblock=_mb(world, dataclasses.replace(pmt, hashes=flipped))))
+    other = build_partial_merkle_tree(world.txids, [i == 1 for i in range(5)])
+    with pytest.raises(TxNotInProof):  # tx not in block (as far as the proof shows)
+        verify(dataclasses.replace(world.bundle, merkleblock=_mb(world, other)))
+    with pytest.raises(AnchorNotInTx):  # another transaction of the block claimed as the anchor
+        verify(dataclasses.replace(world.bundle, anchor_tx=world.txs[3]))
+    # CVE-2012-2459: the last transaction duplicated gives the same root; the proof is refused
+    dup = build_partial_merkle_tree(world.txids + [world.txids[-1]], [i in (ANCHOR_INDEX, 5) for i in range(6)])
+    with pytest.raises(MerkleMutation):
+        verify(dataclasses.replace(world.bundle, merkleblock=_mb(world, dup)))
+
+
+def _headers(world: World, edit: Callable[[list[Header]], list[Header]]) -> AuditBundle:
+    hs = edit(list(world.headers))
+    return dataclasses.replace(world.bundle, headers=b"".join(h.serialize() for h in hs))
+
+
+def test_broken_header_chain(world: World) -> None:
+    with pytest.raises(BadLink) as e:
+        verify(_headers(world, lambda hs: hs[:10] + hs[11:]))
+    assert e.value.height == 10
+
+    def bad_pow(hs: list[Header]) -> list[Header]:
+        h = hs[12]
+        hs[12] = grind(h.prev_hash, h.merkle_root, h.time, fail=True)
+        return hs
+
+    with pytest.raises(BadProofOfWork) as e2:
+        verify(_headers(world, bad_pow))
+    assert e2.value.height == 12
+    with pytest.raises(BlockNotInChain):
+        verify(_headers(world, lambda hs: hs[:ANCHOR_HEIGHT]))
+    with pytest.raises(TimeTooNew):  # headers more than two hours after the verifier's clock
+        verify(world.bundle, now=world.headers[-1].time - 7201)
+
+
+def test_too_few_confirmations(world: World) -> None:
+    assert verify(world.bundle, min_conf=AFTER + 1).confirmations == AFTER + 1
+    with pytest.raises(TooFewConfirmations):
+        verify(world.bundle, min_conf=AFTER + 2)
+
+
+def test_trailer_checksum(world: World) -> None:
+    raw = world.bundle.encode()
+    for pos in (len(raw) - 1, len(raw) // 2, 20):
+        bad = bytearray(raw)
+        bad[pos] ^= 1
+        with pytest.raises(BundleChecksumMismatch):
+            AuditBundle.decode(bytes(bad))
+
+
+def _reseal(body: bytes) -> bytes:
+    return body + hashlib.sha256(body).digest()
+
+
+def test_malformed_bundles(world: World) -> None:
+    raw = world.bundle.encode()
+    body = raw[:-32]
+    with pytest.raises(BundleMalformed):
+        AuditBundle.decode(b"L2DSNAP\0" + raw[8:])
+    with pytest.raises(BundleMalformed):
+        AuditBundle.decode(b"")
+    with pytest.raises(UnknownVersion):
+        AuditBundle.decode(_reseal(body[:8] + b"\x02" + body[9:]))
+    with pytest.raises(WrongNetwork):
+        AuditBundle.decode(_reseal(body[:9] + b"\x63" + body[10:]))
+    for cut in (len(raw) - 1, len(raw) - 40, 30, 12):
+        with pytest.raises(Truncated):
+            AuditBundle.decode(raw[:cut])
+    with pytest.raises(TrailingBytes):
+        AuditBundle.decode(_reseal(body + b"\0"))
+    with pytest.raises(BundleMalformed):  # first section tag is not ANCHOR
+        AuditBundle.decode(_reseal(body[:10] + bytes((Section.ANCHOR_TX,)) + body[11:]))
+    with pytest.raises(WrongNetwork):  # the bundle is fine, but not for this network
+        verify_bundle(world.bundle, LOCAL, BITCOIN_REGTEST, None, 1)

@@ -1,0 +1,137 @@
+"""l2-verify audit: exit codes 0/1/2, one-line messages, --json, a subprocess run, no daemon imports."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from verify_tool.audit import run_audit
+from verify_tool.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _builder() -> ModuleType:
+    """The bundle builder of tests/anchoring/test_audit.py, loaded by path (a 'tests' package may exist elsewhere)."""
+    path = REPO / "tests" / "anchoring" / "test_audit.py"
+    spec = importlib.util.spec_from_file_location("_l2d_audit_bundle_builder", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+B = _builder()
+
+
+@pytest.fixture(scope="module")
+def world() -> Any:
+    return B.make_world(B.AnchorKind.OP_RETURN)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, world: Any) -> Path:
+    p = tmp_path / "anchor.l2audit"
+    p.write_bytes(world.bundle.encode())
+    return p
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
+    code, out, _ = run(capsys, *argv, "--json")
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    obj = json.loads(lines[0])
+    assert obj["ok"] is (code == 0) and obj["exit_code"] == code and obj["command"] == "audit"
+    return code, obj
+
+
+def test_verified(capsys: pytest.CaptureFixture[str], bundle: Path, world: Any) -> None:
+    code, out, err = run(capsys, "audit", str(bundle))
+    assert (code, err) == (0, "")
+    assert out.count("\n") == 1 and out.startswith(f"OK audit {bundle}: L2 regtest height {B.L2_HEIGHT}")
+    assert "21 confirmation(s) >= 1" in out and "from genesis" in out
+    code, obj = run_json(capsys, "audit", str(bundle), "--min-conf", "21")
+    assert code == 0 and obj["error"] is None
+    assert (obj["block_height"], obj["confirmations"], obj["tip_height"]) == (5, 21, 25)
+    assert obj["state_root"] == world.bundle.record.state_root.hex() and obj["anchor_kind"] == "op-return"
+    genesis = world.headers[0].hash_hex
+    code, obj = run_json(capsys, "audit", str(bundle), "--checkpoint", f"0:{genesis}", "--chain", "regtest")
+    assert code == 0 and obj["checkpoint"] == f"0:{genesis}"
+    code, obj = run_json(capsys, "audit", str(bundle), "--checkpoint", f"9:{world.headers[9].hash_hex}")
+    assert code == 0 and obj["trusted_start"].startswith("checkpoint 9:")
+
+
+def test_verification_failures_exit_1(capsys: pytest.CaptureFixture[str], bundle: Path, world: Any,
+                                      tmp_path: Path) -> None:
+    code, out, err = run(capsys, "audit", str(bundle), "--min-conf", "22")
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith(f"FAIL audit {bundle}: ") and "22 required" in err
+    code, obj = run_json(capsys, "audit", str(bundle), "--checkpoint", f"9:{world.headers[8].hash_hex}")
+    assert (code, obj["error_type"], obj["height"]) == (1, "CheckpointMismatch", 9)
+    code, obj = run_json(capsys, "audit", str(bundle), "--chain", "mainnet")
+    assert (code, obj["error_type"]) == (1, "CheckpointMismatch")  # the regtest genesis is not mainnet's
+    raw = bytearray(bundle.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    damaged = tmp_path / "damaged.l2audit"
+    damaged.write_bytes(bytes(raw))
+    code, obj = run_json(capsys, "audit", str(damaged))
+    assert (code, obj["error_type"]) == (1, "BundleChecksumMismatch")
+    hs = list(world.headers)
+    hs[12] = B.grind(hs[12].prev_hash, hs[12].merkle_root, hs[12].time, fail=True)
+    bad_pow = tmp_path / "pow.l2audit"
+    bad_pow.write_bytes(dataclasses.replace(world.bundle, headers=b"".join(h.serialize() for h in hs)).encode())
+    code, obj = run_json(capsys, "audit", str(bad_pow))
+    assert (code, obj["error_type"], obj["height"]) == (1, "BadProofOfWork", 12)
+
+
+def test_malformed_and_usage_exit_2(capsys: pytest.CaptureFixture[str], bundle: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short.l2audit"
+    short.write_bytes(bundle.read_bytes()[:-50])
+    code, out, err = run(capsys, "audit", str(short))
+    assert (code, out) == (2, "") and err.startswith(f"ERROR audit {short}: ") and err.count("\n") == 1
+    code, obj = run_json(capsys, "audit", str(short))
+    assert (code, obj["error_type"]) == (2, "Truncated")
+    notabundle = tmp_path / "x.bin"
+    notabundle.write_bytes(b"hello world")
+    assert run_json(capsys, "audit", str(notabundle))[1]["error_type"] == "BundleMalformed"
+    assert run_json(capsys, "audit", str(tmp_path / "missing"))[1]["error_type"] == "io-error"
+    code, obj = run_json(capsys, "audit", str(bundle), "--checkpoint", "12:abc")
+    assert (code, obj["error_type"]) == (2, "bad-argument")
+    code, obj = run_json(capsys, "audit", str(bundle), "--min-conf", "-1")
+    assert (code, obj["error_type"]) == (2, "bad-argument")
+    for argv in (["audit"], ["audit", str(bundle), "--min-conf", "many"], ["audit", str(bundle), "--chain", "ltc"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "error:" in err
+
+
+def test_run_audit_directly(bundle: Path, world: Any) -> None:
+    code, result, line = run_audit(str(bundle), None, 1, None, now=world.headers[-1].time)
+    assert code == 0 and result["ok"] and line.startswith("OK audit")
+    code, result, line = run_audit(str(bundle), None, 1, None, now=world.headers[-1].time - 7201)
+    assert (code, result["error_type"]) == (1, "TimeTooNew") and line.startswith("FAIL audit")
+
+
+def test_subprocess_run_and_imports(bundle: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "verify_tool.cli", "audit", str(bundle), "--json"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["ok"] and obj["confirmations"] == 21
+    probe = ("import sys, verify_tool.cli, verify_tool.audit; "
+             "print(sorted(m for m in ('lmdb', 'aiohttp', 'zmq', 'l2d.store', 'l2d.node') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -1,0 +1,125 @@
+"""l2-verify audit: check an audit bundle offline (anchor commitment, SPV proof, header chain, confirmations).
+
+    l2-verify audit BUNDLE [--checkpoint HEIGHT:HASH] [--min-conf K] [--chain regtest|testnet|signet|mainnet] [--json]
+
+Exit codes (as for the other verifier commands):
+    0  verified;
+    1  verification failed: bundle checksum, snapshot or account proof, state root, anchor output, partial merkle
+       tree (unused bits/hashes, duplicated-node mutation, bad count, root), transaction not in the proof, 64-byte
+       transaction, header link / proof of work / difficulty / timestamps, checkpoint, block not in the chain, too
+       few confirmations;
+    2  malformed input or usage: not a bundle, unknown version or network, truncated, trailing bytes, an
+       undecodable transaction / merkle block / proof / snapshot, unreadable file, bad --checkpoint or --min-conf.
+The verifier's clock is read here, at the command-line boundary, for the 2-hour future limit on headers; the
+checks themselves (anchoring.audit, bridge.spv) are pure.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from typing import Any, Optional
+
+from anchoring.audit import AuditBundle, verify_bundle
+from bridge.spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, SpvError
+from l2d.core.errors import DecodeError, L2Error
+from l2d.core.params import NETWORKS, Network
+from l2d.core.snapshot import SnapshotError, SnapshotInvalid
+
+EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+CHAIN_CHOICES = ("regtest", "testnet", "signet", "mainnet")
+# The Bitcoin chain an L2 network anchors to, when --chain is not given.
+DEFAULT_CHAIN = {"local": "regtest", "regtest": "regtest", "signet": "signet", "mainnet": "mainnet"}
+_CHECKPOINT = re.compile(r"(\d{1,10}):([0-9a-fA-F]{64})")
+_ID_TO_NETWORK = {n.id: n for n in NETWORKS.values()}
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, message: str, error_type: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.code, self.message, self.error_type, self.fields = code, message, error_type, fields
+
+
+def parse_checkpoint(text: str) -> tuple[int, bytes]:
+    """'HEIGHT:HASH' (hash in display order, as bitcoind prints it) -> (height, hash in internal order)."""
+    m = _CHECKPOINT.fullmatch(text.strip())
+    if m is None:
+        raise _Fail(EXIT_ERROR, f"--checkpoint must be HEIGHT:HASH (a height and 64 hex characters), got {text!r}",
+                    "bad-argument")
+    return int(m.group(1)), bytes.fromhex(m.group(2))[::-1]
+
+
+def _read(path: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise _Fail(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
+
+
+def _chain(name: Optional[str], network: Network) -> ChainParams:
+    chosen = name or DEFAULT_CHAIN.get(network.name)
+    if chosen is None:
+        raise _Fail(EXIT_ERROR, f"no default Bitcoin chain for L2 network {network.name}: give --chain",
+                    "bad-argument")
+    return BITCOIN_CHAINS[chosen]
+
+
+def _verify(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name: Optional[str],
+            now: Optional[int]) -> tuple[dict[str, Any], str]:
+    checkpoint = parse_checkpoint(checkpoint_str) if checkpoint_str is not None else None
+    if min_conf < 0:
+        raise _Fail(EXIT_ERROR, f"--min-conf must be 0 or more, got {min_conf}", "bad-argument")
+    if chain_name is not None and chain_name not in CHAIN_CHOICES:
+        raise _Fail(EXIT_ERROR, f"--chain must be one of {', '.join(CHAIN_CHOICES)}, got {chain_name!r}",
+                    "bad-argument")
+    data = _read(path)
+    try:
+        bundle = AuditBundle.decode(data)
+        network = _ID_TO_NETWORK[bundle.network_id]  # decode refuses unknown ids
+        params = _chain(chain_name, network)
+        report = verify_bundle(bundle, network, params, checkpoint, min_conf,
+                               now=int(time.time()) if now is None else now)
+    except DecodeError as e:  # before L2Error: malformed beats "failed"
+        raise _Fail(EXIT_ERROR, str(e), type(e).__name__) from None
+    except SnapshotError as e:
+        code = EXIT_FAIL if isinstance(e, SnapshotInvalid) else EXIT_ERROR
+        raise _Fail(code, f"embedded snapshot: {e}", type(e).__name__) from None
+    except SpvError as e:
+        raise _Fail(EXIT_FAIL, str(e), type(e).__name__, height=e.height) from None
+    except L2Error as e:  # AuditError and any other core rejection of a well-formed bundle
+        raise _Fail(EXIT_FAIL, str(e), type(e).__name__) from None
+    d = report.to_dict()
+    trust = (f"checkpoint {d['checkpoint']}" if checkpoint is not None
+             else "genesis" if report.start_height == 0
+             else f"start {report.start_height}:{d['start_hash']} taken from the bundle (no --checkpoint)")
+    d["trusted_start"] = trust
+    d["min_conf"] = min_conf
+    d["headers"] = len(bundle.headers) // HEADER_SIZE
+    evidence = (f"snapshot of {report.records} records" if report.records is not None
+                else f"{len(report.proven)} account proof(s)")
+    line = (f"OK audit {path}: L2 {report.network} height {report.l2_height} root {d['state_root']} ({evidence}) "
+            f"anchored by {d['anchor_kind']} output {d['txid']}:{report.vout} in block {d['block_hash']} at "
+            f"{report.chain} height {report.block_height}, {report.confirmations} confirmation(s) >= {min_conf}, "
+            f"{d['headers']} headers linked from {trust}")
+    return d, line
+
+
+def run_audit(path: str, checkpoint_str: Optional[str] = None, min_conf: int = 1, chain_name: Optional[str] = None,
+              *, now: Optional[int] = None) -> tuple[int, dict[str, Any], str]:
+    """Verify the bundle at path: (exit code, the --json object, one human-readable line).
+
+    chain_name None picks the Bitcoin chain the bundle's L2 network anchors to; now None reads the clock.
+    """
+    envelope: dict[str, Any] = {"command": "audit", "file": path}
+    try:
+        details, line = _verify(path, checkpoint_str, min_conf, chain_name, now)
+    except _Fail as f:
+        word = "FAIL" if f.code == EXIT_FAIL else "ERROR"
+        result = {"ok": False, **envelope, "exit_code": f.code, "error": f.message, "error_type": f.error_type,
+                  **f.fields}
+        return f.code, result, f"{word} audit {path}: {f.message}"
+    return EXIT_OK, {"ok": True, **envelope, "exit_code": EXIT_OK, "error": None, "error_type": None,
+                     **details}, line
