@@ -19,8 +19,8 @@ from .core.block import Block
 from .core.errors import Rejected
 from .core.params import MAX_MONEY
 from .core.snapshot import SnapshotExists
-from .core.state import account_key
-from .core.tx import MAX_TX_SIZE, Burn, Transaction, Transfer
+from .core.state import AnchorEntry, account_key, anchor_key
+from .core.tx import MAX_TX_SIZE, AnchorUpdate, Burn, Transaction, Transfer
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -145,6 +145,9 @@ def tx_json(tx: Transaction) -> dict[str, Any]:
         d.update(recipient=p.recipient.hex(), amount_sat=p.amount_sat)
     elif isinstance(p, Burn):
         d.update(amount_sat=p.amount_sat, destination=p.destination.hex())
+    elif isinstance(p, AnchorUpdate):
+        d.update(l2_height=p.l2_height, state_root=p.state_root.hex(), btc_txid=p.btc_txid[::-1].hex(),
+                 btc_block_hash=p.btc_block_hash[::-1].hex(), btc_height=p.btc_height, status=p.status.name)
     return d
 
 
@@ -304,6 +307,59 @@ async def admin_list_snapshots(request: web.Request) -> web.Response:
     return web.json_response({"snapshots": node.list_snapshots()})
 
 
+# -- anchors ------------------------------------------------------------------------------------------------------
+def _anchor_json(node: "Node", a: Any) -> dict[str, Any]:
+    d: dict[str, Any] = a.to_json()
+    raw = node.store.get_state(anchor_key(a.l2_height))
+    if raw is None:
+        d["l2_state"] = None
+    else:
+        e = AnchorEntry.decode(raw)
+        d["l2_state"] = {"status": e.status.name, "btc_txid": e.btc_txid[::-1].hex(),
+                         "btc_block_hash": e.btc_block_hash[::-1].hex(), "btc_height": e.btc_height,
+                         "state_root": e.state_root.hex()}
+    return d
+
+
+def _anchor_service(request: web.Request) -> Any:
+    node = request.app[NODE_KEY]
+    if node.anchor_service is None:
+        raise ApiError(404, "not-found", "anchoring is not enabled on this node")
+    return node.anchor_service
+
+
+async def anchors(request: web.Request) -> web.Response:
+    """GET /api/anchors[?status=S]: every anchor with its status, Bitcoin txid/height, L2 height and root."""
+    node = request.app[NODE_KEY]
+    svc = _anchor_service(request)
+    want = request.query.get("status")
+    items = [_anchor_json(node, a) for a in svc.all_anchors() if want is None or a.status.value == want.upper()]
+    return web.json_response({"broadcasting": svc.rpc is not None, "mode": svc.config.mode,
+                              "every_blocks": svc.config.every_blocks, "btc_tip_height": svc.btc_tip_height,
+                              "anchors": items})
+
+
+async def anchors_latest(request: web.Request) -> web.Response:
+    """GET /api/anchors/latest: the anchor of the highest L2 height (404 if none yet)."""
+    a = _anchor_service(request).latest()
+    if a is None:
+        raise ApiError(404, "not-found", "no anchor yet")
+    return web.json_response(_anchor_json(request.app[NODE_KEY], a))
+
+
+async def anchor_audit(request: web.Request) -> web.Response:
+    """GET /api/anchors/{l2_height}/audit: the audit bundle file (404 until the anchor is confirmed)."""
+    svc = _anchor_service(request)
+    height = _height(request.match_info["l2_height"])
+    if svc.rpc is None:
+        raise ApiError(404, "not-found", "no bitcoind configured: anchors are not broadcast, so none is confirmed")
+    bundle = await svc.audit_bundle(height)
+    if bundle is None:
+        raise ApiError(404, "not-found", f"no confirmed anchor at L2 height {height}")
+    return web.Response(body=bundle, content_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="audit-{height}.l2audit"'})
+
+
 def make_app(node: "Node") -> web.Application:
     """The aiohttp application serving node."""
     app = web.Application(client_max_size=node.config.api.max_body_bytes, middlewares=[error_middleware])
@@ -317,6 +373,9 @@ def make_app(node: "Node") -> web.Application:
     r.add_get("/api/l2/tx/{txid}", tx_status)
     r.add_post("/api/l2/tx", submit_tx)
     r.add_get("/metrics", metrics)
+    r.add_get("/api/anchors", anchors)
+    r.add_get("/api/anchors/latest", anchors_latest)
+    r.add_get("/api/anchors/{l2_height}/audit", anchor_audit)
     r.add_post("/api/admin/mint", admin_mint)
     r.add_post("/api/admin/snapshot", admin_snapshot)
     r.add_get("/api/admin/snapshots", admin_list_snapshots)

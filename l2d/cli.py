@@ -172,6 +172,18 @@ def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def cmd_export_audit(a: argparse.Namespace) -> dict[str, Any]:
+    data = _request(a.api, "GET", f"/api/anchors/{a.height}/audit", raw=True)
+    Path(a.out).write_bytes(data)
+    return {"l2_height": a.height, "audit_file": a.out, "size": len(data),
+            "verify_with": f"l2-verify audit {a.out} --min-conf 1"}
+
+
+def cmd_anchors(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = _request(a.api, "GET", "/api/anchors")
+    return res
+
+
 def cmd_block(a: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = _request(a.api, "GET", f"/api/l2/blocks/{a.height}")
     return res
@@ -231,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--token")
     p.set_defaults(fn=cmd_snapshot)
+    p = sub.add_parser("export-audit", help="download the audit bundle of a confirmed anchor (for l2-verify audit)")
+    p.add_argument("--height", type=int, required=True, help="anchored L2 height")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_export_audit)
+    sub.add_parser("anchors", help="anchors and their status").set_defaults(fn=cmd_anchors)
     p = sub.add_parser("block", help="show a block")
     p.add_argument("height", type=int)
     p.set_defaults(fn=cmd_block)

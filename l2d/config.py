@@ -166,7 +166,47 @@ class SnapshotConfig:
     keep: int
 
 
-_SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots")
+ANCHOR_MODES: Final = ("taproot", "op_return")
+
+
+@dataclass(frozen=True, slots=True)
+class AnchoringConfig:
+    """[anchoring]: commit every K-th L2 block's state root to Bitcoin (anchoring/service.py)."""
+
+    enabled: bool
+    mode: str  # "taproot" | "op_return"
+    every_blocks: int  # anchor L2 heights that are multiples of K
+    federation_key_file: Path | None  # absolute; its x-only key is the genesis anchor authority; None = none
+    confirmations: int  # SUBMITTED -> CONFIRMED at this many Bitcoin confirmations
+    final_confirmations: int  # CONFIRMED -> FINAL
+    fee_fallback_sat_per_vb: int  # when estimatesmartfee has no estimate (fresh regtest)
+    fee_max_sat_per_vb: int  # cap on any fee rate, RBF bumps included
+    rbf_after_blocks: int  # fee-bump a SUBMITTED anchor after this many Bitcoin blocks without confirmation
+    poll_interval_ms: int  # RPC poll fallback when ZMQ is silent or not configured
+
+
+@dataclass(frozen=True, slots=True)
+class BitcoindConfig:
+    """[bitcoind]: how to reach bitcoind; rpc_url "" = no bitcoind (anchors are built but not broadcast)."""
+
+    rpc_url: str
+    cookie_file: Path | None
+    rpc_user: str
+    rpc_password: str
+    zmq_hashblock: str  # "" = no ZMQ, poll only
+    zmq_sequence: str  # "" = none; block disconnects (reorgs) come only through this topic, not hashblock
+    zmq_rawtx: str
+    chain: str  # the bitcoind chain this network anchors to ("regtest", "signet", "main")
+
+    def __repr__(self) -> str:  # keep the password out of tracebacks and debug logs
+        pw = REDACTED if self.rpc_password else ""
+        return (f"BitcoindConfig(rpc_url={self.rpc_url!r}, cookie_file={self.cookie_file!r}, "
+                f"rpc_user={self.rpc_user!r}, rpc_password={pw!r}, zmq_hashblock={self.zmq_hashblock!r}, "
+                f"zmq_sequence={self.zmq_sequence!r}, zmq_rawtx={self.zmq_rawtx!r}, chain={self.chain!r})")
+
+
+_BITCOIN_CHAIN: Final = {"local": "regtest", "regtest": "regtest", "signet": "signet", "mainnet": "main"}
+_SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +217,8 @@ class Config:
     mempool: MempoolConfig
     api: ApiConfig
     snapshots: SnapshotConfig
+    anchoring: AnchoringConfig
+    bitcoind: BitcoindConfig
     source: Path | None  # the TOML file it was loaded from; None when built from a dict
 
     @classmethod
@@ -218,7 +260,9 @@ class Config:
         mempool = _mempool(tables["mempool"], chain)
         api = _api(tables["api"], env)
         snapshots = _snapshots(tables["snapshots"], base, node)
-        return cls(node, chain, block, mempool, api, snapshots, source)
+        anchoring = _anchoring(tables["anchoring"], base, node)
+        bitcoind = _bitcoind(tables["bitcoind"], base, node)
+        return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source)
 
     def effective(self) -> dict[str, Any]:
         """The effective configuration as a JSON-able dict, admin token redacted (for the start-up log)."""
@@ -242,6 +286,15 @@ class Config:
                     "max_body_bytes": self.api.max_body_bytes},
             "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
                           "keep": self.snapshots.keep},
+            "anchoring": {k: (str(v) if isinstance(v, Path) else v)
+                          for k, v in ((f, getattr(self.anchoring, f)) for f in AnchoringConfig.__slots__)},
+            "bitcoind": {"rpc_url": self.bitcoind.rpc_url,
+                         "cookie_file": None if self.bitcoind.cookie_file is None else str(self.bitcoind.cookie_file),
+                         "rpc_user": self.bitcoind.rpc_user,
+                         "rpc_password": REDACTED if self.bitcoind.rpc_password else None,
+                         "zmq_hashblock": self.bitcoind.zmq_hashblock, "zmq_sequence": self.bitcoind.zmq_sequence,
+                         "zmq_rawtx": self.bitcoind.zmq_rawtx,
+                         "chain": self.bitcoind.chain},
         }
 
 
@@ -354,4 +407,81 @@ def _snapshots(t: Mapping[str, Any], base: Path, node: NodeConfig) -> SnapshotCo
         dir=s.get_path("dir", base, default=node.data_dir / "snapshots"),
         every_blocks=s.get_int("every_blocks", 0, 10_000_000, default=1000),
         keep=s.get_int("keep", 1, 10_000, default=5),
+    )
+
+
+def _get_bool(s: _Section, key: str, default: bool) -> bool:
+    value = s.raw(key, default)
+    if not isinstance(value, bool):
+        raise s.fail(key, value, "must be true or false")
+    return value
+
+
+def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringConfig:
+    s = _Section("anchoring", t, ("enabled", "mode", "every_blocks", "federation_key_file", "confirmations",
+                                  "final_confirmations", "fee_fallback_sat_per_vb", "fee_max_sat_per_vb",
+                                  "rbf_after_blocks", "poll_interval_ms"))
+    enabled = _get_bool(s, "enabled", False)
+    # The federation key is a consensus parameter (its x-only key is the genesis anchor authority), so it is
+    # only defaulted where the key may be created locally (local/regtest) and only when anchoring is on:
+    # a config without anchoring keeps the genesis it always had.
+    key_file: Path | None = None
+    if "federation_key_file" in t:
+        key_file = s.get_path("federation_key_file", base)
+    elif enabled:
+        if not NETWORKS[node.network].admin_mint:
+            raise ConfigError(f"config: missing required key anchoring.federation_key_file (anchoring is "
+                              f"enabled on {node.network}, where the federation key is never created)")
+        key_file = node.data_dir / "federation.key"
+    confirmations = s.get_int("confirmations", 1, 1000, default=1)
+    final = s.get_int("final_confirmations", 1, 10_000, default=6)
+    if final < confirmations:
+        raise s.fail("final_confirmations", final, f"must be at least anchoring.confirmations ({confirmations})")
+    fallback = s.get_int("fee_fallback_sat_per_vb", 1, 100_000, default=2)
+    fee_max = s.get_int("fee_max_sat_per_vb", 1, 100_000, default=100)
+    if fee_max < fallback:
+        raise s.fail("fee_max_sat_per_vb", fee_max,
+                     f"must be at least anchoring.fee_fallback_sat_per_vb ({fallback})")
+    return AnchoringConfig(
+        enabled=enabled,
+        mode=s.get_choice("mode", ANCHOR_MODES, default="taproot"),
+        every_blocks=s.get_int("every_blocks", 1, 10_000_000, default=10),
+        federation_key_file=key_file,
+        confirmations=confirmations,
+        final_confirmations=final,
+        fee_fallback_sat_per_vb=fallback,
+        fee_max_sat_per_vb=fee_max,
+        rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
+        poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=5000),
+    )
+
+
+def _zmq_endpoint(s: _Section, key: str) -> str:
+    value = s.get_str(key, default="")
+    if value and not re.fullmatch(r"(tcp://[^\s]+:[0-9]{1,5}|ipc://[^\s]+)", value):
+        raise s.fail(key, value, 'must be "" or a ZMQ endpoint such as "tcp://127.0.0.1:28332"')
+    return value
+
+
+def _bitcoind(t: Mapping[str, Any], base: Path, node: NodeConfig) -> BitcoindConfig:
+    s = _Section("bitcoind", t, ("rpc_url", "cookie_file", "rpc_user", "rpc_password", "zmq_hashblock",
+                                 "zmq_sequence", "zmq_rawtx"))
+    url = s.get_str("rpc_url", default="")
+    if url and not re.fullmatch(r"https?://[^\s/]+(:[0-9]{1,5})?/?", url):
+        raise s.fail("rpc_url", url, 'must be "" (no bitcoind) or an http URL such as "http://127.0.0.1:18443"')
+    cookie = s.get_path("cookie_file", base) if "cookie_file" in t else None
+    user = s.get_str("rpc_user", default="")
+    password = s.get_str("rpc_password", default="")
+    if cookie is not None and (user or password):
+        raise s.fail("rpc_user", user, "give either bitcoind.cookie_file or bitcoind.rpc_user/rpc_password, "
+                     "not both")
+    if bool(user) != bool(password):
+        raise ConfigError("config: bitcoind.rpc_user and bitcoind.rpc_password must be given together")
+    if url and cookie is None and not user:
+        raise s.fail("rpc_url", url, "needs bitcoind.cookie_file or bitcoind.rpc_user/rpc_password")
+    return BitcoindConfig(
+        rpc_url=url.rstrip("/"), cookie_file=cookie, rpc_user=user, rpc_password=password,
+        zmq_hashblock=_zmq_endpoint(s, "zmq_hashblock"), zmq_sequence=_zmq_endpoint(s, "zmq_sequence"),
+        zmq_rawtx=_zmq_endpoint(s, "zmq_rawtx"),
+        chain=_BITCOIN_CHAIN[node.network],
     )

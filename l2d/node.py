@@ -16,11 +16,12 @@ import re
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import lmdb
 from aiohttp import web
@@ -40,6 +41,10 @@ from .ledger import BuiltBlock, Ledger
 from .mempool import Duplicate, Mempool, StaleNonce
 from .metrics import Metrics
 from .store import Store, StoreError
+
+if TYPE_CHECKING:
+    from anchoring.service import AnchorService
+    from bridge.rpc import BitcoinRPC
 
 # Named after the module even when run as `python -m l2d.node` (where __name__ is "__main__").
 log = logging.getLogger("l2d.node")
@@ -109,7 +114,7 @@ def setup_logging(level: str) -> None:
 
 
 # -- key file -----------------------------------------------------------------------------------------------
-def load_or_create_secret(path: Path) -> bytes:
+def load_or_create_secret(path: Path, what: str = "mint authority") -> bytes:
     """The 32-byte secret stored as hex text in path; created with mode 0600 from the OS RNG if missing."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +128,7 @@ def load_or_create_secret(path: Path) -> bytes:
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(secret.hex() + "\n")
-            log.info("created mint authority key file", extra={"path": str(path)})
+            log.info("created %s key file", what, extra={"path": str(path)})
             return secret
     try:
         text = path.read_text().strip()
@@ -180,7 +185,7 @@ class Node:
     """Everything the daemon runs, wired from one Config. Build with Node.from_config; run with run()."""
 
     def __init__(self, config: Config, network: Network, store: Store, ledger: Ledger, mempool: Mempool,
-                 authority_secret: Optional[bytes]) -> None:
+                 authority_secret: Optional[bytes], federation_secret: Optional[bytes] = None) -> None:
         self.config = config
         self.network = network
         self.store = store
@@ -192,6 +197,13 @@ class Node:
         self.authority_pubkey: Optional[bytes] = (
             None if authority_secret is None else PrivateKey(authority_secret).public_key_xonly.format())
         self.snapshot_dir = Path(config.snapshots.dir)
+        # Snapshots at anchored heights (embedded in audit bundles); never pruned.
+        self.anchor_snapshot_dir = self.snapshot_dir / "anchored"
+        self._federation_secret = federation_secret
+        self.federation_pubkey: Optional[bytes] = (
+            None if federation_secret is None else PrivateKey(federation_secret).public_key_xonly.format())
+        self.anchor_service: Optional["AnchorService"] = None
+        self._btc_rpc: Optional["BitcoinRPC"] = None
         # Held from build_block until commit returns: in between, the tree is ahead of the committed state.
         self.tree_lock = asyncio.Lock()
         self._snapshot_lock = asyncio.Lock()
@@ -223,8 +235,16 @@ class Node:
                 raise NodeError(f"chain.mint_authority_key_file is required on {network.name}")
             authority_secret = load_or_create_secret(Path(key_file))
             authority = PrivateKey(authority_secret).public_key_xonly.format()
+        federation_secret: Optional[bytes] = None
+        fed_file = config.anchoring.federation_key_file
+        if fed_file is not None:
+            if not network.admin_mint and not Path(fed_file).exists():
+                raise NodeError(f"anchoring.federation_key_file {fed_file} does not exist (it is only created "
+                                f"on local and regtest)")
+            federation_secret = load_or_create_secret(Path(fed_file), "federation")
+        federation = None if federation_secret is None else PrivateKey(federation_secret).public_key_xonly.format()
         try:
-            genesis = genesis_state(config.chain.genesis_alloc, authority)
+            genesis = genesis_state(config.chain.genesis_alloc, authority, federation)
         except L2Error as e:
             raise NodeError(f"chain.genesis_alloc: {e}") from None
         store = Store(Path(config.node.data_dir) / "ledger", network)
@@ -236,7 +256,7 @@ class Node:
             store.close()
             raise
         mempool = Mempool(config.mempool.max_txs, config.mempool.max_per_sender, config.mempool.min_fee_sat)
-        return cls(config, network, store, ledger, mempool, authority_secret)
+        return cls(config, network, store, ledger, mempool, authority_secret, federation_secret)
 
     # -- read side ------------------------------------------------------------------------------------------
     @property
@@ -351,7 +371,7 @@ class Node:
         committed = None if acc is None else acc.nonce
         if tx.nonce < (committed or 0):
             raise StaleNonce(f"nonce {tx.nonce} is below the committed nonce {committed} of {tx.sender.hex()}")
-        if acc is None and tx.type != T.TxType.MINT:
+        if acc is None and tx.type not in (T.TxType.MINT, T.TxType.ANCHOR):
             raise UnknownSender(f"no committed account {tx.sender.hex()}")
         spent = sum(_outflow(p) for p in self.mempool.pending_of(tx.sender) if p.nonce != tx.nonce)
         balance = acc.balance_sat if acc is not None else 0
@@ -400,6 +420,9 @@ class Node:
                                             signatures_checked=True)
             if built.block.txs:
                 await self.ledger.commit_async(built)
+                h0 = built.block.header
+                if self.anchor_service is not None and h0.height % self.config.anchoring.every_blocks == 0:
+                    await self._start_anchor_snapshot(h0)
         ms = (time.perf_counter() - t0) * 1000
         rejected = [t for t, _ in built.rejected]
         self.mempool.remove_committed(built.block.txs)
@@ -425,6 +448,8 @@ class Node:
         every = self.config.snapshots.every_blocks
         if every and h.height % every == 0:
             self._snapshot_wanted.set()
+        if self.anchor_service is not None:
+            self.anchor_service.notify_block(h)
         return built
 
     async def _producer(self) -> None:
@@ -467,6 +492,83 @@ class Node:
                                                             header.state_root, r.iter_state(), r.state_count()))
         snapshot_format.prune_snapshots(directory, self.config.snapshots.keep, self.network)
         return SnapshotInfo(path.name, path, header.height, header.hash, header.state_root, path.stat().st_size)
+
+    async def _start_anchor_snapshot(self, header: BlockHeader) -> None:
+        """Snapshot exactly the block just committed (called under tree_lock, so it is still the tip).
+
+        The lock is held only until the writer thread has opened its LMDB read transaction (an MVCC view of
+        this height); the file is then written while blocks go on being committed.
+        """
+        opened = threading.Event()
+        fut = asyncio.ensure_future(asyncio.to_thread(self._write_anchor_snapshot, header, opened))
+        self._track(fut)
+        await asyncio.to_thread(opened.wait, 30)
+
+    def _write_anchor_snapshot(self, header: BlockHeader, opened: threading.Event) -> Optional[Path]:
+        """Runs in a thread. A failure is logged, never raised: a snapshot is a copy, not the ledger (the audit
+        bundle then carries the state root without the snapshot)."""
+        try:
+            directory = self.anchor_snapshot_dir
+            directory.mkdir(parents=True, exist_ok=True)
+            with self.store.reader() as r:
+                opened.set()
+                if r.tip_height() != header.height:
+                    raise StoreError(f"tip moved past {header.height} before the anchored snapshot was opened")
+                return Path(snapshot_format.write_snapshot_file(directory, self.network, header.height, header.hash,
+                                                                header.state_root, r.iter_state(), r.state_count()))
+        except Exception:
+            log.exception("anchored snapshot failed", extra={"height": header.height})
+            return None
+        finally:
+            opened.set()
+
+    def anchor_snapshot_bytes(self, height: int) -> Optional[bytes]:
+        """The snapshot written at anchored height `height`, if there is one."""
+        try:
+            snaps = snapshot_format.list_snapshots(self.anchor_snapshot_dir, self.network)
+        except FileNotFoundError:
+            return None
+        for h, p in snaps:
+            if h == height:
+                return p.read_bytes()
+        return None
+
+    def submit_anchor_update(self, update: T.AnchorUpdate) -> bytes:
+        """Sign an AnchorUpdate with the federation key and admit it like any transaction; returns its txid."""
+        secret, pub = self._federation_secret, self.federation_pubkey
+        if secret is None or pub is None:
+            return self._refuse(Refused("unauthorized", "this node has no federation key"))
+        nonce = self.mempool.next_nonce(pub, self.committed_nonce(pub))
+        tx = T.sign(self.network, secret, nonce, 0, update, os.urandom(32))
+        return self._admit(tx, signature_checked=True)
+
+    def _make_anchor_service(self) -> Optional["AnchorService"]:
+        cfg = self.config.anchoring
+        if not cfg.enabled or self._federation_secret is None or self.federation_pubkey is None:
+            return None
+        from anchoring.service import AnchorService  # anchoring depends on core, not the other way round
+        from bridge.rpc import BitcoinRPC, CookieAuth, UserPassAuth
+
+        b = self.config.bitcoind
+        rpc: Optional[BitcoinRPC] = None
+        if b.rpc_url:
+            auth: Any = (CookieAuth(b.cookie_file) if b.cookie_file is not None
+                         else UserPassAuth(b.rpc_user, b.rpc_password))
+            rpc = BitcoinRPC(b.rpc_url, auth)
+        self._btc_rpc = rpc
+
+        def header_at(height: int) -> Optional[BlockHeader]:
+            blk = self.ledger.block(height)
+            return None if blk is None else blk.header
+
+        service = AnchorService(config=cfg, network=self.network, federation_secret=self._federation_secret,
+                                federation_key=self.federation_pubkey, rpc=rpc, store=self.store,
+                                tip=lambda: self.tip, header_at=header_at,
+                                submit_update=self.submit_anchor_update, snapshot_bytes=self.anchor_snapshot_bytes,
+                                zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence,
+                                bitcoin_chain=b.chain)
+        service.load()
+        return service
 
     async def _snapshotter(self) -> None:
         while True:
@@ -525,6 +627,9 @@ class Node:
         """Start the block producer and the snapshot task, and (unless serve_http is False) the REST API."""
         self._tasks = [asyncio.create_task(self._producer(), name="block-producer"),
                        asyncio.create_task(self._snapshotter(), name="snapshotter")]
+        self.anchor_service = self._make_anchor_service()
+        if self.anchor_service is not None:
+            self._tasks.append(asyncio.create_task(self.anchor_service.run(), name="anchor-service"))
         if serve_http:
             from .api import make_app  # the API module imports this one's types
 
@@ -578,6 +683,8 @@ class Node:
             if isinstance(res, Exception) and not self.failed:
                 self.failed = True
                 log.error("task failed during shutdown", exc_info=(type(res), res, res.__traceback__))
+        if self._btc_rpc is not None:
+            await self._btc_rpc.close()
         self.store.close()
         tip = self.ledger.tip
         log.info("stopped", extra={"height": tip.height if tip else None, "failed": self.failed})
@@ -614,8 +721,8 @@ def _nonce_reader(get: Callable[[bytes], Optional[bytes]]) -> Callable[[bytes], 
 
 
 def _outflow(tx: T.Transaction) -> int:
-    """What tx takes from its sender's balance (a mint takes nothing)."""
-    if tx.type == T.TxType.MINT:
+    """What tx takes from its sender's balance (a mint or an anchor update takes nothing)."""
+    if tx.type in (T.TxType.MINT, T.TxType.ANCHOR):
         return 0
     return tx.payload.amount_sat + tx.fee_sat
 
@@ -628,8 +735,8 @@ def _check_genesis(ledger: Ledger, network: Network, genesis: dict[bytes, bytes]
         raise NodeError(
             f"data dir {ledger.store.path} holds another chain: its genesis block "
             f"{stored.header.hash.hex() if stored else 'is missing'} differs from the one this config describes "
-            f"({expected.hash.hex()}); check chain.genesis_alloc, chain.genesis_timestamp_ms and "
-            f"chain.mint_authority_key_file, or use another node.data_dir")
+            f"({expected.hash.hex()}); check chain.genesis_alloc, chain.genesis_timestamp_ms, "
+            f"chain.mint_authority_key_file and anchoring.federation_key_file, or use another node.data_dir")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -39,6 +39,7 @@ class Store:
         self._state = self.env.open_db(b"state")
         self._blocks = self.env.open_db(b"blocks")
         self._txs = self.env.open_db(b"txs")
+        self._anchors = self.env.open_db(b"anchors")  # anchor service records: l2 height u64 -> JSON
         try:
             self._check_or_init_meta()
         except BaseException:
@@ -116,6 +117,22 @@ class Store:
                                  writes: Mapping[bytes, Optional[bytes]]) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self.commit_block, height, block, txids, writes)
+
+    # -- anchors (the anchor service's local records; not consensus state) --------------------------------
+    def put_anchor(self, l2_height: int, value: bytes) -> None:
+        with self.env.begin(write=True, db=self._anchors) as txn:
+            txn.put(_U64.pack(l2_height), value)
+
+    async def put_anchor_async(self, l2_height: int, value: bytes) -> None:
+        """Write one anchor record on the writer thread (shielded: a cancelled caller never half-writes)."""
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(self._writer, self.put_anchor, l2_height, value))
+
+    def iter_anchors(self) -> list[tuple[int, bytes]]:
+        """Every anchor record, by L2 height."""
+        with self.env.begin(db=self._anchors) as txn:
+            with txn.cursor() as cur:
+                return [(int(_U64.unpack(k)[0]), bytes(v)) for k, v in cur.iternext(keys=True, values=True)]
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

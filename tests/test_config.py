@@ -64,6 +64,8 @@ def test_local_toml_loads() -> None:
     assert c.chain.genesis_timestamp_ms == 1767225600000 and c.chain.min_fee_sat == 1
     assert c.chain.mint_authority_key_file == (CONFIG_DIR.parent / ".data/local/mint_authority.key").resolve()
     assert c.source == (CONFIG_DIR / "local.toml").resolve()
+    assert c.anchoring.enabled and c.bitcoind.rpc_url == ""  # `make run`: anchors built, not broadcast
+    assert c.anchoring.federation_key_file == (CONFIG_DIR.parent / ".data/local/federation.key").resolve()
     # The demo allocations are the documented, reproducible keys.
     assert dict((pk.hex(), amount) for pk, amount in c.chain.genesis_alloc) == {
         PK1: 50_000_000_000, PK2: 20_000_000_000, PK3: 5_000_000_000}
@@ -75,6 +77,7 @@ def test_regtest_toml_loads() -> None:
     assert c.node.data_dir == (CONFIG_DIR.parent / ".data" / "regtest").resolve()
     assert c.api.port == 8651
     assert c.chain.genesis_alloc == ()
+    assert not c.anchoring.enabled and c.anchoring.federation_key_file is None
 
 
 def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
@@ -107,8 +110,8 @@ def test_unknown_key(tmp_path: Path) -> None:
 
 
 def test_unknown_section(tmp_path: Path) -> None:
-    msg = reject(lambda d: d.update(bitcoind={}), tmp_path)
-    assert msg.startswith("config: unknown key bitcoind")
+    msg = reject(lambda d: d.update(bitcoin={}), tmp_path)
+    assert msg.startswith("config: unknown key bitcoin (did you mean bitcoind?)")
 
 
 def test_section_must_be_a_table(tmp_path: Path) -> None:
@@ -367,3 +370,73 @@ def test_toml_unknown_key_from_file(tmp_path: Path) -> None:
     p.write_text('[node]\nnetwork = "local"\ndata_dir = "d"\n[api]\nprot = 1\n')
     with pytest.raises(ConfigError, match=r"^config: unknown key api\.prot"):
         Config.load(p)
+
+
+# -- [anchoring] and [bitcoind] ----------------------------------------------------------------------------
+
+def test_anchoring_defaults_off_and_no_federation_key(tmp_path: Path) -> None:
+    c = build(lambda d: None, tmp_path)
+    a = c.anchoring
+    assert (a.enabled, a.mode, a.every_blocks, a.confirmations, a.final_confirmations) == (False, "taproot", 10, 1, 6)
+    assert (a.fee_fallback_sat_per_vb, a.fee_max_sat_per_vb, a.rbf_after_blocks) == (2, 100, 3)
+    assert a.federation_key_file is None  # the genesis stays what it was without anchoring
+    assert c.bitcoind.rpc_url == "" and c.bitcoind.chain == "regtest"
+
+
+def test_anchoring_enabled_defaults_key_file_on_local(tmp_path: Path) -> None:
+    c = build(lambda d: d.update(anchoring={"enabled": True, "mode": "op_return", "every_blocks": 2}), tmp_path)
+    assert c.anchoring.federation_key_file == c.node.data_dir / "federation.key"
+    assert c.anchoring.mode == "op_return" and c.anchoring.every_blocks == 2
+
+
+def test_anchoring_on_mainnet_needs_key_file(tmp_path: Path) -> None:
+    def mainnet(d: dict[str, Any]) -> None:
+        d["node"]["network"] = "mainnet"
+        d["anchoring"] = {"enabled": True}
+    assert "anchoring.federation_key_file" in reject(mainnet, tmp_path)
+
+    def with_key(d: dict[str, Any]) -> None:
+        mainnet(d)
+        d["anchoring"]["federation_key_file"] = "fed.key"
+    c = build(with_key, tmp_path)
+    assert c.anchoring.federation_key_file == tmp_path / "fed.key" and c.bitcoind.chain == "main"
+
+
+@pytest.mark.parametrize("table,msg", [
+    ({"enabled": 1}, "config: anchoring.enabled = 1: must be true or false"),
+    ({"mode": "opreturn"}, 'config: anchoring.mode = "opreturn": must be one of taproot, op_return'),
+    ({"every_blocks": 0}, "config: anchoring.every_blocks = 0: must be an integer between 1 and 10000000"),
+    ({"confirmations": 3, "final_confirmations": 2},
+     "config: anchoring.final_confirmations = 2: must be at least anchoring.confirmations (3)"),
+    ({"fee_fallback_sat_per_vb": 10, "fee_max_sat_per_vb": 5},
+     "config: anchoring.fee_max_sat_per_vb = 5: must be at least anchoring.fee_fallback_sat_per_vb (10)"),
+    ({"rbf_after_blocks": 0}, "config: anchoring.rbf_after_blocks = 0: must be an integer between 1 and 10000"),
+    ({"confirmation": 1}, "config: unknown key anchoring.confirmation (did you mean anchoring.confirmations?)"),
+])
+def test_anchoring_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
+    assert reject(lambda d: d.update(anchoring=table), tmp_path) == msg
+
+
+def test_bitcoind_section(tmp_path: Path) -> None:
+    c = build(lambda d: d.update(bitcoind={"rpc_url": "http://127.0.0.1:18443/", "cookie_file": "btc/.cookie",
+                                           "zmq_hashblock": "tcp://127.0.0.1:28332",
+                                           "zmq_sequence": "tcp://127.0.0.1:28333"}), tmp_path)
+    b = c.bitcoind
+    assert b.rpc_url == "http://127.0.0.1:18443" and b.cookie_file == tmp_path / "btc" / ".cookie"
+    assert b.zmq_hashblock == "tcp://127.0.0.1:28332" and b.zmq_rawtx == ""
+    assert b.zmq_sequence == "tcp://127.0.0.1:28333"
+    c2 = build(lambda d: d.update(bitcoind={"rpc_url": "http://h:1", "rpc_user": "u",
+                                            "rpc_password": "secret-pw"}), tmp_path)
+    assert "secret-pw" not in repr(c2) and "secret-pw" not in json.dumps(c2.effective())
+
+
+@pytest.mark.parametrize("table,start", [
+    ({"rpc_url": "127.0.0.1:18443", "rpc_user": "u", "rpc_password": "p"}, 'config: bitcoind.rpc_url = "127.0.0.1:18443"'),
+    ({"rpc_url": "http://h:1"}, 'config: bitcoind.rpc_url = "http://h:1": needs bitcoind.cookie_file'),
+    ({"rpc_user": "u"}, "config: bitcoind.rpc_user and bitcoind.rpc_password must be given together"),
+    ({"cookie_file": "c", "rpc_user": "u", "rpc_password": "p"}, 'config: bitcoind.rpc_user = "u": give either'),
+    ({"zmq_hashblock": "localhost:28332"}, 'config: bitcoind.zmq_hashblock = "localhost:28332"'),
+    ({"wallet": "w"}, "config: unknown key bitcoind.wallet"),
+])
+def test_bitcoind_rejections(tmp_path: Path, table: dict[str, Any], start: str) -> None:
+    assert reject(lambda d: d.update(bitcoind=table), tmp_path).startswith(start)

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 from .errors import (BadNonce, DecodeError, FeeTooLow, ForeignNetwork, InsufficientBalance, InvalidTransaction, Overflow,
                      Unauthorized, UnknownSender)
 from .params import MAX_MONEY, Network
-from .tx import Transaction, TxType, check_signature, is_valid_key
+from .tx import AnchorStatus, Transaction, TxType, check_signature, is_valid_key
 
 
 class Namespace(IntEnum):
@@ -41,11 +41,18 @@ def account_key(pubkey: bytes) -> bytes:
     return bytes((Namespace.ACCOUNT,)) + pubkey
 
 
+def anchor_key(l2_height: int) -> bytes:
+    """0x04 || l2_height as a 32-byte big-endian integer."""
+    return bytes((Namespace.ANCHOR,)) + l2_height.to_bytes(32, "big")
+
+
 SUPPLY_KEY = meta_key("supply")
 MINT_AUTHORITY_KEY = meta_key("mint_authority")
+ANCHOR_AUTHORITY_KEY = meta_key("anchor_authority")
 
 _ACCOUNT = struct.Struct(">QQ")
 _SUPPLY = struct.Struct(">QQQ")
+_ANCHOR_VALUE = struct.Struct(">32s32s32sIB")
 _ACC_PREFIX = bytes((Namespace.ACCOUNT,))
 _MAX_NONCE = 2**64 - 1  # an account's nonce is a u64; the last value can never be followed
 
@@ -81,6 +88,29 @@ class Supply:
         if len(b) != _SUPPLY.size:
             raise DecodeError(f"supply value is {len(b)} bytes, expected {_SUPPLY.size}")
         return cls(*_SUPPLY.unpack(b))
+
+
+@dataclass(frozen=True, slots=True)
+class AnchorEntry:
+    """State value under anchor_key(h): the anchored root and where its Bitcoin anchor stands (101 bytes)."""
+
+    state_root: bytes
+    btc_txid: bytes
+    btc_block_hash: bytes
+    btc_height: int
+    status: AnchorStatus
+
+    def encode(self) -> bytes:
+        return _ANCHOR_VALUE.pack(self.state_root, self.btc_txid, self.btc_block_hash, self.btc_height, self.status)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "AnchorEntry":
+        if len(b) != _ANCHOR_VALUE.size:
+            raise DecodeError(f"anchor value is {len(b)} bytes, expected {_ANCHOR_VALUE.size}")
+        root, txid, block, height, status = _ANCHOR_VALUE.unpack(b)
+        if status not in (1, 2, 3):
+            raise DecodeError(f"anchor value status {status}")
+        return cls(root, txid, block, height, AnchorStatus(status))
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +193,10 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
         view.put(SUPPLY_KEY, _SUPPLY.pack(minted + amount, burned, fees))
         return
 
+    if typ == TxType.ANCHOR:
+        _apply_anchor(view, tx, raw, sender_key)
+        return
+
     if raw is None:
         raise UnknownSender(f"no account {tx.sender.hex()}")
     bal, nonce = _ACCOUNT.unpack(raw)
@@ -170,7 +204,7 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
         raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
     if fee < rules.min_fee_sat:
         raise FeeTooLow(f"fee {fee} sat is below the floor of {rules.min_fee_sat} sat")
-    amount = tx.payload.amount_sat
+    amount = tx.payload.amount_sat  # type: ignore[union-attr]
     if amount + fee > bal:
         raise InsufficientBalance(f"needs {amount + fee} sat (amount {amount} + fee {fee}), balance is {bal}")
 
@@ -195,8 +229,25 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
         raise InvalidTransaction(f"transaction type {typ!r} is not applicable")
 
 
-def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[bytes]) -> dict[bytes, bytes]:
-    """The key/value set of block 0: allocations (counted as minted) and the mint authority."""
+def _apply_anchor(view: StateView, tx: Transaction, raw: Optional[bytes], sender_key: bytes) -> None:
+    """AnchorUpdate: the anchor authority records (or moves) the Bitcoin anchor of one L2 height."""
+    get = view.get
+    if get(ANCHOR_AUTHORITY_KEY) != tx.sender:
+        raise Unauthorized(f"{tx.sender.hex()} is not the anchor authority")
+    if tx.fee_sat != 0:
+        raise InvalidTransaction("an anchor update carries no fee")
+    bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
+    if tx.nonce != nonce:
+        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
+    p = tx.payload
+    entry = AnchorEntry(p.state_root, p.btc_txid, p.btc_block_hash, p.btc_height, p.status)  # type: ignore[union-attr]
+    view.put(sender_key, _ACCOUNT.pack(bal, nonce + 1))
+    view.put(anchor_key(p.l2_height), entry.encode())  # type: ignore[union-attr]
+
+
+def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[bytes],
+                  anchor_authority: Optional[bytes] = None) -> dict[bytes, bytes]:
+    """The key/value set of block 0: allocations (counted as minted), the mint and the anchor authority."""
     state: dict[bytes, bytes] = {}
     total = 0
     for pubkey, amount in alloc:
@@ -213,4 +264,8 @@ def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[b
         if not is_valid_key(mint_authority):
             raise InvalidTransaction("mint authority is not a valid x-only key")
         state[MINT_AUTHORITY_KEY] = mint_authority
+    if anchor_authority is not None:
+        if not is_valid_key(anchor_authority):
+            raise InvalidTransaction("anchor authority is not a valid x-only key")
+        state[ANCHOR_AUTHORITY_KEY] = anchor_authority
     return state

@@ -28,12 +28,22 @@ MAX_BURN_DESTINATION = 128
 _HEAD = struct.Struct(">BBB32sQQ")
 _DEST_AMOUNT = struct.Struct(">32sQ")
 _AMOUNT = struct.Struct(">Q")
+_ANCHOR = struct.Struct(">Q32s32s32sIB")
+
+
+class AnchorStatus(IntEnum):
+    """Where a Bitcoin anchor of an L2 height stands (recorded in the state by AnchorUpdate)."""
+
+    SUBMITTED = 1
+    CONFIRMED = 2
+    FINAL = 3
 
 
 class TxType(IntEnum):
     TRANSFER = 1
     MINT = 2
     BURN = 3
+    ANCHOR = 4
 
 
 def _check_amount(amount: int, what: str) -> None:
@@ -102,8 +112,53 @@ class Burn:
         return cls(amount, dest)
 
 
-AnyPayload = Union[Transfer, Mint, Burn]
-PAYLOAD_TYPES: dict[int, Union[type[Transfer], type[Burn]]] = {TxType.TRANSFER: Transfer, TxType.MINT: Mint, TxType.BURN: Burn}
+@dataclass(frozen=True, slots=True)
+class AnchorUpdate:
+    """Record where the Bitcoin anchor of L2 height l2_height stands (anchor authority only, fee 0).
+
+    btc_block_hash (internal byte order) and btc_height are zero while the anchor is SUBMITTED.
+    """
+
+    TYPE: ClassVar[TxType] = TxType.ANCHOR
+    l2_height: int
+    state_root: bytes
+    btc_txid: bytes  # internal byte order
+    btc_block_hash: bytes
+    btc_height: int
+    status: AnchorStatus
+
+    def __post_init__(self) -> None:
+        for name in ("state_root", "btc_txid", "btc_block_hash"):
+            n = len(getattr(self, name))
+            if n != 32:
+                raise OutOfRange(f"anchor update {name} is {n} bytes, expected 32")
+        if not 0 <= self.l2_height < 2**64:
+            raise OutOfRange(f"anchor update L2 height {self.l2_height} outside u64")
+        if not 0 <= self.btc_height < 2**32:
+            raise OutOfRange(f"anchor update Bitcoin height {self.btc_height} outside u32")
+        if isinstance(self.status, bool) or not isinstance(self.status, int) or self.status not in (1, 2, 3):
+            raise OutOfRange(f"anchor update status {self.status!r} is not 1, 2 or 3")
+        object.__setattr__(self, "status", AnchorStatus(self.status))
+        confirmed = self.status != AnchorStatus.SUBMITTED
+        if confirmed != (self.btc_block_hash != _ZERO32) or confirmed != (self.btc_height != 0):
+            raise OutOfRange("anchor update: block hash and height must be set exactly when the status is "
+                             f"CONFIRMED or FINAL (status {self.status.name}, height {self.btc_height})")
+
+    def encode(self) -> bytes:
+        return _ANCHOR.pack(self.l2_height, self.state_root, self.btc_txid, self.btc_block_hash, self.btc_height,
+                            self.status)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "AnchorUpdate":
+        if len(b) != _ANCHOR.size:
+            raise DecodeError(f"anchor update payload is {len(b)} bytes, expected {_ANCHOR.size}")
+        return cls(*_ANCHOR.unpack(b))
+
+
+_ZERO32 = b"\0" * 32
+AnyPayload = Union[Transfer, Mint, Burn, AnchorUpdate]
+PAYLOAD_TYPES: dict[int, Union[type[Transfer], type[Burn], type[AnchorUpdate]]] = {
+    TxType.TRANSFER: Transfer, TxType.MINT: Mint, TxType.BURN: Burn, TxType.ANCHOR: AnchorUpdate}
 
 
 @dataclass(frozen=True, slots=True)

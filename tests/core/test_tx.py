@@ -149,7 +149,7 @@ def test_unknown_version(version: int) -> None:
         decode(bytes(raw), LOCAL)
 
 
-@pytest.mark.parametrize("typ", [0, 4, 255])
+@pytest.mark.parametrize("typ", [0, 5, 255])  # 4 is the anchor update (tests/core/test_anchor_tx.py)
 def test_unknown_type(typ: int) -> None:
     raw = bytearray(SAMPLES["transfer"].raw)
     raw[2] = typ
