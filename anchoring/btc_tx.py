@@ -1,9 +1,9 @@
-"""Minimal Bitcoin transactions for anchors: segwit v1 serialization, BIP341 key-path sighash and signing.
+"""Bitcoin transactions for anchors: P2TR key-path spends built, hashed and sized by bitcoin-utils.
 
-Only what the anchor service needs: version-2 transactions whose inputs are all P2TR key-path spends
-(SIGHASH_DEFAULT, 64-byte signatures) and raw-scriptPubKey outputs. Pure: no network parameters, no
-globals (no bitcoinutils.setup()); keys and tweaks are arguments. The txid is the double SHA-256 of the
-non-witness serialization (internal byte order).
+Serialization, the BIP341 signature hash (SIGHASH_DEFAULT) and vsize come from bitcoin-utils'
+Transaction; the tweaked key and the BIP340 signature come from libsecp256k1 (coincurve). Nothing here
+touches bitcoin-utils' global network setting: scripts are raw bytes. The txid is the double SHA-256
+of the non-witness serialization (internal byte order).
 """
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from bitcoinutils.constants import TAPROOT_SIGHASH_ALL
+from bitcoinutils.script import Script
+from bitcoinutils.transactions import Transaction, TxInput, TxOutput, TxWitnessInput
 from coincurve import PrivateKey
 
 from l2d.core.codec import write_varint
-from l2d.core.hashing import tagged_hash
 
 from .payload import output_key, p2tr_script, taptweak
 
@@ -26,10 +28,6 @@ P2TR_DUST_SAT = 330
 
 def sha256d(b: bytes) -> bytes:
     return hashlib.sha256(hashlib.sha256(b).digest()).digest()
-
-
-def _sha(b: bytes) -> bytes:
-    return hashlib.sha256(b).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,34 +70,32 @@ def key_path_script(internal_key: bytes) -> bytes:
     return p2tr_script(output_key(internal_key, None)[0])
 
 
-def _serialize(inputs: Sequence[Prevout], outputs: Sequence[TxOut], witnesses: Optional[Sequence[bytes]],
-               sequence: int, locktime: int = 0) -> bytes:
-    out = [struct.pack("<i", 2)]
-    if witnesses is not None:
-        out.append(b"\x00\x01")
-    out.append(write_varint(len(inputs)))
-    for i in inputs:
-        out.append(i.txid + struct.pack("<I", i.vout) + b"\x00" + struct.pack("<I", sequence))
-    out.append(write_varint(len(outputs)))
-    out += [o.encode() for o in outputs]
-    if witnesses is not None:
-        for sig in witnesses:
-            out.append(b"\x01" + write_varint(len(sig)) + sig)
-    out.append(struct.pack("<I", locktime))
-    return b"".join(out)
+class RawScript(Script):  # type: ignore[misc]
+    """A script given as bytes: bitcoin-utils serializes it as is (its own parser mangles non-standard scripts)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__([])
+        self.raw = raw
+
+    def to_bytes(self) -> bytes:
+        return self.raw
 
 
-def taproot_sighash(inputs: Sequence[Prevout], outputs: Sequence[TxOut], index: int, sequence: int,
-                    locktime: int = 0) -> bytes:
+def _transaction(inputs: Sequence[Prevout], outputs: Sequence[TxOut], sequence: int,
+                 witnesses: Optional[Sequence[bytes]] = None) -> Transaction:
+    seq = struct.pack("<I", sequence)
+    return Transaction([TxInput(i.txid[::-1].hex(), i.vout, sequence=seq) for i in inputs],
+                       [TxOutput(o.amount_sat, RawScript(o.script_pubkey)) for o in outputs],
+                       has_segwit=True,
+                       witnesses=None if witnesses is None else [TxWitnessInput([w.hex()]) for w in witnesses])
+
+
+def taproot_sighash(inputs: Sequence[Prevout], outputs: Sequence[TxOut], index: int, sequence: int) -> bytes:
     """BIP341 signature hash, SIGHASH_DEFAULT, key path, no annex, for input `index`."""
-    sha_prevouts = _sha(b"".join(i.txid + struct.pack("<I", i.vout) for i in inputs))
-    sha_amounts = _sha(b"".join(struct.pack("<q", i.amount_sat) for i in inputs))
-    sha_spks = _sha(b"".join(write_varint(len(i.script_pubkey)) + i.script_pubkey for i in inputs))
-    sha_sequences = _sha(struct.pack("<I", sequence) * len(inputs))
-    sha_outputs = _sha(b"".join(o.encode() for o in outputs))
-    msg = (b"\x00" + b"\x00" + struct.pack("<i", 2) + struct.pack("<I", locktime) + sha_prevouts + sha_amounts
-           + sha_spks + sha_sequences + sha_outputs + b"\x00" + struct.pack("<I", index))
-    return tagged_hash("TapSighash", msg)
+    tx = _transaction(inputs, outputs, sequence)
+    return bytes(tx.get_transaction_taproot_digest(index, [RawScript(i.script_pubkey) for i in inputs],
+                                                   [i.amount_sat for i in inputs], 0,
+                                                   sighash=TAPROOT_SIGHASH_ALL))
 
 
 def tweaked_secret(secret: bytes, merkle_root: Optional[bytes]) -> bytes:
@@ -120,20 +116,14 @@ def build_signed(secret: bytes, inputs: Sequence[Prevout], outputs: Sequence[TxO
     """Sign every input by the key path of secret's key, tweaked by each input's merkle root."""
     if not inputs or not outputs:
         raise ValueError("a transaction needs inputs and outputs")
-    sigs = []
-    for n, prev in enumerate(inputs):
-        tsec = PrivateKey(tweaked_secret(secret, prev.merkle_root))
-        sigs.append(tsec.sign_schnorr(taproot_sighash(inputs, outputs, n, sequence), aux))
-    raw = _serialize(inputs, outputs, sigs, sequence)
-    base = _serialize(inputs, outputs, None, sequence)
-    weight = len(base) * 3 + len(raw)
+    sigs = [PrivateKey(tweaked_secret(secret, prev.merkle_root)).sign_schnorr(
+        taproot_sighash(inputs, outputs, n, sequence), aux) for n, prev in enumerate(inputs)]
+    tx = _transaction(inputs, outputs, sequence, sigs)
     fee = sum(i.amount_sat for i in inputs) - sum(o.amount_sat for o in outputs)
-    return SignedTx(raw, sha256d(base), (weight + 3) // 4, fee)
+    return SignedTx(tx.to_bytes(True), bytes.fromhex(tx.get_txid())[::-1], tx.get_vsize(), fee)
 
 
 def estimate_vsize(n_inputs: int, outputs: Sequence[TxOut]) -> int:
     """Exact vsize of a transaction of n key-path P2TR inputs (64-byte signatures) and these outputs."""
-    dummy = [Prevout(b"\0" * 32, 0, 0, b"")] * n_inputs
-    base = _serialize(dummy, outputs, None, RBF_SEQUENCE)
-    full = _serialize(dummy, outputs, [b"\0" * 64] * n_inputs, RBF_SEQUENCE)
-    return (len(base) * 3 + len(full) + 3) // 4
+    dummy = [Prevout(b"\1" * 32, 0, 0, b"")] * n_inputs  # not all-zero: that would read as a coinbase input
+    return int(_transaction(dummy, outputs, RBF_SEQUENCE, [b"\0" * 64] * n_inputs).get_vsize())

@@ -51,3 +51,30 @@ def test_build_signed_key_path() -> None:
     assert tx.raw[4:6] == b"\x00\x01"  # segwit marker and flag
     with pytest.raises(ValueError):
         build_signed(SECRET, [], outputs, b"\0" * 32)
+
+
+@pytest.mark.skipif(not BIP341.exists(), reason="BIP341 wallet vectors not present")
+def test_library_sighash_matches_bip341_key_path_vectors() -> None:
+    """The BIP341 digest we take from bitcoin-utils reproduces every official key-path sigHash."""
+    from bitcoin.core import CTransaction
+    from bitcoinutils.transactions import Transaction, TxInput, TxOutput
+
+    from anchoring.btc_tx import RawScript
+
+    spending = json.loads(BIP341.read_text())["keyPathSpending"][0]
+    raw = bytes.fromhex(spending["given"]["rawUnsignedTx"])
+    parsed = CTransaction.deserialize(raw)  # python-bitcoinlib reads the scripts as bytes, unparsed
+    tx = Transaction([TxInput(i.prevout.hash[::-1].hex(), i.prevout.n, sequence=i.nSequence.to_bytes(4, "little"))
+                      for i in parsed.vin],
+                     [TxOutput(o.nValue, RawScript(bytes(o.scriptPubKey))) for o in parsed.vout],
+                     locktime=parsed.nLockTime.to_bytes(4, "little"), version=parsed.nVersion.to_bytes(4, "little"),
+                     has_segwit=True)
+    assert tx.to_bytes(False) == raw
+    utxos = spending["given"]["utxosSpent"]
+    scripts = [RawScript(bytes.fromhex(u["scriptPubKey"])) for u in utxos]
+    amounts = [u["amountSats"] for u in utxos]
+    for inp in spending["inputSpending"]:
+        g = inp["given"]
+        digest = tx.get_transaction_taproot_digest(g["txinIndex"], scripts, amounts, 0, sighash=g["hashType"])
+        assert bytes(digest).hex() == inp["intermediary"]["sigHash"], g
+    assert len(spending["inputSpending"]) >= 7
