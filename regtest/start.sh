@@ -98,12 +98,22 @@ echo "  zmq    $ZMQ (hashblock rawblock rawtx sequence)"
 echo "  cli    $BITCOIN_CLI -datadir=$DATADIR getblockchaininfo"
 echo "  env    $ENVFILE"
 
-# ------------------------------------------------------------------------------------------
-# TODO(l2d-daemon): start l2d against this node once the daemon reads bitcoind settings.
-# Hook: L2D_START=1 regtest/start.sh. Intended command (not wired yet):
-#   .venv/bin/l2d --config config/regtest.toml   # with BITCOIN_RPC_URL/COOKIE/ZMQ from .regtest/env
-# Record its pid as L2D_PID in .regtest/env so regtest/stop.sh can stop it first.
-# ------------------------------------------------------------------------------------------
-if [[ "${L2D_START:-0}" == "1" ]]; then
-    echo "TODO: starting l2d from regtest/start.sh is not implemented yet (daemon integration comes later)" >&2
+# l2d against this node (skip with L2D_START=0): config/regtest.toml plus this bitcoind's RPC cookie
+# and ZMQ endpoints, anchoring on, written to .regtest/l2d.toml.
+if [[ "${L2D_START:-1}" == "1" ]]; then
+    PY="$ROOT/.venv/bin/python"
+    [[ -x "$PY" ]] || { echo "no $PY: run 'make test' or 'make run' once to create the venv" >&2; exit 1; }
+    set -a; source "$ENVFILE"; set +a
+    "$PY" "$ROOT/regtest/l2d_config.py" write "$ROOT/.regtest/l2d.toml"
+    nohup "$PY" -m l2d.node --config "$ROOT/.regtest/l2d.toml" > "$ROOT/.regtest/l2d.log" 2>&1 &
+    L2D_PID=$!
+    echo "L2D_PID=$L2D_PID" >> "$ENVFILE"
+    PORT="$("$PY" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["api"]["port"])' "$ROOT/.regtest/l2d.toml")"
+    for _ in $(seq 1 300); do  # readiness: poll /health (30 s)
+        if curl -fsS "http://127.0.0.1:$PORT/health" > /dev/null 2>&1; then break; fi
+        if ! kill -0 "$L2D_PID" 2>/dev/null; then echo "l2d exited; see .regtest/l2d.log" >&2; tail -n 5 "$ROOT/.regtest/l2d.log" >&2; exit 1; fi
+        sleep 0.1
+    done
+    echo "l2d running: pid $L2D_PID, REST http://127.0.0.1:$PORT, log .regtest/l2d.log, config .regtest/l2d.toml"
+    echo "  next: regtest/fund.sh   (mines 101 blocks, sends coins to the federation's anchor key)"
 fi

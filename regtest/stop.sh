@@ -13,7 +13,16 @@ fi
 # shellcheck source=/dev/null
 source "$ENVFILE"
 
-# TODO(l2d-daemon): stop l2d first (SIGTERM to L2D_PID, wait) once start.sh starts it.
+# l2d first (it talks to bitcoind): SIGTERM, wait for a clean exit, kill after the timeout.
+if [[ -n "${L2D_PID:-}" ]] && kill -0 "$L2D_PID" 2>/dev/null; then
+    kill -TERM "$L2D_PID"
+    deadline=$((SECONDS + TIMEOUT))
+    while kill -0 "$L2D_PID" 2>/dev/null; do
+        if (( SECONDS >= deadline )); then kill -9 "$L2D_PID" 2>/dev/null || true; break; fi
+        sleep 0.2  # poll interval while waiting for the process to exit
+    done
+    echo "l2d stopped"
+fi
 
 if ! kill -0 "$BITCOIND_PID" 2>/dev/null; then
     echo "bitcoind (pid $BITCOIND_PID) is not running"
