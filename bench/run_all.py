@@ -15,6 +15,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_daemon_memory  # noqa: E402
 import bench_ledger  # noqa: E402
+import bench_scheduler  # noqa: E402
 import bench_spv  # noqa: E402
 import bench_verifier  # noqa: E402
 
@@ -29,6 +30,7 @@ def main() -> None:
         "verifier": bench_verifier.main(["--records", str(n)]),
         "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
         "spv": bench_spv.main(["--quick"] if a.quick else []),
+        "scheduler": bench_scheduler.main([]),
     }
     out = HERE / "out"
     out.mkdir(exist_ok=True)
