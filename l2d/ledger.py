@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 from .core.block import Block, BlockHeader, genesis_header, tx_root
 from .core.errors import Rejected
 from .core.state import Rules, StateView, apply_tx
-from .core.tree import StateTree
+from .core.tree import StateTree, leaf_hash
 from .core.tx import Transaction
 from .store import Store, StoreError
 
@@ -91,7 +91,7 @@ class Ledger:
             if v is None:
                 tree.delete(k)
             else:
-                tree.set(k, v)
+                tree.set_hash(k, leaf_hash(k, v))  # keys come from the state transition: already well-formed
         header = BlockHeader(tip.network_id, tip.height + 1, tip.hash, max(timestamp_ms, tip.timestamp_ms),
                              len(accepted), tx_root([t.txid for t in accepted]), tree.root())
         block = Block(header, tuple(accepted))
