@@ -223,15 +223,25 @@ class AnchorService:
         if self.rpc is None:
             return
         block_labels = (SequenceLabel.BLOCK_CONNECTED, SequenceLabel.BLOCK_DISCONNECTED)
-        sub = ZmqSubscriber(self._zmq, self.rpc)
-        sub.start()
-        try:
-            async for ev in sub.events():  # only a trigger: the chain tracker re-reads everything over RPC
-                if isinstance(ev, (BlockHashEvent, ResyncEvent)) or (
-                        isinstance(ev, SequenceEvent) and ev.label in block_labels):
-                    self._wake.set()
-        finally:
-            sub.close()
+        backoff = 0.1
+        while True:  # a failed subscription is logged and re-opened; the RPC poll covers the gap
+            sub = ZmqSubscriber(self._zmq, self.rpc)
+            try:
+                sub.start()
+                async for ev in sub.events():  # only a trigger: the chain tracker re-reads everything over RPC
+                    backoff = 0.1
+                    if isinstance(ev, (BlockHashEvent, ResyncEvent)) or (
+                            isinstance(ev, SequenceEvent) and ev.label in block_labels):
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("anchoring: ZMQ subscription failed; re-subscribing in %.1fs", backoff)
+            finally:
+                sub.close()
+            self._wake.set()  # whatever was missed, the next step re-reads the chain over RPC
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     async def step(self) -> None:
         """One pass: follow the chain, move anchors along, bump or rebroadcast, and start a new anchor."""

@@ -1,6 +1,6 @@
 """Anchor service end to end: a real l2d process against a regtest bitcoind.
 
-Transfers (mints) make L2 blocks; anchors are broadcast, mined and tracked (ZMQ + RPC poll) to CONFIRMED and
+Signed transfers make L2 blocks; anchors are broadcast, mined and tracked (ZMQ + RPC poll) to CONFIRMED and
 FINAL, and recorded in the L2 state by AnchorUpdate transactions; a reorg that drops the anchor's block moves it
 back to SUBMITTED and it confirms again; a restart loses nothing; the exported audit bundle verifies offline with
 `l2-verify audit` and tampered variants exit 1.
@@ -20,9 +20,13 @@ from anchoring.audit import AuditBundle, ProofEvidence
 from anchoring.btc_tx import key_path_script
 from anchoring.payload import AnchorRecord
 from bridge.rpc import BitcoinRPC
+from l2d.core.params import REGTEST
+from l2d.core.tx import Transfer, sign
 from regtest.harness import BitcoindNode, fund_wallet
 
 TOKEN = "anchor-test-admin-token-0001"
+USER_SECRET = hashlib.sha256(b"l2d anchor test user").digest()
+USER = PrivateKey(USER_SECRET).public_key_xonly.format()
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -46,6 +50,8 @@ log_level = "DEBUG"
 
 [chain]
 min_fee_sat = 1
+[chain.genesis_alloc]
+{USER.hex()} = 100000000
 
 [block]
 interval_ms = 50
@@ -110,12 +116,14 @@ def anchors(p: Any) -> dict[int, dict[str, Any]]:
     return {a["l2_height"]: a for a in p.get("/api/anchors")["anchors"]}
 
 
-async def mint(p: Any, n: int, poll: Callable[..., Awaitable[Any]]) -> None:
-    """n mints, each waited for: n L2 blocks."""
-    recipient = PrivateKey(_secret("l2d anchor test user")).public_key_xonly.format().hex()
+async def transfer(p: Any, n: int, poll: Callable[..., Awaitable[Any]]) -> None:
+    """n signed transfers from the genesis-funded user, each waited for: n L2 blocks."""
+    recipient = PrivateKey(hashlib.sha256(b"l2d anchor test recipient").digest()).public_key_xonly.format()
     for _ in range(n):
-        txid = p.post("/api/admin/mint", {"recipient": recipient, "amount_sat": 1000}, TOKEN)["txid"]
-        await poll(lambda: p.get(f"/api/l2/tx/{txid}")["status"] == "committed", 20, "mint committed")
+        nonce = p.get(f"/api/l2/accounts/{USER.hex()}")["nonce"]
+        tx = sign(REGTEST, USER_SECRET, nonce, 1, Transfer(recipient, 1000), b"\0" * 32)
+        txid = p.post("/api/l2/tx", {"tx": tx.raw.hex()}, TOKEN)["txid"]
+        await poll(lambda: p.get(f"/api/l2/tx/{txid}")["status"] == "committed", 20, "transfer committed")
 
 
 def verify(bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -132,7 +140,7 @@ async def test_end_to_end_taproot(tmp_path: Path, bitcoind: BitcoindNode, rpc: B
     p = l2d_process(cfg, tmp_path / "l2d-1.log")
     await zmq_sync(p, rpc, mine_addr, poll)
 
-    await mint(p, 2, poll)  # two L2 blocks (or more): height 2 is the first anchored height
+    await transfer(p, 2, poll)  # two L2 blocks (or more): height 2 is the first anchored height
     a = await poll(lambda: anchors(p).get(2), 20, "an anchor for L2 height 2")
     a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
     txid = a["txid"]
@@ -214,7 +222,7 @@ async def test_op_return_mode_anchors(tmp_path: Path, bitcoind: BitcoindNode, rp
     mine_addr = await fund_federation(rpc, fed, 1_000_000)
     cfg = write_config(tmp_path, bitcoind, "op_return", fed)
     p = l2d_process(cfg, tmp_path / "l2d.log")
-    await mint(p, 2, poll)
+    await transfer(p, 2, poll)
     a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
     # l2d is down while its anchor is mined: after the restart it finds it (block scan from the submit height)
     assert p.stop() == 0
@@ -242,7 +250,7 @@ async def test_rbf_fee_bump_when_unconfirmed(tmp_path: Path, bitcoind: BitcoindN
     mine_addr = await fund_federation(rpc, fed, 1_000_000)
     cfg = write_config(tmp_path, bitcoind, "taproot", fed, rbf_after=2)
     p = l2d_process(cfg, tmp_path / "l2d.log")
-    await mint(p, 2, poll)
+    await transfer(p, 2, poll)
     a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
     old_raw = await rpc.call("getrawtransaction", [a["txid"]])
     # two blocks that leave the anchor out: past rbf_after_blocks, the anchor is replaced with a higher fee
@@ -275,7 +283,7 @@ async def test_reorg_with_conflicting_spend_reanchors(tmp_path: Path, bitcoind: 
     mine_addr = await fund_federation(rpc, fed, 1_000_000)
     cfg = write_config(tmp_path, bitcoind, "taproot", fed)
     p = l2d_process(cfg, tmp_path / "l2d.log")
-    await mint(p, 2, poll)
+    await transfer(p, 2, poll)
     a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
     [b1] = await rpc.generatetoaddress(1, mine_addr)
     await poll(lambda: anchors(p)[2]["status"] == "CONFIRMED", 20, "anchor confirmed")
