@@ -14,6 +14,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import bench_daemon_memory  # noqa: E402
+import bench_fl  # noqa: E402
 import bench_ledger  # noqa: E402
 import bench_scheduler  # noqa: E402
 import bench_spv  # noqa: E402
@@ -31,6 +32,7 @@ def main() -> None:
         "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
         "spv": bench_spv.main(["--quick"] if a.quick else []),
         "scheduler": bench_scheduler.main([]),
+        "federated": bench_fl.main([]),
     }
     out = HERE / "out"
     out.mkdir(exist_ok=True)

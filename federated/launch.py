@@ -1,0 +1,278 @@
+"""Dev launcher: one SuperLink and N SuperNodes on free loopback ports, each in its own process.
+
+Everything lives under one work dir (HOME and FLWR_HOME point there, telemetry is off), so
+the user's ~/.flwr is never touched. ``Federation`` is used by tests, the benchmark and
+``l2-fl dev``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federated import data
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+BIN = Path(sys.executable).parent
+CONNECTION = "l2dev"
+
+
+class LaunchError(RuntimeError):
+    """A Flower process did not start, or a run did not finish."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "HOME": str(home), "FLWR_HOME": str(home / ".flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+        # Flower's subprocesses run torch; one thread each keeps a 2-core box responsive.
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    })
+    return env
+
+
+def generate_node_key(private_path: Path) -> Path:
+    """An EC P-384 key pair in OpenSSH format (what Flower's node auth wants); returns the .pub path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    os.chmod(private_path, 0o600)
+    pub = private_path.with_suffix(private_path.suffix + ".pub")
+    pub.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return pub
+
+
+def generate_tls(dirpath: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost: (ca, cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "l2fl dev CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    dirpath.mkdir(parents=True, exist_ok=True)
+    paths = (dirpath / "ca.crt", dirpath / "server.pem", dirpath / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(paths[2], 0o600)
+    return paths
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Federation:
+    """A loopback SuperLink plus SuperNodes. Use as a context manager."""
+
+    workdir: Path | None = None
+    auth: bool = False
+    procs: list[Proc] = field(default_factory=list)
+    port: int = 0
+    ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._tmp = None
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="l2fl-")
+            self.workdir = Path(self._tmp.name)
+        self.workdir = Path(self.workdir)
+        self.home = self.workdir / "home"
+        (self.home / ".flwr").mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(self.home)
+
+    # -- processes ---------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        assert self.workdir is not None
+        logp = self.workdir / f"{name}.log"
+        f = open(logp, "wb")
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env,
+                             cwd=str(self.workdir), start_new_session=True)
+        f.close()
+        proc = Proc(name, p, logp)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> None:
+        self.port = free_port()
+        argv = [str(BIN / "flower-superlink"), "--port", str(self.port)]
+        if self.auth:
+            # Flower refuses node authentication without TLS: use a throwaway dev CA.
+            assert self.workdir is not None
+            self.ca, cert, key = generate_tls(self.workdir / "tls")
+            argv += ["--enable-supernode-auth", "--ssl-ca-certfile", str(self.ca),
+                     "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        else:
+            argv.append("--insecure")
+        self._spawn("superlink", argv)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self._check_alive("superlink")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise LaunchError("SuperLink did not open its port")
+        (self.home / ".flwr" / "config.toml").write_text(
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
+            + (f'root-certificates = "{self.ca}"\n' if self.ca else "insecure = true\n"))
+
+    def add_supernode(self, node_config: dict[str, Any], key: Path | None = None, name: str | None = None) -> Proc:
+        name = name or f"supernode-{len([p for p in self.procs if p.name.startswith('supernode')])}"
+        nc = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+        tls = ["--root-certificates", str(self.ca)] if self.ca else ["--insecure"]
+        argv = [str(BIN / "flower-supernode"), *tls, "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port()), "--node-config", nc, "--max-retries", "3", "--max-wait-time", "20"]
+        if key is not None:
+            argv += ["--auth-supernode-private-key", str(key)]
+        return self._spawn(name, argv)
+
+    def register(self, public_key: Path) -> None:
+        """Allow a SuperNode's key (the seam: the L2 registration list feeds this)."""
+        r = self.flwr(["supernode", "register", str(public_key), CONNECTION], timeout=60)
+        if r.returncode != 0:
+            raise LaunchError(f"register failed: {r.stdout.decode()[-2000:]}")
+
+    def register_allow_list(self, allow_list: Path) -> int:
+        """Register every OpenSSH public key line of an allow-list file; returns the count."""
+        n = 0
+        assert self.workdir is not None
+        for i, line in enumerate(allow_list.read_text().splitlines()):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = self.workdir / f"allow-{i}.pub"
+            p.write_text(line + "\n")
+            self.register(p)
+            n += 1
+        return n
+
+    def _check_alive(self, name: str) -> None:
+        for p in self.procs:
+            if p.name == name and p.popen.poll() is not None:
+                raise LaunchError(f"{name} exited with {p.popen.returncode}: {p.log_path.read_text()[-3000:]}")
+
+    def flwr(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=str(self.workdir),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+    # -- runs --------------------------------------------------------------------
+    def run(self, run_config: dict[str, Any], timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+        """Submit a run of the project's app and stream it to completion."""
+        assert self.workdir is not None
+        cfg = self.workdir / f"run-{time.monotonic_ns()}.toml"
+        cfg.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        r = self.flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(cfg), "--stream"], timeout=timeout)
+        (self.workdir / "last-run.log").write_bytes(r.stdout)
+        if r.returncode != 0:
+            raise LaunchError(f"flwr run failed ({r.returncode}): {r.stdout.decode()[-3000:]}")
+        return r
+
+    # -- lifecycle ---------------------------------------------------------------
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                try:
+                    os.killpg(p.popen.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in reversed(self.procs):
+            try:
+                p.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.popen.wait(timeout=10)
+            # The process group may hold Flower's app subprocesses; make sure they are gone.
+            try:
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.procs.clear()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "Federation":
+        self.start_superlink()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def dev(num_nodes: int, run_config: dict[str, Any], node_configs: list[dict[str, Any]] | None = None,
+        workdir: Path | None = None) -> Path:
+    """Start a federation, run one job, stop everything; returns the job's out-dir."""
+    with Federation(workdir=workdir) as fed:
+        assert fed.workdir is not None
+        for i in range(num_nodes):
+            part = data.write_partition(fed.workdir / f"data-{i}.npz", i, num_nodes)
+            nc = {"partition-id": i, "num-partitions": num_nodes, "data-path": str(part)}
+            if node_configs and i < len(node_configs):
+                nc.update(node_configs[i])
+            fed.add_supernode(nc)
+        out = Path(run_config.get("out-dir") or (fed.workdir / "job"))  # kept only if workdir is given
+        cfg = dict(run_config, **{"out-dir": str(out), "min-nodes": num_nodes})
+        fed.run(cfg)
+        return out
