@@ -32,7 +32,7 @@ def main() -> None:
         "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
         "spv": bench_spv.main(["--quick"] if a.quick else []),
         "scheduler": bench_scheduler.main([]),
-        "federated": bench_fl.main([]),
+        "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
     }
     out = HERE / "out"
     out.mkdir(exist_ok=True)
