@@ -1,8 +1,6 @@
-"""Fixtures for the anchoring tests: a per-test bitcoind regtest node (skipped without bitcoind), a poll helper,
-and real l2d processes whose logs go to a file.
+"""Fixtures for the anchoring tests: a poll helper and real l2d processes whose logs go to a file.
 
-A minimal copy of tests/bridge/conftest.py's bitcoind fixtures (test modules cannot import each other, and a
-root conftest would shadow the bridge ones).
+The bitcoind and rpc fixtures come from tests/conftest.py.
 """
 from __future__ import annotations
 
@@ -16,38 +14,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional
+from typing import Any, Awaitable, Callable, Iterator, Optional
 
 import pytest
 
-from bridge.rpc import BitcoinRPC
-from regtest.harness import BitcoindNode, find_bitcoind
 
-SKIP_REASON = "bitcoind not found (set $BITCOIND or put it on PATH)"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def bitcoind(tmp_path: Path) -> Iterator[BitcoindNode]:
-    binary = find_bitcoind()
-    if binary is None:
-        pytest.skip(SKIP_REASON)
-    node = BitcoindNode(tmp_path / "bitcoind", bitcoind=binary)
-    node.start()
-    try:
-        yield node
-    finally:
-        code = node.stop()
-    assert code == 0, f"bitcoind exited with code {code}; datadir kept at {node.datadir}\n{node.log_tail()}"
-
-
-@pytest.fixture
-async def rpc(bitcoind: BitcoindNode) -> AsyncIterator[BitcoinRPC]:
-    client = bitcoind.rpc()
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def _poll(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

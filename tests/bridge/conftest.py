@@ -1,48 +1,16 @@
-"""Shared fixtures for bridge tests: a per-test bitcoind regtest node and ZMQ sync-up."""
+"""Fixtures for the bridge tests: ZMQ sync-up and polling (bitcoind and rpc come from tests/conftest.py)."""
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 import pytest
 
 from bridge.rpc import BitcoinRPC
 from bridge.zmq_sub import BlockHashEvent, ZmqEvent, ZmqSubscriber
-from regtest.harness import BitcoindNode, find_bitcoind
-
-SKIP_REASON = "bitcoind not found (set $BITCOIND or put it on PATH)"
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def bitcoind(tmp_path: Path) -> Iterator[BitcoindNode]:
-    """A fresh bitcoind regtest node per test (datadir under tmp_path, which pytest keeps).
-
-    Teardown stops it by RPC and asserts a clean exit (code 0).
-    """
-    binary = find_bitcoind()
-    if binary is None:
-        pytest.skip(SKIP_REASON)
-    node = BitcoindNode(tmp_path / "bitcoind", bitcoind=binary)
-    node.start()
-    try:
-        yield node
-    finally:
-        code = node.stop()
-    assert code == 0, f"bitcoind exited with code {code}; datadir kept at {node.datadir}\n{node.log_tail()}"
-
-
-@pytest.fixture
-async def rpc(bitcoind: BitcoindNode) -> AsyncIterator[BitcoinRPC]:
-    """An async RPC client (no wallet) for the test's node."""
-    client = bitcoind.rpc()
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
