@@ -218,3 +218,22 @@ def daemon_process() -> Iterator[Callable[[Path], DaemonProcess]]:
     for p in started:
         if p.proc.poll() is None:
             p.kill()
+
+
+def write_node_toml(path: Path, alloc: dict[bytes, int], token: str, **sections: dict[str, Any]) -> Path:
+    """A TOML config for a real l2d process: network local, data_dir "data" beside it, API on a free port."""
+    import toml
+
+    d: dict[str, Any] = {"node": {"network": "local", "data_dir": "data"},
+                         "chain": {"genesis_alloc": {k.hex(): v for k, v in alloc.items()}},
+                         "api": {"port": 0, "admin_token": token}}
+    for name, values in sections.items():
+        d[name] = {**d.get(name, {}), **values}
+    path.write_text(toml.dumps(d))
+    return path
+
+
+@pytest.fixture
+def node_toml() -> Callable[..., Path]:
+    """write_node_toml(path, {pubkey: sat}, token, **section_overrides) -> path."""
+    return write_node_toml

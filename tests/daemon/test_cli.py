@@ -14,24 +14,6 @@ from verify_tool import cli as verify_cli
 TOKEN = "cli-test-token-0123456789abcdef"
 
 
-def _config(tmp_path: Path, pubkey: Callable[[int], bytes]) -> Path:
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[node]
-network = "local"
-data_dir = "data"
-[chain]
-[chain.genesis_alloc]
-{pubkey(1).hex()} = 1000000
-[block]
-interval_ms = 20
-[api]
-port = 0
-admin_token = "{TOKEN}"
-""")
-    return cfg
-
-
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
     rc = cli.main(["--json", *argv])
     out, err = capsys.readouterr()
@@ -39,8 +21,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
 
 
 def test_cli_end_to_end(tmp_path: Path, keys: Any, daemon_process: Callable[[Path], Any],
-                        capsys: pytest.CaptureFixture[str]) -> None:
-    d = daemon_process(_config(tmp_path, keys.pubkey))
+                        node_toml: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = node_toml(tmp_path / "node.toml", {keys.pubkey(1): 1_000_000}, TOKEN, block={"interval_ms": 20})
+    d = daemon_process(cfg)
     api = ["--api", d.url("")]
     alice = tmp_path / "alice.key"
     rc, out = run(capsys, *api, "keygen", "--out", str(alice))

@@ -19,30 +19,6 @@ from l2d.store import Store
 SENDERS = (1, 2, 3)
 
 
-def _config(tmp_path: Path, pubkey: Callable[[int], bytes]) -> Path:
-    alloc = "\n".join(f"{pubkey(n).hex()} = 100000000" for n in SENDERS)
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[node]
-network = "local"
-data_dir = "data"
-[chain]
-[chain.genesis_alloc]
-{alloc}
-[block]
-interval_ms = 20
-max_txs = 25
-[mempool]
-max_per_sender = 64
-[api]
-port = 0
-admin_token = "crash-test-token-0123456789"
-[snapshots]
-every_blocks = 0
-""")
-    return cfg
-
-
 def _post(url: str, raw: bytes) -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(url, data=json.dumps({"tx": raw.hex()}).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -62,8 +38,11 @@ def _poll(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_sigkill_during_transfers_loses_no_committed_block(tmp_path: Path, keys: Any,
-                                                           daemon_process: Callable[[Path], Any]) -> None:
-    cfg = _config(tmp_path, keys.pubkey)
+                                                           daemon_process: Callable[[Path], Any],
+                                                           node_toml: Callable[..., Path]) -> None:
+    cfg = node_toml(tmp_path / "node.toml", {keys.pubkey(n): 100_000_000 for n in SENDERS},
+                    "crash-test-token-0123456789", block={"interval_ms": 20, "max_txs": 25},
+                    mempool={"max_per_sender": 64}, snapshots={"every_blocks": 0})
     d = daemon_process(cfg)
     accepted: dict[str, int] = {}  # txid -> sender
     committed: dict[str, tuple[int, int]] = {}  # txid -> (height, index), as the API reported before the kill

@@ -5,11 +5,8 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -239,53 +236,19 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "none.toml" in missing.stderr
 
 
-def test_daemon_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[node]
-network = "local"
-data_dir = "data"
-[chain]
-[chain.genesis_alloc]
-{pubkey(1).hex()} = {GENESIS_SAT}
-[block]
-interval_ms = 50
-[api]
-port = 0
-admin_token = "process-test-token-0123456789"
-""")
-    proc = subprocess.Popen([sys.executable, "-m", "l2d.node", "--config", str(cfg)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, cwd=REPO, env=_env())
-    lines: list[dict[str, Any]] = []
-    try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        port = None
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            rec = json.loads(line)  # every log line is one JSON object
-            lines.append(rec)
-            if rec["msg"] == "api listening":
-                port = rec["port"]
-        assert port, lines
-        first = lines[0]
-        assert {"ts", "level", "logger", "msg"} <= set(first)
-        assert first["config"]["node"]["network"] == "local"
-        assert first["config"]["api"]["admin_token"] == "<redacted>"
-        assert "process-test-token" not in json.dumps(lines)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
-            assert json.loads(r.read()) == {"ok": True}
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
-            assert json.loads(r.read())["height"] == 0
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=30)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, rest
-    tail = [json.loads(x) for x in rest.splitlines() if x.strip()]
+def test_daemon_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, daemon_process: Callable[[Path], Any],
+                                                    node_toml: Callable[..., Path]) -> None:
+    cfg = node_toml(tmp_path / "node.toml", {pubkey(1): GENESIS_SAT}, "process-test-token-0123456789",
+                    block={"interval_ms": 50})
+    d = daemon_process(cfg)
+    first = d.lines[0]  # every log line is one JSON object (DaemonProcess parses each)
+    assert {"ts", "level", "logger", "msg"} <= set(first)
+    assert first["config"]["node"]["network"] == "local"
+    assert first["config"]["api"]["admin_token"] == "<redacted>"
+    assert "process-test-token" not in json.dumps(d.lines)
+    assert d.get("/health") == {"ok": True}
+    assert d.get("/api/status")["height"] == 0
+    rc, tail = d.terminate()
+    assert rc == 0, tail
     assert any(r["msg"] == "stopped" and r["failed"] is False for r in tail)
     assert (tmp_path / "data" / "mint_authority.key").stat().st_mode & 0o777 == 0o600
