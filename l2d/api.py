@@ -380,4 +380,8 @@ def make_app(node: "Node") -> web.Application:
     r.add_post("/api/admin/snapshot", admin_snapshot)
     r.add_get("/api/admin/snapshots", admin_list_snapshots)
     r.add_get("/api/admin/snapshots/{name}", admin_get_snapshot)
+    from . import api_bridge, api_fl, api_work  # each subsystem's routes in its own module
+
+    for sub in (api_bridge, api_work, api_fl):
+        sub.add_routes(r)
     return app

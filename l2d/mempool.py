@@ -10,7 +10,7 @@ import logging
 from typing import Callable, Iterable, Iterator, Optional
 
 from .core.errors import Rejected
-from .core.tx import Transaction, TxType
+from .core.tx import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Mempool:
         base = committed_nonce or 0
         if tx.nonce < base:
             raise StaleNonce(f"nonce {tx.nonce} is below the committed nonce {base} of {tx.sender.hex()}")
-        if tx.type not in (TxType.MINT, TxType.ANCHOR) and tx.fee_sat < self.min_fee_sat:
+        if not tx.payload.FEELESS and tx.fee_sat < self.min_fee_sat:
             raise FeeBelowFloor(f"fee {tx.fee_sat} sat is below the mempool floor of {self.min_fee_sat} sat")
         if tx.nonce > base + self.max_per_sender:
             raise NonceGap(f"nonce {tx.nonce} is more than {self.max_per_sender} ahead of the committed "

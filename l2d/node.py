@@ -371,12 +371,12 @@ class Node:
         committed = None if acc is None else acc.nonce
         if tx.nonce < (committed or 0):
             raise StaleNonce(f"nonce {tx.nonce} is below the committed nonce {committed} of {tx.sender.hex()}")
-        if acc is None and tx.type not in (T.TxType.MINT, T.TxType.ANCHOR):
-            raise UnknownSender(f"no committed account {tx.sender.hex()}")
-        spent = sum(_outflow(p) for p in self.mempool.pending_of(tx.sender) if p.nonce != tx.nonce)
-        balance = acc.balance_sat if acc is not None else 0
+        spent = sum(p.payload.debit_sat() + p.fee_sat for p in self.mempool.pending_of(tx.sender)
+                    if p.nonce != tx.nonce)
         view = StateView(self.store.get_state)
-        view.put(skey, Account(max(balance - spent, 0), tx.nonce).encode())
+        if acc is not None or tx.nonce > 0:  # nonce > 0: the sender's pending transactions create its account
+            balance = acc.balance_sat if acc is not None else 0
+            view.put(skey, Account(max(balance - spent, 0), tx.nonce).encode())
         apply_tx(view, tx, self.ledger.rules, signature_checked=True)
         return committed
 
@@ -718,13 +718,6 @@ def _nonce_reader(get: Callable[[bytes], Optional[bytes]]) -> Callable[[bytes], 
         return 0 if raw is None else Account.decode(bytes(raw)).nonce
 
     return nonce_of
-
-
-def _outflow(tx: T.Transaction) -> int:
-    """What tx takes from its sender's balance (a mint or an anchor update takes nothing)."""
-    if tx.type in (T.TxType.MINT, T.TxType.ANCHOR):
-        return 0
-    return tx.payload.amount_sat + tx.fee_sat
 
 
 def _check_genesis(ledger: Ledger, network: Network, genesis: dict[bytes, bytes], timestamp_ms: int) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol, cast
 
 from .errors import (BadNonce, DecodeError, FeeTooLow, ForeignNetwork, InsufficientBalance, InvalidTransaction, Overflow,
                      Unauthorized, UnknownSender)
 from .params import MAX_MONEY, Network
-from .tx import AnchorStatus, Transaction, TxType, check_signature, is_valid_key
+from .tx import AnchorStatus, AnchorUpdate, Mint, Transaction, Transfer, TxType, check_signature, is_valid_key
 
 
 class Namespace(IntEnum):
@@ -28,6 +28,8 @@ class Namespace(IntEnum):
     TASK = 0x06
     FL_ROUND = 0x07
     RELAY = 0x08
+    BTC_HEADER = 0x09
+    FL_JOB = 0x0A
 
 
 def meta_key(name: str) -> bytes:
@@ -47,6 +49,9 @@ def anchor_key(l2_height: int) -> bytes:
 
 
 SUPPLY_KEY = meta_key("supply")
+# Money held by the ledger itself (escrowed bounties and reward pools, locked stakes): u64, absent = 0.
+# Invariant: sum(balances) + fees + locked == minted - burned.
+LOCKED_KEY = meta_key("locked")
 MINT_AUTHORITY_KEY = meta_key("mint_authority")
 ANCHOR_AUTHORITY_KEY = meta_key("anchor_authority")
 
@@ -151,6 +156,84 @@ class StateView:
         return None if v is None else Account.decode(v)
 
 
+class Handler(Protocol):
+    def __call__(self, view: StateView, tx: Transaction, rules: Rules) -> None: ...
+
+
+# The subsystems' state transitions, by transaction type (registered at the bottom of this module).
+HANDLERS: dict[int, Handler] = {}
+
+
+def register_handlers(handlers: dict[int, Handler]) -> None:
+    for typ, fn in handlers.items():
+        if typ in HANDLERS:
+            raise RuntimeError(f"state transition for type {typ} registered twice")
+        HANDLERS[typ] = fn
+
+
+def charge_sender(view: StateView, tx: Transaction, rules: Rules, debit_sat: int) -> Account:
+    """Check the sender's account (exists, nonce, fee floor, balance >= debit + fee), then write it back
+    with debit + fee taken and the nonce bumped, and count the fee. Returns the account as it was.
+
+    For handlers of fee-paying types: call it after the handler's own checks and before its own writes.
+    """
+    skey = _ACC_PREFIX + tx.sender
+    raw = view.get(skey)
+    if raw is None:
+        raise UnknownSender(f"no account {tx.sender.hex()}")
+    bal, nonce = _ACCOUNT.unpack(raw)
+    if tx.nonce != nonce:
+        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
+    fee = tx.fee_sat
+    if fee < rules.min_fee_sat:
+        raise FeeTooLow(f"fee {fee} sat is below the floor of {rules.min_fee_sat} sat")
+    if debit_sat + fee > bal:
+        raise InsufficientBalance(f"needs {debit_sat + fee} sat ({debit_sat} + fee {fee}), balance is {bal}")
+    view.put(skey, _ACCOUNT.pack(bal - debit_sat - fee, nonce + 1))
+    if fee:
+        sup = Supply.decode(view.get(SUPPLY_KEY) or _SUPPLY.pack(0, 0, 0))
+        view.put(SUPPLY_KEY, _SUPPLY.pack(sup.minted_sat, sup.burned_sat, sup.fees_sat + fee))
+    return Account(bal, nonce)
+
+
+def bump_authority_nonce(view: StateView, tx: Transaction, authority_key: bytes, what: str) -> None:
+    """For fee-less authority types: check the sender is the authority stored under authority_key, the fee
+    is 0 and the nonce is next, then bump the nonce (creating the account if needed)."""
+    if view.get(authority_key) != tx.sender:
+        raise Unauthorized(f"{tx.sender.hex()} is not the {what}")
+    if tx.fee_sat != 0:
+        raise InvalidTransaction(f"a {tx.type.name.lower()} transaction carries no fee")
+    skey = _ACC_PREFIX + tx.sender
+    raw = view.get(skey)
+    bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
+    if tx.nonce != nonce:
+        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
+    view.put(skey, _ACCOUNT.pack(bal, nonce + 1))
+
+
+def locked_sat(view: StateView) -> int:
+    raw = view.get(LOCKED_KEY)
+    return 0 if raw is None else int.from_bytes(raw, "big")
+
+
+def add_locked(view: StateView, delta: int) -> None:
+    """Move delta sat into (delta > 0) or out of (delta < 0) the ledger's locked money."""
+    new = locked_sat(view) + delta
+    if not 0 <= new <= MAX_MONEY:
+        raise Overflow(f"locked money would be {new}")
+    view.put(LOCKED_KEY, new.to_bytes(8, "big"))
+
+
+def credit(view: StateView, pubkey: bytes, amount: int) -> None:
+    """Add amount to an account's balance, creating the account if needed."""
+    key = _ACC_PREFIX + pubkey
+    r = view.get(key)
+    bal, nonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
+    if bal + amount > MAX_MONEY:
+        raise Overflow(f"balance of {pubkey.hex()} would exceed {MAX_MONEY}")
+    view.put(key, _ACCOUNT.pack(bal + amount, nonce))
+
+
 def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checked: bool = False) -> None:
     """Apply one decoded transaction to view, or raise a Rejected subclass and change nothing."""
     if tx.network_id != rules.network.id:
@@ -177,7 +260,8 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
         bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
         if tx.nonce != nonce:
             raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
-        recipient, amount = tx.payload.recipient, tx.payload.amount_sat  # type: ignore[union-attr]
+        mint = cast(Mint, tx.payload)
+        recipient, amount = mint.recipient, mint.amount_sat
         if not is_valid_key(recipient):
             raise InvalidTransaction(f"recipient {recipient.hex()} is not a valid x-only key")
         if minted + amount > MAX_MONEY:
@@ -196,6 +280,10 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
     if typ == TxType.ANCHOR:
         _apply_anchor(view, tx, raw, sender_key)
         return
+    handler = HANDLERS.get(typ)
+    if handler is not None:
+        handler(view, tx, rules)
+        return
 
     if raw is None:
         raise UnknownSender(f"no account {tx.sender.hex()}")
@@ -204,12 +292,12 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
         raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
     if fee < rules.min_fee_sat:
         raise FeeTooLow(f"fee {fee} sat is below the floor of {rules.min_fee_sat} sat")
-    amount = tx.payload.amount_sat  # type: ignore[union-attr]
+    amount = tx.payload.debit_sat()
     if amount + fee > bal:
         raise InsufficientBalance(f"needs {amount + fee} sat (amount {amount} + fee {fee}), balance is {bal}")
 
     if typ == TxType.TRANSFER:
-        recipient = tx.payload.recipient  # type: ignore[union-attr]
+        recipient = cast(Transfer, tx.payload).recipient
         if recipient == tx.sender:
             raise InvalidTransaction("transfer to oneself")
         if not is_valid_key(recipient):
@@ -239,10 +327,10 @@ def _apply_anchor(view: StateView, tx: Transaction, raw: Optional[bytes], sender
     bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
     if tx.nonce != nonce:
         raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
-    p = tx.payload
-    entry = AnchorEntry(p.state_root, p.btc_txid, p.btc_block_hash, p.btc_height, p.status)  # type: ignore[union-attr]
+    p = cast(AnchorUpdate, tx.payload)
+    entry = AnchorEntry(p.state_root, p.btc_txid, p.btc_block_hash, p.btc_height, p.status)
     view.put(sender_key, _ACCOUNT.pack(bal, nonce + 1))
-    view.put(anchor_key(p.l2_height), entry.encode())  # type: ignore[union-attr]
+    view.put(anchor_key(p.l2_height), entry.encode())
 
 
 def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[bytes],
@@ -269,3 +357,7 @@ def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[b
             raise InvalidTransaction("anchor authority is not a valid x-only key")
         state[ANCHOR_AUTHORITY_KEY] = anchor_authority
     return state
+
+
+# The subsystems' state transitions import the names above; they register themselves when imported here.
+from . import pegs  # noqa: E402,F401

@@ -22,7 +22,7 @@ from .hashing import H_TX_SIG, H_TXID
 from .params import MAX_MONEY, Network
 
 TX_VERSION = 1
-MAX_PAYLOAD = 1024
+MAX_PAYLOAD = 4096  # room for a peg-in claim: a Bitcoin transaction and its merkle proof
 MAX_TX_SIZE = 3 + 32 + 8 + 8 + 3 + MAX_PAYLOAD + 64
 MAX_BURN_DESTINATION = 128
 _HEAD = struct.Struct(">BBB32sQQ")
@@ -40,10 +40,20 @@ class AnchorStatus(IntEnum):
 
 
 class TxType(IntEnum):
+    """Every transaction type number, in one place so none is ever reused.
+
+    Ranges: 1-15 ledger, anchoring and bridge; 16-31 orchestration (workers, tasks); 32-47 federated learning.
+    The payload classes of a subsystem live in its own module (l2d/core/*_tx.py), its state transition in
+    another (l2d/core/<subsystem>.py); both are registered at the bottom of tx.py and state.py.
+    """
+
     TRANSFER = 1
     MINT = 2
     BURN = 3
     ANCHOR = 4
+    PEGIN_CLAIM = 5
+    PEGOUT_UPDATE = 6
+    BTC_HEADERS = 7
 
 
 def _check_amount(amount: int, what: str) -> None:
@@ -53,8 +63,14 @@ def _check_amount(amount: int, what: str) -> None:
 
 class Payload(Protocol):
     TYPE: ClassVar[TxType]
+    # True for types posted by an authority (mint, anchor, relay...): they carry fee 0 and no fee floor applies.
+    FEELESS: ClassVar[bool]
 
     def encode(self) -> bytes: ...
+
+    def debit_sat(self) -> int:
+        """What the transaction takes from its sender's balance besides the fee (0 if nothing)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +78,7 @@ class Transfer:
     """Move amount_sat from the sender to recipient."""
 
     TYPE: ClassVar[TxType] = TxType.TRANSFER
+    FEELESS: ClassVar[bool] = False
     recipient: bytes
     amount_sat: int
 
@@ -72,6 +89,9 @@ class Transfer:
 
     def encode(self) -> bytes:
         return _DEST_AMOUNT.pack(self.recipient, self.amount_sat)
+
+    def debit_sat(self) -> int:
+        return self.amount_sat
 
     @classmethod
     def decode(cls, b: bytes) -> "Transfer":
@@ -85,6 +105,10 @@ class Mint(Transfer):
     """Create amount_sat for recipient (mint authority only, on networks that allow it)."""
 
     TYPE: ClassVar[TxType] = TxType.MINT
+    FEELESS: ClassVar[bool] = True
+
+    def debit_sat(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +116,7 @@ class Burn:
     """Destroy amount_sat of the sender's balance; destination names where it is paid out (peg-out)."""
 
     TYPE: ClassVar[TxType] = TxType.BURN
+    FEELESS: ClassVar[bool] = False
     amount_sat: int
     destination: bytes = b""
 
@@ -102,6 +127,9 @@ class Burn:
 
     def encode(self) -> bytes:
         return _AMOUNT.pack(self.amount_sat) + write_bytes(self.destination)
+
+    def debit_sat(self) -> int:
+        return self.amount_sat
 
     @classmethod
     def decode(cls, b: bytes) -> "Burn":
@@ -120,6 +148,7 @@ class AnchorUpdate:
     """
 
     TYPE: ClassVar[TxType] = TxType.ANCHOR
+    FEELESS: ClassVar[bool] = True
     l2_height: int
     state_root: bytes
     btc_txid: bytes  # internal byte order
@@ -148,6 +177,9 @@ class AnchorUpdate:
         return _ANCHOR.pack(self.l2_height, self.state_root, self.btc_txid, self.btc_block_hash, self.btc_height,
                             self.status)
 
+    def debit_sat(self) -> int:
+        return 0
+
     @classmethod
     def decode(cls, b: bytes) -> "AnchorUpdate":
         if len(b) != _ANCHOR.size:
@@ -155,9 +187,19 @@ class AnchorUpdate:
         return cls(*_ANCHOR.unpack(b))
 
 
+class PayloadClass(Protocol):
+    """What the decoder needs of a payload class: its type number and its strict decode."""
+
+    @property
+    def TYPE(self) -> TxType: ...
+
+    def decode(self, b: bytes) -> Payload: ...
+
+
 _ZERO32 = b"\0" * 32
-AnyPayload = Union[Transfer, Mint, Burn, AnchorUpdate]
-PAYLOAD_TYPES: dict[int, Union[type[Transfer], type[Burn], type[AnchorUpdate]]] = {
+AnyPayload = Payload
+# Filled in at the bottom of this module with the subsystems' payload classes.
+PAYLOAD_TYPES: dict[int, PayloadClass] = {
     TxType.TRANSFER: Transfer, TxType.MINT: Mint, TxType.BURN: Burn, TxType.ANCHOR: AnchorUpdate}
 
 
@@ -272,3 +314,15 @@ def signature_ok(raw: bytes) -> bool:
         return bool(xonly_key(raw[3:35]).verify(raw[-64:], H_TX_SIG(raw[:-64])))
     except ValueError:
         return False
+
+
+def register_payloads(*classes: PayloadClass) -> None:
+    """Add a subsystem's payload classes to the decoder (each type number once)."""
+    for cls in classes:
+        if cls.TYPE in PAYLOAD_TYPES:
+            raise RuntimeError(f"transaction type {cls.TYPE!r} registered twice")
+        PAYLOAD_TYPES[cls.TYPE] = cls
+
+
+# The subsystems' payload modules import the names above; they register themselves when imported here.
+from . import pegs_tx  # noqa: E402,F401

@@ -17,7 +17,7 @@ from l2d.core.errors import (DecodeError, InvalidBlock, NonMinimalVarint, OutOfR
                              UnknownVersion, WrongNetwork)
 from l2d.core.hashing import EMPTY_ROOT, tagged_hash
 from l2d.core.params import LOCAL, REGTEST
-from l2d.core.tx import Burn, Transfer, sign
+from l2d.core.tx import MAX_TX_SIZE, Burn, Transfer, sign
 
 AUX0 = b"\0" * 32
 
@@ -212,7 +212,7 @@ def test_block_with_an_invalid_transaction() -> None:
     hd = dataclasses.replace(BLOCK.header, tx_count=1)
     with pytest.raises(TrailingBytes):
         Block.decode(hd.encode() + raw[HEADER_SIZE:], LOCAL)
-    huge = hd.encode() + write_varint(1) + write_varint(2000) + b"\0" * 2000
+    huge = hd.encode() + write_varint(1) + write_varint(MAX_TX_SIZE + 1) + b"\0" * (MAX_TX_SIZE + 1)
     with pytest.raises(OutOfRange):
         Block.decode(huge, LOCAL)
 

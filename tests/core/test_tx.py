@@ -220,7 +220,7 @@ def test_oversize_transaction() -> None:
     with pytest.raises(OutOfRange):  # the burn destination limit, not the size limit, applies here
         decode(big, LOCAL)
     with pytest.raises(OutOfRange):  # payload length above MAX_PAYLOAD is refused before reading it
-        decode(raw_tx(typ=3, length=b"\xfd\x01\x04", payload=b""), LOCAL)
+        decode(raw_tx(typ=3, length=b"\xfd" + (T.MAX_PAYLOAD + 1).to_bytes(2, "little"), payload=b""), LOCAL)
 
 
 def test_non_minimal_payload_length() -> None:
