@@ -77,7 +77,7 @@ class Ledger:
         rejected: list[tuple[Transaction, Rejected]] = []
         rules = self.rules
         with self.store.reader() as r:
-            view = StateView(r.get_state)
+            view = StateView(r.get_state, tip.height + 1)
             for tx in txs:
                 try:
                     apply_tx(view, tx, rules, signature_checked=signatures_checked)

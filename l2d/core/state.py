@@ -131,13 +131,18 @@ _MISSING = object()
 
 
 class StateView:
-    """Write overlay over a read-only base; writes maps key -> value, or None for a deletion."""
+    """Write overlay over a read-only base; writes maps key -> value, or None for a deletion.
 
-    __slots__ = ("_base", "writes")
+    height is the L2 height of the block the transactions are applied in (the only notion of time the
+    state transition has: challenge windows, exit delays and timeouts are counted in blocks).
+    """
 
-    def __init__(self, base: Getter) -> None:
+    __slots__ = ("_base", "writes", "height")
+
+    def __init__(self, base: Getter, height: int = 0) -> None:
         self._base = base
         self.writes: dict[bytes, Optional[bytes]] = {}
+        self.height = height
 
     def get(self, key: bytes) -> Optional[bytes]:
         v = self.writes.get(key, _MISSING)
