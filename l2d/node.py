@@ -535,11 +535,20 @@ class Node:
 
     def submit_anchor_update(self, update: T.AnchorUpdate) -> bytes:
         """Sign an AnchorUpdate with the federation key and admit it like any transaction; returns its txid."""
+        return self.submit_as_federation(update)
+
+    def submit_as_federation(self, payload: T.Payload) -> bytes:
+        """Sign a fee-less authority payload (anchor update, header relay, peg-out update, task assignment,
+        FL round commitment...) with the federation key and admit it like any transaction; returns its txid.
+
+        The federation key's x-only public key is the genesis anchor authority (ANCHOR_AUTHORITY_KEY), the
+        one authority every coordinator-posted type checks.
+        """
         secret, pub = self._federation_secret, self.federation_pubkey
         if secret is None or pub is None:
             return self._refuse(Refused("unauthorized", "this node has no federation key"))
         nonce = self.mempool.next_nonce(pub, self.committed_nonce(pub))
-        tx = T.sign(self.network, secret, nonce, 0, update, os.urandom(32))
+        tx = T.sign(self.network, secret, nonce, 0, payload, os.urandom(32))
         return self._admit(tx, signature_checked=True)
 
     def _make_anchor_service(self) -> Optional["AnchorService"]:
