@@ -165,3 +165,13 @@ class Reader:
         """Every state record in key order."""
         with self._txn.cursor(db=self._s._state) as cur:
             yield from cur.iternext(keys=True, values=True)
+
+    def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The state records whose key starts with prefix (e.g. one namespace byte), in key order."""
+        with self._txn.cursor(db=self._s._state) as cur:
+            if not cur.set_range(prefix):
+                return
+            for k, v in cur.iternext(keys=True, values=True):
+                if not bytes(k).startswith(prefix):
+                    return
+                yield bytes(k), bytes(v)
