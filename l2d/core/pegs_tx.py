@@ -1,6 +1,155 @@
-"""Bridge transaction payloads: Bitcoin header relay, peg-in claims, peg-out updates (docs/transaction-format.md)."""
+"""Bridge transaction payloads: Bitcoin header relay, peg-in claims, peg-out updates.
+
+Byte layouts (big-endian integers) are in docs/transaction-format.md and docs/bridge.md. A peg-out request is
+an ordinary Burn whose destination is a Bitcoin address (see l2d/core/pegs.py).
+"""
 from __future__ import annotations
 
-from .tx import register_payloads
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
 
-register_payloads()
+from .codec import Reader, write_bytes
+from .errors import DecodeError, OutOfRange
+from .tx import TxType, register_payloads
+
+BTC_HEADER_SIZE = 80
+MAX_RELAY_HEADERS = 50  # 4 + 1 + 50 * 80 = 4005 bytes, inside MAX_PAYLOAD
+MAX_CLAIM_TX = 3000  # a deposit transaction (with witness)
+MAX_MERKLE_BLOCK = 1000  # gettxoutproof: 80-byte header + partial merkle tree (one match in 16666 txs is ~620)
+_U32_U8 = struct.Struct(">IB")
+_U32_U32 = struct.Struct(">II")
+_PEGOUT_UPDATE = struct.Struct(">32sB32sQ")
+
+
+class PegoutStatus(IntEnum):
+    PENDING = 1  # burned on the L2, waiting for the federation
+    BROADCAST = 2  # a signed Bitcoin transaction paying it was broadcast (its txid recorded; RBF may replace it)
+    COMPLETED = 3  # that transaction is confirmed on Bitcoin
+
+
+def _u32(value: int, what: str) -> None:
+    if not 0 <= value < 2**32:
+        raise OutOfRange(f"{what} {value} outside u32")
+
+
+@dataclass(frozen=True, slots=True)
+class BtcHeaders:
+    """Bitcoin block headers of the federation's best chain from start_height on (federation authority, fee 0).
+
+    Layout: start_height u32 | count u8 (1..50) | count x 80-byte headers.
+    """
+
+    TYPE: ClassVar[TxType] = TxType.BTC_HEADERS
+    FEELESS: ClassVar[bool] = True
+    start_height: int
+    headers: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _u32(self.start_height, "relay start height")
+        if not 1 <= len(self.headers) <= MAX_RELAY_HEADERS:
+            raise OutOfRange(f"header relay carries {len(self.headers)} headers, expected 1..{MAX_RELAY_HEADERS}")
+        for i, h in enumerate(self.headers):
+            if not isinstance(h, bytes) or len(h) != BTC_HEADER_SIZE:
+                raise OutOfRange(f"relayed header {i} is not {BTC_HEADER_SIZE} bytes")
+        if self.start_height + len(self.headers) > 2**32:
+            raise OutOfRange("relayed headers run past height 2**32 - 1")
+
+    def encode(self) -> bytes:
+        return _U32_U8.pack(self.start_height, len(self.headers)) + b"".join(self.headers)
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "BtcHeaders":
+        r = Reader(b, "header relay payload")
+        start, count = _U32_U8.unpack(r.take(_U32_U8.size))
+        if not 1 <= count <= MAX_RELAY_HEADERS:
+            raise OutOfRange(f"header relay carries {count} headers, expected 1..{MAX_RELAY_HEADERS}")
+        headers = tuple(r.take(BTC_HEADER_SIZE) for _ in range(count))
+        r.end()
+        return cls(start, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class PeginClaim:
+    """Claim a deposit to the federation: the sender is the L2 recipient the deposit address was tweaked for.
+
+    Layout: btc_height u32 | vout u32 | btc_tx (CompactSize + bytes, <= 3000) | merkle_block (CompactSize + bytes,
+    <= 1000: the output of bitcoind's gettxoutproof). The fee is taken from the claimed amount.
+    """
+
+    TYPE: ClassVar[TxType] = TxType.PEGIN_CLAIM
+    FEELESS: ClassVar[bool] = False
+    btc_height: int
+    vout: int
+    btc_tx: bytes
+    merkle_block: bytes
+
+    def __post_init__(self) -> None:
+        _u32(self.btc_height, "claim Bitcoin height")
+        _u32(self.vout, "claim output index")
+        if not 0 < len(self.btc_tx) <= MAX_CLAIM_TX:
+            raise OutOfRange(f"claimed transaction is {len(self.btc_tx)} bytes, expected 1..{MAX_CLAIM_TX}")
+        if not BTC_HEADER_SIZE < len(self.merkle_block) <= MAX_MERKLE_BLOCK:
+            raise OutOfRange(f"merkle block is {len(self.merkle_block)} bytes, expected "
+                             f"{BTC_HEADER_SIZE + 1}..{MAX_MERKLE_BLOCK}")
+
+    def encode(self) -> bytes:
+        return _U32_U32.pack(self.btc_height, self.vout) + write_bytes(self.btc_tx) + write_bytes(self.merkle_block)
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PeginClaim":
+        r = Reader(b, "peg-in claim payload")
+        height, vout = _U32_U32.unpack(r.take(_U32_U32.size))
+        btc_tx = r.var_bytes(MAX_CLAIM_TX)
+        merkle_block = r.var_bytes(MAX_MERKLE_BLOCK)
+        r.end()
+        return cls(height, vout, btc_tx, merkle_block)
+
+
+@dataclass(frozen=True, slots=True)
+class PegoutUpdate:
+    """The federation records the Bitcoin transaction paying a peg-out (federation authority, fee 0).
+
+    Layout: pegout_id 32 (the burn's txid) | status u8 (2 BROADCAST, 3 COMPLETED) | btc_txid 32 (internal order)
+    | anchor_height u64 (an L2 height >= the burn's whose anchor is CONFIRMED or FINAL).
+    """
+
+    TYPE: ClassVar[TxType] = TxType.PEGOUT_UPDATE
+    FEELESS: ClassVar[bool] = True
+    pegout_id: bytes
+    status: PegoutStatus
+    btc_txid: bytes
+    anchor_height: int
+
+    def __post_init__(self) -> None:
+        if len(self.pegout_id) != 32 or len(self.btc_txid) != 32:
+            raise OutOfRange("peg-out update: pegout id and Bitcoin txid are 32 bytes each")
+        if isinstance(self.status, bool) or self.status not in (PegoutStatus.BROADCAST, PegoutStatus.COMPLETED):
+            raise OutOfRange(f"peg-out update status {self.status!r} is not 2 (BROADCAST) or 3 (COMPLETED)")
+        object.__setattr__(self, "status", PegoutStatus(self.status))
+        if not 0 <= self.anchor_height < 2**64:
+            raise OutOfRange(f"peg-out update anchor height {self.anchor_height} outside u64")
+        if self.btc_txid == b"\0" * 32:
+            raise OutOfRange("peg-out update: Bitcoin txid is zero")
+
+    def encode(self) -> bytes:
+        return _PEGOUT_UPDATE.pack(self.pegout_id, self.status, self.btc_txid, self.anchor_height)
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PegoutUpdate":
+        if len(b) != _PEGOUT_UPDATE.size:
+            raise DecodeError(f"peg-out update payload is {len(b)} bytes, expected {_PEGOUT_UPDATE.size}")
+        return cls(*_PEGOUT_UPDATE.unpack(b))
+
+
+register_payloads(BtcHeaders, PeginClaim, PegoutUpdate)

@@ -289,6 +289,8 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
     if handler is not None:
         handler(view, tx, rules)
         return
+    if typ != TxType.TRANSFER:  # a decoded type without a state transition
+        raise InvalidTransaction(f"transaction type {typ!r} is not applicable")
 
     if raw is None:
         raise UnknownSender(f"no account {tx.sender.hex()}")
@@ -301,25 +303,19 @@ def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checke
     if amount + fee > bal:
         raise InsufficientBalance(f"needs {amount + fee} sat (amount {amount} + fee {fee}), balance is {bal}")
 
-    if typ == TxType.TRANSFER:
-        recipient = cast(Transfer, tx.payload).recipient
-        if recipient == tx.sender:
-            raise InvalidTransaction("transfer to oneself")
-        if not is_valid_key(recipient):
-            raise InvalidTransaction(f"recipient {recipient.hex()} is not a valid x-only key")
-        rkey = _ACC_PREFIX + recipient
-        r = get(rkey)
-        rbal, rnonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
-        if rbal + amount > MAX_MONEY:
-            raise Overflow(f"recipient balance would exceed {MAX_MONEY}")
-        view.put(sender_key, _ACCOUNT.pack(bal - amount - fee, nonce + 1))
-        view.put(rkey, _ACCOUNT.pack(rbal + amount, rnonce))
-        view.put(SUPPLY_KEY, _SUPPLY.pack(minted, burned, fees + fee))
-    elif typ == TxType.BURN:
-        view.put(sender_key, _ACCOUNT.pack(bal - amount - fee, nonce + 1))
-        view.put(SUPPLY_KEY, _SUPPLY.pack(minted, burned + amount, fees + fee))
-    else:  # a decoded type this state transition does not handle yet
-        raise InvalidTransaction(f"transaction type {typ!r} is not applicable")
+    recipient = cast(Transfer, tx.payload).recipient
+    if recipient == tx.sender:
+        raise InvalidTransaction("transfer to oneself")
+    if not is_valid_key(recipient):
+        raise InvalidTransaction(f"recipient {recipient.hex()} is not a valid x-only key")
+    rkey = _ACC_PREFIX + recipient
+    r = get(rkey)
+    rbal, rnonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
+    if rbal + amount > MAX_MONEY:
+        raise Overflow(f"recipient balance would exceed {MAX_MONEY}")
+    view.put(sender_key, _ACCOUNT.pack(bal - amount - fee, nonce + 1))
+    view.put(rkey, _ACCOUNT.pack(rbal + amount, rnonce))
+    view.put(SUPPLY_KEY, _SUPPLY.pack(minted, burned, fees + fee))
 
 
 def _apply_anchor(view: StateView, tx: Transaction, raw: Optional[bytes], sender_key: bytes) -> None:

@@ -85,8 +85,8 @@ def test_constructor_ranges() -> None:
         AnchorUpdate(1, ROOT, TXID, BLOCK, 1, True)  # type: ignore[arg-type]
 
 
-def test_unknown_type_5_still_refused() -> None:
-    raw = struct.pack(">BBB32sQQ", 1, REGTEST.id, 5, pubkey(FED), 0, 0) + b"\x00" + b"\0" * 64
+def test_unassigned_type_refused() -> None:
+    raw = struct.pack(">BBB32sQQ", 1, REGTEST.id, 15, pubkey(FED), 0, 0) + b"\x00" + b"\0" * 64
     with pytest.raises(UnknownType):
         decode(raw, REGTEST)
 

@@ -149,7 +149,7 @@ def test_unknown_version(version: int) -> None:
         decode(bytes(raw), LOCAL)
 
 
-@pytest.mark.parametrize("typ", [0, 5, 255])  # 4 is the anchor update (tests/core/test_anchor_tx.py)
+@pytest.mark.parametrize("typ", [0, 15, 255])  # numbers no subsystem uses (l2d/core/tx.py TxType)
 def test_unknown_type(typ: int) -> None:
     raw = bytearray(SAMPLES["transfer"].raw)
     raw[2] = typ

@@ -455,6 +455,7 @@ async def test_every_mutation_of_a_valid_tx_is_a_400(client: Client) -> None:
     before = await tip_state(client)
     variants = [raw[:i] for i in range(len(raw))]
     variants += [raw[:i] + bytes([raw[i] ^ (1 << (i % 8))]) + raw[i + 1:] for i in range(len(raw))]
+    variants.append(raw[:2] + b"\xff" + raw[3:])  # a type number no subsystem uses
     reasons: set[str] = set()
     for v in variants:
         resp = await client.post("/api/l2/tx", json={"tx": v.hex()})

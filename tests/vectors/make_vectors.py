@@ -108,7 +108,7 @@ def transactions() -> dict[str, Any]:
         ("truncated-header", base[:50], "local"),
         ("trailing-byte", base + b"\0", "local"),
         ("unknown-version", patched(0, b"\x02"), "local"),
-        ("unknown-type", patched(2, b"\x05"), "local"),
+        ("unknown-type", patched(2, b"\xff"), "local"),
         ("wrong-network", base, "regtest"),
         ("fee-above-max-money", patched(43, (MAX_MONEY + 1).to_bytes(8, "big")), "local"),
         ("amount-zero", patched(84, bytes(8)), "local"),
