@@ -186,6 +186,23 @@ class AnchoringConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """[bridge]: the m-of-n federation (a genesis parameter), peg-in depth and peg-out payment (docs/bridge.md)."""
+
+    enabled: bool
+    threshold: int  # m
+    signer_key_files: tuple[Path, ...]  # the federation keys this daemon signs with (absolute paths)
+    other_keys: tuple[bytes, ...]  # 33-byte compressed keys of members whose keys live elsewhere
+    pegin_min_depth: int  # confirmations a deposit needs before it can be claimed
+    pegout_confirmations: int  # a payout is COMPLETED at this many Bitcoin confirmations
+    rbf_after_blocks: int
+    fee_fallback_sat_per_vb: int
+    fee_max_sat_per_vb: int
+    max_fee_share_ppm: int  # signer policy: at most this share of a peg-out goes to the Bitcoin fee
+    poll_interval_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class BitcoindConfig:
     """[bitcoind]: how to reach bitcoind; rpc_url "" = no bitcoind (anchors are built but not broadcast)."""
 
@@ -206,7 +223,7 @@ class BitcoindConfig:
 
 
 _BITCOIN_CHAIN: Final = {"local": "regtest", "regtest": "regtest", "signet": "signet", "mainnet": "main"}
-_SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind")
+_SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind", "bridge")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +237,7 @@ class Config:
     anchoring: AnchoringConfig
     bitcoind: BitcoindConfig
     source: Path | None  # the TOML file it was loaded from; None when built from a dict
+    bridge: BridgeConfig = None  # type: ignore[assignment]  # always set by from_dict
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -262,7 +280,8 @@ class Config:
         snapshots = _snapshots(tables["snapshots"], base, node)
         anchoring = _anchoring(tables["anchoring"], base, node)
         bitcoind = _bitcoind(tables["bitcoind"], base, node)
-        return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source)
+        bridge = _bridge(tables["bridge"], base, node, anchoring)
+        return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source, bridge=bridge)
 
     def effective(self) -> dict[str, Any]:
         """The effective configuration as a JSON-able dict, admin token redacted (for the start-up log)."""
@@ -288,6 +307,9 @@ class Config:
                           "keep": self.snapshots.keep},
             "anchoring": {k: (str(v) if isinstance(v, Path) else v)
                           for k, v in ((f, getattr(self.anchoring, f)) for f in AnchoringConfig.__slots__)},
+            "bridge": {k: ([str(x) for x in v] if isinstance(v, tuple) and k == "signer_key_files"
+                           else [x.hex() for x in v] if isinstance(v, tuple) else v)
+                       for k, v in ((f, getattr(self.bridge, f)) for f in BridgeConfig.__slots__)},
             "bitcoind": {"rpc_url": self.bitcoind.rpc_url,
                          "cookie_file": None if self.bitcoind.cookie_file is None else str(self.bitcoind.cookie_file),
                          "rpc_user": self.bitcoind.rpc_user,
@@ -453,6 +475,47 @@ def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringC
         fee_max_sat_per_vb=fee_max,
         rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
         poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=5000),
+    )
+
+
+def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: AnchoringConfig) -> BridgeConfig:
+    s = _Section("bridge", t, ("enabled", "threshold", "signer_key_files", "other_keys", "pegin_min_depth",
+                               "pegout_confirmations", "rbf_after_blocks", "fee_fallback_sat_per_vb",
+                               "fee_max_sat_per_vb", "max_fee_share_ppm", "poll_interval_ms"))
+    enabled = _get_bool(s, "enabled", False)
+    files = s.raw("signer_key_files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f.strip() for f in files):
+        raise s.fail("signer_key_files", files, "must be a list of key file paths")
+    paths = tuple(_resolve(Path(f).expanduser(), base) for f in files)
+    if len(set(paths)) != len(paths):
+        raise s.fail("signer_key_files", files, "lists a file twice")
+    others = s.raw("other_keys", [])
+    if not isinstance(others, list) or not all(isinstance(k, str) and re.fullmatch(r"0[23][0-9a-fA-F]{64}", k)
+                                                 for k in others):
+        raise s.fail("other_keys", others, "must be a list of 66-hex compressed public keys")
+    n = len(paths) + len(others)
+    if enabled:
+        if n == 0:
+            raise s.fail("signer_key_files", files, "the federation needs at least one key")
+        if anchoring.federation_key_file is None:
+            raise ConfigError("config: bridge.enabled needs anchoring.federation_key_file (the federation "
+                              "authority relays headers and records peg-outs)")
+    threshold = s.get_int("threshold", 1, 15, default=max(1, n // 2 + 1))
+    if enabled and threshold > n:
+        raise s.fail("threshold", threshold, f"exceeds the number of federation keys ({n})")
+    fallback = s.get_int("fee_fallback_sat_per_vb", 1, 100_000, default=2)
+    fee_max = s.get_int("fee_max_sat_per_vb", 1, 100_000, default=500)
+    if fee_max < fallback:
+        raise s.fail("fee_max_sat_per_vb", fee_max, f"must be at least bridge.fee_fallback_sat_per_vb ({fallback})")
+    return BridgeConfig(
+        enabled=enabled, threshold=threshold, signer_key_files=paths,
+        other_keys=tuple(bytes.fromhex(k) for k in others),
+        pegin_min_depth=s.get_int("pegin_min_depth", 1, 65_535, default=102),
+        pegout_confirmations=s.get_int("pegout_confirmations", 1, 1000, default=6),
+        rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
+        fee_fallback_sat_per_vb=fallback, fee_max_sat_per_vb=fee_max,
+        max_fee_share_ppm=s.get_int("max_fee_share_ppm", 0, 1_000_000, default=100_000),
+        poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=2000),
     )
 
 
