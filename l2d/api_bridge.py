@@ -1,8 +1,108 @@
-"""REST routes of the bridge subsystem (registered by l2d.api.make_app)."""
+"""REST routes of the bridge: federation, deposit addresses, peg-ins, peg-outs (docs/bridge.md)."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .core.pegs import (CHANGE_CONTRACT, PeginEntry, PegoutEntry, bridge_totals, btc_tip, deposit_script_pubkey,
+                        script_address, witness_script)
+from .core.state import SUPPLY_KEY, Namespace, StateView, Supply
+
+if TYPE_CHECKING:
+    from .core.pegs import Federation
+    from .node import Node
+
+
+def _node_fed(request: web.Request) -> tuple["Node", "Federation"]:
+    from .api import NODE_KEY, ApiError
+
+    node = request.app[NODE_KEY]
+    fed = node.bridge_federation
+    if fed is None:
+        raise ApiError(404, "no-bridge", "this node runs no bridge ([bridge] enabled = false)")
+    return node, fed
+
+
+def _descriptor(fed: "Federation", network_id: int, contract: bytes) -> str:
+    ws = witness_script(fed, network_id, contract)
+    keys = [ws[2 + 34 * k:2 + 34 * k + 33].hex() for k in range(len(fed.keys))]
+    return f"wsh(multi({fed.threshold},{','.join(keys)}))"
+
+
+async def federation(request: web.Request) -> web.Response:
+    """GET /api/bridge/federation: keys, threshold, deposit rule, relayed Bitcoin tip, totals, supply invariant."""
+    node, fed = _node_fed(request)
+    with node.store.reader() as r:
+        view = StateView(r.get_state)
+        totals = bridge_totals(view)
+        tip = btc_tip(view)
+        sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
+    svc = node.bridge_service
+    holdings = None if svc is None else svc.holdings_sat()
+    bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
+    net = node.network.id
+    return web.json_response({
+        "threshold": fed.threshold, "keys": [k.hex() for k in fed.keys], "pegin_min_depth": fed.min_depth,
+        "deposit_descriptor": f"wsh(sortedmulti({fed.threshold},{','.join(k.hex() for k in fed.keys)}))",
+        "deposit_tweak": "each key P becomes P + H_tag('l2d/pegin/tweak', P || network id || account)*G; "
+                         "GET /api/bridge/pegin-address/{account} gives the address",
+        "change_address": script_address(deposit_script_pubkey(fed, net, CHANGE_CONTRACT), node.network),
+        "btc_tip": None if tip is None else {"base_height": tip.base_height, "height": tip.height,
+                                             "hash": tip.block_hash[::-1].hex()},
+        "pegged_in_sat": totals.pegged_in_sat, "pending_pegouts_sat": totals.pending_out_sat,
+        "paid_out_sat": totals.paid_out_sat,
+        "l2_supply_sat": sup.minted_sat - sup.burned_sat, "bridged_supply_sat": bridged,
+        "holdings_sat": holdings,
+        # L2 money that came in through the bridge == BTC the federation holds - peg-outs not yet paid
+        "invariant_ok": None if holdings is None else holdings - totals.pending_out_sat == bridged,
+    })
+
+
+async def pegin_address(request: web.Request) -> web.Response:
+    """GET /api/bridge/pegin-address/{account}: the deposit address only that L2 account can claim."""
+    from .api import _hex32
+
+    node, fed = _node_fed(request)
+    account = _hex32(request.match_info["account"], "account")
+    net = node.network.id
+    spk = deposit_script_pubkey(fed, net, account)
+    return web.json_response({"account": account.hex(), "address": script_address(spk, node.network),
+                              "script_pubkey": spk.hex(), "witness_script": witness_script(fed, net, account).hex(),
+                              "descriptor": _descriptor(fed, net, account), "min_depth": fed.min_depth})
+
+
+def _listing(request: web.Request, ns: Namespace) -> list[tuple[bytes, bytes]]:
+    node, _ = _node_fed(request)
+    with node.store.reader() as r:
+        return list(r.iter_prefix(bytes((ns,))))
+
+
+async def pegins(request: web.Request) -> web.Response:
+    """GET /api/bridge/pegins: every claimed deposit."""
+    out: list[dict[str, Any]] = []
+    for _, v in _listing(request, Namespace.PEGIN):
+        e = PeginEntry.decode(v)
+        out.append({"btc_txid": e.btc_txid[::-1].hex(), "vout": e.vout, "amount_sat": e.amount_sat,
+                    "btc_height": e.btc_height, "recipient": e.recipient.hex()})
+    return web.json_response({"pegins": out})
+
+
+async def pegouts(request: web.Request) -> web.Response:
+    """GET /api/bridge/pegouts: every peg-out request and where its payment stands."""
+    node, _ = _node_fed(request)
+    out: list[dict[str, Any]] = []
+    for k, v in _listing(request, Namespace.PEGOUT):
+        e = PegoutEntry.decode(v)
+        out.append({"id": k[1:].hex(), "status": e.status.name, "amount_sat": e.amount_sat,
+                    "l2_height": e.l2_height, "address": script_address(e.script_pubkey, node.network),
+                    "btc_txid": None if e.btc_txid == bytes(32) else e.btc_txid[::-1].hex()})
+    return web.json_response({"pegouts": out})
+
 
 def add_routes(r: web.UrlDispatcher) -> None:
-    """Add this subsystem's routes; handlers reach the node as request.app[NODE_KEY] (from l2d.api, imported inside functions)."""
+    """Add this subsystem's routes; handlers reach the node as request.app[NODE_KEY] (from l2d.api)."""
+    r.add_get("/api/bridge/federation", federation)
+    r.add_get("/api/bridge/pegin-address/{account}", pegin_address)
+    r.add_get("/api/bridge/pegins", pegins)
+    r.add_get("/api/bridge/pegouts", pegouts)

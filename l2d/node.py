@@ -44,6 +44,8 @@ from .store import Store, StoreError
 
 if TYPE_CHECKING:
     from anchoring.service import AnchorService
+    from bridge.service import BridgeService
+    from l2d.core.pegs import Federation
     from bridge.rpc import BitcoinRPC
 
 # Named after the module even when run as `python -m l2d.node` (where __name__ is "__main__").
@@ -203,6 +205,9 @@ class Node:
         self.federation_pubkey: Optional[bytes] = (
             None if federation_secret is None else PrivateKey(federation_secret).public_key_xonly.format())
         self.anchor_service: Optional["AnchorService"] = None
+        self.bridge_federation: Optional["Federation"] = None
+        self._signer_secrets: list[bytes] = []
+        self.bridge_service: Optional["BridgeService"] = None
         self._btc_rpc: Optional["BitcoinRPC"] = None
         # Held from build_block until commit returns: in between, the tree is ahead of the committed state.
         self.tree_lock = asyncio.Lock()
@@ -247,6 +252,11 @@ class Node:
             genesis = genesis_state(config.chain.genesis_alloc, authority, federation)
         except L2Error as e:
             raise NodeError(f"chain.genesis_alloc: {e}") from None
+        signer_secrets, fed = _bridge_federation(config, network)
+        if fed is not None:
+            from .core.pegs import federation_genesis
+
+            genesis.update(federation_genesis(fed))
         store = Store(Path(config.node.data_dir) / "ledger", network)
         try:
             ledger = Ledger(store, Rules(network, config.chain.min_fee_sat))
@@ -256,7 +266,9 @@ class Node:
             store.close()
             raise
         mempool = Mempool(config.mempool.max_txs, config.mempool.max_per_sender, config.mempool.min_fee_sat)
-        return cls(config, network, store, ledger, mempool, authority_secret, federation_secret)
+        node = cls(config, network, store, ledger, mempool, authority_secret, federation_secret)
+        node.bridge_federation, node._signer_secrets = fed, signer_secrets
+        return node
 
     # -- read side ------------------------------------------------------------------------------------------
     @property
@@ -579,6 +591,37 @@ class Node:
         service.load()
         return service
 
+    def _make_bridge_service(self) -> Optional["BridgeService"]:
+        """The federation's bridge work (header relay, peg-out payments): needs the federation and bitcoind."""
+        fed = self.bridge_federation
+        if fed is None or self._btc_rpc is None:
+            if fed is not None:
+                log.warning("bridge: no bitcoind configured: headers are not relayed and peg-outs not paid")
+            return None
+        from bridge.federation import LocalSigner
+        from bridge.service import BridgeService
+
+        cfg = self.config.bridge
+        bdir = Path(self.config.node.data_dir) / "bridge"
+        bdir.mkdir(parents=True, exist_ok=True)
+        signers = [LocalSigner(sec, fed, self.network, self.store.get_state,
+                               bdir / f"signer-{PrivateKey(sec).public_key.format().hex()[:16]}.json",
+                               cfg.max_fee_share_ppm) for sec in self._signer_secrets]
+        headers = None
+        try:
+            from bridge.headers import HeaderStore
+
+            headers = HeaderStore.open_for_node(Path(self.config.node.data_dir) / "btc_headers", self.network)
+        except ImportError:
+            log.warning("bridge: no header store available: headers are not relayed")
+        return BridgeService(fed=fed, network=self.network, signers=signers, rpc=self._btc_rpc,
+                             read_state=self.store.reader, submit=self.submit_as_federation,
+                             batch_dir=bdir / "batches", headers=headers,
+                             confirmations=cfg.pegout_confirmations, rbf_after_blocks=cfg.rbf_after_blocks,
+                             fee_fallback_sat_per_vb=cfg.fee_fallback_sat_per_vb,
+                             fee_max_sat_per_vb=cfg.fee_max_sat_per_vb, poll_interval_ms=cfg.poll_interval_ms,
+                             now=lambda: int(time.time()))
+
     async def _snapshotter(self) -> None:
         while True:
             await self._snapshot_wanted.wait()
@@ -639,6 +682,9 @@ class Node:
         self.anchor_service = self._make_anchor_service()
         if self.anchor_service is not None:
             self._tasks.append(asyncio.create_task(self.anchor_service.run(), name="anchor-service"))
+        self.bridge_service = self._make_bridge_service()
+        if self.bridge_service is not None:
+            self._tasks.append(asyncio.create_task(self.bridge_service.run(), name="bridge-service"))
         if serve_http:
             from .api import make_app  # the API module imports this one's types
 
@@ -727,6 +773,28 @@ def _nonce_reader(get: Callable[[bytes], Optional[bytes]]) -> Callable[[bytes], 
         return 0 if raw is None else Account.decode(bytes(raw)).nonce
 
     return nonce_of
+
+
+def _bridge_federation(config: Config, network: Network) -> tuple[list[bytes], Optional["Federation"]]:
+    """The federation of [bridge] (a genesis parameter) and the secrets of the signers this daemon runs."""
+    cfg = config.bridge
+    if not cfg.enabled:
+        return [], None
+    from .core.pegs import Federation
+
+    secrets_: list[bytes] = []
+    for f in cfg.signer_key_files:
+        if not network.admin_mint and not f.exists():
+            raise NodeError(f"bridge.signer_key_files: {f} does not exist (keys are only created on local and "
+                            f"regtest)")
+        secrets_.append(load_or_create_secret(f, "federation signer"))
+    keys = [PrivateKey(s).public_key.format(compressed=True) for s in secrets_] + list(cfg.other_keys)
+    if len(set(keys)) != len(keys):
+        raise NodeError("bridge: the same federation key is configured twice (a key counts once in a quorum)")
+    try:
+        return secrets_, Federation(cfg.threshold, tuple(sorted(keys)), cfg.pegin_min_depth)
+    except L2Error as e:
+        raise NodeError(f"bridge: {e}") from None
 
 
 def _check_genesis(ledger: Ledger, network: Network, genesis: dict[bytes, bytes], timestamp_ms: int) -> None:
