@@ -54,6 +54,18 @@ class TxType(IntEnum):
     PEGIN_CLAIM = 5
     PEGOUT_UPDATE = 6
     BTC_HEADERS = 7
+    WORKER_REGISTER = 16
+    WORKER_HEARTBEAT = 17
+    WORKER_EXIT = 18
+    WORKER_WITHDRAW = 19
+    TASK_SUBMIT = 20
+    TASK_ASSIGN = 21
+    TASK_RESULT = 22
+    TASK_REASSIGN = 23
+    TASK_SETTLE = 24
+    TASK_DISPUTE = 25
+    TASK_RESOLVE = 26
+    TASK_CANCEL = 27
 
 
 def _check_amount(amount: int, what: str) -> None:
@@ -326,3 +338,4 @@ def register_payloads(*classes: PayloadClass) -> None:
 
 # The subsystems' payload modules import the names above; they register themselves when imported here.
 from . import pegs_tx  # noqa: E402,F401
+from . import work_tx  # noqa: E402,F401
