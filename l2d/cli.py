@@ -15,6 +15,8 @@ from coincurve import PrivateKey
 
 from .core import tx as T
 from .core.params import network_by_name
+from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey
+from .core.pegs_tx import PeginClaim
 from .core.tree import Proof, verify_proof
 
 DEFAULT_API = os.environ.get("L2D_API", "http://127.0.0.1:8650")
@@ -145,7 +147,36 @@ def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
+    if a.destination:  # a peg-out: refuse an address of another network before signing anything
+        network = network_by_name(_request(a.api, "GET", "/api/status")["network"])
+        try:
+            address_script(a.destination, network)
+        except BridgeRejected as e:
+            raise CliError(str(e)) from None
     return _send(a, T.Burn(a.amount, a.destination.encode()))
+
+
+def cmd_pegin_address(a: argparse.Namespace) -> dict[str, Any]:
+    """The deposit address only this account can claim, re-derived locally from the federation's keys."""
+    account = _account_id(a.account)
+    network = network_by_name(_request(a.api, "GET", "/api/status")["network"])
+    fed_json = _request(a.api, "GET", "/api/bridge/federation")
+    fed = Federation(fed_json["threshold"], tuple(bytes.fromhex(k) for k in fed_json["keys"]),
+                     fed_json["pegin_min_depth"])
+    res: dict[str, Any] = _request(a.api, "GET", f"/api/bridge/pegin-address/{account}")
+    if res["script_pubkey"] != deposit_script_pubkey(fed, network.id, bytes.fromhex(account)).hex():
+        raise CliError("the daemon's deposit address does not match the one derived from the federation keys")
+    res["verified_locally"] = True
+    return res
+
+
+def cmd_pegin_claim(a: argparse.Namespace) -> dict[str, Any]:
+    """Claim a deposit: the raw Bitcoin transaction and `bitcoin-cli gettxoutproof` of its block."""
+    try:
+        btc_tx, proof = bytes.fromhex(a.tx), bytes.fromhex(a.proof)
+    except ValueError:
+        raise CliError("--tx and --proof must be hex") from None
+    return _send(a, PeginClaim(a.btc_height, a.vout, btc_tx, proof))
 
 
 def _token(a: argparse.Namespace) -> str:
@@ -227,12 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "transfer":
             p.add_argument("--to", required=True, help="recipient account id or key file")
         else:
-            p.add_argument("--destination", default="", help="where the burn is paid out (peg-out)")
+            p.add_argument("--destination", default="",
+                           help="a Bitcoin address of the daemon's network: the burn becomes a peg-out")
         p.add_argument("--amount", type=_sat, required=True, help="satoshis")
         p.add_argument("--fee", type=int, default=1, help="satoshis (default %(default)s)")
         p.add_argument("--nonce", type=int, help="override the committed nonce (to queue several)")
         p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("pegin-address", help="the deposit address only ACCOUNT can claim (checked locally)")
+    p.add_argument("account", help="64-hex account id or a key file")
+    p.set_defaults(fn=cmd_pegin_address)
+    p = sub.add_parser("pegin-claim", help="claim a deposit with its raw transaction and merkle proof")
+    p.add_argument("--key", required=True, help="the key of the account the deposit address was made for")
+    p.add_argument("--tx", required=True, help="raw Bitcoin transaction (hex)")
+    p.add_argument("--proof", required=True, help="bitcoin-cli gettxoutproof output (hex)")
+    p.add_argument("--btc-height", type=int, required=True, help="height of the block holding the deposit")
+    p.add_argument("--vout", type=int, required=True, help="index of the output paying the deposit address")
+    p.add_argument("--fee", type=int, default=1, help="satoshis, taken from the deposit (default %(default)s)")
+    p.add_argument("--nonce", type=int, help="override the committed nonce")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
+    p.set_defaults(fn=cmd_pegin_claim)
     p = sub.add_parser("mint", help="admin: mint on local/regtest")
     p.add_argument("--to", required=True)
     p.add_argument("--amount", type=_sat, required=True)

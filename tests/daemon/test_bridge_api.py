@@ -146,3 +146,25 @@ def test_a_key_configured_twice_is_refused(tmp_path: Path, make_cfg: Callable[..
 def test_threshold_above_n_is_refused(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
     with pytest.raises(ConfigError, match="bridge.threshold"):
         bridge_config(tmp_path, make_cfg, threshold=4)
+
+
+async def test_cli_pegin_address_and_wrong_network_burn(bridge_client: tuple[Node, TestClient], keys: Any,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+    import json
+
+    from l2d import cli
+
+    node, client = bridge_client
+    api = str(client.make_url("/"))
+    account = keys.pubkey(2).hex()
+    code = await asyncio.to_thread(cli.main, ["--api", api, "--json", "pegin-address", account])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["verified_locally"] is True and out["address"].startswith("bcrt1q")
+    key = tmp_path / "k2.key"
+    key.write_text(keys.secret(2).hex())
+    before = await _state(client)
+    code = await asyncio.to_thread(cli.main, ["--api", api, "burn", "--key", str(key), "--amount", "20000",
+                                              "--destination", MAINNET_P2WPKH])
+    assert code == 1 and "mainnet address" in capsys.readouterr().err
+    assert await _state(client) == before
