@@ -1,6 +1,6 @@
 """Write the l2d config for the regtest started by regtest/start.sh, or print the federation's address.
 
-    python regtest/l2d_config.py write OUT.toml     # config/regtest.toml + this bitcoind, anchoring on
+    python regtest/l2d_config.py write OUT.toml     # config/regtest.toml + this bitcoind, anchoring and bridge on
     python regtest/l2d_config.py address CONFIG     # bech32m key-path address of the federation key
 
 bitcoind's settings come from the environment written to .regtest/env by regtest/start.sh.
@@ -31,6 +31,9 @@ def write(out: Path) -> None:
         if key in cfg.get(section, {}):
             cfg[section][key] = str((base.parent / cfg[section][key]).resolve())
     data_dir = Path(cfg["node"]["data_dir"])
+    bridge = cfg.get("bridge", {})
+    bridge["signer_key_files"] = [str((base.parent / f).resolve()) for f in bridge.get("signer_key_files", [])]
+    cfg["bridge"] = {**bridge, "enabled": bool(bridge["signer_key_files"])}
     cfg["anchoring"] = {**cfg.get("anchoring", {}), "enabled": True,
                         "federation_key_file": str(data_dir / "federation.key")}
     cfg["bitcoind"] = {**cfg.get("bitcoind", {}), "rpc_url": os.environ["BITCOIN_RPC_URL"],
