@@ -1,8 +1,178 @@
-"""REST routes of the work subsystem (registered by l2d.api.make_app)."""
+"""REST routes of the work subsystem (registered by l2d.api.make_app): task submission, tasks with their
+assignment explanation, workers, and each worker's due assignments (what the l2-worker agent polls)."""
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING, Any, Optional
+
 from aiohttp import web
+
+from .core import tx as T
+from .core.errors import DecodeError
+from .core.state import Namespace
+from .core.work import TaskRecord, TaskStatus, WorkerRecord, task_key, worker_key
+from .core.work_tx import ZERO_KEY, Role
+
+if TYPE_CHECKING:
+    from .node import Node
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
+def _node(request: web.Request) -> "Node":
+    from .api import NODE_KEY
+
+    return request.app[NODE_KEY]
+
+
+def _id(request: web.Request, name: str) -> bytes:
+    from .api import ApiError
+
+    s = request.match_info[name]
+    if not _HEX64.fullmatch(s):
+        raise ApiError(400, "malformed", f"{name} must be 64 hex characters")
+    return bytes.fromhex(s)
+
+
+def _hex(k: bytes) -> Optional[str]:
+    return None if k == ZERO_KEY else k.hex()
+
+
+def worker_json(pk: bytes, w: WorkerRecord, live: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    c = w.caps
+    d: dict[str, Any] = {
+        "worker": pk.hex(), "status": w.status.name, "stake_sat": w.stake_sat, "reputation_ppm": w.reputation_ppm,
+        "slashes": w.slashes, "tasks_done": w.tasks_done, "tasks_failed": w.tasks_failed,
+        "active_tasks": w.active_tasks, "last_heartbeat": w.last_heartbeat, "registered_height": w.registered_height,
+        "exit_height": w.exit_height,
+        "capabilities": {"device": c.device, "accel_mem_mb": c.accel_mem_mb, "price_sat": c.price_sat,
+                         "green_ppm": c.green_ppm, "carbon_g_per_kwh": c.carbon_g_per_kwh, "capacity": c.capacity,
+                         "region": c.region.decode(), "models": [m.decode() for m in c.models],
+                         "endpoint": c.endpoint.decode()},
+    }
+    if live is not None:
+        d["live"] = live
+    return d
+
+
+def task_json(tid: bytes, t: TaskRecord) -> dict[str, Any]:
+    results = {}
+    for role in Role:
+        r = t.result(role)
+        if r is not None:
+            results[role.name.lower()] = {"output": list(r[0]), "fingerprint": r[1].hex()}
+    return {
+        "task_id": tid.hex(), "status": t.status.name, "outcome": t.outcome.name, "submitter": t.submitter.hex(),
+        "bounty_sat": t.bounty_sat, "submit_height": t.submit_height, "worker": _hex(t.worker),
+        "backup": _hex(t.backup), "verifier": _hex(t.verifier), "referee": _hex(t.referee),
+        "deadline_height": t.deadline_height, "window_blocks": t.window_blocks, "result_height": t.result_height,
+        "timeouts": t.timeouts, "waiting_for": [r.name.lower() for r in t.waiting_for()],
+        "spec": {"model": t.spec.model.decode(), "images": t.spec.images, "region": t.spec.region.decode(),
+                 "min_reputation_ppm": t.spec.min_reputation_ppm, "max_price_sat": t.spec.max_price_sat},
+        "results": results,
+    }
+
+
+def _records(node: "Node", ns: Namespace) -> list[tuple[bytes, bytes]]:
+    with node.store.reader() as r:
+        return list(r.iter_prefix(bytes((ns,))))
+
+
+async def submit(request: web.Request) -> web.Response:
+    """POST /api/orchestration/submit {"tx": hex of a signed TASK_SUBMIT}: 202 {"task_id"} (the txid)."""
+    from .api import ApiError, read_json_object
+
+    node = _node(request)
+    body = await read_json_object(request)
+    tx_hex = body.get("tx")
+    if not isinstance(tx_hex, str) or len(tx_hex) > 2 * T.MAX_TX_SIZE or not _HEX.fullmatch(tx_hex):
+        raise ApiError(400, "malformed", "field 'tx' must be the hex encoding of a signed task submission")
+    raw = bytes.fromhex(tx_hex)
+    try:
+        tx = T.decode(raw, node.network)
+    except DecodeError:
+        tx = None  # node.submit names the decoding error
+    if tx is not None and tx.type != T.TxType.TASK_SUBMIT:
+        raise ApiError(400, "wrong-type", f"expected a task_submit transaction, got {tx.type.name.lower()}")
+    txid = node.submit(raw)
+    return web.json_response({"task_id": txid.hex(), "txid": txid.hex()}, status=202)
+
+
+async def tasks(request: web.Request) -> web.Response:
+    """GET /api/orchestration/tasks[?status=S]: every task in the committed state (oldest first)."""
+    from .api import ApiError
+
+    node = _node(request)
+    want = request.query.get("status")
+    if want is not None and want.upper() not in TaskStatus.__members__:
+        raise ApiError(400, "malformed", f"status must be one of {', '.join(TaskStatus.__members__)}")
+    items = [task_json(k[1:], TaskRecord.decode(v)) for k, v in _records(node, Namespace.TASK)]
+    items = [i for i in items if want is None or i["status"] == want.upper()]
+    items.sort(key=lambda i: (i["submit_height"], i["task_id"]))
+    return web.json_response({"height": node.tip.height, "tasks": items})
+
+
+async def task(request: web.Request) -> web.Response:
+    """GET /api/orchestration/tasks/{id}: the record, and the coordinator's explanation of every choice."""
+    from .api import ApiError
+
+    node = _node(request)
+    tid = _id(request, "id")
+    raw = node.store.get_state(task_key(tid))
+    if raw is None:
+        raise ApiError(404, "not-found", f"no task {tid.hex()} (it may still be pending)")
+    d = task_json(tid, TaskRecord.decode(raw))
+    svc = node.orchestration_service
+    notes = None if svc is None else svc.notes.get(tid)
+    d["explanation"] = [] if notes is None else notes.explanations
+    d["events"] = [] if notes is None else notes.events
+    d["running"] = (d["status"] == "ASSIGNED" and notes is not None and d["worker"] in notes.fetched)
+    return web.json_response(d)
+
+
+async def workers(request: web.Request) -> web.Response:
+    """GET /api/orchestration/workers: the registry with live probe figures and whether each is schedulable."""
+    node = _node(request)
+    svc = node.orchestration_service
+    height = node.tip.height
+    out = []
+    for k, v in _records(node, Namespace.WORKER):
+        pk = k[1:]
+        live = None
+        if svc is not None:
+            live = {"latency_ema_us": svc.latency_us.get(pk), "probe_failures": svc.probe_failures.get(pk, 0),
+                    "schedulable": svc.schedulable(pk, height)}
+        out.append(worker_json(pk, WorkerRecord.decode(v), live))
+    return web.json_response({"height": height, "workers": out})
+
+
+async def assignments(request: web.Request) -> web.Response:
+    """GET /api/orchestration/workers/{id}/assignments: tasks whose result is due from this worker."""
+    from .api import ApiError
+
+    node = _node(request)
+    pk = _id(request, "id")
+    if node.store.get_state(worker_key(pk)) is None:
+        raise ApiError(404, "not-found", f"worker {pk.hex()} is not registered")
+    svc = node.orchestration_service
+    out = []
+    for k, v in _records(node, Namespace.TASK):
+        t = TaskRecord.decode(v)
+        for role in t.waiting_for():
+            if t.party(role) == pk:
+                tid = k[1:]
+                out.append({"task_id": tid.hex(), "role": role.name.lower(), "model": t.spec.model.decode(),
+                            "input": t.spec.input.hex(), "deadline_height": t.deadline_height})
+                if svc is not None:
+                    svc.mark_fetched(tid, pk)
+    return web.json_response({"height": node.tip.height, "assignments": out})
 
 
 def add_routes(r: web.UrlDispatcher) -> None:
     """Add this subsystem's routes; handlers reach the node as request.app[NODE_KEY] (from l2d.api, imported inside functions)."""
+    r.add_post("/api/orchestration/submit", submit)
+    r.add_get("/api/orchestration/tasks", tasks)
+    r.add_get("/api/orchestration/tasks/{id}", task)
+    r.add_get("/api/orchestration/workers", workers)
+    r.add_get("/api/orchestration/workers/{id}/assignments", assignments)

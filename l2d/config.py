@@ -10,6 +10,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
 
@@ -222,8 +223,42 @@ class BitcoindConfig:
                 f"zmq_sequence={self.zmq_sequence!r}, zmq_rawtx={self.zmq_rawtx!r}, chain={self.chain!r})")
 
 
+ORCHESTRATION_STRATEGIES: Final = ("weighted", "round_robin", "least_loaded", "lowest_latency",
+                                   "highest_reputation", "lowest_cost")
+SCORE_COMPONENTS: Final = ("reputation", "latency", "capacity", "cost", "region", "green")
+_PPM: Final = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestrationConfig:
+    """[orchestration]: the federation's task coordinator (orchestration/service.py, docs/orchestration.md).
+
+    Fractions are held in parts per million (exact: a config value must be a multiple of 1e-6).
+    """
+
+    enabled: bool
+    strategy: str  # one of ORCHESTRATION_STRATEGIES
+    weights_ppm: tuple[tuple[str, int], ...]  # (component, ppm) in SCORE_COMPONENTS order, summing to 1_000_000
+    audit_rate_ppm: int  # share of tasks also run by an independent verifier
+    timeout_blocks: int  # a role's result is due this many L2 blocks after it was handed out
+    challenge_window_blocks: int
+    worker_share_ppm: int  # settlement split of the bounty (the three sum to 1_000_000)
+    verifier_share_ppm: int
+    treasury_share_ppm: int
+    slash_ppm: int  # share of the losing side's stake slashed in a dispute
+    slash_challenger_ppm: int  # share of the slashed amount paid to the winning side (the rest is burned)
+    min_reputation_ppm: int  # never assign below this reputation
+    min_stake_sat: int
+    heartbeat_timeout_blocks: int  # not scheduled when the last heartbeat is older
+    probe_interval_ms: int  # latency/health probe of each worker's endpoint
+    probe_failures: int  # consecutive failed probes that take a worker off the schedule
+    preferred_region: str  # "" = none
+    poll_interval_ms: int
+
+
 _BITCOIN_CHAIN: Final = {"local": "regtest", "regtest": "regtest", "signet": "signet", "mainnet": "main"}
-_SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind", "bridge")
+_SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind", "bridge",
+                       "orchestration")
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +273,7 @@ class Config:
     bitcoind: BitcoindConfig
     source: Path | None  # the TOML file it was loaded from; None when built from a dict
     bridge: BridgeConfig = None  # type: ignore[assignment]  # always set by from_dict
+    orchestration: OrchestrationConfig = None  # type: ignore[assignment]  # always set by from_dict
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -281,7 +317,9 @@ class Config:
         anchoring = _anchoring(tables["anchoring"], base, node)
         bitcoind = _bitcoind(tables["bitcoind"], base, node)
         bridge = _bridge(tables["bridge"], base, node, anchoring)
-        return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source, bridge=bridge)
+        orchestration = _orchestration(tables["orchestration"])
+        return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source, bridge=bridge,
+                   orchestration=orchestration)
 
     def effective(self) -> dict[str, Any]:
         """The effective configuration as a JSON-able dict, admin token redacted (for the start-up log)."""
@@ -310,6 +348,8 @@ class Config:
             "bridge": {k: ([str(x) for x in v] if isinstance(v, tuple) and k == "signer_key_files"
                            else [x.hex() for x in v] if isinstance(v, tuple) else v)
                        for k, v in ((f, getattr(self.bridge, f)) for f in BridgeConfig.__slots__)},
+            "orchestration": {k: (dict(v) if k == "weights_ppm" else v) for k, v in
+                              ((f, getattr(self.orchestration, f)) for f in OrchestrationConfig.__slots__)},
             "bitcoind": {"rpc_url": self.bitcoind.rpc_url,
                          "cookie_file": None if self.bitcoind.cookie_file is None else str(self.bitcoind.cookie_file),
                          "rpc_user": self.bitcoind.rpc_user,
@@ -547,4 +587,64 @@ def _bitcoind(t: Mapping[str, Any], base: Path, node: NodeConfig) -> BitcoindCon
         zmq_hashblock=_zmq_endpoint(s, "zmq_hashblock"), zmq_sequence=_zmq_endpoint(s, "zmq_sequence"),
         zmq_rawtx=_zmq_endpoint(s, "zmq_rawtx"),
         chain=_BITCOIN_CHAIN[node.network],
+    )
+
+
+def _ppm(s: _Section, key: str, value: object) -> int:
+    """A fraction of 1 given as a TOML number (or decimal string), exactly in ppm; 0..1 inclusive."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise s.fail(key, value, "must be a number between 0 and 1")
+    try:
+        frac = Fraction(repr(value) if isinstance(value, float) else str(value).strip())
+    except (ValueError, ZeroDivisionError):
+        raise s.fail(key, value, "must be a number between 0 and 1") from None
+    if not 0 <= frac <= 1:
+        raise s.fail(key, value, "must be between 0 and 1" + (" (negative)" if frac < 0 else ""))
+    scaled = frac * _PPM
+    if scaled.denominator != 1:
+        raise s.fail(key, value, "must be a multiple of 0.000001")
+    return int(scaled)
+
+
+def _orchestration(t: Mapping[str, Any]) -> OrchestrationConfig:
+    s = _Section("orchestration", t, (
+        "enabled", "strategy", "weights", "audit_rate", "timeout_blocks", "challenge_window_blocks", "worker_share",
+        "verifier_share", "treasury_share", "slash_fraction", "slash_challenger_share", "min_reputation",
+        "min_stake_sat", "heartbeat_timeout_blocks", "probe_interval_ms", "probe_failures", "preferred_region",
+        "poll_interval_ms"))
+    defaults = {"reputation": 0.35, "latency": 0.2, "capacity": 0.15, "cost": 0.15, "region": 0.05, "green": 0.1}
+    table = s.get_table("weights") if "weights" in t else defaults
+    w = _Section("orchestration.weights", table, SCORE_COMPONENTS)
+    weights = tuple((name, _ppm(w, name, table.get(name, 0))) for name in SCORE_COMPONENTS)
+    if sum(v for _, v in weights) != _PPM:
+        raise ConfigError("config: orchestration.weights must sum to 1, got "
+                          + " + ".join(f"{k}={v / _PPM:g}" for k, v in weights) + f" = "
+                          f"{sum(v for _, v in weights) / _PPM:g}")
+    shares = {k: _ppm(s, k, s.raw(k, d)) for k, d in
+              (("worker_share", 0.85), ("verifier_share", 0.1), ("treasury_share", 0.05))}
+    if sum(shares.values()) != _PPM:
+        raise ConfigError("config: orchestration.worker_share + verifier_share + treasury_share must sum to 1, got "
+                          + " + ".join(f"{k}={v / _PPM:g}" for k, v in shares.items()))
+    region = s.get_str("preferred_region", default="")
+    if region and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,15}", region):
+        raise s.fail("preferred_region", region, "must be \"\" or 1..16 characters of [a-z0-9._-]")
+    return OrchestrationConfig(
+        enabled=_get_bool(s, "enabled", False),
+        strategy=s.get_choice("strategy", ORCHESTRATION_STRATEGIES, default="weighted"),
+        weights_ppm=weights,
+        audit_rate_ppm=_ppm(s, "audit_rate", s.raw("audit_rate", 0.1)),
+        timeout_blocks=s.get_int("timeout_blocks", 1, 1_000_000, default=30),
+        challenge_window_blocks=s.get_int("challenge_window_blocks", 0, 100_000, default=5),
+        worker_share_ppm=shares["worker_share"],
+        verifier_share_ppm=shares["verifier_share"],
+        treasury_share_ppm=shares["treasury_share"],
+        slash_ppm=_ppm(s, "slash_fraction", s.raw("slash_fraction", 0.5)),
+        slash_challenger_ppm=_ppm(s, "slash_challenger_share", s.raw("slash_challenger_share", 0.5)),
+        min_reputation_ppm=_ppm(s, "min_reputation", s.raw("min_reputation", 0.3)),
+        min_stake_sat=s.get_int("min_stake_sat", 0, MAX_MONEY, default=1000),
+        heartbeat_timeout_blocks=s.get_int("heartbeat_timeout_blocks", 1, 1_000_000, default=60),
+        probe_interval_ms=s.get_int("probe_interval_ms", 50, 3_600_000, default=2000),
+        probe_failures=s.get_int("probe_failures", 1, 1000, default=3),
+        preferred_region=region,
+        poll_interval_ms=s.get_int("poll_interval_ms", 10, 60_000, default=200),
     )

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from bridge.service import BridgeService
     from l2d.core.pegs import Federation
     from bridge.rpc import BitcoinRPC
+    from orchestration.service import OrchestrationService
 
 # Named after the module even when run as `python -m l2d.node` (where __name__ is "__main__").
 log = logging.getLogger("l2d.node")
@@ -208,6 +209,7 @@ class Node:
         self.bridge_federation: Optional["Federation"] = None
         self._signer_secrets: list[bytes] = []
         self.bridge_service: Optional["BridgeService"] = None
+        self.orchestration_service: Optional["OrchestrationService"] = None
         self._btc_rpc: Optional["BitcoinRPC"] = None
         # Held from build_block until commit returns: in between, the tree is ahead of the committed state.
         self.tree_lock = asyncio.Lock()
@@ -591,6 +593,23 @@ class Node:
         service.load()
         return service
 
+    def _make_orchestration_service(self) -> Optional["OrchestrationService"]:
+        """The federation's task coordinator (orchestration/service.py): needs the federation key."""
+        cfg = self.config.orchestration
+        if not cfg.enabled:
+            return None
+        if self._federation_secret is None:
+            raise NodeError("orchestration.enabled needs anchoring.federation_key_file (the coordinator posts "
+                            "task assignments and settlements as the federation)")
+        from orchestration.service import OrchestrationService  # orchestration depends on core, not the reverse
+
+        def read_prefix(prefix: bytes) -> list[tuple[bytes, bytes]]:
+            with self.store.reader() as r:
+                return list(r.iter_prefix(prefix))
+
+        return OrchestrationService(cfg, read_prefix=read_prefix, tip_height=lambda: self.tip.height,
+                                    submit=self.submit_as_federation, tx_status=self.tx_status)
+
     def _make_bridge_service(self) -> Optional["BridgeService"]:
         """The federation's bridge work (header relay, peg-out payments): needs the federation and bitcoind."""
         fed = self.bridge_federation
@@ -682,6 +701,9 @@ class Node:
         self.anchor_service = self._make_anchor_service()
         if self.anchor_service is not None:
             self._tasks.append(asyncio.create_task(self.anchor_service.run(), name="anchor-service"))
+        self.orchestration_service = self._make_orchestration_service()
+        if self.orchestration_service is not None:
+            self._tasks.append(asyncio.create_task(self.orchestration_service.run(), name="orchestration-service"))
         self.bridge_service = self._make_bridge_service()
         if self.bridge_service is not None:
             self._tasks.append(asyncio.create_task(self.bridge_service.run(), name="bridge-service"))

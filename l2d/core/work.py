@@ -376,7 +376,7 @@ def apply_reassign(view: StateView, tx: Transaction, rules: Rules) -> None:
     _deadline(view, p.deadline_height)
     old = t.party(p.role)
     if p.role == Role.WORKER:
-        if t.backup == ZERO_KEY or p.new_worker != t.backup:
+        if t.backup != ZERO_KEY and p.new_worker != t.backup:
             raise InvalidTransaction("the worker role goes to the recorded backup")
         others = {t.worker, t.verifier, t.referee}
         if p.new_backup != ZERO_KEY and p.new_backup in others | {t.backup}:

@@ -404,7 +404,8 @@ class TaskResult:
 class TaskReassign:
     """Federation authority, after the deadline: hand a role whose result is missing to another worker.
 
-    Role WORKER goes to the recorded backup (new_worker must be it) and names a new backup; VERIFIER and
+    Role WORKER goes to the recorded backup (new_worker must be it, unless there was none) and names a new
+    backup; VERIFIER and
     REFEREE go to new_worker (new_backup must be zero). A new deadline applies.
     """
 

@@ -1,0 +1,251 @@
+"""`l2-worker`: a compute worker agent. It registers on the L2 with a stake (a signed transaction), sends
+heartbeats, answers latency probes, polls its assignments over REST, runs real torch inference with the digits
+model (CUDA when present) and returns each output with its fingerprint as a signed TaskResult transaction.
+
+    l2-worker --node http://127.0.0.1:8650 --key-file worker.key --stake 100000 --price 10 --region eu
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import aiohttp
+from aiohttp import web
+from coincurve import PrivateKey
+
+from l2d.core import tx as T
+from l2d.core.params import network_by_name
+from l2d.core.work_tx import TaskResult, WorkerCaps, WorkerHeartbeat, WorkerRegister
+
+log = logging.getLogger("orchestration.agent")
+
+
+class AgentError(Exception):
+    """The agent cannot go on (node unreachable for too long, registration refused, bad key file)."""
+
+
+def _valid(secret: bytes) -> bool:
+    try:
+        PrivateKey(secret)
+    except ValueError:
+        return False
+    return True
+
+
+def load_key(path: Path) -> bytes:
+    """The 32-byte secret stored as hex in path; created (mode 0600) from the OS RNG when missing."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = os.urandom(32)
+        while not _valid(secret):  # astronomically unlikely: 0 or above the group order
+            secret = os.urandom(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret.hex() + "\n")
+        return secret
+    text = path.read_text().strip()
+    try:
+        secret = bytes.fromhex(text)
+        PrivateKey(secret)
+    except ValueError:
+        raise AgentError(f"key file {path} must hold a valid secp256k1 secret as 64 hex characters") from None
+    if len(secret) != 32:
+        raise AgentError(f"key file {path} must hold 32 bytes")
+    return secret
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.node = args.node.rstrip("/")
+        self.secret = load_key(Path(args.key_file))
+        self.pubkey = PrivateKey(self.secret).public_key_xonly.format()
+        self.network = network_by_name(args.network)
+        self.model: Any = None
+        self.done: set[tuple[str, str]] = set()
+        self._tx_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self.session: Optional[aiohttp.ClientSession] = None
+
+    # -- node access ---------------------------------------------------------------------------------------------
+    async def _get(self, path: str) -> tuple[int, Any]:
+        assert self.session is not None
+        async with self.session.get(self.node + path) as r:
+            return r.status, await r.json()
+
+    async def send(self, payload: T.Payload) -> Optional[str]:
+        """Sign payload with the next nonce, submit it and wait until it is committed (or dropped).
+
+        Returns None when committed, else the reason it was refused or dropped. One at a time (one nonce line).
+        """
+        assert self.session is not None
+        async with self._tx_lock:
+            _, acc = await self._get(f"/api/l2/accounts/{self.pubkey.hex()}")
+            tx = T.sign(self.network, self.secret, int(acc["nonce"]), self.args.fee, payload, os.urandom(32))
+            async with self.session.post(self.node + "/api/l2/tx", json={"tx": tx.raw.hex()}) as r:
+                body = await r.json()
+                if r.status != 202:
+                    return str(body.get("error", r.status)) + ": " + str(body.get("message", ""))
+            deadline = time.monotonic() + self.args.commit_timeout
+            while time.monotonic() < deadline:
+                _, st = await self._get(f"/api/l2/tx/{tx.txid.hex()}")
+                if st.get("status") == "committed":
+                    return None
+                if st.get("status") == "dropped":
+                    return str(st.get("reason"))
+                await asyncio.sleep(0.02)
+            return "not committed in time"
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    async def register(self, endpoint: str) -> None:
+        status, _ = await self._get(f"/api/orchestration/workers/{self.pubkey.hex()}/assignments")
+        if status == 200:
+            log.info("already registered", extra={"worker": self.pubkey.hex()})
+            return
+        a = self.args
+        caps = WorkerCaps(device=1 if _cuda() else 0, accel_mem_mb=_accel_mem_mb(), price_sat=a.price,
+                          green_ppm=a.green_ppm, carbon_g_per_kwh=a.carbon, capacity=a.capacity,
+                          region=a.region.encode(), models=tuple(sorted({m.encode() for m in a.models})),
+                          endpoint=endpoint.encode())
+        err = await self.send(WorkerRegister(a.stake, caps))
+        if err is not None:
+            raise AgentError(f"registration refused: {err}")
+        log.info("registered", extra={"worker": self.pubkey.hex(), "endpoint": endpoint, "stake_sat": a.stake})
+
+    async def heartbeats(self) -> None:
+        while not self._stop.is_set():
+            err = await self.send(WorkerHeartbeat())
+            if err is not None:
+                log.warning("heartbeat not committed: %s", err)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.args.heartbeat_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
+
+    async def work(self) -> None:
+        from orchestration import model as M
+
+        while not self._stop.is_set():
+            try:
+                status, body = await self._get(f"/api/orchestration/workers/{self.pubkey.hex()}/assignments")
+            except aiohttp.ClientError as e:
+                log.warning("poll failed: %s", e)
+                status, body = 0, {}
+            for a in body.get("assignments", []) if status == 200 else []:
+                key = (a["task_id"], a["role"])
+                if key in self.done or a["model"] not in self.args.models:
+                    continue
+                self.done.add(key)
+                log.info("task fetched", extra={"task": a["task_id"], "role": a["role"]})
+                t0 = time.perf_counter()
+                lg = await asyncio.to_thread(M.logits, self.model, bytes.fromhex(a["input"]))
+                if self.args.cheat:
+                    lg = M.cheat(lg)
+                out, fp = M.fingerprint(lg)
+                infer_ms = (time.perf_counter() - t0) * 1000
+                if self.args.work_ms:
+                    await asyncio.sleep(self.args.work_ms / 1000)
+                err = await self.send(TaskResult(bytes.fromhex(a["task_id"]), out, fp))
+                log.info("result submitted" if err is None else "result refused",
+                         extra={"task": a["task_id"], "role": a["role"], "output": list(out),
+                                "infer_ms": round(infer_ms, 3), "error": err})
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.args.poll_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run(self) -> int:
+        from orchestration import model as M
+
+        self.model = M.load_or_train(Path(self.args.model_cache) if self.args.model_cache else None)
+        app = web.Application()
+
+        async def ping(request: web.Request) -> web.Response:
+            return web.json_response({"worker": self.pubkey.hex()})
+
+        app.router.add_get("/ping", ping)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.args.listen, 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(s, self._stop.set)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as self.session:
+                await self.register(f"{self.args.listen}:{port}")
+                log.info("worker ready", extra={"worker": self.pubkey.hex(), "port": port})
+                await asyncio.gather(self.heartbeats(), self.work())
+        finally:
+            await runner.cleanup()
+        return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _accel_mem_mb() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.get_device_properties(0).total_memory // (1 << 20))
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+        out.update({k: v for k, v in vars(record).items() if k not in skip})
+        return json.dumps(out, default=str)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="l2-worker", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--node", required=True, help="l2d REST base URL, e.g. http://127.0.0.1:8650")
+    ap.add_argument("--key-file", required=True, help="the worker's secret key (hex); created if missing")
+    ap.add_argument("--network", default="local", help="network the transactions are signed for")
+    ap.add_argument("--stake", type=int, default=100_000, help="stake locked at registration (sat)")
+    ap.add_argument("--price", type=int, default=10, help="price per task unit (sat)")
+    ap.add_argument("--region", default="eu")
+    ap.add_argument("--models", nargs="+", default=["digits-mlp"])
+    ap.add_argument("--capacity", type=int, default=2)
+    ap.add_argument("--green-ppm", type=int, default=0, help="green-energy share in ppm")
+    ap.add_argument("--carbon", type=int, default=400, help="carbon intensity g/kWh")
+    ap.add_argument("--fee", type=int, default=1, help="fee per transaction (sat)")
+    ap.add_argument("--listen", default="127.0.0.1", help="address of the probe endpoint")
+    ap.add_argument("--heartbeat-ms", type=int, default=5000)
+    ap.add_argument("--poll-ms", type=int, default=500)
+    ap.add_argument("--commit-timeout", type=float, default=30.0)
+    ap.add_argument("--model-cache", default="", help="file for the trained weights (trained once, then loaded)")
+    ap.add_argument("--work-ms", type=int, default=0, help="extra time each task takes (a heavier job)")
+    ap.add_argument("--cheat", action="store_true", help="TEST ONLY: return altered outputs")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # one core per agent; results are deterministic and the host stays usable
+        return asyncio.run(Agent(args).run())
+    except AgentError as e:
+        log.error("l2-worker: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
