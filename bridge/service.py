@@ -85,7 +85,8 @@ class BridgeService:
         self.poll = poll_interval_ms / 1000
         self._now = now
         self.batches: dict[int, Batch] = {}
-        self._submitted: set[tuple[str, int, str]] = set()  # (pegout id, status, txid) submitted this run
+        # what this run submitted, with the L2 height then: resubmitted if still not in the state 5 blocks later
+        self._submitted: dict[tuple[Any, ...], int] = {}
         self._wake = asyncio.Event()
         for p in sorted(self.dir.glob("batch-*.json")):
             b = Batch(**json.loads(p.read_text()))
@@ -111,6 +112,15 @@ class BridgeService:
         with self._read_state() as r:
             v = r.get_state(key)
             return None if v is None else bytes(v)
+
+    def _l2_height(self) -> int:
+        with self._read_state() as r:
+            return int(r.tip_height() or 0)
+
+    def _pending(self, key: tuple[Any, ...]) -> bool:
+        """Submitted by this run and, 5 L2 blocks later, possibly still waiting for a block."""
+        at = self._submitted.get(key)
+        return at is not None and self._l2_height() <= at + 5
 
     def confirmed_anchor_height(self) -> Optional[int]:
         best = None
@@ -152,11 +162,14 @@ class BridgeService:
         return None if change <= 0 else Coin(bytes.fromhex(b.txid)[::-1], len(b.pegouts), change, CHANGE_CONTRACT)
 
     def holdings_sat(self) -> int:
-        """What the federation holds on Bitcoin by its own books (claimed deposits + change, minus spent)."""
-        coins = self.coins()
-        in_flight = sum(self._change_of(b).amount_sat for b in self.batches.values()  # type: ignore[union-attr]
-                        if b.status != "completed" and self._change_of(b) is not None)
-        return sum(c.amount_sat for c in coins) + in_flight
+        """BTC the federation holds by its books, as confirmed on Bitcoin: claimed deposits and the change of
+        completed batches, minus the inputs of completed batches (an unconfirmed payout is still held)."""
+        total = sum(p.amount_sat for p in self.pegins())
+        for b in self.batches.values():
+            if b.status == "completed":
+                change = self._change_of(b)
+                total += (0 if change is None else change.amount_sat) - sum(c["amount_sat"] for c in b.coins)
+        return total
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -214,10 +227,14 @@ class BridgeService:
         end = min(store_height, start + MAX_RELAY_HEADERS - 1)
         headers = tuple(store.header_at(h) for h in range(start, end + 1))
         key = ("relay", start, headers[-1].hex())
-        if key in self._submitted:
+        if self._pending(key):  # already in the mempool: wait for its block
             return
-        self._submitted.add(key)  # type: ignore[arg-type]
-        self._submit(BtcHeaders(start, headers))
+        try:
+            self._submit(BtcHeaders(start, headers))
+        except Rejected as e:
+            log.warning("bridge: header relay from %d refused: %s", start, e)
+            return
+        self._submitted[key] = self._l2_height()
 
     # -- peg-outs -------------------------------------------------------------------------------------------------
     async def _feerate(self) -> int:
@@ -337,13 +354,14 @@ class BridgeService:
             if e.btc_txid == txid and e.status >= status:
                 continue
             key = (pid.hex(), int(status), b.txid)
-            if key in self._submitted:
+            if self._pending(key):
                 continue
             try:
                 self._submit(PegoutUpdate(pid, status, txid, b.anchor_height))
-            except Rejected as e2:
-                log.warning("bridge: peg-out %s: %s", pid.hex(), e2)
-            self._submitted.add(key)
+            except Rejected as e2:  # e.g. the BROADCAST record is not committed yet: retried next step
+                log.info("bridge: peg-out %s %s not recorded yet: %s", pid.hex(), status.name, e2)
+                continue
+            self._submitted[key] = self._l2_height()
 
     async def _broadcast(self, raw_hex: str) -> None:
         try:
