@@ -232,7 +232,8 @@ class OrchNet:
             with _urlrequest.urlopen(req, timeout=30) as r:
                 return r.status, _json.loads(r.read())
         except _urlerror.HTTPError as e:
-            return e.code, _json.loads(e.read())
+            with e:
+                return e.code, _json.loads(e.read())
 
     def balance(self, pk: bytes) -> int:
         return int(self.get(f"/api/l2/accounts/{pk.hex()}")["balance_sat"])
@@ -246,7 +247,8 @@ class OrchNet:
     def task(self, tid: str) -> Any:
         try:
             return self.get(f"/api/orchestration/tasks/{tid}")
-        except _urlerror.HTTPError:
+        except _urlerror.HTTPError as e:
+            e.close()
             return None
 
     def workers(self) -> dict[str, Any]:

@@ -480,3 +480,12 @@ def test_state_values_round_trip(chain: Chain) -> None:
         TaskRecord.decode(raw_t + b"\0")
     with pytest.raises(DecodeError):
         WorkerRecord.decode(b"\x09" + raw_w[1:])
+
+
+def test_a_task_without_backup_can_be_handed_to_any_fitting_worker(chain: Chain) -> None:
+    chain.register(W1, W2)
+    tid = chain.submit()
+    chain.assign(tid, W1, deadline=1, window=0)
+    chain.mine(2)
+    chain.apply(AUTH, TaskReassign(tid, Role.WORKER, pk(W2), ZERO_KEY, chain.height + 5))
+    assert chain.task(tid).worker == pk(W2)

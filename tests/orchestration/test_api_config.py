@@ -1,0 +1,112 @@
+"""Orchestration REST bad input (typed 4xx, nothing changed), the [orchestration] config section, and the
+coordinator's pure helpers (audit draw, bounty split)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from l2d.config import Config, ConfigError
+from l2d.core.tx import Transfer
+from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit
+from l2d.node import Node, NodeError
+from orchestration.service import audited, split
+
+IMG = bytes(64)
+
+
+async def test_rest_rejections_are_typed_and_change_nothing(orch_net: Callable[..., Any]) -> None:
+    net = orch_net([])
+    state0 = net.get("/api/l2/state")
+    bal0 = net.balance(net.client)
+    cases = [
+        ({"tx": net.sign_client(Transfer(net.federation, 5)).hex()}, "wrong-type"),
+        ({"tx": "zz"}, "malformed"),
+        ({"tx": 5}, "malformed"),
+        ({"tx": "00" * 40}, None),  # too short to be a transaction: a decoding reason
+        ({"tx": net.sign_client(TaskSubmit(10**9, 0, 0, b"digits-mlp", b"", IMG)).hex()}, "insufficient-balance"),
+    ]
+    net._client_nonce = 0  # the refused submissions above consumed no nonce
+    for body, code in cases:
+        status, reply = net.post("/api/orchestration/submit", body)
+        assert status == 400, reply
+        if code is not None:
+            assert reply["error"] == code, reply
+    # A result from a worker that was never assigned (nor registered) is refused at admission.
+    fp = b"".join(FP_ENTRY.pack(c, q) for c, q in ((1, 9), (2, 8), (3, 7)))
+    net._client_nonce = 0
+    status, reply = net.post("/api/l2/tx", {"tx": net.sign_client(TaskResult(b"\1" * 32, b"\1", fp)).hex()})
+    assert status == 400 and reply["error"] == "invalid-transaction", reply
+    assert net.get("/api/l2/state") == state0 and net.balance(net.client) == bal0
+    assert net.get("/api/orchestration/tasks")["tasks"] == []
+    for path, code in (("/api/orchestration/tasks/xyz", 400), ("/api/orchestration/tasks/" + "00" * 32, 404),
+                       ("/api/orchestration/tasks?status=BOGUS", 400),
+                       ("/api/orchestration/workers/" + "00" * 32 + "/assignments", 404)):
+        import urllib.error
+        with pytest.raises(urllib.error.HTTPError) as e:
+            net.get(path)
+        e.value.close()
+        assert e.value.code == code, path
+
+
+def _cfg(tmp_path: Path, **orch: Any) -> Config:
+    return Config.from_dict({"node": {"network": "local", "data_dir": str(tmp_path / "d")},
+                             "orchestration": orch}, tmp_path, env={})
+
+
+@pytest.mark.parametrize("orch, words", [
+    ({"weights": {"reputation": 0.5, "latency": 0.6}}, "orchestration.weights must sum to 1"),
+    ({"weights": {"reputation": -0.2, "latency": 1.2}}, "orchestration.weights.reputation = -0.2"),
+    ({"weights": {"speed": 1}}, "unknown key orchestration.weights.speed"),
+    ({"weights": {"reputation": 0.333333, "latency": 0.666667}}, None),
+    ({"weights": {"reputation": "1/3"}}, "orchestration.weights.reputation"),
+    ({"weights": {"reputation": 0.1234567, "latency": 0.8765433}}, "multiple of 0.000001"),
+    ({"worker_share": 0.9}, "must sum to 1"),
+    ({"audit_rate": 1.5}, "orchestration.audit_rate"),
+    ({"slash_fraction": True}, "orchestration.slash_fraction"),
+    ({"strategy": "random"}, "orchestration.strategy"),
+    ({"timeout_blocks": 0}, "orchestration.timeout_blocks"),
+    ({"preferred_region": "EU"}, "orchestration.preferred_region"),
+    ({"enable": True}, "did you mean orchestration.enabled"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, orch: dict[str, Any], words: str | None) -> None:
+    if words is None:
+        assert dict(_cfg(tmp_path, **orch).orchestration.weights_ppm)["reputation"] == 333_333
+        return
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("(", r"\(")):
+        _cfg(tmp_path, **orch)
+
+
+def test_config_defaults_and_exact_fractions(tmp_path: Path) -> None:
+    o = _cfg(tmp_path, weights={"reputation": 0.7, "cost": 0.3}, audit_rate="0.25").orchestration
+    assert not o.enabled and o.strategy == "weighted" and o.audit_rate_ppm == 250_000
+    assert dict(o.weights_ppm) == {"reputation": 700_000, "latency": 0, "capacity": 0, "cost": 300_000, "region": 0,
+                                   "green": 0}
+    assert o.worker_share_ppm + o.verifier_share_ppm + o.treasury_share_ppm == 1_000_000
+
+
+async def test_enabled_without_a_federation_key_refuses_to_start(tmp_path: Path) -> None:
+    node = Node.from_config(_cfg(tmp_path, enabled=True))
+    try:
+        with pytest.raises(NodeError, match="federation_key_file"):
+            await node.start(serve_http=False)
+    finally:
+        await node.stop()
+
+
+@pytest.mark.parametrize("bounty", [1, 7, 99, 100_000, 12_345_679])
+def test_split_always_sums_to_the_bounty(tmp_path: Path, bounty: int) -> None:
+    cfg = _cfg(tmp_path, worker_share=0.7, verifier_share=0.2, treasury_share=0.1).orchestration
+    for with_verifier in (True, False):
+        w, v, t = split(bounty, cfg, with_verifier)
+        assert w + v + t == bounty and min(w, v, t) >= 0
+        assert (v == 0) == (not with_verifier or bounty * 2 // 10 == 0)
+
+
+def test_audit_draw_is_deterministic_and_follows_the_rate() -> None:
+    ids = [i.to_bytes(32, "big") for i in range(2000)]
+    assert not any(audited(t, 0) for t in ids) and all(audited(t, 1_000_000) for t in ids)
+    share = sum(audited(t, 250_000) for t in ids) / len(ids)
+    assert 0.2 < share < 0.3
+    assert [audited(t, 250_000) for t in ids] == [audited(t, 250_000) for t in ids]
