@@ -16,6 +16,7 @@ sys.path.insert(0, str(HERE.parent))
 import bench_daemon_memory  # noqa: E402
 import bench_fl  # noqa: E402
 import bench_ledger  # noqa: E402
+import bench_orchestration  # noqa: E402
 import bench_scheduler  # noqa: E402
 import bench_spv  # noqa: E402
 import bench_verifier  # noqa: E402
@@ -32,6 +33,7 @@ def main() -> None:
         "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
         "spv": bench_spv.main(["--quick"] if a.quick else []),
         "scheduler": bench_scheduler.main([]),
+        "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
     }
     out = HERE / "out"
