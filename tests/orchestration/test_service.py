@@ -1,0 +1,199 @@
+"""The coordinator's decisions, driven block by block over a dict-backed ledger (real signatures, the real
+state transition): each authority transaction it posts is applied as its own block."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional
+
+import pytest
+from coincurve import PrivateKey
+
+from l2d.config import Config, OrchestrationConfig
+from l2d.core.params import LOCAL
+from l2d.core.state import Account, Rules, StateView, account_key, apply_tx, genesis_state
+from l2d.core.tx import AnyPayload, Payload, Transfer, sign
+from l2d.core.work import TaskRecord, TaskStatus, get_task
+from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit, WorkerCaps, WorkerHeartbeat, WorkerRegister
+from orchestration.service import OrchestrationService
+
+RULES = Rules(LOCAL, 1)
+AUTH, CLIENT, FILLER = 0, 9, 8
+
+
+def secret(n: int) -> bytes:
+    return hashlib.sha256(b"service test key %d" % n).digest()
+
+
+def pk(n: int) -> bytes:
+    return PrivateKey(secret(n)).public_key_xonly.format()
+
+
+def fp(out: bytes) -> bytes:
+    return b"".join(FP_ENTRY.pack((c + j) % 10, q) for c in out for j, q in enumerate((900, 400, 50)))
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.state = genesis_state([(pk(n), 10**8) for n in (1, 2, 3, 4, 5, CLIENT, FILLER)], None, pk(AUTH))
+        self.height = 0
+        self.posted: list[Payload] = []
+
+    def apply(self, n: int, payload: AnyPayload) -> bytes:
+        raw = self.state.get(account_key(pk(n)))
+        nonce = 0 if raw is None else Account.decode(raw).nonce
+        t = sign(LOCAL, secret(n), nonce, 0 if payload.FEELESS else 1, payload, b"\0" * 32)
+        view = StateView(self.state.get, self.height + 1)
+        apply_tx(view, t, RULES)
+        for k, v in view.writes.items():
+            if v is None:
+                self.state.pop(k, None)
+            else:
+                self.state[k] = v
+        self.height += 1
+        return t.txid
+
+    def mine(self, n: int) -> None:
+        for _ in range(n):
+            self.apply(FILLER, Transfer(pk(CLIENT), 1))
+
+    def read_prefix(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        return sorted((k, v) for k, v in self.state.items() if k.startswith(prefix))
+
+    def submit_auth(self, payload: Payload) -> bytes:
+        self.posted.append(payload)
+        return self.apply(AUTH, payload)
+
+    def task(self, tid: bytes) -> TaskRecord:
+        t = get_task(StateView(self.state.get), tid)
+        assert t is not None
+        return t
+
+
+def make(ledger: Ledger, **orch: Any) -> OrchestrationService:
+    cfg: OrchestrationConfig = Config.from_dict(
+        {"node": {"network": "local", "data_dir": "/nonexistent"},
+         "orchestration": {"strategy": "lowest_cost", "timeout_blocks": 5, "challenge_window_blocks": 2,
+                           "heartbeat_timeout_blocks": 1000, **orch}}, "/", env={}).orchestration
+    return OrchestrationService(cfg, read_prefix=ledger.read_prefix, tip_height=lambda: ledger.height,
+                                submit=ledger.submit_auth, tx_status=lambda txid: {"status": "committed"})
+
+
+def register(ledger: Ledger, *ns: int) -> None:
+    for n in ns:
+        ledger.apply(n, WorkerRegister(50_000, WorkerCaps(0, 0, 10 + n, 0, 0, 4, b"eu", (b"digits-mlp",), b"")))
+
+
+def submit(ledger: Ledger) -> bytes:
+    return ledger.apply(CLIENT, TaskSubmit(1000, 0, 0, b"digits-mlp", b"", bytes(64)))
+
+
+def test_waits_for_an_eligible_worker_then_assigns_with_backup_and_verifier() -> None:
+    ledger = Ledger()
+    svc = make(ledger, audit_rate=1.0)
+    tid = submit(ledger)
+    svc.step()
+    assert ledger.task(tid).status == TaskStatus.SUBMITTED
+    assert [e["kind"] for e in svc.notes[tid].events] == ["no-eligible-worker"]
+    svc.step()
+    assert len(svc.notes[tid].events) == 1  # the same non-event is recorded once
+    register(ledger, 1, 2, 3)
+    svc.step()
+    t = ledger.task(tid)
+    assert (t.status, t.worker, t.backup, t.verifier) == (TaskStatus.ASSIGNED, pk(1), pk(2), pk(3))
+    expl = svc.notes[tid].explanations[0]
+    assert expl["chosen"]["worker_id"] == pk(1).hex() and expl["verifier"]["worker_id"] == pk(3).hex()
+
+
+def test_stale_heartbeats_and_failed_probes_take_workers_off_the_schedule() -> None:
+    ledger = Ledger()
+    svc = make(ledger, heartbeat_timeout_blocks=3, probe_failures=2)
+    register(ledger, 1, 2)
+    ledger.mine(4)
+    ledger.apply(2, WorkerHeartbeat())
+    svc.probe_failures[pk(2)] = 1
+    svc.step()
+    assert not svc.schedulable(pk(1), ledger.height) and svc.schedulable(pk(2), ledger.height)
+    svc.probe_failures[pk(2)] = 2
+    assert not svc.schedulable(pk(2), ledger.height)
+    tid = submit(ledger)
+    svc.step()
+    assert ledger.task(tid).status == TaskStatus.SUBMITTED  # nobody healthy
+
+
+def _through_results(ledger: Ledger, svc: OrchestrationService, worker_out: bytes, verifier_out: bytes) -> bytes:
+    register(ledger, 1, 2, 3, 4)
+    tid = submit(ledger)
+    svc.step()
+    ledger.apply(1, TaskResult(tid, worker_out, fp(worker_out)))
+    ledger.apply(3, TaskResult(tid, verifier_out, fp(verifier_out)))
+    return tid
+
+
+def test_agreeing_results_settle_after_the_window_with_the_split() -> None:
+    ledger = Ledger()
+    svc = make(ledger, audit_rate=1.0, worker_share=0.7, verifier_share=0.2, treasury_share=0.1)
+    tid = _through_results(ledger, svc, b"\3", b"\3")
+    result_height = ledger.task(tid).result_height
+    while ledger.task(tid).status != TaskStatus.SETTLED:
+        assert ledger.height < result_height + 10
+        svc.step()
+        if ledger.task(tid).status != TaskStatus.SETTLED:
+            ledger.mine(1)
+    assert ledger.height >= result_height + 2
+    settle = ledger.posted[-1]
+    assert (settle.worker_sat, settle.verifier_sat, settle.treasury_sat) == (700, 200, 100)  # type: ignore[attr-defined]
+
+
+def test_an_unresolvable_dispute_is_recorded_and_left_alone() -> None:
+    ledger = Ledger()
+    svc = make(ledger, audit_rate=1.0)
+    tid = _through_results(ledger, svc, b"\3", b"\4")
+    svc.step()
+    t = ledger.task(tid)
+    assert t.status == TaskStatus.DISPUTED and t.referee == pk(4)  # a third worker (not the backup, 2)
+    ledger.apply(4, TaskResult(tid, b"\5", fp(b"\5")))
+    n = len(ledger.posted)
+    svc.step()
+    assert len(ledger.posted) == n and ledger.task(tid).status == TaskStatus.DISPUTED
+    assert svc.notes[tid].events[-1]["kind"] == "unresolvable"
+
+
+@pytest.mark.parametrize("missing", ["worker", "verifier"])
+def test_a_missed_deadline_hands_the_role_on(missing: str) -> None:
+    ledger = Ledger()
+    svc = make(ledger, audit_rate=1.0)
+    register(ledger, 1, 2, 3, 4)
+    tid = submit(ledger)
+    svc.step()
+    if missing == "worker":
+        ledger.apply(3, TaskResult(tid, b"\3", fp(b"\3")))
+    else:
+        ledger.apply(1, TaskResult(tid, b"\3", fp(b"\3")))
+    deadline = ledger.task(tid).deadline_height
+    svc.step()
+    assert ledger.task(tid).timeouts == 0
+    ledger.mine(deadline - ledger.height)
+    svc.step()
+    t = ledger.task(tid)
+    assert t.timeouts == 1
+    if missing == "worker":
+        assert (t.worker, t.backup) == (pk(2), pk(4))  # the backup takes over; a fresh backup is named
+    else:
+        assert t.verifier == pk(4) and t.worker == pk(1)
+    assert svc.notes[tid].events[-1]["kind"] == "reassign"
+
+
+def test_refused_posts_are_recorded_not_raised() -> None:
+    ledger = Ledger()
+    svc = make(ledger)
+    register(ledger, 1)
+    tid = submit(ledger)
+
+    def refuse(payload: Payload) -> bytes:
+        from l2d.core.errors import Unauthorized
+        raise Unauthorized("not the federation")
+    svc._submit = refuse
+    svc.step()
+    ev: Optional[dict[str, Any]] = svc.notes[tid].events[-1]
+    assert ev is not None and ev["kind"] == "assign-refused" and ev["reason"] == "unauthorized"
+    assert ledger.task(tid).status == TaskStatus.SUBMITTED
