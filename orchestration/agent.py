@@ -86,29 +86,36 @@ class Agent:
 
         Returns None when committed, else the reason it was refused or dropped. One at a time (one nonce line).
         """
-        assert self.session is not None
         async with self._tx_lock:
-            _, acc = await self._get(f"/api/l2/accounts/{self.pubkey.hex()}")
-            tx = T.sign(self.network, self.secret, int(acc["nonce"]), self.args.fee, payload, os.urandom(32))
-            async with self.session.post(self.node + "/api/l2/tx", json={"tx": tx.raw.hex()}) as r:
-                body = await r.json()
-                if r.status != 202:
-                    return str(body.get("error", r.status)) + ": " + str(body.get("message", ""))
-            deadline = time.monotonic() + self.args.commit_timeout
-            while time.monotonic() < deadline:
-                _, st = await self._get(f"/api/l2/tx/{tx.txid.hex()}")
-                if st.get("status") == "committed":
-                    return None
-                if st.get("status") == "dropped":
-                    return str(st.get("reason"))
-                await asyncio.sleep(0.02)
-            return "not committed in time"
+            try:
+                return await self._send(payload)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                return f"node unreachable: {e!r}"
+
+    async def _send(self, payload: T.Payload) -> Optional[str]:
+        assert self.session is not None
+        _, acc = await self._get(f"/api/l2/accounts/{self.pubkey.hex()}")
+        tx = T.sign(self.network, self.secret, int(acc["nonce"]), self.args.fee, payload, os.urandom(32))
+        async with self.session.post(self.node + "/api/l2/tx", json={"tx": tx.raw.hex()}) as r:
+            body = await r.json()
+            if r.status != 202:
+                return str(body.get("error", r.status)) + ": " + str(body.get("message", ""))
+        deadline = time.monotonic() + self.args.commit_timeout
+        while time.monotonic() < deadline:
+            _, st = await self._get(f"/api/l2/tx/{tx.txid.hex()}")
+            if st.get("status") == "committed":
+                return None
+            if st.get("status") == "dropped":
+                return str(st.get("reason"))
+            await asyncio.sleep(0.02)
+        return "not committed in time"
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def register(self, endpoint: str) -> None:
         status, _ = await self._get(f"/api/orchestration/workers/{self.pubkey.hex()}/assignments")
         if status == 200:
-            log.info("already registered", extra={"worker": self.pubkey.hex()})
+            log.warning("already registered: the capabilities and endpoint registered first stay in force",
+                        extra={"worker": self.pubkey.hex()})
             return
         a = self.args
         caps = WorkerCaps(device=1 if _cuda() else 0, accel_mem_mb=_accel_mem_mb(), price_sat=a.price,
@@ -136,8 +143,8 @@ class Agent:
         while not self._stop.is_set():
             try:
                 status, body = await self._get(f"/api/orchestration/workers/{self.pubkey.hex()}/assignments")
-            except aiohttp.ClientError as e:
-                log.warning("poll failed: %s", e)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                log.warning("poll failed: %r", e)
                 status, body = 0, {}
             for a in body.get("assignments", []) if status == 200 else []:
                 key = (a["task_id"], a["role"])
@@ -163,8 +170,11 @@ class Agent:
                 pass
 
     async def run(self) -> int:
+        import torch
+
         from orchestration import model as M
 
+        torch.set_num_threads(1)  # one core per agent; results are deterministic and the host stays usable
         self.model = M.load_or_train(Path(self.args.model_cache) if self.args.model_cache else None)
         app = web.Application()
 
@@ -182,7 +192,10 @@ class Agent:
             loop.add_signal_handler(s, self._stop.set)
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as self.session:
-                await self.register(f"{self.args.listen}:{port}")
+                try:
+                    await self.register(f"{self.args.listen}:{port}")
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    raise AgentError(f"cannot reach the node at {self.node}: {e}") from None
                 log.info("worker ready", extra={"worker": self.pubkey.hex(), "port": port})
                 await asyncio.gather(self.heartbeats(), self.work())
         finally:
@@ -238,9 +251,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler.setFormatter(_JsonLines())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
-        import torch
-
-        torch.set_num_threads(1)  # one core per agent; results are deterministic and the host stays usable
         return asyncio.run(Agent(args).run())
     except AgentError as e:
         log.error("l2-worker: %s", e)

@@ -110,3 +110,26 @@ def test_audit_draw_is_deterministic_and_follows_the_rate() -> None:
     share = sum(audited(t, 250_000) for t in ids) / len(ids)
     assert 0.2 < share < 0.3
     assert [audited(t, 250_000) for t in ids] == [audited(t, 250_000) for t in ids]
+
+
+def _agent(*args: str) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "orchestration.agent", *args], capture_output=True, text=True,
+                          cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), timeout=120)
+
+
+def test_agent_refuses_a_bad_key_file(tmp_path: Path) -> None:
+    kf = tmp_path / "w.key"
+    kf.write_text("not hex\n")
+    r = _agent("--node", "http://127.0.0.1:9", "--key-file", str(kf))
+    assert r.returncode == 1 and "must hold a valid secp256k1 secret" in r.stderr
+
+
+def test_agent_exits_cleanly_when_the_node_is_unreachable(tmp_path: Path, model_cache: Path) -> None:
+    r = _agent("--node", "http://127.0.0.1:9", "--key-file", str(tmp_path / "new.key"), "--model-cache",
+               str(model_cache))
+    assert r.returncode == 1 and "cannot reach the node" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "new.key").stat().st_mode & 0o077 == 0  # a fresh key file, private
