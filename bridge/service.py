@@ -172,6 +172,10 @@ class BridgeService:
         return total
 
     # -- the loop -------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.headers is not None:
+            self.headers.close()
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -203,14 +207,14 @@ class BridgeService:
     async def relay_headers(self) -> None:
         store = self.headers
         await store.sync(self.rpc, now=self._now())
-        tip = store.tip()
-        if tip is None:
+        tip, first = store.tip(), store.start
+        if tip is None or first is None:
             return
-        store_height = tip[0]
+        store_height = tip.height
         with self._read_state() as r:
             view = StateView(r.get_state)
             relayed = btc_tip(view)
-            start = store.base_height() if relayed is None else None
+            start = first.height if relayed is None else None
             if relayed is not None:
                 if store_height < relayed.height:
                     return  # wait until the store's best chain is at least as high as the relayed one

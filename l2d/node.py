@@ -626,13 +626,10 @@ class Node:
         signers = [LocalSigner(sec, fed, self.network, self.store.get_state,
                                bdir / f"signer-{PrivateKey(sec).public_key.format().hex()[:16]}.json",
                                cfg.max_fee_share_ppm) for sec in self._signer_secrets]
-        headers = None
-        try:
-            from bridge.headers import HeaderStore
+        from bridge.headers import HEADER_STORE_DIR, HeaderStore
+        from l2d.core.pegs import btc_chain
 
-            headers = HeaderStore.open_for_node(Path(self.config.node.data_dir) / "btc_headers", self.network)
-        except ImportError:
-            log.warning("bridge: no header store available: headers are not relayed")
+        headers = HeaderStore(Path(self.config.node.data_dir) / HEADER_STORE_DIR, btc_chain(self.network).spv)
         return BridgeService(fed=fed, network=self.network, signers=signers, rpc=self._btc_rpc,
                              read_state=self.store.reader, submit=self.submit_as_federation,
                              batch_dir=bdir / "batches", headers=headers,
@@ -760,6 +757,8 @@ class Node:
             if isinstance(res, Exception) and not self.failed:
                 self.failed = True
                 log.error("task failed during shutdown", exc_info=(type(res), res, res.__traceback__))
+        if self.bridge_service is not None:
+            self.bridge_service.close()
         if self._btc_rpc is not None:
             await self._btc_rpc.close()
         self.store.close()

@@ -1,0 +1,291 @@
+"""Bridge end to end against a real regtest bitcoind (the daemon runs in-process so a crash can be injected).
+
+Peg-in: deposit to the account's tweaked 2-of-3 address -> mined -> headers relayed into the L2 state -> a
+claim below the depth is refused -> at depth the claim mints -> the same claim again, and another account's
+claim of it, are refused -> a deposit whose block is invalidated (reorged out) cannot be claimed with its proof.
+Peg-out: burn to a regtest address -> anchored (CONFIRMED) -> PSBT signed by the 2 signers this daemon holds
+(the third key lives elsewhere) -> broadcast -> mined -> COMPLETED in the L2 state with the Bitcoin txid; the
+federation's on-chain holdings (scantxoutset) equal pegged-in minus paid-out. A crash after signing, before
+broadcast, then a restart: the saved transaction is broadcast, nothing is paid twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from coincurve import PrivateKey
+
+from anchoring.btc_tx import key_path_script
+from bridge.rpc import BitcoinRPC
+from l2d.api import make_app
+from l2d.config import Config
+from l2d.core.params import REGTEST
+from l2d.core.pegs import CHANGE_CONTRACT, deposit_script_pubkey
+from l2d.core.pegs_tx import PeginClaim
+from l2d.core.tx import Burn, sign
+from l2d.node import Node
+from regtest.harness import BitcoindNode, fund_wallet
+
+MIN_DEPTH = 6
+
+
+def secret(tag: str) -> bytes:
+    return hashlib.sha256(b"l2d bridge regtest " + tag.encode()).digest()
+
+
+ALICE, BOB = secret("alice"), secret("bob")
+ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
+SIGNERS = [secret(f"signer {i}") for i in range(3)]
+
+
+def make_config(tmp: Path, btc: BitcoindNode) -> Config:
+    tmp.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
+        f = tmp / f"key{i}"
+        f.write_text(s.hex())
+        f.chmod(0o600)
+        files.append(str(f))
+    d = {
+        "node": {"network": "regtest", "data_dir": str(tmp / "data"), "log_level": "DEBUG"},
+        "chain": {"min_fee_sat": 1, "mint_authority_key_file": str(tmp / "mint.key")},
+        "block": {"interval_ms": 50},
+        "api": {"host": "127.0.0.1", "port": 0, "admin_token": "bridge-test-admin-token-01"},
+        "snapshots": {"every_blocks": 0},
+        "anchoring": {"enabled": True, "mode": "taproot", "every_blocks": 2, "federation_key_file": files[0],
+                      "confirmations": 1, "final_confirmations": 2, "rbf_after_blocks": 50, "poll_interval_ms": 100},
+        "bitcoind": {"rpc_url": btc.rpc_url, "cookie_file": str(btc.cookie_path),
+                     "zmq_hashblock": btc.zmq_endpoint, "zmq_sequence": btc.zmq_endpoint},
+        "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files[1:],
+                   "other_keys": [PrivateKey(SIGNERS[2]).public_key.format().hex()],
+                   "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": 1, "rbf_after_blocks": 50,
+                   "poll_interval_ms": 100},
+    }
+    return Config.from_dict(d, tmp, env={})
+
+
+class Daemon:
+    def __init__(self, node: Node, client: TestClient) -> None:
+        self.node, self.client = node, client
+
+    async def get(self, path: str) -> Any:
+        resp = await self.client.get(path)
+        assert resp.status == 200, (path, await resp.text())
+        return await resp.json()
+
+    async def submit(self, raw: bytes) -> tuple[int, Any]:
+        resp = await self.client.post("/api/l2/tx", json={"tx": raw.hex()})
+        return resp.status, await resp.json()
+
+    async def nonce(self, secret_: bytes) -> int:
+        return int((await self.get(f"/api/l2/accounts/{PrivateKey(secret_).public_key_xonly.format().hex()}"))["nonce"])
+
+
+async def start(cfg: Config) -> Daemon:
+    node = Node.from_config(cfg)
+    await node.start(serve_http=False)
+    client = TestClient(TestServer(make_app(node)))
+    await client.start_server()
+    return Daemon(node, client)
+
+
+async def stop(d: Daemon) -> None:
+    await d.client.close()
+    await d.node.stop()
+
+
+async def until(cond: Callable[[], Awaitable[Any]], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def relayed_to(d: Daemon, rpc: BitcoinRPC) -> None:
+    height = await rpc.getblockcount()
+
+    async def done() -> bool:
+        tip = (await d.get("/api/bridge/federation"))["btc_tip"]
+        return tip is not None and tip["height"] == height and tip["hash"] == (await rpc.getblockhash(height))[::-1].hex()
+    await until(done, f"headers relayed to height {height}")
+
+
+async def committed(d: Daemon, txid: str) -> None:
+    async def done() -> bool:
+        return (await d.get(f"/api/l2/tx/{txid}"))["status"] == "committed"
+    await until(done, f"tx {txid} committed")
+
+
+async def claim(d: Daemon, rpc: BitcoinRPC, who: bytes, txid: bytes, vout: int, fee: int = 1) -> tuple[int, Any]:
+    info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
+    block = bytes.fromhex(info["blockhash"])[::-1]
+    height = (await rpc.getblockheader(block, True)).height
+    raw = await rpc.getrawtransaction(txid)
+    proof = await rpc.gettxoutproof([txid], block)
+    tx = sign(REGTEST, who, await d.nonce(who), fee, PeginClaim(height, vout, raw, proof), b"\0" * 32)
+    return await d.submit(tx.raw)
+
+
+async def deposit(d: Daemon, rpc: BitcoinRPC, w: BitcoinRPC, account: bytes, amount: int) -> tuple[bytes, int]:
+    addr = (await d.get(f"/api/bridge/pegin-address/{account.hex()}"))["address"]
+    txid = await w.sendtoaddress(addr, amount)
+    info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
+    [vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == addr]
+    return txid, vout
+
+
+async def holdings_on_chain(rpc: BitcoinRPC, d: Daemon) -> int:
+    fed = d.node.bridge_federation
+    assert fed is not None
+    spks = [deposit_script_pubkey(fed, REGTEST.id, c) for c in (ALICE_ID, CHANGE_CONTRACT)]
+    r = await rpc.call("scantxoutset", ["start", [f"raw({s.hex()})" for s in spks]])
+    return round(r["total_amount"] * 100_000_000)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC) -> AsyncIterator[tuple[Config, BitcoinRPC,
+                                                                                                 str, Daemon]]:
+    w, mine_addr = await fund_wallet(rpc, "miner")
+    cfg = make_config(tmp_path / "l2d", bitcoind)
+    # fund the anchoring key (anchors are paid by the federation key's key-path P2TR output)
+    spk = key_path_script(PrivateKey(secret("federation")).public_key_xonly.format())
+    desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
+    await w.sendtoaddress((await rpc.call("deriveaddresses", [desc]))[0], 50_000_000)
+    await rpc.generatetoaddress(1, mine_addr)
+    d = await start(cfg)
+    try:
+        yield cfg, w, mine_addr, d
+    finally:
+        if not d.node.stopping:
+            await stop(d)
+
+
+async def test_pegin_claims(setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC) -> None:
+    cfg, w, mine_addr, d = setup
+    txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
+    await rpc.generatetoaddress(1, mine_addr)
+    await relayed_to(d, rpc)
+    status, body = await claim(d, rpc, ALICE, txid, vout)
+    assert status == 400 and body["error"] == "pegin-too-shallow", body
+    await rpc.generatetoaddress(MIN_DEPTH - 1, mine_addr)
+    await relayed_to(d, rpc)
+    status, body = await claim(d, rpc, ALICE, txid, vout)
+    assert status == 202, body
+    await committed(d, body["txid"])
+    acc = await d.get(f"/api/l2/accounts/{ALICE_ID.hex()}")
+    assert acc["balance_sat"] == 100_000_000 - 1 and acc["nonce"] == 1
+    [p] = (await d.get("/api/bridge/pegins"))["pegins"]
+    assert p == {"btc_txid": txid[::-1].hex(), "vout": vout, "amount_sat": 100_000_000, "btc_height": p["btc_height"],
+                 "recipient": ALICE_ID.hex()}
+    before = (await d.get("/api/l2/state"))["state_root"]
+    status, body = await claim(d, rpc, ALICE, txid, vout)  # the same deposit again
+    assert status == 400 and body["error"] == "already-claimed", body
+    status, body = await claim(d, rpc, BOB, txid, vout)  # someone else's deposit
+    assert status == 400 and body["error"] == "wrong-deposit-address", body
+    assert (await d.get("/api/l2/state"))["state_root"] == before
+
+    # a deposit whose block is invalidated: its proof names a block the relayed chain no longer has
+    txid2, vout2 = await deposit(d, rpc, w, ALICE_ID, 20_000_000)
+    [b2] = await rpc.generatetoaddress(1, mine_addr)
+    await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
+    await relayed_to(d, rpc)
+    h2 = (await rpc.getblockheader(b2, True)).height
+    raw2, proof2 = await rpc.getrawtransaction(txid2), await rpc.gettxoutproof([txid2], b2)
+    await rpc.invalidateblock(b2)
+    await rpc.generatetoaddress(MIN_DEPTH + 2, mine_addr)  # a longer branch without block b2
+    await relayed_to(d, rpc)
+    fed_tip = (await d.get("/api/bridge/federation"))["btc_tip"]
+    assert fed_tip["hash"] != b2[::-1].hex()
+    tx = sign(REGTEST, ALICE, await d.nonce(ALICE), 1, PeginClaim(h2, vout2, raw2, proof2), b"\0" * 32)
+    status, body = await d.submit(tx.raw)
+    assert status == 400 and body["error"] == "unknown-btc-block", body
+    f = await d.get("/api/bridge/federation")
+    assert f["pegged_in_sat"] == 100_000_000
+
+
+async def test_pegout_completes_and_survives_a_crash_before_broadcast(
+        setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC) -> None:
+    cfg, w, mine_addr, d = setup
+    txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
+    await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
+    await relayed_to(d, rpc)
+    status, body = await claim(d, rpc, ALICE, txid, vout)
+    assert status == 202, body
+    await committed(d, body["txid"])
+
+    async def pegout(amount: int) -> tuple[str, str]:
+        dest = await w.getnewaddress()
+        tx = sign(REGTEST, ALICE, await d.nonce(ALICE), 1, Burn(amount, dest.encode()), b"\0" * 32)
+        status, body = await d.submit(tx.raw)
+        assert status == 202, body
+        await committed(d, body["txid"])
+        return body["txid"], dest
+
+    async def mine_until(pid: str, status: str) -> dict[str, Any]:
+        async def done() -> Any:
+            [p] = [p for p in (await d.get("/api/bridge/pegouts"))["pegouts"] if p["id"] == pid]
+            if p["status"] == status:
+                return p
+            await rpc.generatetoaddress(1, mine_addr)
+            await asyncio.sleep(0.3)
+            return None
+        return await until(done, f"peg-out {pid} {status}", timeout=90)
+
+    pid, dest = await pegout(30_000_000)
+    p = await mine_until(pid, "COMPLETED")
+    info = await rpc.call("getrawtransaction", [p["btc_txid"], True])
+    assert info["confirmations"] >= 1
+    paid = [round(o["value"] * 100_000_000) for o in info["vout"] if o["scriptPubKey"].get("address") == dest]
+    assert len(paid) == 1 and 27_000_000 <= paid[0] < 30_000_000  # amount less its share of the fee
+    witness = info["vin"][0]["txinwitness"]
+    assert len(witness) == 4 and witness[0] == ""  # 2 signatures: 2-of-3 with the third key elsewhere
+    f = await d.get("/api/bridge/federation")
+    assert f["paid_out_sat"] == 30_000_000 and f["pending_pegouts_sat"] == 0
+    assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 - 30_000_000
+    assert f["invariant_ok"] is True
+
+    # crash after the batch is signed and saved, before it is broadcast
+    svc = d.node.bridge_service
+    assert svc is not None
+
+    async def crash(raw_hex: str) -> None:
+        raise RuntimeError("injected crash before broadcast")
+    svc._broadcast = crash  # type: ignore[method-assign]
+    pid2, dest2 = await pegout(10_000_000)
+    batch_dir = Path(cfg.node.data_dir) / "bridge" / "batches"
+
+    async def signed() -> Any:
+        await rpc.generatetoaddress(1, mine_addr)  # confirms the anchor covering the burn
+        await asyncio.sleep(0.3)
+        for f_ in batch_dir.glob("batch-*.json"):
+            b = json.loads(f_.read_text())
+            if pid2 in b["pegouts"] and b["status"] == "signed":
+                return b
+        return None
+    saved = await until(signed, "second batch signed and saved", timeout=90)
+    await stop(d)
+    mempool = await rpc.call("getrawmempool")
+    assert saved["txid"] not in mempool  # never broadcast
+    d = await start(cfg)
+    try:
+        p2 = await mine_until(pid2, "COMPLETED")
+        assert p2["btc_txid"] == saved["txid"]  # the saved transaction, not a new one
+        info = await rpc.call("getrawtransaction", [saved["txid"], True])
+        assert info["hex"] == saved["raw"]
+        for rec in (Path(cfg.node.data_dir) / "bridge").glob("signer-*.json"):
+            assert list(json.loads(rec.read_text())[pid2]) == [saved["txid"]]  # each signer signed one tx
+        f = await d.get("/api/bridge/federation")
+        assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 - 40_000_000
+        assert f["invariant_ok"] is True
+    finally:
+        await stop(d)
