@@ -163,7 +163,8 @@ def address_script(address: str, network: Network) -> bytes:
 def script_address(script: bytes, network: Network) -> Optional[str]:
     """The address of a standard scriptPubKey on the network's paired chain (None if it has none)."""
     chain = btc_chain(network)
-    if len(script) in (22, 34) and script[0] in (0, 0x51) and script[1] == len(script) - 2:
+    if (script[:2] in (b"\x00\x14", b"\x00\x20") and len(script) == 2 + script[1]) or (
+            script[:2] == b"\x51\x20" and len(script) == 34):  # the payouts address_script accepts, no others
         ver = 0 if script[0] == 0 else 1
         return cast(Optional[str], bech32_encode(chain.hrp, ver, list(script[2:])))
     from bitcoin.base58 import encode as b58encode
