@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
 from anchoring.btc_tx import key_path_script
-from bridge.rpc import BitcoinRPC
+from bridge.rpc import BitcoinRPC, RPCError
 from l2d.api import make_app
 from l2d.config import Config
 from l2d.core.params import REGTEST
@@ -44,7 +44,7 @@ ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
 SIGNERS = [secret(f"signer {i}") for i in range(3)]
 
 
-def make_config(tmp: Path, btc: BitcoindNode) -> Config:
+def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50) -> Config:
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
     for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
@@ -64,7 +64,7 @@ def make_config(tmp: Path, btc: BitcoindNode) -> Config:
                      "zmq_hashblock": btc.zmq_endpoint, "zmq_sequence": btc.zmq_endpoint},
         "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files[1:],
                    "other_keys": [PrivateKey(SIGNERS[2]).public_key.format().hex()],
-                   "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": 1, "rbf_after_blocks": 50,
+                   "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": 1, "rbf_after_blocks": rbf_after_blocks,
                    "poll_interval_ms": 100},
     }
     return Config.from_dict(d, tmp, env={})
@@ -153,10 +153,10 @@ async def holdings_on_chain(rpc: BitcoinRPC, d: Daemon) -> int:
 
 
 @pytest.fixture
-async def setup(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC) -> AsyncIterator[tuple[Config, BitcoinRPC,
-                                                                                                 str, Daemon]]:
+async def setup(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
+                request: pytest.FixtureRequest) -> AsyncIterator[tuple[Config, BitcoinRPC, str, Daemon]]:
     w, mine_addr = await fund_wallet(rpc, "miner")
-    cfg = make_config(tmp_path / "l2d", bitcoind)
+    cfg = make_config(tmp_path / "l2d", bitcoind, getattr(request, "param", 50))
     # fund the anchoring key (anchors are paid by the federation key's key-path P2TR output)
     spk = key_path_script(PrivateKey(secret("federation")).public_key_xonly.format())
     desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
@@ -213,9 +213,8 @@ async def test_pegin_claims(setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: 
     assert f["pegged_in_sat"] == 100_000_000
 
 
-async def test_pegout_completes_and_survives_a_crash_before_broadcast(
-        setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC) -> None:
-    cfg, w, mine_addr, d = setup
+async def funded(d: Daemon, rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str) -> None:
+    """Alice deposits and claims 1 BTC."""
     txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
     await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
     await relayed_to(d, rpc)
@@ -223,26 +222,37 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     assert status == 202, body
     await committed(d, body["txid"])
 
-    async def pegout(amount: int) -> tuple[str, str]:
-        dest = await w.getnewaddress()
-        tx = sign(REGTEST, ALICE, await d.nonce(ALICE), 1, Burn(amount, dest.encode()), b"\0" * 32)
-        status, body = await d.submit(tx.raw)
-        assert status == 202, body
-        await committed(d, body["txid"])
-        return body["txid"], dest
 
-    async def mine_until(pid: str, status: str) -> dict[str, Any]:
-        async def done() -> Any:
-            [p] = [p for p in (await d.get("/api/bridge/pegouts"))["pegouts"] if p["id"] == pid]
-            if p["status"] == status:
-                return p
-            await rpc.generatetoaddress(1, mine_addr)
-            await asyncio.sleep(0.3)
-            return None
-        return await until(done, f"peg-out {pid} {status}", timeout=90)
+async def pegout(d: Daemon, w: BitcoinRPC, amount: int) -> tuple[str, str]:
+    dest = await w.getnewaddress()
+    tx = sign(REGTEST, ALICE, await d.nonce(ALICE), 1, Burn(amount, dest.encode()), b"\0" * 32)
+    status, body = await d.submit(tx.raw)
+    assert status == 202, body
+    await committed(d, body["txid"])
+    return body["txid"], dest
 
-    pid, dest = await pegout(30_000_000)
-    p = await mine_until(pid, "COMPLETED")
+
+async def mine_until(d: Daemon, rpc: BitcoinRPC, mine_addr: str, pid: str, status: str,
+                     before_mining: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+    async def done() -> Any:
+        [p] = [p for p in (await d.get("/api/bridge/pegouts"))["pegouts"] if p["id"] == pid]
+        if p["status"] == status:
+            return p
+        if before_mining is not None:
+            await before_mining()
+        await rpc.generatetoaddress(1, mine_addr)
+        await asyncio.sleep(0.3)
+        return None
+    return await until(done, f"peg-out {pid} {status}", timeout=90)
+
+
+async def test_pegout_completes_and_survives_a_crash_before_broadcast(
+        setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC) -> None:
+    cfg, w, mine_addr, d = setup
+    await funded(d, rpc, w, mine_addr)
+
+    pid, dest = await pegout(d, w, 30_000_000)
+    p = await mine_until(d, rpc, mine_addr, pid, "COMPLETED")
     info = await rpc.call("getrawtransaction", [p["btc_txid"], True])
     assert info["confirmations"] >= 1
     paid = [round(o["value"] * 100_000_000) for o in info["vout"] if o["scriptPubKey"].get("address") == dest]
@@ -261,7 +271,7 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     async def crash(raw_hex: str) -> None:
         raise RuntimeError("injected crash before broadcast")
     svc._broadcast = crash  # type: ignore[method-assign]
-    pid2, dest2 = await pegout(10_000_000)
+    pid2, dest2 = await pegout(d, w, 10_000_000)
     batch_dir = Path(cfg.node.data_dir) / "bridge" / "batches"
 
     async def signed() -> Any:
@@ -278,7 +288,7 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     assert saved["txid"] not in mempool  # never broadcast
     d = await start(cfg)
     try:
-        p2 = await mine_until(pid2, "COMPLETED")
+        p2 = await mine_until(d, rpc, mine_addr, pid2, "COMPLETED")
         assert p2["btc_txid"] == saved["txid"]  # the saved transaction, not a new one
         info = await rpc.call("getrawtransaction", [saved["txid"], True])
         assert info["hex"] == saved["raw"]
@@ -289,3 +299,36 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
         assert f["invariant_ok"] is True
     finally:
         await stop(d)
+
+
+@pytest.mark.parametrize("setup", [2], indirect=True)  # replace a payout unconfirmed for 2 blocks
+async def test_stuck_pegout_is_replaced_by_fee(setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC) -> None:
+    """The first payout is kept out of blocks (prioritisetransaction with a large negative delta, as if its fee were
+    too low); after rbf_after_blocks the federation replaces it with a higher fee rate, spending the same coins;
+    the replacement confirms and the peg-out is COMPLETED with its txid; the payee is paid once."""
+    cfg, w, mine_addr, d = setup
+    await funded(d, rpc, w, mine_addr)
+    pid, dest = await pegout(d, w, 30_000_000)
+    first: list[str] = []
+    first_inputs: set[tuple[str, int]] = set()
+
+    async def starve_first() -> None:
+        for p in (await d.get("/api/bridge/pegouts"))["pegouts"]:
+            if p["id"] == pid and p["btc_txid"] and not first and p["btc_txid"] in await rpc.call("getrawmempool"):
+                first.append(p["btc_txid"])
+                vin = (await rpc.call("getrawtransaction", [p["btc_txid"], True]))["vin"]
+                first_inputs.update((i["txid"], i["vout"]) for i in vin)
+                await rpc.call("prioritisetransaction", [p["btc_txid"], 0, -10_000_000])
+    p = await mine_until(d, rpc, mine_addr, pid, "COMPLETED", before_mining=starve_first)
+    assert first and p["btc_txid"] != first[0]
+    assert first[0] not in await rpc.call("getrawmempool")
+    with pytest.raises(RPCError):  # evicted by the replacement and never mined (txindex knows every mined tx)
+        await rpc.call("getrawtransaction", [first[0], True])
+    info = await rpc.call("getrawtransaction", [p["btc_txid"], True])
+    assert {(i["txid"], i["vout"]) for i in info["vin"]} == first_inputs  # the same federation coins
+    paid = [o for o in info["vout"] if o["scriptPubKey"].get("address") == dest]
+    assert len(paid) == 1
+    assert (await rpc.call("scantxoutset", ["start", [f"addr({dest})"]]))["total_amount"] * 100_000_000 == \
+        pytest.approx(paid[0]["value"] * 100_000_000)  # one payment, not two
+    f = await d.get("/api/bridge/federation")
+    assert f["invariant_ok"] is True and f["holdings_sat"] == await holdings_on_chain(rpc, d)
