@@ -201,6 +201,8 @@ class BridgeConfig:
     fee_max_sat_per_vb: int
     max_fee_share_ppm: int  # signer policy: at most this share of a peg-out goes to the Bitcoin fee
     poll_interval_ms: int
+    header_start_height: int  # the header store (and the relay) start here: a trusted checkpoint
+    header_start_hash: bytes | None  # its block hash (internal order); None = bitcoind's block at that height
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +348,8 @@ class Config:
             "anchoring": {k: (str(v) if isinstance(v, Path) else v)
                           for k, v in ((f, getattr(self.anchoring, f)) for f in AnchoringConfig.__slots__)},
             "bridge": {k: ([str(x) for x in v] if isinstance(v, tuple) and k == "signer_key_files"
-                           else [x.hex() for x in v] if isinstance(v, tuple) else v)
+                           else [x.hex() for x in v] if isinstance(v, tuple)
+                           else v[::-1].hex() if isinstance(v, bytes) else v)
                        for k, v in ((f, getattr(self.bridge, f)) for f in BridgeConfig.__slots__)},
             "orchestration": {k: (dict(v) if k == "weights_ppm" else v) for k, v in
                               ((f, getattr(self.orchestration, f)) for f in OrchestrationConfig.__slots__)},
@@ -521,8 +524,12 @@ def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringC
 def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: AnchoringConfig) -> BridgeConfig:
     s = _Section("bridge", t, ("enabled", "threshold", "signer_key_files", "other_keys", "pegin_min_depth",
                                "pegout_confirmations", "rbf_after_blocks", "fee_fallback_sat_per_vb",
-                               "fee_max_sat_per_vb", "max_fee_share_ppm", "poll_interval_ms"))
+                               "fee_max_sat_per_vb", "max_fee_share_ppm", "poll_interval_ms",
+                               "header_start_height", "header_start_hash"))
     enabled = _get_bool(s, "enabled", False)
+    start_hash = s.get_str("header_start_hash", default="")
+    if start_hash and not _HEX64.fullmatch(start_hash):
+        raise s.fail("header_start_hash", start_hash, 'must be "" or a 64-hex block hash (as bitcoin-cli shows it)')
     files = s.raw("signer_key_files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) and f.strip() for f in files):
         raise s.fail("signer_key_files", files, "must be a list of key file paths")
@@ -556,6 +563,8 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
         fee_fallback_sat_per_vb=fallback, fee_max_sat_per_vb=fee_max,
         max_fee_share_ppm=s.get_int("max_fee_share_ppm", 0, 1_000_000, default=100_000),
         poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=2000),
+        header_start_height=s.get_int("header_start_height", 0, 2**31, default=0),
+        header_start_hash=bytes.fromhex(start_hash)[::-1] if start_hash else None,
     )
 
 

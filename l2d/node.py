@@ -629,7 +629,8 @@ class Node:
         from bridge.headers import HEADER_STORE_DIR, HeaderStore
         from l2d.core.pegs import btc_chain
 
-        headers = HeaderStore(Path(self.config.node.data_dir) / HEADER_STORE_DIR, btc_chain(self.network).spv)
+        headers = HeaderStore(Path(self.config.node.data_dir) / HEADER_STORE_DIR, btc_chain(self.network).spv,
+                              start_height=cfg.header_start_height, start_hash=cfg.header_start_hash)
         return BridgeService(fed=fed, network=self.network, signers=signers, rpc=self._btc_rpc,
                              read_state=self.store.reader, submit=self.submit_as_federation,
                              batch_dir=bdir / "batches", headers=headers,
