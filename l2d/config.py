@@ -252,6 +252,7 @@ class OrchestrationConfig:
     min_reputation_ppm: int  # never assign below this reputation
     min_stake_sat: int
     heartbeat_timeout_blocks: int  # not scheduled when the last heartbeat is older
+    heartbeat_grace_blocks: int  # a party silent this long may be replaced before its deadline (0 = never)
     probe_interval_ms: int  # latency/health probe of each worker's endpoint
     probe_failures: int  # consecutive failed probes that take a worker off the schedule
     preferred_region: str  # "" = none
@@ -619,8 +620,8 @@ def _orchestration(t: Mapping[str, Any]) -> OrchestrationConfig:
     s = _Section("orchestration", t, (
         "enabled", "strategy", "weights", "audit_rate", "timeout_blocks", "challenge_window_blocks", "worker_share",
         "verifier_share", "treasury_share", "slash_fraction", "slash_challenger_share", "min_reputation",
-        "min_stake_sat", "heartbeat_timeout_blocks", "probe_interval_ms", "probe_failures", "preferred_region",
-        "poll_interval_ms"))
+        "min_stake_sat", "heartbeat_timeout_blocks", "heartbeat_grace_blocks", "probe_interval_ms", "probe_failures",
+        "preferred_region", "poll_interval_ms"))
     defaults = {"reputation": 0.35, "latency": 0.2, "capacity": 0.15, "cost": 0.15, "region": 0.05, "green": 0.1}
     table = s.get_table("weights") if "weights" in t else defaults
     w = _Section("orchestration.weights", table, SCORE_COMPONENTS)
@@ -652,6 +653,7 @@ def _orchestration(t: Mapping[str, Any]) -> OrchestrationConfig:
         min_reputation_ppm=_ppm(s, "min_reputation", s.raw("min_reputation", 0.3)),
         min_stake_sat=s.get_int("min_stake_sat", 0, MAX_MONEY, default=1000),
         heartbeat_timeout_blocks=s.get_int("heartbeat_timeout_blocks", 1, 1_000_000, default=60),
+        heartbeat_grace_blocks=s.get_int("heartbeat_grace_blocks", 0, 100_000, default=30),
         probe_interval_ms=s.get_int("probe_interval_ms", 50, 3_600_000, default=2000),
         probe_failures=s.get_int("probe_failures", 1, 1000, default=3),
         preferred_region=region,

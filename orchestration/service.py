@@ -19,7 +19,7 @@ from l2d.core.errors import Rejected
 from l2d.core.hashing import tagged_hash
 from l2d.core.state import Namespace
 from l2d.core.tx import Payload
-from l2d.core.work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus
+from l2d.core.work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, silent
 from l2d.core.work_tx import (PPM, ZERO_KEY, Role, TaskAssign, TaskDispute, TaskReassign, TaskResolve, TaskSettle,
                               fingerprints_match, parse_fingerprint)
 from orchestration.errors import NoEligibleWorker
@@ -167,7 +167,7 @@ class OrchestrationService:
         backup = a.backup_id or ZERO_KEY
         vid = verifier.worker_id if verifier is not None else ZERO_KEY
         payload = TaskAssign(task_id, a.worker_id, backup, vid, height + 1 + self.config.timeout_blocks,
-                             self.config.challenge_window_blocks)
+                             self.config.challenge_window_blocks, self.config.heartbeat_grace_blocks)
         if self._post(task_id, payload, "assign", worker=a.worker_id.hex(), backup=backup.hex(), verifier=vid.hex()):
             expl = {"role": "worker", "height": height, **a.explain()}
             if verifier is not None:
@@ -176,7 +176,16 @@ class OrchestrationService:
             self._busy(a.worker_id)
             self._busy(vid)
 
-    def _reassign(self, task_id: bytes, t: TaskRecord, role: Role, height: int) -> None:
+    def _overdue(self, t: TaskRecord, role: Role, height: int) -> Optional[str]:
+        """Why a due role may be handed on in the next block (None if it may not)."""
+        if height + 1 > t.deadline_height:
+            return "missed-deadline"
+        party = self.workers.get(t.party(role))
+        if party is not None and silent(t, party, height + 1):
+            return "missed-heartbeats"
+        return None
+
+    def _reassign(self, task_id: bytes, t: TaskRecord, role: Role, height: int, reason: str) -> None:
         deadline = height + 1 + self.config.timeout_blocks
         parties = (t.worker, t.backup, t.verifier, t.referee)
         if role == Role.WORKER:
@@ -198,7 +207,7 @@ class OrchestrationService:
             payload = TaskReassign(task_id, role, new, ZERO_KEY, deadline)
             expl = {"role": role.name.lower(), "height": height, **a.explain()}
         if self._post(task_id, payload, "reassign", role=role.name.lower(), replaced=t.party(role).hex(),
-                      new=new.hex(), new_backup=nb.hex(), missed_deadline=t.deadline_height):
+                      new=new.hex(), new_backup=nb.hex(), reason=reason, deadline=t.deadline_height):
             if expl is not None:
                 self.note(task_id).explanations.append(expl)
             self._busy(new)
@@ -257,8 +266,9 @@ class OrchestrationService:
                 self._assign(tid, t, height)
             elif t.status in (TaskStatus.ASSIGNED, TaskStatus.DISPUTED):
                 due = t.waiting_for()
-                if due and height + 1 > t.deadline_height:
-                    self._reassign(tid, t, due[0], height)
+                overdue = [(r, why) for r, why in ((r, self._overdue(t, r, height)) for r in due) if why]
+                if overdue:
+                    self._reassign(tid, t, overdue[0][0], height, overdue[0][1])
                 elif not due:
                     self._resolve(tid, t)
             elif t.status == TaskStatus.RESULT_SUBMITTED:

@@ -27,7 +27,7 @@ EXIT_DELAY_BLOCKS = 100  # an exited worker's stake stays slashable this long
 INITIAL_REPUTATION_PPM = 500_000
 MAX_WINDOW_BLOCKS = 100_000
 _WORKER_HEAD = struct.Struct(">BQQIHIIIQQ")
-_TASK_HEAD = struct.Struct(">BB32sQQ32s32s32s32sQIQB")
+_TASK_HEAD = struct.Struct(">BB32sQQ32s32s32s32sQIQBQI")
 _W = bytes((Namespace.WORKER,))
 _T = bytes((Namespace.TASK,))
 
@@ -103,7 +103,7 @@ class WorkerRecord:
 
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
-    """Value under task_key: a 199-byte head, the submitted spec, then each role's output and fingerprint."""
+    """Value under task_key: a 211-byte head, the submitted spec, then each role's output and fingerprint."""
 
     status: TaskStatus
     outcome: Outcome
@@ -117,14 +117,17 @@ class TaskRecord:
     deadline_height: int
     window_blocks: int
     result_height: int  # when the last required result arrived (the window starts)
-    timeouts: int  # roles handed on after a missed deadline
+    timeouts: int  # roles handed on after a missed deadline (or missed heartbeats)
+    phase_height: int  # when the roles now due were handed out (assign, reassign, dispute)
+    heartbeat_grace: int  # blocks of silence after which a due party may be replaced (0 = only the deadline)
     spec: TaskSubmit
     results: tuple[tuple[bytes, bytes], tuple[bytes, bytes], tuple[bytes, bytes]]  # (output, fp) by role - 1
 
     def encode(self) -> bytes:
         out = _TASK_HEAD.pack(self.status, self.outcome, self.submitter, self.bounty_sat, self.submit_height,
                               self.worker, self.backup, self.verifier, self.referee, self.deadline_height,
-                              self.window_blocks, self.result_height, self.timeouts) + self.spec.encode()
+                              self.window_blocks, self.result_height, self.timeouts, self.phase_height,
+                              self.heartbeat_grace) + self.spec.encode()
         for o, fp in self.results:
             out += write_bytes(o) + write_bytes(fp)
         return out
@@ -132,15 +135,15 @@ class TaskRecord:
     @classmethod
     def decode(cls, b: bytes) -> "TaskRecord":
         r = Reader(b, "task record")
-        st, oc, sub, bounty, sub_h, worker, backup, verifier, referee, deadline, window, res_h, timeouts = \
-            _TASK_HEAD.unpack(r.take(_TASK_HEAD.size))
+        (st, oc, sub, bounty, sub_h, worker, backup, verifier, referee, deadline, window, res_h, timeouts, phase,
+         grace) = _TASK_HEAD.unpack(r.take(_TASK_HEAD.size))
         if st not in range(1, 7) or oc not in range(0, 5):
             raise DecodeError(f"task record status {st} / outcome {oc}")
         spec = TaskSubmit.read(r)
         res = tuple((r.var_bytes(MAX_IMAGES), r.var_bytes(MAX_IMAGES * FP_POSITION)) for _ in range(3))
         r.end()
         return cls(TaskStatus(st), Outcome(oc), sub, bounty, sub_h, worker, backup, verifier, referee, deadline,
-                   window, res_h, timeouts, spec, cast(_Results, res))
+                   window, res_h, timeouts, phase, grace, spec, cast(_Results, res))
 
     def party(self, role: Role) -> bytes:
         return (self.worker, self.verifier, self.referee)[role - 1]
@@ -290,7 +293,7 @@ def apply_submit(view: StateView, tx: Transaction, rules: Rules) -> None:
     charge_sender(view, tx, rules, p.bounty_sat)
     add_locked(view, p.bounty_sat)
     rec = TaskRecord(TaskStatus.SUBMITTED, Outcome.NONE, tx.sender, p.bounty_sat, view.height, ZERO_KEY, ZERO_KEY,
-                     ZERO_KEY, ZERO_KEY, 0, 0, 0, 0, p, _NO_RESULTS)
+                     ZERO_KEY, ZERO_KEY, 0, 0, 0, 0, 0, 0, p, _NO_RESULTS)
     view.put(task_key(tx.txid), rec.encode())
 
 
@@ -320,8 +323,9 @@ def apply_assign(view: StateView, tx: Transaction, rules: Rules) -> None:
     t = _need_task(view, p.task_id)
     _need_status(t, TaskStatus.SUBMITTED)
     _deadline(view, p.deadline_height)
-    if p.window_blocks > MAX_WINDOW_BLOCKS:
-        raise InvalidTransaction(f"challenge window {p.window_blocks} exceeds {MAX_WINDOW_BLOCKS} blocks")
+    if max(p.window_blocks, p.heartbeat_grace) > MAX_WINDOW_BLOCKS:
+        raise InvalidTransaction(f"challenge window {p.window_blocks} or heartbeat grace {p.heartbeat_grace} "
+                                 f"exceeds {MAX_WINDOW_BLOCKS} blocks")
     ws = _parties(view, t.spec, [(p.worker, "worker"), (p.backup, "backup"), (p.verifier, "verifier")])
     _authority(view, tx)
     for pk in (p.worker, p.verifier):
@@ -331,7 +335,8 @@ def apply_assign(view: StateView, tx: Transaction, rules: Rules) -> None:
     _put_workers(view, ws)
     view.put(task_key(p.task_id), replace(t, status=TaskStatus.ASSIGNED, worker=p.worker, backup=p.backup,
                                           verifier=p.verifier, deadline_height=p.deadline_height,
-                                          window_blocks=p.window_blocks).encode())
+                                          window_blocks=p.window_blocks, phase_height=view.height,
+                                          heartbeat_grace=p.heartbeat_grace).encode())
 
 
 def apply_result(view: StateView, tx: Transaction, rules: Rules) -> None:
@@ -354,6 +359,11 @@ def apply_result(view: StateView, tx: Transaction, rules: Rules) -> None:
     view.put(task_key(p.task_id), t.encode())
 
 
+def silent(t: TaskRecord, party: WorkerRecord, height: int) -> bool:
+    """The party has sent no heartbeat for the task's grace since its role was handed out (grace 0: never)."""
+    return t.heartbeat_grace > 0 and height > max(party.last_heartbeat, t.phase_height) + t.heartbeat_grace
+
+
 def _fp(t: TaskRecord, role: Role) -> tuple[tuple[tuple[int, int], ...], ...]:
     res = t.result(role)
     if res is None:
@@ -371,10 +381,12 @@ def apply_reassign(view: StateView, tx: Transaction, rules: Rules) -> None:
     t = _need_task(view, p.task_id)
     if p.role not in t.waiting_for():
         raise InvalidTransaction(f"task {t.status.name} is not waiting for its {p.role.name.lower()}")
-    if view.height <= t.deadline_height:
-        raise InvalidTransaction(f"the deadline {t.deadline_height} has not passed (now {view.height})")
-    _deadline(view, p.deadline_height)
     old = t.party(p.role)
+    loser = _need_worker(view, old, "replaced party")
+    if view.height <= t.deadline_height and not silent(t, loser, view.height):
+        raise InvalidTransaction(f"the deadline {t.deadline_height} has not passed (now {view.height}) and the "
+                                 f"{p.role.name.lower()} is not silent (last heartbeat {loser.last_heartbeat})")
+    _deadline(view, p.deadline_height)
     if p.role == Role.WORKER:
         if t.backup != ZERO_KEY and p.new_worker != t.backup:
             raise InvalidTransaction("the worker role goes to the recorded backup")
@@ -386,7 +398,6 @@ def apply_reassign(view: StateView, tx: Transaction, rules: Rules) -> None:
     if p.new_worker in others - {ZERO_KEY}:
         raise InvalidTransaction("the new party already has a role in this task (or is the one replaced)")
     new = _parties(view, t.spec, [(p.new_worker, "new worker"), (p.new_backup, "new backup")])
-    loser = _need_worker(view, old, "replaced party")
     _authority(view, tx)
     new[old] = replace(loser, active_tasks=loser.active_tasks - 1, tasks_failed=loser.tasks_failed + 1,
                        reputation_ppm=loser.reputation_ppm - loser.reputation_ppm // 8)
@@ -399,8 +410,8 @@ def apply_reassign(view: StateView, tx: Transaction, rules: Rules) -> None:
         t = replace(t, verifier=p.new_worker)
     else:
         t = replace(t, referee=p.new_worker)
-    view.put(task_key(p.task_id), replace(t, deadline_height=p.deadline_height, timeouts=min(t.timeouts + 1, 255))
-             .encode())
+    view.put(task_key(p.task_id), replace(t, deadline_height=p.deadline_height, timeouts=min(t.timeouts + 1, 255),
+                                          phase_height=view.height).encode())
 
 
 def _pay(view: StateView, payouts: list[tuple[bytes, int]], total: int, what: str) -> None:
@@ -463,7 +474,7 @@ def apply_dispute(view: StateView, tx: Transaction, rules: Rules) -> None:
     w = ws[p.referee]
     _put_workers(view, {p.referee: replace(w, active_tasks=w.active_tasks + 1)})
     view.put(task_key(p.task_id), replace(t, status=TaskStatus.DISPUTED, referee=p.referee,
-                                          deadline_height=p.deadline_height).encode())
+                                          deadline_height=p.deadline_height, phase_height=view.height).encode())
 
 
 def apply_resolve(view: StateView, tx: Transaction, rules: Rules) -> None:

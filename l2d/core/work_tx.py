@@ -40,7 +40,7 @@ _NAME = re.compile(rb"[a-z0-9][a-z0-9._-]*")
 _ENDPOINT = re.compile(rb"[A-Za-z0-9.:\[\]-]*")
 _REG_HEAD = struct.Struct(">QBIQIIH")
 _SUBMIT_HEAD = struct.Struct(">QIQ")
-_ASSIGN = struct.Struct(">32s32s32s32sQI")
+_ASSIGN = struct.Struct(">32s32s32s32sQII")
 _REASSIGN = struct.Struct(">32sB32s32sQ")
 _SETTLE = struct.Struct(">32sQQQ")
 _DISPUTE = struct.Struct(">32s32sQ")
@@ -333,7 +333,8 @@ def _distinct(*keys: bytes) -> None:
 class TaskAssign:
     """Federation authority: assign a SUBMITTED task to worker, naming its backup and (audit) a verifier.
 
-    Zero keys mean "none". Results are due by deadline_height; settlement waits window_blocks after them.
+    Zero keys mean "none". Results are due by deadline_height; settlement waits window_blocks after them. A
+    party silent (no heartbeat) for heartbeat_grace blocks may be replaced before the deadline (0 = never).
     """
 
     TYPE: ClassVar[TxType] = TxType.TASK_ASSIGN
@@ -344,6 +345,7 @@ class TaskAssign:
     verifier: bytes
     deadline_height: int
     window_blocks: int
+    heartbeat_grace: int = 0
 
     def __post_init__(self) -> None:
         _key(self.task_id, "task id")
@@ -353,10 +355,11 @@ class TaskAssign:
         _distinct(self.worker, self.backup, self.verifier)
         _u(self.deadline_height, 64, "task deadline height")
         _u(self.window_blocks, 32, "challenge window")
+        _u(self.heartbeat_grace, 32, "heartbeat grace")
 
     def encode(self) -> bytes:
         return _ASSIGN.pack(self.task_id, self.worker, self.backup, self.verifier, self.deadline_height,
-                            self.window_blocks)
+                            self.window_blocks, self.heartbeat_grace)
 
     def debit_sat(self) -> int:
         return 0
@@ -402,7 +405,8 @@ class TaskResult:
 
 @dataclass(frozen=True, slots=True)
 class TaskReassign:
-    """Federation authority, after the deadline: hand a role whose result is missing to another worker.
+    """Federation authority, after the deadline (or once the party has been silent for the task's heartbeat
+    grace): hand a role whose result is missing to another worker.
 
     Role WORKER goes to the recorded backup (new_worker must be it, unless there was none) and names a new
     backup; VERIFIER and

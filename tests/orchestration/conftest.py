@@ -204,7 +204,8 @@ class OrchNet:
                "api": {"port": 0, "admin_token": ""},
                "snapshots": {"every_blocks": 0},
                "anchoring": {"enabled": False, "federation_key_file": str(fed)},
-               "orchestration": {"enabled": True, "strategy": "lowest_cost", "timeout_blocks": 40,
+               "orchestration": {"enabled": True, "strategy": "lowest_cost", "timeout_blocks": 60,
+                                 "heartbeat_grace_blocks": 60,
                                  "challenge_window_blocks": 3, "probe_interval_ms": 300, "poll_interval_ms": 50,
                                  **orchestration}}
         path = tmp / "l2d.toml"

@@ -135,7 +135,8 @@ async def test_a_lying_verifier_is_caught_by_the_dispute_re_execution(orch_net: 
 
 async def test_a_worker_killed_mid_task_fails_over_to_its_backup_and_the_task_settles_once(
         orch_net: Callable[..., Any], poll: Callable[..., Any]) -> None:
-    net = orch_net(["a", "b", "c"], audit_rate=0)
+    # The deadline is far away: what fails the task over is that its worker stops sending heartbeats.
+    net = orch_net(["a", "b", "c"], audit_rate=0, timeout_blocks=100_000, heartbeat_grace_blocks=30)
     net.start_agent("a", "--price", "10", "--work-ms", "20000")  # a long job: it will not live to finish it
     net.start_agent("b", "--price", "11")
     net.start_agent("c", "--price", "12")
@@ -153,6 +154,7 @@ async def test_a_worker_killed_mid_task_fails_over_to_its_backup_and_the_task_se
     assert t["worker"] == b.hex() and t["timeouts"] == 1 and t["outcome"] == "PAID"
     reassign = [e for e in t["events"] if e["kind"] == "reassign"]
     assert len(reassign) == 1 and reassign[0]["replaced"] == a.hex() and reassign[0]["new"] == b.hex()
+    assert reassign[0]["reason"] == "missed-heartbeats"
     ws = net.workers()
     assert ws[a.hex()]["tasks_failed"] == 1 and ws[a.hex()]["active_tasks"] == 0
     assert ws[b.hex()]["tasks_done"] == 1

@@ -197,3 +197,18 @@ def test_refused_posts_are_recorded_not_raised() -> None:
     ev: Optional[dict[str, Any]] = svc.notes[tid].events[-1]
     assert ev is not None and ev["kind"] == "assign-refused" and ev["reason"] == "unauthorized"
     assert ledger.task(tid).status == TaskStatus.SUBMITTED
+
+
+def test_a_silent_worker_is_failed_over_before_its_deadline() -> None:
+    ledger = Ledger()
+    svc = make(ledger, timeout_blocks=1000, heartbeat_grace_blocks=4)
+    register(ledger, 1, 2, 3)
+    tid = submit(ledger)
+    svc.step()
+    assert ledger.task(tid).worker == pk(1)
+    for _ in range(6):  # the backup keeps beating, the worker does not
+        ledger.apply(2, WorkerHeartbeat())
+        svc.step()
+    t = ledger.task(tid)
+    assert t.worker == pk(2) and t.timeouts == 1 and t.deadline_height > ledger.height
+    assert svc.notes[tid].events[-1]["reason"] == "missed-heartbeats"

@@ -489,3 +489,25 @@ def test_a_task_without_backup_can_be_handed_to_any_fitting_worker(chain: Chain)
     chain.mine(2)
     chain.apply(AUTH, TaskReassign(tid, Role.WORKER, pk(W2), ZERO_KEY, chain.height + 5))
     assert chain.task(tid).worker == pk(W2)
+
+
+def test_a_silent_party_can_be_replaced_before_the_deadline(chain: Chain) -> None:
+    chain.register(W1, W2, W3)
+    tid = chain.submit()
+    chain.apply(AUTH, TaskAssign(tid, pk(W1), pk(W2), ZERO_KEY, chain.height + 100, 0, 3))
+    phase = chain.task(tid).phase_height
+    re = TaskReassign(tid, Role.WORKER, pk(W2), pk(W3), chain.height + 100)
+    chain.reject(InvalidTransaction, AUTH, re, "not silent")
+    chain.apply(W1, WorkerHeartbeat())  # alive: the grace counts from its last heartbeat
+    beat = chain.worker(W1).last_heartbeat
+    assert beat > phase
+    chain.mine(beat + 3 - chain.height + 1)
+    assert chain.height == beat + 4
+    chain.apply(AUTH, re)
+    assert chain.task(tid).worker == pk(W2) and chain.task(tid).phase_height == beat + 4
+    # grace 0 means only the deadline counts
+    tid2 = chain.submit()
+    chain.apply(AUTH, TaskAssign(tid2, pk(W3), pk(W1), ZERO_KEY, chain.height + 100, 0, 0))
+    chain.mine(20)
+    chain.reject(InvalidTransaction, AUTH, TaskReassign(tid2, Role.WORKER, pk(W1), ZERO_KEY, chain.height + 9),
+                 "not silent")

@@ -32,7 +32,7 @@ PAYLOADS = [
     WorkerRegister(1000, CAPS), WorkerHeartbeat(), WorkerExit(), WorkerWithdraw(),
     TaskSubmit(500, 0, 0, b"digits-mlp", b"", bytes(64)),
     TaskSubmit(500, 300_000, 20, b"digits-mlp", b"eu", bytes(range(17)) * 7 + bytes(9)),
-    TaskAssign(TID, K1, K2, K3, 10, 2), TaskAssign(TID, K1, ZERO_KEY, ZERO_KEY, 10, 0),
+    TaskAssign(TID, K1, K2, K3, 10, 2, 30), TaskAssign(TID, K1, ZERO_KEY, ZERO_KEY, 10, 0),
     TaskResult(TID, bytes([3, 4]), fp([3, 4])),
     TaskReassign(TID, Role.WORKER, K2, K3, 20), TaskReassign(TID, Role.REFEREE, K2, ZERO_KEY, 20),
     TaskSettle(TID, 80, 10, 10), TaskDispute(TID, K3, 30),
