@@ -9,7 +9,7 @@ import pytest
 
 from l2d.config import Config, ConfigError
 from l2d.core.tx import Transfer
-from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit
+from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit, WorkerCaps, WorkerRegister
 from l2d.node import Node, NodeError
 from orchestration.service import audited, split
 
@@ -38,6 +38,12 @@ async def test_rest_rejections_are_typed_and_change_nothing(orch_net: Callable[.
     net._client_nonce = 0
     status, reply = net.post("/api/l2/tx", {"tx": net.sign_client(TaskResult(b"\1" * 32, b"\1", fp)).hex()})
     assert status == 400 and reply["error"] == "invalid-transaction", reply
+    # A malformed registration (region "EU": upper case) is refused while decoding, before any state is read.
+    caps = WorkerCaps(0, 0, 10, 0, 0, 1, b"eu", (b"digits-mlp",), b"")
+    net._client_nonce = 0
+    raw = net.sign_client(WorkerRegister(1000, caps)).replace(b"\x02eu", b"\x02EU")
+    status, reply = net.post("/api/l2/tx", {"tx": raw.hex()})
+    assert status == 400 and reply["error"] == "out-of-range" and "region" in reply["message"], reply
     assert net.get("/api/l2/state") == state0 and net.balance(net.client) == bal0
     assert net.get("/api/orchestration/tasks")["tasks"] == []
     for path, code in (("/api/orchestration/tasks/xyz", 400), ("/api/orchestration/tasks/" + "00" * 32, 404),
