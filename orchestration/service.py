@@ -74,6 +74,7 @@ class OrchestrationService:
         self.notes: dict[bytes, TaskNotes] = {}
         self._pending: dict[bytes, bytes] = {}  # task id -> txid of the authority tx posted for it
         self._height = -1
+        self._reprobed = False
         self.steps = 0
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ class OrchestrationService:
         try:
             async with session.get(f"http://{endpoint}/ping", timeout=aiohttp.ClientTimeout(total=2)) as r:
                 body = await r.json()
-            if r.status != 200 or body.get("worker") != pk.hex():
+            if r.status != 200 or not isinstance(body, dict) or body.get("worker") != pk.hex():
                 raise ValueError(f"unexpected answer {r.status} {str(body)[:80]}")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             n = self.probe_failures.get(pk, 0) + 1
@@ -300,23 +301,30 @@ class OrchestrationService:
         self.probe_failures[pk] = 0
 
     async def run(self) -> None:
-        """Step on every new tip; probe every probe_interval_ms."""
+        """Step on every new tip (and while a posted transaction is pending); probe concurrently."""
         poll = self.config.poll_interval_ms / 1000
-        probe_every = self.config.probe_interval_ms / 1000
-        next_probe = 0.0
         async with aiohttp.ClientSession() as session:
-            while True:
-                now = time.monotonic()
-                if now >= next_probe:
-                    await self.probe_all(session)
-                    next_probe = now + probe_every
-                    self._height = -1  # health may have changed: reschedule even without a new block
-                if self._tip_height() != self._height or self._pending:
-                    try:
-                        self.step()
-                    except Exception:  # a bug here must not stop the daemon's other work; it is logged loudly
-                        log.exception("orchestration step failed")
-                await asyncio.sleep(poll)
+            prober = asyncio.create_task(self._probe_loop(session), name="orchestration-probes")
+            try:
+                while True:
+                    if self._tip_height() != self._height or self._pending or self._reprobed:
+                        self._reprobed = False
+                        try:
+                            self.step()
+                        except Exception:  # a bug here must not stop the daemon's other work; logged loudly
+                            log.exception("orchestration step failed")
+                    if prober.done():
+                        prober.result()  # re-raise what ended it (a bug): the node reports the task failed
+                    await asyncio.sleep(poll)
+            finally:
+                prober.cancel()
+                await asyncio.gather(prober, return_exceptions=True)
+
+    async def _probe_loop(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            await self.probe_all(session)
+            self._reprobed = True  # health may have changed: reschedule even without a new block
+            await asyncio.sleep(self.config.probe_interval_ms / 1000)
 
 
 def _match(t: TaskRecord, a: Role, b: Role) -> bool:
