@@ -7,7 +7,8 @@ bridge.header_file).
 Layout (one LMDB environment, by default ``<data_dir>/btc_headers``, never shared with the ledger's store):
 
     meta    b"schema" u64 | b"chain" name | b"genesis" 32 | b"start_height" u64 | b"start_hash" 32
-            | b"tip" u64 (height of the best header)
+            | b"tip" u64 (height of the best header) | b"ctx_times", b"ctx_period_start", b"ctx_last_normal"
+            (validation context from before a start above 0, see below)
     best    height u64 BE -> block hash (32, internal order): the best chain, start .. tip, nothing else
     hdrs    block hash -> raw header (80) | height u64 BE | cumulative work (32, BE): every header ever stored,
             including those a reorg later disconnected (height_of/depth look them up in ``best`` to tell)
@@ -18,10 +19,13 @@ node on another chain is refused), or for long chains a checkpoint ``start_heigh
 configuration (the hash is then required to be bitcoind's block at that height). With a start height but no hash,
 bitcoind's block at that height is taken as given (fine for regtest and tests, not for production). The start is
 written once, on the first sync, and a store opened later with a different start or chain is refused. Cumulative
-work counts from the start header inclusive: from genesis it equals bitcoind's ``chainwork``. The first ten
-headers after a checkpoint start are checked against a median time past of fewer than 11 timestamps, and the
-first retarget after it against Core's x4 bounds instead of the exact value (see spv.HeaderChain): the context
-before a checkpoint is not trusted.
+work counts from the start header inclusive: from genesis it equals bitcoind's ``chainwork``. For a start above
+0, the first sync also fetches the headers below it back to the start of its retarget period (at least 10,
+at most interval - 1: 2015 on mainnet), each authenticated by walking prev-hashes down from the trusted start
+hash, and keeps from them only the validation context (the 10 timestamps before the start, the period's first
+timestamp, the last non-min-difficulty nBits): so the headers right after a checkpoint are held to the full
+median-time-past and exact-retarget rules, as they would be from genesis. Those headers are not part of the
+stored chain (the read API covers start..tip).
 
 Validation. Every header is checked with bridge.spv's rules before it is stored: proof of work against its
 nBits, the nBits against the chain's difficulty rules (retarget, min-difficulty, no-retargeting), linkage,
@@ -419,7 +423,7 @@ class HeaderStore:
         """
         return self._write(None, fork_height, raw_headers, now, expected_tip)
 
-    def _write(self, init: Optional[bytes], fork_height: int, raws: Sequence[bytes], now: Optional[int],
+    def _write(self, init: Optional[tuple[bytes, list[bytes]]], fork_height: int, raws: Sequence[bytes], now: Optional[int],
                expected_tip: Optional[bytes]) -> SyncResult:
         with self.env.begin(write=True) as txn:
             if init is not None:
@@ -471,7 +475,8 @@ class HeaderStore:
             log.debug("%d header(s) connected; tip %s at %d", len(connected), new_tip.block_hash_hex, new_tip.height)
         return SyncResult(disconnected, tuple(connected), new_tip)
 
-    def _init_start(self, txn: lmdb.Transaction, raw: bytes, now: Optional[int]) -> None:
+    def _init_start(self, txn: lmdb.Transaction, init: tuple[bytes, list[bytes]], now: Optional[int]) -> None:
+        raw, below = init
         if txn.get(b"start_height", db=self._meta) is not None:
             raise ConcurrentSync("the start header was written by another sync")
         height, want_hash = self._want_start
@@ -480,12 +485,32 @@ class HeaderStore:
         if want_hash is not None:
             cps[height] = want_hash
         chain = HeaderChain(self.params, header, height, now=now, checkpoints=cps)  # PoW, genesis, checkpoint
+        self._put_start_context(txn, height, below)
         txn.put(b"start_height", _U64.pack(height), db=self._meta)
         txn.put(b"start_hash", header.hash, db=self._meta)
         txn.put(header.hash, _entry(bytes(raw), height, chain.work), db=self._hdrs)
         txn.put(_U64.pack(height), header.hash, db=self._best)
         txn.put(b"tip", _U64.pack(height), db=self._meta)
         log.info("header store starts at height %d, block %s", height, header.hash_hex)
+
+    def _put_start_context(self, txn: lmdb.Transaction, start: int, below: list[bytes]) -> None:
+        """Keep what validation needs from the headers below a start above 0 (below: ascending, ending at start-1,
+        already authenticated by prev-hash linkage to the start)."""
+        if not below:
+            return
+        params = self.params
+        first = start - len(below)
+        times = [int.from_bytes(b[68:72], "little") for b in below]
+        txn.put(b"ctx_times", b"".join(t.to_bytes(4, "big") for t in times[-(MEDIAN_TIME_SPAN - 1):]), db=self._meta)
+        period = start - start % params.interval
+        if first <= period < start:
+            txn.put(b"ctx_period_start", times[period - first].to_bytes(4, "big"), db=self._meta)
+        if params.allow_min_difficulty:
+            for h in range(start - 1, max(first, period) - 1, -1):
+                bits = int.from_bytes(below[h - first][72:76], "little")
+                if h % params.interval == 0 or bits != params.pow_limit_bits:
+                    txn.put(b"ctx_last_normal", bits.to_bytes(4, "big"), db=self._meta)
+                    break
 
     def _context(self, txn: lmdb.Transaction, fork: int, start: int, now: Optional[int]) -> HeaderChain:
         """A HeaderChain whose tip is the stored block at fork, with the validation context rebuilt from the store."""
@@ -494,10 +519,20 @@ class HeaderStore:
         def hdr(h: int) -> bytes:
             return self._raw_at(txn, h)
 
+        def meta_u32(key: bytes) -> Optional[int]:
+            v = txn.get(key, db=self._meta)
+            return None if v is None else int.from_bytes(v, "big")
+
         fork_header = parse_header(hdr(fork))
-        prior = [int.from_bytes(hdr(h)[68:72], "little") for h in range(max(start, fork - MEDIAN_TIME_SPAN + 1), fork)]
+        lo = fork - MEDIAN_TIME_SPAN + 1
+        prior = [int.from_bytes(hdr(h)[68:72], "little") for h in range(max(start, lo), fork)]
+        if lo < start:  # the 10 timestamps reach below the start: the context kept when the start was written
+            ctx = txn.get(b"ctx_times", db=self._meta)
+            before = [] if ctx is None else [int.from_bytes(ctx[i:i + 4], "big") for i in range(0, len(ctx), 4)]
+            prior = before[len(before) - min(len(before), start - lo):] + prior
         period = fork - fork % params.interval
-        period_start = int.from_bytes(hdr(period)[68:72], "little") if period >= start else None
+        period_start = int.from_bytes(hdr(period)[68:72], "little") if period >= start else meta_u32(
+            b"ctx_period_start")
         last_normal: Optional[int] = None
         if params.allow_min_difficulty:
             limit = params.pow_limit_bits
@@ -506,6 +541,8 @@ class HeaderStore:
                 if h % params.interval == 0 or bits != limit:
                     last_normal = bits
                     break
+            else:
+                last_normal = meta_u32(b"ctx_last_normal")
         return HeaderChain(params, fork_header, fork, now=now, checkpoints=self.checkpoints, prior_times=prior,
                            period_start_time=period_start, last_normal_bits=last_normal)
 
@@ -519,7 +556,7 @@ class HeaderStore:
         """
         async with self._sync_lock:
             known = self._recent(self.reorg_window)
-            init: Optional[bytes] = None
+            init: Optional[tuple[bytes, list[bytes]]] = None
             if not known:
                 start_ref, init = await self._fetch_start(source)
                 known = [start_ref]
@@ -550,7 +587,7 @@ class HeaderStore:
                                        None if init is not None else known[-1].block_hash)
             return await asyncio.shield(fut)
 
-    async def _fetch_start(self, source: HeaderSource) -> tuple[BlockRef, bytes]:
+    async def _fetch_start(self, source: HeaderSource) -> tuple[BlockRef, tuple[bytes, list[bytes]]]:
         height, want = self._want_start
         try:
             at = await source.getblockhash(height)
@@ -562,4 +599,16 @@ class HeaderStore:
         raw = await source.getblockheader(at)
         if len(raw) != HEADER_SIZE or _dsha256(raw) != at:
             raise HeaderSourceError(f"header returned for {at[::-1].hex()} does not hash to it")
-        return BlockRef(height, at), raw
+        # the context below the start: back to its period's first header, and at least the 10 before it
+        lo = max(0, min(height - (MEDIAN_TIME_SPAN - 1), height - height % self.params.interval))
+        below: list[bytes] = []
+        cur = raw
+        for h in range(height - 1, lo - 1, -1):
+            want_hash = cur[4:36]
+            cur = await source.getblockheader(want_hash)
+            if len(cur) != HEADER_SIZE or _dsha256(cur) != want_hash:
+                raise HeaderSourceError(f"header returned for {want_hash[::-1].hex()} (height {h}) does not hash "
+                                        f"to it")
+            below.append(cur)
+        below.reverse()
+        return BlockRef(height, at), (raw, below)

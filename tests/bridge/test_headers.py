@@ -268,6 +268,30 @@ async def test_start_at_a_checkpoint(store_factory: Callable[..., HeaderStore], 
         store_factory(BITCOIN_REGTEST, start_height=23)
 
 
+async def test_checkpoint_start_keeps_the_context_below_it(
+        store_factory: Callable[..., HeaderStore], params: ChainParams, main_chain: list[Header]) -> None:
+    """Headers right after a checkpoint start meet the full median-time-past and exact-retarget rules: the store
+    kept the timestamps below the start (authenticated by prev-hash from the trusted hash) when it was written."""
+    btc = FakeBitcoind(main_chain[:24])
+    store = store_factory(params, start_height=23, start_hash=main_chain[23].hash)  # period 20..29
+    await store.sync(btc, now=NOW)
+    before = snapshot(store)
+    stale = grind(main_chain[23].hash, b"\x56" * 32, _mtp(main_chain[:24]), main_chain[23].bits)
+    btc.set_best(main_chain[:24] + [stale])
+    with pytest.raises(TimeTooOld) as info:  # the median of heights 13..23: ten of them below the start
+        await store.sync(btc, now=NOW)
+    assert info.value.height == 24 and snapshot(store) == before
+    wrong = main_chain[:30] + extend(params, main_chain[:30], 1, bits_at=lambda h, b: target_to_bits(
+        bits_to_target(b) * 2))
+    btc.set_best(wrong)
+    with pytest.raises(BadDifficulty) as info2:  # exact retarget at 30 needs the time of height 20, below the start
+        await store.sync(btc, now=NOW)
+    assert info2.value.height == 30 and snapshot(store) == before
+    btc.set_best(main_chain)
+    await store.sync(btc, now=NOW)
+    assert store.headers(23, 40) == [h.serialize() for h in main_chain[23:]]
+
+
 async def test_start_must_be_bitcoinds(store_factory: Callable[..., HeaderStore], params: ChainParams,
                                        genesis: Header, main_chain: list[Header]) -> None:
     btc = FakeBitcoind(main_chain)
@@ -723,6 +747,27 @@ async def test_follows_bitcoind_through_invalidateblock(rpc: BitcoinRPC, tmp_pat
         tip = store.tip()
         assert tip is not None
         assert (out["tip_height"], out["tip_hash"], int(out["work"], 16)) == (154, tip.block_hash_hex, tip.work)
+
+        # a second store from a checkpoint: the same chain from there, work counted from the checkpoint
+        cp_hash = await rpc.getblockhash(140)
+        wrong = HeaderStore(tmp_path / "wrong", BITCOIN_REGTEST, start_height=140,
+                            start_hash=await rpc.getblockhash(141))
+        try:
+            with pytest.raises(StartNotInChain):
+                await wrong.sync(rpc, now=int(time.time()))
+            assert wrong.tip() is None
+        finally:
+            wrong.close()
+        from_cp = HeaderStore(tmp_path / "from_cp", BITCOIN_REGTEST, start_height=140, start_hash=cp_hash)
+        try:
+            await from_cp.sync(rpc, now=int(time.time()))
+            assert from_cp.headers(140, 154) == store.headers(140, 154)
+            assert from_cp.hash_at(139) is None
+            below = await rpc.call("getblockheader", [(await rpc.getblockhash(139))[::-1].hex(), True])
+            cp_tip = from_cp.tip()
+            assert cp_tip is not None and cp_tip.work == tip.work - int(below["chainwork"], 16)
+        finally:
+            from_cp.close()
     finally:
         store.close()
 
