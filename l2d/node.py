@@ -608,7 +608,8 @@ class Node:
                 return list(r.iter_prefix(prefix))
 
         return OrchestrationService(cfg, read_prefix=read_prefix, tip_height=lambda: self.tip.height,
-                                    submit=self.submit_as_federation, tx_status=self.tx_status)
+                                    submit=self.submit_as_federation, tx_status=self.tx_status,
+                                    journal=Path(self.config.node.data_dir) / "orchestration" / "notes.jsonl")
 
     def _make_bridge_service(self) -> Optional["BridgeService"]:
         """The federation's bridge work (header relay, peg-out payments): needs the federation and bitcoind."""

@@ -7,10 +7,12 @@ endpoint for latency and health. Everything it decides is checked again by the s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Optional
 
 import aiohttp
 
@@ -59,7 +61,8 @@ class OrchestrationService:
     """One coordinator per daemon holding the federation key. Not thread-safe: runs on the node's loop."""
 
     def __init__(self, config: OrchestrationConfig, *, read_prefix: ReadPrefix, tip_height: Callable[[], int],
-                 submit: Callable[[Payload], bytes], tx_status: Callable[[bytes], Optional[dict[str, Any]]]) -> None:
+                 submit: Callable[[Payload], bytes], tx_status: Callable[[bytes], Optional[dict[str, Any]]],
+                 journal: Optional[Path] = None) -> None:
         self.config = config
         self._read_prefix = read_prefix
         self._tip_height = tip_height
@@ -76,6 +79,43 @@ class OrchestrationService:
         self._height = -1
         self._reprobed = False
         self.steps = 0
+        self._journal_path = journal
+        self._journal: Optional[IO[str]] = None
+        if journal is not None:
+            self._load_journal(journal)
+
+    # -- journal: the explanations and events survive a restart ------------------------------------------------------
+    def _load_journal(self, path: Path) -> None:
+        """Read back the notes of earlier runs (JSON lines); a torn last line (a crash mid-write) is skipped."""
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for i, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+                notes = self.note(bytes.fromhex(rec["task"]))
+                (notes.explanations if rec["kind"] == "explanation" else notes.events).append(rec["record"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("orchestration journal %s: line %d unreadable, skipped", path, i + 1)
+
+    def _write(self, task_id: bytes, kind: str, record: dict[str, Any]) -> None:
+        if self._journal_path is None:
+            return
+        if self._journal is None:
+            self._journal_path.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = open(self._journal_path, "a", encoding="utf-8")
+        self._journal.write(json.dumps({"task": task_id.hex(), "kind": kind, "record": record}, default=str) + "\n")
+        self._journal.flush()
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def _explain(self, task_id: bytes, record: dict[str, Any]) -> None:
+        self.note(task_id).explanations.append(record)
+        self._write(task_id, "explanation", record)
 
     # -- reading -------------------------------------------------------------------------------------------------
     def note(self, task_id: bytes) -> TaskNotes:
@@ -141,6 +181,7 @@ class OrchestrationService:
                 {k: v for k, v in ev.items() if k not in ("height", "time")}:
             return  # the same non-event every block (e.g. still no eligible worker): keep one
         events.append(ev)
+        self._write(task_id, "event", ev)
 
     # -- acting --------------------------------------------------------------------------------------------------
     def _post(self, task_id: bytes, payload: Payload, kind: str, **fields: Any) -> bool:
@@ -173,7 +214,7 @@ class OrchestrationService:
             expl = {"role": "worker", "height": height, **a.explain()}
             if verifier is not None:
                 expl["verifier"] = verifier.chosen.explain(verifier.weights)
-            self.note(task_id).explanations.append(expl)
+            self._explain(task_id, expl)
             self._busy(a.worker_id)
             self._busy(vid)
 
@@ -210,7 +251,7 @@ class OrchestrationService:
         if self._post(task_id, payload, "reassign", role=role.name.lower(), replaced=t.party(role).hex(),
                       new=new.hex(), new_backup=nb.hex(), reason=reason, deadline=t.deadline_height):
             if expl is not None:
-                self.note(task_id).explanations.append(expl)
+                self._explain(task_id, expl)
             self._busy(new)
 
     def _after_results(self, task_id: bytes, t: TaskRecord, height: int) -> None:
@@ -222,7 +263,7 @@ class OrchestrationService:
                 return
             if self._post(task_id, TaskDispute(task_id, a.worker_id, height + 1 + self.config.timeout_blocks),
                           "dispute", referee=a.worker_id.hex()):
-                self.note(task_id).explanations.append({"role": "referee", "height": height, **a.explain()})
+                self._explain(task_id, {"role": "referee", "height": height, **a.explain()})
                 self._busy(a.worker_id)
             return
         if height + 1 < t.result_height + t.window_blocks:
@@ -319,6 +360,7 @@ class OrchestrationService:
             finally:
                 prober.cancel()
                 await asyncio.gather(prober, return_exceptions=True)
+                self.close()
 
     async def _probe_loop(self, session: aiohttp.ClientSession) -> None:
         while True:

@@ -3,6 +3,7 @@ state transition): each authority transaction it posts is applied as its own blo
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -69,13 +70,14 @@ class Ledger:
         return t
 
 
-def make(ledger: Ledger, **orch: Any) -> OrchestrationService:
+def make(ledger: Ledger, journal: Optional[Path] = None, **orch: Any) -> OrchestrationService:
     cfg: OrchestrationConfig = Config.from_dict(
         {"node": {"network": "local", "data_dir": "/nonexistent"},
          "orchestration": {"strategy": "lowest_cost", "timeout_blocks": 5, "challenge_window_blocks": 2,
                            "heartbeat_timeout_blocks": 1000, **orch}}, "/", env={}).orchestration
     return OrchestrationService(cfg, read_prefix=ledger.read_prefix, tip_height=lambda: ledger.height,
-                                submit=ledger.submit_auth, tx_status=lambda txid: {"status": "committed"})
+                                submit=ledger.submit_auth, tx_status=lambda txid: {"status": "committed"},
+                                journal=journal)
 
 
 def register(ledger: Ledger, *ns: int) -> None:
@@ -212,3 +214,19 @@ def test_a_silent_worker_is_failed_over_before_its_deadline() -> None:
     t = ledger.task(tid)
     assert t.worker == pk(2) and t.timeouts == 1 and t.deadline_height > ledger.height
     assert svc.notes[tid].events[-1]["reason"] == "missed-heartbeats"
+
+
+def test_explanations_and_events_survive_a_restart(tmp_path: Path) -> None:
+    journal = tmp_path / "orchestration" / "notes.jsonl"
+    ledger = Ledger()
+    svc = make(ledger, journal, audit_rate=1.0)
+    register(ledger, 1, 2, 3)
+    tid = submit(ledger)
+    svc.step()
+    svc.close()
+    with journal.open("a") as f:
+        f.write('{"task": "torn')  # a crash mid-write leaves a torn last line
+    again = make(ledger, journal)
+    assert again.notes[tid].explanations == svc.notes[tid].explanations
+    assert [e["kind"] for e in again.notes[tid].events] == ["assign"]
+    assert again.notes[tid].explanations[0]["chosen"]["worker_id"] == pk(1).hex()
