@@ -2,6 +2,7 @@
 real bitcoind with invalidateblock reorgs (regtest). Real LMDB throughout."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -9,6 +10,7 @@ import json
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -515,6 +517,34 @@ async def test_failures_mid_sync_leave_the_previous_tip(
 
     await store.sync(btc, now=NOW)
     assert_mirrors(store, new)
+
+
+async def test_cancelled_sync_finishes_its_write(store_factory: Callable[..., HeaderStore], params: ChainParams,
+                                                main_chain: list[Header]) -> None:
+    """Cancellation (shutdown) while the write is under way does not abandon it halfway: the caller sees
+    CancelledError, the writer thread still commits the whole sync."""
+    store = store_factory(params)
+    btc = FakeBitcoind(main_chain[:11])
+    await store.sync(btc, now=NOW)
+    btc.set_best(main_chain)
+    entered, release = threading.Event(), threading.Event()
+    real_write = store._write
+
+    def gated_write(*args: object) -> object:
+        entered.set()
+        release.wait(60)
+        return real_write(*args)  # type: ignore[arg-type]
+
+    store._write = gated_write  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(store.sync(btc, now=NOW))
+    while not entered.is_set():  # the writer thread has the sync's write in hand
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await asyncio.get_running_loop().run_in_executor(store._writer, lambda: None)  # the writer's queue is FIFO
+    assert_mirrors(store, main_chain)
 
 
 async def test_map_full_aborts_the_whole_sync(store_factory: Callable[..., HeaderStore], params: ChainParams,
