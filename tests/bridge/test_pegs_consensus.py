@@ -390,6 +390,9 @@ def test_relay_refusals() -> None:
     # bad link to the relayed chain: the fork's BASE+2 does not follow the relayed BASE+1
     w.refuse(w.sign(AUTH, BtcHeaders(BASE + 2, (fork.blocks[BASE + 2].header.serialize(),
                                                  CHAIN.blocks[BASE + 3].header.serialize()))), BadRelay)
+    # linked among themselves, but not to the relayed BASE + 1 (the fork's own BASE + 1 was never relayed)
+    fork.mine()
+    w.refuse(w.sign(AUTH, fork.relay(BASE + 2, BASE + 3)), BadRelay)
     # bad link inside the batch
     w.refuse(w.sign(AUTH, BtcHeaders(BASE + 1, (CHAIN.blocks[BASE + 1].header.serialize(),
                                                  fork.blocks[BASE + 2].header.serialize(),
@@ -784,6 +787,10 @@ def test_addresses_of_other_networks() -> None:
         address_script(_bech32("bcrt", 0, PROGRAM20, Encoding.BECH32), MAINNET)
     with pytest.raises(BadAddress):
         address_script(_bech32("bcrt", 0, PROGRAM20, Encoding.BECH32), SIGNET)
+    for addr, name in (("BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4", "mainnet"),
+                       ("tb1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3q0sl5k7", "signet")):
+        with pytest.raises(BadAddress, match=f"is a {name} address; this is regtest"):
+            address_script(addr, REGTEST)
     # testnet and regtest share the base58 version bytes (as in Bitcoin Core): one address, both chains
     assert address_script(regtest_p2pkh, SIGNET) == address_script(regtest_p2pkh, REGTEST)
     # known vectors (BIP173, BIP350, base58check)
@@ -1012,6 +1019,25 @@ def test_deposit_scripts_differ_by_recipient_network_and_federation() -> None:
         deposit_script_pubkey(FED, REGTEST.id, a)
     with pytest.raises(InvalidTransaction):
         witness_script(FED, REGTEST.id, b"\0" * 31)
+
+
+def test_worked_example_of_docs_bridge_md() -> None:
+    """The example at the end of docs/bridge.md."""
+    def key(n: int) -> bytes:
+        return hashlib.sha256(b"l2d test key %d" % n).digest()
+
+    fed = Federation(2, tuple(sorted(PrivateKey(key(n)).public_key.format() for n in (11, 12, 13))), 6)
+    contract = xonly(key(1))
+    assert contract.hex() == "753671b667f8bcbca301a273ca7d784269a7c9fac9304772e26eb244ec87bdde"
+    assert fed.encode().hex().startswith("0203000603404276") and len(fed.encode()) == 103
+    assert [pegin_tweak(k, REGTEST.id, contract).hex()[:8] for k in fed.keys] == ["7bf4ce8f", "73744af0", "20adb377"]
+    assert witness_script(fed, REGTEST.id, contract).hex() == (
+        "522102ce0c990e012586152dd6d0785c2397c0e62f2ff26965a91d35dcf00fb118c899"
+        "2103b4ab40bfbb4201b2e7544a2809e70c27e0c4fa2d137bdf51cf9c195c3d1dc8c3"
+        "2103b6babcfc4987dd9717dafd76891760333c705ec98b9b1de180bd9eccfc5c0f5a53ae")
+    spk_ = deposit_script_pubkey(fed, REGTEST.id, contract)
+    assert spk_.hex() == "002000caaaeee233f0d770c7a9df83db907123afa0b66a26e1d5d3bcf7e0abce9ca7"
+    assert script_address(spk_, REGTEST) == "bcrt1qqr924mhzx0cdwux8480c8kuswy36lg9kdgnwr4wnhnm7p27wnjnslktqsr"
 
 
 # == address round trip ============================================================================================
