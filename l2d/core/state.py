@@ -363,3 +363,4 @@ def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[b
 # The subsystems' state transitions import the names above; they register themselves when imported here.
 from . import pegs  # noqa: E402,F401
 from . import work  # noqa: E402,F401
+from . import fl  # noqa: E402,F401

@@ -66,6 +66,10 @@ class TxType(IntEnum):
     TASK_DISPUTE = 25
     TASK_RESOLVE = 26
     TASK_CANCEL = 27
+    FL_JOB_POST = 32
+    FL_REGISTER = 33
+    FL_ROUND = 34
+    FL_FINISH = 35
 
 
 def _check_amount(amount: int, what: str) -> None:
@@ -339,3 +343,4 @@ def register_payloads(*classes: PayloadClass) -> None:
 # The subsystems' payload modules import the names above; they register themselves when imported here.
 from . import pegs_tx  # noqa: E402,F401
 from . import work_tx  # noqa: E402,F401
+from . import fl_tx  # noqa: E402,F401
