@@ -42,6 +42,9 @@ are validated and written in one LMDB write transaction (on the store's single w
 cancellation): a crash or an error at any point leaves the previous tip and chain exactly as they were. The store
 follows bitcoind even when bitcoind's best chain has less work than the one stored (``invalidateblock``, or a
 block bitcoind found invalid): bitcoind fully validates blocks, SPV cannot; such a reorg is logged as a warning.
+A sync holds its new headers in memory until it writes them (a few hundred bytes each): start long chains from a
+checkpoint near the tip. :meth:`HeaderStore.follow` repeats the sync on each ZMQ wake-up (or poll) and yields
+what changed; the clock for "now" is a callable the composition root passes.
 
 Errors (besides spv's for invalid headers):
 
@@ -64,14 +67,14 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Protocol, Sequence
+from typing import AsyncGenerator, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import lmdb
 
 from bridge import chain_tracker as ct
 from bridge.chain_tracker import BlockRef, ChainTracker, Connected, Disconnected
 from bridge.header_file import write_header_file
-from bridge.rpc import RPCInvalidParameter
+from bridge.rpc import RPCInvalidParameter, RPCTransient
 from bridge.spv import HEADER_SIZE, MEDIAN_TIME_SPAN, ChainParams, HeaderChain, bits_to_target, block_work, \
     parse_header
 
@@ -586,6 +589,27 @@ class HeaderStore:
             fut = loop.run_in_executor(self._writer, self._write, init, fork, raws, now,
                                        None if init is not None else known[-1].block_hash)
             return await asyncio.shield(fut)
+
+    async def follow(self, source: HeaderSource, wakeup: asyncio.Event, clock: Callable[[], float], *,
+                     poll_interval: float = 30.0) -> AsyncGenerator[SyncResult, None]:
+        """Sync whenever wakeup is set (a ZMQ hashblock, say) or every poll_interval seconds; yields each sync
+        that changed something. clock() gives "now" for the future-time rule (the composition root passes
+        time.time). Transient RPC failures are logged and retried on the next trigger; anything else (an invalid
+        header, ReorgTooDeep, ...) ends the iteration: the store is unchanged and an operator should look.
+        """
+        while True:
+            wakeup.clear()  # before syncing: a wake-up during the sync triggers another one
+            try:
+                result = await self.sync(source, now=int(clock()))
+            except (RPCTransient, ConcurrentSync) as e:
+                log.warning("header sync: %s; retrying on the next trigger", e)
+            else:
+                if result.connected or result.disconnected:
+                    yield result
+            try:
+                await asyncio.wait_for(wakeup.wait(), poll_interval)
+            except TimeoutError:
+                pass
 
     async def _fetch_start(self, source: HeaderSource) -> tuple[BlockRef, tuple[bytes, list[bytes]]]:
         height, want = self._want_start

@@ -150,6 +150,7 @@ class FakeBitcoind:
         self.set_best(chain)
         self.fail_after: Optional[int] = None  # raise a transient RPC error after this many header reads
         self.header_reads = 0
+        self.failures = 0
 
     def set_best(self, chain: list[Header]) -> None:
         for h in chain:
@@ -162,6 +163,7 @@ class FakeBitcoind:
     async def getblockheader(self, block_hash: bytes) -> bytes:
         self.header_reads += 1
         if self.fail_after is not None and self.header_reads > self.fail_after:
+            self.failures += 1
             raise RPCConnectionRefused("bitcoind went away", method="getblockheader")
         return self.raw[block_hash]
 
@@ -537,7 +539,9 @@ async def test_cancelled_sync_finishes_its_write(store_factory: Callable[..., He
 
     store._write = gated_write  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(store.sync(btc, now=NOW))
+    deadline = time.monotonic() + 30
     while not entered.is_set():  # the writer thread has the sync's write in hand
+        assert time.monotonic() < deadline, "the sync never reached its write"
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -820,3 +824,44 @@ def test_docs_worked_example(tmp_path: Path) -> None:
         assert cli.main(["headers", str(path)]) == 0
     assert buf.getvalue().strip() == (f"OK headers regtest 0..0 (1 headers, tip {REGTEST_GENESIS.hash_hex}, work 0x2) "
                                       f"linked from genesis")
+
+
+async def test_follow_syncs_on_each_wakeup(store_factory: Callable[..., HeaderStore], params: ChainParams,
+                                           main_chain: list[Header]) -> None:
+    store = store_factory(params)
+    btc = FakeBitcoind(main_chain[:6])
+    wakeup = asyncio.Event()
+    clock_reads: list[int] = []
+
+    def clock() -> float:
+        clock_reads.append(NOW)
+        return NOW
+
+    gen = store.follow(btc, wakeup, clock, poll_interval=3600)
+    first = await gen.__anext__()  # the first sync runs at once
+    assert first.tip.height == 5
+    btc.set_best(main_chain[:9])
+    btc.fail_after, btc.header_reads = 0, 0  # a transient failure: logged, retried on the next wake-up
+    wakeup.set()
+
+    async def heal() -> None:
+        deadline = time.monotonic() + 30
+        while not btc.failures:
+            assert time.monotonic() < deadline, "the failing sync never ran"
+            await asyncio.sleep(0.01)
+        btc.fail_after = None
+        wakeup.set()
+
+    healer = asyncio.create_task(heal())
+    second = await gen.__anext__()
+    await healer
+    assert btc.failures == 1 and [c.height for c in second.connected] == [6, 7, 8]
+    assert len(clock_reads) == 3  # one "now" per sync, read at the boundary
+    btc.set_best(main_chain[:9] + [miss(main_chain[8].hash, b"\x01" * 32, main_chain[8].time + 600,
+                                        main_chain[8].bits)])
+    wakeup.set()
+    with pytest.raises(BadProofOfWork):  # a rule failure ends the iteration
+        await gen.__anext__()
+    tip = store.tip()
+    assert tip is not None and tip.height == 8
+    await gen.aclose()
