@@ -1130,3 +1130,60 @@ def test_invariants_over_random_sequences(ops: list[Op]) -> None:
         totals = check_invariants(w.state)
         assert totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat == claimed - pegged_out
         assert w.supply().minted_sat == BOB_FUNDS + totals.pegged_in_sat
+
+
+# == robustness: bad input is refused with a typed error, never an exception of another kind =====================
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    b = bytearray(data)
+    for kind, pos, val in edits:
+        p = pos % (len(b) + 1)
+        if kind == 0 and p < len(b):
+            b[p] = val
+        elif kind == 1:
+            del b[p:p + 1 + val % 4]
+        else:
+            b[p:p] = bytes((val,)) * (1 + val % 3)
+    return bytes(b)
+
+
+_edits = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4000), st.integers(0, 255)), min_size=1, max_size=3)
+FUZZ_STATE = relayed_world().state
+
+
+@settings(max_examples=150, deadline=None)
+@given(_edits, _edits, st.integers(0, 2))
+def test_mutated_claims_are_refused_cleanly(tx_edits: list[tuple[int, int, int]],
+                                            mb_edits: list[tuple[int, int, int]], which: int) -> None:
+    """A claim with mutated bytes either still proves the same deposit (witness bytes, a same-shape count) or is
+    refused with a Rejected subclass and no write."""
+    c = DEP.claim(1, 0)
+    btc_tx = c.btc_tx if which == 1 else _mutate(c.btc_tx, tx_edits)
+    mb = c.merkle_block if which == 0 else c.merkle_block[:80] + _mutate(c.merkle_block[80:], mb_edits)
+    try:
+        claim = PeginClaim(BASE + 1, 0, btc_tx, mb)
+    except OutOfRange:
+        return
+    view = StateView(FUZZ_STATE.get, 1)
+    try:
+        apply_tx(view, sign(REGTEST, ALICE, 0, 10, claim, AUX), RULES)
+    except Rejected:
+        assert view.writes == {}
+        return
+    # accepted: it is the same outpoint with the same amount
+    assert parse_tx(btc_tx).txid == DEP.txids[1]
+    assert PeginEntry.decode(view.writes[pegin_key(DEP.txids[1], 0)] or b"").amount_sat == 250_000
+
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B32 = "qpzry9x8gf2tvdw0s3jn54khce6mua7l1bcrtBCRT"
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(NETWORKS), st.one_of(st.text(max_size=100), st.text(alphabet=_B32, max_size=70),
+                                            st.text(alphabet=_B58, min_size=20, max_size=40)))
+def test_address_parsing_raises_only_bad_address(network: Network, address: str) -> None:
+    try:
+        script = address_script(address, network)
+    except BadAddress:
+        return
+    assert script_address(script, network) in (address, address.lower())  # one address per script
