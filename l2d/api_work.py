@@ -156,12 +156,16 @@ async def assignments(request: web.Request) -> web.Response:
     if node.store.get_state(worker_key(pk)) is None:
         raise ApiError(404, "not-found", f"worker {pk.hex()} is not registered")
     svc = node.orchestration_service
+    if svc is not None and svc.steps:  # the coordinator knows the open tasks: no scan of every task ever
+        values = ((tid, node.store.get_state(task_key(tid))) for tid in sorted(svc.open_tasks))
+        records = [(tid, v) for tid, v in values if v is not None]
+    else:
+        records = [(k[1:], v) for k, v in _records(node, Namespace.TASK)]
     out = []
-    for k, v in _records(node, Namespace.TASK):
+    for tid, v in records:
         t = TaskRecord.decode(v)
         for role in t.waiting_for():
             if t.party(role) == pk:
-                tid = k[1:]
                 out.append({"task_id": tid.hex(), "role": role.name.lower(), "model": t.spec.model.decode(),
                             "input": t.spec.input.hex(), "deadline_height": t.deadline_height})
                 if svc is not None:

@@ -609,7 +609,12 @@ class Node:
 
         return OrchestrationService(cfg, read_prefix=read_prefix, tip_height=lambda: self.tip.height,
                                     submit=self.submit_as_federation, tx_status=self.tx_status,
-                                    journal=Path(self.config.node.data_dir) / "orchestration" / "notes.jsonl")
+                                    journal=Path(self.config.node.data_dir) / "orchestration" / "notes.jsonl",
+                                    get_state=self.store.get_state, block_txs=self._block_txs)
+
+    def _block_txs(self, height: int) -> Optional[tuple[T.Transaction, ...]]:
+        blk = self.ledger.block(height)
+        return None if blk is None else blk.txs
 
     def _make_bridge_service(self) -> Optional["BridgeService"]:
         """The federation's bridge work (header relay, peg-out payments): needs the federation and bitcoind."""

@@ -114,4 +114,5 @@ def sample_images(seed: int, n: int) -> bytes:
     return x[idx].tobytes()
 
 
-__all__ = ["MODEL_NAME", "train", "load_or_train", "accuracy", "logits", "fingerprint", "cheat", "sample_images", "device"]
+__all__ = ["MODEL_NAME", "train", "load_or_train", "accuracy", "logits", "fingerprint", "cheat", "sample_images",
+           "device"]

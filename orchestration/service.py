@@ -20,8 +20,8 @@ from l2d.config import OrchestrationConfig
 from l2d.core.errors import Rejected
 from l2d.core.hashing import tagged_hash
 from l2d.core.state import Namespace
-from l2d.core.tx import Payload
-from l2d.core.work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, silent
+from l2d.core.tx import Payload, Transaction, TxType
+from l2d.core.work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, silent, task_key
 from l2d.core.work_tx import (PPM, ZERO_KEY, Role, TaskAssign, TaskDispute, TaskReassign, TaskResolve, TaskSettle,
                               fingerprints_match, parse_fingerprint)
 from orchestration.errors import NoEligibleWorker
@@ -62,7 +62,12 @@ class OrchestrationService:
 
     def __init__(self, config: OrchestrationConfig, *, read_prefix: ReadPrefix, tip_height: Callable[[], int],
                  submit: Callable[[Payload], bytes], tx_status: Callable[[bytes], Optional[dict[str, Any]]],
-                 journal: Optional[Path] = None) -> None:
+                 journal: Optional[Path] = None, get_state: Optional[Callable[[bytes], Optional[bytes]]] = None,
+                 block_txs: Optional[Callable[[int], Optional[Iterable[Transaction]]]] = None) -> None:
+        """read_prefix/get_state read the committed state; block_txs(h) the transactions of committed block h.
+
+        With get_state and block_txs, each step reads only the open tasks (new ones are found in the new
+        blocks' submissions) instead of every task ever submitted."""
         self.config = config
         self._read_prefix = read_prefix
         self._tip_height = tip_height
@@ -79,6 +84,10 @@ class OrchestrationService:
         self._height = -1
         self._reprobed = False
         self.steps = 0
+        self._get_state = get_state
+        self._block_txs = block_txs
+        self.open_tasks: set[bytes] = set()  # ids of tasks not SETTLED/CANCELLED (as of the last step)
+        self._scanned_to: Optional[int] = None
         self._journal_path = journal
         self._journal: Optional[IO[str]] = None
         if journal is not None:
@@ -137,7 +146,8 @@ class OrchestrationService:
             c = w.caps
             info = WorkerInfo(
                 worker_id=pk, device=DeviceKind(c.device), accelerator_mem_mb=c.accel_mem_mb,
-                models=frozenset(m.decode() for m in c.models), region=c.region.decode(), price_sat_per_unit=c.price_sat,
+                models=frozenset(m.decode() for m in c.models), region=c.region.decode(),
+                price_sat_per_unit=c.price_sat,
                 green_share_ppm=c.green_ppm, carbon_g_per_kwh=c.carbon_g_per_kwh, stake_sat=w.stake_sat,
                 reputation_ppm=w.reputation_ppm, latency_ema_us=self.latency_us.get(pk, PRIOR_LATENCY_US),
                 capacity=c.capacity, load=min(w.active_tasks, 10**9), active=self.schedulable(pk, height))
@@ -284,7 +294,8 @@ class OrchestrationService:
         challenger = slash * self.config.slash_challenger_ppm // PPM
         exec_share, ref_share, treasury = split(t.bounty_sat, self.config, True)
         worker_sat, verifier_sat = (0, exec_share) if loser == Role.WORKER else (exec_share, 0)
-        self._post(task_id, TaskResolve(task_id, loser, slash, challenger, worker_sat, verifier_sat, ref_share, treasury),
+        resolve = TaskResolve(task_id, loser, slash, challenger, worker_sat, verifier_sat, ref_share, treasury)
+        self._post(task_id, resolve,
                    "resolve", loser=loser.name.lower(), slashed=t.party(loser).hex(), slash_sat=slash,
                    challenger_sat=challenger, burned_sat=slash - challenger)
 
@@ -299,10 +310,9 @@ class OrchestrationService:
                 del self._pending[tid]
         self._height = height
         self._sync_workers(height)
-        tasks = [(TaskRecord.decode(v), k[1:]) for k, v in self._read_prefix(bytes((Namespace.TASK,)))]
-        tasks.sort(key=lambda x: (x[0].submit_height, x[1]))
+        tasks = self._open_tasks(height)
         for t, tid in tasks:
-            if tid in self._pending or t.status in (TaskStatus.SETTLED, TaskStatus.CANCELLED):
+            if tid in self._pending:
                 continue
             if t.status == TaskStatus.SUBMITTED:
                 self._assign(tid, t, height)
@@ -316,6 +326,31 @@ class OrchestrationService:
             elif t.status == TaskStatus.RESULT_SUBMITTED:
                 self._after_results(tid, t, height)
         self.steps += 1
+
+    def _open_tasks(self, height: int) -> list[tuple[TaskRecord, bytes]]:
+        """The open tasks, oldest first: a full scan the first time (or without block access), then the
+        previously open ones plus the submissions in the blocks committed since."""
+        get, blocks = self._get_state, self._block_txs
+        new: set[bytes] = set()
+        full = self._scanned_to is None or get is None or blocks is None
+        if not full and blocks is not None and self._scanned_to is not None:
+            for h in range(self._scanned_to + 1, height + 1):
+                txs = blocks(h)
+                if txs is None:
+                    full = True
+                    break
+                new.update(t.txid for t in txs if t.type == TxType.TASK_SUBMIT)
+        if full or get is None:
+            raw = [(k[1:], v) for k, v in self._read_prefix(bytes((Namespace.TASK,)))]
+        else:
+            values = ((tid, get(task_key(tid))) for tid in self.open_tasks | new)
+            raw = [(tid, v) for tid, v in values if v is not None]
+        self._scanned_to = height
+        tasks = [(t, tid) for t, tid in ((TaskRecord.decode(v), tid) for tid, v in raw)
+                 if t.status not in (TaskStatus.SETTLED, TaskStatus.CANCELLED)]
+        tasks.sort(key=lambda x: (x[0].submit_height, x[1]))
+        self.open_tasks = {tid for _, tid in tasks}
+        return tasks
 
     # -- probes --------------------------------------------------------------------------------------------------
     async def probe_all(self, session: aiohttp.ClientSession) -> None:

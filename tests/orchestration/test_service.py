@@ -11,10 +11,11 @@ from coincurve import PrivateKey
 
 from l2d.config import Config, OrchestrationConfig
 from l2d.core.params import LOCAL
-from l2d.core.state import Account, Rules, StateView, account_key, apply_tx, genesis_state
-from l2d.core.tx import AnyPayload, Payload, Transfer, sign
+from l2d.core.state import Account, Namespace, Rules, StateView, account_key, apply_tx, genesis_state
+from l2d.core.tx import AnyPayload, Payload, Transaction, Transfer, sign
 from l2d.core.work import TaskRecord, TaskStatus, get_task
-from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit, WorkerCaps, WorkerHeartbeat, WorkerRegister
+from l2d.core.work_tx import (FP_ENTRY, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerHeartbeat,
+                              WorkerRegister)
 from orchestration.service import OrchestrationService
 
 RULES = Rules(LOCAL, 1)
@@ -38,6 +39,8 @@ class Ledger:
         self.state = genesis_state([(pk(n), 10**8) for n in (1, 2, 3, 4, 5, CLIENT, FILLER)], None, pk(AUTH))
         self.height = 0
         self.posted: list[Payload] = []
+        self.blocks: dict[int, list[Transaction]] = {}
+        self.task_scans = 0
 
     def apply(self, n: int, payload: AnyPayload) -> bytes:
         raw = self.state.get(account_key(pk(n)))
@@ -45,6 +48,7 @@ class Ledger:
         t = sign(LOCAL, secret(n), nonce, 0 if payload.FEELESS else 1, payload, b"\0" * 32)
         view = StateView(self.state.get, self.height + 1)
         apply_tx(view, t, RULES)
+        self.blocks[self.height + 1] = [t]
         for k, v in view.writes.items():
             if v is None:
                 self.state.pop(k, None)
@@ -58,6 +62,7 @@ class Ledger:
             self.apply(FILLER, Transfer(pk(CLIENT), 1))
 
     def read_prefix(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        self.task_scans += prefix == bytes((Namespace.TASK,))
         return sorted((k, v) for k, v in self.state.items() if k.startswith(prefix))
 
     def submit_auth(self, payload: Payload) -> bytes:
@@ -77,7 +82,7 @@ def make(ledger: Ledger, journal: Optional[Path] = None, **orch: Any) -> Orchest
                            "heartbeat_timeout_blocks": 1000, **orch}}, "/", env={}).orchestration
     return OrchestrationService(cfg, read_prefix=ledger.read_prefix, tip_height=lambda: ledger.height,
                                 submit=ledger.submit_auth, tx_status=lambda txid: {"status": "committed"},
-                                journal=journal)
+                                journal=journal, get_state=ledger.state.get, block_txs=ledger.blocks.get)
 
 
 def register(ledger: Ledger, *ns: int) -> None:
@@ -143,7 +148,8 @@ def test_agreeing_results_settle_after_the_window_with_the_split() -> None:
             ledger.mine(1)
     assert ledger.height >= result_height + 2
     settle = ledger.posted[-1]
-    assert (settle.worker_sat, settle.verifier_sat, settle.treasury_sat) == (700, 200, 100)  # type: ignore[attr-defined]
+    assert isinstance(settle, TaskSettle)
+    assert (settle.worker_sat, settle.verifier_sat, settle.treasury_sat) == (700, 200, 100)
 
 
 def test_an_unresolvable_dispute_is_recorded_and_left_alone() -> None:
@@ -230,3 +236,25 @@ def test_explanations_and_events_survive_a_restart(tmp_path: Path) -> None:
     assert again.notes[tid].explanations == svc.notes[tid].explanations
     assert [e["kind"] for e in again.notes[tid].events] == ["assign"]
     assert again.notes[tid].explanations[0]["chosen"]["worker_id"] == pk(1).hex()
+
+
+def test_only_open_tasks_are_read_after_the_first_scan() -> None:
+    ledger = Ledger()
+    svc = make(ledger, challenge_window_blocks=0)
+    register(ledger, 1, 2)
+    done = submit(ledger)
+    svc.step()
+    ledger.apply(1, TaskResult(done, b"\3", fp(b"\3")))
+    svc.step()
+    assert ledger.task(done).status == TaskStatus.SETTLED
+    svc.step()
+    assert done not in svc.open_tasks
+    later = submit(ledger)  # found in the new block, not by a scan
+    svc.step()
+    assert svc.open_tasks == {later} and ledger.task(later).status == TaskStatus.ASSIGNED
+    assert ledger.task_scans == 1
+    ledger.blocks.pop(ledger.height)  # a block it cannot read: it falls back to a full scan
+    ledger.mine(1)
+    ledger.blocks.pop(ledger.height)
+    svc.step()
+    assert ledger.task_scans == 2 and svc.open_tasks == {later}
