@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lmdb
 import pytest
@@ -66,6 +66,8 @@ from bridge.spv import (
     make_header,
     target_to_bits,
 )
+from bridge.zmq_sub import BlockHashEvent, ZmqSubscriber
+from regtest.harness import BitcoindNode
 from verify_tool import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -865,3 +867,39 @@ async def test_follow_syncs_on_each_wakeup(store_factory: Callable[..., HeaderSt
     tip = store.tip()
     assert tip is not None and tip.height == 8
     await gen.aclose()
+
+
+@pytest.mark.regtest
+async def test_follow_woken_by_zmq_hashblock(bitcoind: BitcoindNode, rpc: BitcoinRPC, zmq_sync: Any,
+                                             tmp_path: Path) -> None:
+    """ZMQ is only the trigger: a hashblock wakes follow(), which re-reads the chain over RPC."""
+    await rpc.createwallet("miner")
+    address = await rpc.for_wallet("miner").getnewaddress()
+    store = HeaderStore(tmp_path / "btc_headers", BITCOIN_REGTEST)
+    wakeup = asyncio.Event()
+    async with ZmqSubscriber({"hashblock": bitcoind.zmq_endpoint}, rpc) as sub:
+        await zmq_sync(rpc, sub, address)
+
+        async def pump() -> None:
+            async for event in sub.events():
+                if isinstance(event, BlockHashEvent):
+                    wakeup.set()
+
+        pump_task = asyncio.create_task(pump())
+        follow = store.follow(rpc, wakeup, time.time, poll_interval=600)  # only ZMQ can wake it in time
+        try:
+            first = await asyncio.wait_for(follow.__anext__(), 30)  # the initial sync, at once
+            assert first.tip.height == await rpc.getblockcount()
+            hashes = await rpc.generatetoaddress(3, address)
+            got: list[Connected] = []
+            while len(got) < 3:
+                got += (await asyncio.wait_for(follow.__anext__(), 30)).connected
+            assert [c.block_hash for c in got] == hashes
+            tip = store.tip()
+            assert tip is not None and tip.block_hash == hashes[-1]
+        finally:
+            await follow.aclose()
+            pump_task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pump_task
+            store.close()
