@@ -75,8 +75,8 @@ from bridge import chain_tracker as ct
 from bridge.chain_tracker import BlockRef, ChainTracker, Connected, Disconnected
 from bridge.header_file import write_header_file
 from bridge.rpc import RPCInvalidParameter, RPCTransient
-from bridge.spv import HEADER_SIZE, MEDIAN_TIME_SPAN, ChainParams, HeaderChain, bits_to_target, block_work, \
-    parse_header
+from bridge.spv import (HEADER_SIZE, MEDIAN_TIME_SPAN, ChainParams, HeaderChain, bits_to_target, block_work,
+                        parse_header)
 
 log = logging.getLogger(__name__)
 
@@ -426,8 +426,8 @@ class HeaderStore:
         """
         return self._write(None, fork_height, raw_headers, now, expected_tip)
 
-    def _write(self, init: Optional[tuple[bytes, list[bytes]]], fork_height: int, raws: Sequence[bytes], now: Optional[int],
-               expected_tip: Optional[bytes]) -> SyncResult:
+    def _write(self, init: Optional[tuple[bytes, list[bytes]]], fork_height: int, raws: Sequence[bytes],
+               now: Optional[int], expected_tip: Optional[bytes]) -> SyncResult:
         with self.env.begin(write=True) as txn:
             if init is not None:
                 self._init_start(txn, init, now)
@@ -472,8 +472,8 @@ class HeaderStore:
             new_tip = HeaderTip(height, connected[-1].block_hash if connected else fork_hash, work)
         if disconnected:
             log.warning("header reorg: %d disconnected down to height %d, %d connected; tip %s at %d (work %s than "
-                   "before)", len(disconnected), fork_height, len(connected), new_tip.block_hash_hex, new_tip.height,
-                   "more" if new_tip.work > tip.work else "NOT more")
+                        "before)", len(disconnected), fork_height, len(connected), new_tip.block_hash_hex,
+                        new_tip.height, "more" if new_tip.work > tip.work else "NOT more")
         elif connected:
             log.debug("%d header(s) connected; tip %s at %d", len(connected), new_tip.block_hash_hex, new_tip.height)
         return SyncResult(disconnected, tuple(connected), new_tip)

@@ -296,6 +296,11 @@ async def test_checkpoint_start_keeps_the_context_below_it(
     btc.set_best(main_chain)
     await store.sync(btc, now=NOW)
     assert store.headers(23, 40) == [h.serialize() for h in main_chain[23:]]
+    at_tip = store_factory(params, "at_tip", start_height=40, start_hash=main_chain[40].hash)
+    r = await at_tip.sync(btc, now=NOW)  # the start is bitcoind's tip: only the start is written
+    assert r.connected == () and at_tip.tip() == type(r.tip)(40, main_chain[40].hash,
+                                                              block_work(bits_to_target(main_chain[40].bits)))
+    assert at_tip.headers(40, 40) == [main_chain[40].serialize()]
 
 
 async def test_start_must_be_bitcoinds(store_factory: Callable[..., HeaderStore], params: ChainParams,
