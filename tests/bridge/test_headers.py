@@ -10,6 +10,7 @@ import json
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import lmdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bridge.headers as headers_mod
 from bridge.chain_tracker import Connected, Disconnected
@@ -432,6 +435,34 @@ async def test_reorg_to_heavier_branch_rolls_back_and_replaces(
     r = await store.sync(btc, now=NOW)
     assert r.connected == () and [d.height for d in r.disconnected] == [40, 39, 38]
     assert_mirrors(store, main_chain[:38])
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 8)), min_size=1, max_size=8))
+@settings(max_examples=25, deadline=None)
+def test_any_history_of_reorgs_is_mirrored(params: ChainParams, main_chain: list[Header],
+                                           history: list[tuple[int, int]]) -> None:
+    """After every sync, through any sequence of reorgs (drop depth blocks, mine n others), the store holds
+    exactly bitcoind's best chain, the work of every header, and nothing of the abandoned branches."""
+
+    async def run(d: Path) -> None:
+        best = main_chain[:12]
+        btc = FakeBitcoind(best)
+        store = HeaderStore(d / "h", params)
+        try:
+            await store.sync(btc, now=NOW)
+            for i, (depth, n) in enumerate(history):
+                depth = min(depth, len(best) - 1)
+                base = best[:len(best) - depth]
+                best = base + extend(params, base, n, spacing=500 + 97 * i, tag=b"r%d" % i)
+                btc.set_best(best)
+                r = await store.sync(btc, now=NOW)
+                assert r.tip == store.tip()
+                assert_mirrors(store, best)
+        finally:
+            store.close()
+
+    with tempfile.TemporaryDirectory() as d:
+        asyncio.run(run(Path(d)))
 
 
 async def test_reorg_branch_held_to_context_from_before_the_fork(
