@@ -19,9 +19,10 @@ import aiohttp
 from l2d.config import OrchestrationConfig
 from l2d.core.errors import Rejected
 from l2d.core.hashing import tagged_hash
-from l2d.core.state import Namespace
+from l2d.core.state import Namespace, StateView
 from l2d.core.tx import Payload, Transaction, TxType
-from l2d.core.work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, silent, task_key
+from l2d.core.work import (TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, backup_fits, silent,
+                             task_key)
 from l2d.core.work_tx import (PPM, ZERO_KEY, Role, TaskAssign, TaskDispute, TaskReassign, TaskResolve, TaskSettle,
                               fingerprints_match, parse_fingerprint)
 from orchestration.errors import NoEligibleWorker
@@ -228,6 +229,11 @@ class OrchestrationService:
             self._busy(a.worker_id)
             self._busy(vid)
 
+    def _state_get(self, key: bytes) -> Optional[bytes]:
+        if self._get_state is not None:
+            return self._get_state(key)
+        return dict(self._read_prefix(key)).get(key)
+
     def _overdue(self, t: TaskRecord, role: Role, height: int) -> Optional[str]:
         """Why a due role may be handed on in the next block (None if it may not)."""
         if height + 1 > t.deadline_height:
@@ -242,7 +248,7 @@ class OrchestrationService:
         parties = (t.worker, t.backup, t.verifier, t.referee)
         if role == Role.WORKER:
             new = t.backup
-            if new == ZERO_KEY:
+            if not backup_fits(StateView(self._state_get), t):  # gone, exited or no longer fitting
                 a = self._choose(t, task_id, parties)
                 if a is None:
                     return

@@ -359,6 +359,18 @@ def apply_result(view: StateView, tx: Transaction, rules: Rules) -> None:
     view.put(task_key(p.task_id), t.encode())
 
 
+def backup_fits(view: StateView, t: TaskRecord) -> bool:
+    """The recorded backup can still take the task over (registered, ACTIVE, staked, meeting the requirements)."""
+    w = None if t.backup == ZERO_KEY else get_worker(view, t.backup)
+    if w is None:
+        return False
+    try:
+        _check_fits(w, t.spec, "backup", t.backup)
+    except InvalidTransaction:
+        return False
+    return True
+
+
 def silent(t: TaskRecord, party: WorkerRecord, height: int) -> bool:
     """The party has sent no heartbeat for the task's grace since its role was handed out (grace 0: never)."""
     return t.heartbeat_grace > 0 and height > max(party.last_heartbeat, t.phase_height) + t.heartbeat_grace
@@ -388,8 +400,8 @@ def apply_reassign(view: StateView, tx: Transaction, rules: Rules) -> None:
                                  f"{p.role.name.lower()} is not silent (last heartbeat {loser.last_heartbeat})")
     _deadline(view, p.deadline_height)
     if p.role == Role.WORKER:
-        if t.backup != ZERO_KEY and p.new_worker != t.backup:
-            raise InvalidTransaction("the worker role goes to the recorded backup")
+        if backup_fits(view, t) and p.new_worker != t.backup:
+            raise InvalidTransaction("the worker role goes to the recorded backup (it still fits the task)")
         others = {t.worker, t.verifier, t.referee}
         if p.new_backup != ZERO_KEY and p.new_backup in others | {t.backup}:
             raise InvalidTransaction("the new backup already has a role in this task")

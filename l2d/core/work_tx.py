@@ -408,8 +408,8 @@ class TaskReassign:
     """Federation authority, after the deadline (or once the party has been silent for the task's heartbeat
     grace): hand a role whose result is missing to another worker.
 
-    Role WORKER goes to the recorded backup (new_worker must be it, unless there was none) and names a new
-    backup; VERIFIER and
+    Role WORKER goes to the recorded backup (new_worker must be it while it still fits the task) and names a
+    new backup; VERIFIER and
     REFEREE go to new_worker (new_backup must be zero). A new deadline applies.
     """
 

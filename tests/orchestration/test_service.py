@@ -14,7 +14,7 @@ from l2d.core.params import LOCAL
 from l2d.core.state import Account, Namespace, Rules, StateView, account_key, apply_tx, genesis_state
 from l2d.core.tx import AnyPayload, Payload, Transaction, Transfer, sign
 from l2d.core.work import TaskRecord, TaskStatus, get_task
-from l2d.core.work_tx import (FP_ENTRY, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerHeartbeat,
+from l2d.core.work_tx import (FP_ENTRY, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit, WorkerHeartbeat,
                               WorkerRegister)
 from orchestration.service import OrchestrationService
 
@@ -258,3 +258,16 @@ def test_only_open_tasks_are_read_after_the_first_scan() -> None:
     ledger.blocks.pop(ledger.height)
     svc.step()
     assert ledger.task_scans == 2 and svc.open_tasks == {later}
+
+
+def test_failover_skips_a_backup_that_exited() -> None:
+    ledger = Ledger()
+    svc = make(ledger)
+    register(ledger, 1, 2, 3)
+    tid = submit(ledger)
+    svc.step()
+    assert ledger.task(tid).backup == pk(2)
+    ledger.apply(2, WorkerExit())
+    ledger.mine(ledger.task(tid).deadline_height - ledger.height)
+    svc.step()
+    assert ledger.task(tid).worker == pk(3)

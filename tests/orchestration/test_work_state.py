@@ -511,3 +511,13 @@ def test_a_silent_party_can_be_replaced_before_the_deadline(chain: Chain) -> Non
     chain.mine(20)
     chain.reject(InvalidTransaction, AUTH, TaskReassign(tid2, Role.WORKER, pk(W1), ZERO_KEY, chain.height + 9),
                  "not silent")
+
+
+def test_a_backup_that_exited_is_passed_over(chain: Chain) -> None:
+    chain.register(W1, W2, W3)
+    tid = chain.submit()
+    chain.assign(tid, W1, W2, deadline=1, window=0)
+    chain.apply(W2, WorkerExit())
+    chain.mine(2)
+    chain.apply(AUTH, TaskReassign(tid, Role.WORKER, pk(W3), ZERO_KEY, chain.height + 5))
+    assert chain.task(tid).worker == pk(W3)
