@@ -175,3 +175,34 @@ def test_fingerprint_match_is_symmetric_within_tolerance(classes: list[int], shi
     a, b = parse_fingerprint(fp(classes), out), parse_fingerprint(fp(classes, shift), out)
     assert fingerprints_match(a, b) and fingerprints_match(b, a)
 
+
+
+def test_encodings_are_pinned() -> None:
+    """Consensus formats: any change to these bytes is a hard fork (docs/orchestration.md has the layouts)."""
+    from l2d.core.work import Outcome, TaskRecord, TaskStatus, WorkerRecord, WorkerStatus
+    k = [hashlib.sha256(b"k%d" % i).digest() for i in range(4)]
+    caps = WorkerCaps(1, 16000, 25, 300000, 120, 4, b"eu-west", (b"digits-mlp", b"resnet"), b"127.0.0.1:9000")
+    spec = TaskSubmit(5000, 250000, 30, b"digits-mlp", b"eu-west", bytes(range(16)) * 4)
+    res = (b"\x07", FP_ENTRY.pack(7, 900) + FP_ENTRY.pack(1, -20) + FP_ENTRY.pack(2, -20))
+    values = {
+        "register": WorkerRegister(123456, caps).encode(),
+        "submit": spec.encode(),
+        "assign": TaskAssign(k[0], k[1], k[2], k[3], 1000, 5, 30).encode(),
+        "result": TaskResult(k[0], *res).encode(),
+        "resolve": TaskResolve(k[0], Role.VERIFIER, 500, 200, 100, 0, 50, 25).encode(),
+        "worker_record": WorkerRecord(WorkerStatus.EXITING, 99, 7, 480000, 1, 3, 2, 1, 55, 4, caps).encode(),
+        "task_record": TaskRecord(TaskStatus.DISPUTED, Outcome.NONE, k[0], 5000, 3, k[1], k[2], k[3], k[0], 90, 5, 60,
+                                  1, 61, 30, spec, (res, (b"", b""), (b"", b""))).encode(),
+    }
+    pinned = {
+        "register": ("d26f24d78a8194e00564a04ade59760bba696e60fef38cd3181f446352e1c4df", 73),
+        "submit": ("467fdf4353bef82082d1e3489862895e83b3519a97cedd3828c5a2a336330010", 104),
+        "assign": ("52bed2ab4d1555de89c9a8b1d36cd6c2dad87c8a5543a520caaeb5fd08798490", 144),
+        "result": ("7e155da143bcf360c07af75d1e8de06ad379d99b95542e64eb6d1d2e70f75f96", 44),
+        "resolve": ("33f4ee4615160e3e04222734bb814810d7bfe09a43e41d10f5f3f8cf6f2bb28b", 81),
+        "worker_record": ("bd4f2e885852d84f21ea0ed4054e1e4fda9ef6bca9206cc5620a26087e48fab5", 116),
+        "task_record": ("0a23b892d303cf9364fc8a63e24b7cb6348d8d00ed7b95f6576d1fd7abe420d1", 331),
+    }
+    assert {n: (hashlib.sha256(v).hexdigest(), len(v)) for n, v in values.items()} == pinned
+    assert TaskRecord.decode(values["task_record"]).encode() == values["task_record"]
+    assert WorkerRecord.decode(values["worker_record"]).encode() == values["worker_record"]
