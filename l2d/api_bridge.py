@@ -100,9 +100,38 @@ async def pegouts(request: web.Request) -> web.Response:
     return web.json_response({"pegouts": out})
 
 
+async def headers_file(request: web.Request) -> web.StreamResponse:
+    """GET /api/bridge/headers[?from=H&to=H]: the header store's best chain as a header file
+    (docs/header-file.md) for `l2-verify headers`."""
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    from bridge.headers import HeaderStoreError
+
+    from .api import ApiError, _height
+
+    node, _ = _node_fed(request)
+    svc = node.bridge_service
+    if svc is None or svc.headers is None:
+        raise ApiError(404, "no-header-store", "this node follows no bitcoind (no header store)")
+    q = request.query
+    lo = None if "from" not in q else _height(q["from"])
+    hi = None if "to" not in q else _height(q["to"])
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "btc.headers"
+        try:
+            await asyncio.to_thread(svc.headers.export, path, lo, hi)
+        except HeaderStoreError as e:
+            raise ApiError(400, "bad-range", str(e)) from None
+        body = path.read_bytes()
+    return web.Response(body=body, content_type="application/octet-stream")
+
+
 def add_routes(r: web.UrlDispatcher) -> None:
     """Add this subsystem's routes; handlers reach the node as request.app[NODE_KEY] (from l2d.api)."""
     r.add_get("/api/bridge/federation", federation)
     r.add_get("/api/bridge/pegin-address/{account}", pegin_address)
     r.add_get("/api/bridge/pegins", pegins)
     r.add_get("/api/bridge/pegouts", pegouts)
+    r.add_get("/api/bridge/headers", headers_file)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -211,6 +213,20 @@ async def test_pegin_claims(setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: 
     assert status == 400 and body["error"] == "unknown-btc-block", body
     f = await d.get("/api/bridge/federation")
     assert f["pegged_in_sat"] == 100_000_000
+
+    # the auditor's copy of the header chain: exported over REST, checked offline by l2-verify headers
+    resp = await d.client.get("/api/bridge/headers?from=100")
+    assert resp.status == 200
+    path = Path(cfg.node.data_dir).parent / "btc.headers"
+    path.write_bytes(await resp.read())
+    tip = await rpc.getblockcount()
+    out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "headers", str(path), "--json", "--checkpoint",
+                          f"100:{(await rpc.getblockhash(100))[::-1].hex()}"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["tip_height"] == tip
+    resp = await d.client.get(f"/api/bridge/headers?from={tip + 5}")
+    assert resp.status == 400 and (await resp.json())["error"] == "bad-range"
 
 
 async def funded(d: Daemon, rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str) -> None:
