@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,11 +184,15 @@ class Federation:
             argv += ["--auth-supernode-private-key", str(key)]
         return self._spawn(name, argv)
 
-    def register(self, public_key: Path) -> None:
-        """Allow a SuperNode's key (the seam: the L2 registration list feeds this)."""
+    def register(self, public_key: Path) -> int:
+        """Allow a SuperNode's key (federated/l2.py feeds this from the L2 registrations); returns the Flower
+        node id the SuperLink gives that key."""
         r = self.flwr(["supernode", "register", str(public_key), CONNECTION], timeout=60)
-        if r.returncode != 0:
-            raise LaunchError(f"register failed: {r.stdout.decode()[-2000:]}")
+        out = r.stdout.decode(errors="replace")
+        m = re.search(r"SuperNode (\d+) registered", out)
+        if r.returncode != 0 or m is None:
+            raise LaunchError(f"register failed: {out[-2000:]}")
+        return int(m.group(1))
 
     def register_allow_list(self, allow_list: Path) -> int:
         """Register every OpenSSH public key line of an allow-list file; returns the count."""
@@ -223,6 +228,25 @@ class Federation:
         if r.returncode != 0:
             raise LaunchError(f"flwr run failed ({r.returncode}): {r.stdout.decode()[-3000:]}")
         return r
+
+    def submit_run(self, run_config: dict[str, Any], timeout: float = 120) -> int:
+        """Submit a run without streaming it (the caller watches its effects, e.g. on the L2); returns the run id."""
+        assert self.workdir is not None
+        cfg = self.workdir / f"run-{time.monotonic_ns()}.toml"
+        cfg.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        r = self.flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(cfg)], timeout=timeout)
+        out = r.stdout.decode(errors="replace")
+        m = re.search(r"run (\d+)", out, re.IGNORECASE)
+        if r.returncode != 0 or m is None:
+            raise LaunchError(f"flwr run failed ({r.returncode}): {out[-3000:]}")
+        return int(m.group(1))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and its process group (for the SuperLink: its ServerApp too), as a crash would."""
+        for p in self.procs:
+            if p.name == name and p.popen.poll() is None:
+                os.killpg(p.popen.pid, signal.SIGKILL)
+                p.popen.wait(timeout=30)
 
     # -- lifecycle ---------------------------------------------------------------
     def stop(self) -> None:

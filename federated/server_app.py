@@ -25,6 +25,7 @@ from flwr.serverapp import strategy as fls
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from federated import compression, data, model
+from federated.l2 import recorder_from_config
 from federated.privacy import GaussianRdpAccountant
 from federated.recorder import JsonlRecorder, Participant, RoundCommitment, RoundRecorder
 
@@ -55,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "round-timeout": 120.0,
     "poll-interval": 0.25,
+    # L2 integration (federated/l2.py): daemon URL, admin token file, Flower node id -> L2 key map.
+    "l2-url": "",
+    "l2-token-file": "",
+    "l2-node-map": "",
 }
 
 
@@ -245,7 +250,7 @@ def run_job(grid: Grid, run_config: dict[str, Any], recorder: RoundRecorder | No
     cfg = run_settings(run_config)
     out = Path(str(cfg["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
-    rec = recorder or JsonlRecorder(out / "rounds.jsonl")
+    rec = recorder or recorder_from_config(cfg, out) or JsonlRecorder(out / "rounds.jsonl")
     ckpt = Checkpoints(out / "checkpoints")
     job = str(cfg["job-id"])
     num_nodes = int(cfg["min-nodes"])
@@ -323,6 +328,9 @@ def run_job(grid: Grid, run_config: dict[str, Any], recorder: RoundRecorder | No
         made.append(c)
         prev_hash = h
         log.info("round %d: acc=%.4f hash=%s", rnd, acc, h)
+    finish = getattr(rec, "finish", None)
+    if finish is not None:  # the L2 recorder closes the job: rewards by contribution, pool unlocked
+        finish(job)
     return made
 
 

@@ -11,58 +11,105 @@ Poisoning (alpha=5, one sign-flipped x10 poisoner of 4): FedAvg 0.12 after round
 
 from __future__ import annotations
 
+import hashlib
+
 from federated import model
+from federated.recorder import JsonlRecorder
 from federated.server_app import Checkpoints
+
+POOL = 1_000_000  # tests/federated/conftest.py
 
 ACCURACY_AFTER_3_ROUNDS = 0.85
 ROBUST_ACCURACY = 0.75
 COLLAPSED_ACCURACY = 0.5
 
 
-def test_participants_complete_rounds_and_commitments_match_checkpoints(main_scenario):
-    rounds = main_scenario.jobs["main"]
-    assert [c.round for c in rounds] == [1, 2, 3]
+def _l2_key(res, node_id: int) -> str:
+    return {**res.node_map_first, **res.node_map_second}[node_id]
+
+
+def test_participants_complete_rounds_and_commitments_match_the_l2(main_scenario, daemon):
+    rounds = main_scenario.jobs["main"]  # local float metrics of both runs (before and after the kill)
+    l2 = main_scenario.l2_jobs["main"]
+    assert [c.round for c in rounds] == [1, 2, 3, 4]
     accs = [c.metrics["accuracy"] for c in rounds]
-    assert accs[-1] >= ACCURACY_AFTER_3_ROUNDS, accs
+    assert accs[2] >= ACCURACY_AFTER_3_ROUNDS, accs
     assert accs[-1] > accs[0]
-    ckpt = Checkpoints(main_scenario.outdirs["main"] / "checkpoints")
+    assert l2["status"] == "FINISHED" and l2["rounds_done"] == 4
+    assert [r["round"] for r in l2["rounds_detail"]] == [1, 2, 3, 4]
     prev = None
-    for c in rounds:
-        raw = ckpt.path(c.params_hash).read_bytes()
+    for c, r in zip(rounds, l2["rounds_detail"]):
+        # The L2 commits to the hash of the saved parameters; the daemon serves them under that name.
+        assert r["params_hash"] == c.params_hash and r["prev_params_hash"] == c.prev_params_hash
+        assert r["metrics"]["accuracy_ppm"] == round(c.metrics["accuracy"] * 1_000_000)
+        raw = daemon.api.get_model(c.params_hash)
+        assert hashlib.sha256(raw).hexdigest() == c.params_hash
         assert model.params_hash(model.decode_canonical(raw)) == c.params_hash
-        assert len(c.participants) == 4
-        assert sum(p.accepted for p in c.participants) == 3
+        assert r["model_available"]
+        assert len(r["participants"]) == 4
+        assert sum(p["accepted"] for p in r["participants"]) == 3
+        by_key = {p["key"]: p for p in r["participants"]}
+        for p in c.participants:
+            assert by_key[_l2_key(main_scenario, p.node_id)]["accepted"] == p.accepted
         if prev is not None:
             assert c.prev_params_hash == prev
         prev = c.params_hash
+    assert l2["final_model"] == rounds[-1].params_hash
 
 
 def test_malformed_update_is_rejected_without_stopping_the_round(main_scenario):
-    bad = main_scenario.node_ids["supernode-3"]
+    bad = {main_scenario.node_ids["supernode-3"], main_scenario.node_ids2["supernode-3"]}
     for c in main_scenario.jobs["main"]:
         by_id = {p.node_id: p for p in c.participants}
-        assert not by_id[bad].accepted
-        assert by_id[bad].reason.startswith("malformed update")
+        (bad_id,) = bad & set(by_id)
+        assert not by_id[bad_id].accepted
+        assert by_id[bad_id].reason.startswith("malformed update")
         assert c.metrics["num_valid"] == 3.0
-        assert all(p.accepted for nid, p in by_id.items() if nid != bad)
+        assert all(p.accepted for nid, p in by_id.items() if nid != bad_id)
 
 
-def test_interrupted_job_resumes_from_last_committed_round(main_scenario):
-    first = main_scenario.jobs["main"]
-    after = main_scenario.jobs["main-resumed"]
-    assert [c.round for c in after] == [1, 2, 3, 4]  # rounds 1-3 not re-run
-    assert after[:3] == first
-    assert after[3].prev_params_hash == first[-1].params_hash
-    assert after[3].metrics["accuracy"] >= ACCURACY_AFTER_3_ROUNDS
+def test_rewards_by_accepted_examples_land_in_balances(main_scenario):
+    l2 = main_scenario.l2_jobs["main"]
+    parts = {p["key"]: p for p in l2["participants"]}
+    total = sum(p["accepted_examples"] for p in parts.values())
+    before, after = main_scenario.balances_before["main"], main_scenario.balances_after["main"]
+    bad = main_scenario.l2_keys["supernode-3"]
+    assert parts[bad]["accepted_examples"] == 0 and parts[bad]["reward_sat"] == 0
+    assert after["supernode-3"] == before["supernode-3"]
+    paid = 0
+    for name in ("supernode-0", "supernode-1", "supernode-2"):
+        p = parts[main_scenario.l2_keys[name]]
+        assert p["rounds_accepted"] == 4 and p["accepted_examples"] > 0
+        assert p["reward_sat"] == POOL * p["accepted_examples"] // total
+        assert after[name] == before[name] + p["reward_sat"]
+        paid += p["reward_sat"]
+    assert l2["paid_sat"] == paid and l2["paid_sat"] + l2["refunded_sat"] == POOL
+    assert after["poster"] == before["poster"] + l2["refunded_sat"]
+
+
+def test_job_killed_mid_round_resumes_from_the_last_committed_round(main_scenario):
+    assert main_scenario.rounds_at_kill == 2
+    l2 = main_scenario.l2_jobs["main"]["rounds_detail"]
+    assert l2[2]["prev_params_hash"] == l2[1]["params_hash"]  # round 3 starts from round 2's committed params
+    first = JsonlRecorder(main_scenario.outdirs["main-1"] / "rounds.jsonl").all(main_scenario.job_ids["main"])
+    second = JsonlRecorder(main_scenario.outdirs["main-2"] / "rounds.jsonl").all(main_scenario.job_ids["main"])
+    assert [c.round for c in first] == [1, 2] and [c.round for c in second] == [3, 4]  # rounds 1-2 not re-run
+    # The resumed run started with an empty out-dir: round 2's parameters came from the daemon's model store.
+    ckpt = Checkpoints(main_scenario.outdirs["main-2"] / "checkpoints")
+    assert model.params_hash(ckpt.load(l2[1]["params_hash"])) == l2[1]["params_hash"]
+    assert second[0].metrics["accuracy"] >= first[-1].metrics["accuracy"] - 0.05
 
 
 def test_unregistered_node_is_refused(main_scenario):
     assert "intruder" not in main_scenario.node_ids
     assert main_scenario.unregistered_exit not in (None, 0)
     assert "Failed to activate SuperNode" in main_scenario.unregistered_log
-    registered = {v for k, v in main_scenario.node_ids.items() if k.startswith("supernode")}
-    for c in main_scenario.jobs["main-resumed"]:
-        assert {p.node_id for p in c.participants} == registered
+    # Flower's allow-list is exactly the job's L2 registrations, node id by node id.
+    registered = {main_scenario.node_ids[f"supernode-{i}"] for i in range(4)}
+    assert set(main_scenario.node_map_first) == registered
+    assert set(main_scenario.node_map_first.values()) == {p["key"] for p in main_scenario.l2_jobs["main"]["participants"]}
+    for c in main_scenario.jobs["main"]:
+        assert {p.node_id for p in c.participants} <= set(main_scenario.node_map_first) | set(main_scenario.node_map_second)
 
 
 def test_poisoner_breaks_fedavg_but_not_trimmed_mean_and_is_unrewarded(poison_scenario):
@@ -75,3 +122,15 @@ def test_poisoner_breaks_fedavg_but_not_trimmed_mean_and_is_unrewarded(poison_sc
         by_id = {p.node_id: p for p in c.participants}
         assert not by_id[poisoner].accepted
         assert sum(p.accepted for p in c.participants) == 3
+    l2 = poison_scenario.l2_jobs["poison"]
+    assert l2["status"] == "FINISHED" and l2["rounds_done"] == 2
+    key = poison_scenario.l2_keys["supernode-3"]
+    for r in l2["rounds_detail"]:
+        assert {p["key"]: p["accepted"] for p in r["participants"]}[key] is False
+    parts = {p["key"]: p for p in l2["participants"]}
+    assert parts[key]["reward_sat"] == 0 and parts[key]["accepted_examples"] == 0
+    before, after = poison_scenario.balances_before["poison"], poison_scenario.balances_after["poison"]
+    assert after["supernode-3"] == before["supernode-3"]
+    for name in ("supernode-0", "supernode-1", "supernode-2"):
+        assert parts[poison_scenario.l2_keys[name]]["reward_sat"] > 0
+        assert after[name] == before[name] + parts[poison_scenario.l2_keys[name]]["reward_sat"]

@@ -1,0 +1,256 @@
+"""The Flower side of the L2 integration: a REST client for the daemon, the L2 RoundRecorder, and the
+registration bridge that turns a job's L2 registrations into the SuperLink's node allow-list.
+
+Flow (docs/federated.md):
+  1. A poster signs FL_JOB_POST (reward pool escrowed); participants sign FL_REGISTER with the OpenSSH public
+     key of the Flower node key they will join with (``l2-fl post`` / ``l2-fl register``).
+  2. The coordinator (federation) reads the job's registrations from the daemon and registers exactly those
+     node keys with its auth-enabled SuperLink (``sync_registrations``), recording which Flower node id
+     belongs to which L2 key. A SuperNode whose key is not registered on the L2 is refused by Flower.
+  3. The ServerApp records each round with ``L2Recorder``: it uploads the aggregated parameters to the
+     daemon's content-addressed model store, asks the daemon to commit the round (an FL_ROUND signed with the
+     federation key), and waits until the commitment is in a block. After the last round it asks for the
+     finish (FL_FINISH with the contribution split the ledger computes).
+  4. Resume: ``L2Recorder.last`` reads the last committed round from the L2; its parameters come from the
+     local checkpoint or, when that is gone, from the daemon's model store (checked against the hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from federated.recorder import JsonlRecorder, RoundCommitment
+
+log = logging.getLogger(__name__)
+
+PPM = 1_000_000
+
+
+class L2Error(RuntimeError):
+    """The daemon refused a request, or did not commit in time."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class L2Api:
+    """A small synchronous client of the daemon's REST API (the ServerApp runs in Flower's process)."""
+
+    def __init__(self, url: str, token: str = "", timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def _req(self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json",
+             admin: bool = False) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", ctype)
+        if admin:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            with e:
+                raw = e.read()
+            try:
+                d = json.loads(raw)
+                raise L2Error(e.code, str(d.get("error")), str(d.get("message"))) from None
+            except ValueError:
+                raise L2Error(e.code, "http-error", raw[:200].decode(errors="replace")) from None
+
+    def get(self, path: str) -> Any:
+        return json.loads(self._req("GET", path)[1])
+
+    def post(self, path: str, body: dict[str, Any], admin: bool = True) -> Any:
+        return json.loads(self._req("POST", path, json.dumps(body).encode(), admin=admin)[1])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/api/fl/jobs/{job_id}"))
+
+    def submit_tx(self, raw: bytes) -> str:
+        return str(self.post("/api/l2/tx", {"tx": raw.hex()}, admin=False)["txid"])
+
+    def account(self, key_hex: str) -> dict[str, Any]:
+        return dict(self.get(f"/api/l2/accounts/{key_hex}"))
+
+    def put_model(self, raw: bytes) -> str:
+        _, out = self._req("PUT", "/api/fl/models", raw, "application/octet-stream", admin=True)
+        return str(json.loads(out)["params_hash"])
+
+    def get_model(self, params_hash: str) -> bytes:
+        _, raw = self._req("GET", f"/api/fl/models/{params_hash}")
+        if hashlib.sha256(raw).hexdigest() != params_hash:
+            raise L2Error(200, "corrupt", f"model {params_hash} does not hash to its name")
+        return raw
+
+    def wait(self, cond: Any, what: str, timeout: float = 60.0, poll: float = 0.1) -> Any:
+        end = time.monotonic() + timeout
+        while True:
+            v = cond()
+            if v:
+                return v
+            if time.monotonic() > end:
+                raise L2Error(408, "timeout", f"timed out after {timeout}s waiting for {what}")
+            time.sleep(poll)
+
+    def job_or_none(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return self.job(job_id)
+        except L2Error as e:
+            if e.status == 404:
+                return None
+            raise
+
+
+def fixed_point(x: float, scale: int = PPM) -> int:
+    """A non-negative float metric as an integer (parts per million by default); NaN and negatives are 0."""
+    if not x == x or x <= 0:  # NaN or non-positive
+        return 0
+    return min(int(round(x * scale)), 2**64 - 1)
+
+
+class L2Recorder:
+    """RoundRecorder that commits each round to the L2 (and keeps the float metrics in a local JSONL file).
+
+    node_map: Flower node id -> L2 key (hex), from ``sync_registrations``. A participant missing from the map
+    could only be a node the SuperLink let in without an L2 registration: refuse to commit rather than guess.
+    """
+
+    def __init__(self, api: L2Api, job_id: str, node_map: dict[int, str], checkpoints: Path,
+                 local: JsonlRecorder | None = None, commit_timeout: float = 60.0) -> None:
+        self.api = api
+        self.job_id = job_id
+        self.node_map = node_map
+        self.checkpoints = checkpoints
+        self.local = local
+        self.commit_timeout = commit_timeout
+
+    def record(self, c: RoundCommitment) -> None:
+        if c.job_id != self.job_id:
+            raise ValueError(f"commitment for job {c.job_id}, recorder is for {self.job_id}")
+        raw = (self.checkpoints / f"{c.params_hash}.params").read_bytes()
+        if self.api.put_model(raw) != c.params_hash:
+            raise L2Error(500, "hash-mismatch", "the daemon stored the model under another hash")
+        parts = []
+        for p in c.participants:
+            key = self.node_map.get(p.node_id)
+            if key is None:
+                raise L2Error(403, "unregistered", f"Flower node {p.node_id} has no L2 registration for the job")
+            parts.append({"key": key, "num_examples": int(p.num_examples),
+                          "accepted": bool(p.accepted)})
+        m = c.metrics
+        body = {"round": c.round, "params_hash": c.params_hash, "prev_params_hash": c.prev_params_hash,
+                "accuracy_ppm": min(fixed_point(float(m.get("accuracy", 0.0))), PPM),
+                "loss_ppm": fixed_point(float(m.get("loss", 0.0))),
+                "update_bytes": int(m.get("update_bytes", 0.0)),
+                "dp_epsilon_ppm": fixed_point(float(m.get("dp_epsilon", 0.0))), "participants": parts}
+        self.api.post(f"/api/fl/jobs/{self.job_id}/rounds", body)
+        self.api.wait(lambda: self.api.job(self.job_id)["rounds_done"] >= c.round,
+                      f"round {c.round} of job {self.job_id} in a block", self.commit_timeout)
+        if self.local is not None:
+            self.local.record(c)
+        log.info("round %d of L2 job %s committed (params %s)", c.round, self.job_id, c.params_hash)
+
+    def last(self, job_id: str) -> RoundCommitment | None:
+        j = self.api.job(job_id)
+        n = int(j["rounds_done"])
+        if n == 0:
+            return None
+        r = j["rounds_detail"][-1]
+        ckpt = self.checkpoints / f"{r['params_hash']}.params"
+        if not ckpt.exists():  # the coordinator lost its disk: the daemon serves what the L2 committed to
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            ckpt.write_bytes(self.api.get_model(r["params_hash"]))
+            log.info("checkpoint %s fetched from the L2 model store", r["params_hash"])
+        return RoundCommitment(job_id=job_id, round=n, params_hash=r["params_hash"],
+                               prev_params_hash=r["prev_params_hash"], strategy="", participants=(),
+                               metrics={"accuracy": r["metrics"]["accuracy_ppm"] / PPM})
+
+    def finish(self, job_id: str) -> dict[str, Any]:
+        """Close the job on the L2 (rewards by contribution) unless it is closed already; returns the job."""
+        j = self.api.job(job_id)
+        if j["status"] == "FINISHED" or j["rounds_done"] < j["rounds"]:  # closed, or rounds still to run
+            return j
+        self.api.post(f"/api/fl/jobs/{job_id}/finish", {})
+        return dict(self.api.wait(lambda: (lambda j: j if j["status"] == "FINISHED" else None)(self.api.job(job_id)),
+                                  f"job {job_id} finished", self.commit_timeout))
+
+
+def recorder_from_config(cfg: dict[str, Any], out: Path) -> L2Recorder | None:
+    """The L2 recorder a run config asks for (l2-url set), else None."""
+    url = str(cfg.get("l2-url") or "")
+    if not url:
+        return None
+    token_file = str(cfg.get("l2-token-file") or "")
+    token = Path(token_file).read_text().strip() if token_file else ""
+    node_map_path = Path(str(cfg.get("l2-node-map") or (out / "node-map.json")))
+    node_map = {int(k): str(v) for k, v in json.loads(node_map_path.read_text()).items()}
+    return L2Recorder(L2Api(url, token), str(cfg["job-id"]), node_map, out / "checkpoints",
+                      JsonlRecorder(out / "rounds.jsonl"))
+
+
+def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -> dict[int, str]:
+    """Register with the SuperLink exactly the node keys registered on the L2 for job_id (and not yet registered
+    with this SuperLink); write and return the Flower node id -> L2 key map."""
+    job = api.job(job_id)
+    known: dict[int, str] = {}
+    if node_map_path.exists():
+        known = {int(k): str(v) for k, v in json.loads(node_map_path.read_text()).items()}
+    have = set(known.values())
+    assert fed.workdir is not None
+    for p in job["participants"]:
+        if p["key"] in have:
+            continue
+        pub = Path(fed.workdir) / f"l2-{p['key'][:16]}.pub"
+        pub.write_text(p["node_key"] + "\n")
+        known[fed.register(pub)] = p["key"]
+    node_map_path.parent.mkdir(parents=True, exist_ok=True)
+    node_map_path.write_text(json.dumps({str(k): v for k, v in sorted(known.items())}, sort_keys=True))
+    return known
+
+
+def config_hash(run_config: dict[str, Any]) -> bytes:
+    """SHA-256 of the canonical JSON of the training settings a job fixes (posted on the L2 with the job)."""
+    keep = {k: v for k, v in run_config.items() if not k.startswith("l2-") and k not in ("out-dir", "job-id")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def _sign_and_submit(api: L2Api, secret: bytes, payload: Any, fee_sat: int) -> str:
+    import os
+
+    from coincurve import PrivateKey
+
+    from l2d.core import tx as T
+    from l2d.core.params import network_by_name
+
+    network = network_by_name(str(api.get("/api/status")["network"]))
+    sender = PrivateKey(secret).public_key_xonly.format().hex()
+    nonce = int(api.account(sender)["nonce"])
+    return api.submit_tx(T.sign(network, secret, nonce, fee_sat, payload, os.urandom(32)).raw)
+
+
+def post_job(api: L2Api, secret: bytes, pool_sat: int, run_config: dict[str, Any], rounds: int,
+             min_participants: int, max_participants: int, fee_sat: int = 1) -> str:
+    """Sign and submit an FL_JOB_POST escrowing pool_sat; returns the job id (its txid, hex)."""
+    from l2d.core.fl_tx import FlJobPost
+
+    return _sign_and_submit(api, secret, FlJobPost(pool_sat, config_hash(run_config), rounds, min_participants,
+                                                   max_participants), fee_sat)
+
+
+def register_participant(api: L2Api, secret: bytes, job_id: str, node_public_key: str, fee_sat: int = 1) -> str:
+    """Sign and submit an FL_REGISTER of the sender's L2 key with its Flower node's OpenSSH public key line."""
+    from l2d.core.fl_tx import FlRegister
+
+    line = node_public_key.strip()
+    return _sign_and_submit(api, secret, FlRegister(bytes.fromhex(job_id), line.encode()), fee_sat)
