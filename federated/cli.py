@@ -6,6 +6,16 @@
                                             start a SuperNode running the project's ClientApp
   l2-fl dev [--nodes 3] [--rounds 3] [--strategy fedavg] [--compression none] [--out DIR]
                                             SuperLink + N SuperNodes on loopback, one job, stop
+
+On the L2 (docs/federated.md; L2KEY is an l2-cli key file, 64 hex characters):
+  l2-fl post --node URL --key L2KEY --pool SAT --rounds R --min M --max X [--set k=v ...]
+                                            post a job, escrowing the reward pool; prints the job id
+  l2-fl register --node URL --key L2KEY --job ID --node-key KEYFILE.pub
+                                            register as a participant with the node key you join with
+  l2-fl coordinate --node URL --token-file F --job ID --out DIR [--set k=v ...]
+                                            (federation) auth SuperLink allowing exactly the job's L2
+                                            registrations; runs or resumes the job, commits every round
+                                            to the L2, pays rewards at the end
 """
 
 from __future__ import annotations
@@ -16,8 +26,13 @@ import os
 import sys
 from pathlib import Path
 
-from federated import data
+from typing import Any
+
+from federated import data, server_app
+from federated.l2 import L2Error
 from federated.launch import BIN, LaunchError, dev, flower_env, free_port, generate_node_key
+from l2d.cli import CliError
+from l2d.core.errors import DecodeError
 
 
 def _join_argv(a: argparse.Namespace) -> list[str]:
@@ -30,6 +45,49 @@ def _join_argv(a: argparse.Namespace) -> list[str]:
     if a.key:
         argv += ["--auth-supernode-private-key", a.key]
     return argv
+
+
+def _settings(pairs: list[str]) -> dict[str, Any]:
+    """--set k=v pairs as run-config values (TOML literals: 5, 0.05, "fedavg"; bare words are strings)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            out[k.strip()] = tomllib.loads(f"v = {v}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _job_id(s: str) -> str:
+    if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
+        raise ValueError("--job must be the 64 lowercase hex characters of the job id")
+    return s
+
+
+def _l2_command(a: argparse.Namespace) -> dict[str, Any]:
+    from l2d.cli import load_secret
+
+    from federated import l2
+
+    if a.cmd == "post":
+        settings = _settings(a.set)
+        server_app.run_settings({**settings, "out-dir": "-"})  # refuse a config the ServerApp could not run
+        api = l2.L2Api(a.node)
+        jid = l2.post_job(api, load_secret(Path(a.key)), a.pool, settings, a.rounds, a.min, a.max, a.fee)
+        return {"job_id": jid, "config_hash": l2.config_hash(settings).hex()}
+    if a.cmd == "register":
+        line = Path(a.node_key).read_text().strip()
+        api = l2.L2Api(a.node)
+        txid = l2.register_participant(api, load_secret(Path(a.key)), _job_id(a.job), line, a.fee)
+        return {"txid": txid}
+    token = Path(a.token_file).read_text().strip()
+    return l2.coordinate(l2.L2Api(a.node, token), _job_id(a.job), Path(a.out).resolve(), _settings(a.set),
+                         Path(a.token_file).resolve(), say=lambda m: sys.stderr.write(m + "\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +115,36 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--compression", default="none")
     d.add_argument("--dp", default="none")
     d.add_argument("--out", default="l2fl-dev", help="work dir: logs, rounds.jsonl, checkpoints")
+    po = sub.add_parser("post")
+    po.add_argument("--node", required=True)
+    po.add_argument("--key", required=True)
+    po.add_argument("--pool", type=int, required=True)
+    po.add_argument("--rounds", type=int, required=True)
+    po.add_argument("--min", type=int, required=True)
+    po.add_argument("--max", type=int, required=True)
+    po.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training setting (run config)")
+    po.add_argument("--fee", type=int, default=1)
+    rg = sub.add_parser("register")
+    rg.add_argument("--node", required=True)
+    rg.add_argument("--key", required=True)
+    rg.add_argument("--job", required=True)
+    rg.add_argument("--node-key", required=True, help="the .pub of the key given to l2-fl join --key")
+    rg.add_argument("--fee", type=int, default=1)
+    co = sub.add_parser("coordinate")
+    co.add_argument("--node", required=True)
+    co.add_argument("--token-file", required=True)
+    co.add_argument("--job", required=True)
+    co.add_argument("--out", required=True)
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
+    if a.cmd in ("post", "register", "coordinate"):
+        try:
+            out = _l2_command(a)
+        except (L2Error, LaunchError, CliError, DecodeError, OSError, ValueError) as e:
+            sys.stderr.write(f"l2-fl {a.cmd}: {e}\n")
+            return 1
+        sys.stdout.write(json.dumps(out) + "\n")
+        return 0
 
     if a.cmd == "keygen":
         pub = generate_node_key(Path(a.keyfile))

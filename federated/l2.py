@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -127,10 +128,12 @@ class L2Recorder:
     """
 
     def __init__(self, api: L2Api, job_id: str, node_map: dict[int, str], checkpoints: Path,
-                 local: JsonlRecorder | None = None, commit_timeout: float = 60.0) -> None:
+                 local: JsonlRecorder | None = None, commit_timeout: float = 60.0,
+                 node_map_path: Path | None = None) -> None:
         self.api = api
         self.job_id = job_id
         self.node_map = node_map
+        self.node_map_path = node_map_path  # re-read when a node is missing (registered after the run began)
         self.checkpoints = checkpoints
         self.local = local
         self.commit_timeout = commit_timeout
@@ -142,6 +145,8 @@ class L2Recorder:
         if self.api.put_model(raw) != c.params_hash:
             raise L2Error(500, "hash-mismatch", "the daemon stored the model under another hash")
         parts = []
+        if self.node_map_path is not None and any(p.node_id not in self.node_map for p in c.participants):
+            self.node_map = read_node_map(self.node_map_path)
         for p in c.participants:
             key = self.node_map.get(p.node_id)
             if key is None:
@@ -194,18 +199,19 @@ def recorder_from_config(cfg: dict[str, Any], out: Path) -> L2Recorder | None:
     token_file = str(cfg.get("l2-token-file") or "")
     token = Path(token_file).read_text().strip() if token_file else ""
     node_map_path = Path(str(cfg.get("l2-node-map") or (out / "node-map.json")))
-    node_map = {int(k): str(v) for k, v in json.loads(node_map_path.read_text()).items()}
-    return L2Recorder(L2Api(url, token), str(cfg["job-id"]), node_map, out / "checkpoints",
-                      JsonlRecorder(out / "rounds.jsonl"))
+    return L2Recorder(L2Api(url, token), str(cfg["job-id"]), read_node_map(node_map_path), out / "checkpoints",
+                      JsonlRecorder(out / "rounds.jsonl"), node_map_path=node_map_path)
+
+
+def read_node_map(path: Path) -> dict[int, str]:
+    return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
 
 
 def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -> dict[int, str]:
     """Register with the SuperLink exactly the node keys registered on the L2 for job_id (and not yet registered
     with this SuperLink); write and return the Flower node id -> L2 key map."""
     job = api.job(job_id)
-    known: dict[int, str] = {}
-    if node_map_path.exists():
-        known = {int(k): str(v) for k, v in json.loads(node_map_path.read_text()).items()}
+    known: dict[int, str] = read_node_map(node_map_path) if node_map_path.exists() else {}
     have = set(known.values())
     assert fed.workdir is not None
     for p in job["participants"]:
@@ -215,8 +221,45 @@ def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -
         pub.write_text(p["node_key"] + "\n")
         known[fed.register(pub)] = p["key"]
     node_map_path.parent.mkdir(parents=True, exist_ok=True)
-    node_map_path.write_text(json.dumps({str(k): v for k, v in sorted(known.items())}, sort_keys=True))
+    tmp = node_map_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({str(k): v for k, v in sorted(known.items())}, sort_keys=True))
+    os.replace(tmp, node_map_path)  # the ServerApp may read it at any time
     return known
+
+
+def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], token_file: Path,
+               say: Any = log.info, poll: float = 1.0) -> dict[str, Any]:
+    """Run (or resume) an L2 job as the federation: an auth SuperLink whose allow-list follows the job's L2
+    registrations, one Flower run committing every round, until the job is FINISHED on the L2."""
+    from federated.launch import Federation
+
+    job = api.job(job_id)
+    if job["status"] == "FINISHED":
+        return job
+    if config_hash(settings).hex() != job["config_hash"]:
+        raise ValueError(f"these settings hash to {config_hash(settings).hex()}, the job was posted with "
+                         f"{job['config_hash']}: pass the same --set values as the poster")
+    out.mkdir(parents=True, exist_ok=True)
+    fed = Federation(workdir=out / f"fed-{time.time_ns()}", auth=True)
+    try:
+        fed.start_superlink()
+        node_map = Path(str(fed.workdir)) / "node-map.json"
+        sync_registrations(fed, api, job_id, node_map)
+        say(f"SuperLink on 127.0.0.1:{fed.port}; participants join with: l2-fl join --superlink 127.0.0.1:{fed.port} "
+            f"--root-certificates {fed.ca} --key NODE_KEY --data DIR")
+        cfg = {**settings, "job-id": job_id, "out-dir": str(out / "job"), "num-rounds": int(job["rounds"]),
+               "min-nodes": int(job["min_participants"]), "l2-url": api.url, "l2-token-file": str(token_file),
+               "l2-node-map": str(node_map)}
+        fed.submit_run(cfg)
+        while True:
+            fed._check_alive("superlink")
+            job = api.job(job_id)
+            if job["status"] == "FINISHED":
+                return job
+            sync_registrations(fed, api, job_id, node_map)
+            time.sleep(poll)
+    finally:
+        fed.cleanup()
 
 
 def config_hash(run_config: dict[str, Any]) -> bytes:

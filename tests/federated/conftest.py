@@ -269,7 +269,7 @@ def scenario_poison(workdir: Path, d: Daemon) -> ScenarioResult:
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    alloc = {xonly(_secret(p)).hex(): 10 * POOL for p in ("main-poster", "poison-poster")}
+    alloc = {xonly(_secret(p)).hex(): 10 * POOL for p in ("main-poster", "poison-poster", "cli")}
     alloc.update({xonly(_secret(f"{j}-p{i}")).hex(): 1000 for j in ("main", "poison") for i in range(N)})
     d = Daemon(tmp_path_factory.mktemp("fl-l2d"), alloc)
     yield d
