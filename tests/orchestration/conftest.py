@@ -204,8 +204,10 @@ class OrchNet:
                "api": {"port": 0, "admin_token": ""},
                "snapshots": {"every_blocks": 0},
                "anchoring": {"enabled": False, "federation_key_file": str(fed)},
-               "orchestration": {"enabled": True, "strategy": "lowest_cost", "timeout_blocks": 60,
-                                 "heartbeat_grace_blocks": 60,
+               # Deadlines and heartbeat grace far above what a loaded CI host needs (blocks come at most every
+               # 50 ms, so 400 blocks are >= 20 s): only the failover test relies on them, with its own values.
+               "orchestration": {"enabled": True, "strategy": "lowest_cost", "timeout_blocks": 400,
+                                 "heartbeat_grace_blocks": 200,
                                  "challenge_window_blocks": 3, "probe_interval_ms": 300, "poll_interval_ms": 50,
                                  **orchestration}}
         path = tmp / "l2d.toml"
