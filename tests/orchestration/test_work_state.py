@@ -521,3 +521,29 @@ def test_a_backup_that_exited_is_passed_over(chain: Chain) -> None:
     chain.mine(2)
     chain.apply(AUTH, TaskReassign(tid, Role.WORKER, pk(W3), ZERO_KEY, chain.height + 5))
     assert chain.task(tid).worker == pk(W3)
+
+
+def test_more_authority_rejections(chain: Chain) -> None:
+    chain.register(W1, W2, W3)
+    chain.register(W4, models=(b"other",))
+    tid = chain.submit()
+    chain.assign(tid, W1, W2, deadline=2, window=0)
+    chain.mine(3)
+    h = chain.height
+    chain.reject(InvalidTransaction, AUTH, TaskReassign(tid, Role.WORKER, pk(W2), pk(W1), h + 5), "new backup")
+    chain.reject(InvalidTransaction, AUTH, TaskReassign(tid, Role.WORKER, pk(W2), pk(W4), h + 5), "model")
+    chain.reject(InvalidTransaction, AUTH, TaskReassign(tid, Role.WORKER, pk(W2), ZERO_KEY, h), "deadline")
+    chain.reject(InvalidTransaction, AUTH, TaskReassign(b"\2" * 32, Role.WORKER, pk(W2), ZERO_KEY, h + 5), "no task")
+    chain.apply(AUTH, TaskReassign(tid, Role.WORKER, pk(W2), ZERO_KEY, h + 5))
+    chain.apply(W2, TaskResult(tid, b"\3", fp(b"\3")))
+    chain.reject(InvalidTransaction, AUTH, TaskSettle(tid, 900, 100, 0), "no verifier")
+    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(W3), chain.height + 5), "nothing to dispute")
+    # a dispute's referee must be a registered worker fitting the task, with a deadline ahead
+    tid2 = chain.submit()
+    chain.assign(tid2, W1, None, W2)
+    chain.apply(W1, TaskResult(tid2, b"\3", fp(b"\3")))
+    chain.apply(W2, TaskResult(tid2, b"\4", fp(b"\4")))
+    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid2, pk(W4), chain.height + 5), "model")
+    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid2, pk(7), chain.height + 5), "not a registered")
+    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid2, pk(W3), chain.height - 1), "deadline")
+    chain.reject(Unauthorized, W3, TaskDispute(tid2, pk(W3), chain.height + 5), fee=0)
