@@ -2,7 +2,7 @@
 
 Header relay: the LMDB header store follows bitcoind (reorgs included); every step posts BtcHeaders for the
 heights where the relayed chain in the L2 state differs from the store's best chain (from the fork point on,
-once the store's chain is at least as high), so claims are judged against the federation's best chain.
+at most 50 per transaction), so claims are judged against the federation's best chain.
 
 Peg-outs, one batch at a time, every state change of a batch written to disk (fsync, atomic rename) before
 anything leaves the process:
@@ -216,9 +216,7 @@ class BridgeService:
             relayed = btc_tip(view)
             start = first.height if relayed is None else None
             if relayed is not None:
-                if store_height < relayed.height:
-                    return  # wait until the store's best chain is at least as high as the relayed one
-                h = min(relayed.height, store_height)
+                h = min(relayed.height, store_height)  # the highest height where both chains agree, from here
                 while h > relayed.base_height:
                     raw = r.get_state(btc_header_key(h))
                     if raw is not None and bytes(raw) == store.header_at(h):

@@ -7,7 +7,9 @@ Everything the bridge decides is decided here, from the state alone (docs/bridge
   keys are sorted (as descriptors' sortedmulti). Only A can claim a deposit to it; the federation can spend it
   by tweaking its secrets the same way. Change outputs of peg-out transactions use A = 32 zero bytes.
 - Bitcoin headers enter the state through BtcHeaders (federation authority): linked, each with valid
-  proof of work for its nBits under the paired Bitcoin chain's pow limit. A claim is checked against them:
+  proof of work for its nBits under the paired Bitcoin chain's pow limit. A relay may replace the chain from
+  any height above the base and may end below the old tip (a deep reorg is followed 50 headers at a time);
+  records above the tip are stale and never read. A claim is checked against them:
   its block must be at that height in the relayed best chain (so a reorged-out deposit cannot be claimed),
   at least min_depth deep, and the proof must pass Bitcoin Core's partial merkle tree rules.
 - A Burn whose destination is a Bitcoin address (on a chain with a federation) is a peg-out request; the
@@ -382,8 +384,6 @@ def apply_btc_headers(view: StateView, tx: Transaction, rules: Rules) -> None:
         parent = view.get(btc_header_key(p.start_height - 1))
         if parent is None or dsha256(parent) != headers[0].prev_hash:
             raise BadRelay(f"relayed header at height {p.start_height} does not link to the relayed chain")
-        if new_tip < tip.height:
-            raise BadRelay(f"relay would shorten the relayed chain from height {tip.height} to {new_tip}")
     bump_authority_nonce(view, tx, ANCHOR_AUTHORITY_KEY, "federation authority")
     for i, raw in enumerate(p.headers):
         view.put(btc_header_key(p.start_height + i), raw)
@@ -396,7 +396,8 @@ def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(PeginClaim, tx.payload)
     tip = btc_tip(view)
     relayed = view.get(btc_header_key(p.btc_height))
-    if tip is None or relayed is None or relayed != p.merkle_block[:BTC_HEADER_SIZE]:
+    if (tip is None or p.btc_height > tip.height  # above the tip: a stale record of a replaced branch
+            or relayed is None or relayed != p.merkle_block[:BTC_HEADER_SIZE]):
         raise UnknownBtcBlock(f"the claim's block is not at height {p.btc_height} of the relayed Bitcoin chain")
     depth = tip.height - p.btc_height + 1
     if depth < fed.min_depth:

@@ -380,13 +380,28 @@ def test_reorg_replacement_from_a_lower_height() -> None:
     assert w.state[btc_header_key(BASE)] == CHAIN.blocks[BASE].header.serialize()
 
 
+def test_relay_may_end_below_the_tip_and_stale_records_are_never_read() -> None:
+    """A deep reorg is followed from its fork point in steps: the first replacement ends below the old tip; the
+    records above the new tip are stale (a claim of a block there is UnknownBtcBlock) and get overwritten as the
+    relayed chain grows again."""
+    w = relayed_world()  # BASE .. BASE+3
+    fork = CHAIN.fork(BASE + 1, b"fork")
+    for _ in range(4):
+        fork.mine()
+    w.do(AUTH, fork.relay(BASE + 1, BASE + 1))  # one header: the tip moves down from BASE+3 to BASE+1
+    assert w.tip() == BtcTip(BASE, BASE + 1, fork.blocks[BASE + 1].header.hash)
+    assert w.state[btc_header_key(BASE + 3)] == CHAIN.blocks[BASE + 3].header.serialize()  # stale, above the tip
+    w.refuse(w.sign(AUTH, CHAIN.relay(BASE + 4, BASE + 4)), BadRelay)  # may not skip past tip + 1
+    w.do(AUTH, fork.relay(BASE + 2, BASE + 4))
+    for h in range(BASE + 1, BASE + 5):
+        assert w.state[btc_header_key(h)] == fork.blocks[h].header.serialize()
+
+
 def test_relay_refusals() -> None:
     w = relayed_world()  # tip BASE+3
     fork = CHAIN.fork(BASE + 1, b"fork")
     for _ in range(2):
         fork.mine()
-    # shortening: a replacement ending below the tip
-    w.refuse(w.sign(AUTH, fork.relay(BASE + 1, BASE + 2)), BadRelay)
     # bad link to the relayed chain: the fork's BASE+2 does not follow the relayed BASE+1
     w.refuse(w.sign(AUTH, BtcHeaders(BASE + 2, (fork.blocks[BASE + 2].header.serialize(),
                                                  CHAIN.blocks[BASE + 3].header.serialize()))), BadRelay)
