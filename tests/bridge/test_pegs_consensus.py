@@ -391,7 +391,7 @@ def test_relay_may_end_below_the_tip_and_stale_records_are_never_read() -> None:
     w.do(AUTH, fork.relay(BASE + 1, BASE + 1))  # one header: the tip moves down from BASE+3 to BASE+1
     assert w.tip() == BtcTip(BASE, BASE + 1, fork.blocks[BASE + 1].header.hash)
     assert w.state[btc_header_key(BASE + 3)] == CHAIN.blocks[BASE + 3].header.serialize()  # stale, above the tip
-    w.refuse(w.sign(AUTH, CHAIN.relay(BASE + 4, BASE + 4)), BadRelay)  # may not skip past tip + 1
+    w.refuse(w.sign(AUTH, fork.relay(BASE + 3, BASE + 3)), BadRelay)  # may not start past tip + 1
     w.do(AUTH, fork.relay(BASE + 2, BASE + 4))
     for h in range(BASE + 1, BASE + 5):
         assert w.state[btc_header_key(h)] == fork.blocks[h].header.serialize()
