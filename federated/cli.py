@@ -40,8 +40,9 @@ def _join_argv(a: argparse.Namespace) -> list[str]:
     path = d / "partition.npz" if d.is_dir() else d
     data.read_split(path)  # fail early on bad data
     tls = ["--insecure"] if a.insecure else (["--root-certificates", a.root_certificates] if a.root_certificates else [])
+    extra = "".join(f" {k}={_toml(v)}" for k, v in _settings(a.node_config).items())
     argv = [str(BIN / "flower-supernode"), *tls, "--superlink", a.superlink,
-            "--port", str(a.port or free_port()), "--node-config", f'data-path="{path}"']
+            "--port", str(a.port or free_port()), "--node-config", f'data-path="{path}"' + extra]
     if a.key:
         argv += ["--auth-supernode-private-key", a.key]
     return argv
@@ -61,6 +62,12 @@ def _settings(pairs: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[k.strip()] = v
     return out
+
+
+def _toml(v: Any) -> str:
+    from federated.launch import _toml_value
+
+    return _toml_value(v)
 
 
 def _job_id(s: str) -> str:
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--root-certificates")
     j.add_argument("--insecure", action="store_true")
     j.add_argument("--port", type=int, default=0)
+    j.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra node config for the ClientApp (e.g. local-epochs overrides); repeatable")
     d = sub.add_parser("dev")
     d.add_argument("--nodes", type=int, default=3)
     d.add_argument("--rounds", type=int, default=3)

@@ -228,9 +228,12 @@ def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -
 
 
 def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], token_file: Path,
-               say: Any = log.info, poll: float = 1.0) -> dict[str, Any]:
+               say: Any = log.info, poll: float = 1.0, on_ready: Any = None) -> dict[str, Any]:
     """Run (or resume) an L2 job as the federation: an auth SuperLink whose allow-list follows the job's L2
-    registrations, one Flower run committing every round, until the job is FINISHED on the L2."""
+    registrations, one Flower run committing every round, until the job is FINISHED on the L2.
+
+    on_ready(federation) is called once the SuperLink is up and the registered keys are allowed (tests use it
+    to start participants)."""
     from federated.launch import Federation
 
     job = api.job(job_id)
@@ -247,6 +250,8 @@ def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], tok
         sync_registrations(fed, api, job_id, node_map)
         say(f"SuperLink on 127.0.0.1:{fed.port}; participants join with: l2-fl join --superlink 127.0.0.1:{fed.port} "
             f"--root-certificates {fed.ca} --key NODE_KEY --data DIR")
+        if on_ready is not None:
+            on_ready(fed)
         cfg = {**settings, "job-id": job_id, "out-dir": str(out / "job"), "num-rounds": int(job["rounds"]),
                "min-nodes": int(job["min_participants"]), "l2-url": api.url, "l2-token-file": str(token_file),
                "l2-node-map": str(node_map)}

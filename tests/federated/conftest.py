@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ with warnings.catch_warnings():
 from coincurve import PrivateKey
 
 from federated import data
-from federated.l2 import L2Api, post_job, register_participant, sync_registrations
+from federated.l2 import L2Api, coordinate, post_job, register_participant, sync_registrations
 from federated.launch import Federation, generate_node_key
 from federated.recorder import JsonlRecorder, RoundCommitment
 
@@ -239,29 +240,79 @@ def scenario_main(workdir: Path, d: Daemon) -> ScenarioResult:
     return res
 
 
+class Joined:
+    """Participants started the way a real one joins: `l2-fl join` (python -m federated.cli join), which execs
+    flower-supernode; each in its own session so it can be stopped with its children."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, fed: Federation, name: str, key: Path, data_path: Path, *node_config: str) -> None:
+        env = dict(os.environ, HOME=str(self.workdir / f"home-{name}"), PYTHONPATH=str(REPO))
+        argv = [sys.executable, "-m", "federated.cli", "join", "--superlink", f"127.0.0.1:{fed.port}",
+                "--key", str(key), "--data", str(data_path), "--root-certificates", str(fed.ca)]
+        for nc in node_config:
+            argv += ["--node-config", nc]
+        with open(self.workdir / f"{name}.log", "wb") as f:
+            self.procs[name] = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                                start_new_session=True)
+
+    def node_ids(self) -> dict[str, int]:
+        ids = {}
+        for name in self.procs:
+            m = re.search(r"SuperNode ID: (\d+)", (self.workdir / f"{name}.log").read_text(errors="replace"))
+            if m:
+                ids[name] = int(m.group(1))
+        return ids
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=20)
+
+
 def scenario_poison(workdir: Path, d: Daemon) -> ScenarioResult:
-    """3 honest nodes + 1 poisoner (sign-flipped, x10), near-IID data (alpha=5), registered on the L2: FedAvg
-    for one round (it collapses at once; a plain run, not an L2 job) vs FedTrimmedAvg for two rounds as an L2
-    job whose rewards are checked. Coordinate-wise robust aggregation needs honest updates that agree; at
-    alpha=0.5 trimmed mean itself only reaches ~0.35."""
+    """3 honest nodes + 1 poisoner (sign-flipped, x10), near-IID data (alpha=5). FedAvg for one round on a
+    plain loopback federation (it collapses at once); then FedTrimmedAvg for two rounds as an L2 job run the
+    way it is deployed: `l2-fl coordinate` (via federated.l2.coordinate) with participants that registered on
+    the L2 and joined with `l2-fl join`. Coordinate-wise robust aggregation needs honest updates that agree;
+    at alpha=0.5 trimmed mean itself only reaches ~0.35."""
     res = ScenarioResult(workdir)
+    with Federation(workdir=workdir / "fed") as fed:
+        _nodes(fed, {N - 1: {"poison-scale": 10.0}}, alpha=5.0)
+        _job(fed, res, "poison-fedavg", {"num-rounds": 1, "strategy": "fedavg"})
     priv = [workdir / f"node{i}.key" for i in range(N)]
     keys = [generate_node_key(p) for p in priv]
-    cfg = {"strategy": "fedtrimmedavg", "trim-beta": 0.25, "num-rounds": 2}
-    jid = _l2_job(d, res, "poison", "poison-poster", keys, 2, cfg)
-    fed, node_map = _start_auth_federation(workdir / "fed", d, jid, priv, {N - 1: {"poison-scale": 10.0}}, 5.0)
+    settings = {"strategy": "fedtrimmedavg", "trim-beta": 0.25, "local-epochs": 5}
+    jid = _l2_job(d, res, "poison", "poison-poster", keys, 2, settings)
+    joined = Joined(workdir)
+    parts = [data.write_partition(workdir / f"data-{i}.npz", i, N, alpha=5.0) for i in range(N)]
+
+    def on_ready(cfed: Federation) -> None:
+        for i in range(N):
+            extra = ("poison-scale=10.0",) if i == N - 1 else ()
+            joined.start(cfed, f"supernode-{i}", priv[i], parts[i], *extra)
+
+    out = workdir / "coordinator"
+    t = time.monotonic()
     try:
-        _job(fed, res, "poison-fedavg", {"num-rounds": 1, "strategy": "fedavg"})
-        out = workdir / "poison-trimmed"
-        t = time.monotonic()
-        fed.run(_l2_run_cfg(d, jid, out, node_map, **cfg))
+        res.l2_jobs["poison"] = coordinate(d.api, jid, out, settings, d.token_file, poll=0.2, on_ready=on_ready)
         res.seconds["poison-trimmed"] = time.monotonic() - t
-        res.outdirs["poison-trimmed"] = out
-        res.jobs["poison-trimmed"] = JsonlRecorder(out / "rounds.jsonl").all(jid)
-        res.node_ids = _node_ids(fed)
-        res.node_map_first = {int(k): v for k, v in json.loads(node_map.read_text()).items()}
+        res.node_ids = {**res.node_ids, **joined.node_ids()}
     finally:
-        fed.cleanup()
+        joined.stop()
+    res.outdirs["poison-trimmed"] = out / "job"
+    res.jobs["poison-trimmed"] = JsonlRecorder(out / "job" / "rounds.jsonl").all(jid)
     res.l2_jobs["poison"] = d.api.job(jid)
     res.balances_after["poison"] = {k: d.balance(bytes.fromhex(v)) for k, v in res.l2_keys.items()}
     return res

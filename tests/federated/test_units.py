@@ -167,8 +167,8 @@ def test_cli_keygen_partition_and_join_command(tmp_path, capsys):
     assert len(split) == len(data.load_partition(1, 3))
     argv = cli._join_argv(argparse.Namespace(
         data=str(tmp_path / "d"), insecure=False, root_certificates="ca.crt", superlink="10.0.0.1:9092",
-        port=0, key=str(tmp_path / "node.key")))
+        port=0, key=str(tmp_path / "node.key"), node_config=["local-epochs=2"]))
     assert argv[0].endswith("flower-supernode")
     assert argv[argv.index("--superlink") + 1] == "10.0.0.1:9092"
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "node.key")
-    assert f'data-path="{tmp_path / "d" / "partition.npz"}"' in argv
+    assert f'data-path="{tmp_path / "d" / "partition.npz"}" local-epochs=2' in argv
