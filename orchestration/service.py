@@ -21,8 +21,8 @@ from l2d.core.errors import Rejected
 from l2d.core.hashing import tagged_hash
 from l2d.core.state import Namespace, StateView
 from l2d.core.tx import Payload, Transaction, TxType
-from l2d.core.work import (TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, backup_fits, silent,
-                             task_key)
+from l2d.core.work import (TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, backup_fits, silent, task_key,
+                             verdict)
 from l2d.core.work_tx import (PPM, ZERO_KEY, Role, TaskAssign, TaskDispute, TaskReassign, TaskResolve, TaskSettle,
                               fingerprints_match, parse_fingerprint)
 from orchestration.errors import NoEligibleWorker
@@ -166,7 +166,8 @@ class OrchestrationService:
                             regions=frozenset({s.region.decode()}) if s.region else None,
                             min_stake_sat=self.config.min_stake_sat)
 
-    def _choose(self, t: TaskRecord, task_id: bytes, exclude: Iterable[bytes]) -> Optional[Assignment]:
+    def _choose(self, t: TaskRecord, task_id: bytes, exclude: Iterable[bytes],
+                record: bool = True) -> Optional[Assignment]:
         """Schedule among the workers not excluded (they are taken off the table for this one decision)."""
         off = [pk for pk in set(exclude) - {ZERO_KEY} if pk in self.table and self.table.get(pk).active]
         for pk in off:
@@ -175,7 +176,8 @@ class OrchestrationService:
             return self.scheduler.assign(task_id, self._requirements(t), self.strategy,
                                          self.config.preferred_region or None)
         except NoEligibleWorker as e:
-            self._event(task_id, "no-eligible-worker", filter=e.filter_name, eliminated=e.eliminated)
+            if record:
+                self._event(task_id, "no-eligible-worker", filter=e.filter_name, eliminated=e.eliminated)
             return None
         finally:
             for pk in off:
@@ -270,30 +272,33 @@ class OrchestrationService:
                 self._explain(task_id, expl)
             self._busy(new)
 
+    def _dispute(self, task_id: bytes, t: TaskRecord, height: int) -> None:
+        """Send the task to a referee no earlier referee of it was (preferably not its backup either)."""
+        tried = [bytes.fromhex(e["referee"]) for e in self.note(task_id).events if e["kind"] == "dispute"]
+        base = (t.worker, t.verifier, t.referee, *tried)
+        a = self._choose(t, task_id, base + (t.backup,), record=False) or self._choose(t, task_id, base)
+        if a is None:
+            self._event(task_id, "unresolvable", detail="no further referee available")
+            return
+        if self._post(task_id, TaskDispute(task_id, a.worker_id, height + 1 + self.config.timeout_blocks),
+                      "dispute", referee=a.worker_id.hex()):
+            self._explain(task_id, {"role": "referee", "height": height, **a.explain()})
+            self._busy(a.worker_id)
+
     def _after_results(self, task_id: bytes, t: TaskRecord, height: int) -> None:
         if t.verifier != ZERO_KEY and not _match(t, Role.WORKER, Role.VERIFIER):
-            a = self._choose(t, task_id, (t.worker, t.verifier, t.backup))
-            if a is None:
-                a = self._choose(t, task_id, (t.worker, t.verifier))
-            if a is None:
-                return
-            if self._post(task_id, TaskDispute(task_id, a.worker_id, height + 1 + self.config.timeout_blocks),
-                          "dispute", referee=a.worker_id.hex()):
-                self._explain(task_id, {"role": "referee", "height": height, **a.explain()})
-                self._busy(a.worker_id)
+            self._dispute(task_id, t, height)
             return
         if height + 1 < t.result_height + t.window_blocks:
             return  # the challenge window is still open
         w, v, tr = split(t.bounty_sat, self.config, t.verifier != ZERO_KEY)
         self._post(task_id, TaskSettle(task_id, w, v, tr), "settle", worker_sat=w, verifier_sat=v, treasury_sat=tr)
 
-    def _resolve(self, task_id: bytes, t: TaskRecord) -> None:
-        if _match(t, Role.REFEREE, Role.WORKER) and not _match(t, Role.REFEREE, Role.VERIFIER):
-            loser = Role.VERIFIER
-        elif _match(t, Role.REFEREE, Role.VERIFIER) and not _match(t, Role.REFEREE, Role.WORKER):
-            loser = Role.WORKER
-        else:
-            self._event(task_id, "unresolvable", detail="the referee agrees with neither side (or with both)")
+    def _resolve(self, task_id: bytes, t: TaskRecord, height: int) -> None:
+        loser = verdict(t)
+        if loser is None:  # the referee agrees with neither side (or both): ask another one
+            self._event(task_id, "referee-undecided", referee=t.referee.hex())
+            self._dispute(task_id, t, height)
             return
         stake = self.workers[t.party(loser)].stake_sat
         slash = stake * self.config.slash_ppm // PPM
@@ -328,7 +333,7 @@ class OrchestrationService:
                 if overdue:
                     self._reassign(tid, t, overdue[0][0], height, overdue[0][1])
                 elif not due:
-                    self._resolve(tid, t)
+                    self._resolve(tid, t, height)
             elif t.status == TaskStatus.RESULT_SUBMITTED:
                 self._after_results(tid, t, height)
         self.steps += 1

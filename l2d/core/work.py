@@ -472,20 +472,40 @@ def apply_settle(view: StateView, tx: Transaction, rules: Rules) -> None:
     view.put(task_key(p.task_id), replace(t, status=TaskStatus.SETTLED, outcome=Outcome.PAID).encode())
 
 
+def verdict(t: TaskRecord) -> Optional[Role]:
+    """The side the referee's result shows wrong: the one it does not match while it matches the other. None
+    when it matches neither (or both): then the dispute goes to another referee."""
+    ref = _fp(t, Role.REFEREE)
+    w, v = fingerprints_match(ref, _fp(t, Role.WORKER)), fingerprints_match(ref, _fp(t, Role.VERIFIER))
+    return None if w == v else (Role.VERIFIER if w else Role.WORKER)
+
+
 def apply_dispute(view: StateView, tx: Transaction, rules: Rules) -> None:
+    """Open a dispute (RESULT_SUBMITTED, fingerprints disagree), or hand it to another referee (DISPUTED, the
+    referee's result decides nothing). The earlier referee's result is dropped; it is neither paid nor blamed."""
     p = cast(TaskDispute, tx.payload)
     t = _need_task(view, p.task_id)
-    _need_status(t, TaskStatus.RESULT_SUBMITTED)
-    if t.verifier == ZERO_KEY or _verified(t):
-        raise InvalidTransaction("nothing to dispute: the fingerprints agree (or there is no verifier)")
-    if p.referee in (t.worker, t.verifier):
-        raise InvalidTransaction("the referee must be a third worker")
+    _need_status(t, TaskStatus.RESULT_SUBMITTED, TaskStatus.DISPUTED)
+    if t.status == TaskStatus.RESULT_SUBMITTED:
+        if t.verifier == ZERO_KEY or _verified(t):
+            raise InvalidTransaction("nothing to dispute: the fingerprints agree (or there is no verifier)")
+    elif t.result(Role.REFEREE) is None:
+        raise InvalidTransaction("the referee has not answered yet (hand its role on with a reassign)")
+    elif verdict(t) is not None:
+        raise InvalidTransaction("the referee's result decides the dispute: resolve it")
+    if p.referee in (t.worker, t.verifier, t.referee):
+        raise InvalidTransaction("the referee must be a third worker (and not the previous referee)")
     _deadline(view, p.deadline_height)
     ws = _parties(view, t.spec, [(p.referee, "referee")])
+    if t.referee != ZERO_KEY:
+        ws[t.referee] = _need_worker(view, t.referee, "previous referee")
     _authority(view, tx)
-    w = ws[p.referee]
-    _put_workers(view, {p.referee: replace(w, active_tasks=w.active_tasks + 1)})
-    view.put(task_key(p.task_id), replace(t, status=TaskStatus.DISPUTED, referee=p.referee,
+    ws[p.referee] = replace(ws[p.referee], active_tasks=ws[p.referee].active_tasks + 1)
+    if t.referee != ZERO_KEY:
+        ws[t.referee] = replace(ws[t.referee], active_tasks=ws[t.referee].active_tasks - 1)
+    _put_workers(view, ws)
+    results = (t.results[0], t.results[1], (b"", b""))
+    view.put(task_key(p.task_id), replace(t, status=TaskStatus.DISPUTED, referee=p.referee, results=results,
                                           deadline_height=p.deadline_height, phase_height=view.height).encode())
 
 
@@ -493,9 +513,8 @@ def apply_resolve(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(TaskResolve, tx.payload)
     t = _need_task(view, p.task_id)
     _need_status(t, TaskStatus.DISPUTED)
-    ref = _fp(t, Role.REFEREE)
     winner = Role.VERIFIER if p.loser == Role.WORKER else Role.WORKER
-    if not fingerprints_match(ref, _fp(t, winner)) or fingerprints_match(ref, _fp(t, p.loser)):
+    if verdict(t) != p.loser:
         raise InvalidTransaction(f"the referee's result does not show the {p.loser.name.lower()} wrong and the "
                                  f"{winner.name.lower()} right")
     loser_pk, winner_pk = t.party(p.loser), t.party(winner)

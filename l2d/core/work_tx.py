@@ -477,7 +477,8 @@ class TaskSettle:
 
 @dataclass(frozen=True, slots=True)
 class TaskDispute:
-    """Federation authority: the worker's and the verifier's fingerprints disagree; referee re-executes."""
+    """Federation authority: the worker's and the verifier's fingerprints disagree; referee re-executes. Also
+    hands a dispute whose referee decided nothing to another referee."""
 
     TYPE: ClassVar[TxType] = TxType.TASK_DISPUTE
     FEELESS: ClassVar[bool] = True

@@ -14,7 +14,7 @@ from l2d.core.params import LOCAL
 from l2d.core.state import Account, Namespace, Rules, StateView, account_key, apply_tx, genesis_state
 from l2d.core.tx import AnyPayload, Payload, Transaction, Transfer, sign
 from l2d.core.work import TaskRecord, TaskStatus, get_task
-from l2d.core.work_tx import (FP_ENTRY, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit, WorkerHeartbeat,
+from l2d.core.work_tx import (FP_ENTRY, Role, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit, WorkerHeartbeat,
                               WorkerRegister)
 from orchestration.service import OrchestrationService
 
@@ -152,18 +152,37 @@ def test_agreeing_results_settle_after_the_window_with_the_split() -> None:
     assert (settle.worker_sat, settle.verifier_sat, settle.treasury_sat) == (700, 200, 100)
 
 
-def test_an_unresolvable_dispute_is_recorded_and_left_alone() -> None:
+def test_an_undecided_referee_is_followed_by_another_until_none_is_left() -> None:
     ledger = Ledger()
     svc = make(ledger, audit_rate=1.0)
     tid = _through_results(ledger, svc, b"\3", b"\4")
     svc.step()
     t = ledger.task(tid)
     assert t.status == TaskStatus.DISPUTED and t.referee == pk(4)  # a third worker (not the backup, 2)
-    ledger.apply(4, TaskResult(tid, b"\5", fp(b"\5")))
+    ledger.apply(4, TaskResult(tid, b"\5", fp(b"\5")))  # agrees with neither side
+    svc.step()
+    t = ledger.task(tid)
+    assert t.status == TaskStatus.DISPUTED and t.referee == pk(2) and t.result(Role.REFEREE) is None
+    kinds = [e["kind"] for e in svc.notes[tid].events]
+    assert kinds[-2:] == ["referee-undecided", "dispute"]
+    ledger.apply(2, TaskResult(tid, b"\6", fp(b"\6")))  # undecided again, and nobody else is left
     n = len(ledger.posted)
     svc.step()
     assert len(ledger.posted) == n and ledger.task(tid).status == TaskStatus.DISPUTED
     assert svc.notes[tid].events[-1]["kind"] == "unresolvable"
+
+
+def test_a_second_referee_decides() -> None:
+    ledger = Ledger()
+    svc = make(ledger, audit_rate=1.0)
+    tid = _through_results(ledger, svc, b"\3", b"\4")
+    svc.step()
+    ledger.apply(4, TaskResult(tid, b"\5", fp(b"\5")))
+    svc.step()
+    ledger.apply(2, TaskResult(tid, b"\3", fp(b"\3")))  # agrees with the worker: the verifier was wrong
+    svc.step()
+    t = ledger.task(tid)
+    assert t.status == TaskStatus.SETTLED and t.outcome.name == "VERIFIER_SLASHED"
 
 
 @pytest.mark.parametrize("missing", ["worker", "verifier"])

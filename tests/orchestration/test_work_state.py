@@ -547,3 +547,20 @@ def test_more_authority_rejections(chain: Chain) -> None:
     chain.reject(InvalidTransaction, AUTH, TaskDispute(tid2, pk(7), chain.height + 5), "not a registered")
     chain.reject(InvalidTransaction, AUTH, TaskDispute(tid2, pk(W3), chain.height - 1), "deadline")
     chain.reject(Unauthorized, W3, TaskDispute(tid2, pk(W3), chain.height + 5), fee=0)
+
+
+def test_a_referee_that_decides_nothing_is_replaced(chain: Chain) -> None:
+    chain.register(5)
+    tid = _disputed(chain, b"\7", b"\3")
+    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(5), chain.height + 9), "not answered")
+    chain.apply(W4, TaskResult(tid, b"\2", fp(b"\2")))  # neither the worker's nor the verifier's answer
+    chain.reject(InvalidTransaction, AUTH, TaskResolve(tid, Role.WORKER, 0, 0, 0, BOUNTY, 0, 0), "does not show")
+    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(W4), chain.height + 9), "previous referee")
+    chain.apply(AUTH, TaskDispute(tid, pk(5), chain.height + 9))
+    t = chain.task(tid)
+    assert t.referee == pk(5) and t.result(Role.REFEREE) is None and t.status == TaskStatus.DISPUTED
+    assert chain.worker(W4).active_tasks == 0 and chain.worker(W4).tasks_failed == 0
+    chain.apply(5, TaskResult(tid, b"\3", fp(b"\3")))
+    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(W2), chain.height + 9), "decides")
+    chain.apply(AUTH, TaskResolve(tid, Role.WORKER, 100, 0, 0, BOUNTY, 0, 0))
+    assert chain.task(tid).outcome == Outcome.WORKER_SLASHED
