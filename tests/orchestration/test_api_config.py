@@ -139,3 +139,27 @@ def test_agent_exits_cleanly_when_the_node_is_unreachable(tmp_path: Path, model_
                str(model_cache))
     assert r.returncode == 1 and "cannot reach the node" in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "new.key").stat().st_mode & 0o077 == 0  # a fresh key file, private
+
+
+async def test_client_submits_and_cancels_a_task_the_bounty_comes_back(orch_net: Callable[..., Any],
+                                                                      poll: Callable[..., Any]) -> None:
+    import json
+
+    from orchestration import client
+    net = orch_net([])  # no workers: the task waits, SUBMITTED
+    kf = net.tmp / "client.key"
+    kf.write_text(net.client_secret.hex())
+    base = ["--node", net.url, "--key-file", str(kf)]
+    bal0 = net.balance(net.client)
+    assert client.main(base + ["submit", "--bounty", "5000", "--digits", "10", "11"]) == 0
+    tasks = await poll(lambda: net.get("/api/orchestration/tasks")["tasks"], 30, "the task committed")
+    tid = tasks[0]["task_id"]
+    assert tasks[0]["status"] == "SUBMITTED" and tasks[0]["spec"]["images"] == 2
+    assert net.balance(net.client) == bal0 - 5000 - 1
+    assert client.main(base + ["cancel", tid]) == 0
+    await poll(lambda: net.task(tid)["status"] == "CANCELLED", 30, "the task cancelled")
+    assert net.balance(net.client) == bal0 - 2  # the bounty is back; two fees paid
+    assert client.main(base + ["cancel", tid]) == 1  # refused: nothing changes
+    assert client.main(base + ["submit", "--bounty", "5", "--digits", "5000"]) == 1
+    assert client.main(["--node", net.url, "show", tid]) == 0
+    assert json.loads(json.dumps(net.task(tid)))["outcome"] == "CANCELLED"
