@@ -15,6 +15,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_daemon_memory  # noqa: E402
 import bench_fl  # noqa: E402
+import bench_fl_l2  # noqa: E402
 import bench_ledger  # noqa: E402
 import bench_orchestration  # noqa: E402
 import bench_scheduler  # noqa: E402
@@ -35,6 +36,7 @@ def main() -> None:
         "scheduler": bench_scheduler.main([]),
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
+        "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
     }
     out = HERE / "out"
     out.mkdir(exist_ok=True)
