@@ -328,3 +328,32 @@ def test_reward_split_never_exceeds_the_pool_and_skips_zero_contributions(pool: 
         assert pool - sum(a for _, a in split) < len(parts)  # the refund is only rounding
     assert JobRecord.decode(job.encode()) == job
     assert fl_job_key(b"\1" * 32)[0] == Namespace.FL_JOB and fl_round_key(b"\1" * 32, 1)[0] == Namespace.FL_ROUND
+
+
+def test_encodings_are_pinned() -> None:
+    """Consensus bytes: a change to any layout (docs/federated.md) must be deliberate."""
+    post, reg, rnd, fin = (p.encode() for p in sample_payloads())
+    assert post.hex() == ("00000000000186a02e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6"
+                          "000300020004")
+    pinned = {"FlRegister": (reg, "0ada09c5fe8bfc167f9bfe82b8a5db5a72dbe57ebf8369576a24fcded213ab50", 141),
+              "FlRound": (rnd, "987fc860f0fdb2afc3a316303aafc010238cf24cfa4c9ca1b6ee366fc1ddc23f", 275),
+              "FlFinish": (fin, "fe66958c82079227f78e2ed5a3edf1ed19be1843fe8ee47f57eee2f7eeadf659", 145)}
+    for name, (raw, digest, size) in pinned.items():
+        assert (len(raw), hashlib.sha256(raw).hexdigest()) == (size, digest), name
+    assert fl_round_key(h("job"), 2).hex() == "07d571993294f04134c88069e13dddccf9bd467447443e028e1ece197f73fe1f71"
+    job = JobRecord(JobStatus.OPEN, pk(POSTER), 100_000, h("c"), 3, 2, 4, 5, 1, h("p1"), 0, 0, 0,
+                    (JobParticipant(pk(P1), 300, 1, 0, 6, node_key(1)),))
+    assert len(job.encode()) == 313
+    assert hashlib.sha256(job.encode()).hexdigest() == "ff1c5074b12660145c87233f6fef0bfd0d2b3a438c87ac8c2c81f9e057de2ff4"
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b"", "job record"),
+    (bytes([3]) + bytes(144) + b"\0", "status 3"),
+    (bytes([1]) + bytes(144) + bytes([MAX_PARTICIPANTS + 1]), "participants"),
+])
+def test_job_record_decoding_is_strict(raw: bytes, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        JobRecord.decode(raw)
+    with pytest.raises(DecodeError):
+        RoundRecord.decode(b"\0" * 7)
