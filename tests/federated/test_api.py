@@ -210,3 +210,45 @@ async def test_refused_requests_are_typed_and_change_nothing(nc: tuple[Node, Cli
     path.write_bytes(b"tampered")
     status, out = await get(c, f"/api/fl/models/{h}")
     assert status == 500 and out["error"] == "corrupt"
+
+
+async def test_l2_recorder_refuses_unmapped_nodes_and_fetches_checkpoints_from_the_store(
+        nc: tuple[Node, Client], tmp_path: Path) -> None:
+    from federated import model as fl_model
+    from federated.l2 import L2Api, L2Error, L2Recorder
+    from federated.recorder import Participant, RoundCommitment
+
+    node, c = nc
+    jid = await job_with_participants(node, c)
+    api = L2Api(str(c.make_url("")).rstrip("/"), TOKEN)
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    arrays = fl_model.get_ndarrays(fl_model.new_model(0))
+    raw = fl_model.canonical_bytes(arrays)
+    h = fl_model.params_hash(arrays)
+    (ckpt / f"{h}.params").write_bytes(raw)
+    rec = L2Recorder(api, jid, {7: pk(2).hex(), 8: pk(3).hex()}, ckpt)
+    stranger = RoundCommitment(jid, 1, h, "00" * 32, "fedavg", (Participant(7, 10, True), Participant(99, 10, True)),
+                               {"accuracy": 0.5})
+    with pytest.raises(L2Error, match="no L2 registration"):
+        await asyncio.to_thread(rec.record, stranger)
+    assert (await get(c, f"/api/fl/jobs/{jid}"))[1]["rounds_done"] == 0
+    assert await asyncio.to_thread(rec.last, jid) is None
+    ok = RoundCommitment(jid, 1, h, "00" * 32, "fedavg", (Participant(7, 10, True), Participant(8, 0, False)),
+                         {"accuracy": 0.5, "loss": 1.25, "update_bytes": 9640.0})
+    await asyncio.to_thread(rec.record, ok)  # returns once the round is in a block
+    j = (await get(c, f"/api/fl/jobs/{jid}"))[1]
+    assert j["rounds_done"] == 1 and j["rounds_detail"][0]["metrics"]["loss_ppm"] == 1_250_000
+    # A coordinator that lost its disk resumes from the L2: the checkpoint comes back from the model store.
+    (ckpt / f"{h}.params").unlink()
+    last = await asyncio.to_thread(rec.last, jid)
+    assert last is not None and (last.round, last.params_hash) == (1, h)
+    assert (ckpt / f"{h}.params").read_bytes() == raw
+    # ... and bytes that do not hash to the committed name are never accepted.
+    (ckpt / f"{h}.params").unlink()
+    (Path(node.config.node.data_dir) / "fl-models" / f"{h}.params").write_bytes(b"tampered")
+    with pytest.raises(L2Error, match="corrupt"):
+        await asyncio.to_thread(rec.last, jid)
+    assert not (ckpt / f"{h}.params").exists()
+    # finish() waits for the last round: with rounds left it changes nothing
+    assert (await asyncio.to_thread(rec.finish, jid))["status"] == "OPEN"
