@@ -213,7 +213,6 @@ def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -
     job = api.job(job_id)
     known: dict[int, str] = read_node_map(node_map_path) if node_map_path.exists() else {}
     have = set(known.values())
-    assert fed.workdir is not None
     for p in job["participants"]:
         if p["key"] in have:
             continue
