@@ -12,6 +12,9 @@ On the L2 (docs/federated.md; L2KEY is an l2-cli key file, 64 hex characters):
                                             post a job, escrowing the reward pool; prints the job id
   l2-fl register --node URL --key L2KEY --job ID --node-key KEYFILE.pub
                                             register as a participant with the node key you join with
+  l2-fl reclaim --node URL --key L2KEY --job ID
+                                            (poster) close a job idle for 1000 L2 blocks: contributions
+                                            so far are paid, the rest of the pool comes back
   l2-fl coordinate --node URL --token-file F --job ID --out DIR [--set k=v ...]
                                             (federation) auth SuperLink allowing exactly the job's L2
                                             registrations; runs or resumes the job, commits every round
@@ -92,6 +95,8 @@ def _l2_command(a: argparse.Namespace) -> dict[str, Any]:
         api = l2.L2Api(a.node)
         txid = l2.register_participant(api, load_secret(Path(a.key)), _job_id(a.job), line, a.fee)
         return {"txid": txid}
+    if a.cmd == "reclaim":
+        return {"txid": l2.reclaim_job(l2.L2Api(a.node), load_secret(Path(a.key)), _job_id(a.job), a.fee)}
     token = Path(a.token_file).read_text().strip()
     return l2.coordinate(l2.L2Api(a.node, token), _job_id(a.job), Path(a.out).resolve(), _settings(a.set),
                          Path(a.token_file).resolve(), say=lambda m: sys.stderr.write(m + "\n"))
@@ -139,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     rg.add_argument("--job", required=True)
     rg.add_argument("--node-key", required=True, help="the .pub of the key given to l2-fl join --key")
     rg.add_argument("--fee", type=int, default=1)
+    rc = sub.add_parser("reclaim")
+    rc.add_argument("--node", required=True)
+    rc.add_argument("--key", required=True)
+    rc.add_argument("--job", required=True)
+    rc.add_argument("--fee", type=int, default=1)
     co = sub.add_parser("coordinate")
     co.add_argument("--node", required=True)
     co.add_argument("--token-file", required=True)
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--out", required=True)
     co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
-    if a.cmd in ("post", "register", "coordinate"):
+    if a.cmd in ("post", "register", "reclaim", "coordinate"):
         try:
             out = _l2_command(a)
         except (L2Error, LaunchError, CliError, DecodeError, OSError, ValueError) as e:

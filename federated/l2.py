@@ -184,10 +184,10 @@ class L2Recorder:
     def finish(self, job_id: str) -> dict[str, Any]:
         """Close the job on the L2 (rewards by contribution) unless it is closed already; returns the job."""
         j = self.api.job(job_id)
-        if j["status"] == "FINISHED" or j["rounds_done"] < j["rounds"]:  # closed, or rounds still to run
+        if j["status"] != "OPEN" or j["rounds_done"] < j["rounds"]:  # closed, or rounds still to run
             return j
         self.api.post(f"/api/fl/jobs/{job_id}/finish", {})
-        return dict(self.api.wait(lambda: (lambda j: j if j["status"] == "FINISHED" else None)(self.api.job(job_id)),
+        return dict(self.api.wait(lambda: (lambda j: j if j["status"] != "OPEN" else None)(self.api.job(job_id)),
                                   f"job {job_id} finished", self.commit_timeout))
 
 
@@ -236,7 +236,7 @@ def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], tok
     from federated.launch import Federation
 
     job = api.job(job_id)
-    if job["status"] == "FINISHED":
+    if job["status"] != "OPEN":  # FINISHED, or RECLAIMED by its poster
         return job
     if config_hash(settings).hex() != job["config_hash"]:
         raise ValueError(f"these settings hash to {config_hash(settings).hex()}, the job was posted with "
@@ -258,7 +258,7 @@ def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], tok
         while True:
             fed._check_alive("superlink")
             job = api.job(job_id)
-            if job["status"] == "FINISHED":
+            if job["status"] != "OPEN":
                 return job
             sync_registrations(fed, api, job_id, node_map)
             time.sleep(poll)
@@ -293,6 +293,13 @@ def post_job(api: L2Api, secret: bytes, pool_sat: int, run_config: dict[str, Any
 
     return _sign_and_submit(api, secret, FlJobPost(pool_sat, config_hash(run_config), rounds, min_participants,
                                                    max_participants), fee_sat)
+
+
+def reclaim_job(api: L2Api, secret: bytes, job_id: str, fee_sat: int = 1) -> str:
+    """Sign and submit an FL_RECLAIM (the poster closes a job idle for RECLAIM_BLOCKS blocks)."""
+    from l2d.core.fl_tx import FlReclaim
+
+    return _sign_and_submit(api, secret, FlReclaim(bytes.fromhex(job_id)), fee_sat)
 
 
 def register_participant(api: L2Api, secret: bytes, job_id: str, node_public_key: str, fee_sat: int = 1) -> str:

@@ -105,11 +105,11 @@ def job_json(node: "Node", job_id: bytes, job: JobRecord, *, detail: bool = Fals
                 "model_available": model_path(node, c.params_hash).exists(),
             })
         d["rounds_detail"] = rounds
-        d["rewards"] = ({p.key.hex(): p.reward_sat for p in job.participants} if job.status == JobStatus.FINISHED
+        closed = job.status != JobStatus.OPEN
+        d["rewards"] = ({p.key.hex(): p.reward_sat for p in job.participants if p.reward_sat} if closed
                         else {k.hex(): a for k, a in reward_split(job)})
-        d["rewards_final"] = job.status == JobStatus.FINISHED
-        d["final_model"] = (job.last_params_hash.hex() if job.status == JobStatus.FINISHED and job.rounds_done
-                            else None)
+        d["rewards_final"] = closed
+        d["final_model"] = job.last_params_hash.hex() if closed and job.rounds_done else None
     return d
 
 

@@ -21,7 +21,8 @@ from .hashing import tagged_hash
 from .params import MAX_MONEY
 from .state import (ANCHOR_AUTHORITY_KEY, Namespace, Rules, StateView, add_locked, bump_authority_nonce,
                     charge_sender, credit, locked_sat, register_handlers)
-from .fl_tx import MAX_NODE_KEY, MAX_PARTICIPANTS, ZERO32, FlFinish, FlJobPost, FlRegister, FlRound
+from .fl_tx import (MAX_NODE_KEY, MAX_PARTICIPANTS, RECLAIM_BLOCKS, ZERO32, FlFinish, FlJobPost, FlReclaim,
+                    FlRegister, FlRound)
 from .tx import Transaction, TxType
 
 _JOB_HEAD = struct.Struct(">B32sQ32sHHHQH32sQQQ")
@@ -33,7 +34,8 @@ _R = bytes((Namespace.FL_ROUND,))
 
 class JobStatus(IntEnum):
     OPEN = 1  # taking registrations and round commitments
-    FINISHED = 2  # rewards paid, pool unlocked
+    FINISHED = 2  # closed by the federation: rewards paid, pool unlocked
+    RECLAIMED = 3  # closed by the poster after RECLAIM_BLOCKS idle blocks: rewards paid, pool unlocked
 
 
 def fl_job_key(job_id: bytes) -> bytes:
@@ -90,7 +92,7 @@ class JobRecord:
         r = Reader(b, "FL job record")
         st, poster, pool, cfg, rounds, lo, hi, posted, done, last, paid, refunded, fin = _JOB_HEAD.unpack(
             r.take(_JOB_HEAD.size))
-        if st not in (1, 2):
+        if st not in (1, 2, 3):
             raise DecodeError(f"FL job record status {st}")
         n = r.varint()
         if n > MAX_PARTICIPANTS:
@@ -242,17 +244,48 @@ def apply_finish(view: StateView, tx: Transaction, rules: Rules) -> None:
     if p.rewards != reward_split(job):
         raise InvalidTransaction("rewards differ from the contribution split floor(pool * accepted examples / total)")
     bump_authority_nonce(view, tx, ANCHOR_AUTHORITY_KEY, "federation authority")
+    _close(view, p.job_id, job, p.rewards, JobStatus.FINISHED)
+
+
+def _close(view: StateView, job_id: bytes, job: JobRecord, rewards: tuple[tuple[bytes, int], ...],
+           status: JobStatus) -> None:
+    """Pay rewards (already checked against the split), refund the rest to the poster, unlock the pool."""
     add_locked(view, -job.reward_pool_sat)
-    rewards = dict(p.rewards)
-    for key, amount in p.rewards:
+    paid = 0
+    for key, amount in rewards:
         credit(view, key, amount)
+        paid += amount
     refund = job.reward_pool_sat - paid
     if refund:
         credit(view, job.poster, refund)
-    parts = tuple(replace(q, reward_sat=rewards.get(q.key, 0)) for q in job.participants)
-    view.put(fl_job_key(p.job_id), replace(job, status=JobStatus.FINISHED, paid_sat=paid, refunded_sat=refund,
-                                           finish_height=view.height, participants=parts).encode())
+    by_key = dict(rewards)
+    parts = tuple(replace(q, reward_sat=by_key.get(q.key, 0)) for q in job.participants)
+    view.put(fl_job_key(job_id), replace(job, status=status, paid_sat=paid, refunded_sat=refund,
+                                         finish_height=view.height, participants=parts).encode())
+
+
+def last_activity_height(view: StateView, job_id: bytes, job: JobRecord) -> int:
+    """The height of the job's last round commitment, or of its post if none."""
+    if job.rounds_done == 0:
+        return job.post_height
+    rec = get_round(view, job_id, job.rounds_done)
+    if rec is None:
+        raise InvalidTransaction(f"FL job {job_id.hex()} round {job.rounds_done} is missing from the state")
+    return rec.height
+
+
+def apply_reclaim(view: StateView, tx: Transaction, rules: Rules) -> None:
+    p = cast(FlReclaim, tx.payload)
+    job = _open_job(view, p.job_id)
+    if tx.sender != job.poster:
+        raise Unauthorized(f"only the poster {job.poster.hex()} may reclaim FL job {p.job_id.hex()}")
+    since = last_activity_height(view, p.job_id, job)
+    if view.height < since + RECLAIM_BLOCKS:
+        raise InvalidTransaction(f"FL job {p.job_id.hex()} was active at height {since}: it may be reclaimed from "
+                                 f"height {since + RECLAIM_BLOCKS}")
+    charge_sender(view, tx, rules, 0)
+    _close(view, p.job_id, job, reward_split(job), JobStatus.RECLAIMED)
 
 
 register_handlers({TxType.FL_JOB_POST: apply_job_post, TxType.FL_REGISTER: apply_register,
-                   TxType.FL_ROUND: apply_round, TxType.FL_FINISH: apply_finish})
+                   TxType.FL_ROUND: apply_round, TxType.FL_FINISH: apply_finish, TxType.FL_RECLAIM: apply_reclaim})

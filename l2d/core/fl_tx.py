@@ -19,6 +19,7 @@ PPM = 1_000_000
 MAX_ROUNDS = 10_000
 MAX_PARTICIPANTS = 64
 MAX_NODE_KEY = 256
+RECLAIM_BLOCKS = 1000  # a job idle this many L2 blocks (no round committed) may be closed by its poster
 NODE_KEY_PREFIX = b"ecdsa-sha2-nistp"  # Flower 1.41 SuperNode auth keys: EC keys in OpenSSH format
 _NODE_KEY = re.compile(rb"ecdsa-sha2-nistp(256|384|521) [A-Za-z0-9+/]+={0,2}")
 ZERO32 = b"\0" * 32
@@ -251,4 +252,30 @@ class FlFinish:
         return cls(job, final, tuple(rewards))
 
 
-register_payloads(FlJobPost, FlRegister, FlRound, FlFinish)
+@dataclass(frozen=True, slots=True)
+class FlReclaim:
+    """The poster closes a job the federation left idle for RECLAIM_BLOCKS blocks (since the post or the last
+    round): the same contribution split as a finish is paid, the rest comes back to the poster."""
+
+    TYPE: ClassVar[TxType] = TxType.FL_RECLAIM
+    FEELESS: ClassVar[bool] = False
+    job_id: bytes
+
+    def __post_init__(self) -> None:
+        _b32(self.job_id, "FL job id", zero_ok=False)
+
+    def encode(self) -> bytes:
+        return self.job_id
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "FlReclaim":
+        r = Reader(b, "FL reclaim payload")
+        job = r.take(32)
+        r.end()
+        return cls(job)
+
+
+register_payloads(FlJobPost, FlRegister, FlRound, FlFinish, FlReclaim)

@@ -70,6 +70,7 @@ class TxType(IntEnum):
     FL_REGISTER = 33
     FL_ROUND = 34
     FL_FINISH = 35
+    FL_RECLAIM = 36
 
 
 def _check_amount(amount: int, what: str) -> None:

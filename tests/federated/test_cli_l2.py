@@ -48,6 +48,12 @@ def test_post_register_and_coordinate_refusals(daemon, tmp_path: Path, capsys: p
     assert cli.main(["register", "--node", url, "--key", str(key), "--job", "ab" * 32, "--node-key", str(pub)]) == 1
     assert "no FL job" in capsys.readouterr().err
     assert daemon.api.job(jid)["participants"] == []
+    # the poster may reclaim the pool only after RECLAIM_BLOCKS idle blocks; nobody else ever
+    assert cli.main(["reclaim", "--node", url, "--key", str(key), "--job", jid]) == 1
+    assert "may be reclaimed from height" in capsys.readouterr().err
+    assert cli.main(["reclaim", "--node", url, "--key", str(_key_file(tmp_path, "main-poster")), "--job", jid]) == 1
+    assert "only the poster" in capsys.readouterr().err
+    assert daemon.api.job(jid)["status"] == "OPEN"
     token = tmp_path / "token"
     token.write_text(daemon.token_file.read_text())
     # the coordinator refuses settings other than the ones the job was posted with, before starting Flower

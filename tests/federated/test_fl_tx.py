@@ -19,8 +19,8 @@ from l2d.core.errors import (BadNonce, DecodeError, InsufficientBalance, Invalid
                              OutOfRange, Rejected, TrailingBytes, Truncated, Unauthorized, UnknownSender)
 from l2d.core.fl import (JobParticipant, JobRecord, JobStatus, RoundRecord, fl_job_key, fl_round_key, get_job,
                          get_round, reward_split)
-from l2d.core.fl_tx import (MAX_PARTICIPANTS, ZERO32, FlFinish, FlJobPost, FlRegister, FlRound,
-                            RoundParticipant)
+from l2d.core.fl_tx import (MAX_PARTICIPANTS, RECLAIM_BLOCKS, ZERO32, FlFinish, FlJobPost, FlReclaim, FlRegister,
+                            FlRound, RoundParticipant)
 from l2d.core.params import LOCAL
 from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, apply_tx,
                             genesis_state, locked_sat)
@@ -137,7 +137,7 @@ def sample_payloads() -> list[AnyPayload]:
                          key=lambda p: p.key))
     return [FlJobPost(POOL, h("c"), 3, 2, 4), FlRegister(h("job"), node_key(1)),
             FlRound(h("job"), 2, h("p2"), h("p1"), 912_345, 301_000, 9640, 1_234_567, parts),
-            FlFinish(h("job"), h("p3"), tuple(sorted(((pk(P1), 10), (pk(P2), 20)))))]
+            FlFinish(h("job"), h("p3"), tuple(sorted(((pk(P1), 10), (pk(P2), 20))))), FlReclaim(h("job"))]
 
 
 @pytest.mark.parametrize("payload", sample_payloads(), ids=lambda p: type(p).__name__)
@@ -332,7 +332,8 @@ def test_reward_split_never_exceeds_the_pool_and_skips_zero_contributions(pool: 
 
 def test_encodings_are_pinned() -> None:
     """Consensus bytes: a change to any layout (docs/federated.md) must be deliberate."""
-    post, reg, rnd, fin = (p.encode() for p in sample_payloads())
+    post, reg, rnd, fin, rec = (p.encode() for p in sample_payloads())
+    assert rec == h("job")
     assert post.hex() == ("00000000000186a02e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6"
                           "000300020004")
     pinned = {"FlRegister": (reg, "0ada09c5fe8bfc167f9bfe82b8a5db5a72dbe57ebf8369576a24fcded213ab50", 141),
@@ -349,7 +350,7 @@ def test_encodings_are_pinned() -> None:
 
 @pytest.mark.parametrize("raw, match", [
     (b"", "job record"),
-    (bytes([3]) + bytes(144) + b"\0", "status 3"),
+    (bytes([4]) + bytes(144) + b"\0", "status 4"),
     (bytes([1]) + bytes(144) + bytes([MAX_PARTICIPANTS + 1]), "participants"),
 ])
 def test_job_record_decoding_is_strict(raw: bytes, match: str) -> None:
@@ -357,3 +358,36 @@ def test_job_record_decoding_is_strict(raw: bytes, match: str) -> None:
         JobRecord.decode(raw)
     with pytest.raises(DecodeError):
         RoundRecord.decode(b"\0" * 7)
+
+
+def test_poster_reclaims_an_idle_job_paying_contributions_so_far() -> None:
+    c = Chain()
+    jid = setup_job(c)
+    c.apply(AUTH, c.round(jid, 1, {P1: 100, P2: 300}, rejected=(P4,)))
+    active = c.height - 1  # the block the round was committed in
+    c.reject(Unauthorized, P1, FlReclaim(jid), match="only the poster")
+    c.reject(InvalidTransaction, POSTER, FlReclaim(jid), match=f"from height {active + RECLAIM_BLOCKS}")
+    c.reject(InvalidTransaction, POSTER, FlReclaim(h("nope")), match="no FL job")
+    c.height = active + RECLAIM_BLOCKS - 1
+    c.reject(InvalidTransaction, POSTER, FlReclaim(jid), match="may be reclaimed")
+    c.height = active + RECLAIM_BLOCKS
+    bal = {n: c.balance(n) for n in (P1, P2, P4, POSTER)}
+    c.apply(POSTER, FlReclaim(jid))
+    assert c.balance(P1) == bal[P1] + POOL * 100 // 400 and c.balance(P2) == bal[P2] + POOL * 300 // 400
+    assert c.balance(P4) == bal[P4]
+    assert c.balance(POSTER) == bal[POSTER] - FEE  # the whole pool went to the accepted participants
+    job = c.job(jid)
+    assert job.status == JobStatus.RECLAIMED and job.paid_sat == POOL and locked_sat(StateView(c.state.get)) == 0
+    c.reject(InvalidTransaction, POSTER, FlReclaim(jid), match="reclaimed")
+    c.reject(InvalidTransaction, AUTH, c.round(jid, 2, {P1: 1}), match="reclaimed")
+    c.reject(InvalidTransaction, AUTH, FlFinish(jid, h("params 1"), ()), match="reclaimed")
+
+
+def test_reclaim_of_a_job_that_never_ran_refunds_the_pool() -> None:
+    c = Chain()
+    jid = c.post()
+    c.height += RECLAIM_BLOCKS
+    bal = c.balance(POSTER)
+    c.apply(POSTER, FlReclaim(jid))
+    assert c.balance(POSTER) == bal + POOL - FEE
+    assert c.job(jid).refunded_sat == POOL
