@@ -1,10 +1,9 @@
 """The round-commitment seam between the Flower ServerApp and the L2 ledger.
 
 The ServerApp calls ``RoundRecorder.record(RoundCommitment)`` once per completed round,
-after the new global parameters are checkpointed. Today ``JsonlRecorder`` appends one JSON
-line per round to a file; the L2 integration will provide a recorder that turns the
-commitment into a core transaction (round commitment in the state tree, rewards for the
-accepted participants).
+after the new global parameters are checkpointed. ``JsonlRecorder`` appends one JSON line per
+round to a file; ``federated.l2.L2Recorder`` commits the round to the L2 ledger (an FL_ROUND
+in the state tree; rewards for the accepted participants at the job's finish).
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ class RoundCommitment:
 
 
 class RoundRecorder(Protocol):
-    """Where round commitments go (file now; the L2 ledger later)."""
+    """Where round commitments go (a JSONL file, or the L2 ledger)."""
 
     def record(self, commitment: RoundCommitment) -> None: ...
 

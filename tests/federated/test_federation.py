@@ -1,4 +1,5 @@
-"""End-to-end federations on loopback (SuperLink + SuperNodes in their own processes).
+"""End-to-end federations on loopback (SuperLink + SuperNodes in their own processes), keyed to and
+recorded on a real l2d daemon (see conftest.py for the scenarios).
 
 Thresholds were measured on this machine (2 CPU cores, torch CPU), 4 participants of the
 digits data (Dirichlet alpha=0.5, seed 0), 5 local epochs, lr 0.05: FedAvg with 3 honest
