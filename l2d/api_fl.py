@@ -131,6 +131,38 @@ async def job(request: web.Request) -> web.Response:
     return web.json_response({"height": node.tip.height, **job_json(node, jid, _job(node, jid), detail=True)})
 
 
+async def round_proof(request: web.Request) -> web.Response:
+    """GET /api/fl/jobs/{id}/rounds/{n}: one round commitment with its state proof against the committed tip's
+    root, so an auditor can check round -> params hash -> model bytes without trusting this node."""
+    from .api import ApiError
+
+    node = _node(request)
+    jid = _hash_arg(request, "id")
+    n_s = request.match_info["n"]
+    if not n_s.isdigit() or not 1 <= int(n_s) < 2**16:
+        raise ApiError(400, "malformed", "round must be an integer in 1..65535")
+    key = fl_round_key(jid, int(n_s))
+
+    def value_of(k: bytes) -> bytes:
+        v = node.store.get_state(k)
+        if v is None:
+            raise RuntimeError(f"key {k.hex()} is in the tree but not in the store")
+        return v
+
+    async with node.tree_lock:  # the tree equals the committed state while no block is in flight
+        tip = node.tip
+        raw = node.store.get_state(key)
+        proof = node.ledger.tree.prove(key, value_of) if raw is not None else None
+    if raw is None or proof is None:
+        raise ApiError(404, "not-found", f"FL job {jid.hex()} has no committed round {n_s}")
+    rec = RoundRecord.decode(raw)
+    return web.json_response({
+        "job_id": jid.hex(), "round": rec.commitment.round, "height": rec.height,
+        "params_hash": rec.commitment.params_hash.hex(), "key": key.hex(), "value": raw.hex(),
+        "proof": proof.encode().hex(), "state_root": tip.state_root.hex(), "tip_height": tip.height,
+    })
+
+
 async def model(request: web.Request) -> web.StreamResponse:
     """GET /api/fl/models/{hash}: the canonical parameter bytes whose SHA-256 is hash."""
     from .api import ApiError
@@ -243,6 +275,7 @@ def add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/fl/jobs", jobs)
     r.add_get("/api/fl/jobs/{id}", job)
     r.add_post("/api/fl/jobs/{id}/rounds", post_round)
+    r.add_get("/api/fl/jobs/{id}/rounds/{n}", round_proof)
     r.add_post("/api/fl/jobs/{id}/finish", post_finish)
     r.add_get("/api/fl/models/{hash}", model)
     r.add_put("/api/fl/models", put_model)

@@ -17,7 +17,9 @@ from coincurve import PrivateKey
 from l2d.api import make_app
 from l2d.config import Config
 from l2d.core import tx as T
+from l2d.core.fl import RoundRecord
 from l2d.core.fl_tx import FlJobPost, FlRegister
+from l2d.core.tree import Proof, verify_proof
 from l2d.core.params import LOCAL
 from l2d.node import Node
 
@@ -137,6 +139,14 @@ async def test_job_rounds_models_and_rewards_over_rest(nc: tuple[Node, Client]) 
     (rd,) = j["rounds_detail"]
     assert rd["params_hash"] == h and rd["model_available"] and rd["metrics"]["accuracy_ppm"] == 900_000
     assert j["rewards"] == {pk(2).hex(): POOL} and not j["rewards_final"]
+    # an auditor checks the round against a state root, then the model against the committed hash
+    status, pr = await get(c, f"/api/fl/jobs/{jid}/rounds/1")
+    assert status == 200
+    value = verify_proof(bytes.fromhex(pr["state_root"]), Proof.decode(bytes.fromhex(pr["proof"])))
+    assert value is not None and value.hex() == pr["value"]
+    assert RoundRecord.decode(value).commitment.params_hash.hex() == h == pr["params_hash"]
+    status, blk = await get(c, f"/api/l2/blocks/{pr['tip_height']}")
+    assert status == 200 and blk["state_root"] == pr["state_root"]  # the root a block header commits to
     status, out = await post(c, f"/api/fl/jobs/{jid}/finish", {})
     assert status == 202 and out["rewards"] == {pk(2).hex(): POOL}
     await until(lambda: _finished(c, jid), "job finished")
@@ -173,6 +183,9 @@ async def test_refused_requests_are_typed_and_change_nothing(nc: tuple[Node, Cli
         ("GET", f"/api/fl/jobs/{'ab' * 32}", None, {}, 404, "not-found"),
         ("GET", "/api/fl/models/ABC", None, {}, 400, "malformed"),
         ("GET", f"/api/fl/models/{missing}", None, {}, 404, "not-found"),
+        ("GET", f"/api/fl/jobs/{jid}/rounds/1", None, {}, 404, "not-found"),
+        ("GET", f"/api/fl/jobs/{jid}/rounds/0", None, {}, 400, "malformed"),
+        ("GET", f"/api/fl/jobs/{jid}/rounds/x", None, {}, 400, "malformed"),
         ("POST", f"/api/fl/jobs/{jid}/rounds", ok, {}, 401, "unauthorized"),
         ("POST", f"/api/fl/jobs/{jid}/rounds", ok, {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
         ("POST", f"/api/fl/jobs/{jid}/finish", {}, {}, 401, "unauthorized"),
