@@ -75,6 +75,15 @@ class L2Api:
     def post(self, path: str, body: dict[str, Any], admin: bool = True) -> Any:
         return json.loads(self._req("POST", path, json.dumps(body).encode(), admin=admin)[1])
 
+    def check_admin(self) -> None:
+        """Raise L2Error 401 unless the token is the daemon's admin token (an empty model upload: refused as
+        malformed once authorised, so nothing is stored)."""
+        try:
+            self._req("PUT", "/api/fl/models", b"", "application/octet-stream", admin=True)
+        except L2Error as e:
+            if e.status != 400:
+                raise
+
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self.get(f"/api/fl/jobs/{job_id}"))
 
@@ -227,13 +236,14 @@ def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -
 
 
 def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], token_file: Path,
-               say: Any = log.info, poll: float = 1.0, on_ready: Any = None) -> dict[str, Any]:
+               say: Any = log.info, poll: float = 1.0, on_ready: Any = None,
+               status_every: float = 10.0) -> dict[str, Any]:
     """Run (or resume) an L2 job as the federation: an auth SuperLink whose allow-list follows the job's L2
     registrations, one Flower run committing every round, until the job is FINISHED on the L2.
 
     on_ready(federation) is called once the SuperLink is up and the registered keys are allowed (tests use it
     to start participants)."""
-    from federated.launch import Federation
+    from federated.launch import Federation, LaunchError
 
     job = api.job(job_id)
     if job["status"] != "OPEN":  # FINISHED, or RECLAIMED by its poster
@@ -241,6 +251,7 @@ def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], tok
     if config_hash(settings).hex() != job["config_hash"]:
         raise ValueError(f"these settings hash to {config_hash(settings).hex()}, the job was posted with "
                          f"{job['config_hash']}: pass the same --set values as the poster")
+    api.check_admin()  # the ServerApp commits rounds with this token: refuse a wrong one before starting Flower
     out.mkdir(parents=True, exist_ok=True)
     fed = Federation(workdir=out / f"fed-{time.time_ns()}", auth=True)
     try:
@@ -254,13 +265,23 @@ def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], tok
         cfg = {**settings, "job-id": job_id, "out-dir": str(out / "job"), "num-rounds": int(job["rounds"]),
                "min-nodes": int(job["min_participants"]), "l2-url": api.url, "l2-token-file": str(token_file),
                "l2-node-map": str(node_map)}
-        fed.submit_run(cfg)
+        run_id = fed.submit_run(cfg)
+        next_status = time.monotonic() + status_every
         while True:
             fed._check_alive("superlink")
             job = api.job(job_id)
             if job["status"] != "OPEN":
                 return job
             sync_registrations(fed, api, job_id, node_map)
+            if time.monotonic() >= next_status:  # `flwr ls` is a process start: not every poll
+                st = fed.run_status(run_id)
+                if st.startswith("finished"):
+                    job = api.job(job_id)
+                    if job["status"] != "OPEN":
+                        return job
+                    raise LaunchError(f"Flower run {run_id} ended ({st}) with the job still open after round "
+                                      f"{job['rounds_done']}; logs in {fed.workdir}. Run coordinate again to resume.")
+                next_status = time.monotonic() + status_every
             time.sleep(poll)
     finally:
         fed.cleanup()

@@ -241,6 +241,15 @@ class Federation:
             raise LaunchError(f"flwr run failed ({r.returncode}): {out[-3000:]}")
         return int(m.group(1))
 
+    def run_status(self, run_id: int) -> str:
+        """Flower's status of a run ("pending", "starting", "running", "finished:completed|failed|stopped")."""
+        r = self.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=60)
+        out = r.stdout.decode(errors="replace")
+        m = re.search(r'"status":\s*"([^"]*)"', out)
+        if r.returncode != 0 or m is None:
+            raise LaunchError(f"flwr ls failed ({r.returncode}): {out[-2000:]}")
+        return m.group(1)
+
     def kill(self, name: str) -> None:
         """SIGKILL a process and its process group (for the SuperLink: its ServerApp too), as a crash would."""
         for p in self.procs:

@@ -55,6 +55,11 @@ def test_post_register_and_coordinate_refusals(daemon, tmp_path: Path, capsys: p
     assert "only the poster" in capsys.readouterr().err
     assert daemon.api.job(jid)["status"] == "OPEN"
     token = tmp_path / "token"
+    token.write_text("not-the-admin-token\n")
+    assert cli.main(["coordinate", "--node", url, "--token-file", str(token), "--job", jid, "--out",
+                     str(tmp_path / "co"), "--set", "strategy=krum", "--set", "local-epochs=2"]) == 1
+    assert "admin token rejected" in capsys.readouterr().err
+    assert not (tmp_path / "co").exists()
     token.write_text(daemon.token_file.read_text())
     # the coordinator refuses settings other than the ones the job was posted with, before starting Flower
     assert cli.main(["coordinate", "--node", url, "--token-file", str(token), "--job", jid, "--out",
