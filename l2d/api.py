@@ -130,6 +130,16 @@ def _hex32(s: str, what: str) -> bytes:
     return bytes.fromhex(s)
 
 
+def node_of(request: web.Request) -> "Node":
+    """The node serving this request (for the subsystems' route modules)."""
+    return request.app[NODE_KEY]
+
+
+def path_hex32(request: web.Request, name: str) -> bytes:
+    """Path parameter `name` as 32 bytes from 64 hex characters; 400 malformed otherwise."""
+    return _hex32(request.match_info[name], name)
+
+
 def _height(s: str) -> int:
     if not _DIGITS.fullmatch(s) or int(s) >= 2**64:
         raise ApiError(400, "malformed", f"height must be a non-negative integer below 2^64, got {s[:40]!r}")

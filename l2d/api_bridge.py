@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .api import ApiError, _height, node_of, path_hex32
 from .core.pegs import (CHANGE_CONTRACT, PeginEntry, PegoutEntry, bridge_totals, btc_tip, deposit_script_pubkey,
                         script_address, witness_script)
 from .core.state import SUPPLY_KEY, Namespace, StateView, Supply
@@ -15,9 +16,7 @@ if TYPE_CHECKING:
 
 
 def _node_fed(request: web.Request) -> tuple["Node", "Federation"]:
-    from .api import NODE_KEY, ApiError
-
-    node = request.app[NODE_KEY]
+    node = node_of(request)
     fed = node.bridge_federation
     if fed is None:
         raise ApiError(404, "no-bridge", "this node runs no bridge ([bridge] enabled = false)")
@@ -61,10 +60,8 @@ async def federation(request: web.Request) -> web.Response:
 
 async def pegin_address(request: web.Request) -> web.Response:
     """GET /api/bridge/pegin-address/{account}: the deposit address only that L2 account can claim."""
-    from .api import _hex32
-
     node, fed = _node_fed(request)
-    account = _hex32(request.match_info["account"], "account")
+    account = path_hex32(request, "account")
     net = node.network.id
     spk = deposit_script_pubkey(fed, net, account)
     return web.json_response({"account": account.hex(), "address": script_address(spk, node.network),
@@ -108,8 +105,6 @@ async def headers_file(request: web.Request) -> web.StreamResponse:
     from pathlib import Path
 
     from bridge.headers import HeaderStoreError
-
-    from .api import ApiError, _height
 
     node, _ = _node_fed(request)
     svc = node.bridge_service

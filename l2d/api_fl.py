@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .api import node_of, path_hex32
 from .core.errors import DecodeError
 from .core.fl import JobRecord, JobStatus, RoundRecord, fl_job_key, fl_round_key, reward_split
 from .core.fl_tx import MAX_PARTICIPANTS, PPM, FlFinish, FlRound, RoundParticipant
@@ -28,19 +29,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 MODEL_DIR = "fl-models"
 
 
-def _node(request: web.Request) -> "Node":
-    from .api import NODE_KEY
-
-    return request.app[NODE_KEY]
 
 
-def _hash_arg(request: web.Request, name: str) -> bytes:
-    from .api import ApiError
-
-    s = request.match_info[name]
-    if not _HEX64.fullmatch(s):
-        raise ApiError(400, "malformed", f"{name} must be 64 lowercase hex characters")
-    return bytes.fromhex(s)
 
 
 def model_dir(node: "Node") -> Path:
@@ -115,7 +105,7 @@ def job_json(node: "Node", job_id: bytes, job: JobRecord, *, detail: bool = Fals
 
 async def jobs(request: web.Request) -> web.Response:
     """GET /api/fl/jobs: every FL job in the committed state (oldest first)."""
-    node = _node(request)
+    node = node_of(request)
     with node.store.reader() as r:
         recs = list(r.iter_prefix(bytes((Namespace.FL_JOB,))))
     items = [job_json(node, k[1:], JobRecord.decode(v)) for k, v in recs]
@@ -126,8 +116,8 @@ async def jobs(request: web.Request) -> web.Response:
 async def job(request: web.Request) -> web.Response:
     """GET /api/fl/jobs/{id}: the job with its rounds (hashes, metrics, participants) and rewards (paid, or the
     split the finish would pay now)."""
-    node = _node(request)
-    jid = _hash_arg(request, "id")
+    node = node_of(request)
+    jid = path_hex32(request, "id")
     return web.json_response({"height": node.tip.height, **job_json(node, jid, _job(node, jid), detail=True)})
 
 
@@ -136,8 +126,8 @@ async def round_proof(request: web.Request) -> web.Response:
     root, so an auditor can check round -> params hash -> model bytes without trusting this node."""
     from .api import ApiError
 
-    node = _node(request)
-    jid = _hash_arg(request, "id")
+    node = node_of(request)
+    jid = path_hex32(request, "id")
     n_s = request.match_info["n"]
     if not n_s.isdigit() or not 1 <= int(n_s) < 2**16:
         raise ApiError(400, "malformed", "round must be an integer in 1..65535")
@@ -167,8 +157,8 @@ async def model(request: web.Request) -> web.StreamResponse:
     """GET /api/fl/models/{hash}: the canonical parameter bytes whose SHA-256 is hash."""
     from .api import ApiError
 
-    node = _node(request)
-    h = _hash_arg(request, "hash")
+    node = node_of(request)
+    h = path_hex32(request, "hash")
     p = model_path(node, h)
     if not p.exists():
         raise ApiError(404, "not-found", f"no model {h.hex()}")
@@ -222,7 +212,7 @@ async def _put_model(request: web.Request) -> web.Response:
     """PUT /api/fl/models (admin, application/octet-stream): store the bytes under their SHA-256."""
     from .api import ApiError
 
-    node = _node(request)
+    node = node_of(request)
     raw = await request.read()
     if not raw:
         raise ApiError(400, "malformed", "empty model")
@@ -239,8 +229,8 @@ async def _post_round(request: web.Request) -> web.Response:
     """
     from .api import ApiError, read_json_object
 
-    node = _node(request)
-    jid = _hash_arg(request, "id")
+    node = node_of(request)
+    jid = path_hex32(request, "id")
     body = await read_json_object(request)
     payload = round_from_json(jid, body)
     if not model_path(node, payload.params_hash).exists():
@@ -254,8 +244,8 @@ async def _post_finish(request: web.Request) -> web.Response:
     contribution split of the committed state: 202 {"txid", "rewards"}."""
     from .api import read_json_object
 
-    node = _node(request)
-    jid = _hash_arg(request, "id")
+    node = node_of(request)
+    jid = path_hex32(request, "id")
     await read_json_object(request, allow_empty=True)
     job_rec = _job(node, jid)
     rewards = reward_split(job_rec)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from aiohttp import web
 
+from .api import node_of, path_hex32
 from .core import tx as T
 from .core.errors import DecodeError
 from .core.state import Namespace
@@ -16,23 +17,11 @@ from .core.work_tx import ZERO_KEY, Role
 if TYPE_CHECKING:
     from .node import Node
 
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
-def _node(request: web.Request) -> "Node":
-    from .api import NODE_KEY
-
-    return request.app[NODE_KEY]
 
 
-def _id(request: web.Request, name: str) -> bytes:
-    from .api import ApiError
-
-    s = request.match_info[name]
-    if not _HEX64.fullmatch(s):
-        raise ApiError(400, "malformed", f"{name} must be 64 hex characters")
-    return bytes.fromhex(s)
 
 
 def _hex(k: bytes) -> Optional[str]:
@@ -83,7 +72,7 @@ async def submit(request: web.Request) -> web.Response:
     """POST /api/orchestration/submit {"tx": hex of a signed TASK_SUBMIT}: 202 {"task_id"} (the txid)."""
     from .api import ApiError, read_json_object
 
-    node = _node(request)
+    node = node_of(request)
     body = await read_json_object(request)
     tx_hex = body.get("tx")
     if not isinstance(tx_hex, str) or len(tx_hex) > 2 * T.MAX_TX_SIZE or not _HEX.fullmatch(tx_hex):
@@ -103,7 +92,7 @@ async def tasks(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks[?status=S]: every task in the committed state (oldest first)."""
     from .api import ApiError
 
-    node = _node(request)
+    node = node_of(request)
     want = request.query.get("status")
     if want is not None and want.upper() not in TaskStatus.__members__:
         raise ApiError(400, "malformed", f"status must be one of {', '.join(TaskStatus.__members__)}")
@@ -117,8 +106,8 @@ async def task(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks/{id}: the record, and the coordinator's explanation of every choice."""
     from .api import ApiError
 
-    node = _node(request)
-    tid = _id(request, "id")
+    node = node_of(request)
+    tid = path_hex32(request, "id")
     raw = node.store.get_state(task_key(tid))
     if raw is None:
         raise ApiError(404, "not-found", f"no task {tid.hex()} (it may still be pending)")
@@ -133,7 +122,7 @@ async def task(request: web.Request) -> web.Response:
 
 async def workers(request: web.Request) -> web.Response:
     """GET /api/orchestration/workers: the registry with live probe figures and whether each is schedulable."""
-    node = _node(request)
+    node = node_of(request)
     svc = node.orchestration_service
     height = node.tip.height
     out = []
@@ -151,8 +140,8 @@ async def assignments(request: web.Request) -> web.Response:
     """GET /api/orchestration/workers/{id}/assignments: tasks whose result is due from this worker."""
     from .api import ApiError
 
-    node = _node(request)
-    pk = _id(request, "id")
+    node = node_of(request)
+    pk = path_hex32(request, "id")
     if node.store.get_state(worker_key(pk)) is None:
         raise ApiError(404, "not-found", f"worker {pk.hex()} is not registered")
     svc = node.orchestration_service
