@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .api import node_of, path_hex32
+from .api import ApiError, admin, node_of, path_hex32, read_json_object
 from .core.errors import DecodeError
 from .core.fl import JobRecord, JobStatus, RoundRecord, fl_job_key, fl_round_key, reward_split
 from .core.fl_tx import MAX_PARTICIPANTS, PPM, FlFinish, FlRound, RoundParticipant
@@ -57,8 +57,6 @@ def store_model(node: "Node", raw: bytes) -> bytes:
 
 
 def _job(node: "Node", job_id: bytes) -> JobRecord:
-    from .api import ApiError
-
     raw = node.store.get_state(fl_job_key(job_id))
     if raw is None:
         raise ApiError(404, "not-found", f"no FL job {job_id.hex()} (it may still be pending)")
@@ -124,8 +122,6 @@ async def job(request: web.Request) -> web.Response:
 async def round_proof(request: web.Request) -> web.Response:
     """GET /api/fl/jobs/{id}/rounds/{n}: one round commitment with its state proof against the committed tip's
     root, so an auditor can check round -> params hash -> model bytes without trusting this node."""
-    from .api import ApiError
-
     node = node_of(request)
     jid = path_hex32(request, "id")
     n_s = request.match_info["n"]
@@ -155,8 +151,6 @@ async def round_proof(request: web.Request) -> web.Response:
 
 async def model(request: web.Request) -> web.StreamResponse:
     """GET /api/fl/models/{hash}: the canonical parameter bytes whose SHA-256 is hash."""
-    from .api import ApiError
-
     node = node_of(request)
     h = path_hex32(request, "hash")
     p = model_path(node, h)
@@ -169,8 +163,6 @@ async def model(request: web.Request) -> web.StreamResponse:
 
 
 def _int(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
-    from .api import ApiError
-
     v = body.get(name)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ApiError(400, "bad-field", f"field {name!r} must be an integer in {lo}..{hi}")
@@ -178,8 +170,6 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int) -> int:
 
 
 def _hex32(body: dict[str, Any], name: str) -> bytes:
-    from .api import ApiError
-
     v = body.get(name)
     if not isinstance(v, str) or not _HEX64.fullmatch(v):
         raise ApiError(400, "bad-field", f"field {name!r} must be 64 lowercase hex characters")
@@ -188,8 +178,6 @@ def _hex32(body: dict[str, Any], name: str) -> bytes:
 
 def round_from_json(job_id: bytes, body: dict[str, Any]) -> FlRound:
     """The FL_ROUND payload a coordinator's JSON describes; ApiError 400 naming the first bad field."""
-    from .api import ApiError
-
     parts_in = body.get("participants")
     if not isinstance(parts_in, list) or not 1 <= len(parts_in) <= MAX_PARTICIPANTS:
         raise ApiError(400, "bad-field", f"field 'participants' must be a list of 1..{MAX_PARTICIPANTS} objects")
@@ -210,8 +198,6 @@ def round_from_json(job_id: bytes, body: dict[str, Any]) -> FlRound:
 
 async def _put_model(request: web.Request) -> web.Response:
     """PUT /api/fl/models (admin, application/octet-stream): store the bytes under their SHA-256."""
-    from .api import ApiError
-
     node = node_of(request)
     raw = await request.read()
     if not raw:
@@ -227,8 +213,6 @@ async def _post_round(request: web.Request) -> web.Response:
     The model named params_hash must have been uploaded first: the ledger never commits to parameters this
     node cannot serve. Consensus checks (order, hash chain, registration) answer 400 with their reason.
     """
-    from .api import ApiError, read_json_object
-
     node = node_of(request)
     jid = path_hex32(request, "id")
     body = await read_json_object(request)
@@ -242,8 +226,6 @@ async def _post_round(request: web.Request) -> web.Response:
 async def _post_finish(request: web.Request) -> web.Response:
     """POST /api/fl/jobs/{id}/finish (admin): close the job with the last committed round's model, paying the
     contribution split of the committed state: 202 {"txid", "rewards"}."""
-    from .api import read_json_object
-
     node = node_of(request)
     jid = path_hex32(request, "id")
     await read_json_object(request, allow_empty=True)
@@ -254,8 +236,6 @@ async def _post_finish(request: web.Request) -> web.Response:
 
 
 def _admin_routes() -> tuple[Any, Any, Any]:
-    from .api import admin
-
     return admin(_put_model), admin(_post_round), admin(_post_finish)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from aiohttp import web
 
-from .api import node_of, path_hex32
+from .api import ApiError, node_of, path_hex32, read_json_object
 from .core import tx as T
 from .core.errors import DecodeError
 from .core.state import Namespace
@@ -70,8 +70,6 @@ def _records(node: "Node", ns: Namespace) -> list[tuple[bytes, bytes]]:
 
 async def submit(request: web.Request) -> web.Response:
     """POST /api/orchestration/submit {"tx": hex of a signed TASK_SUBMIT}: 202 {"task_id"} (the txid)."""
-    from .api import ApiError, read_json_object
-
     node = node_of(request)
     body = await read_json_object(request)
     tx_hex = body.get("tx")
@@ -90,8 +88,6 @@ async def submit(request: web.Request) -> web.Response:
 
 async def tasks(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks[?status=S]: every task in the committed state (oldest first)."""
-    from .api import ApiError
-
     node = node_of(request)
     want = request.query.get("status")
     if want is not None and want.upper() not in TaskStatus.__members__:
@@ -104,8 +100,6 @@ async def tasks(request: web.Request) -> web.Response:
 
 async def task(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks/{id}: the record, and the coordinator's explanation of every choice."""
-    from .api import ApiError
-
     node = node_of(request)
     tid = path_hex32(request, "id")
     raw = node.store.get_state(task_key(tid))
@@ -138,8 +132,6 @@ async def workers(request: web.Request) -> web.Response:
 
 async def assignments(request: web.Request) -> web.Response:
     """GET /api/orchestration/workers/{id}/assignments: tasks whose result is due from this worker."""
-    from .api import ApiError
-
     node = node_of(request)
     pk = path_hex32(request, "id")
     if node.store.get_state(worker_key(pk)) is None:
