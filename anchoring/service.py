@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from bridge.chain_tracker import ChainTracker, ChainTrackerError, Connected, Disconnected
-from bridge.rpc import (BitcoinRPC, RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCTransient, RPCVerifyError,
-                        RPCVerifyRejected, hash_from_hex, hash_to_hex)
+from bridge.rpc import (BitcoinRPC, RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCVerifyError,
+                        RPCVerifyRejected, hash_from_hex, hash_to_hex, run_steps)
 from l2d.config import AnchoringConfig
 from l2d.core.block import BlockHeader
 from l2d.core.params import NETWORKS, Network
@@ -198,20 +198,8 @@ class AnchorService:
                 zmq_task = asyncio.create_task(self._zmq_loop(), name="anchor-zmq")
         poll = self.config.poll_interval_ms / 1000
         try:
-            while True:
-                self._wake.clear()
-                try:
-                    await self.step()
-                except asyncio.CancelledError:
-                    raise
-                except RPCTransient as e:
-                    self._warn_once("transient", "anchoring: bitcoind unavailable (%s); retrying", e)
-                except Exception:  # anchoring is auxiliary: never take the ledger down with it
-                    log.exception("anchor service step failed; retrying")
-                try:
-                    await asyncio.wait_for(self._wake.wait(), poll)
-                except TimeoutError:
-                    pass
+            await run_steps(self.step, self._wake, poll, "anchor service",
+                            lambda e: self._warn_once("transient", "anchoring: bitcoind unavailable (%s); retrying", e))
         finally:
             if zmq_task is not None:
                 zmq_task.cancel()

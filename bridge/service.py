@@ -37,7 +37,7 @@ from l2d.core.tx import AnchorStatus, Payload
 
 from .federation import (Coin, FederationError, InsufficientFunds, LocalSigner, Pegout, build_psbt, combine,
                          finalize, plan_batch)
-from .rpc import BitcoinRPC, RPCAlreadyInChain, RPCError, RPCTransient
+from .rpc import BitcoinRPC, RPCAlreadyInChain, RPCError, RPCTransient, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -180,20 +180,8 @@ class BridgeService:
         self._wake.set()
 
     async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except RPCTransient as e:
-                log.warning("bridge: bitcoind unavailable (%s); retrying", e)
-            except Exception:  # the bridge is auxiliary: never take the ledger down with it
-                log.exception("bridge step failed; retrying")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll)
-            except TimeoutError:
-                pass
+        await run_steps(self.step, self._wake, self.poll, "bridge",
+                        lambda e: log.warning("bridge: bitcoind unavailable (%s); retrying", e))
 
     async def step(self) -> None:
         if self.headers is not None:
