@@ -51,6 +51,7 @@ class Batch:
     anchor_height: int
     coins: list[dict[str, Any]]
     feerate_sat_vb: int
+    change_sat: int = 0  # inputs - sum(peg-out amounts): the same for every replacement
     status: str = "signing"  # signing | signed | broadcast | completed
     psbt: str = ""
     raw: str = ""
@@ -144,22 +145,9 @@ class BridgeService:
         spent: set[tuple[bytes, int]] = set()
         for b in self.batches.values():
             spent.update((c.txid, c.vout) for c in b.coin_objs())
-            change = self._change_of(b)
-            if b.status == "completed" and change is not None:
-                coins.append(change)
+            if b.status == "completed" and b.change_sat:
+                coins.append(Coin(bytes.fromhex(b.txid)[::-1], len(b.pegouts), b.change_sat, CHANGE_CONTRACT))
         return [c for c in coins if (c.txid, c.vout) not in spent]
-
-    def _change_of(self, b: Batch) -> Optional[Coin]:
-        if not b.txid:
-            return None
-        total_in = sum(c["amount_sat"] for c in b.coins)
-        with self._read_state() as r:
-            out = 0
-            for pid in b.pegouts:
-                v = r.get_state(pegout_key(bytes.fromhex(pid)))
-                out += PegoutEntry.decode(bytes(v)).amount_sat if v is not None else 0
-        change = total_in - out
-        return None if change <= 0 else Coin(bytes.fromhex(b.txid)[::-1], len(b.pegouts), change, CHANGE_CONTRACT)
 
     def holdings_sat(self) -> int:
         """BTC the federation holds by its books, as confirmed on Bitcoin: claimed deposits and the change of
@@ -167,8 +155,7 @@ class BridgeService:
         total = sum(p.amount_sat for p in self.pegins())
         for b in self.batches.values():
             if b.status == "completed":
-                change = self._change_of(b)
-                total += (0 if change is None else change.amount_sat) - sum(c["amount_sat"] for c in b.coins)
+                total += b.change_sat - sum(c["amount_sat"] for c in b.coins)
         return total
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -249,7 +236,7 @@ class BridgeService:
             log.warning("bridge: cannot pay %d peg-outs yet: %s", len(todo), e)
             return
         b = Batch(id=max(self.batches, default=0) + 1, pegouts=[p.pegout_id.hex() for p in plan.pegouts],
-                  anchor_height=anchored, feerate_sat_vb=rate,
+                  anchor_height=anchored, feerate_sat_vb=rate, change_sat=plan.change_sat,
                   coins=[{"txid": c.txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat,
                           "contract": c.contract.hex()} for c in plan.coins],
                   psbt=build_psbt(self.fed, self.network, plan).hex())
