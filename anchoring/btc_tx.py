@@ -17,9 +17,8 @@ from bitcoinutils.script import Script
 from bitcoinutils.transactions import Transaction, TxInput, TxOutput, TxWitnessInput
 from coincurve import PrivateKey
 
+from l2d.core.anchor_format import output_key, p2tr_script, taptweak
 from l2d.core.codec import write_varint
-
-from .payload import output_key, p2tr_script, taptweak
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 RBF_SEQUENCE = 0xFFFFFFFD  # signals BIP125 replaceability

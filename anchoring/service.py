@@ -36,16 +36,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from bridge.chain_tracker import ChainTracker, ChainTrackerError, Connected, Disconnected
-from bridge.rpc import (BitcoinRPC, RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCVerifyError,
-                        RPCVerifyRejected, hash_from_hex, hash_to_hex, run_steps)
+from bridge.rpc import (BitcoinRPC, RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCVerifyError, RPCVerifyRejected,
+                        hash_from_hex, hash_to_hex, run_steps)
 from l2d.config import AnchoringConfig
+from l2d.core.anchor import AnchorEntry, anchor_key
+from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.block import BlockHeader
 from l2d.core.params import NETWORKS, Network
-from l2d.core.state import AnchorEntry, anchor_key
-from l2d.core.tx import AnchorStatus, AnchorUpdate
 
 from .btc_tx import P2TR_DUST_SAT, Prevout, SignedTx, TxOut, build_signed, estimate_vsize, key_path_script
-from .payload import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 
 log = logging.getLogger(__name__)
 
@@ -560,7 +560,7 @@ class AnchorService:
     # -- audit bundle ---------------------------------------------------------------------------------------------------
     async def audit_bundle(self, l2_height: int) -> Optional[bytes]:
         """The encoded audit bundle of a CONFIRMED/FINAL anchor, or None if there is none (yet)."""
-        from .audit import AnchorKind, AuditBundle, ProofEvidence, SnapshotEvidence
+        from l2d.core.audit import AnchorKind, AuditBundle, ProofEvidence, SnapshotEvidence
 
         a = self.anchors.get(l2_height)
         rpc = self.rpc

@@ -24,7 +24,7 @@ from common import current_rss_mb  # noqa: E402
 
 from l2d.core.block import Block, BlockHeader, tx_root  # noqa: E402
 from l2d.core.params import LOCAL  # noqa: E402
-from l2d.core.state import Account, account_key  # noqa: E402
+from l2d.core.state import Account, account_key
 from l2d.core.tree import StateTree  # noqa: E402
 from l2d.store import Store  # noqa: E402
 

@@ -33,6 +33,7 @@ from federated import model  # noqa: E402
 from federated.l2 import L2Api, L2Recorder, post_job, register_participant  # noqa: E402
 from federated.recorder import Participant, RoundCommitment  # noqa: E402
 from l2d.core import tx as T  # noqa: E402
+from l2d.core.coin_tx import Transfer  # noqa: E402
 from l2d.core.params import LOCAL  # noqa: E402
 
 TOKEN = "bench-fl-l2-token-0123456789abcdef"
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         transfer = []
         for i in range(10):
             acc = api.account(_pk("poster"))
-            raw = T.sign(LOCAL, _secret("poster"), acc["nonce"], 1, T.Transfer(bytes.fromhex(_pk("p0")), 1),
+            raw = T.sign(LOCAL, _secret("poster"), acc["nonce"], 1, Transfer(bytes.fromhex(_pk("p0")), 1),
                          os.urandom(32)).raw
             t = time.perf_counter()
             txid = api.submit_tx(raw)

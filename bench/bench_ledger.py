@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import keypairs, schnorr_baseline, sha256_baseline, timed  # noqa: E402
 
 from l2d.core import tx as T  # noqa: E402
+from l2d.core.coin_tx import Transfer  # noqa: E402
 from l2d.core.params import LOCAL  # noqa: E402
-from l2d.core.state import SUPPLY_KEY, Account, Rules, Supply, account_key  # noqa: E402
+from l2d.core.state import SUPPLY_KEY, Account, Rules, Supply, account_key
 from l2d.core.tree import RootBuilder, StateTree, _nib  # noqa: E402
 from l2d.ledger import Ledger  # noqa: E402
 from l2d.store import Store  # noqa: E402
@@ -47,7 +48,7 @@ def signed_blocks(active: list[tuple[bytes, bytes]], blocks: int, rnd: random.Ra
             s = (b * BLOCK + i) % len(active)
             r = rnd.randrange(len(active) - 1)
             r += r >= s
-            t = T.sign(LOCAL, active[s][0], nonces[s], 1, T.Transfer(active[r][1], 1 + rnd.randrange(1000)), b"\0" * 32)
+            t = T.sign(LOCAL, active[s][0], nonces[s], 1, Transfer(active[r][1], 1 + rnd.randrange(1000)), b"\0" * 32)
             nonces[s] += 1
             raws.append(t.raw)
         out.append(raws)

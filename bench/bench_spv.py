@@ -34,10 +34,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from bridge.spv import (BITCOIN_REGTEST, HEADER_SIZE, ChainParams, HeaderChain, bits_to_target,  # noqa: E402
-                        build_partial_merkle_tree, calculate_next_bits, compute_merkle_root, make_header,
-                        parse_header, parse_merkleblock, parse_tx, serialize_merkleblock,
-                        verify_tx_in_block)
+from l2d.core.spv import (BITCOIN_REGTEST, HEADER_SIZE, ChainParams, HeaderChain, bits_to_target,
+                          build_partial_merkle_tree, calculate_next_bits, compute_merkle_root, make_header,
+                          parse_header, parse_merkleblock, parse_tx, serialize_merkleblock, verify_tx_in_block)
 
 VECTORS = REPO.parent / "shared" / "vectors"
 LOW_LIMIT = BITCOIN_REGTEST.pow_limit
@@ -133,10 +132,10 @@ def validate_file(path: Path, now: Optional[int]) -> dict[str, Any]:
 
 # -- (b) audit bundle ----------------------------------------------------------------------------------------------
 def build_audit_bundle(path: Path, n_headers: int) -> dict[str, Any]:
-    from bitcoin.core import COutPoint, CMutableTransaction, CMutableTxIn, CMutableTxOut, CScript
+    from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript
 
-    from anchoring.audit import AnchorKind, AuditBundle, ProofEvidence
-    from anchoring.payload import AnchorRecord, op_return_script
+    from l2d.core.anchor_format import AnchorRecord, op_return_script
+    from l2d.core.audit import AnchorKind, AuditBundle, ProofEvidence
     from l2d.core.params import REGTEST
     from l2d.core.tree import StateTree
 
@@ -235,7 +234,7 @@ def bench_merkle() -> dict[str, Any]:
             out[f"testnet3_{height}_txs"] = len(ids)
     else:
         out["real_blocks"] = f"skipped: {path} not found"
-    from bitcoin.core import COutPoint, CMutableTransaction, CMutableTxIn, CMutableTxOut, CScript
+    from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript
 
     txs = [CMutableTransaction([CMutableTxIn(COutPoint(_sha(b"x%d" % i).digest(), 0))],
                                [CMutableTxOut(i, CScript(b"\x51"))]).serialize() for i in range(2000)]

@@ -29,12 +29,12 @@ from bitcoinutils.script import Script
 from bitcoinutils.transactions import Transaction, TxInput, TxOutput
 from coincurve import PrivateKey, PublicKey
 
+from l2d.core.anchor import AnchorEntry, anchor_key
+from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.params import Network
-from l2d.core.pegs import (CHANGE_CONTRACT, SECP256K1_N, Federation, PegoutEntry, deposit_script_pubkey,
-                           pegin_tweak, pegout_key, witness_script)
+from l2d.core.pegs import (CHANGE_CONTRACT, SECP256K1_N, Federation, PegoutEntry, deposit_script_pubkey, pegin_tweak,
+                           pegout_key, witness_script)
 from l2d.core.pegs_tx import PegoutStatus
-from l2d.core.state import AnchorEntry, anchor_key
-from l2d.core.tx import AnchorStatus
 
 RBF_SEQUENCE = 0xFFFFFFFD
 DUST_SAT = 546  # the largest standard dust threshold (P2PKH); payouts and change stay above it

@@ -27,16 +27,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from l2d.core.anchor import AnchorEntry
+from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.errors import Rejected
 from l2d.core.params import Network
-from l2d.core.pegs import (CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, btc_header_key,
-                           btc_tip, pegout_key)
+from l2d.core.payload import Payload
+from l2d.core.pegs import CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, btc_header_key, btc_tip, pegout_key
 from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, PegoutStatus, PegoutUpdate
-from l2d.core.state import AnchorEntry, Namespace, StateView
-from l2d.core.tx import AnchorStatus, Payload
+from l2d.core.state import Namespace, StateView
 
-from .federation import (Coin, FederationError, InsufficientFunds, LocalSigner, Pegout, build_psbt, combine,
-                         finalize, plan_batch)
+from .federation import (Coin, FederationError, InsufficientFunds, LocalSigner, Pegout, build_psbt, combine, finalize,
+                         plan_batch)
 from .rpc import BitcoinRPC, RPCAlreadyInChain, RPCError, RPCTransient, run_steps
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ order (ZMQ bodies carry display order, like RPC); ``*_hex`` properties give disp
 """
 from __future__ import annotations
 
-import asyncio
 import enum
 import hashlib
 import logging

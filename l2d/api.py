@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
+from .core.anchor import AnchorEntry, anchor_key
+from .core.anchor_tx import AnchorUpdate
 from .core.block import Block
+from .core.coin_tx import Burn, Transfer
 from .core.errors import Rejected
 from .core.params import MAX_MONEY
 from .core.snapshot import SnapshotExists
-from .core.state import AnchorEntry, account_key, anchor_key
-from .core.tx import MAX_TX_SIZE, AnchorUpdate, Burn, Transaction, Transfer
+from .core.state import account_key
+from .core.tx import MAX_TX_SIZE, Transaction
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:

@@ -10,6 +10,7 @@ from aiohttp import web
 from .api import ApiError, node_of, path_hex32, read_json_object
 from .core import tx as T
 from .core.errors import DecodeError
+from .core.payload import TxType
 from .core.state import Namespace
 from .core.work import TaskRecord, TaskStatus, WorkerRecord, task_key, worker_key
 from .core.work_tx import ZERO_KEY, Role
@@ -80,7 +81,7 @@ async def submit(request: web.Request) -> web.Response:
         tx = T.decode(raw, node.network)
     except DecodeError:
         tx = None  # node.submit names the decoding error
-    if tx is not None and tx.type != T.TxType.TASK_SUBMIT:
+    if tx is not None and tx.type != TxType.TASK_SUBMIT:
         raise ApiError(400, "wrong-type", f"expected a task_submit transaction, got {tx.type.name.lower()}")
     txid = node.submit(raw)
     return web.json_response({"task_id": txid.hex(), "txid": txid.hex()}, status=202)

@@ -14,7 +14,10 @@ from typing import Any, Optional
 from coincurve import PrivateKey
 
 from .core import tx as T
+from .core.coin_tx import Burn, Transfer
+from .core.errors import DecodeError
 from .core.params import network_by_name
+from .core.payload import Payload
 from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey
 from .core.pegs_tx import PeginClaim
 from .core.tree import Proof, verify_proof
@@ -98,7 +101,7 @@ def _wait_committed(api: str, txid: str, timeout: float) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def _send(a: argparse.Namespace, payload: T.AnyPayload) -> dict[str, Any]:
+def _send(a: argparse.Namespace, payload: Payload) -> dict[str, Any]:
     secret = load_secret(Path(a.key))
     sender = pubkey_of(secret).hex()
     status = _request(a.api, "GET", "/api/status")
@@ -143,7 +146,7 @@ def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
-    return _send(a, T.Transfer(bytes.fromhex(_account_id(a.to)), a.amount))
+    return _send(a, Transfer(bytes.fromhex(_account_id(a.to)), a.amount))
 
 
 def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
@@ -153,7 +156,7 @@ def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
             address_script(a.destination, network)
         except BridgeRejected as e:
             raise CliError(str(e)) from None
-    return _send(a, T.Burn(a.amount, a.destination.encode()))
+    return _send(a, Burn(a.amount, a.destination.encode()))
 
 
 def cmd_pegin_address(a: argparse.Namespace) -> dict[str, Any]:
@@ -306,7 +309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         res = a.fn(a)
-    except (CliError, T.DecodeError, ValueError) as e:
+    except (CliError, DecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if a.json:

@@ -16,7 +16,8 @@ from typing import Any, Final
 
 from coincurve import PublicKeyXOnly
 
-from .core.params import MAX_MONEY, NETWORKS
+from .core.chains import btc_chain
+from .core.params import MAX_MONEY, NETWORKS, network_by_name
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,6 @@ class OrchestrationConfig:
     poll_interval_ms: int
 
 
-_BITCOIN_CHAIN: Final = {"local": "regtest", "regtest": "regtest", "signet": "signet", "mainnet": "main"}
 _SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind", "bridge",
                        "orchestration")
 
@@ -596,7 +596,7 @@ def _bitcoind(t: Mapping[str, Any], base: Path, node: NodeConfig) -> BitcoindCon
         rpc_url=url.rstrip("/"), cookie_file=cookie, rpc_user=user, rpc_password=password,
         zmq_hashblock=_zmq_endpoint(s, "zmq_hashblock"), zmq_sequence=_zmq_endpoint(s, "zmq_sequence"),
         zmq_rawtx=_zmq_endpoint(s, "zmq_rawtx"),
-        chain=_BITCOIN_CHAIN[node.network],
+        chain=btc_chain(network_by_name(node.network)).bitcoind_chain,
     )
 
 

@@ -12,7 +12,8 @@ from typing import Iterable, Optional, Sequence
 
 from .core.block import Block, BlockHeader, genesis_header, tx_root
 from .core.errors import Rejected
-from .core.state import Rules, StateView, apply_tx
+from .core.rules import apply_tx
+from .core.state import Rules, StateView
 from .core.tree import StateTree, leaf_hash
 from .core.tx import Transaction
 from .store import Store, StoreError

@@ -31,11 +31,15 @@ from . import __version__
 from .config import Config, ConfigError
 from .core import snapshot as snapshot_format
 from .core import tx as T
+from .core.anchor_tx import AnchorUpdate
 from .core.block import HEADER_SIZE, BlockHeader, genesis_header
-from .core.errors import (DecodeError, L2Error, OutOfRange, Rejected, UnknownSender, UnknownType, UnknownVersion,
+from .core.coin_tx import Mint
+from .core.errors import (DecodeError, L2Error, OutOfRange, Rejected, UnknownType, UnknownVersion,
                           WrongNetwork)
 from .core.params import Network, network_by_name
-from .core.state import SUPPLY_KEY, Account, Rules, StateView, Supply, account_key, apply_tx, genesis_state
+from .core.payload import Payload
+from .core.rules import apply_tx
+from .core.state import SUPPLY_KEY, Account, Rules, StateView, Supply, account_key, genesis_state
 from .core.tree import Proof, root_of
 from .ledger import BuiltBlock, Ledger
 from .mempool import Duplicate, Mempool, StaleNonce
@@ -44,9 +48,9 @@ from .store import Store, StoreError
 
 if TYPE_CHECKING:
     from anchoring.service import AnchorService
+    from bridge.rpc import BitcoinRPC
     from bridge.service import BridgeService
     from l2d.core.pegs import Federation
-    from bridge.rpc import BitcoinRPC
     from orchestration.service import OrchestrationService
 
 # Named after the module even when run as `python -m l2d.node` (where __name__ is "__main__").
@@ -407,7 +411,7 @@ class Node:
             return self._refuse(Refused("unauthorized", f"minting is not allowed on {self.network.name}"))
         nonce = self.mempool.next_nonce(self.authority_pubkey, self.committed_nonce(self.authority_pubkey))
         try:
-            tx = T.sign(self.network, secret, nonce, 0, T.Mint(recipient, amount_sat), os.urandom(32))
+            tx = T.sign(self.network, secret, nonce, 0, Mint(recipient, amount_sat), os.urandom(32))
         except DecodeError as e:
             return self._refuse(Refused(decode_reason(e), str(e)))
         return self._admit(tx, signature_checked=True)
@@ -547,11 +551,11 @@ class Node:
                 return p.read_bytes()
         return None
 
-    def submit_anchor_update(self, update: T.AnchorUpdate) -> bytes:
+    def submit_anchor_update(self, update: AnchorUpdate) -> bytes:
         """Sign an AnchorUpdate with the federation key and admit it like any transaction; returns its txid."""
         return self.submit_as_federation(update)
 
-    def submit_as_federation(self, payload: T.Payload) -> bytes:
+    def submit_as_federation(self, payload: Payload) -> bytes:
         """Sign a fee-less authority payload (anchor update, header relay, peg-out update, task assignment,
         FL round commitment...) with the federation key and admit it like any transaction; returns its txid.
 
@@ -633,7 +637,7 @@ class Node:
                                bdir / f"signer-{PrivateKey(sec).public_key.format().hex()[:16]}.json",
                                cfg.max_fee_share_ppm) for sec in self._signer_secrets]
         from bridge.headers import HEADER_STORE_DIR, HeaderStore
-        from l2d.core.pegs import btc_chain
+        from l2d.core.chains import btc_chain
 
         headers = HeaderStore(Path(self.config.node.data_dir) / HEADER_STORE_DIR, btc_chain(self.network).spv,
                               start_height=cfg.header_start_height, start_hash=cfg.header_start_hash)

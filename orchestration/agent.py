@@ -23,6 +23,7 @@ from coincurve import PrivateKey
 
 from l2d.core import tx as T
 from l2d.core.params import network_by_name
+from l2d.core.payload import Payload
 from l2d.core.work_tx import TaskResult, WorkerCaps, WorkerHeartbeat, WorkerRegister
 
 log = logging.getLogger("orchestration.agent")
@@ -81,7 +82,7 @@ class Agent:
         async with self.session.get(self.node + path) as r:
             return r.status, await r.json()
 
-    async def send(self, payload: T.Payload) -> Optional[str]:
+    async def send(self, payload: Payload) -> Optional[str]:
         """Sign payload with the next nonce, submit it and wait until it is committed (or dropped).
 
         Returns None when committed, else the reason it was refused or dropped. One at a time (one nonce line).
@@ -92,7 +93,7 @@ class Agent:
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
                 return f"node unreachable: {e!r}"
 
-    async def _send(self, payload: T.Payload) -> Optional[str]:
+    async def _send(self, payload: Payload) -> Optional[str]:
         assert self.session is not None
         _, acc = await self._get(f"/api/l2/accounts/{self.pubkey.hex()}")
         tx = T.sign(self.network, self.secret, int(acc["nonce"]), self.args.fee, payload, os.urandom(32))

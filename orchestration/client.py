@@ -20,6 +20,7 @@ from coincurve import PrivateKey
 from l2d.core import tx as T
 from l2d.core.errors import DecodeError
 from l2d.core.params import network_by_name
+from l2d.core.payload import Payload
 from l2d.core.work_tx import MAX_IMAGES, TaskCancel, TaskSubmit
 
 
@@ -42,7 +43,7 @@ def _call(url: str, body: Optional[dict[str, Any]] = None) -> Any:
         raise ClientError(f"cannot reach {url}: {e.reason}") from None
 
 
-def _sign(args: argparse.Namespace, payload: T.Payload) -> bytes:
+def _sign(args: argparse.Namespace, payload: Payload) -> bytes:
     try:
         secret = bytes.fromhex(Path(args.key_file).read_text().strip())
         pub = PrivateKey(secret).public_key_xonly.format()
@@ -89,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ClientError("--key-file is required to sign")
         elif args.cmd == "submit":
             try:
-                payload: T.Payload = TaskSubmit(args.bounty, args.min_reputation_ppm, args.max_price,
+                payload: Payload = TaskSubmit(args.bounty, args.min_reputation_ppm, args.max_price,
                                                 args.model.encode(), args.region.encode(), digits_input(args.digits))
             except DecodeError as e:
                 raise ClientError(str(e)) from None

@@ -19,10 +19,10 @@ import aiohttp
 from l2d.config import OrchestrationConfig
 from l2d.core.errors import Rejected
 from l2d.core.hashing import tagged_hash
+from l2d.core.payload import Payload, TxType
 from l2d.core.state import Namespace, StateView
-from l2d.core.tx import Payload, Transaction, TxType
-from l2d.core.work import (TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, backup_fits, silent, task_key,
-                             verdict)
+from l2d.core.tx import Transaction
+from l2d.core.work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus, backup_fits, silent, task_key, verdict
 from l2d.core.work_tx import (PPM, ZERO_KEY, Role, TaskAssign, TaskDispute, TaskReassign, TaskResolve, TaskSettle,
                               fingerprints_match, parse_fingerprint)
 from orchestration.errors import NoEligibleWorker

@@ -19,8 +19,8 @@ from coincurve import PrivateKey
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anchoring.payload import output_key  # noqa: E402
 from l2d.config import Config  # noqa: E402
+from l2d.core.anchor_format import output_key
 
 
 def write(out: Path) -> None:

@@ -20,11 +20,11 @@ import sys
 import time
 from typing import Any, Optional
 
-from anchoring.audit import AuditBundle, verify_bundle
-from bridge.spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, SpvError
+from l2d.core.audit import AuditBundle, verify_bundle
 from l2d.core.errors import DecodeError, L2Error
 from l2d.core.params import NETWORKS, Network
 from l2d.core.snapshot import SnapshotError, SnapshotInvalid
+from l2d.core.spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, SpvError
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 CHAIN_CHOICES = ("regtest", "testnet", "signet", "mainnet")

@@ -178,8 +178,8 @@ _CHECKPOINT = re.compile(r"(\d{1,10}):([0-9a-fA-F]{64})")
 
 def cmd_headers(a: argparse.Namespace) -> dict[str, Any]:
     # imported here: snapshot/proof runs need no Bitcoin libraries
-    from bridge.header_file import CheckpointNotInFile, HeaderFileChecksum, HeaderFileError, load_header_file
-    from bridge.spv import SpvError
+    from l2d.core.header_file import CheckpointNotInFile, HeaderFileChecksum, HeaderFileError, load_header_file
+    from l2d.core.spv import SpvError
 
     checkpoint: Optional[tuple[int, bytes]] = None
     if a.checkpoint is not None:

@@ -17,13 +17,13 @@ from typing import Optional, cast
 
 from .codec import Reader, write_bytes, write_varint
 from .errors import DecodeError, InvalidTransaction, Overflow, Unauthorized
+from .fl_tx import (MAX_NODE_KEY, MAX_PARTICIPANTS, RECLAIM_BLOCKS, ZERO32, FlFinish, FlJobPost, FlReclaim, FlRegister,
+                    FlRound)
 from .hashing import tagged_hash
 from .params import MAX_MONEY
-from .state import (ANCHOR_AUTHORITY_KEY, Namespace, Rules, StateView, add_locked, bump_authority_nonce,
-                    charge_sender, credit, locked_sat, register_handlers)
-from .fl_tx import (MAX_NODE_KEY, MAX_PARTICIPANTS, RECLAIM_BLOCKS, ZERO32, FlFinish, FlJobPost, FlReclaim,
-                    FlRegister, FlRound)
-from .tx import Transaction, TxType
+from .state import (ANCHOR_AUTHORITY_KEY, Namespace, Rules, StateView, add_locked, bump_authority_nonce, charge_sender,
+                    credit, locked_sat)
+from .tx import Transaction
 
 _JOB_HEAD = struct.Struct(">B32sQ32sHHHQH32sQQQ")
 _PART_HEAD = struct.Struct(">32sQHQQ")
@@ -285,7 +285,3 @@ def apply_reclaim(view: StateView, tx: Transaction, rules: Rules) -> None:
                                  f"height {since + RECLAIM_BLOCKS}")
     charge_sender(view, tx, rules, 0)
     _close(view, p.job_id, job, reward_split(job), JobStatus.RECLAIMED)
-
-
-register_handlers({TxType.FL_JOB_POST: apply_job_post, TxType.FL_REGISTER: apply_register,
-                   TxType.FL_ROUND: apply_round, TxType.FL_FINISH: apply_finish, TxType.FL_RECLAIM: apply_reclaim})

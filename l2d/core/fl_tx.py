@@ -13,7 +13,7 @@ from typing import ClassVar
 from .codec import Reader, write_bytes, write_varint
 from .errors import OutOfRange
 from .params import MAX_MONEY
-from .tx import TxType, register_payloads
+from .payload import TxType
 
 PPM = 1_000_000
 MAX_ROUNDS = 10_000
@@ -276,6 +276,3 @@ class FlReclaim:
         job = r.take(32)
         r.end()
         return cls(job)
-
-
-register_payloads(FlJobPost, FlRegister, FlRound, FlFinish, FlReclaim)

@@ -29,17 +29,18 @@ from bitcoinutils.bech32 import decode as bech32_decode
 from bitcoinutils.bech32 import encode as bech32_encode
 from coincurve import PublicKey
 
-from bridge.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BITCOIN_SIGNET, ChainParams, SpvError, check_pow,
-                        dsha256, parse_header, parse_tx, verify_tx_in_block)
-
-from .errors import (BadNonce, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction, Overflow,
-                     Rejected)
+from .anchor import AnchorEntry, anchor_key
+from .anchor_tx import AnchorStatus
+from .chains import BTC_CHAINS, btc_chain
+from .coin_tx import Burn
+from .errors import BadNonce, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction, Overflow, Rejected
 from .hashing import H_PEGIN_OUTPOINT, H_PEGIN_TWEAK, sha256
-from .params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
+from .params import MAX_MONEY, Network
 from .pegs_tx import BTC_HEADER_SIZE, BtcHeaders, PeginClaim, PegoutStatus, PegoutUpdate
-from .state import (ANCHOR_AUTHORITY_KEY, SUPPLY_KEY, AnchorEntry, Namespace, Rules, StateView, Supply,
-                    account_key, anchor_key, bump_authority_nonce, charge_sender, meta_key, register_handlers)
-from .tx import AnchorStatus, Burn, Transaction, TxType
+from .spv import SpvError, check_pow, dsha256, parse_header, parse_tx, verify_tx_in_block
+from .state import (ANCHOR_AUTHORITY_KEY, SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key,
+                    bump_authority_nonce, charge_sender, meta_key)
+from .tx import Transaction
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 MAX_FEDERATION = 15  # keeps the witness script standard (P2WSH multisig of up to 15 keys, < 3600 bytes)
@@ -110,25 +111,6 @@ class BadPegoutTransition(BridgeRejected):
     reason = "bad-pegout-transition"
 
 
-# -- the Bitcoin chain paired with each L2 network ------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class BtcChain:
-    spv: ChainParams
-    hrp: str
-    p2pkh_version: int
-    p2sh_version: int
-
-
-BTC_REGTEST = BtcChain(BITCOIN_REGTEST, "bcrt", 0x6F, 0xC4)
-BTC_SIGNET = BtcChain(BITCOIN_SIGNET, "tb", 0x6F, 0xC4)
-BTC_MAINNET = BtcChain(BITCOIN_MAINNET, "bc", 0x00, 0x05)
-_BTC_CHAIN = {LOCAL.id: BTC_REGTEST, REGTEST.id: BTC_REGTEST, SIGNET.id: BTC_SIGNET, MAINNET.id: BTC_MAINNET}
-
-
-def btc_chain(network: Network) -> BtcChain:
-    return _BTC_CHAIN[network.id]
-
-
 def address_script(address: str, network: Network) -> bytes:
     """scriptPubKey of a Bitcoin address of the network's paired chain; BadAddress for anything else.
 
@@ -145,7 +127,7 @@ def address_script(address: str, network: Network) -> bytes:
         if (ver, len(prog)) in ((0, 20), (0, 32), (1, 32)):
             return bytes((0x50 + ver if ver else 0, len(prog))) + prog
         raise BadAddress(f"{address!r}: witness v{ver} with a {len(prog)}-byte program is not a standard payout")
-    for other in _BTC_CHAIN.values():
+    for other in BTC_CHAINS:
         if other.hrp != chain.hrp and address.lower().startswith(other.hrp + "1"):
             raise BadAddress(f"{address!r} is a {other.spv.name} address; this is {chain.spv.name}")
     try:
@@ -421,9 +403,9 @@ def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
         raise AlreadyClaimed(f"deposit {info.txid_hex}:{p.vout} is already claimed")
     skey = account_key(tx.sender)
     raw = view.get(skey)
-    bal, nonce = struct.unpack(">QQ", raw) if raw is not None else (0, 0)
-    if tx.nonce != nonce:
-        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
+    acc = Account.decode(raw) if raw is not None else Account(0, 0)
+    if tx.nonce != acc.nonce:
+        raise BadNonce(f"nonce {tx.nonce}, expected {acc.nonce}")
     fee = tx.fee_sat
     if fee < rules.min_fee_sat:
         raise FeeTooLow(f"fee {fee} sat is below the floor of {rules.min_fee_sat} sat")
@@ -433,7 +415,7 @@ def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
     if sup.minted_sat + amount > MAX_MONEY:
         raise Overflow(f"claiming {amount} would exceed the supply cap")
     totals = bridge_totals(view)
-    view.put(skey, struct.pack(">QQ", bal + amount - fee, nonce + 1))
+    view.put(skey, Account(acc.balance_sat + amount - fee, acc.nonce + 1).encode())
     view.put(SUPPLY_KEY, Supply(sup.minted_sat + amount, sup.burned_sat, sup.fees_sat + fee).encode())
     view.put(key, PeginEntry(info.txid, p.vout, amount, p.btc_height, tx.sender).encode())
     view.put(BRIDGE_TOTALS_KEY, BridgeTotals(totals.pegged_in_sat + amount, totals.pending_out_sat,
@@ -492,7 +474,3 @@ def apply_pegout_update(view: StateView, tx: Transaction, rules: Rules) -> None:
         t = bridge_totals(view)
         view.put(BRIDGE_TOTALS_KEY, BridgeTotals(t.pegged_in_sat, t.pending_out_sat - entry.amount_sat,
                                                  t.paid_out_sat + entry.amount_sat).encode())
-
-
-register_handlers({TxType.BTC_HEADERS: apply_btc_headers, TxType.PEGIN_CLAIM: apply_pegin_claim,
-                   TxType.BURN: apply_burn, TxType.PEGOUT_UPDATE: apply_pegout_update})

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from .codec import Reader, write_bytes
 from .errors import DecodeError, OutOfRange
-from .tx import TxType, register_payloads
+from .payload import TxType
 
 BTC_HEADER_SIZE = 80
 MAX_RELAY_HEADERS = 50  # 4 + 1 + 50 * 80 = 4005 bytes, inside MAX_PAYLOAD
@@ -150,6 +150,3 @@ class PegoutUpdate:
         if len(b) != _PEGOUT_UPDATE.size:
             raise DecodeError(f"peg-out update payload is {len(b)} bytes, expected {_PEGOUT_UPDATE.size}")
         return cls(*_PEGOUT_UPDATE.unpack(b))
-
-
-register_payloads(BtcHeaders, PeginClaim, PegoutUpdate)

@@ -1,19 +1,20 @@
-"""State layout (namespaced keys, canonical values) and the state transition function.
+"""State layout (namespaced keys, canonical values), the write overlay the rules work on, and the helpers
+every subsystem's rules share (charging the sender, authority nonces, locked money, credits).
 
-apply_tx(view, tx, rules) either records the transaction's writes in view or raises a Rejected
-subclass having written nothing: every check runs before the first write.
+The rules themselves live one module per subsystem; l2d/core/rules.py maps each transaction type to its rule
+and holds apply_tx.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable, Optional, Protocol, cast
+from typing import Callable, Iterable, Optional
 
-from .errors import (BadNonce, DecodeError, FeeTooLow, ForeignNetwork, InsufficientBalance, InvalidTransaction, Overflow,
-                     Unauthorized, UnknownSender)
+from .errors import (BadNonce, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction, Overflow, Unauthorized,
+                     UnknownSender)
 from .params import MAX_MONEY, Network
-from .tx import AnchorStatus, AnchorUpdate, Mint, Transaction, Transfer, TxType, check_signature, is_valid_key
+from .tx import Transaction, is_valid_key
 
 
 class Namespace(IntEnum):
@@ -43,10 +44,6 @@ def account_key(pubkey: bytes) -> bytes:
     return bytes((Namespace.ACCOUNT,)) + pubkey
 
 
-def anchor_key(l2_height: int) -> bytes:
-    """0x04 || l2_height as a 32-byte big-endian integer."""
-    return bytes((Namespace.ANCHOR,)) + l2_height.to_bytes(32, "big")
-
 
 SUPPLY_KEY = meta_key("supply")
 # Money held by the ledger itself (escrowed bounties and reward pools, locked stakes): u64, absent = 0.
@@ -55,11 +52,11 @@ LOCKED_KEY = meta_key("locked")
 MINT_AUTHORITY_KEY = meta_key("mint_authority")
 ANCHOR_AUTHORITY_KEY = meta_key("anchor_authority")
 
-_ACCOUNT = struct.Struct(">QQ")
-_SUPPLY = struct.Struct(">QQQ")
-_ANCHOR_VALUE = struct.Struct(">32s32s32sIB")
+# The byte layouts of the two records every transaction touches (Account and Supply encode with these; the
+# transfer rule, the ledger's hot path, packs them directly).
+ACCOUNT_LAYOUT = struct.Struct(">QQ")
+SUPPLY_LAYOUT = struct.Struct(">QQQ")
 _ACC_PREFIX = bytes((Namespace.ACCOUNT,))
-_MAX_NONCE = 2**64 - 1  # an account's nonce is a u64; the last value can never be followed
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +65,13 @@ class Account:
     nonce: int
 
     def encode(self) -> bytes:
-        return _ACCOUNT.pack(self.balance_sat, self.nonce)
+        return ACCOUNT_LAYOUT.pack(self.balance_sat, self.nonce)
 
     @classmethod
     def decode(cls, b: bytes) -> "Account":
-        if len(b) != _ACCOUNT.size:
-            raise DecodeError(f"account value is {len(b)} bytes, expected {_ACCOUNT.size}")
-        return cls(*_ACCOUNT.unpack(b))
+        if len(b) != ACCOUNT_LAYOUT.size:
+            raise DecodeError(f"account value is {len(b)} bytes, expected {ACCOUNT_LAYOUT.size}")
+        return cls(*ACCOUNT_LAYOUT.unpack(b))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,36 +83,14 @@ class Supply:
     fees_sat: int
 
     def encode(self) -> bytes:
-        return _SUPPLY.pack(self.minted_sat, self.burned_sat, self.fees_sat)
+        return SUPPLY_LAYOUT.pack(self.minted_sat, self.burned_sat, self.fees_sat)
 
     @classmethod
     def decode(cls, b: bytes) -> "Supply":
-        if len(b) != _SUPPLY.size:
-            raise DecodeError(f"supply value is {len(b)} bytes, expected {_SUPPLY.size}")
-        return cls(*_SUPPLY.unpack(b))
+        if len(b) != SUPPLY_LAYOUT.size:
+            raise DecodeError(f"supply value is {len(b)} bytes, expected {SUPPLY_LAYOUT.size}")
+        return cls(*SUPPLY_LAYOUT.unpack(b))
 
-
-@dataclass(frozen=True, slots=True)
-class AnchorEntry:
-    """State value under anchor_key(h): the anchored root and where its Bitcoin anchor stands (101 bytes)."""
-
-    state_root: bytes
-    btc_txid: bytes
-    btc_block_hash: bytes
-    btc_height: int
-    status: AnchorStatus
-
-    def encode(self) -> bytes:
-        return _ANCHOR_VALUE.pack(self.state_root, self.btc_txid, self.btc_block_hash, self.btc_height, self.status)
-
-    @classmethod
-    def decode(cls, b: bytes) -> "AnchorEntry":
-        if len(b) != _ANCHOR_VALUE.size:
-            raise DecodeError(f"anchor value is {len(b)} bytes, expected {_ANCHOR_VALUE.size}")
-        root, txid, block, height, status = _ANCHOR_VALUE.unpack(b)
-        if status not in (1, 2, 3):
-            raise DecodeError(f"anchor value status {status}")
-        return cls(root, txid, block, height, AnchorStatus(status))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,20 +136,6 @@ class StateView:
         return None if v is None else Account.decode(v)
 
 
-class Handler(Protocol):
-    def __call__(self, view: StateView, tx: Transaction, rules: Rules) -> None: ...
-
-
-# The subsystems' state transitions, by transaction type (registered at the bottom of this module).
-HANDLERS: dict[int, Handler] = {}
-
-
-def register_handlers(handlers: dict[int, Handler]) -> None:
-    for typ, fn in handlers.items():
-        if typ in HANDLERS:
-            raise RuntimeError(f"state transition for type {typ} registered twice")
-        HANDLERS[typ] = fn
-
 
 def charge_sender(view: StateView, tx: Transaction, rules: Rules, debit_sat: int) -> Account:
     """Check the sender's account (exists, nonce, fee floor, balance >= debit + fee), then write it back
@@ -186,7 +147,7 @@ def charge_sender(view: StateView, tx: Transaction, rules: Rules, debit_sat: int
     raw = view.get(skey)
     if raw is None:
         raise UnknownSender(f"no account {tx.sender.hex()}")
-    bal, nonce = _ACCOUNT.unpack(raw)
+    bal, nonce = ACCOUNT_LAYOUT.unpack(raw)
     if tx.nonce != nonce:
         raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
     fee = tx.fee_sat
@@ -194,10 +155,10 @@ def charge_sender(view: StateView, tx: Transaction, rules: Rules, debit_sat: int
         raise FeeTooLow(f"fee {fee} sat is below the floor of {rules.min_fee_sat} sat")
     if debit_sat + fee > bal:
         raise InsufficientBalance(f"needs {debit_sat + fee} sat ({debit_sat} + fee {fee}), balance is {bal}")
-    view.put(skey, _ACCOUNT.pack(bal - debit_sat - fee, nonce + 1))
+    view.put(skey, ACCOUNT_LAYOUT.pack(bal - debit_sat - fee, nonce + 1))
     if fee:
-        sup = Supply.decode(view.get(SUPPLY_KEY) or _SUPPLY.pack(0, 0, 0))
-        view.put(SUPPLY_KEY, _SUPPLY.pack(sup.minted_sat, sup.burned_sat, sup.fees_sat + fee))
+        sup = Supply.decode(view.get(SUPPLY_KEY) or SUPPLY_LAYOUT.pack(0, 0, 0))
+        view.put(SUPPLY_KEY, SUPPLY_LAYOUT.pack(sup.minted_sat, sup.burned_sat, sup.fees_sat + fee))
     return Account(bal, nonce)
 
 
@@ -210,10 +171,10 @@ def bump_authority_nonce(view: StateView, tx: Transaction, authority_key: bytes,
         raise InvalidTransaction(f"a {tx.type.name.lower()} transaction carries no fee")
     skey = _ACC_PREFIX + tx.sender
     raw = view.get(skey)
-    bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
+    bal, nonce = ACCOUNT_LAYOUT.unpack(raw) if raw is not None else (0, 0)
     if tx.nonce != nonce:
         raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
-    view.put(skey, _ACCOUNT.pack(bal, nonce + 1))
+    view.put(skey, ACCOUNT_LAYOUT.pack(bal, nonce + 1))
 
 
 def locked_sat(view: StateView) -> int:
@@ -233,105 +194,10 @@ def credit(view: StateView, pubkey: bytes, amount: int) -> None:
     """Add amount to an account's balance, creating the account if needed."""
     key = _ACC_PREFIX + pubkey
     r = view.get(key)
-    bal, nonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
+    bal, nonce = ACCOUNT_LAYOUT.unpack(r) if r is not None else (0, 0)
     if bal + amount > MAX_MONEY:
         raise Overflow(f"balance of {pubkey.hex()} would exceed {MAX_MONEY}")
-    view.put(key, _ACCOUNT.pack(bal + amount, nonce))
-
-
-def apply_tx(view: StateView, tx: Transaction, rules: Rules, *, signature_checked: bool = False) -> None:
-    """Apply one decoded transaction to view, or raise a Rejected subclass and change nothing."""
-    if tx.network_id != rules.network.id:
-        raise ForeignNetwork(f"transaction is for network id {tx.network_id}, this is {rules.network.name}")
-    if tx.nonce >= _MAX_NONCE:
-        raise BadNonce(f"nonce {tx.nonce} leaves no next nonce")
-    if not signature_checked:
-        check_signature(tx)
-    get = view.get
-    typ = tx.payload.TYPE
-    sender_key = _ACC_PREFIX + tx.sender
-    raw = get(sender_key)
-    sup_raw = get(SUPPLY_KEY)
-    minted, burned, fees = _SUPPLY.unpack(sup_raw) if sup_raw is not None else (0, 0, 0)
-    fee = tx.fee_sat
-
-    if typ == TxType.MINT:
-        if not rules.network.admin_mint:
-            raise Unauthorized(f"minting is not allowed on {rules.network.name}")
-        if get(MINT_AUTHORITY_KEY) != tx.sender:
-            raise Unauthorized(f"{tx.sender.hex()} is not the mint authority")
-        if fee != 0:
-            raise InvalidTransaction("a mint carries no fee")
-        bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
-        if tx.nonce != nonce:
-            raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
-        mint = cast(Mint, tx.payload)
-        recipient, amount = mint.recipient, mint.amount_sat
-        if not is_valid_key(recipient):
-            raise InvalidTransaction(f"recipient {recipient.hex()} is not a valid x-only key")
-        if minted + amount > MAX_MONEY:
-            raise Overflow(f"minting {amount} would exceed the supply cap {MAX_MONEY}")
-        if recipient == tx.sender:
-            view.put(sender_key, _ACCOUNT.pack(bal + amount, nonce + 1))
-        else:
-            rkey = _ACC_PREFIX + recipient
-            r = get(rkey)
-            rbal, rnonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
-            view.put(sender_key, _ACCOUNT.pack(bal, nonce + 1))
-            view.put(rkey, _ACCOUNT.pack(rbal + amount, rnonce))
-        view.put(SUPPLY_KEY, _SUPPLY.pack(minted + amount, burned, fees))
-        return
-
-    if typ == TxType.ANCHOR:
-        _apply_anchor(view, tx, raw, sender_key)
-        return
-    handler = HANDLERS.get(typ)
-    if handler is not None:
-        handler(view, tx, rules)
-        return
-    if typ != TxType.TRANSFER:  # a decoded type without a state transition
-        raise InvalidTransaction(f"transaction type {typ!r} is not applicable")
-
-    if raw is None:
-        raise UnknownSender(f"no account {tx.sender.hex()}")
-    bal, nonce = _ACCOUNT.unpack(raw)
-    if tx.nonce != nonce:
-        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
-    if fee < rules.min_fee_sat:
-        raise FeeTooLow(f"fee {fee} sat is below the floor of {rules.min_fee_sat} sat")
-    amount = tx.payload.debit_sat()
-    if amount + fee > bal:
-        raise InsufficientBalance(f"needs {amount + fee} sat (amount {amount} + fee {fee}), balance is {bal}")
-
-    recipient = cast(Transfer, tx.payload).recipient
-    if recipient == tx.sender:
-        raise InvalidTransaction("transfer to oneself")
-    if not is_valid_key(recipient):
-        raise InvalidTransaction(f"recipient {recipient.hex()} is not a valid x-only key")
-    rkey = _ACC_PREFIX + recipient
-    r = get(rkey)
-    rbal, rnonce = _ACCOUNT.unpack(r) if r is not None else (0, 0)
-    if rbal + amount > MAX_MONEY:
-        raise Overflow(f"recipient balance would exceed {MAX_MONEY}")
-    view.put(sender_key, _ACCOUNT.pack(bal - amount - fee, nonce + 1))
-    view.put(rkey, _ACCOUNT.pack(rbal + amount, rnonce))
-    view.put(SUPPLY_KEY, _SUPPLY.pack(minted, burned, fees + fee))
-
-
-def _apply_anchor(view: StateView, tx: Transaction, raw: Optional[bytes], sender_key: bytes) -> None:
-    """AnchorUpdate: the anchor authority records (or moves) the Bitcoin anchor of one L2 height."""
-    get = view.get
-    if get(ANCHOR_AUTHORITY_KEY) != tx.sender:
-        raise Unauthorized(f"{tx.sender.hex()} is not the anchor authority")
-    if tx.fee_sat != 0:
-        raise InvalidTransaction("an anchor update carries no fee")
-    bal, nonce = _ACCOUNT.unpack(raw) if raw is not None else (0, 0)
-    if tx.nonce != nonce:
-        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
-    p = cast(AnchorUpdate, tx.payload)
-    entry = AnchorEntry(p.state_root, p.btc_txid, p.btc_block_hash, p.btc_height, p.status)
-    view.put(sender_key, _ACCOUNT.pack(bal, nonce + 1))
-    view.put(anchor_key(p.l2_height), entry.encode())
+    view.put(key, ACCOUNT_LAYOUT.pack(bal + amount, nonce))
 
 
 def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[bytes],
@@ -359,8 +225,3 @@ def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[b
         state[ANCHOR_AUTHORITY_KEY] = anchor_authority
     return state
 
-
-# The subsystems' state transitions import the names above; they register themselves when imported here.
-from . import pegs  # noqa: E402,F401
-from . import work  # noqa: E402,F401
-from . import fl  # noqa: E402,F401

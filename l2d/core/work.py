@@ -17,11 +17,11 @@ from .codec import Reader, write_bytes
 from .errors import DecodeError, InvalidTransaction, Overflow
 from .params import MAX_MONEY
 from .state import (ANCHOR_AUTHORITY_KEY, SUPPLY_KEY, Namespace, Rules, StateView, Supply, add_locked,
-                    bump_authority_nonce, charge_sender, credit, register_handlers)
-from .tx import Transaction, TxType
-from .work_tx import (FP_POSITION, MAX_IMAGES, PPM, ZERO_KEY, Role, TaskAssign, TaskCancel, TaskDispute,
-                      TaskReassign, TaskResolve, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerRegister,
-                      fingerprints_match, parse_fingerprint)
+                    bump_authority_nonce, charge_sender, credit)
+from .tx import Transaction
+from .work_tx import (FP_POSITION, MAX_IMAGES, PPM, ZERO_KEY, Role, TaskAssign, TaskCancel, TaskDispute, TaskReassign,
+                      TaskResolve, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerRegister, fingerprints_match,
+                      parse_fingerprint)
 
 EXIT_DELAY_BLOCKS = 100  # an exited worker's stake stays slashable this long
 INITIAL_REPUTATION_PPM = 500_000
@@ -540,11 +540,3 @@ def apply_resolve(view: StateView, tx: Transaction, rules: Rules) -> None:
     _credit_all(view, payouts + [(winner_pk, p.challenger_sat)])
     outcome = Outcome.WORKER_SLASHED if p.loser == Role.WORKER else Outcome.VERIFIER_SLASHED
     view.put(task_key(p.task_id), replace(t, status=TaskStatus.SETTLED, outcome=outcome).encode())
-
-
-register_handlers({
-    TxType.WORKER_REGISTER: apply_register, TxType.WORKER_HEARTBEAT: apply_heartbeat, TxType.WORKER_EXIT: apply_exit,
-    TxType.WORKER_WITHDRAW: apply_withdraw, TxType.TASK_SUBMIT: apply_submit, TxType.TASK_ASSIGN: apply_assign,
-    TxType.TASK_RESULT: apply_result, TxType.TASK_REASSIGN: apply_reassign, TxType.TASK_SETTLE: apply_settle,
-    TxType.TASK_DISPUTE: apply_dispute, TxType.TASK_RESOLVE: apply_resolve, TxType.TASK_CANCEL: apply_cancel,
-})

@@ -14,7 +14,7 @@ from typing import ClassVar
 from .codec import Reader, write_bytes
 from .errors import DecodeError, OutOfRange
 from .params import MAX_MONEY
-from .tx import TxType, register_payloads
+from .payload import TxType
 
 PPM = 1_000_000
 MAX_PRICE_SAT = 10**12
@@ -570,7 +570,3 @@ class TaskCancel:
         if len(b) != 32:
             raise DecodeError(f"task cancel payload is {len(b)} bytes, expected 32")
         return cls(b)
-
-
-register_payloads(WorkerRegister, WorkerHeartbeat, WorkerExit, WorkerWithdraw, TaskSubmit, TaskAssign, TaskResult,
-                  TaskReassign, TaskSettle, TaskDispute, TaskResolve, TaskCancel)

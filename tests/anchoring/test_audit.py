@@ -9,22 +9,21 @@ import struct
 from typing import Callable, Optional
 
 import pytest
-from bitcoin.core import (COutPoint, CMutableTransaction, CMutableTxIn, CMutableTxOut, CScript, CTxInWitness,
-                          CTxWitness)
+from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, CTxInWitness, CTxWitness
 from bitcoin.core.script import CScriptWitness
 from coincurve import PrivateKey
 
-from anchoring.audit import (MAGIC, AccountProofInvalid, AnchorKind, AnchorNotInTx, AuditBundle, BlockNotInChain,
-                             BundleChecksumMismatch, BundleMalformed, EvidenceHeightMismatch, ProofEvidence, Section,
-                             SnapshotEvidence, StateRootMismatch, TooFewConfirmations, verify_bundle)
-from anchoring.payload import AnchorRecord, TaprootAnchor, op_return_script
-from bridge.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BadLink, BadProofOfWork, CheckpointMismatch, Header,
-                        MerkleMutation, MerkleRootMismatch, PartialMerkleTree, TimeTooNew, TxNotInProof,
-                        bits_to_target, build_partial_merkle_tree, compute_merkle_root, make_header,
-                        parse_merkleblock, parse_tx, serialize_merkleblock)
+from l2d.core.anchor_format import AnchorRecord, TaprootAnchor, op_return_script
+from l2d.core.audit import (MAGIC, AccountProofInvalid, AnchorKind, AnchorNotInTx, AuditBundle, BlockNotInChain,
+                            BundleChecksumMismatch, BundleMalformed, EvidenceHeightMismatch, ProofEvidence, Section,
+                            SnapshotEvidence, StateRootMismatch, TooFewConfirmations, verify_bundle)
 from l2d.core.errors import TrailingBytes, Truncated, UnknownVersion, WrongNetwork
 from l2d.core.params import LOCAL, REGTEST
 from l2d.core.snapshot import SnapshotInvalid, write_snapshot
+from l2d.core.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BadLink, BadProofOfWork, CheckpointMismatch, Header,
+                          MerkleMutation, MerkleRootMismatch, PartialMerkleTree, TimeTooNew, TxNotInProof,
+                          bits_to_target, build_partial_merkle_tree, compute_merkle_root, make_header,
+                          parse_merkleblock, parse_tx, serialize_merkleblock)
 from l2d.core.tree import KEY_SIZE, StateTree
 
 L2_HEIGHT = 1234

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from coincurve import PrivateKey, PublicKeyXOnly
 
-from anchoring.btc_tx import (Prevout, TxOut, build_signed, estimate_vsize, key_path_script, sha256d,
-                              taproot_sighash, tweaked_secret)
-from anchoring.payload import AnchorRecord, TaprootAnchor, output_key, op_return_script
+from anchoring.btc_tx import (Prevout, TxOut, build_signed, estimate_vsize, key_path_script, sha256d, taproot_sighash,
+                              tweaked_secret)
+from l2d.core.anchor_format import AnchorRecord, TaprootAnchor, op_return_script, output_key
 
 BIP341 = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "bip341_wallet_vectors.json"
 SECRET = hashlib.sha256(b"l2d test federation key").digest()

@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 import pytest
 
-from anchoring.payload import (NO_PREVIOUS, RECORD_SIZE, AnchorFormatError, AnchorRecord, Leaf, ScriptTree,
-                               TaprootAnchor, control_block, op_return_script, output_key, p2tr_script,
-                               parse_op_return, tapleaf_hash, taptweak, tree_root)
+from l2d.core.anchor_format import (NO_PREVIOUS, RECORD_SIZE, AnchorFormatError, AnchorRecord, Leaf, ScriptTree,
+                                    TaprootAnchor, control_block, op_return_script, output_key, p2tr_script,
+                                    parse_op_return, tapleaf_hash, taptweak, tree_root)
 from l2d.core.errors import DecodeError, OutOfRange, UnknownVersion, WrongNetwork
 from l2d.core.params import LOCAL, REGTEST
 

@@ -11,9 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
-from anchoring.payload import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 from l2d.api import make_app
 from l2d.config import Config
+from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.params import REGTEST
 from l2d.core.state import ANCHOR_AUTHORITY_KEY
 from l2d.node import Node

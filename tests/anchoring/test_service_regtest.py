@@ -16,12 +16,13 @@ from typing import Any, Awaitable, Callable
 
 from coincurve import PrivateKey
 
-from anchoring.audit import AuditBundle, ProofEvidence
 from anchoring.btc_tx import key_path_script
-from anchoring.payload import AnchorRecord
 from bridge.rpc import BitcoinRPC
+from l2d.core.anchor_format import AnchorRecord
+from l2d.core.audit import AuditBundle, ProofEvidence
+from l2d.core.coin_tx import Transfer
 from l2d.core.params import REGTEST
-from l2d.core.tx import Transfer, sign
+from l2d.core.tx import sign
 from regtest.harness import BitcoindNode, fund_wallet
 
 TOKEN = "anchor-test-admin-token-0001"

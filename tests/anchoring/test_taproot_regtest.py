@@ -6,8 +6,8 @@ import hashlib
 from coincurve import PrivateKey
 
 from anchoring.btc_tx import Prevout, TxOut, build_signed, key_path_script
-from anchoring.payload import AnchorRecord, TaprootAnchor, op_return_script
 from bridge.rpc import BitcoinRPC
+from l2d.core.anchor_format import AnchorRecord, TaprootAnchor, op_return_script
 from regtest.harness import fund_wallet
 
 FED_SECRET = hashlib.sha256(b"l2d test federation key").digest()

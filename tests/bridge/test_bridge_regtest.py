@@ -27,10 +27,11 @@ from anchoring.btc_tx import key_path_script
 from bridge.rpc import BitcoinRPC, RPCError
 from l2d.api import make_app
 from l2d.config import Config
+from l2d.core.coin_tx import Burn
 from l2d.core.params import REGTEST
 from l2d.core.pegs import CHANGE_CONTRACT, deposit_script_pubkey
 from l2d.core.pegs_tx import PeginClaim
-from l2d.core.tx import Burn, sign
+from l2d.core.tx import sign
 from l2d.node import Node
 from regtest.harness import BitcoindNode, fund_wallet
 

@@ -15,12 +15,11 @@ from coincurve import PrivateKey
 
 from bridge.federation import (DUST_SAT, Coin, InsufficientFunds, LocalSigner, Pegout, PolicyViolation, QuorumError,
                                build_psbt, combine, finalize, plan_batch, unsigned_txid)
+from l2d.core.anchor import AnchorEntry, anchor_key
+from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.params import REGTEST
-from l2d.core.pegs import (CHANGE_CONTRACT, Federation, PegoutEntry, deposit_script_pubkey, pegout_key,
-                           witness_script)
+from l2d.core.pegs import CHANGE_CONTRACT, Federation, PegoutEntry, deposit_script_pubkey, pegout_key, witness_script
 from l2d.core.pegs_tx import PegoutStatus
-from l2d.core.state import AnchorEntry, anchor_key
-from l2d.core.tx import AnchorStatus
 
 
 def secret(n: int) -> bytes:

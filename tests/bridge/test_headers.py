@@ -24,52 +24,17 @@ from hypothesis import strategies as st
 
 import bridge.headers as headers_mod
 from bridge.chain_tracker import Connected, Disconnected
-from bridge.header_file import (
-    MAGIC,
-    CheckpointNotInFile,
-    HeaderFileChecksum,
-    HeaderFileEmpty,
-    HeaderFileTrailingBytes,
-    HeaderFileTruncated,
-    HeaderFileUnknownChain,
-    HeaderFileVersionError,
-    HeaderFileWrongChain,
-    NotAHeaderFile,
-    load_header_file,
-    write_header_file,
-)
-from bridge.headers import (
-    ConcurrentSync,
-    HeaderSourceError,
-    HeaderStore,
-    ReorgTooDeep,
-    StartNotInChain,
-    StoreMismatch,
-    UnknownHeight,
-)
+from bridge.headers import (ConcurrentSync, HeaderSourceError, HeaderStore, ReorgTooDeep, StartNotInChain,
+                            StoreMismatch, UnknownHeight)
 from bridge.rpc import BitcoinRPC, RPCConnectionRefused, RPCInvalidParameter
-from bridge.spv import (
-    BITCOIN_REGTEST,
-    BadDifficulty,
-    BadLink,
-    BadProofOfWork,
-    ChainParams,
-    CheckpointMismatch,
-    Header,
-    NegativeTarget,
-    SpvError,
-    TargetAboveLimit,
-    TargetOverflow,
-    TimeTooNew,
-    TimeTooOld,
-    ZeroTarget,
-    bits_to_target,
-    block_work,
-    calculate_next_bits,
-    make_header,
-    target_to_bits,
-)
 from bridge.zmq_sub import BlockHashEvent, ZmqSubscriber
+from l2d.core.header_file import (MAGIC, CheckpointNotInFile, HeaderFileChecksum, HeaderFileEmpty,
+                                  HeaderFileTrailingBytes, HeaderFileTruncated, HeaderFileUnknownChain,
+                                  HeaderFileVersionError, HeaderFileWrongChain, NotAHeaderFile, load_header_file,
+                                  write_header_file)
+from l2d.core.spv import (BITCOIN_REGTEST, BadDifficulty, BadLink, BadProofOfWork, ChainParams, CheckpointMismatch,
+                          Header, NegativeTarget, SpvError, TargetAboveLimit, TargetOverflow, TimeTooNew, TimeTooOld,
+                          ZeroTarget, bits_to_target, block_work, calculate_next_bits, make_header, target_to_bits)
 from regtest.harness import BitcoindNode
 from verify_tool import cli
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
-from bitcoin.core import (COIN, COutPoint, CMutableTransaction, CMutableTxIn, CMutableTxOut, CScript,
-                          CScriptWitness, CTxInWitness, CTxWitness)
+from bitcoin.core import (COIN, CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript, CScriptWitness,
+                          CTxInWitness, CTxWitness)
 from bitcoin.core.script import OP_CHECKMULTISIG
 from bitcoin.segwit_addr import decode as bitcoinlib_segwit_decode
 from bitcoinutils.bech32 import Encoding
@@ -28,22 +28,26 @@ from coincurve import PrivateKey, PublicKey
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bridge.spv import (BITCOIN_REGTEST, Header, build_partial_merkle_tree, compute_merkle_root, decode_compact,
-                        dsha256, make_header, parse_tx, serialize_merkleblock)
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
+from l2d.core.coin_tx import Burn, Transfer
 from l2d.core.errors import (BadNonce, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction, OutOfRange,
                              Overflow, Rejected, Unauthorized, UnknownSender)
 from l2d.core.hashing import H_PEGIN_TWEAK
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
-from l2d.core.pegs import (BRIDGE_TOTALS_KEY, BTC_TIP_KEY, FEDERATION_KEY, PEGOUT_MIN_SAT, SECP256K1_N,
-                           AlreadyClaimed, BadAddress, BadPegoutTransition, BadRelay, BridgeTotals, BtcTip,
-                           ClaimTooShallow, Federation, InvalidPeginProof, NoBridge, PeginEntry, PegoutEntry,
-                           PegoutNotAnchored, PegoutTooSmall, UnknownBtcBlock, UnknownPegout, WrongDepositAddress,
-                           address_script, btc_header_key, deposit_script_pubkey, federation_genesis, pegin_key,
-                           pegin_tweak, pegout_key, script_address, witness_script)
+from l2d.core.payload import Payload
+from l2d.core.pegs import (BRIDGE_TOTALS_KEY, BTC_TIP_KEY, FEDERATION_KEY, PEGOUT_MIN_SAT, SECP256K1_N, AlreadyClaimed,
+                           BadAddress, BadPegoutTransition, BadRelay, BridgeTotals, BtcTip, ClaimTooShallow,
+                           Federation, InvalidPeginProof, NoBridge, PeginEntry, PegoutEntry, PegoutNotAnchored,
+                           PegoutTooSmall, UnknownBtcBlock, UnknownPegout, WrongDepositAddress, address_script,
+                           btc_header_key, deposit_script_pubkey, federation_genesis, pegin_key, pegin_tweak,
+                           pegout_key, script_address, witness_script)
 from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, PeginClaim, PegoutStatus, PegoutUpdate
-from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, apply_tx,
-                            genesis_state, locked_sat)
-from l2d.core.tx import MAX_TX_SIZE, AnchorStatus, AnchorUpdate, AnyPayload, Burn, Transaction, Transfer, decode, sign
+from l2d.core.rules import apply_tx
+from l2d.core.spv import (BITCOIN_REGTEST, Header, build_partial_merkle_tree, compute_merkle_root, decode_compact,
+                          dsha256, make_header, parse_tx, serialize_merkleblock)
+from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
+                            locked_sat)
+from l2d.core.tx import MAX_TX_SIZE, Transaction, decode, sign
 
 AUX = b"\0" * 32
 RULES = Rules(REGTEST, 1)
@@ -189,7 +193,7 @@ class World:
         self.nonce: Counter[bytes] = Counter()
         self.height = 1
 
-    def sign(self, who: bytes, payload: AnyPayload, fee: int = 0, nonce: Optional[int] = None) -> Transaction:
+    def sign(self, who: bytes, payload: Payload, fee: int = 0, nonce: Optional[int] = None) -> Transaction:
         return sign(REGTEST, who, self.nonce[xonly(who)] if nonce is None else nonce, fee, payload, AUX)
 
     def apply(self, tx: Transaction, height: Optional[int] = None) -> dict[bytes, Optional[bytes]]:
@@ -203,7 +207,7 @@ class World:
         self.nonce[tx.sender] += 1
         return view.writes
 
-    def do(self, who: bytes, payload: AnyPayload, fee: int = 0, height: Optional[int] = None) -> Transaction:
+    def do(self, who: bytes, payload: Payload, fee: int = 0, height: Optional[int] = None) -> Transaction:
         tx = self.sign(who, payload, fee)
         self.apply(tx, height)
         return tx

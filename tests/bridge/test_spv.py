@@ -8,21 +8,21 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
-from bitcoin.core import CBlock, COutPoint, CMutableTransaction, CMutableTxIn, CMutableTxOut, CScript
+from bitcoin.core import CBlock, CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CScript
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BITCOIN_SIGNET, BITCOIN_TESTNET3, HEADER_SIZE,
-                        MAX_BLOCK_TXS, BadDifficulty, BadHeader, BadLink, BadProofOfWork, ChainParams,
-                        CheckpointMismatch, Header, HeaderChain, HeaderTree, MalformedTransaction, MerkleBadCount,
-                        MerkleHeaderMismatch, MerkleMutation, MerkleRootMismatch, MerkleTooDeep, MerkleUnusedBits,
-                        MerkleUnusedHashes, NegativeTarget, PartialMerkleTree, SixtyFourByteTx, SpvError,
-                        TargetAboveLimit, TargetOverflow, TimeTooNew, TimeTooOld, TxNotInProof, ZeroTarget,
-                        best_tip, bits_to_target, block_work, build_partial_merkle_tree, calculate_next_bits,
-                        chain_params_by_name, check_future, check_pow, compute_merkle_root, decode_compact, make_header,
-                        parse_header, parse_merkleblock, parse_tx, permitted_transition, serialize_merkleblock,
-                        target_to_bits, verify_tx_in_block)
 from l2d.core.errors import DecodeError, NonMinimalVarint, OutOfRange, TrailingBytes, Truncated
+from l2d.core.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BITCOIN_SIGNET, BITCOIN_TESTNET3, HEADER_SIZE,
+                          MAX_BLOCK_TXS, BadDifficulty, BadHeader, BadLink, BadProofOfWork, ChainParams,
+                          CheckpointMismatch, Header, HeaderChain, HeaderTree, MalformedTransaction, MerkleBadCount,
+                          MerkleHeaderMismatch, MerkleMutation, MerkleRootMismatch, MerkleTooDeep, MerkleUnusedBits,
+                          MerkleUnusedHashes, NegativeTarget, PartialMerkleTree, SixtyFourByteTx, SpvError,
+                          TargetAboveLimit, TargetOverflow, TimeTooNew, TimeTooOld, TxNotInProof, ZeroTarget, best_tip,
+                          bits_to_target, block_work, build_partial_merkle_tree, calculate_next_bits,
+                          chain_params_by_name, check_future, check_pow, compute_merkle_root, decode_compact,
+                          make_header, parse_header, parse_merkleblock, parse_tx, permitted_transition,
+                          serialize_merkleblock, target_to_bits, verify_tx_in_block)
 
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
 _sha = hashlib.sha256

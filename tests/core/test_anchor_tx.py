@@ -8,13 +8,16 @@ import pytest
 from coincurve import PrivateKey
 
 from l2d.core import tx as T
+from l2d.core.anchor import AnchorEntry, anchor_key
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.codec import write_varint
 from l2d.core.errors import BadNonce, DecodeError, InvalidTransaction, OutOfRange, Unauthorized, UnknownType
 from l2d.core.params import LOCAL, REGTEST
-from l2d.core.state import (ANCHOR_AUTHORITY_KEY, AnchorEntry, Namespace, Rules, StateView, anchor_key,
-                            apply_tx, genesis_state)
+from l2d.core.payload import TxType
+from l2d.core.rules import apply_tx
+from l2d.core.state import ANCHOR_AUTHORITY_KEY, Namespace, Rules, StateView, genesis_state
 from l2d.core.tree import root_of
-from l2d.core.tx import AnchorStatus, AnchorUpdate, TxType, decode, sign
+from l2d.core.tx import decode, sign
 
 AUX = b"\0" * 32
 ROOT, TXID, BLOCK = b"\x11" * 32, b"\x22" * 32, b"\x33" * 32

@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from l2d.core.block import (BLOCK_VERSION, HEADER_SIZE, MAX_BLOCK_TXS, ZERO_HASH, Block, BlockHeader, check_link,
                             genesis_header, tx_root)
 from l2d.core.codec import write_varint
+from l2d.core.coin_tx import Burn, Transfer
 from l2d.core.errors import (DecodeError, InvalidBlock, NonMinimalVarint, OutOfRange, TrailingBytes, Truncated,
                              UnknownVersion, WrongNetwork)
 from l2d.core.hashing import EMPTY_ROOT, tagged_hash
 from l2d.core.params import LOCAL, REGTEST
-from l2d.core.tx import MAX_TX_SIZE, Burn, Transfer, sign
+from l2d.core.tx import MAX_TX_SIZE, sign
 
 AUX0 = b"\0" * 32
 

@@ -10,12 +10,15 @@ from coincurve import PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2d.core.errors import (BadNonce, BadSignature, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction,
-                             Overflow, Rejected, Unauthorized, UnknownSender, ForeignNetwork)
+from l2d.core.coin_tx import Burn, Mint, Transfer
+from l2d.core.errors import (BadNonce, BadSignature, DecodeError, FeeTooLow, ForeignNetwork, InsufficientBalance,
+                             InvalidTransaction, Overflow, Rejected, Unauthorized, UnknownSender)
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
-from l2d.core.state import (MINT_AUTHORITY_KEY, SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply,
-                            account_key, apply_tx, genesis_state, meta_key)
-from l2d.core.tx import AnyPayload, Burn, Mint, Transaction, Transfer, decode, sign
+from l2d.core.payload import Payload
+from l2d.core.rules import apply_tx
+from l2d.core.state import (MINT_AUTHORITY_KEY, SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key,
+                            genesis_state, meta_key)
+from l2d.core.tx import Transaction, decode, sign
 
 AUX0 = b"\0" * 32
 NOT_ON_CURVE = (5).to_bytes(32, "big")  # 5**3 + 7 is a non-residue mod p: no point has x = 5
@@ -34,7 +37,7 @@ MIN_FEE = 2
 RULES = Rules(LOCAL, MIN_FEE)
 
 
-def tx(n: int, nonce: int, fee: int, payload: AnyPayload, net: Network = LOCAL) -> Transaction:
+def tx(n: int, nonce: int, fee: int, payload: Payload, net: Network = LOCAL) -> Transaction:
     return sign(net, secret(n), nonce, fee, payload, AUX0)
 
 
@@ -358,7 +361,7 @@ def test_random_sequences_keep_invariants(bal1: int, bal2: int, steps: list[tupl
         if kind == "mint" and fee != 1:
             fee = 0
         nonce = max(0, model.nonce.get(s, 0) + offset)
-        payload: AnyPayload = (Burn(amount) if kind == "burn" else
+        payload: Payload = (Burn(amount) if kind == "burn" else
                                Mint(keys[r], amount) if kind == "mint" else Transfer(keys[r], amount))
         t = tx(s, nonce, fee, payload)
         expected = model.expect(kind, s, r, amount, fee, nonce)

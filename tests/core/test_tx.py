@@ -4,22 +4,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
-
 from typing import Callable
 
 import pytest
-from hypothesis import given, settings
 from coincurve import PrivateKey
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l2d.core import tx as T
 from l2d.core.codec import write_varint
+from l2d.core.coin_tx import MAX_BURN_DESTINATION, Burn, Mint, Transfer
 from l2d.core.errors import (BadSignature, DecodeError, NonMinimalVarint, OutOfRange, TrailingBytes, Truncated,
                              UnknownType, UnknownVersion, WrongNetwork)
 from l2d.core.hashing import tagged_hash
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
-from l2d.core.state import Rules, StateView, account_key, apply_tx
-from l2d.core.tx import Burn, Mint, Transaction, Transfer, TxType, check_signature, decode, sign, signature_ok
+from l2d.core.payload import Payload, TxType
+from l2d.core.tx import Transaction, check_signature, decode, sign, signature_ok
 
 # Helpers live in each test module: site-packages already holds a `tests` package (from base58check) that
 # shadows this directory as a namespace package, so test modules cannot import each other reliably.
@@ -246,7 +246,7 @@ def test_encode_body_rejects_out_of_range_fields() -> None:
     lambda: Transfer(B, 0), lambda: Transfer(B, MAX_MONEY + 1), lambda: Mint(B, 0), lambda: Burn(0),
     lambda: Burn(1, b"d" * 129), lambda: Transfer(B[:31], 1), lambda: Transfer(B + b"\x01", 1),
 ], ids=["transfer-0", "transfer-max+1", "mint-0", "burn-0", "burn-dest-129", "recipient-31", "recipient-33"])
-def test_payloads_that_decode_would_reject_cannot_be_built(make: Callable[[], T.AnyPayload]) -> None:
+def test_payloads_that_decode_would_reject_cannot_be_built(make: Callable[[], Payload]) -> None:
     # Validation lives in the payload constructors, so sign() can never produce bytes decode() refuses.
     with pytest.raises(OutOfRange):
         make()
@@ -352,7 +352,7 @@ amounts = st.integers(min_value=1, max_value=MAX_MONEY)
 payloads = st.one_of(
     st.builds(Transfer, st.binary(min_size=32, max_size=32), amounts),
     st.builds(Mint, st.binary(min_size=32, max_size=32), amounts),
-    st.builds(Burn, amounts, st.binary(max_size=T.MAX_BURN_DESTINATION)),
+    st.builds(Burn, amounts, st.binary(max_size=MAX_BURN_DESTINATION)),
 )
 
 
@@ -360,7 +360,7 @@ payloads = st.one_of(
 @given(key=st.integers(1, 4), net=st.sampled_from([LOCAL, REGTEST, SIGNET, MAINNET]),
        nonce=st.integers(0, 2**64 - 1), fee=st.integers(0, MAX_MONEY), payload=payloads,
        aux=st.binary(min_size=32, max_size=32))
-def test_random_fields_round_trip(key: int, net: Network, nonce: int, fee: int, payload: T.AnyPayload,
+def test_random_fields_round_trip(key: int, net: Network, nonce: int, fee: int, payload: Payload,
                                   aux: bytes) -> None:
     tx = sign(net, secret(key), nonce, fee, payload, aux)
     got = decode(tx.raw, net)

@@ -11,11 +11,14 @@ from coincurve import PrivateKey
 
 from l2d.core import errors
 from l2d.core.block import Block, BlockHeader, check_link, genesis_header, tx_root
+from l2d.core.coin_tx import Burn, Mint, Transfer
 from l2d.core.errors import BadSignature, DecodeError, ProofError
 from l2d.core.params import network_by_name
-from l2d.core.state import Rules, StateView, apply_tx, genesis_state
+from l2d.core.payload import Payload
+from l2d.core.rules import apply_tx
+from l2d.core.state import Rules, StateView, genesis_state
 from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
-from l2d.core.tx import AnyPayload, Burn, Mint, Transfer, check_signature, decode, sign, signature_ok
+from l2d.core.tx import check_signature, decode, sign, signature_ok
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
@@ -34,7 +37,7 @@ def x(s: str) -> bytes:
     return bytes.fromhex(s)
 
 
-def payload_of(v: dict[str, Any]) -> AnyPayload:
+def payload_of(v: dict[str, Any]) -> Payload:
     p = v["payload"]
     if v["type"] == "burn":
         return Burn(p["amount_sat"], x(p["destination"]))

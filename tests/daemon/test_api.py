@@ -13,13 +13,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
 import l2d
-from l2d.core.block import Block, ZERO_HASH
+from l2d.api import make_app
+from l2d.core.block import ZERO_HASH, Block
+from l2d.core.coin_tx import Burn, Mint, Transfer
 from l2d.core.params import LOCAL, MAX_MONEY, REGTEST, SIGNET, Network
 from l2d.core.snapshot import verify_snapshot
 from l2d.core.state import Account, account_key
 from l2d.core.tree import Proof, ProofKind, verify_proof
-from l2d.core.tx import Burn, Mint, Transaction, Transfer, sign
-from l2d.api import make_app
+from l2d.core.tx import Transaction, sign
 from l2d.metrics import escape_label_value
 from l2d.node import Node
 

@@ -15,9 +15,10 @@ from coincurve import PrivateKey
 
 from l2d.api import make_app
 from l2d.config import Config, ConfigError
+from l2d.core.coin_tx import Burn
 from l2d.core.params import LOCAL
 from l2d.core.pegs import PEGOUT_MIN_SAT, address_script, deposit_script_pubkey, script_address, witness_script
-from l2d.core.tx import Burn, sign
+from l2d.core.tx import sign
 from l2d.node import Node, NodeError
 
 REGTEST_P2WPKH = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from l2d.core.block import Block
+from l2d.core.coin_tx import Transfer
 from l2d.core.params import LOCAL
 from l2d.core.state import SUPPLY_KEY, Account, Supply, account_key
 from l2d.core.tree import RootBuilder
-from l2d.core.tx import Transfer, sign
+from l2d.core.tx import sign
 from l2d.store import Store
 
 SENDERS = (1, 2, 3)

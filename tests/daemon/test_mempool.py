@@ -7,9 +7,10 @@ from typing import Callable
 import pytest
 from coincurve import PrivateKey
 
+from l2d.core.coin_tx import Mint, Transfer
 from l2d.core.errors import Rejected
 from l2d.core.params import LOCAL
-from l2d.core.tx import Mint, Transaction, Transfer, sign
+from l2d.core.tx import Transaction, sign
 from l2d.mempool import (Duplicate, FeeBelowFloor, Mempool, MempoolError, MempoolFull, NonceGap, NonceTaken,
                          SenderLimit, StaleNonce)
 

@@ -14,10 +14,11 @@ import pytest
 from coincurve import PrivateKey
 
 from l2d.config import Config
+from l2d.core.coin_tx import Transfer
 from l2d.core.params import LOCAL
 from l2d.core.snapshot import list_snapshots, verify_snapshot
 from l2d.core.state import Account, account_key
-from l2d.core.tx import Transaction, Transfer, sign
+from l2d.core.tx import Transaction, sign
 from l2d.node import Node, NodeError, load_or_create_secret
 from l2d.store import StoreError
 

@@ -15,16 +15,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l2d.core import tx as T
+from l2d.core.coin_tx import Transfer
 from l2d.core.errors import (BadNonce, DecodeError, InsufficientBalance, InvalidTransaction, NonMinimalVarint,
                              OutOfRange, Rejected, TrailingBytes, Truncated, Unauthorized, UnknownSender)
 from l2d.core.fl import (JobParticipant, JobRecord, JobStatus, RoundRecord, fl_job_key, fl_round_key, get_job,
                          get_round, reward_split)
 from l2d.core.fl_tx import (MAX_PARTICIPANTS, RECLAIM_BLOCKS, ZERO32, FlFinish, FlJobPost, FlReclaim, FlRegister,
                             FlRound, RoundParticipant)
-from l2d.core.params import LOCAL
-from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, apply_tx,
-                            genesis_state, locked_sat)
-from l2d.core.tx import AnyPayload, Transaction, Transfer, sign
+from l2d.core.params import LOCAL, MAX_MONEY
+from l2d.core.payload import Payload
+from l2d.core.rules import apply_tx
+from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
+                            locked_sat)
+from l2d.core.tx import Transaction, sign
 
 FEE = 2
 RULES = Rules(LOCAL, FEE)
@@ -70,7 +73,7 @@ class Chain:
         raw = self.state.get(account_key(pk(n)))
         return 0 if raw is None else Account.decode(raw).nonce
 
-    def tx(self, n: int, payload: AnyPayload, nonce: Optional[int] = None, fee: Optional[int] = None) -> Transaction:
+    def tx(self, n: int, payload: Payload, nonce: Optional[int] = None, fee: Optional[int] = None) -> Transaction:
         return sign(LOCAL, secret(n), self.nonce(n) if nonce is None else nonce,
                     (0 if payload.FEELESS else FEE) if fee is None else fee, payload, b"\0" * 32)
 
@@ -86,10 +89,10 @@ class Chain:
         check_supply(self.state)
         return t
 
-    def apply(self, n: int, payload: AnyPayload, **kw: Any) -> Transaction:
+    def apply(self, n: int, payload: Payload, **kw: Any) -> Transaction:
         return self.commit(self.tx(n, payload, **kw))
 
-    def reject(self, exc: type[Rejected], n: int, payload: AnyPayload, match: Optional[str] = None,
+    def reject(self, exc: type[Rejected], n: int, payload: Payload, match: Optional[str] = None,
                t: Optional[Transaction] = None, **kw: Any) -> None:
         """apply must raise exactly exc and write nothing (checked on a view that already holds a write)."""
         t = t or self.tx(n, payload, **kw)
@@ -132,7 +135,7 @@ def setup_job(c: Chain, **kw: Any) -> bytes:
 
 
 # -- codecs -------------------------------------------------------------------------------------------------------
-def sample_payloads() -> list[AnyPayload]:
+def sample_payloads() -> list[Payload]:
     parts = tuple(sorted((RoundParticipant(pk(n), 100 + n, n != P4) for n in (P1, P2, P3, P4)),
                          key=lambda p: p.key))
     return [FlJobPost(POOL, h("c"), 3, 2, 4), FlRegister(h("job"), node_key(1)),
@@ -141,14 +144,14 @@ def sample_payloads() -> list[AnyPayload]:
 
 
 @pytest.mark.parametrize("payload", sample_payloads(), ids=lambda p: type(p).__name__)
-def test_payloads_round_trip_through_signed_transactions(payload: AnyPayload) -> None:
+def test_payloads_round_trip_through_signed_transactions(payload: Payload) -> None:
     assert type(payload).decode(payload.encode()) == payload  # type: ignore[attr-defined]
     t = sign(LOCAL, secret(1), 0, 0 if payload.FEELESS else FEE, payload, b"\0" * 32)
     assert T.decode(t.raw, LOCAL).payload == payload
 
 
 @pytest.mark.parametrize("payload", sample_payloads(), ids=lambda p: type(p).__name__)
-def test_decoders_are_strict(payload: AnyPayload) -> None:
+def test_decoders_are_strict(payload: Payload) -> None:
     raw = payload.encode()
     cls: Any = type(payload)
     with pytest.raises(Truncated):
@@ -187,7 +190,7 @@ def test_bad_fields_are_typed_decode_errors() -> None:
 
 @pytest.mark.parametrize("make, match", [
     (lambda: FlJobPost(0, h("c"), 3, 2, 4), "reward pool"),
-    (lambda: FlJobPost(T.MAX_MONEY + 1, h("c"), 3, 2, 4), "reward pool"),
+    (lambda: FlJobPost(MAX_MONEY + 1, h("c"), 3, 2, 4), "reward pool"),
     (lambda: FlJobPost(POOL, b"short", 3, 2, 4), "config hash"),
     (lambda: FlJobPost(POOL, h("c"), 0, 2, 4), "rounds"),
     (lambda: FlJobPost(POOL, h("c"), 3, 3, 2), "min"),
@@ -314,7 +317,7 @@ def test_bad_finishes_are_refused_and_change_nothing() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(pool=st.integers(1, T.MAX_MONEY), contrib=st.lists(st.integers(0, 2**40), min_size=1, max_size=MAX_PARTICIPANTS))
+@given(pool=st.integers(1, MAX_MONEY), contrib=st.lists(st.integers(0, 2**40), min_size=1, max_size=MAX_PARTICIPANTS))
 def test_reward_split_never_exceeds_the_pool_and_skips_zero_contributions(pool: int, contrib: list[int]) -> None:
     parts = tuple(JobParticipant(i.to_bytes(32, "big"), ex, 1, 0, 0, node_key(i)) for i, ex in enumerate(contrib, 1))
     job = JobRecord(JobStatus.OPEN, pk(POSTER), pool, h("c"), 1, 1, len(parts), 0, 1, h("p"), 0, 0, 0, parts)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 
 from l2d.config import Config, ConfigError
-from l2d.core.tx import Transfer
+from l2d.core.coin_tx import Transfer
 from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit, WorkerCaps, WorkerRegister
 from l2d.node import Node, NodeError
 from orchestration.service import audited, split

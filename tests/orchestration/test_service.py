@@ -10,12 +10,15 @@ import pytest
 from coincurve import PrivateKey
 
 from l2d.config import Config, OrchestrationConfig
+from l2d.core.coin_tx import Transfer
 from l2d.core.params import LOCAL
-from l2d.core.state import Account, Namespace, Rules, StateView, account_key, apply_tx, genesis_state
-from l2d.core.tx import AnyPayload, Payload, Transaction, Transfer, sign
+from l2d.core.payload import Payload
+from l2d.core.rules import apply_tx
+from l2d.core.state import Account, Namespace, Rules, StateView, account_key, genesis_state
+from l2d.core.tx import Transaction, sign
 from l2d.core.work import TaskRecord, TaskStatus, get_task
-from l2d.core.work_tx import (FP_ENTRY, Role, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit, WorkerHeartbeat,
-                              WorkerRegister)
+from l2d.core.work_tx import (FP_ENTRY, Role, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit,
+                              WorkerHeartbeat, WorkerRegister)
 from orchestration.service import OrchestrationService
 
 RULES = Rules(LOCAL, 1)
@@ -42,7 +45,7 @@ class Ledger:
         self.blocks: dict[int, list[Transaction]] = {}
         self.task_scans = 0
 
-    def apply(self, n: int, payload: AnyPayload) -> bytes:
+    def apply(self, n: int, payload: Payload) -> bytes:
         raw = self.state.get(account_key(pk(n)))
         nonce = 0 if raw is None else Account.decode(raw).nonce
         t = sign(LOCAL, secret(n), nonce, 0 if payload.FEELESS else 1, payload, b"\0" * 32)

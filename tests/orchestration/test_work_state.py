@@ -14,17 +14,19 @@ from coincurve import PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2d.core.errors import (BadNonce, InsufficientBalance, InvalidTransaction, Rejected, Unauthorized,
-                             UnknownSender)
+from l2d.core.coin_tx import Transfer
+from l2d.core.errors import BadNonce, InsufficientBalance, InvalidTransaction, Rejected, Unauthorized, UnknownSender
 from l2d.core.params import LOCAL
-from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, apply_tx,
-                            genesis_state, locked_sat)
-from l2d.core.tx import AnyPayload, Transaction, Transfer, sign
-from l2d.core.work import (EXIT_DELAY_BLOCKS, INITIAL_REPUTATION_PPM, Outcome, TaskRecord, TaskStatus,
-                           WorkerRecord, WorkerStatus, get_task, get_worker, task_key, worker_key)
-from l2d.core.work_tx import (FP_ENTRY, ZERO_KEY, Role, TaskAssign, TaskCancel, TaskDispute, TaskReassign,
-                              TaskResolve, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit,
-                              WorkerHeartbeat, WorkerRegister, WorkerWithdraw)
+from l2d.core.payload import Payload
+from l2d.core.rules import apply_tx
+from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
+                            locked_sat)
+from l2d.core.tx import Transaction, sign
+from l2d.core.work import (EXIT_DELAY_BLOCKS, INITIAL_REPUTATION_PPM, Outcome, TaskRecord, TaskStatus, WorkerRecord,
+                           WorkerStatus, get_task, get_worker, task_key, worker_key)
+from l2d.core.work_tx import (FP_ENTRY, ZERO_KEY, Role, TaskAssign, TaskCancel, TaskDispute, TaskReassign, TaskResolve,
+                              TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit, WorkerHeartbeat,
+                              WorkerRegister, WorkerWithdraw)
 
 FEE = 2
 RULES = Rules(LOCAL, FEE)
@@ -66,11 +68,11 @@ class Chain:
         raw = self.state.get(account_key(pk(n)))
         return 0 if raw is None else Account.decode(raw).nonce
 
-    def tx(self, n: int, payload: AnyPayload, nonce: Optional[int] = None, fee: Optional[int] = None) -> Transaction:
+    def tx(self, n: int, payload: Payload, nonce: Optional[int] = None, fee: Optional[int] = None) -> Transaction:
         return sign(LOCAL, secret(n), self.nonce(n) if nonce is None else nonce,
                     (0 if payload.FEELESS else FEE) if fee is None else fee, payload, b"\0" * 32)
 
-    def apply(self, n: int, payload: AnyPayload, **kw: Any) -> Transaction:
+    def apply(self, n: int, payload: Payload, **kw: Any) -> Transaction:
         t = self.tx(n, payload, **kw)
         view = StateView(self.state.get, self.height)
         apply_tx(view, t, RULES)
@@ -83,7 +85,7 @@ class Chain:
         check_supply(self.state)
         return t
 
-    def reject(self, exc: type[Rejected], n: int, payload: AnyPayload, match: Optional[str] = None, **kw: Any) -> None:
+    def reject(self, exc: type[Rejected], n: int, payload: Payload, match: Optional[str] = None, **kw: Any) -> None:
         """apply must raise exactly exc and write nothing (checked on a view that already holds a write)."""
         t = self.tx(n, payload, **kw)
         frozen = dict(self.state)
@@ -402,7 +404,7 @@ OPS = st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 4, 13] + list(range(5, 13)
                          st.integers(1, 4), st.integers(0, 3)), min_size=1, max_size=40)
 
 
-def _op(chain: Chain, op: int, a: int, b: int, c: int, tasks: list[bytes]) -> tuple[int, AnyPayload]:
+def _op(chain: Chain, op: int, a: int, b: int, c: int, tasks: list[bytes]) -> tuple[int, Payload]:
     """One operation. Lifecycle ops (op >= 5) take the oldest open task one natural step further, with
     parameters read off the state; c == 0 perturbs the step (another sender), so rejections are mixed in."""
     out = bytes([3 + b % 2])  # two possible answers: about half the audits disagree

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 
 from l2d.core.errors import DecodeError, OutOfRange, TrailingBytes, Truncated
 from l2d.core.params import LOCAL
-from l2d.core.tx import PAYLOAD_TYPES, TxType, decode, sign
+from l2d.core.payload import TxType
+from l2d.core.tx import PAYLOAD_TYPES, decode, sign
 from l2d.core.work_tx import (FP_ENTRY, FP_TOLERANCE, TOPK, ZERO_KEY, Role, TaskAssign, TaskCancel, TaskDispute,
-                              TaskReassign, TaskResolve, TaskResult, TaskSettle, TaskSubmit, WorkerCaps,
-                              WorkerExit, WorkerHeartbeat, WorkerRegister, WorkerWithdraw, fingerprints_match,
-                              parse_fingerprint)
+                              TaskReassign, TaskResolve, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit,
+                              WorkerHeartbeat, WorkerRegister, WorkerWithdraw, fingerprints_match, parse_fingerprint)
 
 K1, K2, K3, TID = (hashlib.sha256(b"k%d" % i).digest() for i in range(4))
 

@@ -30,12 +30,15 @@ if str(ROOT) not in sys.path:
 from coincurve import PrivateKey  # noqa: E402
 
 from l2d.core.block import Block, BlockHeader, genesis_header, tx_root  # noqa: E402
+from l2d.core.coin_tx import Burn, Mint, Transfer
 from l2d.core.errors import DecodeError, ProofError  # noqa: E402
 from l2d.core.hashing import EMPTY_ROOT  # noqa: E402
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network  # noqa: E402
-from l2d.core.state import Rules, StateView, apply_tx, genesis_state  # noqa: E402
+from l2d.core.payload import Payload
+from l2d.core.rules import apply_tx
+from l2d.core.state import Rules, StateView, genesis_state
 from l2d.core.tree import Proof, StateTree, root_of, verify_proof  # noqa: E402
-from l2d.core.tx import AnyPayload, Burn, Mint, Transaction, Transfer, decode, sign, signature_ok  # noqa: E402
+from l2d.core.tx import Transaction, decode, sign, signature_ok
 
 OUT = Path(__file__).resolve().parent
 AUX_ZERO = bytes(32)
@@ -56,7 +59,7 @@ def k33(label: str) -> bytes:
     return hashlib.sha256(label.encode()).digest() + hashlib.sha256(b"x" + label.encode()).digest()[:1]
 
 
-def payload_json(p: AnyPayload) -> dict[str, Any]:
+def payload_json(p: Payload) -> dict[str, Any]:
     if isinstance(p, Burn):
         return {"amount_sat": p.amount_sat, "destination": p.destination.hex()}
     return {"recipient": p.recipient.hex(), "amount_sat": p.amount_sat}
@@ -65,7 +68,7 @@ def payload_json(p: AnyPayload) -> dict[str, Any]:
 TYPE_NAMES = {1: "transfer", 2: "mint", 3: "burn"}
 
 
-def tx_json(name: str, net: Network, key: int, nonce: int, fee: int, payload: AnyPayload, aux: bytes) -> dict[str, Any]:
+def tx_json(name: str, net: Network, key: int, nonce: int, fee: int, payload: Payload, aux: bytes) -> dict[str, Any]:
     t = sign(net, secret(key), nonce, fee, payload, aux)
     if decode(t.raw, net) != t:
         raise SystemExit(f"vector {name}: does not round-trip")

@@ -41,8 +41,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 from bitcoin.core import CTransaction
 from bitcoin.core.serialize import SerializationError
 
-from l2d.core.codec import Reader, write_varint
-from l2d.core.errors import DecodeError, L2Error, OutOfRange, Truncated
+from .codec import Reader, write_varint
+from .errors import DecodeError, L2Error, OutOfRange, Truncated
 
 HEADER_SIZE = 80
 MAX_FUTURE_BLOCK_TIME = 2 * 60 * 60

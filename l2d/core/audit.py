@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Optional, Union
 
-from bridge.spv import (HEADER_SIZE, ChainParams, CheckpointMismatch, HeaderChain, parse_header, parse_merkleblock,
-                        parse_tx, verify_tx_in_block)
-from l2d.core.codec import Reader
-from l2d.core.errors import DecodeError, L2Error, OutOfRange, ProofError, Truncated, UnknownVersion, WrongNetwork
-from l2d.core.params import NETWORKS, Network
-from l2d.core.snapshot import HEADER_SIZE as SNAPSHOT_HEADER_SIZE
-from l2d.core.snapshot import SnapshotHeader, verify_snapshot
-from l2d.core.tree import Proof, verify_proof
-
-from .payload import RECORD_SIZE, AnchorRecord, TaprootAnchor, op_return_script
+from .anchor_format import RECORD_SIZE, AnchorRecord, TaprootAnchor, op_return_script
+from .codec import Reader
+from .errors import DecodeError, L2Error, OutOfRange, ProofError, Truncated, UnknownVersion, WrongNetwork
+from .params import NETWORKS, Network
+from .snapshot import HEADER_SIZE as SNAPSHOT_HEADER_SIZE
+from .snapshot import SnapshotHeader, verify_snapshot
+from .spv import (HEADER_SIZE, ChainParams, CheckpointMismatch, HeaderChain, parse_header, parse_merkleblock, parse_tx,
+                  verify_tx_in_block)
+from .tree import Proof, verify_proof
 
 MAGIC = b"L2DAUDIT"
 BUNDLE_VERSION = 1

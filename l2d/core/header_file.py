@@ -33,8 +33,8 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Optional
 
-from bridge.spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, HeaderChain, parse_header
-from l2d.core.errors import DecodeError, L2Error, TrailingBytes, Truncated, UnknownVersion, WrongNetwork
+from .errors import DecodeError, L2Error, TrailingBytes, Truncated, UnknownVersion, WrongNetwork
+from .spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, HeaderChain, parse_header
 
 MAGIC = b"L2DHDRS\0"
 FORMAT_VERSION = 1

@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Union
 from bitcoinutils.utils import tagged_hash, tapbranch_tagged_hash
 from coincurve import PublicKeyXOnly
 
-from l2d.core.codec import write_varint
-from l2d.core.errors import DecodeError, OutOfRange, UnknownVersion
-from l2d.core.hashing import tagged_hash as l2_tagged_hash
-from l2d.core.params import Network
+from .codec import write_varint
+from .errors import DecodeError, OutOfRange, UnknownVersion
+from .hashing import tagged_hash as l2_tagged_hash
+from .params import Network
 
 MAGIC = b"L2DA"
 RECORD_VERSION = 1
