@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as _dt
-import json
 import logging
 import os
-import re
-import secrets
 import signal
 import sys
 import threading
@@ -34,14 +30,15 @@ from .core import tx as T
 from .core.anchor_tx import AnchorUpdate
 from .core.block import HEADER_SIZE, BlockHeader, genesis_header
 from .core.coin_tx import Mint
-from .core.errors import (DecodeError, L2Error, OutOfRange, Rejected, UnknownType, UnknownVersion,
-                          WrongNetwork)
+from .core.errors import DecodeError, L2Error, OutOfRange, Rejected, UnknownType, UnknownVersion, WrongNetwork
 from .core.params import Network, network_by_name
 from .core.payload import Payload
 from .core.rules import apply_tx
 from .core.state import SUPPLY_KEY, Account, Rules, StateView, Supply, account_key, genesis_state
 from .core.tree import Proof, root_of
+from .keys import KeyFileError, load_or_create_secret
 from .ledger import BuiltBlock, Ledger
+from .logs import setup_logging
 from .mempool import Duplicate, Mempool, StaleNonce
 from .metrics import Metrics
 from .store import Store, StoreError
@@ -86,78 +83,6 @@ def decode_reason(e: DecodeError) -> str:
     if isinstance(e, OutOfRange):
         return "out-of-range"
     return "malformed"
-
-
-# -- logging -------------------------------------------------------------------------------------------------
-_STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, then the record's extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
-        }
-        for k, v in record.__dict__.items():
-            if k not in _STD_ATTRS and not k.startswith("_"):
-                out[k] = v
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
-
-
-def setup_logging(level: str) -> None:
-    """Send every log record to stderr as one JSON line."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-# -- key file -----------------------------------------------------------------------------------------------
-def load_or_create_secret(path: Path, what: str = "mint authority") -> bytes:
-    """The 32-byte secret stored as hex text in path; created with mode 0600 from the OS RNG if missing."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_bytes(32)
-        while not _valid_secret(secret):  # astronomically unlikely: 0 or >= the group order
-            secret = secrets.token_bytes(32)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # created concurrently: read theirs
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secret.hex() + "\n")
-            log.info("created %s key file", what, extra={"path": str(path)})
-            return secret
-    try:
-        text = path.read_text().strip()
-    except OSError as e:
-        raise NodeError(f"cannot read key file {path}: {e.strerror}") from None
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
-        raise NodeError(f"key file {path} must hold a 32-byte secret as 64 hex characters")
-    secret = bytes.fromhex(text)
-    if not _valid_secret(secret):
-        raise NodeError(f"key file {path} does not hold a valid secp256k1 secret")
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        log.warning("key file is readable by others", extra={"path": str(path), "mode": oct(mode)})
-    return secret
-
-
-def _valid_secret(secret: bytes) -> bool:
-    try:
-        PrivateKey(secret)
-    except ValueError:
-        return False
-    return True
 
 
 # -- values handed to the API -------------------------------------------------------------------------------
@@ -855,7 +780,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("effective config", extra={"config": config.effective(), "version": VERSION})
     try:
         node = Node.from_config(config)
-    except (NodeError, StoreError, OSError, lmdb.Error) as e:
+    except (NodeError, KeyFileError, StoreError, OSError, lmdb.Error) as e:
         log.error("cannot start: %s", e)
         return 1
     return asyncio.run(node.run())

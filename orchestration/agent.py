@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from l2d.core import tx as T
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.work_tx import TaskResult, WorkerCaps, WorkerHeartbeat, WorkerRegister
+from l2d.logs import setup_logging
 
 log = logging.getLogger("orchestration.agent")
 
@@ -218,14 +218,6 @@ def _accel_mem_mb() -> int:
     return int(torch.cuda.get_device_properties(0).total_memory // (1 << 20))
 
 
-class _JsonLines(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
-        out.update({k: v for k, v in vars(record).items() if k not in skip})
-        return json.dumps(out, default=str)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="l2-worker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--node", required=True, help="l2d REST base URL, e.g. http://127.0.0.1:8650")
@@ -248,9 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cheat", action="store_true", help="TEST ONLY: return altered outputs")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonLines())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    setup_logging(args.log_level)
     try:
         return asyncio.run(Agent(args).run())
     except AgentError as e:

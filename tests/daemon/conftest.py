@@ -20,7 +20,8 @@ from coincurve import PrivateKey
 
 from l2d.api import make_app
 from l2d.config import Config
-from l2d.node import JsonFormatter, Node
+from l2d.logs import JsonFormatter
+from l2d.node import Node
 
 Client = TestClient[web.Request, web.Application]
 

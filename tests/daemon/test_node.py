@@ -19,7 +19,8 @@ from l2d.core.params import LOCAL
 from l2d.core.snapshot import list_snapshots, verify_snapshot
 from l2d.core.state import Account, account_key
 from l2d.core.tx import Transaction, sign
-from l2d.node import Node, NodeError, load_or_create_secret
+from l2d.keys import KeyFileError, load_or_create_secret
+from l2d.node import Node, NodeError
 from l2d.store import StoreError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,7 +203,7 @@ def test_mint_key_file_created_private_and_reused(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert load_or_create_secret(path) == s1
     path.write_text("nothex\n")
-    with pytest.raises(NodeError, match="64 hex"):
+    with pytest.raises(KeyFileError, match="64 hex"):
         load_or_create_secret(path)
 
 
