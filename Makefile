@@ -22,6 +22,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/l2d --config config/local.toml
 
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed

@@ -169,6 +169,20 @@ class AnchorService:
         self.anchors[a.l2_height] = a
         await self.store.put_anchor_async(a.l2_height, a.encode())
 
+    @property
+    def broadcasting(self) -> bool:
+        """True when a bitcoind is configured: anchors are broadcast and tracked, not only built."""
+        return self.rpc is not None
+
+    @property
+    def mode(self) -> str:
+        """How the state root is committed: "taproot" or "op_return"."""
+        return self.config.mode
+
+    @property
+    def every_blocks(self) -> int:
+        return self.config.every_blocks
+
     def all_anchors(self) -> list[Anchor]:
         return [self.anchors[h] for h in sorted(self.anchors)]
 

@@ -81,7 +81,7 @@ async def run(n: int, work: Path, binary: str) -> dict[str, Any]:
                 svc = node.anchor_service
                 assert svc is not None
                 user = PrivateKey(bytes.fromhex("77" * 32)).public_key_xonly.format()
-                node.mint(user, 1000)  # L2 block 1: the first anchored height
+                node.admission.mint(user, 1000)  # L2 block 1: the first anchored height
                 lat: list[float] = []
                 seen: set[int] = set()
                 while len(lat) < n:

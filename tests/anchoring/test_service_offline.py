@@ -11,7 +11,6 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
-from l2d.api import make_app
 from l2d.config import Config
 from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.params import REGTEST
@@ -34,9 +33,9 @@ def _config(data: Path, mode: str = "taproot") -> Config:
 async def _mint_blocks(node: Node, n: int, poll: Callable[..., Awaitable[Any]]) -> None:
     user = PrivateKey(hashlib.sha256(b"offline user").digest()).public_key_xonly.format()
     for _ in range(n):
-        h = node.tip.height
-        node.mint(user, 1000)
-        await poll(lambda: node.tip.height > h, 10, "a block")
+        h = node.chain.tip.height
+        node.admission.mint(user, 1000)
+        await poll(lambda: node.chain.tip.height > h, 10, "a block")
 
 
 @pytest.mark.parametrize("mode", ["taproot", "op_return"])
@@ -47,10 +46,10 @@ async def test_builds_and_stores_payloads_without_bitcoind(tmp_path: Path, mode:
     cfg = _config(tmp_path / "data", mode)
     node = Node.from_config(cfg)
     await node.start(serve_http=False)
-    client = TestClient(TestServer(make_app(node)))
+    client = TestClient(TestServer(node.web_app()))
     await client.start_server()
     try:
-        fed_key = node.federation_pubkey
+        fed_key = node.admission.federation_pubkey
         assert fed_key is not None and node.store.get_state(ANCHOR_AUTHORITY_KEY) == fed_key
         assert (cfg.anchoring.federation_key_file is not None
                 and os.stat(cfg.anchoring.federation_key_file).st_mode & 0o777 == 0o600)
@@ -82,7 +81,7 @@ async def test_builds_and_stores_payloads_without_bitcoind(tmp_path: Path, mode:
         assert (await client.get("/api/anchors?status=CONFIRMED")).status == 200
         assert any("NOT broadcast" in r.getMessage() for r in caplog.records)
         # the anchored heights have their snapshot (for audit bundles)
-        assert node.anchor_snapshot_bytes(2) is not None
+        assert node.snapshots.anchor_snapshot_bytes(2) is not None
     finally:
         await client.close()
         await node.stop()
@@ -102,7 +101,7 @@ async def test_anchors_endpoint_404_when_disabled(tmp_path: Path) -> None:
     cfg = Config.from_dict({"node": {"network": "local", "data_dir": str(tmp_path / "d")}}, tmp_path, env={})
     node = Node.from_config(cfg)
     await node.start(serve_http=False)
-    client = TestClient(TestServer(make_app(node)))
+    client = TestClient(TestServer(node.web_app()))
     await client.start_server()
     try:
         assert (await client.get("/api/anchors")).status == 404

@@ -25,7 +25,6 @@ from coincurve import PrivateKey
 
 from anchoring.btc_tx import key_path_script
 from bridge.rpc import BitcoinRPC, RPCError
-from l2d.api import make_app
 from l2d.config import Config
 from l2d.core.coin_tx import Burn
 from l2d.core.params import REGTEST
@@ -47,7 +46,7 @@ ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
 SIGNERS = [secret(f"signer {i}") for i in range(3)]
 
 
-def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50) -> Config:
+def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True) -> Config:
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
     for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
@@ -61,7 +60,7 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50) -> Con
         "block": {"interval_ms": 50},
         "api": {"host": "127.0.0.1", "port": 0, "admin_token": "bridge-test-admin-token-01"},
         "snapshots": {"every_blocks": 0},
-        "anchoring": {"enabled": True, "mode": "taproot", "every_blocks": 2, "federation_key_file": files[0],
+        "anchoring": {"enabled": anchoring, "mode": "taproot", "every_blocks": 2, "federation_key_file": files[0],
                       "confirmations": 1, "final_confirmations": 2, "rbf_after_blocks": 50, "poll_interval_ms": 100},
         "bitcoind": {"rpc_url": btc.rpc_url, "cookie_file": str(btc.cookie_path),
                      "zmq_hashblock": btc.zmq_endpoint, "zmq_sequence": btc.zmq_endpoint},
@@ -93,7 +92,7 @@ class Daemon:
 async def start(cfg: Config) -> Daemon:
     node = Node.from_config(cfg)
     await node.start(serve_http=False)
-    client = TestClient(TestServer(make_app(node)))
+    client = TestClient(TestServer(node.web_app()))
     await client.start_server()
     return Daemon(node, client)
 
@@ -148,7 +147,7 @@ async def deposit(d: Daemon, rpc: BitcoinRPC, w: BitcoinRPC, account: bytes, amo
 
 
 async def holdings_on_chain(rpc: BitcoinRPC, d: Daemon) -> int:
-    fed = d.node.bridge_federation
+    fed = d.node.federation
     assert fed is not None
     spks = [deposit_script_pubkey(fed, REGTEST.id, c) for c in (ALICE_ID, CHANGE_CONTRACT)]
     r = await rpc.call("scantxoutset", ["start", [f"raw({s.hex()})" for s in spks]])
@@ -171,6 +170,21 @@ async def setup(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
     finally:
         if not d.node.stopping:
             await stop(d)
+
+
+async def test_a_bridge_without_anchoring_follows_the_configured_bitcoind(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, caplog: pytest.LogCaptureFixture) -> None:
+    """The one bitcoind client of [bitcoind] reaches the bridge service even with anchoring off (it used to be
+    built only with the anchor service: such a node warned "no bitcoind configured" and relayed nothing)."""
+    _, mine_addr = await fund_wallet(rpc, "miner")
+    await rpc.generatetoaddress(3, mine_addr)
+    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=False))
+    try:
+        assert d.node.anchor_service is None and d.node.bridge_service is not None
+        await relayed_to(d, rpc)
+        assert not [r for r in caplog.records if "no bitcoind configured" in r.getMessage()]
+    finally:
+        await stop(d)
 
 
 async def test_pegin_claims(setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC) -> None:

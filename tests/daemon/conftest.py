@@ -18,7 +18,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
-from l2d.api import make_app
 from l2d.config import Config
 from l2d.logs import JsonFormatter
 from l2d.node import Node
@@ -115,7 +114,7 @@ async def _node_and_client(config: Config) -> AsyncIterator[tuple[Node, Client]]
     await node.start(serve_http=False)  # producer and snapshot tasks; HTTP comes from the TestServer
     client: Optional[Client] = None
     try:
-        client = TestClient(TestServer(make_app(node)))
+        client = TestClient(TestServer(node.web_app()))
         await client.start_server()
         yield node, client
     finally:

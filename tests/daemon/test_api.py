@@ -13,7 +13,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
 import l2d
-from l2d.api import make_app
 from l2d.core.block import ZERO_HASH, Block
 from l2d.core.coin_tx import Burn, Mint, Transfer
 from l2d.core.params import LOCAL, MAX_MONEY, REGTEST, SIGNET, Network
@@ -114,14 +113,14 @@ async def test_health(client: Client) -> None:
 async def test_status(client: Client, node: Node) -> None:
     s = await get_json(client, "/api/status")
     assert s["network"] == "local" and s["height"] == 0
-    assert s["tip_hash"] == node.tip.hash.hex() and s["state_root"] == node.tip.state_root.hex()
+    assert s["tip_hash"] == node.chain.tip.hash.hex() and s["state_root"] == node.chain.tip.state_root.hex()
     assert s["mempool_size"] == 0 and s["version"] == l2d.__version__
     assert isinstance(s["uptime_s"], (int, float)) and s["uptime_s"] >= 0
 
 
 async def test_state(client: Client, node: Node) -> None:
     s = await get_json(client, "/api/l2/state")
-    assert s["height"] == 0 and s["state_root"] == node.tip.state_root.hex() and s["tip_hash"] == node.tip.hash.hex()
+    assert s["height"] == 0 and s["state_root"] == node.chain.tip.state_root.hex() and s["tip_hash"] == node.chain.tip.hash.hex()
     assert s["records"] == 3 + 2  # three accounts, supply, mint authority
     assert s["supply"] == {"minted_sat": 3 * GENESIS_SAT, "burned_sat": 0, "fees_sat": 0}
 
@@ -130,7 +129,7 @@ async def test_account_present_and_absent_with_proofs(client: Client, node: Node
     acc = await account(client, 1)
     assert acc["exists"] and acc["balance_sat"] == GENESIS_SAT and acc["nonce"] == 0
     assert acc["account"] == pubkey(1).hex() and acc["height"] == 0
-    assert acc["state_root"] == node.tip.state_root.hex()
+    assert acc["state_root"] == node.chain.tip.state_root.hex()
     assert Proof.decode(bytes.fromhex(acc["proof"])).kind == ProofKind.PRESENT
     absent = await account(client, 77)
     assert not absent["exists"]
@@ -142,7 +141,7 @@ async def test_account_present_and_absent_with_proofs(client: Client, node: Node
 async def test_genesis_block(client: Client, node: Node) -> None:
     b = await get_json(client, "/api/l2/blocks/0")
     assert b["height"] == 0 and b["tx_count"] == 0 and b["txs"] == []
-    assert b["prev_hash"] == ZERO_HASH.hex() and b["hash"] == node.tip.hash.hex()
+    assert b["prev_hash"] == ZERO_HASH.hex() and b["hash"] == node.chain.tip.hash.hex()
     assert Block.decode(bytes.fromhex(b["raw"]), LOCAL).header.hash.hex() == b["hash"]
 
 
@@ -205,8 +204,8 @@ async def test_admin_mint(client: Client, node: Node, wait_until: Any) -> None:
     assert (await account(client, 6))["balance_sat"] == 1000
     s = await get_json(client, "/api/l2/state")
     assert s["supply"]["minted_sat"] == 3 * GENESIS_SAT + 1000
-    assert node.authority_pubkey is not None
-    assert (await account(client, node.authority_pubkey))["nonce"] == 2
+    assert node.admission.authority_pubkey is not None
+    assert (await account(client, node.admission.authority_pubkey))["nonce"] == 2
 
 
 async def test_admin_snapshot_and_download(client: Client, node: Node, wait_until: Any) -> None:
@@ -216,13 +215,13 @@ async def test_admin_snapshot_and_download(client: Client, node: Node, wait_unti
     resp = await client.post("/api/admin/snapshot", headers=AUTH)
     assert resp.status == 200, await resp.text()
     info = await resp.json()
-    assert info["height"] == node.tip.height == 1 and info["state_root"] == node.tip.state_root.hex()
+    assert info["height"] == node.chain.tip.height == 1 and info["state_root"] == node.chain.tip.state_root.hex()
     dl = await client.get(f"/api/admin/snapshots/{info['name']}", headers=AUTH)
     assert dl.status == 200
     data = await dl.read()
     assert len(data) == info["size"]
     header = verify_snapshot(io.BytesIO(data), LOCAL, expect_root=bytes.fromhex(info["state_root"]))
-    assert header.height == 1 and header.block_hash == node.tip.hash
+    assert header.height == 1 and header.block_hash == node.chain.tip.hash
     listing = await get_json(client, "/api/admin/snapshots", headers=AUTH)
     assert {"name": info["name"], "height": 1, "size": info["size"]} in listing["snapshots"]
 
@@ -402,7 +401,7 @@ async def test_admin_requires_the_token(client: Client, headers: dict[str, str])
 async def test_admin_disabled_with_empty_token(tmp_path: Any, make_cfg: Any) -> None:
     node = Node.from_config(make_cfg(tmp_path / "d", api={"admin_token": ""}))
     try:
-        async with TestClient(TestServer(make_app(node))) as c:
+        async with TestClient(TestServer(node.web_app())) as c:
             resp = await c.post("/api/admin/snapshot", headers={"Authorization": "Bearer "})
             assert resp.status == 401
     finally:
@@ -432,7 +431,7 @@ async def test_admin_mint_validation(client: Client, body: Any, code: str) -> No
 
 async def test_admin_mint_forbidden_without_admin_mint(signet_client: Any) -> None:
     node, client = signet_client
-    assert node.authority_pubkey is None
+    assert node.admission.authority_pubkey is None
     await expect_error(client, "POST", "/api/admin/mint", 403, "forbidden",
                        json={"recipient": pubkey(4).hex(), "amount_sat": 5}, headers=AUTH)
     # and a hand-made mint transaction is refused as well

@@ -13,7 +13,6 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
-from l2d.api import make_app
 from l2d.config import Config, ConfigError
 from l2d.core.coin_tx import Burn
 from l2d.core.params import LOCAL
@@ -37,7 +36,7 @@ def bridge_config(tmp_path: Path, make_cfg: Callable[..., Config], **bridge: Any
 async def bridge_client(tmp_path: Path, make_cfg: Callable[..., Config]) -> AsyncIterator[tuple[Node, TestClient]]:
     node = Node.from_config(bridge_config(tmp_path, make_cfg))
     await node.start(serve_http=False)
-    client = TestClient(TestServer(make_app(node)))
+    client = TestClient(TestServer(node.web_app()))
     await client.start_server()
     try:
         yield node, client
@@ -63,7 +62,7 @@ async def test_federation_endpoint(bridge_client: tuple[Node, TestClient], tmp_p
 
 async def test_pegin_address_is_per_account(bridge_client: tuple[Node, TestClient], keys: Any) -> None:
     node, client = bridge_client
-    fed = node.bridge_federation
+    fed = node.federation
     assert fed is not None
     got = {}
     for n in (1, 2):

@@ -53,7 +53,7 @@ async def test_restart_keeps_height_and_root(tmp_path: Path, make_cfg: Callable[
     await node.start(serve_http=False)
     txs = [transfer(1, 4, 100, n) for n in range(3)] + [transfer(2, 4, 7, 0)]
     for t in txs:
-        node.submit(t.raw)
+        node.admission.submit(t.raw)
 
     async def all_committed() -> bool:
         return all(node.store.tx_location(t.txid) is not None for t in txs)
@@ -61,12 +61,12 @@ async def test_restart_keeps_height_and_root(tmp_path: Path, make_cfg: Callable[
     await wait_until(all_committed, what="4 transactions committed")
     await node.stop()
     assert not node.failed
-    tip = node.tip
+    tip = node.chain.tip
     assert tip.height >= 1
 
     again = Node.from_config(cfg)
     try:
-        assert again.tip == tip
+        assert again.chain.tip == tip
         assert again.ledger.tree.root() == tip.state_root
         assert balance(again, 1) == (GENESIS_SAT - 303, 3)
         assert balance(again, 4) == (307, 0)
@@ -115,9 +115,9 @@ async def test_clean_stop_finishes_the_block_in_flight(tmp_path: Path, make_cfg:
     await node.start(serve_http=False)
     txs = [transfer(s, 5, 1, n) for n in range(12) for s in (1, 2, 3)]
     for t in txs:
-        node.submit(t.raw)
+        node.admission.submit(t.raw)
     await asyncio.wait_for(entered.wait(), 10)
-    in_flight = node.tip.height + 1  # the tip moves only once the commit has returned
+    in_flight = node.chain.tip.height + 1  # the tip moves only once the commit has returned
     assert in_flight == 2
     if how == "cancel-producer":
         producer = next(t for t in node._tasks if t.get_name() == "block-producer")
@@ -129,13 +129,13 @@ async def test_clean_stop_finishes_the_block_in_flight(tmp_path: Path, make_cfg:
     release.set()
     await asyncio.wait_for(stopping, 10)
     assert not node.failed
-    stopped_at = node.tip
+    stopped_at = node.chain.tip
     assert stopped_at.height == in_flight  # ... which completed; no other block was started
     assert len(node.mempool) > 0  # there was more to do
 
     again = Node.from_config(cfg)  # Ledger.open checks the stored state against the tip's root
     try:
-        assert again.tip == stopped_at  # the block in flight was committed, nothing after it
+        assert again.chain.tip == stopped_at  # the block in flight was committed, nothing after it
         total = 0
         for h in range(1, stopped_at.height + 1):
             blk = again.ledger.block(h)
@@ -152,7 +152,7 @@ async def test_unexpected_failure_commits_nothing_more(tmp_path: Path, make_cfg:
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg(tmp_path / "data")
     node = Node.from_config(cfg)
-    node.submit(transfer(1, 4, 100, 0).raw)
+    node.admission.submit(transfer(1, 4, 100, 0).raw)
 
     async def broken_commit(*args: Any) -> None:
         raise RuntimeError("disk on fire")
@@ -162,7 +162,7 @@ async def test_unexpected_failure_commits_nothing_more(tmp_path: Path, make_cfg:
     assert rc == 1 and node.failed
     again = Node.from_config(cfg)
     try:
-        assert again.tip.height == 0
+        assert again.chain.tip.height == 0
     finally:
         await again.stop()
 
@@ -174,7 +174,7 @@ async def test_snapshot_now_verifies_against_the_tip(tmp_path: Path, make_cfg: C
     try:
         for n in range(3):  # one block per transaction: each waits for the previous one to commit
             t = transfer(1, 4, 10, n)
-            node.submit(t.raw)
+            node.admission.submit(t.raw)
 
             async def committed(t: Transaction = t) -> bool:
                 return node.store.tx_location(t.txid) is not None
@@ -182,16 +182,16 @@ async def test_snapshot_now_verifies_against_the_tip(tmp_path: Path, make_cfg: C
             await wait_until(committed, what=f"tx {n} committed")
 
         async def periodic_done() -> bool:
-            return [h for h, _ in list_snapshots(node.snapshot_dir, LOCAL)][-1:] == [node.tip.height]
+            return [h for h, _ in list_snapshots(node.snapshots.dir, LOCAL)][-1:] == [node.chain.tip.height]
 
         await wait_until(periodic_done, what="a periodic snapshot of the tip")
-        info = await node.snapshot_now()
-        tip = node.tip
+        info = await node.snapshots.snapshot_now()
+        tip = node.chain.tip
         assert (info.height, info.state_root, info.block_hash) == (tip.height, tip.state_root, tip.hash)
         with open(info.path, "rb") as f:
             header = verify_snapshot(f, LOCAL, expect_root=tip.state_root)
         assert header.height == tip.height and header.record_count == len(node.ledger.tree)
-        assert len(list_snapshots(node.snapshot_dir, LOCAL)) <= 2  # pruned to snapshots.keep
+        assert len(list_snapshots(node.snapshots.dir, LOCAL)) <= 2  # pruned to snapshots.keep
         assert node.metrics.snapshots.get(trigger="periodic") >= 1
     finally:
         await node.stop()
@@ -213,7 +213,7 @@ async def test_authority_key_persists_across_restarts(tmp_path: Path, make_cfg: 
     await a.stop()
     b = Node.from_config(cfg)  # same key file, so the same genesis: accepted
     await b.stop()
-    assert a.authority_pubkey == b.authority_pubkey is not None
+    assert a.admission.authority_pubkey == b.admission.authority_pubkey is not None
     assert cfg.chain.mint_authority_key_file is not None
     assert cfg.chain.mint_authority_key_file.stat().st_mode & 0o777 == 0o600
 

@@ -14,7 +14,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
-from l2d.api import make_app
 from l2d.config import Config
 from l2d.core import tx as T
 from l2d.core.fl import RoundRecord
@@ -58,7 +57,7 @@ async def nc(tmp_path: Path) -> AsyncIterator[tuple[Node, Client]]:
     }, tmp_path, env={})
     node = Node.from_config(cfg)
     await node.start(serve_http=False)
-    client = TestClient(TestServer(make_app(node)))
+    client = TestClient(TestServer(node.web_app()))
     await client.start_server()
     try:
         yield node, client

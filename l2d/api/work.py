@@ -1,28 +1,19 @@
-"""REST routes of the work subsystem (registered by l2d.api.make_app): task submission, tasks with their
-assignment explanation, workers, and each worker's due assignments (what the l2-worker agent polls)."""
+"""Routes of the work subsystem: task submission, tasks with their assignment explanation, workers, and each
+worker's due assignments (what the l2-worker agent polls)."""
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from aiohttp import web
 
-from .api import ApiError, node_of, path_hex32, read_json_object
-from .core import tx as T
-from .core.errors import DecodeError
-from .core.payload import TxType
-from .core.state import Namespace
-from .core.work import TaskRecord, TaskStatus, WorkerRecord, task_key, worker_key
-from .core.work_tx import ZERO_KEY, Role
-
-if TYPE_CHECKING:
-    from .node import Node
-
-_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
-
-
-
-
+from ..core import tx as T
+from ..core.errors import DecodeError
+from ..core.payload import TxType
+from ..core.state import Namespace
+from ..core.work import TaskRecord, TaskStatus, WorkerRecord, task_key, worker_key
+from ..core.work_tx import ZERO_KEY, Role
+from .deps import ADMISSION, CHAIN, ORCHESTRATION
+from .http import HEX, ApiError, path_hex32, read_json_object
 
 
 def _hex(k: bytes) -> Optional[str]:
@@ -64,50 +55,44 @@ def task_json(tid: bytes, t: TaskRecord) -> dict[str, Any]:
     }
 
 
-def _records(node: "Node", ns: Namespace) -> list[tuple[bytes, bytes]]:
-    with node.store.reader() as r:
-        return list(r.iter_prefix(bytes((ns,))))
-
-
 async def submit(request: web.Request) -> web.Response:
     """POST /api/orchestration/submit {"tx": hex of a signed TASK_SUBMIT}: 202 {"task_id"} (the txid)."""
-    node = node_of(request)
+    network = request.app[CHAIN].network
     body = await read_json_object(request)
     tx_hex = body.get("tx")
-    if not isinstance(tx_hex, str) or len(tx_hex) > 2 * T.MAX_TX_SIZE or not _HEX.fullmatch(tx_hex):
+    if not isinstance(tx_hex, str) or len(tx_hex) > 2 * T.MAX_TX_SIZE or not HEX.fullmatch(tx_hex):
         raise ApiError(400, "malformed", "field 'tx' must be the hex encoding of a signed task submission")
     raw = bytes.fromhex(tx_hex)
     try:
-        tx = T.decode(raw, node.network)
+        tx = T.decode(raw, network)
     except DecodeError:
-        tx = None  # node.submit names the decoding error
+        tx = None  # admission names the decoding error
     if tx is not None and tx.type != TxType.TASK_SUBMIT:
         raise ApiError(400, "wrong-type", f"expected a task_submit transaction, got {tx.type.name.lower()}")
-    txid = node.submit(raw)
+    txid = request.app[ADMISSION].submit(raw)
     return web.json_response({"task_id": txid.hex(), "txid": txid.hex()}, status=202)
 
 
 async def tasks(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks[?status=S]: every task in the committed state (oldest first)."""
-    node = node_of(request)
+    chain = request.app[CHAIN]
     want = request.query.get("status")
     if want is not None and want.upper() not in TaskStatus.__members__:
         raise ApiError(400, "malformed", f"status must be one of {', '.join(TaskStatus.__members__)}")
-    items = [task_json(k[1:], TaskRecord.decode(v)) for k, v in _records(node, Namespace.TASK)]
+    items = [task_json(k[1:], TaskRecord.decode(v)) for k, v in chain.records(bytes((Namespace.TASK,)))]
     items = [i for i in items if want is None or i["status"] == want.upper()]
     items.sort(key=lambda i: (i["submit_height"], i["task_id"]))
-    return web.json_response({"height": node.tip.height, "tasks": items})
+    return web.json_response({"height": chain.tip.height, "tasks": items})
 
 
 async def task(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks/{id}: the record, and the coordinator's explanation of every choice."""
-    node = node_of(request)
     tid = path_hex32(request, "id")
-    raw = node.store.get_state(task_key(tid))
+    raw = request.app[CHAIN].get_state(task_key(tid))
     if raw is None:
         raise ApiError(404, "not-found", f"no task {tid.hex()} (it may still be pending)")
     d = task_json(tid, TaskRecord.decode(raw))
-    svc = node.orchestration_service
+    svc = request.app[ORCHESTRATION]
     notes = None if svc is None else svc.notes.get(tid)
     d["explanation"] = [] if notes is None else notes.explanations
     d["events"] = [] if notes is None else notes.events
@@ -117,11 +102,11 @@ async def task(request: web.Request) -> web.Response:
 
 async def workers(request: web.Request) -> web.Response:
     """GET /api/orchestration/workers: the registry with live probe figures and whether each is schedulable."""
-    node = node_of(request)
-    svc = node.orchestration_service
-    height = node.tip.height
+    chain = request.app[CHAIN]
+    svc = request.app[ORCHESTRATION]
+    height = chain.tip.height
     out = []
-    for k, v in _records(node, Namespace.WORKER):
+    for k, v in chain.records(bytes((Namespace.WORKER,))):
         pk = k[1:]
         live = None
         if svc is not None:
@@ -133,16 +118,16 @@ async def workers(request: web.Request) -> web.Response:
 
 async def assignments(request: web.Request) -> web.Response:
     """GET /api/orchestration/workers/{id}/assignments: tasks whose result is due from this worker."""
-    node = node_of(request)
+    chain = request.app[CHAIN]
     pk = path_hex32(request, "id")
-    if node.store.get_state(worker_key(pk)) is None:
+    if chain.get_state(worker_key(pk)) is None:
         raise ApiError(404, "not-found", f"worker {pk.hex()} is not registered")
-    svc = node.orchestration_service
+    svc = request.app[ORCHESTRATION]
     if svc is not None and svc.steps:  # the coordinator knows the open tasks: no scan of every task ever
-        values = ((tid, node.store.get_state(task_key(tid))) for tid in sorted(svc.open_tasks))
+        values = ((tid, chain.get_state(task_key(tid))) for tid in sorted(svc.open_tasks))
         records = [(tid, v) for tid, v in values if v is not None]
     else:
-        records = [(k[1:], v) for k, v in _records(node, Namespace.TASK)]
+        records = [(k[1:], v) for k, v in chain.records(bytes((Namespace.TASK,)))]
     out = []
     for tid, v in records:
         t = TaskRecord.decode(v)
@@ -152,11 +137,10 @@ async def assignments(request: web.Request) -> web.Response:
                             "input": t.spec.input.hex(), "deadline_height": t.deadline_height})
                 if svc is not None:
                     svc.mark_fetched(tid, pk)
-    return web.json_response({"height": node.tip.height, "assignments": out})
+    return web.json_response({"height": chain.tip.height, "assignments": out})
 
 
 def add_routes(r: web.UrlDispatcher) -> None:
-    """Add this subsystem's routes; handlers reach the node as request.app[NODE_KEY] (from l2d.api, imported inside functions)."""
     r.add_post("/api/orchestration/submit", submit)
     r.add_get("/api/orchestration/tasks", tasks)
     r.add_get("/api/orchestration/tasks/{id}", task)

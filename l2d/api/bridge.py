@@ -1,29 +1,30 @@
-"""REST routes of the bridge: federation, deposit addresses, peg-ins, peg-outs (docs/bridge.md)."""
+"""Routes of the bridge: federation, deposit addresses, peg-ins, peg-outs, header file (docs/bridge.md)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from .api import ApiError, _height, node_of, path_hex32
-from .core.pegs import (CHANGE_CONTRACT, PeginEntry, PegoutEntry, bridge_totals, btc_tip, deposit_script_pubkey,
-                        script_address, witness_script)
-from .core.state import SUPPLY_KEY, Namespace, StateView, Supply
+from bridge.headers import HeaderStoreError
 
-if TYPE_CHECKING:
-    from .core.pegs import Federation
-    from .node import Node
+from ..core.pegs import (CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, bridge_totals, btc_tip,
+                         deposit_script_pubkey, script_address, witness_script)
+from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
+from .deps import BRIDGE, CHAIN, FEDERATION
+from .http import ApiError, path_hex32, uint
 
 
-def _node_fed(request: web.Request) -> tuple["Node", "Federation"]:
-    node = node_of(request)
-    fed = node.bridge_federation
+def _federation(request: web.Request) -> Federation:
+    fed = request.app[FEDERATION]
     if fed is None:
         raise ApiError(404, "no-bridge", "this node runs no bridge ([bridge] enabled = false)")
-    return node, fed
+    return fed
 
 
-def _descriptor(fed: "Federation", network_id: int, contract: bytes) -> str:
+def _descriptor(fed: Federation, network_id: int, contract: bytes) -> str:
     ws = witness_script(fed, network_id, contract)
     keys = [ws[2 + 34 * k:2 + 34 * k + 33].hex() for k in range(len(fed.keys))]
     return f"wsh(multi({fed.threshold},{','.join(keys)}))"
@@ -31,22 +32,23 @@ def _descriptor(fed: "Federation", network_id: int, contract: bytes) -> str:
 
 async def federation(request: web.Request) -> web.Response:
     """GET /api/bridge/federation: keys, threshold, deposit rule, relayed Bitcoin tip, totals, supply invariant."""
-    node, fed = _node_fed(request)
-    with node.store.reader() as r:
+    fed = _federation(request)
+    chain = request.app[CHAIN]
+    with chain.reader() as r:
         view = StateView(r.get_state)
         totals = bridge_totals(view)
         tip = btc_tip(view)
         sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
-    svc = node.bridge_service
+    svc = request.app[BRIDGE]
     holdings = None if svc is None else svc.holdings_sat()
     bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
-    net = node.network.id
+    network = chain.network
     return web.json_response({
         "threshold": fed.threshold, "keys": [k.hex() for k in fed.keys], "pegin_min_depth": fed.min_depth,
         "deposit_descriptor": f"wsh(sortedmulti({fed.threshold},{','.join(k.hex() for k in fed.keys)}))",
         "deposit_tweak": "each key P becomes P + H_tag('l2d/pegin/tweak', P || network id || account)*G; "
                          "GET /api/bridge/pegin-address/{account} gives the address",
-        "change_address": script_address(deposit_script_pubkey(fed, net, CHANGE_CONTRACT), node.network),
+        "change_address": script_address(deposit_script_pubkey(fed, network.id, CHANGE_CONTRACT), network),
         "btc_tip": None if tip is None else {"base_height": tip.base_height, "height": tip.height,
                                              "hash": tip.block_hash[::-1].hex()},
         "pegged_in_sat": totals.pegged_in_sat, "pending_pegouts_sat": totals.pending_out_sat,
@@ -60,19 +62,19 @@ async def federation(request: web.Request) -> web.Response:
 
 async def pegin_address(request: web.Request) -> web.Response:
     """GET /api/bridge/pegin-address/{account}: the deposit address only that L2 account can claim."""
-    node, fed = _node_fed(request)
+    fed = _federation(request)
+    network = request.app[CHAIN].network
     account = path_hex32(request, "account")
-    net = node.network.id
-    spk = deposit_script_pubkey(fed, net, account)
-    return web.json_response({"account": account.hex(), "address": script_address(spk, node.network),
-                              "script_pubkey": spk.hex(), "witness_script": witness_script(fed, net, account).hex(),
-                              "descriptor": _descriptor(fed, net, account), "min_depth": fed.min_depth})
+    spk = deposit_script_pubkey(fed, network.id, account)
+    return web.json_response({"account": account.hex(), "address": script_address(spk, network),
+                              "script_pubkey": spk.hex(),
+                              "witness_script": witness_script(fed, network.id, account).hex(),
+                              "descriptor": _descriptor(fed, network.id, account), "min_depth": fed.min_depth})
 
 
 def _listing(request: web.Request, ns: Namespace) -> list[tuple[bytes, bytes]]:
-    node, _ = _node_fed(request)
-    with node.store.reader() as r:
-        return list(r.iter_prefix(bytes((ns,))))
+    _federation(request)
+    return request.app[CHAIN].records(bytes((ns,)))
 
 
 async def pegins(request: web.Request) -> web.Response:
@@ -87,12 +89,12 @@ async def pegins(request: web.Request) -> web.Response:
 
 async def pegouts(request: web.Request) -> web.Response:
     """GET /api/bridge/pegouts: every peg-out request and where its payment stands."""
-    node, _ = _node_fed(request)
+    network = request.app[CHAIN].network
     out: list[dict[str, Any]] = []
     for k, v in _listing(request, Namespace.PEGOUT):
         e = PegoutEntry.decode(v)
         out.append({"id": k[1:].hex(), "status": e.status.name, "amount_sat": e.amount_sat,
-                    "l2_height": e.l2_height, "address": script_address(e.script_pubkey, node.network),
+                    "l2_height": e.l2_height, "address": script_address(e.script_pubkey, network),
                     "btc_txid": None if e.btc_txid == bytes(32) else e.btc_txid[::-1].hex()})
     return web.json_response({"pegouts": out})
 
@@ -100,19 +102,13 @@ async def pegouts(request: web.Request) -> web.Response:
 async def headers_file(request: web.Request) -> web.StreamResponse:
     """GET /api/bridge/headers[?from=H&to=H]: the header store's best chain as a header file
     (docs/header-file.md) for `l2-verify headers`."""
-    import asyncio
-    import tempfile
-    from pathlib import Path
-
-    from bridge.headers import HeaderStoreError
-
-    node, _ = _node_fed(request)
-    svc = node.bridge_service
+    _federation(request)
+    svc = request.app[BRIDGE]
     if svc is None or svc.headers is None:
         raise ApiError(404, "no-header-store", "this node follows no bitcoind (no header store)")
     q = request.query
-    lo = None if "from" not in q else _height(q["from"])
-    hi = None if "to" not in q else _height(q["to"])
+    lo = None if "from" not in q else uint(q["from"], "height")
+    hi = None if "to" not in q else uint(q["to"], "height")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "btc.headers"
         try:
@@ -124,7 +120,6 @@ async def headers_file(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(r: web.UrlDispatcher) -> None:
-    """Add this subsystem's routes; handlers reach the node as request.app[NODE_KEY] (from l2d.api)."""
     r.add_get("/api/bridge/federation", federation)
     r.add_get("/api/bridge/pegin-address/{account}", pegin_address)
     r.add_get("/api/bridge/pegins", pegins)

@@ -1,0 +1,171 @@
+"""Admission: decode and check a transaction against the committed state and the mempool, then admit it.
+
+Also signs the node's own transactions (mints with the mint authority key; anchor updates, header relays,
+peg-out updates, task assignments and FL rounds with the federation key) and admits them the same way.
+Remembers recently dropped transactions so GET /api/l2/tx/{txid} can say why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+from coincurve import PrivateKey
+
+from .core import tx as T
+from .core.coin_tx import Mint
+from .core.errors import DecodeError, OutOfRange, Rejected, UnknownType, UnknownVersion, WrongNetwork
+from .core.payload import Payload
+from .core.rules import apply_tx
+from .core.state import Account, StateView, account_key
+from .ledger import Ledger
+from .mempool import Duplicate, Mempool, StaleNonce
+from .metrics import Metrics
+from .views import ChainView
+
+log = logging.getLogger(__name__)
+
+RECENT_TXIDS = 10_000
+
+
+class Refused(Rejected):
+    """A submitted transaction refused before the mempool, with a reason code of its own."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_reason(e: DecodeError) -> str:
+    """Short reason code for a decoding failure."""
+    if isinstance(e, WrongNetwork):
+        return "wrong-network"
+    if isinstance(e, UnknownVersion):
+        return "unknown-version"
+    if isinstance(e, UnknownType):
+        return "unknown-type"
+    if isinstance(e, OutOfRange):
+        return "out-of-range"
+    return "malformed"
+
+
+def _xonly(secret: Optional[bytes]) -> Optional[bytes]:
+    return None if secret is None else PrivateKey(secret).public_key_xonly.format()
+
+
+class Admission:
+    """The one way into the mempool. wake() is called when the mempool holds a full block."""
+
+    def __init__(self, chain: ChainView, ledger: Ledger, mempool: Mempool, metrics: Metrics, *, block_max_txs: int,
+                 wake: Callable[[], None], authority_secret: Optional[bytes],
+                 federation_secret: Optional[bytes]) -> None:
+        self.chain = chain
+        self.network = chain.network
+        self.ledger = ledger
+        self.mempool = mempool
+        self.metrics = metrics
+        self._block_max_txs = block_max_txs
+        self._wake = wake
+        self._authority_secret = authority_secret
+        self.authority_pubkey = _xonly(authority_secret)
+        self._federation_secret = federation_secret
+        self.federation_pubkey = _xonly(federation_secret)
+        self._recent: OrderedDict[bytes, Optional[str]] = OrderedDict()
+
+    def submit(self, raw: bytes) -> bytes:
+        """Admit a signed transaction to the mempool; returns its txid or raises a Rejected with .reason."""
+        try:
+            tx = T.decode(raw, self.network)
+        except DecodeError as e:
+            return self._refuse(Refused(decode_reason(e), str(e)))
+        return self._admit(tx, signature_checked=False)
+
+    def mint(self, recipient: bytes, amount_sat: int) -> bytes:
+        """Sign a Mint with the authority key and admit it like any transaction; returns its txid."""
+        secret, pub = self._authority_secret, self.authority_pubkey
+        if not self.network.admin_mint or secret is None or pub is None:
+            return self._refuse(Refused("unauthorized", f"minting is not allowed on {self.network.name}"))
+        nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
+        try:
+            tx = T.sign(self.network, secret, nonce, 0, Mint(recipient, amount_sat), os.urandom(32))
+        except DecodeError as e:
+            return self._refuse(Refused(decode_reason(e), str(e)))
+        return self._admit(tx, signature_checked=True)
+
+    def submit_as_federation(self, payload: Payload) -> bytes:
+        """Sign a fee-less authority payload (anchor update, header relay, peg-out update, task assignment,
+        FL round commitment...) with the federation key and admit it like any transaction; returns its txid.
+
+        The federation key's x-only public key is the genesis anchor authority (ANCHOR_AUTHORITY_KEY), the
+        one authority every coordinator-posted type checks.
+        """
+        secret, pub = self._federation_secret, self.federation_pubkey
+        if secret is None or pub is None:
+            return self._refuse(Refused("unauthorized", "this node has no federation key"))
+        nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
+        tx = T.sign(self.network, secret, nonce, 0, payload, os.urandom(32))
+        return self._admit(tx, signature_checked=True)
+
+    def tx_status(self, txid: bytes) -> Optional[dict[str, Any]]:
+        """committed (from the store, authoritative), pending, dropped (with reason), or None if unknown."""
+        loc = self.chain.store.tx_location(txid)
+        if loc is not None:
+            return {"status": "committed", "height": loc[0], "index": loc[1]}
+        if txid in self.mempool:
+            return {"status": "pending"}
+        if txid in self._recent:
+            return {"status": "dropped", "reason": self._recent[txid] or "dropped"}
+        return None
+
+    def remember(self, txid: bytes, reason: Optional[str]) -> None:
+        """Note a transaction admitted (reason None) or dropped (with its reason code)."""
+        self._recent[txid] = reason
+        self._recent.move_to_end(txid)
+        while len(self._recent) > RECENT_TXIDS:
+            self._recent.popitem(last=False)
+
+    def _refuse(self, e: Rejected) -> bytes:
+        self.metrics.txs_rejected.inc(stage="admission", reason=e.reason)
+        log.debug("transaction refused", extra={"reason": e.reason, "detail": str(e)})
+        raise e
+
+    def _admit(self, tx: T.Transaction, *, signature_checked: bool) -> bytes:
+        try:
+            if tx.txid in self.mempool:  # before the balance check, which would count it twice
+                raise Duplicate(f"transaction {tx.txid.hex()} is already pending")
+            if not signature_checked:
+                T.check_signature(tx)
+            committed = self._precheck(tx)
+            txid = self.mempool.add(tx, committed)
+        except Rejected as e:
+            return self._refuse(e)
+        self.metrics.txs_accepted.inc()
+        self.remember(txid, None)
+        if len(self.mempool) >= self._block_max_txs:
+            self._wake()
+        return txid
+
+    def _precheck(self, tx: T.Transaction) -> Optional[int]:
+        """Cheap checks against the committed state as the sender's pending transactions leave it.
+
+        Runs the consensus state transition on a throwaway view in which the sender's account has the
+        committed balance minus what its pending transactions spend, and the nonce this tx carries; so every
+        rule (authority, fee floor, balance, recipient, self-transfer) is the consensus one. Returns the
+        committed nonce, None if the sender has no account.
+        """
+        store = self.chain.store
+        skey = account_key(tx.sender)
+        raw = store.get_state(skey)
+        acc = None if raw is None else Account.decode(raw)
+        committed = None if acc is None else acc.nonce
+        if tx.nonce < (committed or 0):
+            raise StaleNonce(f"nonce {tx.nonce} is below the committed nonce {committed} of {tx.sender.hex()}")
+        spent = sum(p.payload.debit_sat() + p.fee_sat for p in self.mempool.pending_of(tx.sender)
+                    if p.nonce != tx.nonce)
+        view = StateView(store.get_state, self.chain.tip.height + 1)
+        if acc is not None or tx.nonce > 0:  # nonce > 0: the sender's pending transactions create its account
+            balance = acc.balance_sat if acc is not None else 0
+            view.put(skey, Account(max(balance - spent, 0), tx.nonce).encode())
+        apply_tx(view, tx, self.ledger.rules, signature_checked=True)
+        return committed

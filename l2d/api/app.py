@@ -1,0 +1,27 @@
+"""The aiohttp application: the error middleware, each dependency under its AppKey, every subsystem's routes."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import anchors, bridge, fl, ledger, work
+from .deps import (ADMIN_TOKEN, ADMISSION, ANCHORS, BRIDGE, CHAIN, FEDERATION, METRICS, MODELS, ORCHESTRATION,
+                   SNAPSHOTS, ApiDeps)
+from .http import error_middleware
+
+
+def make_app(deps: ApiDeps) -> web.Application:
+    """The REST application over deps."""
+    app = web.Application(client_max_size=deps.max_body_bytes, middlewares=[error_middleware])
+    app[CHAIN] = deps.chain
+    app[ADMISSION] = deps.admission
+    app[SNAPSHOTS] = deps.snapshots
+    app[METRICS] = deps.metrics
+    app[MODELS] = deps.models
+    app[ADMIN_TOKEN] = deps.admin_token
+    app[ANCHORS] = deps.anchors
+    app[FEDERATION] = deps.federation
+    app[BRIDGE] = deps.bridge
+    app[ORCHESTRATION] = deps.orchestration
+    for routes in (ledger, anchors, bridge, work, fl):
+        routes.add_routes(app.router)
+    return app

@@ -1,0 +1,145 @@
+"""Read views of the committed chain for the API and the services: tip, summaries, records and proofs.
+
+Every read comes from the store (LMDB read transactions over committed data). Proofs come from the in-memory
+tree, which equals the committed state only while no block is being built: they are taken under tree_lock.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Optional
+
+from .core.block import HEADER_SIZE, Block, BlockHeader
+from .core.params import Network
+from .core.state import SUPPLY_KEY, Account, Supply, account_key
+from .core.tree import Proof
+from .ledger import Ledger
+from .mempool import Mempool
+from .metrics import Metrics
+from .store import Reader, Store, StoreError
+
+
+@dataclass(frozen=True, slots=True)
+class StateSummary:
+    height: int
+    tip_hash: bytes
+    state_root: bytes
+    records: int
+    supply: Supply
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    account: Optional[Account]
+    height: int
+    state_root: bytes
+    proof: Proof
+
+
+@dataclass(frozen=True, slots=True)
+class ProvenValue:
+    """A committed state value (None if absent) with its proof against the tip's root (None if absent)."""
+
+    tip: BlockHeader
+    value: Optional[bytes]
+    proof: Optional[Proof]
+
+
+class ChainView:
+    """What the committed chain looks like now. Holds no state of its own beyond the start time."""
+
+    def __init__(self, network: Network, store: Store, ledger: Ledger, mempool: Mempool, metrics: Metrics,
+                 tree_lock: asyncio.Lock, version: str) -> None:
+        self.network = network
+        self.store = store
+        self.ledger = ledger
+        self.mempool = mempool
+        self.metrics = metrics
+        self.tree_lock = tree_lock
+        self.version = version
+        self._started = time.monotonic()
+
+    @property
+    def tip(self) -> BlockHeader:
+        """Header of the last committed block."""
+        tip = self.ledger.tip
+        if tip is None:  # Ledger.open ran when the node was built
+            raise StoreError("ledger is not open")
+        return tip
+
+    def uptime_s(self) -> float:
+        return time.monotonic() - self._started
+
+    def reader(self) -> AbstractContextManager[Reader]:
+        """One consistent read transaction over the committed state and blocks."""
+        return self.store.reader()
+
+    def get_state(self, key: bytes) -> Optional[bytes]:
+        return self.store.get_state(key)
+
+    def records(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every committed state record under prefix, in key order, from one read."""
+        with self.store.reader() as r:
+            return list(r.iter_prefix(prefix))
+
+    def block(self, height: int) -> Optional[Block]:
+        return self.ledger.block(height)
+
+    def raw_block(self, height: int) -> Optional[bytes]:
+        return self.store.get_block(height)
+
+    def committed_nonce(self, sender: bytes) -> int:
+        """The sender's committed nonce (0 for an account that does not exist)."""
+        raw = self.store.get_state(account_key(sender))
+        return 0 if raw is None else Account.decode(raw).nonce
+
+    def state_summary(self) -> StateSummary:
+        """Tip, record count and supply from one consistent read view."""
+        with self.store.reader() as r:
+            height = r.tip_height()
+            raw = r.get_block(height) if height is not None else None
+            if raw is None:
+                raise StoreError("database has no tip block")
+            header = BlockHeader.decode(bytes(raw[:HEADER_SIZE]), self.network)
+            sup = r.get_state(SUPPLY_KEY)
+            return StateSummary(header.height, header.hash, header.state_root, r.state_count(),
+                                Supply.decode(bytes(sup)) if sup is not None else Supply(0, 0, 0))
+
+    async def prove(self, key: bytes) -> ProvenValue:
+        """The committed value under key and its inclusion proof against the committed tip (both None if absent)."""
+        async with self.tree_lock:  # the tree equals the committed state while no block is in flight
+            tip = self.tip
+            raw = self.store.get_state(key)
+            proof = self.ledger.tree.prove(key, self._committed_value) if raw is not None else None
+        return ProvenValue(tip, raw, proof)
+
+    async def account(self, pubkey: bytes) -> AccountView:
+        """Committed account and its proof (inclusion or non-inclusion) against the committed tip's state root."""
+        key = account_key(pubkey)
+        async with self.tree_lock:
+            tip = self.tip
+            raw = self.store.get_state(key)
+            proof = self.ledger.tree.prove(key, self._committed_value)
+        return AccountView(None if raw is None else Account.decode(raw), tip.height, tip.state_root, proof)
+
+    def _committed_value(self, key: bytes) -> bytes:
+        v = self.store.get_state(key)
+        if v is None:
+            raise StoreError(f"key {key.hex()} is in the tree but not in the store")
+        return v
+
+    def render_metrics(self) -> str:
+        """The Prometheus exposition of this node."""
+        with self.store.reader() as r:
+            records = r.state_count()
+        tip = self.tip
+        gauges = {
+            "l2d_height": ("Height of the committed tip.", lambda: tip.height),
+            "l2d_mempool_txs": ("Transactions in the mempool.", lambda: len(self.mempool)),
+            "l2d_mempool_bytes": ("Encoded size of the mempool.", lambda: self.mempool.size_bytes),
+            "l2d_state_records": ("Records in the committed state.", lambda: records),
+            "l2d_uptime_seconds": ("Seconds since the node started.", lambda: round(self.uptime_s(), 3)),
+        }
+        return self.metrics.render(gauges)
