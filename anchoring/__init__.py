@@ -1,1 +1,1 @@
-"""Bitcoin anchoring: anchor payloads and the service that commits L2 state roots to Bitcoin."""
+"""Bitcoin anchoring: the service that commits L2 state roots to Bitcoin and the anchor transactions it builds."""

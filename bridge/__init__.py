@@ -1,1 +1,1 @@
-"""Bitcoin bridge: bitcoind RPC and ZMQ client, SPV checks, peg-in and peg-out."""
+"""Bitcoin bridge runtime: bitcoind RPC and ZMQ clients, the header store, peg-out signers and the bridge service."""
