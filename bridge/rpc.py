@@ -31,7 +31,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal, Mapping, Optional, Sequence, Union, overload
+from typing import Any, Literal, Mapping, Optional, Sequence, Union, overload
 
 import aiohttp
 
@@ -919,26 +919,3 @@ class BitcoinRPC:
     async def stop(self) -> str:
         """Ask bitcoind to shut down (it replies first, then exits)."""
         return str(await self.call("stop", idempotent=False))
-
-
-async def run_steps(step: Callable[[], Awaitable[None]], wake: asyncio.Event, poll_s: float, what: str,
-                    on_transient: Callable[[RPCTransient], None]) -> None:
-    """Run step() forever; after each, wait until wake is set or poll_s seconds pass.
-
-    bitcoind being unreachable (RPCTransient) goes to on_transient; any other failure is logged with its
-    traceback and the step retried: a service beside the ledger never takes the ledger down with it.
-    """
-    while True:
-        wake.clear()
-        try:
-            await step()
-        except asyncio.CancelledError:
-            raise
-        except RPCTransient as e:
-            on_transient(e)
-        except Exception:
-            log.exception("%s step failed; retrying", what)
-        try:
-            await asyncio.wait_for(wake.wait(), poll_s)
-        except TimeoutError:
-            pass
