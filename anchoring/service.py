@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from bridge.chain_tracker import ChainTracker, ChainTrackerError, Connected, Disconnected
-from bridge.rpc import (BitcoinRPC, RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCVerifyError, RPCVerifyRejected,
-                        hash_from_hex, hash_to_hex, run_steps)
+from bridge.rpc import BitcoinRPC, hash_from_hex, hash_to_hex
+from bridge.rpc_errors import RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCVerifyError, RPCVerifyRejected
+from bridge.steps import run_steps
 from l2d.config import AnchoringConfig
 from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script

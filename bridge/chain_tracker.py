@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncGenerator, Optional, Protocol, Sequence, Union
 
-from bridge.rpc import RPCTransient
+from bridge.rpc_errors import RPCTransient
 
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,7 @@ import lmdb
 
 from bridge import chain_tracker as ct
 from bridge.chain_tracker import BlockRef, ChainTracker, Connected, Disconnected
-from bridge.rpc import RPCInvalidParameter, RPCTransient
+from bridge.rpc_errors import RPCInvalidParameter, RPCTransient
 from l2d.core.header_file import write_header_file
 from l2d.core.spv import (HEADER_SIZE, MEDIAN_TIME_SPAN, ChainParams, HeaderChain, bits_to_target, block_work,
                           parse_header)

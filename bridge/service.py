@@ -38,7 +38,9 @@ from l2d.core.state import Namespace, StateView
 
 from .federation import (Coin, FederationError, InsufficientFunds, LocalSigner, Pegout, build_psbt, combine, finalize,
                          plan_batch)
-from .rpc import BitcoinRPC, RPCAlreadyInChain, RPCError, RPCTransient, run_steps
+from .rpc import BitcoinRPC
+from .rpc_errors import RPCAlreadyInChain, RPCError, RPCTransient
+from .steps import run_steps
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import AsyncGenerator, Awaitable, Callable, Mapping, Optional, Proto
 import zmq
 import zmq.asyncio
 
-from bridge.rpc import RPCError
+from bridge.rpc_errors import RPCError
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from bridge.rpc import (
-    BitcoinRPC,
-    CookieAuth,
-    RetryPolicy,
-    RPCError,
-    RPCProtocolError,
-    RPCWarmup,
-    error_from_code,
-)
+from bridge.rpc import BitcoinRPC, CookieAuth, RetryPolicy
+from bridge.rpc_errors import RPCError, RPCProtocolError, RPCWarmup, error_from_code
 
 log = logging.getLogger(__name__)
 

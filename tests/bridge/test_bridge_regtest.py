@@ -24,7 +24,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
 from anchoring.btc_tx import key_path_script
-from bridge.rpc import BitcoinRPC, RPCError
+from bridge.rpc import BitcoinRPC
+from bridge.rpc_errors import RPCError
 from l2d.config import Config
 from l2d.core.coin_tx import Burn
 from l2d.core.params import REGTEST

@@ -20,7 +20,8 @@ from bridge.chain_tracker import (
     Disconnected,
     ReorgTooDeep,
 )
-from bridge.rpc import BitcoinRPC, RPCConnectionRefused
+from bridge.rpc import BitcoinRPC
+from bridge.rpc_errors import RPCConnectionRefused
 from bridge.zmq_sub import BlockHashEvent, ZmqSubscriber
 from regtest.harness import BitcoindNode
 

@@ -26,7 +26,8 @@ import bridge.headers as headers_mod
 from bridge.chain_tracker import Connected, Disconnected
 from bridge.headers import (ConcurrentSync, HeaderSourceError, HeaderStore, ReorgTooDeep, StartNotInChain,
                             StoreMismatch, UnknownHeight)
-from bridge.rpc import BitcoinRPC, RPCConnectionRefused, RPCInvalidParameter
+from bridge.rpc import BitcoinRPC
+from bridge.rpc_errors import RPCConnectionRefused, RPCInvalidParameter
 from bridge.zmq_sub import BlockHashEvent, ZmqSubscriber
 from l2d.core.header_file import (MAGIC, CheckpointNotInFile, HeaderFileChecksum, HeaderFileEmpty,
                                   HeaderFileTrailingBytes, HeaderFileTruncated, HeaderFileUnknownChain,

@@ -17,32 +17,12 @@ from typing import Any, AsyncIterator, Callable, Optional, Union
 import pytest
 from aiohttp import web
 
-from bridge.rpc import (
-    BitcoinRPC,
-    CookieAuth,
-    RetryPolicy,
-    RPCAlreadyInChain,
-    RPCAuthError,
-    RPCConnectionLost,
-    RPCConnectionRefused,
-    RPCError,
-    RPCFatal,
-    RPCInsufficientFunds,
-    RPCInvalidAddressOrKey,
-    RPCInvalidParameter,
-    RPCMethodNotFound,
-    RPCMiscError,
-    RPCProtocolError,
-    RPCServiceUnavailable,
-    RPCTimeout,
-    RPCTransient,
-    RPCVerifyError,
-    RPCVerifyRejected,
-    RPCWalletError,
-    RPCWalletNotFound,
-    RPCWarmup,
-    UserPassAuth,
-)
+from bridge.rpc import BitcoinRPC, CookieAuth, RetryPolicy, UserPassAuth
+from bridge.rpc_errors import (RPCAlreadyInChain, RPCAuthError, RPCConnectionLost, RPCConnectionRefused, RPCError,
+                               RPCFatal, RPCInsufficientFunds, RPCInvalidAddressOrKey, RPCInvalidParameter,
+                               RPCMethodNotFound, RPCMiscError, RPCProtocolError, RPCServiceUnavailable, RPCTimeout,
+                               RPCTransient, RPCVerifyError, RPCVerifyRejected, RPCWalletError, RPCWalletNotFound,
+                               RPCWarmup)
 from regtest.harness import free_ports
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.01)

@@ -7,15 +7,9 @@ import pytest
 from bitcoin.core import CBlock, CBlockHeader, CTransaction
 from coincurve import PrivateKey
 
-from bridge.rpc import (
-    BitcoinRPC,
-    RPCAlreadyInChain,
-    RPCInvalidAddressOrKey,
-    RPCInvalidParameter,
-    RPCMethodNotFound,
-    RPCWalletNotFound,
-    hash_to_hex,
-)
+from bridge.rpc import BitcoinRPC, hash_to_hex
+from bridge.rpc_errors import (RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCInvalidParameter, RPCMethodNotFound,
+                               RPCWalletNotFound)
 from regtest.harness import BitcoindNode, fund_wallet
 
 pytestmark = pytest.mark.regtest

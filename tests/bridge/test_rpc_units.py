@@ -1,4 +1,4 @@
-"""Pure parts of the RPC client: amounts, byte order, backoff, error mapping."""
+"""Pure parts of the RPC client: amounts, byte order, backoff."""
 from __future__ import annotations
 
 from decimal import Decimal
@@ -7,21 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.rpc import (
-    ERROR_CLASSES,
-    RetryPolicy,
-    RPCFatal,
-    RPCTransient,
-    RPCWalletError,
-    RPCWalletNotFound,
-    RPCWarmup,
-    btc_to_sat,
-    error_from_code,
-    hash_from_hex,
-    hash_to_hex,
-    sat_to_btc,
-    sat_to_btc_str,
-)
+from bridge.rpc import RetryPolicy, btc_to_sat, hash_from_hex, hash_to_hex, sat_to_btc, sat_to_btc_str
 
 MAX_MONEY = 21_000_000 * 100_000_000
 
@@ -72,14 +58,3 @@ def test_backoff_is_capped_exponential() -> None:
     assert p.delay(1000) == 1.0
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
-
-
-def test_error_mapping_tree() -> None:
-    assert isinstance(error_from_code(-28, "warming up"), RPCWarmup)
-    assert isinstance(error_from_code(-28, "warming up"), RPCTransient)
-    e = error_from_code(-18, "no wallet", "getbalance")
-    assert isinstance(e, RPCWalletNotFound) and isinstance(e, RPCWalletError) and isinstance(e, RPCFatal)
-    assert str(e) == "getbalance: no wallet" and e.code == -18
-    assert type(error_from_code(-424242, "?")) is RPCFatal
-    transient_codes = {code for code, cls in ERROR_CLASSES.items() if issubclass(cls, RPCTransient)}
-    assert transient_codes == {-28, -37}
