@@ -30,8 +30,9 @@ import numpy as np  # noqa: E402
 from coincurve import PrivateKey  # noqa: E402
 
 from federated import model  # noqa: E402
-from federated.l2 import L2Api, L2Recorder, post_job, register_participant  # noqa: E402
+from federated.l2 import L2Recorder, post_job, register_participant  # noqa: E402
 from federated.recorder import Participant, RoundCommitment  # noqa: E402
+from l2d.client import Client  # noqa: E402
 from l2d.core import tx as T  # noqa: E402
 from l2d.core.coin_tx import Transfer  # noqa: E402
 from l2d.core.params import LOCAL  # noqa: E402
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     return int(json.loads(line)["port"])
             return None
 
-        api = L2Api(f"http://127.0.0.1:{_wait(port, 60, 'daemon')}", TOKEN)
+        api = Client(f"http://127.0.0.1:{_wait(port, 60, 'daemon')}", TOKEN)
         # baseline: a plain transfer, submit -> committed
         transfer = []
         for i in range(10):
@@ -95,15 +96,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raw = T.sign(LOCAL, _secret("poster"), acc["nonce"], 1, Transfer(bytes.fromhex(_pk("p0")), 1),
                          os.urandom(32)).raw
             t = time.perf_counter()
-            txid = api.submit_tx(raw)
+            txid = api.submit_tx(raw)["txid"]
             _wait(lambda: api.get(f"/api/l2/tx/{txid}").get("status") == "committed", 30, "transfer")
             transfer.append(time.perf_counter() - t)
         jid = post_job(api, _secret("poster"), 10**6, {"strategy": "fedavg"}, a.rounds, 1, n)
-        _wait(lambda: api.job_or_none(jid), 30, "job")
+        _wait(lambda: api.fl_job_or_none(jid), 30, "job")
         for i in range(n):
             nk = "ecdsa-sha2-nistp384 " + base64.b64encode(hashlib.sha512(b"%d" % i).digest()).decode()
             register_participant(api, _secret(f"p{i}"), jid, nk)
-        _wait(lambda: len(api.job(jid)["participants"]) == n, 30, "registrations")
+        _wait(lambda: len(api.fl_job(jid)["participants"]) == n, 30, "registrations")
         ckpt = tmp / "checkpoints"
         ckpt.mkdir()
         node_map = {i + 1: _pk(f"p{i}") for i in range(n)}
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         job = rec.finish(jid)
         finish_s = time.perf_counter() - t
-        detail = api.job(jid)["rounds_detail"][-1]
+        detail = api.fl_job(jid)["rounds_detail"][-1]
         from l2d.core.fl_tx import FlRound, RoundParticipant
         payload = FlRound(bytes.fromhex(jid), 1, bytes(32), bytes(32), 0, 0, 0, 0,
                           tuple(sorted((RoundParticipant(bytes.fromhex(_pk(f"p{i}")), 1, True) for i in range(n)),

@@ -28,14 +28,13 @@ import json
 import os
 import sys
 from pathlib import Path
-
 from typing import Any
 
-from federated import data, server_app
-from federated.l2 import L2Error
+from federated import data, l2, server_app
 from federated.launch import BIN, LaunchError, dev, flower_env, free_port, generate_node_key
-from l2d.cli import CliError
+from l2d.client import ApiError, Client, Unreachable
 from l2d.core.errors import DecodeError
+from l2d.keys import KeyFileError, load_secret
 
 
 def _join_argv(a: argparse.Namespace) -> list[str]:
@@ -80,25 +79,21 @@ def _job_id(s: str) -> str:
 
 
 def _l2_command(a: argparse.Namespace) -> dict[str, Any]:
-    from l2d.cli import load_secret
-
-    from federated import l2
-
     if a.cmd == "post":
         settings = _settings(a.set)
         server_app.run_settings({**settings, "out-dir": "-"})  # refuse a config the ServerApp could not run
-        api = l2.L2Api(a.node)
+        api = Client(a.node)
         jid = l2.post_job(api, load_secret(Path(a.key)), a.pool, settings, a.rounds, a.min, a.max, a.fee)
         return {"job_id": jid, "config_hash": l2.config_hash(settings).hex()}
     if a.cmd == "register":
         line = Path(a.node_key).read_text().strip()
-        api = l2.L2Api(a.node)
+        api = Client(a.node)
         txid = l2.register_participant(api, load_secret(Path(a.key)), _job_id(a.job), line, a.fee)
         return {"txid": txid}
     if a.cmd == "reclaim":
-        return {"txid": l2.reclaim_job(l2.L2Api(a.node), load_secret(Path(a.key)), _job_id(a.job), a.fee)}
+        return {"txid": l2.reclaim_job(Client(a.node), load_secret(Path(a.key)), _job_id(a.job), a.fee)}
     token = Path(a.token_file).read_text().strip()
-    return l2.coordinate(l2.L2Api(a.node, token), _job_id(a.job), Path(a.out).resolve(), _settings(a.set),
+    return l2.coordinate(Client(a.node, token), _job_id(a.job), Path(a.out).resolve(), _settings(a.set),
                          Path(a.token_file).resolve(), say=lambda m: sys.stderr.write(m + "\n"))
 
 
@@ -159,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd in ("post", "register", "reclaim", "coordinate"):
         try:
             out = _l2_command(a)
-        except (L2Error, LaunchError, CliError, DecodeError, OSError, ValueError) as e:
+        except Unreachable as e:  # worded as before the shared client: the connection error's own text
+            sys.stderr.write(f"l2-fl {a.cmd}: {e.error}\n")
+            return 1
+        except (ApiError, KeyFileError, LaunchError, DecodeError, OSError, ValueError) as e:
             sys.stderr.write(f"l2-fl {a.cmd}: {e}\n")
             return 1
         sys.stdout.write(json.dumps(out) + "\n")

@@ -1,4 +1,4 @@
-"""The Flower side of the L2 integration: a REST client for the daemon, the L2 RoundRecorder, and the
+"""The Flower side of the L2 integration (over the daemon's REST API, l2d.client): the L2 RoundRecorder, and the
 registration bridge that turns a job's L2 registrations into the SuperLink's node allow-list.
 
 Flow (docs/federated.md):
@@ -22,104 +22,17 @@ import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from federated.launch import Federation, LaunchError
 from federated.recorder import JsonlRecorder, RoundCommitment
+from l2d.client import ApiError, Client
+from l2d.core.fl_tx import FlJobPost, FlReclaim, FlRegister
 
 log = logging.getLogger(__name__)
 
 PPM = 1_000_000
-
-
-class L2Error(RuntimeError):
-    """The daemon refused a request, or did not commit in time."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
-
-
-class L2Api:
-    """A small synchronous client of the daemon's REST API (the ServerApp runs in Flower's process)."""
-
-    def __init__(self, url: str, token: str = "", timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    def _req(self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json",
-             admin: bool = False) -> tuple[int, bytes]:
-        req = urllib.request.Request(self.url + path, data=body, method=method)
-        if body is not None:
-            req.add_header("Content-Type", ctype)
-        if admin:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            with e:
-                raw = e.read()
-            try:
-                d = json.loads(raw)
-                raise L2Error(e.code, str(d.get("error")), str(d.get("message"))) from None
-            except ValueError:
-                raise L2Error(e.code, "http-error", raw[:200].decode(errors="replace")) from None
-
-    def get(self, path: str) -> Any:
-        return json.loads(self._req("GET", path)[1])
-
-    def post(self, path: str, body: dict[str, Any], admin: bool = True) -> Any:
-        return json.loads(self._req("POST", path, json.dumps(body).encode(), admin=admin)[1])
-
-    def check_admin(self) -> None:
-        """Raise L2Error 401 unless the token is the daemon's admin token (an empty model upload: refused as
-        malformed once authorised, so nothing is stored)."""
-        try:
-            self._req("PUT", "/api/fl/models", b"", "application/octet-stream", admin=True)
-        except L2Error as e:
-            if e.status != 400:
-                raise
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self.get(f"/api/fl/jobs/{job_id}"))
-
-    def submit_tx(self, raw: bytes) -> str:
-        return str(self.post("/api/l2/tx", {"tx": raw.hex()}, admin=False)["txid"])
-
-    def account(self, key_hex: str) -> dict[str, Any]:
-        return dict(self.get(f"/api/l2/accounts/{key_hex}"))
-
-    def put_model(self, raw: bytes) -> str:
-        _, out = self._req("PUT", "/api/fl/models", raw, "application/octet-stream", admin=True)
-        return str(json.loads(out)["params_hash"])
-
-    def get_model(self, params_hash: str) -> bytes:
-        _, raw = self._req("GET", f"/api/fl/models/{params_hash}")
-        if hashlib.sha256(raw).hexdigest() != params_hash:
-            raise L2Error(200, "corrupt", f"model {params_hash} does not hash to its name")
-        return raw
-
-    def wait(self, cond: Any, what: str, timeout: float = 60.0, poll: float = 0.1) -> Any:
-        end = time.monotonic() + timeout
-        while True:
-            v = cond()
-            if v:
-                return v
-            if time.monotonic() > end:
-                raise L2Error(408, "timeout", f"timed out after {timeout}s waiting for {what}")
-            time.sleep(poll)
-
-    def job_or_none(self, job_id: str) -> dict[str, Any] | None:
-        try:
-            return self.job(job_id)
-        except L2Error as e:
-            if e.status == 404:
-                return None
-            raise
 
 
 def fixed_point(x: float, scale: int = PPM) -> int:
@@ -136,7 +49,7 @@ class L2Recorder:
     could only be a node the SuperLink let in without an L2 registration: refuse to commit rather than guess.
     """
 
-    def __init__(self, api: L2Api, job_id: str, node_map: dict[int, str], checkpoints: Path,
+    def __init__(self, api: Client, job_id: str, node_map: dict[int, str], checkpoints: Path,
                  local: JsonlRecorder | None = None, commit_timeout: float = 60.0,
                  node_map_path: Path | None = None) -> None:
         self.api = api
@@ -152,14 +65,14 @@ class L2Recorder:
             raise ValueError(f"commitment for job {c.job_id}, recorder is for {self.job_id}")
         raw = (self.checkpoints / f"{c.params_hash}.params").read_bytes()
         if self.api.put_model(raw) != c.params_hash:
-            raise L2Error(500, "hash-mismatch", "the daemon stored the model under another hash")
+            raise ApiError(500, "hash-mismatch", "the daemon stored the model under another hash")
         parts = []
         if self.node_map_path is not None and any(p.node_id not in self.node_map for p in c.participants):
             self.node_map = read_node_map(self.node_map_path)
         for p in c.participants:
             key = self.node_map.get(p.node_id)
             if key is None:
-                raise L2Error(403, "unregistered", f"Flower node {p.node_id} has no L2 registration for the job")
+                raise ApiError(403, "unregistered", f"Flower node {p.node_id} has no L2 registration for the job")
             parts.append({"key": key, "num_examples": int(p.num_examples),
                           "accepted": bool(p.accepted)})
         m = c.metrics
@@ -168,15 +81,15 @@ class L2Recorder:
                 "loss_ppm": fixed_point(float(m.get("loss", 0.0))),
                 "update_bytes": int(m.get("update_bytes", 0.0)),
                 "dp_epsilon_ppm": fixed_point(float(m.get("dp_epsilon", 0.0))), "participants": parts}
-        self.api.post(f"/api/fl/jobs/{self.job_id}/rounds", body)
-        self.api.wait(lambda: self.api.job(self.job_id)["rounds_done"] >= c.round,
+        self.api.fl_round(self.job_id, body)
+        self.api.wait(lambda: self.api.fl_job(self.job_id)["rounds_done"] >= c.round,
                       f"round {c.round} of job {self.job_id} in a block", self.commit_timeout)
         if self.local is not None:
             self.local.record(c)
         log.info("round %d of L2 job %s committed (params %s)", c.round, self.job_id, c.params_hash)
 
     def last(self, job_id: str) -> RoundCommitment | None:
-        j = self.api.job(job_id)
+        j = self.api.fl_job(job_id)
         n = int(j["rounds_done"])
         if n == 0:
             return None
@@ -192,11 +105,11 @@ class L2Recorder:
 
     def finish(self, job_id: str) -> dict[str, Any]:
         """Close the job on the L2 (rewards by contribution) unless it is closed already; returns the job."""
-        j = self.api.job(job_id)
+        j = self.api.fl_job(job_id)
         if j["status"] != "OPEN" or j["rounds_done"] < j["rounds"]:  # closed, or rounds still to run
             return j
-        self.api.post(f"/api/fl/jobs/{job_id}/finish", {})
-        return dict(self.api.wait(lambda: (lambda j: j if j["status"] != "OPEN" else None)(self.api.job(job_id)),
+        self.api.fl_finish(job_id)
+        return dict(self.api.wait(lambda: (lambda j: j if j["status"] != "OPEN" else None)(self.api.fl_job(job_id)),
                                   f"job {job_id} finished", self.commit_timeout))
 
 
@@ -208,7 +121,7 @@ def recorder_from_config(cfg: dict[str, Any], out: Path) -> L2Recorder | None:
     token_file = str(cfg.get("l2-token-file") or "")
     token = Path(token_file).read_text().strip() if token_file else ""
     node_map_path = Path(str(cfg.get("l2-node-map") or (out / "node-map.json")))
-    return L2Recorder(L2Api(url, token), str(cfg["job-id"]), read_node_map(node_map_path), out / "checkpoints",
+    return L2Recorder(Client(url, token), str(cfg["job-id"]), read_node_map(node_map_path), out / "checkpoints",
                       JsonlRecorder(out / "rounds.jsonl"), node_map_path=node_map_path)
 
 
@@ -216,10 +129,10 @@ def read_node_map(path: Path) -> dict[int, str]:
     return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
 
 
-def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -> dict[int, str]:
+def sync_registrations(fed: Any, api: Client, job_id: str, node_map_path: Path) -> dict[int, str]:
     """Register with the SuperLink exactly the node keys registered on the L2 for job_id (and not yet registered
     with this SuperLink); write and return the Flower node id -> L2 key map."""
-    job = api.job(job_id)
+    job = api.fl_job(job_id)
     known: dict[int, str] = read_node_map(node_map_path) if node_map_path.exists() else {}
     have = set(known.values())
     for p in job["participants"]:
@@ -235,7 +148,7 @@ def sync_registrations(fed: Any, api: L2Api, job_id: str, node_map_path: Path) -
     return known
 
 
-def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], token_file: Path,
+def coordinate(api: Client, job_id: str, out: Path, settings: dict[str, Any], token_file: Path,
                say: Any = log.info, poll: float = 1.0, on_ready: Any = None,
                status_every: float = 10.0) -> dict[str, Any]:
     """Run (or resume) an L2 job as the federation: an auth SuperLink whose allow-list follows the job's L2
@@ -243,9 +156,7 @@ def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], tok
 
     on_ready(federation) is called once the SuperLink is up and the registered keys are allowed (tests use it
     to start participants)."""
-    from federated.launch import Federation, LaunchError
-
-    job = api.job(job_id)
+    job = api.fl_job(job_id)
     if job["status"] != "OPEN":  # FINISHED, or RECLAIMED by its poster
         return job
     if config_hash(settings).hex() != job["config_hash"]:
@@ -269,14 +180,14 @@ def coordinate(api: L2Api, job_id: str, out: Path, settings: dict[str, Any], tok
         next_status = time.monotonic() + status_every
         while True:
             fed._check_alive("superlink")
-            job = api.job(job_id)
+            job = api.fl_job(job_id)
             if job["status"] != "OPEN":
                 return job
             sync_registrations(fed, api, job_id, node_map)
             if time.monotonic() >= next_status:  # `flwr ls` is a process start: not every poll
                 st = fed.run_status(run_id)
                 if st.startswith("finished"):
-                    job = api.job(job_id)
+                    job = api.fl_job(job_id)
                     if job["status"] != "OPEN":
                         return job
                     raise LaunchError(f"Flower run {run_id} ended ({st}) with the job still open after round "
@@ -293,39 +204,19 @@ def config_hash(run_config: dict[str, Any]) -> bytes:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
-def _sign_and_submit(api: L2Api, secret: bytes, payload: Any, fee_sat: int) -> str:
-    import os
-
-    from coincurve import PrivateKey
-
-    from l2d.core import tx as T
-    from l2d.core.params import network_by_name
-
-    network = network_by_name(str(api.get("/api/status")["network"]))
-    sender = PrivateKey(secret).public_key_xonly.format().hex()
-    nonce = int(api.account(sender)["nonce"])
-    return api.submit_tx(T.sign(network, secret, nonce, fee_sat, payload, os.urandom(32)).raw)
-
-
-def post_job(api: L2Api, secret: bytes, pool_sat: int, run_config: dict[str, Any], rounds: int,
+def post_job(api: Client, secret: bytes, pool_sat: int, run_config: dict[str, Any], rounds: int,
              min_participants: int, max_participants: int, fee_sat: int = 1) -> str:
     """Sign and submit an FL_JOB_POST escrowing pool_sat; returns the job id (its txid, hex)."""
-    from l2d.core.fl_tx import FlJobPost
-
-    return _sign_and_submit(api, secret, FlJobPost(pool_sat, config_hash(run_config), rounds, min_participants,
-                                                   max_participants), fee_sat)
+    payload = FlJobPost(pool_sat, config_hash(run_config), rounds, min_participants, max_participants)
+    return str(api.sign_and_submit(secret, payload, fee_sat)["txid"])
 
 
-def reclaim_job(api: L2Api, secret: bytes, job_id: str, fee_sat: int = 1) -> str:
+def reclaim_job(api: Client, secret: bytes, job_id: str, fee_sat: int = 1) -> str:
     """Sign and submit an FL_RECLAIM (the poster closes a job idle for RECLAIM_BLOCKS blocks)."""
-    from l2d.core.fl_tx import FlReclaim
-
-    return _sign_and_submit(api, secret, FlReclaim(bytes.fromhex(job_id)), fee_sat)
+    return str(api.sign_and_submit(secret, FlReclaim(bytes.fromhex(job_id)), fee_sat)["txid"])
 
 
-def register_participant(api: L2Api, secret: bytes, job_id: str, node_public_key: str, fee_sat: int = 1) -> str:
+def register_participant(api: Client, secret: bytes, job_id: str, node_public_key: str, fee_sat: int = 1) -> str:
     """Sign and submit an FL_REGISTER of the sender's L2 key with its Flower node's OpenSSH public key line."""
-    from l2d.core.fl_tx import FlRegister
-
     line = node_public_key.strip()
-    return _sign_and_submit(api, secret, FlRegister(bytes.fromhex(job_id), line.encode()), fee_sat)
+    return str(api.sign_and_submit(secret, FlRegister(bytes.fromhex(job_id), line.encode()), fee_sat)["txid"])

@@ -5,22 +5,20 @@ import argparse
 import json
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
 from coincurve import PrivateKey
 
-from .core import tx as T
+from .client import ApiError, Client, Unreachable
 from .core.coin_tx import Burn, Transfer
 from .core.errors import DecodeError
-from .core.params import network_by_name
 from .core.payload import Payload
 from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey
 from .core.pegs_tx import PeginClaim
 from .core.tree import Proof, verify_proof
+from .core.tx import public_key
+from .keys import KeyFileError, load_secret
 
 DEFAULT_API = os.environ.get("L2D_API", "http://127.0.0.1:8650")
 
@@ -29,43 +27,8 @@ class CliError(Exception):
     """A failure to report in one line (exit 1)."""
 
 
-def _request(api: str, method: str, path: str, body: Optional[dict[str, Any]] = None,
-             token: Optional[str] = None, raw: bool = False) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(api.rstrip("/") + path, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            payload = resp.read()
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        try:
-            err = json.loads(text)
-            msg = f"{err.get('error')}: {err.get('message')}"
-        except ValueError:
-            msg = text.strip()[:200]
-        raise CliError(f"{method} {path} -> HTTP {e.code} {msg}") from None
-    except urllib.error.URLError as e:
-        raise CliError(f"cannot reach the daemon at {api}: {e.reason}") from None
-    return payload if raw else json.loads(payload)
-
-
-def load_secret(path: Path) -> bytes:
-    try:
-        text = path.read_text().strip()
-        secret = bytes.fromhex(text)
-    except (OSError, ValueError) as e:
-        raise CliError(f"cannot read key file {path}: {e}") from None
-    if len(secret) != 32:
-        raise CliError(f"key file {path} must hold 64 hex characters")
-    return secret
-
-
-def pubkey_of(secret: bytes) -> bytes:
-    return PrivateKey(secret).public_key_xonly.format()
+def _client(a: argparse.Namespace, token: str = "") -> Client:
+    return Client(a.api, token)
 
 
 def write_private(path: Path, data: bytes, force: bool = False) -> None:
@@ -83,7 +46,7 @@ def write_private(path: Path, data: bytes, force: bool = False) -> None:
 def _account_id(arg: str) -> str:
     p = Path(arg)
     if p.is_file():
-        return pubkey_of(load_secret(p)).hex()
+        return public_key(load_secret(p)).hex()
     try:
         if len(bytes.fromhex(arg)) == 32:
             return arg.lower()
@@ -92,45 +55,32 @@ def _account_id(arg: str) -> str:
     raise CliError(f"{arg!r} is neither a key file nor a 64-hex-character account")
 
 
-def _wait_committed(api: str, txid: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st: dict[str, Any] = _request(api, "GET", f"/api/l2/tx/{txid}")
-        if st.get("status") == "committed" or time.monotonic() > deadline:
-            return st
-        time.sleep(0.1)
-
-
 def _send(a: argparse.Namespace, payload: Payload) -> dict[str, Any]:
+    """Sign payload with --key (the account's committed nonce unless --nonce) and submit it; --wait follows it."""
     secret = load_secret(Path(a.key))
-    sender = pubkey_of(secret).hex()
-    status = _request(a.api, "GET", "/api/status")
-    network = network_by_name(status["network"])
-    nonce = a.nonce if a.nonce is not None else _request(a.api, "GET", f"/api/l2/accounts/{sender}")["nonce"]
-    tx = T.sign(network, secret, nonce, a.fee, payload, os.urandom(32))
-    res: dict[str, Any] = _request(a.api, "POST", "/api/l2/tx", {"tx": tx.raw.hex()})
+    c = _client(a)
+    res = c.sign_and_submit(secret, payload, a.fee, nonce=a.nonce)
     if a.wait:
-        res.update(_wait_committed(a.api, res["txid"], a.wait))
+        res.update(c.wait_tx(res["txid"], a.wait))
     return res
 
 
 def cmd_keygen(a: argparse.Namespace) -> dict[str, Any]:
     secret = PrivateKey().secret
     write_private(Path(a.out), secret.hex().encode() + b"\n", a.force)
-    return {"key_file": a.out, "account": pubkey_of(secret).hex()}
+    return {"key_file": a.out, "account": public_key(secret).hex()}
 
 
 def cmd_pubkey(a: argparse.Namespace) -> dict[str, Any]:
-    return {"account": pubkey_of(load_secret(Path(a.key))).hex()}
+    return {"account": public_key(load_secret(Path(a.key))).hex()}
 
 
 def cmd_status(a: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = _request(a.api, "GET", "/api/status")
-    return res
+    return _client(a).status()
 
 
 def cmd_balance(a: argparse.Namespace) -> dict[str, Any]:
-    acc = _request(a.api, "GET", f"/api/l2/accounts/{_account_id(a.account)}")
+    acc = _client(a).account(_account_id(a.account))
     value = verify_proof(bytes.fromhex(acc["state_root"]), Proof.decode(bytes.fromhex(acc["proof"])))
     if (value is not None) != acc["exists"]:
         raise CliError("the daemon's proof disagrees with its answer")
@@ -139,7 +89,7 @@ def cmd_balance(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
-    acc = _request(a.api, "GET", f"/api/l2/accounts/{_account_id(a.account)}")
+    acc = _client(a).account(_account_id(a.account))
     Path(a.out).write_bytes(bytes.fromhex(acc["proof"]))
     return {"proof_file": a.out, "root": acc["state_root"], "height": acc["height"],
             "verify_with": f"l2-verify proof --root {acc['state_root']} {a.out}"}
@@ -151,7 +101,7 @@ def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
     if a.destination:  # a peg-out: refuse an address of another network before signing anything
-        network = network_by_name(_request(a.api, "GET", "/api/status")["network"])
+        network = _client(a).network()
         try:
             address_script(a.destination, network)
         except BridgeRejected as e:
@@ -162,11 +112,12 @@ def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_pegin_address(a: argparse.Namespace) -> dict[str, Any]:
     """The deposit address only this account can claim, re-derived locally from the federation's keys."""
     account = _account_id(a.account)
-    network = network_by_name(_request(a.api, "GET", "/api/status")["network"])
-    fed_json = _request(a.api, "GET", "/api/bridge/federation")
+    c = _client(a)
+    network = c.network()
+    fed_json = c.federation()
     fed = Federation(fed_json["threshold"], tuple(bytes.fromhex(k) for k in fed_json["keys"]),
                      fed_json["pegin_min_depth"])
-    res: dict[str, Any] = _request(a.api, "GET", f"/api/bridge/pegin-address/{account}")
+    res = c.pegin_address(account)
     if res["script_pubkey"] != deposit_script_pubkey(fed, network.id, bytes.fromhex(account)).hex():
         raise CliError("the daemon's deposit address does not match the one derived from the federation keys")
     res["verified_locally"] = True
@@ -190,42 +141,40 @@ def _token(a: argparse.Namespace) -> str:
 
 
 def cmd_mint(a: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = _request(a.api, "POST", "/api/admin/mint",
-                                   {"recipient": _account_id(a.to), "amount_sat": a.amount}, token=_token(a))
+    recipient = _account_id(a.to)
+    c = _client(a, _token(a))
+    res = c.mint(recipient, a.amount)
     if a.wait:
-        res.update(_wait_committed(a.api, res["txid"], a.wait))
+        res.update(c.wait_tx(res["txid"], a.wait))
     return res
 
 
 def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
-    tok = _token(a)
-    info: dict[str, Any] = _request(a.api, "POST", "/api/admin/snapshot", {}, token=tok)
-    data = _request(a.api, "GET", f"/api/admin/snapshots/{info['name']}", token=tok, raw=True)
+    c = _client(a, _token(a))
+    info = c.snapshot()
+    data = c.snapshot_file(info["name"])
     Path(a.out).write_bytes(data)
     info.update(snapshot_file=a.out, verify_with=f"l2-verify snapshot {a.out} --expect-root {info['state_root']}")
     return info
 
 
 def cmd_export_audit(a: argparse.Namespace) -> dict[str, Any]:
-    data = _request(a.api, "GET", f"/api/anchors/{a.height}/audit", raw=True)
+    data = _client(a).audit_bundle(a.height)
     Path(a.out).write_bytes(data)
     return {"l2_height": a.height, "audit_file": a.out, "size": len(data),
             "verify_with": f"l2-verify audit {a.out} --min-conf 1"}
 
 
 def cmd_anchors(a: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = _request(a.api, "GET", "/api/anchors")
-    return res
+    return _client(a).anchors()
 
 
 def cmd_block(a: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = _request(a.api, "GET", f"/api/l2/blocks/{a.height}")
-    return res
+    return _client(a).block(a.height)
 
 
 def cmd_tx(a: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = _request(a.api, "GET", f"/api/l2/tx/{a.txid}")
-    return res
+    return _client(a).tx(a.txid)
 
 
 def _sat(s: str) -> int:
@@ -305,11 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _describe(e: ApiError) -> str:
+    """A refusal names the request: "POST /api/admin/mint -> HTTP 401 unauthorized: admin token rejected"."""
+    if isinstance(e, Unreachable):
+        return str(e)
+    return f"{e.method} {e.path} -> HTTP {e.status} {e.detail}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         res = a.fn(a)
-    except (CliError, DecodeError, ValueError) as e:
+    except ApiError as e:
+        print(f"error: {_describe(e)}", file=sys.stderr)
+        return 1
+    except (CliError, KeyFileError, DecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if a.json:

@@ -32,18 +32,24 @@ def load_or_create_secret(path: Path, what: str = "mint authority") -> bytes:
                 f.write(secret.hex() + "\n")
             log.info("created %s key file", what, extra={"path": str(path)})
             return secret
-    try:
-        text = path.read_text().strip()
-    except OSError as e:
-        raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
-        raise KeyFileError(f"key file {path} must hold a 32-byte secret as 64 hex characters")
-    secret = bytes.fromhex(text)
-    if not _valid_secret(secret):
-        raise KeyFileError(f"key file {path} does not hold a valid secp256k1 secret")
+    secret = load_secret(path)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         log.warning("key file is readable by others", extra={"path": str(path), "mode": oct(mode)})
+    return secret
+
+
+def load_secret(path: Path) -> bytes:
+    """The 32-byte secret stored as hex text in path (never created: for tools signing with an existing key)."""
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"cannot read key file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise KeyFileError(f"key file {path} must hold a valid secp256k1 secret as 64 hex characters")
+    secret = bytes.fromhex(text)
+    if not _valid_secret(secret):
+        raise KeyFileError(f"key file {path} does not hold a valid secp256k1 secret")
     return secret
 
 

@@ -9,21 +9,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import aiohttp
 from aiohttp import web
-from coincurve import PrivateKey
 
-from l2d.core import tx as T
+from l2d.client import ApiError, AsyncClient, Unreachable
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
+from l2d.core.tx import public_key
 from l2d.core.work_tx import TaskResult, WorkerCaps, WorkerHeartbeat, WorkerRegister
+from l2d.keys import KeyFileError, load_or_create_secret
 from l2d.logs import setup_logging
 
 log = logging.getLogger("orchestration.agent")
@@ -33,55 +32,23 @@ class AgentError(Exception):
     """The agent cannot go on (node unreachable for too long, registration refused, bad key file)."""
 
 
-def _valid(secret: bytes) -> bool:
-    try:
-        PrivateKey(secret)
-    except ValueError:
-        return False
-    return True
-
-
-def load_key(path: Path) -> bytes:
-    """The 32-byte secret stored as hex in path; created (mode 0600) from the OS RNG when missing."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = os.urandom(32)
-        while not _valid(secret):  # astronomically unlikely: 0 or above the group order
-            secret = os.urandom(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret.hex() + "\n")
-        return secret
-    text = path.read_text().strip()
-    try:
-        secret = bytes.fromhex(text)
-        PrivateKey(secret)
-    except ValueError:
-        raise AgentError(f"key file {path} must hold a valid secp256k1 secret as 64 hex characters") from None
-    if len(secret) != 32:
-        raise AgentError(f"key file {path} must hold 32 bytes")
-    return secret
-
-
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.node = args.node.rstrip("/")
-        self.secret = load_key(Path(args.key_file))
-        self.pubkey = PrivateKey(self.secret).public_key_xonly.format()
+        try:
+            self.secret = load_or_create_secret(Path(args.key_file), "worker")
+        except KeyFileError as e:
+            raise AgentError(str(e)) from None
+        self.pubkey = public_key(self.secret)
         self.network = network_by_name(args.network)
         self.model: Any = None
         self.done: set[tuple[str, str]] = set()
         self._tx_lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self.session: Optional[aiohttp.ClientSession] = None
+        self.api = AsyncClient(self.node)
 
     # -- node access ---------------------------------------------------------------------------------------------
-    async def _get(self, path: str) -> tuple[int, Any]:
-        assert self.session is not None
-        async with self.session.get(self.node + path) as r:
-            return r.status, await r.json()
-
     async def send(self, payload: Payload) -> Optional[str]:
         """Sign payload with the next nonce, submit it and wait until it is committed (or dropped).
 
@@ -90,31 +57,32 @@ class Agent:
         async with self._tx_lock:
             try:
                 return await self._send(payload)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except Unreachable as e:  # the text of the underlying error, as before the shared client
+                return f"node unreachable: {e.error!r}"
+            except ValueError as e:
                 return f"node unreachable: {e!r}"
 
     async def _send(self, payload: Payload) -> Optional[str]:
-        assert self.session is not None
-        _, acc = await self._get(f"/api/l2/accounts/{self.pubkey.hex()}")
-        tx = T.sign(self.network, self.secret, int(acc["nonce"]), self.args.fee, payload, os.urandom(32))
-        async with self.session.post(self.node + "/api/l2/tx", json={"tx": tx.raw.hex()}) as r:
-            body = await r.json()
-            if r.status != 202:
-                return str(body.get("error", r.status)) + ": " + str(body.get("message", ""))
-        deadline = time.monotonic() + self.args.commit_timeout
-        while time.monotonic() < deadline:
-            _, st = await self._get(f"/api/l2/tx/{tx.txid.hex()}")
-            if st.get("status") == "committed":
-                return None
-            if st.get("status") == "dropped":
-                return str(st.get("reason"))
-            await asyncio.sleep(0.02)
-        return "not committed in time"
+        try:
+            res = await self.api.sign_and_submit(self.secret, payload, self.args.fee, network=self.network)
+        except Unreachable:
+            raise
+        except ApiError as e:  # refused at admission
+            return f"{e.code}: {e.message}"
+        st = await self.api.wait_tx(res["txid"], self.args.commit_timeout)
+        if st is None:
+            return "not committed in time"
+        return None if st["status"] == "committed" else str(st.get("reason"))
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def register(self, endpoint: str) -> None:
-        status, _ = await self._get(f"/api/orchestration/workers/{self.pubkey.hex()}/assignments")
-        if status == 200:
+        try:
+            await self.api.assignments(self.pubkey.hex())
+        except Unreachable:
+            raise
+        except ApiError:
+            pass  # not registered (404): register now
+        else:
             log.warning("already registered: the capabilities and endpoint registered first stay in force",
                         extra={"worker": self.pubkey.hex()})
             return
@@ -139,15 +107,19 @@ class Agent:
                 pass
 
     async def work(self) -> None:
-        from orchestration import model as M
+        from orchestration import model as M  # torch: imported by the running agent, not at start-up
 
         while not self._stop.is_set():
+            body: dict[str, Any] = {}
             try:
-                status, body = await self._get(f"/api/orchestration/workers/{self.pubkey.hex()}/assignments")
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                body = await self.api.assignments(self.pubkey.hex())
+            except Unreachable as e:  # logged with the underlying error, as before the shared client
+                log.warning("poll failed: %r", e.error)
+            except ApiError:
+                pass  # not registered: nothing assigned
+            except ValueError as e:
                 log.warning("poll failed: %r", e)
-                status, body = 0, {}
-            for a in body.get("assignments", []) if status == 200 else []:
+            for a in body.get("assignments", []):
                 key = (a["task_id"], a["role"])
                 if key in self.done or a["model"] not in self.args.models:
                     continue
@@ -171,9 +143,9 @@ class Agent:
                 pass
 
     async def run(self) -> int:
-        import torch
+        import torch  # imported here, not at start-up (a bad key file or --help never loads torch)
 
-        from orchestration import model as M
+        from orchestration import model as M  # torch, likewise
 
         torch.set_num_threads(1)  # one core per agent; results are deterministic and the host stays usable
         self.model = M.load_or_train(Path(self.args.model_cache) if self.args.model_cache else None)
@@ -192,11 +164,11 @@ class Agent:
         for s in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(s, self._stop.set)
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as self.session:
+            async with self.api:
                 try:
                     await self.register(f"{self.args.listen}:{port}")
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    raise AgentError(f"cannot reach the node at {self.node}: {e}") from None
+                except Unreachable as e:
+                    raise AgentError(f"cannot reach the node at {self.node}: {e.reason}") from None
                 log.info("worker ready", extra={"worker": self.pubkey.hex(), "port": port})
                 await asyncio.gather(self.heartbeats(), self.work())
         finally:
@@ -205,13 +177,13 @@ class Agent:
 
 
 def _cuda() -> bool:
-    import torch
+    import torch  # loaded by run() already; kept off start-up
 
     return bool(torch.cuda.is_available())
 
 
 def _accel_mem_mb() -> int:
-    import torch
+    import torch  # loaded by run() already; kept off start-up
 
     if not torch.cuda.is_available():
         return 0

@@ -8,53 +8,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from coincurve import PrivateKey
-
-from l2d.core import tx as T
+from l2d.client import ApiError, Client, Unreachable
 from l2d.core.errors import DecodeError
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.work_tx import MAX_IMAGES, TaskCancel, TaskSubmit
+from l2d.keys import KeyFileError, load_secret
 
 
 class ClientError(Exception):
-    """A refused request or bad arguments; the message says which."""
+    """Bad arguments (a refused request is an l2d.client.ApiError); the message says which."""
 
 
-def _call(url: str, body: Optional[dict[str, Any]] = None) -> Any:
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 method="GET" if body is None else "POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        with e:
-            detail = json.loads(e.read())
-        raise ClientError(f"{e.code} {detail.get('error')}: {detail.get('message')}") from None
-    except urllib.error.URLError as e:
-        raise ClientError(f"cannot reach {url}: {e.reason}") from None
-
-
-def _sign(args: argparse.Namespace, payload: Payload) -> bytes:
-    try:
-        secret = bytes.fromhex(Path(args.key_file).read_text().strip())
-        pub = PrivateKey(secret).public_key_xonly.format()
-    except (OSError, ValueError) as e:
-        raise ClientError(f"key file {args.key_file}: {e}") from None
-    nonce = int(_call(f"{args.node}/api/l2/accounts/{pub.hex()}")["nonce"])
-    return T.sign(network_by_name(args.network), secret, nonce, args.fee, payload, os.urandom(32)).raw
+def _sign(args: argparse.Namespace, client: Client, payload: Payload) -> bytes:
+    """payload signed with --key-file for --network, with the account's committed nonce."""
+    secret = load_secret(Path(args.key_file))
+    return client.sign(secret, payload, args.fee, network=network_by_name(args.network)).raw
 
 
 def digits_input(indices: Sequence[int]) -> bytes:
     """The images at these indices of scikit-learn's bundled digits (0..1796), as task input."""
+    # imported here: scikit-learn is slow to import and only `submit` needs it
     from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     data = load_digits().data
@@ -82,26 +60,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sh = sub.add_parser("show")
     sh.add_argument("task_id")
     args = ap.parse_args(argv)
-    args.node = args.node.rstrip("/")
+    client = Client(args.node)
     try:
         if args.cmd == "show":
-            out = _call(f"{args.node}/api/orchestration/tasks/{args.task_id}")
+            out = client.task(args.task_id)
         elif args.key_file is None:
             raise ClientError("--key-file is required to sign")
         elif args.cmd == "submit":
             try:
                 payload: Payload = TaskSubmit(args.bounty, args.min_reputation_ppm, args.max_price,
-                                                args.model.encode(), args.region.encode(), digits_input(args.digits))
+                                              args.model.encode(), args.region.encode(), digits_input(args.digits))
             except DecodeError as e:
                 raise ClientError(str(e)) from None
-            out = _call(f"{args.node}/api/orchestration/submit", {"tx": _sign(args, payload).hex()})
+            out = client.submit_task(_sign(args, client, payload))
         else:
             try:
                 payload = TaskCancel(bytes.fromhex(args.task_id))
             except (ValueError, DecodeError) as e:
                 raise ClientError(f"task id: {e}") from None
-            out = _call(f"{args.node}/api/l2/tx", {"tx": _sign(args, payload).hex()})
-    except ClientError as e:
+            out = client.submit_tx(_sign(args, client, payload))
+    except Unreachable as e:  # worded as before the shared client: the URL of the request
+        print(f"orchestration.client: cannot reach {e.url}{e.path}: {e.reason}", file=sys.stderr)
+        return 1
+    except (ClientError, ApiError, KeyFileError) as e:
         print(f"orchestration.client: {e}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=1))

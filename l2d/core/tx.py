@@ -89,6 +89,11 @@ def sign(network: Network, secret: bytes, nonce: int, fee_sat: int, payload: Pay
     return Transaction(network.id, sender, nonce, fee_sat, payload, sig, body + sig)
 
 
+def public_key(secret: bytes) -> bytes:
+    """The x-only public key of a secret: the account id its transactions are sent from."""
+    return bytes(PrivateKey(secret).public_key_xonly.format())
+
+
 def decode(raw: bytes, network: Network) -> Transaction:
     """Strictly decode one transaction for network; raises a DecodeError subclass on anything else."""
     n = len(raw)

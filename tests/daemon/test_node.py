@@ -19,7 +19,7 @@ from l2d.core.params import LOCAL
 from l2d.core.snapshot import list_snapshots, verify_snapshot
 from l2d.core.state import Account, account_key
 from l2d.core.tx import Transaction, sign
-from l2d.keys import KeyFileError, load_or_create_secret
+from l2d.keys import KeyFileError, load_or_create_secret, load_secret
 from l2d.node import Node, NodeError
 from l2d.store import StoreError
 
@@ -205,6 +205,25 @@ def test_mint_key_file_created_private_and_reused(tmp_path: Path) -> None:
     path.write_text("nothex\n")
     with pytest.raises(KeyFileError, match="64 hex"):
         load_or_create_secret(path)
+
+
+def test_load_secret_reads_an_existing_key_file_and_never_creates_one(tmp_path: Path) -> None:
+    path = tmp_path / "k.key"
+    with pytest.raises(KeyFileError, match="cannot read key file"):
+        load_secret(path)
+    assert not path.exists()
+    path.write_text("11" * 32 + "\n")
+    assert load_secret(path) == bytes([0x11] * 32)
+    for text, words in (("11" * 31, "must hold a valid secp256k1 secret as 64 hex"),
+                        ("zz" * 32, "must hold a valid secp256k1 secret as 64 hex"),
+                        ("00" * 32, "does not hold a valid secp256k1 secret"),
+                        ("ff" * 32, "does not hold a valid secp256k1 secret")):
+        path.write_text(text)
+        with pytest.raises(KeyFileError, match=words):
+            load_secret(path)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(KeyFileError, match="cannot read key file"):
+        load_secret(path)
 
 
 async def test_authority_key_persists_across_restarts(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:

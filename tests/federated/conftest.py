@@ -38,9 +38,10 @@ with warnings.catch_warnings():
 from coincurve import PrivateKey
 
 from federated import data
-from federated.l2 import L2Api, coordinate, post_job, register_participant, sync_registrations
+from federated.l2 import coordinate, post_job, register_participant, sync_registrations
 from federated.launch import Federation, generate_node_key
 from federated.recorder import JsonlRecorder, RoundCommitment
+from l2d.client import Client
 
 N = 4  # participants per federation
 ROUNDS = 3
@@ -137,7 +138,7 @@ class Daemon:
         self.data_dir = workdir / "data"
         port = _wait(self._port, "l2d api listening", 60)
         self.url = f"http://127.0.0.1:{port}"
-        self.api = L2Api(self.url, TOKEN)
+        self.api = Client(self.url, TOKEN)
 
     def _port(self) -> int | None:
         if self.proc.poll() is not None:
@@ -169,10 +170,10 @@ def _l2_job(d: Daemon, res: ScenarioResult, name: str, poster: str, keys: list[P
             cfg: dict[str, Any]) -> str:
     """Post an FL job for `rounds` rounds and register participants 0..N-1 (their Flower node keys) on the L2."""
     jid = post_job(d.api, _secret(poster), POOL, cfg, rounds, N, N + 1)
-    _wait(lambda: d.api.job_or_none(jid), f"job {name} posted")
+    _wait(lambda: d.api.fl_job_or_none(jid), f"job {name} posted")
     for i in range(N):
         register_participant(d.api, _secret(f"{name}-p{i}"), jid, keys[i].read_text())
-    _wait(lambda: len(d.api.job(jid)["participants"]) == N, f"job {name} registrations")
+    _wait(lambda: len(d.api.fl_job(jid)["participants"]) == N, f"job {name} registrations")
     res.l2_keys.update({f"supernode-{i}": xonly(_secret(f"{name}-p{i}")).hex() for i in range(N)})
     res.job_ids[name] = jid
     res.balances_before[name] = {f"supernode-{i}": d.balance(xonly(_secret(f"{name}-p{i}"))) for i in range(N)}
@@ -211,9 +212,9 @@ def scenario_main(workdir: Path, d: Daemon) -> ScenarioResult:
         out1 = workdir / "main-1"
         t = time.monotonic()
         fed.submit_run(_l2_run_cfg(d, jid, out1, node_map, **cfg))
-        _wait(lambda: d.api.job(jid)["rounds_done"] >= 2, "round 2 committed", 240)
+        _wait(lambda: d.api.fl_job(jid)["rounds_done"] >= 2, "round 2 committed", 240)
         fed.kill("superlink")  # SuperLink and its ServerApp process, mid-round 3
-        res.rounds_at_kill = d.api.job(jid)["rounds_done"]
+        res.rounds_at_kill = d.api.fl_job(jid)["rounds_done"]
         res.node_ids = _node_ids(fed)
         res.node_map_first = {int(k): v for k, v in json.loads(node_map.read_text()).items()}
         res.unregistered_exit = intruder.popen.poll()  # refused long before: it never became a node
@@ -224,7 +225,7 @@ def scenario_main(workdir: Path, d: Daemon) -> ScenarioResult:
     try:
         out2 = workdir / "main-2"  # empty: the resumed run must get round 2's parameters from the L2
         fed2.submit_run(_l2_run_cfg(d, jid, out2, node_map2, **cfg))
-        _wait(lambda: d.api.job(jid)["status"] == "FINISHED", "main job finished", 300)
+        _wait(lambda: d.api.fl_job(jid)["status"] == "FINISHED", "main job finished", 300)
         res.seconds["main"] = time.monotonic() - t
         res.node_ids2 = _node_ids(fed2)
         res.node_map_second = {int(k): v for k, v in json.loads(node_map2.read_text()).items()}
@@ -234,7 +235,7 @@ def scenario_main(workdir: Path, d: Daemon) -> ScenarioResult:
         fed2.cleanup()
     res.outdirs = {"main-1": out1, "main-2": out2}
     res.jobs["main"] = JsonlRecorder(out1 / "rounds.jsonl").all(jid) + JsonlRecorder(out2 / "rounds.jsonl").all(jid)
-    res.l2_jobs["main"] = d.api.job(jid)
+    res.l2_jobs["main"] = d.api.fl_job(jid)
     res.balances_after["main"] = {k: d.balance(bytes.fromhex(v)) for k, v in res.l2_keys.items()}
     res.balances_after["main"]["poster"] = d.balance(xonly(_secret("main-poster")))
     return res
@@ -313,7 +314,7 @@ def scenario_poison(workdir: Path, d: Daemon) -> ScenarioResult:
         joined.stop()
     res.outdirs["poison-trimmed"] = out / "job"
     res.jobs["poison-trimmed"] = JsonlRecorder(out / "job" / "rounds.jsonl").all(jid)
-    res.l2_jobs["poison"] = d.api.job(jid)
+    res.l2_jobs["poison"] = d.api.fl_job(jid)
     res.balances_after["poison"] = {k: d.balance(bytes.fromhex(v)) for k, v in res.l2_keys.items()}
     return res
 

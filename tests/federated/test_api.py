@@ -14,6 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
+from l2d.client import ApiError
+from l2d.client import Client as DaemonClient
 from l2d.config import Config
 from l2d.core import tx as T
 from l2d.core.fl import RoundRecord
@@ -227,12 +229,12 @@ async def test_refused_requests_are_typed_and_change_nothing(nc: tuple[Node, Cli
 async def test_l2_recorder_refuses_unmapped_nodes_and_fetches_checkpoints_from_the_store(
         nc: tuple[Node, Client], tmp_path: Path) -> None:
     from federated import model as fl_model
-    from federated.l2 import L2Api, L2Error, L2Recorder
+    from federated.l2 import L2Recorder
     from federated.recorder import Participant, RoundCommitment
 
     node, c = nc
     jid = await job_with_participants(node, c)
-    api = L2Api(str(c.make_url("")).rstrip("/"), TOKEN)
+    api = DaemonClient(str(c.make_url("")).rstrip("/"), TOKEN)
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
     arrays = fl_model.get_ndarrays(fl_model.new_model(0))
@@ -242,7 +244,7 @@ async def test_l2_recorder_refuses_unmapped_nodes_and_fetches_checkpoints_from_t
     rec = L2Recorder(api, jid, {7: pk(2).hex(), 8: pk(3).hex()}, ckpt)
     stranger = RoundCommitment(jid, 1, h, "00" * 32, "fedavg", (Participant(7, 10, True), Participant(99, 10, True)),
                                {"accuracy": 0.5})
-    with pytest.raises(L2Error, match="no L2 registration"):
+    with pytest.raises(ApiError, match="no L2 registration"):
         await asyncio.to_thread(rec.record, stranger)
     assert (await get(c, f"/api/fl/jobs/{jid}"))[1]["rounds_done"] == 0
     assert await asyncio.to_thread(rec.last, jid) is None
@@ -259,7 +261,7 @@ async def test_l2_recorder_refuses_unmapped_nodes_and_fetches_checkpoints_from_t
     # ... and bytes that do not hash to the committed name are never accepted.
     (ckpt / f"{h}.params").unlink()
     (Path(node.config.node.data_dir) / "fl-models" / f"{h}.params").write_bytes(b"tampered")
-    with pytest.raises(L2Error, match="corrupt"):
+    with pytest.raises(ApiError, match="corrupt"):
         await asyncio.to_thread(rec.last, jid)
     assert not (ckpt / f"{h}.params").exists()
     # finish() waits for the last round: with rounds left it changes nothing

@@ -37,7 +37,7 @@ def test_post_register_and_coordinate_refusals(daemon, tmp_path: Path, capsys: p
     import json
 
     jid = json.loads(capsys.readouterr().out)["job_id"]
-    daemon.api.wait(lambda: daemon.api.job_or_none(jid), "job posted", 30)
+    daemon.api.wait(lambda: daemon.api.fl_job_or_none(jid), "job posted", 30)
     pub = generate_node_key(tmp_path / "node.key")
     bad = tmp_path / "bad.pub"
     bad.write_text("ssh-rsa AAAAB3NzaC1yc2E\n")
@@ -47,13 +47,13 @@ def test_post_register_and_coordinate_refusals(daemon, tmp_path: Path, capsys: p
     assert "--job must be" in capsys.readouterr().err
     assert cli.main(["register", "--node", url, "--key", str(key), "--job", "ab" * 32, "--node-key", str(pub)]) == 1
     assert "no FL job" in capsys.readouterr().err
-    assert daemon.api.job(jid)["participants"] == []
+    assert daemon.api.fl_job(jid)["participants"] == []
     # the poster may reclaim the pool only after RECLAIM_BLOCKS idle blocks; nobody else ever
     assert cli.main(["reclaim", "--node", url, "--key", str(key), "--job", jid]) == 1
     assert "may be reclaimed from height" in capsys.readouterr().err
     assert cli.main(["reclaim", "--node", url, "--key", str(_key_file(tmp_path, "main-poster")), "--job", jid]) == 1
     assert "only the poster" in capsys.readouterr().err
-    assert daemon.api.job(jid)["status"] == "OPEN"
+    assert daemon.api.fl_job(jid)["status"] == "OPEN"
     token = tmp_path / "token"
     token.write_text("not-the-admin-token\n")
     assert cli.main(["coordinate", "--node", url, "--token-file", str(token), "--job", jid, "--out",
@@ -69,8 +69,8 @@ def test_post_register_and_coordinate_refusals(daemon, tmp_path: Path, capsys: p
     assert cli.main(["register", "--node", "http://127.0.0.1:9", "--key", str(key), "--job", jid,
                      "--node-key", str(pub)]) == 1
     assert "l2-fl register:" in capsys.readouterr().err
-    assert daemon.api.job(jid)["participants"] == []
+    assert daemon.api.fl_job(jid)["participants"] == []
     assert cli.main(["register", "--node", url, "--key", str(key), "--job", jid, "--node-key", str(pub)]) == 0
     capsys.readouterr()
-    (p,) = daemon.api.wait(lambda: daemon.api.job(jid)["participants"], "registration", 30)
+    (p,) = daemon.api.wait(lambda: daemon.api.fl_job(jid)["participants"], "registration", 30)
     assert p["node_key"] == pub.read_text().strip()

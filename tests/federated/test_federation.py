@@ -36,10 +36,10 @@ def test_coordinator_reports_a_failed_run_and_leaves_the_job_open(scenarios, dae
     settings = {"strategy": "fedavg", "round-timeout": 1.0}
     secret = hashlib.sha256(b"fl test cli").digest()  # conftest._secret("cli"), funded at genesis
     jid = post_job(daemon.api, secret, 1000, settings, 1, 1, 1)
-    daemon.api.wait(lambda: daemon.api.job_or_none(jid), "job posted", 30)
+    daemon.api.wait(lambda: daemon.api.fl_job_or_none(jid), "job posted", 30)
     with pytest.raises(LaunchError, match="ended \\(finished:failed\\) with the job still open after round 0"):
         coordinate(daemon.api, jid, tmp_path / "co", settings, daemon.token_file, poll=0.2, status_every=1.0)
-    assert daemon.api.job(jid)["status"] == "OPEN"
+    assert daemon.api.fl_job(jid)["status"] == "OPEN"
 
 
 def _l2_key(res, node_id: int) -> str:
