@@ -1,11 +1,15 @@
-"""Fixtures shared across test folders: a per-test bitcoind regtest node and its RPC client, a poll helper and
-real l2d processes whose logs go to a file.
+"""Fixtures shared across test folders, in one place: a per-test bitcoind regtest node and its RPC client, a poll
+helper, real l2d processes whose JSON logs go to a file, and in-process daemons (a Node on a fresh data dir with an
+aiohttp test client on its REST app) with their test configs and deterministic keys.
 
-Tests that use them are skipped with one line when bitcoind is absent (neither $BITCOIND nor PATH).
+Tests that need bitcoind are skipped with one line when it is absent (neither $BITCOIND nor PATH). Test modules
+cannot import each other (site-packages holds a `tests` package), so shared helpers are handed out as fixtures:
+`keys` (deterministic test keys), `wait_until` and `poll` (a condition with a timeout), `make_cfg`, `node_toml`.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -15,11 +19,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol
 
 import pytest
+import toml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from coincurve import PrivateKey
 
 from bridge.rpc import BitcoinRPC
+from l2d.config import Config
+from l2d.node import Node
 from regtest.harness import BitcoindNode, find_bitcoind
 
 SKIP_REASON = "bitcoind not found (set $BITCOIND or put it on PATH)"
@@ -138,15 +148,146 @@ class L2dProcess:
 
 
 @pytest.fixture
-def l2d_process() -> Iterator[Callable[[Path, Path], L2dProcess]]:
-    """Factory starting real l2d processes; any still running at teardown is killed."""
+def l2d_process() -> Iterator[Callable[..., L2dProcess]]:
+    """Factory l2d_process(config_path, log_path=config_path.with_suffix(".log")) starting real l2d processes;
+    any still running at teardown is killed."""
     started: list[L2dProcess] = []
 
-    def start(config_path: Path, log_path: Path) -> L2dProcess:
-        p = L2dProcess(config_path, log_path)
+    def start(config_path: Path, log_path: Optional[Path] = None) -> L2dProcess:
+        p = L2dProcess(config_path, log_path or config_path.with_suffix(".log"))
         started.append(p)
         return p
 
     yield start
     for p in started:
         p.kill()
+
+
+Client = TestClient[web.Request, web.Application]
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+GENESIS_SAT = 1_000_000
+MAX_BODY = 64 * 1024
+
+
+class Keys:
+    """Deterministic test keys: secret(n) = sha256(b"l2d test key N")."""
+
+    @staticmethod
+    def secret(n: int) -> bytes:
+        return hashlib.sha256(b"l2d test key %d" % n).digest()
+
+    @staticmethod
+    def pubkey(n: int) -> bytes:
+        return PrivateKey(Keys.secret(n)).public_key_xonly.format()
+
+
+def config_dict(data_dir: Path, network: str = "local", **sections: dict[str, Any]) -> dict[str, Any]:
+    """A test config: port 0, 50 ms blocks, known admin token, genesis money for test keys 1..3."""
+    d: dict[str, Any] = {
+        "node": {"network": network, "data_dir": str(data_dir), "log_level": "DEBUG"},
+        "chain": {"min_fee_sat": 1,
+                  "genesis_alloc": {Keys.pubkey(n).hex(): GENESIS_SAT for n in (1, 2, 3)}},
+        "block": {"interval_ms": 50, "max_txs": 100},
+        "mempool": {"max_txs": 1000, "max_per_sender": 16, "min_fee_sat": 1},
+        "api": {"host": "127.0.0.1", "port": 0, "admin_token": ADMIN_TOKEN, "max_body_bytes": MAX_BODY},
+        "snapshots": {"every_blocks": 0, "keep": 3},
+    }
+    for name, values in sections.items():
+        d[name] = {**d.get(name, {}), **values}
+    return d
+
+
+def make_config(data_dir: Path, network: str = "local", **sections: dict[str, Any]) -> Config:
+    """Config.from_dict with an empty environment (so $L2D_ADMIN_TOKEN cannot leak in)."""
+    return Config.from_dict(config_dict(data_dir, network, **sections), data_dir.parent, env={})
+
+
+class WaitUntil(Protocol):
+    def __call__(self, cond: Callable[[], Awaitable[bool]], timeout: float = ..., what: str = ...) -> Awaitable[None]:
+        ...
+
+
+async def _wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def keys() -> type[Keys]:
+    return Keys
+
+
+@pytest.fixture
+def wait_until() -> WaitUntil:
+    return _wait_until
+
+
+@pytest.fixture
+def make_cfg() -> Callable[..., Config]:
+    """make_config(data_dir, network="local", **section_overrides)."""
+    return make_config
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path / "data")
+
+
+async def _node_and_client(config: Config) -> AsyncIterator[tuple[Node, Client]]:
+    node = Node.from_config(config)
+    await node.start(serve_http=False)  # producer and snapshot tasks; HTTP comes from the TestServer
+    client: Optional[Client] = None
+    try:
+        client = TestClient(TestServer(node.web_app()))
+        await client.start_server()
+        yield node, client
+    finally:
+        if client is not None:
+            await client.close()
+        await node.stop()
+    assert not node.failed
+
+
+@pytest.fixture
+async def node_client(config: Config) -> AsyncIterator[tuple[Node, Client]]:
+    """A running node (producer on) and a test client on its REST app."""
+    async for pair in _node_and_client(config):
+        yield pair
+
+
+@pytest.fixture
+async def client(node_client: tuple[Node, Client]) -> Client:
+    return node_client[1]
+
+
+@pytest.fixture
+async def node(node_client: tuple[Node, Client]) -> Node:
+    return node_client[0]
+
+
+@pytest.fixture
+async def signet_client(tmp_path: Path) -> AsyncIterator[tuple[Node, Client]]:
+    """A node on a network without admin mint (signet), for the 403 paths."""
+    async for pair in _node_and_client(make_config(tmp_path / "signet", "signet")):
+        yield pair
+
+
+def write_node_toml(path: Path, alloc: dict[bytes, int], token: str, **sections: dict[str, Any]) -> Path:
+    """A TOML config for a real l2d process: network local, data_dir "data" beside it, API on a free port."""
+    d: dict[str, Any] = {"node": {"network": "local", "data_dir": "data"},
+                         "chain": {"genesis_alloc": {k.hex(): v for k, v in alloc.items()}},
+                         "api": {"port": 0, "admin_token": token}}
+    for name, values in sections.items():
+        d[name] = {**d.get(name, {}), **values}
+    path.write_text(toml.dumps(d))
+    return path
+
+
+@pytest.fixture
+def node_toml() -> Callable[..., Path]:
+    """write_node_toml(path, {pubkey: sat}, token, **section_overrides) -> path."""
+    return write_node_toml

@@ -2,6 +2,9 @@
 coordinator's pure helpers (audit draw, bounty split)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,7 +13,8 @@ import pytest
 from l2d.config import Config, ConfigError
 from l2d.core.coin_tx import Transfer
 from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit, WorkerCaps, WorkerRegister
-from l2d.node import Node, NodeError
+from l2d.genesis import NodeError
+from l2d.node import Node
 from orchestration.service import audited, split
 
 IMG = bytes(64)
@@ -119,9 +123,6 @@ def test_audit_draw_is_deterministic_and_follows_the_rate() -> None:
 
 
 def _agent(*args: str) -> "subprocess.CompletedProcess[str]":
-    import os
-    import subprocess
-    import sys
     repo = Path(__file__).resolve().parents[2]
     return subprocess.run([sys.executable, "-m", "orchestration.agent", *args], capture_output=True, text=True,
                           cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), timeout=120)

@@ -6,7 +6,7 @@
 Everything here is deterministic: secrets are sha256(b"l2d test key N"), BIP340 aux randomness is fixed
 per vector, and no clock or RNG is read. Regenerating must therefore reproduce the committed files byte for
 byte; if it does not, a consensus encoding changed, and that needs a deliberate decision (new versions, a
-changelog entry), not a silent refresh. tests/core/test_vectors.py recomputes every vector from its inputs;
+changelog entry), not a silent refresh. tests/l2d/core/test_vectors.py recomputes every vector from its inputs;
 the daemon and l2-verify must both pass them.
 
 Files written:

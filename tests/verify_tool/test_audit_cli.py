@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _builder() -> ModuleType:
-    """The bundle builder of tests/anchoring/test_audit.py, loaded by path (a 'tests' package may exist elsewhere)."""
-    path = REPO / "tests" / "anchoring" / "test_audit.py"
+    """The bundle builder of tests/l2d/core/test_audit.py, loaded by path (a 'tests' package may exist elsewhere)."""
+    path = REPO / "tests" / "l2d" / "core" / "test_audit.py"
     spec = importlib.util.spec_from_file_location("_l2d_audit_bundle_builder", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""l2-verify passes the same pinned proof vectors the daemon's tree code passes (tests/core/test_vectors.py)."""
+"""l2-verify passes the same pinned proof vectors the daemon's tree code passes (tests/l2d/core/test_vectors.py)."""
 from __future__ import annotations
 
 import json

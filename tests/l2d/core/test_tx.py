@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+import subprocess
+import sys
 from typing import Callable
 
 import pytest
@@ -19,7 +21,7 @@ from l2d.core.errors import (BadSignature, DecodeError, NonMinimalVarint, OutOfR
 from l2d.core.hashing import tagged_hash
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
 from l2d.core.payload import Payload, TxType
-from l2d.core.tx import Transaction, check_signature, decode, sign, signature_ok
+from l2d.core.tx import PAYLOAD_TYPES, Transaction, check_signature, decode, sign, signature_ok
 
 # Helpers live in each test module: site-packages already holds a `tests` package (from base58check) that
 # shadows this directory as a namespace package, so test modules cannot import each other reliably.
@@ -407,3 +409,18 @@ def test_decode_of_random_bytes_raises_only_decode_errors(raw: bytes) -> None:
     except DecodeError:
         return
     assert T.encode_body(t.network_id, t.sender, t.nonce, t.fee_sat, t.payload) + t.signature == raw
+
+
+def test_every_type_has_a_payload_class_that_names_it() -> None:
+    assert set(PAYLOAD_TYPES) == set(TxType)
+    for typ, cls in PAYLOAD_TYPES.items():
+        assert cls.TYPE == typ
+
+
+def test_importing_tx_alone_decodes_every_type() -> None:
+    # A fresh interpreter: which types decode must not depend on what else was imported first.
+    code = ("import l2d.core.tx as T, l2d.core.payload as P; import sys; "
+            "assert set(T.PAYLOAD_TYPES) == set(P.TxType); "
+            "assert 'l2d.core.rules' not in sys.modules and 'l2d.core.state' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

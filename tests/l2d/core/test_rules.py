@@ -1,5 +1,5 @@
-"""State transition: each rejection changes nothing, accepted transactions have exactly their effects, and
-supply, nonce and replay invariants hold over random transaction sequences."""
+"""The state transition (apply_tx over the RULES table): each rejection changes nothing, accepted transactions
+have exactly their effects, and supply, nonce and replay invariants hold over random transaction sequences."""
 from __future__ import annotations
 
 import hashlib
@@ -10,11 +10,12 @@ from coincurve import PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from l2d.core import rules as rules_table
 from l2d.core.coin_tx import Burn, Mint, Transfer
 from l2d.core.errors import (BadNonce, BadSignature, DecodeError, FeeTooLow, ForeignNetwork, InsufficientBalance,
                              InvalidTransaction, Overflow, Rejected, Unauthorized, UnknownSender)
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
-from l2d.core.payload import Payload
+from l2d.core.payload import Payload, TxType
 from l2d.core.rules import apply_tx
 from l2d.core.state import (MINT_AUTHORITY_KEY, SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key,
                             genesis_state, meta_key)
@@ -403,3 +404,8 @@ def test_random_sequences_keep_invariants(bal1: int, bal2: int, steps: list[tupl
     for t in accepted:  # (c) and later still: every accepted transaction stays unreplayable
         with pytest.raises(BadNonce):
             apply_tx(view, t, RULES)
+
+
+def test_every_type_has_a_rule() -> None:
+    assert set(rules_table.RULES) == set(TxType)
+    assert all(callable(rule) for rule in rules_table.RULES.values())

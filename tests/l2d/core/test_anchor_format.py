@@ -13,7 +13,7 @@ from l2d.core.anchor_format import (NO_PREVIOUS, RECORD_SIZE, AnchorFormatError,
 from l2d.core.errors import DecodeError, OutOfRange, UnknownVersion, WrongNetwork
 from l2d.core.params import LOCAL, REGTEST
 
-BIP341 = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "bip341_wallet_vectors.json"
+BIP341 = Path(__file__).resolve().parents[4] / "shared" / "vectors" / "bip341_wallet_vectors.json"
 FED = bytes.fromhex("93478e9488f956df2396be2ce6c5cced75f900dfa18e7dabd2428aae78451820")
 if not BIP341.exists():
     pytest.skip(f"BIP341 vectors not found at {BIP341} (shared/ must sit beside the repository)", allow_module_level=True)
@@ -127,7 +127,7 @@ def test_bip341_key_path_tweaks() -> None:
 
 
 def test_pinned_anchor_vectors() -> None:
-    vectors = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "anchors.json").read_text())["vectors"]
+    vectors = json.loads((Path(__file__).resolve().parents[2] / "vectors" / "anchors.json").read_text())["vectors"]
     for v in vectors:
         rec = AnchorRecord(v["network_id"], v["l2_height"], bytes.fromhex(v["state_root"]), bytes.fromhex(v["prev_link"]))
         assert rec.encode().hex() == v["record"] and rec.link.hex() == v["link"]

@@ -13,7 +13,7 @@ from coincurve import PrivateKey
 
 from l2d.config import ADMIN_TOKEN_ENV, Config, ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 MAX_MONEY = 21_000_000 * 100_000_000
 TOKEN = "a-valid-admin-token-0123456789"
 

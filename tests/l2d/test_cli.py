@@ -20,10 +20,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
     return rc, (json.loads(out) if rc == 0 else err)
 
 
-def test_cli_end_to_end(tmp_path: Path, keys: Any, daemon_process: Callable[[Path], Any],
+def test_cli_end_to_end(tmp_path: Path, keys: Any, l2d_process: Callable[..., Any],
                         node_toml: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
     cfg = node_toml(tmp_path / "node.toml", {keys.pubkey(1): 1_000_000}, TOKEN, block={"interval_ms": 20})
-    d = daemon_process(cfg)
+    d = l2d_process(cfg)
     api = ["--api", d.url("")]
     alice = tmp_path / "alice.key"
     rc, out = run(capsys, *api, "keygen", "--out", str(alice))
@@ -69,7 +69,7 @@ def test_cli_end_to_end(tmp_path: Path, keys: Any, daemon_process: Callable[[Pat
 
     rc, err = run(capsys, *api, "balance", "not-an-account")
     assert rc == 1 and "neither a key file" in err
-    assert d.terminate()[0] == 0
+    assert d.stop() == 0
 
 
 def test_cli_reports_an_unreachable_daemon(capsys: pytest.CaptureFixture[str]) -> None:

@@ -428,7 +428,7 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
 
 def test_docs_worked_example() -> None:
     """docs/snapshot-format.md's example file is what the writer produces, and it verifies."""
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "snapshot-format.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "snapshot-format.md").read_text()
     (hex_file,) = re.findall(r"^([0-9a-f]{400,})$", doc, re.M)
     data = bytes.fromhex(hex_file)
     pk = bytes.fromhex("79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798")

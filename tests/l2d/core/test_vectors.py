@@ -20,7 +20,7 @@ from l2d.core.state import Rules, StateView, genesis_state
 from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
 from l2d.core.tx import check_signature, decode, sign, signature_ok
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+VECTORS = Path(__file__).resolve().parents[2] / "vectors"
 
 
 def load(name: str) -> Any:
@@ -231,7 +231,7 @@ def test_committed_vectors_are_what_the_generator_writes() -> None:
 
 
 def test_worked_example_in_the_doc_matches_the_vector() -> None:
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "transaction-format.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "transaction-format.md").read_text()
     example = doc[doc.index("## Worked example"):]
     block = example[example.index("raw     = "):example.index("sighash = ")]
     raw = "".join(line.split("=")[-1].strip() for line in block.splitlines())

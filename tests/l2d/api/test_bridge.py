@@ -18,7 +18,8 @@ from l2d.core.coin_tx import Burn
 from l2d.core.params import LOCAL
 from l2d.core.pegs import PEGOUT_MIN_SAT, address_script, deposit_script_pubkey, script_address, witness_script
 from l2d.core.tx import sign
-from l2d.node import Node, NodeError
+from l2d.genesis import NodeError
+from l2d.node import Node
 
 REGTEST_P2WPKH = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 MAINNET_P2WPKH = "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"

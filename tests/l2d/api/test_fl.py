@@ -20,8 +20,8 @@ from l2d.config import Config
 from l2d.core import tx as T
 from l2d.core.fl import RoundRecord
 from l2d.core.fl_tx import FlJobPost, FlRegister
-from l2d.core.tree import Proof, verify_proof
 from l2d.core.params import LOCAL
+from l2d.core.tree import Proof, verify_proof
 from l2d.node import Node
 
 TOKEN = "fl-api-test-token-0123456789abcdef"

@@ -39,12 +39,12 @@ def _poll(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_sigkill_during_transfers_loses_no_committed_block(tmp_path: Path, keys: Any,
-                                                           daemon_process: Callable[[Path], Any],
+                                                           l2d_process: Callable[..., Any],
                                                            node_toml: Callable[..., Path]) -> None:
     cfg = node_toml(tmp_path / "node.toml", {keys.pubkey(n): 100_000_000 for n in SENDERS},
                     "crash-test-token-0123456789", block={"interval_ms": 20, "max_txs": 25},
                     mempool={"max_per_sender": 64}, snapshots={"every_blocks": 0})
-    d = daemon_process(cfg)
+    d = l2d_process(cfg)
     accepted: dict[str, int] = {}  # txid -> sender
     committed: dict[str, tuple[int, int]] = {}  # txid -> (height, index), as the API reported before the kill
     stop = threading.Event()
@@ -106,7 +106,7 @@ def test_sigkill_during_transfers_loses_no_committed_block(tmp_path: Path, keys:
         store.close()
 
     # 2. Restart: the daemon comes back at the same tip and reports every committed transaction.
-    d2 = daemon_process(cfg)
+    d2 = l2d_process(cfg)
     status = d2.get("/api/status")
     assert status["height"] == tip_height
     assert status["state_root"] == tip.header.state_root.hex()
@@ -121,5 +121,4 @@ def test_sigkill_during_transfers_loses_no_committed_block(tmp_path: Path, keys:
     for s in SENDERS:
         assert d2.get(f"/api/l2/accounts/{keys.pubkey(s).hex()}")["nonce"] == sent[s]
     print(f"killed at tip {tip_height} with {len(committed)} committed, {in_flight} accepted but not yet seen committed")
-    rc, _ = d2.terminate()
-    assert rc == 0
+    assert d2.stop() == 0

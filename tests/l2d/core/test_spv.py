@@ -24,7 +24,7 @@ from l2d.core.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BITCOIN_SIGNET, BITC
                           make_header, parse_header, parse_merkleblock, parse_tx, permitted_transition,
                           serialize_merkleblock, target_to_bits, verify_tx_in_block)
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parents[4] / "shared" / "vectors"
 _sha = hashlib.sha256
 LOW_LIMIT = BITCOIN_REGTEST.pow_limit  # 0x7fff..ff: about two nonces per header at the limit
 

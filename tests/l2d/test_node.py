@@ -19,8 +19,9 @@ from l2d.core.params import LOCAL
 from l2d.core.snapshot import list_snapshots, verify_snapshot
 from l2d.core.state import Account, account_key
 from l2d.core.tx import Transaction, sign
+from l2d.genesis import NodeError
 from l2d.keys import KeyFileError, load_or_create_secret, load_secret
-from l2d.node import Node, NodeError
+from l2d.node import Node
 from l2d.store import StoreError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -257,19 +258,20 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "none.toml" in missing.stderr
 
 
-def test_daemon_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, daemon_process: Callable[[Path], Any],
+def test_daemon_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, l2d_process: Callable[..., Any],
                                                     node_toml: Callable[..., Path]) -> None:
     cfg = node_toml(tmp_path / "node.toml", {pubkey(1): GENESIS_SAT}, "process-test-token-0123456789",
                     block={"interval_ms": 50})
-    d = daemon_process(cfg)
-    first = d.lines[0]  # every log line is one JSON object (DaemonProcess parses each)
+    d = l2d_process(cfg)
+    first = d.lines()[0]  # every log line is one JSON object (lines() parses each)
     assert {"ts", "level", "logger", "msg"} <= set(first)
     assert first["config"]["node"]["network"] == "local"
     assert first["config"]["api"]["admin_token"] == "<redacted>"
-    assert "process-test-token" not in json.dumps(d.lines)
+    assert "process-test-token" not in json.dumps(d.lines())
     assert d.get("/health") == {"ok": True}
     assert d.get("/api/status")["height"] == 0
-    rc, tail = d.terminate()
-    assert rc == 0, tail
+    rc = d.stop()
+    tail = d.lines()
+    assert rc == 0, tail[-5:]
     assert any(r["msg"] == "stopped" and r["failed"] is False for r in tail)
     assert (tmp_path / "data" / "mint_authority.key").stat().st_mode & 0o777 == 0o600
