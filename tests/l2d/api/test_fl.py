@@ -187,6 +187,9 @@ async def test_refused_requests_are_typed_and_change_nothing(nc: tuple[Node, Cli
         ("GET", f"/api/fl/jobs/{jid}/rounds/1", None, {}, 404, "not-found"),
         ("GET", f"/api/fl/jobs/{jid}/rounds/0", None, {}, 400, "malformed"),
         ("GET", f"/api/fl/jobs/{jid}/rounds/x", None, {}, 400, "malformed"),
+        ("GET", f"/api/fl/jobs/{jid}/rounds/%C2%B2", None, {}, 400, "malformed"),  # '²': str.isdigit() says yes
+        ("GET", f"/api/fl/jobs/{jid}/rounds/%D9%A1", None, {}, 400, "malformed"),  # Arabic-Indic one, int() reads 1
+        ("GET", f"/api/fl/jobs/{jid}/rounds/65536", None, {}, 400, "malformed"),
         ("POST", f"/api/fl/jobs/{jid}/rounds", ok, {}, 401, "unauthorized"),
         ("POST", f"/api/fl/jobs/{jid}/rounds", ok, {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
         ("POST", f"/api/fl/jobs/{jid}/finish", {}, {}, 401, "unauthorized"),
