@@ -256,6 +256,7 @@ class OrchestrationConfig:
     heartbeat_grace_blocks: int  # a party silent this long may be replaced before its deadline (0 = never)
     probe_interval_ms: int  # latency/health probe of each worker's endpoint
     probe_failures: int  # consecutive failed probes that take a worker off the schedule
+    probe_private_endpoints: bool  # probe endpoints on loopback/private/link-local addresses (local/regtest only)
     preferred_region: str  # "" = none
     poll_interval_ms: int
 
@@ -320,7 +321,7 @@ class Config:
         anchoring = _anchoring(tables["anchoring"], base, node)
         bitcoind = _bitcoind(tables["bitcoind"], base, node)
         bridge = _bridge(tables["bridge"], base, node, anchoring)
-        orchestration = _orchestration(tables["orchestration"])
+        orchestration = _orchestration(tables["orchestration"], node)
         return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source, bridge=bridge,
                    orchestration=orchestration)
 
@@ -616,12 +617,12 @@ def _ppm(s: _Section, key: str, value: object) -> int:
     return int(scaled)
 
 
-def _orchestration(t: Mapping[str, Any]) -> OrchestrationConfig:
+def _orchestration(t: Mapping[str, Any], node: NodeConfig) -> OrchestrationConfig:
     s = _Section("orchestration", t, (
         "enabled", "strategy", "weights", "audit_rate", "timeout_blocks", "challenge_window_blocks", "worker_share",
         "verifier_share", "treasury_share", "slash_fraction", "slash_challenger_share", "min_reputation",
         "min_stake_sat", "heartbeat_timeout_blocks", "heartbeat_grace_blocks", "probe_interval_ms", "probe_failures",
-        "preferred_region", "poll_interval_ms"))
+        "probe_private_endpoints", "preferred_region", "poll_interval_ms"))
     defaults = {"reputation": 0.35, "latency": 0.2, "capacity": 0.15, "cost": 0.15, "region": 0.05, "green": 0.1}
     table = s.get_table("weights") if "weights" in t else defaults
     w = _Section("orchestration.weights", table, SCORE_COMPONENTS)
@@ -656,6 +657,9 @@ def _orchestration(t: Mapping[str, Any]) -> OrchestrationConfig:
         heartbeat_grace_blocks=s.get_int("heartbeat_grace_blocks", 0, 100_000, default=30),
         probe_interval_ms=s.get_int("probe_interval_ms", 50, 3_600_000, default=2000),
         probe_failures=s.get_int("probe_failures", 1, 1000, default=3),
+        # A worker names its own probe endpoint: on public networks the coordinator must not be steered into
+        # requests to its own host or private network (server-side request forgery).
+        probe_private_endpoints=_get_bool(s, "probe_private_endpoints", node.network in ("local", "regtest")),
         preferred_region=region,
         poll_interval_ms=s.get_int("poll_interval_ms", 10, 60_000, default=200),
     )

@@ -7,14 +7,19 @@ endpoint for latency and health. Everything it decides is checked again by the s
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Optional
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 
 from l2d.config import OrchestrationConfig
 from l2d.core.errors import Rejected
@@ -370,9 +375,18 @@ class OrchestrationService:
                    if w.status == WorkerStatus.ACTIVE and w.caps.endpoint]
         await asyncio.gather(*(self._probe(session, pk, ep) for pk, ep in targets))
 
+    def probe_session(self) -> aiohttp.ClientSession:
+        """The HTTP session of the probes: host names resolve to public addresses only unless
+        probe_private_endpoints (IP literals are checked in _probe)."""
+        if self.config.probe_private_endpoints:
+            return aiohttp.ClientSession()
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PublicOnlyResolver()))
+
     async def _probe(self, session: aiohttp.ClientSession, pk: bytes, endpoint: str) -> None:
         t0 = time.perf_counter()
         try:
+            if not self.config.probe_private_endpoints:
+                check_public_literal(endpoint)
             async with session.get(f"http://{endpoint}/ping", timeout=aiohttp.ClientTimeout(total=2)) as r:
                 body = await r.json()
             if r.status != 200 or not isinstance(body, dict) or body.get("worker") != pk.hex():
@@ -390,7 +404,7 @@ class OrchestrationService:
     async def run(self) -> None:
         """Step on every new tip (and while a posted transaction is pending); probe concurrently."""
         poll = self.config.poll_interval_ms / 1000
-        async with aiohttp.ClientSession() as session:
+        async with self.probe_session() as session:
             prober = asyncio.create_task(self._probe_loop(session), name="orchestration-probes")
             try:
                 while True:
@@ -413,6 +427,42 @@ class OrchestrationService:
             await self.probe_all(session)
             self._reprobed = True  # health may have changed: reschedule even without a new block
             await asyncio.sleep(self.config.probe_interval_ms / 1000)
+
+
+class PrivateEndpoint(ValueError):
+    """A worker's probe endpoint on a loopback, private, link-local or otherwise non-public address, refused while
+    orchestration.probe_private_endpoints is false (the default outside local and regtest)."""
+
+
+def check_public_literal(endpoint: str) -> None:
+    """Raise PrivateEndpoint if endpoint's host is an IP address that is not globally routable (host names are
+    checked when they resolve, by PublicOnlyResolver)."""
+    host = urllib.parse.urlsplit(f"http://{endpoint}").hostname or ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not ip.is_global:
+        raise PrivateEndpoint(f"endpoint {endpoint} is not a public address (orchestration.probe_private_endpoints)")
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """aiohttp's threaded resolver keeping only globally routable addresses: a worker's host name cannot steer the
+    coordinator's probes to its own host or private network (the connection goes to an address checked here)."""
+
+    def __init__(self) -> None:
+        self._inner = ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        public = [a for a in found if ipaddress.ip_address(a["host"]).is_global]
+        if not public:
+            raise OSError(f"{host} resolves to no public address (orchestration.probe_private_endpoints)")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def _match(t: TaskRecord, a: Role, b: Role) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from aiohttp import web
 from coincurve import PrivateKey
 
 from l2d.config import Config, OrchestrationConfig
@@ -293,3 +294,49 @@ def test_failover_skips_a_backup_that_exited() -> None:
     ledger.mine(ledger.task(tid).deadline_height - ledger.height)
     svc.step()
     assert ledger.task(tid).worker == pk(3)
+
+
+async def _ping_server(worker: bytes, hits: list[str]) -> web.AppRunner:
+    async def ping(request: web.Request) -> web.Response:
+        hits.append(request.host)
+        return web.json_response({"worker": worker.hex()})
+
+    app = web.Application()
+    app.router.add_get("/ping", ping)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_probes_reach_private_endpoints_only_where_allowed(allowed: bool) -> None:
+    """A worker names its own probe endpoint: outside local/regtest the coordinator must not be steered to its own
+    host or private network, whether the endpoint is an IP literal or a name that resolves there."""
+    ledger = Ledger()
+    svc = make(ledger, probe_private_endpoints=allowed, probe_failures=1)
+    hits: list[str] = []
+    runners = [await _ping_server(pk(n), hits) for n in (1, 2)]
+    try:
+        ports = [r.addresses[0][1] for r in runners]
+        for n, host in ((1, "127.0.0.1"), (2, "localhost")):
+            caps = WorkerCaps(0, 0, 10 + n, 0, 0, 4, b"eu", (b"digits-mlp",), f"{host}:{ports[n - 1]}".encode())
+            ledger.apply(n, WorkerRegister(50_000, caps))
+        svc.step()
+        async with svc.probe_session() as session:
+            await svc.probe_all(session)
+    finally:
+        for r in runners:
+            await r.cleanup()
+    if allowed:
+        assert len(hits) == 2 and svc.probe_failures == {pk(1): 0, pk(2): 0} and set(svc.latency_us) == {pk(1), pk(2)}
+    else:
+        assert hits == [] and svc.probe_failures == {pk(1): 1, pk(2): 1} and svc.latency_us == {}
+        assert not svc.schedulable(pk(1), ledger.height) and not svc.schedulable(pk(2), ledger.height)
+
+
+@pytest.mark.parametrize("network, default", [("local", True), ("regtest", True), ("signet", False),
+                                              ("mainnet", False)])
+def test_private_probe_endpoints_are_refused_by_default_on_public_networks(network: str, default: bool) -> None:
+    cfg = Config.from_dict({"node": {"network": network, "data_dir": "/nonexistent"}}, "/", env={})
+    assert cfg.orchestration.probe_private_endpoints is default
