@@ -552,7 +552,6 @@ class AnchorService:
                             "refused by testmempoolaccept: %s %s", a.l2_height, res.reject_reason,
                             res.reject_details or "")
             return
-        await rpc.sendrawtransaction(signed.raw)
         now = time.time()
         tip = await rpc.getblockcount()
         replaced_txids = list(a.replaced_txids) + ([replaced] if replaced else [])
@@ -568,7 +567,10 @@ class AnchorService:
                                "script_pubkey": i.script_pubkey.hex(),
                                "merkle_root": None if i.merkle_root is None else i.merkle_root.hex()}
                               for i in inputs])
+        # Saved before the broadcast: a stop or crash in between leaves a SUBMITTED anchor whose saved transaction
+        # is rebroadcast as it is (_handle_in_flight), never an unrecorded transaction spending the anchor chain.
         await self._save(new)
+        await rpc.sendrawtransaction(signed.raw)
         log.info("anchor submitted", extra={"l2_height": a.l2_height, "txid": signed.txid_hex, "fee_sat": fee,
                                             "vsize": signed.vsize, "replaces": replaced})
 

@@ -7,6 +7,7 @@ back to SUBMITTED and it confirms again; a restart loses nothing; the exported a
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import subprocess
@@ -14,15 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import pytest
 from coincurve import PrivateKey
 
 from anchoring.btc_tx import key_path_script
 from bridge.rpc import BitcoinRPC
+from l2d.config import Config
 from l2d.core.anchor_format import AnchorRecord
 from l2d.core.audit import AuditBundle, ProofEvidence
 from l2d.core.coin_tx import Transfer
 from l2d.core.params import REGTEST
 from l2d.core.tx import sign
+from l2d.node import Node
 from regtest.harness import BitcoindNode, fund_wallet
 
 TOKEN = "anchor-test-admin-token-0001"
@@ -312,3 +316,50 @@ async def test_reorg_with_conflicting_spend_reanchors(tmp_path: Path, bitcoind: 
     c = await poll(lambda: (x := anchors(p)[2])["status"] == "CONFIRMED" and x, 20, "re-anchor confirmed")
     assert c["txid"] == b["txid"] and c["record"] == a["record"]
     assert p.stop() == 0
+
+
+async def test_a_stop_right_after_the_broadcast_loses_no_anchor_transaction(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The anchor service stops (its task is cancelled) just after bitcoind accepted an anchor transaction. The
+    transaction used to be recorded only after the broadcast returned: such a stop left it unrecorded, spending the
+    previous anchor's output, and after the restart the service found no coins and anchored nothing more (seen
+    once under CPU load in test_end_to_end_taproot, where the test stops the daemon mid-step)."""
+    fed = _secret("l2d stop after broadcast")
+    mine_addr = await fund_federation(rpc, fed, 1_000_000)
+    cfg = Config.load(write_config(tmp_path, bitcoind, "taproot", fed))
+    recipient = PrivateKey(hashlib.sha256(b"l2d anchor test recipient").digest()).public_key_xonly.format()
+    sent: list[bytes] = []
+    real_send = BitcoinRPC.sendrawtransaction
+
+    async def send_then_stop(self: BitcoinRPC, raw: bytes, *args: Any, **kwargs: Any) -> Any:
+        await real_send(self, raw, *args, **kwargs)
+        sent.append(raw)
+        raise asyncio.CancelledError  # the service's task ends here, as at a stop
+
+    monkeypatch.setattr(BitcoinRPC, "sendrawtransaction", send_then_stop)
+    node = Node.from_config(cfg)
+    await node.start(serve_http=False)
+    try:
+        for nonce in range(2):  # L2 blocks 1 and 2: height 2 is anchored
+            node.admission.submit(sign(REGTEST, USER_SECRET, nonce, 1, Transfer(recipient, 1000), bytes(32)).raw)
+            await poll(lambda: node.chain.tip.height > nonce, 20, "an L2 block")
+        await poll(lambda: sent, 30, "the anchor broadcast")
+    finally:
+        await node.stop()
+    monkeypatch.undo()
+    [raw] = sent
+    assert len(await rpc.getrawmempool()) == 1  # bitcoind holds it
+
+    node = Node.from_config(cfg)
+    await node.start(serve_http=False)
+    try:
+        svc = node.anchor_service
+        assert svc is not None
+        a = svc.anchors[2]
+        assert (a.status.value, a.raw_tx) == ("SUBMITTED", raw.hex())  # the record names what bitcoind holds
+        assert a.txid in [h[::-1].hex() for h in await rpc.getrawmempool()]
+        await rpc.generatetoaddress(1, mine_addr)
+        await poll(lambda: svc.anchors[2].status.value == "CONFIRMED", 30, "the anchor confirmed after the restart")
+    finally:
+        await node.stop()
