@@ -90,6 +90,9 @@ class Anchor:
     accept_latency_ms: Optional[float] = None
     replaced_txids: list[str] = field(default_factory=list)
     l2_status: Optional[str] = None  # status last submitted to the L2 state
+    # Write-ahead: a signed transaction about to be broadcast, with what to record once bitcoind has it (txid,
+    # raw_tx, inputs, fee_sat, vsize, replaced). Saved before the broadcast, cleared after it; a restart finishes it.
+    sending: Optional[dict[str, Any]] = None
 
     def encode(self) -> bytes:
         d = asdict(self)
@@ -426,6 +429,7 @@ class AnchorService:
         rpc = self.rpc
         if rpc is None:
             return
+        await self._finish_sending()
         for a in list(self.anchors.values()):
             if a.status == AnchorState.SUBMITTED and a.btc_block_hash is None and a.raw_tx and a.txid:
                 try:
@@ -552,27 +556,60 @@ class AnchorService:
                             "refused by testmempoolaccept: %s %s", a.l2_height, res.reject_reason,
                             res.reject_details or "")
             return
+        sending = {"txid": signed.txid_hex, "raw_tx": signed.raw.hex(), "fee_sat": signed.fee_sat,
+                   "vsize": signed.vsize, "replaced": replaced,
+                   "inputs": [{"txid": i.txid.hex(), "vout": i.vout, "amount_sat": i.amount_sat,
+                               "script_pubkey": i.script_pubkey.hex(),
+                               "merkle_root": None if i.merkle_root is None else i.merkle_root.hex()}
+                              for i in inputs]}
+        # Saved before the broadcast, recorded after it: a stop or crash in between is finished at the restart
+        # (_finish_sending), so no transaction spending the anchor chain is ever broadcast unrecorded.
+        a = replace(a, sending=sending)
+        await self._save(a)
+        await rpc.sendrawtransaction(signed.raw)
+        await self._record_sent(a)
+
+    async def _record_sent(self, a: Anchor, *, mined: bool = False) -> None:
+        """The write-ahead transaction of `a` is in bitcoind's mempool (or, mined, in its chain): record it as the
+        anchor's transaction."""
+        rpc, sent = self.rpc, a.sending
+        if rpc is None or sent is None:
+            return
         now = time.time()
-        tip = await rpc.getblockcount()
+        tip = None if mined else await rpc.getblockcount()  # mined: no submit height, the rescan looks back
+        replaced = sent["replaced"]
         replaced_txids = list(a.replaced_txids) + ([replaced] if replaced else [])
         latency = a.accept_latency_ms
         if latency is None and a.committed_at is not None:
             latency = round((now - a.committed_at) * 1000, 3)
-        vout = 0
-        new = replace(a, status=AnchorState.SUBMITTED, txid=signed.txid_hex, raw_tx=signed.raw.hex(),
-                      anchor_vout=vout, fee_sat=signed.fee_sat, vsize=signed.vsize, btc_block_hash=None,
-                      btc_height=None, confirmations=0, submit_btc_height=tip, submitted_at=now,
-                      replaced_txids=replaced_txids, accept_latency_ms=latency,
-                      inputs=[{"txid": i.txid.hex(), "vout": i.vout, "amount_sat": i.amount_sat,
-                               "script_pubkey": i.script_pubkey.hex(),
-                               "merkle_root": None if i.merkle_root is None else i.merkle_root.hex()}
-                              for i in inputs])
-        # Saved before the broadcast: a stop or crash in between leaves a SUBMITTED anchor whose saved transaction
-        # is rebroadcast as it is (_handle_in_flight), never an unrecorded transaction spending the anchor chain.
+        new = replace(a, status=AnchorState.SUBMITTED, txid=sent["txid"], raw_tx=sent["raw_tx"], anchor_vout=0,
+                      fee_sat=sent["fee_sat"], vsize=sent["vsize"], btc_block_hash=None, btc_height=None,
+                      confirmations=0, submit_btc_height=tip, submitted_at=now, replaced_txids=replaced_txids,
+                      accept_latency_ms=latency, inputs=sent["inputs"], sending=None)
         await self._save(new)
-        await rpc.sendrawtransaction(signed.raw)
-        log.info("anchor submitted", extra={"l2_height": a.l2_height, "txid": signed.txid_hex, "fee_sat": fee,
-                                            "vsize": signed.vsize, "replaces": replaced})
+        log.info("anchor submitted", extra={"l2_height": a.l2_height, "txid": sent["txid"], "fee_sat": sent["fee_sat"],
+                                            "vsize": sent["vsize"], "replaces": replaced})
+
+    async def _finish_sending(self) -> None:
+        """After a restart: broadcast again and record a transaction saved but maybe never broadcast or recorded."""
+        rpc = self.rpc
+        if rpc is None:
+            return
+        for a in list(self.anchors.values()):
+            if a.sending is None:
+                continue
+            try:
+                await rpc.sendrawtransaction(bytes.fromhex(a.sending["raw_tx"]))
+            except RPCAlreadyInChain:  # mined while stopped: record it and rescan the chain for its block
+                await self._record_sent(a, mined=True)
+                self._reconciled = False
+                continue
+            except (RPCVerifyRejected, RPCVerifyError) as e:  # its inputs went elsewhere: it was never the anchor
+                log.warning("anchor %s: the transaction saved before a stop is no longer valid (%s); dropped",
+                            a.sending["txid"], e)
+                await self._save(replace(a, sending=None))
+                continue
+            await self._record_sent(a)
 
     # -- audit bundle ---------------------------------------------------------------------------------------------------
     async def audit_bundle(self, l2_height: int) -> Optional[bytes]:

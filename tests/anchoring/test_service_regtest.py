@@ -356,8 +356,9 @@ async def test_a_stop_right_after_the_broadcast_loses_no_anchor_transaction(
     try:
         svc = node.anchor_service
         assert svc is not None
-        a = svc.anchors[2]
-        assert (a.status.value, a.raw_tx) == ("SUBMITTED", raw.hex())  # the record names what bitcoind holds
+        a = await poll(lambda: (x := svc.anchors[2]).status.value == "SUBMITTED" and x, 30,
+                       "the transaction saved before the stop recorded as the anchor's")
+        assert (a.raw_tx, a.sending) == (raw.hex(), None)  # the record names what bitcoind holds
         assert a.txid in [h[::-1].hex() for h in await rpc.getrawmempool()]
         await rpc.generatetoaddress(1, mine_addr)
         await poll(lambda: svc.anchors[2].status.value == "CONFIRMED", 30, "the anchor confirmed after the restart")
