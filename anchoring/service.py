@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from bridge.chain_tracker import ChainTracker, ChainTrackerError, Connected, Disconnected
 from bridge.rpc import BitcoinRPC, hash_from_hex, hash_to_hex
@@ -192,6 +192,26 @@ class AnchorService:
 
     def latest(self) -> Optional[Anchor]:
         return self.anchors[max(self.anchors)] if self.anchors else None
+
+    def anchored_snapshots_needed(self, heights: Sequence[int], keep_final: int) -> set[int]:
+        """Of the anchored snapshot files at these L2 heights, those an audit bundle may still need
+        (docs/anchoring.md, "Anchored snapshots"): the anchors not yet FINAL that may still reach Bitcoin or be
+        audited (SUBMITTED, CONFIRMED, and the newest anchor if it is BUILT, waiting for funds), the newest
+        keep_final FINAL ones, and the newest height above every anchor (the next anchor is built there or
+        higher: heights passed meanwhile are skipped, never anchored later). Older BUILT anchors are never
+        broadcast.
+        """
+        live = {AnchorState.SUBMITTED, AnchorState.CONFIRMED}
+        needed = {h for h, a in self.anchors.items() if a.status in live}
+        newest = self.latest()
+        if newest is not None and newest.status == AnchorState.BUILT:
+            needed.add(newest.l2_height)
+        final = sorted(h for h, a in self.anchors.items() if a.status == AnchorState.FINAL)
+        needed.update(final[len(final) - keep_final:] if keep_final else [])
+        above = [h for h in heights if newest is None or h > newest.l2_height]
+        if above:
+            needed.add(max(above))
+        return needed & set(heights)
 
     def notify_block(self, header: BlockHeader) -> None:
         """A block was committed (called by the node; never blocks)."""

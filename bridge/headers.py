@@ -56,6 +56,7 @@ Errors (besides spv's for invalid headers):
       ConcurrentSync      the tip moved between reading bitcoind and writing (the sync is simply re-run)
       HeaderSourceError   bitcoind returned a header that does not hash to the block asked for
       StoreCorrupt        a record the store's invariants require is missing (damaged database)
+      HeaderStoreFull     the LMDB map (the node's store.map_size) is full: nothing of that write was stored
 """
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def _dsha256(b: bytes) -> bytes:
 # -- errors --------------------------------------------------------------------------------------------------------
 class HeaderStoreError(Exception):
     """The header store cannot do what was asked; validation failures are bridge.spv's errors instead."""
+
+
+class HeaderStoreFull(HeaderStoreError):
+    """The LMDB map is full (the node sizes it with store.map_size); the write was not stored."""
 
 
 class StoreMismatch(HeaderStoreError):
@@ -219,14 +224,15 @@ class HeaderStore:
             raise ValueError("start hash must be 32 bytes (internal order)")
         if reorg_window < 1:
             raise ValueError("reorg window must be at least 1")
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self.params = params
         self.reorg_window = reorg_window
         self.checkpoints = dict(checkpoints or {})
         self._want_start = (start_height, start_hash)
+        # mode: the directory 0700, its files 0600 (LMDB clears the execute bits), like the ledger's store.
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=4, subdir=True, sync=True, metasync=True,
-                             max_readers=256)
+                             max_readers=256, mode=0o700)
         self._meta = self.env.open_db(b"meta")
         self._best = self.env.open_db(b"best")
         self._hdrs = self.env.open_db(b"hdrs")
@@ -428,6 +434,15 @@ class HeaderStore:
 
     def _write(self, init: Optional[tuple[bytes, list[bytes]]], fork_height: int, raws: Sequence[bytes],
                now: Optional[int], expected_tip: Optional[bytes]) -> SyncResult:
+        try:
+            return self._write_txn(init, fork_height, raws, now, expected_tip)
+        except lmdb.MapFullError as e:
+            raise HeaderStoreFull(f"the header store's LMDB map at {self.path} is full ({self.env.info()['map_size']} "
+                                  "bytes, the node's store.map_size): raise store.map_size in the config and "
+                                  "restart; the stored chain is unchanged") from e
+
+    def _write_txn(self, init: Optional[tuple[bytes, list[bytes]]], fork_height: int, raws: Sequence[bytes],
+                   now: Optional[int], expected_tip: Optional[bytes]) -> SyncResult:
         with self.env.begin(write=True) as txn:
             if init is not None:
                 self._init_start(txn, init, now)

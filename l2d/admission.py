@@ -2,7 +2,9 @@
 
 Also signs the node's own transactions (mints with the mint authority key; anchor updates, header relays,
 peg-out updates, task assignments and FL rounds with the federation key) and admits them the same way.
-Remembers recently dropped transactions so GET /api/l2/tx/{txid} can say why.
+Remembers recently dropped transactions so GET /api/l2/tx/{txid} can say why; re-admits the transactions of the
+mempool file on start (`restore`). New transactions are refused with DiskLow (HTTP 503) while the data dir's
+filesystem is below store.min_free_bytes.
 """
 from __future__ import annotations
 
@@ -16,17 +18,19 @@ from coincurve import PrivateKey
 from .core import tx as T
 from .core.coin_tx import Mint
 from .core.errors import DecodeError, OutOfRange, Rejected, UnknownType, UnknownVersion, WrongNetwork
+from .core.hashing import H_TXID
 from .core.payload import Payload
 from .core.rules import apply_tx
 from .core.state import Account, StateView, account_key
 from .ledger import Ledger
 from .mempool import Duplicate, Mempool, StaleNonce
+from .mempool_file import MempoolFile
 from .metrics import Metrics
 from .views import ChainView
 
 log = logging.getLogger(__name__)
 
-RECENT_TXIDS = 10_000
+DROPPED_KEPT = 10_000  # drop reasons remembered (oldest forgotten first)
 
 
 class Refused(Rejected):
@@ -59,7 +63,7 @@ class Admission:
 
     def __init__(self, chain: ChainView, ledger: Ledger, mempool: Mempool, metrics: Metrics, *, block_max_txs: int,
                  wake: Callable[[], None], authority_secret: Optional[bytes],
-                 federation_secret: Optional[bytes]) -> None:
+                 federation_secret: Optional[bytes], check_space: Callable[[], None] = lambda: None) -> None:
         self.chain = chain
         self.network = chain.network
         self.ledger = ledger
@@ -71,10 +75,21 @@ class Admission:
         self.authority_pubkey = _xonly(authority_secret)
         self._federation_secret = federation_secret
         self.federation_pubkey = _xonly(federation_secret)
-        self._recent: OrderedDict[bytes, Optional[str]] = OrderedDict()
+        self._check_space = check_space  # raises DiskLow below store.min_free_bytes
+        self._dropped: OrderedDict[bytes, str] = OrderedDict()  # txid -> reason code
 
     def submit(self, raw: bytes) -> bytes:
         """Admit a signed transaction to the mempool; returns its txid or raises a Rejected with .reason."""
+        self._space_left()
+        return self._submit(raw)
+
+    def _space_left(self) -> None:
+        try:
+            self._check_space()
+        except Rejected as e:
+            self._refuse(e)
+
+    def _submit(self, raw: bytes) -> bytes:
         try:
             tx = T.decode(raw, self.network)
         except DecodeError as e:
@@ -86,6 +101,7 @@ class Admission:
         secret, pub = self._authority_secret, self.authority_pubkey
         if not self.network.admin_mint or secret is None or pub is None:
             return self._refuse(Refused("unauthorized", f"minting is not allowed on {self.network.name}"))
+        self._space_left()
         nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
         try:
             tx = T.sign(self.network, secret, nonce, 0, Mint(recipient, amount_sat), os.urandom(32))
@@ -103,6 +119,7 @@ class Admission:
         secret, pub = self._federation_secret, self.federation_pubkey
         if secret is None or pub is None:
             return self._refuse(Refused("unauthorized", "this node has no federation key"))
+        self._space_left()
         nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
         tx = T.sign(self.network, secret, nonce, 0, payload, os.urandom(32))
         return self._admit(tx, signature_checked=True)
@@ -114,16 +131,40 @@ class Admission:
             return {"status": "committed", "height": loc[0], "index": loc[1]}
         if txid in self.mempool:
             return {"status": "pending"}
-        if txid in self._recent:
-            return {"status": "dropped", "reason": self._recent[txid] or "dropped"}
+        reason = self._dropped.get(txid)
+        if reason is not None:
+            return {"status": "dropped", "reason": reason}
         return None
 
     def remember(self, txid: bytes, reason: Optional[str]) -> None:
-        """Note a transaction admitted (reason None) or dropped (with its reason code)."""
-        self._recent[txid] = reason
-        self._recent.move_to_end(txid)
-        while len(self._recent) > RECENT_TXIDS:
-            self._recent.popitem(last=False)
+        """Note a transaction admitted (reason None: forget an earlier drop) or dropped (with its reason code)."""
+        if reason is None:
+            self._dropped.pop(txid, None)
+            return
+        self._dropped[txid] = reason
+        self._dropped.move_to_end(txid)
+        while len(self._dropped) > DROPPED_KEPT:
+            self._dropped.popitem(last=False)
+
+    def saved(self) -> MempoolFile:
+        """What the mempool file keeps: the pending transactions in order of admission and the drop reasons."""
+        return MempoolFile(tuple(t.raw for t in self.mempool), tuple(self._dropped.items()))
+
+    def restore(self, saved: MempoolFile) -> tuple[int, int]:
+        """Re-admit the transactions of a mempool file, each through the checks of `submit` against the committed
+        state (not the free-space check: they were accepted before); those that no longer apply are recorded as
+        dropped with their reason code. Returns (re-admitted, dropped now)."""
+        for txid, reason in saved.dropped:
+            self.remember(txid, reason)
+        admitted = 0
+        for raw in saved.txs:
+            try:
+                self._submit(raw)
+            except Rejected as e:
+                self.remember(H_TXID(raw), e.reason)
+            else:
+                admitted += 1
+        return admitted, len(saved.txs) - admitted
 
     def _refuse(self, e: Rejected) -> bytes:
         self.metrics.txs_rejected.inc(stage="admission", reason=e.reason)

@@ -32,6 +32,10 @@ MIN_TIMESTAMP_MS: Final = 1_000_000_000_000
 MAX_TIMESTAMP_MS: Final = 253_402_300_799_999
 DEFAULT_GENESIS_TIMESTAMP_MS: Final = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 _HEX64: Final = re.compile(r"[0-9a-fA-F]{64}")
+MIB: Final = 1 << 20
+GIB: Final = 1 << 30
+MAX_BYTES: Final = 1 << 50  # 1 PiB: the bound of every byte-count key
+MIN_MAP_SIZE: Final = 1 * MIB  # an LMDB map below this cannot hold a ledger worth the name
 
 
 class ConfigError(ValueError):
@@ -166,6 +170,16 @@ class SnapshotConfig:
     dir: Path  # absolute
     every_blocks: int  # 0 = no periodic snapshots
     keep: int
+    anchored_keep_final: int  # anchored snapshots kept for FINAL anchors (the newest N)
+    anchored_max_bytes: int  # byte budget of <dir>/anchored (oldest deleted first); 0 = none written
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """[store]: the LMDB environments (ledger, Bitcoin headers) and the free-space floor of the data dir."""
+
+    map_size: int  # bytes: the most each LMDB environment may hold (sparse: only what is used takes disk)
+    min_free_bytes: int  # below this free space on the data dir's filesystem new transactions get 503; 0 = off
 
 
 ANCHOR_MODES: Final = ("taproot", "op_return")
@@ -262,7 +276,7 @@ class OrchestrationConfig:
 
 
 _SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind", "bridge",
-                       "orchestration")
+                       "orchestration", "store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +292,7 @@ class Config:
     source: Path | None  # the TOML file it was loaded from; None when built from a dict
     bridge: BridgeConfig = None  # type: ignore[assignment]  # always set by from_dict
     orchestration: OrchestrationConfig = None  # type: ignore[assignment]  # always set by from_dict
+    store: StoreConfig = None  # type: ignore[assignment]  # always set by from_dict
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -322,8 +337,9 @@ class Config:
         bitcoind = _bitcoind(tables["bitcoind"], base, node)
         bridge = _bridge(tables["bridge"], base, node, anchoring)
         orchestration = _orchestration(tables["orchestration"], node)
+        store = _store(tables["store"])
         return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source, bridge=bridge,
-                   orchestration=orchestration)
+                   orchestration=orchestration, store=store)
 
     def effective(self) -> dict[str, Any]:
         """The effective configuration as a JSON-able dict, admin token redacted (for the start-up log)."""
@@ -346,7 +362,9 @@ class Config:
                     "admin_token": REDACTED if self.api.admin_token else None,
                     "max_body_bytes": self.api.max_body_bytes},
             "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
-                          "keep": self.snapshots.keep},
+                          "keep": self.snapshots.keep, "anchored_keep_final": self.snapshots.anchored_keep_final,
+                          "anchored_max_bytes": self.snapshots.anchored_max_bytes},
+            "store": {"map_size": self.store.map_size, "min_free_bytes": self.store.min_free_bytes},
             "anchoring": {k: (str(v) if isinstance(v, Path) else v)
                           for k, v in ((f, getattr(self.anchoring, f)) for f in AnchoringConfig.__slots__)},
             "bridge": {k: ([str(x) for x in v] if isinstance(v, tuple) and k == "signer_key_files"
@@ -469,11 +487,21 @@ def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
 
 
 def _snapshots(t: Mapping[str, Any], base: Path, node: NodeConfig) -> SnapshotConfig:
-    s = _Section("snapshots", t, ("dir", "every_blocks", "keep"))
+    s = _Section("snapshots", t, ("dir", "every_blocks", "keep", "anchored_keep_final", "anchored_max_bytes"))
     return SnapshotConfig(
         dir=s.get_path("dir", base, default=node.data_dir / "snapshots"),
         every_blocks=s.get_int("every_blocks", 0, 10_000_000, default=1000),
         keep=s.get_int("keep", 1, 10_000, default=5),
+        anchored_keep_final=s.get_int("anchored_keep_final", 0, 10_000, default=2),
+        anchored_max_bytes=s.get_int("anchored_max_bytes", 0, MAX_BYTES, default=4 * GIB),
+    )
+
+
+def _store(t: Mapping[str, Any]) -> StoreConfig:
+    s = _Section("store", t, ("map_size", "min_free_bytes"))
+    return StoreConfig(
+        map_size=s.get_int("map_size", MIN_MAP_SIZE, MAX_BYTES, default=64 * GIB),
+        min_free_bytes=s.get_int("min_free_bytes", 0, MAX_BYTES, default=256 * MIB),
     )
 
 

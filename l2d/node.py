@@ -27,7 +27,7 @@ from bridge.rpc import BitcoinRPC, CookieAuth, UserPassAuth
 from bridge.service import BridgeService
 from orchestration.service import OrchestrationService
 
-from . import __version__
+from . import __version__, mempool_file
 from .admission import Admission
 from .api.app import make_app
 from .api.deps import ApiDeps
@@ -37,6 +37,7 @@ from .core.chains import btc_chain
 from .core.errors import WrongNetwork
 from .core.params import Network, network_by_name
 from .core.state import Rules
+from .datadir import DataDir
 from .genesis import Genesis, NodeError, check_genesis, load_genesis
 from .keys import KeyFileError
 from .ledger import Ledger
@@ -59,8 +60,10 @@ VERSION = __version__
 class Node:
     """Everything the daemon runs, wired from one Config. Build with Node.from_config; run with run()."""
 
-    def __init__(self, config: Config, network: Network, store: Store, ledger: Ledger, genesis: Genesis) -> None:
+    def __init__(self, config: Config, network: Network, store: Store, ledger: Ledger, genesis: Genesis,
+                 datadir: DataDir) -> None:
         self.config = config
+        self.datadir = datadir  # held (locked) until the end of _shutdown
         self.network = network
         self.store = store
         self.ledger = ledger
@@ -74,13 +77,15 @@ class Node:
         self.admission = Admission(self.chain, ledger, self.mempool, self.metrics,
                                    block_max_txs=config.block.max_txs, wake=self._wake_producer,
                                    authority_secret=genesis.authority_secret,
-                                   federation_secret=genesis.federation_secret)
+                                   federation_secret=genesis.federation_secret, check_space=datadir.check_space)
         self.producer = BlockProducer(ledger, store, self.mempool, self.admission, self.metrics, tree_lock,
                                       max_txs=config.block.max_txs, interval_ms=config.block.interval_ms,
                                       track=self._track)
         self.snapshots = Snapshots(store, network, self.metrics, directory=Path(config.snapshots.dir),
                                    keep=config.snapshots.keep, every_blocks=config.snapshots.every_blocks,
-                                   track=self._track)
+                                   track=self._track, anchored_keep_final=config.snapshots.anchored_keep_final,
+                                   anchored_max_bytes=config.snapshots.anchored_max_bytes,
+                                   min_free_bytes=config.store.min_free_bytes)
         self.producer.committed_locked = self.snapshots.committed_locked
         self.producer.after_commit.append(self.snapshots.block_committed)
         self.models = ModelStore(Path(config.node.data_dir) / MODEL_DIR)
@@ -103,16 +108,36 @@ class Node:
             network = network_by_name(config.node.network)
         except WrongNetwork as e:
             raise NodeError(str(e)) from None
-        genesis = load_genesis(config, network)
-        store = Store(Path(config.node.data_dir) / "ledger", network)
+        datadir = DataDir.open(Path(config.node.data_dir), config.store.min_free_bytes)
+        try:
+            genesis = load_genesis(config, network)
+            store = Store(Path(config.node.data_dir) / "ledger", network, config.store.map_size)
+        except BaseException:
+            datadir.close()
+            raise
         try:
             ledger = Ledger(store, Rules(network, config.chain.min_fee_sat))
             ledger.open(genesis.state, config.chain.genesis_timestamp_ms)
             check_genesis(ledger, network, genesis.state, config.chain.genesis_timestamp_ms)
         except BaseException:
             store.close()
+            datadir.close()
             raise
-        return cls(config, network, store, ledger, genesis)
+        node = cls(config, network, store, ledger, genesis, datadir)
+        node._load_mempool()
+        return node
+
+    # -- the mempool file (docs/mempool-file.md) -------------------------------------------------------------
+    def _load_mempool(self) -> None:
+        """Re-admit the mempool saved by the last clean stop, then delete the file (a later SIGKILL must not
+        bring back this old copy)."""
+        path = self.datadir.path / mempool_file.MEMPOOL_FILE
+        saved = mempool_file.load(path, self.network)
+        if saved is not None:
+            admitted, dropped = self.admission.restore(saved)
+            path.unlink()
+            log.info("mempool reloaded", extra={"readmitted": admitted, "dropped": dropped,
+                                                "drop_reasons": len(saved.dropped)})
 
     # -- services --------------------------------------------------------------------------------------------
     def _make_anchor_service(self) -> Optional[AnchorService]:
@@ -166,7 +191,8 @@ class Node:
                                bdir / f"signer-{PrivateKey(sec).public_key.format().hex()[:16]}.json",
                                cfg.max_fee_share_ppm) for sec in self.genesis.signer_secrets]
         headers = HeaderStore(data_dir / HEADER_STORE_DIR, btc_chain(self.network).spv,
-                              start_height=cfg.header_start_height, start_hash=cfg.header_start_hash)
+                              start_height=cfg.header_start_height, start_hash=cfg.header_start_hash,
+                              map_size=self.config.store.map_size)
         return BridgeService(fed=fed, network=self.network, signers=signers, rpc=self.btc_rpc,
                              read_state=self.store.reader, submit=self.admission.submit_as_federation,
                              batch_dir=bdir / "batches", headers=headers,
@@ -210,7 +236,11 @@ class Node:
                        asyncio.create_task(self.snapshots.run(), name="snapshotter")]
         self.anchor_service = self._make_anchor_service()
         if self.anchor_service is not None:
-            self.snapshots.anchor_every = self.config.anchoring.every_blocks
+            # No bitcoind: no anchor can be confirmed, so no audit bundle can need a snapshot: none is written.
+            if self.anchor_service.broadcasting:
+                self.snapshots.anchor_every = self.config.anchoring.every_blocks
+            self.snapshots.anchored_needed = self.anchor_service.anchored_snapshots_needed
+            self.snapshots.prune_anchored()
             self.producer.after_commit.append(self.anchor_service.notify_block)
             self._tasks.append(asyncio.create_task(self.anchor_service.run(), name="anchor-service"))
         self.orchestration_service = self._make_orchestration_service()
@@ -274,7 +304,10 @@ class Node:
             self.bridge_service.close()
         if self.btc_rpc is not None:
             await self.btc_rpc.close()
+        # Saved even after a failure: every transaction is re-checked against the committed state on reload.
+        mempool_file.save_logged(self.datadir.path / mempool_file.MEMPOOL_FILE, self.network, self.admission.saved())
         self.store.close()
+        self.datadir.close()
         tip = self.ledger.tip
         log.info("stopped", extra={"height": tip.height if tip else None, "failed": self.failed})
 

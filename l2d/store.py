@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,17 +25,45 @@ _U64 = struct.Struct(">Q")
 _LOC = struct.Struct(">QI")
 
 
+DEFAULT_MAP_SIZE = 64 << 30  # store.map_size's default
+
+
 class StoreError(Exception):
     """The database cannot be used (wrong network or schema, corrupt metadata, non-sequential commit)."""
 
 
+class StoreFull(StoreError):
+    """A write did not fit: the LMDB map (store.map_size) is full. Nothing of that write was stored."""
+
+
+class StoreWriteError(StoreError):
+    """LMDB could not write (e.g. the disk is full: ENOSPC, or EIO from a failed write-back). Nothing of that
+    write was stored."""
+
+
+def write_error(e: lmdb.Error, path: Path, map_size: int, what: str) -> StoreError:
+    """The typed error for an LMDB write failure, saying what to do about it (shared with the header store)."""
+    if isinstance(e, lmdb.MapFullError):
+        return StoreFull(f"{what}: the LMDB map of {path} is full (store.map_size = {map_size} bytes): raise "
+                         "store.map_size in the config and restart; nothing committed was lost")
+    try:
+        st = os.statvfs(path)
+        free = f"{st.f_bavail * st.f_frsize} bytes free on its filesystem"
+    except OSError as oe:
+        free = f"free space unknown: {oe.strerror}"
+    return StoreWriteError(f"{what}: LMDB cannot write to {path} ({e}; {free}): if the disk is full, free space "
+                           "and restart; nothing committed was lost")
+
+
 class Store:
-    def __init__(self, path: Path, network: Network, map_size: int = 64 << 30) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, network: Network, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self.network = network
+        self.map_size = map_size
+        # mode: the environment's files are created 0600 (LMDB clears the execute bits), the directory 0700.
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=True,
-                             max_readers=256)
+                             max_readers=256, mode=0o700)
         self._meta = self.env.open_db(b"meta")
         self._state = self.env.open_db(b"state")
         self._blocks = self.env.open_db(b"blocks")
@@ -96,7 +125,16 @@ class Store:
     # -- writes (writer thread only) ----------------------------------------------------------------------
     def commit_block(self, height: int, block: bytes, txids: list[bytes],
                      writes: Mapping[bytes, Optional[bytes]]) -> None:
-        """Commit block `height` with its state writes (None = delete) in one LMDB transaction."""
+        """Commit block `height` with its state writes (None = delete) in one LMDB transaction.
+
+        StoreFull / StoreWriteError when LMDB cannot write it (then nothing of it was stored)."""
+        try:
+            self._commit_block(height, block, txids, writes)
+        except lmdb.Error as e:
+            raise write_error(e, self.path, self.map_size, f"cannot commit block {height}") from e
+
+    def _commit_block(self, height: int, block: bytes, txids: list[bytes],
+                      writes: Mapping[bytes, Optional[bytes]]) -> None:
         with self.env.begin(write=True) as txn:
             tip = txn.get(b"tip", db=self._meta)
             expected = 0 if tip is None else _U64.unpack(tip)[0] + 1
@@ -120,8 +158,11 @@ class Store:
 
     # -- anchors (the anchor service's local records; not consensus state) --------------------------------
     def put_anchor(self, l2_height: int, value: bytes) -> None:
-        with self.env.begin(write=True, db=self._anchors) as txn:
-            txn.put(_U64.pack(l2_height), value)
+        try:
+            with self.env.begin(write=True, db=self._anchors) as txn:
+                txn.put(_U64.pack(l2_height), value)
+        except lmdb.Error as e:
+            raise write_error(e, self.path, self.map_size, f"cannot store the anchor at L2 height {l2_height}") from e
 
     async def put_anchor_async(self, l2_height: int, value: bytes) -> None:
         """Write one anchor record on the writer thread (shielded: a cancelled caller never half-writes)."""

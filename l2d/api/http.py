@@ -1,8 +1,9 @@
 """HTTP helpers every route module shares: the JSON error shape and middleware, body and field parsers, the one
 hex validator, and the admin bearer-token decorator.
 
-Every error leaves as a JSON body {"error": code, "message": text} with a 4xx status for bad client input;
-an unexpected exception is logged and answered with a JSON 500.
+Every error leaves as a JSON body {"error": code, "message": text} with a 4xx status for bad client input,
+503 with Retry-After while the node refuses new transactions for low disk space; an unexpected exception is
+logged and answered with a JSON 500.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 
 from ..core.errors import Rejected
+from ..datadir import DiskLow
 from .deps import ADMIN_TOKEN, METRICS
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = await handler(request)
     except ApiError as e:
         resp = json_error(e.status, e.code, e.message, e.headers)
+    except DiskLow as e:  # not the transaction's fault: the node refuses everything new for now
+        resp = json_error(503, e.reason, str(e), {"Retry-After": str(e.retry_after_s)})
     except Rejected as e:  # a transaction refused at admission: the reason code is the error
         resp = json_error(400, e.reason, str(e))
     except web.HTTPException as e:

@@ -89,11 +89,13 @@ async def block(request: web.Request) -> web.Response:
 
 
 async def tx_status(request: web.Request) -> web.Response:
-    """GET /api/l2/tx/{txid}: committed (authoritative, from the store), pending, or recently dropped."""
+    """GET /api/l2/tx/{txid}: committed (authoritative, from the store), pending, or dropped (with the reason);
+    404 with "status": "unknown" for a transaction this node never accepted (or whose drop it has forgotten)."""
     txid = path_hex32(request, "txid")
     st = request.app[ADMISSION].tx_status(txid)
     if st is None:
-        raise ApiError(404, "not-found", f"transaction {txid.hex()} is unknown")
+        return web.json_response({"error": "not-found", "message": f"transaction {txid.hex()} is unknown",
+                                  "txid": txid.hex(), "status": "unknown"}, status=404)
     return web.json_response({"txid": txid.hex(), **st})
 
 

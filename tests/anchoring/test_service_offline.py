@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
+from anchoring.service import Anchor, AnchorService, AnchorState
 from l2d.config import Config
 from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.params import REGTEST
@@ -80,8 +81,8 @@ async def test_builds_and_stores_payloads_without_bitcoind(tmp_path: Path, mode:
         assert (await client.get("/api/anchors/2/audit")).status == 404
         assert (await client.get("/api/anchors?status=CONFIRMED")).status == 200
         assert any("NOT broadcast" in r.getMessage() for r in caplog.records)
-        # the anchored heights have their snapshot (for audit bundles)
-        assert node.snapshots.anchor_snapshot_bytes(2) is not None
+        # no bitcoind: no anchor can be confirmed, so no audit bundle can need a snapshot; none is written
+        assert node.snapshots.anchor_snapshot_bytes(2) is None and not node.snapshots.anchor_dir.exists()
     finally:
         await client.close()
         await node.stop()
@@ -109,3 +110,28 @@ async def test_anchors_endpoint_404_when_disabled(tmp_path: Path) -> None:
     finally:
         await client.close()
         await node.stop()
+
+
+@pytest.mark.parametrize("statuses,files,keep_final,needed", [
+    # FINAL 10/20/30, CONFIRMED 40, SUBMITTED 50; 5 and 15 were skipped; 55..70 came after the last anchor
+    ({10: "FINAL", 20: "FINAL", 30: "FINAL", 40: "CONFIRMED", 50: "SUBMITTED"},
+     [5, 10, 15, 20, 30, 40, 50, 55, 60, 70], 2, {20, 30, 40, 50, 70}),
+    ({10: "FINAL", 20: "FINAL", 30: "FINAL", 40: "CONFIRMED", 50: "SUBMITTED"},
+     [5, 10, 15, 20, 30, 40, 50, 55, 60, 70], 0, {40, 50, 70}),
+    ({10: "FINAL", 20: "FINAL"}, [10, 20], 5, {10, 20}),
+    # built without bitcoind: only the newest BUILT one may still be broadcast (waiting for funds)
+    ({10: "BUILT", 20: "BUILT", 30: "BUILT"}, [10, 20, 30], 2, {30}),
+    ({10: "BUILT", 20: "SUBMITTED"}, [10, 20, 25], 2, {20, 25}),
+    ({}, [2, 4, 6], 2, {6}),  # no anchor yet: the newest height is the next anchor's candidate
+    ({10: "CONFIRMED"}, [], 2, set()),  # a needed height without a file is not invented
+])
+def test_anchored_snapshots_needed(tmp_path: Path, statuses: dict[int, str], files: list[int], keep_final: int,
+                                   needed: set[int]) -> None:
+    cfg = _config(tmp_path / "data")
+    svc = AnchorService(config=cfg.anchoring, network=REGTEST, federation_secret=b"\x01" * 32,
+                        federation_key=PrivateKey(b"\x01" * 32).public_key_xonly.format(), rpc=None, store=None,
+                        tip=lambda: None, header_at=lambda h: None,  # type: ignore[arg-type,return-value]
+                        submit_update=lambda u: None, snapshot_bytes=lambda h: None)
+    svc.anchors = {h: Anchor(l2_height=h, state_root="", record="", mode="taproot", status=AnchorState(s),
+                             script_pubkey="") for h, s in statuses.items()}
+    assert svc.anchored_snapshots_needed(files, keep_final) == needed

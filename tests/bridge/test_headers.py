@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import bridge.headers as headers_mod
 from bridge.chain_tracker import Connected, Disconnected
-from bridge.headers import (ConcurrentSync, HeaderSourceError, HeaderStore, ReorgTooDeep, StartNotInChain,
-                            StoreMismatch, UnknownHeight)
+from bridge.headers import (ConcurrentSync, HeaderSourceError, HeaderStore, HeaderStoreFull, ReorgTooDeep,
+                            StartNotInChain, StoreMismatch, UnknownHeight)
 from bridge.rpc import BitcoinRPC
 from bridge.rpc_errors import RPCConnectionRefused, RPCInvalidParameter
 from bridge.zmq_sub import BlockHashEvent, ZmqSubscriber
@@ -564,8 +564,9 @@ async def test_map_full_aborts_the_whole_sync(store_factory: Callable[..., Heade
     await store.sync(btc, now=NOW)
     before = snapshot(store)
     btc.set_best(chain)
-    with pytest.raises(lmdb.MapFullError):
+    with pytest.raises(HeaderStoreFull, match=r"store\.map_size") as exc:
         await store.sync(btc, now=NOW)
+    assert isinstance(exc.value.__cause__, lmdb.MapFullError)
     assert snapshot(store) == before
     store.close()
     bigger = store_factory(params, map_size=64 << 20)

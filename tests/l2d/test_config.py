@@ -440,3 +440,46 @@ def test_bitcoind_section(tmp_path: Path) -> None:
 ])
 def test_bitcoind_rejections(tmp_path: Path, table: dict[str, Any], start: str) -> None:
     assert reject(lambda d: d.update(bitcoind=table), tmp_path).startswith(start)
+
+
+# -- [store] and the anchored snapshots' keys ------------------------------------------------------------------
+
+def test_store_and_anchored_snapshot_defaults(tmp_path: Path) -> None:
+    c = Config.from_dict({"node": {"network": "local", "data_dir": "d"}}, tmp_path, env={})
+    assert c.store.map_size == 64 << 30 and c.store.min_free_bytes == 256 << 20
+    assert c.snapshots.anchored_keep_final == 2 and c.snapshots.anchored_max_bytes == 4 << 30
+    assert c.effective()["store"] == {"map_size": 64 << 30, "min_free_bytes": 256 << 20}
+    assert c.effective()["snapshots"]["anchored_max_bytes"] == 4 << 30
+
+
+@pytest.mark.parametrize("section,key,value,bounds", [
+    ("store", "map_size", (1 << 20) - 1, "1048576 and 1125899906842624"),  # below 1 MiB
+    ("store", "map_size", (1 << 50) + 1, "1048576 and 1125899906842624"),
+    ("store", "map_size", "64G", "1048576 and 1125899906842624"),
+    ("store", "map_size", True, "1048576 and 1125899906842624"),
+    ("store", "min_free_bytes", -1, "0 and 1125899906842624"),
+    ("store", "min_free_bytes", 1.5, "0 and 1125899906842624"),
+    ("snapshots", "anchored_keep_final", -1, "0 and 10000"),
+    ("snapshots", "anchored_keep_final", 10_001, "0 and 10000"),
+    ("snapshots", "anchored_max_bytes", -1, "0 and 1125899906842624"),
+    ("snapshots", "anchored_max_bytes", "4GiB", "0 and 1125899906842624"),
+])
+def test_store_and_anchored_snapshot_keys_rejected(tmp_path: Path, section: str, key: str, value: object,
+                                                   bounds: str) -> None:
+    msg = reject(lambda d: d.setdefault(section, {}).update({key: value}), tmp_path)
+    assert msg == f"config: {section}.{key} = {json.dumps(value)}: must be an integer between {bounds}"
+
+
+def test_store_unknown_key_suggests(tmp_path: Path) -> None:
+    msg = reject(lambda d: d.update(store={"mapsize": 1 << 30}), tmp_path)
+    assert msg == "config: unknown key store.mapsize (did you mean store.map_size?)"
+    assert reject(lambda d: d.update(store=[]), tmp_path) == "config: store = []: must be a table"
+
+
+def test_store_edges_accepted(tmp_path: Path) -> None:
+    def edges(d: dict[str, Any]) -> None:
+        d["store"] = {"map_size": 1 << 20, "min_free_bytes": 0}
+        d["snapshots"] = {"anchored_keep_final": 0, "anchored_max_bytes": 0}
+    c = build(edges, tmp_path)
+    assert (c.store.map_size, c.store.min_free_bytes) == (1 << 20, 0)
+    assert (c.snapshots.anchored_keep_final, c.snapshots.anchored_max_bytes) == (0, 0)

@@ -7,14 +7,17 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 from coincurve import PrivateKey
 
 from l2d.config import Config
 from l2d.core.coin_tx import Transfer
+from l2d.core.errors import Rejected
 from l2d.core.params import LOCAL
 from l2d.core.snapshot import list_snapshots, verify_snapshot
 from l2d.core.state import Account, account_key
@@ -22,7 +25,7 @@ from l2d.core.tx import Transaction, sign
 from l2d.genesis import NodeError
 from l2d.keys import KeyFileError, load_or_create_secret, load_secret
 from l2d.node import Node
-from l2d.store import StoreError
+from l2d.store import StoreError, StoreFull
 
 REPO = Path(__file__).resolve().parents[2]
 GENESIS_SAT = 1_000_000
@@ -275,3 +278,113 @@ def test_daemon_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, l2d_process:
     assert rc == 0, tail[-5:]
     assert any(r["msg"] == "stopped" and r["failed"] is False for r in tail)
     assert (tmp_path / "data" / "mint_authority.key").stat().st_mode & 0o777 == 0o600
+
+
+def _submit(d: Any, tx: Transaction) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(d.url("/api/l2/tx"), data=json.dumps({"tx": tx.raw.hex()}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _statuses(d: Any, txids: list[str]) -> dict[str, tuple[str, Optional[str]]]:
+    out = {}
+    for txid in txids:
+        code, body = d.get_raw(f"/api/l2/tx/{txid}")
+        st = json.loads(body)
+        assert (code == 404) == (st["status"] == "unknown"), st
+        out[txid] = (st["status"], st.get("reason"))
+    return out
+
+
+async def test_clean_stop_keeps_the_mempool_and_the_drop_reasons(tmp_path: Path,
+                                                                 l2d_process: Callable[..., Any],
+                                                                 node_toml: Callable[..., Path],
+                                                                 poll: Callable[..., Any]) -> None:
+    """A real daemon with a full mempool (blocks held back by a 1-hour interval) is stopped with SIGTERM and
+    restarted: every accepted transaction is then committed, pending, or dropped with a reason; none is unknown."""
+    alloc = {pubkey(n): GENESIS_SAT for n in (1, 2, 3)}
+    token = "mempool-file-token-0123456789"
+
+    def start(log: str, min_fee: int, interval_ms: int) -> Any:
+        cfg = node_toml(tmp_path / "node.toml", alloc, token, block={"interval_ms": interval_ms, "max_txs": 1000},
+                        mempool={"max_txs": 450, "max_per_sender": 160, "min_fee_sat": min_fee},
+                        snapshots={"every_blocks": 0})
+        return l2d_process(cfg, tmp_path / log)
+
+    d = start("1.log", 1, 3_600_000)
+    fees = {1: 5, 2: 5, 3: 1}  # sender 3 pays the fee a later restart no longer relays
+    sent: dict[str, int] = {}
+    for n in range(150):
+        for s in (1, 2, 3):
+            tx = transfer(s, 4, 1, n, fee=fees[s])
+            assert _submit(d, tx) == (202, {"txid": tx.txid.hex()})
+            sent[tx.txid.hex()] = s
+    assert _submit(d, transfer(1, 4, 1, 150, fee=5))[1]["error"] == "mempool-full"
+    assert set(_statuses(d, list(sent)).values()) == {("pending", None)}
+    assert d.stop() == 0
+    saved = [r for r in d.lines() if r["msg"] == "mempool saved"]
+    assert [(r["txs"], r["drop_reasons"]) for r in saved] == [(450, 0)]
+    assert (tmp_path / "data" / "mempool.dat").stat().st_mode & 0o777 == 0o600
+
+    # the relay floor was raised meanwhile: sender 3's transactions no longer apply and say why
+    d = start("2.log", 2, 3_600_000)
+    assert [(r["readmitted"], r["dropped"]) for r in d.lines() if r["msg"] == "mempool reloaded"] == [(300, 150)]
+    assert not (tmp_path / "data" / "mempool.dat").exists()  # a later SIGKILL cannot bring this copy back
+    st = _statuses(d, list(sent))
+    assert {txid: v for txid, v in st.items() if sent[txid] != 3} == {t: ("pending", None) for t in sent
+                                                                      if sent[t] != 3}
+    assert {txid: v for txid, v in st.items() if sent[txid] == 3} == {t: ("dropped", "fee-below-floor")
+                                                                      for t in sent if sent[t] == 3}
+    assert d.get("/api/status")["mempool_size"] == 300
+    assert d.stop() == 0
+
+    # blocks flow again: the pending ones commit; the drop reasons survived a second clean restart
+    d = start("3.log", 2, 50)
+    committed = {t for t in sent if sent[t] != 3}
+    assert all(v == ("dropped", "fee-below-floor") for t, v in _statuses(d, list(sent)).items() if sent[t] == 3)
+    await poll(lambda: all(v[0] == "committed" for v in _statuses(d, sorted(committed)).values()), 60,
+               "the 300 re-admitted transactions committed")
+    code, body = d.get_raw(f"/api/l2/tx/{'ee' * 32}")
+    assert code == 404 and json.loads(body)["status"] == "unknown"
+    assert d.stop() == 0
+
+
+async def test_a_full_map_stops_the_node_naming_store_map_size_and_loses_nothing_accepted(
+        tmp_path: Path, make_cfg: Callable[..., Config], poll: Callable[..., Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A real 1 MiB LMDB map filled by mints to new accounts: the producer stops with StoreFull, the accepted
+    transactions are saved with the mempool, and a restart with a bigger store.map_size commits every one."""
+    cfg = make_cfg(tmp_path / "data", store={"map_size": 1 << 20}, block={"interval_ms": 10, "max_txs": 200},
+                   mempool={"max_txs": 1000, "max_per_sender": 300})
+    node = Node.from_config(cfg)
+    run = asyncio.create_task(node.run(install_signals=False))
+    accepted: list[bytes] = []
+    while not run.done():
+        try:
+            for _ in range(300):
+                accepted.append(node.admission.mint(pubkey(10 + len(accepted)), 1000))
+        except Rejected as e:
+            assert e.reason in ("sender-limit", "nonce-gap", "mempool-full"), e
+        await poll(lambda: run.done() or len(node.mempool) < 100, 60, "room in the mempool, or the node stopped")
+    assert await run == 1 and node.failed
+    [failure] = [r for r in caplog.records if r.getMessage().startswith("task block-producer ended unexpectedly")]
+    assert failure.exc_info is not None and isinstance(failure.exc_info[1], StoreFull)
+    assert "is full (store.map_size = 1048576 bytes): raise store.map_size in the config" in str(failure.exc_info[1])
+    assert node.chain.tip.height >= 1 and len(node.mempool) > 0
+
+    bigger = make_cfg(tmp_path / "data", store={"map_size": 64 << 20}, block={"interval_ms": 10, "max_txs": 200},
+                      mempool={"max_txs": 1000, "max_per_sender": 300})
+    again = Node.from_config(bigger)
+    try:
+        statuses = [again.admission.tx_status(t) for t in accepted]
+        assert {None if s is None else s["status"] for s in statuses} == {"committed", "pending"}
+        await again.start(serve_http=False)
+        await poll(lambda: all(again.store.tx_location(t) is not None for t in accepted), 60,
+                   f"the {len(accepted)} accepted mints committed")
+    finally:
+        await again.stop()
+    assert not again.failed

@@ -1,7 +1,9 @@
-"""LMDB store: a block and its state commit all or nothing; readers see whole blocks; foreign databases refused."""
+"""LMDB store: a block and its state commit all or nothing; readers see whole blocks; foreign databases refused;
+a full map or a full disk is a typed error saying what to do, and nothing of that block is stored."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import lmdb
 import pytest
 
 from l2d.core.params import LOCAL, REGTEST
-from l2d.store import SCHEMA_VERSION, Store, StoreError
+from l2d.store import SCHEMA_VERSION, Store, StoreError, StoreFull, StoreWriteError
 
 K1, K2 = b"\x01" + b"a" * 32, b"\x01" + b"b" * 32
 
@@ -72,3 +74,56 @@ def test_refuses_another_schema_version(tmp_path: Path) -> None:
     env.close()
     with pytest.raises(StoreError, match="schema version"):
         Store(tmp_path, LOCAL)
+
+
+def _fill(s: Store, value_size: int) -> tuple[int, StoreError]:
+    """Commit blocks with a new state record each until the store refuses one; (that height, the error)."""
+    h = s.tip_height()
+    h = 0 if h is None else h + 1
+    while True:
+        try:
+            key = b"\x01" + h.to_bytes(32, "big")
+            s.commit_block(h, b"b" * 20_000, [h.to_bytes(32, "big")], {key: b"v" * value_size})
+        except StoreError as e:
+            return h, e
+        h += 1
+
+
+def test_a_full_map_is_a_typed_error_naming_store_map_size(tmp_path: Path) -> None:
+    s = Store(tmp_path, LOCAL, map_size=1 << 20)
+    height, err = _fill(s, 1000)
+    assert isinstance(err, StoreFull) and isinstance(err.__cause__, lmdb.MapFullError)
+    assert str(err) == (f"cannot commit block {height}: the LMDB map of {tmp_path} is full (store.map_size = "
+                        "1048576 bytes): raise store.map_size in the config and restart; nothing committed was lost")
+    assert s.tip_height() == height - 1 and s.get_block(height) is None  # nothing of the refused block
+    s.close()
+    bigger = Store(tmp_path, LOCAL, map_size=8 << 20)  # the key's advice works: the same block now commits
+    bigger.commit_block(height, b"b", [], {})
+    assert bigger.tip_height() == height
+    bigger.close()
+
+
+def test_a_full_disk_is_a_typed_error_giving_the_free_space(small_fs: Path) -> None:
+    """LMDB reports a full disk as EIO (mdb_txn_commit: Input/output error): the error adds the free space."""
+    s = Store(small_fs / "ledger", LOCAL, map_size=1 << 30)
+    height, err = _fill(s, 1000)
+    assert isinstance(err, StoreWriteError) and isinstance(err.__cause__, lmdb.Error)
+    assert str(err).startswith(f"cannot commit block {height}: LMDB cannot write to {small_fs / 'ledger'} (")
+    assert str(err).endswith("; 0 bytes free on its filesystem): if the disk is full, free space and restart; "
+                             "nothing committed was lost")
+    assert s.tip_height() == height - 1
+    s.close()
+    again = Store(small_fs / "ledger", LOCAL, map_size=1 << 30)
+    assert again.tip_height() == height - 1 and again.get_block(height - 1) == b"b" * 20_000
+    again.close()
+
+
+def test_lmdb_files_are_created_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        Store(tmp_path / "ledger", LOCAL).close()
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "ledger").stat().st_mode & 0o777) == "0o700"
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "ledger").iterdir()} == \
+        {"data.mdb": "0o600", "lock.mdb": "0o600"}

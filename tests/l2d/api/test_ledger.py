@@ -372,7 +372,10 @@ async def test_bad_paths_and_methods(client: Client) -> None:
     await expect_error(client, "GET", "/api/l2/blocks/-1", 400, "malformed")
     await expect_error(client, "GET", "/api/l2/blocks/one", 400, "malformed")
     await expect_error(client, "GET", "/api/l2/blocks/" + "9" * 30, 400, "malformed")
-    await expect_error(client, "GET", "/api/l2/tx/" + "00" * 32, 404, "not-found")
+    resp = await client.get("/api/l2/tx/" + "00" * 32)  # the error shape, plus what the daemon knows of it
+    assert resp.status == 404
+    assert await resp.json() == {"error": "not-found", "message": f"transaction {'00' * 32} is unknown",
+                                 "txid": "00" * 32, "status": "unknown"}
     await expect_error(client, "GET", "/api/l2/tx/xyz", 400, "malformed")
     await expect_error(client, "GET", "/nope", 404, "not-found")
     body = await expect_error(client, "GET", "/api/l2/tx", 405, "method-not-allowed")
