@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import AsyncGenerator, Optional, Protocol, Sequence, Union
 
 from bridge.rpc_errors import RPCTransient
+from l2d.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,4 @@ class ChainTracker:
                 events = []
             for event in events:
                 yield event
-            try:
-                await asyncio.wait_for(wakeup.wait(), poll_interval)
-            except TimeoutError:
-                pass
+            await wait_event(wakeup, poll_interval)

@@ -75,6 +75,7 @@ import lmdb
 from bridge import chain_tracker as ct
 from bridge.chain_tracker import BlockRef, ChainTracker, Connected, Disconnected
 from bridge.rpc_errors import RPCInvalidParameter, RPCTransient
+from l2d.aio import wait_event
 from l2d.core.header_file import write_header_file
 from l2d.core.spv import (HEADER_SIZE, MEDIAN_TIME_SPAN, ChainParams, HeaderChain, bits_to_target, block_work,
                           parse_header)
@@ -621,10 +622,7 @@ class HeaderStore:
             else:
                 if result.connected or result.disconnected:
                     yield result
-            try:
-                await asyncio.wait_for(wakeup.wait(), poll_interval)
-            except TimeoutError:
-                pass
+            await wait_event(wakeup, poll_interval)
 
     async def _fetch_start(self, source: HeaderSource) -> tuple[BlockRef, tuple[bytes, list[bytes]]]:
         height, want = self._want_start

@@ -6,6 +6,7 @@ import logging
 from typing import Awaitable, Callable
 
 from bridge.rpc_errors import RPCTransient
+from l2d.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,4 @@ async def run_steps(step: Callable[[], Awaitable[None]], wake: asyncio.Event, po
             on_transient(e)
         except Exception:
             log.exception("%s step failed; retrying", what)
-        try:
-            await asyncio.wait_for(wake.wait(), poll_s)
-        except TimeoutError:
-            pass
+        await wait_event(wake, poll_s)

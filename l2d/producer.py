@@ -12,6 +12,7 @@ import time
 from typing import Any, Awaitable, Callable, Optional
 
 from .admission import Admission
+from .aio import wait_event
 from .core.block import BlockHeader
 from .core.state import Account, account_key
 from .core.tx import Transaction
@@ -106,10 +107,7 @@ class BlockProducer:
         """Produce until stop is set; the stop is checked between blocks, so the block at hand completes."""
         while not stop.is_set():
             if not self._wake.is_set():
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
-                except TimeoutError:
-                    pass
+                await wait_event(self._wake, self.interval_s)
             self._wake.clear()
             if stop.is_set():
                 break

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 from aiohttp import web
 
+from l2d.aio import wait_event
 from l2d.client import ApiError, AsyncClient, Unreachable
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
@@ -101,10 +102,7 @@ class Agent:
             err = await self.send(WorkerHeartbeat())
             if err is not None:
                 log.warning("heartbeat not committed: %s", err)
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.args.heartbeat_ms / 1000)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._stop, self.args.heartbeat_ms / 1000)
 
     async def work(self) -> None:
         from orchestration import model as M  # torch: imported by the running agent, not at start-up
@@ -137,10 +135,7 @@ class Agent:
                 log.info("result submitted" if err is None else "result refused",
                          extra={"task": a["task_id"], "role": a["role"], "output": list(out),
                                 "infer_ms": round(infer_ms, 3), "error": err})
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.args.poll_ms / 1000)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._stop, self.args.poll_ms / 1000)
 
     async def run(self) -> int:
         import torch  # imported here, not at start-up (a bad key file or --help never loads torch)

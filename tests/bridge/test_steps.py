@@ -132,3 +132,15 @@ async def test_cancel_stops_the_loop_during_a_step_and_during_the_wait() -> None
     waiting = Loop(LONG)
     assert await waiting.next_run() == 1
     await waiting.stop()
+
+
+async def test_a_stop_arriving_with_a_wake_up_stops_the_loop() -> None:
+    """The service is cancelled (node shutdown) in the same loop iteration as a wake-up: the loop must end, not
+    swallow the cancellation and run on (a daemon's shutdown hung on this under load)."""
+    loop = Loop(LONG)
+    assert await loop.next_run() == 1
+    await asyncio.sleep(0)  # the loop is now waiting for a wake-up
+    loop.wake.set()
+    loop.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(loop.task), 5.0)
