@@ -1,14 +1,15 @@
-# make run | test | bench | clean — everything runs from the repo's own venv.
+# make run | test | bench | fuzz | clean — everything runs from the repo's own venv.
 VENV ?= .venv
 PYTHON ?= python3
 # torch==2.13.0 in pyproject.toml also matches CUDA builds; pin the local CPU wheel so pip never
 # pulls a CUDA torch (and its nvidia-* dependencies).
 TORCH_PIN ?= torch==2.13.0+cpu
 PYTEST_ARGS ?=
+FUZZ_INPUTS ?= 1000000
 
 export FLWR_TELEMETRY_ENABLED=0
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench fuzz clean
 
 install: $(VENV)/.installed
 
@@ -28,5 +29,13 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/run_all.py
 
+# The fuzzer (atheris, the `fuzz` extra) is installed only here; make test runs the same targets under hypothesis.
+$(VENV)/.installed-fuzz: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -e '.[test,fuzz]' '$(TORCH_PIN)'
+	touch $@
+
+fuzz: $(VENV)/.installed-fuzz
+	$(VENV)/bin/python tests/fuzz/run.py --inputs $(FUZZ_INPUTS)
+
 clean:
-	rm -rf .data/ .regtest/
+	rm -rf .data/ .regtest/ .fuzz/

@@ -21,6 +21,7 @@ import bench_orchestration  # noqa: E402
 import bench_scheduler  # noqa: E402
 import bench_spv  # noqa: E402
 import bench_verifier  # noqa: E402
+import soak  # noqa: E402
 
 
 def main() -> None:
@@ -37,11 +38,14 @@ def main() -> None:
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
         "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
+        "soak": soak.main(["--kills", "5"] if a.quick else []),  # 50 SIGKILLs of a real daemon (~1.5 s each)
     }
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results, indent=1, default=str))
+    if not results["soak"]["ok"]:
+        sys.exit(f"soak: {results['soak']['problems'][:3]}")
 
 
 if __name__ == "__main__":
