@@ -31,7 +31,7 @@ from . import __version__
 from .admission import Admission
 from .api.app import make_app
 from .api.deps import ApiDeps
-from .api.server import ApiServer
+from .api.server import ApiServer, ensure_descriptors
 from .config import BitcoindConfig, Config, ConfigError
 from .core.block import BlockHeader
 from .core.chains import btc_chain
@@ -315,6 +315,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     setup_logging(config.node.log_level)
     log.info("effective config", extra={"config": config.effective(), "version": VERSION})
+    try:
+        ensure_descriptors(config.api.max_connections)  # a limit the process cannot hold is a config error too
+    except ConfigError as e:
+        print(f"l2d: config error: {e}", file=sys.stderr)
+        return 2
     try:
         node = Node.from_config(config)
     except (NodeError, KeyFileError, StoreError, OSError, lmdb.Error) as e:

@@ -66,7 +66,7 @@ class _LogBudget:
         return held
 
 
-def _ensure_descriptors(max_connections: int) -> None:
+def ensure_descriptors(max_connections: int) -> None:
     """Raise the soft RLIMIT_NOFILE so api.max_connections connections fit beside FD_RESERVE; ConfigError if the
     hard limit cannot hold them (asyncio would otherwise fail accepts and log each failure)."""
     need = max_connections + FD_RESERVE
@@ -179,7 +179,7 @@ class ApiServer:
         self._listener: Optional[asyncio.Server] = None
 
     async def start(self) -> int:
-        _ensure_descriptors(self._cfg.max_connections)
+        ensure_descriptors(self._cfg.max_connections)
         await self._runner.setup()  # the app's startup; its web.Server is the manager of every handler
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(self._protocol, self._cfg.host, self._cfg.port, backlog=BACKLOG)
