@@ -135,7 +135,8 @@ async def test_slow_body_is_cut_off_and_logs_no_error(serve: Serve, caplog: pyte
 
 
 # -- connection limit ------------------------------------------------------------------------------------------
-async def test_connections_beyond_the_limit_are_refused_at_once(serve: Serve) -> None:
+async def test_connections_beyond_the_limit_are_refused_at_once(serve: Serve,
+                                                                poll: Callable[..., Awaitable[Any]]) -> None:
     node = await serve(max_connections=20, header_timeout_ms=600_000)
     port = node.port
     assert port is not None
@@ -146,15 +147,14 @@ async def test_connections_beyond_the_limit_are_refused_at_once(serve: Serve) ->
             b"Content-Length: 0\r\n\r\n")
     for _, w in held:
         w.close()
-    for _ in range(600):  # then it serves again
+
+    async def serves() -> bool:
         try:
-            status, _, _ = await get(port, "/api/status")
-        except aiohttp.ClientError:
-            status = 0
-        if status == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert status == 200
+            return (await get(port, "/api/status"))[0] == 200
+        except aiohttp.ClientConnectionError:  # refused while the held connections drain
+            return False
+
+    await poll(serves, 60, "the node to serve again")
     _, _, text = await get(port, "/metrics")
     assert metric(text.decode(), 'l2d_http_connections_dropped_total{reason="limit"}') >= 3
 
