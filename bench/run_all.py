@@ -19,6 +19,7 @@ import bench_fl_l2  # noqa: E402
 import bench_ledger  # noqa: E402
 import bench_orchestration  # noqa: E402
 import bench_scheduler  # noqa: E402
+import bench_slow_clients  # noqa: E402
 import bench_spv  # noqa: E402
 import bench_verifier  # noqa: E402
 import soak  # noqa: E402
@@ -38,6 +39,7 @@ def main() -> None:
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
         "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
+        "slow_clients": bench_slow_clients.main(["--slow", "200", "--pace", "1"] if a.quick else []),
         "soak": soak.main(["--kills", "5"] if a.quick else []),  # 50 SIGKILLs of a real daemon (~1.5 s each)
     }
     out = HERE / "out"

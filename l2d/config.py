@@ -158,11 +158,20 @@ class ApiConfig:
     port: int  # 0 = let the OS pick a free port (tests)
     admin_token: str  # "" = admin endpoints disabled
     max_body_bytes: int
+    # Limits against hostile clients (l2d/api/server.py): open connections beyond max_connections are refused at
+    # once; a request header must arrive within header_timeout_ms of its first byte (or of connecting), its body
+    # within body_timeout_ms of the header; an idle keep-alive connection is closed after keepalive_timeout_ms.
+    max_connections: int
+    header_timeout_ms: int
+    body_timeout_ms: int
+    keepalive_timeout_ms: int
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and debug logs
         token = REDACTED if self.admin_token else ""
         return (f"ApiConfig(host={self.host!r}, port={self.port}, admin_token={token!r}, "
-                f"max_body_bytes={self.max_body_bytes})")
+                f"max_body_bytes={self.max_body_bytes}, max_connections={self.max_connections}, "
+                f"header_timeout_ms={self.header_timeout_ms}, body_timeout_ms={self.body_timeout_ms}, "
+                f"keepalive_timeout_ms={self.keepalive_timeout_ms})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +369,9 @@ class Config:
                         "min_fee_sat": self.mempool.min_fee_sat},
             "api": {"host": self.api.host, "port": self.api.port,
                     "admin_token": REDACTED if self.api.admin_token else None,
-                    "max_body_bytes": self.api.max_body_bytes},
+                    "max_body_bytes": self.api.max_body_bytes, "max_connections": self.api.max_connections,
+                    "header_timeout_ms": self.api.header_timeout_ms, "body_timeout_ms": self.api.body_timeout_ms,
+                    "keepalive_timeout_ms": self.api.keepalive_timeout_ms},
             "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
                           "keep": self.snapshots.keep, "anchored_keep_final": self.snapshots.anchored_keep_final,
                           "anchored_max_bytes": self.snapshots.anchored_max_bytes},
@@ -457,7 +468,8 @@ def _mempool(t: Mapping[str, Any], chain: ChainConfig) -> MempoolConfig:
 
 
 def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
-    s = _Section("api", t, ("host", "port", "admin_token", "max_body_bytes"))
+    s = _Section("api", t, ("host", "port", "admin_token", "max_body_bytes", "max_connections", "header_timeout_ms",
+                            "body_timeout_ms", "keepalive_timeout_ms"))
     host = s.get_str("host", default="127.0.0.1")
     if host != "localhost":
         try:
@@ -483,6 +495,10 @@ def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
         port=port,
         admin_token=token,
         max_body_bytes=s.get_int("max_body_bytes", 1, MAX_BODY_LIMIT, default=1024 * 1024),
+        max_connections=s.get_int("max_connections", 1, 100_000, default=512),
+        header_timeout_ms=s.get_int("header_timeout_ms", 100, 600_000, default=20_000),
+        body_timeout_ms=s.get_int("body_timeout_ms", 100, 3_600_000, default=60_000),
+        keepalive_timeout_ms=s.get_int("keepalive_timeout_ms", 100, 3_600_000, default=75_000),
     )
 
 

@@ -104,6 +104,10 @@ class Metrics:
                                     "Transactions refused, by stage (admission or block) and reason.")
         self.snapshots = Counter("l2d_snapshots_total", "Snapshots written, by trigger.")
         self.http_requests = Counter("l2d_http_requests_total", "HTTP requests served, by route and status.")
+        self.http_malformed = Counter("l2d_http_malformed_requests_total",
+                                      "Requests answered 400 before routing: not valid HTTP.")
+        self.http_dropped = Counter("l2d_http_connections_dropped_total", "Client connections the API closed: over "
+                                    "api.max_connections, or past api.header_timeout_ms or api.body_timeout_ms.")
         self.block_build = Histogram("l2d_block_build_seconds", "Time to build and commit one block.",
                                      (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 
@@ -113,7 +117,7 @@ class Metrics:
         for name, (help_text, read) in gauges.items():
             lines += gauge(name, help_text, read())
         for c in (self.blocks_committed, self.txs_committed, self.txs_accepted, self.txs_rejected,
-                  self.snapshots, self.http_requests):
+                  self.snapshots, self.http_requests, self.http_malformed, self.http_dropped):
             lines += c.render()
         lines += self.block_build.render()
         return "\n".join(lines) + "\n"

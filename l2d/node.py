@@ -31,6 +31,7 @@ from . import __version__, mempool_file
 from .admission import Admission
 from .api.app import make_app
 from .api.deps import ApiDeps
+from .api.server import ApiServer, ensure_descriptors
 from .config import BitcoindConfig, Config, ConfigError
 from .core.block import BlockHeader
 from .core.chains import btc_chain
@@ -96,7 +97,7 @@ class Node:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Future[Any]] = set()
-        self._runner: Optional[web.AppRunner] = None
+        self._api: Optional[ApiServer] = None
         self._stop_future: Optional[asyncio.Future[None]] = None
         self.failed = False
         self.port: Optional[int] = None
@@ -250,13 +251,8 @@ class Node:
         if self.bridge_service is not None:
             self._tasks.append(asyncio.create_task(self.bridge_service.run(), name="bridge-service"))
         if serve_http:
-            runner = web.AppRunner(self.web_app(), access_log=None, handle_signals=False)
-            await runner.setup()
-            self._runner = runner
-            site = web.TCPSite(runner, self.config.api.host, self.config.api.port)
-            await site.start()
-            addrs = runner.addresses
-            self.port = int(addrs[0][1]) if addrs else None
+            self._api = ApiServer(self.web_app(), self.config.api, self.metrics)
+            self.port = await self._api.start()
             log.info("api listening", extra={"host": self.config.api.host, "port": self.port})
 
     async def wait(self) -> None:
@@ -286,9 +282,9 @@ class Node:
 
     async def _shutdown(self) -> None:
         self.request_stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
         for t in self._tasks:
             if t.get_name() != "block-producer":
                 t.cancel()
@@ -352,6 +348,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     setup_logging(config.node.log_level)
     log.info("effective config", extra={"config": config.effective(), "version": VERSION})
+    try:
+        ensure_descriptors(config.api.max_connections)  # a limit the process cannot hold is a config error too
+    except ConfigError as e:
+        print(f"l2d: config error: {e}", file=sys.stderr)
+        return 2
     try:
         node = Node.from_config(config)
     except (NodeError, KeyFileError, StoreError, OSError, lmdb.Error) as e:

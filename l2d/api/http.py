@@ -79,9 +79,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = json_error(e.status, code, message, headers)
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        resp = json_error(500, "internal", "internal error (logged)")
+    except Exception as e:
+        if isinstance(e, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
+            # The client is gone (it left, or api.body_timeout_ms cut it off): no one to answer, no server error.
+            resp = json_error(408, "request-timeout", "connection closed before the request was served")
+        else:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            resp = json_error(500, "internal", "internal error (logged)")
     request.app[METRICS].http_requests.inc(path=_route_label(request), status=str(resp.status))
     return resp
 

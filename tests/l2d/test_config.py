@@ -175,6 +175,28 @@ def test_range_edges_accepted(tmp_path: Path) -> None:
     assert c.api.port == 0 and c.snapshots.every_blocks == 0 and c.block.interval_ms == 10
 
 
+API_LIMITS = {"max_connections": (512, 1, 100_000), "header_timeout_ms": (20_000, 100, 600_000),
+              "body_timeout_ms": (60_000, 100, 3_600_000), "keepalive_timeout_ms": (75_000, 100, 3_600_000)}
+
+
+def test_api_limits_default(tmp_path: Path) -> None:
+    c = build(lambda d: None, tmp_path)
+    for key, (default, _, _) in API_LIMITS.items():
+        assert getattr(c.api, key) == default
+        assert c.effective()["api"][key] == default
+        assert f"{key}={default}" in repr(c.api)
+
+
+@pytest.mark.parametrize("key", sorted(API_LIMITS))
+def test_api_limits_validated_naming_the_key(tmp_path: Path, key: str) -> None:
+    _, lo, hi = API_LIMITS[key]
+    for bad in (lo - 1, hi + 1, "10", 1.5, True):
+        msg = reject(lambda d: d["api"].update({key: bad}), tmp_path)
+        assert msg == f"config: api.{key} = {json.dumps(bad)}: must be an integer between {lo} and {hi}"
+    assert getattr(build(lambda d: d["api"].update({key: lo}), tmp_path).api, key) == lo
+    assert getattr(build(lambda d: d["api"].update({key: hi}), tmp_path).api, key) == hi
+
+
 def test_max_per_sender_cannot_exceed_mempool_size(tmp_path: Path) -> None:
     msg = reject(lambda d: d.update(mempool={"max_txs": 10, "max_per_sender": 11}), tmp_path)
     assert msg == "config: mempool.max_per_sender = 11: must be an integer between 1 and 10"
