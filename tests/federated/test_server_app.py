@@ -13,7 +13,7 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from federated import cli, client_app, data, model
+from federated import cli, client_app, model
 from federated import server_app as sa
 from l2d.core.fl import JobParticipant, JobRecord, JobStatus, reward_split
 
@@ -53,19 +53,17 @@ def _replies(g: "OrderedDict[str, np.ndarray]", rnd: int, node_configs: list[dic
     return out
 
 
-Rounds = list[tuple[dict[int, str], list[Any], float]]  # (acceptance, replies, accuracy) per round
+Rounds = list[tuple[dict[int, str], list[Any]]]  # (acceptance, replies) per round
 
 
 def _federation(strategy: str, honest: int, poisoners: int, **settings: Any) -> Rounds:
-    """ROUNDS rounds of run_job's loop without the transport: (acceptance, replies, accuracy) per round.
+    """ROUNDS rounds of run_job's loop without the transport and evaluation: (acceptance, replies) per round.
     Default alpha (0.5): the non-IID data `l2-fl partition` and `l2-fl dev` give participants."""
     n = honest + poisoners
     nodes = [{"partition-id": i, "num-partitions": n, **(POISON if i >= honest else {})} for i in range(n)]
     cfg = sa.run_settings({"strategy": strategy, "out-dir": "-", "min-nodes": n, **settings})
     strat, _ = sa.make_strategy(cfg, n)
-    net = model.new_model(0)
-    g = model.get_ndarrays(net)
-    test = data.load_test(0)
+    g = model.get_ndarrays(model.new_model(0))
     out = []
     for rnd in range(1, ROUNDS + 1):
         replies = _replies(g, rnd, nodes)
@@ -73,15 +71,14 @@ def _federation(strategy: str, honest: int, poisoners: int, **settings: Any) -> 
         strat.current_arrays = sa.to_record(g)  # what configure_train stores in a real round
         agg, _ = strat.aggregate_train(rnd, replies)
         g = OrderedDict((k, np.asarray(sa.from_record(agg)[k], dtype=np.float32)) for k in g)
-        model.set_ndarrays(net, g)
-        out.append((verdict, replies, model.evaluate(net, test)[1]))
+        out.append((verdict, replies))
     return out
 
 
 def _paid(rounds: Rounds) -> dict[int, int]:
     """The ledger's reward split (l2d.core.fl) over the rounds' accepted flags and example counts."""
     examples: dict[int, int] = {}
-    for verdict, replies, _ in rounds:
+    for verdict, replies in rounds:
         for r in replies:
             nid = r.metadata.src_node_id
             accepted = int(r.content["metrics"]["num-examples"]) if not verdict[nid] else 0
@@ -104,7 +101,7 @@ def test_every_honest_participant_is_accepted_and_paid_and_the_poisoner_never(st
     coordinates bar left out the honest participant with the largest update (46 % kept; 50 % is what a
     participant averages when a quarter is cut from each side)."""
     rounds = _federation(strategy, 3, 1, **settings)
-    for verdict, _, _ in rounds:
+    for verdict, _ in rounds:
         assert [bool(verdict[nid]) for nid in (1, 2, 3, 4)] == [False, False, False, True], verdict
     paid = _paid(rounds)
     assert paid[4] == 0 and all(paid[nid] > 0 for nid in (1, 2, 3)), paid
@@ -118,7 +115,7 @@ def test_three_honest_participants_are_all_paid_under_krum(strategy):
     so acceptance by the core alone would pay it nothing; its score stays within SPREAD^2 of the core's."""
     rounds = _federation(strategy, 3, 0)
     left_out = set()
-    for verdict, replies, _ in rounds:
+    for verdict, replies in rounds:
         assert not any(verdict.values()), verdict
         core = select_multikrum([r.content for r in replies], 1, 2)
         left_out |= {r.metadata.src_node_id for r in replies if not any(r.content is c for c in core)}
