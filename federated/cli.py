@@ -4,7 +4,7 @@
   l2-fl partition --out DIR --id I --num N  write one digits partition (DIR/partition.npz)
   l2-fl join --superlink HOST:PORT --key KEYFILE --data DIR [--root-certificates CA | --insecure]
                                             start a SuperNode running the project's ClientApp
-  l2-fl dev [--nodes 3] [--rounds 3] [--strategy fedavg] [--compression none] [--out DIR]
+  l2-fl dev [--nodes 3] [--rounds 3] [--strategy fedavg] [--compression none] [--set k=v ...] [--out DIR]
                                             SuperLink + N SuperNodes on loopback, one job, stop
 
 On the L2 (docs/federated.md; L2KEY is an l2-cli key file, 64 hex characters):
@@ -81,7 +81,8 @@ def _job_id(s: str) -> str:
 def _l2_command(a: argparse.Namespace) -> dict[str, Any]:
     if a.cmd == "post":
         settings = _settings(a.set)
-        server_app.run_settings({**settings, "out-dir": "-"})  # refuse a config the ServerApp could not run
+        # refuse a config the ServerApp could not run (coordinate runs it with min-nodes = the job's --min)
+        server_app.run_settings({**settings, "out-dir": "-", "min-nodes": a.min})
         api = Client(a.node)
         jid = l2.post_job(api, load_secret(Path(a.key)), a.pool, settings, a.rounds, a.min, a.max, a.fee)
         return {"job_id": jid, "config_hash": l2.config_hash(settings).hex()}
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--compression", default="none")
     d.add_argument("--dp", default="none")
     d.add_argument("--out", default="l2fl-dev", help="work dir: logs, rounds.jsonl, checkpoints")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config (e.g. trim-beta=0.34)")
     po = sub.add_parser("post")
     po.add_argument("--node", required=True)
     po.add_argument("--key", required=True)
@@ -177,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         env["HOME"] = os.environ.get("HOME", env["HOME"])  # a real participant keeps their own home
         os.execve(argv2[0], argv2, env)  # Flower in its own process; never returns
     if a.cmd == "dev":
-        cfg = {"num-rounds": a.rounds, "strategy": a.strategy, "compression": a.compression, "dp": a.dp,
-               "local-epochs": 5}
         try:
+            cfg = {"num-rounds": a.rounds, "strategy": a.strategy, "compression": a.compression, "dp": a.dp,
+                   "local-epochs": 5, **_settings(a.set)}
+            server_app.run_settings({**cfg, "out-dir": "-", "min-nodes": a.nodes})  # refused before Flower starts
             out = dev(a.nodes, cfg, workdir=Path(a.out).resolve())
-        except LaunchError as e:
+        except (LaunchError, ValueError) as e:
             sys.stderr.write(f"l2-fl dev: {e}\n")
             return 1
         sys.stdout.write(json.dumps({"out_dir": str(out)}) + "\n")

@@ -13,6 +13,7 @@ an honest participant would run.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +45,12 @@ def train(msg: Message, context: Context) -> Message:
     return _train(msg, context)
 
 
-def _train(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    nc = dict(context.node_config)
+def local_params(glob: "OrderedDict[str, np.ndarray]", cfg: Any, nc: dict
+                 ) -> tuple["OrderedDict[str, np.ndarray]", int, float]:
+    """(parameters to send, examples trained on, last epoch's loss): local training from the global
+    parameters, then the test adversary's poisoning if the node config asks for it."""
     local = _local_data(nc)
     net = model.new_model(int(cfg.get("seed", 0)), int(cfg.get("hidden", 32)))
-    glob = OrderedDict((k, np.asarray(v.numpy(), dtype=np.float32)) for k, v in msg.content["arrays"].items())
     model.set_ndarrays(net, glob)
     loss = model.train(net, local, epochs=int(cfg.get("local-epochs", 1)), lr=float(cfg.get("lr", 0.05)),
                        seed=int(cfg.get("server-round", 0)) * 1000 + int(nc.get("partition-id", 0)))
@@ -57,7 +58,15 @@ def _train(msg: Message, context: Context) -> Message:
     scale = float(nc.get("poison-scale", 0.0))
     if scale:
         new = OrderedDict((k, glob[k] - scale * (new[k] - glob[k])) for k in new)
-    content = RecordDict({"metrics": MetricRecord({"num-examples": len(local), "train-loss": loss})})
+    return new, len(local), loss
+
+
+def _train(msg: Message, context: Context) -> Message:
+    cfg = msg.content["config"]
+    nc = dict(context.node_config)
+    glob = OrderedDict((k, np.asarray(v.numpy(), dtype=np.float32)) for k, v in msg.content["arrays"].items())
+    new, num_examples, loss = local_params(glob, cfg, nc)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss})})
     mode = str(cfg.get("compression", "none"))
     if int(nc.get("malformed", 0)):
         bad = OrderedDict(new)

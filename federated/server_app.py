@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as fls
-from flwr.serverapp.strategy.multikrum import select_multikrum
+from flwr.serverapp.strategy.multikrum import compute_distances
 
 from federated import compression, data, model
 from federated.l2 import recorder_from_config
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "num-rounds": 3,
     "min-nodes": 2,
     "num-malicious": 1,
-    "num-to-select": 2,
+    "num-to-select": 0,  # multikrum: updates averaged per round; 0 = n - f (Blanchard et al.'s Multi-Krum)
     "trim-beta": 0.2,
     "proximal-mu": 0.01,
     "dp": "none",
@@ -78,6 +78,15 @@ def run_settings(run_config: dict[str, Any]) -> dict[str, Any]:
         raise ServerConfigError(f"compression must be one of {compression.MODES}")
     if cfg["dp"].startswith("client-") and cfg["compression"] != "none":
         raise ServerConfigError("client-side DP clips full parameters: use compression = none")
+    for key in ("num-malicious", "num-to-select"):
+        if not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise ServerConfigError(f"{key} must be an integer >= 0, not {cfg[key]!r}")
+    if cfg["strategy"] == "fedtrimmedavg":
+        beta, n = float(cfg["trim-beta"]), int(cfg["min-nodes"])
+        if not (beta < 0.5 and int(beta * n) >= 1):  # Flower's trim_mean cuts int(beta * n) per side
+            raise ServerConfigError(
+                f"trim-beta {beta} with min-nodes {n} trims int(trim-beta x min-nodes) = {int(beta * n)} updates "
+                f"per side: fedtrimmedavg would be a plain mean; needs 1/min-nodes <= trim-beta < 0.5")
     if not cfg["out-dir"]:
         raise ServerConfigError("run config needs out-dir (recorder file and checkpoints)")
     return cfg
@@ -99,7 +108,8 @@ def make_strategy(cfg: dict[str, Any], num_nodes: int) -> tuple[fls.Strategy, An
     elif name == "krum":
         s = fls.Krum(**common, num_malicious_nodes=f)
     elif name == "multikrum":
-        s = fls.MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=int(cfg["num-to-select"]))
+        s = fls.MultiKrum(**common, num_malicious_nodes=f,
+                          num_nodes_to_select=int(cfg["num-to-select"]) or max(1, num_nodes - f))
     elif name == "bulyan":
         s = fls.Bulyan(**common, num_malicious_nodes=f)
     elif name == "fedtrimmedavg":
@@ -206,28 +216,50 @@ def sanitise_reply(msg: Message, global_arrays: "OrderedDict[str, np.ndarray]", 
     return msg, n, nbytes, ""
 
 
-def _acceptance(strategy: fls.Strategy, clean: list[Message], f: int) -> set[int]:
-    """Node ids whose update the strategy actually used (see docs/federated.md)."""
+# How far outside the robust rule's core an update may lie and still count as honest (paid): see acceptance().
+SPREAD = 2.0
+
+
+def krum_scores(records: list[ArrayRecord], num_malicious: int) -> np.ndarray:
+    """Flower's Krum score of each update (flwr.serverapp.strategy.multikrum.select_multikrum): the sum of the
+    squared L2 distances to its max(1, n - f - 2) nearest other updates; lowest = most central."""
+    dist = compute_distances(records)
+    k = max(1, len(records) - num_malicious - 2)
+    return np.array([float(np.sum(row[np.argsort(row)[1 : k + 1]])) for row in dist])
+
+
+def acceptance(strategy: fls.Strategy, clean: list[Message]) -> dict[int, str]:
+    """Node id -> "" if the robust rule considers its update honest (it is paid for the round), else why not.
+
+    Krum / MultiKrum: the core is the n - f best Krum scores (f = num-malicious; what Flower's select_multikrum
+    returns when asked for n - f), accepted whatever the strategy then averages (Krum keeps only one). An update
+    outside the core is accepted too when its score is at most SPREAD^2 times the core's worst: Krum always
+    leaves f updates out, attack or not, so with fewer than f attackers the updates it leaves out include honest
+    ones, and with non-IID data the same ones every round. FedTrimmedAvg: the fraction of a node's coordinates
+    inside the kept order statistics must be at least 1 / SPREAD of what every node averages, (n - 2 cut) / n.
+    FedAvg / FedProx / FedMedian / Bulyan: every well-formed update."""
     inner = _inner(strategy)
     ids = [m.metadata.src_node_id for m in clean]
     if not clean:
-        return set()
-    if isinstance(inner, fls.MultiKrum):  # Krum is a MultiKrum with one selected
-        chosen = select_multikrum([m.content for m in clean], inner.num_malicious_nodes, inner.num_nodes_to_select)
-        return {ids[i] for i, m in enumerate(clean) if any(m.content is c for c in chosen)}
+        return {}
+    n = len(clean)
+    if isinstance(inner, fls.MultiKrum):  # Krum is a MultiKrum selecting one
+        scores = krum_scores([m.content["arrays"] for m in clean], inner.num_malicious_nodes)
+        core = set(np.argsort(scores)[: max(1, n - inner.num_malicious_nodes)].tolist())
+        worst = max(scores[i] for i in core)
+        return {nid: "" if i in core or scores[i] <= SPREAD**2 * worst else
+                f"Krum score {scores[i]:.4g} > {SPREAD**2:g} x {worst:.4g}, the worst of the {len(core)} best"
+                for i, nid in enumerate(ids)}
     if isinstance(inner, fls.FedTrimmedAvg):
-        # Accepted = most of the node's coordinates survive the trim Flower applies.
-        stacked = {k: np.stack([np.asarray(m.content["arrays"][k].numpy()).ravel() for m in clean]) for k in clean[0].content["arrays"].keys()}
-        n = len(clean)
-        lo = int(inner.beta * n)
-        kept = np.zeros(n)
-        total = 0
-        for a in stacked.values():
-            ranks = np.argsort(np.argsort(a, axis=0, kind="stable"), axis=0, kind="stable")
-            kept += ((ranks >= lo) & (ranks < n - lo)).sum(axis=1)
-            total += a.shape[1]
-        return {ids[i] for i in range(n) if kept[i] / total >= 0.5}
-    return set(ids)  # FedAvg/FedProx/FedMedian/Bulyan: every well-formed update counts
+        flat = np.stack([np.concatenate([np.asarray(a.numpy()).ravel() for a in m.content["arrays"].values()])
+                         for m in clean])
+        cut = int(inner.beta * n)  # Flower's trim_mean cuts int(beta * n) per side of every coordinate
+        ranks = np.argsort(np.argsort(flat, axis=0, kind="stable"), axis=0, kind="stable")
+        kept = ((ranks >= cut) & (ranks < n - cut)).mean(axis=1)
+        need = (n - 2 * cut) / n / SPREAD
+        return {nid: "" if kept[i] >= need else f"{kept[i]:.0%} of coordinates kept by the trimmed mean < {need:.0%}"
+                for i, nid in enumerate(ids)}
+    return {nid: "" for nid in ids}
 
 
 def send_and_receive(grid: Grid, messages: Any, timeout: float, poll: float) -> list[Message]:
@@ -296,7 +328,10 @@ def run_job(grid: Grid, run_config: dict[str, Any], recorder: RoundRecorder | No
                 clean.append(c)
             else:
                 log.warning("round %d: node %d rejected: %s", rnd, nid, reason)
-        accepted = _acceptance(strategy, clean, int(cfg["num-malicious"]))
+        verdict = acceptance(strategy, clean)
+        inner = _inner(strategy)
+        if isinstance(inner, fls.MultiKrum) and not isinstance(inner, fls.Krum) and not int(cfg["num-to-select"]):
+            inner.num_nodes_to_select = max(1, len(clean) - inner.num_malicious_nodes)  # n - f of this round
         t1 = time.monotonic()
         agg, _ = strategy.aggregate_train(rnd, clean) if clean else (None, None)
         t_agg = time.monotonic() - t1
@@ -317,9 +352,8 @@ def run_job(grid: Grid, run_config: dict[str, Any], recorder: RoundRecorder | No
             metrics["dp_epsilon"] = accountant.epsilon()
             metrics["dp_delta"] = accountant.delta
         parts = tuple(
-            Participant(node_id=nid, num_examples=n, accepted=(nid in accepted and not reason),
-                        reason=reason or ("" if nid in accepted else "not selected by " + cfg["strategy"]),
-                        update_bytes=nb)
+            Participant(node_id=nid, num_examples=n, accepted=not (reason or verdict[nid]),
+                        reason=reason or verdict[nid], update_bytes=nb)
             for nid, (n, nb, reason) in sorted(info.items()))
         c = RoundCommitment(job_id=job, round=rnd, params_hash=h, prev_params_hash=prev_hash,
                             strategy=str(cfg["strategy"]) + ("" if cfg["dp"] == "none" else "+dp-" + cfg["dp"]),

@@ -67,6 +67,7 @@ class ScenarioResult:
     node_map_first: dict[int, str] = field(default_factory=dict)  # Flower node id -> L2 key (first SuperLink)
     node_map_second: dict[int, str] = field(default_factory=dict)
     node_ids2: dict[str, int] = field(default_factory=dict)
+    joined_ids: dict[str, int] = field(default_factory=dict)  # `l2-fl join` participants' node ids (poison, L2 job)
     rounds_at_kill: int = -1
     serverapp_log: str = ""
 
@@ -283,18 +284,35 @@ class Joined:
 
 
 def scenario_poison(workdir: Path, d: Daemon) -> ScenarioResult:
-    """3 honest nodes + 1 poisoner (sign-flipped, x10), near-IID data (alpha=5). FedAvg for one round on a
-    plain loopback federation (it collapses at once); then FedTrimmedAvg for two rounds as an L2 job run the
-    way it is deployed: `l2-fl coordinate` (via federated.l2.coordinate) with participants that registered on
-    the L2 and joined with `l2-fl join`. Coordinate-wise robust aggregation needs honest updates that agree;
-    at alpha=0.5 trimmed mean itself only reaches ~0.35."""
+    """3 honest nodes + 1 poisoner (sign-flipped, x10), near-IID data (alpha=5). On a plain loopback
+    federation: FedAvg for one round (it collapses at once), FedTrimmedAvg (beta 0.25) for two, Multi-Krum for
+    one; beside it, Krum (num-malicious 1) for two rounds as an L2 job run the way it is deployed: `l2-fl
+    coordinate` (via federated.l2.coordinate) with participants that registered on the L2 and joined with
+    `l2-fl join`.
+    Coordinate-wise robust aggregation needs honest updates that agree; at alpha=0.5 trimmed mean itself only
+    reaches ~0.35."""
     res = ScenarioResult(workdir)
-    with Federation(workdir=workdir / "fed") as fed:
-        _nodes(fed, {N - 1: {"poison-scale": 10.0}}, alpha=5.0)
-        _job(fed, res, "poison-fedavg", {"num-rounds": 1, "strategy": "fedavg"})
+
+    def plain() -> None:
+        with Federation(workdir=workdir / "fed") as fed:
+            _nodes(fed, {N - 1: {"poison-scale": 10.0}}, alpha=5.0)
+            _job(fed, res, "poison-fedavg", {"num-rounds": 1, "strategy": "fedavg"})
+            _job(fed, res, "poison-trimmed", {"num-rounds": 2, "strategy": "fedtrimmedavg", "trim-beta": 0.25})
+            _job(fed, res, "poison-multikrum", {"num-rounds": 1, "strategy": "multikrum"})
+            res.node_ids = _node_ids(fed)
+
+    # The plain federation and the L2 job run side by side: a round is mostly Flower's idle polling.
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2fl-poison-plain") as pool:
+        plain_done = pool.submit(plain)
+        _poison_l2(workdir, d, res)
+        plain_done.result()
+    return res
+
+
+def _poison_l2(workdir: Path, d: Daemon, res: ScenarioResult) -> None:
     priv = [workdir / f"node{i}.key" for i in range(N)]
     keys = [generate_node_key(p) for p in priv]
-    settings = {"strategy": "fedtrimmedavg", "trim-beta": 0.25, "local-epochs": 5}
+    settings = {"strategy": "krum", "local-epochs": 5}  # num-malicious 1 (the default)
     jid = _l2_job(d, res, "poison", "poison-poster", keys, 2, settings)
     joined = Joined(workdir)
     parts = [data.write_partition(workdir / f"data-{i}.npz", i, N, alpha=5.0) for i in range(N)]
@@ -308,15 +326,14 @@ def scenario_poison(workdir: Path, d: Daemon) -> ScenarioResult:
     t = time.monotonic()
     try:
         res.l2_jobs["poison"] = coordinate(d.api, jid, out, settings, d.token_file, poll=0.2, on_ready=on_ready)
-        res.seconds["poison-trimmed"] = time.monotonic() - t
-        res.node_ids = {**res.node_ids, **joined.node_ids()}
+        res.seconds["poison-krum"] = time.monotonic() - t
+        res.joined_ids = joined.node_ids()
     finally:
         joined.stop()
-    res.outdirs["poison-trimmed"] = out / "job"
-    res.jobs["poison-trimmed"] = JsonlRecorder(out / "job" / "rounds.jsonl").all(jid)
+    res.outdirs["poison-krum"] = out / "job"
+    res.jobs["poison-krum"] = JsonlRecorder(out / "job" / "rounds.jsonl").all(jid)
     res.l2_jobs["poison"] = d.api.fl_job(jid)
     res.balances_after["poison"] = {k: d.balance(bytes.fromhex(v)) for k, v in res.l2_keys.items()}
-    return res
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ digits data (Dirichlet alpha=0.5, seed 0), 5 local epochs, lr 0.05: FedAvg with 
 nodes reaches 0.66 / 0.91 / 0.93 test accuracy after rounds 1/2/3. We assert >= 0.85 after
 round 3.
 Poisoning (alpha=5, one sign-flipped x10 poisoner of 4): FedAvg 0.12 after round 1; FedTrimmedAvg
-(beta=0.25) 0.69 / 0.92 after rounds 1/2 (offline replay with Flower's trim_mean). We assert FedAvg
-< 0.5 and trimmed mean >= 0.75.
+(beta=0.25) 0.69 / 0.92 after rounds 1/2 (offline replay with Flower's trim_mean); Multi-Krum 0.76 after
+round 1, Krum 0.78 / 0.92 after rounds 1/2 (in-process replay of the same rounds). We assert FedAvg < 0.5
+and the robust rules >= 0.75.
 """
 
 from __future__ import annotations
@@ -130,25 +131,38 @@ def test_unregistered_node_is_refused(main_scenario):
         assert {p.node_id for p in c.participants} <= set(main_scenario.node_map_first) | set(main_scenario.node_map_second)
 
 
-def test_poisoner_breaks_fedavg_but_not_trimmed_mean_and_is_unrewarded(poison_scenario):
+def test_poisoner_breaks_fedavg_but_not_the_robust_rules_which_accept_every_honest_update(poison_scenario):
     poisoner = poison_scenario.node_ids["supernode-3"]
     fedavg = poison_scenario.jobs["poison-fedavg"]
-    trimmed = poison_scenario.jobs["poison-trimmed"]
     assert fedavg[-1].metrics["accuracy"] < COLLAPSED_ACCURACY, [c.metrics for c in fedavg]
-    assert trimmed[-1].metrics["accuracy"] >= ROBUST_ACCURACY, [c.metrics for c in trimmed]
-    for c in trimmed:
-        by_id = {p.node_id: p for p in c.participants}
-        assert not by_id[poisoner].accepted
-        assert sum(p.accepted for p in c.participants) == 3
+    for name in ("poison-trimmed", "poison-multikrum"):
+        rounds = poison_scenario.jobs[name]
+        assert rounds[-1].metrics["accuracy"] >= ROBUST_ACCURACY, (name, [c.metrics for c in rounds])
+        for c in rounds:
+            assert {p.node_id: p.accepted for p in c.participants} == {
+                nid: nid != poisoner for nid in poison_scenario.node_ids.values()}, (name, c.participants)
+
+
+def test_krum_on_the_l2_pays_every_honest_participant_and_not_the_poisoner(poison_scenario):
+    """Before, Krum accepted (and the ledger paid) only the one update it averages each round."""
+    poisoner = poison_scenario.joined_ids["supernode-3"]
+    krum = poison_scenario.jobs["poison-krum"]
+    assert krum[-1].metrics["accuracy"] >= ROBUST_ACCURACY, [c.metrics for c in krum]
+    for c in krum:
+        assert {p.node_id: p.accepted for p in c.participants} == {
+            nid: nid != poisoner for nid in poison_scenario.joined_ids.values()}, c.participants
+        assert next(p for p in c.participants if p.node_id == poisoner).reason.startswith("Krum score")
     l2 = poison_scenario.l2_jobs["poison"]
     assert l2["status"] == "FINISHED" and l2["rounds_done"] == 2
     key = poison_scenario.l2_keys["supernode-3"]
     for r in l2["rounds_detail"]:
-        assert {p["key"]: p["accepted"] for p in r["participants"]}[key] is False
+        assert {p["key"]: p["accepted"] for p in r["participants"]} == {
+            k: k != key for k in poison_scenario.l2_keys.values()}
     parts = {p["key"]: p for p in l2["participants"]}
     assert parts[key]["reward_sat"] == 0 and parts[key]["accepted_examples"] == 0
     before, after = poison_scenario.balances_before["poison"], poison_scenario.balances_after["poison"]
     assert after["supernode-3"] == before["supernode-3"]
     for name in ("supernode-0", "supernode-1", "supernode-2"):
-        assert parts[poison_scenario.l2_keys[name]]["reward_sat"] > 0
-        assert after[name] == before[name] + parts[poison_scenario.l2_keys[name]]["reward_sat"]
+        p = parts[poison_scenario.l2_keys[name]]
+        assert p["rounds_accepted"] == 2 and p["reward_sat"] > 0
+        assert after[name] == before[name] + p["reward_sat"]
