@@ -88,3 +88,19 @@ class InvalidBlock(L2Error):
 
 class ProofError(L2Error):
     """A state proof that does not verify against the given root."""
+
+
+class InvalidMembership(L2Error):
+    """A federation membership that cannot be used (threshold, key count, duplicate or invalid keys)."""
+
+
+class CommitError(L2Error):
+    """A block commit that does not prove the federation signed the block."""
+
+
+class NotEnoughSignatures(CommitError):
+    """Fewer member signatures than the threshold."""
+
+
+class BadCommitSignature(CommitError):
+    """A signature in the commit does not verify for the member its bitmap names."""
