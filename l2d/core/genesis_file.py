@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, Iterable, NoReturn
 
 from .block import BLOCK_VERSION, HEADER_SIZE, ZERO_HASH, BlockHeader, tx_root
-from .errors import DecodeError, InvalidMembership, L2Error, UnknownVersion, WrongNetwork
+from .commit import Commit, signature_valid
+from .errors import (BadCommitSignature, DecodeError, InvalidMembership, L2Error, NotEnoughSignatures, UnknownVersion,
+                     WrongNetwork)
 from .members import Membership
 from .params import NETWORKS, Network
 
@@ -92,7 +94,25 @@ class FederationGenesis:
 
     def describe(self, index: int) -> str:
         """'member 2 (carol)': how messages name a member."""
+        if not 0 <= index < len(self.member_ids):
+            return f"member {index} (not a member)"
         return f"member {index} ({self.member_ids[index]})"
+
+    def names(self, indices: Iterable[int]) -> str:
+        return ", ".join(self.describe(i) for i in indices) or "nobody"
+
+    def verify_commit(self, commit: Commit, block_hash: bytes) -> None:
+        """Commit.verify for this federation's members and network; the refusal names the members concerned
+        (NotEnoughSignatures: who signed; BadCommitSignature: whose signature does not verify)."""
+        try:
+            commit.verify(self.members, self.network, block_hash)
+        except NotEnoughSignatures as e:
+            raise NotEnoughSignatures(f"{e} (signed by {self.names(commit.signers)})") from None
+        except BadCommitSignature:
+            bad = [i for i, sig in zip(commit.signers, commit.signatures)
+                   if not signature_valid(self.members.keys[i], self.network, block_hash, sig)]
+            raise BadCommitSignature(f"the signature of {self.names(bad[:1])} does not verify for block "
+                                     f"{block_hash.hex()}") from None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -235,10 +235,10 @@ def test_a_broken_link() -> None:
 
 def test_a_height_gap() -> None:
     gap = relink(CHAIN[:3] + CHAIN[4:], 3)  # block 3 left out, the rest re-parented and re-signed
-    with pytest.raises(ChainHeightGap, match="block 2 is followed by a block at height 4, expected 3") as e:
+    with pytest.raises(ChainHeightGap, match="expected block 3 after block 2, found a block at height 4") as e:
         verify(chain_bytes(gap))
     assert e.value.height == 3
-    with pytest.raises(ChainHeightGap, match="height 7, expected 6"):
+    with pytest.raises(ChainHeightGap, match="expected block 6 after block 5, found a block at height 7"):
         verify(chain_bytes(forge(CHAIN, 6, height=7)))
 
 
@@ -290,7 +290,7 @@ def test_damage_is_reported_as_damage() -> None:
     at = entry_offset(raw, 3)
     sig = bytearray(raw)
     sig[at + 118 + 2 + 1 + 1 + 5] ^= 1  # inside member 0's signature of block 3
-    with pytest.raises(ChainFileChecksum, match="first inconsistency: block 3 .* member 0 \\(alice\\)") as e:
+    with pytest.raises(ChainFileChecksum, match="inconsistency: block 3: the signature of member 0 \\(alice\\)") as e:
         verify(bytes(sig))
     assert e.value.height == 3
     with pytest.raises(ChainBadCommitSignature):
