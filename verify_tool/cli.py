@@ -278,7 +278,9 @@ def cmd_chain(a: argparse.Namespace) -> dict[str, Any]:
         "network": r.network, "start_height": r.start_height, "tip_height": r.tip_height, "count": r.count,
         "start_hash": r.start_hash.hex(), "tip_hash": r.tip_hash.hex(), "genesis_hash": r.genesis_hash.hex(),
         "threshold": m_, "members": n, "trusted_start": r.trusted_start, "final_height": r.final_height,
-        "signed": dict(zip(genesis.member_ids, r.signed)), "checksum": r.checksum.hex(),
+        "signed": [{"member": i, "id": mid, "blocks": k}
+                   for i, (mid, k) in enumerate(zip(genesis.member_ids, r.signed))],
+        "checksum": r.checksum.hex(),
     }
 
 

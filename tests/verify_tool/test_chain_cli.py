@@ -79,7 +79,9 @@ def test_verified(capsys: pytest.CaptureFixture[str], chain: Path, genesis: Path
                    "start_hash": B.GENESIS.genesis_hash.hex(), "tip_hash": tip,
                    "genesis_hash": B.GENESIS.genesis_hash.hex(), "threshold": 3, "members": 4,
                    "trusted_start": "genesis", "final_height": 7,
-                   "signed": {"alice": 8, "bob": 8, "carol": 8, "dave": 1}, "checksum": chain.read_bytes()[-32:].hex()}
+                   "signed": [{"member": 0, "id": "alice", "blocks": 8}, {"member": 1, "id": "bob", "blocks": 8},
+                              {"member": 2, "id": "carol", "blocks": 8}, {"member": 3, "id": "dave", "blocks": 1}],
+                   "checksum": chain.read_bytes()[-32:].hex()}
 
 
 def test_a_later_start_with_a_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path, genesis: Path) -> None:
