@@ -476,7 +476,7 @@ def run_genesis_file(data: bytes) -> None:
         return
     canonical = g.encode()
     assert FederationGenesis.decode(canonical) == g
-    assert canonical == data or json.loads(data) == json.loads(canonical)
+    assert canonical == data or json.loads(data) == json.loads(canonical), (data, canonical)
 
 
 def chain_file_seeds() -> list[bytes]:

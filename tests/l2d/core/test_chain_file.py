@@ -147,6 +147,9 @@ def test_a_later_start_needs_a_checkpoint() -> None:
     with pytest.raises(ChainCheckpointMismatch) as e:
         verify(raw, checkpoint=(7, CHAIN[6][0].hash))
     assert e.value.height == 7
+    with pytest.raises(ChainCheckpointMismatch, match="block 8 is ") as e:  # at the tip: no child to link to it
+        verify(raw, checkpoint=(8, CHAIN[7][0].hash))
+    assert e.value.height == 8
     for height in (3, 9):
         with pytest.raises(ChainCheckpointMismatch, match="outside the file's heights 4..8"):
             verify(raw, checkpoint=(height, CHAIN[0][0].hash))
@@ -301,6 +304,12 @@ def test_damage_is_reported_as_damage() -> None:
         verify(bytes(bits))
     with pytest.raises(ChainFileBadEntry, match="block 3: commit: bitmap bits set above member 3"):
         verify(reseal(bytes(bits)))
+    net = bytearray(raw)
+    net[at + 1] = LOCAL.id  # block 3's network byte
+    with pytest.raises(ChainFileChecksum, match="inconsistency: block 3 is for network id 1"):
+        verify(bytes(net))
+    with pytest.raises(ChainWrongNetwork):
+        verify(reseal(bytes(net)))
 
 
 @pytest.mark.parametrize("offset, value, error", [

@@ -1,6 +1,7 @@
 """Federation genesis files: the canonical text round-trips, and every way a file can be unusable is a typed error."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -120,10 +121,13 @@ def test_typed_error_tree() -> None:
     assert issubclass(GenesisFileUnknownNetwork, WrongNetwork)
 
 
+def _header(**change: Any) -> BlockHeader:
+    return dataclasses.replace(HEADER, **change)
+
+
 def _header_edit(**change: Any) -> Callable[[dict[str, Any]], None]:
     def edit(d: dict[str, Any]) -> None:
-        fields = {**{f: getattr(HEADER, f) for f in HEADER.__slots__}, **change}  # type: ignore[attr-defined]
-        h = BlockHeader(**fields)
+        h = _header(**change)
         d.update(genesis_header=h.encode().hex(), genesis_hash=h.hash.hex())
     return edit
 
@@ -145,6 +149,9 @@ def test_construction_is_checked() -> None:
         FederationGenesis(REGTEST, GENESIS.members, ("a", "b", "c"), HEADER)
     with pytest.raises(GenesisFileInvalid, match="network id 2"):
         FederationGenesis(LOCAL, GENESIS.members, GENESIS.member_ids, HEADER)
+    for change, match in ((dict(version=2), "genesis header version 2"), (dict(height=3), "height 3")):
+        with pytest.raises(GenesisFileInvalid, match=match):  # what the writer is given is checked as well
+            FederationGenesis(REGTEST, GENESIS.members, GENESIS.member_ids, _header(**change))
 
 
 def test_format_name() -> None:
