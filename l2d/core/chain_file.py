@@ -181,7 +181,7 @@ def write_chain_file(f: BinaryIO, network: Network, start_height: int, count: in
     """
     if count < 1:
         raise ChainFileEmpty("a chain file holds at least one block")
-    if not 0 <= start_height or start_height + count - 1 > _U64_MAX:
+    if start_height < 0 or start_height + count - 1 > _U64_MAX:
         raise ChainFileEmpty(f"heights {start_height}..{start_height + count - 1} outside u64")
     h = hashlib.sha256()
     pre = ChainPreamble(network.id, start_height, count).encode()
