@@ -1,14 +1,17 @@
-"""The ledger: committed chain tip, in-memory state tree and block building over the LMDB store.
+"""The ledger: the stored chain (final blocks and at most one non-final tip), the in-memory state tree of the
+tip, and block execution over the LMDB store.
 
-Building a block applies transactions to an overlay of the committed state, updates the tree and yields
-the header; committing writes block, state changes and tip in one LMDB transaction. On open, the tree is
-rebuilt from the stored state and its root must equal the tip header's: a mismatch means corruption.
+Executing a block applies its transactions to an overlay of its parent's state (the tip, the final block below
+a non-final tip, or a complete sibling of the tip: see docs/federation.md, "Storage") and yields its header;
+the tree is moved to the parent's state and back, so it always equals the stored tip's state between calls.
+Storing writes block, commit, state changes, undo record and final height in one LMDB transaction. On open,
+the tree is rebuilt from the stored state and its root must equal the tip header's: a mismatch means corruption.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from .core.block import Block, BlockHeader, genesis_header, tx_root
 from .core.errors import Rejected
@@ -21,12 +24,23 @@ from .store import Store, StoreError
 log = logging.getLogger(__name__)
 
 
+Changes = dict[bytes, Optional[bytes]]  # key -> value, or None for a deletion
+
+
 @dataclass(frozen=True, slots=True)
 class BuiltBlock:
     block: Block
     raw: bytes
-    writes: dict[bytes, Optional[bytes]]
+    writes: Changes  # relative to the parent's state
     rejected: tuple[tuple[Transaction, Rejected], ...]
+
+    @property
+    def header(self) -> BlockHeader:
+        return self.block.header
+
+
+class UnknownParent(StoreError):
+    """A block whose parent is neither the tip, the final block below it, nor a stored sibling of the tip."""
 
 
 class Ledger:
@@ -37,6 +51,8 @@ class Ledger:
         self.rules = rules
         self.tree = StateTree()
         self.tip: Optional[BlockHeader] = None
+        self.final: Optional[BlockHeader] = None
+        self._sibling_writes: dict[bytes, Changes] = {}  # hash of a sibling of the tip -> its writes over final
 
     def open(self, genesis_state: dict[bytes, bytes], genesis_timestamp_ms: int) -> BlockHeader:
         """Load the tip and rebuild the tree; on an empty database, commit the genesis block first."""
@@ -47,7 +63,7 @@ class Ledger:
                 tree.set(k, v)
             header = genesis_header(net, genesis_timestamp_ms, tree.root())
             block = Block(header, ())
-            self.store.commit_block(0, block.encode(), [], dict(genesis_state))
+            self.store.commit_block(0, block.encode(), [], dict(genesis_state), final=0)
             log.info("genesis block %s committed with %d state records", header.hash.hex(), len(genesis_state))
         with self.store.reader() as r:
             height = r.tip_height()
@@ -55,58 +71,160 @@ class Ledger:
             if raw is None:
                 raise StoreError("database has no tip block")
             tip = Block.decode(bytes(raw), net).header
+            final_h = r.final_height()
+            raw_final = r.get_block(final_h)
+            if raw_final is None:
+                raise StoreError(f"database has no final block {final_h}")
+            final = Block.decode(bytes(raw_final), net).header
             tree = StateTree()
             for k, v in r.iter_state():
                 tree.set(k, v)
         if tree.root() != tip.state_root:
             raise StoreError(f"state in the database hashes to {tree.root().hex()}, but block {tip.height} "
                              f"commits to {tip.state_root.hex()}: the database is corrupt")
-        self.tree, self.tip = tree, tip
+        self.tree, self.tip, self.final = tree, tip, final
         log.info("ledger open at height %d, state root %s, %d records", tip.height, tip.state_root.hex(), len(tree))
         return tip
 
     def build_block(self, txs: Iterable[Transaction], timestamp_ms: int, *,
                     signatures_checked: bool = False) -> BuiltBlock:
-        """Apply txs on top of the tip (rejected ones are skipped and reported) and update the tree.
+        """A block on the tip of the transactions that apply (rejected ones are skipped and reported)."""
+        return self.execute(self._tip(), txs, timestamp_ms, signatures_checked=signatures_checked)
 
-        The tree now reflects the new block: commit() it next, or treat a failure as fatal.
-        """
-        tip = self.tip
-        if tip is None:
-            raise StoreError("ledger is not open")
+    def execute(self, parent: BlockHeader, txs: Iterable[Transaction], timestamp_ms: int, *, strict: bool = False,
+                signatures_checked: bool = False) -> BuiltBlock:
+        """Apply txs on parent's state; the header takes max(timestamp_ms, parent's timestamp). strict: the first
+        rejected transaction raises its Rejected (a proposal with an invalid transaction is invalid as a whole);
+        otherwise rejected ones are skipped and reported. UnknownParent if parent's state is not at hand. The tree
+        is left at the tip's state."""
+        base = self._changes_to(parent.hash)
         accepted: list[Transaction] = []
         rejected: list[tuple[Transaction, Rejected]] = []
         rules = self.rules
         with self.store.reader() as r:
-            view = StateView(r.get_state, tip.height + 1)
+            get = r.get_state if not base else (lambda k: base[k] if k in base else r.get_state(k))
+            view = StateView(get, parent.height + 1)
             for tx in txs:
                 try:
                     apply_tx(view, tx, rules, signature_checked=signatures_checked)
                 except Rejected as e:
+                    if strict:
+                        raise
                     rejected.append((tx, e))
                 else:
                     accepted.append(tx)
             writes = view.writes
-        tree = self.tree
-        for k, v in writes.items():
-            if v is None:
-                tree.delete(k)
-            else:
-                tree.set_hash(k, leaf_hash(k, v))  # keys come from the state transition: already well-formed
-        header = BlockHeader(tip.network_id, tip.height + 1, tip.hash, max(timestamp_ms, tip.timestamp_ms),
-                             len(accepted), tx_root([t.txid for t in accepted]), tree.root())
+            root = self._root_with({**base, **writes} if base else writes, r.get_state)
+        header = BlockHeader(parent.network_id, parent.height + 1, parent.hash, max(timestamp_ms, parent.timestamp_ms),
+                             len(accepted), tx_root([t.txid for t in accepted]), root)
         block = Block(header, tuple(accepted))
         return BuiltBlock(block, block.encode(), writes, tuple(rejected))
+
+    def _tip(self) -> BlockHeader:
+        if self.tip is None or self.final is None:
+            raise StoreError("ledger is not open")
+        return self.tip
+
+    def _changes_to(self, parent_hash: bytes) -> Changes:
+        """The state changes from the tip's state to the state after block parent_hash."""
+        tip, final = self._tip(), self.final
+        assert final is not None
+        if parent_hash == tip.hash:
+            return {}
+        if tip.height > final.height:
+            undo = self.store.get_undo(tip.height)
+            if undo is None:
+                raise StoreError(f"non-final block {tip.height} has no undo record")
+            if parent_hash == final.hash:
+                return undo
+            writes = self._sibling_writes.get(parent_hash)
+            if writes is None:
+                for raw, _ in self.store.siblings():
+                    sib = Block.decode(raw, self.rules.network)
+                    if sib.header.hash == parent_hash:
+                        writes = self._replay(final, sib, undo)
+                        break
+            if writes is not None:
+                return {**undo, **writes}
+        raise UnknownParent(f"block {parent_hash.hex()} is not a stored block that can be built on")
+
+    def _replay(self, final: BlockHeader, sib: Block, undo: Changes) -> Changes:
+        """The writes of a stored sibling of the tip over the final state (it was valid when stored)."""
+        with self.store.reader() as r:
+            view = StateView(lambda k: undo[k] if k in undo else r.get_state(k), sib.header.height)
+            for tx in sib.txs:
+                apply_tx(view, tx, self.rules, signature_checked=True)
+        self._sibling_writes[sib.header.hash] = view.writes
+        return view.writes
+
+    def _root_with(self, changes: Changes, tip_value: Callable[[bytes], Optional[bytes]]) -> bytes:
+        """The tree root after changes to the tip's state; the tree is back at the tip's state afterwards."""
+        tree = self.tree
+        if not changes:
+            return tree.root()
+        old = {k: tip_value(k) for k in changes}
+        old = {k: None if v is None else bytes(v) for k, v in old.items()}
+        _apply(tree, {k: v for k, v in changes.items() if old[k] != v})
+        try:
+            return tree.root()
+        finally:
+            _apply(tree, {k: old[k] for k, v in changes.items() if old[k] != v})
+
+    # -- storing -----------------------------------------------------------------------------------------------
+    def _undo_of(self, writes: Changes, base: Changes) -> Changes:
+        """The parent-state value of every key a block writes (base: changes from the tip to the parent)."""
+        out: Changes = {}
+        for k in writes:
+            if k in base:
+                out[k] = base[k]
+            else:
+                v = self.store.get_state(k)
+                out[k] = None if v is None else bytes(v)
+        return out
+
+    def store(self, built: BuiltBlock, commit: bytes, final: Optional[BlockHeader]) -> None:
+        """Store a complete block (built by execute) as the new tip. Its parent is the tip (append) or the final
+        block below a non-final tip (the tip is replaced by this sibling, which moves to the siblings); final: the
+        new final block (None: unchanged). One LMDB transaction."""
+        tip = self._tip()
+        h = built.header
+        if h.prev_hash == tip.hash:
+            undo = self._undo_of(built.writes, {})
+            self.store.commit_block(h.height, built.raw, [t.txid for t in built.block.txs], built.writes,
+                                    commit=commit, final=None if final is None else final.height, undo=undo)
+            _apply(self.tree, built.writes)
+        elif self.final is not None and tip.height > self.final.height and h.prev_hash == self.final.hash:
+            if final is not None:
+                raise StoreError("replacing the tip cannot move the final height")
+            base = self._changes_to(h.prev_hash)
+            undo = self._undo_of(built.writes, base)
+            old = self.block(tip.height)
+            assert old is not None
+            self.store.replace_tip(tip.hash, [t.txid for t in old.txs], h.height, built.raw,
+                                   [t.txid for t in built.block.txs], built.writes, commit=commit, undo=undo,
+                                   new_hash=h.hash)
+            _apply(self.tree, base)
+            _apply(self.tree, built.writes)
+        else:
+            raise UnknownParent(f"block {h.height} does not extend the tip or the final block")
+        if final is not None:
+            self.final = final
+            self._sibling_writes.clear()
+        else:
+            self._sibling_writes.pop(h.hash, None)
+        self.tip = h
 
     def _commit_args(self, built: BuiltBlock) -> tuple[int, bytes, list[bytes], dict[bytes, Optional[bytes]]]:
         return (built.block.header.height, built.raw, [t.txid for t in built.block.txs], built.writes)
 
     def commit(self, built: BuiltBlock) -> None:
         self.store.commit_block(*self._commit_args(built))
+        _apply(self.tree, built.writes)
         self.tip = built.block.header
 
     async def commit_async(self, built: BuiltBlock) -> None:
         await self.store.commit_block_async(*self._commit_args(built))
+        _apply(self.tree, built.writes)
         self.tip = built.block.header
 
     def get(self, key: bytes) -> Optional[bytes]:
@@ -119,3 +237,11 @@ class Ledger:
 
     def txs_committed(self, txids: Sequence[bytes]) -> list[bool]:
         return [self.store.tx_location(t) is not None for t in txids]
+
+
+def _apply(tree: StateTree, changes: Changes) -> None:
+    for k, v in changes.items():
+        if v is None:
+            tree.delete(k)
+        else:
+            tree.set_hash(k, leaf_hash(k, v))  # keys come from the state transition: already well-formed

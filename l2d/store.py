@@ -1,4 +1,10 @@
-"""LMDB store: blocks, state and transaction index; a block and its state changes commit atomically.
+"""LMDB store: blocks, their commits, state and transaction index; a block, its commit, its state changes and the
+final height commit atomically.
+
+Layout (docs/federation.md, "Storage"): the chain is the final blocks plus at most one non-final block, the tip
+(the fork choice among the complete children of the final block). A non-final tip keeps an undo record (the prior
+value of every key it wrote), so it can be replaced by a sibling in one write transaction; the other complete
+children of the final block wait in `siblings`. Both go when the final height passes them.
 
 All writes run on one dedicated writer thread (`commit_block_async`); reads may come from any thread,
 each in its own LMDB read transaction (MVCC: readers see the last committed block, never half of one).
@@ -6,6 +12,7 @@ each in its own LMDB read transaction (MVCC: readers see the last committed bloc
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import struct
@@ -20,7 +27,7 @@ from .core.params import Network
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: block commits, the final height, undo records and siblings (issue 12)
 _U64 = struct.Struct(">Q")
 _LOC = struct.Struct(">QI")
 
@@ -62,13 +69,16 @@ class Store:
         self.network = network
         self.map_size = map_size
         # mode: the environment's files are created 0600 (LMDB clears the execute bits), the directory 0700.
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=True,
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, subdir=True, sync=True, metasync=True,
                              max_readers=256, mode=0o700)
         self._meta = self.env.open_db(b"meta")
         self._state = self.env.open_db(b"state")
         self._blocks = self.env.open_db(b"blocks")
         self._txs = self.env.open_db(b"txs")
         self._anchors = self.env.open_db(b"anchors")  # anchor service records: l2 height u64 -> JSON
+        self._commits = self.env.open_db(b"commits")  # height u64 -> the block's commit (b"" for block 0)
+        self._undo = self.env.open_db(b"undo")  # height u64 -> undo record of a non-final block
+        self._siblings = self.env.open_db(b"siblings")  # block hash -> u32 block length | block | commit
         try:
             self._check_or_init_meta()
         except BaseException:
@@ -89,7 +99,10 @@ class Store:
                              f"not {self.network.name!r}: refusing to open it")
         if schema is None or _U64.unpack(schema)[0] != SCHEMA_VERSION:
             got = None if schema is None else _U64.unpack(schema)[0]
-            raise StoreError(f"database at {self.path} has schema version {got}, this code needs {SCHEMA_VERSION}")
+            hint = (": it was made before blocks carried member signatures (schema 1); move it away and start "
+                    "a fresh data dir, or sync one from the federation" if got == 1 else "")
+            raise StoreError(f"database at {self.path} has schema version {got}, this code needs "
+                             f"{SCHEMA_VERSION}{hint}")
 
     # -- reads (any thread) -------------------------------------------------------------------------------
     def tip_height(self) -> Optional[int]:
@@ -107,6 +120,28 @@ class Store:
             v = txn.get(key)
         return None if v is None else bytes(v)
 
+    def final_height(self) -> int:
+        with self.env.begin(db=self._meta) as txn:
+            v = txn.get(b"final")
+        return 0 if v is None else int(_U64.unpack(v)[0])
+
+    def get_commit(self, height: int) -> Optional[bytes]:
+        with self.env.begin(db=self._commits) as txn:
+            v = txn.get(_U64.pack(height))
+        return None if v is None else bytes(v)
+
+    def get_undo(self, height: int) -> Optional[dict[bytes, Optional[bytes]]]:
+        """The undo record of the non-final block at height (None once it is final)."""
+        with self.env.begin(db=self._undo) as txn:
+            v = txn.get(_U64.pack(height))
+        return None if v is None else decode_undo(bytes(v))
+
+    def siblings(self) -> list[tuple[bytes, bytes]]:
+        """The complete children of the final block other than the tip: (block, commit) pairs in hash order."""
+        with self.env.begin(db=self._siblings) as txn:
+            with txn.cursor() as cur:
+                return [_split_sibling(bytes(v)) for v in cur.iternext(keys=False, values=True)]
+
     def tx_location(self, txid: bytes) -> Optional[tuple[int, int]]:
         """(block height, index in block) of a committed transaction."""
         with self.env.begin(db=self._txs) as txn:
@@ -123,38 +158,101 @@ class Store:
             txn.abort()
 
     # -- writes (writer thread only) ----------------------------------------------------------------------
-    def commit_block(self, height: int, block: bytes, txids: list[bytes],
-                     writes: Mapping[bytes, Optional[bytes]]) -> None:
-        """Commit block `height` with its state writes (None = delete) in one LMDB transaction.
+    def commit_block(self, height: int, block: bytes, txids: list[bytes], writes: Mapping[bytes, Optional[bytes]],
+                     *, commit: bytes = b"", final: Optional[int] = None,
+                     undo: Optional[Mapping[bytes, Optional[bytes]]] = None) -> None:
+        """Commit block `height` with its commit, its state writes (None = delete), its undo record (the prior
+        value of every key it writes; kept while it is not final) and the new final height (None: unchanged), in
+        one LMDB transaction. Siblings and undo records at or below the new final height are dropped with it.
 
         StoreFull / StoreWriteError when LMDB cannot write it (then nothing of it was stored)."""
         try:
-            self._commit_block(height, block, txids, writes)
+            with self.env.begin(write=True) as txn:
+                self._append(txn, height, block, txids, writes, commit, undo)
+                if final is not None:
+                    self._set_final(txn, final, height)
         except lmdb.Error as e:
             raise write_error(e, self.path, self.map_size, f"cannot commit block {height}") from e
 
-    def _commit_block(self, height: int, block: bytes, txids: list[bytes],
-                      writes: Mapping[bytes, Optional[bytes]]) -> None:
-        with self.env.begin(write=True) as txn:
-            tip = txn.get(b"tip", db=self._meta)
-            expected = 0 if tip is None else _U64.unpack(tip)[0] + 1
-            if height != expected:
-                raise StoreError(f"commit of block {height} but the next height is {expected}")
-            txn.put(_U64.pack(height), block, db=self._blocks)
-            with txn.cursor(db=self._txs) as cur:
-                cur.putmulti([(txid, _LOC.pack(height, i)) for i, txid in enumerate(txids)])
-            puts = [(k, v) for k, v in writes.items() if v is not None]
-            with txn.cursor(db=self._state) as cur:
-                cur.putmulti(puts)
-            for k, v in writes.items():
-                if v is None:
-                    txn.delete(k, db=self._state)
-            txn.put(b"tip", _U64.pack(height), db=self._meta)
+    def replace_tip(self, old_hash: bytes, old_txids: list[bytes], height: int, block: bytes, txids: list[bytes],
+                    writes: Mapping[bytes, Optional[bytes]], *, commit: bytes,
+                    undo: Mapping[bytes, Optional[bytes]], new_hash: bytes) -> None:
+        """Replace the non-final tip (height, hash old_hash) by a complete sibling, in one LMDB transaction: the
+        tip's state changes are undone, its transactions unindexed, and it moves to the siblings; the sibling (its
+        writes and undo record relative to the common parent) becomes the tip."""
+        try:
+            with self.env.begin(write=True) as txn:
+                tip = txn.get(b"tip", db=self._meta)
+                final = txn.get(b"final", db=self._meta)
+                if tip is None or _U64.unpack(tip)[0] != height or (final and _U64.unpack(final)[0] >= height):
+                    raise StoreError(f"cannot replace block {height}: it is not the non-final tip")
+                key = _U64.pack(height)
+                raw_undo = txn.get(key, db=self._undo)
+                if raw_undo is None:
+                    raise StoreError(f"block {height} has no undo record")
+                self._write_state(txn, decode_undo(bytes(raw_undo)))
+                for txid in old_txids:
+                    txn.delete(txid, db=self._txs)
+                old_block, old_commit = bytes(txn.get(key, db=self._blocks)), bytes(txn.get(key, db=self._commits))
+                txn.put(old_hash, _join_sibling(old_block, old_commit), db=self._siblings)
+                txn.delete(new_hash, db=self._siblings)
+                txn.put(b"tip", _U64.pack(height - 1), db=self._meta)
+                self._append(txn, height, block, txids, writes, commit, undo)
+        except lmdb.Error as e:
+            raise write_error(e, self.path, self.map_size, f"cannot replace block {height}") from e
+
+    def put_sibling(self, block_hash: bytes, block: bytes, commit: bytes) -> None:
+        """Keep a complete child of the final block that is not the tip (it may become the tip)."""
+        try:
+            with self.env.begin(write=True, db=self._siblings) as txn:
+                txn.put(block_hash, _join_sibling(block, commit))
+        except lmdb.Error as e:
+            raise write_error(e, self.path, self.map_size, "cannot store a sibling block") from e
+
+    def _append(self, txn: "lmdb.Transaction", height: int, block: bytes, txids: list[bytes],
+                writes: Mapping[bytes, Optional[bytes]], commit: bytes,
+                undo: Optional[Mapping[bytes, Optional[bytes]]]) -> None:
+        tip = txn.get(b"tip", db=self._meta)
+        expected = 0 if tip is None else _U64.unpack(tip)[0] + 1
+        if height != expected:
+            raise StoreError(f"commit of block {height} but the next height is {expected}")
+        key = _U64.pack(height)
+        txn.put(key, block, db=self._blocks)
+        txn.put(key, commit, db=self._commits)
+        if undo is not None:
+            txn.put(key, encode_undo(undo), db=self._undo)
+        with txn.cursor(db=self._txs) as cur:
+            cur.putmulti([(txid, _LOC.pack(height, i)) for i, txid in enumerate(txids)])
+        self._write_state(txn, writes)
+        txn.put(b"tip", key, db=self._meta)
+
+    def _write_state(self, txn: "lmdb.Transaction", writes: Mapping[bytes, Optional[bytes]]) -> None:
+        puts = [(k, v) for k, v in writes.items() if v is not None]
+        with txn.cursor(db=self._state) as cur:
+            cur.putmulti(puts)
+        for k, v in writes.items():
+            if v is None:
+                txn.delete(k, db=self._state)
+
+    def _set_final(self, txn: "lmdb.Transaction", final: int, tip: int) -> None:
+        old = txn.get(b"final", db=self._meta)
+        old_final = 0 if old is None else int(_U64.unpack(old)[0])
+        if not old_final <= final <= tip:
+            raise StoreError(f"final height {final} outside {old_final}..{tip}")
+        if final == old_final and old is not None:
+            return
+        for h in range(old_final + 1, final + 1):
+            txn.delete(_U64.pack(h), db=self._undo)
+        txn.drop(self._siblings, delete=False)  # the children of the old final block are final or lost
+        txn.put(b"final", _U64.pack(final), db=self._meta)
 
     async def commit_block_async(self, height: int, block: bytes, txids: list[bytes],
-                                 writes: Mapping[bytes, Optional[bytes]]) -> None:
+                                 writes: Mapping[bytes, Optional[bytes]], *, commit: bytes = b"",
+                                 final: Optional[int] = None,
+                                 undo: Optional[Mapping[bytes, Optional[bytes]]] = None) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, self.commit_block, height, block, txids, writes)
+        await loop.run_in_executor(self._writer, functools.partial(
+            self.commit_block, height, block, txids, writes, commit=commit, final=final, undo=undo))
 
     # -- anchors (the anchor service's local records; not consensus state) --------------------------------
     def put_anchor(self, l2_height: int, value: bytes) -> None:
@@ -199,6 +297,13 @@ class Reader:
     def get_state(self, key: bytes) -> Optional[bytes]:
         return self._txn.get(key, db=self._s._state)  # type: ignore[no-any-return]
 
+    def get_commit(self, height: int) -> Optional[bytes]:
+        return self._txn.get(_U64.pack(height), db=self._s._commits)  # type: ignore[no-any-return]
+
+    def final_height(self) -> int:
+        v = self._txn.get(b"final", db=self._s._meta)
+        return 0 if v is None else int(_U64.unpack(v)[0])
+
     def state_count(self) -> int:
         return int(self._txn.stat(self._s._state)["entries"])
 
@@ -216,3 +321,39 @@ class Reader:
                 if not bytes(k).startswith(prefix):
                     return
                 yield bytes(k), bytes(v)
+
+
+def encode_undo(undo: Mapping[bytes, Optional[bytes]]) -> bytes:
+    """count u32 | per key, in key order: key length u16 | key | present u8 | (value length u32 | value)"""
+    out = [struct.pack(">I", len(undo))]
+    for k in sorted(undo):
+        v = undo[k]
+        out.append(struct.pack(">H", len(k)) + k)
+        out.append(b"\0" if v is None else b"\1" + struct.pack(">I", len(v)) + v)
+    return b"".join(out)
+
+
+def decode_undo(b: bytes) -> dict[bytes, Optional[bytes]]:
+    (count,), i = struct.unpack_from(">I", b), 4
+    out: dict[bytes, Optional[bytes]] = {}
+    for _ in range(count):
+        (klen,) = struct.unpack_from(">H", b, i)
+        k = b[i + 2:i + 2 + klen]
+        i += 2 + klen
+        if b[i] == 0:
+            out[k], i = None, i + 1
+        else:
+            (vlen,) = struct.unpack_from(">I", b, i + 1)
+            out[k], i = b[i + 5:i + 5 + vlen], i + 5 + vlen
+    if i != len(b):
+        raise StoreError("undo record: trailing bytes")
+    return out
+
+
+def _join_sibling(block: bytes, commit: bytes) -> bytes:
+    return struct.pack(">I", len(block)) + block + commit
+
+
+def _split_sibling(b: bytes) -> tuple[bytes, bytes]:
+    (n,) = struct.unpack_from(">I", b)
+    return b[4:4 + n], b[4 + n:]
