@@ -1,15 +1,22 @@
 """l2-verify audit: check an audit bundle offline (anchor commitment, SPV proof, header chain, confirmations).
 
-    l2-verify audit BUNDLE [--checkpoint HEIGHT:HASH] [--min-conf K] [--chain regtest|testnet|signet|mainnet] [--json]
+    l2-verify audit BUNDLE [--members GENESIS_FILE] [--checkpoint HEIGHT:HASH] [--min-conf K]
+                    [--chain regtest|testnet|signet|mainnet] [--json]
+
+A version 2 bundle also carries the anchored L2 block's header and commit. With --members (a federation genesis
+file) the bundle must carry it and at least m of the members must have signed that block; without --members the
+commit's header must still match the anchor record, and the output says the signatures were not checked.
 
 Exit codes (as for the other verifier commands):
     0  verified;
-    1  verification failed: bundle checksum, snapshot or account proof, state root, anchor output, partial merkle
+    1  verification failed: bundle checksum, snapshot or account proof, state root, the L2 block's commit (not the
+       anchored block, fewer than m valid member signatures, missing with --members), anchor output, partial merkle
        tree (unused bits/hashes, duplicated-node mutation, bad count, root), transaction not in the proof, 64-byte
        transaction, header link / proof of work / difficulty / timestamps, checkpoint, block not in the chain, too
        few confirmations;
     2  malformed input or usage: not a bundle, unknown version or network, truncated, trailing bytes, an
-       undecodable transaction / merkle block / proof / snapshot, unreadable file, bad --checkpoint or --min-conf.
+       undecodable transaction / merkle block / proof / snapshot / commit, unreadable file, bad --checkpoint or
+       --min-conf, an unusable --members file.
 The verifier's clock is read here, at the command-line boundary, for the 2-hour future limit on headers; the
 checks themselves (anchoring.audit, bridge.spv) are pure.
 """
@@ -22,6 +29,7 @@ from typing import Any, Optional
 
 from l2d.core.audit import AuditBundle, verify_bundle
 from l2d.core.errors import DecodeError, L2Error
+from l2d.core.genesis_file import FederationGenesis, GenesisFileError, load_genesis_file
 from l2d.core.params import NETWORKS, Network
 from l2d.core.snapshot import SnapshotError, SnapshotInvalid
 from l2d.core.spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, SpvError
@@ -59,6 +67,18 @@ def _read(path: str) -> bytes:
         raise _Fail(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
 
 
+def _federation(path: str) -> FederationGenesis:
+    try:
+        if path == "-":
+            return load_genesis_file(sys.stdin.buffer)
+        with open(path, "rb") as f:
+            return load_genesis_file(f)
+    except GenesisFileError as e:
+        raise _Fail(EXIT_ERROR, f"--members {path}: {e}", type(e).__name__) from None
+    except OSError as e:
+        raise _Fail(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
+
+
 def _chain(name: Optional[str], network: Network) -> ChainParams:
     chosen = name or DEFAULT_CHAIN.get(network.name)
     if chosen is None:
@@ -68,20 +88,23 @@ def _chain(name: Optional[str], network: Network) -> ChainParams:
 
 
 def _verify(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name: Optional[str],
-            now: Optional[int]) -> tuple[dict[str, Any], str]:
+            now: Optional[int], members: Optional[str]) -> tuple[dict[str, Any], str]:
     checkpoint = parse_checkpoint(checkpoint_str) if checkpoint_str is not None else None
     if min_conf < 0:
         raise _Fail(EXIT_ERROR, f"--min-conf must be 0 or more, got {min_conf}", "bad-argument")
     if chain_name is not None and chain_name not in CHAIN_CHOICES:
         raise _Fail(EXIT_ERROR, f"--chain must be one of {', '.join(CHAIN_CHOICES)}, got {chain_name!r}",
                     "bad-argument")
+    if path == "-" and members == "-":
+        raise _Fail(EXIT_ERROR, "the bundle and --members cannot both be stdin", "bad-argument")
+    federation = _federation(members) if members is not None else None
     data = _read(path)
     try:
         bundle = AuditBundle.decode(data)
         network = _ID_TO_NETWORK[bundle.network_id]  # decode refuses unknown ids
         params = _chain(chain_name, network)
         report = verify_bundle(bundle, network, params, checkpoint, min_conf,
-                               now=int(time.time()) if now is None else now)
+                               now=int(time.time()) if now is None else now, federation=federation)
     except DecodeError as e:  # before L2Error: malformed beats "failed"
         raise _Fail(EXIT_ERROR, str(e), type(e).__name__) from None
     except SnapshotError as e:
@@ -100,22 +123,35 @@ def _verify(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name:
     d["headers"] = len(bundle.headers) // HEADER_SIZE
     evidence = (f"snapshot of {report.records} records" if report.records is not None
                 else f"{len(report.proven)} account proof(s)")
-    line = (f"OK audit {path}: L2 {report.network} height {report.l2_height} root {d['state_root']} ({evidence}) "
-            f"anchored by {d['anchor_kind']} output {d['txid']}:{report.vout} in block {d['block_hash']} at "
+    if report.signers is None or report.l2_block_hash is None:
+        signed = ""  # a version 1 bundle: the line is what it always was
+    elif federation is not None:
+        ids = [federation.member_ids[i] for i in report.signers]
+        commit = d["commit"]
+        if isinstance(commit, dict):
+            commit["signer_ids"] = ids
+        signed = (f", block {report.l2_block_hash.hex()} signed by {len(ids)} of {federation.members.n} members "
+                  f"({', '.join(ids)}; threshold {federation.members.threshold}),")
+    else:
+        signed = (f", block {report.l2_block_hash.hex()} with a commit of {len(report.signers)} member "
+                  f"signature(s) NOT checked (no --members),")
+    line = (f"OK audit {path}: L2 {report.network} height {report.l2_height} root {d['state_root']} ({evidence})"
+            f"{signed} anchored by {d['anchor_kind']} output {d['txid']}:{report.vout} in block {d['block_hash']} at "
             f"{report.chain} height {report.block_height}, {report.confirmations} confirmation(s) >= {min_conf}, "
             f"{d['headers']} headers linked from {trust}")
     return d, line
 
 
 def run_audit(path: str, checkpoint_str: Optional[str] = None, min_conf: int = 1, chain_name: Optional[str] = None,
-              *, now: Optional[int] = None) -> tuple[int, dict[str, Any], str]:
+              *, now: Optional[int] = None, members: Optional[str] = None) -> tuple[int, dict[str, Any], str]:
     """Verify the bundle at path: (exit code, the --json object, one human-readable line).
 
-    chain_name None picks the Bitcoin chain the bundle's L2 network anchors to; now None reads the clock.
+    chain_name None picks the Bitcoin chain the bundle's L2 network anchors to; now None reads the clock; members
+    is the path of a federation genesis file whose members must have signed the anchored block.
     """
     envelope: dict[str, Any] = {"command": "audit", "file": path}
     try:
-        details, line = _verify(path, checkpoint_str, min_conf, chain_name, now)
+        details, line = _verify(path, checkpoint_str, min_conf, chain_name, now, members)
     except _Fail as f:
         word = "FAIL" if f.code == EXIT_FAIL else "ERROR"
         result = {"ok": False, **envelope, "exit_code": f.code, "error": f.message, "error_type": f.error_type,

@@ -3,14 +3,19 @@
     l2-verify snapshot FILE [--expect-root HEX] [--network NAME] [--json]
     l2-verify proof --root HEX PROOF_FILE [--json]
     l2-verify headers FILE [--chain NAME] [--checkpoint HEIGHT:HASH] [--json]
+    l2-verify audit BUNDLE [--members GENESIS_FILE] [--checkpoint HEIGHT:HASH] [--min-conf K] [--chain NAME] [--json]
+    l2-verify chain FILE --members GENESIS_FILE [--checkpoint HEIGHT:HASH] [--json]
 
 Exit codes:
     0  verified;
     1  verification failed: checksum mismatch, state root mismatch (or not the --expect-root), keys duplicated or
        out of order, a proof that does not lead to --root; a header file whose headers break a consensus rule
-       (proof of work, link, difficulty, timestamps), miss the --checkpoint, or fail their checksum;
+       (proof of work, link, difficulty, timestamps), miss the --checkpoint, or fail their checksum; a chain file
+       whose blocks do not link, skip a height, belong to another network, lack m valid member signatures, miss
+       the genesis or the --checkpoint, or fail their checksum;
     2  malformed input or usage: not a snapshot (magic), unknown format version, another network, truncated file,
-       trailing bytes, a badly encoded record length, an undecodable proof, unreadable file, bad hex, bad arguments.
+       trailing bytes, a badly encoded record length, an undecodable proof or commit, unreadable file, bad hex, bad
+       arguments, a federation genesis file (--members) that cannot be used.
 A snapshot damaged after it was written (its own checksum fails) reports the checksum mismatch (1) and names the
 first inconsistency found; only running out of bytes is always "truncated" (2).
 
@@ -25,12 +30,15 @@ import os
 import re
 import sys
 import time
-from typing import Any, BinaryIO, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Optional, Sequence
 
 from l2d.core.errors import DecodeError, L2Error, ProofError
 from l2d.core.params import NETWORKS, network_by_name
 from l2d.core.snapshot import TRAILER_SIZE, SnapshotError, SnapshotInvalid, verify_snapshot
 from l2d.core.tree import Proof, ProofKind, verify_proof
+
+if TYPE_CHECKING:
+    from l2d.core.genesis_file import FederationGenesis
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 MAX_PROOF_FILE = 1 << 20  # the largest binary proof is ~100 kB; its hex about twice that
@@ -158,13 +166,15 @@ def _add_audit_parser(sub: "argparse._SubParsersAction[_Parser]", common: _Parse
     c.add_argument("--min-conf", metavar="K", type=int, default=1, help="required confirmations (default 1)")
     c.add_argument("--chain", choices=("regtest", "testnet", "signet", "mainnet"),
                    help="Bitcoin chain (default: the one the bundle's L2 network anchors to)")
+    c.add_argument("--members", metavar="GENESIS_FILE",
+                   help="federation genesis file: also require the anchored L2 block's commit, signed by m members")
     c.set_defaults(fn=cmd_audit)
 
 
 def cmd_audit(a: argparse.Namespace) -> dict[str, Any]:
     from verify_tool.audit import run_audit  # imported here: snapshot/proof runs need no Bitcoin libraries
 
-    code, result, line = run_audit(a.file, a.checkpoint, a.min_conf, a.chain)
+    code, result, line = run_audit(a.file, a.checkpoint, a.min_conf, a.chain, members=a.members)
     envelope = ("ok", "command", "file", "exit_code", "error", "error_type")  # main() writes these itself
     details = {k: v for k, v in result.items() if k not in envelope}
     if code != EXIT_OK:
@@ -214,6 +224,78 @@ def cmd_headers(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- chain: l2-verify chain FILE --members GENESIS_FILE (formats: docs/federation.md) -----------------------------
+_L2_CHECKPOINT = re.compile(r"(\d{1,20}):([0-9a-fA-F]{64})")
+
+
+def load_federation(path: str) -> "FederationGenesis":
+    """The federation genesis file at path; an unusable one is a usage error (exit 2)."""
+    # imported here (and in cmd_chain): snapshot/proof runs need no secp256k1 library
+    from l2d.core.genesis_file import GenesisFileError, load_genesis_file
+
+    f = _open(path)
+    try:
+        return load_genesis_file(f)
+    except GenesisFileError as e:
+        raise _Outcome(EXIT_ERROR, f"--members {path}: {e}", type(e).__name__) from None
+    except OSError as e:
+        raise _Outcome(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def cmd_chain(a: argparse.Namespace) -> dict[str, Any]:
+    from l2d.core.chain_file import ChainFileError, ChainFileMalformed, verify_chain
+
+    checkpoint: Optional[tuple[int, bytes]] = None
+    if a.checkpoint is not None:
+        m = _L2_CHECKPOINT.fullmatch(a.checkpoint.strip())
+        if m is None or int(m.group(1)) >= 1 << 64:
+            raise _Outcome(EXIT_ERROR, f"--checkpoint must be HEIGHT:HASH (an L2 height and the block hash, 64 hex "
+                                       f"characters), got {a.checkpoint!r}", "bad-argument")
+        checkpoint = (int(m.group(1)), bytes.fromhex(m.group(2)))
+    if a.file == "-" and a.members == "-":
+        raise _Outcome(EXIT_ERROR, "the chain file and --members cannot both be stdin", "bad-argument")
+    genesis = load_federation(a.members)
+    f = _open(a.file)
+    try:
+        r = verify_chain(f, genesis, checkpoint)
+    except ChainFileMalformed as e:
+        raise _Outcome(EXIT_ERROR, str(e), type(e).__name__, height=e.height, offset=e.offset) from None
+    except ChainFileError as e:  # checksum, or a chain that does not verify
+        raise _Outcome(EXIT_FAIL, str(e), type(e).__name__, height=e.height, offset=e.offset) from None
+    except OSError as e:
+        raise _Outcome(EXIT_ERROR, f"cannot read {a.file}: {e.strerror or e}", "io-error") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    m_, n = r.threshold, r.members
+    return {
+        "line": f"OK chain {r.network} {r.start_height}..{r.tip_height} ({r.count} blocks, tip {r.tip_hash.hex()}) "
+                f"each signed by at least {m_} of {n} members, linked from {r.trusted_start}; final through "
+                f"{r.final_height}",
+        "network": r.network, "start_height": r.start_height, "tip_height": r.tip_height, "count": r.count,
+        "start_hash": r.start_hash.hex(), "tip_hash": r.tip_hash.hex(), "genesis_hash": r.genesis_hash.hex(),
+        "threshold": m_, "members": n, "trusted_start": r.trusted_start, "final_height": r.final_height,
+        "signed": [{"member": i, "id": mid, "blocks": k}
+                   for i, (mid, k) in enumerate(zip(genesis.member_ids, r.signed))],
+        "checksum": r.checksum.hex(),
+    }
+
+
+def _add_chain_parser(sub: "argparse._SubParsersAction[_Parser]", common: _Parser) -> None:
+    c = sub.add_parser("chain", parents=[common], help="check a chain file: links, heights, network and m valid "
+                                                       "member signatures on every block (streaming)")
+    c.add_argument("file", metavar="FILE", help="chain file from GET /api/l2/commits ('-' for stdin)")
+    c.add_argument("--members", metavar="GENESIS_FILE", required=True,
+                   help="federation genesis file: network, members, threshold, genesis block")
+    c.add_argument("--checkpoint", metavar="HEIGHT:HASH",
+                   help="trusted L2 block hash (hex, as the API shows it) at a height from the file's start - 1 "
+                        "to its tip; required when the file starts above height 1")
+    c.set_defaults(fn=cmd_chain)
+
+
 def _parser() -> _Parser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -239,6 +321,7 @@ def _parser() -> _Parser:
                     help="also require this Bitcoin chain")
     hd.add_argument("--checkpoint", metavar="HEIGHT:HASH", help="trusted block hash (display hex) at a height")
     hd.set_defaults(fn=cmd_headers)
+    _add_chain_parser(sub, common)
     return p
 
 
@@ -254,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         if want_json:
-            command = next((x for x in args if x in ("snapshot", "proof", "audit", "headers")), None)
+            command = next((x for x in args if x in ("snapshot", "proof", "audit", "headers", "chain")), None)
             _print({"ok": False, "command": command, "exit_code": EXIT_ERROR,
                     "error": str(e).rsplit("error: ", 1)[-1], "error_type": "usage"})
         return EXIT_ERROR

@@ -2,7 +2,9 @@
 
 A bundle holds the anchor record and how it is committed (OP_RETURN or Taproot), the raw anchor transaction, its
 gettxoutproof merkle block, a Bitcoin header chain from a checkpoint past the anchor block, and the L2 evidence (a
-whole snapshot, or a state root with account proofs). Byte layout and the order of checks: docs/audit-bundle.md.
+whole snapshot, or a state root with account proofs); a version 2 bundle also holds the anchored L2 block's header
+and its commit, the member signatures that tie the state root to the federation. Byte layout and the order of
+checks: docs/audit-bundle.md.
 
 Pure and consensus-critical: the verifier imports it. No clock (``now`` is an argument), no I/O beyond the
 in-memory bytes handed in.
@@ -17,8 +19,11 @@ from enum import IntEnum
 from typing import Optional, Union
 
 from .anchor_format import RECORD_SIZE, AnchorRecord, TaprootAnchor, op_return_script
+from .block import BlockHeader
 from .codec import Reader
+from .commit import Commit
 from .errors import DecodeError, L2Error, OutOfRange, ProofError, Truncated, UnknownVersion, WrongNetwork
+from .genesis_file import FederationGenesis
 from .params import NETWORKS, Network
 from .snapshot import HEADER_SIZE as SNAPSHOT_HEADER_SIZE
 from .snapshot import SnapshotHeader, verify_snapshot
@@ -27,7 +32,8 @@ from .spv import (HEADER_SIZE, ChainParams, CheckpointMismatch, HeaderChain, par
 from .tree import Proof, verify_proof
 
 MAGIC = b"L2DAUDIT"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 1  # five sections
+BUNDLE_VERSION_COMMIT = 2  # the five, then COMMIT
 TRAILER_SIZE = 32
 _PREAMBLE = struct.Struct(">8sBB")
 _SECTION = struct.Struct(">BQ")
@@ -44,6 +50,7 @@ class Section(IntEnum):
     MERKLEBLOCK = 3
     HEADERS = 4
     EVIDENCE = 5
+    COMMIT = 6
 
 
 class AnchorKind(IntEnum):
@@ -93,6 +100,18 @@ class TooFewConfirmations(AuditError):
     pass
 
 
+class CommitMissing(AuditError):
+    """The auditor asked for the federation's signatures (members given) and the bundle carries no commit."""
+
+
+class CommitMismatch(AuditError):
+    """The bundle's L2 block header is not at the anchor record's height or not for its state root."""
+
+
+class FederationMismatch(AuditError):
+    """The federation genesis given is for another network than the bundle."""
+
+
 # -- the bundle ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SnapshotEvidence:
@@ -127,6 +146,17 @@ Evidence = Union[SnapshotEvidence, ProofEvidence]
 
 
 @dataclass(frozen=True, slots=True)
+class CommitEvidence:
+    """The anchored L2 block's header and its commit: which members signed the block (so its state root)."""
+
+    header: BlockHeader
+    commit: Commit
+
+    def encode(self) -> bytes:
+        return self.header.encode() + self.commit.encode()
+
+
+@dataclass(frozen=True, slots=True)
 class AuditBundle:
     network_id: int  # the L2 network
     record: AnchorRecord
@@ -137,6 +167,7 @@ class AuditBundle:
     headers_start_height: int  # height of the first header (the checkpoint)
     headers: bytes  # concatenated 80-byte headers, first = checkpoint, ascending
     evidence: Evidence
+    commit: Optional[CommitEvidence] = None  # version 2 bundles only
 
     def __post_init__(self) -> None:
         if not 0 <= self.network_id <= 0xFF or self.record.network_id != self.network_id:
@@ -164,17 +195,22 @@ class AuditBundle:
     def encode(self) -> bytes:
         anchor = self.record.encode() + bytes((self.anchor_kind,)) + self.federation_key
         headers = _U32.pack(self.headers_start_height) + _U32.pack(self.header_count) + self.headers
-        body = [_PREAMBLE.pack(MAGIC, BUNDLE_VERSION, self.network_id)]
-        for tag, data in ((Section.ANCHOR, anchor), (Section.ANCHOR_TX, self.anchor_tx),
-                          (Section.MERKLEBLOCK, self.merkleblock), (Section.HEADERS, headers),
-                          (Section.EVIDENCE, self.evidence.encode())):
+        sections = [(Section.ANCHOR, anchor), (Section.ANCHOR_TX, self.anchor_tx),
+                    (Section.MERKLEBLOCK, self.merkleblock), (Section.HEADERS, headers),
+                    (Section.EVIDENCE, self.evidence.encode())]
+        if self.commit is not None:
+            sections.append((Section.COMMIT, self.commit.encode()))
+        version = BUNDLE_VERSION if self.commit is None else BUNDLE_VERSION_COMMIT
+        body = [_PREAMBLE.pack(MAGIC, version, self.network_id)]
+        for tag, data in sections:
             body += [_SECTION.pack(tag, len(data)), data]
         raw = b"".join(body)
         return raw + hashlib.sha256(raw).digest()
 
     @classmethod
     def decode(cls, b: bytes) -> "AuditBundle":
-        """Strict decode: magic, version, known network, the five sections in order, no trailing bytes, checksum.
+        """Strict decode: magic, version, known network, the five sections (version 2: six) in order, no trailing
+        bytes, checksum.
 
         A structural error in a file whose checksum does not hold either is reported as BundleChecksumMismatch
         (the file was damaged); running out of bytes is always Truncated.
@@ -199,8 +235,9 @@ class AuditBundle:
     def _parse(cls, b: bytes) -> "AuditBundle":
         r = Reader(b, "audit bundle")
         magic, version, net_id = _PREAMBLE.unpack(r.take(_PREAMBLE.size))
-        if version != BUNDLE_VERSION:
-            raise UnknownVersion(f"audit bundle version {version} (this code reads version {BUNDLE_VERSION})")
+        if version not in (BUNDLE_VERSION, BUNDLE_VERSION_COMMIT):
+            raise UnknownVersion(f"audit bundle version {version} (this code reads versions {BUNDLE_VERSION} and "
+                                 f"{BUNDLE_VERSION_COMMIT})")
         network = _ID_TO_NETWORK.get(net_id)
         if network is None:
             raise WrongNetwork(f"audit bundle is for unknown network id {net_id}")
@@ -209,7 +246,7 @@ class AuditBundle:
         r = Reader(b[:-TRAILER_SIZE], "audit bundle")
         r.pos = _PREAMBLE.size
         sections = {}
-        for tag in Section:
+        for tag in Section if version == BUNDLE_VERSION_COMMIT else tuple(Section)[:-1]:
             got, length = _SECTION.unpack(r.take(_SECTION.size))
             if got != tag:
                 raise BundleMalformed(f"section {got} at offset {r.pos - _SECTION.size}, expected {tag.name} ({tag})")
@@ -242,7 +279,11 @@ class AuditBundle:
         h.end()
 
         evidence = _decode_evidence(sections[Section.EVIDENCE], network)
-        return cls(net_id, record, kind, fed_key, anchor_tx, merkleblock, start, headers, evidence)
+        commit = None
+        if Section.COMMIT in sections:
+            c = Reader(sections[Section.COMMIT], "commit section")
+            commit = CommitEvidence(BlockHeader.read(c, network), Commit.decode(c.take(c.remaining())))
+        return cls(net_id, record, kind, fed_key, anchor_tx, merkleblock, start, headers, evidence, commit)
 
 
 def _truncated(r: Reader, need: int) -> DecodeError:
@@ -301,6 +342,9 @@ class AuditReport:
     confirmations: int
     chain_work: int  # cumulative work from the first header of the bundle to the tip
     checkpoint: Optional[tuple[int, bytes]]
+    l2_block_hash: Optional[bytes] = None  # the anchored L2 block's, when the bundle carries its commit
+    signers: Optional[tuple[int, ...]] = None  # member indices in that commit
+    signers_checked: bool = False  # their signatures were verified against a federation genesis
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -315,6 +359,9 @@ class AuditReport:
             "tip_hash": self.tip_hash[::-1].hex(), "confirmations": self.confirmations,
             "chain_work": hex(self.chain_work),
             "checkpoint": None if self.checkpoint is None else f"{self.checkpoint[0]}:{self.checkpoint[1][::-1].hex()}",
+            "commit": None if self.signers is None or self.l2_block_hash is None else {
+                "l2_block_hash": self.l2_block_hash.hex(), "signers": list(self.signers),
+                "checked": self.signers_checked},
         }
 
 
@@ -326,12 +373,18 @@ def anchor_script(bundle: AuditBundle) -> bytes:
 
 
 def verify_bundle(bundle: AuditBundle, network: Network, chain_params: ChainParams,
-                  checkpoint: Optional[tuple[int, bytes]], min_conf: int, *, now: Optional[int] = None) -> AuditReport:
+                  checkpoint: Optional[tuple[int, bytes]], min_conf: int, *, now: Optional[int] = None,
+                  federation: Optional[FederationGenesis] = None) -> AuditReport:
     """Check the whole chain of evidence, in this order (each failure its own error, see docs/audit-bundle.md):
 
+    0. federation given: it is for the bundle's network (FederationMismatch) and the bundle carries a commit
+       (CommitMissing);
     1. the L2 evidence: the snapshot verifies (its records hash to its root) and is at the record's height, or
        every account proof verifies under the given root;
     2. the anchor record's state root is that root;
+    2a. a bundle with a commit: its L2 block header is at the record's height with the record's state root
+       (CommitMismatch) and, federation given, at least m of its members signed that block (NotEnoughSignatures,
+       BadCommitSignature); without a federation the signatures are not checked (the report says so);
     3. the anchor transaction has an output carrying the record (the canonical OP_RETURN script, or the P2TR
        output committing to it under the federation key);
     4. the transaction is in the merkle block's block (bridge.spv.verify_tx_in_block: Core's partial merkle tree
@@ -345,6 +398,14 @@ def verify_bundle(bundle: AuditBundle, network: Network, chain_params: ChainPara
     if min_conf < 0:
         raise OutOfRange(f"min_conf {min_conf} is negative")
     record = bundle.record
+    if federation is not None:
+        if federation.network != network:
+            raise FederationMismatch(f"the federation genesis is for network {federation.network.name}, the bundle "
+                                     f"for {network.name}")
+        if bundle.commit is None:
+            raise CommitMissing(f"the bundle carries no commit of L2 block {record.l2_height} (a version "
+                                f"{bundle_version(bundle)} bundle): nothing shows the federation's members signed "
+                                f"its state root")
 
     # 1-2. L2 evidence -> root == record root
     ev = bundle.evidence
@@ -367,6 +428,19 @@ def verify_bundle(bundle: AuditBundle, network: Network, chain_params: ChainPara
     if root != record.state_root:
         raise StateRootMismatch(f"anchor record commits to state root {record.state_root.hex()}, the "
                                 f"{evidence_name} evidence has root {root.hex()}")
+
+    # 2a. the federation signed the anchored block
+    l2_block_hash: Optional[bytes] = None
+    signers: Optional[tuple[int, ...]] = None
+    if bundle.commit is not None:
+        l2_block = bundle.commit.header
+        if l2_block.height != record.l2_height or l2_block.state_root != record.state_root:
+            raise CommitMismatch(f"the bundle's L2 block is at height {l2_block.height} with state root "
+                                 f"{l2_block.state_root.hex()}, the anchor record at {record.l2_height} with "
+                                 f"{record.state_root.hex()}")
+        l2_block_hash, signers = l2_block.hash, bundle.commit.commit.signers
+        if federation is not None:
+            federation.verify_commit(bundle.commit.commit, l2_block_hash)
 
     # 3. the transaction carries the record
     info = parse_tx(bundle.anchor_tx)
@@ -414,4 +488,9 @@ def verify_bundle(bundle: AuditBundle, network: Network, chain_params: ChainPara
         proven=tuple(proven), anchor_kind=bundle.anchor_kind, txid=info.txid, vout=vout, block_hash=block.hash,
         block_height=block_height, tx_index=tx_index, chain=chain_params.name, start_height=start_height,
         start_hash=chain.start_hash, tip_height=chain.height, tip_hash=chain.tip, confirmations=confirmations,
-        chain_work=chain.work, checkpoint=checkpoint)
+        chain_work=chain.work, checkpoint=checkpoint, l2_block_hash=l2_block_hash, signers=signers,
+        signers_checked=federation is not None)
+
+
+def bundle_version(bundle: AuditBundle) -> int:
+    return BUNDLE_VERSION if bundle.commit is None else BUNDLE_VERSION_COMMIT

@@ -22,8 +22,8 @@ from typing import Any, Optional
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 # Share of --inputs per target, by how much there is to explore and how much each input costs.
-SHARES = {"tx_decode": 0.20, "apply_tx": 0.20, "proof": 0.15, "block": 0.14, "snapshot": 0.10,
-          "header_file": 0.10, "audit": 0.08, "l2_verify": 0.03}
+SHARES = {"tx_decode": 0.18, "apply_tx": 0.18, "proof": 0.14, "block": 0.12, "snapshot": 0.09,
+          "header_file": 0.09, "audit": 0.08, "chain_file": 0.06, "genesis_file": 0.03, "l2_verify": 0.03}
 _STAT = re.compile(r"stat::(\w+):\s*(\d+)")
 _COV = re.compile(r"cov: (\d+) ft: (\d+)")
 _START = re.compile(r"^fuzz-start ([0-9.]+)$", re.M)

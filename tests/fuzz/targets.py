@@ -6,7 +6,7 @@ A target is a function of one byte string. It feeds the bytes to the code under 
       from a library, RecursionError, AssertionError from a broken property -- propagates and is a finding;
     * a round trip where one can be stated: what a strict decoder accepts re-encodes to exactly the input (one
       canonical encoding per value), a rejected transaction wrote nothing, an applied one kept the supply invariant.
-Files protected by a SHA-256 trailer (snapshots, audit bundles, header files) are also tried with the trailer
+Files protected by a SHA-256 trailer (snapshots, audit bundles, header files, chain files) are also tried with the trailer
 recomputed over the mutated bytes, so a checksum does not hide the structural checks behind it.
 
 Seeds are real encodings: the pinned vectors of tests/vectors/ and objects built with the core's own encoders.
@@ -16,6 +16,7 @@ tests/fuzz/run.py (atheris, coverage-guided, `make fuzz`).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,11 +33,15 @@ from coincurve import PrivateKey
 from l2d.core.anchor_format import AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.audit import MAGIC as BUNDLE_MAGIC
-from l2d.core.audit import AnchorKind, AuditBundle, ProofEvidence, SnapshotEvidence, verify_bundle
+from l2d.core.audit import AnchorKind, AuditBundle, CommitEvidence, ProofEvidence, SnapshotEvidence, verify_bundle
 from l2d.core.block import Block, BlockHeader, tx_root
+from l2d.core.chain_file import MAGIC as CHAIN_MAGIC
+from l2d.core.chain_file import ChainReader, verify_chain, write_chain_file
 from l2d.core.coin_tx import Burn, Mint, Transfer
+from l2d.core.commit import Commit, sign_block
 from l2d.core.errors import L2Error, Rejected
 from l2d.core.fl_tx import FlFinish, FlJobPost, FlReclaim, FlRegister, FlRound, RoundParticipant
+from l2d.core.genesis_file import FederationGenesis
 from l2d.core.header_file import MAGIC as HEADERS_MAGIC
 from l2d.core.header_file import load_header_file, write_header_file
 from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
@@ -417,17 +422,96 @@ def bundle_seeds() -> list[bytes]:
                              0, b"".join(x.serialize() for x in chain), ev)
         verify_bundle(bundle, REGTEST, BITCOIN_REGTEST, None, 1, now=NOW)  # the seed is valid
         out.append(bundle.encode())
+    # a version 2 bundle: the anchored L2 block's header and its commit by the vector federation's members 0..2
+    last = AuditBundle.decode(out[-1])
+    fed = federation()
+    block = BlockHeader(REGTEST.id, last.record.l2_height, h("parent"), 1_700_000_000_000, 0, tx_root([]),
+                        last.record.state_root)
+    secrets = _commit_vectors()["memberships"][1]["secrets"]
+    commit = Commit.assemble(4, {i: sign_block(bytes.fromhex(secrets[i]), REGTEST, block.hash, bytes(32))
+                                 for i in range(3)})
+    v2 = dataclasses.replace(last, commit=CommitEvidence(block, commit))
+    verify_bundle(v2, REGTEST, BITCOIN_REGTEST, None, 1, now=NOW, federation=fed)
+    out.append(v2.encode())
     return out
 
 
 def run_audit(data: bytes) -> None:
-    """AuditBundle.decode is canonical; verify_bundle refuses with the core's typed errors only."""
+    """AuditBundle.decode is canonical; verify_bundle refuses with the core's typed errors only (with and without
+    the vector federation's members)."""
     for d in (data, reseal(data)):
         b = _try(AuditBundle.decode, d)
         if b is None:
             continue
         assert b.encode() == d
-        _try(verify_bundle, b, _ID_TO_NETWORK[b.network_id], BITCOIN_REGTEST, None, 1, now=NOW)
+        net = _ID_TO_NETWORK[b.network_id]
+        _try(verify_bundle, b, net, BITCOIN_REGTEST, None, 1, now=NOW)
+        if b.commit is not None:
+            _try(verify_bundle, b, net, BITCOIN_REGTEST, None, 1, now=NOW, federation=federation())
+
+
+# -- federation genesis files and chain files ----------------------------------------------------------------------
+@cache
+def _commit_vectors() -> Any:
+    return json.loads((VECTORS / "commits.json").read_text())
+
+
+@cache
+def federation() -> FederationGenesis:
+    """The 3-of-4 regtest federation of tests/vectors/commits.json."""
+    return FederationGenesis.decode(_commit_vectors()["genesis_files"]["3-of-4/regtest"].encode())
+
+
+def genesis_file_seeds() -> list[bytes]:
+    first = federation().encode()  # the one the chain seeds verify against
+    texts = [first] + [t.encode() for t in _commit_vectors()["genesis_files"].values() if t.encode() != first]
+    return texts + [json.dumps(json.loads(first), separators=(",", ":")).encode()]
+
+
+def run_genesis_file(data: bytes) -> None:
+    """FederationGenesis.decode refuses with GenesisFileError only; what it accepts re-encodes to the canonical text,
+    which decodes to the same value."""
+    g = _try(FederationGenesis.decode, data)
+    if g is None:
+        return
+    canonical = g.encode()
+    assert FederationGenesis.decode(canonical) == g
+    assert canonical == data or json.loads(data) == json.loads(canonical), (data, canonical)
+
+
+def chain_file_seeds() -> list[bytes]:
+    v = _commit_vectors()
+    seeds = [bytes.fromhex(v["chain"]["chain_file"])]
+    seeds += [bytes.fromhex(c["chain_file"]) for c in v["commits"] + v["invalid_commits"]
+              if c["membership"] == "3-of-4"]
+    # the same chain from block 2 (verified from a checkpoint at block 1)
+    reader = ChainReader(io.BytesIO(seeds[0]))
+    entries = [(e.header, e.commit) for e in reader.entries()][2:]
+    buf = io.BytesIO()
+    write_chain_file(buf, REGTEST, 2, len(entries), entries)
+    return seeds + [buf.getvalue()]
+
+
+def _chain_entries(d: bytes) -> Optional[list[tuple[BlockHeader, Commit]]]:
+    reader = ChainReader(io.BytesIO(d))
+    return [(e.header, e.commit) for e in reader.entries()]
+
+
+def run_chain_file(data: bytes) -> None:
+    """ChainReader and verify_chain (against the vector federation; a later start from a checkpoint at the first
+    block's parent) refuse with ChainFileError only; a file that reads back is canonical: the writer, given its
+    entries, writes the same bytes."""
+    for d in (data, reseal(data)):
+        entries = _try(_chain_entries, d)
+        if entries is not None:
+            start = entries[0][0].height if entries else 0
+            buf = io.BytesIO()
+            write_chain_file(buf, _ID_TO_NETWORK[d[9]], int.from_bytes(d[10:18], "big"), len(entries), entries)
+            assert buf.getvalue() == d
+            checkpoint = (start - 1, entries[0][0].prev_hash) if start > 1 else None
+            _try(verify_chain, io.BytesIO(d), federation(), checkpoint)
+        else:
+            _try(verify_chain, io.BytesIO(d), federation())
 
 
 # -- l2-verify -----------------------------------------------------------------------------------------------------
@@ -436,10 +520,24 @@ def _input_path() -> Path:
     return Path(tempfile.mkdtemp(prefix="l2d-fuzz-")) / "input"
 
 
+@cache
+def _genesis_path() -> Path:
+    p = _input_path().with_name("genesis.json")
+    p.write_bytes(federation().encode())
+    return p
+
+
+@cache
+def _chain_path() -> Path:
+    p = _input_path().with_name("chain.l2chain")
+    p.write_bytes(chain_file_seeds()[0])
+    return p
+
+
 def l2_verify_seeds() -> list[bytes]:
     proofs = proof_seeds()
     return (snapshot_seeds()[1:] + proofs[:2] + [proofs[0].hex().encode() + b"\n"] + header_file_seeds()[:1]
-            + bundle_seeds()[:1])
+            + bundle_seeds()[:1] + bundle_seeds()[-1:] + chain_file_seeds()[:1] + genesis_file_seeds()[:1])
 
 
 def run_l2_verify(data: bytes) -> None:
@@ -454,13 +552,17 @@ def run_l2_verify(data: bytes) -> None:
     elif data.startswith(HEADERS_MAGIC):
         argv = ["headers", f]
     elif data.startswith(BUNDLE_MAGIC):
-        argv = ["audit", f]
+        argv = ["audit", f] + (["--members", str(_genesis_path())] if data[8:9] == b"\x02" else [])
+    elif data.startswith(CHAIN_MAGIC):
+        argv = ["chain", f, "--members", str(_genesis_path())]
+    elif data.startswith(b"{"):  # a genesis file, given to `chain` with the vector chain file
+        argv = ["chain", str(_chain_path()), "--members", f]
     else:
         argv = ["proof", "--root", root, f]
     want_json = len(data) % 2 == 0
     if want_json:
         argv.append("--json")
-    for d in (data, reseal(data)) if argv[0] != "proof" else (data,):
+    for d in (data, reseal(data)) if argv[0] != "proof" and not data.startswith(b"{") else (data,):
         path.write_bytes(d)
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
@@ -480,5 +582,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("snapshot", run_snapshot, snapshot_seeds),
     Target("header_file", run_header_file, header_file_seeds),
     Target("audit", run_audit, bundle_seeds),
+    Target("genesis_file", run_genesis_file, genesis_file_seeds),
+    Target("chain_file", run_chain_file, chain_file_seeds),
     Target("l2_verify", run_l2_verify, l2_verify_seeds),
 )}

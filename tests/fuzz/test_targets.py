@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from l2d.core.audit import AuditBundle, verify_bundle
 from l2d.core.block import Block
+from l2d.core.chain_file import ChainFileError, ChainReader, verify_chain
 from l2d.core.errors import InvalidTransaction, Truncated
+from l2d.core.genesis_file import FederationGenesis
 from l2d.core.header_file import load_header_file
 from l2d.core.params import LOCAL, REGTEST
 from l2d.core.payload import TxType
@@ -118,22 +120,48 @@ def test_block_snapshot_header_and_bundle_seeds_are_valid() -> None:
         verify_snapshot(io.BytesIO(raw))
     for raw in T.header_file_seeds():
         load_header_file(io.BytesIO(raw), now=T.NOW)
-    for raw in T.bundle_seeds():
-        verify_bundle(AuditBundle.decode(raw), REGTEST, BITCOIN_REGTEST, None, 1, now=T.NOW)
+    bundles = [AuditBundle.decode(raw) for raw in T.bundle_seeds()]
+    for b in bundles:
+        verify_bundle(b, REGTEST, BITCOIN_REGTEST, None, 1, now=T.NOW)
+    assert bundles[-1].commit is not None
+    verify_bundle(bundles[-1], REGTEST, BITCOIN_REGTEST, None, 1, now=T.NOW, federation=T.federation())
+
+
+def test_genesis_and_chain_file_seeds_are_valid() -> None:
+    for raw in T.genesis_file_seeds():
+        FederationGenesis.decode(raw)
+    fed = T.federation()
+    verified = 0
+    seeds = T.chain_file_seeds()
+    for raw in seeds:
+        start = ChainReader(io.BytesIO(raw)).preamble.start_height
+        cp = (start - 1, ChainReader(io.BytesIO(raw)).entries().__next__().header.prev_hash) if start > 1 else None
+        try:
+            verify_chain(io.BytesIO(raw), fed, cp)
+            verified += 1
+        except ChainFileError:  # the invalid commit vectors: chains the federation did not sign, or cannot decode
+            pass
+    assert verified >= 4 and len(seeds) > verified
 
 
 def test_l2_verify_accepts_each_seed_with_its_command() -> None:
     path = T._input_path()
     root = T.proof_tree()[0].hex()
     seeds = T.l2_verify_seeds()
+    members = ["--members", str(T._genesis_path())]
     commands = [["snapshot"], ["snapshot"], ["proof", "--root", root], ["proof", "--root", root],
-                ["proof", "--root", root], ["headers"], ["audit"]]
+                ["proof", "--root", root], ["headers"], ["audit"], ["audit", *members], ["chain", *members],
+                ["chain", str(T._chain_path()), "--members"]]
     assert len(seeds) == len(commands)
     for raw, cmd in zip(seeds, commands):
         path.write_bytes(raw)
         with contextlib.redirect_stdout(io.StringIO()) as out:
             assert T.l2_verify(cmd + [str(path)]) == 0, (cmd, raw[:16])
         assert out.getvalue().startswith("OK ")
+        if cmd[-1] == "--members":
+            assert out.getvalue().startswith("OK chain regtest 0..3")
+        elif cmd[0] == "audit" and len(cmd) > 1:
+            assert "signed by 3 of 4 members" in out.getvalue()
 
 
 # -- the targets do report a finding (a fuzz target that cannot fail would prove nothing) ---------------------------

@@ -13,11 +13,14 @@ Files written:
     transactions.json  signed transactions (inputs, raw, sighash, txid) and invalid encodings with their error
     state_tree.json    key/value sets with their roots, and encoded proofs with the expected result
     blocks.json        a genesis header and a block with three transactions applied to it
+    commits.json       federation memberships, block commits (sighashes, signatures, encodings) and invalid commits
+                       with the error they raise, genesis files, and a chain file
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -30,9 +33,13 @@ if str(ROOT) not in sys.path:
 from coincurve import PrivateKey  # noqa: E402
 
 from l2d.core.block import Block, BlockHeader, genesis_header, tx_root  # noqa: E402
+from l2d.core.chain_file import ChainFileError, genesis_commit, verify_chain, write_chain_file
 from l2d.core.coin_tx import Burn, Mint, Transfer
-from l2d.core.errors import DecodeError, ProofError  # noqa: E402
+from l2d.core.commit import Commit, commit_sighash, sign_block
+from l2d.core.errors import CommitError, DecodeError, ProofError  # noqa: E402
+from l2d.core.genesis_file import FederationGenesis
 from l2d.core.hashing import EMPTY_ROOT  # noqa: E402
+from l2d.core.members import Membership
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network  # noqa: E402
 from l2d.core.payload import Payload
 from l2d.core.rules import apply_tx
@@ -345,8 +352,196 @@ def blocks() -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------- commits
+
+MEMBERSHIPS = {"1-of-1": (1, 1), "3-of-4": (4, 3), "5-of-7": (7, 5), "7-of-10": (10, 7)}
+MEMBER_KEY = 10  # member i of every membership has secret(MEMBER_KEY + i)
+OUTSIDER_KEY = 30  # a key of no membership
+
+
+def member_secret(i: int) -> bytes:
+    return secret(MEMBER_KEY + i)
+
+
+def commit_aux(i: int) -> bytes:
+    return hashlib.sha256(b"l2d test commit aux %d" % i).digest()
+
+
+def membership(name: str) -> Membership:
+    n, m = MEMBERSHIPS[name]
+    return Membership(tuple(pubkey(MEMBER_KEY + i) for i in range(n)), m)
+
+
+def federation(name: str, net: Network) -> FederationGenesis:
+    """The genesis file of a vector membership on net: blocks.json's genesis (on regtest; the same time and state
+    root on another network), member ids member-1..member-n."""
+    g = bytes.fromhex(blocks()["genesis"]["header_hex"])
+    header = BlockHeader.decode(g, REGTEST)
+    members = membership(name)
+    return FederationGenesis(net, members, tuple(f"member-{i + 1}" for i in range(members.n)),
+                             genesis_header(net, header.timestamp_ms, header.state_root))
+
+
+def block_1(net: Network) -> BlockHeader:
+    """The block the commit vectors sign: blocks.json's block 1 on regtest; an empty child of the genesis on local."""
+    if net == REGTEST:
+        return BlockHeader.decode(bytes.fromhex(blocks()["block"]["header_hex"]), REGTEST)
+    g = federation("3-of-4", net).genesis
+    return BlockHeader(net.id, 1, g.hash, g.timestamp_ms + 60_000, 0, tx_root([]), g.state_root)
+
+
+def sign_commit(n: int, block_hash: bytes, net: Network, signers: dict[int, bytes]) -> Commit:
+    """The commit of the given member index -> secret pairs over block_hash on net."""
+    return Commit.assemble(n, {i: sign_block(sec, net, block_hash, commit_aux(i)) for i, sec in signers.items()})
+
+
+def chain_file_bytes(fed: FederationGenesis, entries: list[tuple[BlockHeader, Commit]]) -> bytes:
+    buf = io.BytesIO()
+    write_chain_file(buf, fed.network, entries[0][0].height, len(entries), entries)
+    return buf.getvalue()
+
+
+def chain_file_with_raw_commit(fed: FederationGenesis, block: BlockHeader, raw: bytes) -> bytes:
+    """The chain file of the genesis and block with raw as its commit, framed by hand (the writer only writes commits
+    that decode): preamble, the genesis with the empty commit, block, length, raw, SHA-256."""
+    empty = genesis_commit(fed.members.n).encode()
+    body = (b"L2DCHAIN" + bytes((1, fed.network.id)) + (0).to_bytes(8, "big") + (2).to_bytes(8, "big")
+            + fed.genesis.encode() + len(empty).to_bytes(2, "big") + empty
+            + block.encode() + len(raw).to_bytes(2, "big") + raw)
+    return body + hashlib.sha256(body).digest()
+
+
+def chain_verdict(fed: FederationGenesis, raw: bytes) -> Optional[str]:
+    """What verify_chain says about a chain file: None (verified) or the error's class name."""
+    try:
+        verify_chain(io.BytesIO(raw), fed)
+    except ChainFileError as e:
+        return type(e).__name__
+    return None
+
+
+def commits() -> dict[str, Any]:
+    memberships = [{"name": name, "n": m.n, "threshold": m.threshold,
+                    "secrets": [member_secret(i).hex() for i in range(m.n)], "keys": [k.hex() for k in m.keys],
+                    "encoding": m.encode().hex()} for name, m in ((name, membership(name)) for name in MEMBERSHIPS)]
+    nets = (REGTEST, LOCAL)
+    blocks_ = [{"network": net.name, "genesis_hash": federation("3-of-4", net).genesis_hash.hex(),
+                "header_hex": block_1(net).encode().hex(), "hash": block_1(net).hash.hex(),
+                "sighash": commit_sighash(net, block_1(net).hash).hex()} for net in nets]
+
+    def entry(name: str, ms: str, net: Network, commit: Commit, signed_on: Network) -> dict[str, Any]:
+        fed = federation(ms, net)
+        h = block_1(net)
+        raw = commit.encode()
+        if Commit.decode(raw) != commit:
+            raise SystemExit(f"commit {name} does not round-trip")
+        chain_raw = chain_file_bytes(fed, [(fed.genesis, genesis_commit(fed.members.n)), (h, commit)])
+        if chain_raw != chain_file_with_raw_commit(fed, h, raw):
+            raise SystemExit(f"commit {name}: the writer and the hand framing disagree")
+        return {"name": name, "membership": ms, "network": net.name, "block_hash": h.hash.hex(),
+                "signed_on": signed_on.name, "sighash": commit_sighash(signed_on, h.hash).hex(),
+                "signers": list(commit.signers), "aux": [commit_aux(i).hex() for i in commit.signers],
+                "signatures": [sig.hex() for sig in commit.signatures], "commit": raw.hex(),
+                "chain_file": chain_raw.hex(), "l2_verify": chain_verdict(fed, chain_raw)}
+
+    def members_signing(ms: str, net: Network, indices: list[int], n: Optional[int] = None) -> Commit:
+        return sign_commit(n or membership(ms).n, block_1(net).hash, net, {i: member_secret(i) for i in indices})
+
+    valid = [
+        entry("1-of-1", "1-of-1", REGTEST, members_signing("1-of-1", REGTEST, [0]), REGTEST),
+        entry("3-of-4-threshold", "3-of-4", REGTEST, members_signing("3-of-4", REGTEST, [0, 2, 3]), REGTEST),
+        entry("3-of-4-all", "3-of-4", REGTEST, members_signing("3-of-4", REGTEST, [0, 1, 2, 3]), REGTEST),
+        entry("3-of-4-local", "3-of-4", LOCAL, members_signing("3-of-4", LOCAL, [1, 2, 3]), LOCAL),
+        entry("5-of-7", "5-of-7", REGTEST, members_signing("5-of-7", REGTEST, [0, 1, 3, 5, 6]), REGTEST),
+        entry("7-of-10-two-byte-bitmap", "7-of-10", REGTEST,
+              members_signing("7-of-10", REGTEST, [0, 2, 3, 5, 7, 8, 9]), REGTEST),
+    ]
+    for v in valid:
+        if v["l2_verify"] is not None:
+            raise SystemExit(f"commit vector {v['name']} does not verify: {v['l2_verify']}")
+        Commit.decode(bytes.fromhex(v["commit"])).verify(membership(v["membership"]), network_of(v["network"]),
+                                                          bytes.fromhex(v["block_hash"]))
+
+    good = members_signing("3-of-4", REGTEST, [0, 1, 2])
+    two = members_signing("3-of-4", REGTEST, [0, 1])
+    outsider = sign_commit(4, block_1(REGTEST).hash, REGTEST,
+                           {0: member_secret(0), 1: member_secret(1), 3: secret(OUTSIDER_KEY)})
+    ten = members_signing("7-of-10", REGTEST, [0, 1, 2, 3, 4, 5, 6]).encode()
+    invalid_raw = [
+        ("m-minus-1", "3-of-4", REGTEST, two.encode(), "the threshold is 3; members 0 and 1 signed"),
+        ("non-member-signature", "3-of-4", REGTEST, outsider.encode(), "slot 3 holds an outsider's signature"),
+        ("signed-for-another-network", "3-of-4", REGTEST, members_signing("3-of-4", LOCAL, [0, 1, 2]).encode(),
+         "members 0..2 signed the same block hash with the local network's sighash"),
+        ("signature-under-another-members-bit", "3-of-4", REGTEST,
+         Commit(4, (0, 1, 2), two.signatures + two.signatures[1:]).encode(),
+         "a duplicated signer: member 1's signature again, under member 2's bit"),
+        ("extra-signature", "3-of-4", REGTEST, two.encode() + two.signatures[1],
+         "a duplicated signer: member 1's signature again, with no bit for it"),
+        ("bit-above-n", "3-of-4", REGTEST, bytes((4, good.encode()[1] | 0x10)) + good.encode()[2:] + good.signatures[0],
+         "bit 4 set in a commit for 4 members"),
+        ("bit-above-n-two-byte-bitmap", "7-of-10", REGTEST, ten[:2] + bytes((ten[2] | 0x04,)) + ten[3:] + bytes(64),
+         "bit 10 set in a commit for 10 members"),
+        ("made-for-another-member-count", "3-of-4", REGTEST, members_signing("3-of-4", REGTEST, [0, 1, 2], 5).encode(),
+         "n = 5 in a 4-member federation"),
+        ("truncated", "3-of-4", REGTEST, good.encode()[:-1], "the last signature is one byte short"),
+        ("no-member-count", "3-of-4", REGTEST, b"\x00\x00", "n = 0"),
+    ]
+    invalid = []
+    for name, ms, net, raw, why in invalid_raw:
+        h = block_1(net)
+        err = error_name(lambda: Commit.decode(raw))
+        if err is None:
+            try:
+                Commit.decode(raw).verify(membership(ms), net, h.hash)
+            except CommitError as e:
+                err = type(e).__name__
+        if err is None:
+            raise SystemExit(f"invalid commit {name} verifies")
+        fed = federation(ms, net)
+        chain_raw = chain_file_with_raw_commit(fed, h, raw)
+        invalid.append({"name": name, "why": why, "membership": ms, "network": net.name, "block_hash": h.hash.hex(),
+                        "commit": raw.hex(), "error": err, "chain_file": chain_raw.hex(),
+                        "l2_verify": chain_verdict(fed, chain_raw)})
+
+    fed = federation("3-of-4", REGTEST)
+    entries: list[tuple[BlockHeader, Commit]] = [(fed.genesis, genesis_commit(4))]
+    for height in range(1, 4):
+        h = block_1(REGTEST) if height == 1 else BlockHeader(
+            REGTEST.id, height, entries[-1][0].hash, entries[-1][0].timestamp_ms + 60_000, 0, tx_root([]),
+            entries[-1][0].state_root)
+        signers = [(height + k) % 4 for k in range(3)]
+        entries.append((h, sign_commit(4, h.hash, REGTEST, {i: member_secret(i) for i in signers})))
+    chain_raw = chain_file_bytes(fed, entries)
+    if chain_verdict(fed, chain_raw) is not None:
+        raise SystemExit(f"the vector chain file does not verify: {chain_verdict(fed, chain_raw)}")
+    return {
+        "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. Member i of a membership has "
+                   "secret sha256(b'l2d test key %d' % (10 + i)); an outsider has key 30. A member signs "
+                   "sighash = H('l2d/block/commit', network id || block hash) with BIP340 aux "
+                   "sha256(b'l2d test commit aux %d' % i). Every commit signs block 1 of its network (blocks.json's "
+                   "block 1 on regtest; on local an empty child of a genesis with the same time and state root). "
+                   "'error' of an invalid commit is what Commit.decode or Commit.verify raises. 'genesis_file' is "
+                   "the canonical federation genesis file; 'l2_verify' is what verify_chain (and l2-verify chain) "
+                   "says about the chain file of the genesis and block 1 carrying that commit: null when it "
+                   "verifies, else the error type.",
+        "memberships": memberships,
+        "blocks": blocks_,
+        "genesis_files": {f"{ms}/{net.name}": federation(ms, net).encode().decode()
+                          for ms in MEMBERSHIPS for net in nets},
+        "commits": valid,
+        "invalid_commits": invalid,
+        "chain": {"membership": "3-of-4", "network": "regtest", "tip_height": 3, "tip_hash": entries[-1][0].hash.hex(),
+                  "signers": [list(c.signers) for _, c in entries], "chain_file": chain_raw.hex()},
+    }
+
+
+def network_of(name: str) -> Network:
+    return {"regtest": REGTEST, "local": LOCAL}[name]
+
+
 def render() -> dict[str, str]:
-    docs = {"transactions.json": transactions(), "state_tree.json": state_tree(), "blocks.json": blocks()}
+    docs = {"transactions.json": transactions(), "state_tree.json": state_tree(), "blocks.json": blocks(),
+            "commits.json": commits()}
     return {name: json.dumps(doc, indent=1) + "\n" for name, doc in docs.items()}
 
 

@@ -135,3 +135,57 @@ def test_subprocess_run_and_imports(bundle: Path) -> None:
              "print(sorted(m for m in ('lmdb', 'aiohttp', 'zmq', 'l2d.store', 'l2d.node') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# -- --members: the anchored L2 block's commit (version 2 bundles) ------------------------------------------------
+@pytest.fixture
+def members(tmp_path: Path) -> Path:
+    p = tmp_path / "genesis.json"
+    p.write_bytes(B.FEDERATION.encode())
+    return p
+
+
+def test_commit_checked_with_members(capsys: pytest.CaptureFixture[str], tmp_path: Path, world: Any,
+                                     members: Path) -> None:
+    v2 = tmp_path / "v2.l2audit"
+    b = B.with_commit(world)
+    v2.write_bytes(b.encode())
+    block = b.commit.header.hash.hex()
+    code, out, err = run(capsys, "audit", str(v2), "--members", str(members))
+    assert (code, err) == (0, "")
+    assert (f"(3 account proof(s)), block {block} signed by 3 of 4 members (alice, bob, carol; threshold 3), "
+            f"anchored by op-return output") in out
+    code, obj = run_json(capsys, "audit", str(v2), "--members", str(members))
+    assert code == 0 and obj["commit"] == {"l2_block_hash": block, "signers": [0, 1, 2], "checked": True,
+                                           "signer_ids": ["alice", "bob", "carol"]}
+    code, out, _ = run(capsys, "audit", str(v2))  # no --members: verified, and the line says what was not checked
+    assert code == 0 and f"block {block} with a commit of 3 member signature(s) NOT checked (no --members)" in out
+    code, obj = run_json(capsys, "audit", str(v2))
+    assert code == 0 and obj["commit"] == {"l2_block_hash": block, "signers": [0, 1, 2], "checked": False}
+
+
+def test_commit_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path, world: Any, bundle: Path,
+                        members: Path) -> None:
+    code, obj = run_json(capsys, "audit", str(bundle), "--members", str(members))
+    assert (code, obj["error_type"]) == (1, "CommitMissing")  # a version 1 bundle cannot show the signatures
+    code, obj = run_json(capsys, "audit", str(bundle))
+    assert code == 0 and obj["commit"] is None  # and verifies as before without --members
+    cases = {
+        "m-1": (B.with_commit(world, (1, 3)), "NotEnoughSignatures"),
+        "non-member": (B.with_commit(world, (0, 1, 2), secrets=B.MEMBER_SECRETS[:2] + [B.MEMBER_SECRETS[4]]),
+                       "BadCommitSignature"),
+        "another block": (B.with_commit(world, state_root=b"\x09" * 32), "CommitMismatch"),
+    }
+    for name, (b, error_type) in cases.items():
+        p = tmp_path / f"{name}.l2audit"
+        p.write_bytes(b.encode())
+        code, out, err = run(capsys, "audit", str(p), "--members", str(members))
+        assert (code, out) == (1, "") and err.startswith(f"FAIL audit {p}: "), name
+        code, obj = run_json(capsys, "audit", str(p), "--members", str(members))
+        assert (code, obj["error_type"]) == (1, error_type), name
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(B.FEDERATION.encode().replace(b'"threshold": 3', b'"threshold": 2'))
+    code, obj = run_json(capsys, "audit", str(bundle), "--members", str(bad))
+    assert (code, obj["error_type"]) == (2, "GenesisFileInvalid") and obj["error"].startswith(f"--members {bad}: ")
+    code, obj = run_json(capsys, "audit", str(bundle), "--members", str(tmp_path / "none.json"))
+    assert (code, obj["error_type"]) == (2, "io-error")

@@ -15,10 +15,16 @@ from coincurve import PrivateKey
 
 from l2d.core.anchor_format import AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.audit import (MAGIC, AccountProofInvalid, AnchorKind, AnchorNotInTx, AuditBundle, BlockNotInChain,
-                            BundleChecksumMismatch, BundleMalformed, EvidenceHeightMismatch, ProofEvidence, Section,
-                            SnapshotEvidence, StateRootMismatch, TooFewConfirmations, verify_bundle)
-from l2d.core.errors import TrailingBytes, Truncated, UnknownVersion, WrongNetwork
-from l2d.core.params import LOCAL, REGTEST
+                            BundleChecksumMismatch, BundleMalformed, CommitEvidence, CommitMismatch, CommitMissing,
+                            EvidenceHeightMismatch, FederationMismatch, ProofEvidence, Section, SnapshotEvidence,
+                            StateRootMismatch, TooFewConfirmations, verify_bundle)
+from l2d.core.block import BlockHeader, genesis_header, tx_root
+from l2d.core.commit import Commit, sign_block
+from l2d.core.errors import (BadCommitSignature, NotEnoughSignatures, TrailingBytes, Truncated, UnknownVersion,
+                             WrongNetwork)
+from l2d.core.genesis_file import FederationGenesis
+from l2d.core.members import Membership
+from l2d.core.params import LOCAL, REGTEST, Network
 from l2d.core.snapshot import SnapshotInvalid, write_snapshot
 from l2d.core.spv import (BITCOIN_MAINNET, BITCOIN_REGTEST, BadLink, BadProofOfWork, CheckpointMismatch, Header,
                           MerkleMutation, MerkleRootMismatch, PartialMerkleTree, TimeTooNew, TxNotInProof,
@@ -137,8 +143,10 @@ def world(request: pytest.FixtureRequest) -> World:
 
 
 def verify(b: AuditBundle, checkpoint: Optional[tuple[int, bytes]] = None, min_conf: int = 1,
-           now: Optional[int] = None):  # type: ignore[no-untyped-def]
-    return verify_bundle(AuditBundle.decode(b.encode()), REGTEST, BITCOIN_REGTEST, checkpoint, min_conf, now=now)
+           now: Optional[int] = None, federation: Optional[FederationGenesis] = None
+           ):  # type: ignore[no-untyped-def]
+    return verify_bundle(AuditBundle.decode(b.encode()), REGTEST, BITCOIN_REGTEST, checkpoint, min_conf, now=now,
+                         federation=federation)
 
 
 # -- verifies ------------------------------------------------------------------------------------------------------
@@ -297,6 +305,8 @@ def test_malformed_bundles(world: World) -> None:
     with pytest.raises(BundleMalformed):
         AuditBundle.decode(b"")
     with pytest.raises(UnknownVersion):
+        AuditBundle.decode(_reseal(body[:8] + b"\x03" + body[9:]))
+    with pytest.raises(Truncated):  # version 2 has a sixth section, the commit
         AuditBundle.decode(_reseal(body[:8] + b"\x02" + body[9:]))
     with pytest.raises(WrongNetwork):
         AuditBundle.decode(_reseal(body[:9] + b"\x63" + body[10:]))
@@ -309,3 +319,97 @@ def test_malformed_bundles(world: World) -> None:
         AuditBundle.decode(_reseal(body[:10] + bytes((Section.ANCHOR_TX,)) + body[11:]))
     with pytest.raises(WrongNetwork):  # the bundle is fine, but not for this network
         verify_bundle(world.bundle, LOCAL, BITCOIN_REGTEST, None, 1)
+
+
+# -- the anchored block's commit (version 2 bundles) ---------------------------------------------------------------
+MEMBER_SECRETS = [_sha(b"l2d audit member %d" % i).digest() for i in range(5)]  # 0..3 members, 4 an outsider
+FEDERATION = FederationGenesis(REGTEST, Membership(tuple(PrivateKey(s).public_key_xonly.format()
+                                                         for s in MEMBER_SECRETS[:4]), 3),
+                               ("alice", "bob", "carol", "dave"), genesis_header(REGTEST, 1_700_000_000_000,
+                                                                                 _sha(b"genesis").digest()))
+
+
+def anchored_block(world: World, **change: object) -> BlockHeader:
+    header = BlockHeader(REGTEST.id, L2_HEIGHT, _sha(b"parent").digest(), 1_700_000_600_000, 0, tx_root([]),
+                         world.bundle.record.state_root)
+    return dataclasses.replace(header, **change)  # type: ignore[arg-type]
+
+
+def with_commit(world: World, signers: tuple[int, ...] = (0, 1, 2), network: Network = REGTEST,
+                secrets: Optional[list[bytes]] = None, **change: object) -> AuditBundle:
+    """The world's bundle with the commit of its anchored L2 block, signed by the given member indices."""
+    header = anchored_block(world, **change)
+    keys = secrets or MEMBER_SECRETS
+    commit = Commit.assemble(4, {i: sign_block(keys[i], network, header.hash, bytes(32)) for i in signers})
+    return dataclasses.replace(world.bundle, commit=CommitEvidence(header, commit))
+
+
+def test_a_bundle_with_the_commit_verifies(world: World) -> None:
+    b = with_commit(world)
+    raw = b.encode()
+    assert raw[8] == 2 and world.bundle.encode()[8] == 1  # the version says whether the sixth section is there
+    assert AuditBundle.decode(raw) == b and b.commit is not None
+    assert raw[-32 - 9 - 118 - 2 - 3 * 64:-32 - 118 - 2 - 3 * 64] == bytes((Section.COMMIT,)) + (
+        118 + 2 + 3 * 64).to_bytes(8, "big")
+    r = verify(b, federation=FEDERATION)
+    assert (r.l2_block_hash, r.signers, r.signers_checked) == (b.commit.header.hash, (0, 1, 2), True)
+    d = r.to_dict()["commit"]
+    assert d == {"l2_block_hash": b.commit.header.hash.hex(), "signers": [0, 1, 2], "checked": True}
+    unchecked = verify(b)  # no federation: everything else is checked, the signatures are not
+    assert (unchecked.signers, unchecked.signers_checked) == ((0, 1, 2), False)
+    assert verify(world.bundle).to_dict()["commit"] is None  # a version 1 bundle verifies as before
+
+
+def test_the_commit_must_be_the_anchored_blocks(world: World) -> None:
+    with pytest.raises(CommitMismatch, match=f"height {L2_HEIGHT + 1}"):
+        verify(with_commit(world, height=L2_HEIGHT + 1))
+    with pytest.raises(CommitMismatch, match="state root 0909"):  # checked with or without a federation
+        verify(with_commit(world, state_root=b"\x09" * 32))
+
+
+def test_the_federation_must_have_signed(world: World) -> None:
+    with pytest.raises(NotEnoughSignatures, match="2 member signatures, the threshold is 3 \\(signed by member 0 "
+                                                  "\\(alice\\), member 3 \\(dave\\)\\)"):
+        verify(with_commit(world, (0, 3)), federation=FEDERATION)
+    outsider = MEMBER_SECRETS[:2] + [MEMBER_SECRETS[4], MEMBER_SECRETS[3]]  # slot 2 signed by a non-member
+    with pytest.raises(BadCommitSignature, match="member 2 \\(carol\\) does not verify"):
+        verify(with_commit(world, (0, 1, 2), secrets=outsider), federation=FEDERATION)
+    with pytest.raises(BadCommitSignature, match="member 0 \\(alice\\)"):
+        verify(with_commit(world, network=LOCAL), federation=FEDERATION)
+    b = with_commit(world, (0, 1))
+    assert b.commit is not None
+    copied = Commit(4, (0, 1, 2), b.commit.commit.signatures + b.commit.commit.signatures[1:])  # bob's, twice
+    with pytest.raises(BadCommitSignature, match="member 2 \\(carol\\)"):
+        verify(dataclasses.replace(b, commit=CommitEvidence(b.commit.header, copied)), federation=FEDERATION)
+
+
+def test_members_given_need_a_commit_of_their_network(world: World) -> None:
+    with pytest.raises(CommitMissing, match="version 1 bundle"):
+        verify(world.bundle, federation=FEDERATION)
+    local = FederationGenesis(LOCAL, FEDERATION.members, FEDERATION.member_ids,
+                              genesis_header(LOCAL, 1_700_000_000_000, _sha(b"genesis").digest()))
+    with pytest.raises(FederationMismatch, match="network local, the bundle for regtest"):
+        verify(with_commit(world), federation=local)
+
+
+def test_malformed_commit_sections(world: World) -> None:
+    b = with_commit(world, (0, 1))
+    assert b.commit is not None
+    raw = b.encode()
+    body = raw[:-32]
+    sig_end = len(body)
+    section = 1 + 8 + 118 + 2 + 2 * 64
+    head = body[:sig_end - section]
+    length = (118 + 2 + 3 * 64).to_bytes(8, "big")
+    # one more signature than the bitmap has bits (a duplicated signer): not a commit
+    forged = head + bytes((Section.COMMIT,)) + length + body[sig_end - section + 9:] + b.commit.commit.signatures[1]
+    with pytest.raises(TrailingBytes, match="after the last signature"):
+        AuditBundle.decode(_reseal(forged))
+    with pytest.raises(WrongNetwork):  # the header names another network
+        AuditBundle.decode(_reseal(body[:sig_end - section + 9 + 1] + bytes((LOCAL.id,))
+                                   + body[sig_end - section + 9 + 2:]))
+    with pytest.raises(Truncated):  # the section ends inside the header
+        AuditBundle.decode(_reseal(head + bytes((Section.COMMIT,)) + (100).to_bytes(8, "big")
+                                   + body[sig_end - section + 9:sig_end - section + 109]))
+    with pytest.raises(BundleMalformed, match="section 7"):
+        AuditBundle.decode(_reseal(head + b"\x07" + body[sig_end - section + 1:]))

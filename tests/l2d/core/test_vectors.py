@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -9,10 +10,14 @@ from typing import Any, Optional
 import pytest
 from coincurve import PrivateKey
 
-from l2d.core import errors
+from l2d.core import chain_file, errors
 from l2d.core.block import Block, BlockHeader, check_link, genesis_header, tx_root
+from l2d.core.chain_file import verify_chain
 from l2d.core.coin_tx import Burn, Mint, Transfer
+from l2d.core.commit import Commit, commit_sighash, sign_block, signature_valid
 from l2d.core.errors import BadSignature, DecodeError, ProofError
+from l2d.core.genesis_file import FederationGenesis
+from l2d.core.members import Membership
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.rules import apply_tx
@@ -216,6 +221,102 @@ def test_block_vector() -> None:
     assert block.encode().hex() == b["block_hex"]
     assert Block.decode(x(b["block_hex"]), net) == block
     check_link(header_of(g["header"]), header)
+
+
+# ---------------------------------------------------------------------------------------------- commits
+
+COMMITS = load("commits.json")
+MEMBERSHIPS = {m["name"]: m for m in COMMITS["memberships"]}
+
+
+def membership_of(name: str) -> Membership:
+    m = MEMBERSHIPS[name]
+    return Membership(tuple(x(k) for k in m["keys"]), m["threshold"])
+
+
+def federation_of(v: dict[str, Any]) -> FederationGenesis:
+    return FederationGenesis.decode(COMMITS["genesis_files"][f"{v['membership']}/{v['network']}"].encode())
+
+
+@pytest.mark.parametrize("m", COMMITS["memberships"], ids=[m["name"] for m in COMMITS["memberships"]])
+def test_membership_vector(m: dict[str, Any]) -> None:
+    keys = tuple(PrivateKey(x(sec)).public_key_xonly.format() for sec in m["secrets"])
+    assert [k.hex() for k in keys] == m["keys"] and len(keys) == m["n"]
+    members = Membership(keys, m["threshold"])
+    assert members.encode().hex() == m["encoding"] and Membership.decode(x(m["encoding"])) == members
+
+
+def test_commit_vectors_sign_the_block_vectors() -> None:
+    by_net = {b["network"]: b for b in COMMITS["blocks"]}
+    regtest = by_net["regtest"]
+    assert regtest["header_hex"] == BLOCKS["block"]["header_hex"] and regtest["hash"] == BLOCKS["block"]["hash"]
+    assert {v["name"] for v in COMMITS["invalid_commits"]} >= {
+        "m-minus-1", "non-member-signature", "signed-for-another-network", "bit-above-n", "extra-signature",
+        "signature-under-another-members-bit"}
+    for b in COMMITS["blocks"]:
+        net = network_by_name(b["network"])
+        header = BlockHeader.decode(x(b["header_hex"]), net)
+        assert header.hash.hex() == b["hash"] and header.prev_hash.hex() == b["genesis_hash"]
+        assert commit_sighash(net, header.hash).hex() == b["sighash"]
+
+
+@pytest.mark.parametrize("v", COMMITS["commits"], ids=[v["name"] for v in COMMITS["commits"]])
+def test_commit_vector(v: dict[str, Any]) -> None:
+    members = membership_of(v["membership"])
+    net = network_by_name(v["network"])
+    block_hash = x(v["block_hash"])
+    assert v["signed_on"] == v["network"] and commit_sighash(net, block_hash).hex() == v["sighash"]
+    secrets = MEMBERSHIPS[v["membership"]]["secrets"]
+    sigs = {i: sign_block(x(secrets[i]), net, block_hash, x(aux)) for i, aux in zip(v["signers"], v["aux"])}
+    assert [s.hex() for s in sigs.values()] == v["signatures"]
+    commit = Commit.assemble(members.n, sigs)
+    assert commit.encode().hex() == v["commit"] and Commit.decode(x(v["commit"])) == commit
+    commit.verify(members, net, block_hash)
+    assert all(signature_valid(members.keys[i], net, block_hash, s) for i, s in sigs.items())
+    assert v["l2_verify"] is None
+    fed = federation_of(v)
+    assert fed.members == members
+    assert verify_chain(io.BytesIO(x(v["chain_file"])), fed).tip_hash == block_hash
+
+
+@pytest.mark.parametrize("v", COMMITS["invalid_commits"], ids=[v["name"] for v in COMMITS["invalid_commits"]])
+def test_invalid_commit_vector(v: dict[str, Any]) -> None:
+    cls = error_class(v["error"])
+    with pytest.raises(cls) as info:
+        Commit.decode(x(v["commit"])).verify(membership_of(v["membership"]), network_by_name(v["network"]),
+                                             x(v["block_hash"]))
+    assert type(info.value) is cls
+    expected = getattr(chain_file, v["l2_verify"])
+    with pytest.raises(expected) as chain_info:
+        verify_chain(io.BytesIO(x(v["chain_file"])), federation_of(v))
+    assert type(chain_info.value) is expected and chain_info.value.height == 1
+    assert issubclass(expected, chain_file.ChainFileMalformed) == issubclass(cls, DecodeError)
+
+
+def test_genesis_file_vectors_are_canonical() -> None:
+    for key, text in COMMITS["genesis_files"].items():
+        ms, net = key.split("/")
+        g = FederationGenesis.decode(text.encode())
+        assert g.encode().decode() == text
+        assert g.network.name == net and g.members == membership_of(ms)
+        assert g.member_ids == tuple(f"member-{i + 1}" for i in range(g.members.n))
+        assert g.genesis.state_root.hex() == BLOCKS["genesis"]["state_root"]
+    assert FederationGenesis.decode(COMMITS["genesis_files"]["3-of-4/regtest"].encode()).genesis_hash.hex() == \
+        BLOCKS["genesis"]["hash"]
+
+
+def test_chain_file_vector() -> None:
+    c = COMMITS["chain"]
+    fed = federation_of(c)
+    raw = x(c["chain_file"])
+    r = verify_chain(io.BytesIO(raw), fed)
+    assert (r.tip_height, r.tip_hash.hex(), r.start_hash) == (c["tip_height"], c["tip_hash"], fed.genesis_hash)
+    reader = chain_file.ChainReader(io.BytesIO(raw))
+    entries = [(e.header, e.commit) for e in reader.entries()]
+    assert [list(commit.signers) for _, commit in entries] == c["signers"]
+    buf = io.BytesIO()
+    chain_file.write_chain_file(buf, fed.network, 0, len(entries), entries)
+    assert buf.getvalue() == raw
 
 
 # ---------------------------------------------------------------------------------------------- generator
