@@ -1,4 +1,5 @@
-"""The consensus-critical modules and the verifier are mypy --strict clean (settings in pyproject.toml)."""
+"""The consensus-critical modules, the federation protocol and the verifier are mypy --strict clean (settings in
+pyproject.toml)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STRICT = ["l2d/core", "verify_tool", "anchoring/btc_tx.py"]
+STRICT = ["l2d/core", "l2d/federation", "verify_tool", "anchoring/btc_tx.py"]
 
 
 def test_consensus_code_is_mypy_strict_clean(tmp_path: Path) -> None:
