@@ -59,18 +59,18 @@ def _xonly(secret: Optional[bytes]) -> Optional[bytes]:
 
 
 class Admission:
-    """The one way into the mempool. wake() is called when the mempool holds a full block."""
+    """The one way into the mempool. admitted(tx, from_peer) is called for every transaction admitted (the consensus
+    host forwards it to the other members unless it came from one, and wakes its proposer)."""
 
-    def __init__(self, chain: ChainView, ledger: Ledger, mempool: Mempool, metrics: Metrics, *, block_max_txs: int,
-                 wake: Callable[[], None], authority_secret: Optional[bytes],
+    def __init__(self, chain: ChainView, ledger: Ledger, mempool: Mempool, metrics: Metrics, *,
+                 admitted: Callable[[T.Transaction, bool], None], authority_secret: Optional[bytes],
                  federation_secret: Optional[bytes], check_space: Callable[[], None] = lambda: None) -> None:
         self.chain = chain
         self.network = chain.network
         self.ledger = ledger
         self.mempool = mempool
         self.metrics = metrics
-        self._block_max_txs = block_max_txs
-        self._wake = wake
+        self._admitted = admitted
         self._authority_secret = authority_secret
         self.authority_pubkey = _xonly(authority_secret)
         self._federation_secret = federation_secret
@@ -83,18 +83,23 @@ class Admission:
         self._space_left()
         return self._submit(raw)
 
+    def submit_from_peer(self, raw: bytes) -> bytes:
+        """A transaction another member forwarded: the same checks as submit, and it is not forwarded again."""
+        self._space_left()
+        return self._submit(raw, from_peer=True)
+
     def _space_left(self) -> None:
         try:
             self._check_space()
         except Rejected as e:
             self._refuse(e)
 
-    def _submit(self, raw: bytes) -> bytes:
+    def _submit(self, raw: bytes, from_peer: bool = False) -> bytes:
         try:
             tx = T.decode(raw, self.network)
         except DecodeError as e:
             return self._refuse(Refused(decode_reason(e), str(e)))
-        return self._admit(tx, signature_checked=False)
+        return self._admit(tx, signature_checked=False, from_peer=from_peer)
 
     def mint(self, recipient: bytes, amount_sat: int) -> bytes:
         """Sign a Mint with the authority key and admit it like any transaction; returns its txid."""
@@ -171,7 +176,7 @@ class Admission:
         log.debug("transaction refused", extra={"reason": e.reason, "detail": str(e)})
         raise e
 
-    def _admit(self, tx: T.Transaction, *, signature_checked: bool) -> bytes:
+    def _admit(self, tx: T.Transaction, *, signature_checked: bool, from_peer: bool = False) -> bytes:
         try:
             if tx.txid in self.mempool:  # before the balance check, which would count it twice
                 raise Duplicate(f"transaction {tx.txid.hex()} is already pending")
@@ -183,8 +188,7 @@ class Admission:
             return self._refuse(e)
         self.metrics.txs_accepted.inc()
         self.remember(txid, None)
-        if len(self.mempool) >= self._block_max_txs:
-            self._wake()
+        self._admitted(tx, from_peer)
         return txid
 
     def _precheck(self, tx: T.Transaction) -> Optional[int]:

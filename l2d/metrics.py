@@ -110,6 +110,17 @@ class Metrics:
                                     "api.max_connections, or past api.header_timeout_ms or api.body_timeout_ms.")
         self.block_build = Histogram("l2d_block_build_seconds", "Time to build and commit one block.",
                                      (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.federation_refused = Counter("l2d_federation_inputs_refused_total",
+                                          "Member messages and fetched blocks refused, by error.")
+        self.federation_dropped = Counter("l2d_federation_inputs_dropped_total",
+                                          "Member inputs dropped because the machine's inbox was full.")
+        self.federation_evidence = Counter("l2d_federation_evidence_total",
+                                           "Equivocations recorded (two proposals of one member in one round).")
+        self.federation_rounds = Counter("l2d_federation_rounds_total",
+                                         "Rounds this member entered, by outcome of the height (all rounds).")
+        self.federation_commit = Histogram("l2d_federation_commit_seconds",
+                                           "From a block's proposal (its timestamp) to storing it complete.",
+                                           (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 
     def render(self, gauges: Mapping[str, tuple[str, Callable[[], float]]]) -> str:
         """The whole exposition: counters and histogram, then each gauge name -> (help, read())."""
@@ -117,7 +128,9 @@ class Metrics:
         for name, (help_text, read) in gauges.items():
             lines += gauge(name, help_text, read())
         for c in (self.blocks_committed, self.txs_committed, self.txs_accepted, self.txs_rejected,
-                  self.snapshots, self.http_requests, self.http_malformed, self.http_dropped):
+                  self.snapshots, self.http_requests, self.http_malformed, self.http_dropped,
+                  self.federation_refused, self.federation_dropped, self.federation_evidence, self.federation_rounds):
             lines += c.render()
         lines += self.block_build.render()
+        lines += self.federation_commit.render()
         return "\n".join(lines) + "\n"

@@ -1,8 +1,9 @@
 """The daemon's composition root: builds every component from one Config and owns the tasks and shutdown.
 
-`l2d --config PATH` runs one asyncio loop: the REST API, the block producer, the snapshot writer and the
-services the config turns on (anchoring, the bridge, the task coordinator). SIGINT/SIGTERM set a stop event;
-shutdown stops HTTP first, lets an in-flight block commit finish (it is shielded), and closes the store last.
+`l2d --config PATH` runs one asyncio loop: the REST API, this member's consensus host (blocks are made by the
+federation's member protocol, a 1-member federation included), the snapshot writer and the services the config
+turns on (anchoring, the bridge, the task coordinator). SIGINT/SIGTERM set a stop event; shutdown stops HTTP
+first, lets an in-flight block store finish (it is shielded), and closes the store last.
 After an unexpected exception nothing more is committed.
 """
 from __future__ import annotations
@@ -38,7 +39,11 @@ from .core.chains import btc_chain
 from .core.errors import WrongNetwork
 from .core.params import Network, network_by_name
 from .core.state import Rules
+from .core.tx import Transaction
 from .datadir import DataDir
+from .federation.host import FederationHost
+from .federation.machine import Timing
+from .federation.signer import SIGNER_FILE
 from .genesis import Genesis, NodeError, check_genesis, load_genesis
 from .keys import KeyFileError
 from .ledger import Ledger
@@ -46,7 +51,6 @@ from .logs import setup_logging
 from .mempool import Mempool
 from .metrics import Metrics
 from .model_store import MODEL_DIR, ModelStore
-from .producer import BlockProducer
 from .snapshots import Snapshots
 from .store import Store, StoreError
 from .views import ChainView
@@ -75,20 +79,23 @@ class Node:
         # Held from build_block until commit returns: in between, the tree is ahead of the committed state.
         tree_lock = asyncio.Lock()
         self.chain = ChainView(network, store, ledger, self.mempool, self.metrics, tree_lock, VERSION)
-        self.admission = Admission(self.chain, ledger, self.mempool, self.metrics,
-                                   block_max_txs=config.block.max_txs, wake=self._wake_producer,
+        self.admission = Admission(self.chain, ledger, self.mempool, self.metrics, admitted=self._tx_admitted,
                                    authority_secret=genesis.authority_secret,
                                    federation_secret=genesis.federation_secret, check_space=datadir.check_space)
-        self.producer = BlockProducer(ledger, store, self.mempool, self.admission, self.metrics, tree_lock,
-                                      max_txs=config.block.max_txs, interval_ms=config.block.interval_ms,
-                                      track=self._track)
+        fed = config.federation
+        self.host = FederationHost(
+            network=network, members=genesis.membership, index=genesis.member_index, secret=genesis.member_secret,
+            timing=Timing(config.block.interval_ms, fed.round_ms, fed.max_round_ms), drift_ms=fed.max_clock_drift_ms,
+            ledger=ledger, store=store, mempool=self.mempool, admission=self.admission, metrics=self.metrics,
+            tree_lock=tree_lock, signer_path=datadir.path / SIGNER_FILE, max_txs=config.block.max_txs,
+            track=self._track)
         self.snapshots = Snapshots(store, network, self.metrics, directory=Path(config.snapshots.dir),
                                    keep=config.snapshots.keep, every_blocks=config.snapshots.every_blocks,
                                    track=self._track, anchored_keep_final=config.snapshots.anchored_keep_final,
                                    anchored_max_bytes=config.snapshots.anchored_max_bytes,
                                    min_free_bytes=config.store.min_free_bytes)
-        self.producer.committed_locked = self.snapshots.committed_locked
-        self.producer.after_commit.append(self.snapshots.block_committed)
+        self.host.committed_locked = self.snapshots.committed_locked
+        self.host.after_commit.append(self.snapshots.block_committed)
         self.models = ModelStore(Path(config.node.data_dir) / MODEL_DIR)
         self.btc_rpc = _bitcoind_client(config.bitcoind)  # the one bitcoind client, shared by every service
         self.anchor_service: Optional[AnchorService] = None
@@ -153,7 +160,7 @@ class Node:
 
         b = self.config.bitcoind
         service = AnchorService(config=cfg, network=self.network, federation_secret=secret, federation_key=pub,
-                                rpc=self.btc_rpc, store=self.store, tip=lambda: self.chain.tip, header_at=header_at,
+                                rpc=self.btc_rpc, store=self.store, tip=lambda: self.chain.final, header_at=header_at,
                                 submit_update=self.admission.submit_as_federation,
                                 snapshot_bytes=self.snapshots.anchor_snapshot_bytes,
                                 zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence, bitcoin_chain=b.chain)
@@ -211,8 +218,8 @@ class Node:
             bridge=self.bridge_service, orchestration=self.orchestration_service))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def _wake_producer(self) -> None:
-        self.producer.wake()
+    def _tx_admitted(self, tx: Transaction, from_peer: bool) -> None:
+        self.host.tx_admitted(tx, from_peer=from_peer)
 
     def _track(self, fut: "asyncio.Future[Any]") -> None:
         """Keep fut (a shielded commit, a snapshot thread) for the shutdown to wait on."""
@@ -224,7 +231,7 @@ class Node:
         if not self._stop.is_set():
             log.info("stop requested")
         self._stop.set()
-        self.producer.wake()
+        self.host.stop_waiting()
 
     @property
     def stopping(self) -> bool:
@@ -233,7 +240,7 @@ class Node:
     async def start(self, *, serve_http: bool = True) -> None:
         """Start the block producer, the snapshot task and the configured services, and (unless serve_http is
         False) the REST API."""
-        self._tasks = [asyncio.create_task(self.producer.run(self._stop), name="block-producer"),
+        self._tasks = [asyncio.create_task(self.host.run(self._stop), name="block-producer"),
                        asyncio.create_task(self.snapshots.run(), name="snapshotter")]
         self.anchor_service = self._make_anchor_service()
         if self.anchor_service is not None:
@@ -242,7 +249,7 @@ class Node:
                 self.snapshots.anchor_every = self.config.anchoring.every_blocks
             self.snapshots.anchored_needed = self.anchor_service.anchored_snapshots_needed
             self.snapshots.prune_anchored()
-            self.producer.after_commit.append(self.anchor_service.notify_block)
+            self.host.after_commit.append(self.anchor_service.notify_block)
             self._tasks.append(asyncio.create_task(self.anchor_service.run(), name="anchor-service"))
         self.orchestration_service = self._make_orchestration_service()
         if self.orchestration_service is not None:

@@ -1,0 +1,426 @@
+"""The daemon side of the member protocol: runs one Member (machine.py) against this node's ledger, mempool, signer
+file and peers (docs/federation.md, "The host").
+
+Every input (a peer's message, a fetched block, local news, the timer) is handed to the machine on the event loop,
+one at a time, and the actions it returns are performed in order before the next input: PersistSigner is written
+and fsynced (in a thread) before a Broadcast that may carry the signature; StoreBlock goes to LMDB (in the writer's
+thread, under the tree lock) before anything builds on it. A failed PersistSigner or StoreBlock ends the host (and
+the node): nothing may be signed on top of a state that did not reach the disk.
+
+The BlockLogic the machine asks about blocks: build (from the mempool, on the parent the machine names),
+consensus_valid (re-execute every transaction, strictly: one invalid transaction rejects the block, and the
+roots must be the header's) and policy_ok (the local signing policy: the timestamp against my clock).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence
+
+from ..admission import Admission
+from ..aio import wait_event
+from ..core.block import Block, BlockHeader
+from ..core.commit import Commit
+from ..core.errors import L2Error, Rejected
+from ..core.members import Membership
+from ..core.params import Network
+from ..core.state import Account, account_key
+from ..core.tx import Transaction, check_signature
+from ..core.tx import decode as decode_tx
+from ..ledger import BuiltBlock, Ledger, UnknownParent
+from ..mempool import Mempool
+from ..metrics import Metrics
+from ..store import Store
+from .machine import (Action, Broadcast, FetchBlocks, Member, PersistSigner, RecordEvidence, StoreBlock, StoredBlock,
+                      Timing, Validity, timestamp_ok)
+from .messages import Candidate, Equivocation
+from .signer import load_state, save_state
+
+log = logging.getLogger(__name__)
+
+INBOX_MAX = 10_000  # inputs waiting for the machine; beyond it a peer's message is dropped (it is re-sent)
+BUILT_KEPT = 256  # executed blocks kept for storing without re-execution
+TXS_KEPT = 100_000  # transaction bodies fetched from peers for proposals
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Peers(Protocol):
+    """The member transport as the host uses it (transport.py)."""
+
+    def broadcast(self, raw: bytes) -> None: ...
+
+    def gossip_txs(self, raws: list[bytes]) -> None: ...
+
+    def fetch_blocks(self, peer: int, from_height: int) -> AsyncIterator[tuple[bytes, bytes]]: ...
+
+    async def fetch_txs(self, peer: int, txids: list[bytes]) -> list[bytes]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    proposer: int
+    height: int
+    round: int
+    first: bytes  # the two signed PROPOSAL messages, as received
+    second: bytes
+
+
+class FederationHost:
+    def __init__(self, *, network: Network, members: Membership, index: int, secret: bytes, timing: Timing,
+                 drift_ms: int, ledger: Ledger, store: Store, mempool: Mempool, admission: Admission,
+                 metrics: Metrics, tree_lock: asyncio.Lock, signer_path: Path, max_txs: int,
+                 track: Callable[["asyncio.Future[Any]"], None], clock: Callable[[], int] = wall_ms) -> None:
+        self.network, self.members, self.index = network, members, index
+        self.ledger, self.store, self.mempool, self.admission = ledger, store, mempool, admission
+        self.metrics, self.tree_lock, self.signer_path = metrics, tree_lock, signer_path
+        self.max_txs, self.drift_ms, self.clock, self._track = max_txs, drift_ms, clock, track
+        self.peers: Optional[Peers] = None
+        self.evidence: list[Evidence] = []
+        self.committed_locked: Optional[Callable[[BlockHeader], Awaitable[None]]] = None
+        self.after_commit: list[Callable[[BlockHeader], None]] = []
+        self._built: OrderedDict[bytes, BuiltBlock] = OrderedDict()
+        self._txs: OrderedDict[bytes, Transaction] = OrderedDict()  # bodies from peers, signatures checked
+        self._inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(INBOX_MAX)
+        self._news = asyncio.Event()
+        self._woken = False
+        self._fetching: set[int] = set()
+        self._asked: set[bytes] = set()  # txids asked of peers and not yet answered
+        signer = load_state(signer_path, network, members.keys[index])
+        self.member = Member(network=network, members=members, index=index, secret=secret, timing=timing,
+                             logic=self, final=ledger.final, heads=self._stored_heads(), signer=signer)
+
+    # -- what the machine starts from ------------------------------------------------------------------------
+    def _stored_heads(self) -> list[StoredBlock]:
+        """The complete children of the final block: the tip when it is not final, and the stored siblings."""
+        tip, final = self.ledger.tip, self.ledger.final
+        assert tip is not None and final is not None
+        if tip.height == final.height:
+            return []
+        heads = []
+        blk = self.ledger.block(tip.height)
+        raw_commit = self.store.get_commit(tip.height)
+        assert blk is not None and raw_commit is not None
+        heads.append(StoredBlock(_candidate(blk), Commit.decode(raw_commit)))
+        for raw, commit in self.store.siblings():
+            heads.append(StoredBlock(_candidate(Block.decode(raw, self.network)), Commit.decode(commit)))
+        return heads
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Local news: transactions arrived."""
+        self._woken = True
+        self._news.set()
+
+    def deliver(self, raw: bytes, peer: int) -> None:
+        """A message from a peer (the transport authenticated the connection; the machine checks the signature)."""
+        self._put(("msg", raw, peer))
+
+    def tx_admitted(self, tx: Transaction, *, from_peer: bool) -> None:
+        """Admission accepted tx: forward it to every member once (unless it came from one), then wake."""
+        if not from_peer and self.peers is not None:
+            self.peers.gossip_txs([tx.raw])
+        self.wake()
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        try:
+            self._inbox.put_nowait(item)
+        except asyncio.QueueFull:
+            self.metrics.federation_dropped.inc()
+            return
+        self._news.set()
+
+    # -- serving peers ---------------------------------------------------------------------------------------
+    def serve_blocks(self, from_height: int, max_count: int) -> list[tuple[bytes, bytes]]:
+        """Stored blocks with their commits from from_height (up to the tip)."""
+        out = []
+        with self.store.reader() as r:
+            for h in range(max(from_height, 1), from_height + max_count):
+                raw, commit = r.get_block(h), r.get_commit(h)
+                if raw is None or commit is None:
+                    break
+                out.append((bytes(raw), bytes(commit)))
+        return out
+
+    def serve_txs(self, txids: Sequence[bytes]) -> list[bytes]:
+        out = []
+        for t in txids:
+            tx = self.mempool.get(t) or self._txs.get(t)
+            if tx is not None:
+                out.append(tx.raw)
+        return out
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._perform(self.member.start(self.clock()))
+        while not stop.is_set():
+            wait_ms = self.member.deadline - self.clock()
+            if wait_ms > 0 and not self._news.is_set():
+                await wait_event(self._news, wait_ms / 1000)
+            self._news.clear()
+            if stop.is_set():
+                break
+            while not self._inbox.empty():
+                await self._input(self._inbox.get_nowait())
+            if self._woken:
+                self._woken = False
+                await self._perform(self.member.wake(self.clock()))
+            if self.clock() >= self.member.deadline:
+                await self._perform(self.member.tick(self.clock()))
+
+    def stop_waiting(self) -> None:
+        self._news.set()
+
+    async def _input(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        try:
+            if kind == "msg":
+                actions = self.member.receive(item[1], self.clock())
+            else:
+                _, cand, commit, peer = item
+                actions = self.member.receive_block(cand, commit, peer, self.clock())
+        except L2Error as e:
+            self.metrics.federation_refused.inc(reason=type(e).__name__)
+            log.debug("member input refused", extra={"peer": item[-1], "error": type(e).__name__, "detail": str(e)})
+            return
+        await self._perform(actions)
+
+    async def _perform(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Broadcast):
+                if self.peers is not None:
+                    self.peers.broadcast(a.message.raw)
+            elif isinstance(a, PersistSigner):
+                await asyncio.shield(asyncio.to_thread(save_state, self.signer_path, a.state, self.network,
+                                                       self.members.keys[self.index]))
+            elif isinstance(a, StoreBlock):
+                fut = asyncio.ensure_future(self._store(a))
+                self._track(fut)
+                await asyncio.shield(fut)
+            elif isinstance(a, FetchBlocks):
+                self._fetch_blocks(a.peer, a.from_height)
+            elif isinstance(a, RecordEvidence):
+                self._record(a.evidence)
+
+    # -- BlockLogic ------------------------------------------------------------------------------------------
+    def build(self, parent: BlockHeader, timestamp_ms: int, allow_empty: bool) -> Optional[Candidate]:
+        with self.store.reader() as r:
+            txs = self.mempool.select(self.max_txs, _nonce_reader(r.get_state))
+        if not txs and not allow_empty:
+            return None
+        t0 = time.perf_counter()
+        built = self.ledger.execute(parent, txs, timestamp_ms, signatures_checked=True)
+        self.metrics.block_build.observe(time.perf_counter() - t0)
+        if built.rejected:
+            self.mempool.drop([t for t, _ in built.rejected])
+            for t, e in built.rejected:
+                self.metrics.txs_rejected.inc(stage="block", reason=e.reason)
+                self.admission.remember(t.txid, e.reason)
+        if not built.block.txs and not allow_empty:
+            return None
+        self._keep(built)
+        return _candidate(built.block)
+
+    def consensus_valid(self, parent: BlockHeader, block: Candidate) -> Validity:
+        if block.hash in self._built:
+            return Validity.VALID
+        txs: list[Transaction] = []
+        missing: list[bytes] = []
+        for t in block.txids:
+            tx = self.mempool.get(t) or self._txs.get(t)
+            if tx is None:
+                missing.append(t)
+            else:
+                txs.append(tx)
+        if missing:
+            self._ask_txs(missing)
+            return Validity.PENDING
+        try:
+            built = self.ledger.execute(parent, txs, block.header.timestamp_ms, strict=True, signatures_checked=True)
+        except Rejected as e:
+            log.info("block refused: a transaction is invalid", extra={"height": block.height, "reason": e.reason,
+                                                                       "hash": block.hash.hex()})
+            return Validity.INVALID
+        except UnknownParent as e:
+            log.warning("block refused: %s", e)
+            return Validity.INVALID
+        if built.header != block.header:
+            log.info("block refused: re-execution gives another header",
+                     extra={"height": block.height, "hash": block.hash.hex()})
+            return Validity.INVALID
+        self._keep(built)
+        return Validity.VALID
+
+    def policy_ok(self, parent: BlockHeader, block: Candidate, now_ms: int) -> bool:
+        if not timestamp_ok(parent, block.header, now_ms, self.drift_ms):
+            log.info("not signing: block timestamp outside my clock's window",
+                     extra={"height": block.height, "timestamp_ms": block.header.timestamp_ms, "now_ms": now_ms})
+            return False
+        return True
+
+    def _keep(self, built: BuiltBlock) -> None:
+        self._built[built.header.hash] = built
+        while len(self._built) > BUILT_KEPT:
+            self._built.popitem(last=False)
+
+    # -- performing actions ----------------------------------------------------------------------------------
+    async def _store(self, a: StoreBlock) -> None:
+        ledger = self.ledger
+        async with self.tree_lock:
+            tip, final = ledger.tip, ledger.final
+            assert tip is not None and final is not None
+            commit = a.commit.encode()
+            replaced: Optional[Block] = None
+            if a.block.parent == tip.hash:
+                built = self._built_for(a.block)
+                new_final = a.final if a.final.hash != final.hash else None
+                await asyncio.to_thread(ledger.store, built, commit, new_final)
+            elif a.block.parent == final.hash and tip.height == a.block.height:  # a sibling of the tip
+                built = self._built_for(a.block)
+                if a.head.hash != a.block.hash:
+                    await asyncio.to_thread(self.store.put_sibling, a.block.hash, built.raw, commit)
+                    return
+                replaced = ledger.block(tip.height)
+                await asyncio.to_thread(ledger.store, built, commit, None)
+            else:  # its parent is a sibling of the tip: that sibling becomes the tip, and final
+                sib = self._sibling(a.block.parent)
+                if sib is None:
+                    raise UnknownParent(f"block {a.block.height}: its parent is not stored")
+                sib_block, sib_commit = sib
+                replaced = ledger.block(tip.height)
+                sib_built = ledger.execute(final, sib_block.txs, sib_block.header.timestamp_ms, strict=True,
+                                           signatures_checked=True)
+                await asyncio.to_thread(ledger.store, sib_built, sib_commit, None)
+                built = self._built_for(a.block)
+                await asyncio.to_thread(ledger.store, built, commit, a.final)
+            header = built.header
+            if self.committed_locked is not None:
+                await self.committed_locked(header)
+        self._committed(built, replaced)
+
+    def _built_for(self, block: Candidate) -> BuiltBlock:
+        built = self._built.get(block.hash)
+        if built is not None:
+            return built
+        parent = self.ledger.tip if block.parent == self.ledger.tip.hash else self.ledger.final  # type: ignore[union-attr]
+        assert parent is not None
+        txs = [self.mempool.get(t) or self._txs[t] for t in block.txids]
+        built = self.ledger.execute(parent, txs, block.header.timestamp_ms, strict=True, signatures_checked=True)
+        if built.header != block.header:
+            raise UnknownParent(f"block {block.height} re-executes to another header")
+        return built
+
+    def _sibling(self, block_hash: bytes) -> Optional[tuple[Block, bytes]]:
+        for raw, commit in self.store.siblings():
+            blk = Block.decode(raw, self.network)
+            if blk.header.hash == block_hash:
+                return blk, commit
+        return None
+
+    def _committed(self, built: BuiltBlock, replaced: Optional[Block]) -> None:
+        h = built.header
+        self.mempool.remove_committed(built.block.txs)
+        with self.store.reader() as r:
+            pruned = self.mempool.prune(_nonce_reader(r.get_state))
+        for t in pruned:
+            self.admission.remember(t.txid, "stale-nonce")
+        if replaced is not None:  # its transactions that the new tip lacks go back to the mempool
+            now_in = {t.txid for t in built.block.txs}
+            for t in replaced.txs:
+                if t.txid not in now_in:
+                    try:
+                        self.admission.submit(t.raw)
+                    except Rejected:
+                        pass
+        final = self.ledger.final
+        self._built = OrderedDict((k, b) for k, b in self._built.items()
+                                  if final is None or b.header.height > final.height)
+        self.metrics.blocks_committed.inc()
+        self.metrics.txs_committed.inc(len(built.block.txs))
+        log.info("block committed", extra={"height": h.height, "txs": h.tx_count, "root": h.state_root.hex(),
+                                           "hash": h.hash.hex(),
+                                           "final_height": None if final is None else final.height})
+        for listener in self.after_commit:
+            listener(h)
+
+    def _fetch_blocks(self, peer: int, from_height: int) -> None:
+        if self.peers is None or peer in self._fetching:
+            return
+        self._fetching.add(peer)
+        task = asyncio.ensure_future(self._fetch_from(peer, from_height))
+        task.add_done_callback(lambda _: self._fetching.discard(peer))
+
+    async def _fetch_from(self, peer: int, from_height: int) -> None:
+        assert self.peers is not None
+        try:
+            async for raw, raw_commit in self.peers.fetch_blocks(peer, from_height):
+                blk = Block.decode(raw, self.network)
+                commit = Commit.decode(raw_commit)
+                for tx in blk.txs:
+                    if tx.txid not in self._txs and self.mempool.get(tx.txid) is None:
+                        check_signature(tx)
+                        self._remember_tx(tx)
+                self._put(("block", _candidate(blk), commit, peer))
+                while self._inbox.qsize() > INBOX_MAX // 2:  # let the machine apply them: bounded memory
+                    await asyncio.sleep(0.01)
+        except (L2Error, OSError, asyncio.TimeoutError) as e:
+            log.info("block fetch from a member ended: %s", e, extra={"peer": peer})
+
+    def _ask_txs(self, txids: list[bytes]) -> None:
+        """Fetch transaction bodies a proposal names and I lack, from every member; wake when they arrive."""
+        new = [t for t in txids if t not in self._asked]
+        if not new or self.peers is None:
+            return
+        self._asked.update(new)
+        for peer in range(self.members.n):
+            if peer != self.index:
+                asyncio.ensure_future(self._fetch_txs(peer, new))
+
+    async def _fetch_txs(self, peer: int, txids: list[bytes]) -> None:
+        assert self.peers is not None
+        try:
+            raws = await self.peers.fetch_txs(peer, txids)
+            wanted = set(txids)
+            for raw in raws:
+                tx = decode_tx(raw, self.network)
+                if tx.txid in wanted and tx.txid not in self._txs:
+                    check_signature(tx)
+                    self._remember_tx(tx)
+        except (L2Error, OSError, asyncio.TimeoutError) as e:
+            log.info("transaction fetch from a member failed: %s", e, extra={"peer": peer})
+        finally:
+            self._asked.difference_update(txids)
+        self.wake()
+
+    def _remember_tx(self, tx: Transaction) -> None:
+        self._txs[tx.txid] = tx
+        while len(self._txs) > TXS_KEPT:
+            self._txs.popitem(last=False)
+
+    def _record(self, ev: Equivocation) -> None:
+        self.evidence.append(Evidence(ev.proposer, ev.height, ev.round, ev.first.raw, ev.second.raw))
+        self.metrics.federation_evidence.inc()
+        log.warning("equivocation: two proposals from one member in one round",
+                    extra={"member": ev.proposer, "height": ev.height, "round": ev.round})
+
+
+def _candidate(block: Block) -> Candidate:
+    return Candidate(block.header, tuple(t.txid for t in block.txs))
+
+
+def _nonce_reader(get: Callable[[bytes], Optional[bytes]]) -> Callable[[bytes], int]:
+    """committed_nonce_of for the mempool, over one read view."""
+
+    def nonce_of(sender: bytes) -> int:
+        raw = get(account_key(sender))
+        return 0 if raw is None else Account.decode(bytes(raw)).nonce
+
+    return nonce_of
+
+
