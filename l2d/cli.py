@@ -1,9 +1,14 @@
-"""l2-cli: keys, queries, signed transfers and burns, admin mint, snapshot and proof export over the REST API."""
+"""l2-cli: keys, queries, signed transfers and burns, admin mint, snapshot and proof export over the REST API;
+federation-init writes the configs, keys and genesis file of an n-member federation on one machine."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
+import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -11,20 +16,37 @@ from typing import Any, Optional
 from coincurve import PrivateKey
 
 from .client import ApiError, Client, Unreachable
+from .config import DEFAULT_GENESIS_TIMESTAMP_MS, Config, ConfigError
 from .core.coin_tx import Burn, Transfer
 from .core.errors import DecodeError
+from .core.genesis_file import FederationGenesis, write_genesis_file
+from .core.members import MAX_MEMBERS, default_threshold
+from .core.params import network_by_name
 from .core.payload import Payload
 from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey
 from .core.pegs_tx import PeginClaim
 from .core.tree import Proof, verify_proof
 from .core.tx import public_key
-from .keys import KeyFileError, load_secret
+from .genesis import NodeError, genesis_block_header, load_genesis
+from .keys import KeyFileError, load_or_create_secret, load_secret
 
 DEFAULT_API = os.environ.get("L2D_API", "http://127.0.0.1:8650")
 
 
 class CliError(Exception):
     """A failure to report in one line (exit 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CliError):
+    """Arguments that cannot be used (exit 2, as argparse's own usage errors)."""
+
+    exit_code = 2
+
+
+class RefusedOverwrite(UsageError):
+    """federation-init would overwrite a member's directory or the genesis file (exit 2, nothing written)."""
 
 
 def _client(a: argparse.Namespace, token: str = "") -> Client:
@@ -177,6 +199,141 @@ def cmd_tx(a: argparse.Namespace) -> dict[str, Any]:
     return _client(a).tx(a.txid)
 
 
+# -- federation-init ---------------------------------------------------------------------------------------------
+DEFAULT_BASE_PORT = 8661  # `make run` serves 8650, config/regtest.toml 8651
+# The demo accounts of config/local.toml (public on purpose): secret of account N = sha256("l2d demo account N").
+DEMO_ACCOUNTS = ((1, 50_000_000_000), (2, 20_000_000_000), (3, 5_000_000_000))
+
+
+def demo_alloc() -> dict[str, int]:
+    """The demo accounts' genesis allocations: 64-hex account -> satoshis."""
+    return {public_key(hashlib.sha256(b"l2d demo account %d" % n).digest()).hex(): sat for n, sat in DEMO_ACCOUNTS}
+
+
+def _member_toml(k: int, n: int, network: str, threshold: int, port: int, mint: str, token: str,
+                 members: list[tuple[str, str, str]]) -> str:
+    """Member k's l2d.toml (k is 1-based): every member has the same [chain] and [[federation.members]]."""
+    if k == 1:
+        mint_line = ('mint_authority_key_file = "mint_authority.key"   # this member holds the mint authority: '
+                     '`l2-cli mint` goes to its API')
+    else:
+        mint_line = (f'mint_authority_key = "{mint}"   # the mint authority\'s public key (its secret is '
+                     f'member-1/mint_authority.key)')
+    alloc = "\n".join(f"{pk} = {sat}" for pk, sat in demo_alloc().items())
+    listed = "\n".join(f'[[federation.members]]   # member index {i}\nid = "{mid}"\nkey = "{key}"\nurl = "{url}"\n'
+                       for i, (mid, key, url) in enumerate(members))
+    return f"""# l2d: member {k} of a {n}-member {network} federation, written by `l2-cli federation-init`.
+# Start it with `l2d --config <this file>`. Relative paths resolve against this file's directory.
+# This file holds the admin token (mode 0600). Details: docs/federation.md.
+
+[node]
+network = "{network}"
+data_dir = "data"
+
+[chain]
+# Identical for every member: together they give block 0 of ../genesis.json.
+genesis_timestamp_ms = {DEFAULT_GENESIS_TIMESTAMP_MS}
+min_fee_sat = 1
+{mint_line}
+
+# Demo accounts, NOT SECRET: the secret of account N is sha256("l2d demo account N") (as in config/local.toml).
+[chain.genesis_alloc]
+{alloc}
+
+[api]
+host = "127.0.0.1"
+port = {port}
+admin_token = "{token}"   # the same for every member of this federation; $L2D_ADMIN_TOKEN overrides it
+
+# [anchoring] and [bridge] stay off: the Bitcoin keys (anchor key, peg-out signer keys) are spread across the
+# members' own processes by a later issue.
+
+[federation]
+key_file = "member.key"   # this member's BIP340 block-signing secret (mode 0600)
+threshold = {threshold}   # a block needs this many of the {n} member signatures
+# round_ms, max_round_ms and max_clock_drift_ms keep their defaults (docs/federation.md).
+
+{listed}"""
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write path through a temporary file beside it: fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def cmd_federation_init(a: argparse.Namespace) -> dict[str, Any]:
+    """DIR/member-K/{l2d.toml, member.key} for K = 1..N (member 1 also mint_authority.key) and DIR/genesis.json,
+    the block 0 every member computes from its config (checked by loading each config as the daemon does)."""
+    n, network = a.members, network_by_name(a.network)
+    if not 1 <= n <= MAX_MEMBERS:
+        raise UsageError(f"--members {n}: a federation has 1..{MAX_MEMBERS} members")
+    threshold = default_threshold(n) if a.threshold is None else a.threshold
+    if not n / 2 < threshold <= n:
+        raise UsageError(f"--threshold {threshold}: must be above n/2 = {n / 2:g} and at most n = {n} (two blocks "
+                         f"signed by m members at one height must share a signer; n >= 4 is needed to tolerate one "
+                         f"Byzantine member)")
+    if not 1 <= a.base_port <= 65536 - n:
+        raise UsageError(f"--base-port {a.base_port}: the API ports {a.base_port}..{a.base_port + n - 1} must be "
+                         f"between 1 and 65535")
+    root = Path(a.dir).expanduser().resolve()
+    dirs = [root / f"member-{k}" for k in range(1, n + 1)]
+    genesis_path = root / "genesis.json"
+    for p in (*dirs, genesis_path):
+        if os.path.lexists(p):
+            raise RefusedOverwrite(f"{p} exists: federation-init never overwrites a member's keys or config; "
+                                   f"choose another --dir")
+    created: list[Path] = [] if root.exists() else [root]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for d in dirs:
+            try:
+                d.mkdir()
+            except FileExistsError:
+                raise RefusedOverwrite(f"{d} exists: federation-init never overwrites a member's keys or config; "
+                                       f"choose another --dir") from None
+            created.append(d)
+        keys = [public_key(load_or_create_secret(d / "member.key", "federation member")).hex() for d in dirs]
+        mint = public_key(load_or_create_secret(dirs[0] / "mint_authority.key")).hex()
+        token = secrets.token_hex(16)
+        members = [(f"member-{k}", keys[k - 1], f"http://127.0.0.1:{a.base_port + k - 1}") for k in range(1, n + 1)]
+        for k, d in enumerate(dirs, 1):
+            write_private(d / "l2d.toml", _member_toml(k, n, network.name, threshold, a.base_port + k - 1, mint,
+                                                       token, members).encode())
+        # Each member's genesis, computed as its daemon will: the same block 0 for all, or nothing is kept.
+        headers = []
+        for k, d in enumerate(dirs, 1):
+            config = Config.load(d / "l2d.toml", env={})
+            genesis = load_genesis(config, network)
+            if genesis.member_index != k - 1:
+                raise CliError(f"member {k}: its key resolves to member index {genesis.member_index}")
+            headers.append(genesis_block_header(network, genesis.state, config.chain.genesis_timestamp_ms))
+        if len({h.hash for h in headers}) != 1:
+            raise CliError("the members' configs describe different genesis blocks")
+        fed = FederationGenesis(network, genesis.membership, genesis.member_ids, headers[0])
+        buf = io.BytesIO()
+        write_genesis_file(buf, fed)
+        _write_durably(genesis_path, buf.getvalue())
+    except BaseException:
+        for d in reversed(created):  # a failure leaves nothing half-made behind
+            shutil.rmtree(d, ignore_errors=True)
+        genesis_path.with_name(genesis_path.name + ".tmp").unlink(missing_ok=True)
+        raise
+    return {"dir": str(root), "network": network.name, "members": n, "threshold": threshold,
+            "genesis_file": str(genesis_path), "genesis_hash": fed.genesis_hash.hex(),
+            "configs": [str(d / "l2d.toml") for d in dirs], "apis": [url for _, _, url in members],
+            "admin_token": token, "start_with": f"l2d --config {root}/member-K/l2d.toml (K = 1..{n})"}
+
+
 def _sat(s: str) -> int:
     v = int(s)
     if v <= 0:
@@ -251,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tx", help="status of a transaction")
     p.add_argument("txid")
     p.set_defaults(fn=cmd_tx)
+    p = sub.add_parser("federation-init", help="write the configs, member keys and genesis file of an N-member "
+                                                 "federation on this machine (never overwrites)")
+    p.add_argument("--members", type=int, required=True, metavar="N", help=f"1..{MAX_MEMBERS} members")
+    p.add_argument("--dir", required=True, help="DIR/member-K/l2d.toml, DIR/member-K/member.key, DIR/genesis.json")
+    p.add_argument("--network", choices=("local", "regtest"), default="local")
+    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT, metavar="P",
+                   help="member K serves its API on P + K - 1 (default %(default)s)")
+    p.add_argument("--threshold", type=int, metavar="M", help="signatures a block needs (default floor(2N/3) + 1)")
+    p.set_defaults(fn=cmd_federation_init)
     return ap
 
 
@@ -268,7 +434,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ApiError as e:
         print(f"error: {_describe(e)}", file=sys.stderr)
         return 1
-    except (CliError, KeyFileError, DecodeError, ValueError) as e:
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (KeyFileError, DecodeError, ValueError, NodeError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if a.json:

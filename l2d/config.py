@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from coincurve import PublicKeyXOnly
 
 from .core.chains import btc_chain
+from .core.errors import InvalidMembership
+from .core.genesis_file import MEMBER_ID_RULE, valid_member_id
+from .core.members import MAX_MEMBERS, Membership, default_threshold
 from .core.params import MAX_MONEY, NETWORKS, network_by_name
 
 log = logging.getLogger(__name__)
@@ -132,7 +136,8 @@ class ChainConfig:
     genesis_timestamp_ms: int
     min_fee_sat: int  # consensus minimum fee per transaction
     genesis_alloc: tuple[tuple[bytes, int], ...]  # (x-only pubkey, sats), sorted by pubkey
-    mint_authority_key_file: Path | None  # absolute; None on networks without an admin mint
+    mint_authority_key_file: Path | None  # absolute; None on networks without an admin mint, or with the key below
+    mint_authority_key: bytes | None = None  # x-only public key given instead of the file (this node cannot mint)
 
     @property
     def genesis_supply_sat(self) -> int:
@@ -284,8 +289,31 @@ class OrchestrationConfig:
     poll_interval_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class FederationMember:
+    """One [[federation.members]] entry; its member index is its position in the list."""
+
+    id: str  # l2d.core.genesis_file.MEMBER_ID_RULE
+    key: bytes  # 32-byte x-only BIP340 block-signing public key
+    url: str  # base URL of its API: "http(s)://host:port", no trailing slash
+
+
+@dataclass(frozen=True, slots=True)
+class FederationConfig:
+    """[federation]: the members that sign blocks, this member's key file, the threshold m and round timing
+    (docs/federation.md). members None = a 1-member federation of this daemon's own key (resolved with the key in
+    l2d/genesis.py), as `make run` uses."""
+
+    key_file: Path  # absolute: this member's BIP340 block-signing secret
+    members: tuple[FederationMember, ...] | None  # in member-index order; None = just this daemon
+    threshold: int  # m: n/2 < m <= n (1 when members is None)
+    round_ms: int  # length of a round's first attempt
+    max_round_ms: int  # cap on a round's length as it grows after failed rounds
+    max_clock_drift_ms: int  # signing policy: a proposal's timestamp may be at most this far ahead of my clock
+
+
 _SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind", "bridge",
-                       "orchestration", "store")
+                       "orchestration", "store", "federation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +330,7 @@ class Config:
     bridge: BridgeConfig = None  # type: ignore[assignment]  # always set by from_dict
     orchestration: OrchestrationConfig = None  # type: ignore[assignment]  # always set by from_dict
     store: StoreConfig = None  # type: ignore[assignment]  # always set by from_dict
+    federation: FederationConfig = None  # type: ignore[assignment]  # always set by from_dict
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -347,8 +376,9 @@ class Config:
         bridge = _bridge(tables["bridge"], base, node, anchoring)
         orchestration = _orchestration(tables["orchestration"], node)
         store = _store(tables["store"])
+        federation = _federation(tables["federation"], base, node)
         return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source, bridge=bridge,
-                   orchestration=orchestration, store=store)
+                   orchestration=orchestration, store=store, federation=federation)
 
     def effective(self) -> dict[str, Any]:
         """The effective configuration as a JSON-able dict, admin token redacted (for the start-up log)."""
@@ -363,6 +393,7 @@ class Config:
                 "genesis_alloc": {pk.hex(): amount for pk, amount in c.genesis_alloc},
                 "mint_authority_key_file": (None if c.mint_authority_key_file is None
                                             else str(c.mint_authority_key_file)),
+                "mint_authority_key": None if c.mint_authority_key is None else c.mint_authority_key.hex(),
             },
             "block": {"interval_ms": self.block.interval_ms, "max_txs": self.block.max_txs},
             "mempool": {"max_txs": self.mempool.max_txs, "max_per_sender": self.mempool.max_per_sender,
@@ -391,6 +422,12 @@ class Config:
                          "zmq_hashblock": self.bitcoind.zmq_hashblock, "zmq_sequence": self.bitcoind.zmq_sequence,
                          "zmq_rawtx": self.bitcoind.zmq_rawtx,
                          "chain": self.bitcoind.chain},
+            "federation": {
+                "key_file": str(self.federation.key_file), "threshold": self.federation.threshold,
+                "members": (None if self.federation.members is None else
+                            [{"id": m.id, "key": m.key.hex(), "url": m.url} for m in self.federation.members]),
+                "round_ms": self.federation.round_ms, "max_round_ms": self.federation.max_round_ms,
+                "max_clock_drift_ms": self.federation.max_clock_drift_ms},
         }
 
 
@@ -405,7 +442,7 @@ def _node(t: Mapping[str, Any], base: Path) -> NodeConfig:
 
 def _chain(t: Mapping[str, Any], base: Path, node: NodeConfig) -> ChainConfig:
     s = _Section("chain", t, ("genesis_timestamp_ms", "min_fee_sat", "genesis_alloc",
-                              "mint_authority_key_file"))
+                              "mint_authority_key_file", "mint_authority_key"))
     timestamp = s.get_int("genesis_timestamp_ms", MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS,
                       default=DEFAULT_GENESIS_TIMESTAMP_MS)
     min_fee = s.get_int("min_fee_sat", 0, MAX_MONEY, default=1)
@@ -432,11 +469,18 @@ def _chain(t: Mapping[str, Any], base: Path, node: NodeConfig) -> ChainConfig:
                               f"{MAX_MONEY} (21 million BTC)")
 
     mint_default: object = node.data_dir / "mint_authority.key"
+    mint_file: Path | None = None
+    mint_key: bytes | None = None
     if not NETWORKS[node.network].admin_mint:
+        for key in ("mint_authority_key_file", "mint_authority_key"):
+            if key in t:
+                raise s.fail(key, t[key], f"network {node.network} has no mint authority; remove this key")
+    elif "mint_authority_key" in t:
+        # A member that does not hold the mint secret still computes the same genesis state.
         if "mint_authority_key_file" in t:
-            raise s.fail("mint_authority_key_file", t["mint_authority_key_file"],
-                         f"network {node.network} has no mint authority; remove this key")
-        mint_file: Path | None = None
+            raise s.fail("mint_authority_key", t["mint_authority_key"],
+                         "give either chain.mint_authority_key or chain.mint_authority_key_file, not both")
+        mint_key = _xonly_key(s, "mint_authority_key")
     else:
         mint_file = s.get_path("mint_authority_key_file", base, default=mint_default)
 
@@ -445,7 +489,20 @@ def _chain(t: Mapping[str, Any], base: Path, node: NodeConfig) -> ChainConfig:
         min_fee_sat=min_fee,
         genesis_alloc=tuple(sorted(alloc.items())),
         mint_authority_key_file=mint_file,
+        mint_authority_key=mint_key,
     )
+
+
+def _xonly_key(s: _Section, key: str, value: object = _REQUIRED) -> bytes:
+    """A 64-hex x-only secp256k1 public key on the curve (s.raw(key) unless value is given)."""
+    value = s.raw(key, _REQUIRED) if value is _REQUIRED else value
+    try:
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            raise ValueError(value)
+        PublicKeyXOnly(bytes.fromhex(value))
+    except ValueError:
+        raise s.fail(key, value, "must be a 64-hex-character x-only secp256k1 public key") from None
+    return bytes.fromhex(value)
 
 
 def _block(t: Mapping[str, Any]) -> BlockConfig:
@@ -707,3 +764,67 @@ def _orchestration(t: Mapping[str, Any], node: NodeConfig) -> OrchestrationConfi
         preferred_region=region,
         poll_interval_ms=s.get_int("poll_interval_ms", 10, 60_000, default=200),
     )
+
+
+def _federation(t: Mapping[str, Any], base: Path, node: NodeConfig) -> FederationConfig:
+    s = _Section("federation", t, ("key_file", "members", "threshold", "round_ms", "max_round_ms",
+                                   "max_clock_drift_ms"))
+    members: tuple[FederationMember, ...] | None = None
+    if "members" in t:
+        listed = t["members"]
+        if not isinstance(listed, list) or not listed or not all(isinstance(m, Mapping) for m in listed):
+            raise s.fail("members", listed, "must be a non-empty array of tables [[federation.members]] with id, "
+                         "key and url (leave it out for a 1-member federation of this daemon's own key)")
+        members = tuple(_federation_member(i, m) for i, m in enumerate(listed))
+        for field in ("id", "key", "url"):
+            seen: dict[object, int] = {}
+            for i, m in enumerate(members):
+                value = getattr(m, field)
+                if value in seen:
+                    shown = value.hex() if isinstance(value, bytes) else value
+                    raise ConfigError(f"config: federation.members[{i}].{field} = {_show(shown)}: the same as "
+                                      f"federation.members[{seen[value]}].{field} (each member has its own)")
+                seen[value] = i
+    n = 1 if members is None else len(members)
+    threshold = s.get_int("threshold", 1, MAX_MEMBERS, default=default_threshold(n))
+    if not n / 2 < threshold <= n:
+        raise s.fail("threshold", threshold,
+                     f"must be above n/2 = {n / 2:g} and at most n = {n} members: two blocks signed by m members at one height "
+                     f"must share a signer (the default floor(2n/3)+1 = {default_threshold(n)} tolerates "
+                     f"floor((n-1)/3) = {(n - 1) // 3} Byzantine members; n >= 4 is needed to tolerate one)")
+    if members is not None:
+        try:
+            Membership(tuple(m.key for m in members), threshold)
+        except InvalidMembership as e:
+            raise s.fail("members", f"<{len(members)} members>", str(e)) from None
+    round_ms = s.get_int("round_ms", 50, 600_000, default=2000)
+    max_round_ms = s.get_int("max_round_ms", 50, 3_600_000, default=max(30_000, round_ms))
+    if max_round_ms < round_ms:
+        raise s.fail("max_round_ms", max_round_ms, f"must be at least federation.round_ms ({round_ms})")
+    return FederationConfig(
+        key_file=s.get_path("key_file", base, default=node.data_dir / "member.key"),
+        members=members,
+        threshold=threshold,
+        round_ms=round_ms,
+        max_round_ms=max_round_ms,
+        max_clock_drift_ms=s.get_int("max_clock_drift_ms", 0, 3_600_000, default=2000),
+    )
+
+
+def _federation_member(i: int, t: Mapping[str, Any]) -> FederationMember:
+    s = _Section(f"federation.members[{i}]", t, ("id", "key", "url"))
+    mid = s.get_str("id")
+    if not valid_member_id(mid):
+        raise s.fail("id", mid, f"must be {MEMBER_ID_RULE}")
+    url = s.get_str("url")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when out of range
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None
+            or parts.username is not None or parts.password is not None or parts.path not in ("", "/")
+            or parts.query or parts.fragment or url != url.strip()):
+        raise s.fail("url", url, 'must be the base URL of the member\'s API: http:// or https://, host and port, '
+                     'e.g. "http://127.0.0.1:8661"')
+    return FederationMember(id=mid, key=_xonly_key(s, "key"), url=url.rstrip("/"))

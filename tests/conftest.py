@@ -272,7 +272,11 @@ async def node(node_client: tuple[Node, Client]) -> Node:
 @pytest.fixture
 async def signet_client(tmp_path: Path) -> AsyncIterator[tuple[Node, Client]]:
     """A node on a network without admin mint (signet), for the 403 paths."""
-    async for pair in _node_and_client(make_config(tmp_path / "signet", "signet")):
+    cfg = make_config(tmp_path / "signet", "signet")
+    # Keys are never created on signet: the block-signing member key must exist.
+    cfg.federation.key_file.parent.mkdir(parents=True)
+    cfg.federation.key_file.write_text(Keys.secret(99).hex() + "\n")
+    async for pair in _node_and_client(cfg):
         yield pair
 
 

@@ -41,7 +41,13 @@ MAX_ID = 64
 FIELDS = ("format", "version", "network", "genesis_hash", "genesis_header", "threshold", "members")
 MEMBER_FIELDS = ("id", "key")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MEMBER_ID_RULE = f"1..{MAX_ID} characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 _HEX = re.compile(r"[0-9a-f]*")
+
+
+def valid_member_id(mid: object) -> bool:
+    """A member id: MEMBER_ID_RULE (the genesis file's rule; the daemon's [[federation.members]] use it too)."""
+    return isinstance(mid, str) and len(mid) <= MAX_ID and _ID.fullmatch(mid) is not None
 
 
 class GenesisFileError(L2Error):
@@ -81,9 +87,8 @@ class FederationGenesis:
         if len(self.member_ids) != self.members.n:
             raise GenesisFileInvalid(f"{len(self.member_ids)} member ids for {self.members.n} members")
         for i, mid in enumerate(self.member_ids):
-            if not (isinstance(mid, str) and len(mid) <= MAX_ID and _ID.fullmatch(mid)):
-                raise GenesisFileInvalid(f"member {i} id {mid!r}: 1..{MAX_ID} characters of A-Z a-z 0-9 . _ -, "
-                                         f"starting with a letter or digit")
+            if not valid_member_id(mid):
+                raise GenesisFileInvalid(f"member {i} id {mid!r}: {MEMBER_ID_RULE}")
         if len(set(self.member_ids)) != len(self.member_ids):
             raise GenesisFileInvalid("a member id appears twice")
         check_genesis_header(self.genesis, self.network)

@@ -1,7 +1,9 @@
 """l2-cli against a real daemon process: keys, admin mint, proofs checked locally, transfers, exports for l2-verify."""
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import stat
 from pathlib import Path
 from typing import Any, Callable
@@ -9,9 +11,17 @@ from typing import Any, Callable
 import pytest
 
 from l2d import cli
+from l2d.config import Config
+from l2d.core.errors import Rejected
+from l2d.core.genesis_file import load_genesis_file
+from l2d.core.tx import public_key
+from l2d.genesis import NodeError
+from l2d.keys import load_secret
+from l2d.node import Node
 from verify_tool import cli as verify_cli
 
 TOKEN = "cli-test-token-0123456789abcdef"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
@@ -75,3 +85,147 @@ def test_cli_end_to_end(tmp_path: Path, keys: Any, l2d_process: Callable[..., An
 def test_cli_reports_an_unreachable_daemon(capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli.main(["--api", "http://127.0.0.1:9", "status"])
     assert rc == 1 and "cannot reach the daemon" in capsys.readouterr().err
+
+
+# -- federation-init ------------------------------------------------------------------------------------------
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (directories as empty values): to show nothing changed."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"") for p in sorted(root.rglob("*"))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_federation_init_writes_members_that_share_one_genesis(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    fed = tmp_path / "fed"
+    rc, out = run(capsys, "federation-init", "--members", "4", "--dir", str(fed), "--base-port", "18661")
+    assert rc == 0, out
+    assert (out["members"], out["threshold"], out["network"]) == (4, 3, "local")
+    assert out["apis"] == [f"http://127.0.0.1:{18661 + k}" for k in range(4)]
+    with (fed / "genesis.json").open("rb") as f:
+        genesis = load_genesis_file(f)  # the auditors' reader accepts it
+    assert (fed / "genesis.json").read_bytes() == genesis.encode()  # canonical
+    assert genesis.genesis_hash.hex() == out["genesis_hash"] and genesis.network.name == "local"
+    assert genesis.member_ids == ("member-1", "member-2", "member-3", "member-4")
+    assert genesis.members.threshold == 3
+
+    demo = Config.load(REPO / "config" / "local.toml", env={}).chain.genesis_alloc
+    mint_pub = public_key(load_secret(fed / "member-1" / "mint_authority.key"))
+    for k in range(1, 5):
+        d = fed / f"member-{k}"
+        for name in ("l2d.toml", "member.key") + (("mint_authority.key",) if k == 1 else ()):
+            assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+        assert (d / "mint_authority.key").exists() == (k == 1)
+        cfg = Config.load(d / "l2d.toml", env={})
+        assert cfg.node.network == "local" and cfg.node.data_dir == d / "data"
+        assert cfg.api.port == 18661 + k - 1 and cfg.api.admin_token == out["admin_token"]
+        assert cfg.chain.genesis_alloc == demo
+        assert (cfg.chain.mint_authority_key_file, cfg.chain.mint_authority_key) == (
+            (d / "mint_authority.key", None) if k == 1 else (None, mint_pub))
+        assert not cfg.anchoring.enabled and not cfg.bridge.enabled
+        f = cfg.federation
+        assert f.key_file == d / "member.key" and f.threshold == 3 and f.members is not None
+        assert [(m.id, m.key, m.url) for m in f.members] == [
+            (mid, key, url) for mid, key, url in zip(genesis.member_ids, genesis.members.keys, out["apis"])]
+        assert f.members[k - 1].key == public_key(load_secret(d / "member.key"))
+        node = Node.from_config(cfg)  # what `l2d --config` opens: block 0 is the genesis file's
+        try:
+            block0 = node.ledger.block(0)
+            assert block0 is not None and block0.header == genesis.genesis
+            assert node.genesis.member_index == k - 1 and node.genesis.membership == genesis.members
+            if k > 1:  # only member 1 holds the mint secret
+                with pytest.raises(Rejected, match="minting is not allowed"):
+                    node.admission.mint(mint_pub, 1)
+        finally:
+            await node.stop()
+
+
+@pytest.mark.parametrize("n,args,m", [(7, [], 5), (15, [], 11), (5, ["--threshold", "5"], 5), (1, [], 1)])
+def test_federation_init_threshold_and_regtest(tmp_path: Path, capsys: pytest.CaptureFixture[str], n: int,
+                                               args: list[str], m: int) -> None:
+    rc, out = run(capsys, "federation-init", "--members", str(n), "--dir", str(tmp_path), "--network", "regtest",
+                  *args)
+    assert rc == 0 and out["threshold"] == m and out["apis"][0] == "http://127.0.0.1:8661"
+    with (tmp_path / "genesis.json").open("rb") as f:
+        genesis = load_genesis_file(f)
+    assert genesis.network.name == "regtest" and genesis.members.n == n and genesis.members.threshold == m
+    for k in (1, n):
+        cfg = Config.load(tmp_path / f"member-{k}" / "l2d.toml", env={})
+        assert cfg.node.network == "regtest" and cfg.federation.threshold == m
+
+
+@pytest.mark.parametrize("existing", ["member-1", "member-3", "genesis.json"])
+def test_federation_init_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str], existing: str) -> None:
+    fed = tmp_path / "fed"
+    fed.mkdir()
+    (fed / "notes.txt").write_text("mine")
+    if existing.endswith(".json"):
+        (fed / existing).write_text("{}")
+    else:
+        (fed / existing).mkdir()
+        (fed / existing / "member.key").write_text("ab" * 32 + "\n")
+    before = tree(fed)
+    rc, err = run(capsys, "federation-init", "--members", "4", "--dir", str(fed))
+    assert rc == 2
+    assert err == (f"error: {fed / existing} exists: federation-init never overwrites a member's keys or config; "
+                   f"choose another --dir\n")
+    assert tree(fed) == before  # nothing written
+
+
+def test_federation_init_refuses_a_second_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "federation-init", "--members", "2", "--dir", str(tmp_path))[0] == 0
+    before = tree(tmp_path)
+    rc, err = run(capsys, "federation-init", "--members", "4", "--dir", str(tmp_path))
+    assert rc == 2 and "member-1 exists" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--members", "4", "--threshold", "2"], "--threshold 2: must be above n/2 = 2 and at most n = 4"),
+    (["--members", "4", "--threshold", "5"], "--threshold 5: must be above n/2 = 2 and at most n = 4"),
+    (["--members", "0"], "--members 0: a federation has 1..64 members"),
+    (["--members", "65"], "--members 65: a federation has 1..64 members"),
+    (["--members", "4", "--base-port", "65533"], "--base-port 65533: the API ports 65533..65536 must be between"),
+    (["--members", "4", "--base-port", "0"], "--base-port 0: the API ports 0..3 must be between"),
+])
+def test_federation_init_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                      msg: str) -> None:
+    rc, err = run(capsys, "federation-init", "--dir", str(tmp_path / "fed"), *args)
+    assert rc == 2 and err.startswith(f"error: {msg}")
+    assert not (tmp_path / "fed").exists()
+
+
+def test_federation_init_member_1_mints(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        l2d_process: Callable[..., Any]) -> None:
+    """A real member 1 process: it holds the mint authority, and the printed admin token works against it."""
+    port = free_port()
+    rc, out = run(capsys, "federation-init", "--members", "2", "--dir", str(tmp_path), "--base-port", str(port),
+                  "--threshold", "2")
+    assert rc == 0
+    first = l2d_process(tmp_path / "member-1" / "l2d.toml")
+    assert first.port == port
+    alice = public_key(hashlib.sha256(b"l2d demo account 1").digest()).hex()
+    rc, res = run(capsys, "--api", out["apis"][0], "mint", "--to", alice, "--amount", "5000",
+                  "--token", out["admin_token"])
+    assert rc == 0 and len(res["txid"]) == 64
+    assert first.stop() == 0
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_federation_init_failure_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch, fresh: bool) -> None:
+    """A failure after the first file is written (provoked: the real parts do not fail) removes what it wrote."""
+    def broken(*_: Any) -> Any:
+        raise NodeError("provoked")
+    monkeypatch.setattr(cli, "load_genesis", broken)
+    fed = tmp_path / "fed"
+    if not fresh:
+        fed.mkdir()
+        (fed / "notes.txt").write_text("mine")
+    rc, err = run(capsys, "federation-init", "--members", "4", "--dir", str(fed))
+    assert rc == 1 and err == "error: provoked\n"
+    assert (tree(fed) == {"notes.txt": b"mine"}) if not fresh else not fed.exists()

@@ -505,3 +505,162 @@ def test_store_edges_accepted(tmp_path: Path) -> None:
     c = build(edges, tmp_path)
     assert (c.store.map_size, c.store.min_free_bytes) == (1 << 20, 0)
     assert (c.snapshots.anchored_keep_final, c.snapshots.anchored_max_bytes) == (0, 0)
+
+
+# -- chain.mint_authority_key ----------------------------------------------------------------------------
+
+def test_mint_authority_key_instead_of_the_file(tmp_path: Path) -> None:
+    c = build(lambda d: d["chain"].update(mint_authority_key=PK2), tmp_path)
+    assert c.chain.mint_authority_key == bytes.fromhex(PK2) and c.chain.mint_authority_key_file is None
+    assert c.effective()["chain"]["mint_authority_key"] == PK2
+    # Neither given on local: the default file, as before.
+    default = build(lambda d: None, tmp_path)
+    assert default.chain.mint_authority_key is None
+    assert default.chain.mint_authority_key_file == default.node.data_dir / "mint_authority.key"
+
+
+@pytest.mark.parametrize("chain,network,start", [
+    ({"mint_authority_key": PK2, "mint_authority_key_file": "m.key"}, "local",
+     f'config: chain.mint_authority_key = "{PK2}": give either chain.mint_authority_key or '
+     f'chain.mint_authority_key_file, not both'),
+    ({"mint_authority_key": OFF_CURVE}, "local",
+     f'config: chain.mint_authority_key = "{OFF_CURVE}": must be a 64-hex-character x-only'),
+    ({"mint_authority_key": PK2[:62]}, "regtest",
+     f'config: chain.mint_authority_key = "{PK2[:62]}": must be a 64-hex-character x-only'),
+    ({"mint_authority_key": 5}, "local", "config: chain.mint_authority_key = 5: must be a 64-hex"),
+    ({"mint_authority_key": PK2}, "signet",
+     f'config: chain.mint_authority_key = "{PK2}": network signet has no mint authority'),
+])
+def test_mint_authority_key_rejections(tmp_path: Path, chain: dict[str, Any], network: str, start: str) -> None:
+    def mutate(d: dict[str, Any]) -> None:
+        d["node"]["network"] = network
+        d["chain"].update(chain)
+    assert reject(mutate, tmp_path).startswith(start)
+
+
+# -- [federation] ----------------------------------------------------------------------------------------
+
+def member_key(i: int) -> str:
+    return PrivateKey(hashlib.sha256(b"member %d" % i).digest()).public_key_xonly.format().hex()
+
+
+def members(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"m{i}", "key": member_key(i), "url": f"http://127.0.0.1:{9000 + i}"} for i in range(n)]
+
+
+def with_federation(**table: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d.update(federation=table)
+
+
+def test_federation_defaults_to_this_daemon_alone(tmp_path: Path) -> None:
+    f = build(lambda d: None, tmp_path).federation
+    assert f.members is None and f.threshold == 1
+    assert f.key_file == (tmp_path / "data" / "member.key").resolve()
+    assert (f.round_ms, f.max_round_ms, f.max_clock_drift_ms) == (2000, 30_000, 2000)
+    assert Config.load(CONFIG_DIR / "local.toml").federation.members is None  # `make run`: 1 of 1
+
+
+def test_federation_members_parsed(tmp_path: Path) -> None:
+    listed = members(4)
+    listed[1]["url"] = "https://[::1]:8443/"
+    c = build(with_federation(members=listed, key_file="keys/me.key", round_ms=500, max_round_ms=4000,
+                              max_clock_drift_ms=0), tmp_path)
+    f = c.federation
+    assert f.members is not None
+    assert [(m.id, m.key.hex(), m.url) for m in f.members] == [
+        ("m0", member_key(0), "http://127.0.0.1:9000"), ("m1", member_key(1), "https://[::1]:8443"),
+        ("m2", member_key(2), "http://127.0.0.1:9002"), ("m3", member_key(3), "http://127.0.0.1:9003")]
+    assert f.key_file == (tmp_path / "keys" / "me.key").resolve()
+    assert (f.threshold, f.round_ms, f.max_round_ms, f.max_clock_drift_ms) == (3, 500, 4000, 0)
+    eff = json.loads(json.dumps(c.effective()))["federation"]
+    assert eff["members"][1] == {"id": "m1", "key": member_key(1), "url": "https://[::1]:8443"}
+    assert eff["threshold"] == 3
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (2, 2), (3, 3), (4, 3), (7, 5), (15, 11), (64, 43)])
+def test_federation_default_threshold(tmp_path: Path, n: int, m: int) -> None:
+    assert build(with_federation(members=members(n)), tmp_path).federation.threshold == m
+
+
+@pytest.mark.parametrize("n,m", [(4, 4), (5, 3), (1, 1)])
+def test_federation_threshold_accepted(tmp_path: Path, n: int, m: int) -> None:
+    assert build(with_federation(members=members(n), threshold=m), tmp_path).federation.threshold == m
+
+
+@pytest.mark.parametrize("n,m", [(4, 2), (4, 5), (3, 1), (2, 1), (0, 2)])
+def test_federation_threshold_refused(tmp_path: Path, n: int, m: int) -> None:
+    table: dict[str, Any] = {"threshold": m} if n == 0 else {"threshold": m, "members": members(n)}
+    msg = reject(with_federation(**table), tmp_path)
+    shown_n = max(n, 1)  # no members: this daemon alone
+    assert msg.startswith(f"config: federation.threshold = {m}: must be above n/2 = {shown_n / 2:g} and at most "
+                          f"n = {shown_n} members: two blocks signed by m members at one height must share a signer")
+    assert "n >= 4 is needed to tolerate one" in msg
+
+
+@pytest.mark.parametrize("table,start", [
+    ({"threshold": 0}, "config: federation.threshold = 0: must be an integer between 1 and 64"),
+    ({"threshold": True}, "config: federation.threshold = true: must be an integer"),
+    ({"round_ms": 10}, "config: federation.round_ms = 10: must be an integer between 50 and 600000"),
+    ({"round_ms": 3000, "max_round_ms": 2000},
+     "config: federation.max_round_ms = 2000: must be at least federation.round_ms (3000)"),
+    ({"max_round_ms": "30s"}, 'config: federation.max_round_ms = "30s": must be an integer'),
+    ({"max_clock_drift_ms": -1}, "config: federation.max_clock_drift_ms = -1: must be an integer between 0"),
+    ({"key_file": ""}, 'config: federation.key_file = "": must be a non-empty path string'),
+    ({"members": []}, "config: federation.members = []: must be a non-empty array of tables"),
+    ({"members": {"id": "a"}}, 'config: federation.members = {"id": "a"}: must be a non-empty array'),
+    ({"members": ["m0"]}, 'config: federation.members = ["m0"]: must be a non-empty array'),
+    ({"members": members(65)}, "config: federation.members = \"<65 members>\": a federation has 1..64 members"),
+    ({"memebrs": []}, "config: unknown key federation.memebrs (did you mean federation.members?)"),
+])
+def test_federation_rejections(tmp_path: Path, table: dict[str, Any], start: str) -> None:
+    assert reject(with_federation(**table), tmp_path).startswith(start)
+
+
+ID_RULE = "must be 1..64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+URL_RULE = "must be the base URL of the member's API: http:// or https://, host and port"
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("id", "", ID_RULE), ("id", "-m", ID_RULE), ("id", "a b", ID_RULE), ("id", "x" * 65, ID_RULE),
+    ("id", "é", ID_RULE), ("id", 7, "must be a string"),
+    ("key", OFF_CURVE, "must be a 64-hex-character x-only secp256k1 public key"),
+    ("key", PK1[:-2], "must be a 64-hex-character x-only secp256k1 public key"),
+    ("key", "02" + PK1, "must be a 64-hex-character x-only secp256k1 public key"),
+    ("url", "ftp://127.0.0.1:9001", URL_RULE), ("url", "http://127.0.0.1", URL_RULE),
+    ("url", "http://127.0.0.1:99999", URL_RULE), ("url", "http://127.0.0.1:9001/api", URL_RULE),
+    ("url", "http://u:p@127.0.0.1:9001", URL_RULE), ("url", "http://127.0.0.1:9001?x=1", URL_RULE),
+    ("url", "http://:9001", URL_RULE), ("url", "127.0.0.1:9001", URL_RULE), ("url", " http://h:1", URL_RULE),
+])
+def test_federation_member_rejections(tmp_path: Path, field: str, value: object, why: str) -> None:
+    listed = members(4)
+    listed[1][field] = value
+    msg = reject(with_federation(members=listed), tmp_path)
+    assert msg.startswith(f"config: federation.members[1].{field} = {json.dumps(value, ensure_ascii=False)}: {why}")
+
+
+@pytest.mark.parametrize("field", ["id", "key", "url"])
+def test_federation_member_fields_unique(tmp_path: Path, field: str) -> None:
+    listed = members(4)
+    listed[3][field] = listed[1][field]
+    msg = reject(with_federation(members=listed), tmp_path)
+    assert msg == (f"config: federation.members[3].{field} = {json.dumps(listed[1][field])}: the same as "
+                   f"federation.members[1].{field} (each member has its own)")
+
+
+def test_federation_member_fields_required_and_known(tmp_path: Path) -> None:
+    listed = members(2)
+    del listed[0]["url"]
+    assert reject(with_federation(members=listed), tmp_path) == "config: missing required key federation.members[0].url"
+    listed = members(2)
+    listed[1]["ulr"] = "x"
+    assert reject(with_federation(members=listed), tmp_path).startswith(
+        "config: unknown key federation.members[1].ulr (did you mean federation.members[1].url?)")
+
+
+def test_federation_from_toml_array_of_tables(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[node]\nnetwork = "regtest"\ndata_dir = "d"\n[federation]\nthreshold = 2\n'
+                 + "".join(f'[[federation.members]]\nid = "m{i}"\nkey = "{member_key(i)}"\n'
+                           f'url = "http://10.0.0.{i + 1}:8661"\n' for i in range(3)))
+    f = Config.load(p).federation
+    assert f.members is not None and [m.id for m in f.members] == ["m0", "m1", "m2"] and f.threshold == 2
