@@ -182,7 +182,7 @@ class Ledger:
                 out[k] = None if v is None else bytes(v)
         return out
 
-    def store(self, built: BuiltBlock, commit: bytes, final: Optional[BlockHeader]) -> None:
+    def store_block(self, built: BuiltBlock, commit: bytes, final: Optional[BlockHeader]) -> None:
         """Store a complete block (built by execute) as the new tip. Its parent is the tip (append) or the final
         block below a non-final tip (the tip is replaced by this sibling, which moves to the siblings); final: the
         new final block (None: unchanged). One LMDB transaction."""

@@ -34,6 +34,7 @@ from .api.app import make_app
 from .api.deps import ApiDeps
 from .api.server import ApiServer, ensure_descriptors
 from .config import BitcoindConfig, Config, ConfigError
+from .consensus import FederationHost
 from .core.block import BlockHeader
 from .core.chains import btc_chain
 from .core.errors import WrongNetwork
@@ -41,7 +42,6 @@ from .core.params import Network, network_by_name
 from .core.state import Rules
 from .core.tx import Transaction
 from .datadir import DataDir
-from .federation.host import FederationHost
 from .federation.machine import Timing
 from .federation.signer import SIGNER_FILE
 from .genesis import Genesis, NodeError, check_genesis, load_genesis
@@ -89,6 +89,7 @@ class Node:
             ledger=ledger, store=store, mempool=self.mempool, admission=self.admission, metrics=self.metrics,
             tree_lock=tree_lock, signer_path=datadir.path / SIGNER_FILE, max_txs=config.block.max_txs,
             track=self._track)
+        self.host.ids, self.host.urls = genesis.member_ids, genesis.member_urls
         self.snapshots = Snapshots(store, network, self.metrics, directory=Path(config.snapshots.dir),
                                    keep=config.snapshots.keep, every_blocks=config.snapshots.every_blocks,
                                    track=self._track, anchored_keep_final=config.snapshots.anchored_keep_final,
@@ -214,7 +215,7 @@ class Node:
         return make_app(ApiDeps(
             chain=self.chain, admission=self.admission, snapshots=self.snapshots, metrics=self.metrics,
             models=self.models, admin_token=self.config.api.admin_token or "",
-            max_body_bytes=self.config.api.max_body_bytes, anchors=self.anchor_service, federation=self.federation,
+            max_body_bytes=self.config.api.max_body_bytes, members=self.host, anchors=self.anchor_service, federation=self.federation,
             bridge=self.bridge_service, orchestration=self.orchestration_service))
 
     # -- lifecycle -------------------------------------------------------------------------------------------

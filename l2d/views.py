@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .core.block import HEADER_SIZE, Block, BlockHeader
+from .core.commit import Commit
 from .core.params import Network
 from .core.state import SUPPLY_KEY, Account, Supply, account_key
 from .core.tree import Proof
@@ -68,6 +69,33 @@ class ChainView:
         if tip is None:  # Ledger.open ran when the node was built
             raise StoreError("ledger is not open")
         return tip
+
+    @property
+    def final(self) -> BlockHeader:
+        """Header of the highest final block (a child of it carries m member signatures)."""
+        final = self.ledger.final
+        if final is None:
+            raise StoreError("ledger is not open")
+        return final
+
+    def block_commit(self, height: int, n: int) -> Optional[Commit]:
+        """The stored commit of block height (block 0: the empty commit of n members), None above the tip."""
+        raw = self.store.get_commit(height)
+        if raw is None:
+            return None
+        return Commit(n, (), ()) if height == 0 else Commit.decode(raw)
+
+    def chain_entries(self, start: int, end: int, n: int) -> list[tuple[BlockHeader, Commit]]:
+        """(header, commit) of the stored blocks start..end from one read (fewer if the tip is lower)."""
+        out = []
+        with self.store.reader() as r:
+            for h in range(start, end + 1):
+                raw, commit = r.get_block(h), r.get_commit(h)
+                if raw is None or commit is None:
+                    break
+                header = BlockHeader.decode(bytes(raw[:HEADER_SIZE]), self.network)
+                out.append((header, Commit(n, (), ()) if h == 0 else Commit.decode(bytes(commit))))
+        return out
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started
@@ -137,6 +165,7 @@ class ChainView:
         tip = self.tip
         gauges = {
             "l2d_height": ("Height of the committed tip.", lambda: tip.height),
+            "l2d_final_height": ("Height of the highest final block.", lambda: self.final.height),
             "l2d_mempool_txs": ("Transactions in the mempool.", lambda: len(self.mempool)),
             "l2d_mempool_bytes": ("Encoded size of the mempool.", lambda: self.mempool.size_bytes),
             "l2d_state_records": ("Records in the committed state.", lambda: records),

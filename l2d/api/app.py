@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import anchors, bridge, fl, ledger, work
-from .deps import (ADMIN_TOKEN, ADMISSION, ANCHORS, BRIDGE, CHAIN, FEDERATION, METRICS, MODELS, ORCHESTRATION,
+from . import anchors, bridge, federation, fl, ledger, work
+from .deps import (ADMIN_TOKEN, ADMISSION, ANCHORS, BRIDGE, CHAIN, FEDERATION, MEMBERS, METRICS, MODELS, ORCHESTRATION,
                    SNAPSHOTS, ApiDeps)
 from .http import error_middleware
 
@@ -18,10 +18,11 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[METRICS] = deps.metrics
     app[MODELS] = deps.models
     app[ADMIN_TOKEN] = deps.admin_token
+    app[MEMBERS] = deps.members
     app[ANCHORS] = deps.anchors
     app[FEDERATION] = deps.federation
     app[BRIDGE] = deps.bridge
     app[ORCHESTRATION] = deps.orchestration
-    for routes in (ledger, anchors, bridge, work, fl):
+    for routes in (ledger, federation, anchors, bridge, work, fl):
         routes.add_routes(app.router)
     return app

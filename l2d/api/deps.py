@@ -14,6 +14,7 @@ from bridge.service import BridgeService
 from orchestration.service import OrchestrationService
 
 from ..admission import Admission
+from ..consensus import FederationHost
 from ..core.pegs import Federation
 from ..metrics import Metrics
 from ..model_store import ModelStore
@@ -30,6 +31,7 @@ class ApiDeps:
     models: ModelStore
     admin_token: str  # "" disables the admin endpoints
     max_body_bytes: int
+    members: FederationHost
     anchors: Optional[AnchorService] = None
     federation: Optional[Federation] = None
     bridge: Optional[BridgeService] = None
@@ -42,6 +44,7 @@ SNAPSHOTS = web.AppKey("snapshots", Snapshots)
 METRICS = web.AppKey("metrics", Metrics)
 MODELS = web.AppKey("models", ModelStore)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
+MEMBERS = web.AppKey("members", FederationHost)
 ANCHORS: web.AppKey[Optional[AnchorService]] = web.AppKey("anchors")
 FEDERATION: web.AppKey[Optional[Federation]] = web.AppKey("federation")
 BRIDGE: web.AppKey[Optional[BridgeService]] = web.AppKey("bridge")

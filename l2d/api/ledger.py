@@ -15,7 +15,7 @@ from ..core.snapshot import SnapshotExists
 from ..core.state import account_key
 from ..core.tx import MAX_TX_SIZE, Transaction
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .deps import ADMISSION, CHAIN, SNAPSHOTS
+from .deps import ADMISSION, CHAIN, MEMBERS, SNAPSHOTS
 from .http import HEX, ApiError, admin, field, hex32, path_hex32, read_json_object, uint
 
 
@@ -45,6 +45,7 @@ async def status(request: web.Request) -> web.Response:
     tip = chain.tip
     return web.json_response({
         "network": chain.network.name, "height": tip.height, "tip_hash": tip.hash.hex(),
+        "final_height": chain.final.height,
         "state_root": tip.state_root.hex(), "mempool_size": len(chain.mempool),
         "uptime_s": round(chain.uptime_s(), 3), "version": chain.version,
     })
@@ -81,10 +82,14 @@ async def block(request: web.Request) -> web.Response:
         raise ApiError(404, "not-found", f"no block at height {h_} (tip is {chain.tip.height})")
     b = Block.decode(raw, chain.network)
     h = b.header
+    members = request.app[MEMBERS].members
+    commit = chain.block_commit(h_, members.n)
     return web.json_response({
         "height": h.height, "hash": h.hash.hex(), "prev_hash": h.prev_hash.hex(), "timestamp_ms": h.timestamp_ms,
         "tx_count": h.tx_count, "tx_root": h.tx_root.hex(), "state_root": h.state_root.hex(),
-        "txs": [tx_json(t) for t in b.txs], "raw": raw.hex(),
+        "txs": [tx_json(t) for t in b.txs], "raw": raw.hex(), "final": h.height <= chain.final.height,
+        "commit": None if commit is None else {"signers": list(commit.signers), "threshold": members.threshold,
+                                               "raw": commit.encode().hex()},
     })
 
 

@@ -32,6 +32,7 @@ from ..core.commit import SIG_SIZE, Commit, signature_valid
 from ..core.params import Network
 from .errors import SignerStateCorrupt, SignerStateMismatch, StaleSignerState
 
+SIGNER_FILE = "member.signer"  # in the data dir, beside (not inside) the LMDB ledger and the snapshots
 MAGIC = b"l2dsignr"
 VERSION = 1
 _LAYOUT = struct.Struct(">8sBB32sBQI32s32s64sQI")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import hashlib
 import json
 import os
@@ -100,28 +102,29 @@ async def test_other_genesis_in_data_dir_refused(tmp_path: Path, make_cfg: Calla
 
 @pytest.mark.parametrize("how", ["stop-event", "cancel-producer"])
 async def test_clean_stop_finishes_the_block_in_flight(tmp_path: Path, make_cfg: Callable[..., Config],
-                                                       monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any],
+                                                       how: str) -> None:
     cfg = make_cfg(tmp_path / "data", block={"interval_ms": 10, "max_txs": 4})
     node = Node.from_config(cfg)
-    real_commit = node.ledger.commit_async
-    entered, release = asyncio.Event(), asyncio.Event()
-    commits = 0
+    real_store = node.ledger.store_block
+    entered, release = threading.Event(), threading.Event()
+    stores = 0
 
-    async def held_commit(built: Any) -> None:  # the second commit waits until the test lets it go
-        nonlocal commits
-        commits += 1
-        if commits == 2:
+    def held_store(built: Any, commit: bytes, final: Any) -> None:  # the second store waits for the test
+        nonlocal stores
+        stores += 1
+        if stores == 2:
             entered.set()
-            await release.wait()
-        await real_commit(built)
+            release.wait(30)
+        real_store(built, commit, final)
 
-    monkeypatch.setattr(node.ledger, "commit_async", held_commit)
+    monkeypatch.setattr(node.ledger, "store_block", held_store)
     await node.start(serve_http=False)
     txs = [transfer(s, 5, 1, n) for n in range(12) for s in (1, 2, 3)]
     for t in txs:
         node.admission.submit(t.raw)
-    await asyncio.wait_for(entered.wait(), 10)
-    in_flight = node.chain.tip.height + 1  # the tip moves only once the commit has returned
+    await poll(entered.is_set, 10, "the second block being stored")
+    in_flight = node.chain.tip.height + 1  # the tip moves only once the store has returned
     assert in_flight == 2
     if how == "cancel-producer":
         producer = next(t for t in node._tasks if t.get_name() == "block-producer")
@@ -158,10 +161,10 @@ async def test_unexpected_failure_commits_nothing_more(tmp_path: Path, make_cfg:
     node = Node.from_config(cfg)
     node.admission.submit(transfer(1, 4, 100, 0).raw)
 
-    async def broken_commit(*args: Any) -> None:
+    def broken_commit(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(node.store, "commit_block_async", broken_commit)
+    monkeypatch.setattr(node.store, "commit_block", broken_commit)
     rc = await asyncio.wait_for(node.run(install_signals=False), 10)
     assert rc == 1 and node.failed
     again = Node.from_config(cfg)
@@ -304,13 +307,16 @@ async def test_clean_stop_keeps_the_mempool_and_the_drop_reasons(tmp_path: Path,
                                                                  l2d_process: Callable[..., Any],
                                                                  node_toml: Callable[..., Path],
                                                                  poll: Callable[..., Any]) -> None:
-    """A real daemon with a full mempool (blocks held back by a 1-hour interval) is stopped with SIGTERM and
-    restarted: every accepted transaction is then committed, pending, or dropped with a reason; none is unknown."""
+    """A real daemon with a full mempool (blocks held back by a 1-hour interval after a genesis made now) is stopped
+    with SIGTERM and restarted: every accepted transaction is then committed, pending, or dropped with a reason;
+    none is unknown."""
     alloc = {pubkey(n): GENESIS_SAT for n in (1, 2, 3)}
     token = "mempool-file-token-0123456789"
+    genesis_ms = int(time.time() * 1000)  # a block follows its parent by block.interval_ms at the earliest
 
     def start(log: str, min_fee: int, interval_ms: int) -> Any:
         cfg = node_toml(tmp_path / "node.toml", alloc, token, block={"interval_ms": interval_ms, "max_txs": 1000},
+                        chain={"genesis_timestamp_ms": genesis_ms},
                         mempool={"max_txs": 450, "max_per_sender": 160, "min_fee_sat": min_fee},
                         snapshots={"every_blocks": 0})
         return l2d_process(cfg, tmp_path / log)

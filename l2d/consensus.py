@@ -21,24 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence
 
-from ..admission import Admission
-from ..aio import wait_event
-from ..core.block import Block, BlockHeader
-from ..core.commit import Commit
-from ..core.errors import L2Error, Rejected
-from ..core.members import Membership
-from ..core.params import Network
-from ..core.state import Account, account_key
-from ..core.tx import Transaction, check_signature
-from ..core.tx import decode as decode_tx
-from ..ledger import BuiltBlock, Ledger, UnknownParent
-from ..mempool import Mempool
-from ..metrics import Metrics
-from ..store import Store
-from .machine import (Action, Broadcast, FetchBlocks, Member, PersistSigner, RecordEvidence, StoreBlock, StoredBlock,
-                      Timing, Validity, timestamp_ok)
-from .messages import Candidate, Equivocation
-from .signer import load_state, save_state
+from .admission import Admission
+from .aio import wait_event
+from .core.block import Block, BlockHeader
+from .core.commit import Commit
+from .core.errors import L2Error, Rejected
+from .core.members import Membership
+from .core.params import Network
+from .core.state import Account, account_key
+from .core.tx import Transaction, check_signature
+from .core.tx import decode as decode_tx
+from .federation.machine import (Action, Broadcast, FetchBlocks, Member, PersistSigner, RecordEvidence, StoreBlock,
+                                 StoredBlock, Timing, Validity, proposer, timestamp_ok)
+from .federation.messages import Candidate, Equivocation
+from .federation.signer import load_state, save_state
+from .ledger import BuiltBlock, Ledger, UnknownParent
+from .mempool import Mempool
+from .metrics import Metrics
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class FederationHost:
         self.metrics, self.tree_lock, self.signer_path = metrics, tree_lock, signer_path
         self.max_txs, self.drift_ms, self.clock, self._track = max_txs, drift_ms, clock, track
         self.peers: Optional[Peers] = None
+        self.ids: tuple[str, ...] = tuple(f"member-{i + 1}" for i in range(members.n))  # the config's, if given
+        self.urls: tuple[str, ...] = ("",) * members.n
+        self.last_seen: dict[int, float] = {}  # peer -> wall time of its last message
         self.evidence: list[Evidence] = []
         self.committed_locked: Optional[Callable[[BlockHeader], Awaitable[None]]] = None
         self.after_commit: list[Callable[[BlockHeader], None]] = []
@@ -120,6 +123,7 @@ class FederationHost:
 
     def deliver(self, raw: bytes, peer: int) -> None:
         """A message from a peer (the transport authenticated the connection; the machine checks the signature)."""
+        self.last_seen[peer] = time.time()
         self._put(("msg", raw, peer))
 
     def tx_admitted(self, tx: Transaction, *, from_peer: bool) -> None:
@@ -135,6 +139,20 @@ class FederationHost:
             self.metrics.federation_dropped.inc()
             return
         self._news.set()
+
+    def status(self) -> dict[str, Any]:
+        """What GET /api/federation shows."""
+        m = self.member
+        final = self.ledger.final
+        now = time.time()
+        return {
+            "threshold": self.members.threshold, "n": self.members.n, "me": self.index,
+            "members": [{"index": i, "id": self.ids[i], "key": k.hex(), "url": self.urls[i],
+                         "last_seen_s_ago": None if i not in self.last_seen else round(now - self.last_seen[i], 3)}
+                        for i, k in enumerate(self.members.keys)],
+            "height": m.height, "round": m.round, "proposer": proposer(m.height, m.round, self.members.n),
+            "final_height": None if final is None else final.height, "evidence": len(self.evidence),
+        }
 
     # -- serving peers ---------------------------------------------------------------------------------------
     def serve_blocks(self, from_height: int, max_count: int) -> list[tuple[bytes, bytes]]:
@@ -158,21 +176,26 @@ class FederationHost:
 
     # -- the loop --------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        """Drive the machine until stop is set; stop is checked before every input, so the block at hand is stored
+        and nothing is started after it."""
         await self._perform(self.member.start(self.clock()))
+        last = (self.member.height, self.member.round)
         while not stop.is_set():
             wait_ms = self.member.deadline - self.clock()
             if wait_ms > 0 and not self._news.is_set():
                 await wait_event(self._news, wait_ms / 1000)
             self._news.clear()
-            if stop.is_set():
-                break
-            while not self._inbox.empty():
+            while not self._inbox.empty() and not stop.is_set():
                 await self._input(self._inbox.get_nowait())
-            if self._woken:
+            if self._woken and not stop.is_set():
                 self._woken = False
                 await self._perform(self.member.wake(self.clock()))
-            if self.clock() >= self.member.deadline:
+            if self.clock() >= self.member.deadline and not stop.is_set():
                 await self._perform(self.member.tick(self.clock()))
+            now = (self.member.height, self.member.round)
+            if now != last:
+                self.metrics.federation_rounds.inc(outcome="failed" if now[0] == last[0] else "entered")
+                last = now
 
     def stop_waiting(self) -> None:
         self._news.set()
@@ -280,14 +303,14 @@ class FederationHost:
             if a.block.parent == tip.hash:
                 built = self._built_for(a.block)
                 new_final = a.final if a.final.hash != final.hash else None
-                await asyncio.to_thread(ledger.store, built, commit, new_final)
+                await asyncio.to_thread(ledger.store_block, built, commit, new_final)
             elif a.block.parent == final.hash and tip.height == a.block.height:  # a sibling of the tip
                 built = self._built_for(a.block)
                 if a.head.hash != a.block.hash:
                     await asyncio.to_thread(self.store.put_sibling, a.block.hash, built.raw, commit)
                     return
                 replaced = ledger.block(tip.height)
-                await asyncio.to_thread(ledger.store, built, commit, None)
+                await asyncio.to_thread(ledger.store_block, built, commit, None)
             else:  # its parent is a sibling of the tip: that sibling becomes the tip, and final
                 sib = self._sibling(a.block.parent)
                 if sib is None:
@@ -296,9 +319,9 @@ class FederationHost:
                 replaced = ledger.block(tip.height)
                 sib_built = ledger.execute(final, sib_block.txs, sib_block.header.timestamp_ms, strict=True,
                                            signatures_checked=True)
-                await asyncio.to_thread(ledger.store, sib_built, sib_commit, None)
+                await asyncio.to_thread(ledger.store_block, sib_built, sib_commit, None)
                 built = self._built_for(a.block)
-                await asyncio.to_thread(ledger.store, built, commit, a.final)
+                await asyncio.to_thread(ledger.store_block, built, commit, a.final)
             header = built.header
             if self.committed_locked is not None:
                 await self.committed_locked(header)
