@@ -42,6 +42,7 @@ from .core.params import Network, network_by_name
 from .core.state import Rules
 from .core.tx import Transaction
 from .datadir import DataDir
+from .federation.errors import SignerStateError
 from .federation.machine import Timing
 from .federation.signer import SIGNER_FILE
 from .genesis import Genesis, NodeError, check_genesis, load_genesis
@@ -132,7 +133,13 @@ class Node:
             store.close()
             datadir.close()
             raise
-        node = cls(config, network, store, ledger, genesis, datadir)
+        try:
+            node = cls(config, network, store, ledger, genesis, datadir)
+        except SignerStateError as e:
+            store.close()
+            datadir.close()
+            raise NodeError(f"signer state {datadir.path / SIGNER_FILE}: {e}; this member must not sign until an "
+                            f"operator restores the newest signer state file (docs/federation.md)") from e
         node._load_mempool()
         return node
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path

@@ -1,0 +1,117 @@
+"""The consensus host on a 1-member federation (what `make run` is): every block carries the member's commit, a
+non-final tip is made final by one empty child, the signer state is written before a signature leaves, and the
+exported chain file passes the auditor's check."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import pytest
+
+from l2d.config import Config
+from l2d.core.chain_file import verify_chain
+from l2d.core.commit import Commit
+from l2d.core.genesis_file import FederationGenesis
+from l2d.core.params import LOCAL
+from l2d.federation.errors import StaleSignerState
+from l2d.federation.signer import SIGNER_FILE, load_state
+from l2d.genesis import NodeError
+from l2d.node import Node
+from tests.l2d.test_node import transfer
+
+
+async def _committed(node: Node, txs: list[Any], poll: Callable[..., Any]) -> None:
+    await poll(lambda: all(node.store.tx_location(t.txid) is not None for t in txs), 30, "transactions committed")
+
+
+async def test_every_block_carries_the_member_commit_and_an_empty_child_makes_the_tip_final(
+        tmp_path: Path, make_cfg: Callable[..., Config], poll: Callable[..., Any]) -> None:
+    cfg = make_cfg(tmp_path / "data")
+    node = Node.from_config(cfg)
+    await node.start(serve_http=False)
+    try:
+        txs = [transfer(1, 4, 10, n) for n in range(3)]
+        for t in txs:
+            node.admission.submit(t.raw)
+        await _committed(node, txs, poll)
+        height = node.store.tx_location(txs[-1].txid)[0]  # type: ignore[index]
+        # nothing more to include: one empty block follows, so the block with the transactions becomes final
+        await poll(lambda: node.chain.final.height >= height, 30, "the last transaction's block final")
+        tip = node.chain.tip
+        assert node.chain.final.height == tip.height - 1
+        assert node.ledger.block(tip.height).header.tx_count == 0  # type: ignore[union-attr]
+        members = node.genesis.membership
+        for h in range(1, tip.height + 1):
+            commit = node.chain.block_commit(h, members.n)
+            blk = node.ledger.block(h)
+            assert commit is not None and blk is not None and commit.signers == (0,)
+            commit.verify(members, LOCAL, blk.header.hash)
+        signed = load_state(node.datadir.path / SIGNER_FILE, LOCAL, members.keys[0]).signed
+        assert signed is not None and signed.height == tip.height and signed.block_hash == tip.hash
+    finally:
+        await node.stop()
+
+
+async def test_the_exported_chain_file_passes_the_auditors_check(
+        tmp_path: Path, make_cfg: Callable[..., Config], poll: Callable[..., Any]) -> None:
+    node = Node.from_config(make_cfg(tmp_path / "data"))
+    await node.start(serve_http=True)
+    try:
+        txs = [transfer(1, 4, 10, n) for n in range(2)]
+        for t in txs:
+            node.admission.submit(t.raw)
+        await _committed(node, txs, poll)
+        await poll(lambda: node.chain.final.height >= 1, 30, "a final block")
+        block0 = node.ledger.block(0)
+        assert block0 is not None
+        genesis = FederationGenesis(LOCAL, node.genesis.membership, node.genesis.member_ids, block0.header)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{node.port}/api/l2/commits?from=0") as r:
+                assert r.status == 200 and r.content_type == "application/octet-stream"
+                body = await r.read()
+            async with s.get(f"http://127.0.0.1:{node.port}/api/status") as r:
+                status = await r.json()
+            async with s.get(f"http://127.0.0.1:{node.port}/api/l2/blocks/1") as r:
+                block1 = await r.json()
+            async with s.get(f"http://127.0.0.1:{node.port}/api/federation") as r:
+                fed = await r.json()
+        report = verify_chain(io.BytesIO(body), genesis)
+        assert report.start_height == 0 and report.tip_height >= 2
+        assert status["final_height"] >= 1 and block1["final"] is True
+        assert block1["commit"]["signers"] == [0] and block1["commit"]["threshold"] == 1
+        assert Commit.decode(bytes.fromhex(block1["commit"]["raw"])).signers == (0,)
+        assert (fed["n"], fed["threshold"], fed["me"]) == (1, 1, 0) and fed["members"][0]["id"] == "member-1"
+        # a forged file (one byte of a signature flipped) is refused
+        forged = bytearray(body)
+        forged[-40] ^= 1
+        with pytest.raises(Exception):
+            verify_chain(io.BytesIO(bytes(forged)), genesis)
+    finally:
+        await node.stop()
+
+
+async def test_restart_resumes_signing_and_a_lost_signer_state_is_refused(
+        tmp_path: Path, make_cfg: Callable[..., Config], poll: Callable[..., Any]) -> None:
+    """The signer state must not be older than the stored chain: a member whose non-final tip carries its
+    signature, started without its signer file, refuses to start rather than risk signing a conflicting block."""
+    cfg = make_cfg(tmp_path / "data", block={"interval_ms": 3_600_000, "max_txs": 100},
+                   chain={"genesis_timestamp_ms": 1_767_225_600_000})
+    node = Node.from_config(cfg)
+    await node.start(serve_http=False)
+    try:
+        t = transfer(1, 4, 10, 0)
+        node.admission.submit(t.raw)
+        await _committed(node, [t], poll)  # the genesis is old: the first block comes at once, its child in 1 h
+        assert node.chain.final.height == 0 and node.chain.tip.height == 1
+    finally:
+        await node.stop()
+    again = Node.from_config(cfg)  # restart: same tip, the signer state agrees with it
+    assert again.chain.tip.height == 1 and again.host.member.signer.signed.height == 1  # type: ignore[union-attr]
+    await again.stop()
+    (tmp_path / "data" / SIGNER_FILE).unlink()
+    with pytest.raises(NodeError, match="signer state") as e:
+        Node.from_config(cfg)
+    assert isinstance(e.value.__cause__, StaleSignerState)
+
