@@ -634,7 +634,8 @@ class AnchorService:
     # -- audit bundle ---------------------------------------------------------------------------------------------------
     async def audit_bundle(self, l2_height: int) -> Optional[bytes]:
         """The encoded audit bundle of a CONFIRMED/FINAL anchor, or None if there is none (yet)."""
-        from l2d.core.audit import AnchorKind, AuditBundle, ProofEvidence, SnapshotEvidence
+        from l2d.core.audit import AnchorKind, AuditBundle, CommitEvidence, ProofEvidence, SnapshotEvidence
+        from l2d.core.commit import Commit
 
         a = self.anchors.get(l2_height)
         rpc = self.rpc
@@ -657,9 +658,13 @@ class AnchorService:
                          else ProofEvidence(bytes.fromhex(a.state_root)))
         record = _record(a.record)
         taproot = a.mode == "taproot"
+        header, raw_commit = self._header_at(l2_height), self.store.get_commit(l2_height)
+        # version 2: the anchored block's commit (anchors commit final heights: it is stored; block 0 has none)
+        commit = (CommitEvidence(header, Commit.decode(raw_commit))
+                  if l2_height > 0 and header is not None and raw_commit else None)
         bundle = AuditBundle(self.network.id, record, AnchorKind.TAPROOT if taproot else AnchorKind.OP_RETURN,
                              self.federation_key if taproot else b"", bytes.fromhex(a.raw_tx), merkleblock, start,
-                             b"".join(headers), evidence)
+                             b"".join(headers), evidence, commit)
         return bundle.encode()
 
 
