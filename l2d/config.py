@@ -493,9 +493,9 @@ def _chain(t: Mapping[str, Any], base: Path, node: NodeConfig) -> ChainConfig:
     )
 
 
-def _xonly_key(s: _Section, key: str, value: object = _REQUIRED) -> bytes:
-    """A 64-hex x-only secp256k1 public key on the curve (s.raw(key) unless value is given)."""
-    value = s.raw(key, _REQUIRED) if value is _REQUIRED else value
+def _xonly_key(s: _Section, key: str) -> bytes:
+    """A required 64-hex x-only secp256k1 public key on the curve."""
+    value = s.raw(key, _REQUIRED)
     try:
         if not isinstance(value, str) or not _HEX64.fullmatch(value):
             raise ValueError(value)
@@ -789,8 +789,8 @@ def _federation(t: Mapping[str, Any], base: Path, node: NodeConfig) -> Federatio
     threshold = s.get_int("threshold", 1, MAX_MEMBERS, default=default_threshold(n))
     if not n / 2 < threshold <= n:
         raise s.fail("threshold", threshold,
-                     f"must be above n/2 = {n / 2:g} and at most n = {n} members: two blocks signed by m members at one height "
-                     f"must share a signer (the default floor(2n/3)+1 = {default_threshold(n)} tolerates "
+                     f"must be above n/2 = {n / 2:g} and at most n = {n} members: two blocks signed by m members at "
+                     f"one height must share a signer (the default floor(2n/3)+1 = {default_threshold(n)} tolerates "
                      f"floor((n-1)/3) = {(n - 1) // 3} Byzantine members; n >= 4 is needed to tolerate one)")
     if members is not None:
         try:
