@@ -1,0 +1,1 @@
+"""The federation's runtime: the member transport (transport.py, wire.py)."""
