@@ -119,6 +119,9 @@ class _GuardedHandler(web.RequestHandler):
         self._arm(self._api.header_timeout_s, self._header_late)
 
     def data_received(self, data: bytes) -> None:
+        if self._upgraded:  # a WebSocket (the federation's member links): frames, no more requests to time
+            super().data_received(data)
+            return
         if data and self._timer is None and self._body is None:  # the first byte of a request
             self._arm(self._api.header_timeout_s, self._header_late)
         seen = self._request_count

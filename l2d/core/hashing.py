@@ -44,5 +44,8 @@ H_KEY = _tagged("l2d/state/key")
 EMPTY_ROOT = _tagged("l2d/state/empty")(b"")
 H_PEGIN_TWEAK = _tagged("l2d/pegin/tweak")
 H_PEGIN_OUTPOINT = _tagged("l2d/pegin/outpoint")
+# Member transport (l2d/federation/wire.py): not consensus, but fixed so members of one version interoperate.
+H_FED_HANDSHAKE = _tagged("l2d/federation/handshake")
+H_FED_REQUEST = _tagged("l2d/federation/request")
 H_COMMIT = _tagged("l2d/block/commit")
 H_FED_MESSAGE = _tagged("l2d/federation/message")  # member-to-member protocol messages (l2d/federation)
