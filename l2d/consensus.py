@@ -35,6 +35,7 @@ from .federation.machine import (Action, Broadcast, FetchBlocks, Member, Persist
                                  StoredBlock, Timing, Validity, proposer, timestamp_ok)
 from .federation.messages import Candidate, Equivocation
 from .federation.signer import load_state, save_state
+from .federation.wire import TransportError
 from .ledger import BuiltBlock, Ledger, UnknownParent
 from .mempool import Mempool
 from .metrics import Metrics
@@ -95,6 +96,7 @@ class FederationHost:
         self._woken = False
         self._fetching: set[int] = set()
         self._asked: set[bytes] = set()  # txids asked of peers and not yet answered
+        self._background: set["asyncio.Task[None]"] = set()  # fetches from peers, cancelled by close()
         signer = load_state(signer_path, network, members.keys[index])
         self.member = Member(network=network, members=members, index=index, secret=secret, timing=timing,
                              logic=self, final=ledger.final, heads=self._stored_heads(), signer=signer)
@@ -376,7 +378,7 @@ class FederationHost:
         if self.peers is None or peer in self._fetching:
             return
         self._fetching.add(peer)
-        task = asyncio.ensure_future(self._fetch_from(peer, from_height))
+        task = self._spawn(self._fetch_from(peer, from_height))
         task.add_done_callback(lambda _: self._fetching.discard(peer))
 
     async def _fetch_from(self, peer: int, from_height: int) -> None:
@@ -392,7 +394,7 @@ class FederationHost:
                 self._put(("block", _candidate(blk), commit, peer))
                 while self._inbox.qsize() > INBOX_MAX // 2:  # let the machine apply them: bounded memory
                     await asyncio.sleep(0.01)
-        except (L2Error, OSError, asyncio.TimeoutError) as e:
+        except (L2Error, OSError, asyncio.TimeoutError, TransportError) as e:
             log.info("block fetch from a member ended: %s", e, extra={"peer": peer})
 
     def _ask_txs(self, txids: list[bytes]) -> None:
@@ -403,7 +405,7 @@ class FederationHost:
         self._asked.update(new)
         for peer in range(self.members.n):
             if peer != self.index:
-                asyncio.ensure_future(self._fetch_txs(peer, new))
+                self._spawn(self._fetch_txs(peer, new))
 
     async def _fetch_txs(self, peer: int, txids: list[bytes]) -> None:
         assert self.peers is not None
@@ -415,11 +417,23 @@ class FederationHost:
                 if tx.txid in wanted and tx.txid not in self._txs:
                     check_signature(tx)
                     self._remember_tx(tx)
-        except (L2Error, OSError, asyncio.TimeoutError) as e:
+        except (L2Error, OSError, asyncio.TimeoutError, TransportError) as e:
             log.info("transaction fetch from a member failed: %s", e, extra={"peer": peer})
         finally:
             self._asked.difference_update(txids)
         self.wake()
+
+    def _spawn(self, coro: Awaitable[None]) -> "asyncio.Task[None]":
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel the fetches from peers still running (the node is stopping)."""
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def _remember_tx(self, tx: Transaction) -> None:
         self._txs[tx.txid] = tx

@@ -37,7 +37,7 @@ from .config import BitcoindConfig, Config, ConfigError
 from .consensus import FederationHost
 from .core.block import BlockHeader
 from .core.chains import btc_chain
-from .core.errors import WrongNetwork
+from .core.errors import Rejected, WrongNetwork
 from .core.params import Network, network_by_name
 from .core.state import Rules
 from .core.tx import Transaction
@@ -45,6 +45,8 @@ from .datadir import DataDir
 from .federation.errors import SignerStateError
 from .federation.machine import Timing
 from .federation.signer import SIGNER_FILE
+from .federation.transport import Handlers, Peer, Transport
+from .federation.transport import routes as transport_routes
 from .genesis import Genesis, NodeError, check_genesis, load_genesis
 from .keys import KeyFileError
 from .ledger import Ledger
@@ -91,6 +93,15 @@ class Node:
             tree_lock=tree_lock, signer_path=datadir.path / SIGNER_FILE, max_txs=config.block.max_txs,
             track=self._track)
         self.host.ids, self.host.urls = genesis.member_ids, genesis.member_urls
+        self.transport: Optional[Transport] = None
+        if genesis.membership.n > 1:  # a 1-member federation has nobody to talk to
+            peers = [Peer(i, key, url) for i, (key, url) in enumerate(zip(genesis.membership.keys,
+                                                                          genesis.member_urls))
+                     if i != genesis.member_index]
+            self.transport = Transport(network, genesis.member_index, genesis.member_secret, peers, Handlers(
+                on_message=self.host.deliver, on_txs=self._peer_txs, serve_blocks=self.host.serve_blocks,
+                serve_txs=self.host.serve_txs))
+            self.host.peers = self.transport
         self.snapshots = Snapshots(store, network, self.metrics, directory=Path(config.snapshots.dir),
                                    keep=config.snapshots.keep, every_blocks=config.snapshots.every_blocks,
                                    track=self._track, anchored_keep_final=config.snapshots.anchored_keep_final,
@@ -218,16 +229,27 @@ class Node:
                              now=lambda: int(time.time()))
 
     def web_app(self) -> web.Application:
-        """The REST application over this node's parts (each under its own AppKey)."""
-        return make_app(ApiDeps(
+        """The REST application over this node's parts (each under its own AppKey), with the member routes."""
+        app = make_app(ApiDeps(
             chain=self.chain, admission=self.admission, snapshots=self.snapshots, metrics=self.metrics,
             models=self.models, admin_token=self.config.api.admin_token or "",
             max_body_bytes=self.config.api.max_body_bytes, members=self.host, anchors=self.anchor_service, federation=self.federation,
             bridge=self.bridge_service, orchestration=self.orchestration_service))
+        if self.transport is not None:
+            app.router.add_routes(transport_routes(self.transport))
+        return app
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _tx_admitted(self, tx: Transaction, from_peer: bool) -> None:
         self.host.tx_admitted(tx, from_peer=from_peer)
+
+    def _peer_txs(self, raws: list[bytes], peer: int) -> None:
+        """Transactions another member forwarded: admitted like any (a refusal is the peer's or a duplicate)."""
+        for raw in raws:
+            try:
+                self.admission.submit_from_peer(raw)
+            except Rejected:
+                pass
 
     def _track(self, fut: "asyncio.Future[Any]") -> None:
         """Keep fut (a shielded commit, a snapshot thread) for the shutdown to wait on."""
@@ -269,6 +291,8 @@ class Node:
             self._api = ApiServer(self.web_app(), self.config.api, self.metrics)
             self.port = await self._api.start()
             log.info("api listening", extra={"host": self.config.api.host, "port": self.port})
+        if self.transport is not None:
+            await self.transport.start()
 
     async def wait(self) -> None:
         """Return when a stop is requested or a background task ends (which is a failure)."""
@@ -300,6 +324,9 @@ class Node:
         if self._api is not None:
             await self._api.stop()
             self._api = None
+        if self.transport is not None:
+            await self.transport.close()
+        await self.host.close()
         for t in self._tasks:
             if t.get_name() != "block-producer":
                 t.cancel()
