@@ -343,7 +343,8 @@ def _sat(s: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="l2-cli", description=__doc__)
-    ap.add_argument("--api", default=DEFAULT_API, help="daemon REST address (default %(default)s, or $L2D_API)")
+    ap.add_argument("--api", default=DEFAULT_API, help="daemon REST address (default %(default)s, or $L2D_API); several members' addresses, "
+                    "comma-separated: each request goes to the first that answers")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("keygen", help="create a key file (mode 0600)")

@@ -67,7 +67,9 @@ def error_from_body(status: int, body: bytes, method: str = "", path: str = "") 
 
 class _Base:
     def __init__(self, url: str, token: str = "", timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
+        # Several members' URLs, comma-separated: a request goes to the first that answers (failover).
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()] or [url]
+        self.url = self.urls[0]
         self.token = token
         self.timeout = timeout
 
@@ -95,17 +97,21 @@ class Client(_Base):
                 raw: bool = False) -> Any:
         """One request: body is sent as JSON, data as raw bytes; the answer is parsed JSON, or bytes when raw."""
         data, headers = self._encode(body, data, admin)
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                payload = resp.read()
-        except urllib.error.HTTPError as e:
-            with e:
-                err = e.read()
-            raise error_from_body(e.code, err, method, path) from None
-        except (OSError, http.client.HTTPException) as e:  # URLError, a reset or timed-out read, a broken answer
-            raise Unreachable(self.url, method, path, e) from e
-        return payload if raw else json.loads(payload)
+        for i, url in enumerate(self.urls):
+            req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    payload = resp.read()
+            except urllib.error.HTTPError as e:
+                with e:
+                    err = e.read()
+                raise error_from_body(e.code, err, method, path) from None
+            except (OSError, http.client.HTTPException) as e:  # URLError, a reset or timed-out read, a broken answer
+                if i + 1 < len(self.urls):
+                    continue  # the next member
+                raise Unreachable(url, method, path, e) from e
+            return payload if raw else json.loads(payload)
+        raise AssertionError("unreachable: urls is never empty")
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

@@ -173,3 +173,19 @@ async def test_async_client_no_answer_is_unreachable(refused_port: int) -> None:
         assert str(e.value) == f"cannot reach the daemon at {url}: {e.value.error}"
         with pytest.raises(Unreachable):  # also while following a transaction
             await c.wait_tx("ab" * 32, 5)
+
+
+async def test_several_members_a_request_goes_to_the_first_that_answers(node_client: tuple[Node, Served],
+                                                                        refused_port: int) -> None:
+    """`--api A,B`: a member that does not answer is skipped; one that answers (even with a refusal) is final."""
+    node, client = node_client
+    down = f"http://127.0.0.1:{refused_port}"
+    c = Client(f"{down}, {_url(client)}/")
+    st = await asyncio.to_thread(c.status)
+    assert st["height"] == node.chain.tip.height
+    with pytest.raises(ApiError) as e:  # answered by the live member: not retried elsewhere, not Unreachable
+        await asyncio.to_thread(c.get, "/api/l2/blocks/999999")
+    assert e.value.status == 404 and not isinstance(e.value, Unreachable)
+    with pytest.raises(Unreachable) as u:
+        await asyncio.to_thread(Client(f"{down},{down}").status)
+    assert u.value.url == down
