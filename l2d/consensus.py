@@ -368,6 +368,7 @@ class FederationHost:
                                   if final is None or b.header.height > final.height)
         self.metrics.blocks_committed.inc()
         self.metrics.txs_committed.inc(len(built.block.txs))
+        self.metrics.federation_commit.observe(max(0, self.clock() - h.timestamp_ms) / 1000)
         log.info("block committed", extra={"height": h.height, "txs": h.tx_count, "root": h.state_root.hex(),
                                            "hash": h.hash.hex(),
                                            "final_height": None if final is None else final.height})

@@ -117,9 +117,10 @@ class Metrics:
         self.federation_evidence = Counter("l2d_federation_evidence_total",
                                            "Equivocations recorded (two proposals of one member in one round).")
         self.federation_rounds = Counter("l2d_federation_rounds_total",
-                                         "Rounds this member entered, by outcome of the height (all rounds).")
+                                         "Rounds this member went through: entered (a new height) or failed (the "
+                                         "next round of the same height).")
         self.federation_commit = Histogram("l2d_federation_commit_seconds",
-                                           "From a block's proposal (its timestamp) to storing it complete.",
+                                           "From a block's timestamp (its proposal) to this member storing it with m signatures.",
                                            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 
     def render(self, gauges: Mapping[str, tuple[str, Callable[[], float]]]) -> str:

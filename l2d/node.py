@@ -102,6 +102,7 @@ class Node:
                 on_message=self.host.deliver, on_txs=self._peer_txs, serve_blocks=self.host.serve_blocks,
                 serve_txs=self.host.serve_txs))
             self.host.peers = self.transport
+            self.chain.peers_connected = self.transport.connected_peers
         self.snapshots = Snapshots(store, network, self.metrics, directory=Path(config.snapshots.dir),
                                    keep=config.snapshots.keep, every_blocks=config.snapshots.every_blocks,
                                    track=self._track, anchored_keep_final=config.snapshots.anchored_keep_final,

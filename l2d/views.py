@@ -9,7 +9,7 @@ import asyncio
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from .core.block import HEADER_SIZE, Block, BlockHeader
 from .core.commit import Commit
@@ -61,6 +61,7 @@ class ChainView:
         self.tree_lock = tree_lock
         self.version = version
         self._started = time.monotonic()
+        self.peers_connected: Callable[[], int] = lambda: 0  # the node sets it when it has member peers
 
     @property
     def tip(self) -> BlockHeader:
@@ -166,6 +167,8 @@ class ChainView:
         gauges = {
             "l2d_height": ("Height of the committed tip.", lambda: tip.height),
             "l2d_final_height": ("Height of the highest final block.", lambda: self.final.height),
+            "l2d_federation_peers_connected": ("Members this member's outbound link is authenticated to.",
+                                               self.peers_connected),
             "l2d_mempool_txs": ("Transactions in the mempool.", lambda: len(self.mempool)),
             "l2d_mempool_bytes": ("Encoded size of the mempool.", lambda: self.mempool.size_bytes),
             "l2d_state_records": ("Records in the committed state.", lambda: records),

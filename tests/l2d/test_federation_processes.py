@@ -134,6 +134,9 @@ async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_f
         heights = {fed.tx_height(k, t) for k in range(4) for t in txs[:1]}
         assert len(heights) == 1  # the same block on every member
         tips = {(fed.status(k)["height"], fed.status(k)["tip_hash"]) for k in range(4)}
+        metrics = fed.procs[0].get_raw("/metrics")[1].decode()
+        assert "l2d_federation_peers_connected 3" in metrics  # an authenticated link to each other member
+        assert "l2d_federation_commit_seconds_count 0" not in metrics
 
         # 2. SIGKILL member 2: the other three keep finalizing; restarted, it catches up and signs again
         fed.kill(1)
