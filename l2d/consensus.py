@@ -14,7 +14,9 @@ roots must be the header's) and policy_ok (the local signing policy: the timesta
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+EVIDENCE_FILE = "evidence.jsonl"  # in the data dir: the equivocations this member saw
 INBOX_MAX = 10_000  # inputs waiting for the machine; beyond it a peer's message is dropped (it is re-sent)
 BUILT_KEPT = 256  # executed blocks kept for storing without re-execution
 TXS_KEPT = 100_000  # transaction bodies fetched from peers for proposals
@@ -76,7 +79,7 @@ class Evidence:
 class FederationHost:
     def __init__(self, *, network: Network, members: Membership, index: int, secret: bytes, timing: Timing,
                  drift_ms: int, ledger: Ledger, store: Store, mempool: Mempool, admission: Admission,
-                 metrics: Metrics, tree_lock: asyncio.Lock, signer_path: Path, max_txs: int,
+                 metrics: Metrics, tree_lock: asyncio.Lock, signer_path: Path, evidence_path: Path, max_txs: int,
                  track: Callable[["asyncio.Future[Any]"], None], clock: Callable[[], int] = wall_ms) -> None:
         self.network, self.members, self.index = network, members, index
         self.ledger, self.store, self.mempool, self.admission = ledger, store, mempool, admission
@@ -86,7 +89,8 @@ class FederationHost:
         self.ids: tuple[str, ...] = tuple(f"member-{i + 1}" for i in range(members.n))  # the config's, if given
         self.urls: tuple[str, ...] = ("",) * members.n
         self.last_seen: dict[int, float] = {}  # peer -> wall time of its last message
-        self.evidence: list[Evidence] = []
+        self.evidence_path = evidence_path
+        self.evidence: list[Evidence] = _load_evidence(evidence_path)
         self.committed_locked: Optional[Callable[[BlockHeader], Awaitable[None]]] = None
         self.after_commit: list[Callable[[BlockHeader], None]] = []
         self._built: OrderedDict[bytes, BuiltBlock] = OrderedDict()
@@ -442,10 +446,35 @@ class FederationHost:
             self._txs.popitem(last=False)
 
     def _record(self, ev: Equivocation) -> None:
-        self.evidence.append(Evidence(ev.proposer, ev.height, ev.round, ev.first.raw, ev.second.raw))
+        e = Evidence(ev.proposer, ev.height, ev.round, ev.first.raw, ev.second.raw)
+        self.evidence.append(e)
+        line = json.dumps({"member": e.proposer, "height": e.height, "round": e.round, "first": e.first.hex(),
+                           "second": e.second.hex()}) + "\n"
+        with open(self.evidence_path, "a") as f:  # kept across restarts; a torn last line is skipped on load
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
         self.metrics.federation_evidence.inc()
         log.warning("equivocation: two proposals from one member in one round",
                     extra={"member": ev.proposer, "height": ev.height, "round": ev.round})
+
+
+def _load_evidence(path: Path) -> list[Evidence]:
+    """The equivocations recorded so far (one JSON object per line; an unreadable line, e.g. torn by a crash, is
+    skipped with a warning)."""
+    out: list[Evidence] = []
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            d = json.loads(line)
+            out.append(Evidence(int(d["member"]), int(d["height"]), int(d["round"]), bytes.fromhex(d["first"]),
+                                bytes.fromhex(d["second"])))
+        except (ValueError, KeyError, TypeError):
+            log.warning("evidence file: a line that cannot be read is skipped", extra={"path": str(path)})
+    return out
 
 
 def _candidate(block: Block) -> Candidate:

@@ -34,7 +34,7 @@ from .api.app import make_app
 from .api.deps import ApiDeps
 from .api.server import ApiServer, ensure_descriptors
 from .config import BitcoindConfig, Config, ConfigError
-from .consensus import FederationHost
+from .consensus import EVIDENCE_FILE, FederationHost
 from .core.block import BlockHeader
 from .core.chains import btc_chain
 from .core.errors import Rejected, WrongNetwork
@@ -90,7 +90,8 @@ class Node:
             network=network, members=genesis.membership, index=genesis.member_index, secret=genesis.member_secret,
             timing=Timing(config.block.interval_ms, fed.round_ms, fed.max_round_ms), drift_ms=fed.max_clock_drift_ms,
             ledger=ledger, store=store, mempool=self.mempool, admission=self.admission, metrics=self.metrics,
-            tree_lock=tree_lock, signer_path=datadir.path / SIGNER_FILE, max_txs=config.block.max_txs,
+            tree_lock=tree_lock, signer_path=datadir.path / SIGNER_FILE,
+            evidence_path=datadir.path / EVIDENCE_FILE, max_txs=config.block.max_txs,
             track=self._track)
         self.host.ids, self.host.urls = genesis.member_ids, genesis.member_urls
         self.transport: Optional[Transport] = None

@@ -4,6 +4,7 @@ exported chain file passes the auditor's check."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 
 from l2d.config import Config
+from l2d.consensus import EVIDENCE_FILE
 from l2d.core.chain_file import verify_chain
 from l2d.core.commit import Commit
 from l2d.core.genesis_file import FederationGenesis
@@ -115,3 +117,20 @@ async def test_restart_resumes_signing_and_a_lost_signer_state_is_refused(
         Node.from_config(cfg)
     assert isinstance(e.value.__cause__, StaleSignerState)
 
+
+
+async def test_recorded_evidence_survives_a_restart_and_a_torn_line_is_skipped(
+        tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
+    cfg = make_cfg(tmp_path / "data")
+    first = Node.from_config(cfg)  # creates the data dir
+    first.store.close()
+    first.datadir.close()
+    line = {"member": 2, "height": 7, "round": 1, "first": "aa" * 10, "second": "bb" * 10}
+    (tmp_path / "data" / EVIDENCE_FILE).write_text(json.dumps(line) + "\n" + '{"member": 3, "hei')
+    node = Node.from_config(cfg)
+    try:
+        [e] = node.host.evidence
+        assert (e.proposer, e.height, e.round, e.first, e.second) == (2, 7, 1, b"\xaa" * 10, b"\xbb" * 10)
+    finally:
+        node.store.close()
+        node.datadir.close()
