@@ -601,9 +601,11 @@ class Member:
         return {}
 
     def _complete_held(self, height: int) -> bool:
-        """Do I hold a complete block (contents and m signatures) at this height that I have not stored yet?"""
-        return any(s.block.height == height for s in self._pending.values()) or any(
-            s.block.height == height for s in self._heads.values())
+        """Have I seen a complete block at this height: stored, awaiting its parent or a validity verdict, or m
+        verified signatures of one block whose contents I lack?"""
+        return (any(s.block.height == height for s in self._pending.values())
+                or any(s.block.height == height for s in self._heads.values())
+                or any(ht == height and len(d) >= self.m for ht, d in self._sigs.values()))
 
     def _validity(self, parent: BlockHeader, block: Candidate) -> Validity:
         if block.hash in self._valid:
