@@ -334,6 +334,7 @@ class Member:
             if abs(r - self.round) <= ROUND_WINDOW:
                 self._proposals[r] = msg
                 self._blocks.setdefault(body.block.hash, body.block)
+                self._try_complete(body.block.hash)  # its m signatures may have come first
                 if r == self.round:
                     self._consider()
             return
@@ -601,11 +602,10 @@ class Member:
         return {}
 
     def _complete_held(self, height: int) -> bool:
-        """Have I seen a complete block at this height: stored, awaiting its parent or a validity verdict, or m
-        verified signatures of one block whose contents I lack?"""
-        return (any(s.block.height == height for s in self._pending.values())
-                or any(s.block.height == height for s in self._heads.values())
-                or any(ht == height and len(d) >= self.m for ht, d in self._sigs.values()))
+        """Do I hold a complete block (contents and m signatures) at this height, stored or not yet? (m signatures
+        without the contents say nothing about the block's parent or validity: they do not count.)"""
+        return any(s.block.height == height for s in self._pending.values()) or any(
+            s.block.height == height for s in self._heads.values())
 
     def _validity(self, parent: BlockHeader, block: Candidate) -> Validity:
         if block.hash in self._valid:

@@ -241,6 +241,24 @@ def test_invalid_or_unacceptable_proposals_are_not_precommitted() -> None:
     assert [p.body.block_hash for p in net.sent(0, Kind.PRECOMMIT)] == [ok.hash]  # type: ignore[union-attr]
 
 
+def test_signatures_that_arrive_before_the_block_complete_it_when_it_arrives() -> None:
+    """Member 0 missed round 0's proposal but got m signatures of its block; the contents come later (the round-1
+    re-proposal, while member 0 is still in round 0). With the contents and m signatures in hand it stores the
+    block at once: no precommit round needed (a member bound elsewhere at this height could not even sign it).
+    Found by the simulation (a quorum-only schedule with crashes at the signer's crash points stalled)."""
+    net = S.Lockstep(4)
+    net.start()
+    m0 = net.members[0]
+    x = block_on(GENESIS, net.now, b"x")
+    for i in (1, 2, 3):
+        net.execute(0, m0.receive(signed_by(i, 1, 0, BlockSignature(x.hash, sign_block(SECRETS[i], NET, x.hash,
+                                                                                          AUX))), net.now))
+    assert net.disk_blocks[0] == {}
+    net.execute(0, m0.receive(signed_by(2, 1, 1, Proposal(x)), net.now))  # proposer(1, 1) = 2 re-proposes x
+    assert list(net.disk_blocks[0]) == [x.hash] and m0.height == 2
+    assert len(net.disk_blocks[0][x.hash].commit.signers) == 3
+
+
 def test_a_block_whose_commit_does_not_verify_is_refused() -> None:
     net = S.Lockstep(4)
     net.start()
