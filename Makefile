@@ -6,6 +6,7 @@ PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0+cpu
 PYTEST_ARGS ?=
 FUZZ_INPUTS ?= 1000000
+SIM_EXAMPLES ?= 5000
 
 export FLWR_TELEMETRY_ENABLED=0
 
@@ -34,8 +35,11 @@ $(VENV)/.installed-fuzz: $(VENV)/.installed
 	$(VENV)/bin/python -m pip install -e '.[test,fuzz]' '$(TORCH_PIN)'
 	touch $@
 
+# The fuzz targets, then the federation simulation over SIM_EXAMPLES random schedules (tests/l2d/federation/).
 fuzz: $(VENV)/.installed-fuzz
 	$(VENV)/bin/python tests/fuzz/run.py --inputs $(FUZZ_INPUTS)
+	L2D_SIM_EXAMPLES=$(SIM_EXAMPLES) $(VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/l2d/federation/test_simulation.py
 
 clean:
 	rm -rf .data/ .regtest/ .fuzz/

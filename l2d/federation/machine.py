@@ -119,8 +119,10 @@ class StoreBlock:
 
 @dataclass(frozen=True, slots=True)
 class FetchBlocks:
-    """Ask member `peer` for its complete blocks (with commits) from height from_height; hand each, in height
-    order, to receive_block()."""
+    """Ask member `peer` for its complete blocks (with commits) from height from_height on, as many as it has
+    (pipelined ranges, not one request per block); hand each, in height order, to receive_block(). The machine does
+    not repeat the request while the answer's blocks move it up; if the answer is lost or ends early it asks again
+    (perhaps another member) when its round timer next runs out."""
 
     peer: int
     from_height: int
@@ -183,6 +185,7 @@ class Member:
         self._timeouts: dict[int, int] = {}  # member -> the latest round it timed out in, at this height
         self._timer_runs = 0
         self._fetched = False  # a FetchBlocks went out in this round and timer period
+        self._in_fetch = False  # receive_block() is applying a fetched block (the answer to a FetchBlocks)
         self._evidence_seen: set[tuple[int, int, int]] = set()
         self._deferred = False  # host-dependent work waits for the next input (see _resume)
 
@@ -250,10 +253,14 @@ class Member:
         block.check()
         if self._wants(block):
             commit.verify(self.members, self.network, block.hash)
-        self._step(now_ms)
-        if self._wants(block):
-            self._peer_height[peer] = max(self._peer_height.get(peer, 0), block.height + 1)
-            self._on_complete(block, commit, peer)
+        self._in_fetch = True
+        try:
+            self._step(now_ms)
+            if self._wants(block):
+                self._peer_height[peer] = max(self._peer_height.get(peer, 0), block.height + 1)
+                self._on_complete(block, commit, peer)
+        finally:
+            self._in_fetch = False
         return self._flush()
 
     def tick(self, now_ms: int) -> list[Action]:
@@ -327,6 +334,7 @@ class Member:
             if abs(r - self.round) <= ROUND_WINDOW:
                 self._proposals[r] = msg
                 self._blocks.setdefault(body.block.hash, body.block)
+                self._try_complete(body.block.hash)  # its m signatures may have come first
                 if r == self.round:
                     self._consider()
             return
@@ -364,7 +372,7 @@ class Member:
         self.height = height
         self._proposals, self._poisoned, self._precommits = {}, set(), {}
         self._my_precommit, self._signed_rounds, self._peer_round, self._timeouts = {}, set(), {}, {}
-        self._fetched, self._propose_at = False, None
+        self._propose_at = None
         low = height - 1
         self._blocks = {k: b for k, b in self._blocks.items() if b.height >= low}
         keep = set(self._blocks)
@@ -402,7 +410,8 @@ class Member:
         low = round_ - ROUND_WINDOW
         self._proposals = {r: p for r, p in self._proposals.items() if r >= low}
         self._precommits = {r: v for r, v in self._precommits.items() if r >= round_}
-        self._fetched = False
+        if not self._in_fetch:  # the heights a fetch answer moves me through need no new FetchBlocks each
+            self._fetched = False
         self._catch_up()
         self._send(Status(self.head.hash, self._final.height))
 
@@ -593,7 +602,8 @@ class Member:
         return {}
 
     def _complete_held(self, height: int) -> bool:
-        """Do I hold a complete block (contents and m signatures) at this height that I have not stored yet?"""
+        """Do I hold a complete block (contents and m signatures) at this height, stored or not yet? (m signatures
+        without the contents say nothing about the block's parent or validity: they do not count.)"""
         return any(s.block.height == height for s in self._pending.values()) or any(
             s.block.height == height for s in self._heads.values())
 

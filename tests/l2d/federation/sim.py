@@ -14,7 +14,8 @@ clocks within the drift) in which either every member is up (`quorum_only=False`
     * safety: never two final blocks at one height across all members, and the final blocks form one chain;
     * every commit any member stored verifies (m member signatures);
     * every honest member's released signatures obey the signer rules, and each left only after the signer state
-      that covers it was on disk (and every proposal after its round was recorded);
+      that covers it was on disk (and every proposal after its round was recorded); replaying its persisted signer
+      states, each follows from the previous one by the signer rules;
     * every equivocation evidence verifies and accuses a Byzantine member;
     * messages refused by an honest member raise typed errors (L2Error) only, and honest messages are never refused;
     * liveness: in the fair phase the final height rises by LIVENESS_BLOCKS, or (quorum_only) the stall is the
@@ -43,7 +44,7 @@ from l2d.federation.machine import (Action, Broadcast, FetchBlocks, Member, Pers
                                     StoredBlock, Timing, Validity, timestamp_ok)
 from l2d.federation.messages import (AUX, BlockSignature, Candidate, Equivocation, Kind, Message, Precommit, Proposal,
                                      decode_message, sign_message)
-from l2d.federation.signer import SignerState, decode_state, encode_state
+from l2d.federation.signer import SignerState, Verdict, decide, decode_state, encode_state
 
 NET = LOCAL
 SECRETS = [hashlib.sha256(b"federation member %d" % i).digest() for i in range(16)]
@@ -300,6 +301,8 @@ class Sim:
             if node.machine is None:
                 return  # crashed part-way: the rest of the actions never happened
             if isinstance(a, PersistSigner):
+                if node.honest:
+                    self.audit_persist(i, a.state)
                 node.disk_signer = encode_state(a.state, NET, KEYS[i])
                 if node.crash_plan == "after_persist" and a.state.signed is not None:
                     self.crash(i)
@@ -379,6 +382,25 @@ class Sim:
                     self.send(i, j, msg.raw)
             return
         self.byzantine_broadcast(i, msg)
+
+    def audit_persist(self, i: int, new: SignerState) -> None:
+        """Replaying an honest member's persisted signer states: each new state follows from the one on disk by the
+        signer rules (issue 12, item 5) -- a signature is never forgotten, never moves below the last signed height,
+        to another parent, to an earlier or equal round, or past a complete block the member had stored -- and the
+        recorded proposal never moves back."""
+        node = self.nodes[i]
+        old = decode_state(node.disk_signer, NET, KEYS[i]) if node.disk_signer is not None else SignerState()
+        if old.proposed is not None and (new.proposed is None or new.proposed < old.proposed):
+            raise Violation(f"member {i} persisted proposal {new.proposed} after {old.proposed}")
+        if new.signed == old.signed:
+            return
+        if new.signed is None:
+            raise Violation(f"member {i} persisted a state that forgets its signature {old.signed}")
+        s = new.signed
+        complete = any(b.block.height == s.height for b in node.disk_blocks.values())
+        verdict = decide(old.signed, s.height, s.round, s.block_hash, s.parent_hash, complete).verdict
+        if verdict is not Verdict.SIGN:
+            raise Violation(f"member {i} persisted signature {s} after {old.signed}: the signer rules say {verdict}")
 
     def audit_release(self, i: int, msg: Message) -> None:
         """An honest member's signature or proposal leaves only with the signer state covering it on disk."""

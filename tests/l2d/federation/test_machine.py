@@ -22,7 +22,7 @@ from l2d.federation.machine import (Broadcast, FetchBlocks, Member, PersistSigne
                                     StoredBlock, Timing, Validity, fork_choice, proposer, timestamp_ok)
 from l2d.federation.messages import (AUX, BlockSignature, Candidate, CompleteBlock, Equivocation, Kind, Precommit,
                                      Proposal, Status, Timeout, sign_message)
-from l2d.federation.signer import SignerState, decode_state
+from l2d.federation.signer import Signed, SignerState, decode_state
 
 
 def _sim() -> ModuleType:
@@ -241,6 +241,24 @@ def test_invalid_or_unacceptable_proposals_are_not_precommitted() -> None:
     assert [p.body.block_hash for p in net.sent(0, Kind.PRECOMMIT)] == [ok.hash]  # type: ignore[union-attr]
 
 
+def test_signatures_that_arrive_before_the_block_complete_it_when_it_arrives() -> None:
+    """Member 0 missed round 0's proposal but got m signatures of its block; the contents come later (the round-1
+    re-proposal, while member 0 is still in round 0). With the contents and m signatures in hand it stores the
+    block at once: no precommit round needed (a member bound elsewhere at this height could not even sign it).
+    Found by the simulation (a quorum-only schedule with crashes at the signer's crash points stalled)."""
+    net = S.Lockstep(4)
+    net.start()
+    m0 = net.members[0]
+    x = block_on(GENESIS, net.now, b"x")
+    for i in (1, 2, 3):
+        net.execute(0, m0.receive(signed_by(i, 1, 0, BlockSignature(x.hash, sign_block(SECRETS[i], NET, x.hash,
+                                                                                          AUX))), net.now))
+    assert net.disk_blocks[0] == {}
+    net.execute(0, m0.receive(signed_by(2, 1, 1, Proposal(x)), net.now))  # proposer(1, 1) = 2 re-proposes x
+    assert list(net.disk_blocks[0]) == [x.hash] and m0.height == 2
+    assert len(net.disk_blocks[0][x.hash].commit.signers) == 3
+
+
 def test_a_block_whose_commit_does_not_verify_is_refused() -> None:
     net = S.Lockstep(4)
     net.start()
@@ -272,8 +290,10 @@ def _sign_without_completing(net: object, keep_sigs_to: tuple[int, ...] = ()) ->
 
 
 def _time_out(net: object, *members: int) -> None:
+    """The members' round timers run out and their TIMEOUTs (the only messages queued) reach each other: the
+    timeout certificate moves them to the next round. What they send then stays queued for the next deliver()."""
     net.advance(net.members[members[0]].deadline - net.now)  # type: ignore[attr-defined]
-    net.deliver(keep=lambda frm, to, msg: frm in members and to in members)  # type: ignore[attr-defined]
+    net.deliver(keep=lambda frm, to, msg: frm in members and to in members, rounds=1)  # type: ignore[attr-defined]
 
 
 def test_the_next_proposer_re_proposes_the_block_it_signed_and_signers_re_send() -> None:
@@ -284,7 +304,7 @@ def test_the_next_proposer_re_proposes_the_block_it_signed_and_signers_re_send()
     _time_out(net, 0, 1, 2, 3)
     second = net.sent(2, Kind.PROPOSAL)  # proposer(1, 1) = 2 signed x in round 0: it proposes x again
     assert [(p.round, p.body.block.hash) for p in second] == [(1, x.hash)]  # type: ignore[union-attr]
-    net.deliver()
+    net.deliver(keep=lambda frm, to, msg: msg.height == 1)  # height 1 only: x completes, height 2 waits
     assert all(x.hash in net.disk_blocks[i] for i in range(4))
     for i in range(4):  # the signature went out twice, the same bytes, and the state still says round 0
         sigs = {m.body.signature for m in net.sent(i, Kind.SIGNATURE)}  # type: ignore[union-attr]
@@ -303,7 +323,7 @@ def test_a_later_round_block_on_the_same_parent_is_signed() -> None:
     x = net.sent(1, Kind.PROPOSAL)[0].body.block  # type: ignore[union-attr]
     assert net.members[2].signer.signed is None
     net.advance(ROUND)
-    net.deliver(keep=lambda frm, to, msg: msg.kind is Kind.TIMEOUT)
+    net.deliver(keep=lambda frm, to, msg: msg.kind is Kind.TIMEOUT, rounds=1)  # round 1; its proposal stays queued
     y = net.sent(2, Kind.PROPOSAL)[0].body.block  # type: ignore[union-attr]
     assert y.hash != x.hash and y.parent == x.parent
     net.deliver()
@@ -317,13 +337,14 @@ def test_crash_after_persisting_before_sending_never_signs_a_conflicting_block()
     block on another parent at that height, and re-sends the identical signature for the block it signed."""
     net = S.Lockstep(4)
     net.start()
-    net.add_tx(b"t1")
-    net.deliver(keep=lambda frm, to, msg: not (frm == 3 and msg.kind is Kind.SIGNATURE))
+    x = _sign_without_completing(net)  # member 3's signature is lost with the others': x is complete nowhere
     net.down.add(3)
     state = decode_state(net.disk_signer[3], NET, KEYS[3])
     assert state.signed is not None and state.signed.height == 1
     x_hash = state.signed.block_hash
+    assert x_hash == x.hash and all(x.hash not in net.disk_blocks[i] for i in range(4))
     m3 = net.boot(3)
+    before = len(net.log[3])
     net.execute(3, m3.start(net.now))
     assert m3.signer == state and m3.round == state.signed.round
     other = block_on(replace(GENESIS, state_root=bytes(32)), net.now)  # another parent at height 1...
@@ -332,8 +353,10 @@ def test_crash_after_persisting_before_sending_never_signs_a_conflicting_block()
     assert decide(m3.signer.signed, 1, 5, other.hash, other.parent, False).verdict is Verdict.REFUSE
     # ...and the block it signed gets the very same signature again when re-proposed.
     net.advance(ROUND)
-    net.deliver()
-    resent = [m.body for m in net.sent(3, Kind.SIGNATURE)]
+    net.deliver(keep=lambda frm, to, msg: msg.height == 1)
+    assert all(x.hash in net.disk_blocks[i] for i in range(4))
+    resent = [a.message.body for a in net.log[3][before:]
+              if isinstance(a, Broadcast) and a.message.kind is Kind.SIGNATURE]
     assert resent and all(b.block_hash == x_hash and b.signature == state.signed.signature  # type: ignore
                           for b in resent)
 
@@ -431,22 +454,28 @@ def test_a_member_bound_to_a_parent_proposes_on_it_not_on_its_fork_choice() -> N
 def test_catch_up_applies_blocks_by_commit_and_validity_only_and_signs_only_at_the_tip() -> None:
     net = S.Lockstep(4)
     net.start()
-    for k in range(3):
+    for k in range(10):  # height 3's round 0 is member 3's: it passes to member 0 on a timeout certificate
         net.add_tx(b"t%d" % k, 0, 1, 2)
         net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
-        net.advance(300)
+        net.advance(ROUND)
         net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
+        if heights(net)[0][2] >= 3:
+            break
     top = heights(net)[0]
     assert top[2] >= 3 and heights(net)[3] == (1, 0, 0)
-    net.logics[3].drift_ms = -10 ** 9  # member 3's local policy now refuses every block: catch-up ignores policy
     m3 = net.members[3]
-    msg = net.sent(0, Kind.STATUS)[-1]
-    net.execute(3, m3.receive(msg.raw, net.now))
+    net.down.update({0, 1})  # their block stores do not answer member 3's first request
+    net.execute(3, m3.receive(net.sent(0, Kind.STATUS)[-1].raw, net.now))
     net.execute(3, m3.receive(net.sent(1, Kind.STATUS)[-1].raw, net.now))
-    assert m3.behind()  # two members (n - m + 1) report a higher height: it signs nothing...
-    net.advance(m3.deadline - net.now)  # ...and asks one of them on its next timer
-    fetches = [a for a in net.log[3] if isinstance(a, FetchBlocks)]
-    assert fetches and fetches[-1].from_height == 1
+    assert m3.behind() and m3.height == 1  # two members (n - m + 1) report a higher height: it signs nothing...
+    net.execute(3, m3.receive(net.sent(1, Kind.PROPOSAL)[0].raw, net.now))  # (it would precommit this one)
+    assert net.sent(3, Kind.PRECOMMIT) == []
+    net.down.difference_update({0, 1})
+    net.logics[3].drift_ms = -10 ** 9  # member 3's local policy now refuses every block: catch-up ignores policy
+    before = len(net.log[3])
+    net.advance(m3.deadline - net.now)  # ...and asks one of them again on its next timer, once for all blocks
+    fetches = [a for a in net.log[3][before:] if isinstance(a, FetchBlocks)]
+    assert [f.from_height for f in fetches] == [1]
     assert heights(net)[3][0] == top[0] and not m3.behind()
     assert sorted(net.disk_blocks[3]) == sorted(net.disk_blocks[0])
 
@@ -476,7 +505,8 @@ def test_messages_for_the_next_height_wait_for_it() -> None:
     b2 = block_on(b1.header, net.now + 300, b"2")
     net.execute(0, m0.receive(signed_by(2, 2, 0, Proposal(b2)), net.now))  # proposer(2, 0) = 2, early
     assert net.sent(0, Kind.PRECOMMIT) == []
-    net.execute(0, m0.receive(signed_by(1, 1, 0, CompleteBlock(b1, complete(b1))), net.now + 300))
+    net.advance(300)  # b2's timestamp is not ahead of member 0's clock
+    net.execute(0, m0.receive(signed_by(1, 1, 0, CompleteBlock(b1, complete(b1))), net.now))
     assert [(p.height, p.body.block_hash) for p in net.sent(0, Kind.PRECOMMIT)] == [(2, b2.hash)]  # type: ignore
 
 
@@ -504,11 +534,14 @@ def test_members_bound_to_different_parents_stall_until_a_free_member_returns() 
     for i, blk in bound.items():
         net.disk_blocks[i][blk.hash] = StoredBlock(blk, Commit(4, (), ()))  # only to build the ToyLogic chain
     net.down.add(3)
+
+    def signed_b(i: int) -> SignerState:  # the state of a member whose last signature is b's (round 1)
+        return SignerState(Signed(1, 1, b.hash, GENESIS.hash, sign_block(SECRETS[i], NET, b.hash, AUX)))
+
     for i in range(3):
-        st = SignerState()
+        st = signed_b(i)  # member 2 signed a in round 0, then b in round 1 (no complete block seen yet)
         if i in bound:
             blk = bound[i]
-            from l2d.federation.signer import Signed
             st = SignerState(Signed(2, 0, blk.hash, blk.parent, sign_block(SECRETS[i], NET, blk.hash, AUX)))
         net.members[i] = Member(network=NET, members=net.fed, index=i, secret=SECRETS[i], timing=S.TIMING,
                                 logic=net.logics[i], final=GENESIS,
@@ -525,7 +558,7 @@ def test_members_bound_to_different_parents_stall_until_a_free_member_returns() 
     net.members[3] = Member(network=NET, members=net.fed, index=3, secret=SECRETS[3], timing=S.TIMING,
                             logic=net.logics[3], final=GENESIS,
                             heads=[StoredBlock(a, complete(a)), StoredBlock(b, complete(b, (1, 2, 3)))],
-                            signer=SignerState())
+                            signer=signed_b(3))
     net.down.discard(3)
     net.execute(3, net.members[3].start(net.now))
     net.add_tx(b"tx", 3)
@@ -533,4 +566,12 @@ def test_members_bound_to_different_parents_stall_until_a_free_member_returns() 
         net.advance(S.TIMING.max_round_ms)
         net.deliver()
     finals = {net.members[i].final.hash for i in range(4)}
-    assert len(finals) == 1 and finals != {GENESIS.hash} and finals <= {a.hash, b.hash}
+    assert len(finals) == 1 and finals != {GENESIS.hash}
+
+    def final_at_1(i: int) -> bytes:  # member i's final chain at height 1
+        h = net.members[i].final.hash
+        while net.disk_blocks[i][h].block.height > 1:
+            h = net.disk_blocks[i][h].block.parent
+        return h
+
+    assert {final_at_1(i) for i in range(4)} in ({a.hash}, {b.hash})

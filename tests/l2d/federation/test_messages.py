@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from l2d.core.block import BlockHeader, tx_root
 from l2d.core.commit import Commit, sign_block
-from l2d.core.errors import DecodeError, L2Error, OutOfRange, TrailingBytes, Truncated, UnknownType, UnknownVersion
-from l2d.core.errors import WrongNetwork
+from l2d.core.errors import (DecodeError, L2Error, OutOfRange, TrailingBytes, Truncated, UnknownType, UnknownVersion,
+                             WrongNetwork)
 from l2d.core.hashing import H_FED_MESSAGE
 from l2d.core.members import Membership
 from l2d.core.params import LOCAL, REGTEST
