@@ -146,12 +146,16 @@ async def raw_connect(session: aiohttp.ClientSession, port: int) -> tuple[aiohtt
 
 
 async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> int:
-    """Read until the server closes; its close code."""
-    while True:
-        msg = await ws.receive(timeout=30)
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-            assert ws.close_code is not None
-            return ws.close_code
+    """Read until the server closes; its close code (a failure if it does not close)."""
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                msg = await ws.receive()
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    assert ws.close_code is not None
+                    return ws.close_code
+    except TimeoutError:
+        pytest.fail("the member did not close the connection")
 
 
 async def raw_member(session: aiohttp.ClientSession, port: int, me: int, server: int,
