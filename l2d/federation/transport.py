@@ -282,9 +282,11 @@ class Transport:
         batch: list[bytes] = []
         size = 3  # kind + count
         for r in raws:
+            if not r:
+                raise ValueError("an empty transaction")
             need = 4 + len(r)
-            if not r or size + need > self.limits.max_frame_bytes:
-                if not r or 3 + need > self.limits.max_frame_bytes:
+            if size + need > self.limits.max_frame_bytes:
+                if 3 + need > self.limits.max_frame_bytes:
                     raise FrameTooLarge(f"a transaction of {len(r)} bytes does not fit a frame")
                 frames.append(bytes([FRAME_TXS]) + wire.encode_txs(batch))
                 batch, size = [], 3

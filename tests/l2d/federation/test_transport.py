@@ -61,6 +61,7 @@ class Chain:
     blocks: list[tuple[bytes, bytes]] = field(default_factory=list)
     txs: dict[bytes, bytes] = field(default_factory=dict)
     calls: list[tuple[int, int]] = field(default_factory=list)
+    short_at: Optional[int] = None  # the range from this height is served half full
 
 
 def api_config(port: int, **over: Any) -> ApiConfig:
@@ -84,6 +85,8 @@ class Federation:
 
         def serve_blocks(start: int, count: int) -> list[tuple[bytes, bytes]]:
             chain.calls.append((start, count))
+            if start == chain.short_at:  # as if the tip were there when this range was served
+                count //= 2
             return chain.blocks[start:start + count]
 
         async def serve_txs(txids: list[bytes]) -> list[bytes]:
@@ -195,6 +198,7 @@ async def test_four_members_receive_every_broadcast_once_in_order(fed: Federatio
             m.transport.broadcast(msg(m.index, seq))
     for m in members:
         m.transport.gossip_txs([b"tx-%d-%d" % (m.index, k) for k in range(3)])
+    members[0].transport.gossip_txs([bytes(300)] * 40_000)  # more than one frame holds: split, all delivered
     want = {i: [msg(i, s) for s in range(per)] for i in range(4)}
     await poll(lambda: all(len(m.messages) == 3 * per for m in members), "every member to receive every broadcast")
     for m in members:
@@ -202,11 +206,15 @@ async def test_four_members_receive_every_broadcast_once_in_order(fed: Federatio
             if j != m.index:
                 assert m.got_from(j) == want[j], f"member {m.index} from member {j}: lost, doubled or reordered"
         assert m.got_from(m.index) == []
-    await poll(lambda: all(len(m.txs) == 3 for m in members), "every member to receive the gossiped transactions")
+    await poll(lambda: all(len(m.txs) == 3 + (m.index != 0) * 3 for m in members), "every gossiped transaction")
     for m in members:
-        assert sorted(p for _, p in m.txs) == [j for j in range(4) if j != m.index]
-        for raws, p in m.txs:
+        small = [(raws, p) for raws, p in m.txs if len(raws) == 3]
+        assert sorted(p for _, p in small) == [j for j in range(4) if j != m.index]
+        for raws, p in small:
             assert raws == [b"tx-%d-%d" % (p, k) for k in range(3)]
+        if m.index != 0:  # 40000 x 304 bytes in frames of at most 4 MiB: 2 full frames and a partial one
+            batches = [raws for raws, p in m.txs if p == 0 and raws[0] == bytes(300)]
+            assert [len(b) for b in batches] == [13797, 13797, 12406]
     s = members[0].transport.stats()
     assert members[0].transport.connected_peers() == 3
     assert all(s[j].sent_messages == per and s[j].received_messages == per and s[j].dropped_messages == 0
@@ -299,7 +307,9 @@ async def test_an_oversized_frame_is_refused(fed: Federation) -> None:
     (m0, _) = await fed.start(2, max_frame_bytes=64 << 10)
     with pytest.raises(FrameTooLarge):
         m0.transport.broadcast(bytes(64 << 10))
-    assert m0.transport.stats()[1].queued_messages == 0
+    with pytest.raises(FrameTooLarge):
+        m0.transport.gossip_txs([b"small", bytes(64 << 10)])
+    assert m0.transport.stats()[1].queued_messages == 0 and m0.transport.stats()[1].queued_tx_batches == 0
     async with aiohttp.ClientSession() as s:
         ws = await raw_member(s, m0.port, 1, 0)
         await ws.send_bytes(bytes([wire.FRAME_MESSAGE]) + b"small")
@@ -318,7 +328,10 @@ async def test_a_malformed_frame_closes_the_connection(fed: Federation) -> None:
         ws = await raw_member(s, m0.port, 1, 0)
         await ws.send_str("text")
         assert await closed_with(ws) == Close.BAD_FRAME
-    assert m0.txs == [] and m0.transport.refused["bad-frame"] == 2
+        ws = await raw_member(s, m0.port, 1, 0)
+        await ws.send_bytes(b"\x07unknown kind")
+        assert await closed_with(ws) == Close.BAD_FRAME
+    assert m0.txs == [] and m0.messages == [] and m0.transport.refused["bad-frame"] == 3
 
 
 async def test_a_silent_handshake_is_cut_at_its_deadline(fed: Federation) -> None:
@@ -376,6 +389,48 @@ async def test_a_silent_member_delays_nobody_and_its_queue_drops_the_oldest(fed:
         await hole.wait_closed()
 
 
+async def test_a_member_that_stops_reading_after_the_handshake_delays_nobody(fed: Federation) -> None:
+    """It completes the handshake, then never reads: the socket buffers fill, the write times out, the link to it
+    is dropped and retried, and the others get every message meanwhile."""
+    stalled: list[web.WebSocketResponse] = []
+    never = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        await ws.send_bytes(wire.encode_hello(LOCAL.id, 3, bytes(32)))
+        await ws.receive()
+        await ws.send_bytes(wire.encode_welcome(3, 0))
+        stalled.append(ws)
+        await never.wait()  # aiohttp stops reading the socket once its small frame buffer is full
+        return ws
+
+    app = web.Application()
+    app.router.add_get(WS_PATH, stall)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, 0).start()
+    try:
+        stalled_peer = Peer(3, xonly(secret(3)), f"http://{HOST}:{runner.addresses[0][1]}")
+        members = await fed.start(3, extra=(stalled_peer,), send_timeout_s=1.0, max_frame_bytes=1 << 20)
+        await poll(lambda: members[0].transport.stats()[3].connected and members[0].transport.connected_peers() == 3,
+                   "member 0's links, the stalled member's included")
+        big = 256 << 10
+        seq = 0
+        while "send: TimeoutError" not in members[0].transport.stats()[3].last_error:
+            members[0].transport.broadcast(msg(0, seq, big))
+            seq += 1
+            await poll(lambda: all(len(m.got_from(0)) == seq for m in members[1:]), f"message {seq} to the others")
+            if seq > 400:  # 100 MiB: far beyond what loopback socket buffers hold
+                pytest.fail("the write to the member that does not read never timed out")
+        assert members[0].transport.stats()[3].dropped_messages >= 1  # the frame in flight
+        for m in members[1:]:
+            assert m.got_from(0) == [msg(0, k, big) for k in range(seq)]
+    finally:
+        never.set()
+        await runner.cleanup()
+
+
 async def test_a_restarted_member_is_reconnected_and_receives_later_messages(fed: Federation) -> None:
     members = await fed.start(3)
     await poll(lambda: all(m.transport.connected_peers() == 2 for m in members), "all connections")
@@ -414,6 +469,11 @@ async def test_fetch_blocks_pipelines_ranges_and_stops_at_the_tip(fed: Federatio
     assert bounded == fed.chain.blocks[10:41] and fed.chain.calls == [(10, 16), (26, 15)]
     assert [e async for e in m0.transport.fetch_blocks(1, 1000)] == []
     assert [e async for e in m0.transport.fetch_blocks(1, 5, until=4)] == []
+    # a range that comes back short ends the fetch, even if ranges after it (already in flight) are full: the
+    # heights yielded never skip
+    fed.chain.short_at = 19
+    got = [e async for e in m0.transport.fetch_blocks(1, 3)]
+    assert got == fed.chain.blocks[3:19 + 8]
 
 
 async def test_fetch_blocks_stops_early_and_cancels_what_is_in_flight(fed: Federation) -> None:
