@@ -197,8 +197,9 @@ class AnchorService:
         """Of the anchored snapshot files at these L2 heights, those an audit bundle may still need
         (docs/anchoring.md, "Anchored snapshots"): the anchors not yet FINAL that may still reach Bitcoin or be
         audited (SUBMITTED, CONFIRMED, and the newest anchor if it is BUILT, waiting for funds), the newest
-        keep_final FINAL ones, and the newest height above every anchor (the next anchor is built there or
-        higher: heights passed meanwhile are skipped, never anchored later). Older BUILT anchors are never
+        keep_final FINAL ones, the newest final L2 height above every anchor (the next anchor is built there or
+        higher: final heights passed meanwhile are skipped, never anchored later), and the heights above the
+        final one (not final yet: one of them becomes the next candidate). Older BUILT anchors are never
         broadcast.
         """
         live = {AnchorState.SUBMITTED, AnchorState.CONFIRMED}
@@ -209,8 +210,11 @@ class AnchorService:
         final = sorted(h for h, a in self.anchors.items() if a.status == AnchorState.FINAL)
         needed.update(final[len(final) - keep_final:] if keep_final else [])
         above = [h for h in heights if newest is None or h > newest.l2_height]
-        if above:
-            needed.add(max(above))
+        final_height = self._tip().height  # anchors commit final heights only
+        settled = [h for h in above if h <= final_height]
+        if settled:
+            needed.add(max(settled))
+        needed.update(h for h in above if h > final_height)
         return needed & set(heights)
 
     def notify_block(self, header: BlockHeader) -> None:

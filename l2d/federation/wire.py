@@ -331,7 +331,7 @@ def decode_range(b: bytes, network_id: int, start: int, max_count: int) -> list[
         raise MalformedResponse(f"block range: starts at height {got_start}, asked for {start}")
     if count > max_count:
         raise MalformedResponse(f"block range: {count} blocks, asked for at most {max_count}")
-    out = []
+    out: list[tuple[bytes, bytes]] = []
     for _ in range(count):
         (n,) = r.unpack(_U32)
         if n == 0:

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -124,14 +125,18 @@ async def test_anchors_endpoint_404_when_disabled(tmp_path: Path) -> None:
     ({10: "BUILT", 20: "SUBMITTED"}, [10, 20, 25], 2, {20, 25}),
     ({}, [2, 4, 6], 2, {6}),  # no anchor yet: the newest height is the next anchor's candidate
     ({10: "CONFIRMED"}, [], 2, set()),  # a needed height without a file is not invented
+    # heights above the final one are not final yet: each may become the next candidate (final height 11 here)
+    ({10: "FINAL"}, [10, 11, 12, 13], 1, {10, 11, 12, 13}),
+    ({}, [2, 4, 9, 11, 12], 2, {11, 12}),
 ])
 def test_anchored_snapshots_needed(tmp_path: Path, statuses: dict[int, str], files: list[int], keep_final: int,
                                    needed: set[int]) -> None:
+    final_height = 11 if files[-1:] in ([13], [12]) else max(files, default=0)
     cfg = _config(tmp_path / "data")
     svc = AnchorService(config=cfg.anchoring, network=REGTEST, federation_secret=b"\x01" * 32,
                         federation_key=PrivateKey(b"\x01" * 32).public_key_xonly.format(), rpc=None, store=None,
-                        tip=lambda: None, header_at=lambda h: None,  # type: ignore[arg-type,return-value]
-                        submit_update=lambda u: None, snapshot_bytes=lambda h: None)
+                        tip=lambda: SimpleNamespace(height=final_height),  # type: ignore[arg-type,return-value]
+                        header_at=lambda h: None, submit_update=lambda u: None, snapshot_bytes=lambda h: None)
     svc.anchors = {h: Anchor(l2_height=h, state_root="", record="", mode="taproot", status=AnchorState(s),
                              script_pubkey="") for h, s in statuses.items()}
     assert svc.anchored_snapshots_needed(files, keep_final) == needed
