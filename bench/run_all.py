@@ -22,6 +22,7 @@ import bench_scheduler  # noqa: E402
 import bench_slow_clients  # noqa: E402
 import bench_spv  # noqa: E402
 import bench_verifier  # noqa: E402
+import federation  # noqa: E402
 import soak  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def main() -> None:
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
         "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
         "slow_clients": bench_slow_clients.main(["--slow", "200", "--pace", "1"] if a.quick else []),
+        "federation": federation.main(["--quick"] if a.quick else []),  # real member processes, ~2 min
         "soak": soak.main(["--kills", "5"] if a.quick else []),  # 50 SIGKILLs of a real daemon (~1.5 s each)
     }
     out = HERE / "out"

@@ -239,6 +239,7 @@ class Node:
             bridge=self.bridge_service, orchestration=self.orchestration_service))
         if self.transport is not None:
             app.router.add_routes(transport_routes(self.transport))
+            app.on_shutdown.append(self.transport.close_inbound)  # else peers' WebSockets hold the API's stop
         return app
 
     # -- lifecycle -------------------------------------------------------------------------------------------

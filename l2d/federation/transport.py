@@ -243,13 +243,17 @@ class Transport:
         for t in tasks:
             with suppress(asyncio.CancelledError):
                 await t
-        for conns in self._inbound.values():
-            for ws in list(conns):
-                with suppress(Exception):
-                    async with asyncio.timeout(1.0):
-                        await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"member shutting down")
+        await self.close_inbound()
         if self._session is not None:
             await self._session.close()
+
+    async def close_inbound(self, _app: Optional[web.Application] = None) -> None:
+        """Close the other members' connections to this one (GOING_AWAY). The host also registers it as the app's
+        on_shutdown handler: aiohttp runs that after the listener is closed and before it waits for the open
+        handlers, which an inbound member WebSocket would otherwise hold until its heartbeat fails (15 to 25 s
+        with the default limits) or aiohttp's shutdown timeout (60 s) runs out."""
+        await asyncio.gather(*(self._close(ws, aiohttp.WSCloseCode.GOING_AWAY, "member shutting down")
+                               for conns in self._inbound.values() for ws in list(conns)))
 
     # -- outbound ----------------------------------------------------------------------------------------------
 

@@ -106,6 +106,7 @@ class Federation:
                       Limits(**{**LIMITS, **limits}))
         app = web.Application()
         app.router.add_routes(routes(t))
+        app.on_shutdown.append(t.close_inbound)  # as the node wires it
         server = ApiServer(app, api_config(self.ports[i], **api_over), Metrics())
         await server.start()
         await t.start()
@@ -444,6 +445,20 @@ async def test_a_restarted_member_is_reconnected_and_receives_later_messages(fed
     restarted.transport.broadcast(b"from the restarted member")
     await poll(lambda: all(b"from the restarted member" in m.got_from(2) for m in members[:2]), "its broadcast")
     assert members[0].transport.stats()[2].connects >= 2
+
+
+async def test_stopping_the_api_server_closes_the_members_connections_instead_of_waiting_for_them(
+        fed: Federation) -> None:
+    """The node stops its API server before its transport. The other members' WebSockets into it must not hold that
+    stop until their heartbeat fails or aiohttp's shutdown timeout (60 s) runs out: on_shutdown closes them."""
+    members = await fed.start(2, heartbeat_s=3600.0)
+    await poll(lambda: all(m.transport.connected_peers() == 1 and m.transport.stats()[1 - m.index].inbound == 1
+                           for m in members), "connections both ways")
+    stopping = fed.members.pop(0)
+    await asyncio.wait_for(stopping.server.stop(), 30)  # a hang, not a speed: without close_inbound it takes 60 s
+    await stopping.transport.close()
+    await poll(lambda: not members[1].transport.stats()[0].connected and members[1].transport.stats()[0].inbound == 0,
+               "member 1 to see both connections with member 0 closed")
 
 
 # -- fetch -------------------------------------------------------------------------------------------------------
