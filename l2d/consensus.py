@@ -98,6 +98,7 @@ class FederationHost:
         self._inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(INBOX_MAX)
         self._news = asyncio.Event()
         self._woken = False
+        self._gossip: list[bytes] = []  # admitted from clients this turn, not yet forwarded
         self._fetching: set[int] = set()
         self._asked: set[bytes] = set()  # txids asked of peers and not yet answered
         self._background: set["asyncio.Task[None]"] = set()  # fetches from peers, cancelled by close()
@@ -133,10 +134,21 @@ class FederationHost:
         self._put(("msg", raw, peer))
 
     def tx_admitted(self, tx: Transaction, *, from_peer: bool) -> None:
-        """Admission accepted tx: forward it to every member once (unless it came from one), then wake."""
+        """Admission accepted tx: forward it to every member once (unless it came from one), then wake. The
+        transactions admitted within one turn of the event loop go out together (fewer, larger frames)."""
         if not from_peer and self.peers is not None:
-            self.peers.gossip_txs([tx.raw])
+            if not self._gossip:
+                try:
+                    asyncio.get_running_loop().call_soon(self._flush_gossip)
+                except RuntimeError:  # before the loop runs (the saved mempool reloaded at start): run() sends
+                    pass
+            self._gossip.append(tx.raw)
         self.wake()
+
+    def _flush_gossip(self) -> None:
+        raws, self._gossip = self._gossip, []
+        if raws and self.peers is not None:
+            self.peers.gossip_txs(raws)
 
     def _put(self, item: tuple[Any, ...]) -> None:
         try:
@@ -184,6 +196,7 @@ class FederationHost:
     async def run(self, stop: asyncio.Event) -> None:
         """Drive the machine until stop is set; stop is checked before every input, so the block at hand is stored
         and nothing is started after it."""
+        self._flush_gossip()
         await self._perform(self.member.start(self.clock()))
         last = (self.member.height, self.member.round)
         while not stop.is_set():
