@@ -40,7 +40,7 @@ def fp(out: bytes) -> bytes:
 
 class Ledger:
     def __init__(self) -> None:
-        self.state = genesis_state([(pk(n), 10**8) for n in (1, 2, 3, 4, 5, CLIENT, FILLER)], None, pk(AUTH))
+        self.state = genesis_state([(pk(n), 10**8) for n in (1, 2, 3, 4, 5, CLIENT, FILLER)], None, (pk(AUTH),))
         self.height = 0
         self.posted: list[Payload] = []
         self.blocks: dict[int, list[Transaction]] = {}

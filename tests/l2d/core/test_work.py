@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l2d.core.coin_tx import Transfer
-from l2d.core.errors import BadNonce, InsufficientBalance, InvalidTransaction, Rejected, Unauthorized, UnknownSender
+from l2d.core.errors import (BadNonce, DuplicateDuty, InsufficientBalance, InvalidTransaction, Rejected, Unauthorized,
+                             UnknownSender)
 from l2d.core.params import LOCAL
 from l2d.core.payload import Payload
 from l2d.core.rules import apply_tx
@@ -61,7 +62,7 @@ class Chain:
     """A ledger in a dict: each apply is one block (height + 1), writes committed on success."""
 
     def __init__(self) -> None:
-        self.state = genesis_state([(pk(n), FUNDS) for n in (W1, W2, W3, W4, CLIENT, 5)], None, pk(AUTH))
+        self.state = genesis_state([(pk(n), FUNDS) for n in (W1, W2, W3, W4, CLIENT, 5)], None, (pk(AUTH),))
         self.height = 1
 
     def nonce(self, n: int) -> int:
@@ -238,7 +239,7 @@ def test_happy_path_settles_after_the_window_with_the_configured_split(chain: Ch
     assert (t.status, t.outcome) == (TaskStatus.SETTLED, Outcome.PAID)
     assert chain.worker(W1).tasks_done == 1 and chain.worker(W1).active_tasks == 0
     assert chain.worker(W1).reputation_ppm > INITIAL_REPUTATION_PPM
-    chain.reject(InvalidTransaction, AUTH, settle, "SETTLED")  # settles once
+    chain.reject(DuplicateDuty, AUTH, settle, "settled already")  # settles once
 
 
 def test_results_only_from_assigned_workers_and_of_the_right_size(chain: Chain) -> None:
@@ -272,7 +273,7 @@ def test_assignment_rejections(chain: Chain) -> None:
     tid3 = chain.submit(min_reputation_ppm=600_000)
     chain.reject(InvalidTransaction, AUTH, TaskAssign(tid3, pk(W1), ZERO_KEY, ZERO_KEY, h + 5, 1), "reputation")
     chain.assign(tid, W1, W2)
-    chain.reject(InvalidTransaction, AUTH, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, h + 9, 1), "ASSIGNED")
+    chain.reject(DuplicateDuty, AUTH, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, h + 9, 1), "assigned already")
 
 
 def test_cancel_refunds_only_an_unassigned_task_to_its_submitter(chain: Chain) -> None:
@@ -310,7 +311,7 @@ def test_timeout_fails_over_to_the_backup_and_the_task_settles_once(chain: Chain
     chain.reject(InvalidTransaction, W1, TaskResult(tid, b"\3", fp(b"\3")), "not assigned")  # too late
     chain.apply(W2, TaskResult(tid, b"\3", fp(b"\3")))
     chain.apply(AUTH, TaskSettle(tid, BOUNTY, 0, 0))
-    chain.reject(InvalidTransaction, AUTH, TaskSettle(tid, BOUNTY, 0, 0), "SETTLED")
+    chain.reject(DuplicateDuty, AUTH, TaskSettle(tid, BOUNTY, 0, 0), "settled already")
     chain.reject(InvalidTransaction, AUTH, re, "not waiting")
 
 
@@ -364,7 +365,7 @@ def test_a_cheating_worker_is_slashed_share_to_the_challenger_rest_burned(chain:
     t = chain.task(tid)
     assert (t.status, t.outcome) == (TaskStatus.SETTLED, Outcome.WORKER_SLASHED)
     assert all(chain.worker(n).active_tasks == 0 for n in (W1, W2, W3, W4))
-    chain.reject(InvalidTransaction, AUTH, resolve, "SETTLED")
+    chain.reject(DuplicateDuty, AUTH, resolve, "settled already")
 
 
 def test_a_lying_verifier_is_slashed(chain: Chain) -> None:
@@ -554,7 +555,7 @@ def test_more_authority_rejections(chain: Chain) -> None:
 def test_a_referee_that_decides_nothing_is_replaced(chain: Chain) -> None:
     chain.register(5)
     tid = _disputed(chain, b"\7", b"\3")
-    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(5), chain.height + 9), "not answered")
+    chain.reject(DuplicateDuty, AUTH, TaskDispute(tid, pk(5), chain.height + 9), "waiting for its referee")
     chain.apply(W4, TaskResult(tid, b"\2", fp(b"\2")))  # neither the worker's nor the verifier's answer
     chain.reject(InvalidTransaction, AUTH, TaskResolve(tid, Role.WORKER, 0, 0, 0, BOUNTY, 0, 0), "does not show")
     chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(W4), chain.height + 9), "previous referee")
