@@ -354,7 +354,7 @@ def apply_btc_headers(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(BtcHeaders, tx.payload)
     params = btc_chain(rules.network).spv
     tip = btc_tip(view)
-    if (tip is not None and tip.base_height < p.start_height and p.start_height + len(p.headers) - 1 <= tip.height
+    if (tip is not None and tip.base_height <= p.start_height and p.start_height + len(p.headers) - 1 <= tip.height
             and all(view.get(btc_header_key(p.start_height + i)) == raw for i, raw in enumerate(p.headers))):
         raise DuplicateDuty(f"headers {p.start_height}..{p.start_height + len(p.headers) - 1} are relayed already "
                             f"(relayed tip {tip.height})")

@@ -68,7 +68,7 @@ def xonly(sec: bytes) -> bytes:
 FED_SECRETS = [secret(f"fed{i}") for i in range(3)]
 FED_KEYS = tuple(sorted(PrivateKey(s).public_key.format() for s in FED_SECRETS))
 FED = Federation(2, FED_KEYS, MIN_DEPTH)
-AUTH = secret("federation authority")  # signs BtcHeaders, AnchorUpdate and PegoutUpdate
+AUTH, AUTH2 = secret("member 1"), secret("member 2")  # federation members: sign BtcHeaders, AnchorUpdate, PegoutUpdate
 MINT = secret("mint authority")
 ALICE, BOB, CAROL = secret("alice"), secret("bob"), secret("carol")
 BOB_FUNDS = 10_000_000
@@ -187,7 +187,7 @@ class World:
     """A state dict, the nonces of every signer, and apply/refuse helpers."""
 
     def __init__(self, *, bridge: bool = True, bob_funds: int = BOB_FUNDS, fed: Federation = FED) -> None:
-        self.state = genesis_state([(xonly(BOB), bob_funds)], xonly(MINT), (xonly(AUTH),))
+        self.state = genesis_state([(xonly(BOB), bob_funds)], xonly(MINT), (xonly(AUTH), xonly(AUTH2)))
         if bridge:
             self.state.update(federation_genesis(fed))
         self.nonce: Counter[bytes] = Counter()
@@ -446,16 +446,22 @@ def test_relay_bad_proof_of_work(bits: int, valid: Optional[bool], what: str) ->
 
 def test_relay_authority_fee_nonce_and_no_bridge() -> None:
     w = World()
-    relay = CHAIN.relay(BASE)
+    relay = CHAIN.relay(BASE, BASE + 1)
     w.refuse(w.sign(BOB, relay), Unauthorized)
     w.refuse(w.sign(MINT, relay), Unauthorized)
     w.refuse(w.sign(AUTH, relay, fee=1), InvalidTransaction)
     w.refuse(w.sign(AUTH, relay, nonce=1), BadNonce)
+    w.refuse(w.sign(secret("fed0"), relay), Unauthorized)  # a bridge signer's Bitcoin key is no member key
     tx = w.sign(AUTH, relay)
     w.apply(tx)
     w.refuse(tx, BadNonce)  # the same signed relay again: a member's nonce is checked first
-    again = CHAIN.relay(BASE + 1)
+    w.refuse(w.sign(AUTH2, relay), DuplicateDuty)  # the other member's copy of it: relayed already
+    again = CHAIN.relay(BASE + 2)
     w.refuse(w.sign(AUTH, again, nonce=0), BadNonce)  # replayed nonce
+    w.refuse(w.sign(BOB, again), Unauthorized)
+    w.do(AUTH2, again)  # the other member extends the chain, with its own nonce 0
+    assert w.tip().height == CHAIN.tip() and w.nonce[xonly(AUTH2)] == 1
+    w.refuse(w.sign(AUTH, CHAIN.relay(BASE + 1, BASE + 2)), DuplicateDuty)  # a run inside the relayed chain
     plain = World(bridge=False)
     assert FEDERATION_KEY not in plain.state
     plain.refuse(plain.sign(AUTH, relay), NoBridge)

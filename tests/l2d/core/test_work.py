@@ -45,7 +45,7 @@ def pk(n: int) -> bytes:
     return PrivateKey(secret(n)).public_key_xonly.format()
 
 
-AUTH = 0  # the federation (anchor) authority
+AUTH, AUTH2 = 0, 8  # the federation members (the authorities of the coordinator types)
 CLIENT = 9
 W1, W2, W3, W4 = 1, 2, 3, 4
 
@@ -62,7 +62,7 @@ class Chain:
     """A ledger in a dict: each apply is one block (height + 1), writes committed on success."""
 
     def __init__(self) -> None:
-        self.state = genesis_state([(pk(n), FUNDS) for n in (W1, W2, W3, W4, CLIENT, 5)], None, (pk(AUTH),))
+        self.state = genesis_state([(pk(n), FUNDS) for n in (W1, W2, W3, W4, CLIENT, 5)], None, (pk(AUTH), pk(AUTH2)))
         self.height = 1
 
     def nonce(self, n: int) -> int:
@@ -306,6 +306,7 @@ def test_timeout_fails_over_to_the_backup_and_the_task_settles_once(chain: Chain
     chain.apply(AUTH, re)
     t = chain.task(tid)
     assert (t.worker, t.backup, t.timeouts) == (pk(W2), pk(W3), 1)
+    chain.reject(DuplicateDuty, AUTH2, re, "is .* already")  # the other member's copy of the same hand-over
     w1 = chain.worker(W1)
     assert (w1.active_tasks, w1.tasks_failed, w1.reputation_ppm) == (0, 1, rep - rep // 8)
     chain.reject(InvalidTransaction, W1, TaskResult(tid, b"\3", fp(b"\3")), "not assigned")  # too late
@@ -567,3 +568,24 @@ def test_a_referee_that_decides_nothing_is_replaced(chain: Chain) -> None:
     chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(W2), chain.height + 9), "decides")
     chain.apply(AUTH, TaskResolve(tid, Role.WORKER, 100, 0, 0, BOUNTY, 0, 0))
     assert chain.task(tid).outcome == Outcome.WORKER_SLASHED
+
+
+def test_every_member_coordinates_with_its_own_nonces_and_nobody_else_does(chain: Chain) -> None:
+    chain.register(W1, W2)
+    tid, tid2 = chain.submit(), chain.submit()
+    assign = TaskAssign(tid, pk(W1), ZERO_KEY, ZERO_KEY, chain.height + 9, 1)
+    for outsider in (W1, CLIENT):  # a worker, a client: not members
+        chain.reject(Unauthorized, outsider, assign, "not a federation member")
+    chain.apply(AUTH2, assign)
+    chain.apply(AUTH, TaskAssign(tid2, pk(W2), ZERO_KEY, ZERO_KEY, chain.height + 9, 1))
+    assert chain.nonce(AUTH) == chain.nonce(AUTH2) == 1  # each member counts its own nonces
+    # the other member's assignment of the same task (whichever worker its scheduler chose) is refused, typed
+    chain.reject(DuplicateDuty, AUTH, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, chain.height + 9, 1),
+                 "assigned already")
+    chain.reject(Unauthorized, CLIENT, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, chain.height + 9, 1))
+    chain.apply(W1, TaskResult(tid, b"\3", fp(b"\3")))
+    chain.mine(2)
+    settle = TaskSettle(tid, BOUNTY, 0, 0)
+    chain.reject(Unauthorized, W2, settle)
+    chain.apply(AUTH, settle)
+    chain.reject(DuplicateDuty, AUTH2, settle, "settled already")
