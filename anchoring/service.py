@@ -44,6 +44,7 @@ from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.block import BlockHeader
+from l2d.core.errors import DuplicateDuty
 from l2d.core.params import NETWORKS, Network
 
 from .btc_tx import P2TR_DUST_SAT, Prevout, SignedTx, TxOut, build_signed, estimate_vsize, key_path_script
@@ -442,6 +443,8 @@ class AnchorService:
                                 AnchorStatus.CONFIRMED, AnchorState.FINAL: AnchorStatus.FINAL}[a.status])
             try:
                 self._submit_update(upd)
+            except DuplicateDuty:  # the state records exactly this already (an earlier run, another member): done
+                log.info("anchor update already recorded", extra={"l2_height": a.l2_height, "status": a.status.value})
             except Exception as e:  # mempool full, key mismatch...: retried on the next step
                 self._warn_once(f"l2:{a.l2_height}:{a.status.value}", "anchor update not admitted to the L2 "
                                 "mempool (%s); will retry", e)

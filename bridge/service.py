@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from l2d.core.anchor import AnchorEntry
 from l2d.core.anchor_tx import AnchorStatus
-from l2d.core.errors import Rejected
+from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, btc_header_key, btc_tip, pegout_key
@@ -211,6 +211,9 @@ class BridgeService:
             return
         try:
             self._submit(BtcHeaders(start, headers))
+        except DuplicateDuty as e:  # another member relayed them first: done, the next step reads them
+            log.info("bridge: headers from %d already relayed: %s", start, e)
+            return
         except Rejected as e:
             log.warning("bridge: header relay from %d refused: %s", start, e)
             return
@@ -338,6 +341,9 @@ class BridgeService:
                 continue
             try:
                 self._submit(PegoutUpdate(pid, status, txid, b.anchor_height))
+            except DuplicateDuty:  # recorded already (another member, or this one before a restart): done
+                log.info("bridge: peg-out %s %s already recorded", pid.hex(), status.name)
+                continue
             except Rejected as e2:  # e.g. the BROADCAST record is not committed yet: retried next step
                 log.info("bridge: peg-out %s %s not recorded yet: %s", pid.hex(), status.name, e2)
                 continue

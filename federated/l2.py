@@ -81,7 +81,12 @@ class L2Recorder:
                 "loss_ppm": fixed_point(float(m.get("loss", 0.0))),
                 "update_bytes": int(m.get("update_bytes", 0.0)),
                 "dp_epsilon_ppm": fixed_point(float(m.get("dp_epsilon", 0.0))), "participants": parts}
-        self.api.fl_round(self.job_id, body)
+        try:
+            self.api.fl_round(self.job_id, body)
+        except ApiError as e:
+            if e.code != "duplicate-duty":
+                raise
+            log.info("round %d of L2 job %s is committed already", c.round, self.job_id)  # a retry: wait, below
         self.api.wait(lambda: self.api.fl_job(self.job_id)["rounds_done"] >= c.round,
                       f"round {c.round} of job {self.job_id} in a block", self.commit_timeout)
         if self.local is not None:
@@ -108,7 +113,11 @@ class L2Recorder:
         j = self.api.fl_job(job_id)
         if j["status"] != "OPEN" or j["rounds_done"] < j["rounds"]:  # closed, or rounds still to run
             return j
-        self.api.fl_finish(job_id)
+        try:
+            self.api.fl_finish(job_id)
+        except ApiError as e:
+            if e.code != "duplicate-duty":  # duplicate-duty: finished meanwhile; the wait below returns it
+                raise
         return dict(self.api.wait(lambda: (lambda j: j if j["status"] != "OPEN" else None)(self.api.fl_job(job_id)),
                                   f"job {job_id} finished", self.commit_timeout))
 

@@ -1,7 +1,7 @@
 """Admission: decode and check a transaction against the committed state and the mempool, then admit it.
 
 Also signs the node's own transactions (mints with the mint authority key; anchor updates, header relays,
-peg-out updates, task assignments and FL rounds with the federation key) and admits them the same way.
+peg-out updates, task coordination and FL rounds with this member's key) and admits them the same way.
 Remembers recently dropped transactions so GET /api/l2/tx/{txid} can say why; re-admits the transactions of the
 mempool file on start (`restore`). New transactions are refused with DiskLow (HTTP 503) while the data dir's
 filesystem is below store.min_free_bytes.
@@ -64,7 +64,7 @@ class Admission:
 
     def __init__(self, chain: ChainView, ledger: Ledger, mempool: Mempool, metrics: Metrics, *,
                  admitted: Callable[[T.Transaction, bool], None], authority_secret: Optional[bytes],
-                 federation_secret: Optional[bytes], check_space: Callable[[], None] = lambda: None) -> None:
+                 member_secret: bytes, check_space: Callable[[], None] = lambda: None) -> None:
         self.chain = chain
         self.network = chain.network
         self.ledger = ledger
@@ -73,8 +73,8 @@ class Admission:
         self._admitted = admitted
         self._authority_secret = authority_secret
         self.authority_pubkey = _xonly(authority_secret)
-        self._federation_secret = federation_secret
-        self.federation_pubkey = _xonly(federation_secret)
+        self._member_secret = member_secret
+        self.member_pubkey = PrivateKey(member_secret).public_key_xonly.format()
         self._check_space = check_space  # raises DiskLow below store.min_free_bytes
         self._dropped: OrderedDict[bytes, str] = OrderedDict()  # txid -> reason code
 
@@ -116,19 +116,16 @@ class Admission:
             return self._refuse(Refused(decode_reason(e), str(e)))
         return self._admit(tx, signature_checked=True)
 
-    def submit_as_federation(self, payload: Payload) -> bytes:
-        """Sign a fee-less authority payload (anchor update, header relay, peg-out update, task assignment,
-        FL round commitment...) with the federation key and admit it like any transaction; returns its txid.
-
-        The federation key's x-only public key is the genesis anchor authority (ANCHOR_AUTHORITY_KEY), the
-        one authority every coordinator-posted type checks.
-        """
-        secret, pub = self._federation_secret, self.federation_pubkey
-        if secret is None or pub is None:
-            return self._refuse(Refused("unauthorized", "this node has no federation key"))
+    def submit_as_member(self, payload: Payload) -> bytes:
+        """Sign a fee-less system payload (anchor update, header relay, peg-out update, task coordination, FL
+        round...) with this member's key (federation.key_file) and admit it like any transaction; returns its
+        txid. Every federation member's key is an authority of these types (FEDERATION_MEMBERS_KEY), each with its
+        own nonces; one already done by another member (or an earlier run) is refused with DuplicateDuty
+        (reason "duplicate-duty"), which the services take as "done"."""
         self._space_left()
+        pub = self.member_pubkey
         nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
-        tx = T.sign(self.network, secret, nonce, 0, payload, os.urandom(32))
+        tx = T.sign(self.network, self._member_secret, nonce, 0, payload, os.urandom(32))
         return self._admit(tx, signature_checked=True)
 
     def tx_status(self, txid: bytes) -> Optional[dict[str, Any]]:

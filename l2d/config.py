@@ -206,7 +206,7 @@ class AnchoringConfig:
     enabled: bool
     mode: str  # "taproot" | "op_return"
     every_blocks: int  # anchor L2 heights that are multiples of K
-    federation_key_file: Path | None  # absolute; its x-only key is the genesis anchor authority; None = none
+    federation_key_file: Path | None  # absolute; the anchors' Bitcoin (Taproot) key, no L2 authority; None = none
     confirmations: int  # SUBMITTED -> CONFIRMED at this many Bitcoin confirmations
     final_confirmations: int  # CONFIRMED -> FINAL
     fee_fallback_sat_per_vb: int  # when estimatesmartfee has no estimate (fresh regtest)
@@ -590,9 +590,8 @@ def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringC
                                   "final_confirmations", "fee_fallback_sat_per_vb", "fee_max_sat_per_vb",
                                   "rbf_after_blocks", "poll_interval_ms"))
     enabled = _get_bool(s, "enabled", False)
-    # The federation key is a consensus parameter (its x-only key is the genesis anchor authority), so it is
-    # only defaulted where the key may be created locally (local/regtest) and only when anchoring is on:
-    # a config without anchoring keeps the genesis it always had.
+    # The anchor key is a Bitcoin key only (the L2's system transactions are signed by the federation members'
+    # keys): it is defaulted only where it may be created locally (local/regtest) and only when anchoring is on.
     key_file: Path | None = None
     if "federation_key_file" in t:
         key_file = s.get_path("federation_key_file", base)
@@ -647,9 +646,6 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
     if enabled:
         if n == 0:
             raise s.fail("signer_key_files", files, "the federation needs at least one key")
-        if anchoring.federation_key_file is None:
-            raise ConfigError("config: bridge.enabled needs anchoring.federation_key_file (the federation "
-                              "authority relays headers and records peg-outs)")
     threshold = s.get_int("threshold", 1, 15, default=max(1, n // 2 + 1))
     if enabled and threshold > n:
         raise s.fail("threshold", threshold, f"exceeds the number of federation keys ({n})")

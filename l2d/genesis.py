@@ -1,6 +1,6 @@
-"""What the config says the chain starts from: the authority and federation keys, the genesis state (allocations,
-authorities, the bridge federation), the block-signing members and this member's key, and the refusal of a data dir
-made for another chain."""
+"""What the config says the chain starts from: the mint authority, the anchor and bridge Bitcoin keys, the genesis
+state (allocations, the mint authority, the federation members, the bridge federation), the block-signing members
+and this member's key, and the refusal of a data dir made for another chain."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,12 +31,15 @@ class Genesis:
 
     state: dict[bytes, bytes]
     authority_secret: Optional[bytes]  # the mint authority (local/regtest only)
-    federation_secret: Optional[bytes]  # the federation key: the anchor authority of every coordinator-posted type
+    # anchoring.federation_key_file: the anchor transactions' Bitcoin (Taproot) key, nothing on the L2 (system
+    # transactions are signed by the members' keys)
+    federation_secret: Optional[bytes]
     federation: Optional[Federation]  # the bridge's m-of-n federation
     signer_secrets: tuple[bytes, ...]  # the bridge signers this daemon runs
-    # The block-signing federation ([federation]; not part of the genesis state): this member's BIP340 secret,
-    # the members (keys in member-index order, threshold m), their ids and API base URLs in the same order, and
-    # this member's index.
+    # The block-signing federation ([federation]): this member's BIP340 secret (it also signs this member's system
+    # transactions), the members (keys in member-index order, threshold m; the keys are in the genesis state, the
+    # authorities of every system transaction), their ids and API base URLs in the same order, and this member's
+    # index.
     member_secret: bytes
     membership: Membership
     member_ids: tuple[str, ...]
@@ -65,15 +68,14 @@ def load_genesis(config: Config, network: Network) -> Genesis:
             raise NodeError(f"anchoring.federation_key_file {fed_file} does not exist (it is only created "
                             f"on local and regtest)")
         federation_secret = load_or_create_secret(Path(fed_file), "federation")
-    federation = None if federation_secret is None else PrivateKey(federation_secret).public_key_xonly.format()
+    member_secret, membership, ids, urls, index = load_members(config, network)
     try:
-        state = genesis_state(config.chain.genesis_alloc, authority, federation)
+        state = genesis_state(config.chain.genesis_alloc, authority, membership.keys)
     except L2Error as e:
         raise NodeError(f"chain.genesis_alloc: {e}") from None
     signer_secrets, fed = _bridge_federation(config, network)
     if fed is not None:
         state.update(federation_genesis(fed))
-    member_secret, membership, ids, urls, index = load_members(config, network)
     return Genesis(state, authority_secret, federation_secret, fed, tuple(signer_secrets), member_secret=member_secret,
                    membership=membership, member_ids=ids, member_urls=urls, member_index=index)
 
@@ -137,5 +139,6 @@ def check_genesis(ledger: Ledger, network: Network, genesis: dict[bytes, bytes],
             f"data dir {ledger.store.path} holds another chain: its genesis block "
             f"{stored.header.hash.hex() if stored else 'is missing'} differs from the one this config describes "
             f"({expected.hash.hex()}); check chain.genesis_alloc, chain.genesis_timestamp_ms, "
-            f"chain.mint_authority_key_file (or chain.mint_authority_key) and anchoring.federation_key_file, or use "
-            f"another node.data_dir")
+            f"chain.mint_authority_key_file (or chain.mint_authority_key), the federation members "
+            f"(federation.members, or federation.key_file for a 1-member federation) and bridge, or use another "
+            f"node.data_dir")

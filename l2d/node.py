@@ -84,7 +84,7 @@ class Node:
         self.chain = ChainView(network, store, ledger, self.mempool, self.metrics, tree_lock, VERSION)
         self.admission = Admission(self.chain, ledger, self.mempool, self.metrics, admitted=self._tx_admitted,
                                    authority_secret=genesis.authority_secret,
-                                   federation_secret=genesis.federation_secret, check_space=datadir.check_space)
+                                   member_secret=genesis.member_secret, check_space=datadir.check_space)
         fed = config.federation
         self.host = FederationHost(
             network=network, members=genesis.membership, index=genesis.member_index, secret=genesis.member_secret,
@@ -171,10 +171,10 @@ class Node:
     # -- services --------------------------------------------------------------------------------------------
     def _make_anchor_service(self) -> Optional[AnchorService]:
         cfg = self.config.anchoring
-        secret = self.genesis.federation_secret
-        pub = self.admission.federation_pubkey
-        if not cfg.enabled or secret is None or pub is None:
+        secret = self.genesis.federation_secret  # the anchor's Bitcoin key; the L2 updates carry this member's key
+        if not cfg.enabled or secret is None:
             return None
+        pub = PrivateKey(secret).public_key_xonly.format()
         def header_at(height: int) -> Optional[BlockHeader]:
             blk = self.ledger.block(height)
             return None if blk is None else blk.header
@@ -182,26 +182,23 @@ class Node:
         b = self.config.bitcoind
         service = AnchorService(config=cfg, network=self.network, federation_secret=secret, federation_key=pub,
                                 rpc=self.btc_rpc, store=self.store, tip=lambda: self.chain.final, header_at=header_at,
-                                submit_update=self.admission.submit_as_federation,
+                                submit_update=self.admission.submit_as_member,
                                 snapshot_bytes=self.snapshots.anchor_snapshot_bytes,
                                 zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence, bitcoin_chain=b.chain)
         service.load()
         return service
 
     def _make_orchestration_service(self) -> Optional[OrchestrationService]:
-        """The federation's task coordinator (orchestration/service.py): needs the federation key."""
+        """The federation's task coordinator (orchestration/service.py): posts as this member."""
         cfg = self.config.orchestration
         if not cfg.enabled:
             return None
-        if self.genesis.federation_secret is None:
-            raise NodeError("orchestration.enabled needs anchoring.federation_key_file (the coordinator posts "
-                            "task assignments and settlements as the federation)")
         def block_txs(height: int) -> Optional[tuple[Any, ...]]:
             blk = self.ledger.block(height)
             return None if blk is None else blk.txs
 
         return OrchestrationService(cfg, read_prefix=self.chain.records, tip_height=lambda: self.chain.tip.height,
-                                    submit=self.admission.submit_as_federation, tx_status=self.admission.tx_status,
+                                    submit=self.admission.submit_as_member, tx_status=self.admission.tx_status,
                                     journal=Path(self.config.node.data_dir) / "orchestration" / "notes.jsonl",
                                     get_state=self.store.get_state, block_txs=block_txs)
 
@@ -223,7 +220,7 @@ class Node:
                               start_height=cfg.header_start_height, start_hash=cfg.header_start_hash,
                               map_size=self.config.store.map_size)
         return BridgeService(fed=fed, network=self.network, signers=signers, rpc=self.btc_rpc,
-                             read_state=self.store.reader, submit=self.admission.submit_as_federation,
+                             read_state=self.store.reader, submit=self.admission.submit_as_member,
                              batch_dir=bdir / "batches", headers=headers,
                              confirmations=cfg.pegout_confirmations, rbf_after_blocks=cfg.rbf_after_blocks,
                              fee_fallback_sat_per_vb=cfg.fee_fallback_sat_per_vb,

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
 from l2d.config import OrchestrationConfig
-from l2d.core.errors import Rejected
+from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.hashing import tagged_hash
 from l2d.core.payload import Payload, TxType
 from l2d.core.state import Namespace, StateView
@@ -205,6 +205,11 @@ class OrchestrationService:
     def _post(self, task_id: bytes, payload: Payload, kind: str, **fields: Any) -> bool:
         try:
             txid = self._submit(payload)
+        except DuplicateDuty as e:  # another member's coordinator did it first: the next step reads the state
+            log.info("orchestration: %s for task %s already done: %s", kind, task_id.hex(), e,
+                     extra={"task": task_id.hex(), "reason": e.reason})
+            self._event(task_id, f"{kind}-done-already", reason=e.reason, detail=str(e))
+            return False
         except Rejected as e:
             log.warning("orchestration: %s for task %s refused: %s", kind, task_id.hex(), e,
                         extra={"task": task_id.hex(), "reason": e.reason})

@@ -170,7 +170,7 @@ async def post_round(request: web.Request) -> web.Response:
     payload = round_from_json(jid, body)
     if not request.app[MODELS].has(payload.params_hash):
         raise ApiError(409, "conflict", f"upload model {payload.params_hash.hex()} before committing to it")
-    txid = request.app[ADMISSION].submit_as_federation(payload)
+    txid = request.app[ADMISSION].submit_as_member(payload)
     return web.json_response({"txid": txid.hex()}, status=202)
 
 
@@ -182,7 +182,7 @@ async def post_finish(request: web.Request) -> web.Response:
     await read_json_object(request, allow_empty=True)
     job_rec = _job(request.app[CHAIN], jid)
     rewards = reward_split(job_rec)
-    txid = request.app[ADMISSION].submit_as_federation(FlFinish(jid, job_rec.last_params_hash, rewards))
+    txid = request.app[ADMISSION].submit_as_member(FlFinish(jid, job_rec.last_params_hash, rewards))
     return web.json_response({"txid": txid.hex(), "rewards": {k.hex(): a for k, a in rewards}}, status=202)
 
 

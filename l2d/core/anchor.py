@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import cast
 
 from .anchor_tx import AnchorStatus, AnchorUpdate
-from .errors import BadNonce, DecodeError, InvalidTransaction, Unauthorized
-from .state import ANCHOR_AUTHORITY_KEY, Account, Namespace, Rules, StateView, account_key
+from .errors import DecodeError, DuplicateDuty
+from .state import Namespace, Rules, StateView, bump_member_nonce, check_member
 from .tx import Transaction
 
 _ANCHOR_VALUE = struct.Struct(">32s32s32sIB")
@@ -44,18 +44,13 @@ class AnchorEntry:
 
 
 def apply_anchor(view: StateView, tx: Transaction, rules: Rules) -> None:
-    """AnchorUpdate: the anchor authority records (or moves) the Bitcoin anchor of one L2 height."""
-    get = view.get
-    if get(ANCHOR_AUTHORITY_KEY) != tx.sender:
-        raise Unauthorized(f"{tx.sender.hex()} is not the anchor authority")
-    if tx.fee_sat != 0:
-        raise InvalidTransaction("an anchor update carries no fee")
-    sender_key = account_key(tx.sender)
-    raw = get(sender_key)
-    acc = Account.decode(raw) if raw is not None else Account(0, 0)
-    if tx.nonce != acc.nonce:
-        raise BadNonce(f"nonce {tx.nonce}, expected {acc.nonce}")
+    """AnchorUpdate: a federation member records (or moves) the Bitcoin anchor of one L2 height. Recording exactly
+    what is recorded already is a DuplicateDuty (another member, or an earlier run, posted it first)."""
+    check_member(view, tx)
     p = cast(AnchorUpdate, tx.payload)
-    entry = AnchorEntry(p.state_root, p.btc_txid, p.btc_block_hash, p.btc_height, p.status)
-    view.put(sender_key, Account(acc.balance_sat, acc.nonce + 1).encode())
-    view.put(anchor_key(p.l2_height), entry.encode())
+    entry = AnchorEntry(p.state_root, p.btc_txid, p.btc_block_hash, p.btc_height, p.status).encode()
+    if view.get(anchor_key(p.l2_height)) == entry:
+        raise DuplicateDuty(f"the anchor of L2 height {p.l2_height} is already recorded as {p.status.name} with "
+                            f"transaction {p.btc_txid[::-1].hex()}")
+    bump_member_nonce(view, tx)
+    view.put(anchor_key(p.l2_height), entry)

@@ -76,6 +76,14 @@ class InvalidTransaction(Rejected):
     reason = "invalid-transaction"
 
 
+class DuplicateDuty(Rejected):
+    """A member-posted system transaction whose work is already in the state (an anchor status already recorded,
+    headers already relayed, a peg-out status already applied, a task already assigned or settled, an FL round
+    already committed): several members may post the same duty, the first one applied wins."""
+
+    reason = "duplicate-duty"
+
+
 class ForeignNetwork(Rejected):
     """A transaction signed for another network id than the rules it is applied under."""
 

@@ -16,13 +16,13 @@ from enum import IntEnum
 from typing import Optional, cast
 
 from .codec import Reader, write_bytes, write_varint
-from .errors import DecodeError, InvalidTransaction, Overflow, Unauthorized
+from .errors import DecodeError, DuplicateDuty, InvalidTransaction, Overflow, Unauthorized
 from .fl_tx import (MAX_NODE_KEY, MAX_PARTICIPANTS, RECLAIM_BLOCKS, ZERO32, FlFinish, FlJobPost, FlReclaim, FlRegister,
                     FlRound)
 from .hashing import tagged_hash
 from .params import MAX_MONEY
-from .state import (ANCHOR_AUTHORITY_KEY, Namespace, Rules, StateView, add_locked, bump_authority_nonce, charge_sender,
-                    credit, locked_sat)
+from .state import (Namespace, Rules, StateView, add_locked, bump_member_nonce, charge_sender, check_member, credit,
+                    locked_sat)
 from .tx import Transaction
 
 _JOB_HEAD = struct.Struct(">B32sQ32sHHHQH32sQQQ")
@@ -162,11 +162,6 @@ def _open_job(view: StateView, job_id: bytes) -> JobRecord:
     return job
 
 
-def _check_authority(view: StateView, tx: Transaction) -> None:
-    if view.get(ANCHOR_AUTHORITY_KEY) != tx.sender:
-        raise Unauthorized(f"{tx.sender.hex()} is not the federation authority")
-
-
 def apply_job_post(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(FlJobPost, tx.payload)
     key = fl_job_key(tx.txid)
@@ -199,7 +194,10 @@ def apply_register(view: StateView, tx: Transaction, rules: Rules) -> None:
 
 def apply_round(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(FlRound, tx.payload)
-    _check_authority(view, tx)
+    check_member(view, tx)
+    job = get_job(view, p.job_id)
+    if job is not None and 1 <= p.round <= job.rounds_done:
+        raise DuplicateDuty(f"round {p.round} of FL job {p.job_id.hex()} is committed already")
     job = _open_job(view, p.job_id)
     if p.round != job.rounds_done + 1:
         raise InvalidTransaction(f"FL job {p.job_id.hex()} expects round {job.rounds_done + 1}, not {p.round}")
@@ -212,7 +210,7 @@ def apply_round(view: StateView, tx: Transaction, rules: Rules) -> None:
     for part in p.participants:
         if part.key not in by_key:
             raise InvalidTransaction(f"{part.key.hex()} is not registered for FL job {p.job_id.hex()}")
-    bump_authority_nonce(view, tx, ANCHOR_AUTHORITY_KEY, "federation authority")
+    bump_member_nonce(view, tx)
     for part in p.participants:
         if part.accepted:
             q = by_key[part.key]
@@ -226,7 +224,10 @@ def apply_round(view: StateView, tx: Transaction, rules: Rules) -> None:
 
 def apply_finish(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(FlFinish, tx.payload)
-    _check_authority(view, tx)
+    check_member(view, tx)
+    job = get_job(view, p.job_id)
+    if job is not None and job.status == JobStatus.FINISHED:
+        raise DuplicateDuty(f"FL job {p.job_id.hex()} is finished already")
     job = _open_job(view, p.job_id)
     if p.final_params_hash != job.last_params_hash:
         raise InvalidTransaction(f"final params hash {p.final_params_hash.hex()} is not the last committed round's "
@@ -243,7 +244,7 @@ def apply_finish(view: StateView, tx: Transaction, rules: Rules) -> None:
         raise InvalidTransaction(f"rewards total {paid} sat exceed the pool of {job.reward_pool_sat} sat")
     if p.rewards != reward_split(job):
         raise InvalidTransaction("rewards differ from the contribution split floor(pool * accepted examples / total)")
-    bump_authority_nonce(view, tx, ANCHOR_AUTHORITY_KEY, "federation authority")
+    bump_member_nonce(view, tx)
     _close(view, p.job_id, job, p.rewards, JobStatus.FINISHED)
 
 

@@ -6,7 +6,7 @@ Everything the bridge decides is decided here, from the state alone (docs/bridge
   P_i is tweaked for A as P_i' = P_i + t_i*G, t_i = H("l2d/pegin/tweak", P_i || network id || A), and the tweaked
   keys are sorted (as descriptors' sortedmulti). Only A can claim a deposit to it; the federation can spend it
   by tweaking its secrets the same way. Change outputs of peg-out transactions use A = 32 zero bytes.
-- Bitcoin headers enter the state through BtcHeaders (federation authority): linked, each with valid
+- Bitcoin headers enter the state through BtcHeaders (a federation member): linked, each with valid
   proof of work for its nBits under the paired Bitcoin chain's pow limit. A relay may replace the chain from
   any height above the base and may end below the old tip (a deep reorg is followed 50 headers at a time);
   records above the tip are stale and never read. A claim is checked against them:
@@ -15,6 +15,8 @@ Everything the bridge decides is decided here, from the state alone (docs/bridge
 - A Burn whose destination is a Bitcoin address (on a chain with a federation) is a peg-out request; the
   federation records the paying Bitcoin transaction with PegoutUpdate once an anchor covering the burn is
   CONFIRMED.
+- Several members may post the same duty: a relay whose headers are all relayed already (at or below the tip)
+  and a peg-out update recording the status and txid already recorded are DuplicateDuty, applied once.
 """
 from __future__ import annotations
 
@@ -33,13 +35,14 @@ from .anchor import AnchorEntry, anchor_key
 from .anchor_tx import AnchorStatus
 from .chains import BTC_CHAINS, btc_chain
 from .coin_tx import Burn
-from .errors import BadNonce, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction, Overflow, Rejected
+from .errors import (BadNonce, DecodeError, DuplicateDuty, FeeTooLow, InsufficientBalance, InvalidTransaction,
+                     Overflow, Rejected)
 from .hashing import H_PEGIN_OUTPOINT, H_PEGIN_TWEAK, sha256
 from .params import MAX_MONEY, Network
 from .pegs_tx import BTC_HEADER_SIZE, BtcHeaders, PeginClaim, PegoutStatus, PegoutUpdate
 from .spv import SpvError, check_pow, dsha256, parse_header, parse_tx, verify_tx_in_block
-from .state import (ANCHOR_AUTHORITY_KEY, SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key,
-                    bump_authority_nonce, charge_sender, meta_key)
+from .state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, bump_member_nonce,
+                    charge_sender, check_member, meta_key)
 from .tx import Transaction
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -346,10 +349,15 @@ class PegoutEntry:
 
 # -- state transitions ----------------------------------------------------------------------------------------------
 def apply_btc_headers(view: StateView, tx: Transaction, rules: Rules) -> None:
+    check_member(view, tx)
     federation(view)
     p = cast(BtcHeaders, tx.payload)
     params = btc_chain(rules.network).spv
     tip = btc_tip(view)
+    if (tip is not None and tip.base_height <= p.start_height and p.start_height + len(p.headers) - 1 <= tip.height
+            and all(view.get(btc_header_key(p.start_height + i)) == raw for i, raw in enumerate(p.headers))):
+        raise DuplicateDuty(f"headers {p.start_height}..{p.start_height + len(p.headers) - 1} are relayed already "
+                            f"(relayed tip {tip.height})")
     headers = [parse_header(h) for h in p.headers]
     for i, h in enumerate(headers):
         try:
@@ -366,7 +374,7 @@ def apply_btc_headers(view: StateView, tx: Transaction, rules: Rules) -> None:
         parent = view.get(btc_header_key(p.start_height - 1))
         if parent is None or dsha256(parent) != headers[0].prev_hash:
             raise BadRelay(f"relayed header at height {p.start_height} does not link to the relayed chain")
-    bump_authority_nonce(view, tx, ANCHOR_AUTHORITY_KEY, "federation authority")
+    bump_member_nonce(view, tx)
     for i, raw in enumerate(p.headers):
         view.put(btc_header_key(p.start_height + i), raw)
     base = p.start_height if tip is None else tip.base_height
@@ -447,12 +455,16 @@ def apply_burn(view: StateView, tx: Transaction, rules: Rules) -> None:
 
 
 def apply_pegout_update(view: StateView, tx: Transaction, rules: Rules) -> None:
+    check_member(view, tx)
     federation(view)
     p = cast(PegoutUpdate, tx.payload)
     raw = view.get(pegout_key(p.pegout_id))
     if raw is None:
         raise UnknownPegout(f"no peg-out {p.pegout_id.hex()}")
     entry = PegoutEntry.decode(raw)
+    if entry.status == p.status and entry.btc_txid == p.btc_txid:
+        raise DuplicateDuty(f"peg-out {p.pegout_id.hex()} is {entry.status.name} with {p.btc_txid[::-1].hex()} "
+                            f"already")
     anchor = view.get(anchor_key(p.anchor_height))
     if (anchor is None or p.anchor_height < entry.l2_height
             or AnchorEntry.decode(anchor).status not in (AnchorStatus.CONFIRMED, AnchorStatus.FINAL)):
@@ -467,7 +479,7 @@ def apply_pegout_update(view: StateView, tx: Transaction, rules: Rules) -> None:
         raise BadPegoutTransition(f"peg-out {p.pegout_id.hex()} is {entry.status.name} "
                                   f"(txid {entry.btc_txid[::-1].hex()}); cannot record {p.status.name} "
                                   f"with {p.btc_txid[::-1].hex()}")
-    bump_authority_nonce(view, tx, ANCHOR_AUTHORITY_KEY, "federation authority")
+    bump_member_nonce(view, tx)
     view.put(pegout_key(p.pegout_id), PegoutEntry(p.status, entry.amount_sat, entry.l2_height, p.btc_txid,
                                                   entry.script_pubkey).encode())
     if p.status == PegoutStatus.COMPLETED:

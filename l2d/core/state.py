@@ -1,5 +1,5 @@
 """State layout (namespaced keys, canonical values), the write overlay the rules work on, and the helpers
-every subsystem's rules share (charging the sender, authority nonces, locked money, credits).
+every subsystem's rules share (charging the sender, member-posted system transactions, locked money, credits).
 
 The rules themselves live one module per subsystem; l2d/core/rules.py maps each transaction type to its rule
 and holds apply_tx.
@@ -9,10 +9,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from .errors import (BadNonce, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction, Overflow, Unauthorized,
                      UnknownSender)
+from .members import MAX_MEMBERS
 from .params import MAX_MONEY, Network
 from .tx import Transaction, is_valid_key
 
@@ -50,7 +51,10 @@ SUPPLY_KEY = meta_key("supply")
 # Invariant: sum(balances) + fees + locked == minted - burned.
 LOCKED_KEY = meta_key("locked")
 MINT_AUTHORITY_KEY = meta_key("mint_authority")
-ANCHOR_AUTHORITY_KEY = meta_key("anchor_authority")
+# The federation members' block-signing keys, the authorities of every system transaction (anchor updates, header
+# relays, peg-out updates, task coordination, FL rounds): count u8 (1..64) | count x 32-byte x-only keys, in
+# member-index order (docs/federation.md, "Member-signed system transactions").
+FEDERATION_MEMBERS_KEY = meta_key("federation_members")
 
 # The byte layouts of the two records every transaction touches (Account and Supply encode with these; the
 # transfer rule, the ledger's hot path, packs them directly).
@@ -162,19 +166,52 @@ def charge_sender(view: StateView, tx: Transaction, rules: Rules, debit_sat: int
     return Account(bal, nonce)
 
 
-def bump_authority_nonce(view: StateView, tx: Transaction, authority_key: bytes, what: str) -> None:
-    """For fee-less authority types: check the sender is the authority stored under authority_key, the fee
-    is 0 and the nonce is next, then bump the nonce (creating the account if needed)."""
-    if view.get(authority_key) != tx.sender:
-        raise Unauthorized(f"{tx.sender.hex()} is not the {what}")
+def encode_members(keys: Sequence[bytes]) -> bytes:
+    """The FEDERATION_MEMBERS_KEY value: count u8 | the x-only keys in member-index order."""
+    if not 1 <= len(keys) <= MAX_MEMBERS:
+        raise InvalidTransaction(f"a federation has 1..{MAX_MEMBERS} members, not {len(keys)}")
+    for i, k in enumerate(keys):
+        if not is_valid_key(k):
+            raise InvalidTransaction(f"federation member {i} key is not a valid x-only key")
+    if len(set(keys)) != len(keys):
+        raise InvalidTransaction("a federation member key appears twice")
+    return bytes((len(keys),)) + b"".join(keys)
+
+
+def decode_members(raw: bytes) -> tuple[bytes, ...]:
+    """Strict inverse of encode_members (the layout only: the keys were checked when genesis wrote them)."""
+    if not raw or not 1 <= raw[0] <= MAX_MEMBERS or len(raw) != 1 + 32 * raw[0]:
+        raise DecodeError(f"federation members value of {len(raw)} bytes does not match its count")
+    return tuple(raw[1 + 32 * i:33 + 32 * i] for i in range(raw[0]))
+
+
+def is_member(view: StateView, key: bytes) -> bool:
+    """Is key one of the federation members' keys in the state?"""
+    raw = view.get(FEDERATION_MEMBERS_KEY)
+    return raw is not None and key in decode_members(raw)
+
+
+def check_member(view: StateView, tx: Transaction) -> int:
+    """For fee-less system types: the sender is a federation member, the fee is 0 and the nonce is the next of
+    the sender's own account (each member counts its own nonces, so two members' system transactions never
+    compete for one nonce). Writes nothing; returns the sender's balance. A rule calls it before its other
+    checks (so a non-member hears Unauthorized, not why its transaction would be wrong) and bump_member_nonce
+    at its first write."""
+    if not is_member(view, tx.sender):
+        raise Unauthorized(f"{tx.sender.hex()} is not a federation member")
     if tx.fee_sat != 0:
         raise InvalidTransaction(f"a {tx.type.name.lower()} transaction carries no fee")
-    skey = _ACC_PREFIX + tx.sender
-    raw = view.get(skey)
+    raw = view.get(_ACC_PREFIX + tx.sender)
     bal, nonce = ACCOUNT_LAYOUT.unpack(raw) if raw is not None else (0, 0)
     if tx.nonce != nonce:
         raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
-    view.put(skey, ACCOUNT_LAYOUT.pack(bal, nonce + 1))
+    return int(bal)
+
+
+def bump_member_nonce(view: StateView, tx: Transaction) -> None:
+    """check_member, then bump the sender's nonce (creating its account if needed)."""
+    bal = check_member(view, tx)
+    view.put(_ACC_PREFIX + tx.sender, ACCOUNT_LAYOUT.pack(bal, tx.nonce + 1))
 
 
 def locked_sat(view: StateView) -> int:
@@ -201,8 +238,9 @@ def credit(view: StateView, pubkey: bytes, amount: int) -> None:
 
 
 def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[bytes],
-                  anchor_authority: Optional[bytes] = None) -> dict[bytes, bytes]:
-    """The key/value set of block 0: allocations (counted as minted), the mint and the anchor authority."""
+                  members: Sequence[bytes] = ()) -> dict[bytes, bytes]:
+    """The key/value set of block 0: allocations (counted as minted), the mint authority and the federation
+    members (the authorities of the system transactions; none: no system transaction is valid)."""
     state: dict[bytes, bytes] = {}
     total = 0
     for pubkey, amount in alloc:
@@ -219,9 +257,6 @@ def genesis_state(alloc: Iterable[tuple[bytes, int]], mint_authority: Optional[b
         if not is_valid_key(mint_authority):
             raise InvalidTransaction("mint authority is not a valid x-only key")
         state[MINT_AUTHORITY_KEY] = mint_authority
-    if anchor_authority is not None:
-        if not is_valid_key(anchor_authority):
-            raise InvalidTransaction("anchor authority is not a valid x-only key")
-        state[ANCHOR_AUTHORITY_KEY] = anchor_authority
+    if members:
+        state[FEDERATION_MEMBERS_KEY] = encode_members(members)
     return state
-

@@ -14,10 +14,10 @@ from enum import IntEnum
 from typing import Optional, cast
 
 from .codec import Reader, write_bytes
-from .errors import DecodeError, InvalidTransaction, Overflow
+from .errors import DecodeError, DuplicateDuty, InvalidTransaction, Overflow
 from .params import MAX_MONEY
-from .state import (ANCHOR_AUTHORITY_KEY, SUPPLY_KEY, Namespace, Rules, StateView, Supply, add_locked,
-                    bump_authority_nonce, charge_sender, credit)
+from .state import (SUPPLY_KEY, Namespace, Rules, StateView, Supply, add_locked, bump_member_nonce, charge_sender,
+                    check_member, credit)
 from .tx import Transaction
 from .work_tx import (FP_POSITION, MAX_IMAGES, PPM, ZERO_KEY, Role, TaskAssign, TaskCancel, TaskDispute, TaskReassign,
                       TaskResolve, TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerRegister, fingerprints_match,
@@ -310,7 +310,13 @@ def apply_cancel(view: StateView, tx: Transaction, rules: Rules) -> None:
 
 
 def _authority(view: StateView, tx: Transaction) -> None:
-    bump_authority_nonce(view, tx, ANCHOR_AUTHORITY_KEY, "federation authority")
+    bump_member_nonce(view, tx)
+
+
+def _member_task(view: StateView, tx: Transaction, task_id: bytes) -> TaskRecord:
+    """The first checks of a coordinator (member-posted) task type: a member's transaction, an existing task."""
+    check_member(view, tx)
+    return _need_task(view, task_id)
 
 
 def _put_workers(view: StateView, workers: dict[bytes, WorkerRecord]) -> None:
@@ -320,7 +326,9 @@ def _put_workers(view: StateView, workers: dict[bytes, WorkerRecord]) -> None:
 
 def apply_assign(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(TaskAssign, tx.payload)
-    t = _need_task(view, p.task_id)
+    t = _member_task(view, tx, p.task_id)
+    if t.status not in (TaskStatus.SUBMITTED, TaskStatus.CANCELLED):
+        raise DuplicateDuty(f"task {p.task_id.hex()} is assigned already ({t.status.name})")
     _need_status(t, TaskStatus.SUBMITTED)
     _deadline(view, p.deadline_height)
     if max(p.window_blocks, p.heartbeat_grace) > MAX_WINDOW_BLOCKS:
@@ -390,7 +398,10 @@ def _verified(t: TaskRecord) -> bool:
 
 def apply_reassign(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(TaskReassign, tx.payload)
-    t = _need_task(view, p.task_id)
+    t = _member_task(view, tx, p.task_id)
+    if (t.status in (TaskStatus.ASSIGNED, TaskStatus.RESULT_SUBMITTED, TaskStatus.DISPUTED)
+            and p.new_worker != ZERO_KEY and t.party(p.role) == p.new_worker):
+        raise DuplicateDuty(f"the {p.role.name.lower()} of task {p.task_id.hex()} is {p.new_worker.hex()} already")
     if p.role not in t.waiting_for():
         raise InvalidTransaction(f"task {t.status.name} is not waiting for its {p.role.name.lower()}")
     old = t.party(p.role)
@@ -450,7 +461,9 @@ def _check_credits(view: StateView, payouts: list[tuple[bytes, int]]) -> None:
 
 def apply_settle(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(TaskSettle, tx.payload)
-    t = _need_task(view, p.task_id)
+    t = _member_task(view, tx, p.task_id)
+    if t.status == TaskStatus.SETTLED:
+        raise DuplicateDuty(f"task {p.task_id.hex()} is settled already")
     _need_status(t, TaskStatus.RESULT_SUBMITTED)
     if view.height < t.result_height + t.window_blocks:
         raise InvalidTransaction(f"challenge window open until height {t.result_height + t.window_blocks} "
@@ -484,7 +497,9 @@ def apply_dispute(view: StateView, tx: Transaction, rules: Rules) -> None:
     """Open a dispute (RESULT_SUBMITTED, fingerprints disagree), or hand it to another referee (DISPUTED, the
     referee's result decides nothing). The earlier referee's result is dropped; it is neither paid nor blamed."""
     p = cast(TaskDispute, tx.payload)
-    t = _need_task(view, p.task_id)
+    t = _member_task(view, tx, p.task_id)
+    if t.status == TaskStatus.DISPUTED and t.result(Role.REFEREE) is None:
+        raise DuplicateDuty(f"task {p.task_id.hex()} is disputed already, waiting for its referee")
     _need_status(t, TaskStatus.RESULT_SUBMITTED, TaskStatus.DISPUTED)
     if t.status == TaskStatus.RESULT_SUBMITTED:
         if t.verifier == ZERO_KEY or _verified(t):
@@ -511,7 +526,9 @@ def apply_dispute(view: StateView, tx: Transaction, rules: Rules) -> None:
 
 def apply_resolve(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = cast(TaskResolve, tx.payload)
-    t = _need_task(view, p.task_id)
+    t = _member_task(view, tx, p.task_id)
+    if t.status == TaskStatus.SETTLED:
+        raise DuplicateDuty(f"task {p.task_id.hex()} is settled already")
     _need_status(t, TaskStatus.DISPUTED)
     winner = Role.VERIFIER if p.loser == Role.WORKER else Role.WORKER
     if verdict(t) != p.loser:

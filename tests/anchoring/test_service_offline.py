@@ -16,7 +16,7 @@ from anchoring.service import Anchor, AnchorService, AnchorState
 from l2d.config import Config
 from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.params import REGTEST
-from l2d.core.state import ANCHOR_AUTHORITY_KEY
+from l2d.core.state import FEDERATION_MEMBERS_KEY
 from l2d.node import Node
 
 TOKEN = "offline-anchor-token-000001"
@@ -51,8 +51,11 @@ async def test_builds_and_stores_payloads_without_bitcoind(tmp_path: Path, mode:
     client = TestClient(TestServer(node.web_app()))
     await client.start_server()
     try:
-        fed_key = node.admission.federation_pubkey
-        assert fed_key is not None and node.store.get_state(ANCHOR_AUTHORITY_KEY) == fed_key
+        # the anchor key is a Bitcoin key only: the L2 authorities are the members (this 1-member federation)
+        assert node.genesis.federation_secret is not None
+        fed_key = PrivateKey(node.genesis.federation_secret).public_key_xonly.format()
+        assert fed_key != node.admission.member_pubkey
+        assert node.store.get_state(FEDERATION_MEMBERS_KEY) == b"\x01" + node.admission.member_pubkey
         assert (cfg.anchoring.federation_key_file is not None
                 and os.stat(cfg.anchoring.federation_key_file).st_mode & 0o777 == 0o600)
         await _mint_blocks(node, 4, poll)

@@ -150,7 +150,7 @@ class World:
 def world() -> World:
     """A chain with an FL job (two participants, one round), three workers and an assigned task."""
     fed = Federation(1, (PrivateKey(secret(9)).public_key.format(compressed=True),), 1)
-    state = genesis_state([(pk(n), 10**10) for n in range(1, 7)], pk(MINT_AUTHORITY), pk(FEDERATION))
+    state = genesis_state([(pk(n), 10**10) for n in range(1, 7)], pk(MINT_AUTHORITY), (pk(FEDERATION),))
     state.update(federation_genesis(fed))
     c = Chain(state, {})
     job = c.apply(1, FlJobPost(100_000, h("config"), 3, 2, 4)).txid

@@ -13,6 +13,7 @@ from coincurve import PrivateKey
 from l2d.config import Config
 from l2d.core.members import Membership
 from l2d.core.params import LOCAL, SIGNET
+from l2d.core.state import FEDERATION_MEMBERS_KEY
 from l2d.genesis import NodeError, genesis_block_header, load_genesis
 from l2d.node import Node
 
@@ -80,28 +81,40 @@ def test_member_key_file_required_where_keys_are_never_created(tmp_path: Path,
     assert load_genesis(cfg, SIGNET).member_secret == secret(1)
 
 
-def test_membership_is_not_in_the_genesis_state(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
-    """Adding [federation] to an existing config keeps its block 0."""
+def test_members_are_in_the_genesis_state_and_the_anchor_key_is_not(tmp_path: Path,
+                                                                     make_cfg: Callable[..., Config]) -> None:
+    """The member keys, in member order, are the genesis record FEDERATION_MEMBERS_KEY (the authorities of the
+    system transactions); the anchor key (anchoring.federation_key_file) is a Bitcoin key only."""
     mint = write_key(tmp_path / "mint.key", secret(7))
-    alone = make_cfg(tmp_path / "a", chain={"mint_authority_key_file": str(mint)})
     key_file = write_key(tmp_path / "me.key", secret(0))
+    alone = make_cfg(tmp_path / "a", chain={"mint_authority_key_file": str(mint)},
+                     federation={"key_file": str(key_file)})
+    assert load_genesis(alone, LOCAL).state[FEDERATION_MEMBERS_KEY] == b"\x01" + xonly(secret(0))
     federated = make_cfg(tmp_path / "b", chain={"mint_authority_key_file": str(mint)},
                          federation={"key_file": str(key_file), "members": members(4), "threshold": 4})
-    assert load_genesis(alone, LOCAL).state == load_genesis(federated, LOCAL).state
+    fed_state = load_genesis(federated, LOCAL).state
+    assert fed_state[FEDERATION_MEMBERS_KEY] == b"\x04" + b"".join(xonly(secret(i)) for i in range(4))
+    anchored = [make_cfg(tmp_path / d, chain={"mint_authority_key_file": str(mint)},
+                         federation={"key_file": str(key_file), "members": members(4), "threshold": 4},
+                         anchoring={"enabled": True, "federation_key_file": str(write_key(tmp_path / f"{d}.key",
+                                                                                          secret(k)))})
+                for d, k in (("c", 5), ("d", 6))]
+    assert load_genesis(anchored[0], LOCAL).state == load_genesis(anchored[1], LOCAL).state == fed_state
 
 
 def test_mint_authority_key_gives_the_same_genesis_without_the_secret(tmp_path: Path,
                                                                       make_cfg: Callable[..., Config]) -> None:
     mint = write_key(tmp_path / "mint.key", secret(7))
-    holder = make_cfg(tmp_path / "a", chain={"mint_authority_key_file": str(mint)})
-    other = make_cfg(tmp_path / "b", chain={"mint_authority_key": xonly(secret(7)).hex()})
+    fed = {"key_file": str(write_key(tmp_path / "me.key", secret(0)))}  # one member key: one member set
+    holder = make_cfg(tmp_path / "a", chain={"mint_authority_key_file": str(mint)}, federation=fed)
+    other = make_cfg(tmp_path / "b", chain={"mint_authority_key": xonly(secret(7)).hex()}, federation=fed)
     g1, g2 = load_genesis(holder, LOCAL), load_genesis(other, LOCAL)
     assert g1.authority_secret == secret(7) and g2.authority_secret is None
     assert g1.state == g2.state
     assert not (tmp_path / "b" / "mint_authority.key").exists()  # no key file created for it
     t = holder.chain.genesis_timestamp_ms
     assert genesis_block_header(LOCAL, g1.state, t).hash == genesis_block_header(LOCAL, g2.state, t).hash
-    third = make_cfg(tmp_path / "c", chain={"mint_authority_key": xonly(secret(8)).hex()})
+    third = make_cfg(tmp_path / "c", chain={"mint_authority_key": xonly(secret(8)).hex()}, federation=fed)
     assert load_genesis(third, LOCAL).state != g1.state
 
 

@@ -194,7 +194,7 @@ class OrchNet:
             kf.chmod(0o600)
             self.worker_keys[name] = kf
             alloc[xonly(_secret(name)).hex()] = WORKER_FUNDS
-        fed = tmp / "federation.key"
+        fed = tmp / "member.key"  # this 1-member federation's key: it signs the coordinator's transactions
         fed.write_text(_secret("federation").hex() + "\n")
         fed.chmod(0o600)
         self.federation = xonly(_secret("federation"))
@@ -203,7 +203,8 @@ class OrchNet:
                "block": {"interval_ms": 50, "max_txs": 500},
                "api": {"port": 0, "admin_token": ""},
                "snapshots": {"every_blocks": 0},
-               "anchoring": {"enabled": False, "federation_key_file": str(fed)},
+               "anchoring": {"enabled": False},
+               "federation": {"key_file": str(fed)},
                # Deadlines and heartbeat grace far above what a loaded CI host needs (blocks come at most every
                # 50 ms, so 400 blocks are >= 20 s): only the failover test relies on them, with its own values.
                "orchestration": {"enabled": True, "strategy": "lowest_cost", "timeout_blocks": 400,

@@ -13,7 +13,6 @@ import pytest
 from l2d.config import Config, ConfigError
 from l2d.core.coin_tx import Transfer
 from l2d.core.work_tx import FP_ENTRY, TaskResult, TaskSubmit, WorkerCaps, WorkerRegister
-from l2d.genesis import NodeError
 from l2d.node import Node
 from orchestration.service import audited, split
 
@@ -96,11 +95,14 @@ def test_config_defaults_and_exact_fractions(tmp_path: Path) -> None:
     assert o.worker_share_ppm + o.verifier_share_ppm + o.treasury_share_ppm == 1_000_000
 
 
-async def test_enabled_without_a_federation_key_refuses_to_start(tmp_path: Path) -> None:
+async def test_enabled_without_an_anchor_key_coordinates_as_this_member(tmp_path: Path) -> None:
+    """The coordinator needs no anchor key (anchoring.federation_key_file is a Bitcoin key only): it posts with
+    this member's key."""
     node = Node.from_config(_cfg(tmp_path, enabled=True))
     try:
-        with pytest.raises(NodeError, match="federation_key_file"):
-            await node.start(serve_http=False)
+        assert node.genesis.federation_secret is None
+        await node.start(serve_http=False)
+        assert node.orchestration_service is not None
     finally:
         await node.stop()
 

@@ -24,6 +24,7 @@ from orchestration.service import OrchestrationService
 
 RULES = Rules(LOCAL, 1)
 AUTH, CLIENT, FILLER = 0, 9, 8
+AUTH2 = 7  # a second federation member, running its own coordinator
 
 
 def secret(n: int) -> bytes:
@@ -40,7 +41,7 @@ def fp(out: bytes) -> bytes:
 
 class Ledger:
     def __init__(self) -> None:
-        self.state = genesis_state([(pk(n), 10**8) for n in (1, 2, 3, 4, 5, CLIENT, FILLER)], None, pk(AUTH))
+        self.state = genesis_state([(pk(n), 10**8) for n in (1, 2, 3, 4, 5, CLIENT, FILLER)], None, (pk(AUTH), pk(AUTH2)))
         self.height = 0
         self.posted: list[Payload] = []
         self.blocks: dict[int, list[Transaction]] = {}
@@ -340,3 +341,27 @@ async def test_probes_reach_private_endpoints_only_where_allowed(allowed: bool) 
 def test_private_probe_endpoints_are_refused_by_default_on_public_networks(network: str, default: bool) -> None:
     cfg = Config.from_dict({"node": {"network": network, "data_dir": "/nonexistent"}}, "/", env={})
     assert cfg.orchestration.probe_private_endpoints is default
+
+
+def test_two_members_coordinators_assign_once_and_the_late_one_takes_the_refusal_as_done() -> None:
+    """Both members run the coordinator on the same tip: the first assignment in a block wins; the other member's
+    copy is refused by consensus with duplicate-duty, which its service records as done, not as an error."""
+    ledger = Ledger()
+    register(ledger, 1, 2, 3)
+    tid = submit(ledger)
+    first = make(ledger)
+    stale = dict(ledger.state)  # what the second member read before the first assignment was committed
+    cfg = make(ledger).config
+    second = OrchestrationService(cfg, read_prefix=lambda p: sorted((k, v) for k, v in stale.items()
+                                                                     if k.startswith(p)),
+                                  tip_height=lambda: ledger.height - 1,
+                                  submit=lambda payload: ledger.apply(AUTH2, payload),
+                                  tx_status=lambda txid: {"status": "committed"}, journal=None,
+                                  get_state=stale.get, block_txs=ledger.blocks.get)
+    first.step()
+    assigned = ledger.task(tid)
+    assert assigned.status == TaskStatus.ASSIGNED
+    second.step()  # must not raise
+    assert ledger.task(tid) == assigned  # applied once
+    assert [e["kind"] for e in second.notes[tid].events][-1] == "assign-done-already"
+    assert second.notes[tid].events[-1]["reason"] == "duplicate-duty"

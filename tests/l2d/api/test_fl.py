@@ -155,9 +155,9 @@ async def test_job_rounds_models_and_rewards_over_rest(nc: tuple[Node, Client]) 
     assert j["final_model"] == h and j["paid_sat"] == POOL and j["rewards_final"]
     assert (await get(c, f"/api/l2/accounts/{pk(2).hex()}"))[1]["balance_sat"] == 1_000_000 - 1 + POOL
     assert (await get(c, f"/api/l2/accounts/{pk(3).hex()}"))[1]["balance_sat"] == 1_000_000 - 1
-    # a second finish of the committed job is refused by the ledger's rules
+    # a second finish of the committed job is refused by the ledger's rules: that duty is done
     status, out = await post(c, f"/api/fl/jobs/{jid}/finish", {})
-    assert status == 400 and out["error"] == "invalid-transaction" and "finished" in out["message"]
+    assert status == 400 and out["error"] == "duplicate-duty" and "finished already" in out["message"]
 
 
 async def _rounds_done(c: Client, jid: str, n: int) -> bool:

@@ -121,7 +121,7 @@ async def test_status(client: Client, node: Node) -> None:
 async def test_state(client: Client, node: Node) -> None:
     s = await get_json(client, "/api/l2/state")
     assert s["height"] == 0 and s["state_root"] == node.chain.tip.state_root.hex() and s["tip_hash"] == node.chain.tip.hash.hex()
-    assert s["records"] == 3 + 2  # three accounts, supply, mint authority
+    assert s["records"] == 3 + 3  # three accounts, supply, mint authority, federation members
     assert s["supply"] == {"minted_sat": 3 * GENESIS_SAT, "burned_sat": 0, "fees_sat": 0}
 
 
@@ -166,7 +166,7 @@ async def test_transfer_is_committed_and_visible_everywhere(client: Client, wait
     assert b["prev_hash"] == genesis["hash"]
 
     s = await get_json(client, "/api/l2/state")
-    assert s["height"] == 1 and s["records"] == 6
+    assert s["height"] == 1 and s["records"] == 7  # 6 before the member record
     assert s["supply"] == {"minted_sat": 3 * GENESIS_SAT, "burned_sat": 0, "fees_sat": 5}
     status = await get_json(client, "/api/status")
     assert status["height"] == 1 and status["tip_hash"] == b["hash"] and status["mempool_size"] == 0
@@ -244,7 +244,7 @@ async def test_metrics(client: Client, wait_until: Any) -> None:
     assert samples["l2d_mempool_txs"] == "0"
     assert samples["l2d_blocks_committed_total"] == str(height)
     assert samples["l2d_txs_committed_total"] == "1"
-    assert samples["l2d_state_records"] == "6"
+    assert samples["l2d_state_records"] == "7"
     assert samples['l2d_txs_rejected_total{reason="bad-signature",stage="admission"}'] == "1"
     assert samples["l2d_block_build_seconds_count"] == str(height)  # a 1-member federation builds each block once
     assert samples["l2d_federation_peers_connected"] == "0"

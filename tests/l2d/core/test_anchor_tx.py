@@ -1,4 +1,4 @@
-"""AnchorUpdate (type 4): payload layout, strict decoding, anchor authority, zero fee, nonce replay."""
+"""AnchorUpdate (type 4): payload layout, strict decoding, member authority, zero fee, nonce replay, duplicates."""
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +11,12 @@ from l2d.core import tx as T
 from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.codec import write_varint
-from l2d.core.errors import BadNonce, DecodeError, InvalidTransaction, OutOfRange, Unauthorized, UnknownType
+from l2d.core.errors import (BadNonce, DecodeError, DuplicateDuty, InvalidTransaction, OutOfRange, Unauthorized,
+                             UnknownType)
 from l2d.core.params import LOCAL, REGTEST
 from l2d.core.payload import TxType
 from l2d.core.rules import apply_tx
-from l2d.core.state import ANCHOR_AUTHORITY_KEY, Namespace, Rules, StateView, genesis_state
-from l2d.core.tree import root_of
+from l2d.core.state import FEDERATION_MEMBERS_KEY, Namespace, Rules, StateView, genesis_state
 from l2d.core.tx import decode, sign
 
 AUX = b"\0" * 32
@@ -32,7 +32,7 @@ def pubkey(n: int) -> bytes:
     return PrivateKey(secret(n)).public_key_xonly.format()
 
 
-FED, OTHER = 7, 8
+FED, FED2, OTHER = 7, 6, 8  # FED and FED2: the federation members
 RULES = Rules(REGTEST, 1)
 
 
@@ -41,7 +41,7 @@ def confirmed(height: int = 5) -> AnchorUpdate:
 
 
 def state_with_authority() -> dict[bytes, bytes]:
-    return genesis_state([(pubkey(1), 1000)], pubkey(9), anchor_authority=pubkey(FED))
+    return genesis_state([(pubkey(1), 1000)], pubkey(9), (pubkey(FED), pubkey(FED2)))
 
 
 def test_payload_layout_and_round_trip() -> None:
@@ -112,20 +112,49 @@ def test_apply_writes_state_record_without_account() -> None:
     assert AnchorEntry.decode(view.writes[key]).status == AnchorStatus.FINAL  # type: ignore[arg-type]
 
 
-def test_only_the_anchor_authority() -> None:
+@pytest.mark.parametrize("member", [FED, FED2])
+def test_every_member_may_post_with_its_own_nonces(member: int) -> None:
+    view = StateView(state_with_authority().get)
+    apply_tx(view, sign(REGTEST, secret(member), 0, 0, confirmed(5), AUX), RULES)
+    apply_tx(view, sign(REGTEST, secret(FED + FED2 - member), 0, 0, confirmed(6), AUX), RULES)  # the other's nonce 0
+    assert AnchorEntry.decode(view.writes[anchor_key(5)]).status == AnchorStatus.CONFIRMED  # type: ignore[arg-type]
+    assert view.account(pubkey(FED)).nonce == view.account(pubkey(FED2)).nonce == 1  # type: ignore[union-attr]
+
+
+def test_only_members() -> None:
     base = state_with_authority()
     view = StateView(base.get)
     with pytest.raises(Unauthorized):
         apply_tx(view, sign(REGTEST, secret(OTHER), 0, 0, confirmed(), AUX), RULES)
-    # the mint authority is not the anchor authority
+    # the mint authority is not a member
     with pytest.raises(Unauthorized):
         apply_tx(view, sign(REGTEST, secret(9), 0, 0, confirmed(), AUX), RULES)
     assert view.writes == {}
-    # a chain without an anchor authority refuses every anchor update
+    # a chain without members refuses every anchor update
     plain = genesis_state([(pubkey(1), 1000)], pubkey(9))
-    assert ANCHOR_AUTHORITY_KEY not in plain
+    assert FEDERATION_MEMBERS_KEY not in plain
     with pytest.raises(Unauthorized):
         apply_tx(StateView(plain.get), sign(REGTEST, secret(FED), 0, 0, confirmed(), AUX), RULES)
+
+
+def test_recording_what_is_recorded_is_a_duplicate_duty() -> None:
+    base = dict(state_with_authority())
+    view = StateView(base.get)
+    apply_tx(view, sign(REGTEST, secret(FED), 0, 0, confirmed(5), AUX), RULES)
+    base.update(view.writes)  # type: ignore[arg-type]
+    for member, payload in ((FED2, confirmed(5)), (FED, confirmed(5))):  # another member's copy, or my own again
+        view = StateView(base.get)
+        with pytest.raises(DuplicateDuty) as info:
+            apply_tx(view, sign(REGTEST, secret(member), 1 if member == FED else 0, 0, payload, AUX), RULES)
+        assert info.value.reason == "duplicate-duty" and view.writes == {}
+    # a non-member hears Unauthorized, not that the record is there
+    with pytest.raises(Unauthorized):
+        apply_tx(StateView(base.get), sign(REGTEST, secret(OTHER), 0, 0, confirmed(5), AUX), RULES)
+    # moving the record on (another status, another transaction) is not a duplicate
+    for upd in (AnchorUpdate(5, ROOT, TXID, BLOCK, 101, AnchorStatus.FINAL),
+                AnchorUpdate(5, ROOT, b"\x44" * 32, BLOCK, 101, AnchorStatus.CONFIRMED),
+                AnchorUpdate(5, ROOT, TXID, b"\x55" * 32, 102, AnchorStatus.CONFIRMED)):
+        apply_tx(StateView(base.get), sign(REGTEST, secret(FED2), 0, 0, upd, AUX), RULES)
 
 
 def test_fee_must_be_zero() -> None:
@@ -147,17 +176,6 @@ def test_replay_by_nonce_refused() -> None:
     with pytest.raises(BadNonce):
         apply_tx(view, sign(REGTEST, secret(FED), 5, 0, confirmed(), AUX), RULES)
     assert view.writes == before
-
-
-def test_genesis_default_unchanged() -> None:
-    """anchor_authority=None keeps existing genesis roots (and the pinned vectors) as they were."""
-    alloc = [(pubkey(1), 1000)]
-    assert genesis_state(alloc, pubkey(9)) == genesis_state(alloc, pubkey(9), None)
-    with_auth = genesis_state(alloc, pubkey(9), pubkey(FED))
-    assert with_auth[ANCHOR_AUTHORITY_KEY] == pubkey(FED)
-    assert root_of(with_auth.items()) != root_of(genesis_state(alloc, pubkey(9)).items())
-    with pytest.raises(InvalidTransaction):
-        genesis_state(alloc, None, b"\x05" * 32)
 
 
 def test_wrong_network_signature_domain() -> None:

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from l2d.core import tx as T
 from l2d.core.coin_tx import Transfer
-from l2d.core.errors import (BadNonce, DecodeError, InsufficientBalance, InvalidTransaction, NonMinimalVarint,
-                             OutOfRange, Rejected, TrailingBytes, Truncated, Unauthorized, UnknownSender)
+from l2d.core.errors import (BadNonce, DecodeError, DuplicateDuty, InsufficientBalance, InvalidTransaction,
+                             NonMinimalVarint, OutOfRange, Rejected, TrailingBytes, Truncated, Unauthorized,
+                             UnknownSender)
 from l2d.core.fl import (JobParticipant, JobRecord, JobStatus, RoundRecord, fl_job_key, fl_round_key, get_job,
                          get_round, reward_split)
 from l2d.core.fl_tx import (MAX_PARTICIPANTS, RECLAIM_BLOCKS, ZERO32, FlFinish, FlJobPost, FlReclaim, FlRegister,
@@ -34,6 +35,7 @@ RULES = Rules(LOCAL, FEE)
 FUNDS = 1_000_000
 POOL = 100_000
 AUTH, POSTER, P1, P2, P3, P4, OTHER = 0, 9, 1, 2, 3, 4, 5
+AUTH2 = 8  # a second federation member
 
 
 def secret(n: int) -> bytes:
@@ -66,7 +68,7 @@ class Chain:
     """A ledger in a dict: each apply is one block (height + 1), writes committed on success."""
 
     def __init__(self) -> None:
-        self.state = genesis_state([(pk(n), FUNDS) for n in (P1, P2, P3, P4, POSTER, OTHER)], None, pk(AUTH))
+        self.state = genesis_state([(pk(n), FUNDS) for n in (P1, P2, P3, P4, POSTER, OTHER)], None, (pk(AUTH), pk(AUTH2)))
         self.height = 1
 
     def nonce(self, n: int) -> int:
@@ -287,10 +289,15 @@ def test_round_commitments_only_from_the_authority_in_order_from_the_last_params
     c.reject(InvalidTransaction, AUTH, FlRound(h("nope"), 1, h("a"), h("b"), 0, 0, 0, 0, r1.participants),
              match="no FL job")
     t1 = c.apply(AUTH, r1)
-    c.reject(InvalidTransaction, AUTH, r1, t=t1, match="expects round 2")  # replay of the signed commitment
-    c.reject(InvalidTransaction, AUTH, r1, match="expects round 2")  # same round, fresh nonce
+    c.reject(BadNonce, AUTH, r1, t=t1, match="expected 1")  # replay of the signed commitment
+    c.reject(DuplicateDuty, AUTH, r1, match="committed already")  # same round, fresh nonce: done already
+    # another member's commitment of round 1 (its own aggregate, even) is refused the same way; a non-member's
+    # is unauthorized; that member commits round 2 below, with its own nonce 0
+    c.reject(DuplicateDuty, AUTH2, c.round(jid, 1, {P1: 11, P2: 20}), match="committed already")
+    c.reject(Unauthorized, P1, c.round(jid, 1, {P1: 11, P2: 20}), fee=0)
     c.reject(InvalidTransaction, AUTH, c.round(jid, 2, {P1: 10}, prev=h("elsewhere")), match="does not start")
-    c.apply(AUTH, c.round(jid, 2, {P1: 10}))
+    c.apply(AUTH2, c.round(jid, 2, {P1: 10}))
+    assert c.nonce(AUTH2) == 1 and c.nonce(AUTH) == 1
     c.reject(InvalidTransaction, AUTH, c.round(jid, 3, {P1: 10}), match="has 2 rounds")
     c.reject(InvalidTransaction, P1, FlRegister(jid, node_key(11)), match="run all its rounds")
 
@@ -311,7 +318,8 @@ def test_bad_finishes_are_refused_and_change_nothing() -> None:
     c.reject(InvalidTransaction, AUTH, FlFinish(jid, h("params 1"), good[:1]), match="differ")
     c.reject(InvalidTransaction, AUTH, FlFinish(h("nope"), h("params 1"), good), match="no FL job")
     c.apply(AUTH, FlFinish(jid, h("params 1"), good))
-    c.reject(InvalidTransaction, AUTH, FlFinish(jid, h("params 1"), good), match="finished")
+    c.reject(DuplicateDuty, AUTH, FlFinish(jid, h("params 1"), good), match="finished already")
+    c.reject(DuplicateDuty, AUTH2, FlFinish(jid, h("params 1"), good), match="finished already")  # the other member
     c.reject(InvalidTransaction, AUTH, c.round(jid, 2, {P1: 1}), match="finished")
     c.reject(InvalidTransaction, P3, FlRegister(jid, node_key(33)), match="finished")
 

@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.coin_tx import Burn, Transfer
-from l2d.core.errors import (BadNonce, DecodeError, FeeTooLow, InsufficientBalance, InvalidTransaction, OutOfRange,
-                             Overflow, Rejected, Unauthorized, UnknownSender)
+from l2d.core.errors import (BadNonce, DecodeError, DuplicateDuty, FeeTooLow, InsufficientBalance, InvalidTransaction,
+                             OutOfRange, Overflow, Rejected, Unauthorized, UnknownSender)
 from l2d.core.hashing import H_PEGIN_TWEAK
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
 from l2d.core.payload import Payload
@@ -68,7 +68,7 @@ def xonly(sec: bytes) -> bytes:
 FED_SECRETS = [secret(f"fed{i}") for i in range(3)]
 FED_KEYS = tuple(sorted(PrivateKey(s).public_key.format() for s in FED_SECRETS))
 FED = Federation(2, FED_KEYS, MIN_DEPTH)
-AUTH = secret("federation authority")  # signs BtcHeaders, AnchorUpdate and PegoutUpdate
+AUTH, AUTH2 = secret("member 1"), secret("member 2")  # federation members: sign BtcHeaders, AnchorUpdate, PegoutUpdate
 MINT = secret("mint authority")
 ALICE, BOB, CAROL = secret("alice"), secret("bob"), secret("carol")
 BOB_FUNDS = 10_000_000
@@ -187,7 +187,7 @@ class World:
     """A state dict, the nonces of every signer, and apply/refuse helpers."""
 
     def __init__(self, *, bridge: bool = True, bob_funds: int = BOB_FUNDS, fed: Federation = FED) -> None:
-        self.state = genesis_state([(xonly(BOB), bob_funds)], xonly(MINT), anchor_authority=xonly(AUTH))
+        self.state = genesis_state([(xonly(BOB), bob_funds)], xonly(MINT), (xonly(AUTH), xonly(AUTH2)))
         if bridge:
             self.state.update(federation_genesis(fed))
         self.nonce: Counter[bytes] = Counter()
@@ -354,10 +354,9 @@ def test_relay_extends_the_tip() -> None:
     w.do(AUTH, CHAIN.relay(BASE, BASE + 1))
     w.do(AUTH, CHAIN.relay(BASE + 2, BASE + 3))
     assert w.tip() == BtcTip(BASE, BASE + 3, CHAIN.blocks[BASE + 3].header.hash)
-    # re-relaying the tip is a same-length replacement by itself: allowed, changes only the authority's nonce
-    before = dict(w.state)
-    writes = w.apply(w.sign(AUTH, CHAIN.relay(BASE + 3)))
-    assert {k for k, v in writes.items() if before.get(k) != v} == {account_key(xonly(AUTH))}
+    # re-relaying headers already relayed (the tip, or any run at or below it) adds nothing: a duplicate duty
+    w.refuse(w.sign(AUTH, CHAIN.relay(BASE + 3)), DuplicateDuty)
+    w.refuse(w.sign(AUTH, CHAIN.relay(BASE + 1, BASE + 2)), DuplicateDuty)
     # a gap after the tip, and a relay replacing the base (the checkpoint), are refused
     fresh = World()
     fresh.do(AUTH, CHAIN.relay(BASE, BASE + 1))
@@ -447,16 +446,22 @@ def test_relay_bad_proof_of_work(bits: int, valid: Optional[bool], what: str) ->
 
 def test_relay_authority_fee_nonce_and_no_bridge() -> None:
     w = World()
-    relay = CHAIN.relay(BASE)
+    relay = CHAIN.relay(BASE, BASE + 1)
     w.refuse(w.sign(BOB, relay), Unauthorized)
     w.refuse(w.sign(MINT, relay), Unauthorized)
     w.refuse(w.sign(AUTH, relay, fee=1), InvalidTransaction)
     w.refuse(w.sign(AUTH, relay, nonce=1), BadNonce)
+    w.refuse(w.sign(secret("fed0"), relay), Unauthorized)  # a bridge signer's Bitcoin key is no member key
     tx = w.sign(AUTH, relay)
     w.apply(tx)
-    w.refuse(tx, BadRelay)  # the same relay again starts at the base: refused before the nonce is looked at
-    again = CHAIN.relay(BASE + 1)
+    w.refuse(tx, BadNonce)  # the same signed relay again: a member's nonce is checked first
+    w.refuse(w.sign(AUTH2, relay), DuplicateDuty)  # the other member's copy of it: relayed already
+    again = CHAIN.relay(BASE + 2)
     w.refuse(w.sign(AUTH, again, nonce=0), BadNonce)  # replayed nonce
+    w.refuse(w.sign(BOB, again), Unauthorized)
+    w.do(AUTH2, again)  # the other member extends the chain, with its own nonce 0
+    assert w.tip().height == CHAIN.tip() and w.nonce[xonly(AUTH2)] == 1
+    w.refuse(w.sign(AUTH, CHAIN.relay(BASE + 1, BASE + 2)), DuplicateDuty)  # a run inside the relayed chain
     plain = World(bridge=False)
     assert FEDERATION_KEY not in plain.state
     plain.refuse(plain.sign(AUTH, relay), NoBridge)
@@ -901,17 +906,17 @@ def test_pegout_lifecycle_with_rbf() -> None:
     e = PegoutEntry.decode(w.state[pegout_key(pid)])
     assert (e.status, e.btc_txid, e.amount_sat, e.l2_height) == (PegoutStatus.BROADCAST, TXID_A, amount, BURN_HEIGHT)
     assert w.totals() == BridgeTotals(0, amount, 0)
-    err = w.refuse(w.sign(AUTH, PegoutUpdate(pid, PegoutStatus.BROADCAST, TXID_A, BURN_HEIGHT)), BadPegoutTransition)
-    assert err.reason == "bad-pegout-transition"
+    err = w.refuse(w.sign(AUTH, PegoutUpdate(pid, PegoutStatus.BROADCAST, TXID_A, BURN_HEIGHT)), DuplicateDuty)
+    assert err.reason == "duplicate-duty"  # recorded already (by another member, or by me before)
     w.do(AUTH, PegoutUpdate(pid, PegoutStatus.BROADCAST, TXID_B, BURN_HEIGHT))  # RBF replacement
-    w.refuse(w.sign(AUTH, PegoutUpdate(pid, PegoutStatus.BROADCAST, TXID_B, BURN_HEIGHT)), BadPegoutTransition)
+    w.refuse(w.sign(AUTH, PegoutUpdate(pid, PegoutStatus.BROADCAST, TXID_B, BURN_HEIGHT)), DuplicateDuty)
     w.refuse(w.sign(AUTH, PegoutUpdate(pid, PegoutStatus.COMPLETED, TXID_A, BURN_HEIGHT)), BadPegoutTransition)
     w.do(AUTH, PegoutUpdate(pid, PegoutStatus.COMPLETED, TXID_B, BURN_HEIGHT))
     e = PegoutEntry.decode(w.state[pegout_key(pid)])
     assert (e.status, e.btc_txid) == (PegoutStatus.COMPLETED, TXID_B)
     assert w.totals() == BridgeTotals(0, 0, amount)
-    for status, txid in [(PegoutStatus.COMPLETED, TXID_B), (PegoutStatus.BROADCAST, TXID_A),
-                         (PegoutStatus.BROADCAST, TXID_B)]:
+    w.refuse(w.sign(AUTH, PegoutUpdate(pid, PegoutStatus.COMPLETED, TXID_B, BURN_HEIGHT)), DuplicateDuty)
+    for status, txid in [(PegoutStatus.BROADCAST, TXID_A), (PegoutStatus.BROADCAST, TXID_B)]:
         w.refuse(w.sign(AUTH, PegoutUpdate(pid, status, txid, BURN_HEIGHT)), BadPegoutTransition)
     check_invariants(w.state)
 

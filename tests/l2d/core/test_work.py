@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l2d.core.coin_tx import Transfer
-from l2d.core.errors import BadNonce, InsufficientBalance, InvalidTransaction, Rejected, Unauthorized, UnknownSender
+from l2d.core.errors import (BadNonce, DuplicateDuty, InsufficientBalance, InvalidTransaction, Rejected, Unauthorized,
+                             UnknownSender)
 from l2d.core.params import LOCAL
 from l2d.core.payload import Payload
 from l2d.core.rules import apply_tx
@@ -44,7 +45,7 @@ def pk(n: int) -> bytes:
     return PrivateKey(secret(n)).public_key_xonly.format()
 
 
-AUTH = 0  # the federation (anchor) authority
+AUTH, AUTH2 = 0, 8  # the federation members (the authorities of the coordinator types)
 CLIENT = 9
 W1, W2, W3, W4 = 1, 2, 3, 4
 
@@ -61,7 +62,7 @@ class Chain:
     """A ledger in a dict: each apply is one block (height + 1), writes committed on success."""
 
     def __init__(self) -> None:
-        self.state = genesis_state([(pk(n), FUNDS) for n in (W1, W2, W3, W4, CLIENT, 5)], None, pk(AUTH))
+        self.state = genesis_state([(pk(n), FUNDS) for n in (W1, W2, W3, W4, CLIENT, 5)], None, (pk(AUTH), pk(AUTH2)))
         self.height = 1
 
     def nonce(self, n: int) -> int:
@@ -238,7 +239,7 @@ def test_happy_path_settles_after_the_window_with_the_configured_split(chain: Ch
     assert (t.status, t.outcome) == (TaskStatus.SETTLED, Outcome.PAID)
     assert chain.worker(W1).tasks_done == 1 and chain.worker(W1).active_tasks == 0
     assert chain.worker(W1).reputation_ppm > INITIAL_REPUTATION_PPM
-    chain.reject(InvalidTransaction, AUTH, settle, "SETTLED")  # settles once
+    chain.reject(DuplicateDuty, AUTH, settle, "settled already")  # settles once
 
 
 def test_results_only_from_assigned_workers_and_of_the_right_size(chain: Chain) -> None:
@@ -272,7 +273,7 @@ def test_assignment_rejections(chain: Chain) -> None:
     tid3 = chain.submit(min_reputation_ppm=600_000)
     chain.reject(InvalidTransaction, AUTH, TaskAssign(tid3, pk(W1), ZERO_KEY, ZERO_KEY, h + 5, 1), "reputation")
     chain.assign(tid, W1, W2)
-    chain.reject(InvalidTransaction, AUTH, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, h + 9, 1), "ASSIGNED")
+    chain.reject(DuplicateDuty, AUTH, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, h + 9, 1), "assigned already")
 
 
 def test_cancel_refunds_only_an_unassigned_task_to_its_submitter(chain: Chain) -> None:
@@ -305,12 +306,13 @@ def test_timeout_fails_over_to_the_backup_and_the_task_settles_once(chain: Chain
     chain.apply(AUTH, re)
     t = chain.task(tid)
     assert (t.worker, t.backup, t.timeouts) == (pk(W2), pk(W3), 1)
+    chain.reject(DuplicateDuty, AUTH2, re, "is .* already")  # the other member's copy of the same hand-over
     w1 = chain.worker(W1)
     assert (w1.active_tasks, w1.tasks_failed, w1.reputation_ppm) == (0, 1, rep - rep // 8)
     chain.reject(InvalidTransaction, W1, TaskResult(tid, b"\3", fp(b"\3")), "not assigned")  # too late
     chain.apply(W2, TaskResult(tid, b"\3", fp(b"\3")))
     chain.apply(AUTH, TaskSettle(tid, BOUNTY, 0, 0))
-    chain.reject(InvalidTransaction, AUTH, TaskSettle(tid, BOUNTY, 0, 0), "SETTLED")
+    chain.reject(DuplicateDuty, AUTH, TaskSettle(tid, BOUNTY, 0, 0), "settled already")
     chain.reject(InvalidTransaction, AUTH, re, "not waiting")
 
 
@@ -364,7 +366,7 @@ def test_a_cheating_worker_is_slashed_share_to_the_challenger_rest_burned(chain:
     t = chain.task(tid)
     assert (t.status, t.outcome) == (TaskStatus.SETTLED, Outcome.WORKER_SLASHED)
     assert all(chain.worker(n).active_tasks == 0 for n in (W1, W2, W3, W4))
-    chain.reject(InvalidTransaction, AUTH, resolve, "SETTLED")
+    chain.reject(DuplicateDuty, AUTH, resolve, "settled already")
 
 
 def test_a_lying_verifier_is_slashed(chain: Chain) -> None:
@@ -554,7 +556,7 @@ def test_more_authority_rejections(chain: Chain) -> None:
 def test_a_referee_that_decides_nothing_is_replaced(chain: Chain) -> None:
     chain.register(5)
     tid = _disputed(chain, b"\7", b"\3")
-    chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(5), chain.height + 9), "not answered")
+    chain.reject(DuplicateDuty, AUTH, TaskDispute(tid, pk(5), chain.height + 9), "waiting for its referee")
     chain.apply(W4, TaskResult(tid, b"\2", fp(b"\2")))  # neither the worker's nor the verifier's answer
     chain.reject(InvalidTransaction, AUTH, TaskResolve(tid, Role.WORKER, 0, 0, 0, BOUNTY, 0, 0), "does not show")
     chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(W4), chain.height + 9), "previous referee")
@@ -566,3 +568,24 @@ def test_a_referee_that_decides_nothing_is_replaced(chain: Chain) -> None:
     chain.reject(InvalidTransaction, AUTH, TaskDispute(tid, pk(W2), chain.height + 9), "decides")
     chain.apply(AUTH, TaskResolve(tid, Role.WORKER, 100, 0, 0, BOUNTY, 0, 0))
     assert chain.task(tid).outcome == Outcome.WORKER_SLASHED
+
+
+def test_every_member_coordinates_with_its_own_nonces_and_nobody_else_does(chain: Chain) -> None:
+    chain.register(W1, W2)
+    tid, tid2 = chain.submit(), chain.submit()
+    assign = TaskAssign(tid, pk(W1), ZERO_KEY, ZERO_KEY, chain.height + 9, 1)
+    for outsider in (W1, CLIENT):  # a worker, a client: not members
+        chain.reject(Unauthorized, outsider, assign, "not a federation member")
+    chain.apply(AUTH2, assign)
+    chain.apply(AUTH, TaskAssign(tid2, pk(W2), ZERO_KEY, ZERO_KEY, chain.height + 9, 1))
+    assert chain.nonce(AUTH) == chain.nonce(AUTH2) == 1  # each member counts its own nonces
+    # the other member's assignment of the same task (whichever worker its scheduler chose) is refused, typed
+    chain.reject(DuplicateDuty, AUTH, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, chain.height + 9, 1),
+                 "assigned already")
+    chain.reject(Unauthorized, CLIENT, TaskAssign(tid, pk(W2), ZERO_KEY, ZERO_KEY, chain.height + 9, 1))
+    chain.apply(W1, TaskResult(tid, b"\3", fp(b"\3")))
+    chain.mine(2)
+    settle = TaskSettle(tid, BOUNTY, 0, 0)
+    chain.reject(Unauthorized, W2, settle)
+    chain.apply(AUTH, settle)
+    chain.reject(DuplicateDuty, AUTH2, settle, "settled already")
