@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -38,8 +39,11 @@ DEMO2 = PrivateKey(hashlib.sha256(b"l2d demo account 2").digest()).public_key_xo
 
 
 def free_base(n: int) -> int:
-    """A base port with n free consecutive ports above it."""
-    for base in range(31000, 60000, 97):
+    """A base port with n free consecutive ports above it, below the kernel's ephemeral range (32768 and up on
+    Linux), from a start that depends on the process id: test runs of several worktrees share this machine, and
+    a port found free here is only bound when the member starts."""
+    start = 20000 + (os.getpid() * 389) % 12000
+    for base in [*range(start, 32700 - n, 97), *range(20000, start, 97)]:
         socks = []
         try:
             for p in range(base, base + n):
