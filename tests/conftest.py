@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence
 
 import pytest
 import toml
@@ -89,12 +89,13 @@ def poll() -> Callable[..., Awaitable[Any]]:
 class L2dProcess:
     """A real `l2d` process; JSON log lines go to log_path (read back with lines())."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, launcher: Sequence[str] = ("-m", "l2d.node")) -> None:
+        """launcher: what runs the daemon (python's arguments before --config)."""
         env = {k: v for k, v in os.environ.items() if k != "L2D_ADMIN_TOKEN"}
         env["PYTHONPATH"] = str(REPO)
         self.log_path = log_path
         self._log = open(log_path, "w")  # one log file per process
-        self.proc = subprocess.Popen([sys.executable, "-m", "l2d.node", "--config", str(config_path)],
+        self.proc = subprocess.Popen([sys.executable, *launcher, "--config", str(config_path)],
                                      stderr=self._log, stdout=subprocess.DEVNULL, cwd=REPO, env=env)
         self.port = self._wait_port()
 

@@ -1,120 +1,16 @@
 """A 4-member federation (m = 3) of real l2d processes on loopback, written by `l2-cli federation-init`:
 transfers submitted to different members are committed once, every member agrees block by block, blocks become
 final; a SIGKILLed member catches up and signs again; with two members down nothing becomes final, and progress
-resumes when one returns. After each run every member's database is checked: the same block at every height up to
-the lowest final height, each with a commit of at least m valid member signatures."""
+resumes when one returns. Afterwards every member's database and signer file are checked
+(federation_procs.check_invariants): one block at every final height, each stored block with a commit of at least
+m valid member signatures, signer files never behind a released signature."""
 from __future__ import annotations
 
-import hashlib
-import json
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from coincurve import PrivateKey
-
-from l2d.core.block import Block
-from l2d.core.coin_tx import Transfer
-from l2d.core.commit import Commit
-from l2d.core.genesis_file import load_genesis_file
-from l2d.core.params import LOCAL
-from l2d.core.tx import Transaction, sign
-from l2d.store import Store
-from tests.conftest import REPO, L2dProcess
-
-DEMO1 = hashlib.sha256(b"l2d demo account 1").digest()
-DEMO2 = PrivateKey(hashlib.sha256(b"l2d demo account 2").digest()).public_key_xonly.format()
-
-
-def _free_base(n: int) -> int:
-    """A base port with n free consecutive ports above it."""
-    for base in range(31000, 60000, 97):
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no free ports")
-
-
-def _transfer(nonce: int) -> Transaction:
-    return sign(LOCAL, DEMO1, nonce, 1, Transfer(DEMO2, 1000), bytes(32))
-
-
-class Federation:
-    def __init__(self, root: Path, n: int = 4) -> None:
-        self.root = root
-        self.n = n
-        r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-init", "--members", str(n), "--dir",
-                            str(root), "--base-port", str(_free_base(n))], capture_output=True, text=True, cwd=REPO,
-                           timeout=120)
-        assert r.returncode == 0, r.stderr
-        with (root / "genesis.json").open("rb") as f:
-            self.genesis = load_genesis_file(f)
-        self.procs: dict[int, L2dProcess] = {}
-        self.starts = [0] * n
-
-    def start(self, k: int) -> L2dProcess:
-        self.starts[k] += 1
-        p = L2dProcess(self.root / f"member-{k + 1}" / "l2d.toml", self.root / f"member-{k + 1}-{self.starts[k]}.log")
-        self.procs[k] = p
-        return p
-
-    def kill(self, k: int) -> None:
-        self.procs.pop(k).kill()
-
-    def stop_all(self) -> None:
-        for k in list(self.procs):
-            assert self.procs.pop(k).stop() == 0
-
-    def submit(self, k: int, tx: Transaction) -> None:
-        p = self.procs[k]
-        req = json.dumps({"tx": tx.raw.hex()}).encode()
-        r = urllib.request.Request(p.url("/api/l2/tx"), data=req, method="POST",
-                                   headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(r, timeout=30) as resp:
-            assert resp.status == 202
-
-    def status(self, k: int) -> dict[str, Any]:
-        return self.procs[k].get("/api/status")  # type: ignore[no-any-return]
-
-    def tx_height(self, k: int, tx: Transaction) -> int | None:
-        code, body = self.procs[k].get_raw(f"/api/l2/tx/{tx.txid.hex()}")
-        st = json.loads(body)
-        return st["height"] if code == 200 and st["status"] == "committed" else None
-
-    def check_databases(self) -> int:
-        """Every member's database (processes stopped): the same block at every height up to the lowest final
-        height, each carrying a commit of at least m valid signatures; returns that height."""
-        stores = [Store(self.root / f"member-{k + 1}" / "data" / "ledger", LOCAL) for k in range(self.n)]
-        try:
-            finals = [s.final_height() for s in stores]
-            low = min(finals)
-            for h in range(1, low + 1):
-                raws = {s.get_block(h) for s in stores}
-                assert len(raws) == 1, f"members disagree at final height {h}"
-                (raw,) = raws
-                assert raw is not None
-                block = Block.decode(raw, LOCAL)
-                for s in stores:
-                    commit = s.get_commit(h)
-                    assert commit is not None
-                    self.genesis.verify_commit(Commit.decode(commit), block.header.hash)
-            return low
-        finally:
-            for s in stores:
-                s.close()
+from tests.l2d.federation_procs import Federation, transfer
 
 
 async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_finality(
@@ -124,7 +20,7 @@ async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_f
         for k in range(4):
             fed.start(k)
         # 1. transfers of one sender submitted to different members (gossip fills the others' nonce gaps)
-        txs = [_transfer(i) for i in range(24)]
+        txs = [transfer(i) for i in range(24)]
         for i, tx in enumerate(txs):
             fed.submit(i % 4, tx)
         await poll(lambda: all(fed.tx_height(k, txs[-1]) is not None for k in range(4)), 60, "all committed")
@@ -140,7 +36,7 @@ async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_f
 
         # 2. SIGKILL member 2: the other three keep finalizing; restarted, it catches up and signs again
         fed.kill(1)
-        more = [_transfer(24 + i) for i in range(12)]
+        more = [transfer(24 + i) for i in range(12)]
         for i, tx in enumerate(more):
             fed.submit((0, 2, 3)[i % 3], tx)
         await poll(lambda: all(fed.tx_height(k, more[-1]) is not None for k in (0, 2, 3)), 60, "committed by 3")
@@ -150,7 +46,7 @@ async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_f
         fed.start(1)
         await poll(lambda: fed.status(1)["final_height"] >= top, 60, "the restarted member caught up")
         assert fed.tx_height(1, more[-1]) == top
-        again = _transfer(36)
+        again = transfer(36)
         fed.submit(1, again)  # submitted to the member that came back
         await poll(lambda: all(fed.tx_height(k, again) is not None for k in range(4)), 60, "committed after rejoin")
 
@@ -158,7 +54,7 @@ async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_f
         fed.kill(2)
         fed.kill(3)
         stuck = fed.status(0)["final_height"]
-        blocked = _transfer(37)
+        blocked = transfer(37)
         fed.submit(0, blocked)
         # Without a quorum no timeout certificate forms either, so the round stays: give the two members three
         # round lengths (federation.round_ms = 2000) in which a block could have been signed, and see none was.
@@ -177,4 +73,4 @@ async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_f
     finally:
         for k in list(fed.procs):
             fed.procs.pop(k).kill()
-    assert fed.check_databases() >= 1
+    assert fed.check()[0] >= 1
