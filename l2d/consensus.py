@@ -49,6 +49,7 @@ EVIDENCE_FILE = "evidence.jsonl"  # in the data dir: the equivocations this memb
 INBOX_MAX = 10_000  # inputs waiting for the machine; beyond it a peer's message is dropped (it is re-sent)
 BUILT_KEPT = 256  # executed blocks kept for storing without re-execution
 TXS_KEPT = 100_000  # transaction bodies fetched from peers for proposals
+ASK_AGAIN_S = 1.0  # a transaction body still missing is asked of the peers again after this long
 
 
 def wall_ms() -> int:
@@ -100,7 +101,7 @@ class FederationHost:
         self._woken = False
         self._gossip: list[bytes] = []  # admitted from clients this turn, not yet forwarded
         self._fetching: set[int] = set()
-        self._asked: set[bytes] = set()  # txids asked of peers and not yet answered
+        self._asked: dict[bytes, float] = {}  # txid -> when (monotonic) it was last asked of the peers
         self._background: set["asyncio.Task[None]"] = set()  # fetches from peers, cancelled by close()
         signer = load_state(signer_path, network, members.keys[index])
         self.member = Member(network=network, members=members, index=index, secret=secret, timing=timing,
@@ -416,17 +417,26 @@ class FederationHost:
             log.info("block fetch from a member ended: %s", e, extra={"peer": peer})
 
     def _ask_txs(self, txids: list[bytes]) -> None:
-        """Fetch transaction bodies a proposal names and I lack, from every member; wake when they arrive."""
-        new = [t for t in txids if t not in self._asked]
-        if not new or self.peers is None:
+        """Fetch transaction bodies a proposal names and I lack, from every member; wake when some arrive. A txid is
+        asked again at most every ASK_AGAIN_S (one nobody has, e.g. named by a lying proposer, must not turn the
+        machine's retries into a stream of requests)."""
+        if self.peers is None:
             return
-        self._asked.update(new)
+        now = time.monotonic()
+        new = [t for t in txids if now - self._asked.get(t, -ASK_AGAIN_S) >= ASK_AGAIN_S]
+        if not new:
+            return
+        if len(self._asked) > TXS_KEPT:
+            self._asked = {t: at for t, at in self._asked.items() if now - at < ASK_AGAIN_S}
+        for t in new:
+            self._asked[t] = now
         for peer in range(self.members.n):
             if peer != self.index:
                 self._spawn(self._fetch_txs(peer, new))
 
     async def _fetch_txs(self, peer: int, txids: list[bytes]) -> None:
         assert self.peers is not None
+        got = 0
         try:
             raws = await self.peers.fetch_txs(peer, txids)
             wanted = set(txids)
@@ -435,11 +445,11 @@ class FederationHost:
                 if tx.txid in wanted and tx.txid not in self._txs:
                     check_signature(tx)
                     self._remember_tx(tx)
+                    got += 1
         except (L2Error, OSError, asyncio.TimeoutError, TransportError) as e:
             log.info("transaction fetch from a member failed: %s", e, extra={"peer": peer})
-        finally:
-            self._asked.difference_update(txids)
-        self.wake()
+        if got:
+            self.wake()
 
     def _spawn(self, coro: Awaitable[None]) -> "asyncio.Task[None]":
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

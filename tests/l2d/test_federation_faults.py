@@ -207,7 +207,7 @@ async def test_flapping_links_never_fork_and_converge_when_healed(tmp_path: Path
             for k in (first, *(x for x in range(4) if x != first)):
                 try:
                     fed.submit(k, tx)
-                except urllib.error.HTTPError as e:  # 503: see the xfail test of the unknown transaction below
+                except urllib.error.HTTPError as e:  # 503 at a member's connection limit
                     assert e.code == 503, e.read()
                     continue
                 sent.append(tx)
@@ -298,9 +298,6 @@ async def test_equivocating_proposer_is_dropped_and_recorded(tmp_path: Path, pol
     assert fed.check([0, 1, 2])[0] >= top
 
 
-@pytest.mark.xfail(strict=True, reason="l2d/consensus.py FederationHost._ask_txs: a proposal naming a transaction "
-                   "no member serves is re-fetched from every member in a tight loop (no backoff) until the round "
-                   "ends; under faults the storm exhausts the peers' api.max_connections (503 for everyone)")
 async def test_proposal_naming_an_unknown_transaction_is_not_fetched_in_a_loop(tmp_path: Path, poll: Poll) -> None:
     """At its turn, the test (holding member 4's key) proposes a block naming a transaction nobody has. The three
     members ask the others for it; nobody has it, the round passes. They must not ask again and again: member 1
