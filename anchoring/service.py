@@ -457,8 +457,11 @@ class AnchorService:
         if rpc is None:
             return
         await self._finish_sending()
-        for a in list(self.anchors.values()):
+        older_in_flight = False
+        for h in sorted(self.anchors):  # oldest first: a later anchor may spend an older one's output
+            a = self.anchors[h]
             if a.status == AnchorState.SUBMITTED and a.btc_block_hash is None and a.raw_tx and a.txid:
+                in_flight_below, older_in_flight = older_in_flight, True
                 try:
                     await rpc.getmempoolentry(hash_from_hex(a.txid))
                     in_mempool = True
@@ -471,6 +474,18 @@ class AnchorService:
                     except RPCAlreadyInChain:
                         pass  # found by the block scan
                     except (RPCVerifyRejected, RPCVerifyError) as e:
+                        if in_flight_below:
+                            # An older anchor went back to the mempool (a reorg) and this one, built on it or on
+                            # the coins it spends, is invalid: it waits, unbroadcast, until the older one is mined
+                            # (then it is the newest BUILT anchor, sent as usual). Rebuilding it now could take
+                            # the only coins the older one needs.
+                            log.warning("anchor %s no longer valid (%s): it waits until the older anchor in flight "
+                                        "is mined", a.txid, e)
+                            await self._save(replace(a, status=AnchorState.BUILT, txid=None, raw_tx=None,
+                                                     anchor_vout=None, inputs=[], fee_sat=0, vsize=0,
+                                                     submit_btc_height=None, submitted_at=None,
+                                                     replaced_txids=[*a.replaced_txids, a.txid]))
+                            continue
                         log.warning("anchor %s no longer valid (%s): rebuilding it from fresh inputs", a.txid, e)
                         await self._fund_and_send(a, rebuild=True)
                 elif (self.btc_tip_height is not None and a.submit_btc_height is not None
