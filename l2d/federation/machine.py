@@ -188,6 +188,7 @@ class Member:
         self._in_fetch = False  # receive_block() is applying a fetched block (the answer to a FetchBlocks)
         self._evidence_seen: set[tuple[int, int, int]] = set()
         self._deferred = False  # host-dependent work waits for the next input (see _resume)
+        self._told_behind: set[int] = set()  # members at a lower height I sent my status to, at this height
 
     # ---- views -------------------------------------------------------------------------------------------------
 
@@ -298,6 +299,11 @@ class Member:
         if msg.height < h:
             if isinstance(body, BlockSignature) and msg.height == h - 1:
                 self._add_signature(s, msg.height, body)
+            elif isinstance(body, (Status, Timeout)) and s not in self._told_behind:
+                # A member behind me (restarted, or back from a partition) says where it is: tell it where I am,
+                # once per height, so it fetches at once instead of waiting for my next timer (up to a round).
+                self._told_behind.add(s)
+                self._send(Status(self.head.hash, self._final.height))
             return
         if msg.height > h:
             if msg.height == h + 1:
@@ -381,6 +387,7 @@ class Member:
         self._sigs = {k: v for k, v in self._sigs.items() if v[0] >= low}
         self._signed_blocks = {k: b for k, b in self._signed_blocks.items() if b.height == height}
         self._evidence_seen = {e for e in self._evidence_seen if e[1] >= height}
+        self._told_behind = set()
         start = 0
         signed, proposed = self._signer.signed, self._signer.proposed
         if signed is not None and signed.height == height:

@@ -480,6 +480,32 @@ def test_catch_up_applies_blocks_by_commit_and_validity_only_and_signs_only_at_t
     assert sorted(net.disk_blocks[3]) == sorted(net.disk_blocks[0])
 
 
+def test_a_member_behind_is_told_where_the_others_are_once_per_height_and_fetches_at_once() -> None:
+    """A restarted member's status reaches members ahead of it: each answers with its own status (once per height
+    and member, however often the status comes), and the member behind fetches at once, not on its next timer."""
+    net = S.Lockstep(4)
+    net.start()
+    for k in range(10):
+        net.add_tx(b"t%d" % k, 0, 1, 2)
+        net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
+        net.advance(ROUND)
+        net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
+        if heights(net)[0][2] >= 3:
+            break
+    m0, m3 = net.members[0], net.members[3]
+    assert m0.height >= 4 and m3.height == 1
+    behind = net.sent(3, Kind.STATUS)[-1].raw
+    before = len(net.sent(0, Kind.STATUS))
+    net.execute(0, m0.receive(behind, net.now))
+    told = net.sent(0, Kind.STATUS)[before:]
+    assert [(t.height, t.body.final_height) for t in told] == [(m0.height, m0.final.height)]  # type: ignore
+    net.execute(0, m0.receive(behind, net.now))  # the same again: no second answer at this height
+    assert len(net.sent(0, Kind.STATUS)) == before + 1
+    start = len(net.log[3])
+    net.execute(3, m3.receive(told[0].raw, net.now))  # no time passes: the fetch is not waiting for a timer
+    assert [a.from_height for a in net.log[3][start:] if isinstance(a, FetchBlocks)] == [1]
+
+
 def test_pending_validity_waits_for_wake() -> None:
     net = S.Lockstep(4)
     net.start()
