@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from l2d.core.tx import Transaction, check_signature, public_key, sign  # noqa: 
 from l2d.genesis import load_genesis  # noqa: E402
 from l2d.ledger import Ledger  # noqa: E402
 from l2d.store import Store  # noqa: E402
+from regtest.harness import free_port_base  # noqa: E402
 
 START_TIMEOUT = 120.0
 DONE_TIMEOUT = 120.0
@@ -86,25 +86,6 @@ def _poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
-
-
-def _free_base(n: int) -> int:
-    """A base port with n free consecutive ports from it, below the ephemeral range (32768...): a restarted member
-    binds its port again, which an outbound connection must not have taken meanwhile."""
-    for base in range(20000 + os.getpid() % 499 * 23, 32700, 61):
-        socks: list[socket.socket] = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def _ts(iso: str) -> float:
@@ -253,7 +234,7 @@ class Federation:
 
     def init(self) -> "Federation":
         r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-init", "--members", str(self.n), "--dir",
-                            str(self.root), "--base-port", str(_free_base(self.n))], capture_output=True, text=True,
+                            str(self.root), "--base-port", str(free_port_base(self.n))], capture_output=True, text=True,
                            cwd=REPO, timeout=120)
         if r.returncode:
             raise RuntimeError(f"federation-init: {r.stderr}")

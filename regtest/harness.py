@@ -77,6 +77,28 @@ def find_bitcoin_cli(bitcoind: Optional[str] = None) -> Optional[str]:
     return shutil.which("bitcoin-cli")
 
 
+def free_port_base(n: int) -> int:
+    """A base port with n free consecutive ports from it on 127.0.0.1 (federation-init numbers members' ports so),
+    below the ephemeral range (32768...): a restarted member binds its port again, which an outbound connection
+    must not take meanwhile. The start depends on the process, so parallel runs rarely probe the same ports; a port
+    found free here is only bound when the member starts."""
+    start = 20000 + (os.getpid() * 389) % 12000
+    for base in [*range(start, 32700 - n, 97), *range(20000, start, 97)]:
+        socks: list[socket.socket] = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free consecutive ports")
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free TCP ports on 127.0.0.1 (all held open while choosing, so distinct)."""
     socks = []

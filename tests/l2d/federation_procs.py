@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -32,31 +30,11 @@ from l2d.federation.signer import SIGNER_FILE, SignerState, load_state
 from l2d.federation.transport import BLOCKS_PATH, WS_PATH
 from l2d.federation.wire import FRAME_MESSAGE
 from l2d.store import Store
+from regtest.harness import free_port_base
 from tests.conftest import REPO, L2dProcess
 
 DEMO1 = hashlib.sha256(b"l2d demo account 1").digest()
 DEMO2 = PrivateKey(hashlib.sha256(b"l2d demo account 2").digest()).public_key_xonly.format()
-
-
-def free_base(n: int) -> int:
-    """A base port with n free consecutive ports above it, below the kernel's ephemeral range (32768 and up on
-    Linux), from a start that depends on the process id: test runs of several worktrees share this machine, and
-    a port found free here is only bound when the member starts."""
-    start = 20000 + (os.getpid() * 389) % 12000
-    for base in [*range(start, 32700 - n, 97), *range(20000, start, 97)]:
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no free ports")
 
 
 def transfer(nonce: int) -> Transaction:
@@ -74,7 +52,7 @@ class Federation:
                  federation: Optional[dict[str, int]] = None) -> None:
         self.root = root
         self.n = n
-        base = free_base(n)
+        base = free_port_base(n)
         r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-init", "--members", str(n), "--dir",
                             str(root), "--base-port", str(base)], capture_output=True, text=True, cwd=REPO,
                            timeout=120)
