@@ -3,6 +3,7 @@ non-final tip is made final by one empty child, the signer state is written befo
 exported chain file passes the auditor's check."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from l2d.config import Config
 from l2d.consensus import EVIDENCE_FILE
-from l2d.core.chain_file import verify_chain
+from l2d.core.chain_file import ChainBadCommitSignature, verify_chain
 from l2d.core.commit import Commit
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.params import LOCAL
@@ -86,9 +87,10 @@ async def test_the_exported_chain_file_passes_the_auditors_check(
         assert Commit.decode(bytes.fromhex(block1["commit"]["raw"])).signers == (0,)
         assert (fed["n"], fed["threshold"], fed["me"]) == (1, 1, 0) and fed["members"][0]["id"] == "member-1"
         # a forged file (one byte of a signature flipped) is refused
-        forged = bytearray(body)
-        forged[-40] ^= 1
-        with pytest.raises(Exception):
+        forged = bytearray(body[:-32])
+        forged[-8] ^= 1  # a byte of the last block's signature; the file's checksum made anew, as a forger would
+        forged += hashlib.sha256(forged).digest()
+        with pytest.raises(ChainBadCommitSignature):
             verify_chain(io.BytesIO(bytes(forged)), genesis)
     finally:
         await node.stop()
