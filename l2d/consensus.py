@@ -9,7 +9,10 @@ the node): nothing may be signed on top of a state that did not reach the disk.
 
 The BlockLogic the machine asks about blocks: build (from the mempool, on the parent the machine names),
 consensus_valid (re-execute every transaction, strictly: one invalid transaction rejects the block, and the
-roots must be the header's) and policy_ok (the local signing policy: the timestamp against my clock).
+roots must be the header's) and policy_ok (the local signing policy: the timestamp against my clock, and what the
+block claims about Bitcoin against my own bitcoind: bridge/claims.py). The bitcoind's answer comes later than the
+question: policy_ok says no for now, asks in the background, and wakes the machine when the answer is in, so the
+machine considers the proposal again.
 """
 from __future__ import annotations
 
@@ -50,10 +53,35 @@ INBOX_MAX = 10_000  # inputs waiting for the machine; beyond it a peer's message
 BUILT_KEPT = 256  # executed blocks kept for storing without re-execution
 TXS_KEPT = 100_000  # transaction bodies fetched from peers for proposals
 ASK_AGAIN_S = 1.0  # a transaction body still missing is asked of the peers again after this long
+CLAIMS_FRESH_S = 2.0  # my bitcoind's verdict on a block's Bitcoin claims is reused for this long, then asked again
+CLAIMS_KEPT = 64  # verdicts kept (by block hash)
+
 
 
 def wall_ms() -> int:
     return int(time.time() * 1000)
+
+
+class Refusal(Protocol):
+    """Why my bitcoind does not confirm a block's Bitcoin claims (bridge/claims.py): refuted = it contradicts the
+    claim of transaction txid (which I then drop from my mempool), rather than cannot confirm it yet."""
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def txid(self) -> Optional[bytes]: ...
+
+    @property
+    def refuted(self) -> bool: ...
+
+
+class Claims(Protocol):
+    """The signing policy on a block's Bitcoin claims, against my own bitcoind (bridge/claims.py)."""
+
+    def relevant(self, txs: Sequence[Transaction]) -> bool: ...
+
+    async def check(self, txs: Sequence[Transaction]) -> Optional[Refusal]: ...
 
 
 class Peers(Protocol):
@@ -81,7 +109,8 @@ class FederationHost:
     def __init__(self, *, network: Network, members: Membership, index: int, secret: bytes, timing: Timing,
                  drift_ms: int, ledger: Ledger, store: Store, mempool: Mempool, admission: Admission,
                  metrics: Metrics, tree_lock: asyncio.Lock, signer_path: Path, evidence_path: Path, max_txs: int,
-                 track: Callable[["asyncio.Future[Any]"], None], clock: Callable[[], int] = wall_ms) -> None:
+                 track: Callable[["asyncio.Future[Any]"], None], clock: Callable[[], int] = wall_ms,
+                 claims: Optional["Claims"] = None) -> None:
         self.network, self.members, self.index = network, members, index
         self.ledger, self.store, self.mempool, self.admission = ledger, store, mempool, admission
         self.metrics, self.tree_lock, self.signer_path = metrics, tree_lock, signer_path
@@ -91,6 +120,9 @@ class FederationHost:
         self.urls: tuple[str, ...] = ("",) * members.n
         self.last_seen: dict[int, float] = {}  # peer -> wall time of its last message
         self.evidence_path = evidence_path
+        self.claims = claims
+        # block hash -> (monotonic time of the answer, does my bitcoind agree?); a None time: asking
+        self._verdicts: OrderedDict[bytes, tuple[Optional[float], bool]] = OrderedDict()
         self.evidence: list[Evidence] = _load_evidence(evidence_path)
         self.committed_locked: Optional[Callable[[BlockHeader], Awaitable[None]]] = None
         self.after_commit: list[Callable[[BlockHeader], None]] = []
@@ -305,7 +337,49 @@ class FederationHost:
             log.info("not signing: block timestamp outside my clock's window",
                      extra={"height": block.height, "timestamp_ms": block.header.timestamp_ms, "now_ms": now_ms})
             return False
-        return True
+        return self._claims_ok(block)
+
+    def _claims_ok(self, block: Candidate) -> bool:
+        """Do the block's Bitcoin claims agree with my bitcoind? From the last answer if it is fresh; else no for
+        now, and ask (the machine is woken when the answer is in)."""
+        if self.claims is None:
+            return True
+        built = self._built.get(block.hash)
+        if built is None:  # consensus_valid kept it a moment ago; gone only if evicted since: decide next time
+            return False
+        txs = built.block.txs
+        if not self.claims.relevant(txs):
+            return True
+        asked, agrees = self._verdicts.get(block.hash, (0.0, False))
+        if asked is None:
+            return False  # an answer is on its way
+        if asked and time.monotonic() - asked <= CLAIMS_FRESH_S:
+            return agrees
+        self._verdicts[block.hash] = (None, False)
+        self._verdicts.move_to_end(block.hash)
+        while len(self._verdicts) > CLAIMS_KEPT:
+            self._verdicts.popitem(last=False)
+        self._spawn(self._ask_claims(block.height, block.hash, txs))
+        return False
+
+    async def _ask_claims(self, height: int, block_hash: bytes, txs: Sequence[Transaction]) -> None:
+        assert self.claims is not None
+        try:
+            why = await self.claims.check(txs)
+        except Exception as e:  # a malformed answer: not a verdict, so not a signature either
+            log.warning("not signing: checking the block's Bitcoin claims failed",
+                        extra={"height": height, "hash": block_hash.hex(), "error": f"{type(e).__name__}: {e}"})
+            self._verdicts[block_hash] = (time.monotonic(), False)
+            return
+        if why is not None:
+            log.info("not signing: my bitcoind does not confirm the block's Bitcoin claims",
+                     extra={"height": height, "hash": block_hash.hex(), "reason": why.reason,
+                            "refuted": why.refuted})
+            if why.refuted and why.txid is not None:  # never propose it myself again: it can only cost rounds
+                if self.mempool.drop([t for t in txs if t.txid == why.txid]):
+                    self.admission.remember(why.txid, "claim-refuted")
+        self._verdicts[block_hash] = (time.monotonic(), why is None)
+        self.wake()
 
     def _keep(self, built: BuiltBlock) -> None:
         self._built[built.header.hash] = built

@@ -22,6 +22,7 @@ from aiohttp import web
 from coincurve import PrivateKey
 
 from anchoring.service import AnchorService
+from bridge.claims import BitcoinClaims
 from bridge.federation import LocalSigner
 from bridge.headers import HEADER_STORE_DIR, HeaderStore
 from bridge.rpc import BitcoinRPC, CookieAuth, UserPassAuth
@@ -113,6 +114,9 @@ class Node:
         self.host.after_commit.append(self.snapshots.block_committed)
         self.models = ModelStore(Path(config.node.data_dir) / MODEL_DIR)
         self.btc_rpc = _bitcoind_client(config.bitcoind)  # the one bitcoind client, shared by every service
+        if self.btc_rpc is not None:  # what a block claims about Bitcoin is signed only if my bitcoind agrees
+            self.host.claims = BitcoinClaims(self.btc_rpc, final_confirmations=config.anchoring.final_confirmations,
+                                             pegout_confirmations=config.bridge.pegout_confirmations)
         self.anchor_service: Optional[AnchorService] = None
         self.bridge_service: Optional[BridgeService] = None
         self.orchestration_service: Optional[OrchestrationService] = None

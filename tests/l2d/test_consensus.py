@@ -3,21 +3,25 @@ non-final tip is made final by one empty child, the signer state is written befo
 exported chain file passes the auditor's check."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import aiohttp
 import pytest
 
+from bridge.claims import Refusal
+from l2d import consensus
 from l2d.config import Config
 from l2d.consensus import EVIDENCE_FILE
 from l2d.core.chain_file import ChainBadCommitSignature, verify_chain
 from l2d.core.commit import Commit
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.params import LOCAL
+from l2d.core.payload import TxType
 from l2d.federation.errors import StaleSignerState
 from l2d.federation.signer import SIGNER_FILE, load_state
 from l2d.genesis import NodeError
@@ -136,3 +140,52 @@ async def test_recorded_evidence_survives_a_restart_and_a_torn_line_is_skipped(
     finally:
         node.store.close()
         node.datadir.close()
+
+
+class GatedClaims:
+    """A stand-in for the bitcoind claims policy (bridge/claims.py, tested against a real bitcoind there): every
+    block with a transfer 'claims' something, and each check waits for the test's verdict."""
+
+    def __init__(self) -> None:
+        self.asked: asyncio.Queue[asyncio.Future[Optional[Refusal]]] = asyncio.Queue()
+
+    def relevant(self, txs: Sequence[Any]) -> bool:
+        return any(t.payload.TYPE == TxType.TRANSFER for t in txs)
+
+    async def check(self, txs: Sequence[Any]) -> Optional[Refusal]:
+        verdict: asyncio.Future[Optional[Refusal]] = asyncio.get_running_loop().create_future()
+        await self.asked.put(verdict)
+        return await verdict
+
+
+async def test_a_block_whose_bitcoin_claims_my_bitcoind_does_not_confirm_is_not_signed(
+        tmp_path: Path, make_cfg: Callable[..., Config], poll: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consensus, "CLAIMS_FRESH_S", 0.05)
+    node = Node.from_config(make_cfg(tmp_path / "data"))
+    gated = GatedClaims()
+    node.host.claims = gated
+    await node.start(serve_http=False)
+    try:
+        tx = transfer(1, 4, 10, 0)
+        node.admission.submit(tx.raw)
+        first = await asyncio.wait_for(gated.asked.get(), 30)
+        assert node.store.tx_location(tx.txid) is None  # not signed while my bitcoind has not answered
+        first.set_result(Refusal("my bitcoind is behind", tx.txid, refuted=False))
+        second = await asyncio.wait_for(gated.asked.get(), 30)  # asked again, later
+        assert node.store.tx_location(tx.txid) is None  # a "no" is no signature
+        second.set_result(None)
+        await _committed(node, [tx], poll)
+        blk = node.ledger.block(node.store.tx_location(tx.txid)[0])  # type: ignore[index]
+        assert blk is not None and [t.txid for t in blk.txs] == [tx.txid]
+
+        # a claim my bitcoind refutes: not signed, and the transaction leaves my mempool (I never propose it again)
+        refuted = transfer(1, 4, 10, 1)
+        node.admission.submit(refuted.raw)
+        (await asyncio.wait_for(gated.asked.get(), 30)).set_result(Refusal("another block there", refuted.txid,
+                                                                           refuted=True))
+        await poll(lambda: node.mempool.get(refuted.txid) is None, 30, "the refuted transaction dropped")
+        assert node.store.tx_location(refuted.txid) is None
+        assert node.admission.tx_status(refuted.txid) == {"status": "dropped", "reason": "claim-refuted"}
+    finally:
+        await node.stop()

@@ -1,0 +1,130 @@
+"""A member's signing policy on Bitcoin claims: does what a block says about Bitcoin agree with *my* bitcoind?
+
+Consensus checks what it can without a bitcoind (relayed headers link and carry their proof of work; an anchor or
+peg-out update is signed by a member and moves a known record forward). Whether those claims are true of Bitcoin's
+best chain is something only a bitcoind can tell, and each member asks its own before it signs
+(docs/federation.md, "Signing policy"):
+
+- a header relay: every relayed header is the block my bitcoind has at that height in its best chain;
+- an anchor update CONFIRMED or FINAL: the named block is my best chain's block at that height, the anchor
+  transaction is in it, and (FINAL) it is at least ``final_confirmations`` deep;
+- a peg-out update BROADCAST: my bitcoind knows the transaction (mempool or chain; with -txindex for a mined one);
+  COMPLETED: it is mined at least ``pegout_confirmations`` deep.
+
+An anchor update SUBMITTED is not checked: it moves no money and commits nothing; the CONFIRMED update that
+follows is. Anything my bitcoind cannot answer (not synced yet, down, no -txindex) is a refusal for now: the
+member does not sign, and asks again when the block is proposed again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
+from l2d.core.pegs_tx import BtcHeaders, PegoutStatus, PegoutUpdate
+from l2d.core.spv import dsha256
+from l2d.core.tx import Transaction
+
+from .rpc import BitcoinRPC, hash_to_hex
+from .rpc_errors import RPCError
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why I do not sign: reason for the log; refuted when my bitcoind contradicts the claim of transaction txid
+    (its best chain has another block there, the named block lacks the transaction), not merely cannot confirm it
+    yet (behind, down, too shallow)."""
+
+    reason: str
+    txid: Optional[bytes] = None
+    refuted: bool = False
+
+
+def _claim(p: Any) -> bool:
+    return isinstance(p, (BtcHeaders, PegoutUpdate)) or (isinstance(p, AnchorUpdate)
+                                                          and p.status != AnchorStatus.SUBMITTED)
+
+
+class BitcoinClaims:
+    """The claims policy of one member, against its own bitcoind."""
+
+    def __init__(self, rpc: BitcoinRPC, *, final_confirmations: int, pegout_confirmations: int) -> None:
+        self.rpc, self.final_confirmations, self.pegout_confirmations = rpc, final_confirmations, pegout_confirmations
+
+    @staticmethod
+    def relevant(txs: Sequence[Transaction]) -> bool:
+        """Does any transaction say something about Bitcoin that my bitcoind should confirm?"""
+        return any(_claim(tx.payload) for tx in txs)
+
+    async def check(self, txs: Sequence[Transaction]) -> Optional[Refusal]:
+        """None when every claim in txs agrees with my bitcoind's best chain, else why not."""
+        return await check_claims(self.rpc, txs, final_confirmations=self.final_confirmations,
+                                  pegout_confirmations=self.pegout_confirmations)
+
+
+async def check_claims(rpc: BitcoinRPC, txs: Sequence[Transaction], *, final_confirmations: int,
+                       pegout_confirmations: int) -> Optional[Refusal]:
+    """None when every Bitcoin claim in txs agrees with my bitcoind's best chain, else the first refusal."""
+    try:
+        tip = await rpc.getblockcount()
+        for tx in txs:
+            p = tx.payload
+            if isinstance(p, BtcHeaders):
+                why = await _headers(rpc, tip, p)
+            elif isinstance(p, AnchorUpdate) and p.status != AnchorStatus.SUBMITTED:
+                why = await _anchor(rpc, tip, p, final_confirmations)
+            elif isinstance(p, PegoutUpdate):
+                why = await _pegout(rpc, p, pegout_confirmations)
+            else:
+                continue
+            if why is not None:
+                return Refusal(f"transaction {tx.txid.hex()}: {why[0]}", tx.txid, why[1])
+    except RPCError as e:
+        return Refusal(f"my bitcoind did not answer ({type(e).__name__}: {e})")
+    return None
+
+
+Why = Optional[tuple[str, bool]]  # (reason, refuted) or None
+
+
+async def _in_best_chain(rpc: BitcoinRPC, tip: int, height: int, block_hash: bytes) -> Why:
+    if height > tip:
+        return f"my bitcoind's best chain ends at height {tip}, below {height}", False
+    if await rpc.getblockhash(height) != block_hash:
+        return f"block {hash_to_hex(block_hash)} is not my bitcoind's best-chain block at height {height}", True
+    return None
+
+
+async def _headers(rpc: BitcoinRPC, tip: int, p: BtcHeaders) -> Why:
+    for i, header in enumerate(p.headers):
+        why = await _in_best_chain(rpc, tip, p.start_height + i, dsha256(header))
+        if why is not None:
+            return f"relayed header: {why[0]}", why[1]
+    return None
+
+
+async def _anchor(rpc: BitcoinRPC, tip: int, p: AnchorUpdate, final_confirmations: int) -> Why:
+    why = await _in_best_chain(rpc, tip, p.btc_height, p.btc_block_hash)
+    if why is not None:
+        return f"anchor of L2 height {p.l2_height}: {why[0]}", why[1]
+    try:
+        await rpc.getrawtransaction(p.btc_txid, p.btc_block_hash)
+    except RPCError:
+        return (f"anchor of L2 height {p.l2_height}: transaction {hash_to_hex(p.btc_txid)} is not in block "
+                f"{hash_to_hex(p.btc_block_hash)}"), True
+    depth = tip - p.btc_height + 1
+    if p.status == AnchorStatus.FINAL and depth < final_confirmations:
+        return f"anchor of L2 height {p.l2_height} claimed final at depth {depth} < {final_confirmations}", False
+    return None
+
+
+async def _pegout(rpc: BitcoinRPC, p: PegoutUpdate, confirmations: int) -> Why:
+    try:
+        info = await rpc.call("getrawtransaction", [hash_to_hex(p.btc_txid), 1])
+    except RPCError:
+        return (f"peg-out {p.pegout_id.hex()}: my bitcoind does not know transaction {hash_to_hex(p.btc_txid)} "
+                "(not in its mempool, nor in a block it indexes: -txindex)"), False
+    depth = int(info.get("confirmations", 0)) if isinstance(info, dict) else 0
+    if p.status == PegoutStatus.COMPLETED and depth < confirmations:
+        return f"peg-out {p.pegout_id.hex()} claimed completed at depth {depth} < {confirmations}", False
+    return None
