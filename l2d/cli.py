@@ -21,7 +21,7 @@ from .core.coin_tx import Burn, Transfer
 from .core.errors import DecodeError
 from .core.genesis_file import FederationGenesis, write_genesis_file
 from .core.members import MAX_MEMBERS, default_threshold
-from .core.params import network_by_name
+from .core.params import Network, network_by_name
 from .core.payload import Payload
 from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey
 from .core.pegs_tx import PeginClaim
@@ -271,6 +271,40 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _write_genesis(dirs: list[Path], network: Network, genesis_path: Path) -> FederationGenesis:
+    """Each member's genesis, computed as its daemon will from DIR/member-K/l2d.toml: the same block 0 for all (or
+    CliError), written to genesis_path (the file `l2-verify chain --members` reads)."""
+    headers = []
+    for k, d in enumerate(dirs, 1):
+        config = Config.load(d / "l2d.toml", env={})
+        genesis = load_genesis(config, network)
+        if genesis.member_index != k - 1:
+            raise CliError(f"member {k}: its key resolves to member index {genesis.member_index}")
+        headers.append(genesis_block_header(network, genesis.state, config.chain.genesis_timestamp_ms))
+    if len({h.hash for h in headers}) != 1:
+        raise CliError("the members' configs describe different genesis blocks")
+    fed = FederationGenesis(network, genesis.membership, genesis.member_ids, headers[0])
+    buf = io.BytesIO()
+    write_genesis_file(buf, fed)
+    _write_durably(genesis_path, buf.getvalue())
+    return fed
+
+
+def cmd_federation_genesis(a: argparse.Namespace) -> dict[str, Any]:
+    """DIR/genesis.json written anew from DIR/member-K/l2d.toml, after an operator changed what the genesis state
+    depends on (e.g. added the same [bridge] section to every member): the members must agree, or nothing is
+    written."""
+    root = Path(a.dir).expanduser().resolve()
+    dirs: list[Path] = []
+    while (root / f"member-{len(dirs) + 1}" / "l2d.toml").is_file():
+        dirs.append(root / f"member-{len(dirs) + 1}")
+    if not dirs:
+        raise UsageError(f"--dir {root}: no member-1/l2d.toml (the layout federation-init writes)")
+    network = network_by_name(Config.load(dirs[0] / "l2d.toml", env={}).node.network)
+    fed = _write_genesis(dirs, network, root / "genesis.json")
+    return {"genesis_file": str(root / "genesis.json"), "genesis_hash": fed.genesis_hash.hex(), "members": len(dirs)}
+
+
 def cmd_federation_init(a: argparse.Namespace) -> dict[str, Any]:
     """DIR/member-K/{l2d.toml, member.key} for K = 1..N (member 1 also mint_authority.key) and DIR/genesis.json,
     the block 0 every member computes from its config (checked by loading each config as the daemon does)."""
@@ -309,20 +343,7 @@ def cmd_federation_init(a: argparse.Namespace) -> dict[str, Any]:
         for k, d in enumerate(dirs, 1):
             write_private(d / "l2d.toml", _member_toml(k, n, network.name, threshold, a.base_port + k - 1, mint,
                                                        token, members).encode())
-        # Each member's genesis, computed as its daemon will: the same block 0 for all, or nothing is kept.
-        headers = []
-        for k, d in enumerate(dirs, 1):
-            config = Config.load(d / "l2d.toml", env={})
-            genesis = load_genesis(config, network)
-            if genesis.member_index != k - 1:
-                raise CliError(f"member {k}: its key resolves to member index {genesis.member_index}")
-            headers.append(genesis_block_header(network, genesis.state, config.chain.genesis_timestamp_ms))
-        if len({h.hash for h in headers}) != 1:
-            raise CliError("the members' configs describe different genesis blocks")
-        fed = FederationGenesis(network, genesis.membership, genesis.member_ids, headers[0])
-        buf = io.BytesIO()
-        write_genesis_file(buf, fed)
-        _write_durably(genesis_path, buf.getvalue())
+        fed = _write_genesis(dirs, network, genesis_path)
     except BaseException:
         for d in reversed(created):  # a failure leaves nothing half-made behind
             shutil.rmtree(d, ignore_errors=True)
@@ -418,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="member K serves its API on P + K - 1 (default %(default)s)")
     p.add_argument("--threshold", type=int, metavar="M", help="signatures a block needs (default floor(2N/3) + 1)")
     p.set_defaults(fn=cmd_federation_init)
+    p = sub.add_parser("federation-genesis", help="rewrite DIR/genesis.json from the members' configs (after a change "
+                                                    "every member made, such as the same [bridge] section)")
+    p.add_argument("--dir", required=True, help="the federation-init directory")
+    p.set_defaults(fn=cmd_federation_genesis)
     return ap
 
 

@@ -23,7 +23,7 @@ from l2d.core.coin_tx import Transfer
 from l2d.core.commit import Commit
 from l2d.core.errors import L2Error
 from l2d.core.genesis_file import load_genesis_file
-from l2d.core.params import LOCAL
+from l2d.core.params import LOCAL, Network
 from l2d.core.tx import Transaction, sign
 from l2d.federation.messages import HEAD_SIZE
 from l2d.federation.signer import SIGNER_FILE, SignerState, load_state
@@ -49,13 +49,14 @@ class Federation:
     `[[federation.members]]` URLs of the others are rewritten to the proxy ports)."""
 
     def __init__(self, root: Path, n: int = 4, proxies: Optional["ProxyNet"] = None,
-                 federation: Optional[dict[str, int]] = None) -> None:
+                 federation: Optional[dict[str, int]] = None, network: Network = LOCAL) -> None:
         self.root = root
         self.n = n
+        self.network = network
         base = free_port_base(n)
         r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-init", "--members", str(n), "--dir",
-                            str(root), "--base-port", str(base)], capture_output=True, text=True, cwd=REPO,
-                           timeout=120)
+                            str(root), "--base-port", str(base), "--network", network.name], capture_output=True,
+                           text=True, cwd=REPO, timeout=120)
         assert r.returncode == 0, r.stderr
         with (root / "genesis.json").open("rb") as f:
             self.genesis = load_genesis_file(f)
@@ -75,6 +76,15 @@ class Federation:
             self.config(k).write_text(text)
         self.procs: dict[int, L2dProcess] = {}
         self.starts = [0] * n
+
+    def rewrite_genesis(self) -> None:
+        """After a change to every member's genesis (e.g. the same [bridge] section appended): genesis.json anew
+        (`l2-cli federation-genesis`), and read back."""
+        r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-genesis", "--dir", str(self.root)],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert r.returncode == 0, r.stderr
+        with (self.root / "genesis.json").open("rb") as f:
+            self.genesis = load_genesis_file(f)
 
     def dir(self, k: int) -> Path:
         return self.root / f"member-{k + 1}"
@@ -131,14 +141,14 @@ class Federation:
 
     def signer(self, k: int) -> SignerState:
         """Member k's signer state file as it is on disk now (empty if it never signed)."""
-        return load_state(self.data(k) / SIGNER_FILE, LOCAL, self.genesis.members.keys[k])
+        return load_state(self.data(k) / SIGNER_FILE, self.network, self.genesis.members.keys[k])
 
     def chains(self, members: Optional[Sequence[int]] = None) -> list["MemberChain"]:
         """What each member stored (its processes stopped or killed): blocks, commits, siblings, final height and
         signer state."""
         out = []
         for k in range(self.n) if members is None else members:
-            s = Store(self.data(k) / "ledger", LOCAL)
+            s = Store(self.data(k) / "ledger", self.network)
             try:
                 tip = s.tip_height() or 0
                 blocks = {}
@@ -182,7 +192,7 @@ def check_invariants(fed: Federation, chains: Sequence[MemberChain]) -> tuple[in
     signed_by: dict[int, dict[int, set[bytes]]] = {}  # member -> height -> parents of the blocks it signed
 
     def verified(raw: bytes, commit_raw: bytes, who: str) -> BlockHeader:
-        header = Block.decode(raw, LOCAL).header
+        header = Block.decode(raw, fed.network).header
         commit = Commit.decode(commit_raw)
         try:
             g.verify_commit(commit, header.hash)

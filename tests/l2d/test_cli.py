@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from coincurve import PrivateKey
 
 from l2d import cli
 from l2d.config import Config
@@ -182,6 +183,38 @@ def test_federation_init_refuses_a_second_run(tmp_path: Path, capsys: pytest.Cap
     rc, err = run(capsys, "federation-init", "--members", "4", "--dir", str(tmp_path))
     assert rc == 2 and "member-1 exists" in err
     assert tree(tmp_path) == before
+
+
+def test_federation_genesis_rewrites_the_file_only_when_every_member_agrees(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fed = tmp_path / "fed"
+    assert run(capsys, "federation-init", "--members", "3", "--dir", str(fed), "--network", "regtest")[0] == 0
+    with fed.joinpath("genesis.json").open("rb") as f:
+        old = load_genesis_file(f)
+    signers = [PrivateKey(hashlib.sha256(bytes([i])).digest()).public_key.format().hex() for i in range(3)]
+    bridge = f"\n[bridge]\nenabled = true\nthreshold = 2\nother_keys = {json.dumps(signers)}\n"
+    configs = [fed / f"member-{k}" / "l2d.toml" for k in (1, 2, 3)]
+    for c in configs[:2]:
+        c.write_text(c.read_text() + bridge)
+    before = tree(fed)
+    rc, err = run(capsys, "federation-genesis", "--dir", str(fed))  # member 3 does not have the bridge yet
+    assert rc == 1 and "the members' configs describe different genesis blocks" in err
+    assert tree(fed) == before
+    configs[2].write_text(configs[2].read_text() + bridge)
+    rc, out = run(capsys, "federation-genesis", "--dir", str(fed))
+    assert rc == 0 and out["members"] == 3
+    with fed.joinpath("genesis.json").open("rb") as f:
+        new = load_genesis_file(f)
+    assert new.genesis_hash.hex() == out["genesis_hash"] != old.genesis_hash.hex()
+    assert new.members == old.members  # the same members and threshold; only the genesis state changed
+    node = Node.from_config(Config.load(configs[1], env={}))
+    try:  # what the daemon computes from the same config
+        assert node.ledger.block(0).header.hash == new.genesis_hash  # type: ignore[union-attr]
+    finally:
+        node.store.close()
+        node.datadir.close()
+    rc, err = run(capsys, "federation-genesis", "--dir", str(tmp_path / "nowhere"))
+    assert rc == 2 and "no member-1/l2d.toml" in err
 
 
 @pytest.mark.parametrize("args,msg", [
