@@ -38,7 +38,7 @@ from .core.tx import Transaction, check_signature
 from .core.tx import decode as decode_tx
 from .federation.machine import (Action, Broadcast, FetchBlocks, Member, PersistSigner, RecordEvidence, StoreBlock,
                                  StoredBlock, Timing, Validity, proposer, timestamp_ok)
-from .federation.messages import Candidate, Equivocation
+from .federation.messages import BlockSignature, Candidate, Equivocation
 from .federation.signer import load_state, save_state
 from .federation.wire import TransportError
 from .ledger import BuiltBlock, Ledger, UnknownParent
@@ -246,8 +246,15 @@ class FederationHost:
                 await self._perform(self.member.tick(self.clock()))
             now = (self.member.height, self.member.round)
             if now != last:
-                self.metrics.federation_rounds.inc(outcome="failed" if now[0] == last[0] else "entered")
+                self.metrics.federation_rounds.inc(outcome=self._outcome(last, now))
                 last = now
+
+    def _outcome(self, last: tuple[int, int], now: tuple[int, int]) -> str:
+        """How round last ended: a new height (entered), or the next round of the same height after a proposal or
+        with transactions waiting (failed), or with nothing to do (idle: an idle federation's rounds time out)."""
+        if now[0] != last[0]:
+            return "entered"
+        return "failed" if self.member.proposal_seen(last[1]) or len(self.mempool) else "idle"
 
     def stop_waiting(self) -> None:
         self._news.set()
@@ -271,6 +278,9 @@ class FederationHost:
             if isinstance(a, Broadcast):
                 if self.peers is not None:
                     self.peers.broadcast(a.message.raw)
+                if isinstance(a.message.body, BlockSignature) and a.message.body.block_hash in self._built:
+                    ts = self._built[a.message.body.block_hash].header.timestamp_ms
+                    self.metrics.federation_precommit.observe(max(0, self.clock() - ts) / 1000)
             elif isinstance(a, PersistSigner):
                 await asyncio.shield(asyncio.to_thread(save_state, self.signer_path, a.state, self.network,
                                                        self.members.keys[self.index]))

@@ -117,8 +117,13 @@ class Metrics:
         self.federation_evidence = Counter("l2d_federation_evidence_total",
                                            "Equivocations recorded (two proposals of one member in one round).")
         self.federation_rounds = Counter("l2d_federation_rounds_total",
-                                         "Rounds this member went through: entered (a new height) or failed (the "
-                                         "next round of the same height).")
+                                         "Rounds this member went through: entered (a new height), failed (the "
+                                         "next round of the same height after a proposal or with transactions "
+                                         "waiting) or idle (nothing to propose).")
+        self.federation_precommit = Histogram("l2d_federation_precommit_seconds",
+                                              "From a block's timestamp (its proposal) to this member signing it: "
+                                              "m precommits for it seen.",
+                                              (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
         self.federation_commit = Histogram("l2d_federation_commit_seconds",
                                            "From a block's timestamp (its proposal) to this member storing it with m signatures.",
                                            (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
@@ -133,5 +138,6 @@ class Metrics:
                   self.federation_refused, self.federation_dropped, self.federation_evidence, self.federation_rounds):
             lines += c.render()
         lines += self.block_build.render()
+        lines += self.federation_precommit.render()
         lines += self.federation_commit.render()
         return "\n".join(lines) + "\n"

@@ -219,6 +219,10 @@ class Member:
             return self._now
         return self._deadline if self._propose_at is None else min(self._deadline, self._propose_at)
 
+    def proposal_seen(self, round_: int) -> bool:
+        """Did a proposal of the current height reach me in this round (kept for ROUND_WINDOW rounds)?"""
+        return round_ in self._proposals
+
     def behind(self) -> bool:
         """Members who could all be honest (n - m + 1 of them) report a height above mine: catch up, sign nothing."""
         ahead = sum(1 for s, h in self._peer_height.items() if s != self.index and h > self.height)

@@ -189,3 +189,19 @@ async def test_a_block_whose_bitcoin_claims_my_bitcoind_does_not_confirm_is_not_
         assert node.admission.tx_status(refuted.txid) == {"status": "dropped", "reason": "claim-refuted"}
     finally:
         await node.stop()
+
+
+async def test_an_idle_federation_counts_its_rounds_idle_not_failed(
+        tmp_path: Path, make_cfg: Callable[..., Config], poll: Callable[..., Any]) -> None:
+    node = Node.from_config(make_cfg(tmp_path / "data", federation={"round_ms": 100, "max_round_ms": 200}))
+    await node.start(serve_http=False)
+    try:
+        tx = transfer(1, 4, 10, 0)
+        node.admission.submit(tx.raw)
+        await _committed(node, [tx], poll)
+        rounds = node.metrics.federation_rounds
+        await poll(lambda: rounds.get(outcome="idle") >= 3, 30, "idle rounds")
+        assert rounds.get(outcome="entered") >= 1
+        assert rounds.get(outcome="failed") == 0  # a 1-of-1 federation never fails a round
+    finally:
+        await node.stop()

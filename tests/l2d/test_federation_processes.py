@@ -33,6 +33,8 @@ async def test_four_members_agree_a_killed_member_catches_up_and_two_down_stop_f
         metrics = fed.procs[0].get_raw("/metrics")[1].decode()
         assert "l2d_federation_peers_connected 3" in metrics  # an authenticated link to each other member
         assert "l2d_federation_commit_seconds_count 0" not in metrics
+        assert "l2d_federation_precommit_seconds_count 0" not in metrics  # member 1 signed blocks
+        assert 'l2d_federation_rounds_total{outcome="entered"}' in metrics
 
         # 2. SIGKILL member 2: the other three keep finalizing; restarted, it catches up and signs again
         fed.kill(1)
