@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Protocol, Sequence
 
 from .admission import Admission
 from .aio import wait_event
@@ -40,6 +40,7 @@ from .federation.machine import (Action, Broadcast, FetchBlocks, Member, Persist
                                  StoredBlock, Timing, Validity, proposer, timestamp_ok)
 from .federation.messages import BlockSignature, Candidate, Equivocation
 from .federation.signer import load_state, save_state
+from .federation.transport import PeerStats
 from .federation.wire import TransportError
 from .ledger import BuiltBlock, Ledger, UnknownParent
 from .mempool import Mempool
@@ -94,6 +95,8 @@ class Peers(Protocol):
     def fetch_blocks(self, peer: int, from_height: int) -> AsyncIterator[tuple[bytes, bytes]]: ...
 
     async def fetch_txs(self, peer: int, txids: list[bytes]) -> list[bytes]: ...
+
+    def stats(self) -> Mapping[int, PeerStats]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +233,11 @@ class FederationHost:
         """Drive the machine until stop is set; stop is checked before every input, so the block at hand is stored
         and nothing is started after it."""
         self._flush_gossip()
+        self._links()
         await self._perform(self.member.start(self.clock()))
         last = (self.member.height, self.member.round)
         while not stop.is_set():
+            self._links()
             wait_ms = self.member.deadline - self.clock()
             if wait_ms > 0 and not self._news.is_set():
                 await wait_event(self._news, wait_ms / 1000)
@@ -248,6 +253,11 @@ class FederationHost:
             if now != last:
                 self.metrics.federation_rounds.inc(outcome=self._outcome(last, now))
                 last = now
+
+    def _links(self) -> None:
+        """Tell the machine which members my link to is down (their rounds as proposer end sooner)."""
+        if self.peers is not None:
+            self.member.set_unreachable(frozenset(i for i, st in self.peers.stats().items() if not st.connected))
 
     def _outcome(self, last: tuple[int, int], now: tuple[int, int]) -> str:
         """How round last ended: a new height (entered), or the next round of the same height after a proposal or

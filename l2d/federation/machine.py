@@ -52,6 +52,10 @@ class Timing:
     def timeout(self, round_: int) -> int:
         return min(self.round_ms << min(round_, 40), self.max_round_ms)
 
+    def unreachable_timeout(self, round_: int) -> int:
+        """The length of a round whose proposer I have no link to: a quarter of the usual (at least 1 ms)."""
+        return max(1, self.timeout(round_) // 4)
+
 
 def proposer(height: int, round_: int, n: int) -> int:
     """The member index that proposes at (height, round): the rotation moves one member per height and per round."""
@@ -189,6 +193,7 @@ class Member:
         self._evidence_seen: set[tuple[int, int, int]] = set()
         self._deferred = False  # host-dependent work waits for the next input (see _resume)
         self._told_behind: set[int] = set()  # members at a lower height I sent my status to, at this height
+        self._unreachable: frozenset[int] = frozenset()  # members my link to is down (set_unreachable)
 
     # ---- views -------------------------------------------------------------------------------------------------
 
@@ -218,6 +223,13 @@ class Member:
         if self._deferred:
             return self._now
         return self._deadline if self._propose_at is None else min(self._deadline, self._propose_at)
+
+    def set_unreachable(self, members: frozenset[int]) -> None:
+        """The members my link to is down, as the host's transport sees it. A round such a member proposes ends
+        after a quarter of its length (Timing.unreachable_timeout): its proposal cannot reach me, so waiting the
+        whole round only delays the next proposer. Only timing depends on this, never safety; leaving the round
+        still needs a timeout certificate of m members."""
+        self._unreachable = members
 
     def proposal_seen(self, round_: int) -> bool:
         """Did a proposal of the current height reach me in this round (kept for ROUND_WINDOW rounds)?"""
@@ -416,7 +428,9 @@ class Member:
 
     def _start_round(self, round_: int) -> None:
         self.round = round_
-        self._deadline = self._now + self.timing.timeout(round_)
+        p = proposer(self.height, round_, self.members.n)
+        self._deadline = self._now + (self.timing.unreachable_timeout(round_) if p in self._unreachable
+                                      else self.timing.timeout(round_))
         self._propose_at = None
         low = round_ - ROUND_WINDOW
         self._proposals = {r: p for r, p in self._proposals.items() if r >= low}

@@ -188,6 +188,25 @@ def test_a_round_without_its_proposer_passes_to_the_next_one() -> None:
     assert all(len(net.disk_blocks[i]) == 1 for i in (0, 2, 3))
 
 
+def test_a_round_whose_proposer_is_unreachable_ends_after_a_quarter_of_its_length() -> None:
+    net = S.Lockstep(4)
+    for i in (0, 2, 3):
+        net.members[i].set_unreachable(frozenset({1}))  # the proposer of (1, 0) is down
+    net.start()
+    net.add_tx(b"t1")
+    assert {i: net.members[i].deadline - net.now for i in range(4)} == {0: ROUND // 4, 1: ROUND, 2: ROUND // 4,
+                                                                        3: ROUND // 4}
+    net.down.add(1)
+    net.advance(ROUND // 4)  # the three time out at once, and form a certificate
+    net.deliver(keep=lambda frm, to, msg: msg.kind is Kind.TIMEOUT, rounds=1)
+    assert {i: heights(net)[i][1] for i in (0, 2, 3)} == {0: 1, 2: 1, 3: 1}
+    # proposer(1, 1) = 2 is reachable: its round has the usual length (doubled in round 1)
+    assert {net.members[i].deadline - net.now for i in (0, 2, 3)} == {2 * ROUND}
+    net.deliver()
+    assert all(len(net.disk_blocks[i]) == 1 for i in (0, 2, 3))
+    assert S.TIMING.unreachable_timeout(0) == ROUND // 4 and S.TIMING.unreachable_timeout(20) == 8000 // 4
+
+
 def test_a_member_leaves_a_round_only_on_a_timeout_certificate() -> None:
     """One member's early timer does not take it out of the round (it would miss the others' precommits); m
     TIMEOUTs do, and n - m + 1 members in a later round pull a member along."""
