@@ -58,7 +58,6 @@ CLAIMS_FRESH_S = 2.0  # my bitcoind's verdict on a block's Bitcoin claims is reu
 CLAIMS_KEPT = 64  # verdicts kept (by block hash)
 
 
-
 def wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -112,8 +111,7 @@ class FederationHost:
     def __init__(self, *, network: Network, members: Membership, index: int, secret: bytes, timing: Timing,
                  drift_ms: int, ledger: Ledger, store: Store, mempool: Mempool, admission: Admission,
                  metrics: Metrics, tree_lock: asyncio.Lock, signer_path: Path, evidence_path: Path, max_txs: int,
-                 track: Callable[["asyncio.Future[Any]"], None], clock: Callable[[], int] = wall_ms,
-                 claims: Optional["Claims"] = None) -> None:
+                 track: Callable[["asyncio.Future[Any]"], None], clock: Callable[[], int] = wall_ms) -> None:
         self.network, self.members, self.index = network, members, index
         self.ledger, self.store, self.mempool, self.admission = ledger, store, mempool, admission
         self.metrics, self.tree_lock, self.signer_path = metrics, tree_lock, signer_path
@@ -123,7 +121,7 @@ class FederationHost:
         self.urls: tuple[str, ...] = ("",) * members.n
         self.last_seen: dict[int, float] = {}  # peer -> wall time of its last message
         self.evidence_path = evidence_path
-        self.claims = claims
+        self.claims: Optional[Claims] = None  # the node sets it when it has a bitcoind
         # block hash -> (monotonic time of the answer, does my bitcoind agree?); a None time: asking
         self._verdicts: OrderedDict[bytes, tuple[Optional[float], bool]] = OrderedDict()
         self.evidence: list[Evidence] = _load_evidence(evidence_path)
