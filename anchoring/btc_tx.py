@@ -1,9 +1,9 @@
 """Bitcoin transactions for anchors: P2TR key-path spends built, hashed and sized by bitcoin-utils.
 
-Serialization, the BIP341 signature hash (SIGHASH_DEFAULT) and vsize come from bitcoin-utils'
-Transaction; the tweaked key and the BIP340 signature come from libsecp256k1 (coincurve). Nothing here
-touches bitcoin-utils' global network setting: scripts are raw bytes. The txid is the double SHA-256
-of the non-witness serialization (internal byte order).
+Serialization, the BIP341 signature hash (SIGHASH_DEFAULT; key path, or the BIP342 script path of a tapscript
+leaf, which anchoring/multisig.py uses) and vsize come from bitcoin-utils' Transaction; the tweaked key and the
+BIP340 signature come from libsecp256k1 (coincurve). Nothing here touches bitcoin-utils' global network setting:
+scripts are raw bytes. The txid is the double SHA-256 of the non-witness serialization (internal byte order).
 """
 from __future__ import annotations
 
@@ -81,19 +81,26 @@ class RawScript(Script):  # type: ignore[misc]
 
 
 def _transaction(inputs: Sequence[Prevout], outputs: Sequence[TxOut], sequence: int,
-                 witnesses: Optional[Sequence[bytes]] = None) -> Transaction:
+                 stacks: Optional[Sequence[Sequence[bytes]]] = None) -> Transaction:
+    """The transaction; stacks, when given, holds each input's witness stack (items bottom first)."""
     seq = struct.pack("<I", sequence)
     return Transaction([TxInput(i.txid[::-1].hex(), i.vout, sequence=seq) for i in inputs],
                        [TxOutput(o.amount_sat, RawScript(o.script_pubkey)) for o in outputs],
                        has_segwit=True,
-                       witnesses=None if witnesses is None else [TxWitnessInput([w.hex()]) for w in witnesses])
+                       witnesses=None if stacks is None else [TxWitnessInput([w.hex() for w in s]) for s in stacks])
 
 
-def taproot_sighash(inputs: Sequence[Prevout], outputs: Sequence[TxOut], index: int, sequence: int) -> bytes:
-    """BIP341 signature hash, SIGHASH_DEFAULT, key path, no annex, for input `index`."""
+def taproot_sighash(inputs: Sequence[Prevout], outputs: Sequence[TxOut], index: int, sequence: int,
+                    leaf_script: Optional[bytes] = None) -> bytes:
+    """BIP341 signature hash, SIGHASH_DEFAULT, no annex, for input `index`.
+
+    Key path by default; with leaf_script, the BIP342 script path of that tapscript leaf (leaf version 0xc0, the
+    only one bitcoin-utils hashes; no OP_CODESEPARATOR executed): the digest then also commits to the leaf hash.
+    """
     tx = _transaction(inputs, outputs, sequence)
+    leaf = None if leaf_script is None else RawScript(leaf_script)
     return bytes(tx.get_transaction_taproot_digest(index, [RawScript(i.script_pubkey) for i in inputs],
-                                                   [i.amount_sat for i in inputs], 0,
+                                                   [i.amount_sat for i in inputs], 0 if leaf is None else 1, leaf,
                                                    sighash=TAPROOT_SIGHASH_ALL))
 
 
@@ -117,7 +124,18 @@ def build_signed(secret: bytes, inputs: Sequence[Prevout], outputs: Sequence[TxO
         raise ValueError("a transaction needs inputs and outputs")
     sigs = [PrivateKey(tweaked_secret(secret, prev.merkle_root)).sign_schnorr(
         taproot_sighash(inputs, outputs, n, sequence), aux) for n, prev in enumerate(inputs)]
-    tx = _transaction(inputs, outputs, sequence, sigs)
+    return finalize(inputs, outputs, [[sig] for sig in sigs], sequence)
+
+
+def finalize(inputs: Sequence[Prevout], outputs: Sequence[TxOut], stacks: Sequence[Sequence[bytes]],
+             sequence: int = RBF_SEQUENCE) -> SignedTx:
+    """The transaction with each input's witness stack (items bottom first: a key-path spend is [signature], a
+    script-path spend ends with the leaf script and the control block), its txid, vsize and fee."""
+    if not inputs or not outputs:
+        raise ValueError("a transaction needs inputs and outputs")
+    if len(stacks) != len(inputs):
+        raise ValueError(f"{len(stacks)} witness stacks for {len(inputs)} inputs")
+    tx = _transaction(inputs, outputs, sequence, stacks)
     fee = sum(i.amount_sat for i in inputs) - sum(o.amount_sat for o in outputs)
     return SignedTx(tx.to_bytes(True), bytes.fromhex(tx.get_txid())[::-1], tx.get_vsize(), fee)
 
@@ -125,4 +143,4 @@ def build_signed(secret: bytes, inputs: Sequence[Prevout], outputs: Sequence[TxO
 def estimate_vsize(n_inputs: int, outputs: Sequence[TxOut]) -> int:
     """Exact vsize of a transaction of n key-path P2TR inputs (64-byte signatures) and these outputs."""
     dummy = [Prevout(b"\1" * 32, 0, 0, b"")] * n_inputs  # not all-zero: that would read as a coinbase input
-    return int(_transaction(dummy, outputs, RBF_SEQUENCE, [b"\0" * 64] * n_inputs).get_vsize())
+    return int(_transaction(dummy, outputs, RBF_SEQUENCE, [[b"\0" * 64]] * n_inputs).get_vsize())
