@@ -17,11 +17,16 @@ Everything the bridge decides is decided here, from the state alone (docs/bridge
   CONFIRMED.
 - Several members may post the same duty: a relay whose headers are all relayed already (at or below the tip)
   and a peg-out update recording the status and txid already recorded are DuplicateDuty, applied once.
+- The federation's coins are state records (FedCoin under coin_key(txid, vout)): every claimed deposit, and every
+  deposit to the funding address (contract FUNDING_CONTRACT) that a member records with FederationFund (the same
+  SPV proof as a claim; no L2 money is made; the total is under FUNDED_KEY). Members spend what the state says,
+  not what each one's bitcoind happens to see.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import lru_cache
 from typing import Optional, cast
 
@@ -39,7 +44,7 @@ from .errors import (BadNonce, DecodeError, DuplicateDuty, FeeTooLow, Insufficie
                      Overflow, Rejected)
 from .hashing import H_PEGIN_OUTPOINT, H_PEGIN_TWEAK, sha256
 from .params import MAX_MONEY, Network
-from .pegs_tx import BTC_HEADER_SIZE, BtcHeaders, PeginClaim, PegoutStatus, PegoutUpdate
+from .pegs_tx import BTC_HEADER_SIZE, BtcHeaders, FederationFund, PeginClaim, PegoutStatus, PegoutUpdate
 from .spv import SpvError, check_pow, dsha256, parse_header, parse_tx, verify_tx_in_block
 from .state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, bump_member_nonce,
                     charge_sender, check_member, meta_key)
@@ -49,16 +54,21 @@ SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 MAX_FEDERATION = 15  # keeps the witness script standard (P2WSH multisig of up to 15 keys, < 3600 bytes)
 PEGOUT_MIN_SAT = 10_000  # a peg-out must leave a payout above dust after its share of the Bitcoin fee
 CHANGE_CONTRACT = b"\0" * 32
+# The contract of the federation's funding address (coins for Bitcoin fees, such as anchors').
+FUNDING_CONTRACT = sha256(b"l2d/federation/funding")
 
 FEDERATION_KEY = meta_key("bridge/federation")
 BTC_TIP_KEY = meta_key("bridge/btc_tip")
 BRIDGE_TOTALS_KEY = meta_key("bridge/totals")
+FUNDED_KEY = meta_key("bridge/funded")  # u64: satoshis recorded by FederationFund, absent = 0
 
 _FED_HEAD = struct.Struct(">BBH")
 _BTC_TIP = struct.Struct(">II32s")  # base height, tip height, tip hash
 _TOTALS = struct.Struct(">QQQ")  # pegged in, pending out, paid out
 _PEGIN = struct.Struct(">32sIQI32s")  # btc txid, vout, amount, btc height, recipient
 _PEGOUT_HEAD = struct.Struct(">BQQ32sB")  # status, amount, l2 height, btc txid, script length
+_COIN = struct.Struct(">QB32s32s")  # amount, kind, contract, spent by (zero: unspent)
+_OUTPOINT = struct.Struct(">32sI")
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -257,6 +267,51 @@ def pegout_key(pegout_id: bytes) -> bytes:
     return bytes((Namespace.PEGOUT,)) + pegout_id
 
 
+def coin_key(btc_txid: bytes, vout: int) -> bytes:
+    """0x0B || txid (internal order) || vout u32: readable, so the coins can be listed by prefix."""
+    return bytes((Namespace.FED_COIN,)) + _OUTPOINT.pack(btc_txid, vout)
+
+
+class CoinKind(IntEnum):
+    DEPOSIT = 1  # a claimed peg-in deposit (contract: the L2 recipient)
+    FUNDING = 2  # a deposit to the funding address (contract: FUNDING_CONTRACT)
+
+
+@dataclass(frozen=True, slots=True)
+class FedCoin:
+    """State value under coin_key(txid, vout) (73 bytes): amount u64 | kind u8 | contract 32 | spent_by 32 (the
+    spending plan's id; zero while unspent). The contract says which deposit script holds the coin
+    (deposit_script_pubkey(federation, network, contract))."""
+
+    amount_sat: int
+    kind: CoinKind
+    contract: bytes
+    spent_by: bytes = b"\0" * 32
+
+    def encode(self) -> bytes:
+        return _COIN.pack(self.amount_sat, self.kind, self.contract, self.spent_by)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "FedCoin":
+        if len(b) != _COIN.size:
+            raise DecodeError(f"federation coin value is {len(b)} bytes")
+        amount, kind, contract, spent = _COIN.unpack(b)
+        if kind not in (1, 2):
+            raise DecodeError(f"federation coin kind {kind}")
+        return cls(amount, CoinKind(kind), contract, spent)
+
+
+def coin_outpoint(key: bytes) -> tuple[bytes, int]:
+    """(txid, vout) of a coin_key."""
+    txid, vout = _OUTPOINT.unpack(key[1:])
+    return txid, vout
+
+
+def funded_sat(view: StateView) -> int:
+    raw = view.get(FUNDED_KEY)
+    return 0 if raw is None else int.from_bytes(raw, "big")
+
+
 @dataclass(frozen=True, slots=True)
 class BtcTip:
     base_height: int  # the first relayed height (the federation's checkpoint)
@@ -381,9 +436,10 @@ def apply_btc_headers(view: StateView, tx: Transaction, rules: Rules) -> None:
     view.put(BTC_TIP_KEY, BtcTip(base, new_tip, headers[-1].hash).encode())
 
 
-def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
-    fed = federation(view)
-    p = cast(PeginClaim, tx.payload)
+def _proven_deposit(view: StateView, fed: Federation, p: PeginClaim, rules: Rules, contract: bytes
+                    ) -> tuple[bytes, str, int]:
+    """The deposit a claim proves: (txid, txid hex, amount) of output p.vout, which must pay contract's deposit
+    address, in a block of the relayed best chain at least min_depth deep."""
     tip = btc_tip(view)
     relayed = view.get(btc_header_key(p.btc_height))
     if (tip is None or p.btc_height > tip.height  # above the tip: a stale record of a replaced branch
@@ -401,14 +457,21 @@ def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
     if p.vout >= len(outs):
         raise InvalidPeginProof(f"transaction {info.txid_hex} has no output {p.vout}")
     amount = int(outs[p.vout].nValue)
-    if bytes(outs[p.vout].scriptPubKey) != deposit_script_pubkey(fed, rules.network.id, tx.sender):
+    if bytes(outs[p.vout].scriptPubKey) != deposit_script_pubkey(fed, rules.network.id, contract):
         raise WrongDepositAddress(f"output {p.vout} of {info.txid_hex} does not pay the deposit address of "
-                                  f"{tx.sender.hex()}")
+                                  f"{contract.hex()}")
     if not 0 < amount <= MAX_MONEY:
         raise InvalidPeginProof(f"deposit amount {amount} outside 1..{MAX_MONEY}")
-    key = pegin_key(info.txid, p.vout)
-    if view.get(key) is not None:
-        raise AlreadyClaimed(f"deposit {info.txid_hex}:{p.vout} is already claimed")
+    return info.txid, info.txid_hex, amount
+
+
+def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
+    fed = federation(view)
+    p = cast(PeginClaim, tx.payload)
+    txid, txid_hex, amount = _proven_deposit(view, fed, p, rules, tx.sender)
+    key = pegin_key(txid, p.vout)
+    if view.get(key) is not None or view.get(coin_key(txid, p.vout)) is not None:
+        raise AlreadyClaimed(f"deposit {txid_hex}:{p.vout} is already claimed")
     skey = account_key(tx.sender)
     raw = view.get(skey)
     acc = Account.decode(raw) if raw is not None else Account(0, 0)
@@ -425,9 +488,23 @@ def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
     totals = bridge_totals(view)
     view.put(skey, Account(acc.balance_sat + amount - fee, acc.nonce + 1).encode())
     view.put(SUPPLY_KEY, Supply(sup.minted_sat + amount, sup.burned_sat, sup.fees_sat + fee).encode())
-    view.put(key, PeginEntry(info.txid, p.vout, amount, p.btc_height, tx.sender).encode())
+    view.put(key, PeginEntry(txid, p.vout, amount, p.btc_height, tx.sender).encode())
+    view.put(coin_key(txid, p.vout), FedCoin(amount, CoinKind.DEPOSIT, tx.sender).encode())
     view.put(BRIDGE_TOTALS_KEY, BridgeTotals(totals.pegged_in_sat + amount, totals.pending_out_sat,
                                              totals.paid_out_sat).encode())
+
+
+def apply_federation_fund(view: StateView, tx: Transaction, rules: Rules) -> None:
+    """A member records a deposit to the funding address as a federation coin; no L2 money is made."""
+    check_member(view, tx)
+    fed = federation(view)
+    p = cast(FederationFund, tx.payload)
+    txid, txid_hex, amount = _proven_deposit(view, fed, p, rules, FUNDING_CONTRACT)
+    if view.get(coin_key(txid, p.vout)) is not None:
+        raise DuplicateDuty(f"funding deposit {txid_hex}:{p.vout} is recorded already")
+    bump_member_nonce(view, tx)
+    view.put(coin_key(txid, p.vout), FedCoin(amount, CoinKind.FUNDING, FUNDING_CONTRACT).encode())
+    view.put(FUNDED_KEY, (funded_sat(view) + amount).to_bytes(8, "big"))
 
 
 def apply_burn(view: StateView, tx: Transaction, rules: Rules) -> None:

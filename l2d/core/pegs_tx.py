@@ -1,4 +1,4 @@
-"""Bridge transaction payloads: Bitcoin header relay, peg-in claims, peg-out updates.
+"""Bridge transaction payloads: Bitcoin header relay, peg-in claims, federation funding, peg-out updates.
 
 Byte layouts (big-endian integers) are in docs/transaction-format.md and docs/bridge.md. A peg-out request is
 an ordinary Burn whose destination is a Bitcoin address (see l2d/core/pegs.py).
@@ -111,6 +111,18 @@ class PeginClaim:
         merkle_block = r.var_bytes(MAX_MERKLE_BLOCK)
         r.end()
         return cls(height, vout, btc_tx, merkle_block)
+
+
+@dataclass(frozen=True, slots=True)
+class FederationFund(PeginClaim):
+    """A member records a deposit to the federation's funding address (coins for Bitcoin fees, e.g. anchors):
+    the same proof as a peg-in claim, no L2 money is made (federation members only, fee 0).
+
+    Layout: as PeginClaim.
+    """
+
+    TYPE: ClassVar[TxType] = TxType.FEDERATION_FUND
+    FEELESS: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ RULES: Mapping[int, Rule] = {
     TxType.BURN: pegs.apply_burn,
     TxType.ANCHOR: apply_anchor,
     TxType.PEGIN_CLAIM: pegs.apply_pegin_claim,
+    TxType.FEDERATION_FUND: pegs.apply_federation_fund,
     TxType.PEGOUT_UPDATE: pegs.apply_pegout_update,
     TxType.BTC_HEADERS: pegs.apply_btc_headers,
     TxType.WORKER_REGISTER: work.apply_register,

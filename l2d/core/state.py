@@ -32,6 +32,7 @@ class Namespace(IntEnum):
     RELAY = 0x08
     BTC_HEADER = 0x09
     FL_JOB = 0x0A
+    FED_COIN = 0x0B
 
 
 def meta_key(name: str) -> bytes:

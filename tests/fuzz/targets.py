@@ -47,7 +47,7 @@ from l2d.core.header_file import load_header_file, write_header_file
 from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import Federation, federation_genesis
-from l2d.core.pegs_tx import BtcHeaders, PeginClaim, PegoutStatus, PegoutUpdate
+from l2d.core.pegs_tx import BtcHeaders, FederationFund, PeginClaim, PegoutStatus, PegoutUpdate
 from l2d.core.rules import apply_tx
 from l2d.core.snapshot import MAGIC as SNAPSHOT_MAGIC
 from l2d.core.snapshot import SnapshotHeader, read_snapshot, verify_snapshot, write_snapshot
@@ -172,6 +172,7 @@ def world() -> World:
         c.sign(FEDERATION, BtcHeaders(1, tuple(x.serialize() for x in header_chain()[1:4]))),
         c.sign(FEDERATION, PegoutUpdate(h("burn"), PegoutStatus.BROADCAST, h("payout"), 5)),
         c.sign(2, PeginClaim(3, 0, bytes.fromhex(_deposit_tx_hex()), _deposit_merkleblock())),
+        c.sign(FEDERATION, FederationFund(3, 0, bytes.fromhex(_deposit_tx_hex()), _deposit_merkleblock())),
         c.sign(6, WorkerRegister(2000, CAPS)), c.sign(4, WorkerHeartbeat()), c.sign(5, WorkerExit()),
         c.sign(4, WorkerWithdraw()),
         c.sign(FEDERATION, TaskAssign(task2, pk(4), pk(5), b"\0" * 32, 100, 5)),

@@ -35,13 +35,14 @@ from l2d.core.errors import (BadNonce, DecodeError, DuplicateDuty, FeeTooLow, In
 from l2d.core.hashing import H_PEGIN_TWEAK
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import (BRIDGE_TOTALS_KEY, BTC_TIP_KEY, FEDERATION_KEY, PEGOUT_MIN_SAT, SECP256K1_N, AlreadyClaimed,
-                           BadAddress, BadPegoutTransition, BadRelay, BridgeTotals, BtcTip, ClaimTooShallow,
-                           Federation, InvalidPeginProof, NoBridge, PeginEntry, PegoutEntry, PegoutNotAnchored,
-                           PegoutTooSmall, UnknownBtcBlock, UnknownPegout, WrongDepositAddress, address_script,
-                           btc_header_key, deposit_script_pubkey, federation_genesis, pegin_key, pegin_tweak,
-                           pegout_key, script_address, witness_script)
-from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, PeginClaim, PegoutStatus, PegoutUpdate
+from l2d.core.pegs import (BRIDGE_TOTALS_KEY, BTC_TIP_KEY, FEDERATION_KEY, FUNDED_KEY, FUNDING_CONTRACT,
+                           PEGOUT_MIN_SAT, SECP256K1_N, AlreadyClaimed, BadAddress, BadPegoutTransition, BadRelay,
+                           BridgeTotals, BtcTip, ClaimTooShallow, CoinKind, FedCoin, Federation, InvalidPeginProof,
+                           NoBridge, PeginEntry, PegoutEntry, PegoutNotAnchored, PegoutTooSmall, UnknownBtcBlock,
+                           UnknownPegout, WrongDepositAddress, address_script, btc_header_key, coin_key, coin_outpoint,
+                           deposit_script_pubkey, federation_genesis, funded_sat, pegin_key, pegin_tweak, pegout_key,
+                           script_address, witness_script)
+from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, FederationFund, PeginClaim, PegoutStatus, PegoutUpdate
 from l2d.core.rules import apply_tx
 from l2d.core.spv import (BITCOIN_REGTEST, Header, build_partial_merkle_tree, compute_merkle_root, decode_compact,
                           dsha256, make_header, parse_tx, serialize_merkleblock)
@@ -484,8 +485,56 @@ def test_claim_happy_path() -> None:
     entry = PeginEntry.decode(w.state[key])
     assert entry == PeginEntry(DEP.txids[1], 0, amount, BASE + 1, xonly(ALICE))
     assert len(entry.encode()) == 80
-    assert set(writes) == {account_key(xonly(ALICE)), SUPPLY_KEY, key, BRIDGE_TOTALS_KEY}
+    coin = coin_key(DEP.txids[1], 0)
+    assert FedCoin.decode(w.state[coin]) == FedCoin(amount, CoinKind.DEPOSIT, xonly(ALICE))  # the federation's coin
+    assert coin_outpoint(coin) == (DEP.txids[1], 0) and len(w.state[coin]) == 73
+    assert set(writes) == {account_key(xonly(ALICE)), SUPPLY_KEY, key, coin, BRIDGE_TOTALS_KEY}
     check_invariants(w.state)
+
+
+FUNDING_DEPOSIT = spend([(400_000, deposit_script_pubkey(FED, REGTEST.id, FUNDING_CONTRACT)),
+                         (150_000, spk(ALICE))], b"operator funding")
+
+
+def funding_world() -> tuple[World, Block]:
+    """The chain BASE..BASE+3 with the operator's funding deposit (output 0; output 1 pays Alice) at BASE+1."""
+    c = Chain(b"funding")
+    c.mine()
+    blk = c.mine((FUNDING_DEPOSIT,))
+    c.mine()
+    c.mine()
+    w = World()
+    w.do(AUTH, c.relay(BASE))
+    return w, blk
+
+
+def fund(blk: Block, vout: int) -> FederationFund:
+    c = blk.claim(1, vout)
+    return FederationFund(c.btc_height, c.vout, c.btc_tx, c.merkle_block)
+
+
+def test_a_member_records_a_funding_deposit_as_a_federation_coin_and_no_money_is_made() -> None:
+    w, blk = funding_world()
+    sup = w.supply()
+    w.refuse(w.sign(ALICE, fund(blk, 0)), Unauthorized)  # members only
+    w.refuse(w.sign(AUTH, fund(blk, 0), fee=1), InvalidTransaction)  # a system transaction carries no fee
+    w.refuse(w.sign(AUTH, fund(blk, 1)), WrongDepositAddress)  # Alice's deposit is no funding
+    w.refuse(w.sign(ALICE, blk.claim(1, 0), fee=1), WrongDepositAddress)  # nor can anyone claim the funding as L2
+    writes = w.apply(w.sign(AUTH, fund(blk, 0)))
+    key = coin_key(blk.txids[1], 0)
+    assert FedCoin.decode(w.state[key]) == FedCoin(400_000, CoinKind.FUNDING, FUNDING_CONTRACT)
+    assert funded_sat(StateView(w.state.get)) == 400_000
+    assert set(writes) == {key, FUNDED_KEY, account_key(xonly(AUTH))}  # the member's nonce; no supply change
+    assert w.supply() == sup and w.totals() == BridgeTotals(0, 0, 0)
+    w.refuse(w.sign(AUTH2, fund(blk, 0)), DuplicateDuty)  # another member posting the same duty
+    w.refuse(w.sign(AUTH, fund(blk, 0)), DuplicateDuty)
+    # the same proof as a claim: a block the relayed chain does not hold is refused the same way
+    bad = fund(blk, 0)
+    w.refuse(w.sign(AUTH, FederationFund(bad.btc_height + 5, 0, bad.btc_tx, bad.merkle_block)), UnknownBtcBlock)
+    w.apply(w.sign(ALICE, blk.claim(1, 1), fee=1))  # Alice's output of the same transaction is hers to claim
+    assert FedCoin.decode(w.state[coin_key(blk.txids[1], 1)]).kind == CoinKind.DEPOSIT
+    check_invariants(w.state)
+    assert FederationFund.decode(fund(blk, 0).encode()) == fund(blk, 0)
 
 
 def test_same_claim_again_refused() -> None:
