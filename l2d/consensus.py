@@ -498,11 +498,15 @@ class FederationHost:
             async for raw, raw_commit in self.peers.fetch_blocks(peer, from_height):
                 blk = Block.decode(raw, self.network)
                 commit = Commit.decode(raw_commit)
+                bodies = False
                 for tx in blk.txs:
                     if tx.txid not in self._txs and self.mempool.get(tx.txid) is None:
                         check_signature(tx)
                         self._remember_tx(tx)
+                        bodies = True
                 self._put(("block", _candidate(blk), commit, peer))
+                if bodies:  # news for a block the machine holds pending for them (it ignores the fetched copy)
+                    self.wake()
                 while self._inbox.qsize() > INBOX_MAX // 2:  # let the machine apply them: bounded memory
                     await asyncio.sleep(0.01)
         except (L2Error, OSError, asyncio.TimeoutError, TransportError) as e:

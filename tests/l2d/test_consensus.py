@@ -1,6 +1,7 @@
 """The consensus host on a 1-member federation (what `make run` is): every block carries the member's commit, a
 non-final tip is made final by one empty child, the signer state is written before a signature leaves, and the
-exported chain file passes the auditor's check."""
+exported chain file passes the auditor's check. And a member of four catching up on a block it held without a
+transaction's body."""
 from __future__ import annotations
 
 import asyncio
@@ -12,20 +13,27 @@ from typing import Any, Callable, Optional, Sequence
 
 import aiohttp
 import pytest
+from aiohttp import web
+from coincurve import PrivateKey
 
 from bridge.claims import Refusal
 from l2d import consensus
 from l2d.config import Config
 from l2d.consensus import EVIDENCE_FILE
 from l2d.core.chain_file import ChainBadCommitSignature, verify_chain
-from l2d.core.commit import Commit
+from l2d.core.commit import Commit, sign_block
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.params import LOCAL
 from l2d.core.payload import TxType
 from l2d.federation.errors import StaleSignerState
+from l2d.federation.messages import AUX, Candidate, CompleteBlock, sign_message
 from l2d.federation.signer import SIGNER_FILE, load_state
+from l2d.federation.transport import Handlers, Peer, Transport
+from l2d.federation.transport import routes as transport_routes
 from l2d.genesis import NodeError
 from l2d.node import Node
+from tests.l2d.federation_procs import Federation
+from tests.l2d.federation_procs import transfer as fed_transfer
 from tests.l2d.test_node import transfer
 
 
@@ -205,3 +213,52 @@ async def test_an_idle_federation_counts_its_rounds_idle_not_failed(
         assert rounds.get(outcome="failed") == 0  # a 1-of-1 federation never fails a round
     finally:
         await node.stop()
+
+
+async def test_a_block_waiting_for_a_missing_body_is_stored_when_a_block_fetch_brings_the_body(
+        tmp_path: Path, poll: Callable[..., Any]) -> None:
+    """Member 4 (this node) hears block 1 complete (relayed with its commit) but lacks its transaction's body, and
+    the body is asked in vain (a committed transaction leaves the mempool the peers serve bodies from). Its
+    catch-up fetch then brings block 1 with the body: the fetched copy is ignored as a block already held, so the
+    body must wake the held block, or the member stays at height 0 for good (seen in the flapping-links fault
+    test). The test plays member 1 with a real transport, answering body requests with nothing."""
+    fed = Federation(tmp_path / "fed", federation={"round_ms": 1000, "max_round_ms": 8000})  # configs only
+    node = Node.from_config(Config.load(fed.config(3), env={}))
+    genesis = node.ledger.final
+    assert genesis is not None
+    tx = fed_transfer(0)
+    built = node.ledger.execute(genesis, [tx], genesis.timestamp_ms + 1, strict=True)
+    commit = Commit.assemble(4, {k: sign_block(fed.secret(k), LOCAL, built.header.hash, AUX) for k in range(3)})
+    relay = sign_message(PrivateKey(fed.secret(0)), LOCAL, 0, 1, 0,
+                         CompleteBlock(Candidate(built.header, (tx.txid,)), commit))
+    asked: list[str] = []
+
+    def serve_blocks(start: int, count: int) -> list[tuple[bytes, bytes]]:
+        asked.append("blocks")
+        return [(built.raw, commit.encode())] if start <= 1 else []
+
+    def serve_txs(txids: list[bytes]) -> list[bytes]:
+        asked.append("txs")
+        return []
+    member1 = Transport(LOCAL, 0, fed.secret(0), [Peer(3, fed.genesis.members.keys[3],
+                                                       f"http://127.0.0.1:{fed.api_ports[3]}")],
+                        Handlers(on_message=lambda raw, peer: None, on_txs=lambda raws, peer: None,
+                                 serve_blocks=serve_blocks, serve_txs=serve_txs))
+    app = web.Application()
+    app.router.add_routes(transport_routes(member1))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await node.start(serve_http=True)
+    try:
+        await web.TCPSite(runner, "127.0.0.1", fed.api_ports[0]).start()
+        await member1.start()
+        await poll(lambda: member1.connected_peers() == 1, 30, "member 1 connected to member 4")
+        member1.send(3, relay.raw)
+        await poll(lambda: node.store.tx_location(tx.txid) is not None, 60, "block 1 stored by member 4")
+        assert asked.index("txs") < asked.index("blocks")  # the body was asked in vain, then the block fetched
+        assert node.ledger.block(1).header.hash == built.header.hash  # type: ignore[union-attr]
+    finally:
+        await member1.close()
+        await node.stop()
+        await runner.cleanup()
+    assert not node.failed
