@@ -155,6 +155,20 @@ def cmd_pegin_claim(a: argparse.Namespace) -> dict[str, Any]:
     return _send(a, PeginClaim(a.btc_height, a.vout, btc_tx, proof))
 
 
+def cmd_federation_fund(a: argparse.Namespace) -> dict[str, Any]:
+    """The member behind --api records a deposit to the federation's funding address (GET /api/bridge/federation
+    names it): the raw Bitcoin transaction and `bitcoin-cli gettxoutproof` of its block, as for pegin-claim."""
+    try:
+        btc_tx, proof = bytes.fromhex(a.tx), bytes.fromhex(a.proof)
+    except ValueError:
+        raise CliError("--tx and --proof must be hex") from None
+    c = _client(a, _token(a))
+    res = c.fund(a.btc_height, a.vout, btc_tx, proof)
+    if a.wait:
+        res.update(c.wait_tx(res["txid"], a.wait))
+    return res
+
+
 def _token(a: argparse.Namespace) -> str:
     tok = a.token or os.environ.get("L2D_ADMIN_TOKEN")
     if not tok:
@@ -409,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonce", type=int, help="override the committed nonce")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
     p.set_defaults(fn=cmd_pegin_claim)
+    p = sub.add_parser("federation-fund", help="admin: the member behind --api records a deposit to the federation's "
+                                               "funding address (coins for Bitcoin fees)")
+    p.add_argument("--tx", required=True, help="raw Bitcoin transaction (hex)")
+    p.add_argument("--proof", required=True, help="bitcoin-cli gettxoutproof output (hex)")
+    p.add_argument("--btc-height", type=int, required=True, help="height of the block holding the deposit")
+    p.add_argument("--vout", type=int, required=True, help="index of the output paying the funding address")
+    p.add_argument("--token", help="admin token (or L2D_ADMIN_TOKEN)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
+    p.set_defaults(fn=cmd_federation_fund)
     p = sub.add_parser("mint", help="admin: mint on local/regtest")
     p.add_argument("--to", required=True)
     p.add_argument("--amount", type=_sat, required=True)

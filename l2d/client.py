@@ -193,6 +193,11 @@ class Client(_Base):
     def mint(self, recipient: str, amount_sat: int) -> dict[str, Any]:
         return self.post("/api/admin/mint", {"recipient": recipient, "amount_sat": amount_sat}, admin=True)
 
+    def fund(self, btc_height: int, vout: int, btc_tx: bytes, proof: bytes) -> dict[str, Any]:
+        """The member behind this API records a deposit to the federation's funding address."""
+        return self.post("/api/admin/bridge/fund", {"btc_height": btc_height, "vout": vout, "tx": btc_tx.hex(),
+                                                    "proof": proof.hex()}, admin=True)
+
     def snapshot(self) -> dict[str, Any]:
         """Take a snapshot now; the answer names it."""
         return self.post("/api/admin/snapshot", {}, admin=True)

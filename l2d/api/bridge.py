@@ -1,4 +1,5 @@
-"""Routes of the bridge: federation, deposit addresses, peg-ins, peg-outs, header file (docs/bridge.md)."""
+"""Routes of the bridge: federation, deposit addresses, peg-ins, peg-outs, federation coins and funding, header file
+(docs/bridge.md)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +11,13 @@ from aiohttp import web
 
 from bridge.headers import HeaderStoreError
 
-from ..core.pegs import (CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, bridge_totals, btc_tip,
-                         deposit_script_pubkey, script_address, witness_script)
+from ..core.errors import L2Error
+from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation, PeginEntry, PegoutEntry,
+                         bridge_totals, btc_tip, deposit_script_pubkey, funded_sat, script_address, witness_script)
+from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
-from .deps import BRIDGE, CHAIN, FEDERATION
-from .http import ApiError, path_hex32, uint
+from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
+from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
 
 
 def _federation(request: web.Request) -> Federation:
@@ -39,6 +42,7 @@ async def federation(request: web.Request) -> web.Response:
         totals = bridge_totals(view)
         tip = btc_tip(view)
         sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
+        funded = funded_sat(view)
     svc = request.app[BRIDGE]
     holdings = None if svc is None else svc.holdings_sat()
     bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
@@ -49,6 +53,8 @@ async def federation(request: web.Request) -> web.Response:
         "deposit_tweak": "each key P becomes P + H_tag('l2d/pegin/tweak', P || network id || account)*G; "
                          "GET /api/bridge/pegin-address/{account} gives the address",
         "change_address": script_address(deposit_script_pubkey(fed, network.id, CHANGE_CONTRACT), network),
+        "funding_address": script_address(deposit_script_pubkey(fed, network.id, FUNDING_CONTRACT), network),
+        "funded_sat": funded,
         "btc_tip": None if tip is None else {"base_height": tip.base_height, "height": tip.height,
                                              "hash": tip.block_hash[::-1].hex()},
         "pegged_in_sat": totals.pegged_in_sat, "pending_pegouts_sat": totals.pending_out_sat,
@@ -99,6 +105,42 @@ async def pegouts(request: web.Request) -> web.Response:
     return web.json_response({"pegouts": out})
 
 
+async def coins(request: web.Request) -> web.Response:
+    """GET /api/bridge/coins: the federation's coins as the state records them (claimed deposits, funding)."""
+    fed = _federation(request)
+    network = request.app[CHAIN].network
+    out: list[dict[str, Any]] = []
+    for _, v in _listing(request, Namespace.FED_COIN):
+        c = FedCoin.decode(v)
+        out.append({"txid": c.btc_txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat, "kind": c.kind.name,
+                    "contract": c.contract.hex(),
+                    "address": script_address(deposit_script_pubkey(fed, network.id, c.contract), network),
+                    "spent_by": None if c.spent_by == bytes(32) else c.spent_by.hex()})
+    return web.json_response({"coins": out})
+
+
+def _hex_field(body: dict[str, Any], name: str, limit: int) -> bytes:
+    value = field(body, name, str)
+    if len(value) > 2 * limit or not HEX.fullmatch(value):
+        raise ApiError(400, "malformed", f"field {name!r} must be hex, at most {limit} bytes")
+    return bytes.fromhex(value)
+
+
+@admin
+async def admin_fund(request: web.Request) -> web.Response:
+    """POST /api/admin/bridge/fund {"btc_height", "vout", "tx": hex, "proof": hex}: this member records a deposit
+    to the funding address as a federation coin (FederationFund, signed with its member key); 202 {"txid"}."""
+    _federation(request)
+    body = await read_json_object(request)
+    try:
+        payload = FederationFund(field(body, "btc_height", int), field(body, "vout", int),
+                                 _hex_field(body, "tx", MAX_CLAIM_TX), _hex_field(body, "proof", MAX_MERKLE_BLOCK))
+    except L2Error as e:
+        raise ApiError(400, "out-of-range", str(e)) from None
+    txid = request.app[ADMISSION].submit_as_member(payload)
+    return web.json_response({"txid": txid.hex()}, status=202)
+
+
 async def headers_file(request: web.Request) -> web.StreamResponse:
     """GET /api/bridge/headers[?from=H&to=H]: the header store's best chain as a header file
     (docs/header-file.md) for `l2-verify headers`."""
@@ -124,4 +166,6 @@ def add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/bridge/pegin-address/{account}", pegin_address)
     r.add_get("/api/bridge/pegins", pegins)
     r.add_get("/api/bridge/pegouts", pegouts)
+    r.add_get("/api/bridge/coins", coins)
+    r.add_post("/api/admin/bridge/fund", admin_fund)
     r.add_get("/api/bridge/headers", headers_file)

@@ -17,7 +17,8 @@ Everything the bridge decides is decided here, from the state alone (docs/bridge
   CONFIRMED.
 - Several members may post the same duty: a relay whose headers are all relayed already (at or below the tip)
   and a peg-out update recording the status and txid already recorded are DuplicateDuty, applied once.
-- The federation's coins are state records (FedCoin under coin_key(txid, vout)): every claimed deposit, and every
+- The federation's coins are state records (FedCoin under coin_key(txid, vout), 33 bytes as every state key): every
+  claimed deposit, and every
   deposit to the funding address (contract FUNDING_CONTRACT) that a member records with FederationFund (the same
   SPV proof as a claim; no L2 money is made; the total is under FUNDED_KEY). Members spend what the state says,
   not what each one's bitcoind happens to see.
@@ -67,8 +68,7 @@ _BTC_TIP = struct.Struct(">II32s")  # base height, tip height, tip hash
 _TOTALS = struct.Struct(">QQQ")  # pegged in, pending out, paid out
 _PEGIN = struct.Struct(">32sIQI32s")  # btc txid, vout, amount, btc height, recipient
 _PEGOUT_HEAD = struct.Struct(">BQQ32sB")  # status, amount, l2 height, btc txid, script length
-_COIN = struct.Struct(">QB32s32s")  # amount, kind, contract, spent by (zero: unspent)
-_OUTPOINT = struct.Struct(">32sI")
+_COIN = struct.Struct(">32sIQB32s32s")  # txid, vout, amount, kind, contract, spent by (zero: unspent)
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -268,8 +268,8 @@ def pegout_key(pegout_id: bytes) -> bytes:
 
 
 def coin_key(btc_txid: bytes, vout: int) -> bytes:
-    """0x0B || txid (internal order) || vout u32: readable, so the coins can be listed by prefix."""
-    return bytes((Namespace.FED_COIN,)) + _OUTPOINT.pack(btc_txid, vout)
+    """0x0B || H("l2d/pegin/outpoint", txid || vout u32): the outpoint hash of pegin_key, in the coin namespace."""
+    return bytes((Namespace.FED_COIN,)) + H_PEGIN_OUTPOINT(btc_txid + struct.pack(">I", vout))
 
 
 class CoinKind(IntEnum):
@@ -279,32 +279,28 @@ class CoinKind(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class FedCoin:
-    """State value under coin_key(txid, vout) (73 bytes): amount u64 | kind u8 | contract 32 | spent_by 32 (the
-    spending plan's id; zero while unspent). The contract says which deposit script holds the coin
-    (deposit_script_pubkey(federation, network, contract))."""
+    """State value under coin_key(txid, vout) (109 bytes): txid 32 (internal order) | vout u32 | amount u64 | kind u8
+    | contract 32 | spent_by 32 (the spending plan's id; zero while unspent). The contract says which deposit script
+    holds the coin (deposit_script_pubkey(federation, network, contract))."""
 
+    btc_txid: bytes
+    vout: int
     amount_sat: int
     kind: CoinKind
     contract: bytes
     spent_by: bytes = b"\0" * 32
 
     def encode(self) -> bytes:
-        return _COIN.pack(self.amount_sat, self.kind, self.contract, self.spent_by)
+        return _COIN.pack(self.btc_txid, self.vout, self.amount_sat, self.kind, self.contract, self.spent_by)
 
     @classmethod
     def decode(cls, b: bytes) -> "FedCoin":
         if len(b) != _COIN.size:
             raise DecodeError(f"federation coin value is {len(b)} bytes")
-        amount, kind, contract, spent = _COIN.unpack(b)
+        txid, vout, amount, kind, contract, spent = _COIN.unpack(b)
         if kind not in (1, 2):
             raise DecodeError(f"federation coin kind {kind}")
-        return cls(amount, CoinKind(kind), contract, spent)
-
-
-def coin_outpoint(key: bytes) -> tuple[bytes, int]:
-    """(txid, vout) of a coin_key."""
-    txid, vout = _OUTPOINT.unpack(key[1:])
-    return txid, vout
+        return cls(txid, vout, amount, CoinKind(kind), contract, spent)
 
 
 def funded_sat(view: StateView) -> int:
@@ -489,7 +485,7 @@ def apply_pegin_claim(view: StateView, tx: Transaction, rules: Rules) -> None:
     view.put(skey, Account(acc.balance_sat + amount - fee, acc.nonce + 1).encode())
     view.put(SUPPLY_KEY, Supply(sup.minted_sat + amount, sup.burned_sat, sup.fees_sat + fee).encode())
     view.put(key, PeginEntry(txid, p.vout, amount, p.btc_height, tx.sender).encode())
-    view.put(coin_key(txid, p.vout), FedCoin(amount, CoinKind.DEPOSIT, tx.sender).encode())
+    view.put(coin_key(txid, p.vout), FedCoin(txid, p.vout, amount, CoinKind.DEPOSIT, tx.sender).encode())
     view.put(BRIDGE_TOTALS_KEY, BridgeTotals(totals.pegged_in_sat + amount, totals.pending_out_sat,
                                              totals.paid_out_sat).encode())
 
@@ -503,7 +499,7 @@ def apply_federation_fund(view: StateView, tx: Transaction, rules: Rules) -> Non
     if view.get(coin_key(txid, p.vout)) is not None:
         raise DuplicateDuty(f"funding deposit {txid_hex}:{p.vout} is recorded already")
     bump_member_nonce(view, tx)
-    view.put(coin_key(txid, p.vout), FedCoin(amount, CoinKind.FUNDING, FUNDING_CONTRACT).encode())
+    view.put(coin_key(txid, p.vout), FedCoin(txid, p.vout, amount, CoinKind.FUNDING, FUNDING_CONTRACT).encode())
     view.put(FUNDED_KEY, (funded_sat(view) + amount).to_bytes(8, "big"))
 
 

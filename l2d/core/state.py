@@ -193,19 +193,21 @@ def is_member(view: StateView, key: bytes) -> bool:
 
 
 def check_member(view: StateView, tx: Transaction) -> int:
-    """For fee-less system types: the sender is a federation member, the fee is 0 and the nonce is the next of
-    the sender's own account (each member counts its own nonces, so two members' system transactions never
-    compete for one nonce). Writes nothing; returns the sender's balance. A rule calls it before its other
-    checks (so a non-member hears Unauthorized, not why its transaction would be wrong) and bump_member_nonce
-    at its first write."""
+    """For fee-less system types: the sender is a federation member, the fee is 0 and the nonce is at least the
+    next of the sender's own account (each member counts its own nonces, so two members' system transactions never
+    compete for one nonce). Gaps are allowed, replays are not (the account's nonce becomes this one + 1): a duty
+    refused as a duplicate leaves its nonce unused, and the member's next system transaction in the same block
+    must still apply. Writes nothing; returns the sender's balance. A rule calls it before its other checks (so a
+    non-member hears Unauthorized, not why its transaction would be wrong) and bump_member_nonce at its first
+    write."""
     if not is_member(view, tx.sender):
         raise Unauthorized(f"{tx.sender.hex()} is not a federation member")
     if tx.fee_sat != 0:
         raise InvalidTransaction(f"a {tx.type.name.lower()} transaction carries no fee")
     raw = view.get(_ACC_PREFIX + tx.sender)
     bal, nonce = ACCOUNT_LAYOUT.unpack(raw) if raw is not None else (0, 0)
-    if tx.nonce != nonce:
-        raise BadNonce(f"nonce {tx.nonce}, expected {nonce}")
+    if tx.nonce < nonce:
+        raise BadNonce(f"nonce {tx.nonce}, expected at least {nonce}")
     return int(bal)
 
 

@@ -77,6 +77,13 @@ class Federation:
         self.procs: dict[int, L2dProcess] = {}
         self.starts = [0] * n
 
+    @property
+    def token(self) -> str:
+        """The admin token federation-init gave every member."""
+        m = re.search(r'admin_token = "([0-9a-f]+)"', self.config(0).read_text())
+        assert m is not None
+        return m.group(1)
+
     def rewrite_genesis(self) -> None:
         """After a change to every member's genesis (e.g. the same [bridge] section appended): genesis.json anew
         (`l2-cli federation-genesis`), and read back."""

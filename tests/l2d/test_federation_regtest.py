@@ -136,6 +136,33 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
         await poll(lambda: fed.tx_height(3, claim) is not None, 60, "the claim committed (seen by member 4)")
         assert procs[3].get(f"/api/l2/accounts/{ALICE_ID.hex()}")["balance_sat"] == 100_000_000 - 1
 
+        # funding: an operator pays the federation's funding address; member 2 records it (l2-cli federation-fund),
+        # and the coin is in every member's state; member 3 posting the same deposit is a duplicate duty
+        fund_addr = procs[1].get("/api/bridge/federation")["funding_address"]
+        fund_txid = await w.sendtoaddress(fund_addr, 2_000_000)
+        info = await rpc.call("getrawtransaction", [fund_txid[::-1].hex(), True])
+        [fund_vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == fund_addr]
+        await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
+        await poll(relayed_to_a, 60, "the funding block relayed")
+        info = await rpc.call("getrawtransaction", [fund_txid[::-1].hex(), True])
+        fund_block = bytes.fromhex(info["blockhash"])[::-1]
+        fund_args = ["--btc-height", str((await rpc.getblockheader(fund_block, True)).height),
+                     "--vout", str(fund_vout), "--tx", (await rpc.getrawtransaction(fund_txid)).hex(),
+                     "--proof", (await rpc.gettxoutproof([fund_txid], fund_block)).hex(), "--token", fed.token]
+        out = subprocess.run([sys.executable, "-m", "l2d.cli", "--json", "--api", procs[1].url(""),
+                              "federation-fund", *fund_args, "--wait", "60"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 0 and json.loads(out.stdout)["status"] == "committed", out.stdout + out.stderr
+        await poll(lambda: procs[3].get("/api/bridge/federation")["funded_sat"] == 2_000_000, 60, "funding seen")
+        coins = {(c["txid"], c["vout"]): c for c in procs[3].get("/api/bridge/coins")["coins"]}
+        assert coins[(fund_txid[::-1].hex(), fund_vout)]["kind"] == "FUNDING"
+        assert coins[(txid[::-1].hex(), vout)] == {"txid": txid[::-1].hex(), "vout": vout, "amount_sat": 100_000_000,
+                                                  "kind": "DEPOSIT", "contract": ALICE_ID.hex(), "address": addr,
+                                                  "spent_by": None}
+        out = subprocess.run([sys.executable, "-m", "l2d.cli", "--api", procs[2].url(""), "federation-fund",
+                              *fund_args], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 1 and "duplicate-duty" in out.stderr, out.stdout + out.stderr
+
         # peg-out: Alice burns 0.3 BTC through member 2; member 1 pays once an anchor covers the burn
         dest = await w.getnewaddress()
         burn = sign(REGTEST, ALICE, 1, 1, Burn(30_000_000, dest.encode()), bytes(32))

@@ -16,10 +16,12 @@ from coincurve import PrivateKey
 from l2d.config import Config, ConfigError
 from l2d.core.coin_tx import Burn
 from l2d.core.params import LOCAL
-from l2d.core.pegs import PEGOUT_MIN_SAT, address_script, deposit_script_pubkey, script_address, witness_script
+from l2d.core.pegs import (FUNDING_CONTRACT, PEGOUT_MIN_SAT, address_script, deposit_script_pubkey, script_address,
+                           witness_script)
 from l2d.core.tx import sign
 from l2d.genesis import NodeError
 from l2d.node import Node
+from tests.conftest import ADMIN_TOKEN
 
 REGTEST_P2WPKH = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 MAINNET_P2WPKH = "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"
@@ -59,6 +61,31 @@ async def test_federation_endpoint(bridge_client: tuple[Node, TestClient], tmp_p
     assert f["holdings_sat"] is None and f["invariant_ok"] is None  # no bitcoind: no service, no holdings
     assert f["btc_tip"] is None
     assert f["change_address"].startswith("bcrt1q")
+
+
+async def test_funding_address_coins_and_the_fund_endpoint_refuse_bad_input(
+        bridge_client: tuple[Node, TestClient]) -> None:
+    node, client = bridge_client
+    f = await (await client.get("/api/bridge/federation")).json()
+    fed = node.federation
+    assert fed is not None
+    assert f["funding_address"] == script_address(deposit_script_pubkey(fed, LOCAL.id, FUNDING_CONTRACT), LOCAL)
+    assert f["funded_sat"] == 0
+    assert await (await client.get("/api/bridge/coins")).json() == {"coins": []}
+    root = (await (await client.get("/api/l2/state")).json())["state_root"]
+    good = {"btc_height": 1, "vout": 0, "tx": "00" * 60, "proof": "00" * 100}
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    resp = await client.post("/api/admin/bridge/fund", json=good)
+    assert resp.status == 401
+    for bad, code in [({**good, "tx": "zz"}, "malformed"), ({**good, "proof": "00" * 1001}, "malformed"),
+                      ({**good, "btc_height": -1}, "out-of-range"), ({**good, "proof": "00" * 80}, "out-of-range"),
+                      ({**good, "vout": "0"}, "bad-field")]:
+        resp = await client.post("/api/admin/bridge/fund", json=bad, headers=auth)
+        assert resp.status == 400 and (await resp.json())["error"] == code, (bad, await resp.text())
+    # well formed, but no relayed Bitcoin block holds it: refused by consensus at admission
+    resp = await client.post("/api/admin/bridge/fund", json=good, headers=auth)
+    assert resp.status == 400 and (await resp.json())["error"] == "unknown-btc-block"
+    assert (await (await client.get("/api/l2/state")).json())["state_root"] == root
 
 
 async def test_pegin_address_is_per_account(bridge_client: tuple[Node, TestClient], keys: Any) -> None:

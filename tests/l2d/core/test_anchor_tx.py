@@ -173,8 +173,6 @@ def test_replay_by_nonce_refused() -> None:
     before = dict(view.writes)
     with pytest.raises(BadNonce):
         apply_tx(view, tx, RULES)
-    with pytest.raises(BadNonce):
-        apply_tx(view, sign(REGTEST, secret(FED), 5, 0, confirmed(), AUX), RULES)
     assert view.writes == before
 
 

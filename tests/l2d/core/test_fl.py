@@ -289,7 +289,7 @@ def test_round_commitments_only_from_the_authority_in_order_from_the_last_params
     c.reject(InvalidTransaction, AUTH, FlRound(h("nope"), 1, h("a"), h("b"), 0, 0, 0, 0, r1.participants),
              match="no FL job")
     t1 = c.apply(AUTH, r1)
-    c.reject(BadNonce, AUTH, r1, t=t1, match="expected 1")  # replay of the signed commitment
+    c.reject(BadNonce, AUTH, r1, t=t1, match="expected at least 1")  # replay of the signed commitment
     c.reject(DuplicateDuty, AUTH, r1, match="committed already")  # same round, fresh nonce: done already
     # another member's commitment of round 1 (its own aggregate, even) is refused the same way; a non-member's
     # is unauthorized; that member commits round 2 below, with its own nonce 0

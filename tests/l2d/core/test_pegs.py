@@ -39,7 +39,7 @@ from l2d.core.pegs import (BRIDGE_TOTALS_KEY, BTC_TIP_KEY, FEDERATION_KEY, FUNDE
                            PEGOUT_MIN_SAT, SECP256K1_N, AlreadyClaimed, BadAddress, BadPegoutTransition, BadRelay,
                            BridgeTotals, BtcTip, ClaimTooShallow, CoinKind, FedCoin, Federation, InvalidPeginProof,
                            NoBridge, PeginEntry, PegoutEntry, PegoutNotAnchored, PegoutTooSmall, UnknownBtcBlock,
-                           UnknownPegout, WrongDepositAddress, address_script, btc_header_key, coin_key, coin_outpoint,
+                           UnknownPegout, WrongDepositAddress, address_script, btc_header_key, coin_key,
                            deposit_script_pubkey, federation_genesis, funded_sat, pegin_key, pegin_tweak, pegout_key,
                            script_address, witness_script)
 from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, FederationFund, PeginClaim, PegoutStatus, PegoutUpdate
@@ -48,6 +48,7 @@ from l2d.core.spv import (BITCOIN_REGTEST, Header, build_partial_merkle_tree, co
                           dsha256, make_header, parse_tx, serialize_merkleblock)
 from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
                             locked_sat)
+from l2d.core.tree import KEY_SIZE
 from l2d.core.tx import MAX_TX_SIZE, Transaction, decode, sign
 
 AUX = b"\0" * 32
@@ -243,7 +244,9 @@ def relayed_world(chain: Chain = CHAIN, end: Optional[int] = None) -> World:
 
 
 def check_invariants(state: dict[bytes, bytes]) -> BridgeTotals:
-    """The ledger invariant, and the bridge totals re-derived from the peg-in and peg-out records."""
+    """The ledger invariant, and the bridge totals re-derived from the peg-in and peg-out records; every key is a
+    state tree key (33 bytes)."""
+    assert {len(k) for k in state} == {KEY_SIZE}
     balances = sum(Account.decode(v).balance_sat for k, v in state.items() if k[0] == Namespace.ACCOUNT)
     sup = Supply.decode(state[SUPPLY_KEY])
     assert balances + sup.fees_sat + locked_sat(StateView(state.get)) == sup.minted_sat - sup.burned_sat
@@ -451,14 +454,16 @@ def test_relay_authority_fee_nonce_and_no_bridge() -> None:
     w.refuse(w.sign(BOB, relay), Unauthorized)
     w.refuse(w.sign(MINT, relay), Unauthorized)
     w.refuse(w.sign(AUTH, relay, fee=1), InvalidTransaction)
-    w.refuse(w.sign(AUTH, relay, nonce=1), BadNonce)
     w.refuse(w.sign(secret("fed0"), relay), Unauthorized)  # a bridge signer's Bitcoin key is no member key
-    tx = w.sign(AUTH, relay)
+    tx = w.sign(AUTH, relay, nonce=1)  # a gap in a member's nonces is allowed (a refused duplicate leaves one)
     w.apply(tx)
+    assert w.account(AUTH) == Account(0, 2)
+    w.nonce[xonly(AUTH)] = 2
     w.refuse(tx, BadNonce)  # the same signed relay again: a member's nonce is checked first
+    w.refuse(w.sign(AUTH, CHAIN.relay(BASE + 2), nonce=0), BadNonce)  # the nonce the gap skipped: never again
     w.refuse(w.sign(AUTH2, relay), DuplicateDuty)  # the other member's copy of it: relayed already
     again = CHAIN.relay(BASE + 2)
-    w.refuse(w.sign(AUTH, again, nonce=0), BadNonce)  # replayed nonce
+    w.refuse(w.sign(AUTH, again, nonce=1), BadNonce)  # replayed nonce
     w.refuse(w.sign(BOB, again), Unauthorized)
     w.do(AUTH2, again)  # the other member extends the chain, with its own nonce 0
     assert w.tip().height == CHAIN.tip() and w.nonce[xonly(AUTH2)] == 1
@@ -486,8 +491,9 @@ def test_claim_happy_path() -> None:
     assert entry == PeginEntry(DEP.txids[1], 0, amount, BASE + 1, xonly(ALICE))
     assert len(entry.encode()) == 80
     coin = coin_key(DEP.txids[1], 0)
-    assert FedCoin.decode(w.state[coin]) == FedCoin(amount, CoinKind.DEPOSIT, xonly(ALICE))  # the federation's coin
-    assert coin_outpoint(coin) == (DEP.txids[1], 0) and len(w.state[coin]) == 73
+    # the federation's coin, under a 33-byte key as every state key
+    assert FedCoin.decode(w.state[coin]) == FedCoin(DEP.txids[1], 0, amount, CoinKind.DEPOSIT, xonly(ALICE))
+    assert coin[0] == Namespace.FED_COIN and len(coin) == 33 and len(w.state[coin]) == 109
     assert set(writes) == {account_key(xonly(ALICE)), SUPPLY_KEY, key, coin, BRIDGE_TOTALS_KEY}
     check_invariants(w.state)
 
@@ -522,7 +528,7 @@ def test_a_member_records_a_funding_deposit_as_a_federation_coin_and_no_money_is
     w.refuse(w.sign(ALICE, blk.claim(1, 0), fee=1), WrongDepositAddress)  # nor can anyone claim the funding as L2
     writes = w.apply(w.sign(AUTH, fund(blk, 0)))
     key = coin_key(blk.txids[1], 0)
-    assert FedCoin.decode(w.state[key]) == FedCoin(400_000, CoinKind.FUNDING, FUNDING_CONTRACT)
+    assert FedCoin.decode(w.state[key]) == FedCoin(blk.txids[1], 0, 400_000, CoinKind.FUNDING, FUNDING_CONTRACT)
     assert funded_sat(StateView(w.state.get)) == 400_000
     assert set(writes) == {key, FUNDED_KEY, account_key(xonly(AUTH))}  # the member's nonce; no supply change
     assert w.supply() == sup and w.totals() == BridgeTotals(0, 0, 0)
