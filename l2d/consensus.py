@@ -219,9 +219,19 @@ class FederationHost:
         return out
 
     def serve_txs(self, txids: Sequence[bytes]) -> list[bytes]:
+        """The bodies I have: pending, fetched for proposals, or committed (a member that holds a block pending for
+        a body asks for it after the others committed it)."""
         out = []
+        blocks: dict[int, Optional[Block]] = {}  # each block decoded once per request
         for t in txids:
             tx = self.mempool.get(t) or self._txs.get(t)
+            if tx is None:
+                loc = self.store.tx_location(t)
+                if loc is not None:
+                    if loc[0] not in blocks:
+                        blocks[loc[0]] = self.ledger.block(loc[0])
+                    blk = blocks[loc[0]]
+                    tx = None if blk is None else blk.txs[loc[1]]
             if tx is not None:
                 out.append(tx.raw)
         return out

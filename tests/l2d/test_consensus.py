@@ -262,3 +262,20 @@ async def test_a_block_waiting_for_a_missing_body_is_stored_when_a_block_fetch_b
         await node.stop()
         await runner.cleanup()
     assert not node.failed
+
+
+async def test_committed_transaction_bodies_are_served_to_members(
+        tmp_path: Path, make_cfg: Callable[..., Config], poll: Callable[..., Any]) -> None:
+    """A member holding a block pending for a body asks the others, who may have committed it already."""
+    node = Node.from_config(make_cfg(tmp_path / "data"))
+    await node.start(serve_http=False)
+    try:
+        txs = [transfer(1, 4, 10, n) for n in range(3)]
+        for t in txs:
+            node.admission.submit(t.raw)
+        await _committed(node, txs, poll)
+        assert all(node.mempool.get(t.txid) is None for t in txs)
+        unknown = hashlib.sha256(b"no such transaction").digest()
+        assert node.host.serve_txs([txs[2].txid, unknown, txs[0].txid]) == [txs[2].raw, txs[0].raw]
+    finally:
+        await node.stop()
