@@ -153,23 +153,29 @@ async def test_transfer_is_committed_and_visible_everywhere(client: Client, wait
     loc = await wait_committed(client, wait_until, t.txid.hex())
     assert loc["height"] == 1 and loc["index"] == 0
 
+    async def settled() -> bool:  # then one empty block makes block 1 final, and the federation idles
+        st = await get_json(client, "/api/status")
+        return bool(st["height"] == 2 and st["final_height"] == 1)
+    await wait_until(settled, 30, "block 1 final")
     sender, recipient = await account(client, 1), await account(client, 4)
     assert (sender["balance_sat"], sender["nonce"]) == (GENESIS_SAT - 1005, 1)
     assert recipient["exists"] and (recipient["balance_sat"], recipient["nonce"]) == (1000, 0)
-    assert sender["height"] == 1
+    assert sender["height"] == 2
 
     b = await get_json(client, "/api/l2/blocks/1")
-    assert b["tx_count"] == 1 and b["state_root"] == sender["state_root"]
+    empty = await get_json(client, "/api/l2/blocks/2")
+    assert b["tx_count"] == 1 and empty["tx_count"] == 0 and b["state_root"] == empty["state_root"] == \
+        sender["state_root"]
     assert b["txs"] == [{"txid": t.txid.hex(), "type": "transfer", "sender": pubkey(1).hex(), "nonce": 0,
                          "fee_sat": 5, "recipient": pubkey(4).hex(), "amount_sat": 1000}]
     genesis = await get_json(client, "/api/l2/blocks/0")
     assert b["prev_hash"] == genesis["hash"]
 
     s = await get_json(client, "/api/l2/state")
-    assert s["height"] == 1 and s["records"] == 7  # 6 before the member record
+    assert s["height"] == 2 and s["records"] == 7  # 6 before the member record
     assert s["supply"] == {"minted_sat": 3 * GENESIS_SAT, "burned_sat": 0, "fees_sat": 5}
     status = await get_json(client, "/api/status")
-    assert status["height"] == 1 and status["tip_hash"] == b["hash"] and status["mempool_size"] == 0
+    assert status["height"] == 2 and status["tip_hash"] == empty["hash"] and status["mempool_size"] == 0
 
 
 async def test_queued_nonces_and_burn(client: Client, wait_until: Any) -> None:
