@@ -180,7 +180,7 @@ class AuditBundle:
         if self.anchor_kind == AnchorKind.TAPROOT and len(self.federation_key) != 32:
             raise OutOfRange("a Taproot anchor needs the 32-byte x-only federation key")
         if self.anchor_kind != AnchorKind.TAPROOT and self.federation_key:
-            raise OutOfRange(f"a {self.anchor_kind.name} anchor carries no single federation key")
+            raise OutOfRange(f"an anchor of kind {self.anchor_kind.name} carries no single federation key")
         if (self.anchor_kind == AnchorKind.TAPROOT_KOFN) != (self.kofn is not None):
             raise OutOfRange("a k-of-n policy is carried by a TAPROOT_KOFN anchor, and only by one")
         if not self.headers or len(self.headers) % HEADER_SIZE:
@@ -382,7 +382,7 @@ def kofn_output(bundle: AuditBundle) -> FederationOutput:
     """The P2TR output a TAPROOT_KOFN anchor must be: NUMS_KEY tweaked by the tree of the bundle's k-of-n leaf and
     the commitment leaf OP_RETURN <link> of its record."""
     if bundle.kofn is None:
-        raise OutOfRange(f"a {bundle.anchor_kind.name} anchor has no k-of-n policy")
+        raise OutOfRange(f"an anchor of kind {bundle.anchor_kind.name} has no k-of-n policy")
     return FederationOutput.anchor(bundle.kofn, bundle.record)
 
 
