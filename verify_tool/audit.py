@@ -3,6 +3,11 @@
     l2-verify audit BUNDLE [--members GENESIS_FILE] [--checkpoint HEIGHT:HASH] [--min-conf K]
                     [--chain regtest|testnet|signet|mainnet] [--json]
 
+The anchor is an OP_RETURN output, a Taproot output of one federation key, or a k-of-n Taproot anchor: the bundle
+carries k and the n member keys, and the transaction must have the P2TR output of BIP341's NUMS key tweaked by the
+tree of that k-of-n leaf and the record's OP_RETURN <link> leaf (the output line says "taproot-kofn (k=.. of n=..
+keys...)", --json "anchor_kind": "taproot-kofn" and "k_of_n": {k, n, keys, internal_key, merkle_root}).
+
 A version 2 bundle also carries the anchored L2 block's header and commit. With --members (a federation genesis
 file) the bundle must carry it and at least m of the members must have signed that block; without --members the
 commit's header must still match the anchor record, and the output says the signatures were not checked.
@@ -10,13 +15,14 @@ commit's header must still match the anchor record, and the output says the sign
 Exit codes (as for the other verifier commands):
     0  verified;
     1  verification failed: bundle checksum, snapshot or account proof, state root, the L2 block's commit (not the
-       anchored block, fewer than m valid member signatures, missing with --members), anchor output, partial merkle
-       tree (unused bits/hashes, duplicated-node mutation, bad count, root), transaction not in the proof, 64-byte
-       transaction, header link / proof of work / difficulty / timestamps, checkpoint, block not in the chain, too
-       few confirmations;
+       anchored block, fewer than m valid member signatures, missing with --members), anchor output (a k-of-n
+       anchor: no output is the one its k, keys and record give), partial merkle tree (unused bits/hashes,
+       duplicated-node mutation, bad count, root), transaction not in the proof, 64-byte transaction, header link /
+       proof of work / difficulty / timestamps, checkpoint, block not in the chain, too few confirmations;
     2  malformed input or usage: not a bundle, unknown version or network, truncated, trailing bytes, an
-       undecodable transaction / merkle block / proof / snapshot / commit, unreadable file, bad --checkpoint or
-       --min-conf, an unusable --members file.
+       undecodable transaction / merkle block / proof / snapshot / commit, a k-of-n policy that is none
+       (InvalidPolicy: k outside 1..n, n outside 1..64, keys unsorted or repeated, a key not on the curve),
+       unreadable file, bad --checkpoint or --min-conf, an unusable --members file.
 The verifier's clock is read here, at the command-line boundary, for the 2-hour future limit on headers; the
 checks themselves (anchoring.audit, bridge.spv) are pure.
 """
@@ -135,8 +141,11 @@ def _verify(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name:
     else:
         signed = (f", block {report.l2_block_hash.hex()} with a commit of {len(report.signers)} member "
                   f"signature(s) NOT checked (no --members),")
+    anchor = str(d["anchor_kind"])
+    if report.kofn is not None:
+        anchor += f" (k={report.kofn.k} of n={report.kofn.n} keys, NUMS internal key)"
     line = (f"OK audit {path}: L2 {report.network} height {report.l2_height} root {d['state_root']} ({evidence})"
-            f"{signed} anchored by {d['anchor_kind']} output {d['txid']}:{report.vout} in block {d['block_hash']} at "
+            f"{signed} anchored by {anchor} output {d['txid']}:{report.vout} in block {d['block_hash']} at "
             f"{report.chain} height {report.block_height}, {report.confirmations} confirmation(s) >= {min_conf}, "
             f"{d['headers']} headers linked from {trust}")
     return d, line

@@ -1,6 +1,7 @@
 """Audit bundles: one file that lets an auditor check, offline, that Bitcoin proof-of-work commits to an L2 state.
 
-A bundle holds the anchor record and how it is committed (OP_RETURN or Taproot), the raw anchor transaction, its
+A bundle holds the anchor record and how it is committed (OP_RETURN, Taproot under one federation key, or
+Taproot under the federation's k-of-n policy and BIP341's NUMS key), the raw anchor transaction, its
 gettxoutproof merkle block, a Bitcoin header chain from a checkpoint past the anchor block, and the L2 evidence (a
 whole snapshot, or a state root with account proofs); a version 2 bundle also holds the anchored L2 block's header
 and its commit, the member signatures that tie the state root to the federation. Byte layout and the order of
@@ -24,6 +25,7 @@ from .codec import Reader
 from .commit import Commit
 from .errors import DecodeError, L2Error, OutOfRange, ProofError, Truncated, UnknownVersion, WrongNetwork
 from .genesis_file import FederationGenesis
+from .kofn import NUMS_KEY, FederationOutput, KofN
 from .params import NETWORKS, Network
 from .snapshot import HEADER_SIZE as SNAPSHOT_HEADER_SIZE
 from .snapshot import SnapshotHeader, verify_snapshot
@@ -55,7 +57,8 @@ class Section(IntEnum):
 
 class AnchorKind(IntEnum):
     OP_RETURN = 0
-    TAPROOT = 1
+    TAPROOT = 1  # key path of one federation key, tweaked by the <link> OP_DROP <F> OP_CHECKSIG leaf
+    TAPROOT_KOFN = 2  # NUMS internal key; the k-of-n leaf beside the OP_RETURN <link> leaf (l2d.core.kofn)
 
 
 class EvidenceKind(IntEnum):
@@ -168,6 +171,7 @@ class AuditBundle:
     headers: bytes  # concatenated 80-byte headers, first = checkpoint, ascending
     evidence: Evidence
     commit: Optional[CommitEvidence] = None  # version 2 bundles only
+    kofn: Optional[KofN] = None  # the federation's k-of-n policy, TAPROOT_KOFN anchors only
 
     def __post_init__(self) -> None:
         if not 0 <= self.network_id <= 0xFF or self.record.network_id != self.network_id:
@@ -175,8 +179,10 @@ class AuditBundle:
                              f"{self.record.network_id} must be the same byte")
         if self.anchor_kind == AnchorKind.TAPROOT and len(self.federation_key) != 32:
             raise OutOfRange("a Taproot anchor needs the 32-byte x-only federation key")
-        if self.anchor_kind == AnchorKind.OP_RETURN and self.federation_key:
-            raise OutOfRange("an OP_RETURN anchor carries no federation key")
+        if self.anchor_kind != AnchorKind.TAPROOT and self.federation_key:
+            raise OutOfRange(f"an anchor of kind {self.anchor_kind.name} carries no single federation key")
+        if (self.anchor_kind == AnchorKind.TAPROOT_KOFN) != (self.kofn is not None):
+            raise OutOfRange("a k-of-n policy is carried by a TAPROOT_KOFN anchor, and only by one")
         if not self.headers or len(self.headers) % HEADER_SIZE:
             raise OutOfRange(f"header chain is {len(self.headers)} bytes: not a non-zero multiple of {HEADER_SIZE}")
         if not 0 <= self.headers_start_height <= 0xFFFFFFFF:
@@ -193,7 +199,8 @@ class AuditBundle:
         return self.headers_start_height + self.header_count - 1
 
     def encode(self) -> bytes:
-        anchor = self.record.encode() + bytes((self.anchor_kind,)) + self.federation_key
+        policy = b"" if self.kofn is None else self.kofn.encode()
+        anchor = self.record.encode() + bytes((self.anchor_kind,)) + self.federation_key + policy
         headers = _U32.pack(self.headers_start_height) + _U32.pack(self.header_count) + self.headers
         sections = [(Section.ANCHOR, anchor), (Section.ANCHOR_TX, self.anchor_tx),
                     (Section.MERKLEBLOCK, self.merkleblock), (Section.HEADERS, headers),
@@ -256,10 +263,11 @@ class AuditBundle:
         a = Reader(sections[Section.ANCHOR], "anchor section")
         record = AnchorRecord.decode(a.take(RECORD_SIZE), network)
         kind_byte = a.u8()
-        if kind_byte not in (0, 1):
+        if kind_byte not in tuple(AnchorKind):
             raise BundleMalformed(f"anchor kind {kind_byte}")
         kind = AnchorKind(kind_byte)
         fed_key = a.take(32) if kind == AnchorKind.TAPROOT else b""
+        kofn = KofN.read(a) if kind == AnchorKind.TAPROOT_KOFN else None  # InvalidPolicy: k, n, keys
         a.end()
 
         anchor_tx = sections[Section.ANCHOR_TX]
@@ -283,7 +291,7 @@ class AuditBundle:
         if Section.COMMIT in sections:
             c = Reader(sections[Section.COMMIT], "commit section")
             commit = CommitEvidence(BlockHeader.read(c, network), Commit.decode(c.take(c.remaining())))
-        return cls(net_id, record, kind, fed_key, anchor_tx, merkleblock, start, headers, evidence, commit)
+        return cls(net_id, record, kind, fed_key, anchor_tx, merkleblock, start, headers, evidence, commit, kofn)
 
 
 def _truncated(r: Reader, need: int) -> DecodeError:
@@ -345,6 +353,8 @@ class AuditReport:
     l2_block_hash: Optional[bytes] = None  # the anchored L2 block's, when the bundle carries its commit
     signers: Optional[tuple[int, ...]] = None  # member indices in that commit
     signers_checked: bool = False  # their signatures were verified against a federation genesis
+    kofn: Optional[KofN] = None  # the k-of-n policy of a TAPROOT_KOFN anchor
+    merkle_root: bytes = b""  # its script tree's root: TapBranch(k-of-n leaf, OP_RETURN <link> leaf)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -362,13 +372,26 @@ class AuditReport:
             "commit": None if self.signers is None or self.l2_block_hash is None else {
                 "l2_block_hash": self.l2_block_hash.hex(), "signers": list(self.signers),
                 "checked": self.signers_checked},
+            "k_of_n": None if self.kofn is None else {
+                "k": self.kofn.k, "n": self.kofn.n, "keys": [key.hex() for key in self.kofn.keys],
+                "internal_key": NUMS_KEY.hex(), "merkle_root": self.merkle_root.hex()},
         }
+
+
+def kofn_output(bundle: AuditBundle) -> FederationOutput:
+    """The P2TR output a TAPROOT_KOFN anchor must be: NUMS_KEY tweaked by the tree of the bundle's k-of-n leaf and
+    the commitment leaf OP_RETURN <link> of its record."""
+    if bundle.kofn is None:
+        raise OutOfRange(f"an anchor of kind {bundle.anchor_kind.name} has no k-of-n policy")
+    return FederationOutput.anchor(bundle.kofn, bundle.record)
 
 
 def anchor_script(bundle: AuditBundle) -> bytes:
     """The output script that must carry the bundle's record."""
     if bundle.anchor_kind == AnchorKind.TAPROOT:
         return TaprootAnchor(bundle.record, bundle.federation_key).script_pubkey
+    if bundle.anchor_kind == AnchorKind.TAPROOT_KOFN:
+        return kofn_output(bundle).script_pubkey
     return op_return_script(bundle.record)
 
 
@@ -385,8 +408,9 @@ def verify_bundle(bundle: AuditBundle, network: Network, chain_params: ChainPara
     2a. a bundle with a commit: its L2 block header is at the record's height with the record's state root
        (CommitMismatch) and, federation given, at least m of its members signed that block (NotEnoughSignatures,
        BadCommitSignature); without a federation the signatures are not checked (the report says so);
-    3. the anchor transaction has an output carrying the record (the canonical OP_RETURN script, or the P2TR
-       output committing to it under the federation key);
+    3. the anchor transaction has an output carrying the record (the canonical OP_RETURN script, the P2TR
+       output committing to it under the federation key, or for a k-of-n anchor the P2TR output of NUMS_KEY
+       tweaked by TapBranch(the bundle's k-of-n leaf, OP_RETURN <link>): AnchorNotInTx otherwise);
     4. the transaction is in the merkle block's block (bridge.spv.verify_tx_in_block: Core's partial merkle tree
        rules, txid from the non-witness serialization, no 64-byte transactions);
     5. the header chain: the checkpoint (height:hash, internal byte order) if given, linkage, proof of work,
@@ -447,7 +471,8 @@ def verify_bundle(bundle: AuditBundle, network: Network, chain_params: ChainPara
     script = anchor_script(bundle)
     vout = next((i for i, o in enumerate(info.tx.vout) if bytes(o.scriptPubKey) == script), None)
     if vout is None:
-        kind = "OP_RETURN" if bundle.anchor_kind == AnchorKind.OP_RETURN else "Taproot (P2TR)"
+        kind = {AnchorKind.OP_RETURN: "OP_RETURN", AnchorKind.TAPROOT: "Taproot (P2TR)"}.get(
+            bundle.anchor_kind, f"k-of-n Taproot ({_policy_name(bundle.kofn)}, NUMS internal key, P2TR {script.hex()})")
         raise AnchorNotInTx(f"no output of transaction {info.txid_hex} is the {kind} anchor of the record "
                             f"(L2 height {record.l2_height}, root {record.state_root.hex()})")
 
@@ -489,7 +514,12 @@ def verify_bundle(bundle: AuditBundle, network: Network, chain_params: ChainPara
         block_height=block_height, tx_index=tx_index, chain=chain_params.name, start_height=start_height,
         start_hash=chain.start_hash, tip_height=chain.height, tip_hash=chain.tip, confirmations=confirmations,
         chain_work=chain.work, checkpoint=checkpoint, l2_block_hash=l2_block_hash, signers=signers,
-        signers_checked=federation is not None)
+        signers_checked=federation is not None, kofn=bundle.kofn,
+        merkle_root=b"" if bundle.kofn is None else kofn_output(bundle).merkle_root)
+
+
+def _policy_name(kofn: Optional[KofN]) -> str:
+    return "no policy" if kofn is None else f"{kofn.k}-of-{kofn.n}"
 
 
 def bundle_version(bundle: AuditBundle) -> int:

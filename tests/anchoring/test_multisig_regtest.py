@@ -9,9 +9,10 @@ from typing import Optional
 from coincurve import PrivateKey
 
 from anchoring.btc_tx import Prevout, SignedTx, TxOut, finalize
-from anchoring.multisig import FederationOutput, KofN, MemberSignature, assemble, sighash, sign
+from anchoring.multisig import MemberSignature, assemble, prevout, sighash, sign
 from bridge.rpc import BitcoinRPC, sat_to_btc_str
 from l2d.core.anchor_format import LEAF_VERSION_TAPSCRIPT, AnchorRecord, Leaf
+from l2d.core.kofn import FederationOutput, KofN
 from regtest.harness import fund_wallet
 
 SECRETS = [hashlib.sha256(b"l2d test key %d" % n).digest() for n in (1, 2, 3, 4)]
@@ -61,7 +62,7 @@ async def _fund(rpc: BitcoinRPC, outputs: list[tuple[FederationOutput, int]]) ->
     coins = []
     for out, amount in outputs:
         vout = next(o["n"] for o in tx["vout"] if o["scriptPubKey"]["hex"] == out.script_pubkey.hex())
-        coins.append(out.prevout(bytes.fromhex(txid_hex)[::-1], vout, amount))
+        coins.append(prevout(out, bytes.fromhex(txid_hex)[::-1], vout, amount))
     return coins
 
 

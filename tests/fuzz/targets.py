@@ -44,6 +44,7 @@ from l2d.core.fl_tx import FlFinish, FlJobPost, FlReclaim, FlRegister, FlRound, 
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.header_file import MAGIC as HEADERS_MAGIC
 from l2d.core.header_file import load_header_file, write_header_file
+from l2d.core.kofn import FederationOutput, KofN
 from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import Federation, federation_genesis
@@ -390,6 +391,7 @@ def run_header_file(data: bytes) -> None:
 
 
 FED_KEY = PrivateKey(_sha(b"l2d fuzz federation key").digest()).public_key_xonly.format()
+KOFN = KofN.of(2, [PrivateKey(_sha(b"l2d fuzz member key %d" % i).digest()).public_key_xonly.format() for i in range(3)])
 
 
 def _btc_tx(script: bytes, value: int, i: int) -> bytes:
@@ -398,11 +400,12 @@ def _btc_tx(script: bytes, value: int, i: int) -> bytes:
 
 
 def bundle_seeds() -> list[bytes]:
-    """Complete bundles (OP_RETURN and Taproot anchors; snapshot and proof evidence) that verify."""
+    """Complete bundles (OP_RETURN, k-of-n Taproot and Taproot anchors; snapshot and proof evidence) that verify."""
     root, items = proof_tree()
     keys = sorted(items)
     out = []
-    for kind, evidence in ((AnchorKind.OP_RETURN, "proofs"), (AnchorKind.TAPROOT, "snapshot")):
+    for kind, evidence in ((AnchorKind.OP_RETURN, "proofs"), (AnchorKind.TAPROOT_KOFN, "proofs"),
+                           (AnchorKind.TAPROOT, "snapshot")):
         record = AnchorRecord(REGTEST.id, 1234, root)
         t = StateTree()
         for k, v in items.items():
@@ -410,7 +413,9 @@ def bundle_seeds() -> list[bytes]:
         ev = (SnapshotEvidence(snapshot_bytes(items)) if evidence == "snapshot" else
               ProofEvidence(root, tuple(t.prove(k, items.__getitem__) for k in (keys[1], keys[40],
                                                                                b"\x02" + b"\0" * 32))))
-        script = op_return_script(record) if kind == AnchorKind.OP_RETURN else TaprootAnchor(record, FED_KEY).script_pubkey
+        script = (op_return_script(record) if kind == AnchorKind.OP_RETURN else
+                  FederationOutput.anchor(KOFN, record).script_pubkey if kind == AnchorKind.TAPROOT_KOFN else
+                  TaprootAnchor(record, FED_KEY).script_pubkey)
         txs = [_btc_tx(b"\x51", 50 * 10**8, 0), _btc_tx(script, 330, 1), _btc_tx(b"\x52", 1000, 2)]
         txids = [_sha(_sha(x).digest()).digest() for x in txs]
         merkle, _ = compute_merkle_root(txids)
@@ -420,7 +425,8 @@ def bundle_seeds() -> list[bytes]:
             chain.append(grind(chain[-1].hash, h("after %d" % len(chain)), chain[-1].time + 600))
         mb = serialize_merkleblock(chain[4], build_partial_merkle_tree(txids, [False, True, False]))
         bundle = AuditBundle(REGTEST.id, record, kind, FED_KEY if kind == AnchorKind.TAPROOT else b"", txs[1], mb,
-                             0, b"".join(x.serialize() for x in chain), ev)
+                             0, b"".join(x.serialize() for x in chain), ev,
+                             kofn=KOFN if kind == AnchorKind.TAPROOT_KOFN else None)
         verify_bundle(bundle, REGTEST, BITCOIN_REGTEST, None, 1, now=NOW)  # the seed is valid
         out.append(bundle.encode())
     # a version 2 bundle: the anchored L2 block's header and its commit by the vector federation's members 0..2

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from l2d.core.audit import AuditBundle, verify_bundle
+from l2d.core.audit import AnchorKind, AuditBundle, verify_bundle
 from l2d.core.block import Block
 from l2d.core.chain_file import ChainFileError, ChainReader, verify_chain
 from l2d.core.errors import InvalidTransaction, Truncated
@@ -123,7 +123,7 @@ def test_block_snapshot_header_and_bundle_seeds_are_valid() -> None:
     bundles = [AuditBundle.decode(raw) for raw in T.bundle_seeds()]
     for b in bundles:
         verify_bundle(b, REGTEST, BITCOIN_REGTEST, None, 1, now=T.NOW)
-    assert bundles[-1].commit is not None
+    assert bundles[-1].commit is not None and {b.anchor_kind for b in bundles} == set(AnchorKind)
     verify_bundle(bundles[-1], REGTEST, BITCOIN_REGTEST, None, 1, now=T.NOW, federation=T.federation())
 
 

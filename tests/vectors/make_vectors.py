@@ -15,10 +15,15 @@ Files written:
     blocks.json        a genesis header and a block with three transactions applied to it
     commits.json       federation memberships, block commits (sighashes, signatures, encodings) and invalid commits
                        with the error they raise, genesis files, and a chain file
+    audit_kofn.json    the federation's k-of-n Taproot outputs (leaf, commitment leaf, tree, output key, control
+                       block) for the vector memberships, and audit bundles of a k-of-n anchor (anchor kind 2): one
+                       that verifies (with and without the anchored block's commit) and tampered or malformed ones
+                       with the error l2-verify audit reports
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,17 +37,25 @@ if str(ROOT) not in sys.path:
 
 from coincurve import PrivateKey  # noqa: E402
 
+from anchoring.btc_tx import TxOut, finalize  # noqa: E402
+from anchoring.multisig import assemble, prevout
+from anchoring.multisig import sign as sign_input  # noqa: E402
+from l2d.core.anchor_format import AnchorRecord, tapleaf_hash  # noqa: E402
+from l2d.core.audit import AnchorKind, AuditBundle, CommitEvidence, ProofEvidence, verify_bundle  # noqa: E402
 from l2d.core.block import Block, BlockHeader, genesis_header, tx_root  # noqa: E402
 from l2d.core.chain_file import ChainFileError, genesis_commit, verify_chain, write_chain_file
 from l2d.core.coin_tx import Burn, Mint, Transfer
 from l2d.core.commit import Commit, commit_sighash, sign_block
-from l2d.core.errors import CommitError, DecodeError, ProofError  # noqa: E402
+from l2d.core.errors import CommitError, DecodeError, L2Error, ProofError  # noqa: E402
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.hashing import EMPTY_ROOT  # noqa: E402
+from l2d.core.kofn import FederationOutput, KofN
 from l2d.core.members import Membership
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network  # noqa: E402
 from l2d.core.payload import Payload
 from l2d.core.rules import apply_tx
+from l2d.core.spv import (BITCOIN_REGTEST, Header, bits_to_target, build_partial_merkle_tree, compute_merkle_root,
+                          dsha256, make_header, parse_tx, serialize_merkleblock)
 from l2d.core.state import Rules, StateView, genesis_state
 from l2d.core.tree import Proof, StateTree, root_of, verify_proof  # noqa: E402
 from l2d.core.tx import Transaction, decode, sign, signature_ok
@@ -539,9 +552,186 @@ def network_of(name: str) -> Network:
     return {"regtest": REGTEST, "local": LOCAL}[name]
 
 
+# ---------------------------------------------------------------------------------------------- k-of-n anchors
+
+REGTEST_BITS = 0x207FFFFF
+# Bitcoin regtest's genesis block header (the chain a local or regtest L2 anchors to).
+BTC_GENESIS = make_header(1, bytes(32), bytes.fromhex("4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b")
+                          [::-1], 1296688602, REGTEST_BITS, 2)
+ANCHOR_BTC_HEIGHT = 2  # the anchor transaction's block
+BTC_TIP = 8  # the bundle's header chain runs from genesis to here: 7 confirmations
+KOFN_SIGNERS = (0, 2, 3)  # the members who sign the anchor transaction's input
+
+
+def grind(prev: Header, merkle_root: bytes) -> Header:
+    """The regtest header after prev, 10 minutes later, with the first nonce that meets the target."""
+    target = bits_to_target(REGTEST_BITS)
+    nonce = 0
+    while True:
+        h = make_header(0x20000000, prev.hash, merkle_root, prev.time + 600, REGTEST_BITS, nonce)
+        if int.from_bytes(h.hash, "little") <= target:
+            return h
+        nonce += 1
+
+
+def coinbase(height: int) -> bytes:
+    """A canonical coinbase transaction (version 1, the null outpoint, BIP34 height push, one OP_TRUE output)."""
+    return (b"\x01\x00\x00\x00\x01" + bytes(32) + b"\xff\xff\xff\xff" + bytes((2, 1, height)) + b"\xff\xff\xff\xff"
+            + b"\x01" + (50 * 10**8).to_bytes(8, "little") + b"\x01\x51" + bytes(4))
+
+
+def kofn_policy(name: str) -> KofN:
+    """The k-of-n policy over a vector membership's keys (member i: secret(MEMBER_KEY + i)), k its threshold."""
+    m = membership(name)
+    return KofN.of(m.threshold, m.keys)
+
+
+def kofn_output_json(name: str, record: AnchorRecord) -> dict[str, Any]:
+    policy = kofn_policy(name)
+    anchor, coin = FederationOutput.anchor(policy, record), FederationOutput(policy)
+    if anchor.commitment is None:
+        raise SystemExit("an anchor output has a commitment leaf")
+    return {"membership": name, "k": policy.k, "keys": [k.hex() for k in policy.keys],
+            "policy_encoding": policy.encode().hex(), "leaf_script": policy.script.hex(),
+            "leaf_hash": tapleaf_hash(policy.leaf).hex(), "commitment_leaf_script": anchor.commitment.script.hex(),
+            "commitment_leaf_hash": tapleaf_hash(anchor.commitment).hex(), "merkle_root": anchor.merkle_root.hex(),
+            "output_key": anchor.output_key.hex(), "script_pubkey": anchor.script_pubkey.hex(),
+            "control_block": anchor.control_block.hex(), "coin_script_pubkey": coin.script_pubkey.hex(),
+            "coin_control_block": coin.control_block.hex()}
+
+
+def kofn_bundle() -> tuple[AuditBundle, list[Header]]:
+    """A version 1 bundle of a 3-of-4 anchor of blocks.json's block 1 (the state root alone as evidence): the anchor
+    transaction spends a federation coin of the same policy by its k-of-n leaf, signed by members 0, 2 and 3
+    (anchoring.multisig), to the anchor output; it is the second transaction of regtest block 2."""
+    h1 = block_1(REGTEST)
+    record = AnchorRecord(REGTEST.id, h1.height, h1.state_root)
+    policy = kofn_policy("3-of-4")
+    coin, anchor = FederationOutput(policy), FederationOutput.anchor(policy, record)
+    inputs = [prevout(coin, hashlib.sha256(b"l2d vector federation coin").digest(), 0, 100_000)]
+    outputs = [TxOut(99_000, anchor.script_pubkey)]
+    sigs = [sign_input(member_secret(i), coin, inputs, outputs, 0, commit_aux(i)) for i in KOFN_SIGNERS]
+    tx = finalize(inputs, outputs, [assemble(coin, inputs, outputs, 0, sigs)]).raw
+    txs = [coinbase(ANCHOR_BTC_HEIGHT), tx]
+    txids = [parse_tx(t).txid for t in txs]
+    headers = [BTC_GENESIS]
+    for height in range(1, BTC_TIP + 1):
+        merkle = compute_merkle_root(txids)[0] if height == ANCHOR_BTC_HEIGHT else dsha256(b"block %d" % height)
+        headers.append(grind(headers[-1], merkle))
+    mb = serialize_merkleblock(headers[ANCHOR_BTC_HEIGHT], build_partial_merkle_tree(txids, [False, True]))
+    bundle = AuditBundle(REGTEST.id, record, AnchorKind.TAPROOT_KOFN, b"", tx, mb, 0,
+                         b"".join(h.serialize() for h in headers), ProofEvidence(h1.state_root), kofn=policy)
+    return bundle, headers
+
+
+def reseal(body: bytes) -> bytes:
+    return body + hashlib.sha256(body).digest()
+
+
+def with_anchor_body(raw: bytes, body: bytes) -> bytes:
+    """raw (a sealed bundle) with its ANCHOR section's body (after the preamble and the section's tag and length)
+    replaced and the trailer recomputed."""
+    old = int.from_bytes(raw[11:19], "big")
+    return reseal(raw[:11] + len(body).to_bytes(8, "big") + body + raw[19 + old:-32])
+
+
+def audit_verdict(raw: bytes, fed: Optional[FederationGenesis], now: int) -> Optional[str]:
+    """What decoding and verifying a bundle says: None (verified) or the error's class name."""
+    try:
+        verify_bundle(AuditBundle.decode(raw), REGTEST, BITCOIN_REGTEST, None, 1, now=now, federation=fed)
+    except (DecodeError, L2Error) as e:
+        return type(e).__name__
+    return None
+
+
+def audit_kofn() -> dict[str, Any]:
+    record = AnchorRecord(REGTEST.id, 100, hashlib.sha256(b"l2d vector state").digest())
+    outputs = [kofn_output_json(name, record) for name in MEMBERSHIPS]
+
+    bundle, headers = kofn_bundle()
+    now = headers[-1].time
+    fed = federation("3-of-4", REGTEST)
+    commit = next(v for v in commits()["commits"] if v["name"] == "3-of-4-threshold")
+    v2 = dataclasses.replace(bundle, commit=CommitEvidence(block_1(REGTEST), Commit.decode(bytes.fromhex(
+        commit["commit"]))))
+    raw = bundle.encode()
+    head = bundle.record.encode() + bytes((AnchorKind.TAPROOT_KOFN,))
+    keys = list(bundle.kofn.keys) if bundle.kofn is not None else []
+    outsider = pubkey(OUTSIDER_KEY)
+    valid = []
+    for name, b, members in (("3-of-4", bundle, None), ("3-of-4-with-commit", v2, "3-of-4/regtest")):
+        r = verify_bundle(AuditBundle.decode(b.encode()), REGTEST, BITCOIN_REGTEST, None, 1, now=now,
+                          federation=fed if members else None)
+        valid.append({"name": name, "bundle": b.encode().hex(), "members": members, "k": 3, "n": 4,
+                      "l2_height": r.l2_height, "state_root": r.state_root.hex(), "txid": r.txid[::-1].hex(),
+                      "vout": r.vout, "block_hash": r.block_hash[::-1].hex(), "block_height": r.block_height,
+                      "confirmations": r.confirmations, "merkle_root": r.merkle_root.hex(),
+                      "signers": None if r.signers is None else list(r.signers), "now": now})
+
+    def policy(k: int, n: int, ks: list[bytes]) -> bytes:
+        return with_anchor_body(raw, head + bytes((k, n)) + b"".join(ks))
+
+    tampered = [
+        ("k-changed", "k = 2 instead of 3 (resealed)", dataclasses.replace(bundle, kofn=KofN(2, tuple(keys))).encode()),
+        ("key-swapped", "member 1's key replaced by an outsider's (resealed)",
+         dataclasses.replace(bundle, kofn=KofN.of(3, [k for k in keys if k != pubkey(MEMBER_KEY + 1)] + [outsider]))
+         .encode()),
+        ("key-missing", "3 of the 3 other keys: member 1's key left out (resealed)",
+         dataclasses.replace(bundle, kofn=KofN.of(3, [k for k in keys if k != pubkey(MEMBER_KEY + 1)])).encode()),
+        ("key-added", "3 of 5: an outsider's key added (resealed)",
+         dataclasses.replace(bundle, kofn=KofN.of(3, keys + [outsider])).encode()),
+        ("link-changed", "the record's previous link changed: another link, another commitment leaf (resealed)",
+         dataclasses.replace(bundle, record=dataclasses.replace(bundle.record, prev_link=b"\x01" * 32)).encode()),
+        ("single-key", "the same output claimed as a single-key Taproot anchor of member 0's key (kind 1)",
+         dataclasses.replace(bundle, anchor_kind=AnchorKind.TAPROOT, federation_key=keys[0], kofn=None).encode()),
+        ("k-changed-not-resealed", "k = 2 written over the bundle's byte, trailer unchanged",
+         raw[:19 + 79] + b"\x02" + raw[19 + 80:]),
+        ("k-zero", "k = 0", policy(0, 4, keys)),
+        ("k-above-n", "k = 5 of 4 keys", policy(5, 4, keys)),
+        ("n-zero", "no keys", policy(1, 0, [])),
+        ("n-above-64", "n = 65", policy(1, 65, keys)),
+        ("keys-unsorted", "the keys in descending order", policy(3, 4, keys[::-1])),
+        ("key-twice", "the third key twice, the fourth left out", policy(3, 4, keys[:3] + keys[2:3])),
+        ("key-not-on-curve", "the last key is ff..ff, not an x coordinate on secp256k1",
+         policy(3, 4, keys[:3] + [b"\xff" * 32])),
+        ("fewer-keys-than-n", "n = 4 with three keys", policy(3, 4, keys[:3])),
+        ("more-keys-than-n", "n = 3 with four keys", policy(3, 3, keys)),
+        ("unknown-kind", "anchor kind 3", with_anchor_body(raw, bundle.record.encode() + b"\x03"
+                                                           + bytes((3, 4)) + b"".join(keys))),
+    ]
+    if raw[19 + 79] != 3:
+        raise SystemExit("k is not at offset 98 of the k-of-n bundle")
+    invalid = []
+    for name, why, data in tampered:
+        err = audit_verdict(data, None, now)
+        if err is None:
+            raise SystemExit(f"invalid audit bundle {name} verifies")
+        invalid.append({"name": name, "why": why, "bundle": data.hex(), "error": err,
+                        "exit_code": 2 if err in MALFORMED_BUNDLE_ERRORS else 1})
+    return {
+        "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. Federation outputs: the k-of-n "
+                   "policy over each commits.json membership's keys (k = its threshold), as a federation coin and as "
+                   "the anchor of 'record' (NUMS internal key, the k-of-n leaf beside OP_RETURN <link>; "
+                   "docs/anchoring.md). Bundles (docs/audit-bundle.md, anchor kind 2): a 3-of-4 anchor of "
+                   "blocks.json's block 1 whose transaction spends a coin of the same policy with members 0, 2 and 3's "
+                   "signatures; Bitcoin regtest from genesis to height 8, the anchor in block 2; 'now' is the "
+                   "verifier's clock. 'members' names the genesis file in commits.json to verify the commit with. "
+                   "'error' of an invalid bundle is what AuditBundle.decode or verify_bundle raises and 'exit_code' "
+                   "what l2-verify audit exits with.",
+        "record": record.encode().hex(),
+        "outputs": outputs,
+        "bundles": valid,
+        "invalid_bundles": invalid,
+    }
+
+
+# DecodeError subclasses among the bundle refusals: l2-verify audit exits 2 for them (malformed input)
+MALFORMED_BUNDLE_ERRORS = ("InvalidPolicy", "Truncated", "TrailingBytes", "BundleMalformed")
+
+
 def render() -> dict[str, str]:
     docs = {"transactions.json": transactions(), "state_tree.json": state_tree(), "blocks.json": blocks(),
-            "commits.json": commits()}
+            "commits.json": commits(), "audit_kofn.json": audit_kofn()}
     return {name: json.dumps(doc, indent=1) + "\n" for name, doc in docs.items()}
 
 

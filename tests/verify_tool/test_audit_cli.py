@@ -189,3 +189,55 @@ def test_commit_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path, worl
     assert (code, obj["error_type"]) == (2, "GenesisFileInvalid") and obj["error"].startswith(f"--members {bad}: ")
     code, obj = run_json(capsys, "audit", str(bundle), "--members", str(tmp_path / "none.json"))
     assert (code, obj["error_type"]) == (2, "io-error")
+
+
+# -- k-of-n anchors: the bundle carries k and the members' Bitcoin keys --------------------------------------------
+@pytest.fixture(scope="module")
+def kofn_world() -> Any:
+    return B.make_world(B.AnchorKind.TAPROOT_KOFN)
+
+
+def test_kofn_anchor_verified(capsys: pytest.CaptureFixture[str], tmp_path: Path, kofn_world: Any) -> None:
+    p = tmp_path / "kofn.l2audit"
+    p.write_bytes(kofn_world.bundle.encode())
+    code, out, err = run(capsys, "audit", str(p))
+    assert (code, err) == (0, "")
+    assert "anchored by taproot-kofn (k=3 of n=4 keys, NUMS internal key) output " in out
+    code, obj = run_json(capsys, "audit", str(p))
+    assert code == 0 and obj["anchor_kind"] == "taproot-kofn" and obj["vout"] == 0
+    kofn = obj["k_of_n"]
+    assert (kofn["k"], kofn["n"], kofn["keys"]) == (3, 4, [key.hex() for key in B.KOFN.keys])
+    assert kofn["internal_key"] == B.NUMS_KEY.hex()
+    assert kofn["merkle_root"] == B.FederationOutput.anchor(B.KOFN, kofn_world.bundle.record).merkle_root.hex()
+
+
+def test_kofn_anchor_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path, kofn_world: Any) -> None:
+    b, keys = kofn_world.bundle, list(B.KOFN.keys)
+    raw = b.encode()
+    record = b.record.encode()
+    refused = {  # well-formed bundles whose tree is not the anchor output's: exit 1
+        "k tampered": (dataclasses.replace(b, kofn=B.KofN(2, B.KOFN.keys)).encode(), 1, "AnchorNotInTx"),
+        "a key swapped": (dataclasses.replace(b, kofn=B.KofN.of(3, keys[1:] + [B.OUTSIDER_KEY])).encode(), 1,
+                          "AnchorNotInTx"),
+        "a key missing": (dataclasses.replace(b, kofn=B.KofN.of(3, keys[:3])).encode(), 1, "AnchorNotInTx"),
+        "link changed": (dataclasses.replace(b, record=dataclasses.replace(b.record, prev_link=b"\x07" * 32))
+                         .encode(), 1, "AnchorNotInTx"),
+        "k tampered, not resealed": (raw[:98] + b"\x02" + raw[99:], 1, "BundleChecksumMismatch"),
+        # malformed policies: exit 2
+        "k = 0": (B.with_anchor_body(raw, record + b"\x02\x00\x04" + b"".join(keys)), 2, "InvalidPolicy"),
+        "k > n": (B.with_anchor_body(raw, record + b"\x02\x05\x04" + b"".join(keys)), 2, "InvalidPolicy"),
+        "keys unsorted": (B.with_anchor_body(raw, record + b"\x02\x03\x04" + b"".join(keys[::-1])), 2,
+                          "InvalidPolicy"),
+        "a key twice": (B.with_anchor_body(raw, record + b"\x02\x03\x04" + b"".join(keys[:3] + keys[2:3])), 2,
+                        "InvalidPolicy"),
+        "an invalid key": (B.with_anchor_body(raw, record + b"\x02\x03\x04" + b"".join(keys[:3]) + b"\xff" * 32), 2,
+                           "InvalidPolicy"),
+    }
+    assert raw[98] == 3  # k's byte: record (78) and the kind byte after the preamble and the section head
+    for name, (data, want, error_type) in refused.items():
+        p = tmp_path / f"{name}.l2audit"
+        p.write_bytes(data)
+        code, out, err = run(capsys, "audit", str(p))
+        assert (code, out) == (want, "") and err.startswith(("FAIL" if want == 1 else "ERROR") + f" audit {p}: "), name
+        code, obj = run_json(capsys, "audit", str(p))
+        assert (code, obj["error_type"]) == (want, error_type), name

@@ -66,3 +66,39 @@ def test_verifier_accepts_the_chain_file_vector(tmp_path: Path, capsys: pytest.C
     c = COMMITS["chain"]
     code, out = _chain_run(c, tmp_path, capsys)
     assert code == 0 and (out["tip_height"], out["tip_hash"]) == (c["tip_height"], c["tip_hash"])
+
+
+KOFN = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "audit_kofn.json").read_text())
+
+
+def _audit_run(bundle_hex: str, members: Any, tmp_path: Path,
+               capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    """l2-verify audit --json on a vector bundle, with --members when the vector names a genesis file."""
+    f = tmp_path / "b.l2audit"
+    f.write_bytes(bytes.fromhex(bundle_hex))
+    argv = ["audit", str(f), "--json"]
+    if members is not None:
+        genesis = tmp_path / "genesis.json"
+        genesis.write_text(COMMITS["genesis_files"][members])
+        argv += ["--members", str(genesis)]
+    code = main(argv)
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("vec", KOFN["bundles"], ids=lambda v: v["name"])
+def test_verifier_accepts_every_kofn_bundle_vector(vec: dict[str, Any], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _audit_run(vec["bundle"], vec["members"], tmp_path, capsys)
+    assert code == 0 and out["anchor_kind"] == "taproot-kofn"
+    assert (out["k_of_n"]["k"], out["k_of_n"]["n"], out["k_of_n"]["merkle_root"]) == (vec["k"], vec["n"],
+                                                                                      vec["merkle_root"])
+    assert (out["txid"], out["vout"], out["block_hash"], out["confirmations"]) == (
+        vec["txid"], vec["vout"], vec["block_hash"], vec["confirmations"])
+    assert (None if out["commit"] is None else out["commit"]["signers"]) == vec["signers"]
+
+
+@pytest.mark.parametrize("vec", KOFN["invalid_bundles"], ids=lambda v: v["name"])
+def test_verifier_refuses_every_invalid_kofn_bundle_vector(vec: dict[str, Any], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _audit_run(vec["bundle"], None, tmp_path, capsys)
+    assert (code, out["error_type"]) == (vec["exit_code"], vec["error"])

@@ -1,5 +1,5 @@
-"""Audit bundles built end to end (BIP340 federation key, a real Bitcoin transaction, a ground regtest chain):
-verified as is, and every tampered variant fails with the error for the rule it breaks."""
+"""Audit bundles built end to end (BIP340 federation key or a 3-of-4 k-of-n policy, a real Bitcoin transaction, a
+ground regtest chain): verified as is, and every tampered variant fails with the error for the rule it breaks."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +20,10 @@ from l2d.core.audit import (MAGIC, AccountProofInvalid, AnchorKind, AnchorNotInT
                             StateRootMismatch, TooFewConfirmations, verify_bundle)
 from l2d.core.block import BlockHeader, genesis_header, tx_root
 from l2d.core.commit import Commit, sign_block
-from l2d.core.errors import (BadCommitSignature, NotEnoughSignatures, TrailingBytes, Truncated, UnknownVersion,
-                             WrongNetwork)
+from l2d.core.errors import (BadCommitSignature, NotEnoughSignatures, OutOfRange, TrailingBytes, Truncated,
+                             UnknownVersion, WrongNetwork)
 from l2d.core.genesis_file import FederationGenesis
+from l2d.core.kofn import NUMS_KEY, FederationOutput, InvalidPolicy, KofN
 from l2d.core.members import Membership
 from l2d.core.params import LOCAL, REGTEST, Network
 from l2d.core.snapshot import SnapshotInvalid, write_snapshot
@@ -81,6 +82,10 @@ def proofs_for(items: dict[bytes, bytes], keys: list[bytes]) -> ProofEvidence:
 
 FED_SECRET = _sha(b"l2d test federation key").digest()
 FED_KEY = PrivateKey(FED_SECRET).public_key_xonly.format()
+# The federation's Bitcoin keys for k-of-n anchors: 3 of these 4; OUTSIDER_KEY is nobody's.
+KOFN_SECRETS = [_sha(b"l2d audit bitcoin key %d" % i).digest() for i in range(4)]
+KOFN = KofN.of(3, [PrivateKey(s).public_key_xonly.format() for s in KOFN_SECRETS])
+OUTSIDER_KEY = PrivateKey(_sha(b"l2d audit bitcoin outsider").digest()).public_key_xonly.format()
 
 
 def spend(i: int, script: bytes, value: int = 50_000, witness: bool = True) -> CMutableTransaction:
@@ -96,8 +101,11 @@ def anchor_tx(record: AnchorRecord, kind: AnchorKind) -> bytes:
     if kind == AnchorKind.OP_RETURN:
         out = op_return_script(record)
         value = 0
-    else:
+    elif kind == AnchorKind.TAPROOT:
         out = TaprootAnchor(record, FED_KEY).script_pubkey
+        value = 330
+    else:
+        out = FederationOutput.anchor(KOFN, record).script_pubkey
         value = 330
     tx = spend(99, b"\x00\x14" + b"\x33" * 20, witness=True)
     tx.vout = [CMutableTxOut(value, CScript(out)), CMutableTxOut(90_000, CScript(b"\x00\x14" + b"\x44" * 20))]
@@ -133,11 +141,12 @@ def make_world(kind: AnchorKind, evidence: str = "proofs", start: int = 0) -> Wo
     pmt = build_partial_merkle_tree(txids, [i == ANCHOR_INDEX for i in range(len(txids))])
     bundle = AuditBundle(REGTEST.id, record, kind, FED_KEY if kind == AnchorKind.TAPROOT else b"",
                          txs[ANCHOR_INDEX], serialize_merkleblock(headers[ANCHOR_HEIGHT], pmt), start,
-                         b"".join(h.serialize() for h in headers[start:]), ev)
+                         b"".join(h.serialize() for h in headers[start:]), ev,
+                         kofn=KOFN if kind == AnchorKind.TAPROOT_KOFN else None)
     return World(bundle, headers, txs, txids, items)
 
 
-@pytest.fixture(scope="module", params=[AnchorKind.OP_RETURN, AnchorKind.TAPROOT], ids=["op_return", "taproot"])
+@pytest.fixture(scope="module", params=list(AnchorKind), ids=["op_return", "taproot", "taproot_kofn"])
 def world(request: pytest.FixtureRequest) -> World:
     return make_world(request.param)
 
@@ -151,7 +160,7 @@ def verify(b: AuditBundle, checkpoint: Optional[tuple[int, bytes]] = None, min_c
 
 # -- verifies ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("evidence", ["proofs", "snapshot"])
-@pytest.mark.parametrize("kind", [AnchorKind.OP_RETURN, AnchorKind.TAPROOT])
+@pytest.mark.parametrize("kind", list(AnchorKind))
 def test_complete_bundle_verifies(kind: AnchorKind, evidence: str) -> None:
     w = make_world(kind, evidence)
     raw = w.bundle.encode()
@@ -223,7 +232,10 @@ def test_changed_record(world: World) -> None:
                     dataclasses.replace(rec, prev_link=b"\x01" * 32)):
         with pytest.raises(AnchorNotInTx):
             verify(dataclasses.replace(world.bundle, record=changed))
-    if world.bundle.anchor_kind == AnchorKind.TAPROOT:
+    if world.bundle.anchor_kind == AnchorKind.TAPROOT_KOFN:
+        with pytest.raises(AnchorNotInTx):  # right record, claimed as OP_RETURN
+            verify(dataclasses.replace(world.bundle, anchor_kind=AnchorKind.OP_RETURN, kofn=None))
+    elif world.bundle.anchor_kind == AnchorKind.TAPROOT:
         other_key = PrivateKey(_sha(b"someone else").digest()).public_key_xonly.format()
         with pytest.raises(AnchorNotInTx):
             verify(dataclasses.replace(world.bundle, federation_key=other_key))
@@ -413,3 +425,102 @@ def test_malformed_commit_sections(world: World) -> None:
                                    + body[sig_end - section + 9:sig_end - section + 109]))
     with pytest.raises(BundleMalformed, match="section 7"):
         AuditBundle.decode(_reseal(head + b"\x07" + body[sig_end - section + 1:]))
+
+
+# -- k-of-n anchors (kind 2): k and the n member keys instead of one federation key --------------------------------
+@pytest.fixture(scope="module")
+def kofn_world() -> World:
+    return make_world(AnchorKind.TAPROOT_KOFN)
+
+
+ANCHOR_BODY = 10 + 9  # the ANCHOR section's body starts after the preamble, its tag and its u64 length
+
+
+def with_anchor_body(raw: bytes, body: bytes) -> bytes:
+    """raw (a sealed bundle) with its ANCHOR section's body replaced and the trailer resealed."""
+    old = int.from_bytes(raw[11:19], "big")
+    return _reseal(raw[:11] + len(body).to_bytes(8, "big") + body + raw[ANCHOR_BODY + old:-32])
+
+
+def test_kofn_bundle_layout_and_report(kofn_world: World) -> None:
+    b = kofn_world.bundle
+    raw = b.encode()
+    n = KOFN.n
+    body = raw[ANCHOR_BODY:ANCHOR_BODY + 78 + 1 + 2 + 32 * n]
+    assert int.from_bytes(raw[11:19], "big") == 78 + 1 + 2 + 32 * n == len(body)
+    assert body == b.record.encode() + b"\x02" + bytes((3, 4)) + b"".join(sorted(KOFN.keys))
+    assert raw[8] == 1 and AuditBundle.decode(raw) == b  # the bundle version is unchanged: the kind byte says it
+    r = verify(b)
+    output = FederationOutput.anchor(KOFN, b.record)
+    assert (r.anchor_kind, r.kofn, r.merkle_root, r.vout) == (AnchorKind.TAPROOT_KOFN, KOFN, output.merkle_root, 0)
+    d = r.to_dict()
+    assert d["anchor_kind"] == "taproot-kofn"
+    assert d["k_of_n"] == {"k": 3, "n": 4, "keys": [key.hex() for key in KOFN.keys], "internal_key": NUMS_KEY.hex(),
+                           "merkle_root": output.merkle_root.hex()}
+    assert verify(make_world(AnchorKind.TAPROOT).bundle).to_dict()["k_of_n"] is None
+    v2 = with_commit(kofn_world)  # a version 2 bundle of a k-of-n anchor
+    assert AuditBundle.decode(v2.encode()) == v2 and verify(v2, federation=FEDERATION).kofn == KOFN
+
+
+def test_kofn_tree_must_be_the_outputs(kofn_world: World) -> None:
+    """Another k, a key swapped for an outsider's, a key missing or added, another record: another tree, another
+    P2TR output, which the transaction does not have."""
+    b, keys = kofn_world.bundle, list(KOFN.keys)
+    variants = {
+        "k = 2": KofN(2, KOFN.keys),
+        "k = 4": KofN(4, KOFN.keys),
+        "a key swapped": KofN.of(3, keys[:3] + [OUTSIDER_KEY]),
+        "a key missing": KofN.of(3, keys[1:]),
+        "a key added": KofN.of(3, keys + [OUTSIDER_KEY]),
+    }
+    for name, policy in variants.items():
+        with pytest.raises(AnchorNotInTx, match=f"k-of-n Taproot \\({policy.k}-of-{policy.n}, NUMS internal key"):
+            verify(dataclasses.replace(b, kofn=policy))
+    with pytest.raises(AnchorNotInTx):  # another link: the commitment leaf differs
+        verify(dataclasses.replace(b, record=dataclasses.replace(b.record, prev_link=b"\x01" * 32)))
+    for key in KOFN.keys:  # no member's key alone is the anchor
+        with pytest.raises(AnchorNotInTx):
+            verify(dataclasses.replace(b, anchor_kind=AnchorKind.TAPROOT, federation_key=key, kofn=None))
+    with pytest.raises(AnchorNotInTx):  # nor is NUMS as a single-key Taproot anchor of the record
+        verify(dataclasses.replace(b, anchor_kind=AnchorKind.TAPROOT, federation_key=NUMS_KEY, kofn=None))
+
+
+def test_kofn_malformed_policies(kofn_world: World) -> None:
+    raw = kofn_world.bundle.encode()
+    record = kofn_world.bundle.record.encode()
+    keys = b"".join(KOFN.keys)
+    cases = {
+        "k = 0": (bytes((0, 4)) + keys, InvalidPolicy, "threshold k = 0 is outside 1..4"),
+        "k > n": (bytes((5, 4)) + keys, InvalidPolicy, "threshold k = 5 is outside 1..4"),
+        "n = 0": (bytes((1, 0)), InvalidPolicy, "1..64 keys, not 0"),
+        "n = 65": (bytes((1, 65)) + keys, InvalidPolicy, "1..64 keys, not 65"),
+        "unsorted": (bytes((3, 4)) + keys[32:64] + keys[:32] + keys[64:], InvalidPolicy, "ascending"),
+        "duplicate": (bytes((3, 4)) + keys[:64] + keys[32:64] + keys[96:], InvalidPolicy, "appears twice"),
+        "not an x-only key": (bytes((3, 4)) + keys[:96] + b"\xff" * 32, InvalidPolicy, "not the x coordinate"),
+        "fewer keys than n": (bytes((3, 4)) + keys[:96], Truncated, "anchor section"),
+        "more keys than n": (bytes((3, 3)) + keys, TrailingBytes, None),
+    }
+    for name, (policy, error, message) in cases.items():
+        bad = with_anchor_body(raw, record + b"\x02" + policy)
+        with pytest.raises(error, match=message):
+            AuditBundle.decode(bad)
+        damaged = bytearray(bad)
+        damaged[len(bad) // 2] ^= 1  # the same, with a broken trailer: the damage is reported, not the policy
+        if error is not Truncated:
+            with pytest.raises(BundleChecksumMismatch, match="first inconsistency"):
+                AuditBundle.decode(bytes(damaged))
+    assert AuditBundle.decode(with_anchor_body(raw, record + b"\x02" + KOFN.encode())) == kofn_world.bundle
+    with pytest.raises(BundleMalformed, match="anchor kind 3"):
+        AuditBundle.decode(with_anchor_body(raw, record + b"\x03" + KOFN.encode()))
+    with pytest.raises(TrailingBytes):  # a policy after a single-key Taproot anchor
+        AuditBundle.decode(with_anchor_body(raw, record + b"\x01" + FED_KEY + KOFN.encode()))
+
+
+def test_kofn_bundle_fields_agree(kofn_world: World) -> None:
+    b = kofn_world.bundle
+    with pytest.raises(OutOfRange, match="k-of-n policy"):
+        dataclasses.replace(b, kofn=None)
+    with pytest.raises(OutOfRange, match="k-of-n policy"):
+        dataclasses.replace(b, anchor_kind=AnchorKind.OP_RETURN)
+    with pytest.raises(OutOfRange, match="no single federation key"):
+        dataclasses.replace(b, federation_key=FED_KEY)

@@ -11,16 +11,21 @@ import pytest
 from coincurve import PrivateKey
 
 from l2d.core import chain_file, errors
+from l2d.core.anchor_format import AnchorRecord, tapleaf_hash
+from l2d.core.audit import AnchorKind, AuditBundle, AuditReport, verify_bundle
 from l2d.core.block import Block, BlockHeader, check_link, genesis_header, tx_root
 from l2d.core.chain_file import verify_chain
+from l2d.core.codec import Reader
 from l2d.core.coin_tx import Burn, Mint, Transfer
 from l2d.core.commit import Commit, commit_sighash, sign_block, signature_valid
 from l2d.core.errors import BadSignature, DecodeError, ProofError
 from l2d.core.genesis_file import FederationGenesis
+from l2d.core.kofn import FederationOutput, KofN, commitment_leaf
 from l2d.core.members import Membership
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.rules import apply_tx
+from l2d.core.spv import BITCOIN_REGTEST
 from l2d.core.state import Rules, StateView, genesis_state
 from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
 from l2d.core.tx import check_signature, decode, sign, signature_ok
@@ -339,3 +344,56 @@ def test_worked_example_in_the_doc_matches_the_vector() -> None:
     v = next(v for v in TXS["valid"] if v["name"] == "transfer-basic")
     assert raw == v["raw"]
     assert v["sighash"] in example and v["txid"] in example
+
+
+# ---------------------------------------------------------------------------------------------- k-of-n anchors
+
+KOFN = load("audit_kofn.json")
+
+
+@pytest.mark.parametrize("v", KOFN["outputs"], ids=lambda v: v["membership"])
+def test_kofn_output_vector(v: dict[str, Any]) -> None:
+    record = AnchorRecord.decode(x(KOFN["record"]), network_by_name("regtest"))
+    policy = KofN.of(v["k"], [x(k) for k in reversed(v["keys"])])  # any order in, the sorted policy out
+    assert [k.hex() for k in policy.keys] == v["keys"] and policy.encode().hex() == v["policy_encoding"]
+    r = Reader(x(v["policy_encoding"]), "policy")
+    assert KofN.read(r) == policy
+    r.end()
+    anchor, coin = FederationOutput.anchor(policy, record), FederationOutput(policy)
+    assert policy.script.hex() == v["leaf_script"] and tapleaf_hash(policy.leaf).hex() == v["leaf_hash"]
+    assert commitment_leaf(record).script.hex() == v["commitment_leaf_script"]
+    assert tapleaf_hash(commitment_leaf(record)).hex() == v["commitment_leaf_hash"]
+    assert (anchor.merkle_root.hex(), anchor.output_key.hex()) == (v["merkle_root"], v["output_key"])
+    assert anchor.script_pubkey.hex() == v["script_pubkey"] and anchor.control_block.hex() == v["control_block"]
+    assert (coin.script_pubkey.hex(), coin.control_block.hex()) == (v["coin_script_pubkey"], v["coin_control_block"])
+
+
+def _verify_kofn_bundle(raw: bytes, members: Optional[str], now: int) -> AuditReport:
+    fed = None if members is None else FederationGenesis.decode(COMMITS["genesis_files"][members].encode())
+    return verify_bundle(AuditBundle.decode(raw), network_by_name("regtest"), BITCOIN_REGTEST, None, 1, now=now,
+                         federation=fed)
+
+
+@pytest.mark.parametrize("v", KOFN["bundles"], ids=lambda v: v["name"])
+def test_kofn_bundle_vector(v: dict[str, Any]) -> None:
+    raw = x(v["bundle"])
+    b = AuditBundle.decode(raw)
+    assert b.encode() == raw and b.anchor_kind == AnchorKind.TAPROOT_KOFN and b.kofn is not None
+    assert (b.kofn.k, b.kofn.n) == (v["k"], v["n"])
+    r = _verify_kofn_bundle(raw, v["members"], v["now"])
+    assert (r.l2_height, r.state_root.hex(), r.txid[::-1].hex(), r.vout) == (v["l2_height"], v["state_root"],
+                                                                             v["txid"], v["vout"])
+    assert (r.block_hash[::-1].hex(), r.block_height, r.confirmations) == (v["block_hash"], v["block_height"],
+                                                                           v["confirmations"])
+    assert r.merkle_root.hex() == v["merkle_root"] and r.kofn == b.kofn
+    assert (None if r.signers is None else list(r.signers)) == v["signers"]
+    assert r.signers_checked is (v["members"] is not None)
+
+
+@pytest.mark.parametrize("v", KOFN["invalid_bundles"], ids=lambda v: v["name"])
+def test_invalid_kofn_bundle_vector(v: dict[str, Any]) -> None:
+    now = KOFN["bundles"][0]["now"]
+    with pytest.raises(errors.L2Error) as e:
+        _verify_kofn_bundle(x(v["bundle"]), None, now)
+    assert type(e.value).__name__ == v["error"]
+    assert isinstance(e.value, errors.DecodeError) is (v["exit_code"] == 2)
