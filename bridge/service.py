@@ -24,6 +24,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,9 +33,10 @@ from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, btc_header_key, btc_tip, pegout_key
+from l2d.core.pegs import (CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, bridge_totals, btc_header_key,
+                           btc_tip, pegout_key)
 from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, PegoutStatus, PegoutUpdate
-from l2d.core.state import Namespace, StateView
+from l2d.core.state import SUPPLY_KEY, Namespace, StateView, Supply
 
 from .federation import (Coin, FederationError, InsufficientFunds, LocalSigner, Pegout, build_psbt, combine, finalize,
                          plan_batch)
@@ -92,6 +94,7 @@ class BridgeService:
         # what this run submitted, with the L2 height then: resubmitted if still not in the state 5 blocks later
         self._submitted: dict[tuple[Any, ...], int] = {}
         self._wake = asyncio.Event()
+        self.halted: Optional[str] = None  # why the circuit breaker refuses to sign peg-outs, None while closed
         for p in sorted(self.dir.glob("batch-*.json")):
             b = Batch(**json.loads(p.read_text()))
             self.batches[b.id] = b
@@ -143,23 +146,67 @@ class BridgeService:
             return [PeginEntry.decode(v) for _, v in r.iter_prefix(bytes((Namespace.PEGIN,)))]
 
     def coins(self) -> list[Coin]:
-        """Federation coins: claimed deposits and the change of completed batches, minus what any batch spends."""
+        """Federation coins free to spend: the held coins minus the inputs of batches in flight."""
+        busy = {(c.txid, c.vout) for b in self.batches.values() if b.status != "completed" for c in b.coin_objs()}
+        return [c for c in self.held_coins() if (c.txid, c.vout) not in busy]
+
+    def held_coins(self) -> list[Coin]:
+        """The coins the federation holds by its books, as confirmed on Bitcoin: claimed deposits and the change of
+        completed batches, minus the inputs of completed batches (an unconfirmed payout's inputs are still held)."""
         coins = [Coin(p.btc_txid, p.vout, p.amount_sat, p.recipient) for p in self.pegins()]
         spent: set[tuple[bytes, int]] = set()
         for b in self.batches.values():
-            spent.update((c.txid, c.vout) for c in b.coin_objs())
-            if b.status == "completed" and b.change_sat:
-                coins.append(Coin(bytes.fromhex(b.txid)[::-1], len(b.pegouts), b.change_sat, CHANGE_CONTRACT))
+            if b.status == "completed":
+                spent.update((c.txid, c.vout) for c in b.coin_objs())
+                if b.change_sat:
+                    coins.append(Coin(bytes.fromhex(b.txid)[::-1], len(b.pegouts), b.change_sat, CHANGE_CONTRACT))
         return [c for c in coins if (c.txid, c.vout) not in spent]
 
     def holdings_sat(self) -> int:
-        """BTC the federation holds by its books, as confirmed on Bitcoin: claimed deposits and the change of
-        completed batches, minus the inputs of completed batches (an unconfirmed payout is still held)."""
-        total = sum(p.amount_sat for p in self.pegins())
-        for b in self.batches.values():
-            if b.status == "completed":
-                total += b.change_sat - sum(c["amount_sat"] for c in b.coins)
-        return total
+        return sum(c.amount_sat for c in self.held_coins())
+
+    async def audit(self) -> Optional[str]:
+        """The circuit breaker's check, against my own bitcoind (docs/bridge.md, "Circuit breaker"): every coin
+        the books hold is in the UTXO set with its value (or spent by the confirmed transaction of a batch in
+        flight), and the books agree with the L2 state: holdings - pending peg-outs = the L2 money that came in
+        through the bridge, which the L2 supply covers. None when all holds, else what does not."""
+        with self._read_state() as r:
+            view = StateView(r.get_state)
+            totals = bridge_totals(view)
+            sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
+        bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
+        held = self.held_coins()
+        books = sum(c.amount_sat for c in held)
+        if books - totals.pending_out_sat != bridged:
+            return (f"the books hold {books} sat; with {totals.pending_out_sat} sat of peg-outs pending that is not "
+                    f"the {bridged} sat the L2 state says came in through the bridge")
+        if bridged > sup.minted_sat - sup.burned_sat:
+            return f"{bridged} sat came in through the bridge, more than the L2 supply {sup.minted_sat - sup.burned_sat}"
+        in_flight = {(c.txid, c.vout): b for b in self.batches.values() if b.status != "completed"
+                     for c in b.coin_objs()}
+        for c in held:
+            out = await self.rpc.call("gettxout", [c.txid[::-1].hex(), c.vout, False])
+            if out is None:
+                b = in_flight.get((c.txid, c.vout))
+                if b is not None and b.txid and any([await self._confirmations(t)
+                                                     for t in [b.txid, *(h["txid"] for h in b.history)]]):
+                    continue  # spent by the batch's own transaction, confirmed but not yet completed
+                return f"coin {c.outpoint} ({c.amount_sat} sat) is not in my bitcoind's UTXO set"
+            value = round(Decimal(str(out["value"])) * 100_000_000)
+            if value != c.amount_sat:
+                return f"coin {c.outpoint} holds {value} sat on chain, {c.amount_sat} sat in the books"
+        return None
+
+    async def _breaker_closed(self) -> bool:
+        """Run the check; while it fails nothing is signed (logged when it trips and when it resets)."""
+        why = await self.audit()
+        if why != self.halted:
+            if why is None:
+                log.warning("bridge: circuit breaker reset: the federation's coins match the books again")
+            else:
+                log.warning("bridge: circuit breaker tripped, signing no peg-outs: %s", why)
+            self.halted = why
+        return why is None
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -232,7 +279,7 @@ class BridgeService:
         busy = {pid for b in self.batches.values() for pid in b.pegouts}
         todo = [(pid, e) for pid, e in self.pegouts()
                 if e.status == PegoutStatus.PENDING and e.l2_height <= anchored and pid.hex() not in busy]
-        if not todo:
+        if not todo or not await self._breaker_closed():
             return
         rate = await self._feerate()
         try:
@@ -268,6 +315,8 @@ class BridgeService:
 
     async def _advance(self, b: Batch) -> None:
         if b.status == "signing":
+            if not await self._breaker_closed():
+                return
             try:
                 self._sign(b)
             except FederationError as e:

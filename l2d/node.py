@@ -290,7 +290,9 @@ class Node:
             self._tasks.append(asyncio.create_task(self.orchestration_service.run(), name="orchestration-service"))
         self.bridge_service = self._make_bridge_service()
         if self.bridge_service is not None:
-            self._tasks.append(asyncio.create_task(self.bridge_service.run(), name="bridge-service"))
+            svc = self.bridge_service
+            self.chain.bridge_halted = lambda: int(svc.halted is not None)
+            self._tasks.append(asyncio.create_task(svc.run(), name="bridge-service"))
         if serve_http:
             self._api = ApiServer(self.web_app(), self.config.api, self.metrics)
             self.port = await self._api.start()

@@ -62,6 +62,7 @@ class ChainView:
         self.version = version
         self._started = time.monotonic()
         self.peers_connected: Callable[[], int] = lambda: 0  # the node sets it when it has member peers
+        self.bridge_halted: Callable[[], int] = lambda: 0  # the node sets it when it runs the bridge service
 
     @property
     def tip(self) -> BlockHeader:
@@ -169,6 +170,8 @@ class ChainView:
             "l2d_final_height": ("Height of the highest final block.", lambda: self.final.height),
             "l2d_federation_peers_connected": ("Members this member's outbound link is authenticated to.",
                                                self.peers_connected),
+            "l2d_bridge_halted": ("1 while this member's circuit breaker refuses to sign peg-outs "
+                                  "(GET /api/bridge/federation says why).", self.bridge_halted),
             "l2d_mempool_txs": ("Transactions in the mempool.", lambda: len(self.mempool)),
             "l2d_mempool_bytes": ("Encoded size of the mempool.", lambda: self.mempool.size_bytes),
             "l2d_state_records": ("Records in the committed state.", lambda: records),

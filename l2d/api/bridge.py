@@ -63,6 +63,8 @@ async def federation(request: web.Request) -> web.Response:
         "holdings_sat": holdings,
         # L2 money that came in through the bridge == BTC the federation holds - peg-outs not yet paid
         "invariant_ok": None if holdings is None else holdings - totals.pending_out_sat == bridged,
+        # the circuit breaker: why this member signs no peg-outs now (None while its coins match the books)
+        "halted": None if svc is None else svc.halted,
     })
 
 

@@ -364,3 +364,56 @@ async def test_stuck_pegout_is_replaced_by_fee(setup: tuple[Config, BitcoinRPC, 
         pytest.approx(paid[0]["value"] * 100_000_000)  # one payment, not two
     f = await d.get("/api/bridge/federation")
     assert f["invariant_ok"] is True and f["holdings_sat"] == await holdings_on_chain(rpc, d)
+
+
+async def test_the_circuit_breaker_signs_nothing_while_a_coin_of_the_books_is_off_chain(
+        setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC, caplog: pytest.LogCaptureFixture) -> None:
+    """A deep reorg takes Alice's claimed deposit off the chain (it waits in the mempool, kept out of blocks by a
+    large negative priority): the federation's books hold a coin its bitcoind does not. A peg-out request then gets
+    no plan and no signature, and the node says why on REST, metrics and the log; once the deposit is mined again
+    the breaker resets by itself and the peg-out is paid."""
+    cfg, w, mine_addr, d = setup
+    svc = d.node.bridge_service
+    assert svc is not None
+    txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
+    [block] = await rpc.generatetoaddress(1, mine_addr)
+    await rpc.generatetoaddress(MIN_DEPTH - 1, mine_addr)
+    await relayed_to(d, rpc)
+    status, body = await claim(d, rpc, ALICE, txid, vout)
+    assert status == 202, body
+    await committed(d, body["txid"])
+    assert await svc.audit() is None
+
+    await rpc.invalidateblock(block)
+    await rpc.call("prioritisetransaction", [txid[::-1].hex(), 0, -100_000_000])
+    await rpc.generatetoaddress(MIN_DEPTH + 1, await w.getnewaddress())  # a longer branch without the deposit
+    why = await svc.audit()
+    assert why is not None and f"{txid[::-1].hex()}:{vout}" in why and "not in my bitcoind's UTXO set" in why
+
+    pid, _ = await pegout(d, w, 30_000_000)
+    height = (await d.get(f"/api/l2/tx/{pid}"))["height"]
+
+    async def held_back() -> bool:  # the burn is anchored, so only the breaker stops a batch
+        if svc.halted is not None and (svc.confirmed_anchor_height() or -1) >= height:
+            return True
+        await rpc.generatetoaddress(1, mine_addr)
+        await asyncio.sleep(0.3)
+        return False
+    await until(held_back, "an anchor covering the burn while the breaker is open", timeout=90)
+    await svc.step()  # one more full step with everything in place: still nothing planned
+    assert svc.batches == {} and svc.halted is not None
+    [p] = [p for p in (await d.get("/api/bridge/pegouts"))["pegouts"] if p["id"] == pid]
+    assert p["status"] == "PENDING" and p["btc_txid"] is None
+    f = await d.get("/api/bridge/federation")
+    assert f["halted"] == svc.halted and "not in my bitcoind's UTXO set" in f["halted"]
+    metrics = await (await d.client.get("/metrics")).text()
+    assert "l2d_bridge_halted 1" in metrics
+    assert any("circuit breaker tripped" in r.getMessage() for r in caplog.records)
+
+    await rpc.call("prioritisetransaction", [txid[::-1].hex(), 0, 100_000_000])  # mined again: the books match
+    p = await mine_until(d, rpc, mine_addr, pid, "COMPLETED")
+    assert svc.halted is None and (await d.get("/api/bridge/federation"))["halted"] is None
+    assert "l2d_bridge_halted 0" in await (await d.client.get("/metrics")).text()
+    assert any("circuit breaker reset" in r.getMessage() for r in caplog.records)
+    f = await d.get("/api/bridge/federation")
+    assert f["invariant_ok"] is True and f["holdings_sat"] == await holdings_on_chain(rpc, d) == 70_000_000
