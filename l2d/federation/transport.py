@@ -157,7 +157,7 @@ class _Link:
         self.messages = _Outbox(limits.queue_max_messages, limits.queue_max_bytes)
         self.txs = _Outbox(limits.queue_max_tx_batches, limits.queue_max_bytes)
         self.wake = asyncio.Event()
-        self.retry = asyncio.Event()  # the peer connected to us while our link was down: it is up, try now
+        self.retry = asyncio.Event()  # the peer just connected to us: it is up, stop backing off
         self.stats = PeerStats()
         self.task: Optional[asyncio.Task[None]] = None
 
@@ -328,7 +328,6 @@ class Transport:
             else:
                 link.stats.connected = True
                 link.stats.connects += 1
-                link.retry.clear()  # a wake-up from before this connection is spent
                 delay = self.limits.reconnect_min_s
                 log.info("connected to member", extra={"peer": peer})
                 try:
@@ -341,16 +340,16 @@ class Transport:
             delay = await self._backoff(link, delay)
 
     async def _backoff(self, link: _Link, delay: float) -> float:
-        """Wait a jittered delay before reconnecting, or less if the peer authenticates a connection to us
-        meanwhile (it is back: a member that restarts is reconnected at once, not after the backoff grown while it
-        was down); the next delay. A wake-up cuts one wait short but does not reset the backoff: a link that still
-        fails (only the peer's direction works) keeps backing off, one extra attempt per connection of the peer."""
+        """Wait a jittered delay before reconnecting, or less if the peer connects to us meanwhile (it is back:
+        a member that restarts is reconnected at once, not after the backoff grown while it was down)."""
         waiter = asyncio.ensure_future(link.retry.wait())
         try:
             await asyncio.wait([waiter], timeout=random.uniform(delay / 2, delay))
         finally:
             waiter.cancel()
-        link.retry.clear()
+        if link.retry.is_set():
+            link.retry.clear()
+            return self.limits.reconnect_min_s
         return min(delay * 2, self.limits.reconnect_max_s)
 
     def _failed(self, link: _Link, stage: str, e: BaseException) -> None:

@@ -461,19 +461,6 @@ async def test_a_member_that_connects_to_us_is_reconnected_at_once_not_after_the
     await poll(lambda: b"back" in restarted.got_from(0), "member 0 to reach the restarted member", timeout=30)
 
 
-async def test_a_wake_up_ends_one_reconnect_wait_but_not_the_backoffs_growth() -> None:
-    """A peer that connects to us wakes our sleeping reconnect once; if that attempt fails too (only the peer's
-    direction works), the next wait is longer, not back at reconnect_min_s: a peer reconnecting through a flapping
-    link costs one extra attempt per connection it makes, not a new run of quick retries each time."""
-    t = Transport(LOCAL, 0, secret(0), [Peer(1, xonly(secret(1)), f"http://{HOST}:9")],
-                  Handlers(lambda r, p: None, lambda r, p: None, lambda a, b: [], lambda t: []),
-                  Limits(reconnect_min_s=0.05, reconnect_max_s=3600.0))
-    link = t._links[1]
-    link.retry.set()  # what an authenticated connection of member 1 does while our link to it is down
-    assert await asyncio.wait_for(t._backoff(link, 600.0), 60) == 1200.0  # woken at once; the backoff still grows
-    assert not link.retry.is_set()  # spent: the next wait is not cut short
-
-
 async def test_stopping_the_api_server_closes_the_members_connections_instead_of_waiting_for_them(
         fed: Federation) -> None:
     """The node stops its API server before its transport. The other members' WebSockets into it must not hold that
