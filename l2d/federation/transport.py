@@ -157,7 +157,6 @@ class _Link:
         self.messages = _Outbox(limits.queue_max_messages, limits.queue_max_bytes)
         self.txs = _Outbox(limits.queue_max_tx_batches, limits.queue_max_bytes)
         self.wake = asyncio.Event()
-        self.retry = asyncio.Event()  # the peer just connected to us: it is up, stop backing off
         self.stats = PeerStats()
         self.task: Optional[asyncio.Task[None]] = None
 
@@ -337,20 +336,8 @@ class Transport:
                 finally:
                     link.stats.connected = False
                     await self._abort(ws)
-            delay = await self._backoff(link, delay)
-
-    async def _backoff(self, link: _Link, delay: float) -> float:
-        """Wait a jittered delay before reconnecting, or less if the peer connects to us meanwhile (it is back:
-        a member that restarts is reconnected at once, not after the backoff grown while it was down)."""
-        waiter = asyncio.ensure_future(link.retry.wait())
-        try:
-            await asyncio.wait([waiter], timeout=random.uniform(delay / 2, delay))
-        finally:
-            waiter.cancel()
-        if link.retry.is_set():
-            link.retry.clear()
-            return self.limits.reconnect_min_s
-        return min(delay * 2, self.limits.reconnect_max_s)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self.limits.reconnect_max_s)
 
     def _failed(self, link: _Link, stage: str, e: BaseException) -> None:
         link.stats.failures += 1
@@ -479,8 +466,6 @@ class Transport:
             self._background.add(t)
             t.add_done_callback(self._background.discard)
         conns.append(ws)
-        if not self._links[peer].stats.connected:
-            self._links[peer].retry.set()  # it is up: our own link to it need not wait out its backoff
         st = self._links[peer].stats
         st.inbound = len(conns)
         st.last_seen = self._clock()

@@ -447,20 +447,6 @@ async def test_a_restarted_member_is_reconnected_and_receives_later_messages(fed
     assert members[0].transport.stats()[2].connects >= 2
 
 
-async def test_a_member_that_connects_to_us_is_reconnected_at_once_not_after_the_grown_backoff(
-        fed: Federation) -> None:
-    """Reconnect backoffs of 1-2 minutes here. When member 2 comes back and connects to member 0, member 0's own
-    link to it reconnects at once instead of after its backoff: a restarted member hears the others at once (the
-    members that started first are reached the same way)."""
-    members = await fed.start(3, reconnect_min_s=120.0, reconnect_max_s=240.0)
-    await poll(lambda: all(m.transport.connected_peers() == 2 for m in members), "all connections", timeout=30)
-    await fed.stop_member(2)
-    await poll(lambda: not members[0].transport.stats()[2].connected, "member 0 to notice member 2 left")
-    restarted = await fed.start_member(2, fed.peers_of(2, 3), reconnect_min_s=120.0, reconnect_max_s=240.0)
-    members[0].transport.broadcast(b"back")
-    await poll(lambda: b"back" in restarted.got_from(0), "member 0 to reach the restarted member", timeout=30)
-
-
 async def test_stopping_the_api_server_closes_the_members_connections_instead_of_waiting_for_them(
         fed: Federation) -> None:
     """The node stops its API server before its transport. The other members' WebSockets into it must not hold that
