@@ -157,6 +157,7 @@ class _Link:
         self.messages = _Outbox(limits.queue_max_messages, limits.queue_max_bytes)
         self.txs = _Outbox(limits.queue_max_tx_batches, limits.queue_max_bytes)
         self.wake = asyncio.Event()
+        self.retry = asyncio.Event()  # the peer connected to us while our link was down: it is up, try now
         self.stats = PeerStats()
         self.task: Optional[asyncio.Task[None]] = None
 
@@ -218,6 +219,7 @@ class Transport:
             raise ValueError("a peer has this member's own key")
         self._links = {p.index: _Link(p, limits) for p in peers}
         self._inbound: dict[int, list[web.WebSocketResponse]] = {p.index: [] for p in peers}
+        self._closing = False  # set by close() and close_inbound(): new member connections are turned away
         self._nonces: dict[int, OrderedDict[bytes, float]] = {p.index: OrderedDict() for p in peers}
         self.refused: Counter[str] = Counter()  # inbound connections/requests refused, by reason
         self._log = _LogOnce()
@@ -237,6 +239,7 @@ class Transport:
 
     async def close(self) -> None:
         """Stop the senders, close inbound member connections and the client session."""
+        self._closing = True
         tasks = [link.task for link in self._links.values() if link.task is not None]
         for t in tasks:
             t.cancel()
@@ -252,6 +255,7 @@ class Transport:
         on_shutdown handler: aiohttp runs that after the listener is closed and before it waits for the open
         handlers, which an inbound member WebSocket would otherwise hold until its heartbeat fails (15 to 25 s
         with the default limits) or aiohttp's shutdown timeout (60 s) runs out."""
+        self._closing = True
         await asyncio.gather(*(self._close(ws, aiohttp.WSCloseCode.GOING_AWAY, "member shutting down")
                                for conns in self._inbound.values() for ws in list(conns)))
 
@@ -327,6 +331,7 @@ class Transport:
             else:
                 link.stats.connected = True
                 link.stats.connects += 1
+                link.retry.clear()  # a wake-up from before this connection is spent
                 delay = self.limits.reconnect_min_s
                 log.info("connected to member", extra={"peer": peer})
                 try:
@@ -336,8 +341,20 @@ class Transport:
                 finally:
                     link.stats.connected = False
                     await self._abort(ws)
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, self.limits.reconnect_max_s)
+            delay = await self._backoff(link, delay)
+
+    async def _backoff(self, link: _Link, delay: float) -> float:
+        """Wait a jittered delay before reconnecting, or less if the peer authenticates a connection to us
+        meanwhile (it is back: a member that restarts is reconnected at once, not after the backoff grown while it
+        was down); the next delay. A wake-up cuts one wait short but does not reset the backoff: a link that still
+        fails (only the peer's direction works) keeps backing off, one extra attempt per connection of the peer."""
+        waiter = asyncio.ensure_future(link.retry.wait())
+        try:
+            await asyncio.wait([waiter], timeout=random.uniform(delay / 2, delay))
+        finally:
+            waiter.cancel()
+        link.retry.clear()
+        return min(delay * 2, self.limits.reconnect_max_s)
 
     def _failed(self, link: _Link, stage: str, e: BaseException) -> None:
         link.stats.failures += 1
@@ -459,6 +476,9 @@ class Transport:
             self._refuse(e.reason, request.remote, str(e))
             await self._close(ws, e.code, e.reason)
             return ws
+        if self._closing:  # shutting down: a connection accepted now would hold the server's stop
+            await self._close(ws, aiohttp.WSCloseCode.GOING_AWAY, "member shutting down")
+            return ws
         conns = self._inbound[peer]
         while len(conns) >= lim.max_inbound_per_member:  # a restarted peer's new connection replaces a stale one
             old = conns.pop(0)
@@ -466,6 +486,8 @@ class Transport:
             self._background.add(t)
             t.add_done_callback(self._background.discard)
         conns.append(ws)
+        if not self._links[peer].stats.connected:
+            self._links[peer].retry.set()  # it is up: our own link to it need not wait out its backoff
         st = self._links[peer].stats
         st.inbound = len(conns)
         st.last_seen = self._clock()

@@ -304,6 +304,19 @@ async def test_a_member_of_another_network_is_refused(fed: Federation) -> None:
     assert m0.messages == [] and m1.messages == []
 
 
+async def test_a_member_shutting_down_turns_away_new_member_connections(fed: Federation) -> None:
+    """After close_inbound (the API's shutdown), a peer reconnecting gets GOING_AWAY instead of a connection that
+    would hold the server's stop until its heartbeat fails."""
+    (m0, _) = await fed.start(2)
+    await m0.transport.close_inbound()
+    async with aiohttp.ClientSession() as s:
+        ws, hello = await raw_connect(s, m0.port)
+        _, _, challenge = wire.decode_hello(hello)
+        await ws.send_bytes(wire.encode_auth(LOCAL.id, PrivateKey(secret(1)), 1, 0, challenge))
+        assert await closed_with(ws) == aiohttp.WSCloseCode.GOING_AWAY
+    assert m0.transport.stats()[1].inbound == 0
+
+
 async def test_an_oversized_frame_is_refused(fed: Federation) -> None:
     (m0, _) = await fed.start(2, max_frame_bytes=64 << 10)
     with pytest.raises(FrameTooLarge):
@@ -445,6 +458,33 @@ async def test_a_restarted_member_is_reconnected_and_receives_later_messages(fed
     restarted.transport.broadcast(b"from the restarted member")
     await poll(lambda: all(b"from the restarted member" in m.got_from(2) for m in members[:2]), "its broadcast")
     assert members[0].transport.stats()[2].connects >= 2
+
+
+async def test_a_member_that_connects_to_us_is_reconnected_at_once_not_after_the_grown_backoff(
+        fed: Federation) -> None:
+    """Reconnect backoffs of 1-2 minutes here. When member 2 comes back and connects to member 0, member 0's own
+    link to it reconnects at once instead of after its backoff: a restarted member hears the others at once (the
+    members that started first are reached the same way)."""
+    members = await fed.start(3, reconnect_min_s=120.0, reconnect_max_s=240.0)
+    await poll(lambda: all(m.transport.connected_peers() == 2 for m in members), "all connections", timeout=30)
+    await fed.stop_member(2)
+    await poll(lambda: not members[0].transport.stats()[2].connected, "member 0 to notice member 2 left")
+    restarted = await fed.start_member(2, fed.peers_of(2, 3), reconnect_min_s=120.0, reconnect_max_s=240.0)
+    members[0].transport.broadcast(b"back")
+    await poll(lambda: b"back" in restarted.got_from(0), "member 0 to reach the restarted member", timeout=30)
+
+
+async def test_a_wake_up_ends_one_reconnect_wait_but_not_the_backoffs_growth() -> None:
+    """A peer that connects to us wakes our sleeping reconnect once; if that attempt fails too (only the peer's
+    direction works), the next wait is longer, not back at reconnect_min_s: a peer reconnecting through a flapping
+    link costs one extra attempt per connection it makes, not a new run of quick retries each time."""
+    t = Transport(LOCAL, 0, secret(0), [Peer(1, xonly(secret(1)), f"http://{HOST}:9")],
+                  Handlers(lambda r, p: None, lambda r, p: None, lambda a, b: [], lambda t: []),
+                  Limits(reconnect_min_s=0.05, reconnect_max_s=3600.0))
+    link = t._links[1]
+    link.retry.set()  # what an authenticated connection of member 1 does while our link to it is down
+    assert await asyncio.wait_for(t._backoff(link, 600.0), 60) == 1200.0  # woken at once; the backoff still grows
+    assert not link.retry.is_set()  # spent: the next wait is not cut short
 
 
 async def test_stopping_the_api_server_closes_the_members_connections_instead_of_waiting_for_them(
