@@ -1,11 +1,11 @@
-"""Shared helpers for the benchmarks: deterministic keys, baselines measured in the same run, RSS."""
+"""Shared helpers for the benchmarks: deterministic keys, baselines measured in the same run, RSS, waiting."""
 from __future__ import annotations
 
 import hashlib
 import os
 import resource
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from coincurve import PrivateKey, PublicKeyXOnly
 
@@ -21,6 +21,22 @@ def keypairs(n: int) -> list[tuple[bytes, bytes]]:
         s = secret(i)
         out.append((s, PrivateKey(s).public_key_xonly.format()))
     return out
+
+
+# Admission refusals a sender retries after a pause: its queue at the member is full, not its transaction wrong.
+BUSY = ("nonce-gap", "sender-limit", "mempool-full")
+
+
+def poll(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Call cond until it returns something truthy; return that, or raise TimeoutError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def timed(fn: Callable[[], object]) -> float:

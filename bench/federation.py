@@ -52,7 +52,9 @@ from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from common import BUSY, poll  # noqa: E402
 from l2d.config import Config  # noqa: E402
 from l2d.core.block import Block  # noqa: E402
 from l2d.core.coin_tx import Transfer  # noqa: E402
@@ -67,7 +69,6 @@ from regtest.harness import free_port_base  # noqa: E402
 
 START_TIMEOUT = 120.0
 DONE_TIMEOUT = 120.0
-BUSY = ("nonce-gap", "sender-limit", "mempool-full")  # refusals a sender retries (the member paces it)
 TP_INTERVAL_MS, TP_MAX_TXS = 250, 10_000  # the throughput run's blocks: not the cap of the rate measured
 CU_ROUND_MS = 200  # the catch-up run's rounds: a height whose proposer is the stopped member waits this long
 DEMO = [hashlib.sha256(b"l2d demo account %d" % k).digest() for k in (1, 2, 3)]
@@ -76,17 +77,6 @@ SINK = public_key(hashlib.sha256(b"l2d fedbench sink").digest())  # every bench 
 
 def account(i: int) -> bytes:
     return hashlib.sha256(b"l2d fedbench account %d" % i).digest()
-
-
-def _poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _ts(iso: str) -> float:
@@ -170,7 +160,7 @@ class Member:
                 raise RuntimeError(f"l2d {self.config} exited with code {self.proc.returncode}: "
                                    f"{self.tail.path.read_text()[-2000:]}")
             return self.tail.read().port is not None
-        _poll(up, START_TIMEOUT, f"{self.config}: 'api listening'")
+        poll(up, START_TIMEOUT, f"{self.config}: 'api listening'")
 
     def cpu_s(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:
@@ -298,7 +288,7 @@ class Federation:
                 if t is not None:
                     done[k] = t
             return len(done) == len(ks)
-        _poll(check, DONE_TIMEOUT, f"{n_txs} transactions final on members {ks}")
+        poll(check, DONE_TIMEOUT, f"{n_txs} transactions final on members {ks}")
         return done
 
 
@@ -511,7 +501,7 @@ def catch_up_run(root: Path, n_txs: int, max_txs: int, round_ms: int) -> dict[st
 
         def caught_up() -> bool:
             return m.tail.read().final_height() >= target
-        _poll(caught_up, DONE_TIMEOUT, f"the restarted member's final height reaching {target}")
+        poll(caught_up, DONE_TIMEOUT, f"the restarted member's final height reaching {target}")
         applied = [b for b in m.tail.blocks if b.height > stopped_at]
         t_first, t_done = applied[0].t, m.tail.final_at(target)
         assert t_done is not None and m.tail.listening is not None

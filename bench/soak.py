@@ -33,13 +33,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import toml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from common import BUSY, poll  # noqa: E402
 from l2d.client import ApiError, Client, Unreachable  # noqa: E402
 from l2d.core.block import Block  # noqa: E402
 from l2d.core.coin_tx import Transfer  # noqa: E402
@@ -52,24 +54,12 @@ from l2d.store import Store  # noqa: E402
 TOKEN = "soak-admin-token-0123456789abcdef"
 GENESIS_SAT = 10**12
 # Refusals a streaming sender expects under load (it retries); anything else is a real rejection and fails the run.
-BUSY = ("nonce-gap", "sender-limit", "mempool-full")
 START_TIMEOUT = 120.0
 COMMIT_TIMEOUT = 300.0
 
 
 def secret(i: int) -> bytes:
     return hashlib.sha256(b"l2d soak key %d" % i).digest()
-
-
-def _poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Daemon:
@@ -84,7 +74,7 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "l2d.node", "--config", str(config)], cwd=REPO, env=env,
                                      stdout=subprocess.DEVNULL, stderr=self._log)
         try:
-            port = _poll(self._port, START_TIMEOUT, "the log line 'api listening'")
+            port = poll(self._port, START_TIMEOUT, "the log line 'api listening'")
         except BaseException:
             self.kill()
             raise
@@ -253,7 +243,7 @@ def run(kills: int, senders: int, per_cycle: int, seed: int, workdir: Path, bloc
                             committed[txid] = this_cycle[txid] = (s["height"], s["index"])
                 return len(this_cycle) >= per_cycle
 
-            _poll(enough, COMMIT_TIMEOUT, f"{per_cycle} transactions committed in cycle {cycle}")
+            poll(enough, COMMIT_TIMEOUT, f"{per_cycle} transactions committed in cycle {cycle}")
             time.sleep(rnd.uniform(0, 2 * block_ms / 1000))  # land the kill anywhere in the block cycle
         except Exception as e:
             problems.append(f"cycle {cycle}: {type(e).__name__}: {e}\n{d.tail()}")
