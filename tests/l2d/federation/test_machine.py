@@ -470,16 +470,23 @@ def test_a_member_bound_to_a_parent_proposes_on_it_not_on_its_fork_choice() -> N
     assert len(props) == 1 and props[0].body.block.parent == early.hash  # type: ignore[union-attr]
 
 
-def test_catch_up_applies_blocks_by_commit_and_validity_only_and_signs_only_at_the_tip() -> None:
+def ahead_without_member_3() -> "S.Lockstep":
+    """Four members; members 0-2 commit blocks while member 3 hears nothing, until member 0's final height is at
+    least 3 (height 3's round 0 is member 3's: it passes to member 0 on a timeout certificate)."""
     net = S.Lockstep(4)
     net.start()
-    for k in range(10):  # height 3's round 0 is member 3's: it passes to member 0 on a timeout certificate
+    for k in range(10):
         net.add_tx(b"t%d" % k, 0, 1, 2)
         net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
         net.advance(ROUND)
         net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
         if heights(net)[0][2] >= 3:
             break
+    return net
+
+
+def test_catch_up_applies_blocks_by_commit_and_validity_only_and_signs_only_at_the_tip() -> None:
+    net = ahead_without_member_3()
     top = heights(net)[0]
     assert top[2] >= 3 and heights(net)[3] == (1, 0, 0)
     m3 = net.members[3]
@@ -502,15 +509,7 @@ def test_catch_up_applies_blocks_by_commit_and_validity_only_and_signs_only_at_t
 def test_a_member_behind_is_told_where_the_others_are_once_per_height_and_fetches_at_once() -> None:
     """A restarted member's status reaches members ahead of it: each answers with its own status (once per height
     and member, however often the status comes), and the member behind fetches at once, not on its next timer."""
-    net = S.Lockstep(4)
-    net.start()
-    for k in range(10):
-        net.add_tx(b"t%d" % k, 0, 1, 2)
-        net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
-        net.advance(ROUND)
-        net.deliver(keep=lambda frm, to, msg: to != 3 and frm != 3)
-        if heights(net)[0][2] >= 3:
-            break
+    net = ahead_without_member_3()
     m0, m3 = net.members[0], net.members[3]
     assert m0.height >= 4 and m3.height == 1
     behind = net.sent(3, Kind.STATUS)[-1].raw
