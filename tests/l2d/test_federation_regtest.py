@@ -120,18 +120,22 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
             return r is not None and r["height"] == tip and r["hash"] == (await rpc.getblockhash(tip))[::-1].hex()
         await poll(relayed_to_a, 120, "A's headers relayed past the fork")
 
+        async def proven_deposit(address: str, amount: int) -> tuple[bytes, PeginClaim]:
+            """Pay address on A, mine it MIN_DEPTH deep, wait for the relay: (txid, its claim's payload)."""
+            txid = await w.sendtoaddress(address, amount)
+            info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
+            [vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == address]
+            await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
+            await poll(relayed_to_a, 60, f"the block paying {address} relayed")
+            block = bytes.fromhex((await rpc.call("getrawtransaction", [txid[::-1].hex(), True]))["blockhash"])[::-1]
+            return txid, PeginClaim((await rpc.getblockheader(block, True)).height, vout,
+                                    await rpc.getrawtransaction(txid), await rpc.gettxoutproof([txid], block))
+
         # peg-in: Alice deposits 1 BTC on A and claims it through member 3
         addr = procs[2].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
-        txid = await w.sendtoaddress(addr, 100_000_000)
-        info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
-        [vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == addr]
-        await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
-        await poll(relayed_to_a, 60, "the deposit's block relayed")
-        info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
-        block = bytes.fromhex(info["blockhash"])[::-1]
-        height = (await rpc.getblockheader(block, True)).height
-        claim = sign(REGTEST, ALICE, 0, 1, PeginClaim(height, vout, await rpc.getrawtransaction(txid),
-                                                      await rpc.gettxoutproof([txid], block)), bytes(32))
+        txid, proof = await proven_deposit(addr, 100_000_000)
+        vout = proof.vout
+        claim = sign(REGTEST, ALICE, 0, 1, proof, bytes(32))
         fed.submit(2, claim)
         await poll(lambda: fed.tx_height(3, claim) is not None, 60, "the claim committed (seen by member 4)")
         assert procs[3].get(f"/api/l2/accounts/{ALICE_ID.hex()}")["balance_sat"] == 100_000_000 - 1
@@ -139,16 +143,10 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
         # funding: an operator pays the federation's funding address; member 2 records it (l2-cli federation-fund),
         # and the coin is in every member's state; member 3 posting the same deposit is a duplicate duty
         fund_addr = procs[1].get("/api/bridge/federation")["funding_address"]
-        fund_txid = await w.sendtoaddress(fund_addr, 2_000_000)
-        info = await rpc.call("getrawtransaction", [fund_txid[::-1].hex(), True])
-        [fund_vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == fund_addr]
-        await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
-        await poll(relayed_to_a, 60, "the funding block relayed")
-        info = await rpc.call("getrawtransaction", [fund_txid[::-1].hex(), True])
-        fund_block = bytes.fromhex(info["blockhash"])[::-1]
-        fund_args = ["--btc-height", str((await rpc.getblockheader(fund_block, True)).height),
-                     "--vout", str(fund_vout), "--tx", (await rpc.getrawtransaction(fund_txid)).hex(),
-                     "--proof", (await rpc.gettxoutproof([fund_txid], fund_block)).hex(), "--token", fed.token]
+        fund_txid, funding = await proven_deposit(fund_addr, 2_000_000)
+        fund_vout = funding.vout
+        fund_args = ["--btc-height", str(funding.btc_height), "--vout", str(fund_vout), "--tx", funding.btc_tx.hex(),
+                     "--proof", funding.merkle_block.hex(), "--token", fed.token]
         out = subprocess.run([sys.executable, "-m", "l2d.cli", "--json", "--api", procs[1].url(""),
                               "federation-fund", *fund_args, "--wait", "60"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
