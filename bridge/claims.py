@@ -57,31 +57,25 @@ class BitcoinClaims:
         return any(_claim(tx.payload) for tx in txs)
 
     async def check(self, txs: Sequence[Transaction]) -> Optional[Refusal]:
-        """None when every claim in txs agrees with my bitcoind's best chain, else why not."""
-        return await check_claims(self.rpc, txs, final_confirmations=self.final_confirmations,
-                                  pegout_confirmations=self.pegout_confirmations)
-
-
-async def check_claims(rpc: BitcoinRPC, txs: Sequence[Transaction], *, final_confirmations: int,
-                       pegout_confirmations: int) -> Optional[Refusal]:
-    """None when every Bitcoin claim in txs agrees with my bitcoind's best chain, else the first refusal."""
-    try:
-        tip = await rpc.getblockcount()
-        for tx in txs:
-            p = tx.payload
-            if isinstance(p, BtcHeaders):
-                why = await _headers(rpc, tip, p)
-            elif isinstance(p, AnchorUpdate) and p.status != AnchorStatus.SUBMITTED:
-                why = await _anchor(rpc, tip, p, final_confirmations)
-            elif isinstance(p, PegoutUpdate):
-                why = await _pegout(rpc, p, pegout_confirmations)
-            else:
-                continue
-            if why is not None:
-                return Refusal(f"transaction {tx.txid.hex()}: {why[0]}", tx.txid, why[1])
-    except RPCError as e:
-        return Refusal(f"my bitcoind did not answer ({type(e).__name__}: {e})")
-    return None
+        """None when every claim in txs agrees with my bitcoind's best chain, else the first refusal."""
+        rpc = self.rpc
+        try:
+            tip = await rpc.getblockcount()
+            for tx in txs:
+                p = tx.payload
+                if isinstance(p, BtcHeaders):
+                    why = await _headers(rpc, tip, p)
+                elif isinstance(p, AnchorUpdate) and p.status != AnchorStatus.SUBMITTED:
+                    why = await _anchor(rpc, tip, p, self.final_confirmations)
+                elif isinstance(p, PegoutUpdate):
+                    why = await _pegout(rpc, p, self.pegout_confirmations)
+                else:
+                    continue
+                if why is not None:
+                    return Refusal(f"transaction {tx.txid.hex()}: {why[0]}", tx.txid, why[1])
+        except RPCError as e:
+            return Refusal(f"my bitcoind did not answer ({type(e).__name__}: {e})")
+        return None
 
 
 Why = Optional[tuple[str, bool]]  # (reason, refuted) or None
