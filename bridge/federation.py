@@ -1,15 +1,15 @@
-"""The federation's Bitcoin side: peg-out batches as PSBTs (BIP174), signers with their own policy, the quorum.
+"""The federation's Bitcoin side: a plan's transaction as a PSBT (BIP174), a member's signer with its own policy,
+the quorum.
 
-- plan_batch picks federation coins for a set of anchored peg-outs and splits the Bitcoin fee between the
-  peg-outs (documented in docs/bridge.md: each payout is its amount minus an equal share of the fee; the
-  change is exactly inputs - sum(amounts), so the federation's holdings fall by exactly what was burned).
-- build_psbt turns a plan into a BIP174 PSBT (bitcoin-utils' PSBT class) whose inputs carry the witness UTXO,
-  the witness script and, as a proprietary field, the peg-in contract (the L2 account the deposit was tweaked
-  for) so that every signer can derive its tweaked key.
-- LocalSigner signs with one federation key after checking its policy against the L2 state: every peg-out
-  exists with matching amount and address, is covered by a CONFIRMED anchor, the fee share is bounded, the
-  change returns exactly to the federation, and it never signs two different, non-conflicting transactions
-  for one peg-out (its record is written to disk before the signatures leave it).
+- build_psbt turns a recorded plan (l2d/core/plans.py: the state alone fixes its transaction) into a BIP174 PSBT
+  (bitcoin-utils' PSBT class) whose inputs carry the witness UTXO, the witness script and, as a proprietary
+  field, the peg-in contract (the L2 account the deposit was tweaked for) so that a signer can derive its
+  tweaked key. Every member builds it itself; its txid must be the plan's id.
+- LocalSigner signs with one federation key after checking its policy against the L2 state: the PSBT is the
+  plan's transaction, every peg-out exists with matching amount and address, is covered by a CONFIRMED anchor,
+  the fee share is bounded, the change returns exactly to the federation, and it never signs two different,
+  non-conflicting transactions for one peg-out (its record is written to disk before the signatures leave it).
+  Its signatures go into the L2 state as a PlanSignature, checked by consensus.
 - finalize checks the quorum: every partial signature verifies for a key of that input's script; m distinct
   keys per input, unknown keys refused.
 ECDSA signing and verification are libsecp256k1 (coincurve); sighashes (BIP143) come from bitcoin-utils.
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,11 +31,10 @@ from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.params import Network
 from l2d.core.pegs import (CHANGE_CONTRACT, SECP256K1_N, Federation, PegoutEntry, deposit_script_pubkey, pegin_tweak,
-                           pegout_key, witness_script)
+                           pegout_key, tweaked_key, witness_script)
 from l2d.core.pegs_tx import PegoutStatus
+from l2d.core.plans import RBF_SEQUENCE, PlanTx
 
-RBF_SEQUENCE = 0xFFFFFFFD
-DUST_SAT = 546  # the largest standard dust threshold (P2PKH); payouts and change stay above it
 PROPRIETARY = 0xFC
 _CONTRACT_KEY = bytes((PROPRIETARY, 3)) + b"l2d" + b"\x00"  # PSBT_IN_PROPRIETARY, prefix "l2d", subtype 0
 
@@ -48,10 +45,6 @@ class FederationError(Exception):
     """Base of the federation's Bitcoin-side errors."""
 
 
-class InsufficientFunds(FederationError):
-    """The federation's coins do not cover the peg-outs."""
-
-
 class PolicyViolation(FederationError):
     """A signer refuses: the PSBT breaks its policy (the message says which rule)."""
 
@@ -60,94 +53,31 @@ class QuorumError(FederationError):
     """Not enough distinct, valid signatures from registered keys (or a signature from an unknown key)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Coin:
-    """A federation UTXO: txid (internal order), vout, value, and the contract its script is tweaked for."""
-
-    txid: bytes
-    vout: int
-    amount_sat: int
-    contract: bytes
-
-    @property
-    def outpoint(self) -> str:
-        return f"{self.txid[::-1].hex()}:{self.vout}"
-
-
-@dataclass(frozen=True, slots=True)
-class Pegout:
-    pegout_id: bytes  # the burn's L2 txid
-    script_pubkey: bytes
-    amount_sat: int
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPlan:
-    coins: tuple[Coin, ...]
-    pegouts: tuple[Pegout, ...]
-    payouts: tuple[int, ...]  # per peg-out: amount - fee share
-    change_sat: int  # inputs - sum(amounts); 0 means no change output
-    fee_sat: int
-    feerate_sat_vb: int
-
-
-def _dummy_vsize(fed: Federation, network: Network, coins: Sequence[Coin], outputs: Sequence[TxOutput]) -> int:
-    """vsize of the transaction with m 72-byte signatures per input (an upper bound on DER signatures)."""
-    from bitcoinutils.transactions import TxWitnessInput
-
-    inputs = [TxInput(c.txid[::-1].hex(), c.vout, sequence=struct.pack("<I", RBF_SEQUENCE)) for c in coins]
-    wits = [TxWitnessInput([""] + ["00" * 72] * fed.threshold + [witness_script(fed, network.id, c.contract).hex()])
-            for c in coins]
-    return int(Transaction(inputs, outputs, has_segwit=True, witnesses=wits).get_vsize())
-
-
 def _script(raw: bytes) -> Script:
     return Script.from_raw(raw.hex())
 
 
-def plan_batch(fed: Federation, network: Network, coins: Sequence[Coin], pegouts: Sequence[Pegout],
-               feerate_sat_vb: int) -> BatchPlan:
-    """Pick coins (largest first) covering the peg-outs; split the fee equally between the peg-outs."""
-    if not pegouts:
-        raise ValueError("a batch needs peg-outs")
-    need = sum(p.amount_sat for p in pegouts)
-    chosen: list[Coin] = []
-    total = 0
-    for c in sorted(coins, key=lambda c: (-c.amount_sat, c.txid, c.vout)):
-        if total >= need and (total == need or total - need >= DUST_SAT):
-            break
-        chosen.append(c)
-        total += c.amount_sat
-    change = total - need
-    if total < need or 0 < change < DUST_SAT:
-        raise InsufficientFunds(f"federation coins ({total} sat in {len(chosen)}) do not cover peg-outs of "
-                                f"{need} sat with a change of 0 or at least {DUST_SAT}")
-    change_spk = deposit_script_pubkey(fed, network.id, CHANGE_CONTRACT)
-    outs = [TxOutput(p.amount_sat, _script(p.script_pubkey)) for p in pegouts]
-    if change:
-        outs.append(TxOutput(change, _script(change_spk)))
-    fee = feerate_sat_vb * _dummy_vsize(fed, network, chosen, outs)
-    n = len(pegouts)
-    shares = [fee // n + (1 if i < fee % n else 0) for i in range(n)]
-    payouts = tuple(p.amount_sat - s for p, s in zip(pegouts, shares))
-    if min(payouts) < DUST_SAT:
-        raise InsufficientFunds(f"a fee of {fee} sat leaves a payout below dust")
-    return BatchPlan(tuple(chosen), tuple(pegouts), payouts, change, fee, feerate_sat_vb)
-
-
-def build_psbt(fed: Federation, network: Network, plan: BatchPlan) -> bytes:
-    seq = struct.pack("<I", RBF_SEQUENCE)
-    inputs = [TxInput(c.txid[::-1].hex(), c.vout, sequence=seq) for c in plan.coins]
-    outs = [TxOutput(v, _script(p.script_pubkey)) for p, v in zip(plan.pegouts, plan.payouts)]
-    if plan.change_sat:
-        outs.append(TxOutput(plan.change_sat, _script(deposit_script_pubkey(fed, network.id, CHANGE_CONTRACT))))
+def build_psbt(fed: Federation, network: Network, ptx: PlanTx) -> bytes:
+    """The PSBT of a plan's transaction, as every member builds it for itself."""
+    seq = RBF_SEQUENCE.to_bytes(4, "little")
+    inputs = [TxInput(c.btc_txid[::-1].hex(), c.vout, sequence=seq) for c in ptx.coins]
+    outs = [TxOutput(o.nValue, _script(bytes(o.scriptPubKey))) for o in ptx.tx.vout]
     psbt = PSBT(Transaction(inputs, outs, has_segwit=True))
-    for i, c in enumerate(plan.coins):
+    for i, c in enumerate(ptx.coins):
         psbt.update_input(i, witness_utxo=TxOutput(c.amount_sat, _script(deposit_script_pubkey(fed, network.id,
                                                                                              c.contract))),
-                          witness_script=_script(witness_script(fed, network.id, c.contract)),
-                          sighash_type=SIGHASH_ALL)
+                          witness_script=_script(ptx.witness_scripts[i]), sighash_type=SIGHASH_ALL)
         psbt.inputs[i].unknown[_CONTRACT_KEY] = c.contract
+    return bytes(psbt.to_bytes())
+
+
+def add_signatures(fed: Federation, network: Network, psbt_bytes: bytes, signed: dict[int, Sequence[bytes]]
+                   ) -> bytes:
+    """The PSBT with the signatures of federation keys (key index -> one signature per input) as partial sigs."""
+    psbt = PSBT.from_bytes(psbt_bytes)
+    for index, sigs in signed.items():
+        for psi, sig in zip(psbt.inputs, sigs):
+            psi.partial_sigs[tweaked_key(fed.keys[index], network.id, psi.unknown[_CONTRACT_KEY])] = sig
     return bytes(psbt.to_bytes())
 
 
@@ -254,9 +184,13 @@ class LocalSigner:
                     raise PolicyViolation(f"already signed {other} for peg-out {pid.hex()}; a second transaction "
                                           f"must conflict with it (spend one of its inputs)")
 
-    def sign(self, psbt_bytes: bytes, pegout_ids: Sequence[bytes], anchor_height: int) -> bytes:
-        """Check the policy, record the transaction, and return the PSBT with this key's partial signatures."""
+    def sign(self, psbt_bytes: bytes, plan_id: bytes, pegout_ids: Sequence[bytes], anchor_height: int
+             ) -> tuple[bytes, ...]:
+        """Check the policy (the PSBT must be plan plan_id's transaction), record the transaction, and return this
+        key's signatures, one per input (DER + SIGHASH_ALL)."""
         psbt = PSBT.from_bytes(psbt_bytes)
+        if bytes.fromhex(psbt.tx.get_txid())[::-1] != plan_id:
+            raise PolicyViolation(f"the PSBT's transaction {psbt.tx.get_txid()} is not plan {plan_id[::-1].hex()}")
         self.check(psbt, pegout_ids, anchor_height)
         txid = psbt.tx.get_txid()
         spent = sorted(f"{t[::-1].hex()}:{v}" for t, v in _inputs(psbt))
@@ -268,24 +202,8 @@ class LocalSigner:
                 changed = True
         if changed:
             self._save()  # before any signature leaves this signer
-        for i, psi in enumerate(psbt.inputs):
-            key = PrivateKey(tweaked_secret(self._secret, self.network.id, psi.unknown[_CONTRACT_KEY]))
-            psi.partial_sigs[key.public_key.format(compressed=True)] = (
-                key.sign(_sighash(psbt, i), hasher=None) + bytes((SIGHASH_ALL,)))
-        return bytes(psbt.to_bytes())
-
-
-def combine(psbts: Sequence[bytes]) -> bytes:
-    """Merge the partial signatures of PSBTs of one transaction (refuses PSBTs of different transactions)."""
-    base = PSBT.from_bytes(psbts[0])
-    txid = base.tx.get_txid()
-    for raw in psbts[1:]:
-        other = PSBT.from_bytes(raw)
-        if other.tx.get_txid() != txid:
-            raise QuorumError("PSBTs of different transactions cannot be combined")
-        for a, b in zip(base.inputs, other.inputs):
-            a.partial_sigs.update(b.partial_sigs)
-    return bytes(base.to_bytes())
+        return tuple(PrivateKey(tweaked_secret(self._secret, self.network.id, psi.unknown[_CONTRACT_KEY])).sign(
+            _sighash(psbt, i), hasher=None) + bytes((SIGHASH_ALL,)) for i, psi in enumerate(psbt.inputs))
 
 
 def _script_keys(ws: bytes) -> tuple[int, list[bytes]]:

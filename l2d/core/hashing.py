@@ -44,6 +44,7 @@ H_KEY = _tagged("l2d/state/key")
 EMPTY_ROOT = _tagged("l2d/state/empty")(b"")
 H_PEGIN_TWEAK = _tagged("l2d/pegin/tweak")
 H_PEGIN_OUTPOINT = _tagged("l2d/pegin/outpoint")
+H_PLAN_SIG = _tagged("l2d/plan/signature")
 # Member transport (l2d/federation/wire.py): not consensus, but fixed so members of one version interoperate.
 H_FED_HANDSHAKE = _tagged("l2d/federation/handshake")
 H_FED_REQUEST = _tagged("l2d/federation/request")

@@ -13,8 +13,7 @@ Everything the bridge decides is decided here, from the state alone (docs/bridge
   its block must be at that height in the relayed best chain (so a reorged-out deposit cannot be claimed),
   at least min_depth deep, and the proof must pass Bitcoin Core's partial merkle tree rules.
 - A Burn whose destination is a Bitcoin address (on a chain with a federation) is a peg-out request; the
-  federation records the paying Bitcoin transaction with PegoutUpdate once an anchor covering the burn is
-  CONFIRMED.
+  federation pays it through a plan (l2d/core/plans.py) once an anchor covering the burn is FINAL.
 - Several members may post the same duty: a relay whose headers are all relayed already (at or below the tip)
   and a peg-out update recording the status and txid already recorded are DuplicateDuty, applied once.
 - The federation's coins are state records (FedCoin under coin_key(txid, vout), 33 bytes as every state key): every
@@ -37,15 +36,13 @@ from bitcoinutils.bech32 import decode as bech32_decode
 from bitcoinutils.bech32 import encode as bech32_encode
 from coincurve import PublicKey
 
-from .anchor import AnchorEntry, anchor_key
-from .anchor_tx import AnchorStatus
 from .chains import BTC_CHAINS, btc_chain
 from .coin_tx import Burn
 from .errors import (BadNonce, DecodeError, DuplicateDuty, FeeTooLow, InsufficientBalance, InvalidTransaction,
                      Overflow, Rejected)
 from .hashing import H_PEGIN_OUTPOINT, H_PEGIN_TWEAK, sha256
 from .params import MAX_MONEY, Network
-from .pegs_tx import BTC_HEADER_SIZE, BtcHeaders, FederationFund, PeginClaim, PegoutStatus, PegoutUpdate
+from .pegs_tx import BTC_HEADER_SIZE, BtcHeaders, FederationFund, PeginClaim, PegoutStatus
 from .spv import SpvError, check_pow, dsha256, parse_header, parse_tx, verify_tx_in_block
 from .state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, bump_member_nonce,
                     charge_sender, check_member, meta_key)
@@ -226,13 +223,18 @@ def pegin_tweak(key: bytes, network_id: int, contract: bytes) -> bytes:
     return t
 
 
+@lru_cache(maxsize=16384)
+def tweaked_key(key: bytes, network_id: int, contract: bytes) -> bytes:
+    """Federation key `key` tweaked for deposits to contract (33-byte compressed)."""
+    return cast(bytes, PublicKey(key).add(pegin_tweak(key, network_id, contract)).format(compressed=True))
+
+
 @lru_cache(maxsize=4096)
 def witness_script(fed: Federation, network_id: int, contract: bytes) -> bytes:
     """OP_m <sorted tweaked keys> OP_n OP_CHECKMULTISIG for deposits to contract."""
     if len(contract) != 32:
         raise InvalidTransaction("peg-in contract is 32 bytes")
-    tweaked = sorted(PublicKey(k).add(pegin_tweak(k, network_id, contract)).format(compressed=True)
-                     for k in fed.keys)
+    tweaked = sorted(tweaked_key(k, network_id, contract) for k in fed.keys)
     return (bytes((0x50 + fed.threshold,)) + b"".join(b"\x21" + k for k in tweaked)
             + bytes((0x50 + len(tweaked), 0xAE)))
 
@@ -275,12 +277,13 @@ def coin_key(btc_txid: bytes, vout: int) -> bytes:
 class CoinKind(IntEnum):
     DEPOSIT = 1  # a claimed peg-in deposit (contract: the L2 recipient)
     FUNDING = 2  # a deposit to the funding address (contract: FUNDING_CONTRACT)
+    CHANGE = 3  # the change of a completed peg-out plan (contract: CHANGE_CONTRACT)
 
 
 @dataclass(frozen=True, slots=True)
 class FedCoin:
     """State value under coin_key(txid, vout) (109 bytes): txid 32 (internal order) | vout u32 | amount u64 | kind u8
-    | contract 32 | spent_by 32 (the spending plan's id; zero while unspent). The contract says which deposit script
+    | contract 32 | spent_by 32 (the id of the plan spending it, l2d/core/plans.py; zero while unspent). The contract says which deposit script
     holds the coin (deposit_script_pubkey(federation, network, contract))."""
 
     btc_txid: bytes
@@ -298,7 +301,7 @@ class FedCoin:
         if len(b) != _COIN.size:
             raise DecodeError(f"federation coin value is {len(b)} bytes")
         txid, vout, amount, kind, contract, spent = _COIN.unpack(b)
-        if kind not in (1, 2):
+        if kind not in (1, 2, 3):
             raise DecodeError(f"federation coin kind {kind}")
         return cls(txid, vout, amount, CoinKind(kind), contract, spent)
 
@@ -525,37 +528,3 @@ def apply_burn(view: StateView, tx: Transaction, rules: Rules) -> None:
                                                   script).encode())
         view.put(BRIDGE_TOTALS_KEY, BridgeTotals(totals.pegged_in_sat, totals.pending_out_sat + amount,
                                                  totals.paid_out_sat).encode())
-
-
-def apply_pegout_update(view: StateView, tx: Transaction, rules: Rules) -> None:
-    check_member(view, tx)
-    federation(view)
-    p = cast(PegoutUpdate, tx.payload)
-    raw = view.get(pegout_key(p.pegout_id))
-    if raw is None:
-        raise UnknownPegout(f"no peg-out {p.pegout_id.hex()}")
-    entry = PegoutEntry.decode(raw)
-    if entry.status == p.status and entry.btc_txid == p.btc_txid:
-        raise DuplicateDuty(f"peg-out {p.pegout_id.hex()} is {entry.status.name} with {p.btc_txid[::-1].hex()} "
-                            f"already")
-    anchor = view.get(anchor_key(p.anchor_height))
-    if (anchor is None or p.anchor_height < entry.l2_height
-            or AnchorEntry.decode(anchor).status not in (AnchorStatus.CONFIRMED, AnchorStatus.FINAL)):
-        raise PegoutNotAnchored(f"no CONFIRMED anchor at L2 height {p.anchor_height} covering the burn at "
-                                f"height {entry.l2_height}")
-    if p.status == PegoutStatus.BROADCAST:
-        ok = entry.status == PegoutStatus.PENDING or (entry.status == PegoutStatus.BROADCAST
-                                                      and entry.btc_txid != p.btc_txid)
-    else:
-        ok = entry.status == PegoutStatus.BROADCAST and entry.btc_txid == p.btc_txid
-    if not ok:
-        raise BadPegoutTransition(f"peg-out {p.pegout_id.hex()} is {entry.status.name} "
-                                  f"(txid {entry.btc_txid[::-1].hex()}); cannot record {p.status.name} "
-                                  f"with {p.btc_txid[::-1].hex()}")
-    bump_member_nonce(view, tx)
-    view.put(pegout_key(p.pegout_id), PegoutEntry(p.status, entry.amount_sat, entry.l2_height, p.btc_txid,
-                                                  entry.script_pubkey).encode())
-    if p.status == PegoutStatus.COMPLETED:
-        t = bridge_totals(view)
-        view.put(BRIDGE_TOTALS_KEY, BridgeTotals(t.pegged_in_sat, t.pending_out_sat - entry.amount_sat,
-                                                 t.paid_out_sat + entry.amount_sat).encode())

@@ -162,3 +162,116 @@ class PegoutUpdate:
         if len(b) != _PEGOUT_UPDATE.size:
             raise DecodeError(f"peg-out update payload is {len(b)} bytes, expected {_PEGOUT_UPDATE.size}")
         return cls(*_PEGOUT_UPDATE.unpack(b))
+
+
+MAX_PLAN_INPUTS = 20  # coins one plan spends
+MAX_PLAN_PEGOUTS = 20  # peg-outs one plan pays
+MAX_FEERATE = 10_000  # sat/vB: a bound on the field; each member's signing policy sets its own, lower cap
+_PLAN_HEAD = struct.Struct(">QI32s")  # anchor height, fee rate, replaces
+_OUTPOINT = struct.Struct(">32sI")
+
+
+@dataclass(frozen=True, slots=True)
+class PegoutPlan:
+    """A member proposes the Bitcoin transaction paying peg-outs from federation coins (federation members only,
+    fee 0). Everything else (payouts, change, fee, the transaction and its txid, the plan's id) follows from the
+    state (l2d/core/plans.py).
+
+    Layout: anchor_height u64 (a FINAL anchor covering every burn) | feerate u32 (sat/vB, 1..10000) | replaces 32
+    (the plan this one replaces by fee, zero for none) | n_in u8 (1..20) | n_in x (btc txid 32, internal order |
+    vout u32) | n_pegouts u8 (1..20) | n_pegouts x pegout id 32 (the burns' L2 txids). Inputs and peg-outs are
+    distinct; the transaction spends the inputs in this order and pays the peg-outs in this order, change last.
+    """
+
+    TYPE: ClassVar[TxType] = TxType.PEGOUT_PLAN
+    FEELESS: ClassVar[bool] = True
+    anchor_height: int
+    feerate_sat_vb: int
+    replaces: bytes
+    inputs: tuple[tuple[bytes, int], ...]
+    pegouts: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.anchor_height < 2**64:
+            raise OutOfRange(f"plan anchor height {self.anchor_height} outside u64")
+        if not 1 <= self.feerate_sat_vb <= MAX_FEERATE:
+            raise OutOfRange(f"plan fee rate {self.feerate_sat_vb} sat/vB outside 1..{MAX_FEERATE}")
+        if len(self.replaces) != 32:
+            raise OutOfRange("plan: replaces is 32 bytes")
+        if not 1 <= len(self.inputs) <= MAX_PLAN_INPUTS or len(set(self.inputs)) != len(self.inputs):
+            raise OutOfRange(f"plan spends {len(self.inputs)} coins, expected 1..{MAX_PLAN_INPUTS} distinct ones")
+        for txid, vout in self.inputs:
+            if len(txid) != 32:
+                raise OutOfRange("plan input txid is not 32 bytes")
+            _u32(vout, "plan input index")
+        if not 1 <= len(self.pegouts) <= MAX_PLAN_PEGOUTS or len(set(self.pegouts)) != len(self.pegouts):
+            raise OutOfRange(f"plan pays {len(self.pegouts)} peg-outs, expected 1..{MAX_PLAN_PEGOUTS} distinct ones")
+        if any(len(p) != 32 for p in self.pegouts):
+            raise OutOfRange("plan peg-out id is not 32 bytes")
+
+    def encode(self) -> bytes:
+        return (_PLAN_HEAD.pack(self.anchor_height, self.feerate_sat_vb, self.replaces)
+                + bytes((len(self.inputs),)) + b"".join(_OUTPOINT.pack(t, v) for t, v in self.inputs)
+                + bytes((len(self.pegouts),)) + b"".join(self.pegouts))
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PegoutPlan":
+        r = Reader(b, "peg-out plan payload")
+        anchor_height, rate, replaces = _PLAN_HEAD.unpack(r.take(_PLAN_HEAD.size))
+        n_in = r.take(1)[0]
+        inputs = tuple(_OUTPOINT.unpack(r.take(_OUTPOINT.size)) for _ in range(n_in))
+        n_out = r.take(1)[0]
+        pegouts = tuple(r.take(32) for _ in range(n_out))
+        r.end()
+        return cls(anchor_height, rate, replaces, inputs, pegouts)
+
+
+MAX_DER_SIG = 73  # a DER ECDSA signature (at most 72 bytes) and its sighash byte
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSignature:
+    """A federation key's signatures of a plan's Bitcoin transaction, one per input (BIP143, SIGHASH_ALL, by the
+    key tweaked for the input's contract). Posted by any member (fee 0): the signatures themselves are what is
+    checked, against the key at key_index of the federation.
+
+    Layout: plan_id 32 (the transaction's txid, internal order) | key_index u8 | n u8 (1..20, the plan's inputs)
+    | n x (len u8 (9..73) | DER signature | sighash byte 0x01).
+    """
+
+    TYPE: ClassVar[TxType] = TxType.PLAN_SIGNATURE
+    FEELESS: ClassVar[bool] = True
+    plan_id: bytes
+    key_index: int
+    signatures: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.plan_id) != 32:
+            raise OutOfRange("plan signature: plan id is 32 bytes")
+        if not 0 <= self.key_index < 256:
+            raise OutOfRange(f"plan signature key index {self.key_index} outside u8")
+        if not 1 <= len(self.signatures) <= MAX_PLAN_INPUTS:
+            raise OutOfRange(f"plan signature carries {len(self.signatures)} signatures, expected "
+                             f"1..{MAX_PLAN_INPUTS}")
+        for s in self.signatures:
+            if not 9 <= len(s) <= MAX_DER_SIG or s[-1] != 0x01:
+                raise OutOfRange("plan signature: each is a 9..73-byte DER signature ending in SIGHASH_ALL (0x01)")
+
+    def encode(self) -> bytes:
+        return (self.plan_id + bytes((self.key_index, len(self.signatures)))
+                + b"".join(bytes((len(s),)) + s for s in self.signatures))
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PlanSignature":
+        r = Reader(b, "plan signature payload")
+        plan_id = r.take(32)
+        index, n = r.take(2)
+        sigs = tuple(r.take(r.take(1)[0]) for _ in range(n))
+        r.end()
+        return cls(plan_id, index, sigs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
-from . import coin, fl, pegs, work
+from . import coin, fl, pegs, plans, work
 from .anchor import apply_anchor
 from .errors import BadNonce, ForeignNetwork, InvalidTransaction
 from .payload import TxType
@@ -29,7 +29,9 @@ RULES: Mapping[int, Rule] = {
     TxType.ANCHOR: apply_anchor,
     TxType.PEGIN_CLAIM: pegs.apply_pegin_claim,
     TxType.FEDERATION_FUND: pegs.apply_federation_fund,
-    TxType.PEGOUT_UPDATE: pegs.apply_pegout_update,
+    TxType.PEGOUT_UPDATE: plans.apply_pegout_update,
+    TxType.PEGOUT_PLAN: plans.apply_pegout_plan,
+    TxType.PLAN_SIGNATURE: plans.apply_plan_signature,
     TxType.BTC_HEADERS: pegs.apply_btc_headers,
     TxType.WORKER_REGISTER: work.apply_register,
     TxType.WORKER_HEARTBEAT: work.apply_heartbeat,

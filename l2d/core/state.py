@@ -33,6 +33,8 @@ class Namespace(IntEnum):
     BTC_HEADER = 0x09
     FL_JOB = 0x0A
     FED_COIN = 0x0B
+    PLAN = 0x0C
+    PLAN_SIG = 0x0D
 
 
 def meta_key(name: str) -> bytes:
