@@ -9,7 +9,11 @@ best chain is something only a bitcoind can tell, and each member asks its own b
 - an anchor update CONFIRMED or FINAL: the named block is my best chain's block at that height, the anchor
   transaction is in it, and (FINAL) it is at least ``final_confirmations`` deep;
 - a peg-out update BROADCAST: my bitcoind knows the transaction (mempool or chain; with -txindex for a mined one);
-  COMPLETED: it is mined at least ``pegout_confirmations`` deep.
+  COMPLETED: it is mined at least ``pegout_confirmations`` deep;
+- a peg-out plan: its fee rate is within my cap (``bridge.fee_max_sat_per_vb``) and at most FEE_TOLERANCE times the
+  rate my own bitcoind estimates (``estimatesmartfee``, or ``bridge.fee_fallback_sat_per_vb`` without an
+  estimate): a proposer cannot make the federation overpay. Replacements double the rate, so at an unchanged
+  estimate two of them are accepted.
 
 An anchor update SUBMITTED is not checked: it moves no money and commits nothing; the CONFIRMED update that
 follows is. Anything my bitcoind cannot answer (not synced yet, down, no -txindex) is a refusal for now: the
@@ -20,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from l2d.core.anchor import AnchorEntry
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
-from l2d.core.pegs_tx import BtcHeaders, PegoutStatus, PegoutUpdate
+from l2d.core.pegs_tx import BtcHeaders, PegoutPlan, PegoutStatus, PegoutUpdate
 from l2d.core.spv import dsha256
 from l2d.core.tx import Transaction
 
@@ -40,16 +45,21 @@ class Refusal:
     refuted: bool = False
 
 
+FEE_TOLERANCE = 4
+
+
 def _claim(p: Any) -> bool:
-    return isinstance(p, (BtcHeaders, PegoutUpdate)) or (isinstance(p, AnchorUpdate)
+    return isinstance(p, (BtcHeaders, PegoutUpdate, PegoutPlan)) or (isinstance(p, AnchorUpdate)
                                                           and p.status != AnchorStatus.SUBMITTED)
 
 
 class BitcoinClaims:
     """The claims policy of one member, against its own bitcoind."""
 
-    def __init__(self, rpc: BitcoinRPC, *, final_confirmations: int, pegout_confirmations: int) -> None:
+    def __init__(self, rpc: BitcoinRPC, *, final_confirmations: int, pegout_confirmations: int,
+                 fee_fallback_sat_per_vb: int = 2, fee_max_sat_per_vb: int = 500) -> None:
         self.rpc, self.final_confirmations, self.pegout_confirmations = rpc, final_confirmations, pegout_confirmations
+        self.fee_fallback, self.fee_max = fee_fallback_sat_per_vb, fee_max_sat_per_vb
 
     @staticmethod
     def relevant(txs: Sequence[Transaction]) -> bool:
@@ -69,6 +79,8 @@ class BitcoinClaims:
                     why = await _anchor(rpc, tip, p, self.final_confirmations)
                 elif isinstance(p, PegoutUpdate):
                     why = await _pegout(rpc, p, self.pegout_confirmations)
+                elif isinstance(p, PegoutPlan):
+                    why = await self._plan_fee(p)
                 else:
                     continue
                 if why is not None:
@@ -76,6 +88,20 @@ class BitcoinClaims:
         except RPCError as e:
             return Refusal(f"my bitcoind did not answer ({type(e).__name__}: {e})")
         return None
+
+    async def _plan_fee(self, p: PegoutPlan) -> "Why":
+        mine = await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
+        limit = min(self.fee_max, FEE_TOLERANCE * mine)
+        if p.feerate_sat_vb > limit:
+            return (f"peg-out plan pays {p.feerate_sat_vb} sat/vB; my limit is {limit} (cap {self.fee_max}, "
+                    f"{FEE_TOLERANCE} x my estimate of {mine})"), True
+        return None
+
+
+async def my_feerate(rpc: BitcoinRPC, fallback: int, cap: int) -> int:
+    """The fee rate (sat/vB) my bitcoind estimates for 6 blocks, or fallback without an estimate, within 1..cap."""
+    est = await rpc.estimatesmartfee(6)
+    return max(1, min(cap, fallback if est is None else -(-est // 1000)))
 
 
 Why = Optional[tuple[str, bool]]  # (reason, refuted) or None
@@ -97,18 +123,33 @@ async def _headers(rpc: BitcoinRPC, tip: int, p: BtcHeaders) -> Why:
     return None
 
 
+async def anchor_in_my_chain(rpc: BitcoinRPC, entry: AnchorEntry, l2_height: int, min_depth: int) -> Why:
+    """Is the anchor of L2 height l2_height, as the state records it, in my bitcoind's best chain, at least
+    min_depth deep? (The bridge asks this before it signs a plan paying burns the anchor covers.)"""
+    if entry.btc_height == 0:
+        return f"anchor of L2 height {l2_height} is not confirmed in the L2 state", False
+    return await _anchor_in_chain(rpc, await rpc.getblockcount(), l2_height, entry.btc_txid, entry.btc_block_hash,
+                                  entry.btc_height, min_depth)
+
+
 async def _anchor(rpc: BitcoinRPC, tip: int, p: AnchorUpdate, final_confirmations: int) -> Why:
-    why = await _in_best_chain(rpc, tip, p.btc_height, p.btc_block_hash)
+    return await _anchor_in_chain(rpc, tip, p.l2_height, p.btc_txid, p.btc_block_hash, p.btc_height,
+                                  final_confirmations if p.status == AnchorStatus.FINAL else 1)
+
+
+async def _anchor_in_chain(rpc: BitcoinRPC, tip: int, l2_height: int, txid: bytes, block_hash: bytes,
+                           btc_height: int, min_depth: int) -> Why:
+    why = await _in_best_chain(rpc, tip, btc_height, block_hash)
     if why is not None:
-        return f"anchor of L2 height {p.l2_height}: {why[0]}", why[1]
+        return f"anchor of L2 height {l2_height}: {why[0]}", why[1]
     try:
-        await rpc.getrawtransaction(p.btc_txid, p.btc_block_hash)
+        await rpc.getrawtransaction(txid, block_hash)
     except RPCError:
-        return (f"anchor of L2 height {p.l2_height}: transaction {hash_to_hex(p.btc_txid)} is not in block "
-                f"{hash_to_hex(p.btc_block_hash)}"), True
-    depth = tip - p.btc_height + 1
-    if p.status == AnchorStatus.FINAL and depth < final_confirmations:
-        return f"anchor of L2 height {p.l2_height} claimed final at depth {depth} < {final_confirmations}", False
+        return (f"anchor of L2 height {l2_height}: transaction {hash_to_hex(txid)} is not in block "
+                f"{hash_to_hex(block_hash)}"), True
+    depth = tip - btc_height + 1
+    if depth < min_depth:
+        return f"anchor of L2 height {l2_height} is at depth {depth} in my bitcoind, {min_depth} required", False
     return None
 
 

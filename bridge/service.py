@@ -1,78 +1,59 @@
-"""The federation's bridge service in the daemon: relays Bitcoin headers into the L2 state and pays peg-outs.
+"""The federation's bridge service in each member's daemon: relays Bitcoin headers into the L2 state and pays
+peg-outs through plans (l2d/core/plans.py, docs/bridge.md "Who does what").
 
 Header relay: the LMDB header store follows bitcoind (reorgs included); every step posts BtcHeaders for the
 heights where the relayed chain in the L2 state differs from the store's best chain (from the fork point on,
 at most 50 per transaction), so claims are judged against the federation's best chain.
 
-Peg-outs, one batch at a time, every state change of a batch written to disk (fsync, atomic rename) before
-anything leaves the process:
-  1. PENDING peg-outs covered by a CONFIRMED anchor are planned into a PSBT over federation coins (claimed
-     peg-ins and completed change) and saved (status "signing").
-  2. Each local signer checks its policy and adds its signatures; the quorum is checked and the transaction
-     finalized; the raw transaction is saved (status "signed") before it is broadcast.
-  3. The L2 records BROADCAST with the txid; the transaction is (re)broadcast until it confirms; at
-     `confirmations` the L2 records COMPLETED. A transaction unconfirmed after `rbf_after_blocks` blocks is
-     replaced (same inputs, same peg-outs, higher fee rate); the signers accept the replacement because it
-     conflicts with what they signed before.
-A restart resumes every batch from its file: a saved transaction is rebroadcast as is, never rebuilt, so a
-crash between signing and broadcast pays nothing twice.
+Peg-outs: every decision is in the L2 state, so each member does the same duties from what the state says,
+with its own keys and its own bitcoind, and any of them can finish what another started:
+  1. plan: PENDING peg-outs covered by a FINAL anchor, not yet planned, get a PegoutPlan over the free federation
+     coins (the deterministic choice of select_coins) at this member's fee rate (the first plan committed wins);
+  2. sign: once a plan's block is final, each of this member's keys that has not signed it builds the plan's PSBT
+     itself, checks its signer policy (LocalSigner, plus: the anchor is confirmed in *this* member's bitcoind and
+     the circuit breaker is closed), records the transaction on disk, and posts its signatures (PlanSignature);
+  3. broadcast: a version with m signatures per input in the state is finalized and (re)broadcast;
+  4. record: BROADCAST with the txid this member's bitcoind knows, then COMPLETED at `confirmations` (for
+     whichever version was mined; the first COMPLETED completes the plan);
+  5. replace: a broadcast version still unconfirmed `rbf_after_blocks` blocks later is replaced by a plan at a
+     higher fee rate spending the same coins (so at most one version can ever be mined).
+Signatures are in the state, so a member that crashed after signing, or a federation that restarted before
+broadcasting, finalizes the same transaction again: nothing is rebuilt, nothing is paid twice.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from l2d.core.anchor import AnchorEntry
+from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import (CHANGE_CONTRACT, Federation, PeginEntry, PegoutEntry, bridge_totals, btc_header_key,
-                           btc_tip, pegout_key)
-from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, PegoutStatus, PegoutUpdate
+from l2d.core.pegs import (CoinKind, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key, btc_tip,
+                           pegout_key)
+from l2d.core.pegs_tx import (MAX_PLAN_INPUTS, MAX_PLAN_PEGOUTS, MAX_RELAY_HEADERS, BtcHeaders, PegoutPlan,
+                              PegoutStatus, PegoutUpdate, PlanSignature)
+from l2d.core.plans import ZERO, PlanEntry, PlanStatus, PlanUnderfunded, plan_signatures, plan_tx, price, select_coins
 from l2d.core.state import SUPPLY_KEY, Namespace, StateView, Supply
 
-from .federation import (Coin, FederationError, InsufficientFunds, LocalSigner, Pegout, build_psbt, combine, finalize,
-                         plan_batch)
+from .claims import anchor_in_my_chain, my_feerate
+from .federation import FederationError, LocalSigner, add_signatures, build_psbt, finalize
 from .rpc import BitcoinRPC
 from .rpc_errors import RPCAlreadyInChain, RPCError, RPCTransient
 from .steps import run_steps
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Batch:
-    """One peg-out batch as saved on disk (JSON). txids are display order (hex), ids are L2 txids (hex)."""
-
-    id: int
-    pegouts: list[str]
-    anchor_height: int
-    coins: list[dict[str, Any]]
-    feerate_sat_vb: int
-    change_sat: int = 0  # inputs - sum(peg-out amounts): the same for every replacement
-    status: str = "signing"  # signing | signed | broadcast | completed
-    psbt: str = ""
-    raw: str = ""
-    txid: str = ""
-    broadcast_height: int = 0
-    history: list[dict[str, str]] = field(default_factory=list)  # earlier (replaced) transactions: txid, raw
-
-    def coin_objs(self) -> list[Coin]:
-        return [Coin(bytes.fromhex(c["txid"])[::-1], c["vout"], c["amount_sat"], bytes.fromhex(c["contract"]))
-                for c in self.coins]
+_SPENDABLE = (CoinKind.DEPOSIT, CoinKind.CHANGE)  # peg-outs spend deposits and change; funding pays anchors
 
 
 class BridgeService:
     def __init__(self, *, fed: Federation, network: Network, signers: Sequence[LocalSigner], rpc: BitcoinRPC,
-                 read_state: Callable[[], Any], submit: Callable[[Payload], bytes], batch_dir: Path,
-                 headers: Any = None, confirmations: int = 1, rbf_after_blocks: int = 3,
+                 read_state: Callable[[], Any], submit: Callable[[Payload], bytes], headers: Any = None,
+                 confirmations: int = 1, rbf_after_blocks: int = 3,
                  fee_fallback_sat_per_vb: int = 2, fee_max_sat_per_vb: int = 500, poll_interval_ms: int = 1000,
                  now: Callable[[], int]) -> None:
         self.fed = fed
@@ -81,8 +62,6 @@ class BridgeService:
         self.rpc = rpc
         self._read_state = read_state  # () -> context manager giving a store Reader
         self._submit = submit
-        self.dir = batch_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.headers = headers
         self.confirmations = confirmations
         self.rbf_after_blocks = rbf_after_blocks
@@ -90,29 +69,12 @@ class BridgeService:
         self.fee_max = fee_max_sat_per_vb
         self.poll = poll_interval_ms / 1000
         self._now = now
-        self.batches: dict[int, Batch] = {}
         # what this run submitted, with the L2 height then: resubmitted if still not in the state 5 blocks later
         self._submitted: dict[tuple[Any, ...], int] = {}
+        # plan id -> the Bitcoin height at which this member first saw the version in its bitcoind (for RBF)
+        self._seen: dict[bytes, int] = {}
         self._wake = asyncio.Event()
         self.halted: Optional[str] = None  # why the circuit breaker refuses to sign peg-outs, None while closed
-        for p in sorted(self.dir.glob("batch-*.json")):
-            b = Batch(**json.loads(p.read_text()))
-            self.batches[b.id] = b
-
-    # -- persistence ----------------------------------------------------------------------------------------------
-    def _save(self, b: Batch) -> None:
-        path = self.dir / f"batch-{b.id:08d}.json"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(b), f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     # -- state reads ----------------------------------------------------------------------------------------------
     def _get(self, key: bytes) -> Optional[bytes]:
@@ -129,50 +91,49 @@ class BridgeService:
         at = self._submitted.get(key)
         return at is not None and self._l2_height() <= at + 5
 
-    def confirmed_anchor_height(self) -> Optional[int]:
-        best = None
+    def _records(self, ns: Namespace) -> list[tuple[bytes, bytes]]:
         with self._read_state() as r:
-            for k, v in r.iter_prefix(bytes((Namespace.ANCHOR,))):
-                if AnchorEntry.decode(v).status in (AnchorStatus.CONFIRMED, AnchorStatus.FINAL):
-                    best = int.from_bytes(k[1:], "big")
+            return [(bytes(k[1:]), bytes(v)) for k, v in r.iter_prefix(bytes((ns,)))]
+
+    def final_anchor_height(self) -> Optional[int]:
+        """The highest L2 height whose anchor is FINAL (plans pay only burns at or below it)."""
+        best = None
+        for k, v in self._records(Namespace.ANCHOR):
+            if AnchorEntry.decode(v).status == AnchorStatus.FINAL:
+                best = int.from_bytes(k, "big")
         return best
 
     def pegouts(self) -> list[tuple[bytes, PegoutEntry]]:
-        with self._read_state() as r:
-            return [(k[1:], PegoutEntry.decode(v)) for k, v in r.iter_prefix(bytes((Namespace.PEGOUT,)))]
+        return [(k, PegoutEntry.decode(v)) for k, v in self._records(Namespace.PEGOUT)]
 
-    def pegins(self) -> list[PeginEntry]:
-        with self._read_state() as r:
-            return [PeginEntry.decode(v) for _, v in r.iter_prefix(bytes((Namespace.PEGIN,)))]
+    def plans(self) -> dict[bytes, PlanEntry]:
+        return {k: PlanEntry.decode(v) for k, v in self._records(Namespace.PLAN)}
 
-    def coins(self) -> list[Coin]:
-        """Federation coins free to spend: the held coins minus the inputs of batches in flight."""
-        busy = {(c.txid, c.vout) for b in self.batches.values() if b.status != "completed" for c in b.coin_objs()}
-        return [c for c in self.held_coins() if (c.txid, c.vout) not in busy]
+    def fed_coins(self) -> list[FedCoin]:
+        return [FedCoin.decode(v) for _, v in self._records(Namespace.FED_COIN)]
 
-    def held_coins(self) -> list[Coin]:
-        """The coins the federation holds by its books, as confirmed on Bitcoin: claimed deposits and the change of
-        completed batches, minus the inputs of completed batches (an unconfirmed payout's inputs are still held)."""
-        coins = [Coin(p.btc_txid, p.vout, p.amount_sat, p.recipient) for p in self.pegins()]
-        spent: set[tuple[bytes, int]] = set()
-        for b in self.batches.values():
-            if b.status == "completed":
-                spent.update((c.txid, c.vout) for c in b.coin_objs())
-                if b.change_sat:
-                    coins.append(Coin(bytes.fromhex(b.txid)[::-1], len(b.pegouts), b.change_sat, CHANGE_CONTRACT))
-        return [c for c in coins if (c.txid, c.vout) not in spent]
+    def held_coins(self) -> list[FedCoin]:
+        """The coins backing peg-ins by the L2 books: claimed deposits and change not spent by a completed plan (an
+        unconfirmed payout's inputs are still held)."""
+        plans = self.plans()
+        return [c for c in self.fed_coins() if c.kind in _SPENDABLE
+                and (c.spent_by == ZERO or plans[c.spent_by].status != PlanStatus.COMPLETED)]
 
     def holdings_sat(self) -> int:
         return sum(c.amount_sat for c in self.held_coins())
 
+    def signers_of(self, plan_id: bytes) -> list[int]:
+        """Indexes of the federation keys whose signatures of the plan are in the state."""
+        with self._read_state() as r:
+            return [i for i in range(len(self.fed.keys)) if plan_signatures(r.get_state, plan_id, i) is not None]
+
     async def audit(self) -> Optional[str]:
         """The circuit breaker's check, against my own bitcoind (docs/bridge.md, "Circuit breaker"): every coin
-        the books hold is in the UTXO set with its value (or spent by the confirmed transaction of a batch in
-        flight), and the books agree with the L2 state: holdings - pending peg-outs = the L2 money that came in
-        through the bridge, which the L2 supply covers. None when all holds, else what does not."""
+        the books hold is in the UTXO set with its value (or spent by a mined version of the plan spending it), and
+        the books agree with the L2 state: holdings - pending peg-outs = the L2 money that came in through the
+        bridge, which the L2 supply covers. None when all holds, else what does not."""
         with self._read_state() as r:
-            view = StateView(r.get_state)
-            totals = bridge_totals(view)
+            totals = bridge_totals(StateView(r.get_state))
             sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
         bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
         held = self.held_coins()
@@ -182,19 +143,18 @@ class BridgeService:
                     f"the {bridged} sat the L2 state says came in through the bridge")
         if bridged > sup.minted_sat - sup.burned_sat:
             return f"{bridged} sat came in through the bridge, more than the L2 supply {sup.minted_sat - sup.burned_sat}"
-        in_flight = {(c.txid, c.vout): b for b in self.batches.values() if b.status != "completed"
-                     for c in b.coin_objs()}
+        plans = self.plans()
         for c in held:
-            out = await self.rpc.call("gettxout", [c.txid[::-1].hex(), c.vout, False])
+            out = await self.rpc.call("gettxout", [c.btc_txid[::-1].hex(), c.vout, False])
+            outpoint = f"{c.btc_txid[::-1].hex()}:{c.vout}"
             if out is None:
-                b = in_flight.get((c.txid, c.vout))
-                if b is not None and b.txid and any([await self._confirmations(t)
-                                                     for t in [b.txid, *(h["txid"] for h in b.history)]]):
-                    continue  # spent by the batch's own transaction, confirmed but not yet completed
-                return f"coin {c.outpoint} ({c.amount_sat} sat) is not in my bitcoind's UTXO set"
+                if c.spent_by != ZERO and any([await self._confirmations(v) > 0
+                                               for v in self._versions(plans, c.spent_by)]):
+                    continue  # spent by a version of its plan, mined but not yet recorded COMPLETED
+                return f"coin {outpoint} ({c.amount_sat} sat) is not in my bitcoind's UTXO set"
             value = round(Decimal(str(out["value"])) * 100_000_000)
             if value != c.amount_sat:
-                return f"coin {c.outpoint} holds {value} sat on chain, {c.amount_sat} sat in the books"
+                return f"coin {outpoint} holds {value} sat on chain, {c.amount_sat} sat in the books"
         return None
 
     async def _breaker_closed(self) -> bool:
@@ -223,10 +183,11 @@ class BridgeService:
     async def step(self) -> None:
         if self.headers is not None:
             await self.relay_headers()
-        for b in sorted(self.batches.values(), key=lambda b: b.id):
-            if b.status != "completed":
-                await self._advance(b)
-        await self._start_batch()
+        plans = self.plans()
+        for plan_id, p in sorted(plans.items(), key=lambda kv: (kv[1].l2_height, kv[0])):
+            if p.status == PlanStatus.PLANNED:
+                await self._pay(plans, plan_id, p)
+        await self._plan()
 
     # -- header relay ---------------------------------------------------------------------------------------------
     async def relay_headers(self) -> None:
@@ -268,145 +229,171 @@ class BridgeService:
 
     # -- peg-outs -------------------------------------------------------------------------------------------------
     async def _feerate(self) -> int:
-        est = await self.rpc.estimatesmartfee(6)
-        rate = self.fee_fallback if est is None else -(-est // 1000)
-        return max(1, min(rate, self.fee_max))
+        return await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
 
-    async def _start_batch(self) -> None:
-        anchored = self.confirmed_anchor_height()
+    def _try_submit(self, key: tuple[Any, ...], payload: Payload, what: str) -> None:
+        """Submit a duty unless this run did so lately; another member having done it already is fine."""
+        if self._pending(key):
+            return
+        try:
+            self._submit(payload)
+        except DuplicateDuty as e:
+            log.info("bridge: %s: done already (%s)", what, e)
+            return
+        except Rejected as e:  # e.g. what it builds on is not committed yet: retried next step
+            log.info("bridge: %s not accepted yet: %s", what, e)
+            return
+        self._submitted[key] = self._l2_height()
+
+    @staticmethod
+    def _versions(plans: dict[bytes, PlanEntry], plan_id: bytes) -> list[bytes]:
+        """The plan and every earlier version it replaced, newest first."""
+        out = [plan_id]
+        while plans[out[-1]].replaces != ZERO:
+            out.append(plans[out[-1]].replaces)
+        return out
+
+    async def _plan(self) -> None:
+        """Propose a plan for the oldest unplanned peg-outs under the highest FINAL anchor (as many as one
+        transaction of at most MAX_PLAN_INPUTS free coins pays at this member's fee rate)."""
+        anchored = self.final_anchor_height()
         if anchored is None:
             return
-        busy = {pid for b in self.batches.values() for pid in b.pegouts}
-        todo = [(pid, e) for pid, e in self.pegouts()
-                if e.status == PegoutStatus.PENDING and e.l2_height <= anchored and pid.hex() not in busy]
+        todo = sorted((e.l2_height, pid, e) for pid, e in self.pegouts()
+                      if e.status == PegoutStatus.PENDING and e.btc_txid == ZERO and e.l2_height <= anchored)
+        todo = todo[:MAX_PLAN_PEGOUTS]
         if not todo or not await self._breaker_closed():
             return
         rate = await self._feerate()
-        try:
-            plan = plan_batch(self.fed, self.network, self.coins(),
-                              [Pegout(pid, e.script_pubkey, e.amount_sat) for pid, e in todo], rate)
-        except InsufficientFunds as e:
-            log.warning("bridge: cannot pay %d peg-outs yet: %s", len(todo), e)
-            return
-        b = Batch(id=max(self.batches, default=0) + 1, pegouts=[p.pegout_id.hex() for p in plan.pegouts],
-                  anchor_height=anchored, feerate_sat_vb=rate, change_sat=plan.change_sat,
-                  coins=[{"txid": c.txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat,
-                          "contract": c.contract.hex()} for c in plan.coins],
-                  psbt=build_psbt(self.fed, self.network, plan).hex())
-        self._save(b)
-        self.batches[b.id] = b
-        log.info("bridge: batch %d for %d peg-outs, fee %d sat", b.id, len(b.pegouts), plan.fee_sat)
-        await self._advance(b)
-
-    def _sign(self, b: Batch) -> None:
-        ids = [bytes.fromhex(p) for p in b.pegouts]
-        signed = []
-        for s in self.signers:
+        free = [c for c in self.fed_coins() if c.kind in _SPENDABLE and c.spent_by == ZERO]
+        why = ""
+        while todo:
+            entries = [e for _, _, e in todo]
+            coins = select_coins(free, sum(e.amount_sat for e in entries))
             try:
-                signed.append(s.sign(bytes.fromhex(b.psbt), ids, b.anchor_height))
-            except FederationError as e:
-                log.warning("bridge: signer %s refused batch %d: %s", s.pubkey.hex(), b.id, e)
-        if not signed:
+                if len(coins) > MAX_PLAN_INPUTS:
+                    raise PlanUnderfunded(f"paying them takes more than {MAX_PLAN_INPUTS} coins")
+                price(self.fed, self.network.id, coins, entries, rate)
+                break
+            except PlanUnderfunded as e:
+                why = str(e)
+                todo.pop()
+        if not todo:
+            log.warning("bridge: cannot pay the oldest pending peg-out yet: %s", why)
             return
-        psbt = combine(signed)
-        raw, txid = finalize(psbt)  # raises QuorumError below the threshold
-        b.psbt, b.raw, b.txid, b.status = psbt.hex(), raw.hex(), txid[::-1].hex(), "signed"
-        self._save(b)  # the transaction is on disk before it is broadcast
+        ids = tuple(pid for _, pid, _ in todo)
+        self._try_submit(("plan", ids), PegoutPlan(anchored, rate, ZERO, tuple((c.btc_txid, c.vout) for c in coins),
+                                                   ids), f"plan for {len(ids)} peg-outs")
 
-    async def _advance(self, b: Batch) -> None:
-        if b.status == "signing":
-            if not await self._breaker_closed():
-                return
-            try:
-                self._sign(b)
-            except FederationError as e:
-                log.warning("bridge: batch %d not signed: %s", b.id, e)
-                return
-            if b.status != "signed":
-                return
-        await self._record(b, PegoutStatus.BROADCAST)
-        if b.status == "signed":
-            await self._broadcast(b.raw)
-            b.broadcast_height, b.status = await self.rpc.getblockcount(), "broadcast"
-            self._save(b)
-            return
-        # broadcast: find which of its transactions (current or replaced) confirmed
-        for cand in [{"txid": b.txid, "raw": b.raw}, *b.history]:
-            conf = await self._confirmations(cand["txid"])
-            if conf > 0 and cand["txid"] != b.txid:  # an earlier transaction won the race
-                b.history = [h for h in b.history if h["txid"] != cand["txid"]] + [{"txid": b.txid, "raw": b.raw}]
-                b.txid, b.raw = cand["txid"], cand["raw"]
-                self._save(b)
-                await self._record(b, PegoutStatus.BROADCAST)
-            if conf >= self.confirmations:
-                await self._record(b, PegoutStatus.COMPLETED)
-                if all(e.status == PegoutStatus.COMPLETED for _, e in self._entries(b)):
-                    b.status = "completed"
-                    self._save(b)
-                    log.info("bridge: batch %d completed in %s", b.id, b.txid)
-                return
+    async def _pay(self, plans: dict[bytes, PlanEntry], plan_id: bytes, p: PlanEntry) -> None:
+        """Take the current version of a payout one duty further: record a mined version, sign, broadcast the
+        newest fully signed version, replace it when it is starved."""
+        versions = self._versions(plans, plan_id)
+        for v in versions:
+            conf = await self._confirmations(v[::-1].hex())
             if conf > 0:
+                self._record_mined(v, plans[v], conf)
                 return
-        await self._broadcast(b.raw)
-        if await self.rpc.getblockcount() - b.broadcast_height >= self.rbf_after_blocks:
-            await self._replace(b)
+        await self._sign(plan_id, p)
+        for v in versions:
+            raw = self._assemble(v, plans[v])
+            if raw is None:
+                continue  # not enough signatures yet: the version before it may be signed
+            if await self._broadcast(raw):
+                height = await self.rpc.getblockcount()
+                first = self._seen.setdefault(v, height)
+                self._record_broadcast(v, plans[v])
+                if v == plan_id and height - first >= self.rbf_after_blocks:
+                    await self._replace(plan_id, p)
+            return
 
-    async def _replace(self, b: Batch) -> None:
-        rate = max(b.feerate_sat_vb * 2, b.feerate_sat_vb + 1)
+    def _record_broadcast(self, v: bytes, p: PlanEntry) -> None:
+        for pid in p.pegouts:
+            raw = self._get(pegout_key(pid))
+            e = None if raw is None else PegoutEntry.decode(raw)
+            if e is not None and e.status != PegoutStatus.COMPLETED and (e.status, e.btc_txid) != (
+                    PegoutStatus.BROADCAST, v):
+                self._try_submit((pid, int(PegoutStatus.BROADCAST), v), PegoutUpdate(
+                    pid, PegoutStatus.BROADCAST, v, p.anchor_height), f"peg-out {pid.hex()} BROADCAST")
+
+    def _record_mined(self, v: bytes, p: PlanEntry, conf: int) -> None:
+        """Version v is mined: BROADCAST with it, then (deep enough) COMPLETED, which completes the whole plan."""
+        self._record_broadcast(v, p)
+        if conf < self.confirmations:
+            return
+        for pid in p.pegouts:
+            raw = self._get(pegout_key(pid))
+            e = None if raw is None else PegoutEntry.decode(raw)
+            if e is not None and e.status == PegoutStatus.BROADCAST and e.btc_txid == v:
+                self._try_submit((pid, int(PegoutStatus.COMPLETED), v), PegoutUpdate(
+                    pid, PegoutStatus.COMPLETED, v, p.anchor_height), f"plan {v[::-1].hex()} COMPLETED")
+                return
+
+    async def _sign(self, plan_id: bytes, p: PlanEntry) -> None:
+        """Each of my keys that has not signed the current version signs it, if the plan's block is final and my
+        own checks pass."""
+        with self._read_state() as r:
+            if p.l2_height > r.final_height():
+                return  # a non-final block may still be replaced: sign only what is final
+            todo = [(self.fed.keys.index(s.pubkey), s) for s in self.signers]
+            todo = [(i, s) for i, s in todo
+                    if plan_signatures(r.get_state, plan_id, i) is None and not self._pending(("sig", plan_id, i))]
+            if not todo:
+                return
+            ptx = plan_tx(StateView(r.get_state), self.fed, self.network.id, p)
+            anchor_raw = r.get_state(anchor_key(p.anchor_height))
+        what = f"plan {plan_id[::-1].hex()}"
+        if p.feerate_sat_vb > self.fee_max:
+            log.warning("bridge: %s pays %d sat/vB, above my cap of %d: not signing", what, p.feerate_sat_vb,
+                        self.fee_max)
+            return
+        if anchor_raw is None:
+            return
+        why = await anchor_in_my_chain(self.rpc, AnchorEntry.decode(bytes(anchor_raw)), p.anchor_height, 1)
+        if why is not None:
+            log.warning("bridge: not signing %s: %s", what, why[0])
+            return
+        if not await self._breaker_closed():
+            return
+        psbt = build_psbt(self.fed, self.network, ptx)
+        for i, s in todo:
+            try:
+                sigs = s.sign(psbt, plan_id, p.pegouts, p.anchor_height)
+            except FederationError as e:
+                log.warning("bridge: key %d refuses %s: %s", i, what, e)
+                continue
+            self._try_submit(("sig", plan_id, i), PlanSignature(plan_id, i, sigs), f"signature of {what} by key {i}")
+
+    def _assemble(self, v: bytes, p: PlanEntry) -> Optional[bytes]:
+        """The signed transaction of version v, if the state holds signatures of m keys."""
+        with self._read_state() as r:
+            sigs = {i: s for i in range(len(self.fed.keys))
+                    if (s := plan_signatures(r.get_state, v, i)) is not None}
+            if len(sigs) < self.fed.threshold:
+                return None
+            ptx = plan_tx(StateView(r.get_state), self.fed, self.network.id, p)
+        raw, _ = finalize(add_signatures(self.fed, self.network, build_psbt(self.fed, self.network, ptx), sigs))
+        return raw
+
+    async def _replace(self, plan_id: bytes, p: PlanEntry) -> None:
+        rate = max(p.feerate_sat_vb * 2, p.feerate_sat_vb + 1)
         if rate > self.fee_max:
             return
-        ids = [bytes.fromhex(p) for p in b.pegouts]
-        entries = dict(self._entries(b))
-        pegouts = [Pegout(pid, entries[pid].script_pubkey, entries[pid].amount_sat) for pid in ids]
+        self._try_submit(("replace", plan_id), PegoutPlan(p.anchor_height, rate, plan_id, p.inputs, p.pegouts),
+                         f"replacement of plan {plan_id[::-1].hex()} at {rate} sat/vB")
+
+    async def _broadcast(self, raw: bytes) -> bool:
+        """Send the transaction to my bitcoind; True when it is in its mempool or chain."""
         try:
-            plan = plan_batch(self.fed, self.network, b.coin_objs(), pegouts, rate)
-        except InsufficientFunds as e:
-            log.warning("bridge: cannot bump batch %d: %s", b.id, e)
-            return
-        if [(c.txid, c.vout) for c in plan.coins] != [(c.txid, c.vout) for c in b.coin_objs()]:
-            return  # the same coins or no replacement: a replacement must conflict with what was signed
-        b.history.append({"txid": b.txid, "raw": b.raw})
-        b.feerate_sat_vb, b.psbt, b.status = rate, build_psbt(self.fed, self.network, plan).hex(), "signing"
-        self._save(b)
-        log.info("bridge: replacing %s of batch %d at %d sat/vB", b.txid, b.id, rate)
-        await self._advance(b)
-
-    def _entries(self, b: Batch) -> list[tuple[bytes, PegoutEntry]]:
-        out = []
-        for pid in b.pegouts:
-            v = self._get(pegout_key(bytes.fromhex(pid)))
-            if v is not None:
-                out.append((bytes.fromhex(pid), PegoutEntry.decode(v)))
-        return out
-
-    async def _record(self, b: Batch, status: PegoutStatus) -> None:
-        """Put status with the batch's txid into the L2 state for every peg-out not already there."""
-        txid = bytes.fromhex(b.txid)[::-1]
-        for pid, e in self._entries(b):
-            if e.btc_txid == txid and e.status >= status:
-                continue
-            key = (pid.hex(), int(status), b.txid)
-            if self._pending(key):
-                continue
-            try:
-                self._submit(PegoutUpdate(pid, status, txid, b.anchor_height))
-            except DuplicateDuty:  # recorded already (another member, or this one before a restart): done
-                log.info("bridge: peg-out %s %s already recorded", pid.hex(), status.name)
-                continue
-            except Rejected as e2:  # e.g. the BROADCAST record is not committed yet: retried next step
-                log.info("bridge: peg-out %s %s not recorded yet: %s", pid.hex(), status.name, e2)
-                continue
-            self._submitted[key] = self._l2_height()
-
-    async def _broadcast(self, raw_hex: str) -> None:
-        try:
-            await self.rpc.sendrawtransaction(bytes.fromhex(raw_hex))
+            await self.rpc.sendrawtransaction(raw)
         except RPCAlreadyInChain:
-            pass
+            return True
         except RPCError as e:
             if isinstance(e, RPCTransient):
                 raise
-            log.warning("bridge: broadcast refused: %s", e)
+            log.info("bridge: broadcast refused: %s", e)
+            return False
+        return True
 
     async def _confirmations(self, txid_hex: str) -> int:
         try:

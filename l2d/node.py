@@ -116,7 +116,9 @@ class Node:
         self.btc_rpc = _bitcoind_client(config.bitcoind)  # the one bitcoind client, shared by every service
         if self.btc_rpc is not None:  # what a block claims about Bitcoin is signed only if my bitcoind agrees
             self.host.claims = BitcoinClaims(self.btc_rpc, final_confirmations=config.anchoring.final_confirmations,
-                                             pegout_confirmations=config.bridge.pegout_confirmations)
+                                             pegout_confirmations=config.bridge.pegout_confirmations,
+                                             fee_fallback_sat_per_vb=config.bridge.fee_fallback_sat_per_vb,
+                                             fee_max_sat_per_vb=config.bridge.fee_max_sat_per_vb)
         self.anchor_service: Optional[AnchorService] = None
         self.bridge_service: Optional[BridgeService] = None
         self.orchestration_service: Optional[OrchestrationService] = None
@@ -225,7 +227,7 @@ class Node:
                               map_size=self.config.store.map_size)
         return BridgeService(fed=fed, network=self.network, signers=signers, rpc=self.btc_rpc,
                              read_state=self.store.reader, submit=self.admission.submit_as_member,
-                             batch_dir=bdir / "batches", headers=headers,
+                             headers=headers,
                              confirmations=cfg.pegout_confirmations, rbf_after_blocks=cfg.rbf_after_blocks,
                              fee_fallback_sat_per_vb=cfg.fee_fallback_sat_per_vb,
                              fee_max_sat_per_vb=cfg.fee_max_sat_per_vb, poll_interval_ms=cfg.poll_interval_ms,

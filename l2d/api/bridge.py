@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from bridge.federation import add_signatures, build_psbt, finalize
 from bridge.headers import HeaderStoreError
 
 from ..core.errors import L2Error
 from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation, PeginEntry, PegoutEntry,
                          bridge_totals, btc_tip, deposit_script_pubkey, funded_sat, script_address, witness_script)
 from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
+from ..core.plans import PlanEntry, plan_signatures, plan_tx
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
 from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
@@ -121,6 +124,42 @@ async def coins(request: web.Request) -> web.Response:
     return web.json_response({"coins": out})
 
 
+async def plans(request: web.Request) -> web.Response:
+    """GET /api/bridge/plans: every peg-out plan, newest first: its transaction (PSBT as every member builds it,
+    base64), which federation keys have signed, the signed transaction once m have, and its status."""
+    fed = _federation(request)
+    chain = request.app[CHAIN]
+    network = chain.network
+    out: list[dict[str, Any]] = []
+    with chain.reader() as r:
+        final = r.final_height()
+        view = StateView(r.get_state)
+        for k, v in sorted(((bytes(k), bytes(v)) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))),
+                           key=lambda kv: -PlanEntry.decode(kv[1]).l2_height):
+            plan_id, p = k[1:], PlanEntry.decode(v)
+            ptx = plan_tx(view, fed, network.id, p)
+            sigs = {i: s for i in range(len(fed.keys)) if (s := plan_signatures(r.get_state, plan_id, i)) is not None}
+            psbt = build_psbt(fed, network, ptx)
+            raw = None
+            if len(sigs) >= fed.threshold:
+                raw = finalize(add_signatures(fed, network, psbt, sigs))[0].hex()
+            out.append({
+                "id": plan_id[::-1].hex(), "status": p.status.name, "l2_height": p.l2_height, "final": p.l2_height <= final,
+                "replaces": None if p.replaces == bytes(32) else p.replaces[::-1].hex(),
+                "replaced_by": None if p.replaced_by == bytes(32) else p.replaced_by[::-1].hex(),
+                "anchor_height": p.anchor_height, "feerate_sat_vb": p.feerate_sat_vb, "fee_sat": p.fee_sat,
+                "change_sat": p.change_sat,
+                "inputs": [{"txid": c.btc_txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat,
+                            "kind": c.kind.name} for c in ptx.coins],
+                "pegouts": [{"id": pid.hex(), "payout_sat": pay,
+                             "address": script_address(bytes(ptx.tx.vout[j].scriptPubKey), network)}
+                            for j, (pid, pay) in enumerate(zip(p.pegouts, p.payouts))],
+                "threshold": fed.threshold, "signed_by": [fed.keys[i].hex() for i in sorted(sigs)],
+                "psbt": base64.b64encode(psbt).decode(), "signed_tx": raw,
+            })
+    return web.json_response({"plans": out})
+
+
 def _hex_field(body: dict[str, Any], name: str, limit: int) -> bytes:
     value = field(body, name, str)
     if len(value) > 2 * limit or not HEX.fullmatch(value):
@@ -169,5 +208,6 @@ def add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/bridge/pegins", pegins)
     r.add_get("/api/bridge/pegouts", pegouts)
     r.add_get("/api/bridge/coins", coins)
+    r.add_get("/api/bridge/plans", plans)
     r.add_post("/api/admin/bridge/fund", admin_fund)
     r.add_get("/api/bridge/headers", headers_file)

@@ -11,7 +11,7 @@ from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.coin_tx import Transfer
 from l2d.core.params import REGTEST
 from l2d.core.payload import Payload
-from l2d.core.pegs_tx import BtcHeaders, PegoutStatus, PegoutUpdate
+from l2d.core.pegs_tx import BtcHeaders, PegoutPlan, PegoutStatus, PegoutUpdate
 from l2d.core.tx import Transaction, sign
 from regtest.harness import BitcoindNode, fund_wallet
 
@@ -65,7 +65,7 @@ async def test_claims_agreeing_with_the_best_chain_pass_and_false_ones_are_refus
     assert await claims.check([pegout(paid, PegoutStatus.COMPLETED)]) is None
     assert await claims.check([anchor(paid, block, height)]) is None
     why = await claims.check([anchor(paid, block, height, AnchorStatus.FINAL)])
-    refused(why, "depth 1 < 3", refuted=False)
+    refused(why, "at depth 1 in my bitcoind, 3 required", refuted=False)
     await rpc.generatetoaddress(2, addr)
     assert await claims.check([anchor(paid, block, height, AnchorStatus.FINAL)]) is None
     # the wrong block for that height, and a transaction that is not in the named block
@@ -92,6 +92,22 @@ async def test_claims_agreeing_with_the_best_chain_pass_and_false_ones_are_refus
     refused(why, "not my bitcoind's best-chain block", refuted=True)
     await rpc.reconsiderblock(block)  # the old branch is longer: back to it
     assert await claims.check([tx(BtcHeaders(height, (await rpc.getblockheader(block),)))]) is None
+
+
+async def test_a_plan_paying_more_than_my_fee_limit_is_refused(bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:
+    """A peg-out plan's fee rate is checked against my cap and my own estimate (regtest has none: the fallback)."""
+    claims = BitcoinClaims(rpc, final_confirmations=3, pegout_confirmations=1, fee_fallback_sat_per_vb=3,
+                           fee_max_sat_per_vb=10)
+
+    def plan(rate: int) -> Transaction:
+        return tx(PegoutPlan(5, rate, bytes(32), ((bytes([1]) * 32, 0),), (bytes([2]) * 32,)))
+    assert claims.relevant([plan(1)])
+    assert await claims.check([plan(1)]) is None
+    assert await claims.check([plan(10)]) is None  # within 4 x 3 and the cap
+    refused(await claims.check([plan(11)]), "my limit is 10 (cap 10", refuted=True)
+    claims.fee_max = 100
+    assert await claims.check([plan(12)]) is None
+    refused(await claims.check([plan(13)]), "my limit is 12 (cap 100, 4 x my estimate of 3)", refuted=True)
 
 
 async def test_a_bitcoind_that_does_not_answer_means_no_signature(bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:

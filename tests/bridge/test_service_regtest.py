@@ -3,10 +3,10 @@
 Peg-in: deposit to the account's tweaked 2-of-3 address -> mined -> headers relayed into the L2 state -> a
 claim below the depth is refused -> at depth the claim mints -> the same claim again, and another account's
 claim of it, are refused -> a deposit whose block is invalidated (reorged out) cannot be claimed with its proof.
-Peg-out: burn to a regtest address -> anchored (CONFIRMED) -> PSBT signed by the 2 signers this daemon holds
-(the third key lives elsewhere) -> broadcast -> mined -> COMPLETED in the L2 state with the Bitcoin txid; the
-federation's on-chain holdings (scantxoutset) equal pegged-in minus paid-out. A crash after signing, before
-broadcast, then a restart: the saved transaction is broadcast, nothing is paid twice.
+Peg-out: burn to a regtest address -> anchored (FINAL) -> a plan in an L2 block -> signed by the 2 keys this daemon
+holds (the third key lives elsewhere), signatures in the L2 state -> broadcast -> mined -> COMPLETED in the L2 state
+with the Bitcoin txid; the federation's on-chain holdings (scantxoutset) equal pegged-in minus paid-out. A crash
+after signing, before broadcast, then a restart: the signed transaction is broadcast, nothing is paid twice.
 """
 from __future__ import annotations
 
@@ -296,36 +296,37 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 - 30_000_000
     assert f["invariant_ok"] is True
 
-    # crash after the batch is signed and saved, before it is broadcast
+    # crash after the plan is signed (signatures in the L2 state), before it is broadcast
     svc = d.node.bridge_service
     assert svc is not None
 
-    async def crash(raw_hex: str) -> None:
+    async def crash(raw: bytes) -> bool:
         raise RuntimeError("injected crash before broadcast")
     svc._broadcast = crash  # type: ignore[method-assign]
     pid2, dest2 = await pegout(d, w, 10_000_000)
-    batch_dir = Path(cfg.node.data_dir) / "bridge" / "batches"
 
     async def signed() -> Any:
         await rpc.generatetoaddress(1, mine_addr)  # confirms the anchor covering the burn
         await asyncio.sleep(0.3)
-        for f_ in batch_dir.glob("batch-*.json"):
-            b = json.loads(f_.read_text())
-            if pid2 in b["pegouts"] and b["status"] == "signed":
-                return b
+        for plan in (await d.get("/api/bridge/plans"))["plans"]:
+            if pid2 in [p["id"] for p in plan["pegouts"]] and plan["signed_tx"]:
+                return plan
         return None
-    saved = await until(signed, "second batch signed and saved", timeout=90)
+    saved = await until(signed, "second plan signed", timeout=90)
+    assert len(saved["signed_by"]) == 2 and saved["status"] == "PLANNED"
     await stop(d)
     mempool = await rpc.call("getrawmempool")
-    assert saved["txid"] not in mempool  # never broadcast
+    assert saved["id"] not in mempool  # never broadcast
     d = await start(cfg)
     try:
         p2 = await mine_until(d, rpc, mine_addr, pid2, "COMPLETED")
-        assert p2["btc_txid"] == saved["txid"]  # the saved transaction, not a new one
-        info = await rpc.call("getrawtransaction", [saved["txid"], True])
-        assert info["hex"] == saved["raw"]
+        assert p2["btc_txid"] == saved["id"]  # the signed transaction, not a new one
+        info = await rpc.call("getrawtransaction", [saved["id"], True])
+        assert info["hex"] == saved["signed_tx"]
         for rec in (Path(cfg.node.data_dir) / "bridge").glob("signer-*.json"):
-            assert list(json.loads(rec.read_text())[pid2]) == [saved["txid"]]  # each signer signed one tx
+            assert list(json.loads(rec.read_text())[pid2]) == [saved["id"]]  # each signer signed one tx
+        [plan] = [p for p in (await d.get("/api/bridge/plans"))["plans"] if p["id"] == saved["id"]]
+        assert plan["status"] == "COMPLETED"
         f = await d.get("/api/bridge/federation")
         assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 - 40_000_000
         assert f["invariant_ok"] is True
@@ -393,15 +394,15 @@ async def test_the_circuit_breaker_signs_nothing_while_a_coin_of_the_books_is_of
     pid, _ = await pegout(d, w, 30_000_000)
     height = (await d.get(f"/api/l2/tx/{pid}"))["height"]
 
-    async def held_back() -> bool:  # the burn is anchored, so only the breaker stops a batch
-        if svc.halted is not None and (svc.confirmed_anchor_height() or -1) >= height:
+    async def held_back() -> bool:  # the burn is anchored, so only the breaker stops a plan
+        if svc.halted is not None and (svc.final_anchor_height() or -1) >= height:
             return True
         await rpc.generatetoaddress(1, mine_addr)
         await asyncio.sleep(0.3)
         return False
     await until(held_back, "an anchor covering the burn while the breaker is open", timeout=90)
     await svc.step()  # one more full step with everything in place: still nothing planned
-    assert svc.batches == {} and svc.halted is not None
+    assert svc.plans() == {} and svc.halted is not None
     [p] = [p for p in (await d.get("/api/bridge/pegouts"))["pegouts"] if p["id"] == pid]
     assert p["status"] == "PENDING" and p["btc_txid"] is None
     f = await d.get("/api/bridge/federation")

@@ -3,8 +3,9 @@ work with every block signed by 3 of 4 members, and a member whose bitcoind is o
 what it cannot confirm (docs/federation.md, "Signing policy: Bitcoin claims").
 
 Members 1-3 use bitcoind A. Member 4 uses bitcoind B, which holds A's blocks up to height S and then one block of
-its own: from S+1 on, B's best chain is not A's. Member 1 holds the Bitcoin keys (the anchor key and 2 of the 3
-peg-out signer keys), as issue 12 leaves them; every member relays headers.
+its own: from S+1 on, B's best chain is not A's. Each member holds one of the 4 peg-out keys (3 of 4 sign a payout,
+each in its own process); member 1 also holds the anchor key; every member relays headers. Member 4 cannot see the
+anchor covering the burn in its bitcoind and refuses to sign the plan: members 1-3 pay it.
 """
 from __future__ import annotations
 
@@ -38,30 +39,28 @@ def secret(tag: str) -> bytes:
 
 
 ANCHOR_KEY = secret("anchor")
-SIGNERS = [secret(f"signer {i}") for i in range(3)]
+SIGNERS = [secret(f"signer {i}") for i in range(4)]
 ALICE = secret("alice")
 ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
 
 
 def write_configs(fed: Federation, btc: list[BitcoindNode]) -> None:
-    """Every member: its bitcoind, the bridge (same genesis federation: 2 of the 3 signer keys), the claims
-    policy's depths. Member 1: the anchor key and signer keys 1 and 2."""
+    """Every member: its bitcoind, the bridge (same genesis federation: 3 of the 4 signer keys, one per member), the
+    claims policy's depths. Member 1 also the anchor key."""
     pubs = [PrivateKey(s).public_key.format().hex() for s in SIGNERS]
     for k in range(fed.n):
         d = fed.dir(k)
         b = btc[k]
+        (d / "signer.key").write_text(SIGNERS[k].hex())
         if k == 0:
             (d / "anchor.key").write_text(ANCHOR_KEY.hex())
-            for i in range(2):
-                (d / f"signer{i}.key").write_text(SIGNERS[i].hex())
-            for f in d.glob("*.key"):
-                f.chmod(0o600)
-            bridge_keys = 'signer_key_files = ["signer0.key", "signer1.key"]\n' f'other_keys = ["{pubs[2]}"]\n'
             anchoring = ('enabled = true\nmode = "taproot"\nevery_blocks = 2\nfederation_key_file = "anchor.key"\n'
                          "rbf_after_blocks = 50\npoll_interval_ms = 100\n")
         else:
-            bridge_keys = f"other_keys = {json.dumps(pubs)}\n"
             anchoring = "enabled = false\n"
+        for f in d.glob("*.key"):
+            f.chmod(0o600)
+        bridge_keys = 'signer_key_files = ["signer.key"]\n' f"other_keys = {json.dumps(pubs[:k] + pubs[k + 1:])}\n"
         with fed.config(k).open("a") as f:
             f.write(f"""
 [bitcoind]
@@ -74,7 +73,7 @@ final_confirmations = 3
 
 [bridge]
 enabled = true
-threshold = 2
+threshold = 3
 {bridge_keys}pegin_min_depth = {MIN_DEPTH}
 pegout_confirmations = 1
 poll_interval_ms = 100
@@ -85,14 +84,39 @@ def relayed_tip(p: L2dProcess) -> Any:
     return p.get("/api/bridge/federation")["btc_tip"]
 
 
-async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_member_on_another_branch_refuses(
-        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
-    # bitcoind A: coins to mine with and to fund the anchor key
+async def fund_anchor_key(rpc: BitcoinRPC) -> tuple[BitcoinRPC, str]:
+    """A miner wallet on bitcoind A, and the anchor key's Taproot output funded (anchors are paid from it)."""
     w, mine_addr = await fund_wallet(rpc, "miner")
     spk = key_path_script(PrivateKey(ANCHOR_KEY).public_key_xonly.format())
     desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
     await w.sendtoaddress((await rpc.call("deriveaddresses", [desc]))[0], 50_000_000)
     await rpc.generatetoaddress(1, mine_addr)
+    return w, mine_addr
+
+
+async def proven_deposit(rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str, relayed: Callable[[], Awaitable[Any]],
+                         poll: Callable[..., Awaitable[Any]], address: str, amount: int) -> tuple[bytes, PeginClaim]:
+    """Pay address on A, mine it MIN_DEPTH deep, wait for the relay: (txid, its claim's payload)."""
+    txid = await w.sendtoaddress(address, amount)
+    info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
+    [vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == address]
+    await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
+    await poll(relayed, 60, f"the block paying {address} relayed")
+    block = bytes.fromhex((await rpc.call("getrawtransaction", [txid[::-1].hex(), True]))["blockhash"])[::-1]
+    return txid, PeginClaim((await rpc.getblockheader(block, True)).height, vout,
+                            await rpc.getrawtransaction(txid), await rpc.gettxoutproof([txid], block))
+
+
+async def holdings_on_chain(rpc: BitcoinRPC, p: L2dProcess) -> int:
+    """The federation's coins on bitcoind A (Alice's deposit script and the change script), by scantxoutset."""
+    spks = [p.get(f"/api/bridge/pegin-address/{c}")["script_pubkey"] for c in (ALICE_ID.hex(), "00" * 32)]
+    scan = await rpc.call("scantxoutset", ["start", [f"raw({x})" for x in spks]])
+    return round(scan["total_amount"] * 100_000_000)
+
+
+async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_member_on_another_branch_refuses(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
+    w, mine_addr = await fund_anchor_key(rpc)
     s = await rpc.getblockcount()
     # bitcoind B: A's blocks up to S, then one of its own
     binary = find_bitcoind()
@@ -120,20 +144,12 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
             return r is not None and r["height"] == tip and r["hash"] == (await rpc.getblockhash(tip))[::-1].hex()
         await poll(relayed_to_a, 120, "A's headers relayed past the fork")
 
-        async def proven_deposit(address: str, amount: int) -> tuple[bytes, PeginClaim]:
-            """Pay address on A, mine it MIN_DEPTH deep, wait for the relay: (txid, its claim's payload)."""
-            txid = await w.sendtoaddress(address, amount)
-            info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
-            [vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == address]
-            await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
-            await poll(relayed_to_a, 60, f"the block paying {address} relayed")
-            block = bytes.fromhex((await rpc.call("getrawtransaction", [txid[::-1].hex(), True]))["blockhash"])[::-1]
-            return txid, PeginClaim((await rpc.getblockheader(block, True)).height, vout,
-                                    await rpc.getrawtransaction(txid), await rpc.gettxoutproof([txid], block))
+        async def deposit(address: str, amount: int) -> tuple[bytes, PeginClaim]:
+            return await proven_deposit(rpc, w, mine_addr, relayed_to_a, poll, address, amount)
 
         # peg-in: Alice deposits 1 BTC on A and claims it through member 3
         addr = procs[2].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
-        txid, proof = await proven_deposit(addr, 100_000_000)
+        txid, proof = await deposit(addr, 100_000_000)
         vout = proof.vout
         claim = sign(REGTEST, ALICE, 0, 1, proof, bytes(32))
         fed.submit(2, claim)
@@ -143,7 +159,7 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
         # funding: an operator pays the federation's funding address; member 2 records it (l2-cli federation-fund),
         # and the coin is in every member's state; member 3 posting the same deposit is a duplicate duty
         fund_addr = procs[1].get("/api/bridge/federation")["funding_address"]
-        fund_txid, funding = await proven_deposit(fund_addr, 2_000_000)
+        fund_txid, funding = await deposit(fund_addr, 2_000_000)
         fund_vout = funding.vout
         fund_args = ["--btc-height", str(funding.btc_height), "--vout", str(fund_vout), "--tx", funding.btc_tx.hex(),
                      "--proof", funding.merkle_block.hex(), "--token", fed.token]
@@ -178,6 +194,19 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
         paid = await rpc.call("getrawtransaction", [p["btc_txid"], True])
         assert paid["confirmations"] >= 1
         assert [o for o in paid["vout"] if o["scriptPubKey"].get("address") == dest]
+        assert len(paid["vin"][0]["txinwitness"]) == 5  # "", 3 signatures, the witness script
+        # members 1-3 signed the plan, each in its own process, with its own key; member 4 refused
+        [plan] = [x for x in procs[3].get("/api/bridge/plans")["plans"] if x["id"] == p["btc_txid"]]
+        pubs = [PrivateKey(s_).public_key.format().hex() for s_ in SIGNERS]
+        assert plan["status"] == "COMPLETED" and sorted(plan["signed_by"]) == sorted(pubs[:3])
+        assert [r for r in fed.log_lines(3)  # its bitcoind does not have the anchor's block
+                if r["msg"].startswith(f"bridge: not signing plan {plan['id']}: anchor of L2 height")]
+        # the federation's coins on Bitcoin == pegged in - paid out == every member's figure
+        on_chain = await holdings_on_chain(rpc, procs[0])
+        assert on_chain == 100_000_000 - 30_000_000
+        for k in range(4):
+            f = procs[k].get("/api/bridge/federation")
+            assert f["pegged_in_sat"] - f["paid_out_sat"] == on_chain == f["holdings_sat"], (k, f)
 
         # an anchor FINAL in the L2 state; its audit bundle checks out to m member signatures
         async def anchored_final() -> Any:
@@ -224,3 +253,89 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
                 assert 3 not in commit.signers, f"member 4 signed block {h}, which relays A's headers past the fork"
     assert signed_by_4 > 0 and relays_past_fork > 0
     assert any(r.get("refuted") for r in refusals), refusals[:3]
+
+
+async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_completes_once(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
+    """All 4 members on bitcoind A, 3 of 4 peg-out keys needed, one key per member process.
+    - Member 4 is SIGKILLed before its payout's plan exists: members 1-3 sign and pay it.
+    - Members 3 and 4 are SIGKILLed before the next payout's plan exists: with two members the federation can
+      neither agree on a plan nor gather 3 signatures, so nothing is broadcast however many Bitcoin blocks pass,
+      and nothing is lost; restarted, the federation pays it exactly once."""
+    w, mine_addr = await fund_anchor_key(rpc)
+    fed = Federation(tmp_path / "fed", 4, network=REGTEST, federation={"round_ms": 1000})
+    try:
+        write_configs(fed, [bitcoind] * 4)
+        fed.rewrite_genesis()
+        for k in range(4):
+            fed.start(k)
+        procs = fed.procs
+        pubs = [PrivateKey(s_).public_key.format().hex() for s_ in SIGNERS]
+
+        async def relayed() -> bool:
+            tip = await rpc.getblockcount()
+            r = relayed_tip(procs[0])
+            return r is not None and r["height"] == tip and r["hash"] == (await rpc.getblockhash(tip))[::-1].hex()
+        await poll(relayed, 120, "headers relayed")
+        addr = procs[0].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
+        _, proof = await proven_deposit(rpc, w, mine_addr, relayed, poll, addr, 100_000_000)
+        claim = sign(REGTEST, ALICE, 0, 1, proof, bytes(32))
+        fed.submit(0, claim)
+        await poll(lambda: fed.tx_height(0, claim) is not None, 60, "the claim committed")
+
+        async def burn(nonce: int, amount: int) -> tuple[str, str]:
+            dest = await w.getnewaddress()
+            b = sign(REGTEST, ALICE, nonce, 1, Burn(amount, dest.encode()), bytes(32))
+            fed.submit(0, b)
+            await poll(lambda: fed.tx_height(0, b) is not None, 60, "the burn committed")
+            return b.txid.hex(), dest
+
+        async def completed(pid: str) -> Any:
+            async def done() -> Any:
+                [p] = [p for p in procs[0].get("/api/bridge/pegouts")["pegouts"] if p["id"] == pid]
+                if p["status"] == "COMPLETED":
+                    return p
+                await rpc.generatetoaddress(1, mine_addr)
+                return None
+            return await poll(done, 180, f"peg-out {pid} COMPLETED")
+
+        # member 4 down before the plan exists (a plan needs a FINAL anchor, and no block is mined until now)
+        pid1, dest1 = await burn(1, 20_000_000)
+        fed.kill(3)
+        p1 = await completed(pid1)
+        [plan1] = [x for x in procs[0].get("/api/bridge/plans")["plans"] if x["id"] == p1["btc_txid"]]
+        assert plan1["status"] == "COMPLETED" and sorted(plan1["signed_by"]) == sorted(pubs[:3])
+        fed.start(3)
+
+        # two members down: nothing is broadcast, nothing is lost
+        pid2, dest2 = await burn(2, 10_000_000)
+        fed.kill(2)
+        fed.kill(3)
+        for _ in range(8):  # enough for an anchor to become FINAL, had the federation been able to record it
+            await rpc.generatetoaddress(1, mine_addr)
+        assert (await rpc.call("scantxoutset", ["start", [f"addr({dest2})"]]))["total_amount"] == 0
+        for txid in await rpc.call("getrawmempool"):
+            tx = await rpc.call("getrawtransaction", [txid, True])
+            assert all(o["scriptPubKey"].get("address") != dest2 for o in tx["vout"])
+        [p2] = [p for p in procs[0].get("/api/bridge/pegouts")["pegouts"] if p["id"] == pid2]
+        assert p2["status"] != "COMPLETED"
+        fed.start(2)
+        fed.start(3)
+        p2 = await completed(pid2)
+        paid = (await rpc.call("scantxoutset", ["start", [f"addr({dest2})"]]))["total_amount"]
+        payouts = [x for x in procs[0].get("/api/bridge/plans")["plans"] if pid2 in [q["id"] for q in x["pegouts"]]]
+        assert [x["status"] for x in payouts if x["status"] == "COMPLETED"] == ["COMPLETED"]
+        [done2] = [x for x in payouts if x["status"] == "COMPLETED"]
+        assert round(paid * 100_000_000) == done2["pegouts"][0]["payout_sat"]  # one payment, not two
+        on_chain = await holdings_on_chain(rpc, procs[0])
+        assert on_chain == 100_000_000 - 30_000_000
+        await poll(lambda: all(procs[k].get("/api/bridge/pegouts")["pegouts"] and
+                               procs[k].get("/api/bridge/federation")["paid_out_sat"] == 30_000_000
+                               for k in range(4)), 60, "every member sees both payouts")
+        for k in range(4):
+            f = procs[k].get("/api/bridge/federation")
+            assert f["pegged_in_sat"] - f["paid_out_sat"] == on_chain == f["holdings_sat"], (k, f)
+    finally:
+        fed.kill_all()
+    lowest, _ = fed.check()  # same final blocks everywhere, commits valid, signer rules kept
+    assert lowest >= 1
