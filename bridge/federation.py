@@ -103,7 +103,7 @@ def tweaked_secret(secret: bytes, network_id: int, contract: bytes) -> bytes:
 
 class LocalSigner:
     """One federation member's key and policy. The federation may run n of these in one daemon; each keeps
-    its own record file, so the interface is the one a remote signer would offer (PSBT in, PSBT out)."""
+    its own record file, so the interface is the one a remote signer would offer (PSBT in, signatures out)."""
 
     def __init__(self, secret: bytes, fed: Federation, network: Network, state_get: StateGet, record_path: Path,
                  max_fee_share_ppm: int = 100_000) -> None:
@@ -227,7 +227,11 @@ def finalize(psbt_bytes: bytes) -> tuple[bytes, bytes]:
         for pub, sig in psi.partial_sigs.items():
             if pub not in keys:
                 raise QuorumError(f"input {i}: signature by {pub.hex()}, which is not a federation key of its script")
-            if not sig or sig[-1] != SIGHASH_ALL or not PublicKey(pub).verify(sig[:-1], digest, hasher=None):
+            try:
+                ok = bool(sig) and sig[-1] == SIGHASH_ALL and PublicKey(pub).verify(sig[:-1], digest, hasher=None)
+            except ValueError:  # not a DER signature
+                ok = False
+            if not ok:
                 raise QuorumError(f"input {i}: the signature by {pub.hex()} does not verify")
             good += 1
         if good < m:
