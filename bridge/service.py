@@ -48,6 +48,7 @@ from .steps import run_steps
 log = logging.getLogger(__name__)
 
 _SPENDABLE = (CoinKind.DEPOSIT, CoinKind.CHANGE)  # peg-outs spend deposits and change; funding pays anchors
+MAX_PLAN_CANDIDATES = 200  # pending peg-outs tried for one plan, oldest first
 
 
 class BridgeService:
@@ -75,6 +76,7 @@ class BridgeService:
         self._seen: dict[bytes, int] = {}
         self._wake = asyncio.Event()
         self.halted: Optional[str] = None  # why the circuit breaker refuses to sign peg-outs, None while closed
+        self._warned: set[str] = set()
 
     # -- state reads ----------------------------------------------------------------------------------------------
     def _get(self, key: bytes) -> Optional[bytes]:
@@ -167,6 +169,11 @@ class BridgeService:
                 log.warning("bridge: circuit breaker tripped, signing no peg-outs: %s", why)
             self.halted = why
         return why is None
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -261,27 +268,29 @@ class BridgeService:
             return
         todo = sorted((e.l2_height, pid, e) for pid, e in self.pegouts()
                       if e.status == PegoutStatus.PENDING and e.btc_txid == ZERO and e.l2_height <= anchored)
-        todo = todo[:MAX_PLAN_PEGOUTS]
         if not todo or not await self._breaker_closed():
             return
         rate = await self._feerate()
         free = [c for c in self.fed_coins() if c.kind in _SPENDABLE and c.spent_by == ZERO]
-        why = ""
-        while todo:
-            entries = [e for _, _, e in todo]
-            coins = select_coins(free, sum(e.amount_sat for e in entries))
+        chosen: list[tuple[int, bytes, PegoutEntry]] = []
+        coins: list[FedCoin] = []
+        for item in todo[:MAX_PLAN_CANDIDATES]:  # oldest first; a peg-out that does not fit is left for later
+            entries = [e for _, _, e in chosen] + [item[2]]
+            take = select_coins(free, sum(e.amount_sat for e in entries))
             try:
-                if len(coins) > MAX_PLAN_INPUTS:
-                    raise PlanUnderfunded(f"paying them takes more than {MAX_PLAN_INPUTS} coins")
-                price(self.fed, self.network.id, coins, entries, rate)
-                break
+                if len(take) > MAX_PLAN_INPUTS:
+                    raise PlanUnderfunded(f"paying it takes more than {MAX_PLAN_INPUTS} coins")
+                price(self.fed, self.network.id, take, entries, rate)
             except PlanUnderfunded as e:
-                why = str(e)
-                todo.pop()
-        if not todo:
-            log.warning("bridge: cannot pay the oldest pending peg-out yet: %s", why)
+                self._warn_once(item[1].hex(), "bridge: peg-out %s waits: %s", item[1].hex(), e)
+                continue
+            chosen.append(item)
+            coins = take
+            if len(chosen) == MAX_PLAN_PEGOUTS:
+                break
+        if not chosen:
             return
-        ids = tuple(pid for _, pid, _ in todo)
+        ids = tuple(pid for _, pid, _ in chosen)
         self._try_submit(("plan", ids), PegoutPlan(anchored, rate, ZERO, tuple((c.btc_txid, c.vout) for c in coins),
                                                    ids), f"plan for {len(ids)} peg-outs")
 

@@ -205,6 +205,10 @@ def cmd_anchors(a: argparse.Namespace) -> dict[str, Any]:
     return _client(a).anchors()
 
 
+def cmd_plans(a: argparse.Namespace) -> dict[str, Any]:
+    return _client(a).plans()
+
+
 def cmd_block(a: argparse.Namespace) -> dict[str, Any]:
     return _client(a).block(a.height)
 
@@ -447,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_export_audit)
     sub.add_parser("anchors", help="anchors and their status").set_defaults(fn=cmd_anchors)
+    sub.add_parser("plans", help="the federation's peg-out plans: transaction, PSBT, who signed, status"
+                   ).set_defaults(fn=cmd_plans)
     p = sub.add_parser("block", help="show a block")
     p.add_argument("height", type=int)
     p.set_defaults(fn=cmd_block)

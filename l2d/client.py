@@ -151,6 +151,10 @@ class Client(_Base):
     def anchors(self) -> dict[str, Any]:
         return self.get("/api/anchors")
 
+    def plans(self) -> dict[str, Any]:
+        """The federation's peg-out plans: transaction, PSBT, signers, status (GET /api/bridge/plans)."""
+        return self.get("/api/bridge/plans")
+
     def audit_bundle(self, l2_height: int) -> bytes:
         return self.request("GET", f"/api/anchors/{l2_height}/audit", raw=True)
 

@@ -22,6 +22,7 @@ from .core.errors import InvalidMembership
 from .core.genesis_file import MEMBER_ID_RULE, valid_member_id
 from .core.members import MAX_MEMBERS, Membership, default_threshold
 from .core.params import MAX_MONEY, NETWORKS, network_by_name
+from .core.pegs_tx import MAX_FEERATE
 
 log = logging.getLogger(__name__)
 
@@ -649,8 +650,8 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
     threshold = s.get_int("threshold", 1, 15, default=max(1, n // 2 + 1))
     if enabled and threshold > n:
         raise s.fail("threshold", threshold, f"exceeds the number of federation keys ({n})")
-    fallback = s.get_int("fee_fallback_sat_per_vb", 1, 100_000, default=2)
-    fee_max = s.get_int("fee_max_sat_per_vb", 1, 100_000, default=500)
+    fallback = s.get_int("fee_fallback_sat_per_vb", 1, MAX_FEERATE, default=2)
+    fee_max = s.get_int("fee_max_sat_per_vb", 1, MAX_FEERATE, default=500)  # a plan's fee rate is at most MAX_FEERATE
     if fee_max < fallback:
         raise s.fail("fee_max_sat_per_vb", fee_max, f"must be at least bridge.fee_fallback_sat_per_vb ({fallback})")
     return BridgeConfig(

@@ -44,6 +44,7 @@ from .tx import Transaction
 
 RBF_SEQUENCE = 0xFFFFFFFD
 DUST_SAT = 546  # the largest standard dust threshold (P2PKH); payouts and change stay above it
+MAX_FEE_SHARE_PPM = 100_000  # a peg-out pays at most 10% of its amount in Bitcoin fees (signers may demand less)
 SIG_ITEM = 72  # witness bytes counted per signature: a DER signature of at most 71 bytes (low S) + sighash
 ZERO = b"\0" * 32
 _PLAN = struct.Struct(">B32s32sQQIQQ")  # status, replaces, replaced_by, l2 height, anchor height, rate, fee, change
@@ -208,6 +209,10 @@ def price(fed: Federation, network_id: int, coins: Sequence[FedCoin], pegouts: S
     payouts = tuple(e.amount_sat - fee // n - (1 if i < fee % n else 0) for i, e in enumerate(pegouts))
     if min(payouts) < DUST_SAT:
         raise PlanUnderfunded(f"a fee of {fee} sat ({feerate_sat_vb} sat/vB) leaves a payout below {DUST_SAT} sat")
+    for e, v in zip(pegouts, payouts):
+        if (e.amount_sat - v) * 1_000_000 > e.amount_sat * MAX_FEE_SHARE_PPM:
+            raise PlanUnderfunded(f"a fee share of {e.amount_sat - v} sat is more than {MAX_FEE_SHARE_PPM // 10_000}% "
+                                  f"of a peg-out of {e.amount_sat} sat ({feerate_sat_vb} sat/vB)")
     outputs = tuple((e.script_pubkey, v) for e, v in zip(pegouts, payouts)) + tail
     return Priced(payouts, change, fee, outputs)
 

@@ -439,6 +439,17 @@ def test_anchoring_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -
     assert reject(lambda d: d.update(anchoring=table), tmp_path) == msg
 
 
+@pytest.mark.parametrize("table,msg", [
+    ({"fee_max_sat_per_vb": 10_001},
+     "config: bridge.fee_max_sat_per_vb = 10001: must be an integer between 1 and 10000"),
+    ({"fee_fallback_sat_per_vb": 10, "fee_max_sat_per_vb": 5},
+     "config: bridge.fee_max_sat_per_vb = 5: must be at least bridge.fee_fallback_sat_per_vb (10)"),
+])
+def test_bridge_fee_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
+    """A plan's fee rate is at most 10000 sat/vB in consensus (MAX_FEERATE): a cap above it could never be used."""
+    assert reject(lambda d: d.update(bridge=table), tmp_path) == msg
+
+
 def test_bitcoind_section(tmp_path: Path) -> None:
     c = build(lambda d: d.update(bitcoind={"rpc_url": "http://127.0.0.1:18443/", "cookie_file": "btc/.cookie",
                                            "zmq_hashblock": "tcp://127.0.0.1:28332",

@@ -335,6 +335,11 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
         for k in range(4):
             f = procs[k].get("/api/bridge/federation")
             assert f["pegged_in_sat"] - f["paid_out_sat"] == on_chain == f["holdings_sat"], (k, f)
+        out = subprocess.run([sys.executable, "-m", "l2d.cli", "--json", "--api", procs[1].url(""), "plans"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)  # the operator's view
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == procs[1].get("/api/bridge/plans")
+        assert {x["status"] for x in json.loads(out.stdout)["plans"]} == {"COMPLETED"}
     finally:
         fed.kill_all()
     lowest, _ = fed.check()  # same final blocks everywhere, commits valid, signer rules kept
