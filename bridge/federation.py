@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from bitcoinutils.constants import SIGHASH_ALL
 from bitcoinutils.psbt import PSBT
@@ -239,9 +239,3 @@ def finalize(psbt_bytes: bytes) -> tuple[bytes, bytes]:
     psbt.finalize()
     tx = psbt.extract_transaction()
     return bytes.fromhex(tx.to_hex()), bytes.fromhex(tx.get_txid())[::-1]
-
-
-def psbt_summary(psbt_bytes: bytes) -> dict[str, Any]:
-    psbt = PSBT.from_bytes(psbt_bytes)
-    return {"txid": psbt.tx.get_txid(), "inputs": [f"{t[::-1].hex()}:{v}" for t, v in _inputs(psbt)],
-            "signatures": [len(p.partial_sigs) for p in psbt.inputs]}

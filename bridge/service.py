@@ -143,8 +143,9 @@ class BridgeService:
         if books - totals.pending_out_sat != bridged:
             return (f"the books hold {books} sat; with {totals.pending_out_sat} sat of peg-outs pending that is not "
                     f"the {bridged} sat the L2 state says came in through the bridge")
-        if bridged > sup.minted_sat - sup.burned_sat:
-            return f"{bridged} sat came in through the bridge, more than the L2 supply {sup.minted_sat - sup.burned_sat}"
+        supply = sup.minted_sat - sup.burned_sat
+        if bridged > supply:
+            return f"{bridged} sat came in through the bridge, more than the L2 supply {supply}"
         plans = self.plans()
         for c in held:
             out = await self.rpc.call("gettxout", [c.btc_txid[::-1].hex(), c.vout, False])

@@ -111,7 +111,8 @@ async def pegouts(request: web.Request) -> web.Response:
 
 
 async def coins(request: web.Request) -> web.Response:
-    """GET /api/bridge/coins: the federation's coins as the state records them (claimed deposits, funding)."""
+    """GET /api/bridge/coins: the federation's coins as the state records them (claimed deposits, change, funding)
+    and the plan spending each."""
     fed = _federation(request)
     network = request.app[CHAIN].network
     out: list[dict[str, Any]] = []
@@ -120,7 +121,7 @@ async def coins(request: web.Request) -> web.Response:
         out.append({"txid": c.btc_txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat, "kind": c.kind.name,
                     "contract": c.contract.hex(),
                     "address": script_address(deposit_script_pubkey(fed, network.id, c.contract), network),
-                    "spent_by": None if c.spent_by == bytes(32) else c.spent_by.hex()})
+                    "spent_by": None if c.spent_by == bytes(32) else c.spent_by[::-1].hex()})
     return web.json_response({"coins": out})
 
 
@@ -144,7 +145,8 @@ async def plans(request: web.Request) -> web.Response:
             if len(sigs) >= fed.threshold:
                 raw = finalize(add_signatures(fed, network, psbt, sigs))[0].hex()
             out.append({
-                "id": plan_id[::-1].hex(), "status": p.status.name, "l2_height": p.l2_height, "final": p.l2_height <= final,
+                "id": plan_id[::-1].hex(), "status": p.status.name, "l2_height": p.l2_height,
+                "final": p.l2_height <= final,
                 "replaces": None if p.replaces == bytes(32) else p.replaces[::-1].hex(),
                 "replaced_by": None if p.replaced_by == bytes(32) else p.replaced_by[::-1].hex(),
                 "anchor_height": p.anchor_height, "feerate_sat_vb": p.feerate_sat_vb, "fee_sat": p.fee_sat,
