@@ -137,8 +137,10 @@ def cmd_pegin_address(a: argparse.Namespace) -> dict[str, Any]:
     c = _client(a)
     network = c.network()
     fed_json = c.federation()
+    em = fed_json.get("emergency") or {"threshold": 0, "keys": [], "delay_blocks": 0}
     fed = Federation(fed_json["threshold"], tuple(bytes.fromhex(k) for k in fed_json["keys"]),
-                     fed_json["pegin_min_depth"])
+                     fed_json["pegin_min_depth"], em["threshold"], tuple(bytes.fromhex(k) for k in em["keys"]),
+                     em["delay_blocks"])
     res = c.pegin_address(account)
     if res["script_pubkey"] != deposit_script_pubkey(fed, network.id, bytes.fromhex(account)).hex():
         raise CliError("the daemon's deposit address does not match the one derived from the federation keys")

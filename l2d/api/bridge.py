@@ -15,7 +15,8 @@ from bridge.headers import HeaderStoreError
 
 from ..core.errors import L2Error
 from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation, PeginEntry, PegoutEntry,
-                         bridge_totals, btc_tip, deposit_script_pubkey, funded_sat, script_address, witness_script)
+                         bridge_totals, btc_tip, deposit_script_pubkey, descriptor_of, funded_sat, script_address,
+                         witness_script)
 from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
 from ..core.plans import PlanEntry, plan_signatures, plan_tx
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
@@ -28,12 +29,6 @@ def _federation(request: web.Request) -> Federation:
     if fed is None:
         raise ApiError(404, "no-bridge", "this node runs no bridge ([bridge] enabled = false)")
     return fed
-
-
-def _descriptor(fed: Federation, network_id: int, contract: bytes) -> str:
-    ws = witness_script(fed, network_id, contract)
-    keys = [ws[2 + 34 * k:2 + 34 * k + 33].hex() for k in range(len(fed.keys))]
-    return f"wsh(multi({fed.threshold},{','.join(keys)}))"
 
 
 async def federation(request: web.Request) -> web.Response:
@@ -52,7 +47,11 @@ async def federation(request: web.Request) -> web.Response:
     network = chain.network
     return web.json_response({
         "threshold": fed.threshold, "keys": [k.hex() for k in fed.keys], "pegin_min_depth": fed.min_depth,
-        "deposit_descriptor": f"wsh(sortedmulti({fed.threshold},{','.join(k.hex() for k in fed.keys)}))",
+        "deposit_descriptor": f"wsh(sortedmulti({fed.threshold},{','.join(k.hex() for k in fed.keys)}))"
+                              if not fed.emergency_keys else "GET /api/bridge/pegin-address/{account}: descriptor",
+        "emergency": None if not fed.emergency_keys else {
+            "threshold": fed.emergency_threshold, "keys": [k.hex() for k in fed.emergency_keys],
+            "delay_blocks": fed.emergency_delay},
         "deposit_tweak": "each key P becomes P + H_tag('l2d/pegin/tweak', P || network id || account)*G; "
                          "GET /api/bridge/pegin-address/{account} gives the address",
         "change_address": script_address(deposit_script_pubkey(fed, network.id, CHANGE_CONTRACT), network),
@@ -80,7 +79,7 @@ async def pegin_address(request: web.Request) -> web.Response:
     return web.json_response({"account": account.hex(), "address": script_address(spk, network),
                               "script_pubkey": spk.hex(),
                               "witness_script": witness_script(fed, network.id, account).hex(),
-                              "descriptor": _descriptor(fed, network.id, account), "min_depth": fed.min_depth})
+                              "descriptor": descriptor_of(fed, network.id, account), "min_depth": fed.min_depth})
 
 
 def _listing(request: web.Request, ns: Namespace) -> list[tuple[bytes, bytes]]:

@@ -7,7 +7,8 @@ and a fee rate. Everything else follows from the state, so every member derives 
 - outputs: each peg-out's script with its amount less an equal share of the fee (the first `fee mod n`
   peg-outs pay one satoshi more), then the change, inputs - sum(peg-out amounts), to the deposit script of
   CHANGE_CONTRACT when it is not zero; so the federation's holdings fall by exactly what was burned;
-- fee = feerate x vsize, where vsize counts m 72-byte signatures per input (an upper bound on DER + sighash);
+- fee = feerate x vsize, where vsize counts m 72-byte signatures per input (an upper bound on DER + sighash), and
+  the 1-byte branch selector when the federation has an emergency path;
 - the plan's id is that transaction's txid (internal order).
 Each federation key's signatures of it (PlanSignature, BIP143 SIGHASH_ALL, by the key tweaked for each input's
 contract) are checked here and kept in the state, so any member holding m of them per input can finalize and
@@ -177,9 +178,11 @@ def vsize_bound(fed: Federation, network_id: int, coins: Sequence[FedCoin], outp
     """The transaction's vsize once signed with m signatures of SIG_ITEM bytes per input (an upper bound)."""
     base = len(_unsigned_tx(coins, outputs).serialize())
     witness = 2  # segwit marker and flag
+    branch = 1 if fed.emergency_keys else 0  # the OP_IF selector (0x01) of the federation's path
     for c in coins:
         ws = len(witness_script(fed, network_id, c.contract))
-        witness += _varint_size(fed.threshold + 2) + 1 + fed.threshold * (1 + SIG_ITEM) + _varint_size(ws) + ws
+        witness += (_varint_size(fed.threshold + 2 + branch) + 1 + fed.threshold * (1 + SIG_ITEM) + 2 * branch
+                    + _varint_size(ws) + ws)
     return (4 * base + witness + 3) // 4
 
 

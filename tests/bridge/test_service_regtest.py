@@ -67,6 +67,9 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchor
                      "zmq_hashblock": btc.zmq_endpoint, "zmq_sequence": btc.zmq_endpoint},
         "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files[1:],
                    "other_keys": [PrivateKey(SIGNERS[2]).public_key.format().hex()],
+                   # deposits and change carry the emergency path: the plans spend the federation's branch of it
+                   "emergency_keys": [PrivateKey(secret(f"emergency {i}")).public_key.format().hex() for i in range(2)],
+                   "emergency_threshold": 2, "emergency_delay_blocks": 1000,
                    "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": 1, "rbf_after_blocks": rbf_after_blocks,
                    "poll_interval_ms": 100},
     }
@@ -290,7 +293,8 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     paid = [round(o["value"] * 100_000_000) for o in info["vout"] if o["scriptPubKey"].get("address") == dest]
     assert len(paid) == 1 and 27_000_000 <= paid[0] < 30_000_000  # amount less its share of the fee
     witness = info["vin"][0]["txinwitness"]
-    assert len(witness) == 4 and witness[0] == ""  # 2 signatures: 2-of-3 with the third key elsewhere
+    # "", 2 signatures (2-of-3 with the third key elsewhere), 01 (OP_IF: the federation's path), the script
+    assert len(witness) == 5 and witness[0] == "" and witness[3] == "01"
     f = await d.get("/api/bridge/federation")
     assert f["paid_out_sat"] == 30_000_000 and f["pending_pegouts_sat"] == 0
     assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 - 30_000_000

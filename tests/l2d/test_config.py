@@ -444,9 +444,19 @@ def test_anchoring_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -
      "config: bridge.fee_max_sat_per_vb = 10001: must be an integer between 1 and 10000"),
     ({"fee_fallback_sat_per_vb": 10, "fee_max_sat_per_vb": 5},
      "config: bridge.fee_max_sat_per_vb = 5: must be at least bridge.fee_fallback_sat_per_vb (10)"),
+    ({"emergency_keys": ["02" + "11" * 31]},
+     'config: bridge.emergency_keys = ["02' + "11" * 31 + '"]: must be a list of 66-hex compressed public keys'),
+    ({"emergency_keys": ["02" + "11" * 32, "02" + "11" * 32]},
+     'config: bridge.emergency_keys = ["02' + "11" * 32 + '", "02' + "11" * 32
+     + '"]: must be at most 15 distinct keys'),
+    ({"emergency_keys": ["02" + "11" * 32], "emergency_threshold": 2},
+     "config: bridge.emergency_threshold = 2: exceeds the number of emergency keys (1)"),
+    ({"emergency_delay_blocks": 0},
+     "config: bridge.emergency_delay_blocks = 0: must be an integer between 1 and 65535"),
 ])
-def test_bridge_fee_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
-    """A plan's fee rate is at most 10000 sat/vB in consensus (MAX_FEERATE): a cap above it could never be used."""
+def test_bridge_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
+    """A plan's fee rate is at most 10000 sat/vB in consensus (MAX_FEERATE): a cap above it could never be used; the
+    emergency path's keys, threshold and delay are checked before a genesis is written with them."""
     assert reject(lambda d: d.update(bridge=table), tmp_path) == msg
 
 
