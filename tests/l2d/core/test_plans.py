@@ -79,7 +79,7 @@ def sign_plan(w: World, plan_id: bytes, secret: bytes) -> tuple[bytes, ...]:
 
 
 def high_s(sig: bytes) -> bytes:
-    """The same ECDSA signature with S replaced by N - S (what Bitcoin's consensus, unlike its relay policy, accepts)."""
+    """The same ECDSA signature with S replaced by N - S (Bitcoin's consensus accepts it, its relay policy does not)."""
     r_len = sig[3]
     r, s = sig[4:4 + r_len], int.from_bytes(sig[6 + r_len:-1], "big")
     s2 = (SECP256K1_N - s).to_bytes(33, "big").lstrip(b"\0")
@@ -545,7 +545,7 @@ record_anchor(PROP_BASE, PROP_ANCHOR, AnchorStatus.FINAL)
 op = st.one_of(
     st.tuples(st.just("claim"), st.integers(0, len(DEPOSITS) - 1), st.just(0), st.just(0)),
     st.tuples(st.just("burn"), st.integers(PEGOUT_MIN_SAT, 400_000), st.integers(0, len(PAYOUTS) - 1), st.just(0)),
-    st.tuples(st.just("plan"), st.integers(1, 3), st.integers(1, 30), st.sampled_from([0, 0, 0, 1])),
+    st.tuples(st.just("plan"), st.integers(1, 3), st.integers(1, 30), st.sampled_from([0, 0, 0, 1, 2, 3])),
     st.tuples(st.just("replace"), st.integers(0, 20), st.integers(-1, 5), st.just(0)),
     st.tuples(st.just("mined"), st.integers(0, 20), st.integers(0, 2), st.sampled_from([0, 0, 1])),
     st.tuples(st.just("mined"), st.integers(0, 20), st.integers(0, 2), st.just(0)),
@@ -577,16 +577,18 @@ def test_holdings_and_completions_over_random_sequences(ops: list[tuple[str, int
             txs.append(w.sign(who, COIN_BLOCK.claim(tx, vout), fee=100))
         elif kind == "burn":
             txs.append(w.sign(BOB, Burn(a, address(PAYOUTS[b])), fee=10))
-        elif kind == "plan":
-            todo = sorted(k for k, e in pegouts.items() if e.status == PegoutStatus.PENDING and e.btc_txid == ZERO)[:a]
+        elif kind == "plan":  # c == 0: a plan a member would make; 1: with a spent coin, 2: with any peg-outs,
+            # 3: with the funding coin (mostly refused)
+            todo = sorted(k for k, e in pegouts.items()
+                          if c == 2 or (e.status == PegoutStatus.PENDING and e.btc_txid == ZERO))[:a]
             if not todo:
                 continue
             need = sum(pegouts[k].amount_sat for k in todo)
-            if c:  # any coins, spent, funding or not: mostly refused
-                chosen = sorted(fed_coins, key=lambda x: x.btc_txid)[:2]
-            else:
-                free = [x for x in fed_coins if x.kind != CoinKind.FUNDING and x.spent_by == ZERO]
-                chosen = select_coins(free, need)
+            free = [x for x in fed_coins if x.kind != CoinKind.FUNDING and x.spent_by == ZERO]
+            taken = sorted((x for x in fed_coins if (x.spent_by != ZERO if c == 1 else c == 3 and
+                                                     x.kind == CoinKind.FUNDING)), key=lambda x: x.btc_txid)[:1]
+            rest = need - sum(x.amount_sat for x in taken)
+            chosen = taken + (select_coins(free, rest) if rest > 0 else [])
             if not chosen:
                 continue
             txs.append(w.sign(AUTH, PegoutPlan(PROP_ANCHOR, b, ZERO, tuple((x.btc_txid, x.vout) for x in chosen),
@@ -625,6 +627,13 @@ def test_holdings_and_completions_over_random_sequences(ops: list[tuple[str, int
         plans = {k: PlanEntry.decode(v) for k, v in _records(w.state, Namespace.PLAN).items()}
         for x in (FedCoin.decode(v) for v in _records(w.state, Namespace.FED_COIN).values()):
             assert x.spent_by == ZERO or plans[x.spent_by].status != PlanStatus.REPLACED
+        holders: Counter[bytes] = Counter()
         for pid, e in plans.items():
             if e.status == PlanStatus.COMPLETED:
                 assert all(completed.get(p) == pid for p in e.pegouts)
+            if e.status != PlanStatus.REPLACED:  # the current or the mined version holds the coins
+                assert all(FedCoin.decode(w.state[coin_key(*o)]).spent_by == pid for o in e.inputs)
+                holders.update(e.pegouts)
+            if e.status == PlanStatus.PLANNED:
+                assert not any(p in completed for p in e.pegouts)
+        assert max(holders.values(), default=0) <= 1  # one payment in progress (or made) per peg-out
