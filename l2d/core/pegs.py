@@ -255,7 +255,7 @@ def pegin_tweak(key: bytes, network_id: int, contract: bytes) -> bytes:
 @lru_cache(maxsize=16384)
 def tweaked_key(key: bytes, network_id: int, contract: bytes) -> bytes:
     """Federation key `key` tweaked for deposits to contract (33-byte compressed)."""
-    return cast(bytes, PublicKey(key).add(pegin_tweak(key, network_id, contract)).format(compressed=True))
+    return PublicKey(key).add(pegin_tweak(key, network_id, contract)).format(compressed=True)
 
 
 def _multi(k: int, keys: Sequence[bytes]) -> bytes:

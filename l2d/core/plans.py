@@ -370,9 +370,9 @@ def _complete(view: StateView, plan_id: bytes, plan: PlanEntry) -> None:
                                                   CHANGE_CONTRACT).encode())
     paid = 0
     for pid in plan.pegouts:
-        e = PegoutEntry.decode(cast(bytes, view.get(pegout_key(pid))))
-        view.put(pegout_key(pid), replace(e, status=PegoutStatus.COMPLETED, btc_txid=plan_id).encode())
-        paid += e.amount_sat
+        pe = PegoutEntry.decode(cast(bytes, view.get(pegout_key(pid))))
+        view.put(pegout_key(pid), replace(pe, status=PegoutStatus.COMPLETED, btc_txid=plan_id).encode())
+        paid += pe.amount_sat
     t = bridge_totals(view)
     view.put(BRIDGE_TOTALS_KEY, BridgeTotals(t.pegged_in_sat, t.pending_out_sat - paid,
                                              t.paid_out_sat + paid).encode())
