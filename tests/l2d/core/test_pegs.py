@@ -11,7 +11,7 @@ from typing import Optional
 
 import pytest
 from bitcoin.core import CScript
-from bitcoin.core.script import OP_CHECKMULTISIG
+from bitcoin.core.script import OP_CHECKMULTISIG, OP_CHECKSEQUENCEVERIFY, OP_ELSE, OP_ENDIF, OP_IF, OP_VERIFY
 from bitcoin.segwit_addr import decode as bitcoinlib_segwit_decode
 from bitcoinutils.bech32 import Encoding
 from bitcoinutils.bech32 import bech32_encode as bu_bech32_encode
@@ -33,8 +33,8 @@ from l2d.core.pegs import (BRIDGE_TOTALS_KEY, BTC_TIP_KEY, FEDERATION_KEY, FUNDE
                            BridgeTotals, BtcTip, ClaimTooShallow, CoinKind, FedCoin, Federation, InvalidPeginProof,
                            NoBridge, PeginEntry, PegoutEntry, PegoutNotAnchored, PegoutTooSmall, UnknownBtcBlock,
                            UnknownPegout, WrongDepositAddress, address_script, btc_header_key, coin_key,
-                           deposit_script_pubkey, federation_genesis, funded_sat, pegin_key, pegin_tweak, pegout_key,
-                           script_address, witness_script)
+                           deposit_script_pubkey, descriptor_of, federation_genesis, funded_sat, pegin_key,
+                           pegin_tweak, pegout_key, script_address, witness_script)
 from l2d.core.pegs_tx import MAX_RELAY_HEADERS, BtcHeaders, FederationFund, PeginClaim, PegoutStatus, PegoutUpdate
 from l2d.core.rules import apply_tx
 from l2d.core.spv import (BITCOIN_REGTEST, build_partial_merkle_tree, compute_merkle_root, decode_compact, dsha256,
@@ -1067,3 +1067,63 @@ def test_address_parsing_raises_only_bad_address(network: Network, address: str)
     except BadAddress:
         return
     assert script_address(script, network) in (address, address.lower())  # one address per script
+
+
+# -- the emergency path ------------------------------------------------------------------------------------------
+EMERGENCY_KEYS = tuple(sorted(PrivateKey(bytes([i]) * 32).public_key.format() for i in (21, 22, 23)))
+
+
+def with_emergency(e: int = 2, delay: int = 4032, keys: tuple[bytes, ...] = EMERGENCY_KEYS) -> Federation:
+    plain = Federation.decode(bytes.fromhex("0203" "0006") + b"".join(
+        sorted(PrivateKey(bytes([i]) * 32).public_key.format() for i in (11, 12, 13))))
+    return Federation(plain.threshold, plain.keys, plain.min_depth, e, keys, delay)
+
+
+@pytest.mark.parametrize("delay", [1, 2, 16, 17, 127, 128, 255, 256, 4032, 32767, 32768, 65535])
+def test_the_emergency_path_is_the_miniscript_with_the_delay_as_core_writes_it(delay: int) -> None:
+    fed = with_emergency(delay=delay)
+    ws = witness_script(fed, REGTEST.id, ALICE)
+    plain = witness_script(Federation(fed.threshold, fed.keys, fed.min_depth), REGTEST.id, ALICE)
+    # python-bitcoinlib writes the script numbers: the delay and the thresholds, as Bitcoin Core's CScript does
+    tail = CScript([delay, OP_CHECKSEQUENCEVERIFY, OP_VERIFY, 2, *EMERGENCY_KEYS, 3, OP_CHECKMULTISIG])
+    assert ws == bytes(CScript([OP_IF])) + plain + bytes(CScript([OP_ELSE])) + bytes(tail) + bytes(CScript([OP_ENDIF]))
+    assert Federation.decode(fed.encode()) == fed
+    assert fed.encode()[:-(4 + 33 * 3)] == Federation(fed.threshold, fed.keys, fed.min_depth).encode()
+    assert descriptor_of(fed, REGTEST.id, ALICE).endswith(
+        f"and_v(v:older({delay}),multi(2,{','.join(k.hex() for k in EMERGENCY_KEYS)}))))")
+
+
+def test_a_federation_without_emergency_path_encodes_as_before() -> None:
+    fed = with_emergency()
+    plain = Federation(fed.threshold, fed.keys, fed.min_depth)
+    assert plain.encode() == bytes.fromhex("0203" "0006") + b"".join(fed.keys)
+    assert Federation.decode(plain.encode()) == plain and not plain.emergency_keys
+    assert descriptor_of(plain, REGTEST.id, ALICE).startswith("wsh(multi(2,")
+
+
+@pytest.mark.parametrize("case,error", [
+    ("no-keys", "an emergency path with no keys"),
+    ("truncated", "needs"),
+    ("trailing", "trailing"),
+])
+def test_a_malformed_emergency_tail_is_refused(case: str, error: str) -> None:
+    raw = with_emergency().encode()
+    bad = {"no-keys": raw[:-(4 + 33 * 3)] + bytes.fromhex("02000fc0"), "truncated": raw[:-1],
+           "trailing": raw + b"\0"}[case]
+    with pytest.raises(DecodeError, match=error):
+        Federation.decode(bad)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"e": 4}, "emergency threshold 4 outside 1..3"),
+    ({"e": 0}, "emergency threshold 0 outside 1..3"),
+    ({"delay": 0}, "emergency delay 0 blocks outside 1..65535"),
+    ({"delay": 65536}, "emergency delay 65536 blocks outside 1..65535"),
+    ({"keys": EMERGENCY_KEYS[::-1]}, "emergency keys must be distinct and sorted"),
+    ({"keys": (EMERGENCY_KEYS[0], EMERGENCY_KEYS[0])}, "emergency keys must be distinct and sorted"),
+    ({"keys": (b"\x02" + b"\0" * 32,), "e": 1}, "is not a compressed secp256k1 key"),
+    ({"keys": ()}, "0 emergency keys"),
+])
+def test_emergency_parameters_are_checked(kwargs: dict[str, object], error: str) -> None:
+    with pytest.raises(InvalidTransaction, match=error):
+        with_emergency(**kwargs)  # type: ignore[arg-type]

@@ -28,9 +28,10 @@ from l2d.core.pegs import (CHANGE_CONTRACT, PEGOUT_MIN_SAT, SECP256K1_N, BadPego
                            FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout, coin_key,
                            deposit_script_pubkey, pegin_tweak, pegout_key, witness_script)
 from l2d.core.pegs_tx import MAX_FEERATE, MAX_PLAN_INPUTS, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
-from l2d.core.plans import (DUST_SAT, RBF_SEQUENCE, ZERO, BadPlanSignature, BadReplacement, CoinSpent, PegoutPlanned,
-                            PlanClosed, PlanEntry, PlanStatus, PlanUnderfunded, UnknownCoin, UnknownPlan, plan_key,
-                            plan_sig_key, plan_signatures, plan_tx, price, select_coins, vsize_bound)
+from l2d.core.plans import (DUST_SAT, MAX_FEE_SHARE_PPM, RBF_SEQUENCE, ZERO, BadPlanSignature, BadReplacement,
+                            CoinSpent, PegoutPlanned, PlanClosed, PlanEntry, PlanStatus, PlanUnderfunded, UnknownCoin,
+                            UnknownPlan, plan_key, plan_sig_key, plan_signatures, plan_tx, price, select_coins,
+                            vsize_bound)
 from l2d.core.spv import parse_tx
 from l2d.core.state import Namespace, StateView, account_key
 from l2d.core.tx import Transaction
@@ -392,20 +393,23 @@ def test_underfunded_plans() -> None:
     post_plan(w, [outpoint(1), outpoint(5)], [dusty])  # with her 60 000 sat coin the change is fine
 
 
-def test_a_fee_that_leaves_a_payout_below_dust() -> None:
+def test_a_peg_out_pays_at_most_a_tenth_of_its_amount_in_fees() -> None:
+    """The fee share bound (MAX_FEE_SHARE_PPM, 10%) also keeps every payout far above dust: a peg-out is at least
+    PEGOUT_MIN_SAT, so its payout is at least 9000 sat."""
     w = coin_world()
-    rate = 60
+    rate = 40
     vsize = vsize_bound(FED, NET, coins(w, [outpoint(3)]),
                         [(PAYOUTS[0], 1), (deposit_script_pubkey(FED, NET, CHANGE_CONTRACT), 1)])
-    amount = DUST_SAT + rate * vsize  # at this rate the payout is exactly the dust limit
-    assert amount >= PEGOUT_MIN_SAT
+    amount = 10 * rate * vsize  # at this rate the fee is exactly a tenth of the peg-out
+    assert PEGOUT_MIN_SAT <= amount <= 90_000 - DUST_SAT  # the coin (90000 sat) covers it with a change
     pid = burn(w, amount, PAYOUTS[0])
     record_anchor(w, ANCHOR_HEIGHT, AnchorStatus.FINAL)
     err = refuse_plan(w, PlanUnderfunded, [outpoint(3)], [pid], rate=rate + 1)
-    assert "below 546 sat" in str(err)
+    assert f"more than 10% of a peg-out of {amount} sat" in str(err)
     refuse_plan(w, PlanUnderfunded, [outpoint(3)], [pid], rate=MAX_FEERATE)
     plan_id = post_plan(w, [outpoint(3)], [pid], rate=rate)
-    assert w.plan(plan_id).payouts == (DUST_SAT,)
+    assert w.plan(plan_id).payouts == (amount - rate * vsize,)
+    assert min(PEGOUT_MIN_SAT * (1_000_000 - MAX_FEE_SHARE_PPM) // 1_000_000, 9000) > DUST_SAT
 
 
 def test_plan_by_a_non_member_and_the_member_rules() -> None:
