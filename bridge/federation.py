@@ -33,7 +33,7 @@ from l2d.core.params import Network
 from l2d.core.pegs import (CHANGE_CONTRACT, OP_IF, SECP256K1_N, Federation, PegoutEntry, deposit_script_pubkey,
                            pegin_tweak, pegout_key, tweaked_key, witness_script)
 from l2d.core.pegs_tx import PegoutStatus
-from l2d.core.plans import RBF_SEQUENCE, PlanTx
+from l2d.core.plans import MAX_FEE_SHARE_PPM, RBF_SEQUENCE, PlanTx
 
 PROPRIETARY = 0xFC
 _CONTRACT_KEY = bytes((PROPRIETARY, 3)) + b"l2d" + b"\x00"  # PSBT_IN_PROPRIETARY, prefix "l2d", subtype 0
@@ -106,7 +106,7 @@ class LocalSigner:
     its own record file, so the interface is the one a remote signer would offer (PSBT in, signatures out)."""
 
     def __init__(self, secret: bytes, fed: Federation, network: Network, state_get: StateGet, record_path: Path,
-                 max_fee_share_ppm: int = 100_000) -> None:
+                 max_fee_share_ppm: int = MAX_FEE_SHARE_PPM) -> None:
         self._secret = secret
         self.pubkey = PrivateKey(secret).public_key.format(compressed=True)
         self.fed = fed

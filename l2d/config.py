@@ -229,7 +229,6 @@ class BridgeConfig:
     rbf_after_blocks: int
     fee_fallback_sat_per_vb: int
     fee_max_sat_per_vb: int
-    max_fee_share_ppm: int  # signer policy: at most this share of a peg-out goes to the Bitcoin fee
     poll_interval_ms: int
     header_start_height: int  # the header store (and the relay) start here: a trusted checkpoint
     header_start_hash: bytes | None  # its block hash (internal order); None = bitcoind's block at that height
@@ -630,7 +629,7 @@ def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringC
 def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: AnchoringConfig) -> BridgeConfig:
     s = _Section("bridge", t, ("enabled", "threshold", "signer_key_files", "other_keys", "pegin_min_depth",
                                "pegout_confirmations", "rbf_after_blocks", "fee_fallback_sat_per_vb",
-                               "fee_max_sat_per_vb", "max_fee_share_ppm", "poll_interval_ms",
+                               "fee_max_sat_per_vb", "poll_interval_ms",
                                "header_start_height", "header_start_hash", "emergency_keys",
                                "emergency_threshold", "emergency_delay_blocks"))
     enabled = _get_bool(s, "enabled", False)
@@ -675,7 +674,6 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
         pegout_confirmations=s.get_int("pegout_confirmations", 1, 1000, default=6),
         rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
         fee_fallback_sat_per_vb=fallback, fee_max_sat_per_vb=fee_max,
-        max_fee_share_ppm=s.get_int("max_fee_share_ppm", 0, 1_000_000, default=100_000),
         poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=2000),
         header_start_height=s.get_int("header_start_height", 0, 2**31, default=0),
         header_start_hash=bytes.fromhex(start_hash)[::-1] if start_hash else None,

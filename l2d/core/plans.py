@@ -83,6 +83,10 @@ class BadReplacement(BridgeRejected):
     reason = "bad-replacement"
 
 
+class SuperfluousCoin(BridgeRejected):
+    reason = "superfluous-coin"
+
+
 class PlanClosed(BridgeRejected):
     reason = "plan-not-open"
 
@@ -150,16 +154,32 @@ def plan_signatures(get: Callable[[bytes], Optional[bytes]], plan_id: bytes, key
 
 
 # -- the transaction a plan stands for -------------------------------------------------------------------------
+def _covers(total: int, need_sat: int) -> bool:
+    return total == need_sat or total - need_sat >= DUST_SAT
+
+
+def superfluous(coins: Sequence[FedCoin], need_sat: int) -> Optional[FedCoin]:
+    """The first coin (in the given order) without which the others still cover need, if any."""
+    total = sum(c.amount_sat for c in coins)
+    return next((c for c in coins if _covers(total - c.amount_sat, need_sat)), None)
+
+
 def select_coins(coins: Sequence[FedCoin], need_sat: int) -> list[FedCoin]:
     """The deterministic coin choice for a plan: largest first (ties by txid, vout) until the total covers need with
-    a change of 0 or at least DUST_SAT. Returns what it took (which may fall short: the plan is then refused)."""
+    a change of 0 or at least DUST_SAT, then, smallest first, every coin the rest covers need without is dropped
+    again (consensus refuses a plan with a superfluous coin). Returns what it took (which may fall short: the plan
+    is then refused)."""
     chosen: list[FedCoin] = []
     total = 0
     for c in sorted(coins, key=lambda c: (-c.amount_sat, c.btc_txid, c.vout)):
-        if total >= need_sat and (total == need_sat or total - need_sat >= DUST_SAT):
+        if _covers(total, need_sat):
             break
         chosen.append(c)
         total += c.amount_sat
+    if not _covers(total, need_sat):
+        return chosen
+    while (extra := superfluous(chosen[::-1], need_sat)) is not None:
+        chosen.remove(extra)
     return chosen
 
 
@@ -218,6 +238,12 @@ def price(fed: Federation, network_id: int, coins: Sequence[FedCoin], pegouts: S
                                   f"of a peg-out of {e.amount_sat} sat ({feerate_sat_vb} sat/vB)")
     outputs = tuple((e.script_pubkey, v) for e, v in zip(pegouts, payouts)) + tail
     return Priced(payouts, change, fee, outputs)
+
+
+def price_recorded(view: StateView, fed: Federation, network_id: int, entry: PlanEntry, feerate_sat_vb: int
+                   ) -> Priced:
+    """price() of a recorded plan's coins and peg-outs at another fee rate (what a replacement would pay)."""
+    return price(fed, network_id, _coins(view, entry.inputs), _pegouts(view, entry.pegouts), feerate_sat_vb)
 
 
 def _coins(view: StateView, inputs: Sequence[tuple[bytes, int]]) -> list[FedCoin]:
@@ -285,6 +311,9 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
     coins = _coins(view, p.inputs)
     entries = _pegouts(view, p.pegouts)
     priced = price(fed, rules.network.id, coins, entries, p.feerate_sat_vb)
+    if old is None and (extra := superfluous(coins, sum(e.amount_sat for e in entries))) is not None:
+        raise SuperfluousCoin(f"{extra.btc_txid[::-1].hex()}:{extra.vout} is not needed: the other coins cover the "
+                              f"peg-outs (peg-outs do not pay for consolidating the federation's coins)")
     plan_id = cast(bytes, _unsigned_tx(coins, priced.outputs).GetTxid())
     if view.get(plan_key(plan_id)) is not None:
         raise DuplicateDuty(f"plan {plan_id[::-1].hex()} is recorded already")
@@ -296,6 +325,10 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
                                  "peg-outs")
         if p.feerate_sat_vb <= old.feerate_sat_vb:
             raise BadReplacement(f"a replacement raises the fee rate above {old.feerate_sat_vb} sat/vB")
+        signed = sum(view.get(plan_sig_key(p.replaces, i)) is not None for i in range(len(fed.keys)))
+        if signed < fed.threshold:
+            raise BadReplacement(f"plan {p.replaces[::-1].hex()} has {signed} of the {fed.threshold} signatures: only "
+                                 f"a version that can be broadcast is replaced")
     _final_anchor(view, p.anchor_height)
     for pid, e in zip(p.pegouts, entries):
         if old is None and (e.status != PegoutStatus.PENDING or e.btc_txid != ZERO):
