@@ -208,7 +208,7 @@ def cmd_anchors(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plans(a: argparse.Namespace) -> dict[str, Any]:
-    return _client(a).plans()
+    return _client(a).plans(a.status, a.limit)
 
 
 def cmd_block(a: argparse.Namespace) -> dict[str, Any]:
@@ -453,8 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_export_audit)
     sub.add_parser("anchors", help="anchors and their status").set_defaults(fn=cmd_anchors)
-    sub.add_parser("plans", help="the federation's peg-out plans: transaction, PSBT, who signed, status"
-                   ).set_defaults(fn=cmd_plans)
+    p = sub.add_parser("plans", help="the federation's peg-out plans, newest first: transaction, PSBT, who signed, "
+                       "status")
+    p.add_argument("--status", choices=("PLANNED", "REPLACED", "COMPLETED"))
+    p.add_argument("--limit", type=int, default=50, help="at most this many (1..500, default 50)")
+    p.set_defaults(fn=cmd_plans)
     p = sub.add_parser("block", help="show a block")
     p.add_argument("height", type=int)
     p.set_defaults(fn=cmd_block)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from coincurve import PublicKeyXOnly
+from coincurve import PublicKey, PublicKeyXOnly
 
 from .core.chains import btc_chain
 from .core.errors import InvalidMembership
@@ -659,10 +659,19 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
         raise s.fail("emergency_keys", emergency, "must be a list of 66-hex compressed public keys")
     if len(set(k.lower() for k in emergency)) != len(emergency) or len(emergency) > 15:
         raise s.fail("emergency_keys", emergency, "must be at most 15 distinct keys")
+    for k in emergency:
+        try:
+            PublicKey(bytes.fromhex(k))
+        except ValueError:
+            raise s.fail("emergency_keys", emergency, f"{k} is not a point on secp256k1") from None
+    if not emergency and "emergency_threshold" in t:
+        raise s.fail("emergency_threshold", t["emergency_threshold"], "needs bridge.emergency_keys")
     emergency_threshold = s.get_int("emergency_threshold", 1, 15, default=max(1, len(emergency) // 2 + 1))
     if emergency and emergency_threshold > len(emergency):
         raise s.fail("emergency_threshold", emergency_threshold,
                      f"exceeds the number of emergency keys ({len(emergency)})")
+    test_chain = NETWORKS[node.network].admin_mint  # local and regtest
+    emergency_delay = s.get_int("emergency_delay_blocks", 1 if test_chain else 1008, 65_535, default=4032)
     fallback = s.get_int("fee_fallback_sat_per_vb", 1, MAX_FEERATE, default=2)
     fee_max = s.get_int("fee_max_sat_per_vb", 1, MAX_FEERATE, default=500)  # a plan's fee rate is at most MAX_FEERATE
     if fee_max < fallback:
@@ -671,7 +680,8 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
         enabled=enabled, threshold=threshold, signer_key_files=paths,
         other_keys=tuple(bytes.fromhex(k) for k in others),
         pegin_min_depth=s.get_int("pegin_min_depth", 1, 65_535, default=102),
-        pegout_confirmations=s.get_int("pegout_confirmations", 1, 1000, default=6),
+        # a payout recorded COMPLETED and then reorged out would leave the books with a change coin Bitcoin lacks
+        pegout_confirmations=s.get_int("pegout_confirmations", 1 if test_chain else 6, 1000, default=6),
         rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
         fee_fallback_sat_per_vb=fallback, fee_max_sat_per_vb=fee_max,
         poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=2000),
@@ -679,7 +689,7 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
         header_start_hash=bytes.fromhex(start_hash)[::-1] if start_hash else None,
         emergency_keys=tuple(bytes.fromhex(k) for k in emergency),
         emergency_threshold=emergency_threshold if emergency else 0,
-        emergency_delay_blocks=s.get_int("emergency_delay_blocks", 1, 65_535, default=4032),
+        emergency_delay_blocks=emergency_delay,
     )
 
 

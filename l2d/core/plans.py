@@ -39,7 +39,7 @@ from .hashing import H_PLAN_SIG
 from .pegs import (BRIDGE_TOTALS_KEY, CHANGE_CONTRACT, BadPegoutTransition, BridgeRejected, BridgeTotals, CoinKind,
                    FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout, bridge_totals, coin_key,
                    deposit_script_pubkey, federation, pegout_key, tweaked_key, witness_script)
-from .pegs_tx import PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
+from .pegs_tx import OUTPOINT, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
 from .state import Namespace, Rules, StateView, bump_member_nonce, check_member
 from .tx import Transaction
 
@@ -49,7 +49,6 @@ MAX_FEE_SHARE_PPM = 100_000  # a peg-out pays at most 10% of its amount in Bitco
 SIG_ITEM = 72  # witness bytes counted per signature: a DER signature of at most 71 bytes (low S) + sighash
 ZERO = b"\0" * 32
 _PLAN = struct.Struct(">B32s32sQQIQQ")  # status, replaces, replaced_by, l2 height, anchor height, rate, fee, change
-_OUTPOINT = struct.Struct(">32sI")
 _PAYOUT = struct.Struct(">32sQ")
 
 
@@ -124,7 +123,7 @@ class PlanEntry:
     def encode(self) -> bytes:
         return (_PLAN.pack(self.status, self.replaces, self.replaced_by, self.l2_height, self.anchor_height,
                            self.feerate_sat_vb, self.fee_sat, self.change_sat)
-                + bytes((len(self.inputs),)) + b"".join(_OUTPOINT.pack(t, v) for t, v in self.inputs)
+                + bytes((len(self.inputs),)) + b"".join(OUTPOINT.pack(t, v) for t, v in self.inputs)
                 + bytes((len(self.pegouts),))
                 + b"".join(_PAYOUT.pack(p, v) for p, v in zip(self.pegouts, self.payouts)))
 
@@ -134,7 +133,7 @@ class PlanEntry:
         status, replaces, replaced_by, height, anchor, rate, fee, change = _PLAN.unpack(r.take(_PLAN.size))
         if status not in (1, 2, 3):
             raise DecodeError(f"plan status {status}")
-        inputs = tuple(cast(tuple[bytes, int], _OUTPOINT.unpack(r.take(_OUTPOINT.size))) for _ in range(r.take(1)[0]))
+        inputs = tuple(cast(tuple[bytes, int], OUTPOINT.unpack(r.take(OUTPOINT.size))) for _ in range(r.take(1)[0]))
         pays = [_PAYOUT.unpack(r.take(_PAYOUT.size)) for _ in range(r.take(1)[0])]
         r.end()
         return cls(PlanStatus(status), replaces, replaced_by, height, anchor, rate, fee, change, inputs,

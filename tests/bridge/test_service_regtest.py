@@ -47,7 +47,8 @@ ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
 SIGNERS = [secret(f"signer {i}") for i in range(3)]
 
 
-def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True) -> Config:
+def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True,
+                pegout_confirmations: int = 1) -> Config:
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
     for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
@@ -70,7 +71,8 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchor
                    # deposits and change carry the emergency path: the plans spend the federation's branch of it
                    "emergency_keys": [PrivateKey(secret(f"emergency {i}")).public_key.format().hex() for i in range(2)],
                    "emergency_threshold": 2, "emergency_delay_blocks": 1000,
-                   "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": 1, "rbf_after_blocks": rbf_after_blocks,
+                   "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": pegout_confirmations,
+                   "rbf_after_blocks": rbf_after_blocks,
                    "poll_interval_ms": 100},
     }
     return Config.from_dict(d, tmp, env={})
@@ -334,6 +336,35 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
         f = await d.get("/api/bridge/federation")
         assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 - 40_000_000
         assert f["invariant_ok"] is True
+    finally:
+        await stop(d)
+
+
+async def test_a_mined_payout_not_yet_completed_keeps_the_breaker_closed(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:
+    """Between a payout being mined and its COMPLETED record (pegout_confirmations = 3 deep), its input is gone from
+    the UTXO set: the breaker sees that a version of the coin's plan is mined and stays closed."""
+    w, mine_addr = await fund_wallet(rpc, "miner")
+    spk = key_path_script(PrivateKey(secret("federation")).public_key_xonly.format())
+    desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
+    await w.sendtoaddress((await rpc.call("deriveaddresses", [desc]))[0], 50_000_000)
+    await rpc.generatetoaddress(1, mine_addr)
+    d = await start(make_config(tmp_path / "l2d", bitcoind, pegout_confirmations=3))
+    try:
+        svc = d.node.bridge_service
+        assert svc is not None
+        await funded(d, rpc, w, mine_addr)
+        pid, _ = await pegout(d, w, 30_000_000)
+        p = await mine_until(d, rpc, mine_addr, pid, "BROADCAST")
+        while (await rpc.call("getrawtransaction", [p["btc_txid"], True])).get("confirmations", 0) < 1:
+            await rpc.generatetoaddress(1, mine_addr)
+        [p] = [x for x in (await d.get("/api/bridge/pegouts"))["pegouts"] if x["id"] == pid]
+        assert p["status"] == "BROADCAST"  # mined once, 3 needed
+        [coin] = (await d.get("/api/bridge/coins"))["coins"]
+        assert coin["spent_by"] == p["btc_txid"] and await rpc.call("gettxout", [coin["txid"], coin["vout"]]) is None
+        assert await svc.audit() is None
+        await mine_until(d, rpc, mine_addr, pid, "COMPLETED")
+        assert await svc.audit() is None and svc.halted is None
     finally:
         await stop(d)
 

@@ -66,6 +66,15 @@ async def test_federation_endpoint(bridge_client: tuple[Node, TestClient], tmp_p
     assert f["change_address"].startswith("bcrt1q")
 
 
+async def test_plans_endpoint_lists_and_refuses_bad_queries(bridge_client: tuple[Node, TestClient]) -> None:
+    _, client = bridge_client
+    assert await (await client.get("/api/bridge/plans")).json() == {"plans": []}
+    assert await (await client.get("/api/bridge/plans?status=PLANNED&limit=500")).json() == {"plans": []}
+    for query in ("status=planned", "status=", "limit=0", "limit=501", "limit=-1", "limit=ten"):
+        resp = await client.get(f"/api/bridge/plans?{query}")
+        assert resp.status == 400 and (await resp.json())["error"] == "malformed", query
+
+
 async def test_funding_address_coins_and_the_fund_endpoint_refuse_bad_input(
         bridge_client: tuple[Node, TestClient]) -> None:
     node, client = bridge_client
