@@ -69,7 +69,8 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchor
         "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files[1:],
                    "other_keys": [PrivateKey(SIGNERS[2]).public_key.format().hex()],
                    # deposits and change carry the emergency path: the plans spend the federation's branch of it
-                   "emergency_keys": [PrivateKey(secret(f"emergency {i}")).public_key.format().hex() for i in range(2)],
+                   "emergency_keys": [PrivateKey(secret(f"emergency {i}")).public_key.format().hex()
+                                      for i in range(2)],
                    "emergency_threshold": 2, "emergency_delay_blocks": 1000,
                    "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": pegout_confirmations,
                    "rbf_after_blocks": rbf_after_blocks,
