@@ -17,7 +17,7 @@ Pure and consensus-grade: no clock, no floats; l2-verify imports it.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Callable, Mapping, Optional, TypeVar
 
@@ -206,34 +206,38 @@ def recover(records: Mapping[bytes, bytes], network: Network, l2_height: int, st
         for pid in plan.pegouts:
             paying.setdefault(pid, []).append(plan_id)
 
-    claims: list[tuple[ClaimKind, bytes, bytes, bytes, str, int, tuple[bytes, ...]]] = []
+    claims: list[Claim] = []
+
+    def owe(kind: ClaimKind, rid: bytes, owner: bytes, status: str, amount: int, script: bytes = b"",
+            check: tuple[bytes, ...] = ()) -> None:
+        if amount:
+            address = script_address(script, network) if script else None
+            claims.append(Claim(kind, rid, owner, script, address, status, amount, 0, check))
+
     coins: list[FedCoin] = []
     funding: list[FedCoin] = []
     for key in sorted(records):
         ns, rid, value = key[0], key[1:], records[key]
         if ns == Namespace.ACCOUNT:
-            acc = _decode(key, value, Account.decode, "account")
-            if acc.balance_sat:
-                claims.append((ClaimKind.ACCOUNT, rid, rid, b"", "", acc.balance_sat, ()))
+            owe(ClaimKind.ACCOUNT, rid, rid, "", _decode(key, value, Account.decode, "account").balance_sat)
         elif ns == Namespace.WORKER:
             w = _decode(key, value, WorkerRecord.decode, "worker")
-            if w.status != WorkerStatus.WITHDRAWN and w.stake_sat:
-                claims.append((ClaimKind.STAKE, rid, rid, b"", w.status.name, w.stake_sat, ()))
+            if w.status != WorkerStatus.WITHDRAWN:
+                owe(ClaimKind.STAKE, rid, rid, w.status.name, w.stake_sat)
         elif ns == Namespace.TASK:
             t = _decode(key, value, TaskRecord.decode, "task")
-            if t.status not in (TaskStatus.SETTLED, TaskStatus.CANCELLED) and t.bounty_sat:
-                claims.append((ClaimKind.BOUNTY, rid, t.submitter, b"", t.status.name, t.bounty_sat, ()))
+            if t.status not in (TaskStatus.SETTLED, TaskStatus.CANCELLED):
+                owe(ClaimKind.BOUNTY, rid, t.submitter, t.status.name, t.bounty_sat)
         elif ns == Namespace.FL_JOB:
             j = _decode(key, value, JobRecord.decode, "FL job")
-            if j.status == JobStatus.OPEN and j.reward_pool_sat:
-                claims.append((ClaimKind.FL_POOL, rid, j.poster, b"", j.status.name, j.reward_pool_sat, ()))
+            if j.status == JobStatus.OPEN:
+                owe(ClaimKind.FL_POOL, rid, j.poster, j.status.name, j.reward_pool_sat)
         elif ns == Namespace.PEGOUT:
             e = _decode(key, value, PegoutEntry.decode, "peg-out")
             if e.status != PegoutStatus.COMPLETED:
-                check = ([e.btc_txid] if e.btc_txid != ZERO else []) + [
-                    t for t in paying.get(rid, []) if t != e.btc_txid]
-                claims.append((ClaimKind.PEGOUT, rid, b"", e.script_pubkey, e.status.name, e.amount_sat,
-                               tuple(check)))
+                first = [e.btc_txid] if e.btc_txid != ZERO else []
+                check = tuple(first + [t for t in paying.get(rid, []) if t != e.btc_txid])
+                owe(ClaimKind.PEGOUT, rid, b"", e.status.name, e.amount_sat, e.script_pubkey, check)
         elif ns == Namespace.FED_COIN:
             c = _decode(key, value, FedCoin.decode, "federation coin")
             if c.kind == CoinKind.FUNDING:
@@ -249,15 +253,13 @@ def recover(records: Mapping[bytes, bytes], network: Network, l2_height: int, st
                     continue
             coins.append(c)
 
-    claims.sort(key=lambda c: (c[0], c[1]))
+    claims.sort(key=lambda c: (c.kind, c.record_id))
     coins.sort(key=lambda c: (c.btc_txid, c.vout))
     funding.sort(key=lambda c: (c.btc_txid, c.vout))
     holdings = sum(c.amount_sat for c in coins)
-    total = sum(c[5] for c in claims)
+    total = sum(c.amount_sat for c in claims)
     pro_rata = total > holdings
-    out = tuple(Claim(kind, rid, owner, spk, None if not spk else script_address(spk, network), status, amount,
-                      amount * holdings // total if pro_rata else amount, check)
-                for kind, rid, owner, spk, status, amount, check in claims)
+    out = tuple(replace(c, payout_sat=c.amount_sat * holdings // total if pro_rata else c.amount_sat) for c in claims)
     return Recovery(network, l2_height, state_root, fed, tuple(coins), tuple(funding), totals, locked, out, pro_rata)
 
 

@@ -259,8 +259,8 @@ def _malformed(s: Scenario) -> dict[str, dict[bytes, bytes]]:
     }
 
 
-MALFORMED = ("federation", "totals", "locked", "account", "worker", "task", "job", "pegout", "coin", "coin-kind", "plan",
-             "unknown-plan")
+MALFORMED = ("federation", "totals", "locked", "account", "worker", "task", "job", "pegout", "coin", "coin-kind",
+             "plan", "unknown-plan")
 
 
 @pytest.mark.parametrize("case", MALFORMED)
