@@ -26,7 +26,7 @@ from l2d.core.errors import BadNonce, DecodeError, DuplicateDuty, InvalidTransac
 from l2d.core.params import REGTEST
 from l2d.core.pegs import (CHANGE_CONTRACT, PEGOUT_MIN_SAT, SECP256K1_N, BadPegoutTransition, BridgeTotals, CoinKind,
                            FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout, coin_key,
-                           deposit_script_pubkey, pegin_tweak, pegout_key, witness_script)
+                           deposit_script_pubkey, pegout_key, witness_script)
 from l2d.core.pegs_tx import MAX_FEERATE, MAX_PLAN_INPUTS, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
 from l2d.core.plans import (DUST_SAT, MAX_FEE_SHARE_PPM, RBF_SEQUENCE, ZERO, BadPlanSignature, BadReplacement,
                             CoinSpent, PegoutPlanned, PlanClosed, PlanEntry, PlanStatus, PlanUnderfunded, UnknownCoin,
@@ -37,8 +37,8 @@ from l2d.core.state import Namespace, StateView, account_key
 from l2d.core.tx import Transaction
 from tests.l2d.core.pegs_world import (ALICE, ANCHOR_HEIGHT, AUTH, AUTH2, BOB, BURN_HEIGHT, CAROL, COIN_BLOCK,
                                        DEPOSITS, FED, FED_KEYS, FED_SECRETS, FUNDING_OUTPOINT, PAYOUTS, World, address,
-                                       burn, check_invariants, coin_world, complete, outpoint, plan_of, post_plan,
-                                       record_anchor, xonly)
+                                       burn, check_invariants, coin_world, complete, key_index, outpoint, plan_of,
+                                       post_plan, post_signatures, record_anchor, sign_plan, xonly)
 
 NET = REGTEST.id
 HEIGHT = 20  # the L2 height plans are recorded at (after the burns and the anchor)
@@ -66,19 +66,6 @@ def coins(w: World, inputs: Sequence[tuple[bytes, int]]) -> list[FedCoin]:
     return [w.coin(o) for o in inputs]
 
 
-def key_index(secret: bytes) -> int:
-    return FED_KEYS.index(PrivateKey(secret).public_key.format())
-
-
-def sign_plan(w: World, plan_id: bytes, secret: bytes) -> tuple[bytes, ...]:
-    """secret's signatures of the plan's inputs, made directly with coincurve: DER over PlanTx.sighash by the secret
-    tweaked for each input's contract, plus SIGHASH_ALL."""
-    ptx = plan_tx(view(w), FED, NET, w.plan(plan_id))
-    pub = PrivateKey(secret).public_key.format()
-    return tuple(PrivateKey(secret).add(pegin_tweak(pub, NET, c.contract)).sign(ptx.sighash(i), hasher=None)
-                 + b"\x01" for i, c in enumerate(ptx.coins))
-
-
 def high_s(sig: bytes) -> bytes:
     """The same ECDSA signature with S replaced by N - S (Bitcoin's consensus accepts it, its relay policy does not)."""
     r_len = sig[3]
@@ -90,7 +77,7 @@ def high_s(sig: bytes) -> bytes:
 
 
 def post_signature(w: World, plan_id: bytes, secret: bytes, who: bytes = AUTH) -> None:
-    w.do(who, PlanSignature(plan_id, key_index(secret), sign_plan(w, plan_id, secret)))
+    post_signatures(w, plan_id, [secret], who)
 
 
 # == payload layouts ===============================================================================================
@@ -303,6 +290,7 @@ def test_signatures_of_a_replaced_or_completed_plan_are_refused() -> None:
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=3)
     sigs_a = sign_plan(w, a, FED_SECRETS[0])
+    post_signatures(w, a, FED_SECRETS[1:])  # the two other keys sign it: it may be replaced
     b = post_plan(w, INPUTS, (p1, p2), rate=4, replaces=a)
     err = w.refuse(w.sign(AUTH, PlanSignature(a, key_index(FED_SECRETS[0]), sigs_a)), PlanClosed)
     assert err.reason == "plan-not-open"
@@ -330,10 +318,12 @@ def test_plan_of_an_unknown_coin() -> None:
 
 
 def test_plan_of_a_funding_coin() -> None:
-    w, p1, _ = plans_world()
+    w, p1, p2 = plans_world()
     assert w.coin(FUNDING_OUTPOINT).kind == CoinKind.FUNDING
-    refuse_plan(w, UnknownCoin, [outpoint(0), FUNDING_OUTPOINT], [p1])
-    refuse_plan(w, UnknownCoin, [FUNDING_OUTPOINT, outpoint(4)], [p1])
+    # Alice's 150 000 sat coin and the 200 000 sat funding coin: each is needed for the 300 000 sat peg-out
+    refuse_plan(w, UnknownCoin, [outpoint(1), FUNDING_OUTPOINT], [p1])
+    refuse_plan(w, UnknownCoin, [FUNDING_OUTPOINT, outpoint(1)], [p1])
+    refuse_plan(w, UnknownCoin, [FUNDING_OUTPOINT], [p2])  # alone, for the 120 000 sat one
 
 
 def test_plan_of_a_coin_spent_by_another_plan() -> None:
@@ -341,9 +331,11 @@ def test_plan_of_a_coin_spent_by_another_plan() -> None:
     a = post_plan(w, [outpoint(0)], [p1])
     err = refuse_plan(w, CoinSpent, [outpoint(0)], [p2])
     assert err.reason == "coin-spent" and a[::-1].hex() in str(err)
-    refuse_plan(w, CoinSpent, [outpoint(4), outpoint(0)], [p2])
+    big = burn(w, 450_000)  # Alice's 150 000 and 400 000 sat coins are both needed for it
+    refuse_plan(w, CoinSpent, [outpoint(1), outpoint(0)], [big])
     complete(w, a, p1)  # spent for good now
     refuse_plan(w, CoinSpent, [outpoint(0)], [p2])
+    refuse_plan(w, CoinSpent, [outpoint(1), outpoint(0)], [big])
     post_plan(w, [outpoint(2)], [p2])
 
 
@@ -434,6 +426,7 @@ def test_the_same_plan_twice_is_a_duplicate_duty() -> None:
 def test_replacement_refusals() -> None:
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=5)
+    post_signatures(w, a)
     err = refuse_plan(w, UnknownPlan, INPUTS, (p1, p2), rate=6, replaces=b"\x42" * 32)
     assert err.reason == "unknown-plan"
     err = refuse_plan(w, BadReplacement, INPUTS[::-1], (p1, p2), rate=6, replaces=a)  # the inputs in another order
@@ -448,6 +441,7 @@ def test_replacement_refusals() -> None:
     b = post_plan(w, INPUTS, (p1, p2), rate=6, replaces=a)
     assert (w.plan(a).status, w.plan(a).replaced_by, w.plan(b).replaces) == (PlanStatus.REPLACED, b, a)
     refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=7, replaces=a)  # a is not the current version
+    post_signatures(w, b)
     complete(w, b, p2)
     refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=7, replaces=b)  # b is COMPLETED
     refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=8, replaces=a)
@@ -456,6 +450,7 @@ def test_replacement_refusals() -> None:
 def test_a_replacement_moves_the_coins_and_peg_outs_to_the_new_version() -> None:
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=5)
+    post_signatures(w, a)
     writes = w.apply(w.sign(AUTH2, PegoutPlan(ANCHOR_HEIGHT, 9, a, INPUTS, (p1, p2))))
     b = plan_of(writes)
     assert set(writes) == {plan_key(a), plan_key(b), pegout_key(p1), pegout_key(p2), coin_key(*INPUTS[0]),
@@ -493,7 +488,9 @@ def test_the_first_completed_version_of_an_rbf_chain_completes_the_plan(winner: 
     the coins spent by it, its change a coin at vout n, the totals moved once."""
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=2)
+    post_signatures(w, a)
     b = post_plan(w, INPUTS, (p1, p2), rate=3, replaces=a)
+    post_signatures(w, b)
     c = post_plan(w, INPUTS, (p1, p2), rate=4, replaces=b)
     versions = [a, b, c]
     won = versions[winner]
