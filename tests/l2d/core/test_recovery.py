@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
-from coincurve import PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,18 +21,18 @@ from l2d.core.coin_tx import Burn
 from l2d.core.errors import DecodeError, L2Error
 from l2d.core.fl_tx import RECLAIM_BLOCKS, FlJobPost, FlReclaim
 from l2d.core.params import REGTEST
-from l2d.core.pegs import (BRIDGE_TOTALS_KEY, FEDERATION_KEY, SECP256K1_N, CoinKind, FedCoin, PegoutEntry, coin_key,
-                           pegin_tweak, pegout_key, script_address)
-from l2d.core.pegs_tx import FederationFund, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
-from l2d.core.plans import PlanEntry, PlanStatus, plan_key, plan_tx
+from l2d.core.pegs import (BRIDGE_TOTALS_KEY, FEDERATION_KEY, CoinKind, FedCoin, PegoutEntry, coin_key, pegout_key,
+                           script_address)
+from l2d.core.pegs_tx import FederationFund, PegoutPlan, PegoutStatus, PegoutUpdate
+from l2d.core.plans import PlanEntry, PlanStatus, plan_key
 from l2d.core.recovery import (ClaimKind, NoSnapshotEvidence, NotABridgeChain, RecordMalformed, RecoveryError,
                                bundle_recovery, recover, snapshot_recovery)
 from l2d.core.snapshot import ChecksumMismatch
 from l2d.core.spv import BITCOIN_REGTEST
-from l2d.core.state import LOCKED_KEY, Namespace, StateView, account_key
+from l2d.core.state import LOCKED_KEY, Namespace, account_key
 from l2d.core.work import task_key, worker_key
 from l2d.core.work_tx import TaskCancel, TaskSubmit, WorkerCaps, WorkerExit, WorkerRegister, WorkerWithdraw
-from tests.l2d.core.pegs_world import FED, FED_SECRETS
+from tests.l2d.core.pegs_world import post_signatures
 from tests.l2d.core.test_audit import L2_HEIGHT, make_world, snapshot_bytes, tree_of
 from tests.l2d.core.test_pegs import (ALICE, AUTH, AUTH2, BASE, BOB, CAROL, DEPOSIT_ALICE, DEPOSIT_CAROL,
                                       FUNDING_DEPOSIT, Chain, World, check_invariants, xonly)
@@ -109,24 +108,10 @@ def scenario(bob_funds: int) -> Scenario:
     carol_coin = (DEP.txids[2], 1)
     plan2 = _plan_id(w.apply(w.sign(AUTH, PegoutPlan(ANCHOR_HEIGHT, 1, ZERO, (carol_coin,), (p2,)))))
     w.do(AUTH, PegoutUpdate(p2, PegoutStatus.BROADCAST, plan2, ANCHOR_HEIGHT))
-    sign_plan(w, plan2)  # only a version with m signatures (one that can be broadcast) is replaced
+    post_signatures(w, plan2)  # only a version with m signatures (one that can be broadcast) is replaced
     plan2b = _plan_id(w.apply(w.sign(AUTH, PegoutPlan(ANCHOR_HEIGHT, 2, plan2, (carol_coin,), (p2,)))))
     check_invariants(w.state)
     return Scenario(w.state, xonly(ALICE), task, job, (p1, p2, p3), (plan1, plan2, plan2b))
-
-
-def sign_plan(w: World, plan_id: bytes) -> None:
-    """Keys 0 and 1 of the 2-of-3 federation sign every input of the plan (PlanSignature, posted by AUTH)."""
-    entry = w.plan(plan_id)
-    ptx = plan_tx(StateView(w.state.get), FED, REGTEST.id, entry)
-    for index in range(FED.threshold):
-        secret_ = next(s for s in FED_SECRETS if PrivateKey(s).public_key.format() == FED.keys[index])
-        sigs = []
-        for i, c in enumerate(ptx.coins):
-            t = int.from_bytes(pegin_tweak(FED.keys[index], REGTEST.id, c.contract), "big")
-            key = PrivateKey(((int.from_bytes(secret_, "big") + t) % SECP256K1_N).to_bytes(32, "big"))
-            sigs.append(key.sign(ptx.sighash(i), hasher=None) + b"\x01")
-        w.do(AUTH, PlanSignature(plan_id, index, tuple(sigs)))
 
 
 @pytest.fixture(scope="module")
