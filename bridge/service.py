@@ -37,7 +37,7 @@ from l2d.core.pegs import (BridgeTotals, CoinKind, FedCoin, Federation, PegoutEn
                            btc_tip, pegout_key)
 from l2d.core.pegs_tx import (MAX_PLAN_INPUTS, MAX_PLAN_PEGOUTS, MAX_RELAY_HEADERS, BtcHeaders, PegoutPlan,
                               PegoutStatus, PegoutUpdate, PlanSignature)
-from l2d.core.plans import (ZERO, PlanEntry, PlanStatus, PlanUnderfunded, plan_signatures, plan_tx, price,
+from l2d.core.plans import (ZERO, PlanEntry, PlanStatus, PlanUnderfunded, held_coins, plan_signatures, plan_tx, price,
                             price_recorded, select_coins)
 from l2d.core.state import SUPPLY_KEY, Namespace, StateView, Supply
 
@@ -133,14 +133,7 @@ class BridgeService:
             sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
             plans = {bytes(k[1:]): PlanEntry.decode(bytes(v)) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))}
             coins = [FedCoin.decode(bytes(v)) for _, v in r.iter_prefix(bytes((Namespace.FED_COIN,)))]
-        held = [c for c in coins if c.kind in _SPENDABLE
-                and (c.spent_by == ZERO or plans[c.spent_by].status != PlanStatus.COMPLETED)]
-        return Books(totals, sup, plans, held)
-
-    def holdings_sat(self) -> int:
-        """The coins backing peg-ins by the L2 books: claimed deposits and change not spent by a completed plan (an
-        unconfirmed payout's inputs are still held)."""
-        return sum(c.amount_sat for c in self.books().held)
+        return Books(totals, sup, plans, held_coins(coins, plans))
 
     async def audit(self) -> Optional[str]:
         """The circuit breaker's check, against my own bitcoind (docs/bridge.md, "Circuit breaker"): every coin

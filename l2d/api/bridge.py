@@ -18,7 +18,7 @@ from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation,
                          bridge_totals, btc_tip, deposit_script_pubkey, descriptor_of, funded_sat, script_address,
                          witness_script)
 from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
-from ..core.plans import PlanEntry, PlanStatus, plan_signatures, plan_tx
+from ..core.plans import PlanEntry, PlanStatus, held_coins, plan_signatures, plan_tx
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
 from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
@@ -41,8 +41,10 @@ async def federation(request: web.Request) -> web.Response:
         tip = btc_tip(view)
         sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
         funded = funded_sat(view)
+        plans = {bytes(k[1:]): PlanEntry.decode(bytes(v)) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))}
+        holdings = sum(c.amount_sat for c in held_coins(
+            (FedCoin.decode(bytes(v)) for _, v in r.iter_prefix(bytes((Namespace.FED_COIN,)))), plans))
     svc = request.app[BRIDGE]
-    holdings = None if svc is None else svc.holdings_sat()
     bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
     network = chain.network
     return web.json_response({
@@ -65,7 +67,7 @@ async def federation(request: web.Request) -> web.Response:
         "l2_supply_sat": sup.minted_sat - sup.burned_sat, "bridged_supply_sat": bridged,
         "holdings_sat": holdings,
         # L2 money that came in through the bridge == BTC the federation holds - peg-outs not yet paid
-        "invariant_ok": None if holdings is None else holdings - totals.pending_out_sat == bridged,
+        "invariant_ok": holdings - totals.pending_out_sat == bridged,
         # the circuit breaker: why this member signs no peg-outs now (None while its coins match the books)
         "halted": None if svc is None else svc.halted,
     })

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import Callable, Optional, Sequence, cast
+from typing import Callable, Iterable, Mapping, Optional, Sequence, cast
 
 from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut
 from bitcoin.core.script import SIGHASH_ALL, SIGVERSION_WITNESS_V0, CScript, SignatureHash
@@ -143,6 +143,14 @@ class PlanEntry:
 def plan_entry(get: Callable[[bytes], Optional[bytes]], plan_id: bytes) -> Optional[PlanEntry]:
     raw = get(plan_key(plan_id))
     return None if raw is None else PlanEntry.decode(raw)
+
+
+def held_coins(coins: Iterable[FedCoin], plans: Mapping[bytes, PlanEntry]) -> list[FedCoin]:
+    """The coins that back peg-ins by the books: DEPOSIT and CHANGE coins not spent by a COMPLETED plan (a coin of an
+    open plan is reserved, not spent). Their total is pegged_in - paid_out. KeyError if a coin names a plan that
+    plans lacks."""
+    return [c for c in coins if c.kind in (CoinKind.DEPOSIT, CoinKind.CHANGE)
+            and (c.spent_by == ZERO or plans[c.spent_by].status != PlanStatus.COMPLETED)]
 
 
 def plan_signatures(get: Callable[[bytes], Optional[bytes]], plan_id: bytes, key_index: int

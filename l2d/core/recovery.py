@@ -28,7 +28,7 @@ from .params import Network
 from .pegs import (BRIDGE_TOTALS_KEY, FEDERATION_KEY, BridgeTotals, CoinKind, FedCoin, Federation, PegoutEntry,
                    deposit_script_pubkey, script_address)
 from .pegs_tx import PegoutStatus
-from .plans import PlanEntry, PlanStatus, plan_key
+from .plans import PlanEntry, held_coins, plan_key
 from .snapshot import read_snapshot
 from .state import LOCKED_KEY, Account, Namespace
 from .work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus
@@ -243,18 +243,14 @@ def recover(records: Mapping[bytes, bytes], network: Network, l2_height: int, st
             if c.kind == CoinKind.FUNDING:
                 funding.append(c)
                 continue
-            if c.spent_by != ZERO:
-                spender = plans.get(c.spent_by)
-                if spender is None:
-                    raise RecordMalformed(f"federation coin {c.btc_txid[::-1].hex()}:{c.vout} is spent by plan "
-                                          f"{c.spent_by[::-1].hex()}, which the state does not hold "
-                                          f"(no record {plan_key(c.spent_by).hex()})")
-                if spender.status == PlanStatus.COMPLETED:
-                    continue
+            if c.spent_by != ZERO and c.spent_by not in plans:
+                raise RecordMalformed(f"federation coin {c.btc_txid[::-1].hex()}:{c.vout} is spent by plan "
+                                      f"{c.spent_by[::-1].hex()}, which the state does not hold "
+                                      f"(no record {plan_key(c.spent_by).hex()})")
             coins.append(c)
 
     claims.sort(key=lambda c: (c.kind, c.record_id))
-    coins.sort(key=lambda c: (c.btc_txid, c.vout))
+    coins = sorted(held_coins(coins, plans), key=lambda c: (c.btc_txid, c.vout))
     funding.sort(key=lambda c: (c.btc_txid, c.vout))
     holdings = sum(c.amount_sat for c in coins)
     total = sum(c.amount_sat for c in claims)
