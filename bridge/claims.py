@@ -10,8 +10,8 @@ best chain is something only a bitcoind can tell, and each member asks its own b
   transaction is in it, and (FINAL) it is at least ``final_confirmations`` deep;
 - a peg-out update BROADCAST: my bitcoind knows the transaction (mempool or chain; with -txindex for a mined one);
   COMPLETED: it is mined at least ``pegout_confirmations`` deep;
-- a peg-out plan: its fee rate is within my cap (``bridge.fee_max_sat_per_vb``) and at most FEE_TOLERANCE times the
-  rate my own bitcoind estimates (``estimatesmartfee``, or ``bridge.fee_fallback_sat_per_vb`` without an
+- a peg-out plan: its fee rate is within my cap (``bridge.fee_max_sat_per_vb``), at most FEE_TOLERANCE times and
+  at least a FEE_TOLERANCE-th of the rate my own bitcoind estimates (``estimatesmartfee``, or ``bridge.fee_fallback_sat_per_vb`` without an
   estimate): a proposer cannot make the federation overpay. Replacements double the rate, so at an unchanged
   estimate two of them are accepted.
 
@@ -95,6 +95,9 @@ class BitcoinClaims:
         if p.feerate_sat_vb > limit:
             return (f"peg-out plan pays {p.feerate_sat_vb} sat/vB; my limit is {limit} (cap {self.fee_max}, "
                     f"{FEE_TOLERANCE} x my estimate of {mine})"), True
+        if p.feerate_sat_vb < mine // FEE_TOLERANCE:  # would only wait in (or out of) the mempools
+            return (f"peg-out plan pays {p.feerate_sat_vb} sat/vB, below a {FEE_TOLERANCE}th of my estimate of "
+                    f"{mine}"), True
         return None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from bitcoinutils.constants import SIGHASH_ALL
 from bitcoinutils.psbt import PSBT
@@ -30,10 +30,10 @@ from coincurve import PrivateKey, PublicKey
 from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.params import Network
-from l2d.core.pegs import (CHANGE_CONTRACT, SECP256K1_N, Federation, PegoutEntry, deposit_script_pubkey, pegin_tweak,
-                           pegout_key, tweaked_key, witness_script)
+from l2d.core.pegs import (CHANGE_CONTRACT, OP_IF, SECP256K1_N, Federation, PegoutEntry, deposit_script_pubkey,
+                           pegin_tweak, pegout_key, tweaked_key, witness_script)
 from l2d.core.pegs_tx import PegoutStatus
-from l2d.core.plans import RBF_SEQUENCE, PlanTx
+from l2d.core.plans import MAX_FEE_SHARE_PPM, RBF_SEQUENCE, PlanTx
 
 PROPRIETARY = 0xFC
 _CONTRACT_KEY = bytes((PROPRIETARY, 3)) + b"l2d" + b"\x00"  # PSBT_IN_PROPRIETARY, prefix "l2d", subtype 0
@@ -106,7 +106,7 @@ class LocalSigner:
     its own record file, so the interface is the one a remote signer would offer (PSBT in, signatures out)."""
 
     def __init__(self, secret: bytes, fed: Federation, network: Network, state_get: StateGet, record_path: Path,
-                 max_fee_share_ppm: int = 100_000) -> None:
+                 max_fee_share_ppm: int = MAX_FEE_SHARE_PPM) -> None:
         self._secret = secret
         self.pubkey = PrivateKey(secret).public_key.format(compressed=True)
         self.fed = fed
@@ -206,24 +206,34 @@ class LocalSigner:
             _sighash(psbt, i), hasher=None) + bytes((SIGHASH_ALL,)) for i, psi in enumerate(psbt.inputs))
 
 
-def _script_keys(ws: bytes) -> tuple[int, list[bytes]]:
-    m, n = ws[0] - 0x50, ws[-2] - 0x50
-    return m, [ws[1 + 34 * k + 1:1 + 34 * (k + 1)] for k in range(n)]
+def _script_keys(ws: bytes) -> tuple[int, list[bytes], bool]:
+    """(m, the federation path's keys in script order, whether the script has the emergency path) of a deposit
+    script (l2d.core.pegs.witness_script)."""
+    emergency = ws[0] == OP_IF
+    body = ws[1:] if emergency else ws
+    keys = []
+    pos = 1
+    while body[pos] == 0x21:
+        keys.append(body[pos + 1:pos + 34])
+        pos += 34
+    return body[0] - 0x50, keys, emergency
 
 
 def finalize(psbt_bytes: bytes) -> tuple[bytes, bytes]:
     """Check the quorum on every input and return (raw signed transaction, txid internal order).
 
     Each partial signature must be by a key of the input's witness script and verify (SIGHASH_ALL); an input
-    needs m distinct such keys. A signature by any other key is refused, not ignored.
+    needs m distinct such keys. A signature by any other key is refused, not ignored. The witness: an empty item
+    (OP_CHECKMULTISIG's extra pop), the first m signatures in the script's key order, the branch selector 0x01 when
+    the script has an emergency path (OP_IF: the federation's branch), the witness script.
     """
     psbt = PSBT.from_bytes(psbt_bytes)
     for i, psi in enumerate(psbt.inputs):
         if psi.witness_script is None:
             raise QuorumError(f"input {i} has no witness script")
-        m, keys = _script_keys(psi.witness_script.to_bytes())
+        ws = psi.witness_script.to_bytes()
+        m, keys, emergency = _script_keys(ws)
         digest = _sighash(psbt, i)
-        good = 0
         for pub, sig in psi.partial_sigs.items():
             if pub not in keys:
                 raise QuorumError(f"input {i}: signature by {pub.hex()}, which is not a federation key of its script")
@@ -233,15 +243,10 @@ def finalize(psbt_bytes: bytes) -> tuple[bytes, bytes]:
                 ok = False
             if not ok:
                 raise QuorumError(f"input {i}: the signature by {pub.hex()} does not verify")
-            good += 1
-        if good < m:
-            raise QuorumError(f"input {i}: {good} distinct valid signatures, {m} required")
-    psbt.finalize()
+        if len(psi.partial_sigs) < m:
+            raise QuorumError(f"input {i}: {len(psi.partial_sigs)} distinct valid signatures, {m} required")
+        sigs = [psi.partial_sigs[k] for k in keys if k in psi.partial_sigs][:m]
+        psi.final_scriptsig = Script([])
+        psi.final_scriptwitness = [b""] + sigs + ([b"\x01"] if emergency else []) + [ws]
     tx = psbt.extract_transaction()
     return bytes.fromhex(tx.to_hex()), bytes.fromhex(tx.get_txid())[::-1]
-
-
-def psbt_summary(psbt_bytes: bytes) -> dict[str, Any]:
-    psbt = PSBT.from_bytes(psbt_bytes)
-    return {"txid": psbt.tx.get_txid(), "inputs": [f"{t[::-1].hex()}:{v}" for t, v in _inputs(psbt)],
-            "signatures": [len(p.partial_sigs) for p in psbt.inputs]}

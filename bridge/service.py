@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,11 +33,12 @@ from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import (CoinKind, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key, btc_tip,
-                           pegout_key)
+from l2d.core.pegs import (BridgeTotals, CoinKind, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key,
+                           btc_tip, pegout_key)
 from l2d.core.pegs_tx import (MAX_PLAN_INPUTS, MAX_PLAN_PEGOUTS, MAX_RELAY_HEADERS, BtcHeaders, PegoutPlan,
                               PegoutStatus, PegoutUpdate, PlanSignature)
-from l2d.core.plans import ZERO, PlanEntry, PlanStatus, PlanUnderfunded, plan_signatures, plan_tx, price, select_coins
+from l2d.core.plans import (ZERO, PlanEntry, PlanStatus, PlanUnderfunded, plan_signatures, plan_tx, price,
+                            price_recorded, select_coins)
 from l2d.core.state import SUPPLY_KEY, Namespace, StateView, Supply
 
 from .claims import anchor_in_my_chain, my_feerate
@@ -49,6 +51,14 @@ log = logging.getLogger(__name__)
 
 _SPENDABLE = (CoinKind.DEPOSIT, CoinKind.CHANGE)  # peg-outs spend deposits and change; funding pays anchors
 MAX_PLAN_CANDIDATES = 200  # pending peg-outs tried for one plan, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class Books:
+    totals: BridgeTotals
+    supply: Supply
+    plans: dict[bytes, PlanEntry]
+    held: list[FedCoin]  # DEPOSIT and CHANGE coins not spent by a COMPLETED plan
 
 
 class BridgeService:
@@ -77,6 +87,7 @@ class BridgeService:
         self._wake = asyncio.Event()
         self.halted: Optional[str] = None  # why the circuit breaker refuses to sign peg-outs, None while closed
         self._warned: set[str] = set()
+        self._audited = False  # the breaker's check ran in this step
 
     # -- state reads ----------------------------------------------------------------------------------------------
     def _get(self, key: bytes) -> Optional[bytes]:
@@ -114,44 +125,44 @@ class BridgeService:
     def fed_coins(self) -> list[FedCoin]:
         return [FedCoin.decode(v) for _, v in self._records(Namespace.FED_COIN)]
 
-    def held_coins(self) -> list[FedCoin]:
-        """The coins backing peg-ins by the L2 books: claimed deposits and change not spent by a completed plan (an
-        unconfirmed payout's inputs are still held)."""
-        plans = self.plans()
-        return [c for c in self.fed_coins() if c.kind in _SPENDABLE
+    def books(self) -> Books:
+        """Totals, supply, plans and the coins the books hold, from one read transaction (a block stored meanwhile
+        cannot make them disagree)."""
+        with self._read_state() as r:
+            totals = bridge_totals(StateView(r.get_state))
+            sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
+            plans = {bytes(k[1:]): PlanEntry.decode(bytes(v)) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))}
+            coins = [FedCoin.decode(bytes(v)) for _, v in r.iter_prefix(bytes((Namespace.FED_COIN,)))]
+        held = [c for c in coins if c.kind in _SPENDABLE
                 and (c.spent_by == ZERO or plans[c.spent_by].status != PlanStatus.COMPLETED)]
+        return Books(totals, sup, plans, held)
 
     def holdings_sat(self) -> int:
-        return sum(c.amount_sat for c in self.held_coins())
-
-    def signers_of(self, plan_id: bytes) -> list[int]:
-        """Indexes of the federation keys whose signatures of the plan are in the state."""
-        with self._read_state() as r:
-            return [i for i in range(len(self.fed.keys)) if plan_signatures(r.get_state, plan_id, i) is not None]
+        """The coins backing peg-ins by the L2 books: claimed deposits and change not spent by a completed plan (an
+        unconfirmed payout's inputs are still held)."""
+        return sum(c.amount_sat for c in self.books().held)
 
     async def audit(self) -> Optional[str]:
         """The circuit breaker's check, against my own bitcoind (docs/bridge.md, "Circuit breaker"): every coin
         the books hold is in the UTXO set with its value (or spent by a mined version of the plan spending it), and
         the books agree with the L2 state: holdings - pending peg-outs = the L2 money that came in through the
         bridge, which the L2 supply covers. None when all holds, else what does not."""
-        with self._read_state() as r:
-            totals = bridge_totals(StateView(r.get_state))
-            sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
+        b = self.books()
+        totals, sup = b.totals, b.supply
         bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
-        held = self.held_coins()
-        books = sum(c.amount_sat for c in held)
+        books = sum(c.amount_sat for c in b.held)
         if books - totals.pending_out_sat != bridged:
             return (f"the books hold {books} sat; with {totals.pending_out_sat} sat of peg-outs pending that is not "
                     f"the {bridged} sat the L2 state says came in through the bridge")
-        if bridged > sup.minted_sat - sup.burned_sat:
-            return f"{bridged} sat came in through the bridge, more than the L2 supply {sup.minted_sat - sup.burned_sat}"
-        plans = self.plans()
-        for c in held:
+        supply = sup.minted_sat - sup.burned_sat
+        if bridged > supply:
+            return f"{bridged} sat came in through the bridge, more than the L2 supply {supply}"
+        for c in b.held:
             out = await self.rpc.call("gettxout", [c.btc_txid[::-1].hex(), c.vout, False])
             outpoint = f"{c.btc_txid[::-1].hex()}:{c.vout}"
             if out is None:
-                if c.spent_by != ZERO and any([await self._confirmations(v) > 0
-                                               for v in self._versions(plans, c.spent_by)]):
+                if c.spent_by != ZERO and any([await self._confirmations(v[::-1].hex()) > 0
+                                               for v in self._versions(b.plans, c.spent_by)]):
                     continue  # spent by a version of its plan, mined but not yet recorded COMPLETED
                 return f"coin {outpoint} ({c.amount_sat} sat) is not in my bitcoind's UTXO set"
             value = round(Decimal(str(out["value"])) * 100_000_000)
@@ -160,7 +171,10 @@ class BridgeService:
         return None
 
     async def _breaker_closed(self) -> bool:
-        """Run the check; while it fails nothing is signed (logged when it trips and when it resets)."""
+        """Run the check (once per step); while it fails nothing is signed (logged when it trips and resets)."""
+        if self._audited:
+            return self.halted is None
+        self._audited = True
         why = await self.audit()
         if why != self.halted:
             if why is None:
@@ -188,6 +202,7 @@ class BridgeService:
                         lambda e: log.warning("bridge: bitcoind unavailable (%s); retrying", e))
 
     async def step(self) -> None:
+        self._audited = False
         if self.headers is not None:
             await self.relay_headers()
         plans = self.plans()
@@ -308,12 +323,13 @@ class BridgeService:
             raw = self._assemble(v, plans[v])
             if raw is None:
                 continue  # not enough signatures yet: the version before it may be signed
+            height = await self.rpc.getblockcount()
+            first = self._seen.setdefault(v, height)  # when this member first held it signed
             if await self._broadcast(raw):
-                height = await self.rpc.getblockcount()
-                first = self._seen.setdefault(v, height)
                 self._record_broadcast(v, plans[v])
-                if v == plan_id and height - first >= self.rbf_after_blocks:
-                    await self._replace(plan_id, p)
+            # starved: unconfirmed, or refused by bitcoind (its fee too low for the mempool now)
+            if v == plan_id and height - first >= self.rbf_after_blocks:
+                await self._replace(plan_id, p)
             return
 
     def _record_broadcast(self, v: bytes, p: PlanEntry) -> None:
@@ -353,14 +369,14 @@ class BridgeService:
             anchor_raw = r.get_state(anchor_key(p.anchor_height))
         what = f"plan {plan_id[::-1].hex()}"
         if p.feerate_sat_vb > self.fee_max:
-            log.warning("bridge: %s pays %d sat/vB, above my cap of %d: not signing", what, p.feerate_sat_vb,
-                        self.fee_max)
+            self._warn_once(f"cap:{what}", "bridge: %s pays %d sat/vB, above my cap of %d: not signing", what,
+                            p.feerate_sat_vb, self.fee_max)
             return
         if anchor_raw is None:
             return
         why = await anchor_in_my_chain(self.rpc, AnchorEntry.decode(bytes(anchor_raw)), p.anchor_height, 1)
         if why is not None:
-            log.warning("bridge: not signing %s: %s", what, why[0])
+            self._warn_once(f"anchor:{what}:{why[0]}", "bridge: not signing %s: %s", what, why[0])
             return
         if not await self._breaker_closed():
             return
@@ -369,7 +385,7 @@ class BridgeService:
             try:
                 sigs = s.sign(psbt, plan_id, p.pegouts, p.anchor_height)
             except FederationError as e:
-                log.warning("bridge: key %d refuses %s: %s", i, what, e)
+                self._warn_once(f"refuse:{i}:{what}:{e}", "bridge: key %d refuses %s: %s", i, what, e)
                 continue
             self._try_submit(("sig", plan_id, i), PlanSignature(plan_id, i, sigs), f"signature of {what} by key {i}")
 
@@ -385,11 +401,32 @@ class BridgeService:
         return raw
 
     async def _replace(self, plan_id: bytes, p: PlanEntry) -> None:
-        rate = max(p.feerate_sat_vb * 2, p.feerate_sat_vb + 1)
-        if rate > self.fee_max:
+        """Propose a replacement at twice the rate (at least +1), or the highest rate up to that which my cap and the
+        consensus fee share bound allow; nothing if no higher rate is allowed."""
+        target = min(max(p.feerate_sat_vb * 2, p.feerate_sat_vb + 1), self.fee_max)
+        with self._read_state() as r:
+            view = StateView(r.get_state)
+
+            def fits(rate: int) -> bool:
+                try:
+                    price_recorded(view, self.fed, self.network.id, p, rate)
+                    return True
+                except PlanUnderfunded:
+                    return False
+            lo, hi = p.feerate_sat_vb, target  # the highest rate in (lo, hi] that fits, if any
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid - 1
+        what = f"plan {plan_id[::-1].hex()}"
+        if lo == p.feerate_sat_vb:
+            self._warn_once(f"noreplace:{plan_id.hex()}", "bridge: %s is starved at %d sat/vB, and no higher rate is "
+                            "allowed (my cap %d, the 10%% fee share bound)", what, p.feerate_sat_vb, self.fee_max)
             return
-        self._try_submit(("replace", plan_id), PegoutPlan(p.anchor_height, rate, plan_id, p.inputs, p.pegouts),
-                         f"replacement of plan {plan_id[::-1].hex()} at {rate} sat/vB")
+        self._try_submit(("replace", plan_id), PegoutPlan(p.anchor_height, lo, plan_id, p.inputs, p.pegouts),
+                         f"replacement of {what} at {lo} sat/vB")
 
     async def _broadcast(self, raw: bytes) -> bool:
         """Send the transaction to my bitcoind; True when it is in its mempool or chain."""

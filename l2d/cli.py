@@ -137,8 +137,10 @@ def cmd_pegin_address(a: argparse.Namespace) -> dict[str, Any]:
     c = _client(a)
     network = c.network()
     fed_json = c.federation()
+    em = fed_json.get("emergency") or {"threshold": 0, "keys": [], "delay_blocks": 0}
     fed = Federation(fed_json["threshold"], tuple(bytes.fromhex(k) for k in fed_json["keys"]),
-                     fed_json["pegin_min_depth"])
+                     fed_json["pegin_min_depth"], em["threshold"], tuple(bytes.fromhex(k) for k in em["keys"]),
+                     em["delay_blocks"])
     res = c.pegin_address(account)
     if res["script_pubkey"] != deposit_script_pubkey(fed, network.id, bytes.fromhex(account)).hex():
         raise CliError("the daemon's deposit address does not match the one derived from the federation keys")
@@ -206,7 +208,7 @@ def cmd_anchors(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plans(a: argparse.Namespace) -> dict[str, Any]:
-    return _client(a).plans()
+    return _client(a).plans(a.status, a.limit)
 
 
 def cmd_block(a: argparse.Namespace) -> dict[str, Any]:
@@ -451,8 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_export_audit)
     sub.add_parser("anchors", help="anchors and their status").set_defaults(fn=cmd_anchors)
-    sub.add_parser("plans", help="the federation's peg-out plans: transaction, PSBT, who signed, status"
-                   ).set_defaults(fn=cmd_plans)
+    p = sub.add_parser("plans", help="the federation's peg-out plans, newest first: transaction, PSBT, who signed, "
+                       "status")
+    p.add_argument("--status", choices=("PLANNED", "REPLACED", "COMPLETED"))
+    p.add_argument("--limit", type=int, default=50, help="at most this many (1..500, default 50)")
+    p.set_defaults(fn=cmd_plans)
     p = sub.add_parser("block", help="show a block")
     p.add_argument("height", type=int)
     p.set_defaults(fn=cmd_block)

@@ -151,9 +151,9 @@ class Client(_Base):
     def anchors(self) -> dict[str, Any]:
         return self.get("/api/anchors")
 
-    def plans(self) -> dict[str, Any]:
-        """The federation's peg-out plans: transaction, PSBT, signers, status (GET /api/bridge/plans)."""
-        return self.get("/api/bridge/plans")
+    def plans(self, status: Optional[str] = None, limit: int = 50) -> dict[str, Any]:
+        """The federation's peg-out plans, newest first: transaction, PSBT, signers, status (GET /api/bridge/plans)."""
+        return self.get(f"/api/bridge/plans?limit={limit}" + (f"&status={status}" if status else ""))
 
     def audit_bundle(self, l2_height: int) -> bytes:
         return self.request("GET", f"/api/anchors/{l2_height}/audit", raw=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from coincurve import PublicKeyXOnly
+from coincurve import PublicKey, PublicKeyXOnly
 
 from .core.chains import btc_chain
 from .core.errors import InvalidMembership
@@ -229,10 +229,12 @@ class BridgeConfig:
     rbf_after_blocks: int
     fee_fallback_sat_per_vb: int
     fee_max_sat_per_vb: int
-    max_fee_share_ppm: int  # signer policy: at most this share of a peg-out goes to the Bitcoin fee
     poll_interval_ms: int
     header_start_height: int  # the header store (and the relay) start here: a trusted checkpoint
     header_start_hash: bytes | None  # its block hash (internal order); None = bitcoind's block at that height
+    emergency_keys: tuple[bytes, ...] = ()  # 33-byte keys that may spend a coin emergency_delay_blocks old
+    emergency_threshold: int = 0  # of them (0: no emergency path)
+    emergency_delay_blocks: int = 4032  # BIP68 relative lock of the emergency path (about 4 weeks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,8 +629,9 @@ def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringC
 def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: AnchoringConfig) -> BridgeConfig:
     s = _Section("bridge", t, ("enabled", "threshold", "signer_key_files", "other_keys", "pegin_min_depth",
                                "pegout_confirmations", "rbf_after_blocks", "fee_fallback_sat_per_vb",
-                               "fee_max_sat_per_vb", "max_fee_share_ppm", "poll_interval_ms",
-                               "header_start_height", "header_start_hash"))
+                               "fee_max_sat_per_vb", "poll_interval_ms",
+                               "header_start_height", "header_start_hash", "emergency_keys",
+                               "emergency_threshold", "emergency_delay_blocks"))
     enabled = _get_bool(s, "enabled", False)
     start_hash = s.get_str("header_start_hash", default="")
     if start_hash and not _HEX64.fullmatch(start_hash):
@@ -650,6 +653,25 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
     threshold = s.get_int("threshold", 1, 15, default=max(1, n // 2 + 1))
     if enabled and threshold > n:
         raise s.fail("threshold", threshold, f"exceeds the number of federation keys ({n})")
+    emergency = s.raw("emergency_keys", [])
+    if not isinstance(emergency, list) or not all(isinstance(k, str) and re.fullmatch(r"0[23][0-9a-fA-F]{64}", k)
+                                                  for k in emergency):
+        raise s.fail("emergency_keys", emergency, "must be a list of 66-hex compressed public keys")
+    if len(set(k.lower() for k in emergency)) != len(emergency) or len(emergency) > 15:
+        raise s.fail("emergency_keys", emergency, "must be at most 15 distinct keys")
+    for k in emergency:
+        try:
+            PublicKey(bytes.fromhex(k))
+        except ValueError:
+            raise s.fail("emergency_keys", emergency, f"{k} is not a point on secp256k1") from None
+    if not emergency and "emergency_threshold" in t:
+        raise s.fail("emergency_threshold", t["emergency_threshold"], "needs bridge.emergency_keys")
+    emergency_threshold = s.get_int("emergency_threshold", 1, 15, default=max(1, len(emergency) // 2 + 1))
+    if emergency and emergency_threshold > len(emergency):
+        raise s.fail("emergency_threshold", emergency_threshold,
+                     f"exceeds the number of emergency keys ({len(emergency)})")
+    test_chain = NETWORKS[node.network].admin_mint  # local and regtest
+    emergency_delay = s.get_int("emergency_delay_blocks", 1 if test_chain else 1008, 65_535, default=4032)
     fallback = s.get_int("fee_fallback_sat_per_vb", 1, MAX_FEERATE, default=2)
     fee_max = s.get_int("fee_max_sat_per_vb", 1, MAX_FEERATE, default=500)  # a plan's fee rate is at most MAX_FEERATE
     if fee_max < fallback:
@@ -658,13 +680,16 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
         enabled=enabled, threshold=threshold, signer_key_files=paths,
         other_keys=tuple(bytes.fromhex(k) for k in others),
         pegin_min_depth=s.get_int("pegin_min_depth", 1, 65_535, default=102),
-        pegout_confirmations=s.get_int("pegout_confirmations", 1, 1000, default=6),
+        # a payout recorded COMPLETED and then reorged out would leave the books with a change coin Bitcoin lacks
+        pegout_confirmations=s.get_int("pegout_confirmations", 1 if test_chain else 6, 1000, default=6),
         rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
         fee_fallback_sat_per_vb=fallback, fee_max_sat_per_vb=fee_max,
-        max_fee_share_ppm=s.get_int("max_fee_share_ppm", 0, 1_000_000, default=100_000),
         poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=2000),
         header_start_height=s.get_int("header_start_height", 0, 2**31, default=0),
         header_start_hash=bytes.fromhex(start_hash)[::-1] if start_hash else None,
+        emergency_keys=tuple(bytes.fromhex(k) for k in emergency),
+        emergency_threshold=emergency_threshold if emergency else 0,
+        emergency_delay_blocks=emergency_delay,
     )
 
 

@@ -120,7 +120,9 @@ def _bridge_federation(config: Config, network: Network) -> tuple[list[bytes], O
     if len(set(keys)) != len(keys):
         raise NodeError("bridge: the same federation key is configured twice (a key counts once in a quorum)")
     try:
-        return secrets_, Federation(cfg.threshold, tuple(sorted(keys)), cfg.pegin_min_depth)
+        return secrets_, Federation(cfg.threshold, tuple(sorted(keys)), cfg.pegin_min_depth, cfg.emergency_threshold,
+                                    tuple(sorted(cfg.emergency_keys)),
+                                    cfg.emergency_delay_blocks if cfg.emergency_keys else 0)
     except L2Error as e:
         raise NodeError(f"bridge: {e}") from None
 

@@ -220,8 +220,8 @@ class Node:
         bdir = data_dir / "bridge"
         bdir.mkdir(parents=True, exist_ok=True)
         signers = [LocalSigner(sec, fed, self.network, self.store.get_state,
-                               bdir / f"signer-{PrivateKey(sec).public_key.format().hex()[:16]}.json",
-                               cfg.max_fee_share_ppm) for sec in self.genesis.signer_secrets]
+                               bdir / f"signer-{PrivateKey(sec).public_key.format().hex()[:16]}.json")
+                   for sec in self.genesis.signer_secrets]
         headers = HeaderStore(data_dir / HEADER_STORE_DIR, btc_chain(self.network).spv,
                               start_height=cfg.header_start_height, start_hash=cfg.header_start_hash,
                               map_size=self.config.store.map_size)

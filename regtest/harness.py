@@ -11,6 +11,7 @@ This module is test and operator tooling: it is not imported by the daemon.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from bridge.rpc import BitcoinRPC, CookieAuth, RetryPolicy
-from bridge.rpc_errors import RPCError, RPCProtocolError, RPCWarmup, error_from_code
+from bridge.rpc_errors import RPCError, RPCInvalidParameter, RPCProtocolError, RPCWarmup, error_from_code
 
 log = logging.getLogger(__name__)
 
@@ -347,3 +348,17 @@ async def fund_wallet(rpc: BitcoinRPC, wallet: str = "federation", blocks: int =
     address = await w.getnewaddress("mining")
     await rpc.generatetoaddress(blocks, address)
     return w, address
+
+
+async def scan_sat(rpc: BitcoinRPC, descriptors: list[str]) -> int:
+    """scantxoutset's total over descriptors, in satoshis. bitcoind runs one scan at a time (a daemon's anchor service
+    scans for its coins too), so a scan that finds another in progress is asked again."""
+    for _ in range(300):
+        try:
+            scan = await rpc.call("scantxoutset", ["start", descriptors])
+            return round(scan["total_amount"] * 100_000_000)
+        except RPCInvalidParameter as e:
+            if "Scan already in progress" not in str(e):
+                raise
+            await asyncio.sleep(0.1)
+    raise BitcoindError("scantxoutset stayed busy for 30 s")

@@ -15,9 +15,10 @@ from bridge.headers import HeaderStoreError
 
 from ..core.errors import L2Error
 from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation, PeginEntry, PegoutEntry,
-                         bridge_totals, btc_tip, deposit_script_pubkey, funded_sat, script_address, witness_script)
+                         bridge_totals, btc_tip, deposit_script_pubkey, descriptor_of, funded_sat, script_address,
+                         witness_script)
 from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
-from ..core.plans import PlanEntry, plan_signatures, plan_tx
+from ..core.plans import PlanEntry, PlanStatus, plan_signatures, plan_tx
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
 from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
@@ -28,12 +29,6 @@ def _federation(request: web.Request) -> Federation:
     if fed is None:
         raise ApiError(404, "no-bridge", "this node runs no bridge ([bridge] enabled = false)")
     return fed
-
-
-def _descriptor(fed: Federation, network_id: int, contract: bytes) -> str:
-    ws = witness_script(fed, network_id, contract)
-    keys = [ws[2 + 34 * k:2 + 34 * k + 33].hex() for k in range(len(fed.keys))]
-    return f"wsh(multi({fed.threshold},{','.join(keys)}))"
 
 
 async def federation(request: web.Request) -> web.Response:
@@ -52,7 +47,12 @@ async def federation(request: web.Request) -> web.Response:
     network = chain.network
     return web.json_response({
         "threshold": fed.threshold, "keys": [k.hex() for k in fed.keys], "pegin_min_depth": fed.min_depth,
-        "deposit_descriptor": f"wsh(sortedmulti({fed.threshold},{','.join(k.hex() for k in fed.keys)}))",
+        # with an emergency path there is no sortedmulti form: GET /api/bridge/pegin-address/{account} has each
+        "deposit_descriptor": None if fed.emergency_keys else
+        f"wsh(sortedmulti({fed.threshold},{','.join(k.hex() for k in fed.keys)}))",
+        "emergency": None if not fed.emergency_keys else {
+            "threshold": fed.emergency_threshold, "keys": [k.hex() for k in fed.emergency_keys],
+            "delay_blocks": fed.emergency_delay},
         "deposit_tweak": "each key P becomes P + H_tag('l2d/pegin/tweak', P || network id || account)*G; "
                          "GET /api/bridge/pegin-address/{account} gives the address",
         "change_address": script_address(deposit_script_pubkey(fed, network.id, CHANGE_CONTRACT), network),
@@ -80,7 +80,7 @@ async def pegin_address(request: web.Request) -> web.Response:
     return web.json_response({"account": account.hex(), "address": script_address(spk, network),
                               "script_pubkey": spk.hex(),
                               "witness_script": witness_script(fed, network.id, account).hex(),
-                              "descriptor": _descriptor(fed, network.id, account), "min_depth": fed.min_depth})
+                              "descriptor": descriptor_of(fed, network.id, account), "min_depth": fed.min_depth})
 
 
 def _listing(request: web.Request, ns: Namespace) -> list[tuple[bytes, bytes]]:
@@ -111,7 +111,8 @@ async def pegouts(request: web.Request) -> web.Response:
 
 
 async def coins(request: web.Request) -> web.Response:
-    """GET /api/bridge/coins: the federation's coins as the state records them (claimed deposits, funding)."""
+    """GET /api/bridge/coins: the federation's coins as the state records them (claimed deposits, change, funding)
+    and the plan spending each."""
     fed = _federation(request)
     network = request.app[CHAIN].network
     out: list[dict[str, Any]] = []
@@ -120,44 +121,59 @@ async def coins(request: web.Request) -> web.Response:
         out.append({"txid": c.btc_txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat, "kind": c.kind.name,
                     "contract": c.contract.hex(),
                     "address": script_address(deposit_script_pubkey(fed, network.id, c.contract), network),
-                    "spent_by": None if c.spent_by == bytes(32) else c.spent_by.hex()})
+                    "spent_by": None if c.spent_by == bytes(32) else c.spent_by[::-1].hex()})
     return web.json_response({"coins": out})
 
 
+PLANS_LIMIT = 50  # plans per GET /api/bridge/plans unless ?limit= says otherwise (at most PLANS_MAX)
+PLANS_MAX = 500
+
+
 async def plans(request: web.Request) -> web.Response:
-    """GET /api/bridge/plans: every peg-out plan, newest first: its transaction (PSBT as every member builds it,
-    base64), which federation keys have signed, the signed transaction once m have, and its status."""
+    """GET /api/bridge/plans[?status=PLANNED|REPLACED|COMPLETED][&limit=N]: peg-out plans, newest first (at most
+    limit, default 50, at most 500): its transaction (PSBT as every member builds it, base64), which federation keys
+    have signed, the signed transaction once m have, and its status. Built in a worker thread (each listed plan's
+    PSBT is rebuilt and its signatures checked)."""
     fed = _federation(request)
     chain = request.app[CHAIN]
     network = chain.network
-    out: list[dict[str, Any]] = []
-    with chain.reader() as r:
-        final = r.final_height()
-        view = StateView(r.get_state)
-        for k, v in sorted(((bytes(k), bytes(v)) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))),
-                           key=lambda kv: -PlanEntry.decode(kv[1]).l2_height):
-            plan_id, p = k[1:], PlanEntry.decode(v)
-            ptx = plan_tx(view, fed, network.id, p)
-            sigs = {i: s for i in range(len(fed.keys)) if (s := plan_signatures(r.get_state, plan_id, i)) is not None}
-            psbt = build_psbt(fed, network, ptx)
-            raw = None
-            if len(sigs) >= fed.threshold:
-                raw = finalize(add_signatures(fed, network, psbt, sigs))[0].hex()
-            out.append({
-                "id": plan_id[::-1].hex(), "status": p.status.name, "l2_height": p.l2_height, "final": p.l2_height <= final,
-                "replaces": None if p.replaces == bytes(32) else p.replaces[::-1].hex(),
-                "replaced_by": None if p.replaced_by == bytes(32) else p.replaced_by[::-1].hex(),
-                "anchor_height": p.anchor_height, "feerate_sat_vb": p.feerate_sat_vb, "fee_sat": p.fee_sat,
-                "change_sat": p.change_sat,
-                "inputs": [{"txid": c.btc_txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat,
-                            "kind": c.kind.name} for c in ptx.coins],
-                "pegouts": [{"id": pid.hex(), "payout_sat": pay,
-                             "address": script_address(bytes(ptx.tx.vout[j].scriptPubKey), network)}
-                            for j, (pid, pay) in enumerate(zip(p.pegouts, p.payouts))],
-                "threshold": fed.threshold, "signed_by": [fed.keys[i].hex() for i in sorted(sigs)],
-                "psbt": base64.b64encode(psbt).decode(), "signed_tx": raw,
-            })
-    return web.json_response({"plans": out})
+    status = request.query.get("status")
+    if status is not None and status not in PlanStatus.__members__:
+        raise ApiError(400, "malformed", f"status must be one of {', '.join(PlanStatus.__members__)}")
+    limit = uint(request.query.get("limit", str(PLANS_LIMIT)), "limit", 1, PLANS_MAX)
+
+    def listing() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        with chain.reader() as r:
+            final = r.final_height()
+            view = StateView(r.get_state)
+            recorded = [(bytes(k[1:]), PlanEntry.decode(bytes(v))) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))]
+            recorded = [(k, p) for k, p in recorded if status is None or p.status.name == status]
+            for plan_id, p in sorted(recorded, key=lambda kp: (-kp[1].l2_height, kp[0]))[:limit]:
+                ptx = plan_tx(view, fed, network.id, p)
+                sigs = {i: s for i in range(len(fed.keys))
+                        if (s := plan_signatures(r.get_state, plan_id, i)) is not None}
+                psbt = build_psbt(fed, network, ptx)
+                raw = None
+                if len(sigs) >= fed.threshold:
+                    raw = finalize(add_signatures(fed, network, psbt, sigs))[0].hex()
+                out.append({
+                    "id": plan_id[::-1].hex(), "status": p.status.name, "l2_height": p.l2_height,
+                    "final": p.l2_height <= final,
+                    "replaces": None if p.replaces == bytes(32) else p.replaces[::-1].hex(),
+                    "replaced_by": None if p.replaced_by == bytes(32) else p.replaced_by[::-1].hex(),
+                    "anchor_height": p.anchor_height, "feerate_sat_vb": p.feerate_sat_vb, "fee_sat": p.fee_sat,
+                    "change_sat": p.change_sat,
+                    "inputs": [{"txid": c.btc_txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat,
+                                "kind": c.kind.name} for c in ptx.coins],
+                    "pegouts": [{"id": pid.hex(), "payout_sat": pay,
+                                 "address": script_address(bytes(ptx.tx.vout[j].scriptPubKey), network)}
+                                for j, (pid, pay) in enumerate(zip(p.pegouts, p.payouts))],
+                    "threshold": fed.threshold, "signed_by": [fed.keys[i].hex() for i in sorted(sigs)],
+                    "psbt": base64.b64encode(psbt).decode(), "signed_tx": raw,
+                })
+        return out
+    return web.json_response({"plans": await asyncio.to_thread(listing)})
 
 
 def _hex_field(body: dict[str, Any], name: str, limit: int) -> bytes:

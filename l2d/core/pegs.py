@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from typing import Optional, cast
+from typing import Optional, Sequence, cast
 
 from bitcoin.base58 import Base58Error
 from bitcoin.base58 import decode as b58decode
@@ -37,6 +37,7 @@ from bitcoinutils.bech32 import encode as bech32_encode
 from coincurve import PublicKey
 
 from .chains import BTC_CHAINS, btc_chain
+from .codec import Reader
 from .coin_tx import Burn
 from .errors import (BadNonce, DecodeError, DuplicateDuty, FeeTooLow, InsufficientBalance, InvalidTransaction,
                      Overflow, Rejected)
@@ -50,6 +51,7 @@ from .tx import Transaction
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 MAX_FEDERATION = 15  # keeps the witness script standard (P2WSH multisig of up to 15 keys, < 3600 bytes)
+OP_IF, OP_ELSE, OP_ENDIF, OP_VERIFY, OP_CHECKSEQUENCEVERIFY, OP_CHECKMULTISIG = 0x63, 0x67, 0x68, 0x69, 0xB2, 0xAE
 PEGOUT_MIN_SAT = 10_000  # a peg-out must leave a payout above dust after its share of the Bitcoin fee
 CHANGE_CONTRACT = b"\0" * 32
 # The contract of the federation's funding address (coins for Bitcoin fees, such as anchors').
@@ -175,14 +177,20 @@ def script_address(script: bytes, network: Network) -> Optional[str]:
 # -- the federation -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Federation:
-    """m-of-n federation keys (33-byte compressed secp256k1, sorted, distinct) and the peg-in depth.
+    """m-of-n federation keys (33-byte compressed secp256k1, sorted, distinct) and the peg-in depth; optionally the
+    emergency path: e-of-ne emergency keys that may spend any federation coin once it is `emergency_delay` blocks
+    old (BIP68 relative lock), so coins are never lost if the federation disappears.
 
-    State value under FEDERATION_KEY: threshold u8 | n u8 | min_depth u16 | n x 33-byte keys.
+    State value under FEDERATION_KEY: threshold u8 | n u8 | min_depth u16 | n x 33-byte keys, then only with an
+    emergency path: e u8 | ne u8 | delay u16 | ne x 33-byte emergency keys (sorted, distinct).
     """
 
     threshold: int
     keys: tuple[bytes, ...]
     min_depth: int
+    emergency_threshold: int = 0
+    emergency_keys: tuple[bytes, ...] = ()
+    emergency_delay: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -192,27 +200,48 @@ class Federation:
             raise InvalidTransaction(f"federation threshold {self.threshold} outside 1..{n}")
         if not 1 <= self.min_depth < 2**16:
             raise InvalidTransaction(f"peg-in depth {self.min_depth} outside 1..65535")
-        if list(self.keys) != sorted(set(self.keys)):
-            raise InvalidTransaction("federation keys must be distinct and sorted")
-        for k in self.keys:
-            try:
-                if len(k) != 33 or PublicKey(k).format(compressed=True) != k:
-                    raise ValueError
-            except ValueError:
-                raise InvalidTransaction(f"federation key {k.hex()} is not a compressed secp256k1 key") from None
+        _check_keys(self.keys, "federation")
+        ne = len(self.emergency_keys)
+        if ne or self.emergency_threshold or self.emergency_delay:
+            if not 1 <= ne <= MAX_FEDERATION:
+                raise InvalidTransaction(f"{ne} emergency keys, expected 1..{MAX_FEDERATION}")
+            if not 1 <= self.emergency_threshold <= ne:
+                raise InvalidTransaction(f"emergency threshold {self.emergency_threshold} outside 1..{ne}")
+            if not 1 <= self.emergency_delay < 2**16:
+                raise InvalidTransaction(f"emergency delay {self.emergency_delay} blocks outside 1..65535")
+            _check_keys(self.emergency_keys, "emergency")
 
     def encode(self) -> bytes:
-        return _FED_HEAD.pack(self.threshold, len(self.keys), self.min_depth) + b"".join(self.keys)
+        out = _FED_HEAD.pack(self.threshold, len(self.keys), self.min_depth) + b"".join(self.keys)
+        if self.emergency_keys:
+            out += _FED_HEAD.pack(self.emergency_threshold, len(self.emergency_keys), self.emergency_delay)
+            out += b"".join(self.emergency_keys)
+        return out
 
     @classmethod
     def decode(cls, b: bytes) -> "Federation":
-        if len(b) < _FED_HEAD.size:
-            raise DecodeError("federation value too short")
-        m, n, depth = _FED_HEAD.unpack_from(b)
-        if len(b) != _FED_HEAD.size + 33 * n:
-            raise DecodeError(f"federation value is {len(b)} bytes for {n} keys")
-        keys = tuple(b[_FED_HEAD.size + 33 * i:_FED_HEAD.size + 33 * (i + 1)] for i in range(n))
-        return cls(m, keys, depth)
+        r = Reader(b, "federation value")
+        m, n, depth = _FED_HEAD.unpack(r.take(_FED_HEAD.size))
+        keys = tuple(r.take(33) for _ in range(n))
+        if r.pos == len(b):
+            return cls(m, keys, depth)
+        e, ne, delay = _FED_HEAD.unpack(r.take(_FED_HEAD.size))
+        if ne == 0:
+            raise DecodeError("federation value: an emergency path with no keys")
+        emergency = tuple(r.take(33) for _ in range(ne))
+        r.end()
+        return cls(m, keys, depth, e, emergency, delay)
+
+
+def _check_keys(keys: tuple[bytes, ...], what: str) -> None:
+    if list(keys) != sorted(set(keys)):
+        raise InvalidTransaction(f"{what} keys must be distinct and sorted")
+    for k in keys:
+        try:
+            if len(k) != 33 or PublicKey(k).format(compressed=True) != k:
+                raise ValueError
+        except ValueError:
+            raise InvalidTransaction(f"{what} key {k.hex()} is not a compressed secp256k1 key") from None
 
 
 def pegin_tweak(key: bytes, network_id: int, contract: bytes) -> bytes:
@@ -226,17 +255,46 @@ def pegin_tweak(key: bytes, network_id: int, contract: bytes) -> bytes:
 @lru_cache(maxsize=16384)
 def tweaked_key(key: bytes, network_id: int, contract: bytes) -> bytes:
     """Federation key `key` tweaked for deposits to contract (33-byte compressed)."""
-    return cast(bytes, PublicKey(key).add(pegin_tweak(key, network_id, contract)).format(compressed=True))
+    return PublicKey(key).add(pegin_tweak(key, network_id, contract)).format(compressed=True)
+
+
+def _multi(k: int, keys: Sequence[bytes]) -> bytes:
+    return bytes((0x50 + k,)) + b"".join(b"\x21" + key for key in keys) + bytes((0x50 + len(keys), OP_CHECKMULTISIG))
+
+
+def _push_int(n: int) -> bytes:
+    """A positive script number as Bitcoin Core's CScript() << n writes it (OP_1..OP_16, else minimal bytes)."""
+    if n <= 16:
+        return bytes((0x50 + n,))
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little")  # room for the sign bit
+    return bytes((len(raw),)) + raw
 
 
 @lru_cache(maxsize=4096)
 def witness_script(fed: Federation, network_id: int, contract: bytes) -> bytes:
-    """OP_m <sorted tweaked keys> OP_n OP_CHECKMULTISIG for deposits to contract."""
+    """The deposit script for contract: OP_m <sorted tweaked keys> OP_n OP_CHECKMULTISIG, or with an emergency path
+    OP_IF <that> OP_ELSE <delay> OP_CHECKSEQUENCEVERIFY OP_VERIFY OP_e <sorted emergency keys> OP_ne
+    OP_CHECKMULTISIG OP_ENDIF, which is the miniscript
+    or_i(multi(m,K1',...),and_v(v:older(delay),multi(e,E1,...))) (descriptor_of gives it)."""
     if len(contract) != 32:
         raise InvalidTransaction("peg-in contract is 32 bytes")
-    tweaked = sorted(tweaked_key(k, network_id, contract) for k in fed.keys)
-    return (bytes((0x50 + fed.threshold,)) + b"".join(b"\x21" + k for k in tweaked)
-            + bytes((0x50 + len(tweaked), 0xAE)))
+    federation_path = _multi(fed.threshold, sorted(tweaked_key(k, network_id, contract) for k in fed.keys))
+    if not fed.emergency_keys:
+        return federation_path
+    return (bytes((OP_IF,)) + federation_path + bytes((OP_ELSE,)) + _push_int(fed.emergency_delay)
+            + bytes((OP_CHECKSEQUENCEVERIFY, OP_VERIFY)) + _multi(fed.emergency_threshold, fed.emergency_keys)
+            + bytes((OP_ENDIF,)))
+
+
+def descriptor_of(fed: Federation, network_id: int, contract: bytes) -> str:
+    """The output descriptor of contract's deposit script (without checksum), as Bitcoin Core reads it."""
+    keys = ",".join(k.hex() for k in sorted(tweaked_key(k, network_id, contract) for k in fed.keys))
+    multi = f"multi({fed.threshold},{keys})"
+    if not fed.emergency_keys:
+        return f"wsh({multi})"
+    emergency = ",".join(k.hex() for k in fed.emergency_keys)
+    return (f"wsh(or_i({multi},and_v(v:older({fed.emergency_delay}),"
+            f"multi({fed.emergency_threshold},{emergency}))))")
 
 
 def deposit_script_pubkey(fed: Federation, network_id: int, contract: bytes) -> bytes:
@@ -283,8 +341,8 @@ class CoinKind(IntEnum):
 @dataclass(frozen=True, slots=True)
 class FedCoin:
     """State value under coin_key(txid, vout) (109 bytes): txid 32 (internal order) | vout u32 | amount u64 | kind u8
-    | contract 32 | spent_by 32 (the id of the plan spending it, l2d/core/plans.py; zero while unspent). The contract says which deposit script
-    holds the coin (deposit_script_pubkey(federation, network, contract))."""
+    | contract 32 | spent_by 32 (the id of the plan spending it, l2d/core/plans.py; zero while unspent). The
+    contract says which deposit script holds the coin (deposit_script_pubkey(federation, network, contract))."""
 
     btc_txid: bytes
     vout: int

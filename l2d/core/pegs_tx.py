@@ -168,7 +168,7 @@ MAX_PLAN_INPUTS = 20  # coins one plan spends
 MAX_PLAN_PEGOUTS = 20  # peg-outs one plan pays
 MAX_FEERATE = 10_000  # sat/vB: a bound on the field; each member's signing policy sets its own, lower cap
 _PLAN_HEAD = struct.Struct(">QI32s")  # anchor height, fee rate, replaces
-_OUTPOINT = struct.Struct(">32sI")
+OUTPOINT = struct.Struct(">32sI")  # a Bitcoin outpoint: txid (internal order) | vout
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +211,7 @@ class PegoutPlan:
 
     def encode(self) -> bytes:
         return (_PLAN_HEAD.pack(self.anchor_height, self.feerate_sat_vb, self.replaces)
-                + bytes((len(self.inputs),)) + b"".join(_OUTPOINT.pack(t, v) for t, v in self.inputs)
+                + bytes((len(self.inputs),)) + b"".join(OUTPOINT.pack(t, v) for t, v in self.inputs)
                 + bytes((len(self.pegouts),)) + b"".join(self.pegouts))
 
     def debit_sat(self) -> int:
@@ -222,7 +222,7 @@ class PegoutPlan:
         r = Reader(b, "peg-out plan payload")
         anchor_height, rate, replaces = _PLAN_HEAD.unpack(r.take(_PLAN_HEAD.size))
         n_in = r.take(1)[0]
-        inputs = tuple(_OUTPOINT.unpack(r.take(_OUTPOINT.size)) for _ in range(n_in))
+        inputs = tuple(OUTPOINT.unpack(r.take(OUTPOINT.size)) for _ in range(n_in))
         n_out = r.take(1)[0]
         pegouts = tuple(r.take(32) for _ in range(n_out))
         r.end()

@@ -7,7 +7,8 @@ and a fee rate. Everything else follows from the state, so every member derives 
 - outputs: each peg-out's script with its amount less an equal share of the fee (the first `fee mod n`
   peg-outs pay one satoshi more), then the change, inputs - sum(peg-out amounts), to the deposit script of
   CHANGE_CONTRACT when it is not zero; so the federation's holdings fall by exactly what was burned;
-- fee = feerate x vsize, where vsize counts m 72-byte signatures per input (an upper bound on DER + sighash);
+- fee = feerate x vsize, where vsize counts m 72-byte signatures per input (an upper bound on DER + sighash), and
+  the 1-byte branch selector when the federation has an emergency path;
 - the plan's id is that transaction's txid (internal order).
 Each federation key's signatures of it (PlanSignature, BIP143 SIGHASH_ALL, by the key tweaked for each input's
 contract) are checked here and kept in the state, so any member holding m of them per input can finalize and
@@ -38,7 +39,7 @@ from .hashing import H_PLAN_SIG
 from .pegs import (BRIDGE_TOTALS_KEY, CHANGE_CONTRACT, BadPegoutTransition, BridgeRejected, BridgeTotals, CoinKind,
                    FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout, bridge_totals, coin_key,
                    deposit_script_pubkey, federation, pegout_key, tweaked_key, witness_script)
-from .pegs_tx import PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
+from .pegs_tx import OUTPOINT, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
 from .state import Namespace, Rules, StateView, bump_member_nonce, check_member
 from .tx import Transaction
 
@@ -48,7 +49,6 @@ MAX_FEE_SHARE_PPM = 100_000  # a peg-out pays at most 10% of its amount in Bitco
 SIG_ITEM = 72  # witness bytes counted per signature: a DER signature of at most 71 bytes (low S) + sighash
 ZERO = b"\0" * 32
 _PLAN = struct.Struct(">B32s32sQQIQQ")  # status, replaces, replaced_by, l2 height, anchor height, rate, fee, change
-_OUTPOINT = struct.Struct(">32sI")
 _PAYOUT = struct.Struct(">32sQ")
 
 
@@ -80,6 +80,10 @@ class PlanUnderfunded(BridgeRejected):
 
 class BadReplacement(BridgeRejected):
     reason = "bad-replacement"
+
+
+class SuperfluousCoin(BridgeRejected):
+    reason = "superfluous-coin"
 
 
 class PlanClosed(BridgeRejected):
@@ -119,7 +123,7 @@ class PlanEntry:
     def encode(self) -> bytes:
         return (_PLAN.pack(self.status, self.replaces, self.replaced_by, self.l2_height, self.anchor_height,
                            self.feerate_sat_vb, self.fee_sat, self.change_sat)
-                + bytes((len(self.inputs),)) + b"".join(_OUTPOINT.pack(t, v) for t, v in self.inputs)
+                + bytes((len(self.inputs),)) + b"".join(OUTPOINT.pack(t, v) for t, v in self.inputs)
                 + bytes((len(self.pegouts),))
                 + b"".join(_PAYOUT.pack(p, v) for p, v in zip(self.pegouts, self.payouts)))
 
@@ -129,7 +133,7 @@ class PlanEntry:
         status, replaces, replaced_by, height, anchor, rate, fee, change = _PLAN.unpack(r.take(_PLAN.size))
         if status not in (1, 2, 3):
             raise DecodeError(f"plan status {status}")
-        inputs = tuple(cast(tuple[bytes, int], _OUTPOINT.unpack(r.take(_OUTPOINT.size))) for _ in range(r.take(1)[0]))
+        inputs = tuple(cast(tuple[bytes, int], OUTPOINT.unpack(r.take(OUTPOINT.size))) for _ in range(r.take(1)[0]))
         pays = [_PAYOUT.unpack(r.take(_PAYOUT.size)) for _ in range(r.take(1)[0])]
         r.end()
         return cls(PlanStatus(status), replaces, replaced_by, height, anchor, rate, fee, change, inputs,
@@ -149,16 +153,32 @@ def plan_signatures(get: Callable[[bytes], Optional[bytes]], plan_id: bytes, key
 
 
 # -- the transaction a plan stands for -------------------------------------------------------------------------
+def _covers(total: int, need_sat: int) -> bool:
+    return total == need_sat or total - need_sat >= DUST_SAT
+
+
+def superfluous(coins: Sequence[FedCoin], need_sat: int) -> Optional[FedCoin]:
+    """The first coin (in the given order) without which the others still cover need, if any."""
+    total = sum(c.amount_sat for c in coins)
+    return next((c for c in coins if _covers(total - c.amount_sat, need_sat)), None)
+
+
 def select_coins(coins: Sequence[FedCoin], need_sat: int) -> list[FedCoin]:
     """The deterministic coin choice for a plan: largest first (ties by txid, vout) until the total covers need with
-    a change of 0 or at least DUST_SAT. Returns what it took (which may fall short: the plan is then refused)."""
+    a change of 0 or at least DUST_SAT, then, smallest first, every coin the rest covers need without is dropped
+    again (consensus refuses a plan with a superfluous coin). Returns what it took (which may fall short: the plan
+    is then refused)."""
     chosen: list[FedCoin] = []
     total = 0
     for c in sorted(coins, key=lambda c: (-c.amount_sat, c.btc_txid, c.vout)):
-        if total >= need_sat and (total == need_sat or total - need_sat >= DUST_SAT):
+        if _covers(total, need_sat):
             break
         chosen.append(c)
         total += c.amount_sat
+    if not _covers(total, need_sat):
+        return chosen
+    while (extra := superfluous(chosen[::-1], need_sat)) is not None:
+        chosen.remove(extra)
     return chosen
 
 
@@ -177,9 +197,11 @@ def vsize_bound(fed: Federation, network_id: int, coins: Sequence[FedCoin], outp
     """The transaction's vsize once signed with m signatures of SIG_ITEM bytes per input (an upper bound)."""
     base = len(_unsigned_tx(coins, outputs).serialize())
     witness = 2  # segwit marker and flag
+    branch = 1 if fed.emergency_keys else 0  # the OP_IF selector (0x01) of the federation's path
     for c in coins:
         ws = len(witness_script(fed, network_id, c.contract))
-        witness += _varint_size(fed.threshold + 2) + 1 + fed.threshold * (1 + SIG_ITEM) + _varint_size(ws) + ws
+        witness += (_varint_size(fed.threshold + 2 + branch) + 1 + fed.threshold * (1 + SIG_ITEM) + 2 * branch
+                    + _varint_size(ws) + ws)
     return (4 * base + witness + 3) // 4
 
 
@@ -215,6 +237,12 @@ def price(fed: Federation, network_id: int, coins: Sequence[FedCoin], pegouts: S
                                   f"of a peg-out of {e.amount_sat} sat ({feerate_sat_vb} sat/vB)")
     outputs = tuple((e.script_pubkey, v) for e, v in zip(pegouts, payouts)) + tail
     return Priced(payouts, change, fee, outputs)
+
+
+def price_recorded(view: StateView, fed: Federation, network_id: int, entry: PlanEntry, feerate_sat_vb: int
+                   ) -> Priced:
+    """price() of a recorded plan's coins and peg-outs at another fee rate (what a replacement would pay)."""
+    return price(fed, network_id, _coins(view, entry.inputs), _pegouts(view, entry.pegouts), feerate_sat_vb)
 
 
 def _coins(view: StateView, inputs: Sequence[tuple[bytes, int]]) -> list[FedCoin]:
@@ -282,6 +310,9 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
     coins = _coins(view, p.inputs)
     entries = _pegouts(view, p.pegouts)
     priced = price(fed, rules.network.id, coins, entries, p.feerate_sat_vb)
+    if old is None and (extra := superfluous(coins, sum(e.amount_sat for e in entries))) is not None:
+        raise SuperfluousCoin(f"{extra.btc_txid[::-1].hex()}:{extra.vout} is not needed: the other coins cover the "
+                              f"peg-outs (peg-outs do not pay for consolidating the federation's coins)")
     plan_id = cast(bytes, _unsigned_tx(coins, priced.outputs).GetTxid())
     if view.get(plan_key(plan_id)) is not None:
         raise DuplicateDuty(f"plan {plan_id[::-1].hex()} is recorded already")
@@ -293,6 +324,10 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
                                  "peg-outs")
         if p.feerate_sat_vb <= old.feerate_sat_vb:
             raise BadReplacement(f"a replacement raises the fee rate above {old.feerate_sat_vb} sat/vB")
+        signed = sum(view.get(plan_sig_key(p.replaces, i)) is not None for i in range(len(fed.keys)))
+        if signed < fed.threshold:
+            raise BadReplacement(f"plan {p.replaces[::-1].hex()} has {signed} of the {fed.threshold} signatures: only "
+                                 f"a version that can be broadcast is replaced")
     _final_anchor(view, p.anchor_height)
     for pid, e in zip(p.pegouts, entries):
         if old is None and (e.status != PegoutStatus.PENDING or e.btc_txid != ZERO):
@@ -367,9 +402,9 @@ def _complete(view: StateView, plan_id: bytes, plan: PlanEntry) -> None:
                                                   CHANGE_CONTRACT).encode())
     paid = 0
     for pid in plan.pegouts:
-        e = PegoutEntry.decode(cast(bytes, view.get(pegout_key(pid))))
-        view.put(pegout_key(pid), replace(e, status=PegoutStatus.COMPLETED, btc_txid=plan_id).encode())
-        paid += e.amount_sat
+        pe = PegoutEntry.decode(cast(bytes, view.get(pegout_key(pid))))
+        view.put(pegout_key(pid), replace(pe, status=PegoutStatus.COMPLETED, btc_txid=plan_id).encode())
+        paid += pe.amount_sat
     t = bridge_totals(view)
     view.put(BRIDGE_TOTALS_KEY, BridgeTotals(t.pegged_in_sat, t.pending_out_sat - paid,
                                              t.paid_out_sat + paid).encode())

@@ -108,6 +108,9 @@ async def test_a_plan_paying_more_than_my_fee_limit_is_refused(bitcoind: Bitcoin
     claims.fee_max = 100
     assert await claims.check([plan(12)]) is None
     refused(await claims.check([plan(13)]), "my limit is 12 (cap 100, 4 x my estimate of 3)", refuted=True)
+    claims.fee_fallback = 8  # an estimate of 8: a plan below 8 // 4 = 2 would only wait in the mempools
+    assert await claims.check([plan(2)]) is None
+    refused(await claims.check([plan(1)]), "pays 1 sat/vB, below a 4th of my estimate of 8", refuted=True)
 
 
 async def test_a_bitcoind_that_does_not_answer_means_no_signature(bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:

@@ -33,7 +33,7 @@ from l2d.core.pegs import CHANGE_CONTRACT, deposit_script_pubkey
 from l2d.core.pegs_tx import PeginClaim
 from l2d.core.tx import sign
 from l2d.node import Node
-from regtest.harness import BitcoindNode, fund_wallet
+from regtest.harness import BitcoindNode, fund_wallet, scan_sat
 
 MIN_DEPTH = 6
 
@@ -47,7 +47,8 @@ ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
 SIGNERS = [secret(f"signer {i}") for i in range(3)]
 
 
-def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True) -> Config:
+def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True,
+                pegout_confirmations: int = 1) -> Config:
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
     for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
@@ -67,7 +68,12 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchor
                      "zmq_hashblock": btc.zmq_endpoint, "zmq_sequence": btc.zmq_endpoint},
         "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files[1:],
                    "other_keys": [PrivateKey(SIGNERS[2]).public_key.format().hex()],
-                   "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": 1, "rbf_after_blocks": rbf_after_blocks,
+                   # deposits and change carry the emergency path: the plans spend the federation's branch of it
+                   "emergency_keys": [PrivateKey(secret(f"emergency {i}")).public_key.format().hex()
+                                      for i in range(2)],
+                   "emergency_threshold": 2, "emergency_delay_blocks": 1000,
+                   "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": pegout_confirmations,
+                   "rbf_after_blocks": rbf_after_blocks,
                    "poll_interval_ms": 100},
     }
     return Config.from_dict(d, tmp, env={})
@@ -151,8 +157,7 @@ async def holdings_on_chain(rpc: BitcoinRPC, d: Daemon) -> int:
     fed = d.node.federation
     assert fed is not None
     spks = [deposit_script_pubkey(fed, REGTEST.id, c) for c in (ALICE_ID, CHANGE_CONTRACT)]
-    r = await rpc.call("scantxoutset", ["start", [f"raw({s.hex()})" for s in spks]])
-    return round(r["total_amount"] * 100_000_000)
+    return await scan_sat(rpc, [f"raw({s.hex()})" for s in spks])
 
 
 @pytest.fixture
@@ -290,7 +295,8 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     paid = [round(o["value"] * 100_000_000) for o in info["vout"] if o["scriptPubKey"].get("address") == dest]
     assert len(paid) == 1 and 27_000_000 <= paid[0] < 30_000_000  # amount less its share of the fee
     witness = info["vin"][0]["txinwitness"]
-    assert len(witness) == 4 and witness[0] == ""  # 2 signatures: 2-of-3 with the third key elsewhere
+    # "", 2 signatures (2-of-3 with the third key elsewhere), 01 (OP_IF: the federation's path), the script
+    assert len(witness) == 5 and witness[0] == "" and witness[3] == "01"
     f = await d.get("/api/bridge/federation")
     assert f["paid_out_sat"] == 30_000_000 and f["pending_pegouts_sat"] == 0
     assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 - 30_000_000
@@ -334,6 +340,35 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
         await stop(d)
 
 
+async def test_a_mined_payout_not_yet_completed_keeps_the_breaker_closed(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:
+    """Between a payout being mined and its COMPLETED record (pegout_confirmations = 3 deep), its input is gone from
+    the UTXO set: the breaker sees that a version of the coin's plan is mined and stays closed."""
+    w, mine_addr = await fund_wallet(rpc, "miner")
+    spk = key_path_script(PrivateKey(secret("federation")).public_key_xonly.format())
+    desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
+    await w.sendtoaddress((await rpc.call("deriveaddresses", [desc]))[0], 50_000_000)
+    await rpc.generatetoaddress(1, mine_addr)
+    d = await start(make_config(tmp_path / "l2d", bitcoind, pegout_confirmations=3))
+    try:
+        svc = d.node.bridge_service
+        assert svc is not None
+        await funded(d, rpc, w, mine_addr)
+        pid, _ = await pegout(d, w, 30_000_000)
+        p = await mine_until(d, rpc, mine_addr, pid, "BROADCAST")
+        while (await rpc.call("getrawtransaction", [p["btc_txid"], True])).get("confirmations", 0) < 1:
+            await rpc.generatetoaddress(1, mine_addr)
+        [p] = [x for x in (await d.get("/api/bridge/pegouts"))["pegouts"] if x["id"] == pid]
+        assert p["status"] == "BROADCAST"  # mined once, 3 needed
+        [coin] = (await d.get("/api/bridge/coins"))["coins"]
+        assert coin["spent_by"] == p["btc_txid"] and await rpc.call("gettxout", [coin["txid"], coin["vout"]]) is None
+        assert await svc.audit() is None
+        await mine_until(d, rpc, mine_addr, pid, "COMPLETED")
+        assert await svc.audit() is None and svc.halted is None
+    finally:
+        await stop(d)
+
+
 @pytest.mark.parametrize("setup", [2], indirect=True)  # replace a payout unconfirmed for 2 blocks
 async def test_stuck_pegout_is_replaced_by_fee(setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: BitcoinRPC) -> None:
     """The first payout is kept out of blocks (prioritisetransaction with a large negative delta, as if its fee were
@@ -361,8 +396,7 @@ async def test_stuck_pegout_is_replaced_by_fee(setup: tuple[Config, BitcoinRPC, 
     assert {(i["txid"], i["vout"]) for i in info["vin"]} == first_inputs  # the same federation coins
     paid = [o for o in info["vout"] if o["scriptPubKey"].get("address") == dest]
     assert len(paid) == 1
-    assert (await rpc.call("scantxoutset", ["start", [f"addr({dest})"]]))["total_amount"] * 100_000_000 == \
-        pytest.approx(paid[0]["value"] * 100_000_000)  # one payment, not two
+    assert await scan_sat(rpc, [f"addr({dest})"]) == round(paid[0]["value"] * 100_000_000)  # one payment, not two
     f = await d.get("/api/bridge/federation")
     assert f["invariant_ok"] is True and f["holdings_sat"] == await holdings_on_chain(rpc, d)
 

@@ -47,8 +47,11 @@ from l2d.core.header_file import load_header_file, write_header_file
 from l2d.core.kofn import FederationOutput, KofN
 from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import Federation, federation_genesis
-from l2d.core.pegs_tx import BtcHeaders, FederationFund, PeginClaim, PegoutStatus, PegoutUpdate
+from l2d.core.pegs import (FUNDING_CONTRACT, Federation, deposit_script_pubkey, federation_genesis, pegin_tweak,
+                           script_address)
+from l2d.core.pegs_tx import (BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutStatus, PegoutUpdate,
+                              PlanSignature)
+from l2d.core.plans import PlanEntry, plan_key, plan_tx
 from l2d.core.rules import apply_tx
 from l2d.core.snapshot import MAGIC as SNAPSHOT_MAGIC
 from l2d.core.snapshot import SnapshotHeader, read_snapshot, verify_snapshot, write_snapshot
@@ -147,12 +150,17 @@ class World:
     seeds: list[Transaction]  # one or more signed transactions of every type, at the senders' next nonces
 
 
+BRIDGE_FED = Federation(1, (PrivateKey(secret(9)).public_key.format(compressed=True),), 1)
+PAYOUT_ADDRESS = (script_address(b"\x00\x14" + h("payout")[:20], LOCAL) or "").encode()
+ANCHORED = 100  # the L2 height of the FINAL anchor the world's peg-out plan names
+
+
 @cache
 def world() -> World:
-    """A chain with an FL job (two participants, one round), three workers and an assigned task."""
-    fed = Federation(1, (PrivateKey(secret(9)).public_key.format(compressed=True),), 1)
+    """A chain with an FL job (two participants, one round), three workers and an assigned task, and a bridge: relayed
+    Bitcoin headers, a claimed deposit (a federation coin), a peg-out under a FINAL anchor and a plan paying it."""
     state = genesis_state([(pk(n), 10**10) for n in range(1, 7)], pk(MINT_AUTHORITY), (pk(FEDERATION),))
-    state.update(federation_genesis(fed))
+    state.update(federation_genesis(BRIDGE_FED))
     c = Chain(state, {})
     job = c.apply(1, FlJobPost(100_000, h("config"), 3, 2, 4)).txid
     c.apply(2, FlRegister(job, node_key(2)))
@@ -166,14 +174,26 @@ def world() -> World:
     task2 = c.apply(6, TaskSubmit(300, 0, 20, b"digits-mlp", b"", bytes(64))).txid
     c.apply(FEDERATION, TaskAssign(task, pk(3), pk(4), pk(5), 100, 5, 30))
     c.apply(3, TaskResult(task, bytes([3, 4]), fingerprint([3, 4])))
+    deposit, merkle_block = bytes.fromhex(_deposit_tx_hex()), _deposit_merkleblock()
+    c.apply(FEDERATION, BtcHeaders(1, tuple(x.serialize() for x in _bridge_headers()[:4])))
+    coin = (_sha(_sha(deposit).digest()).digest(), 1)
+    c.apply(3, PeginClaim(3, coin[1], deposit, merkle_block))
+    pegout = c.apply(4, Burn(100_000, PAYOUT_ADDRESS)).txid
+    c.apply(FEDERATION, AnchorUpdate(ANCHORED, h("root"), h("btc tx"), h("btc block"), 102, AnchorStatus.FINAL))
+    c.apply(FEDERATION, PegoutPlan(ANCHORED, 2, b"\0" * 32, (coin,), (pegout,)))
+    (plan_id,) = [k[1:] for k in c.state if k[0] == Namespace.PLAN]
+    ptx = plan_tx(StateView(c.state.get), BRIDGE_FED, LOCAL.id, PlanEntry.decode(c.state[plan_key(plan_id)]))
+    tweaked = PrivateKey(secret(9)).add(pegin_tweak(BRIDGE_FED.keys[0], LOCAL.id, ptx.coins[0].contract))
     seeds = [
         c.sign(1, Transfer(pk(2), 1000)), c.sign(MINT_AUTHORITY, Mint(pk(2), 5000)), c.sign(2, Burn(700, b"")),
         c.sign(FEDERATION, AnchorUpdate(5, h("root"), h("btc tx"), h("btc block"), 101, AnchorStatus.CONFIRMED)),
         c.sign(FEDERATION, AnchorUpdate(6, h("root"), h("btc tx"), b"\0" * 32, 0, AnchorStatus.SUBMITTED)),
-        c.sign(FEDERATION, BtcHeaders(1, tuple(x.serialize() for x in header_chain()[1:4]))),
-        c.sign(FEDERATION, PegoutUpdate(h("burn"), PegoutStatus.BROADCAST, h("payout"), 5)),
-        c.sign(2, PeginClaim(3, 0, bytes.fromhex(_deposit_tx_hex()), _deposit_merkleblock())),
-        c.sign(FEDERATION, FederationFund(3, 0, bytes.fromhex(_deposit_tx_hex()), _deposit_merkleblock())),
+        c.sign(FEDERATION, BtcHeaders(5, (_bridge_headers()[4].serialize(),))),
+        c.sign(FEDERATION, PegoutUpdate(pegout, PegoutStatus.BROADCAST, plan_id, ANCHORED)),
+        c.sign(2, PeginClaim(3, 0, deposit, merkle_block)),
+        c.sign(FEDERATION, FederationFund(3, 2, deposit, merkle_block)),
+        c.sign(FEDERATION, PegoutPlan(ANCHORED, 3, plan_id, (coin,), (pegout,))),  # a replacement by fee
+        c.sign(FEDERATION, PlanSignature(plan_id, 0, (tweaked.sign(ptx.sighash(0), hasher=None) + b"\x01",))),
         c.sign(6, WorkerRegister(2000, CAPS)), c.sign(4, WorkerHeartbeat()), c.sign(5, WorkerExit()),
         c.sign(4, WorkerWithdraw()),
         c.sign(FEDERATION, TaskAssign(task2, pk(4), pk(5), b"\0" * 32, 100, 5)),
@@ -190,18 +210,38 @@ def world() -> World:
     return World(c.state, seeds)
 
 
+@cache
 def _deposit_tx_hex() -> str:
-    # A one-input, one-output P2WSH transaction (its output script does not matter to the decoders).
-    return ("0100000001" + "11" * 32 + "00000000" + "00" + "ffffffff" + "01" + (50_000).to_bytes(8, "little").hex()
-            + "22" + "0020" + "22" * 32 + "00000000")
+    """A one-input transaction to the federation: 50 000 sat to key 2's deposit address (the claim seed), 400 000 to
+    key 3's (claimed in the world: the coin its plan spends), 100 000 to the funding address (the funding seed)."""
+    outs = [(50_000, pk(2)), (400_000, pk(3)), (100_000, FUNDING_CONTRACT)]
+    return ("0100000001" + "11" * 32 + "00000000" + "00" + "ffffffff" + "03"
+            + "".join(v.to_bytes(8, "little").hex() + "22" + deposit_script_pubkey(BRIDGE_FED, LOCAL.id, c).hex()
+                      for v, c in outs) + "00000000")
 
 
-def _deposit_merkleblock() -> bytes:
+@cache
+def _deposit_block() -> tuple[Header, bytes]:
+    """The header at height 3 (after header_chain()[2]) of the block holding the deposit, and its merkle block."""
     txid = _sha(_sha(bytes.fromhex(_deposit_tx_hex())).digest()).digest()
     other = h("other tx")
     root, _ = compute_merkle_root([txid, other])
     header = grind(header_chain()[2].hash, root, header_chain()[2].time + 600)
-    return serialize_merkleblock(header, build_partial_merkle_tree([txid, other], [True, False]))
+    return header, serialize_merkleblock(header, build_partial_merkle_tree([txid, other], [True, False]))
+
+
+def _deposit_merkleblock() -> bytes:
+    return _deposit_block()[1]
+
+
+@cache
+def _bridge_headers() -> tuple[Header, ...]:
+    """The Bitcoin headers of heights 1..5 the world's bridge follows: header_chain()'s 1 and 2, the deposit's block,
+    and two more (heights 1..4 are relayed; 5 is the relay seed)."""
+    out = [*header_chain()[1:3], _deposit_block()[0]]
+    for height in (4, 5):
+        out.append(grind(out[-1].hash, h("bridge block %d" % height), out[-1].time + 600))
+    return tuple(out)
 
 
 def run_tx_decode(data: bytes) -> None:

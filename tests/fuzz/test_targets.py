@@ -26,7 +26,7 @@ from l2d.core.genesis_file import FederationGenesis
 from l2d.core.header_file import load_header_file
 from l2d.core.params import LOCAL, REGTEST
 from l2d.core.payload import TxType
-from l2d.core.rules import RULES
+from l2d.core.rules import RULES, apply_tx
 from l2d.core.snapshot import verify_snapshot
 from l2d.core.spv import BITCOIN_REGTEST
 from l2d.core.state import Rules, StateView
@@ -102,6 +102,21 @@ def test_transaction_seeds_decode_and_verify() -> None:
     assert {t.type for t in world.seeds} == set(PAYLOAD_TYPES)
     for t in world.seeds:
         check_signature(decode(t.raw, LOCAL))
+
+
+def test_the_bridge_seeds_apply_to_the_world() -> None:
+    """The bridge's seeds are accepted by the world's state (a seed refused at its first check would keep the fuzzer
+    away from the rules behind it): the relay, the claim, the funding record, the plan's replacement, a plan
+    signature and the peg-out update."""
+    world = T.world()
+    kinds = {TxType.BTC_HEADERS, TxType.PEGIN_CLAIM, TxType.FEDERATION_FUND, TxType.PEGOUT_PLAN,
+             TxType.PLAN_SIGNATURE, TxType.PEGOUT_UPDATE}
+    seeds = [t for t in world.seeds if t.type in kinds]
+    assert {t.type for t in seeds} == kinds
+    for t in seeds:
+        view = StateView(world.state.get, T.HEIGHT)
+        apply_tx(view, t, T.RULES)
+        assert view.writes
 
 
 def test_proof_seeds_verify_against_the_seed_root() -> None:

@@ -439,15 +439,47 @@ def test_anchoring_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -
     assert reject(lambda d: d.update(anchoring=table), tmp_path) == msg
 
 
+G = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # secp256k1's generator
+
+
 @pytest.mark.parametrize("table,msg", [
     ({"fee_max_sat_per_vb": 10_001},
      "config: bridge.fee_max_sat_per_vb = 10001: must be an integer between 1 and 10000"),
     ({"fee_fallback_sat_per_vb": 10, "fee_max_sat_per_vb": 5},
      "config: bridge.fee_max_sat_per_vb = 5: must be at least bridge.fee_fallback_sat_per_vb (10)"),
+    ({"emergency_keys": ["02" + "11" * 31]},
+     'config: bridge.emergency_keys = ["02' + "11" * 31 + '"]: must be a list of 66-hex compressed public keys'),
+    ({"emergency_keys": ["02" + "11" * 32, "02" + "11" * 32]},
+     'config: bridge.emergency_keys = ["02' + "11" * 32 + '", "02' + "11" * 32
+     + '"]: must be at most 15 distinct keys'),
+    ({"emergency_keys": [G], "emergency_threshold": 2},
+     "config: bridge.emergency_threshold = 2: exceeds the number of emergency keys (1)"),
+    ({"emergency_delay_blocks": 0},
+     "config: bridge.emergency_delay_blocks = 0: must be an integer between 1 and 65535"),
+    ({"emergency_threshold": 1}, "config: bridge.emergency_threshold = 1: needs bridge.emergency_keys"),
+    ({"emergency_keys": ["02" + "00" * 32]},
+     'config: bridge.emergency_keys = ["02' + "00" * 32 + '"]: 02' + "00" * 32 + " is not a point on secp256k1"),
 ])
-def test_bridge_fee_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
-    """A plan's fee rate is at most 10000 sat/vB in consensus (MAX_FEERATE): a cap above it could never be used."""
+def test_bridge_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
+    """A plan's fee rate is at most 10000 sat/vB in consensus (MAX_FEERATE): a cap above it could never be used; the
+    emergency path's keys, threshold and delay are checked before a genesis is written with them."""
     assert reject(lambda d: d.update(bridge=table), tmp_path) == msg
+
+
+@pytest.mark.parametrize("table,msg", [
+    ({"pegout_confirmations": 5}, "config: bridge.pegout_confirmations = 5: must be an integer between 6 and 1000"),
+    ({"emergency_keys": [G], "emergency_delay_blocks": 1007},
+     "config: bridge.emergency_delay_blocks = 1007: must be an integer between 1008 and 65535"),
+])
+def test_bridge_floors_on_signet_and_mainnet(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
+    """Off the test chains a payout is COMPLETED only 6 deep (a reorg after it would leave the books a change coin
+    Bitcoin lacks) and the emergency keys wait at least 1008 blocks (a week; a short delay makes them the owners)."""
+    def signet(d: dict[str, Any]) -> None:
+        d["node"]["network"] = "signet"
+        d.pop("chain", None)
+        d.update(bridge=table)
+    assert reject(signet, tmp_path) == msg
+    assert build(lambda d: d.update(bridge=table), tmp_path).bridge  # the same on regtest/local is fine
 
 
 def test_bitcoind_section(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from l2d.core.commit import Commit
 from l2d.core.params import REGTEST
 from l2d.core.pegs_tx import BtcHeaders, PeginClaim
 from l2d.core.tx import sign
-from regtest.harness import BitcoindNode, find_bitcoind
+from regtest.harness import BitcoindNode, find_bitcoind, scan_sat
 from regtest.members import fund_anchor_key, proven_deposit, secret, signer_pubkey, write_configs
 from tests.conftest import REPO, L2dProcess
 from tests.l2d.federation_procs import Federation
@@ -42,8 +42,8 @@ def relayed_tip(p: L2dProcess) -> Any:
 async def holdings_on_chain(rpc: BitcoinRPC, p: L2dProcess) -> int:
     """The federation's coins on bitcoind A (Alice's deposit script and the change script), by scantxoutset."""
     spks = [p.get(f"/api/bridge/pegin-address/{c}")["script_pubkey"] for c in (ALICE_ID.hex(), "00" * 32)]
-    scan = await rpc.call("scantxoutset", ["start", [f"raw({x})" for x in spks]])
-    return round(scan["total_amount"] * 100_000_000)
+    return await scan_sat(rpc, [f"raw({x})" for x in spks])
+
 
 
 async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_member_on_another_branch_refuses(
@@ -245,7 +245,7 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
         fed.kill(3)
         for _ in range(8):  # enough for an anchor to become FINAL, had the federation been able to record it
             await rpc.generatetoaddress(1, mine_addr)
-        assert (await rpc.call("scantxoutset", ["start", [f"addr({dest2})"]]))["total_amount"] == 0
+        assert await scan_sat(rpc, [f"addr({dest2})"]) == 0
         for txid in await rpc.call("getrawmempool"):
             tx = await rpc.call("getrawtransaction", [txid, True])
             assert all(o["scriptPubKey"].get("address") != dest2 for o in tx["vout"])
@@ -254,11 +254,11 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
         fed.start(2)
         fed.start(3)
         p2 = await completed(pid2)
-        paid = (await rpc.call("scantxoutset", ["start", [f"addr({dest2})"]]))["total_amount"]
+        paid = await scan_sat(rpc, [f"addr({dest2})"])
         payouts = [x for x in procs[0].get("/api/bridge/plans")["plans"] if pid2 in [q["id"] for q in x["pegouts"]]]
         assert [x["status"] for x in payouts if x["status"] == "COMPLETED"] == ["COMPLETED"]
         [done2] = [x for x in payouts if x["status"] == "COMPLETED"]
-        assert round(paid * 100_000_000) == done2["pegouts"][0]["payout_sat"]  # one payment, not two
+        assert paid == done2["pegouts"][0]["payout_sat"]  # one payment, not two
         on_chain = await holdings_on_chain(rpc, procs[0])
         assert on_chain == 100_000_000 - 30_000_000
         await poll(lambda: all(procs[k].get("/api/bridge/pegouts")["pegouts"] and

@@ -19,6 +19,10 @@ Files written:
                        block) for the vector memberships, and audit bundles of a k-of-n anchor (anchor kind 2): one
                        that verifies (with and without the anchored block's commit) and tampered or malformed ones
                        with the error l2-verify audit reports
+    plans.json         a peg-out plan over a fixed small state (2-of-3 federation, two coins, two peg-outs): the
+                       PegoutPlan and PlanSignature payloads and transactions, the derived payouts, change, fee and
+                       vsize, the unsigned transaction and plan id, per-input sighashes, signatures and the signed
+                       transaction, and what each transaction writes
 """
 from __future__ import annotations
 
@@ -35,12 +39,15 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bitcoin.core import CScriptWitness, CTransaction, CTxInWitness, CTxWitness
 from coincurve import PrivateKey  # noqa: E402
 
 from anchoring.btc_tx import TxOut, finalize  # noqa: E402
 from anchoring.multisig import assemble, prevout
 from anchoring.multisig import sign as sign_input  # noqa: E402
+from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_format import AnchorRecord, tapleaf_hash  # noqa: E402
+from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.audit import AnchorKind, AuditBundle, CommitEvidence, ProofEvidence, verify_bundle  # noqa: E402
 from l2d.core.block import Block, BlockHeader, genesis_header, tx_root  # noqa: E402
 from l2d.core.chain_file import ChainFileError, genesis_commit, verify_chain, write_chain_file
@@ -53,10 +60,14 @@ from l2d.core.kofn import FederationOutput, KofN
 from l2d.core.members import Membership
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network  # noqa: E402
 from l2d.core.payload import Payload
+from l2d.core.pegs import (CHANGE_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
+                           deposit_script_pubkey, federation_genesis, pegin_tweak, pegout_key)
+from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanSignature
+from l2d.core.plans import PlanEntry, plan_key, plan_tx, price, vsize_bound
 from l2d.core.rules import apply_tx
 from l2d.core.spv import (BITCOIN_REGTEST, Header, bits_to_target, build_partial_merkle_tree, compute_merkle_root,
                           dsha256, make_header, parse_tx, serialize_merkleblock)
-from l2d.core.state import Rules, StateView, genesis_state
+from l2d.core.state import Namespace, Rules, StateView, genesis_state
 from l2d.core.tree import Proof, StateTree, root_of, verify_proof  # noqa: E402
 from l2d.core.tx import Transaction, decode, sign, signature_ok
 
@@ -729,9 +740,139 @@ def audit_kofn() -> dict[str, Any]:
 MALFORMED_BUNDLE_ERRORS = ("InvalidPolicy", "Truncated", "TrailingBytes", "BundleMalformed")
 
 
+# ---------------------------------------------------------------------------------------------- peg-out plans
+
+PLAN_FED_KEYS = (11, 12, 13)  # docs/bridge.md's worked example: 2-of-3 with the keys of secret(11..13), depth 6
+PLAN_MEMBER = MEMBER_KEY  # the L2 federation member posting the plan and the signatures
+PLAN_ANCHOR = 45  # the L2 height of the FINAL anchor covering the peg-outs
+PLAN_FEERATE = 7
+
+
+def plan_records() -> tuple[Federation, list[FedCoin], list[tuple[bytes, PegoutEntry]], AnchorEntry]:
+    """The state the plan vector starts from: the federation, a deposit coin of contract pubkey(1) and a change coin,
+    two PENDING peg-outs (burned at L2 heights 40 and 41, to a P2WPKH and a P2TR) and a FINAL anchor at 45."""
+    fed = Federation(2, tuple(sorted(PrivateKey(secret(n)).public_key.format() for n in PLAN_FED_KEYS)), 6)
+    coins = [FedCoin(hashlib.sha256(b"l2d vector deposit").digest(), 1, 250_000, CoinKind.DEPOSIT, pubkey(1)),
+             FedCoin(hashlib.sha256(b"l2d vector earlier plan").digest(), 2, 180_000, CoinKind.CHANGE,
+                     CHANGE_CONTRACT)]
+    pegouts = [(hashlib.sha256(b"l2d vector burn 1").digest(),
+                PegoutEntry(PegoutStatus.PENDING, 200_000, 40, bytes(32), b"\x00\x14" + b"\x13" * 20)),
+               (hashlib.sha256(b"l2d vector burn 2").digest(),
+                PegoutEntry(PegoutStatus.PENDING, 150_000, 41, bytes(32), b"\x51\x20" + b"\x37" * 32))]
+    anchor = AnchorEntry(hashlib.sha256(b"l2d vector anchored root").digest(), hashlib.sha256(b"anchor tx").digest(),
+                         hashlib.sha256(b"anchor block").digest(), 210, AnchorStatus.FINAL)
+    return fed, coins, pegouts, anchor
+
+
+def apply_all(state: dict[bytes, bytes], txs: list[Transaction], rules: Rules, height: int
+              ) -> list[dict[bytes, bytes]]:
+    """Apply txs one after the other to state (in place); the writes of each."""
+    out = []
+    for t in txs:
+        view = StateView(state.get, height)
+        apply_tx(view, t, rules)
+        writes = {k: v for k, v in view.writes.items() if v is not None}
+        if len(writes) != len(view.writes):
+            raise SystemExit("a plan vector transaction deleted a record")
+        state.update(writes)
+        out.append(writes)
+    return out
+
+
+def plans() -> dict[str, Any]:
+    net, rules = REGTEST, Rules(REGTEST, 1)
+    fed, coins, pegouts, anchor = plan_records()
+    state = genesis_state([], None, (pubkey(PLAN_MEMBER),))
+    state.update(federation_genesis(fed))
+    state.update({coin_key(c.btc_txid, c.vout): c.encode() for c in coins})
+    state.update({pegout_key(pid): e.encode() for pid, e in pegouts})
+    state[anchor_key(PLAN_ANCHOR)] = anchor.encode()
+    initial = sorted(state.items())
+    inputs = tuple((c.btc_txid, c.vout) for c in coins)
+    plan = PegoutPlan(PLAN_ANCHOR, PLAN_FEERATE, bytes(32), inputs, tuple(pid for pid, _ in pegouts))
+    plan_tx_l2 = sign(net, secret(PLAN_MEMBER), 0, 0, plan, AUX_ZERO)
+    height = PLAN_ANCHOR + 5
+    (plan_writes,) = apply_all(state, [plan_tx_l2], rules, height)
+    (plan_id,) = [k[1:] for k in plan_writes if k[0] == Namespace.PLAN]
+    entry = PlanEntry.decode(state[plan_key(plan_id)])
+    ptx = plan_tx(StateView(state.get), fed, net.id, entry)
+    if ptx.txid != plan_id:
+        raise SystemExit("the plan's transaction is not its id")
+    priced = price(fed, net.id, coins, [e for _, e in pegouts], PLAN_FEERATE)
+    vsize = vsize_bound(fed, net.id, coins, priced.outputs)
+    signers = []
+    sig_txs = []
+    by_key: dict[tuple[int, bytes], bytes] = {}  # (input, tweaked key) -> signature
+    for nonce, n in enumerate(PLAN_FED_KEYS[:fed.threshold], start=1):
+        key = PrivateKey(secret(n)).public_key.format()
+        index = fed.keys.index(key)
+        tweaked = [PrivateKey(secret(n)).add(pegin_tweak(key, net.id, c.contract)) for c in coins]
+        sigs = tuple(k.sign(ptx.sighash(i), hasher=None) + b"\x01" for i, k in enumerate(tweaked))
+        payload = PlanSignature(plan_id, index, sigs)
+        t = sign(net, secret(PLAN_MEMBER), nonce, 0, payload, AUX_ZERO)
+        sig_txs.append(t)
+        by_key.update({(i, k.public_key.format()): sigs[i] for i, k in enumerate(tweaked)})
+        signers.append({"secret_index": n, "key_index": index, "key": key.hex(),
+                        "tweaked_secrets": [k.secret.hex() for k in tweaked],
+                        "tweaked_keys": [k.public_key.format().hex() for k in tweaked],
+                        "signatures": [s.hex() for s in sigs], "payload_hex": payload.encode().hex(),
+                        "tx": t.raw.hex()})
+    sig_writes = apply_all(state, sig_txs, rules, height)
+    witnesses = []
+    for i, ws in enumerate(ptx.witness_scripts):
+        keys = [ws[2 + 34 * k:2 + 34 * k + 33] for k in range(len(fed.keys))]
+        ordered = [by_key[i, k] for k in keys if (i, k) in by_key]  # CHECKMULTISIG: in the script's key order
+        witnesses.append(CTxInWitness(CScriptWitness([b""] + ordered + [ws])))
+    signed = CTransaction(ptx.tx.vin, ptx.tx.vout, ptx.tx.nLockTime, ptx.tx.nVersion, CTxWitness(witnesses))
+    signed_raw = signed.serialize()
+    if parse_tx(signed_raw).txid != plan_id:
+        raise SystemExit("the signed plan transaction has another txid")
+    return {
+        "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. A peg-out plan "
+                   "(l2d/core/plans.py) on regtest: 'state' holds the records the plan rules read (the federation of "
+                   "docs/bridge.md's worked example: 2-of-3 with the keys of secret(11..13), depth 6; member "
+                   "secret(10); two federation coins, two PENDING peg-outs, a FINAL anchor). The member's PegoutPlan "
+                   "(nonce 0) and two PlanSignatures (nonces 1 and 2, keys secret(11) and secret(12)) are applied in "
+                   "order at L2 height 'height'; 'writes' are what each wrote. Bitcoin txids are in internal byte "
+                   "order, except 'txid' (the plan's, in display order). sighashes are BIP143 (SIGHASH_ALL, "
+                   "scriptCode the witness script); signatures are RFC 6979 DER by the federation key tweaked for "
+                   "the input's contract, plus 0x01. 'signed_tx' carries the m signatures per input in the witness "
+                   "script's key order.",
+        "network": net.name,
+        "height": height,
+        "federation": {"threshold": fed.threshold, "keys": [k.hex() for k in fed.keys], "min_depth": fed.min_depth,
+                       "secret_indexes": list(PLAN_FED_KEYS)},
+        "member": {"secret": secret(PLAN_MEMBER).hex(), "pubkey": pubkey(PLAN_MEMBER).hex()},
+        "coins": [{"btc_txid": c.btc_txid.hex(), "vout": c.vout, "amount_sat": c.amount_sat, "kind": c.kind.name,
+                   "contract": c.contract.hex(), "key": coin_key(c.btc_txid, c.vout).hex(), "value": c.encode().hex()}
+                  for c in coins],
+        "pegouts": [{"id": pid.hex(), "amount_sat": e.amount_sat, "l2_height": e.l2_height,
+                     "script_pubkey": e.script_pubkey.hex(), "key": pegout_key(pid).hex(), "value": e.encode().hex()}
+                    for pid, e in pegouts],
+        "anchor": {"l2_height": PLAN_ANCHOR, "key": anchor_key(PLAN_ANCHOR).hex(), "value": anchor.encode().hex()},
+        "state": [[k.hex(), v.hex()] for k, v in initial],
+        "plan": {
+            "anchor_height": plan.anchor_height, "feerate_sat_vb": plan.feerate_sat_vb, "replaces": plan.replaces.hex(),
+            "inputs": [[t.hex(), v] for t, v in plan.inputs], "pegouts": [p.hex() for p in plan.pegouts],
+            "payload_hex": plan.encode().hex(), "tx": plan_tx_l2.raw.hex(), "l2_txid": plan_tx_l2.txid.hex(),
+            "vsize": vsize, "fee_sat": priced.fee_sat, "payouts": list(priced.payouts), "change_sat": priced.change_sat,
+            "change_script_pubkey": deposit_script_pubkey(fed, net.id, CHANGE_CONTRACT).hex(),
+            "witness_scripts": [ws.hex() for ws in ptx.witness_scripts],
+            "input_script_pubkeys": [deposit_script_pubkey(fed, net.id, c.contract).hex() for c in coins],
+            "unsigned_tx": ptx.tx.serialize().hex(), "plan_id": plan_id.hex(), "txid": plan_id[::-1].hex(),
+            "sighashes": [ptx.sighash(i).hex() for i in range(len(coins))],
+            "entry": entry.encode().hex(),
+            "writes": [[k.hex(), v.hex()] for k, v in sorted(plan_writes.items())],
+        },
+        "signatures": [dict(s, writes=[[k.hex(), v.hex()] for k, v in sorted(w.items())])
+                       for s, w in zip(signers, sig_writes)],
+        "signed_tx": signed_raw.hex(),
+    }
+
+
 def render() -> dict[str, str]:
     docs = {"transactions.json": transactions(), "state_tree.json": state_tree(), "blocks.json": blocks(),
-            "commits.json": commits(), "audit_kofn.json": audit_kofn()}
+            "commits.json": commits(), "audit_kofn.json": audit_kofn(), "plans.json": plans()}
     return {name: json.dumps(doc, indent=1) + "\n" for name, doc in docs.items()}
 
 

@@ -6,6 +6,8 @@ or malformed address, or an amount under the minimum, is refused at admission wi
 """
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -13,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PrivateKey
 
+from l2d.cli import main as cli_main
 from l2d.config import Config, ConfigError
 from l2d.core.coin_tx import Burn
 from l2d.core.params import LOCAL
@@ -61,6 +64,15 @@ async def test_federation_endpoint(bridge_client: tuple[Node, TestClient], tmp_p
     assert f["holdings_sat"] is None and f["invariant_ok"] is None  # no bitcoind: no service, no holdings
     assert f["btc_tip"] is None
     assert f["change_address"].startswith("bcrt1q")
+
+
+async def test_plans_endpoint_lists_and_refuses_bad_queries(bridge_client: tuple[Node, TestClient]) -> None:
+    _, client = bridge_client
+    assert await (await client.get("/api/bridge/plans")).json() == {"plans": []}
+    assert await (await client.get("/api/bridge/plans?status=PLANNED&limit=500")).json() == {"plans": []}
+    for query in ("status=planned", "status=", "limit=0", "limit=501", "limit=-1", "limit=ten"):
+        resp = await client.get(f"/api/bridge/plans?{query}")
+        assert resp.status == 400 and (await resp.json())["error"] == "malformed", query
 
 
 async def test_funding_address_coins_and_the_fund_endpoint_refuse_bad_input(
@@ -196,3 +208,31 @@ async def test_cli_pegin_address_and_wrong_network_burn(bridge_client: tuple[Nod
                                               "--destination", MAINNET_P2WPKH])
     assert code == 1 and "mainnet address" in capsys.readouterr().err
     assert await _state(client) == before
+
+
+async def test_an_emergency_path_shows_in_the_federation_the_addresses_and_the_cli_derivation(
+        tmp_path: Path, make_cfg: Callable[..., Config], capsys: pytest.CaptureFixture[str]) -> None:
+    """[bridge] emergency_keys put the timelocked emergency path into every deposit script: the federation endpoint
+    shows it, the deposit address is the one the state derives (its descriptor the miniscript), and l2-cli
+    pegin-address re-derives the same address from the endpoint's keys."""
+    ekeys = sorted(PrivateKey(bytes([i]) * 32).public_key.format().hex() for i in (7, 8, 9))
+    node = Node.from_config(bridge_config(tmp_path, make_cfg, emergency_keys=ekeys, emergency_delay_blocks=144))
+    await node.start(serve_http=False)
+    client = TestClient(TestServer(node.web_app()))
+    await client.start_server()
+    try:
+        f = await (await client.get("/api/bridge/federation")).json()
+        assert f["emergency"] == {"threshold": 2, "keys": ekeys, "delay_blocks": 144}  # default threshold: 3 // 2 + 1
+        fed = node.federation
+        assert fed is not None and fed.emergency_delay == 144
+        account = PrivateKey(bytes([5]) * 32).public_key_xonly.format()
+        a = await (await client.get(f"/api/bridge/pegin-address/{account.hex()}")).json()
+        assert a["address"] == script_address(deposit_script_pubkey(fed, LOCAL.id, account), LOCAL)
+        assert a["descriptor"].startswith("wsh(or_i(multi(2,") and "and_v(v:older(144),multi(2," in a["descriptor"]
+        code = await asyncio.to_thread(cli_main, ["--json", "--api", str(client.make_url("")).rstrip("/"),
+                                                  "pegin-address", account.hex()])
+        out = json.loads(capsys.readouterr().out)
+        assert code == 0 and out["verified_locally"] is True and out["address"] == a["address"]
+    finally:
+        await client.close()
+        await node.stop()

@@ -1,6 +1,7 @@
 """Recompute every committed vector in tests/vectors/ from its inputs and compare byte for byte."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -8,10 +9,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from coincurve import PrivateKey
+from bitcoin.core import CTransaction
+from coincurve import PrivateKey, PublicKey
 
 from l2d.core import chain_file, errors
+from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_format import AnchorRecord, tapleaf_hash
+from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.audit import AnchorKind, AuditBundle, AuditReport, verify_bundle
 from l2d.core.block import Block, BlockHeader, check_link, genesis_header, tx_root
 from l2d.core.chain_file import verify_chain
@@ -24,9 +28,13 @@ from l2d.core.kofn import FederationOutput, KofN, commitment_leaf
 from l2d.core.members import Membership
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
+from l2d.core.pegs import (CHANGE_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
+                           deposit_script_pubkey, federation, pegin_tweak, pegout_key, script_address, tweaked_key)
+from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanSignature
+from l2d.core.plans import PlanEntry, PlanStatus, plan_key, plan_signatures, plan_tx, price, vsize_bound
 from l2d.core.rules import apply_tx
 from l2d.core.spv import BITCOIN_REGTEST
-from l2d.core.state import Rules, StateView, genesis_state
+from l2d.core.state import Rules, StateView, genesis_state, is_member
 from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
 from l2d.core.tx import check_signature, decode, sign, signature_ok
 
@@ -397,3 +405,138 @@ def test_invalid_kofn_bundle_vector(v: dict[str, Any]) -> None:
         _verify_kofn_bundle(x(v["bundle"]), None, now)
     assert type(e.value).__name__ == v["error"]
     assert isinstance(e.value, errors.DecodeError) is (v["exit_code"] == 2)
+
+
+# ---------------------------------------------------------------------------------------------- peg-out plans
+
+PLANS = load("plans.json")
+
+
+def _plan_state() -> dict[bytes, bytes]:
+    return {x(k): x(v) for k, v in PLANS["state"]}
+
+
+def _apply_vector_tx(state: dict[bytes, bytes], raw: str) -> dict[bytes, bytes]:
+    """Decode and apply one of the vector's L2 transactions at the vector's height; returns (and keeps) its writes."""
+    net = network_by_name(PLANS["network"])
+    t = decode(x(raw), net)
+    check_signature(t)
+    view = StateView(state.get, PLANS["height"])
+    apply_tx(view, t, Rules(net, 1))
+    writes = {k: v for k, v in view.writes.items() if v is not None}
+    assert len(writes) == len(view.writes)
+    state.update(writes)
+    return writes
+
+
+def test_plan_vector_state_records() -> None:
+    net = network_by_name(PLANS["network"])
+    state = _plan_state()
+    f = PLANS["federation"]
+    fed = federation(StateView(state.get))
+    assert fed == Federation(f["threshold"], tuple(x(k) for k in f["keys"]), f["min_depth"])
+    assert sorted(x(k) for k in f["keys"]) == sorted(
+        PrivateKey(hashlib.sha256(b"l2d test key %d" % n).digest()).public_key.format() for n in f["secret_indexes"])
+    assert [x(k) for k in f["keys"]] == [bytes.fromhex(k) for k in (  # docs/bridge.md's worked example
+        "03404276a65796ea2a6fb62c01cb845948268bb62617741c2a13f8468c1e32b7ce",
+        "03c0919eac88e96865fc78d454950dd7e4a2329fada6ec5071cb3b6ac7f647288b",
+        "03cf3b900a23107688e4c5a00beb630586c8fa3d5aa8c380dcc9f9a714c2679aba")]
+    assert is_member(StateView(state.get), x(PLANS["member"]["pubkey"]))
+    assert PrivateKey(x(PLANS["member"]["secret"])).public_key_xonly.format().hex() == PLANS["member"]["pubkey"]
+    for c in PLANS["coins"]:
+        coin = FedCoin(x(c["btc_txid"]), c["vout"], c["amount_sat"], CoinKind[c["kind"]], x(c["contract"]))
+        assert coin_key(coin.btc_txid, coin.vout).hex() == c["key"] and coin.encode().hex() == c["value"]
+        assert state[x(c["key"])] == x(c["value"])
+    for p in PLANS["pegouts"]:
+        e = PegoutEntry(PegoutStatus.PENDING, p["amount_sat"], p["l2_height"], bytes(32), x(p["script_pubkey"]))
+        assert pegout_key(x(p["id"])).hex() == p["key"] and e.encode().hex() == p["value"]
+        assert state[x(p["key"])] == x(p["value"])
+        assert script_address(e.script_pubkey, net) is not None  # a standard payout
+    a = PLANS["anchor"]
+    assert anchor_key(a["l2_height"]).hex() == a["key"] and state[x(a["key"])] == x(a["value"])
+    assert AnchorEntry.decode(x(a["value"])).status == AnchorStatus.FINAL
+
+
+def test_plan_vector() -> None:
+    net = network_by_name(PLANS["network"])
+    state = _plan_state()
+    fed = federation(StateView(state.get))
+    p = PLANS["plan"]
+    payload = PegoutPlan(p["anchor_height"], p["feerate_sat_vb"], x(p["replaces"]),
+                         tuple((x(t), v) for t, v in p["inputs"]), tuple(x(i) for i in p["pegouts"]))
+    assert payload.encode().hex() == p["payload_hex"] and PegoutPlan.decode(x(p["payload_hex"])) == payload
+    t = decode(x(p["tx"]), net)
+    assert t.payload == payload and t.txid.hex() == p["l2_txid"] and t.sender.hex() == PLANS["member"]["pubkey"]
+    coins = [FedCoin.decode(state[coin_key(*o)]) for o in payload.inputs]
+    pegouts = [PegoutEntry.decode(state[pegout_key(i)]) for i in payload.pegouts]
+    writes = _apply_vector_tx(state, p["tx"])
+    assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == p["writes"]
+    plan_id = x(p["plan_id"])
+    assert plan_id[::-1].hex() == p["txid"] and state[plan_key(plan_id)].hex() == p["entry"]
+    entry = PlanEntry.decode(state[plan_key(plan_id)])
+    assert (entry.status, entry.fee_sat, list(entry.payouts), entry.change_sat) == (
+        PlanStatus.PLANNED, p["fee_sat"], p["payouts"], p["change_sat"])
+    priced = price(fed, net.id, coins, pegouts, payload.feerate_sat_vb)
+    assert (priced.fee_sat, list(priced.payouts), priced.change_sat) == (p["fee_sat"], p["payouts"], p["change_sat"])
+    assert vsize_bound(fed, net.id, coins, priced.outputs) == p["vsize"]
+    assert p["fee_sat"] == p["vsize"] * p["feerate_sat_vb"] and sum(p["payouts"]) + p["fee_sat"] == sum(
+        e.amount_sat for e in pegouts)
+    assert deposit_script_pubkey(fed, net.id, CHANGE_CONTRACT).hex() == p["change_script_pubkey"]
+    assert [deposit_script_pubkey(fed, net.id, c.contract).hex() for c in coins] == p["input_script_pubkeys"]
+    ptx = plan_tx(StateView(state.get), fed, net.id, entry)
+    assert ptx.tx.serialize().hex() == p["unsigned_tx"] and ptx.txid == plan_id
+    assert [ws.hex() for ws in ptx.witness_scripts] == p["witness_scripts"]
+    assert [ptx.sighash(i).hex() for i in range(len(coins))] == p["sighashes"]
+    assert [(bytes(o.scriptPubKey).hex(), o.nValue) for o in ptx.tx.vout] == (
+        [(e.script_pubkey.hex(), v) for e, v in zip(pegouts, p["payouts"])]
+        + [(p["change_script_pubkey"], p["change_sat"])])
+
+
+def test_plan_signature_vectors() -> None:
+    net = network_by_name(PLANS["network"])
+    state = _plan_state()
+    fed = federation(StateView(state.get))
+    p = PLANS["plan"]
+    _apply_vector_tx(state, p["tx"])
+    plan_id = x(p["plan_id"])
+    sighashes = [x(s) for s in p["sighashes"]]
+    contracts = [x(c["contract"]) for c in PLANS["coins"]]
+    for s in PLANS["signatures"]:
+        secret = hashlib.sha256(b"l2d test key %d" % s["secret_index"]).digest()
+        key = PrivateKey(secret).public_key.format()
+        assert key.hex() == s["key"] == fed.keys[s["key_index"]].hex()
+        for i, contract in enumerate(contracts):
+            tweaked = PrivateKey(secret).add(pegin_tweak(key, net.id, contract))
+            assert tweaked.secret.hex() == s["tweaked_secrets"][i]
+            assert tweaked.public_key.format().hex() == s["tweaked_keys"][i] == tweaked_key(key, net.id, contract).hex()
+            sig = x(s["signatures"][i])
+            assert tweaked.sign(sighashes[i], hasher=None) + b"\x01" == sig  # RFC 6979: deterministic
+            assert PublicKey(x(s["tweaked_keys"][i])).verify(sig[:-1], sighashes[i], hasher=None)
+        payload = PlanSignature(plan_id, s["key_index"], tuple(x(sig) for sig in s["signatures"]))
+        assert payload.encode().hex() == s["payload_hex"] and decode(x(s["tx"]), net).payload == payload
+        writes = _apply_vector_tx(state, s["tx"])
+        assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == s["writes"]
+        assert plan_signatures(state.get, plan_id, s["key_index"]) == payload.signatures
+
+
+def test_plan_vector_signed_transaction() -> None:
+    """The signed transaction has the plan's id as txid, and each input's witness is a CHECKMULTISIG spend: the empty
+    dummy, m signatures in the order of their keys in the witness script, each verifying, then the script."""
+    p = PLANS["plan"]
+    signed = CTransaction.deserialize(x(PLANS["signed_tx"]))
+    assert signed.GetTxid() == x(p["plan_id"]) and signed.serialize().hex() == PLANS["signed_tx"]
+    unsigned = CTransaction(signed.vin, signed.vout, signed.nLockTime, signed.nVersion)
+    assert unsigned.serialize().hex() == p["unsigned_tx"]
+    m = PLANS["federation"]["threshold"]
+    for i, wit in enumerate(signed.wit.vtxinwit):
+        stack = list(wit.scriptWitness.stack)
+        ws = x(p["witness_scripts"][i])
+        assert len(stack) == m + 2 and stack[0] == b"" and stack[-1] == ws
+        assert x(p["input_script_pubkeys"][i]) == b"\x00\x20" + hashlib.sha256(ws).digest()
+        keys = [ws[2 + 34 * k:35 + 34 * k] for k in range(ws[-2] - 0x50)]
+        k = 0
+        for sig in stack[1:-1]:  # as OP_CHECKMULTISIG walks them: each key at most once, in order
+            while k < len(keys) and not PublicKey(keys[k]).verify(sig[:-1], x(p["sighashes"][i]), hasher=None):
+                k += 1
+            assert k < len(keys), f"input {i}: a signature by no later key of the script"
+            k += 1
