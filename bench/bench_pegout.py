@@ -31,13 +31,13 @@ signed only once its block is final, i.e. once a child block is committed; each 
 PlanSignature (the next block); any member holding m signatures finalizes and broadcasts. With one member the same
 three blocks are needed, so the 4/1 ratio shows what the member rounds (proposal, precommits, signatures between
 processes) and the three separate signers add: little while a round on loopback takes less than the block interval,
-since each proposer waits block.interval_ms after its parent's timestamp either way (a signer whose PlanSignature
-misses a block costs one more interval: the 4-member p90). burn -> mempool adds burn -> payable, which is Bitcoin-bound: the
-burn's block is committed and made final (1-2 L2 blocks), the next anchored height (every 2 L2 blocks) is anchored
-once the previous anchor is confirmed (one anchor in flight), then the anchor needs final_confirmations = 3 blocks
-(about 3 s at this cadence, on average half a block more to the first one), and the AnchorUpdate FINAL is recorded
-in the next L2 block. On mainnet the same steps take 3 Bitcoin blocks (about 30 minutes with these settings), so
-the L2 side is negligible there; this benchmark shows its share.
+since each proposer waits block.interval_ms after its parent's timestamp either way (one of the m signatures
+landing a block after the others' costs one more interval: the 4-member p90). burn -> mempool adds burn -> payable,
+which is Bitcoin-bound: the burn's block is committed and made final (1-2 L2 blocks), the next anchored height
+(every 2 L2 blocks) is anchored once the previous anchor is confirmed (one anchor in flight), then the anchor needs
+final_confirmations = 3 blocks (about 3 s at this cadence, on average half a block more to the first one), and
+the AnchorUpdate FINAL is recorded in the next L2 block. On mainnet the same steps take 3 Bitcoin blocks (about 30
+minutes with these settings), so the L2 side is negligible there; this benchmark shows its share.
 Needs bitcoind on PATH (or $BITCOIND); returns {"skipped": reason} without it. `make bench` runs the default size
 (about 4 minutes); tests/bench/test_bench_pegout.py runs --quick.
 """
@@ -88,6 +88,7 @@ ALICE = secret("bench pegout alice")
 ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
 FEDERATIONS = ((4, ((0,), (1,), (2,), (3,))), (1, ((0, 1, 2),)))  # (members, peg-out keys each member holds)
 THRESHOLD = 3
+MAX_PEGOUTS = 500  # GET /api/bridge/plans lists at most 500
 
 
 class MempoolWatch:
@@ -223,7 +224,7 @@ def _samples(fed: Federation, burns: Sequence[tuple[str, float]], watch: Mempool
         return at[blocks[h].header.hash.hex()]
 
     pegouts = {p["id"]: p for p in _get(m1, "/api/bridge/pegouts")["pegouts"]}
-    plans = _get(m1, "/api/bridge/plans")["plans"]
+    plans = _get(m1, f"/api/bridge/plans?limit={MAX_PEGOUTS}")["plans"]  # one plan (or a few versions) each
     out = []
     for pid, t_burn in burns:
         hb = pegouts[pid]["l2_height"]
@@ -350,7 +351,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="3 peg-outs per federation (smoke run, tests/bench)")
     ap.add_argument("--keep", type=Path, help="run in this directory and keep it (default: a temporary one)")
     a = ap.parse_args(argv)
-    n_pegouts = a.pegouts or (3 if a.quick else 10)
+    n_pegouts = a.pegouts if a.pegouts is not None else 3 if a.quick else 10
+    if not 1 <= n_pegouts <= MAX_PEGOUTS // 2:
+        ap.error(f"--pegouts {n_pegouts}: must be 1..{MAX_PEGOUTS // 2}")
     binary = find_bitcoind()
     if binary is None:
         res: dict[str, Any] = {"skipped": "bitcoind not found (set $BITCOIND or put it on PATH)"}

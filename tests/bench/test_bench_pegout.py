@@ -48,3 +48,10 @@ def test_without_bitcoind_it_reports_a_skip(tmp_path: Path) -> None:
                        cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"skipped": "bitcoind not found (set $BITCOIND or put it on PATH)"}
+
+
+def test_a_pegout_count_out_of_range_is_refused() -> None:
+    for n in ("0", "251"):  # GET /api/bridge/plans lists at most 500 plans: two versions per peg-out fit
+        r = subprocess.run([sys.executable, str(BENCH), "--pegouts", n], capture_output=True, text=True, timeout=120,
+                           cwd=REPO)
+        assert r.returncode == 2 and f"--pegouts {n}: must be 1..250" in r.stderr, r.stderr
