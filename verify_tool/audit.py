@@ -48,7 +48,9 @@ _CHECKPOINT = re.compile(r"(\d{1,10}):([0-9a-fA-F]{64})")
 _ID_TO_NETWORK = {n.id: n for n in NETWORKS.values()}
 
 
-class _Fail(Exception):
+class Fail(Exception):
+    """A check that did not pass: exit code, message, error type and extra --json fields."""
+
     def __init__(self, code: int, message: str, error_type: str, **fields: Any) -> None:
         super().__init__(message)
         self.code, self.message, self.error_type, self.fields = code, message, error_type, fields
@@ -58,8 +60,8 @@ def parse_checkpoint(text: str) -> tuple[int, bytes]:
     """'HEIGHT:HASH' (hash in display order, as bitcoind prints it) -> (height, hash in internal order)."""
     m = _CHECKPOINT.fullmatch(text.strip())
     if m is None:
-        raise _Fail(EXIT_ERROR, f"--checkpoint must be HEIGHT:HASH (a height and 64 hex characters), got {text!r}",
-                    "bad-argument")
+        raise Fail(EXIT_ERROR, f"--checkpoint must be HEIGHT:HASH (a height and 64 hex characters), got {text!r}",
+                   "bad-argument")
     return int(m.group(1)), bytes.fromhex(m.group(2))[::-1]
 
 
@@ -70,7 +72,7 @@ def _read(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise _Fail(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
+        raise Fail(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
 
 
 def _federation(path: str) -> FederationGenesis:
@@ -80,29 +82,31 @@ def _federation(path: str) -> FederationGenesis:
         with open(path, "rb") as f:
             return load_genesis_file(f)
     except GenesisFileError as e:
-        raise _Fail(EXIT_ERROR, f"--members {path}: {e}", type(e).__name__) from None
+        raise Fail(EXIT_ERROR, f"--members {path}: {e}", type(e).__name__) from None
     except OSError as e:
-        raise _Fail(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
+        raise Fail(EXIT_ERROR, f"cannot read {path}: {e.strerror or e}", "io-error") from None
 
 
 def _chain(name: Optional[str], network: Network) -> ChainParams:
     chosen = name or DEFAULT_CHAIN.get(network.name)
     if chosen is None:
-        raise _Fail(EXIT_ERROR, f"no default Bitcoin chain for L2 network {network.name}: give --chain",
-                    "bad-argument")
+        raise Fail(EXIT_ERROR, f"no default Bitcoin chain for L2 network {network.name}: give --chain",
+                   "bad-argument")
     return BITCOIN_CHAINS[chosen]
 
 
-def _verify(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name: Optional[str],
-            now: Optional[int], members: Optional[str]) -> tuple[dict[str, Any], str]:
+def verify_file(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name: Optional[str],
+                now: Optional[int], members: Optional[str]) -> tuple[dict[str, Any], str, AuditBundle, Network]:
+    """Every check of l2-verify audit on the bundle at path: (the --json details, the line after "OK audit PATH: ",
+    the verified bundle, its network), or Fail with the exit code, message and error type."""
     checkpoint = parse_checkpoint(checkpoint_str) if checkpoint_str is not None else None
     if min_conf < 0:
-        raise _Fail(EXIT_ERROR, f"--min-conf must be 0 or more, got {min_conf}", "bad-argument")
+        raise Fail(EXIT_ERROR, f"--min-conf must be 0 or more, got {min_conf}", "bad-argument")
     if chain_name is not None and chain_name not in CHAIN_CHOICES:
-        raise _Fail(EXIT_ERROR, f"--chain must be one of {', '.join(CHAIN_CHOICES)}, got {chain_name!r}",
-                    "bad-argument")
+        raise Fail(EXIT_ERROR, f"--chain must be one of {', '.join(CHAIN_CHOICES)}, got {chain_name!r}",
+                   "bad-argument")
     if path == "-" and members == "-":
-        raise _Fail(EXIT_ERROR, "the bundle and --members cannot both be stdin", "bad-argument")
+        raise Fail(EXIT_ERROR, "the bundle and --members cannot both be stdin", "bad-argument")
     federation = _federation(members) if members is not None else None
     data = _read(path)
     try:
@@ -112,14 +116,14 @@ def _verify(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name:
         report = verify_bundle(bundle, network, params, checkpoint, min_conf,
                                now=int(time.time()) if now is None else now, federation=federation)
     except DecodeError as e:  # before L2Error: malformed beats "failed"
-        raise _Fail(EXIT_ERROR, str(e), type(e).__name__) from None
+        raise Fail(EXIT_ERROR, str(e), type(e).__name__) from None
     except SnapshotError as e:
         code = EXIT_FAIL if isinstance(e, SnapshotInvalid) else EXIT_ERROR
-        raise _Fail(code, f"embedded snapshot: {e}", type(e).__name__) from None
+        raise Fail(code, f"embedded snapshot: {e}", type(e).__name__) from None
     except SpvError as e:
-        raise _Fail(EXIT_FAIL, str(e), type(e).__name__, height=e.height) from None
+        raise Fail(EXIT_FAIL, str(e), type(e).__name__, height=e.height) from None
     except L2Error as e:  # AuditError and any other core rejection of a well-formed bundle
-        raise _Fail(EXIT_FAIL, str(e), type(e).__name__) from None
+        raise Fail(EXIT_FAIL, str(e), type(e).__name__) from None
     d = report.to_dict()
     trust = (f"checkpoint {d['checkpoint']}" if checkpoint is not None
              else "genesis" if report.start_height == 0
@@ -144,11 +148,19 @@ def _verify(path: str, checkpoint_str: Optional[str], min_conf: int, chain_name:
     anchor = str(d["anchor_kind"])
     if report.kofn is not None:
         anchor += f" (k={report.kofn.k} of n={report.kofn.n} keys, NUMS internal key)"
-    line = (f"OK audit {path}: L2 {report.network} height {report.l2_height} root {d['state_root']} ({evidence})"
+    line = (f"L2 {report.network} height {report.l2_height} root {d['state_root']} ({evidence})"
             f"{signed} anchored by {anchor} output {d['txid']}:{report.vout} in block {d['block_hash']} at "
             f"{report.chain} height {report.block_height}, {report.confirmations} confirmation(s) >= {min_conf}, "
             f"{d['headers']} headers linked from {trust}")
-    return d, line
+    return d, line, bundle, network
+
+
+def failed(command: str, path: str, f: Fail) -> tuple[int, dict[str, Any], str]:
+    """run_*'s answer for a check that did not pass: (exit code, the --json object, one line)."""
+    word = "FAIL" if f.code == EXIT_FAIL else "ERROR"
+    result = {"ok": False, "command": command, "file": path, "exit_code": f.code, "error": f.message,
+              "error_type": f.error_type, **f.fields}
+    return f.code, result, f"{word} {command} {path}: {f.message}"
 
 
 def run_audit(path: str, checkpoint_str: Optional[str] = None, min_conf: int = 1, chain_name: Optional[str] = None,
@@ -158,13 +170,9 @@ def run_audit(path: str, checkpoint_str: Optional[str] = None, min_conf: int = 1
     chain_name None picks the Bitcoin chain the bundle's L2 network anchors to; now None reads the clock; members
     is the path of a federation genesis file whose members must have signed the anchored block.
     """
-    envelope: dict[str, Any] = {"command": "audit", "file": path}
     try:
-        details, line = _verify(path, checkpoint_str, min_conf, chain_name, now, members)
-    except _Fail as f:
-        word = "FAIL" if f.code == EXIT_FAIL else "ERROR"
-        result = {"ok": False, **envelope, "exit_code": f.code, "error": f.message, "error_type": f.error_type,
-                  **f.fields}
-        return f.code, result, f"{word} audit {path}: {f.message}"
-    return EXIT_OK, {"ok": True, **envelope, "exit_code": EXIT_OK, "error": None, "error_type": None,
-                     **details}, line
+        details, line, _, _ = verify_file(path, checkpoint_str, min_conf, chain_name, now, members)
+    except Fail as f:
+        return failed("audit", path, f)
+    return EXIT_OK, {"ok": True, "command": "audit", "file": path, "exit_code": EXIT_OK, "error": None,
+                     "error_type": None, **details}, f"OK audit {path}: {line}"

@@ -5,6 +5,8 @@
     l2-verify headers FILE [--chain NAME] [--checkpoint HEIGHT:HASH] [--json]
     l2-verify audit BUNDLE [--members GENESIS_FILE] [--checkpoint HEIGHT:HASH] [--min-conf K] [--chain NAME] [--json]
     l2-verify chain FILE --members GENESIS_FILE [--checkpoint HEIGHT:HASH] [--json]
+    l2-verify recovery BUNDLE [--members GENESIS_FILE] [--checkpoint HEIGHT:HASH] [--min-conf K] [--chain NAME]
+                       [--json]
 
 Exit codes:
     0  verified;
@@ -15,7 +17,9 @@ Exit codes:
        the genesis or the --checkpoint, or fail their checksum;
     2  malformed input or usage: not a snapshot (magic), unknown format version, another network, truncated file,
        trailing bytes, a badly encoded record length, an undecodable proof or commit, unreadable file, bad hex, bad
-       arguments, a federation genesis file (--members) that cannot be used.
+       arguments, a federation genesis file (--members) that cannot be used;
+    3  (recovery only) the bundle verifies but no recovery follows from it: its evidence is not a snapshot, or its
+       chain has no bridge (verify_tool/recovery.py).
 A snapshot damaged after it was written (its own checksum fails) reports the checksum mismatch (1) and names the
 first inconsistency found; only running out of bytes is always "truncated" (2).
 
@@ -159,22 +163,35 @@ def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
 
 # -- audit: l2-verify audit BUNDLE (the checks live in verify_tool/audit.py) -------------------------------------
 def _add_audit_parser(sub: "argparse._SubParsersAction[_Parser]", common: _Parser) -> None:
-    c = sub.add_parser("audit", parents=[common],
-                       help="check an audit bundle: anchor commitment, merkle proof, header chain, confirmations")
-    c.add_argument("file", metavar="BUNDLE", help="audit bundle file ('-' for stdin)")
-    c.add_argument("--checkpoint", metavar="HEIGHT:HASH", help="trusted block hash (display hex) at a height")
-    c.add_argument("--min-conf", metavar="K", type=int, default=1, help="required confirmations (default 1)")
-    c.add_argument("--chain", choices=("regtest", "testnet", "signet", "mainnet"),
-                   help="Bitcoin chain (default: the one the bundle's L2 network anchors to)")
-    c.add_argument("--members", metavar="GENESIS_FILE",
-                   help="federation genesis file: also require the anchored L2 block's commit, signed by m members")
-    c.set_defaults(fn=cmd_audit)
+    for name, fn, what in (
+            ("audit", cmd_audit, "check an audit bundle: anchor commitment, merkle proof, header chain, confirmations"),
+            ("recovery", cmd_recovery, "check an audit bundle as audit does, then list what every account is owed "
+                                       "at its anchored state and the payout from the federation's Bitcoin")):
+        c = sub.add_parser(name, parents=[common], help=what)
+        c.add_argument("file", metavar="BUNDLE", help="audit bundle file ('-' for stdin)")
+        c.add_argument("--checkpoint", metavar="HEIGHT:HASH", help="trusted block hash (display hex) at a height")
+        c.add_argument("--min-conf", metavar="K", type=int, default=1, help="required confirmations (default 1)")
+        c.add_argument("--chain", choices=("regtest", "testnet", "signet", "mainnet"),
+                       help="Bitcoin chain (default: the one the bundle's L2 network anchors to)")
+        c.add_argument("--members", metavar="GENESIS_FILE",
+                       help="federation genesis file: also require the anchored L2 block's commit, signed by m "
+                            "members")
+        c.set_defaults(fn=fn)
 
 
 def cmd_audit(a: argparse.Namespace) -> dict[str, Any]:
     from verify_tool.audit import run_audit  # imported here: snapshot/proof runs need no Bitcoin libraries
 
-    code, result, line = run_audit(a.file, a.checkpoint, a.min_conf, a.chain, members=a.members)
+    return _bundle_result(*run_audit(a.file, a.checkpoint, a.min_conf, a.chain, members=a.members))
+
+
+def cmd_recovery(a: argparse.Namespace) -> dict[str, Any]:
+    from verify_tool.recovery import run_recovery  # imported here: snapshot/proof runs need no Bitcoin libraries
+
+    return _bundle_result(*run_recovery(a.file, a.checkpoint, a.min_conf, a.chain, members=a.members))
+
+
+def _bundle_result(code: int, result: dict[str, Any], line: str) -> dict[str, Any]:
     envelope = ("ok", "command", "file", "exit_code", "error", "error_type")  # main() writes these itself
     details = {k: v for k, v in result.items() if k not in envelope}
     if code != EXIT_OK:
@@ -301,7 +318,8 @@ def _parser() -> _Parser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON object instead of a line")
     p = _Parser(prog="l2-verify", description="Offline verifier for l2d snapshots and state proofs.",
-                epilog="exit codes: 0 verified, 1 verification failed, 2 malformed input or usage")
+                epilog="exit codes: 0 verified, 1 verification failed, 2 malformed input or usage, 3 (recovery) "
+                       "verified but no recovery follows from the bundle")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("snapshot", parents=[common], help="recompute a snapshot's state root (streaming)")
@@ -337,7 +355,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         if want_json:
-            command = next((x for x in args if x in ("snapshot", "proof", "audit", "headers", "chain")), None)
+            command = next((x for x in args if x in ("snapshot", "proof", "audit", "recovery", "headers", "chain")),
+                           None)
             _print({"ok": False, "command": command, "exit_code": EXIT_ERROR,
                     "error": str(e).rsplit("error: ", 1)[-1], "error_type": "usage"})
         return EXIT_ERROR

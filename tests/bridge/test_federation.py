@@ -53,6 +53,7 @@ IDS = [ID1, ID2]
 PEGOUTS = {ID1: (DEST1, 300_000), ID2: (DEST2, 200_000)}
 COIN_A = FedCoin(b"\xaa" * 32, 0, 1_000_000, CoinKind.DEPOSIT, ALICE, ZERO)
 COIN_B = FedCoin(b"\xbb" * 32, 1, 400_000, CoinKind.CHANGE, CHANGE_CONTRACT, ZERO)
+COIN_C = FedCoin(b"\xcc" * 32, 0, 250_000, CoinKind.DEPOSIT, ALICE, ZERO)  # with COIN_B: both needed for IDS
 ANCHOR_H = 20
 
 
@@ -61,7 +62,8 @@ def key_index(n: int) -> int:
     return FED.keys.index(PrivateKey(SECRETS[n]).public_key.format())
 
 
-def state(pegouts: Optional[dict[bytes, tuple[bytes, int]]] = None, coins: Sequence[FedCoin] = (COIN_A, COIN_B),
+def state(pegouts: Optional[dict[bytes, tuple[bytes, int]]] = None,
+          coins: Sequence[FedCoin] = (COIN_A, COIN_B, COIN_C),
           anchor_status: AnchorStatus = AnchorStatus.FINAL, l2_height: int = 10,
           status: PegoutStatus = PegoutStatus.PENDING) -> dict[bytes, bytes]:
     """A bridge chain's state: the federation, one member, an anchor at ANCHOR_H, peg-outs burned at l2_height,
@@ -100,8 +102,12 @@ def propose(st: dict[bytes, bytes], coins: Sequence[FedCoin], ids: Sequence[byte
     return ptx
 
 
-def signer(n: int, st: dict[bytes, bytes], tmp: Path, max_fee_share_ppm: int = 100_000) -> LocalSigner:
-    return LocalSigner(SECRETS[n], FED, REGTEST, st.get, tmp / f"signer{n}.json", max_fee_share_ppm)
+def signer(n: int, st: dict[bytes, bytes], tmp: Path, max_fee_share_ppm: Optional[int] = None) -> LocalSigner:
+    """Signer n; by default with LocalSigner's own fee share bound (consensus's MAX_FEE_SHARE_PPM)."""
+    path = tmp / f"signer{n}.json"
+    if max_fee_share_ppm is None:
+        return LocalSigner(SECRETS[n], FED, REGTEST, st.get, path)
+    return LocalSigner(SECRETS[n], FED, REGTEST, st.get, path, max_fee_share_ppm)
 
 
 def psbt_of(ptx: PlanTx) -> bytes:
@@ -147,7 +153,7 @@ def test_price_splits_the_fee_between_pegouts_and_returns_exact_change() -> None
 
 def test_psbt_is_the_plans_transaction_and_carries_what_signers_need() -> None:
     st = state()
-    ptx = propose(st, [COIN_A, COIN_B], IDS, rate=3)
+    ptx = propose(st, [COIN_C, COIN_B], IDS, rate=3)
     entry = plan_entry(st.get, ptx.txid)
     assert entry is not None
     raw = psbt_of(ptx)
@@ -156,12 +162,12 @@ def test_psbt_is_the_plans_transaction_and_carries_what_signers_need() -> None:
     assert unsigned_txid(raw) == ptx.txid  # every member builds the same transaction: the plan id
     tx = ptx.tx
     assert (tx.nVersion, tx.nLockTime) == (2, 0) and all(i.nSequence == RBF_SEQUENCE for i in tx.vin)
-    assert [(i.prevout.hash, i.prevout.n) for i in tx.vin] == [(COIN_A.btc_txid, 0), (COIN_B.btc_txid, 1)]
+    assert [(i.prevout.hash, i.prevout.n) for i in tx.vin] == [(COIN_C.btc_txid, 0), (COIN_B.btc_txid, 1)]
     assert [(bytes(o.scriptPubKey), o.nValue) for o in tx.vout] == [
         (DEST1, entry.payouts[0]), (DEST2, entry.payouts[1]),
-        (deposit_script_pubkey(FED, REGTEST.id, CHANGE_CONTRACT), 1_400_000 - 500_000)]  # change at vout 2
-    assert 1_400_000 - sum(o.nValue for o in tx.vout) == entry.fee_sat
-    for psi, c in zip(psbt.inputs, (COIN_A, COIN_B)):
+        (deposit_script_pubkey(FED, REGTEST.id, CHANGE_CONTRACT), 650_000 - 500_000)]  # change at vout 2
+    assert 650_000 - sum(o.nValue for o in tx.vout) == entry.fee_sat
+    for psi, c in zip(psbt.inputs, (COIN_C, COIN_B)):
         assert psi.witness_script.to_bytes() == witness_script(FED, REGTEST.id, c.contract)
         assert psi.witness_utxo.script_pubkey.to_bytes() == deposit_script_pubkey(FED, REGTEST.id, c.contract)
         assert psi.witness_utxo.amount == c.amount_sat
@@ -169,7 +175,7 @@ def test_psbt_is_the_plans_transaction_and_carries_what_signers_need() -> None:
 
 def test_two_of_three_complete_and_one_does_not(tmp_path: Path) -> None:
     st = state()
-    ptx = propose(st, [COIN_A, COIN_B], IDS)
+    ptx = propose(st, [COIN_C, COIN_B], IDS)
     raw = psbt_of(ptx)
     s0 = signer(0, st, tmp_path).sign(raw, ptx.txid, IDS, ANCHOR_H)
     assert len(s0) == 2  # one per input
@@ -245,7 +251,8 @@ def test_policy_refusals(tmp_path: Path, case: str) -> None:
     """The plan is recorded in the chain's state (planned); the signer checks it against its own view (seen). A
     refusal signs nothing and records nothing."""
     planned, seen = state(), state()
-    ids, anchor, rate, ppm = IDS, ANCHOR_H, 2, 100_000
+    ids, anchor, rate = IDS, ANCHOR_H, 2
+    ppm: Optional[int] = None  # the signer's default: consensus's bound
     if case == "not-in-state":
         seen = state({ID1: PEGOUTS[ID1]})
     elif case == "completed":
@@ -291,7 +298,10 @@ def test_never_two_non_conflicting_transactions_for_one_pegout(tmp_path: Path) -
     record = (tmp_path / "signer0.json").read_bytes()
     assert s.sign(psbt_of(first), first.txid, [ID1], ANCHOR_H) == sigs  # the same transaction again: idempotent
     assert (tmp_path / "signer0.json").read_bytes() == record
-    # RBF: the consensus replacement spends the same coin for the same peg-out at a higher rate; it conflicts
+    # RBF: the consensus replacement spends the same coin for the same peg-out at a higher rate; it conflicts. Only a
+    # version m keys signed (one that can be broadcast) is replaced: key 2 signs it too, and both post their signatures
+    for n, sg in ((0, sigs), (2, signer(2, chain, tmp_path).sign(psbt_of(first), first.txid, [ID1], ANCHOR_H))):
+        post(chain, PlanSignature(first.txid, key_index(n), sg))
     bump = propose(chain, [COIN_A], [ID1], rate=10, replaces=first.txid)
     assert bump.txid != first.txid
     assert bump.tx.vout[0].nValue < first.tx.vout[0].nValue
@@ -326,7 +336,7 @@ async def test_finalized_plan_is_accepted_and_mined_by_bitcoind(bitcoind: Bitcoi
     """A plan over a real deposit and a real change coin, signed by all three keys (two are used): bitcoind
     accepts it with at least the plan's fee rate (the vsize bound holds) and mines it; the change is at vout 2."""
     w, mining = await fund_wallet(rpc, "fedtest", blocks=101)
-    coins = [await _deposit(rpc, w, ALICE, 1_000_000, CoinKind.DEPOSIT),
+    coins = [await _deposit(rpc, w, ALICE, 250_000, CoinKind.DEPOSIT),  # each is needed for the 500 000 sat
              await _deposit(rpc, w, CHANGE_CONTRACT, 400_000, CoinKind.CHANGE)]
     await rpc.generatetoaddress(1, mining)
     pegouts = {ID1: (address_script(await w.getnewaddress(), REGTEST), 300_000),

@@ -150,7 +150,8 @@ class World:
     seeds: list[Transaction]  # one or more signed transactions of every type, at the senders' next nonces
 
 
-BRIDGE_FED = Federation(1, (PrivateKey(secret(9)).public_key.format(compressed=True),), 1)
+BRIDGE_KEYS = (9, 10)  # the federation's Bitcoin keys (secret numbers), 1-of-2
+BRIDGE_FED = Federation(1, tuple(sorted(PrivateKey(secret(n)).public_key.format() for n in BRIDGE_KEYS)), 1)
 PAYOUT_ADDRESS = (script_address(b"\x00\x14" + h("payout")[:20], LOCAL) or "").encode()
 ANCHORED = 100  # the L2 height of the FINAL anchor the world's peg-out plan names
 
@@ -158,7 +159,8 @@ ANCHORED = 100  # the L2 height of the FINAL anchor the world's peg-out plan nam
 @cache
 def world() -> World:
     """A chain with an FL job (two participants, one round), three workers and an assigned task, and a bridge: relayed
-    Bitcoin headers, a claimed deposit (a federation coin), a peg-out under a FINAL anchor and a plan paying it."""
+    Bitcoin headers, a claimed deposit (a federation coin), a peg-out under a FINAL anchor and a plan paying it,
+    signed by key 9 (so it can be broadcast, and replaced; key 10's signature is a seed)."""
     state = genesis_state([(pk(n), 10**10) for n in range(1, 7)], pk(MINT_AUTHORITY), (pk(FEDERATION),))
     state.update(federation_genesis(BRIDGE_FED))
     c = Chain(state, {})
@@ -178,12 +180,23 @@ def world() -> World:
     c.apply(FEDERATION, BtcHeaders(1, tuple(x.serialize() for x in _bridge_headers()[:4])))
     coin = (_sha(_sha(deposit).digest()).digest(), 1)
     c.apply(3, PeginClaim(3, coin[1], deposit, merkle_block))
+    free = ((coin[0], 3), (coin[0], 4))
+    c.apply(5, PeginClaim(3, 3, deposit, merkle_block))
+    c.apply(6, PeginClaim(3, 4, deposit, merkle_block))
     pegout = c.apply(4, Burn(100_000, PAYOUT_ADDRESS)).txid
+    pegout2 = c.apply(4, Burn(100_000, PAYOUT_ADDRESS)).txid
     c.apply(FEDERATION, AnchorUpdate(ANCHORED, h("root"), h("btc tx"), h("btc block"), 102, AnchorStatus.FINAL))
     c.apply(FEDERATION, PegoutPlan(ANCHORED, 2, b"\0" * 32, (coin,), (pegout,)))
     (plan_id,) = [k[1:] for k in c.state if k[0] == Namespace.PLAN]
     ptx = plan_tx(StateView(c.state.get), BRIDGE_FED, LOCAL.id, PlanEntry.decode(c.state[plan_key(plan_id)]))
-    tweaked = PrivateKey(secret(9)).add(pegin_tweak(BRIDGE_FED.keys[0], LOCAL.id, ptx.coins[0].contract))
+
+    def plan_signature(n: int) -> PlanSignature:
+        key = PrivateKey(secret(n)).public_key.format()
+        tweaked = PrivateKey(secret(n)).add(pegin_tweak(key, LOCAL.id, ptx.coins[0].contract))
+        sig = tweaked.sign(ptx.sighash(0), hasher=None) + b"\x01"
+        return PlanSignature(plan_id, BRIDGE_FED.keys.index(key), (sig,))
+
+    c.apply(FEDERATION, plan_signature(BRIDGE_KEYS[0]))
     seeds = [
         c.sign(1, Transfer(pk(2), 1000)), c.sign(MINT_AUTHORITY, Mint(pk(2), 5000)), c.sign(2, Burn(700, b"")),
         c.sign(FEDERATION, AnchorUpdate(5, h("root"), h("btc tx"), h("btc block"), 101, AnchorStatus.CONFIRMED)),
@@ -193,7 +206,8 @@ def world() -> World:
         c.sign(2, PeginClaim(3, 0, deposit, merkle_block)),
         c.sign(FEDERATION, FederationFund(3, 2, deposit, merkle_block)),
         c.sign(FEDERATION, PegoutPlan(ANCHORED, 3, plan_id, (coin,), (pegout,))),  # a replacement by fee
-        c.sign(FEDERATION, PlanSignature(plan_id, 0, (tweaked.sign(ptx.sighash(0), hasher=None) + b"\x01",))),
+        c.sign(FEDERATION, PegoutPlan(ANCHORED, 2, b"\0" * 32, free, (pegout2,))),  # a fresh plan of two coins
+        c.sign(FEDERATION, plan_signature(BRIDGE_KEYS[1])),
         c.sign(6, WorkerRegister(2000, CAPS)), c.sign(4, WorkerHeartbeat()), c.sign(5, WorkerExit()),
         c.sign(4, WorkerWithdraw()),
         c.sign(FEDERATION, TaskAssign(task2, pk(4), pk(5), b"\0" * 32, 100, 5)),
@@ -213,9 +227,10 @@ def world() -> World:
 @cache
 def _deposit_tx_hex() -> str:
     """A one-input transaction to the federation: 50 000 sat to key 2's deposit address (the claim seed), 400 000 to
-    key 3's (claimed in the world: the coin its plan spends), 100 000 to the funding address (the funding seed)."""
-    outs = [(50_000, pk(2)), (400_000, pk(3)), (100_000, FUNDING_CONTRACT)]
-    return ("0100000001" + "11" * 32 + "00000000" + "00" + "ffffffff" + "03"
+    key 3's (claimed in the world: the coin its plan spends), 100 000 to the funding address (the funding seed),
+    60 000 and 70 000 to keys 5's and 6's (claimed in the world: the coins of the fresh plan seed, both needed)."""
+    outs = [(50_000, pk(2)), (400_000, pk(3)), (100_000, FUNDING_CONTRACT), (60_000, pk(5)), (70_000, pk(6))]
+    return ("0100000001" + "11" * 32 + "00000000" + "00" + "ffffffff" + "05"
             + "".join(v.to_bytes(8, "little").hex() + "22" + deposit_script_pubkey(BRIDGE_FED, LOCAL.id, c).hex()
                       for v, c in outs) + "00000000")
 

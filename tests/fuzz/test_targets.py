@@ -106,13 +106,14 @@ def test_transaction_seeds_decode_and_verify() -> None:
 
 def test_the_bridge_seeds_apply_to_the_world() -> None:
     """The bridge's seeds are accepted by the world's state (a seed refused at its first check would keep the fuzzer
-    away from the rules behind it): the relay, the claim, the funding record, the plan's replacement, a plan
-    signature and the peg-out update."""
+    away from the rules behind it): the relay, the claim, the funding record, a fresh plan (of two coins, both
+    needed), the replacement of the world's plan (signed by m keys), a plan signature and the peg-out update."""
     world = T.world()
     kinds = {TxType.BTC_HEADERS, TxType.PEGIN_CLAIM, TxType.FEDERATION_FUND, TxType.PEGOUT_PLAN,
              TxType.PLAN_SIGNATURE, TxType.PEGOUT_UPDATE}
     seeds = [t for t in world.seeds if t.type in kinds]
     assert {t.type for t in seeds} == kinds
+    assert sorted(t.payload.replaces != bytes(32) for t in seeds if t.type == TxType.PEGOUT_PLAN) == [False, True]
     for t in seeds:
         view = StateView(world.state.get, T.HEIGHT)
         apply_tx(view, t, T.RULES)

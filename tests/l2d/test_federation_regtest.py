@@ -123,6 +123,7 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
             await rpc.generatetoaddress(1, mine_addr)
             return None
         p = await poll(completed, 180, "the peg-out COMPLETED in member 4's state")
+        paid_by = fed.status(3)["height"]  # the state at this height, and every later one, has it COMPLETED
         paid = await rpc.call("getrawtransaction", [p["btc_txid"], True])
         assert paid["confirmations"] >= 1
         assert [o for o in paid["vout"] if o["scriptPubKey"].get("address") == dest]
@@ -156,6 +157,29 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
                               "--members", str(fed.root / "genesis.json")], capture_output=True, text=True, cwd=REPO,
                              timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
+
+        # recovery from the bundle of a FINAL anchor past the payout (its snapshot evidence): the coins by the books
+        # are what bitcoind holds, and Alice is owed what she has left
+        async def final_past_payout() -> Any:
+            found = [a["l2_height"] for a in procs[0].get("/api/anchors")["anchors"]
+                     if a["l2_height"] >= paid_by and a["l2_state"] and a["l2_state"]["status"] == "FINAL"]
+            if not found:
+                await rpc.generatetoaddress(1, mine_addr)
+            return found
+        late = (await poll(final_past_payout, 120, "an anchor FINAL past the payout"))[0]
+        with urllib.request.urlopen(procs[0].url(f"/api/anchors/{late}/audit"), timeout=60) as r:
+            bundle.write_bytes(r.read())
+        out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "recovery", str(bundle), "--json",
+                              "--members", str(fed.root / "genesis.json")], capture_output=True, text=True, cwd=REPO,
+                             timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        rec = json.loads(out.stdout)
+        assert rec["audit"]["evidence"] == "snapshot" and rec["l2_height"] == late
+        assert rec["holdings_sat"] == on_chain and rec["books"]["agree"] and rec["locked"]["agree"]
+        assert rec["funding_sat"] == 2_000_000 and not [c for c in rec["claims"] if c["kind"] == "pegout"]
+        [owed] = [c for c in rec["claims"] if c["kind"] == "account" and c["owner"] == ALICE_ID.hex()]
+        assert owed["amount_sat"] == 100_000_000 - 1 - 30_000_000 - 1
+        assert rec["payout_sat"] + rec["unallocated_sat"] == on_chain
 
         # the chain of member 4 with its commits passes the auditor's check too
         final = fed.final(3)

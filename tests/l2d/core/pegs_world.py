@@ -25,9 +25,10 @@ from l2d.core.params import REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import (BRIDGE_TOTALS_KEY, BTC_TIP_KEY, FUNDING_CONTRACT, BridgeTotals, BtcTip, CoinKind, FedCoin,
                            Federation, PeginEntry, PegoutEntry, coin_key, deposit_script_pubkey, federation_genesis,
-                           pegout_key, script_address)
-from l2d.core.pegs_tx import BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutStatus, PegoutUpdate
-from l2d.core.plans import ZERO, PlanEntry, PlanStatus, plan_key
+                           pegin_tweak, pegout_key, script_address)
+from l2d.core.pegs_tx import (BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutStatus, PegoutUpdate,
+                              PlanSignature)
+from l2d.core.plans import ZERO, PlanEntry, PlanStatus, plan_key, plan_tx
 from l2d.core.rules import apply_tx
 from l2d.core.spv import (Header, build_partial_merkle_tree, compute_merkle_root, decode_compact, dsha256, make_header,
                           parse_tx, serialize_merkleblock)
@@ -327,6 +328,28 @@ def post_plan(w: World, inputs: Sequence[tuple[bytes, int]], pegouts: Sequence[b
               replaces: bytes = ZERO, anchor_height: int = ANCHOR_HEIGHT, who: bytes = AUTH) -> bytes:
     """A member's PegoutPlan applied; returns the plan's id."""
     return plan_of(w.apply(w.sign(who, PegoutPlan(anchor_height, rate, replaces, tuple(inputs), tuple(pegouts)))))
+
+
+def key_index(sec: bytes) -> int:
+    """The index of the federation key of sec in FED's (sorted) keys: what a PlanSignature names."""
+    return FED_KEYS.index(PrivateKey(sec).public_key.format())
+
+
+def sign_plan(w: World, plan_id: bytes, sec: bytes) -> tuple[bytes, ...]:
+    """sec's signatures of the plan's inputs, made directly with coincurve: DER over PlanTx.sighash by the secret
+    tweaked for each input's contract, plus SIGHASH_ALL."""
+    ptx = plan_tx(StateView(w.state.get, w.height), FED, REGTEST.id, w.plan(plan_id))
+    pub = PrivateKey(sec).public_key.format()
+    return tuple(PrivateKey(sec).add(pegin_tweak(pub, REGTEST.id, c.contract)).sign(ptx.sighash(i), hasher=None)
+                 + b"\x01" for i, c in enumerate(ptx.coins))
+
+
+def post_signatures(w: World, plan_id: bytes, secrets: Sequence[bytes] = FED_SECRETS[:FED.threshold],
+                    who: bytes = AUTH) -> None:
+    """A member posts the PlanSignatures of the federation keys of secrets (by default m of them: the version can
+    then be finalized and broadcast, so it may be replaced)."""
+    for sec in secrets:
+        w.do(who, PlanSignature(plan_id, key_index(sec), sign_plan(w, plan_id, sec)))
 
 
 def complete(w: World, plan_id: bytes, pegout_id: bytes, anchor_height: int = ANCHOR_HEIGHT) -> None:

@@ -121,8 +121,10 @@ class World:
     items: dict[bytes, bytes]
 
 
-def make_world(kind: AnchorKind, evidence: str = "proofs", start: int = 0) -> World:
-    items = state(8)
+def make_world(kind: AnchorKind, evidence: str = "proofs", start: int = 0,
+               items: Optional[dict[bytes, bytes]] = None) -> World:
+    """A bundle anchoring items (default: eight made-up accounts) at L2_HEIGHT in a ground regtest chain."""
+    items = state(8) if items is None else items
     keys = sorted(items)
     ev = SnapshotEvidence(snapshot_bytes(items)) if evidence == "snapshot" else proofs_for(
         items, [keys[1], keys[5], b"\x02" + b"\0" * (KEY_SIZE - 1)])  # two present, one absent

@@ -44,7 +44,7 @@ from l2d.core.tx import MAX_TX_SIZE, decode, sign
 from tests.l2d.core.pegs_world import (ALICE, ANCHOR_HEIGHT, AUTH, AUTH2, AUX, BASE, BITS, BOB, BOB_FUNDS, BURN_HEIGHT,
                                        CAROL, FED, FED_KEYS, FED_SECRETS, MIN_DEPTH, MINT, RULES, Block, Chain, World,
                                        burn, check_invariants, coin_world, grind, outpoint, p2wpkh, post_plan,
-                                       record_anchor, secret, spend, spk, xonly)
+                                       post_signatures, record_anchor, secret, spend, spk, xonly)
 
 DEPOSIT_ALICE = spend([(250_000, spk(ALICE)), (99_000, p2wpkh(b"alice change"))], b"alice")
 # Carol: two deposits in one transaction, a zero-value output to her address, and an output for another network
@@ -732,11 +732,12 @@ def test_burn_without_a_federation_stays_a_plain_burn(destination: bytes) -> Non
 # version of the plan's transaction as broadcast, then as mined (COMPLETED).
 def pegout_world(amount: int = 300_000) -> tuple[World, bytes, bytes, bytes]:
     """Bob's burn of amount at BURN_HEIGHT, a FINAL anchor at ANCHOR_HEIGHT, plan A (1 sat/vB) paying it from Alice's
-    400 000 sat coin and its replacement B (2 sat/vB): (world, peg-out id, A, B)."""
+    400 000 sat coin, signed by m federation keys, and its replacement B (2 sat/vB): (world, peg-out id, A, B)."""
     w = coin_world()
     pid = burn(w, amount)
     record_anchor(w, ANCHOR_HEIGHT, AnchorStatus.FINAL)
     a = post_plan(w, [outpoint(0)], [pid], rate=1)
+    post_signatures(w, a)  # only a version that can be broadcast is replaced
     b = post_plan(w, [outpoint(0)], [pid], rate=2, replaces=a)
     return w, pid, a, b
 

@@ -16,29 +16,30 @@ from bitcoinutils.script import Script
 from bitcoinutils.transactions import Transaction as BuTransaction
 from bitcoinutils.transactions import TxInput, TxOutput, TxWitnessInput
 from coincurve import PrivateKey, PublicKey
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.federation import LocalSigner, add_signatures, build_psbt, finalize
+from l2d.core import plans as core_plans
 from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.coin_tx import Burn
 from l2d.core.errors import BadNonce, DecodeError, DuplicateDuty, InvalidTransaction, Rejected, Unauthorized
 from l2d.core.params import REGTEST
 from l2d.core.pegs import (CHANGE_CONTRACT, PEGOUT_MIN_SAT, SECP256K1_N, BadPegoutTransition, BridgeTotals, CoinKind,
                            FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout, coin_key,
-                           deposit_script_pubkey, pegin_tweak, pegout_key, witness_script)
+                           deposit_script_pubkey, pegout_key, witness_script)
 from l2d.core.pegs_tx import MAX_FEERATE, MAX_PLAN_INPUTS, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
 from l2d.core.plans import (DUST_SAT, MAX_FEE_SHARE_PPM, RBF_SEQUENCE, ZERO, BadPlanSignature, BadReplacement,
-                            CoinSpent, PegoutPlanned, PlanClosed, PlanEntry, PlanStatus, PlanUnderfunded, UnknownCoin,
-                            UnknownPlan, plan_key, plan_sig_key, plan_signatures, plan_tx, price, select_coins,
-                            vsize_bound)
+                            CoinSpent, PegoutPlanned, PlanClosed, PlanEntry, PlanStatus, PlanUnderfunded,
+                            SuperfluousCoin, UnknownCoin, UnknownPlan, plan_key, plan_sig_key, plan_signatures,
+                            plan_tx, price, select_coins, superfluous, vsize_bound)
 from l2d.core.spv import parse_tx
 from l2d.core.state import Namespace, StateView, account_key
 from l2d.core.tx import Transaction
 from tests.l2d.core.pegs_world import (ALICE, ANCHOR_HEIGHT, AUTH, AUTH2, BOB, BURN_HEIGHT, CAROL, COIN_BLOCK,
                                        DEPOSITS, FED, FED_KEYS, FED_SECRETS, FUNDING_OUTPOINT, PAYOUTS, World, address,
-                                       burn, check_invariants, coin_world, complete, outpoint, plan_of, post_plan,
-                                       record_anchor, xonly)
+                                       burn, check_invariants, coin_world, complete, key_index, outpoint, plan_of,
+                                       post_plan, post_signatures, record_anchor, sign_plan, xonly)
 
 NET = REGTEST.id
 HEIGHT = 20  # the L2 height plans are recorded at (after the burns and the anchor)
@@ -66,19 +67,6 @@ def coins(w: World, inputs: Sequence[tuple[bytes, int]]) -> list[FedCoin]:
     return [w.coin(o) for o in inputs]
 
 
-def key_index(secret: bytes) -> int:
-    return FED_KEYS.index(PrivateKey(secret).public_key.format())
-
-
-def sign_plan(w: World, plan_id: bytes, secret: bytes) -> tuple[bytes, ...]:
-    """secret's signatures of the plan's inputs, made directly with coincurve: DER over PlanTx.sighash by the secret
-    tweaked for each input's contract, plus SIGHASH_ALL."""
-    ptx = plan_tx(view(w), FED, NET, w.plan(plan_id))
-    pub = PrivateKey(secret).public_key.format()
-    return tuple(PrivateKey(secret).add(pegin_tweak(pub, NET, c.contract)).sign(ptx.sighash(i), hasher=None)
-                 + b"\x01" for i, c in enumerate(ptx.coins))
-
-
 def high_s(sig: bytes) -> bytes:
     """The same ECDSA signature with S replaced by N - S (Bitcoin's consensus accepts it, its relay policy does not)."""
     r_len = sig[3]
@@ -90,7 +78,7 @@ def high_s(sig: bytes) -> bytes:
 
 
 def post_signature(w: World, plan_id: bytes, secret: bytes, who: bytes = AUTH) -> None:
-    w.do(who, PlanSignature(plan_id, key_index(secret), sign_plan(w, plan_id, secret)))
+    post_signatures(w, plan_id, [secret], who)
 
 
 # == payload layouts ===============================================================================================
@@ -194,19 +182,33 @@ def test_a_plan_without_change_has_no_change_output() -> None:
 
 
 def _bu_vsize(fed: Federation, cs: Sequence[FedCoin], outputs: Sequence[tuple[bytes, int]]) -> int:
-    """bitcoin-utils' vsize of the transaction with m dummy 72-byte signatures per input (how bridge/federation.py
-    computed it before the plan's fee moved into consensus)."""
+    """bitcoin-utils' vsize of the transaction with m dummy 72-byte signatures per input and, when the federation has
+    an emergency path, the branch selector 01 (OP_IF: the federation's branch), as bridge/federation.py finalizes it
+    (how it computed the size before the plan's fee moved into consensus)."""
     ins = [TxInput(c.btc_txid[::-1].hex(), c.vout, sequence=RBF_SEQUENCE.to_bytes(4, "little")) for c in cs]
     outs = [TxOutput(v, Script.from_raw(s.hex())) for s, v in outputs]
-    wits = [TxWitnessInput([""] + ["00" * 72] * fed.threshold + [witness_script(fed, NET, c.contract).hex()])
+    branch = ["01"] if fed.emergency_keys else []
+    wits = [TxWitnessInput([""] + ["00" * 72] * fed.threshold + branch + [witness_script(fed, NET, c.contract).hex()])
             for c in cs]
     return int(BuTransaction(ins, outs, has_segwit=True, witnesses=wits).get_vsize())
 
 
-@pytest.mark.parametrize("threshold", [1, 2, 3])
+def _keys(n: int, tag: bytes) -> tuple[bytes, ...]:
+    return tuple(sorted(PrivateKey(hashlib.sha256(tag + b" %d" % i).digest()).public_key.format() for i in range(n)))
+
+
+# (m, n, e, ne, delay): the federation's m-of-n keys and, when e, its emergency path of e-of-ne keys after delay
+# blocks; the largest makes a witness script of over 253 bytes (a 3-byte length) and a 4-byte delay push
+VSIZE_FEDERATIONS = [(1, 3, 0, 0, 0), (2, 3, 0, 0, 0), (3, 3, 0, 0, 0), (2, 3, 2, 2, 1000), (8, 15, 8, 15, 65535),
+                     (1, 1, 1, 1, 1), (15, 15, 15, 15, 16)]
+
+
+@pytest.mark.parametrize("m,n,e,ne,delay", VSIZE_FEDERATIONS, ids=lambda v: str(v))
 @pytest.mark.parametrize("n_inputs", [1, 2, 3])
-def test_vsize_bound_is_bitcoin_utils_vsize_with_dummy_signatures(threshold: int, n_inputs: int) -> None:
-    fed = Federation(threshold, FED_KEYS, 3)
+def test_vsize_bound_is_bitcoin_utils_vsize_with_dummy_signatures(m: int, n: int, e: int, ne: int, delay: int,
+                                                                  n_inputs: int) -> None:
+    keys = FED_KEYS if n == 3 else _keys(n, b"vsize federation")
+    fed = Federation(m, keys, 3, e, _keys(ne, b"vsize emergency") if e else (), delay)
     contracts = (xonly(ALICE), CHANGE_CONTRACT, xonly(CAROL))
     cs = [FedCoin(hashlib.sha256(b"coin %d" % i).digest(), i * 7, 100_000, CoinKind.DEPOSIT, contracts[i])
           for i in range(n_inputs)]
@@ -229,6 +231,61 @@ def test_select_coins_takes_the_largest_first_and_avoids_dust_change() -> None:
     assert select_coins(pool, 400_000 - DUST_SAT + 1) == [pool[1], pool[2], pool[3], pool[0]]  # not below it
     assert select_coins(pool, 1_000_000) == sorted(pool, key=lambda x: (-x.amount_sat, x.btc_txid))  # falls short
     assert select_coins(pool[::-1], 250_000) == [pool[1], pool[2]]  # the order given does not matter
+    # largest first takes 60 000, then 40 100 (a change of 100: dust), then 40 000; without the 40 100 sat coin the
+    # others pay exactly 100 000, so it is dropped again (consensus would refuse it as superfluous)
+    more = [c(6, 60_000), c(7, 40_100), c(8, 40_000)]
+    assert select_coins(more, 100_000) == [more[0], more[2]]
+    assert superfluous(more, 100_000) == more[1] and superfluous([more[0], more[2]], 100_000) is None
+
+
+def _covers(total: int, need: int) -> bool:
+    """A plan's coins cover its peg-outs: a change of 0 or at least DUST_SAT (docs/bridge.md)."""
+    return total == need or total - need >= DUST_SAT
+
+
+_OFFSETS = (0, 1, 100, DUST_SAT - 1, DUST_SAT, DUST_SAT + 1)  # differences around the dust limit
+
+
+@st.composite
+def _pool_and_need(draw: st.DrawFn) -> tuple[list[int], int]:
+    """Coin amounts (any, near the dust limit, or 40 000 plus one of _OFFSETS) and a need: any, or a sum of the
+    largest coins less one of _OFFSETS or less the difference of two coins (where largest first goes past a dusty
+    change and a coin it took before may be dropped again)."""
+    amounts = draw(st.lists(st.one_of(st.integers(1, 300_000), st.integers(1, 2 * DUST_SAT),
+                                      st.sampled_from(_OFFSETS).map(lambda d: 40_000 + d)), max_size=9))
+    kind = draw(st.integers(0, 2))
+    if kind == 0:
+        return amounts, draw(st.integers(1, 700_000))
+    largest = sorted(amounts, reverse=True)[:draw(st.integers(0, len(amounts)))]
+    close = sorted({a - b for a in amounts for b in amounts if 0 < a - b < DUST_SAT})
+    offset = draw(st.sampled_from(close if kind == 2 and close else _OFFSETS))
+    return amounts, max(1, sum(largest) - offset)
+
+
+@settings(max_examples=400, deadline=None)
+@example(pool_need=([60_000, 40_100, 40_000], 100_000), perm=list(range(9)))
+@given(pool_need=_pool_and_need(), perm=st.permutations(list(range(9))))
+def test_select_coins_covers_need_without_a_coin_it_does_not_need(pool_need: tuple[list[int], int],
+                                                                   perm: list[int]) -> None:
+    """select_coins is deterministic (the order of the pool does not matter), covers need whenever the whole pool
+    does, takes its coins largest first, and what covers has no coin without which the rest still covers (so
+    consensus accepts the choice: no SuperfluousCoin); what does not cover is the whole pool."""
+    amounts, need = pool_need
+    pool = [FedCoin(hashlib.sha256(b"pool %d" % (i // 2)).digest(), i % 2, a, CoinKind.DEPOSIT, CHANGE_CONTRACT)
+            for i, a in enumerate(amounts)]
+    chosen = select_coins(pool, need)
+    assert select_coins([pool[i] for i in perm if i < len(pool)], need) == chosen
+    order = sorted(pool, key=lambda x: (-x.amount_sat, x.btc_txid, x.vout))
+    assert [x for x in order if x in chosen] == chosen and len(set(chosen)) == len(chosen)
+    total = sum(x.amount_sat for x in chosen)
+    if not _covers(total, need):
+        assert chosen == order and not _covers(sum(amounts), need)
+        event("falls short")
+        return
+    assert not any(_covers(total - x.amount_sat, need) for x in chosen)
+    assert superfluous(chosen, need) is None
+    first_pass = next(k for k in range(len(order) + 1) if _covers(sum(x.amount_sat for x in order[:k]), need))
+    event("covers, a coin dropped again" if len(chosen) < first_pass else "covers")
 
 
 # == signatures: consensus checks what signers and the quorum produce ==============================================
@@ -303,6 +360,7 @@ def test_signatures_of_a_replaced_or_completed_plan_are_refused() -> None:
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=3)
     sigs_a = sign_plan(w, a, FED_SECRETS[0])
+    post_signatures(w, a, FED_SECRETS[1:])  # the two other keys sign it: it may be replaced
     b = post_plan(w, INPUTS, (p1, p2), rate=4, replaces=a)
     err = w.refuse(w.sign(AUTH, PlanSignature(a, key_index(FED_SECRETS[0]), sigs_a)), PlanClosed)
     assert err.reason == "plan-not-open"
@@ -330,10 +388,12 @@ def test_plan_of_an_unknown_coin() -> None:
 
 
 def test_plan_of_a_funding_coin() -> None:
-    w, p1, _ = plans_world()
+    w, p1, p2 = plans_world()
     assert w.coin(FUNDING_OUTPOINT).kind == CoinKind.FUNDING
-    refuse_plan(w, UnknownCoin, [outpoint(0), FUNDING_OUTPOINT], [p1])
-    refuse_plan(w, UnknownCoin, [FUNDING_OUTPOINT, outpoint(4)], [p1])
+    # Alice's 150 000 sat coin and the 200 000 sat funding coin: each is needed for the 300 000 sat peg-out
+    refuse_plan(w, UnknownCoin, [outpoint(1), FUNDING_OUTPOINT], [p1])
+    refuse_plan(w, UnknownCoin, [FUNDING_OUTPOINT, outpoint(1)], [p1])
+    refuse_plan(w, UnknownCoin, [FUNDING_OUTPOINT], [p2])  # alone, for the 120 000 sat one
 
 
 def test_plan_of_a_coin_spent_by_another_plan() -> None:
@@ -341,9 +401,11 @@ def test_plan_of_a_coin_spent_by_another_plan() -> None:
     a = post_plan(w, [outpoint(0)], [p1])
     err = refuse_plan(w, CoinSpent, [outpoint(0)], [p2])
     assert err.reason == "coin-spent" and a[::-1].hex() in str(err)
-    refuse_plan(w, CoinSpent, [outpoint(4), outpoint(0)], [p2])
+    big = burn(w, 450_000)  # Alice's 150 000 and 400 000 sat coins are both needed for it
+    refuse_plan(w, CoinSpent, [outpoint(1), outpoint(0)], [big])
     complete(w, a, p1)  # spent for good now
     refuse_plan(w, CoinSpent, [outpoint(0)], [p2])
+    refuse_plan(w, CoinSpent, [outpoint(1), outpoint(0)], [big])
     post_plan(w, [outpoint(2)], [p2])
 
 
@@ -393,6 +455,70 @@ def test_underfunded_plans() -> None:
     post_plan(w, [outpoint(1), outpoint(5)], [dusty])  # with her 60 000 sat coin the change is fine
 
 
+def _named(coin: tuple[bytes, int]) -> str:
+    return f"{coin[0][::-1].hex()}:{coin[1]}"
+
+
+def test_a_plan_with_a_coin_it_does_not_need_is_refused() -> None:
+    """A fresh plan without one of whose coins the others still cover the peg-outs (a change of 0 or at least
+    DUST_SAT) is refused: peg-outs do not pay the fee of consolidating the federation's coins. The error names the
+    first such coin; nothing is written."""
+    w, p1, p2 = plans_world()
+    err = refuse_plan(w, SuperfluousCoin, [outpoint(0), outpoint(4)], [p1])  # 1 000 000 alone pay 300 000
+    assert err.reason == "superfluous-coin" and _named(outpoint(0)) in str(err)
+    err = refuse_plan(w, SuperfluousCoin, [outpoint(4), outpoint(0)], [p1])  # the other way round: 400 000 do too
+    assert _named(outpoint(4)) in str(err)
+    err = refuse_plan(w, SuperfluousCoin, [outpoint(2), outpoint(3)], [p1])  # Carol's 300 000 pay exactly 300 000
+    assert _named(outpoint(3)) in str(err)
+    for extra in ([outpoint(5)], [outpoint(5), outpoint(1)]):  # more coins than the 490 000 of INPUTS for 420 000
+        refuse_plan(w, SuperfluousCoin, list(INPUTS) + extra, (p1, p2))
+        refuse_plan(w, SuperfluousCoin, extra + list(INPUTS), (p1, p2))
+    # the choice a member makes is accepted: select_coins takes no coin it does not need
+    free = coins(w, [outpoint(i) for i in range(len(DEPOSITS))])
+    chosen = [(c.btc_txid, c.vout) for c in select_coins(free, A1 + A2)]
+    assert chosen == [outpoint(4)]
+    post_plan(w, chosen, (p1, p2))
+
+
+@pytest.mark.parametrize("change", [0, 1, DUST_SAT - 1, DUST_SAT, DUST_SAT + 1])
+def test_a_coin_is_needed_when_the_others_would_leave_a_dust_change(change: int) -> None:
+    """Alice's 150 000 sat coin alone would pay a peg-out of 150 000 - change sat with that change: her 60 000 sat
+    coin is needed beside it when that change is dust (1..545, which price refuses), and superfluous when it is 0 or
+    at least DUST_SAT (the one coin is then the plan)."""
+    w = coin_world()
+    pid = burn(w, 150_000 - change)
+    record_anchor(w, ANCHOR_HEIGHT, AnchorStatus.FINAL)
+    both = [outpoint(1), outpoint(5)]
+    needed = 0 < change < DUST_SAT
+    assert [(c.btc_txid, c.vout) for c in select_coins(coins(w, both), 150_000 - change)] == (
+        both if needed else both[:1])
+    if needed:
+        plan_id = post_plan(w, both, [pid])
+        assert w.plan(plan_id).change_sat == 60_000 + change
+        return
+    err = refuse_plan(w, SuperfluousCoin, both, [pid])
+    assert _named(outpoint(5)) in str(err)
+    refuse_plan(w, SuperfluousCoin, both[::-1], [pid])
+    assert w.plan(post_plan(w, both[:1], [pid])).change_sat == change
+
+
+def test_a_replacement_keeps_the_coins_of_the_version_it_replaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule is for fresh plans: a replacement spends exactly the coins of the plan it replaces. A plan recorded
+    before the rule existed may hold a coin it does not need (no real part can record one now, so the rule is
+    switched off to record it); it is still signed and replaced, and its coins and peg-out move to the new version."""
+    w, p1, p2 = plans_world()
+    inputs = [outpoint(0), outpoint(4)]  # either pays p1 alone
+    monkeypatch.setattr(core_plans, "superfluous", lambda coins, need: None)
+    a = post_plan(w, inputs, [p1], rate=2)
+    monkeypatch.undo()
+    refuse_plan(w, SuperfluousCoin, [outpoint(2), outpoint(3)], [p2])  # the rule is back for fresh plans
+    post_signatures(w, a)
+    b = post_plan(w, inputs, [p1], rate=3, replaces=a)
+    assert w.plan(b).inputs == tuple(inputs) and w.plan(a).status == PlanStatus.REPLACED
+    assert all(w.coin(o).spent_by == b for o in inputs) and w.pegout(p1).btc_txid == b
+    check_invariants(w.state)
+
+
 def test_a_peg_out_pays_at_most_a_tenth_of_its_amount_in_fees() -> None:
     """The fee share bound (MAX_FEE_SHARE_PPM, 10%) also keeps every payout far above dust: a peg-out is at least
     PEGOUT_MIN_SAT, so its payout is at least 9000 sat."""
@@ -434,6 +560,7 @@ def test_the_same_plan_twice_is_a_duplicate_duty() -> None:
 def test_replacement_refusals() -> None:
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=5)
+    post_signatures(w, a)
     err = refuse_plan(w, UnknownPlan, INPUTS, (p1, p2), rate=6, replaces=b"\x42" * 32)
     assert err.reason == "unknown-plan"
     err = refuse_plan(w, BadReplacement, INPUTS[::-1], (p1, p2), rate=6, replaces=a)  # the inputs in another order
@@ -448,6 +575,7 @@ def test_replacement_refusals() -> None:
     b = post_plan(w, INPUTS, (p1, p2), rate=6, replaces=a)
     assert (w.plan(a).status, w.plan(a).replaced_by, w.plan(b).replaces) == (PlanStatus.REPLACED, b, a)
     refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=7, replaces=a)  # a is not the current version
+    post_signatures(w, b)
     complete(w, b, p2)
     refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=7, replaces=b)  # b is COMPLETED
     refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=8, replaces=a)
@@ -456,6 +584,7 @@ def test_replacement_refusals() -> None:
 def test_a_replacement_moves_the_coins_and_peg_outs_to_the_new_version() -> None:
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=5)
+    post_signatures(w, a)
     writes = w.apply(w.sign(AUTH2, PegoutPlan(ANCHOR_HEIGHT, 9, a, INPUTS, (p1, p2))))
     b = plan_of(writes)
     assert set(writes) == {plan_key(a), plan_key(b), pegout_key(p1), pegout_key(p2), coin_key(*INPUTS[0]),
@@ -468,6 +597,27 @@ def test_a_replacement_moves_the_coins_and_peg_outs_to_the_new_version() -> None
     assert all(w.coin(o).spent_by == b for o in INPUTS)
     assert all(w.pegout(p).btc_txid == b for p in (p1, p2))
     assert plan_tx(view(w), FED, NET, eb).txid == b != a
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_only_a_version_m_keys_signed_is_replaced(order: tuple[int, int, int]) -> None:
+    """A replacement is refused (BadReplacement, nothing written) until the state holds the signatures of m = 2
+    federation keys for the version it replaces (it could then be broadcast): with 0 and with m - 1 signatures; the
+    signatures of another plan do not count. At m it is accepted, and the new version needs its own m."""
+    w, p1, p2 = plans_world()
+    other = post_plan(w, [outpoint(5)], [burn(w, 50_000)])
+    post_signatures(w, other, FED_SECRETS)  # every key signed another plan
+    a = post_plan(w, INPUTS, (p1, p2), rate=5)
+    for n, k in enumerate(order[:FED.threshold]):
+        err = refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=6, replaces=a)
+        assert f"has {n} of the {FED.threshold} signatures" in str(err)
+        post_signatures(w, a, [FED_SECRETS[k]])
+    b = post_plan(w, INPUTS, (p1, p2), rate=6, replaces=a)
+    assert (w.plan(a).status, w.plan(b).replaces) == (PlanStatus.REPLACED, a)
+    err = refuse_plan(w, BadReplacement, INPUTS, (p1, p2), rate=7, replaces=b)
+    assert f"has 0 of the {FED.threshold} signatures" in str(err)
+    post_signatures(w, b, [FED_SECRETS[k] for k in order])  # all three keys: more than m is fine
+    post_plan(w, INPUTS, (p1, p2), rate=7, replaces=b)
 
 
 # == peg-out updates against plans =================================================================================
@@ -493,7 +643,9 @@ def test_the_first_completed_version_of_an_rbf_chain_completes_the_plan(winner: 
     the coins spent by it, its change a coin at vout n, the totals moved once."""
     w, p1, p2 = plans_world()
     a = post_plan(w, INPUTS, (p1, p2), rate=2)
+    post_signatures(w, a)
     b = post_plan(w, INPUTS, (p1, p2), rate=3, replaces=a)
+    post_signatures(w, b)
     c = post_plan(w, INPUTS, (p1, p2), rate=4, replaces=b)
     versions = [a, b, c]
     won = versions[winner]
@@ -549,8 +701,9 @@ record_anchor(PROP_BASE, PROP_ANCHOR, AnchorStatus.FINAL)
 op = st.one_of(
     st.tuples(st.just("claim"), st.integers(0, len(DEPOSITS) - 1), st.just(0), st.just(0)),
     st.tuples(st.just("burn"), st.integers(PEGOUT_MIN_SAT, 400_000), st.integers(0, len(PAYOUTS) - 1), st.just(0)),
-    st.tuples(st.just("plan"), st.integers(1, 3), st.integers(1, 30), st.sampled_from([0, 0, 0, 1, 2, 3])),
-    st.tuples(st.just("replace"), st.integers(0, 20), st.integers(-1, 5), st.just(0)),
+    st.tuples(st.just("plan"), st.integers(1, 3), st.integers(1, 30), st.sampled_from([0, 0, 0, 1, 2, 3, 4])),
+    st.tuples(st.just("sign"), st.integers(0, 20), st.integers(1, len(FED_SECRETS)), st.integers(0, 2)),
+    st.tuples(st.just("replace"), st.integers(0, 20), st.integers(-1, 5), st.sampled_from([0, 1, 1])),
     st.tuples(st.just("mined"), st.integers(0, 20), st.integers(0, 2), st.sampled_from([0, 0, 1])),
     st.tuples(st.just("mined"), st.integers(0, 20), st.integers(0, 2), st.just(0)),
 )
@@ -565,7 +718,8 @@ def _records(state: dict[bytes, bytes], ns: Namespace) -> dict[bytes, bytes]:
 def test_holdings_and_completions_over_random_sequences(ops: list[tuple[str, int, int, int]]) -> None:
     """After every step: the federation's deposit and change coins not spent by a COMPLETED plan add up to
     pegged_in - paid_out (and check_invariants' ledger and totals); a peg-out is COMPLETED at most once, with one
-    txid, for good; no coin is held by a REPLACED plan; a refused step changes nothing."""
+    txid, for good; no coin is held by a REPLACED plan; no plan holds a coin it does not need; every replaced
+    version was signed by m keys; a refused step changes nothing."""
     w = World()
     w.state = dict(PROP_BASE.state)
     w.nonce = Counter(PROP_BASE.nonce)
@@ -582,7 +736,7 @@ def test_holdings_and_completions_over_random_sequences(ops: list[tuple[str, int
         elif kind == "burn":
             txs.append(w.sign(BOB, Burn(a, address(PAYOUTS[b])), fee=10))
         elif kind == "plan":  # c == 0: a plan a member would make; 1: with a spent coin, 2: with any peg-outs,
-            # 3: with the funding coin (mostly refused)
+            # 3: with the funding coin (mostly refused), 4: with one more free coin than it needs (refused)
             todo = sorted(k for k, e in pegouts.items()
                           if c == 2 or (e.status == PegoutStatus.PENDING and e.btc_txid == ZERO))[:a]
             if not todo:
@@ -593,16 +747,26 @@ def test_holdings_and_completions_over_random_sequences(ops: list[tuple[str, int
                                                      x.kind == CoinKind.FUNDING)), key=lambda x: x.btc_txid)[:1]
             rest = need - sum(x.amount_sat for x in taken)
             chosen = taken + (select_coins(free, rest) if rest > 0 else [])
+            if c == 4:
+                chosen += sorted((x for x in free if x not in chosen), key=lambda x: x.btc_txid)[:1]
             if not chosen:
                 continue
             txs.append(w.sign(AUTH, PegoutPlan(PROP_ANCHOR, b, ZERO, tuple((x.btc_txid, x.vout) for x in chosen),
                                                tuple(todo))))
-        elif kind == "replace":
-            if not plans:
+        elif kind in ("sign", "replace"):  # mostly a current version
+            current = sorted(k for k, e in plans.items() if e.status == PlanStatus.PLANNED)
+            some = current if a % 3 and current else sorted(plans)
+            if not some:
                 continue
-            pid = sorted(plans)[a % len(plans)]
-            e = plans[pid]
-            txs.append(w.sign(AUTH, PegoutPlan(PROP_ANCHOR, max(1, e.feerate_sat_vb + b), pid, e.inputs, e.pegouts)))
+            pid = some[a % len(some)]
+            # sign: the b keys from the c-th sign it; replace: with c, the first m keys sign it first (each signature
+            # is refused if the key signed already)
+            signers = [(c + k) % len(FED_SECRETS) for k in range(b)] if kind == "sign" else range(FED.threshold * c)
+            txs.extend(PlanSignature(pid, key_index(FED_SECRETS[k]), sign_plan(w, pid, FED_SECRETS[k]))
+                       for k in signers)
+            if kind == "replace":
+                e = plans[pid]
+                txs.append(PegoutPlan(PROP_ANCHOR, max(1, e.feerate_sat_vb + b), pid, e.inputs, e.pegouts))
         else:  # a version of a plan is broadcast (c: not first) and mined
             if not plans:
                 continue
@@ -631,6 +795,13 @@ def test_holdings_and_completions_over_random_sequences(ops: list[tuple[str, int
         plans = {k: PlanEntry.decode(v) for k, v in _records(w.state, Namespace.PLAN).items()}
         for x in (FedCoin.decode(v) for v in _records(w.state, Namespace.FED_COIN).values()):
             assert x.spent_by == ZERO or plans[x.spent_by].status != PlanStatus.REPLACED
+        for pid, e in plans.items():
+            amounts = [FedCoin.decode(w.state[coin_key(*o)]).amount_sat for o in e.inputs]
+            need = sum(PegoutEntry.decode(w.state[pegout_key(p)]).amount_sat for p in e.pegouts)
+            assert not any(_covers(sum(amounts) - x, need) for x in amounts)
+            if e.replaced_by != ZERO:
+                signed = sum(plan_signatures(w.state.get, pid, i) is not None for i in range(len(FED_KEYS)))
+                assert signed >= FED.threshold
         holders: Counter[bytes] = Counter()
         for pid, e in plans.items():
             if e.status == PlanStatus.COMPLETED:
