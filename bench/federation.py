@@ -220,13 +220,14 @@ class Federation:
     n: int
     extra_toml: str  # tables appended to every member's l2d.toml
     federation_toml: str = ""  # keys added to its [federation] table
+    network: str = "local"
     members: list[Optional[Member]] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
 
     def init(self) -> "Federation":
         r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-init", "--members", str(self.n), "--dir",
-                            str(self.root), "--base-port", str(free_port_base(self.n))], capture_output=True, text=True,
-                           cwd=REPO, timeout=120)
+                            str(self.root), "--base-port", str(free_port_base(self.n)), "--network", self.network],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
         if r.returncode:
             raise RuntimeError(f"federation-init: {r.stderr}")
         for k in range(self.n):  # tables appended after the [[federation.members]] array: valid TOML

@@ -18,6 +18,7 @@ import bench_fl  # noqa: E402
 import bench_fl_l2  # noqa: E402
 import bench_ledger  # noqa: E402
 import bench_orchestration  # noqa: E402
+import bench_pegout  # noqa: E402
 import bench_scheduler  # noqa: E402
 import bench_slow_clients  # noqa: E402
 import bench_spv  # noqa: E402
@@ -42,6 +43,7 @@ def main() -> None:
         "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
         "slow_clients": bench_slow_clients.main(["--slow", "200", "--pace", "1"] if a.quick else []),
         "federation": federation.main(["--quick"] if a.quick else []),  # real member processes, ~2 min
+        "pegout": bench_pegout.main(["--quick"] if a.quick else []),  # member processes and bitcoind, ~4 min
         "soak": soak.main(["--kills", "5"] if a.quick else []),  # 50 SIGKILLs of a real daemon (~1.5 s each)
     }
     out = HERE / "out"

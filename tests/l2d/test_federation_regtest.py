@@ -9,7 +9,6 @@ anchor covering the burn in its bitcoind and refuses to sign the plan: members 1
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from typing import Any, Awaitable, Callable
 
 from coincurve import PrivateKey
 
-from anchoring.btc_tx import key_path_script
 from bridge.rpc import BitcoinRPC
 from l2d.core.block import Block
 from l2d.core.coin_tx import Burn
@@ -27,84 +25,18 @@ from l2d.core.commit import Commit
 from l2d.core.params import REGTEST
 from l2d.core.pegs_tx import BtcHeaders, PeginClaim
 from l2d.core.tx import sign
-from regtest.harness import BitcoindNode, find_bitcoind, fund_wallet, scan_sat
+from regtest.harness import BitcoindNode, find_bitcoind, scan_sat
+from regtest.members import fund_anchor_key, proven_deposit, secret, signer_pubkey, write_configs
 from tests.conftest import REPO, L2dProcess
 from tests.l2d.federation_procs import Federation
 
-MIN_DEPTH = 2
-
-
-def secret(tag: str) -> bytes:
-    return hashlib.sha256(b"l2d federation regtest " + tag.encode()).digest()
-
-
-ANCHOR_KEY = secret("anchor")
-SIGNERS = [secret(f"signer {i}") for i in range(4)]
 ALICE = secret("alice")
 ALICE_ID = PrivateKey(ALICE).public_key_xonly.format()
-
-
-def write_configs(fed: Federation, btc: list[BitcoindNode]) -> None:
-    """Every member: its bitcoind, the bridge (same genesis federation: 3 of the 4 signer keys, one per member), the
-    claims policy's depths. Member 1 also the anchor key."""
-    pubs = [PrivateKey(s).public_key.format().hex() for s in SIGNERS]
-    for k in range(fed.n):
-        d = fed.dir(k)
-        b = btc[k]
-        (d / "signer.key").write_text(SIGNERS[k].hex())
-        if k == 0:
-            (d / "anchor.key").write_text(ANCHOR_KEY.hex())
-            anchoring = ('enabled = true\nmode = "taproot"\nevery_blocks = 2\nfederation_key_file = "anchor.key"\n'
-                         "rbf_after_blocks = 50\npoll_interval_ms = 100\n")
-        else:
-            anchoring = "enabled = false\n"
-        for f in d.glob("*.key"):
-            f.chmod(0o600)
-        bridge_keys = 'signer_key_files = ["signer.key"]\n' f"other_keys = {json.dumps(pubs[:k] + pubs[k + 1:])}\n"
-        with fed.config(k).open("a") as f:
-            f.write(f"""
-[bitcoind]
-rpc_url = "{b.rpc_url}"
-cookie_file = "{b.cookie_path}"
-
-[anchoring]
-{anchoring}confirmations = 1
-final_confirmations = 3
-
-[bridge]
-enabled = true
-threshold = 3
-{bridge_keys}pegin_min_depth = {MIN_DEPTH}
-pegout_confirmations = 1
-poll_interval_ms = 100
-""")
+ONE_KEY_EACH = [[0], [1], [2], [3]]  # member k holds peg-out key k
 
 
 def relayed_tip(p: L2dProcess) -> Any:
     return p.get("/api/bridge/federation")["btc_tip"]
-
-
-async def fund_anchor_key(rpc: BitcoinRPC) -> tuple[BitcoinRPC, str]:
-    """A miner wallet on bitcoind A, and the anchor key's Taproot output funded (anchors are paid from it)."""
-    w, mine_addr = await fund_wallet(rpc, "miner")
-    spk = key_path_script(PrivateKey(ANCHOR_KEY).public_key_xonly.format())
-    desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
-    await w.sendtoaddress((await rpc.call("deriveaddresses", [desc]))[0], 50_000_000)
-    await rpc.generatetoaddress(1, mine_addr)
-    return w, mine_addr
-
-
-async def proven_deposit(rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str, relayed: Callable[[], Awaitable[Any]],
-                         poll: Callable[..., Awaitable[Any]], address: str, amount: int) -> tuple[bytes, PeginClaim]:
-    """Pay address on A, mine it MIN_DEPTH deep, wait for the relay: (txid, its claim's payload)."""
-    txid = await w.sendtoaddress(address, amount)
-    info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
-    [vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == address]
-    await rpc.generatetoaddress(MIN_DEPTH, mine_addr)
-    await poll(relayed, 60, f"the block paying {address} relayed")
-    block = bytes.fromhex((await rpc.call("getrawtransaction", [txid[::-1].hex(), True]))["blockhash"])[::-1]
-    return txid, PeginClaim((await rpc.getblockheader(block, True)).height, vout,
-                            await rpc.getrawtransaction(txid), await rpc.gettxoutproof([txid], block))
 
 
 async def holdings_on_chain(rpc: BitcoinRPC, p: L2dProcess) -> int:
@@ -130,7 +62,7 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
             raw = await rpc.call("getblock", [(await rpc.getblockhash(h))[::-1].hex(), 0])
             assert await rpc_b.call("submitblock", [raw]) is None
         [b_own] = await rpc_b.call("generatetodescriptor", [1, "raw(51)"])
-        write_configs(fed, [bitcoind, bitcoind, bitcoind, node_b])
+        write_configs([fed.dir(k) for k in range(4)], [bitcoind, bitcoind, bitcoind, node_b], ONE_KEY_EACH, 3)
         fed.rewrite_genesis()  # the bridge's federation is part of the genesis state
         for k in range(4):
             fed.start(k)
@@ -145,7 +77,7 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
         await poll(relayed_to_a, 120, "A's headers relayed past the fork")
 
         async def deposit(address: str, amount: int) -> tuple[bytes, PeginClaim]:
-            return await proven_deposit(rpc, w, mine_addr, relayed_to_a, poll, address, amount)
+            return await proven_deposit(rpc, w, mine_addr, relayed_to_a, address, amount)
 
         # peg-in: Alice deposits 1 BTC on A and claims it through member 3
         addr = procs[2].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
@@ -198,7 +130,7 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
         assert len(paid["vin"][0]["txinwitness"]) == 5  # "", 3 signatures, the witness script
         # members 1-3 signed the plan, each in its own process, with its own key; member 4 refused
         [plan] = [x for x in procs[3].get("/api/bridge/plans")["plans"] if x["id"] == p["btc_txid"]]
-        pubs = [PrivateKey(s_).public_key.format().hex() for s_ in SIGNERS]
+        pubs = [signer_pubkey(i) for i in range(4)]
         assert plan["status"] == "COMPLETED" and sorted(plan["signed_by"]) == sorted(pubs[:3])
         assert [r for r in fed.log_lines(3)  # its bitcoind does not have the anchor's block
                 if r["msg"].startswith(f"bridge: not signing plan {plan['id']}: anchor of L2 height")]
@@ -289,12 +221,12 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
     w, mine_addr = await fund_anchor_key(rpc)
     fed = Federation(tmp_path / "fed", 4, network=REGTEST, federation={"round_ms": 1000})
     try:
-        write_configs(fed, [bitcoind] * 4)
+        write_configs([fed.dir(k) for k in range(4)], [bitcoind] * 4, ONE_KEY_EACH, 3)
         fed.rewrite_genesis()
         for k in range(4):
             fed.start(k)
         procs = fed.procs
-        pubs = [PrivateKey(s_).public_key.format().hex() for s_ in SIGNERS]
+        pubs = [signer_pubkey(i) for i in range(4)]
 
         async def relayed() -> bool:
             tip = await rpc.getblockcount()
@@ -302,7 +234,7 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
             return r is not None and r["height"] == tip and r["hash"] == (await rpc.getblockhash(tip))[::-1].hex()
         await poll(relayed, 120, "headers relayed")
         addr = procs[0].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
-        _, proof = await proven_deposit(rpc, w, mine_addr, relayed, poll, addr, 100_000_000)
+        _, proof = await proven_deposit(rpc, w, mine_addr, relayed, addr, 100_000_000)
         claim = sign(REGTEST, ALICE, 0, 1, proof, bytes(32))
         fed.submit(0, claim)
         await poll(lambda: fed.tx_height(0, claim) is not None, 60, "the claim committed")
