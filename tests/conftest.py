@@ -30,6 +30,7 @@ from coincurve import PrivateKey
 from bridge.rpc import BitcoinRPC
 from l2d.config import Config
 from l2d.node import Node
+from regtest import members
 from regtest.harness import BitcoindNode, find_bitcoind
 
 SKIP_REASON = "bitcoind not found (set $BITCOIND or put it on PATH)"
@@ -68,16 +69,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 async def _poll(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll cond (sync or async) until it returns something truthy; return that, or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+    try:
+        return await members.poll(cond, timeout, what)
+    except TimeoutError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
     obj = json.loads(lines[0])
-    assert obj["ok"] is (code == 0) and obj["exit_code"] == code and obj["command"] == "audit"
+    assert obj["ok"] is (code == 0) and obj["exit_code"] == code and obj["command"] == argv[0]
     return code, obj
 
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,7 +16,7 @@ from l2d.core.state import LOCKED_KEY
 from l2d.core.work import worker_key
 from tests.l2d.core.test_audit import FEDERATION, make_world, with_commit
 from tests.l2d.core.test_recovery import HOLDINGS, MINTED_FUNDS, TOY_FUNDS, Scenario, scenario
-from verify_tool.cli import main
+from tests.verify_tool.test_audit_cli import run, run_json
 from verify_tool.recovery import EXIT_NO_RECOVERY, run_recovery
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,21 +31,6 @@ def write(tmp_path: Path, name: str, items: dict[bytes, bytes], evidence: str = 
     p = tmp_path / f"{name}.l2audit"
     p.write_bytes(make_world(AnchorKind.OP_RETURN, evidence, items=items).bundle.encode())
     return p
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
-    code, out, _ = run(capsys, "recovery", *argv, "--json")
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    obj = json.loads(lines[0])
-    assert obj["ok"] is (code == 0) and obj["exit_code"] == code and obj["command"] == "recovery"
-    return code, obj
 
 
 def test_subprocess_recovery_of_an_anchored_state(tmp_path: Path, full: Scenario) -> None:
@@ -80,7 +64,7 @@ def test_pro_rata_and_disagreement_in_the_output(capsys: pytest.CaptureFixture[s
     s = scenario(MINTED_FUNDS)
     items = dict(s.state)
     bundle = write(tmp_path, "minted", items)
-    code, obj = run_json(capsys, str(bundle))
+    code, obj = run_json(capsys, "recovery", str(bundle))
     assert code == 0 and obj["pro_rata"] is True
     total = obj["claims_sat"]
     assert [c["payout_sat"] for c in obj["claims"]] == [c["amount_sat"] * HOLDINGS // total for c in obj["claims"]]
@@ -101,11 +85,11 @@ def test_audit_failures_and_usage_are_those_of_audit(capsys: pytest.CaptureFixtu
     raw[len(raw) // 2] ^= 1
     damaged = tmp_path / "damaged.l2audit"
     damaged.write_bytes(bytes(raw))
-    assert run_json(capsys, str(damaged))[1]["error_type"] == "BundleChecksumMismatch"
+    assert run_json(capsys, "recovery", str(damaged))[1]["error_type"] == "BundleChecksumMismatch"
     short = tmp_path / "short.l2audit"
     short.write_bytes(bundle.read_bytes()[:-50])
-    assert run_json(capsys, str(short))[1]["error_type"] == "Truncated"
-    code, obj = run_json(capsys, str(bundle), "--checkpoint", "12:abc")
+    assert run_json(capsys, "recovery", str(short))[1]["error_type"] == "Truncated"
+    code, obj = run_json(capsys, "recovery", str(bundle), "--checkpoint", "12:abc")
     assert (code, obj["error_type"]) == (2, "bad-argument")
     code, _, err = run(capsys, "recovery")
     assert code == 2 and "error:" in err
@@ -114,11 +98,11 @@ def test_audit_failures_and_usage_are_those_of_audit(capsys: pytest.CaptureFixtu
     # --members: the anchored block's commit is required and checked, exactly as by audit
     members = tmp_path / "genesis.json"
     members.write_bytes(FEDERATION.encode())
-    code, obj = run_json(capsys, str(bundle), "--members", str(members))
+    code, obj = run_json(capsys, "recovery", str(bundle), "--members", str(members))
     assert (code, obj["error_type"]) == (1, "CommitMissing")
     v2 = tmp_path / "v2.l2audit"
     v2.write_bytes(with_commit(make_world(AnchorKind.OP_RETURN, "snapshot", items=full.state)).encode())
-    code, obj = run_json(capsys, str(v2), "--members", str(members))
+    code, obj = run_json(capsys, "recovery", str(v2), "--members", str(members))
     assert code == 0 and obj["audit"]["commit"]["checked"] is True and obj["claims_sat"] == 249_270
 
 
@@ -130,10 +114,10 @@ def test_no_recovery_from_proofs_or_a_chain_without_a_bridge(capsys: pytest.Capt
     assert (code, out) == (EXIT_NO_RECOVERY, "") == (3, "")
     assert err.startswith(f"ERROR recovery {proofs}: the bundle's L2 evidence is a state root with 3 proof(s), not "
                           f"a snapshot")
-    code, obj = run_json(capsys, str(proofs))
+    code, obj = run_json(capsys, "recovery", str(proofs))
     assert (code, obj["error_type"]) == (3, "NoSnapshotEvidence")
     plain = write(tmp_path, "plain", {k: v for k, v in full.state.items() if k != FEDERATION_KEY})
-    code, obj = run_json(capsys, str(plain))
+    code, obj = run_json(capsys, "recovery", str(plain))
     assert (code, obj["error_type"]) == (3, "NotABridgeChain")
 
 
@@ -143,7 +127,7 @@ def test_a_record_that_does_not_decode_exits_2(capsys: pytest.CaptureFixture[str
     items[worker_key(full.worker)] = b"\x09" + items[worker_key(full.worker)][1:]
     bundle = write(tmp_path, "bad-worker", items)
     assert run(capsys, "audit", str(bundle))[0] == 0  # the snapshot verifies: its root is its records'
-    code, obj = run_json(capsys, str(bundle))
+    code, obj = run_json(capsys, "recovery", str(bundle))
     assert (code, obj["error_type"]) == (2, "RecordMalformed")
     assert worker_key(full.worker).hex() in obj["error"]
 
