@@ -211,6 +211,76 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
     assert any(r.get("refuted") for r in refusals), refusals[:3]
 
 
+class Pegged:
+    """4 member processes on bitcoind A, one peg-out key each, `threshold` keys needed to pay; Alice has pegged in
+    1 BTC (claimed through member 1)."""
+
+    def __init__(self, fed: Federation, rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str,
+                 poll: Callable[..., Awaitable[Any]]) -> None:
+        self.fed, self.rpc, self.w, self.mine_addr, self.poll = fed, rpc, w, mine_addr, poll
+
+    @classmethod
+    async def start(cls, root: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]],
+                    threshold: int) -> "Pegged":
+        w, mine_addr = await fund_anchor_key(rpc)
+        fed = Federation(root, 4, network=REGTEST, federation={"round_ms": 1000})
+        write_configs([fed.dir(k) for k in range(4)], [bitcoind] * 4, ONE_KEY_EACH, threshold)
+        fed.rewrite_genesis()
+        pegged = cls(fed, rpc, w, mine_addr, poll)
+        try:
+            for k in range(4):
+                fed.start(k)
+            await poll(pegged.relayed, 120, "headers relayed")
+            addr = fed.procs[0].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
+            _, proof = await proven_deposit(rpc, w, mine_addr, pegged.relayed, addr, 100_000_000)
+            claim = sign(REGTEST, ALICE, 0, 1, proof, bytes(32))
+            fed.submit(0, claim)
+            await poll(lambda: fed.tx_height(0, claim) is not None, 60, "the claim committed")
+        except BaseException:
+            fed.kill_all()
+            raise
+        return pegged
+
+    async def relayed(self) -> bool:
+        tip = await self.rpc.getblockcount()
+        r = relayed_tip(self.fed.procs[0])
+        return r is not None and r["height"] == tip and r["hash"] == (await self.rpc.getblockhash(tip))[::-1].hex()
+
+    async def burn(self, nonce: int, amount: int) -> tuple[str, str]:
+        """Alice burns amount to a new address of the miner's wallet: (peg-out id, address)."""
+        dest = await self.w.getnewaddress()
+        b = sign(REGTEST, ALICE, nonce, 1, Burn(amount, dest.encode()), bytes(32))
+        self.fed.submit(0, b)
+        await self.poll(lambda: self.fed.tx_height(0, b) is not None, 60, "the burn committed")
+        return b.txid.hex(), dest
+
+    def pegout(self, pid: str) -> Any:
+        [p] = [p for p in self.fed.procs[0].get("/api/bridge/pegouts")["pegouts"] if p["id"] == pid]
+        return p
+
+    def plans_paying(self, pid: str) -> list[Any]:
+        plans = self.fed.procs[0].get("/api/bridge/plans")["plans"]
+        return [x for x in plans if pid in [q["id"] for q in x["pegouts"]]]
+
+    async def completed(self, pid: str) -> Any:
+        """Mine a block at a time until the peg-out is COMPLETED in member 1's state."""
+        async def done() -> Any:
+            p = self.pegout(pid)
+            if p["status"] == "COMPLETED":
+                return p
+            await self.rpc.generatetoaddress(1, self.mine_addr)
+            return None
+        return await self.poll(done, 180, f"peg-out {pid} COMPLETED")
+
+    async def unpaid(self, dest: str) -> bool:
+        """Nothing pays dest, in the chain or in the mempool."""
+        for txid in await self.rpc.call("getrawmempool"):
+            tx = await self.rpc.call("getrawtransaction", [txid, True])
+            if any(o["scriptPubKey"].get("address") == dest for o in tx["vout"]):
+                return False
+        return await scan_sat(self.rpc, [f"addr({dest})"]) == 0
+
+
 async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_completes_once(
         tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
     """All 4 members on bitcoind A, 3 of 4 peg-out keys needed, one key per member process.
@@ -218,43 +288,11 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
     - Members 3 and 4 are SIGKILLed before the next payout's plan exists: with two members the federation can
       neither agree on a plan nor gather 3 signatures, so nothing is broadcast however many Bitcoin blocks pass,
       and nothing is lost; restarted, the federation pays it exactly once."""
-    w, mine_addr = await fund_anchor_key(rpc)
-    fed = Federation(tmp_path / "fed", 4, network=REGTEST, federation={"round_ms": 1000})
+    pegged = await Pegged.start(tmp_path / "fed", bitcoind, rpc, poll, 3)
+    fed, procs, burn, completed = pegged.fed, pegged.fed.procs, pegged.burn, pegged.completed
+    mine_addr = pegged.mine_addr
+    pubs = [signer_pubkey(i) for i in range(4)]
     try:
-        write_configs([fed.dir(k) for k in range(4)], [bitcoind] * 4, ONE_KEY_EACH, 3)
-        fed.rewrite_genesis()
-        for k in range(4):
-            fed.start(k)
-        procs = fed.procs
-        pubs = [signer_pubkey(i) for i in range(4)]
-
-        async def relayed() -> bool:
-            tip = await rpc.getblockcount()
-            r = relayed_tip(procs[0])
-            return r is not None and r["height"] == tip and r["hash"] == (await rpc.getblockhash(tip))[::-1].hex()
-        await poll(relayed, 120, "headers relayed")
-        addr = procs[0].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
-        _, proof = await proven_deposit(rpc, w, mine_addr, relayed, addr, 100_000_000)
-        claim = sign(REGTEST, ALICE, 0, 1, proof, bytes(32))
-        fed.submit(0, claim)
-        await poll(lambda: fed.tx_height(0, claim) is not None, 60, "the claim committed")
-
-        async def burn(nonce: int, amount: int) -> tuple[str, str]:
-            dest = await w.getnewaddress()
-            b = sign(REGTEST, ALICE, nonce, 1, Burn(amount, dest.encode()), bytes(32))
-            fed.submit(0, b)
-            await poll(lambda: fed.tx_height(0, b) is not None, 60, "the burn committed")
-            return b.txid.hex(), dest
-
-        async def completed(pid: str) -> Any:
-            async def done() -> Any:
-                [p] = [p for p in procs[0].get("/api/bridge/pegouts")["pegouts"] if p["id"] == pid]
-                if p["status"] == "COMPLETED":
-                    return p
-                await rpc.generatetoaddress(1, mine_addr)
-                return None
-            return await poll(done, 180, f"peg-out {pid} COMPLETED")
-
         # member 4 down before the plan exists (a plan needs a FINAL anchor, and no block is mined until now)
         pid1, dest1 = await burn(1, 20_000_000)
         fed.kill(3)
@@ -269,17 +307,12 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
         fed.kill(3)
         for _ in range(8):  # enough for an anchor to become FINAL, had the federation been able to record it
             await rpc.generatetoaddress(1, mine_addr)
-        assert await scan_sat(rpc, [f"addr({dest2})"]) == 0
-        for txid in await rpc.call("getrawmempool"):
-            tx = await rpc.call("getrawtransaction", [txid, True])
-            assert all(o["scriptPubKey"].get("address") != dest2 for o in tx["vout"])
-        [p2] = [p for p in procs[0].get("/api/bridge/pegouts")["pegouts"] if p["id"] == pid2]
-        assert p2["status"] != "COMPLETED"
+        assert await pegged.unpaid(dest2) and pegged.pegout(pid2)["status"] != "COMPLETED"
         fed.start(2)
         fed.start(3)
-        p2 = await completed(pid2)
+        await completed(pid2)
         paid = await scan_sat(rpc, [f"addr({dest2})"])
-        payouts = [x for x in procs[0].get("/api/bridge/plans")["plans"] if pid2 in [q["id"] for q in x["pegouts"]]]
+        payouts = pegged.plans_paying(pid2)
         assert [x["status"] for x in payouts if x["status"] == "COMPLETED"] == ["COMPLETED"]
         [done2] = [x for x in payouts if x["status"] == "COMPLETED"]
         assert paid == done2["pegouts"][0]["payout_sat"]  # one payment, not two
@@ -299,4 +332,43 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
     finally:
         fed.kill_all()
     lowest, _ = fed.check()  # same final blocks everywhere, commits valid, signer rules kept
+    assert lowest >= 1
+
+
+async def test_three_members_cannot_move_a_coin_that_needs_four_keys(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
+    """4 of 4 peg-out keys needed, one per member process. Member 4 is SIGKILLed before the payout's plan exists:
+    the other three keep the L2 going (3 of 4 members sign blocks), record the plan and post their 3 signatures,
+    but 3 keys cannot move the coin: nothing is broadcast however many blocks pass, the plan stays PLANNED with no
+    signed transaction. Member 4 restarted signs too, and the payout is made once."""
+    pegged = await Pegged.start(tmp_path / "fed", bitcoind, rpc, poll, 4)
+    fed = pegged.fed
+    pubs = [signer_pubkey(i) for i in range(4)]
+    try:
+        pid, dest = await pegged.burn(1, 20_000_000)
+        fed.kill(3)
+
+        async def signed_by_three() -> Any:
+            plans = pegged.plans_paying(pid)
+            if plans and plans[0]["final"] and len(plans[0]["signed_by"]) == 3:
+                return plans[0]
+            await rpc.generatetoaddress(1, pegged.mine_addr)
+            return None
+        plan = await poll(signed_by_three, 180, "the plan signed by the three members alive")
+        assert sorted(plan["signed_by"]) == sorted(pubs[:3]) and plan["threshold"] == 4
+        for _ in range(5):  # blocks pass: still nothing can pay
+            await rpc.generatetoaddress(1, pegged.mine_addr)
+        [plan] = pegged.plans_paying(pid)
+        assert plan["status"] == "PLANNED" and plan["signed_tx"] is None and len(plan["signed_by"]) == 3
+        assert pegged.pegout(pid)["status"] == "PENDING" and await pegged.unpaid(dest)
+        fed.start(3)
+        p = await pegged.completed(pid)
+        [plan] = pegged.plans_paying(pid)
+        assert plan["status"] == "COMPLETED" and plan["id"] == p["btc_txid"]
+        assert sorted(plan["signed_by"]) == sorted(pubs)
+        assert await scan_sat(rpc, [f"addr({dest})"]) == plan["pegouts"][0]["payout_sat"]  # paid once
+        assert await holdings_on_chain(rpc, fed.procs[0]) == 100_000_000 - 20_000_000
+    finally:
+        fed.kill_all()
+    lowest, _ = fed.check()
     assert lowest >= 1
