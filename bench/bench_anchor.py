@@ -19,7 +19,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,9 @@ from anchoring.btc_tx import key_path_script  # noqa: E402
 from l2d.config import Config  # noqa: E402
 from l2d.node import Node  # noqa: E402
 from regtest.harness import BitcoindNode, find_bitcoind, fund_wallet  # noqa: E402
+from regtest.members import poll  # noqa: E402
 
 FED_SECRET = bytes.fromhex("5b" * 32)
-
-
-async def _wait(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def run(n: int, work: Path, binary: str) -> dict[str, Any]:
@@ -90,7 +79,7 @@ async def run(n: int, work: Path, binary: str) -> dict[str, Any]:
                             if a.l2_height not in seen and a.status.value == "SUBMITTED" and a.accept_latency_ms:
                                 return a
                         return None
-                    a = await _wait(fresh, 60, "the next anchor in the mempool")
+                    a = await poll(fresh, 60, "the next anchor in the mempool", interval=0.005)
                     seen.add(a.l2_height)
                     lat.append(a.accept_latency_ms)
                     await rpc.generatetoaddress(1, mine_addr)  # confirm it: the next anchor follows

@@ -81,6 +81,15 @@ def add_signatures(fed: Federation, network: Network, psbt_bytes: bytes, signed:
     return bytes(psbt.to_bytes())
 
 
+def signed_transaction(fed: Federation, network: Network, ptx: PlanTx, sigs: dict[int, Sequence[bytes]]
+                       ) -> Optional[bytes]:
+    """The raw signed transaction of a plan from its keys' signatures (l2d.core.plans.signatures_by_key), or None
+    while fewer than m keys have signed."""
+    if len(sigs) < fed.threshold:
+        return None
+    return finalize(add_signatures(fed, network, build_psbt(fed, network, ptx), sigs))[0]
+
+
 def unsigned_txid(psbt_bytes: bytes) -> bytes:
     """txid (internal order) of the PSBT's transaction: signatures do not change it (segwit)."""
     return bytes.fromhex(PSBT.from_bytes(psbt_bytes).tx.get_txid())[::-1]

@@ -33,23 +33,22 @@ from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import (BridgeTotals, CoinKind, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key,
-                           btc_tip, pegout_key)
+from l2d.core.pegs import (BridgeTotals, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key, btc_tip,
+                           pegout_key)
 from l2d.core.pegs_tx import (MAX_PLAN_INPUTS, MAX_PLAN_PEGOUTS, MAX_RELAY_HEADERS, BtcHeaders, PegoutPlan,
                               PegoutStatus, PegoutUpdate, PlanSignature)
-from l2d.core.plans import (ZERO, PlanEntry, PlanStatus, PlanUnderfunded, held_coins, plan_signatures, plan_tx, price,
-                            price_recorded, select_coins)
+from l2d.core.plans import (SPENDABLE, ZERO, PlanEntry, PlanStatus, PlanUnderfunded, held_coins, plan_signatures,
+                            plan_tx, price, price_recorded, select_coins, signatures_by_key)
 from l2d.core.state import SUPPLY_KEY, Namespace, StateView, Supply
 
 from .claims import anchor_in_my_chain, my_feerate
-from .federation import FederationError, LocalSigner, add_signatures, build_psbt, finalize
+from .federation import FederationError, LocalSigner, build_psbt, signed_transaction
 from .rpc import BitcoinRPC
 from .rpc_errors import RPCAlreadyInChain, RPCError, RPCTransient
 from .steps import run_steps
 
 log = logging.getLogger(__name__)
 
-_SPENDABLE = (CoinKind.DEPOSIT, CoinKind.CHANGE)  # peg-outs spend deposits and change; funding pays anchors
 MAX_PLAN_CANDIDATES = 200  # pending peg-outs tried for one plan, oldest first
 
 
@@ -84,6 +83,7 @@ class BridgeService:
         self._submitted: dict[tuple[Any, ...], int] = {}
         # plan id -> the Bitcoin height at which this member first saw the version in its bitcoind (for RBF)
         self._seen: dict[bytes, int] = {}
+        self._signed: dict[bytes, bytes] = {}  # plan id -> its signed transaction, once m keys have signed
         self._wake = asyncio.Event()
         self.halted: Optional[str] = None  # why the circuit breaker refuses to sign peg-outs, None while closed
         self._warned: set[str] = set()
@@ -243,9 +243,6 @@ class BridgeService:
         self._submitted[key] = self._l2_height()
 
     # -- peg-outs -------------------------------------------------------------------------------------------------
-    async def _feerate(self) -> int:
-        return await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
-
     def _try_submit(self, key: tuple[Any, ...], payload: Payload, what: str) -> None:
         """Submit a duty unless this run did so lately; another member having done it already is fine."""
         if self._pending(key):
@@ -278,8 +275,8 @@ class BridgeService:
                       if e.status == PegoutStatus.PENDING and e.btc_txid == ZERO and e.l2_height <= anchored)
         if not todo or not await self._breaker_closed():
             return
-        rate = await self._feerate()
-        free = [c for c in self.fed_coins() if c.kind in _SPENDABLE and c.spent_by == ZERO]
+        rate = await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
+        free = [c for c in self.fed_coins() if c.kind in SPENDABLE and c.spent_by == ZERO]
         chosen: list[tuple[int, bytes, PegoutEntry]] = []
         coins: list[FedCoin] = []
         for item in todo[:MAX_PLAN_CANDIDATES]:  # oldest first; a peg-out that does not fit is left for later
@@ -383,14 +380,18 @@ class BridgeService:
             self._try_submit(("sig", plan_id, i), PlanSignature(plan_id, i, sigs), f"signature of {what} by key {i}")
 
     def _assemble(self, v: bytes, p: PlanEntry) -> Optional[bytes]:
-        """The signed transaction of version v, if the state holds signatures of m keys."""
-        with self._read_state() as r:
-            sigs = {i: s for i in range(len(self.fed.keys))
-                    if (s := plan_signatures(r.get_state, v, i)) is not None}
-            if len(sigs) < self.fed.threshold:
-                return None
-            ptx = plan_tx(StateView(r.get_state), self.fed, self.network.id, p)
-        raw, _ = finalize(add_signatures(self.fed, self.network, build_psbt(self.fed, self.network, ptx), sigs))
+        """The signed transaction of version v, if the state holds signatures of m keys (kept once made: the
+        signatures of a version only accumulate, and any m of them give the same txid)."""
+        raw = self._signed.get(v)
+        if raw is None:
+            with self._read_state() as r:
+                sigs = signatures_by_key(r.get_state, self.fed, v)
+                if len(sigs) < self.fed.threshold:
+                    return None
+                ptx = plan_tx(StateView(r.get_state), self.fed, self.network.id, p)
+            raw = signed_transaction(self.fed, self.network, ptx, sigs)
+            if raw is not None:
+                self._signed[v] = raw
         return raw
 
     async def _replace(self, plan_id: bytes, p: PlanEntry) -> None:

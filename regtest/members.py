@@ -106,7 +106,7 @@ async def fund_anchor_key(rpc: BitcoinRPC) -> tuple[BitcoinRPC, str]:
     return w, mine_addr
 
 
-async def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+async def poll(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Call cond (sync or async) until it returns something truthy; return that, or TimeoutError after timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -117,7 +117,7 @@ async def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
             return v
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
 
 
 async def proven_deposit(rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str, relayed: Callable[[], Awaitable[Any]],

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.federation import add_signatures, build_psbt, finalize
+from bridge.federation import build_psbt, signed_transaction
 from bridge.headers import HeaderStoreError
 
 from ..core.errors import L2Error
@@ -18,7 +18,7 @@ from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation,
                          bridge_totals, btc_tip, deposit_script_pubkey, descriptor_of, funded_sat, script_address,
                          witness_script)
 from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
-from ..core.plans import PlanEntry, PlanStatus, held_coins, plan_signatures, plan_tx
+from ..core.plans import PlanEntry, PlanStatus, held_coins, plan_tx, signatures_by_key
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
 from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
@@ -153,12 +153,8 @@ async def plans(request: web.Request) -> web.Response:
             recorded = [(k, p) for k, p in recorded if status is None or p.status.name == status]
             for plan_id, p in sorted(recorded, key=lambda kp: (-kp[1].l2_height, kp[0]))[:limit]:
                 ptx = plan_tx(view, fed, network.id, p)
-                sigs = {i: s for i in range(len(fed.keys))
-                        if (s := plan_signatures(r.get_state, plan_id, i)) is not None}
-                psbt = build_psbt(fed, network, ptx)
-                raw = None
-                if len(sigs) >= fed.threshold:
-                    raw = finalize(add_signatures(fed, network, psbt, sigs))[0].hex()
+                sigs = signatures_by_key(r.get_state, fed, plan_id)
+                raw = signed_transaction(fed, network, ptx, sigs)
                 out.append({
                     "id": plan_id[::-1].hex(), "status": p.status.name, "l2_height": p.l2_height,
                     "final": p.l2_height <= final,
@@ -172,7 +168,8 @@ async def plans(request: web.Request) -> web.Response:
                                  "address": script_address(bytes(ptx.tx.vout[j].scriptPubKey), network)}
                                 for j, (pid, pay) in enumerate(zip(p.pegouts, p.payouts))],
                     "threshold": fed.threshold, "signed_by": [fed.keys[i].hex() for i in sorted(sigs)],
-                    "psbt": base64.b64encode(psbt).decode(), "signed_tx": raw,
+                    "psbt": base64.b64encode(build_psbt(fed, network, ptx)).decode(),
+                    "signed_tx": None if raw is None else raw.hex(),
                 })
         return out
     return web.json_response({"plans": await asyncio.to_thread(listing)})

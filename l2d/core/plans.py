@@ -43,6 +43,7 @@ from .pegs_tx import OUTPOINT, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSigna
 from .state import Namespace, Rules, StateView, bump_member_nonce, check_member
 from .tx import Transaction
 
+SPENDABLE = (CoinKind.DEPOSIT, CoinKind.CHANGE)  # the coins peg-outs spend; FUNDING coins pay anchors
 RBF_SEQUENCE = 0xFFFFFFFD
 DUST_SAT = 546  # the largest standard dust threshold (P2PKH); payouts and change stay above it
 MAX_FEE_SHARE_PPM = 100_000  # a peg-out pays at most 10% of its amount in Bitcoin fees (signers may demand less)
@@ -149,8 +150,14 @@ def held_coins(coins: Iterable[FedCoin], plans: Mapping[bytes, PlanEntry]) -> li
     """The coins that back peg-ins by the books: DEPOSIT and CHANGE coins not spent by a COMPLETED plan (a coin of an
     open plan is reserved, not spent). Their total is pegged_in - paid_out. KeyError if a coin names a plan that
     plans lacks."""
-    return [c for c in coins if c.kind in (CoinKind.DEPOSIT, CoinKind.CHANGE)
+    return [c for c in coins if c.kind in SPENDABLE
             and (c.spent_by == ZERO or plans[c.spent_by].status != PlanStatus.COMPLETED)]
+
+
+def signatures_by_key(get: Callable[[bytes], Optional[bytes]], fed: Federation, plan_id: bytes
+                      ) -> dict[int, tuple[bytes, ...]]:
+    """Every federation key's signatures of the plan that the state holds: key index -> one per input."""
+    return {i: s for i in range(len(fed.keys)) if (s := plan_signatures(get, plan_id, i)) is not None}
 
 
 def plan_signatures(get: Callable[[bytes], Optional[bytes]], plan_id: bytes, key_index: int
@@ -332,7 +339,7 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
                                  "peg-outs")
         if p.feerate_sat_vb <= old.feerate_sat_vb:
             raise BadReplacement(f"a replacement raises the fee rate above {old.feerate_sat_vb} sat/vB")
-        signed = sum(view.get(plan_sig_key(p.replaces, i)) is not None for i in range(len(fed.keys)))
+        signed = len(signatures_by_key(view.get, fed, p.replaces))
         if signed < fed.threshold:
             raise BadReplacement(f"plan {p.replaces[::-1].hex()} has {signed} of the {fed.threshold} signatures: only "
                                  f"a version that can be broadcast is replaced")
@@ -345,7 +352,7 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
                                     f"at {p.anchor_height}")
     spender = ZERO if old is None else p.replaces
     for c in coins:
-        if c.kind not in (CoinKind.DEPOSIT, CoinKind.CHANGE):
+        if c.kind not in SPENDABLE:
             raise UnknownCoin(f"{c.btc_txid[::-1].hex()}:{c.vout} is a {c.kind.name} coin; peg-outs spend deposits "
                               f"and change")
         if c.spent_by != spender:

@@ -23,6 +23,7 @@ from l2d.federation.transport import BLOCKS_PATH, TXS_PATH, WS_PATH, Handlers, L
 from l2d.federation.wire import Close, FrameTooLarge, MalformedResponse, PeerUnavailable
 from l2d.metrics import Metrics
 from regtest.harness import free_ports
+from tests.conftest import _poll
 
 HOST = "127.0.0.1"
 # Generous against a loaded CI machine, short enough that reconnects after a restart come quickly.
@@ -175,14 +176,7 @@ async def raw_member(session: aiohttp.ClientSession, port: int, me: int, server:
 
 
 async def poll(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    return await _poll(cond, timeout, what)
 
 
 def msg(sender: int, seq: int, size: int = 100) -> bytes:
