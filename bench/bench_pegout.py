@@ -47,11 +47,9 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -68,6 +66,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from coincurve import PrivateKey  # noqa: E402
+from common import workdir  # noqa: E402
 from federation import Conn, Federation, Member  # noqa: E402
 
 from bridge.zmq_sub import SequenceEvent, SequenceLabel, parse_message  # noqa: E402
@@ -358,16 +357,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if binary is None:
         res: dict[str, Any] = {"skipped": "bitcoind not found (set $BITCOIND or put it on PATH)"}
     else:
-        if a.keep is not None:
-            a.keep.mkdir(parents=True, exist_ok=True)
-            workdir = a.keep
-        else:
-            workdir = Path(tempfile.mkdtemp(prefix="l2d-bench-pegout-"))
-        try:
-            res = run(workdir, binary, n_pegouts, a.quick)
-        finally:
-            if a.keep is None:
-                shutil.rmtree(workdir, ignore_errors=True)
+        with workdir(a.keep, "l2d-bench-pegout-") as d:
+            res = run(d, binary, n_pegouts, a.quick)
     print(json.dumps(res, indent=1))
     return res
 

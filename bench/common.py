@@ -5,7 +5,11 @@ import hashlib
 import os
 import resource
 import time
-from typing import Any, Callable
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 from coincurve import PrivateKey, PublicKeyXOnly
 
@@ -37,6 +41,20 @@ def poll(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextmanager
+def workdir(keep: Optional[Path], prefix: str) -> Iterator[Path]:
+    """The bench's directory: keep (created, left in place) or a temporary one removed afterwards."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import BUSY, poll  # noqa: E402
+from common import BUSY, poll, workdir  # noqa: E402
 from l2d.config import Config  # noqa: E402
 from l2d.core.block import Block  # noqa: E402
 from l2d.core.coin_tx import Transfer  # noqa: E402
@@ -577,16 +577,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run, tests/bench)")
     ap.add_argument("--keep", type=Path, help="run in this directory and keep it (default: a temporary one)")
     a = ap.parse_args(argv)
-    if a.keep is not None:
-        a.keep.mkdir(parents=True, exist_ok=True)
-        workdir = a.keep
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="l2d-fedbench-"))
-    try:
-        result = run(workdir, a.quick)
-    finally:
-        if a.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with workdir(a.keep, "l2d-fedbench-") as d:
+        result = run(d, a.quick)
     print(json.dumps(result, indent=1))
     return result
 

@@ -37,6 +37,15 @@ from tests.l2d.federation_procs import transfer as fed_transfer
 from tests.l2d.test_node import transfer
 
 
+async def _submitted_and_committed(node: Node, n: int, poll: Callable[..., Any]) -> list[Any]:
+    """n transfers submitted to node, waited for until committed."""
+    txs = [transfer(1, 4, 10, i) for i in range(n)]
+    for t in txs:
+        node.admission.submit(t.raw)
+    await _committed(node, txs, poll)
+    return txs
+
+
 async def _committed(node: Node, txs: list[Any], poll: Callable[..., Any]) -> None:
     await poll(lambda: all(node.store.tx_location(t.txid) is not None for t in txs), 30, "transactions committed")
 
@@ -47,10 +56,7 @@ async def test_every_block_carries_the_member_commit_and_an_empty_child_makes_th
     node = Node.from_config(cfg)
     await node.start(serve_http=False)
     try:
-        txs = [transfer(1, 4, 10, n) for n in range(3)]
-        for t in txs:
-            node.admission.submit(t.raw)
-        await _committed(node, txs, poll)
+        txs = await _submitted_and_committed(node, 3, poll)
         height = node.store.tx_location(txs[-1].txid)[0]  # type: ignore[index]
         # nothing more to include: one empty block follows, so the block with the transactions becomes final
         await poll(lambda: node.chain.final.height >= height, 30, "the last transaction's block final")
@@ -74,10 +80,7 @@ async def test_the_exported_chain_file_passes_the_auditors_check(
     node = Node.from_config(make_cfg(tmp_path / "data"))
     await node.start(serve_http=True)
     try:
-        txs = [transfer(1, 4, 10, n) for n in range(2)]
-        for t in txs:
-            node.admission.submit(t.raw)
-        await _committed(node, txs, poll)
+        txs = await _submitted_and_committed(node, 2, poll)
         await poll(lambda: node.chain.final.height >= 1, 30, "a final block")
         block0 = node.ledger.block(0)
         assert block0 is not None
@@ -270,10 +273,7 @@ async def test_committed_transaction_bodies_are_served_to_members(
     node = Node.from_config(make_cfg(tmp_path / "data"))
     await node.start(serve_http=False)
     try:
-        txs = [transfer(1, 4, 10, n) for n in range(3)]
-        for t in txs:
-            node.admission.submit(t.raw)
-        await _committed(node, txs, poll)
+        txs = await _submitted_and_committed(node, 3, poll)
         assert all(node.mempool.get(t.txid) is None for t in txs)
         unknown = hashlib.sha256(b"no such transaction").digest()
         assert node.host.serve_txs([txs[2].txid, unknown, txs[0].txid]) == [txs[2].raw, txs[0].raw]
