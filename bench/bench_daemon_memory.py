@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from common import current_rss_mb  # noqa: E402
 
 from l2d.core.block import Block, BlockHeader, tx_root  # noqa: E402
+from l2d.core.commit import Commit, sign_block  # noqa: E402
 from l2d.core.params import LOCAL  # noqa: E402
 from l2d.core.state import Account, account_key
 from l2d.core.tree import StateTree  # noqa: E402
@@ -40,7 +41,7 @@ def _add_accounts(data_dir: Path, accounts: int) -> None:
     """Commit one block whose state holds `accounts` more account records (the node must be stopped).
 
     The block carries no transactions: it is a storage fixture (as if the accounts had been minted over
-    many blocks), committed with a correct header so the daemon's start-up root check passes.
+    many blocks), committed with a correct header and the member's commit, so the daemon's start-up checks pass.
     """
     rnd = random.Random(11)
     store = Store(data_dir / "ledger", LOCAL)
@@ -57,7 +58,11 @@ def _add_accounts(data_dir: Path, accounts: int) -> None:
             writes[k] = value
             tree.set(k, value)
         header = BlockHeader(tip.network_id, tip.height + 1, tip.hash, tip.timestamp_ms, 0, tx_root([]), tree.root())
-        store.commit_block(header.height, Block(header, ()).encode(), [], writes)
+        # signed by the 1-member federation's key (data_dir/member.key) and final, as its own blocks are
+        member = bytes.fromhex((data_dir / "member.key").read_text().strip())
+        commit = Commit.assemble(1, {0: sign_block(member, LOCAL, header.hash, bytes(32))})
+        store.commit_block(header.height, Block(header, ()).encode(), [], writes, commit=commit.encode(),
+                           final=header.height)
     finally:
         store.close()
 
