@@ -30,8 +30,8 @@ from coincurve import PrivateKey, PublicKey
 from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.params import Network
-from l2d.core.pegs import (CHANGE_CONTRACT, OP_IF, SECP256K1_N, Federation, PegoutEntry, deposit_script_pubkey,
-                           pegin_tweak, pegout_key, tweaked_key, witness_script)
+from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, OP_IF, SECP256K1_N, Federation, PegoutEntry,
+                           deposit_script_pubkey, pegin_tweak, pegout_key, tweaked_key, witness_script)
 from l2d.core.pegs_tx import PegoutStatus
 from l2d.core.plans import MAX_FEE_SHARE_PPM, RBF_SEQUENCE, PlanTx
 
@@ -143,12 +143,13 @@ class LocalSigner:
     def check(self, psbt: PSBT, pegout_ids: Sequence[bytes], anchor_height: int) -> None:
         """Raise PolicyViolation unless this key may sign psbt for these peg-outs."""
         net = self.network.id
-        if len(set(pegout_ids)) != len(pegout_ids) or not pegout_ids:
-            raise PolicyViolation("the peg-out list is empty or repeats a peg-out")
+        if len(set(pegout_ids)) != len(pegout_ids):
+            raise PolicyViolation("the peg-out list repeats a peg-out")
         anchor = self._get(anchor_key(anchor_height))
-        if anchor is None or AnchorEntry.decode(anchor).status not in (AnchorStatus.CONFIRMED, AnchorStatus.FINAL):
+        if pegout_ids and (anchor is None or AnchorEntry.decode(anchor).status not in (AnchorStatus.CONFIRMED,
+                                                                                        AnchorStatus.FINAL)):
             raise PolicyViolation(f"no CONFIRMED anchor at L2 height {anchor_height}")
-        in_total = 0
+        in_total = held = 0
         for i, psi in enumerate(psbt.inputs):
             contract = psi.unknown.get(_CONTRACT_KEY)
             if contract is None or len(contract) != 32 or psi.witness_utxo is None or psi.witness_script is None:
@@ -160,8 +161,20 @@ class LocalSigner:
                     or psi.witness_utxo.script_pubkey.to_bytes() != deposit_script_pubkey(self.fed, net, contract)):
                 raise PolicyViolation(f"input {i} is not a federation coin for its contract")
             in_total += psi.witness_utxo.amount
+            held += 0 if contract == FUNDING_CONTRACT else psi.witness_utxo.amount
         outs = [(o.script_pubkey.to_bytes(), o.amount) for o in psbt.tx.outputs]
         change_spk = deposit_script_pubkey(self.fed, net, CHANGE_CONTRACT)
+        if not pegout_ids:  # a roll (l2d/core/plans.py): the coins go back to the federation, the books whole
+            funding_spk = deposit_script_pubkey(self.fed, net, FUNDING_CONTRACT)
+            scripts = [spk for spk, _ in outs]
+            if any(spk not in (change_spk, funding_spk) for spk in scripts) or len(set(scripts)) != len(scripts):
+                raise PolicyViolation("a roll pays an output that is neither the change nor the funding rest, or one "
+                                      "twice")
+            if sum(v for spk, v in outs if spk == change_spk) != held:
+                raise PolicyViolation(f"a roll must return the held coins ({held} sat) whole to the change script")
+            if sum(v for _, v in outs) > in_total:
+                raise PolicyViolation("the outputs exceed the inputs")
+            return
         want = 0
         for pid in pegout_ids:
             raw = self._get(pegout_key(pid))

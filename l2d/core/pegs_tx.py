@@ -168,7 +168,31 @@ MAX_PLAN_INPUTS = 20  # coins one plan spends
 MAX_PLAN_PEGOUTS = 20  # peg-outs one plan pays
 MAX_FEERATE = 10_000  # sat/vB: a bound on the field; each member's signing policy sets its own, lower cap
 _PLAN_HEAD = struct.Struct(">QI32s")  # anchor height, fee rate, replaces
+_ROLL_HEAD = struct.Struct(">I32s")  # fee rate, replaces
 OUTPOINT = struct.Struct(">32sI")  # a Bitcoin outpoint: txid (internal order) | vout
+
+
+def _check_plan_head(feerate_sat_vb: int, replaces: bytes, inputs: tuple[tuple[bytes, int], ...]) -> None:
+    """The fields every plan shares: a fee rate of 1..MAX_FEERATE, replaces 32 bytes, 1..MAX_PLAN_INPUTS distinct
+    outpoints."""
+    if not 1 <= feerate_sat_vb <= MAX_FEERATE:
+        raise OutOfRange(f"plan fee rate {feerate_sat_vb} sat/vB outside 1..{MAX_FEERATE}")
+    if len(replaces) != 32:
+        raise OutOfRange("plan: replaces is 32 bytes")
+    if not 1 <= len(inputs) <= MAX_PLAN_INPUTS or len(set(inputs)) != len(inputs):
+        raise OutOfRange(f"plan spends {len(inputs)} coins, expected 1..{MAX_PLAN_INPUTS} distinct ones")
+    for txid, vout in inputs:
+        if len(txid) != 32:
+            raise OutOfRange("plan input txid is not 32 bytes")
+        _u32(vout, "plan input index")
+
+
+def _read_inputs(r: Reader) -> tuple[tuple[bytes, int], ...]:
+    return tuple(OUTPOINT.unpack(r.take(OUTPOINT.size)) for _ in range(r.take(1)[0]))
+
+
+def _encode_inputs(inputs: tuple[tuple[bytes, int], ...]) -> bytes:
+    return bytes((len(inputs),)) + b"".join(OUTPOINT.pack(t, v) for t, v in inputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,16 +218,7 @@ class PegoutPlan:
     def __post_init__(self) -> None:
         if not 0 <= self.anchor_height < 2**64:
             raise OutOfRange(f"plan anchor height {self.anchor_height} outside u64")
-        if not 1 <= self.feerate_sat_vb <= MAX_FEERATE:
-            raise OutOfRange(f"plan fee rate {self.feerate_sat_vb} sat/vB outside 1..{MAX_FEERATE}")
-        if len(self.replaces) != 32:
-            raise OutOfRange("plan: replaces is 32 bytes")
-        if not 1 <= len(self.inputs) <= MAX_PLAN_INPUTS or len(set(self.inputs)) != len(self.inputs):
-            raise OutOfRange(f"plan spends {len(self.inputs)} coins, expected 1..{MAX_PLAN_INPUTS} distinct ones")
-        for txid, vout in self.inputs:
-            if len(txid) != 32:
-                raise OutOfRange("plan input txid is not 32 bytes")
-            _u32(vout, "plan input index")
+        _check_plan_head(self.feerate_sat_vb, self.replaces, self.inputs)
         if not 1 <= len(self.pegouts) <= MAX_PLAN_PEGOUTS or len(set(self.pegouts)) != len(self.pegouts):
             raise OutOfRange(f"plan pays {len(self.pegouts)} peg-outs, expected 1..{MAX_PLAN_PEGOUTS} distinct ones")
         if any(len(p) != 32 for p in self.pegouts):
@@ -211,8 +226,7 @@ class PegoutPlan:
 
     def encode(self) -> bytes:
         return (_PLAN_HEAD.pack(self.anchor_height, self.feerate_sat_vb, self.replaces)
-                + bytes((len(self.inputs),)) + b"".join(OUTPOINT.pack(t, v) for t, v in self.inputs)
-                + bytes((len(self.pegouts),)) + b"".join(self.pegouts))
+                + _encode_inputs(self.inputs) + bytes((len(self.pegouts),)) + b"".join(self.pegouts))
 
     def debit_sat(self) -> int:
         return 0
@@ -221,12 +235,75 @@ class PegoutPlan:
     def decode(cls, b: bytes) -> "PegoutPlan":
         r = Reader(b, "peg-out plan payload")
         anchor_height, rate, replaces = _PLAN_HEAD.unpack(r.take(_PLAN_HEAD.size))
-        n_in = r.take(1)[0]
-        inputs = tuple(OUTPOINT.unpack(r.take(OUTPOINT.size)) for _ in range(n_in))
+        inputs = _read_inputs(r)
         n_out = r.take(1)[0]
         pegouts = tuple(r.take(32) for _ in range(n_out))
         r.end()
         return cls(anchor_height, rate, replaces, inputs, pegouts)
+
+
+@dataclass(frozen=True, slots=True)
+class RollPlan:
+    """A member proposes to roll federation coins nearing their emergency timelock into fresh outputs (federation
+    members only, fee 0; l2d/core/plans.py, docs/bridge.md "Rolling coins"). Everything else follows from the
+    state: the held coins (deposits, change) go whole to one CHANGE output, the funding coins pay the fee and
+    their rest goes to one funding output.
+
+    Layout: feerate u32 (sat/vB, 1..10000) | replaces 32 (the roll this one replaces by fee, zero for none) |
+    n_in u8 (1..20) | n_in x (btc txid 32, internal order | vout u32). Inputs are distinct and spent in this order.
+    """
+
+    TYPE: ClassVar[TxType] = TxType.ROLL_PLAN
+    FEELESS: ClassVar[bool] = True
+    feerate_sat_vb: int
+    replaces: bytes
+    inputs: tuple[tuple[bytes, int], ...]
+
+    def __post_init__(self) -> None:
+        _check_plan_head(self.feerate_sat_vb, self.replaces, self.inputs)
+
+    def encode(self) -> bytes:
+        return _ROLL_HEAD.pack(self.feerate_sat_vb, self.replaces) + _encode_inputs(self.inputs)
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "RollPlan":
+        r = Reader(b, "roll plan payload")
+        rate, replaces = _ROLL_HEAD.unpack(r.take(_ROLL_HEAD.size))
+        inputs = _read_inputs(r)
+        r.end()
+        return cls(rate, replaces, inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanCompleted:
+    """A member records that a version of a plan without peg-outs (a roll) is mined deep enough: the plan is
+    COMPLETED (peg-out plans complete through PegoutUpdate COMPLETED). Federation members only, fee 0.
+
+    Layout: plan_id 32 (the mined version's txid, internal order).
+    """
+
+    TYPE: ClassVar[TxType] = TxType.PLAN_COMPLETED
+    FEELESS: ClassVar[bool] = True
+    plan_id: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.plan_id) != 32:
+            raise OutOfRange("plan completion: plan id is 32 bytes")
+
+    def encode(self) -> bytes:
+        return self.plan_id
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PlanCompleted":
+        if len(b) != 32:
+            raise DecodeError(f"plan completion payload is {len(b)} bytes, expected 32")
+        return cls(b)
 
 
 MAX_DER_SIG = 73  # a DER ECDSA signature (at most 72 bytes) and its sighash byte

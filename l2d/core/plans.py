@@ -18,7 +18,13 @@ A replacement (RBF) names the plan it replaces, spends exactly its coins for exa
 rate: every version of a payout spends the same coins, so at most one of them can ever be mined. The first
 PegoutUpdate COMPLETED with a version's txid completes the plan: every peg-out of it becomes COMPLETED with that
 txid, its coins are spent by it, its change becomes a coin (CHANGE), and the other versions are REPLACED.
-Federation coins for plans are claimed deposits and change; funding coins pay anchors, never peg-outs.
+Federation coins for plans are claimed deposits and change; funding coins pay anchors and rolls, never peg-outs.
+
+A roll (RollPlan, when the federation's scripts have an emergency path) moves coins nearing their timelock to fresh
+outputs before the emergency keys could spend them: the held coins (deposits, change) go whole to one CHANGE
+output, the funding coins among the inputs pay the fee and their rest, when not zero, goes to one FUNDING output
+(after the CHANGE output). Which coins are due is each member's signing policy, judged in its own bitcoind;
+consensus fixes the transaction. A roll is replaced by fee like a payout, and completed by PlanCompleted.
 """
 from __future__ import annotations
 
@@ -36,10 +42,10 @@ from .anchor_tx import AnchorStatus
 from .codec import Reader
 from .errors import DecodeError, DuplicateDuty
 from .hashing import H_PLAN_SIG
-from .pegs import (BRIDGE_TOTALS_KEY, CHANGE_CONTRACT, BadPegoutTransition, BridgeRejected, BridgeTotals, CoinKind,
-                   FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout, bridge_totals, coin_key,
-                   deposit_script_pubkey, federation, pegout_key, tweaked_key, witness_script)
-from .pegs_tx import OUTPOINT, PegoutPlan, PegoutStatus, PegoutUpdate, PlanSignature
+from .pegs import (BRIDGE_TOTALS_KEY, CHANGE_CONTRACT, FUNDING_CONTRACT, BadPegoutTransition, BridgeRejected,
+                   BridgeTotals, CoinKind, FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout,
+                   bridge_totals, coin_key, deposit_script_pubkey, federation, pegout_key, tweaked_key, witness_script)
+from .pegs_tx import OUTPOINT, PegoutPlan, PegoutStatus, PegoutUpdate, PlanCompleted, PlanSignature, RollPlan
 from .state import Namespace, Rules, StateView, bump_member_nonce, check_member
 from .tx import Transaction
 
@@ -93,6 +99,10 @@ class PlanClosed(BridgeRejected):
 
 class BadPlanSignature(BridgeRejected):
     reason = "bad-plan-signature"
+
+
+class NothingToRoll(BridgeRejected):
+    reason = "nothing-to-roll"
 
 
 def plan_key(plan_id: bytes) -> bytes:
@@ -254,10 +264,30 @@ def price(fed: Federation, network_id: int, coins: Sequence[FedCoin], pegouts: S
     return Priced(payouts, change, fee, outputs)
 
 
+def price_roll(fed: Federation, network_id: int, coins: Sequence[FedCoin], feerate_sat_vb: int) -> Priced:
+    """Change, fee and outputs of a roll of these coins: the held coins' total to CHANGE, the funding coins' total
+    less the fee (sized with the funding output) to FUNDING when not zero (PlanUnderfunded when the funding coins
+    do not cover the fee with a rest of 0 or at least DUST_SAT, or nothing would be left)."""
+    held = sum(c.amount_sat for c in coins if c.kind != CoinKind.FUNDING)
+    funding = sum(c.amount_sat for c in coins if c.kind == CoinKind.FUNDING)
+    change = ((deposit_script_pubkey(fed, network_id, CHANGE_CONTRACT), held),) if held else ()
+    funding_spk = deposit_script_pubkey(fed, network_id, FUNDING_CONTRACT)
+    fee = feerate_sat_vb * vsize_bound(fed, network_id, coins, change + ((funding_spk, funding),))
+    rest = funding - fee
+    if rest < 0 or 0 < rest < DUST_SAT or not (held or rest):
+        raise PlanUnderfunded(f"funding coins of {funding} sat do not pay a fee of {fee} sat ({feerate_sat_vb} "
+                              f"sat/vB) with a rest of 0 or at least {DUST_SAT} sat (rolling {held} sat)")
+    return Priced((), held, fee, change + (((funding_spk, rest),) if rest else ()))
+
+
 def price_recorded(view: StateView, fed: Federation, network_id: int, entry: PlanEntry, feerate_sat_vb: int
                    ) -> Priced:
-    """price() of a recorded plan's coins and peg-outs at another fee rate (what a replacement would pay)."""
-    return price(fed, network_id, _coins(view, entry.inputs), _pegouts(view, entry.pegouts), feerate_sat_vb)
+    """price() (price_roll() for a roll) of a recorded plan's coins and peg-outs at another fee rate (what a
+    replacement would pay)."""
+    coins = _coins(view, entry.inputs)
+    if not entry.pegouts:
+        return price_roll(fed, network_id, coins, feerate_sat_vb)
+    return price(fed, network_id, coins, _pegouts(view, entry.pegouts), feerate_sat_vb)
 
 
 def _coins(view: StateView, inputs: Sequence[tuple[bytes, int]]) -> list[FedCoin]:
@@ -297,11 +327,20 @@ class PlanTx:
                                          amount=self.coins[i].amount_sat, sigversion=SIGVERSION_WITNESS_V0))
 
 
+def _rest(coins: Sequence[FedCoin], entry: PlanEntry) -> int:
+    """What a plan returns to the funding script: inputs - payouts - change - fee (a roll's funding rest; zero for
+    a peg-out plan, whose payouts carry the fee)."""
+    return sum(c.amount_sat for c in coins) - sum(entry.payouts) - entry.change_sat - entry.fee_sat
+
+
 def plan_tx(view: StateView, fed: Federation, network_id: int, entry: PlanEntry) -> PlanTx:
     """The transaction a recorded plan stands for, rebuilt from the state."""
     coins = _coins(view, entry.inputs)
     change = ((deposit_script_pubkey(fed, network_id, CHANGE_CONTRACT), entry.change_sat),) if entry.change_sat else ()
+    rest = _rest(coins, entry)
+    funding = ((deposit_script_pubkey(fed, network_id, FUNDING_CONTRACT), rest),) if rest else ()
     outputs = [(e.script_pubkey, v) for e, v in zip(_pegouts(view, entry.pegouts), entry.payouts)] + list(change)
+    outputs += funding
     return PlanTx(_unsigned_tx(coins, outputs), tuple(coins),
                   tuple(witness_script(fed, network_id, c.contract) for c in coins))
 
@@ -313,15 +352,52 @@ def _final_anchor(view: StateView, height: int) -> None:
 
 
 # -- state transitions ----------------------------------------------------------------------------------------------
+def _old_version(view: StateView, replaces: bytes) -> Optional[PlanEntry]:
+    """The plan a new one replaces (None for a fresh plan); UnknownPlan if there is none."""
+    if replaces == ZERO:
+        return None
+    old = plan_entry(view.get, replaces)
+    if old is None:
+        raise UnknownPlan(f"no plan {replaces[::-1].hex()} to replace")
+    return old
+
+
+def _check_replacement(view: StateView, fed: Federation, replaces: bytes, old: PlanEntry,
+                       inputs: tuple[tuple[bytes, int], ...], pegouts: tuple[bytes, ...], feerate_sat_vb: int) -> None:
+    if old.status != PlanStatus.PLANNED:
+        raise BadReplacement(f"plan {replaces[::-1].hex()} is {old.status.name}, not the current version")
+    if old.inputs != inputs or old.pegouts != pegouts:
+        raise BadReplacement("a replacement spends exactly the coins of the plan it replaces, for exactly its "
+                             "peg-outs")
+    if feerate_sat_vb <= old.feerate_sat_vb:
+        raise BadReplacement(f"a replacement raises the fee rate above {old.feerate_sat_vb} sat/vB")
+    signed = len(signatures_by_key(view.get, fed, replaces))
+    if signed < fed.threshold:
+        raise BadReplacement(f"plan {replaces[::-1].hex()} has {signed} of the {fed.threshold} signatures: only "
+                             f"a version that can be broadcast is replaced")
+
+
+def _check_unspent(coins: Sequence[FedCoin], spender: bytes) -> None:
+    for c in coins:
+        if c.spent_by != spender:
+            raise CoinSpent(f"{c.btc_txid[::-1].hex()}:{c.vout} is spent by plan {c.spent_by[::-1].hex()}")
+
+
+def _record_plan(view: StateView, plan_id: bytes, entry: PlanEntry, old: Optional[PlanEntry],
+                 coins: Sequence[FedCoin]) -> None:
+    """Store a new plan (version), mark the version it replaces and reserve its coins."""
+    view.put(plan_key(plan_id), entry.encode())
+    if old is not None:
+        view.put(plan_key(entry.replaces), replace(old, status=PlanStatus.REPLACED, replaced_by=plan_id).encode())
+    for c in coins:
+        view.put(coin_key(c.btc_txid, c.vout), replace(c, spent_by=plan_id).encode())
+
+
 def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
     check_member(view, tx)
     fed = federation(view)
     p = cast(PegoutPlan, tx.payload)
-    old: Optional[PlanEntry] = None
-    if p.replaces != ZERO:
-        old = plan_entry(view.get, p.replaces)
-        if old is None:
-            raise UnknownPlan(f"no plan {p.replaces[::-1].hex()} to replace")
+    old = _old_version(view, p.replaces)
     coins = _coins(view, p.inputs)
     entries = _pegouts(view, p.pegouts)
     priced = price(fed, rules.network.id, coins, entries, p.feerate_sat_vb)
@@ -332,17 +408,7 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
     if view.get(plan_key(plan_id)) is not None:
         raise DuplicateDuty(f"plan {plan_id[::-1].hex()} is recorded already")
     if old is not None:
-        if old.status != PlanStatus.PLANNED:
-            raise BadReplacement(f"plan {p.replaces[::-1].hex()} is {old.status.name}, not the current version")
-        if old.inputs != p.inputs or old.pegouts != p.pegouts:
-            raise BadReplacement("a replacement spends exactly the coins of the plan it replaces, for exactly its "
-                                 "peg-outs")
-        if p.feerate_sat_vb <= old.feerate_sat_vb:
-            raise BadReplacement(f"a replacement raises the fee rate above {old.feerate_sat_vb} sat/vB")
-        signed = len(signatures_by_key(view.get, fed, p.replaces))
-        if signed < fed.threshold:
-            raise BadReplacement(f"plan {p.replaces[::-1].hex()} has {signed} of the {fed.threshold} signatures: only "
-                                 f"a version that can be broadcast is replaced")
+        _check_replacement(view, fed, p.replaces, old, p.inputs, p.pegouts, p.feerate_sat_vb)
     _final_anchor(view, p.anchor_height)
     for pid, e in zip(p.pegouts, entries):
         if old is None and (e.status != PegoutStatus.PENDING or e.btc_txid != ZERO):
@@ -350,24 +416,40 @@ def apply_pegout_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
         if e.l2_height > p.anchor_height:
             raise PegoutNotAnchored(f"peg-out {pid.hex()} (L2 height {e.l2_height}) is not covered by the anchor "
                                     f"at {p.anchor_height}")
-    spender = ZERO if old is None else p.replaces
     for c in coins:
         if c.kind not in SPENDABLE:
             raise UnknownCoin(f"{c.btc_txid[::-1].hex()}:{c.vout} is a {c.kind.name} coin; peg-outs spend deposits "
                               f"and change")
-        if c.spent_by != spender:
-            raise CoinSpent(f"{c.btc_txid[::-1].hex()}:{c.vout} is spent by plan {c.spent_by[::-1].hex()}")
+    _check_unspent(coins, p.replaces)
     bump_member_nonce(view, tx)
-    view.put(plan_key(plan_id), PlanEntry(PlanStatus.PLANNED, p.replaces, ZERO, view.height, p.anchor_height,
+    _record_plan(view, plan_id, PlanEntry(PlanStatus.PLANNED, p.replaces, ZERO, view.height, p.anchor_height,
                                           p.feerate_sat_vb, priced.fee_sat, priced.change_sat, p.inputs, p.pegouts,
-                                          priced.payouts).encode())
-    if old is not None:
-        view.put(plan_key(p.replaces), replace(old, status=PlanStatus.REPLACED, replaced_by=plan_id).encode())
+                                          priced.payouts), old, coins)
     for pid, e in zip(p.pegouts, entries):
         if e.status == PegoutStatus.PENDING:
             view.put(pegout_key(pid), replace(e, btc_txid=plan_id).encode())
-    for c in coins:
-        view.put(coin_key(c.btc_txid, c.vout), replace(c, spent_by=plan_id).encode())
+
+
+def apply_roll_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
+    check_member(view, tx)
+    fed = federation(view)
+    p = cast(RollPlan, tx.payload)
+    if not fed.emergency_keys:
+        raise NothingToRoll("the federation's coins have no emergency timelock: there is nothing to roll")
+    old = _old_version(view, p.replaces)
+    if old is not None and old.pegouts:
+        raise BadReplacement(f"plan {p.replaces[::-1].hex()} pays peg-outs; a roll replaces only a roll")
+    coins = _coins(view, p.inputs)
+    priced = price_roll(fed, rules.network.id, coins, p.feerate_sat_vb)
+    plan_id = cast(bytes, _unsigned_tx(coins, priced.outputs).GetTxid())
+    if view.get(plan_key(plan_id)) is not None:
+        raise DuplicateDuty(f"plan {plan_id[::-1].hex()} is recorded already")
+    if old is not None:
+        _check_replacement(view, fed, p.replaces, old, p.inputs, (), p.feerate_sat_vb)
+    _check_unspent(coins, p.replaces)
+    bump_member_nonce(view, tx)
+    _record_plan(view, plan_id, PlanEntry(PlanStatus.PLANNED, p.replaces, ZERO, view.height, 0, p.feerate_sat_vb,
+                                          priced.fee_sat, priced.change_sat, p.inputs, (), ()), old, coins)
 
 
 def apply_plan_signature(view: StateView, tx: Transaction, rules: Rules) -> None:
@@ -400,7 +482,8 @@ def apply_plan_signature(view: StateView, tx: Transaction, rules: Rules) -> None
 
 
 def _complete(view: StateView, plan_id: bytes, plan: PlanEntry) -> None:
-    """Version plan_id was mined: its peg-outs are paid, its coins spent, its change a coin, the others REPLACED."""
+    """Version plan_id was mined: its peg-outs are paid, its coins spent, its change (and a roll's funding rest)
+    a coin, the other versions REPLACED."""
     view.put(plan_key(plan_id), replace(plan, status=PlanStatus.COMPLETED).encode())
     later = plan.replaced_by  # earlier versions are REPLACED already; the newest may still be PLANNED
     while later != ZERO:
@@ -411,10 +494,14 @@ def _complete(view: StateView, plan_id: bytes, plan: PlanEntry) -> None:
     for txid, vout in plan.inputs:
         c = FedCoin.decode(cast(bytes, view.get(coin_key(txid, vout))))
         view.put(coin_key(txid, vout), replace(c, spent_by=plan_id).encode())
+    vout = len(plan.pegouts)
     if plan.change_sat:
-        vout = len(plan.pegouts)
         view.put(coin_key(plan_id, vout), FedCoin(plan_id, vout, plan.change_sat, CoinKind.CHANGE,
                                                   CHANGE_CONTRACT).encode())
+        vout += 1
+    rest = _rest(_coins(view, plan.inputs), plan)
+    if rest:
+        view.put(coin_key(plan_id, vout), FedCoin(plan_id, vout, rest, CoinKind.FUNDING, FUNDING_CONTRACT).encode())
     paid = 0
     for pid in plan.pegouts:
         pe = PegoutEntry.decode(cast(bytes, view.get(pegout_key(pid))))
@@ -458,3 +545,34 @@ def apply_pegout_update(view: StateView, tx: Transaction, rules: Rules) -> None:
         _complete(view, p.btc_txid, plan)
     else:
         view.put(pegout_key(p.pegout_id), replace(entry, status=p.status, btc_txid=p.btc_txid).encode())
+
+
+def _versions(get: Callable[[bytes], Optional[bytes]], plan_id: bytes) -> list[tuple[bytes, PlanEntry]]:
+    """Every version of the payout or roll plan_id belongs to, newest first."""
+    newest = plan_id
+    while (later := cast(PlanEntry, plan_entry(get, newest)).replaced_by) != ZERO:
+        newest = later
+    out = [(newest, cast(PlanEntry, plan_entry(get, newest)))]
+    while out[-1][1].replaces != ZERO:
+        out.append((out[-1][1].replaces, cast(PlanEntry, plan_entry(get, out[-1][1].replaces))))
+    return out
+
+
+def apply_plan_completed(view: StateView, tx: Transaction, rules: Rules) -> None:
+    """PlanCompleted: a version of a roll was mined deep enough (by the recording member's bitcoind)."""
+    check_member(view, tx)
+    federation(view)
+    p = cast(PlanCompleted, tx.payload)
+    plan = plan_entry(view.get, p.plan_id)
+    if plan is None:
+        raise UnknownPlan(f"no plan {p.plan_id[::-1].hex()}")
+    if plan.pegouts:
+        raise UnknownPlan(f"plan {p.plan_id[::-1].hex()} pays peg-outs: it completes through PegoutUpdate COMPLETED")
+    done = [v for v, e in _versions(view.get, p.plan_id) if e.status == PlanStatus.COMPLETED]
+    if done == [p.plan_id]:
+        raise DuplicateDuty(f"plan {p.plan_id[::-1].hex()} is COMPLETED already")
+    if done:
+        raise PlanClosed(f"version {done[0][::-1].hex()} of this roll is COMPLETED; {p.plan_id[::-1].hex()} cannot "
+                         f"be")
+    bump_member_nonce(view, tx)
+    _complete(view, p.plan_id, plan)

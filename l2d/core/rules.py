@@ -32,6 +32,8 @@ RULES: Mapping[int, Rule] = {
     TxType.PEGOUT_UPDATE: plans.apply_pegout_update,
     TxType.PEGOUT_PLAN: plans.apply_pegout_plan,
     TxType.PLAN_SIGNATURE: plans.apply_plan_signature,
+    TxType.ROLL_PLAN: plans.apply_roll_plan,
+    TxType.PLAN_COMPLETED: plans.apply_plan_completed,
     TxType.BTC_HEADERS: pegs.apply_btc_headers,
     TxType.WORKER_REGISTER: work.apply_register,
     TxType.WORKER_HEARTBEAT: work.apply_heartbeat,

@@ -242,7 +242,7 @@ def test_more_than_m_signatures_finalize_to_exactly_m_in_key_order(tmp_path: Pat
 EXPECT = {"not-in-state": "not in the L2 state", "completed": "already completed", "unanchored": "no CONFIRMED anchor",
           "anchor-submitted": "no CONFIRMED anchor", "burn-after-anchor": "not covered by the anchor",
           "wrong-amount": "no output pays", "wrong-address": "no output pays", "fee-share-too-big": "no output pays",
-          "extra-output": "neither a peg-out nor the change", "no-ids": "empty", "repeated-id": "repeats",
+          "extra-output": "neither a peg-out nor the change", "no-ids": "neither the change nor the funding rest", "repeated-id": "repeats",
           "change-elsewhere": "neither a peg-out nor the change", "not-the-plan": "is not plan"}
 
 

@@ -50,7 +50,7 @@ from l2d.core.payload import Payload
 from l2d.core.pegs import (FUNDING_CONTRACT, Federation, deposit_script_pubkey, federation_genesis, pegin_tweak,
                            script_address)
 from l2d.core.pegs_tx import (BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutStatus, PegoutUpdate,
-                              PlanSignature)
+                              PlanCompleted, PlanSignature, RollPlan)
 from l2d.core.plans import PlanEntry, plan_key, plan_tx
 from l2d.core.rules import apply_tx
 from l2d.core.snapshot import MAGIC as SNAPSHOT_MAGIC
@@ -208,6 +208,8 @@ def world() -> World:
         c.sign(FEDERATION, PegoutPlan(ANCHORED, 3, plan_id, (coin,), (pegout,))),  # a replacement by fee
         c.sign(FEDERATION, PegoutPlan(ANCHORED, 2, b"\0" * 32, free, (pegout2,))),  # a fresh plan of two coins
         c.sign(FEDERATION, plan_signature(BRIDGE_KEYS[1])),
+        c.sign(FEDERATION, RollPlan(2, b"\0" * 32, free)),  # refused: this federation has no emergency path
+        c.sign(FEDERATION, PlanCompleted(plan_id)),  # refused: a peg-out plan completes through PegoutUpdate
         c.sign(6, WorkerRegister(2000, CAPS)), c.sign(4, WorkerHeartbeat()), c.sign(5, WorkerExit()),
         c.sign(4, WorkerWithdraw()),
         c.sign(FEDERATION, TaskAssign(task2, pk(4), pk(5), b"\0" * 32, 100, 5)),

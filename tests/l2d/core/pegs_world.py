@@ -157,6 +157,7 @@ class World:
 
     def __init__(self, *, bridge: bool = True, bob_funds: int = BOB_FUNDS, fed: Federation = FED) -> None:
         self.state = genesis_state([(xonly(BOB), bob_funds)], xonly(MINT), (xonly(AUTH), xonly(AUTH2)))
+        self.fed = fed
         if bridge:
             self.state.update(federation_genesis(fed))
         self.nonce: Counter[bytes] = Counter()
@@ -262,12 +263,14 @@ DEPOSITS: tuple[tuple[int, int, bytes, int], ...] = (
 FUNDING_SAT = 200_000
 
 
-def coin_chain() -> Chain:
-    """BASE: coinbase only; BASE+1: the deposits of DEPOSITS and a funding deposit; up to BASE+3 (depth 3)."""
-    txs = [spend([(400_000, spk(ALICE)), (150_000, spk(ALICE))], b"coins alice"),
-           spend([(300_000, spk(CAROL)), (5_000, p2wpkh(b"carol change")), (90_000, spk(CAROL))], b"coins carol"),
-           spend([(1_000_000, spk(BOB)), (60_000, spk(ALICE))], b"coins bob"),
-           spend([(FUNDING_SAT, deposit_script_pubkey(FED, REGTEST.id, FUNDING_CONTRACT))], b"coins funding")]
+def coin_chain(fed: Federation = FED) -> Chain:
+    """BASE: coinbase only; BASE+1: the deposits of DEPOSITS and a funding deposit to fed's scripts; up to BASE+3
+    (depth 3)."""
+    txs = [spend([(400_000, spk(ALICE, fed=fed)), (150_000, spk(ALICE, fed=fed))], b"coins alice"),
+           spend([(300_000, spk(CAROL, fed=fed)), (5_000, p2wpkh(b"carol change")), (90_000, spk(CAROL, fed=fed))],
+                 b"coins carol"),
+           spend([(1_000_000, spk(BOB, fed=fed)), (60_000, spk(ALICE, fed=fed))], b"coins bob"),
+           spend([(FUNDING_SAT, deposit_script_pubkey(fed, REGTEST.id, FUNDING_CONTRACT))], b"coins funding")]
     c = Chain(b"coins")
     c.mine()
     c.mine(tuple(txs))
@@ -278,30 +281,37 @@ def coin_chain() -> Chain:
 
 COIN_CHAIN = coin_chain()
 COIN_BLOCK = COIN_CHAIN.blocks[BASE + 1]
+# A 2-of-3 federation with an emergency path (1 of 2 emergency keys, 144 blocks), its coin chain and block
+FED_E = Federation(2, FED_KEYS, MIN_DEPTH, 1, tuple(sorted(PrivateKey(secret(f"emergency{i}")).public_key.format()
+                                                          for i in range(2))), 144)
+COIN_CHAIN_E = coin_chain(FED_E)
+COIN_BLOCK_E = COIN_CHAIN_E.blocks[BASE + 1]
 
 
-def outpoint(deposit: int) -> tuple[bytes, int]:
-    """The Bitcoin outpoint (txid internal order, vout) of DEPOSITS[deposit]."""
+def outpoint(deposit: int, block: Block = COIN_BLOCK) -> tuple[bytes, int]:
+    """The Bitcoin outpoint (txid internal order, vout) of DEPOSITS[deposit] (in `block`: COIN_BLOCK_E for FED_E)."""
     tx, vout, _, _ = DEPOSITS[deposit]
-    return COIN_BLOCK.txids[tx], vout
+    return block.txids[tx], vout
 
 
 FUNDING_OUTPOINT = (COIN_BLOCK.txids[4], 0)
+FUNDING_OUTPOINT_E = (COIN_BLOCK_E.txids[4], 0)
 
 
-def claim(w: World, deposit: int) -> Transaction:
+def claim(w: World, deposit: int, block: Block = COIN_BLOCK) -> Transaction:
     tx, vout, who, _ = DEPOSITS[deposit]
-    return w.do(who, COIN_BLOCK.claim(tx, vout), fee=CLAIM_FEE)
+    return w.do(who, block.claim(tx, vout), fee=CLAIM_FEE)
 
 
-def coin_world(claimed: Sequence[int] = tuple(range(len(DEPOSITS)))) -> World:
-    """COIN_CHAIN relayed, the deposits `claimed` claimed (federation coins of kind DEPOSIT) and the funding
-    deposit recorded (a FUNDING coin)."""
-    w = World()
-    w.do(AUTH, COIN_CHAIN.relay(BASE))
+def coin_world(claimed: Sequence[int] = tuple(range(len(DEPOSITS))), fed: Federation = FED) -> World:
+    """The coin chain of fed (FED or FED_E) relayed, the deposits `claimed` claimed (federation coins of kind
+    DEPOSIT) and the funding deposit recorded (a FUNDING coin)."""
+    w = World(fed=fed)
+    chain, block = (COIN_CHAIN, COIN_BLOCK) if fed == FED else (COIN_CHAIN_E, COIN_BLOCK_E)
+    w.do(AUTH, chain.relay(BASE))
     for d in claimed:
-        claim(w, d)
-    f = COIN_BLOCK.claim(4, 0)
+        claim(w, d, block)
+    f = block.claim(4, 0)
     w.do(AUTH, FederationFund(f.btc_height, f.vout, f.btc_tx, f.merkle_block))
     return w
 
@@ -338,7 +348,7 @@ def key_index(sec: bytes) -> int:
 def sign_plan(w: World, plan_id: bytes, sec: bytes) -> tuple[bytes, ...]:
     """sec's signatures of the plan's inputs, made directly with coincurve: DER over PlanTx.sighash by the secret
     tweaked for each input's contract, plus SIGHASH_ALL."""
-    ptx = plan_tx(StateView(w.state.get, w.height), FED, REGTEST.id, w.plan(plan_id))
+    ptx = plan_tx(StateView(w.state.get, w.height), w.fed, REGTEST.id, w.plan(plan_id))
     pub = PrivateKey(sec).public_key.format()
     return tuple(PrivateKey(sec).add(pegin_tweak(pub, REGTEST.id, c.contract)).sign(ptx.sighash(i), hasher=None)
                  + b"\x01" for i, c in enumerate(ptx.coins))
