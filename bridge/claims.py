@@ -9,11 +9,11 @@ best chain is something only a bitcoind can tell, and each member asks its own b
 - an anchor update CONFIRMED or FINAL: the named block is my best chain's block at that height, the anchor
   transaction is in it, and (FINAL) it is at least ``final_confirmations`` deep;
 - a peg-out update BROADCAST: my bitcoind knows the transaction (mempool or chain; with -txindex for a mined one);
-  COMPLETED: it is mined at least ``pegout_confirmations`` deep;
-- a peg-out plan: its fee rate is within my cap (``bridge.fee_max_sat_per_vb``), at most FEE_TOLERANCE times and
-  at least a FEE_TOLERANCE-th of the rate my own bitcoind estimates (``estimatesmartfee``, or ``bridge.fee_fallback_sat_per_vb`` without an
-  estimate): a proposer cannot make the federation overpay. Replacements double the rate, so at an unchanged
-  estimate two of them are accepted.
+  COMPLETED, and a roll's PlanCompleted: it is mined at least ``pegout_confirmations`` deep;
+- a peg-out plan or a roll: its fee rate is within my cap (``bridge.fee_max_sat_per_vb``), at most FEE_TOLERANCE
+  times and at least a FEE_TOLERANCE-th of the rate my own bitcoind estimates (``estimatesmartfee``, or
+  ``bridge.fee_fallback_sat_per_vb`` without an estimate): a proposer cannot make the federation overpay.
+  Replacements double the rate, so at an unchanged estimate two of them are accepted.
 
 An anchor update SUBMITTED is not checked: it moves no money and commits nothing; the CONFIRMED update that
 follows is. Anything my bitcoind cannot answer (not synced yet, down, no -txindex) is a refusal for now: the
@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 from l2d.core.anchor import AnchorEntry
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
-from l2d.core.pegs_tx import BtcHeaders, PegoutPlan, PegoutStatus, PegoutUpdate
+from l2d.core.pegs_tx import BtcHeaders, PegoutPlan, PegoutStatus, PegoutUpdate, PlanCompleted, RollPlan
 from l2d.core.spv import dsha256
 from l2d.core.tx import Transaction
 
@@ -49,8 +49,8 @@ FEE_TOLERANCE = 4
 
 
 def _claim(p: Any) -> bool:
-    return isinstance(p, (BtcHeaders, PegoutUpdate, PegoutPlan)) or (isinstance(p, AnchorUpdate)
-                                                          and p.status != AnchorStatus.SUBMITTED)
+    return isinstance(p, (BtcHeaders, PegoutUpdate, PegoutPlan, RollPlan, PlanCompleted)) or (
+        isinstance(p, AnchorUpdate) and p.status != AnchorStatus.SUBMITTED)
 
 
 class BitcoinClaims:
@@ -78,8 +78,11 @@ class BitcoinClaims:
                 elif isinstance(p, AnchorUpdate) and p.status != AnchorStatus.SUBMITTED:
                     why = await _anchor(rpc, tip, p, self.final_confirmations)
                 elif isinstance(p, PegoutUpdate):
-                    why = await _pegout(rpc, p, self.pegout_confirmations)
-                elif isinstance(p, PegoutPlan):
+                    why = await _mined(rpc, f"peg-out {p.pegout_id.hex()}", p.btc_txid,
+                                       self.pegout_confirmations if p.status == PegoutStatus.COMPLETED else 0)
+                elif isinstance(p, PlanCompleted):
+                    why = await _mined(rpc, "roll", p.plan_id, self.pegout_confirmations)
+                elif isinstance(p, (PegoutPlan, RollPlan)):
                     why = await self._plan_fee(p)
                 else:
                     continue
@@ -89,7 +92,7 @@ class BitcoinClaims:
             return Refusal(f"my bitcoind did not answer ({type(e).__name__}: {e})")
         return None
 
-    async def _plan_fee(self, p: PegoutPlan) -> "Why":
+    async def _plan_fee(self, p: PegoutPlan | RollPlan) -> "Why":
         mine = await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
         limit = min(self.fee_max, FEE_TOLERANCE * mine)
         if p.feerate_sat_vb > limit:
@@ -156,13 +159,14 @@ async def _anchor_in_chain(rpc: BitcoinRPC, tip: int, l2_height: int, txid: byte
     return None
 
 
-async def _pegout(rpc: BitcoinRPC, p: PegoutUpdate, confirmations: int) -> Why:
+async def _mined(rpc: BitcoinRPC, what: str, txid: bytes, confirmations: int) -> Why:
+    """My bitcoind knows the transaction (mempool or chain) and, with confirmations > 0, has it that deep."""
     try:
-        info = await rpc.call("getrawtransaction", [hash_to_hex(p.btc_txid), 1])
+        info = await rpc.call("getrawtransaction", [hash_to_hex(txid), 1])
     except RPCError:
-        return (f"peg-out {p.pegout_id.hex()}: my bitcoind does not know transaction {hash_to_hex(p.btc_txid)} "
+        return (f"{what}: my bitcoind does not know transaction {hash_to_hex(txid)} "
                 "(not in its mempool, nor in a block it indexes: -txindex)"), False
     depth = int(info.get("confirmations", 0)) if isinstance(info, dict) else 0
-    if p.status == PegoutStatus.COMPLETED and depth < confirmations:
-        return f"peg-out {p.pegout_id.hex()} claimed completed at depth {depth} < {confirmations}", False
+    if depth < confirmations:
+        return f"{what} claimed completed at depth {depth} < {confirmations}", False
     return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from bitcoinutils.constants import SIGHASH_ALL
 from bitcoinutils.psbt import PSBT
@@ -71,7 +71,7 @@ def build_psbt(fed: Federation, network: Network, ptx: PlanTx) -> bytes:
     return bytes(psbt.to_bytes())
 
 
-def add_signatures(fed: Federation, network: Network, psbt_bytes: bytes, signed: dict[int, Sequence[bytes]]
+def add_signatures(fed: Federation, network: Network, psbt_bytes: bytes, signed: Mapping[int, Sequence[bytes]]
                    ) -> bytes:
     """The PSBT with the signatures of federation keys (key index -> one signature per input) as partial sigs."""
     psbt = PSBT.from_bytes(psbt_bytes)
@@ -81,7 +81,7 @@ def add_signatures(fed: Federation, network: Network, psbt_bytes: bytes, signed:
     return bytes(psbt.to_bytes())
 
 
-def signed_transaction(fed: Federation, network: Network, ptx: PlanTx, sigs: dict[int, Sequence[bytes]]
+def signed_transaction(fed: Federation, network: Network, ptx: PlanTx, sigs: Mapping[int, Sequence[bytes]]
                        ) -> Optional[bytes]:
     """The raw signed transaction of a plan from its keys' signatures (l2d.core.plans.signatures_by_key), or None
     while fewer than m keys have signed."""

@@ -17,6 +17,11 @@ with its own keys and its own bitcoind, and any of them can finish what another 
      whichever version was mined; the first COMPLETED completes the plan);
   5. replace: a broadcast version still unconfirmed `rbf_after_blocks` blocks later is replaced by a plan at a
      higher fee rate spending the same coins (so at most one version can ever be mined).
+Rolls (when the federation's scripts have an emergency path): a free coin that has `emergency_delay -
+roll_margin_blocks` confirmations in this member's bitcoind is due; the due coins (with a funding coin for the fee)
+get a RollPlan, which members sign only if every held coin in it is due in their own bitcoind, and which goes
+through the same sign / broadcast / replace duties; PlanCompleted records it mined. The circuit breaker does not stop
+rolls: they pay nobody, and they keep the coins out of the emergency keys' reach.
 Signatures are in the state, so a member that crashed after signing, or a federation that restarted before
 broadcasting, finalizes the same transaction again: nothing is rebuilt, nothing is paid twice.
 """
@@ -33,12 +38,12 @@ from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import (BridgeTotals, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key, btc_tip,
-                           pegout_key)
+from l2d.core.pegs import (BridgeTotals, CoinKind, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key,
+                           btc_tip, pegout_key)
 from l2d.core.pegs_tx import (MAX_PLAN_INPUTS, MAX_PLAN_PEGOUTS, MAX_RELAY_HEADERS, BtcHeaders, PegoutPlan,
-                              PegoutStatus, PegoutUpdate, PlanSignature)
+                              PegoutStatus, PegoutUpdate, PlanCompleted, PlanSignature, RollPlan)
 from l2d.core.plans import (SPENDABLE, ZERO, PlanEntry, PlanStatus, PlanUnderfunded, held_coins, plan_signatures,
-                            plan_tx, price, price_recorded, select_coins, signatures_by_key)
+                            plan_tx, price, price_recorded, price_roll, select_coins, signatures_by_key)
 from l2d.core.state import SUPPLY_KEY, Namespace, StateView, Supply
 
 from .claims import anchor_in_my_chain, my_feerate
@@ -65,7 +70,7 @@ class BridgeService:
                  read_state: Callable[[], Any], submit: Callable[[Payload], bytes], headers: Any = None,
                  confirmations: int = 1, rbf_after_blocks: int = 3,
                  fee_fallback_sat_per_vb: int = 2, fee_max_sat_per_vb: int = 500, poll_interval_ms: int = 1000,
-                 now: Callable[[], int]) -> None:
+                 roll_margin_blocks: int = 144, now: Callable[[], int]) -> None:
         self.fed = fed
         self.network = network
         self.signers = list(signers)
@@ -78,6 +83,9 @@ class BridgeService:
         self.fee_fallback = fee_fallback_sat_per_vb
         self.fee_max = fee_max_sat_per_vb
         self.poll = poll_interval_ms / 1000
+        # a coin is due for a roll at this many confirmations (None: the federation's scripts have no timelock)
+        self.roll_at: Optional[int] = (fed.emergency_delay - roll_margin_blocks
+                                       if fed.emergency_keys and 0 < roll_margin_blocks < fed.emergency_delay else None)
         self._now = now
         # what this run submitted, with the L2 height then: resubmitted if still not in the state 5 blocks later
         self._submitted: dict[tuple[Any, ...], int] = {}
@@ -88,6 +96,7 @@ class BridgeService:
         self.halted: Optional[str] = None  # why the circuit breaker refuses to sign peg-outs, None while closed
         self._warned: set[str] = set()
         self._audited = False  # the breaker's check ran in this step
+        self._mined_at: dict[tuple[bytes, int], int] = {}  # outpoint -> the Bitcoin height that confirmed it (rolls)
 
     # -- state reads ----------------------------------------------------------------------------------------------
     def _get(self, key: bytes) -> Optional[bytes]:
@@ -203,6 +212,7 @@ class BridgeService:
             if p.status == PlanStatus.PLANNED:
                 await self._pay(plans, plan_id, p)
         await self._plan()
+        await self._roll()
 
     # -- header relay ---------------------------------------------------------------------------------------------
     async def relay_headers(self) -> None:
@@ -336,6 +346,9 @@ class BridgeService:
         self._record_broadcast(v, p)
         if conf < self.confirmations:
             return
+        if not p.pegouts:  # a roll
+            self._try_submit(("completed", v), PlanCompleted(v), f"roll {v[::-1].hex()} COMPLETED")
+            return
         for pid in p.pegouts:
             raw = self._get(pegout_key(pid))
             e = None if raw is None else PegoutEntry.decode(raw)
@@ -362,14 +375,21 @@ class BridgeService:
             self._warn_once(f"cap:{what}", "bridge: %s pays %d sat/vB, above my cap of %d: not signing", what,
                             p.feerate_sat_vb, self.fee_max)
             return
-        if anchor_raw is None:
-            return
-        why = await anchor_in_my_chain(self.rpc, AnchorEntry.decode(bytes(anchor_raw)), p.anchor_height, 1)
-        if why is not None:
-            self._warn_once(f"anchor:{what}:{why[0]}", "bridge: not signing %s: %s", what, why[0])
-            return
-        if not await self._breaker_closed():
-            return
+        if not p.pegouts:  # a roll: every held coin in it is due in my bitcoind (the funding coins pay the fee)
+            early = [c for c in ptx.coins if c.kind != CoinKind.FUNDING and not await self._due(c, fresh=True)]
+            if early:
+                self._warn_once(f"early:{what}", "bridge: not signing %s: coin %s:%d is not due for a roll in my "
+                                "bitcoind", what, early[0].btc_txid[::-1].hex(), early[0].vout)
+                return
+        else:
+            if anchor_raw is None:
+                return
+            why = await anchor_in_my_chain(self.rpc, AnchorEntry.decode(bytes(anchor_raw)), p.anchor_height, 1)
+            if why is not None:
+                self._warn_once(f"anchor:{what}:{why[0]}", "bridge: not signing %s: %s", what, why[0])
+                return
+            if not await self._breaker_closed():
+                return
         psbt = build_psbt(self.fed, self.network, ptx)
         for i, s in todo:
             try:
@@ -419,8 +439,56 @@ class BridgeService:
             self._warn_once(f"noreplace:{plan_id.hex()}", "bridge: %s is starved at %d sat/vB, and no higher rate is "
                             "allowed (my cap %d, the 10%% fee share bound)", what, p.feerate_sat_vb, self.fee_max)
             return
-        self._try_submit(("replace", plan_id), PegoutPlan(p.anchor_height, lo, plan_id, p.inputs, p.pegouts),
-                         f"replacement of {what} at {lo} sat/vB")
+        payload = (PegoutPlan(p.anchor_height, lo, plan_id, p.inputs, p.pegouts) if p.pegouts
+                   else RollPlan(lo, plan_id, p.inputs))
+        self._try_submit(("replace", plan_id), payload, f"replacement of {what} at {lo} sat/vB")
+
+    # -- rolls ----------------------------------------------------------------------------------------------------
+    async def _due(self, c: FedCoin, *, fresh: bool = False) -> bool:
+        """The coin has roll_at confirmations in my bitcoind (False if it is not in its UTXO set). The height that
+        confirmed it is kept, so a step asks bitcoind only about coins it has not seen confirmed; fresh asks again
+        (a signer's check)."""
+        if self.roll_at is None:
+            return False
+        outpoint = (c.btc_txid, c.vout)
+        tip = await self.rpc.getblockcount()
+        if fresh or outpoint not in self._mined_at:
+            out = await self.rpc.call("gettxout", [c.btc_txid[::-1].hex(), c.vout, False])
+            confirmations = 0 if out is None else int(out.get("confirmations", 0))
+            if confirmations <= 0 or await self.rpc.getblockcount() != tip:  # a block came in between: ask again
+                self._mined_at.pop(outpoint, None)
+                return False
+            self._mined_at[outpoint] = tip - confirmations + 1
+        return tip - self._mined_at[outpoint] + 1 >= self.roll_at
+
+    async def _roll(self) -> None:
+        """Propose a roll of the free coins that are due (oldest first, at most MAX_PLAN_INPUTS with the funding
+        coin that pays the fee)."""
+        if self.roll_at is None:
+            return
+        free = [c for c in self.fed_coins() if c.spent_by == ZERO]
+        due = [c for c in free if await self._due(c)]
+        if not due:
+            return
+        due.sort(key=lambda c: (self._mined_at[(c.btc_txid, c.vout)], c.btc_txid, c.vout))
+        take = due[:MAX_PLAN_INPUTS]
+        if not any(c.kind == CoinKind.FUNDING for c in take):
+            payers = sorted((c for c in free if c.kind == CoinKind.FUNDING and c not in take),
+                            key=lambda c: (-c.amount_sat, c.btc_txid, c.vout))
+            if not payers:
+                self._warn_once("roll-unfunded", "bridge: %d coin(s) are due for a roll but there is no funding coin "
+                                "to pay its fee: fund the federation (l2-cli federation-fund) before they reach the "
+                                "emergency timelock", len(due))
+                return
+            take = take[:MAX_PLAN_INPUTS - 1] + [payers[0]]
+        rate = await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
+        try:
+            price_roll(self.fed, self.network.id, take, rate)
+        except PlanUnderfunded as e:
+            self._warn_once(f"roll-underfunded:{len(take)}", "bridge: a roll of %d coin(s) waits: %s", len(take), e)
+            return
+        inputs = tuple((c.btc_txid, c.vout) for c in take)
+        self._try_submit(("roll", inputs), RollPlan(rate, ZERO, inputs), f"roll of {len(inputs)} coins")
 
     async def _broadcast(self, raw: bytes) -> bool:
         """Send the transaction to my bitcoind; True when it is in its mempool or chain."""

@@ -235,6 +235,7 @@ class BridgeConfig:
     emergency_keys: tuple[bytes, ...] = ()  # 33-byte keys that may spend a coin emergency_delay_blocks old
     emergency_threshold: int = 0  # of them (0: no emergency path)
     emergency_delay_blocks: int = 4032  # BIP68 relative lock of the emergency path (about 4 weeks)
+    roll_margin_blocks: int = 144  # coins are rolled at emergency_delay_blocks - this many confirmations (0: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,7 +632,7 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
                                "pegout_confirmations", "rbf_after_blocks", "fee_fallback_sat_per_vb",
                                "fee_max_sat_per_vb", "poll_interval_ms",
                                "header_start_height", "header_start_hash", "emergency_keys",
-                               "emergency_threshold", "emergency_delay_blocks"))
+                               "emergency_threshold", "emergency_delay_blocks", "roll_margin_blocks"))
     enabled = _get_bool(s, "enabled", False)
     start_hash = s.get_str("header_start_hash", default="")
     if start_hash and not _HEX64.fullmatch(start_hash):
@@ -672,6 +673,13 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
                      f"exceeds the number of emergency keys ({len(emergency)})")
     test_chain = NETWORKS[node.network].admin_mint  # local and regtest
     emergency_delay = s.get_int("emergency_delay_blocks", 1 if test_chain else 1008, 65_535, default=4032)
+    # a roll must be mined before the coin is emergency_delay blocks old: room for signing, broadcast and fee bumps
+    # 0: no rolls (the default only with a 1-block delay, which leaves no time to roll)
+    roll_margin = s.get_int("roll_margin_blocks", 0, 65_534, default=min(144, emergency_delay // 2))
+    if emergency and roll_margin >= emergency_delay:
+        raise s.fail("roll_margin_blocks", roll_margin,
+                     f"must be below bridge.emergency_delay_blocks ({emergency_delay}): coins are rolled before the "
+                     f"emergency keys can spend them")
     fallback = s.get_int("fee_fallback_sat_per_vb", 1, MAX_FEERATE, default=2)
     fee_max = s.get_int("fee_max_sat_per_vb", 1, MAX_FEERATE, default=500)  # a plan's fee rate is at most MAX_FEERATE
     if fee_max < fallback:
@@ -689,7 +697,7 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
         header_start_hash=bytes.fromhex(start_hash)[::-1] if start_hash else None,
         emergency_keys=tuple(bytes.fromhex(k) for k in emergency),
         emergency_threshold=emergency_threshold if emergency else 0,
-        emergency_delay_blocks=emergency_delay,
+        emergency_delay_blocks=emergency_delay, roll_margin_blocks=roll_margin,
     )
 
 

@@ -231,7 +231,7 @@ class Node:
                              confirmations=cfg.pegout_confirmations, rbf_after_blocks=cfg.rbf_after_blocks,
                              fee_fallback_sat_per_vb=cfg.fee_fallback_sat_per_vb,
                              fee_max_sat_per_vb=cfg.fee_max_sat_per_vb, poll_interval_ms=cfg.poll_interval_ms,
-                             now=lambda: int(time.time()))
+                             roll_margin_blocks=cfg.roll_margin_blocks, now=lambda: int(time.time()))
 
     def web_app(self) -> web.Application:
         """The REST application over this node's parts (each under its own AppKey), with the member routes."""

@@ -132,8 +132,8 @@ PLANS_MAX = 500
 
 
 async def plans(request: web.Request) -> web.Response:
-    """GET /api/bridge/plans[?status=PLANNED|REPLACED|COMPLETED][&limit=N]: peg-out plans, newest first (at most
-    limit, default 50, at most 500): its transaction (PSBT as every member builds it, base64), which federation keys
+    """GET /api/bridge/plans[?status=PLANNED|REPLACED|COMPLETED][&limit=N]: plans (payouts and rolls), newest first
+    (at most limit, default 50, at most 500): its transaction (PSBT as every member builds it, base64), which federation keys
     have signed, the signed transaction once m have, and its status. Built in a worker thread (each listed plan's
     PSBT is rebuilt and its signatures checked)."""
     fed = _federation(request)
@@ -156,7 +156,8 @@ async def plans(request: web.Request) -> web.Response:
                 sigs = signatures_by_key(r.get_state, fed, plan_id)
                 raw = signed_transaction(fed, network, ptx, sigs)
                 out.append({
-                    "id": plan_id[::-1].hex(), "status": p.status.name, "l2_height": p.l2_height,
+                    "id": plan_id[::-1].hex(), "kind": "payout" if p.pegouts else "roll",
+                    "status": p.status.name, "l2_height": p.l2_height,
                     "final": p.l2_height <= final,
                     "replaces": None if p.replaces == bytes(32) else p.replaces[::-1].hex(),
                     "replaced_by": None if p.replaced_by == bytes(32) else p.replaced_by[::-1].hex(),

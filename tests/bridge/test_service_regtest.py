@@ -30,7 +30,7 @@ from l2d.config import Config
 from l2d.core.coin_tx import Burn
 from l2d.core.params import REGTEST
 from l2d.core.pegs import CHANGE_CONTRACT, deposit_script_pubkey
-from l2d.core.pegs_tx import PeginClaim
+from l2d.core.pegs_tx import PeginClaim, RollPlan
 from l2d.core.tx import sign
 from l2d.node import Node
 from regtest.harness import BitcoindNode, fund_wallet, scan_sat
@@ -48,7 +48,7 @@ SIGNERS = [secret(f"signer {i}") for i in range(3)]
 
 
 def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True,
-                pegout_confirmations: int = 1) -> Config:
+                pegout_confirmations: int = 1, emergency_delay: int = 1000, roll_margin: int = 144) -> Config:
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
     for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
@@ -71,7 +71,8 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchor
                    # deposits and change carry the emergency path: the plans spend the federation's branch of it
                    "emergency_keys": [PrivateKey(secret(f"emergency {i}")).public_key.format().hex()
                                       for i in range(2)],
-                   "emergency_threshold": 2, "emergency_delay_blocks": 1000,
+                   "emergency_threshold": 2, "emergency_delay_blocks": emergency_delay,
+                   "roll_margin_blocks": roll_margin,
                    "pegin_min_depth": MIN_DEPTH, "pegout_confirmations": pegout_confirmations,
                    "rbf_after_blocks": rbf_after_blocks,
                    "poll_interval_ms": 100},
@@ -452,3 +453,110 @@ async def test_the_circuit_breaker_signs_nothing_while_a_coin_of_the_books_is_of
     assert any("circuit breaker reset" in r.getMessage() for r in caplog.records)
     f = await d.get("/api/bridge/federation")
     assert f["invariant_ok"] is True and f["holdings_sat"] == await holdings_on_chain(rpc, d) == 70_000_000
+
+
+async def rolling_daemon(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC
+                         ) -> tuple[Daemon, BitcoinRPC, str, int, tuple[bytes, int], tuple[bytes, int]]:
+    """A daemon whose federation has a 30-block emergency delay and rolls 10 blocks before it (at 20 confirmations),
+    anchoring off; Alice's claimed 1 BTC deposit and a recorded 0.01 BTC funding coin, mined in one block at
+    `height`. Returns (daemon, wallet, mining address, height, deposit outpoint, funding outpoint), txids internal."""
+    w, mine_addr = await fund_wallet(rpc, "miner")
+    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=False, emergency_delay=30, roll_margin=10))
+    txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
+    fund_addr = (await d.get("/api/bridge/federation"))["funding_address"]
+    fund_txid = await w.sendtoaddress(fund_addr, 1_000_000)
+    [block] = await rpc.generatetoaddress(1, mine_addr)
+    height = (await rpc.getblockheader(block, True)).height
+    await rpc.generatetoaddress(MIN_DEPTH - 1, mine_addr)
+    await relayed_to(d, rpc)
+    status, body = await claim(d, rpc, ALICE, txid, vout)
+    assert status == 202, body
+    await committed(d, body["txid"])
+    info = await rpc.call("getrawtransaction", [fund_txid[::-1].hex(), True])
+    [fund_vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == fund_addr]
+    admin = {"Authorization": "Bearer bridge-test-admin-token-01"}
+    resp = await d.client.post("/api/admin/bridge/fund", headers=admin, json={
+        "btc_height": height, "vout": fund_vout, "tx": (await rpc.getrawtransaction(fund_txid)).hex(),
+        "proof": (await rpc.gettxoutproof([fund_txid], block)).hex()})
+    assert resp.status == 202, await resp.text()
+    await committed(d, (await resp.json())["txid"])
+    return d, w, mine_addr, height, (txid, vout), (fund_txid, fund_vout)
+
+
+async def roll_completes(d: Daemon, rpc: BitcoinRPC, mine_addr: str, height: int, inputs: set[tuple[str, int]]
+                         ) -> dict[str, Any]:
+    """The roll of `inputs` (display txids) is signed by both keys, broadcast, mined before the coins are 30 blocks
+    old and COMPLETED; the deposit's value is then one CHANGE coin, the funding rest a FUNDING coin, and the books
+    equal what bitcoind holds."""
+    async def rolled() -> Any:
+        plans = (await d.get("/api/bridge/plans"))["plans"]
+        return plans[0] if plans and plans[0]["signed_tx"] else None
+    roll = await until(rolled, "the roll signed by both keys")
+    assert roll["kind"] == "roll" and roll["pegouts"] == [] and len(roll["signed_by"]) == 2
+    assert {(i["txid"], i["vout"]) for i in roll["inputs"]} == inputs
+    assert roll["change_sat"] == 100_000_000
+
+    async def in_mempool() -> bool:
+        return roll["id"] in await rpc.call("getrawmempool")
+    await until(in_mempool, "the roll broadcast")
+    [mined] = await rpc.generatetoaddress(1, mine_addr)
+    assert (await rpc.getblockheader(mined, True)).height < height + 30  # before the emergency keys could spend
+
+    async def completed() -> Any:
+        [p] = [p for p in (await d.get("/api/bridge/plans"))["plans"] if p["id"] == roll["id"]]
+        return p["status"] == "COMPLETED"
+    await until(completed, "the roll COMPLETED")
+    coins = {(c["txid"], c["vout"]): c for c in (await d.get("/api/bridge/coins"))["coins"]}
+    assert all(coins[i]["spent_by"] == roll["id"] for i in inputs)
+    assert coins[(roll["id"], 0)]["kind"] == "CHANGE" and coins[(roll["id"], 0)]["amount_sat"] == 100_000_000
+    assert coins[(roll["id"], 1)] == {**coins[(roll["id"], 1)], "kind": "FUNDING",
+                                      "amount_sat": 1_000_000 - roll["fee_sat"], "spent_by": None}
+    f = await d.get("/api/bridge/federation")
+    assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 == f["pegged_in_sat"]
+    assert f["invariant_ok"] is True and f["halted"] is None
+    return roll
+
+
+async def test_coins_nearing_the_emergency_timelock_are_rolled_before_the_emergency_keys_could_spend_them(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:
+    """The deposit and the funding coin are due at 20 confirmations, not at 19; the daemon proposes their roll, its
+    two keys sign it, it is mined before the coins are 30 blocks old and completed; the fresh coins are not due."""
+    d, w, mine_addr, height, dep, fund = await rolling_daemon(tmp_path, bitcoind, rpc)
+    try:
+        svc = d.node.bridge_service
+        assert svc is not None and svc.roll_at == 20
+        await rpc.generatetoaddress(height + 18 - await rpc.getblockcount(), mine_addr)  # 19 confirmations
+        await relayed_to(d, rpc)
+        assert [await svc._due(c, fresh=True) for c in svc.fed_coins()] == [False, False]
+        assert (await d.get("/api/bridge/plans"))["plans"] == []
+        await rpc.generatetoaddress(1, mine_addr)
+        assert [await svc._due(c, fresh=True) for c in svc.fed_coins()] == [True, True]
+        roll = await roll_completes(d, rpc, mine_addr, height, {(t[::-1].hex(), v) for t, v in (dep, fund)})
+        fresh = [c for c in svc.fed_coins() if c.spent_by == bytes(32)]
+        assert {(c.btc_txid[::-1].hex(), c.vout) for c in fresh} == {(roll["id"], 0), (roll["id"], 1)}
+        assert [await svc._due(c, fresh=True) for c in fresh] == [False, False]  # a new timelock starts
+    finally:
+        await stop(d)
+
+
+async def test_a_roll_proposed_early_is_signed_only_once_its_coins_are_due(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, caplog: pytest.LogCaptureFixture) -> None:
+    """A member proposes a roll of the deposit at 6 confirmations: consensus records it (which coins are due is
+    each signer's judgement), but the signers refuse while their bitcoind does not see the deposit 20 blocks deep,
+    and sign the same roll once it is."""
+    d, w, mine_addr, height, dep, fund = await rolling_daemon(tmp_path, bitcoind, rpc)
+    try:
+        early = RollPlan(2, bytes(32), (dep, fund))
+        d.node.admission.submit_as_member(early)
+
+        async def refused() -> Any:
+            plans = (await d.get("/api/bridge/plans"))["plans"]
+            warned = any("is not due for a roll in my bitcoind" in r.getMessage() for r in caplog.records)
+            return plans if plans and plans[0]["final"] and warned else None
+        [plan] = await until(refused, "the early roll refused")
+        assert plan["signed_by"] == [] and plan["status"] == "PLANNED"
+        await rpc.generatetoaddress(height + 19 - await rpc.getblockcount(), mine_addr)  # 20 confirmations
+        roll = await roll_completes(d, rpc, mine_addr, height, {(t[::-1].hex(), v) for t, v in (dep, fund)})
+        assert roll["id"] == plan["id"] and roll["feerate_sat_vb"] == 2  # the early plan itself, signed now
+    finally:
+        await stop(d)

@@ -459,6 +459,10 @@ G = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # secp
     ({"emergency_threshold": 1}, "config: bridge.emergency_threshold = 1: needs bridge.emergency_keys"),
     ({"emergency_keys": ["02" + "00" * 32]},
      'config: bridge.emergency_keys = ["02' + "00" * 32 + '"]: 02' + "00" * 32 + " is not a point on secp256k1"),
+    ({"emergency_keys": [G], "emergency_delay_blocks": 30, "roll_margin_blocks": 30},
+     "config: bridge.roll_margin_blocks = 30: must be below bridge.emergency_delay_blocks (30): coins are rolled "
+     "before the emergency keys can spend them"),
+    ({"roll_margin_blocks": -1}, "config: bridge.roll_margin_blocks = -1: must be an integer between 0 and 65534"),
 ])
 def test_bridge_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
     """A plan's fee rate is at most 10000 sat/vB in consensus (MAX_FEERATE): a cap above it could never be used; the
@@ -482,6 +486,14 @@ def test_bridge_floors_on_signet_and_mainnet(tmp_path: Path, table: dict[str, An
     local = build(lambda d: d.update(bridge=table), tmp_path).bridge  # the same on local/regtest is taken as is
     for key, value in table.items():
         assert getattr(local, key) == (tuple(bytes.fromhex(k) for k in value) if key == "emergency_keys" else value)
+
+
+@pytest.mark.parametrize("delay,margin", [(4032, 144), (100, 50), (3, 1), (1, 0)])
+def test_the_roll_margin_defaults_to_144_blocks_or_half_the_emergency_delay(tmp_path: Path, delay: int,
+                                                                             margin: int) -> None:
+    """Half the delay on short test chains; 0 (no rolls: no time to roll) with a 1-block delay."""
+    b = build(lambda d: d.update(bridge={"emergency_keys": [G], "emergency_delay_blocks": delay}), tmp_path).bridge
+    assert b.roll_margin_blocks == margin
 
 
 def test_bitcoind_section(tmp_path: Path) -> None:
