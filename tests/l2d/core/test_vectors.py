@@ -28,10 +28,10 @@ from l2d.core.kofn import FederationOutput, KofN, commitment_leaf
 from l2d.core.members import Membership
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
-from l2d.core.pegs import (CHANGE_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
+from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
                            deposit_script_pubkey, federation, pegin_tweak, pegout_key, script_address, tweaked_key)
-from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanSignature
-from l2d.core.plans import PlanEntry, PlanStatus, plan_key, plan_signatures, plan_tx, price, vsize_bound
+from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanCompleted, PlanSignature, RollPlan
+from l2d.core.plans import PlanEntry, PlanStatus, plan_key, plan_signatures, plan_tx, price, price_roll, vsize_bound
 from l2d.core.rules import apply_tx
 from l2d.core.spv import BITCOIN_REGTEST
 from l2d.core.state import Rules, StateView, genesis_state, is_member
@@ -416,12 +416,15 @@ def _plan_state() -> dict[bytes, bytes]:
     return {x(k): x(v) for k, v in PLANS["state"]}
 
 
-def _apply_vector_tx(state: dict[bytes, bytes], raw: str) -> dict[bytes, bytes]:
-    """Decode and apply one of the vector's L2 transactions at the vector's height; returns (and keeps) its writes."""
-    net = network_by_name(PLANS["network"])
+def _apply_vector_tx(state: dict[bytes, bytes], raw: str, vector: Optional[dict[str, Any]] = None,
+                     height: Optional[int] = None) -> dict[bytes, bytes]:
+    """Decode and apply one of the vector's L2 transactions at the vector's height (or `height`); returns (and keeps)
+    its writes."""
+    vector = PLANS if vector is None else vector
+    net = network_by_name(vector["network"])
     t = decode(x(raw), net)
     check_signature(t)
-    view = StateView(state.get, PLANS["height"])
+    view = StateView(state.get, vector["height"] if height is None else height)
     apply_tx(view, t, Rules(net, 1))
     writes = {k: v for k, v in view.writes.items() if v is not None}
     assert len(writes) == len(view.writes)
@@ -540,3 +543,43 @@ def test_plan_vector_signed_transaction() -> None:
                 k += 1
             assert k < len(keys), f"input {i}: a signature by no later key of the script"
             k += 1
+
+
+# ---------------------------------------------------------------------------------------------- rolls
+
+ROLLS = load("rolls.json")
+
+
+def test_roll_vector() -> None:
+    """The RollPlan and PlanCompleted applied to the vector's state write exactly the recorded records; the roll's
+    transaction, fee, outputs and sighashes are the recorded ones; the books (held coins) keep their total."""
+    net = network_by_name(ROLLS["network"])
+    state = {x(k): x(v) for k, v in ROLLS["state"]}
+    fed = federation(StateView(state.get))
+    assert fed.encode().hex() == ROLLS["federation"] and fed.emergency_keys and fed.emergency_delay == 4032
+    r = ROLLS["roll"]
+    payload = RollPlan(r["feerate_sat_vb"], bytes(32), tuple((x(t), v) for t, v in r["inputs"]))
+    assert payload.encode().hex() == r["payload_hex"] and RollPlan.decode(x(r["payload_hex"])) == payload
+    t = decode(x(r["tx"]), net)
+    assert t.payload == payload and t.sender.hex() == ROLLS["member"]["pubkey"]
+    coins = [FedCoin.decode(state[coin_key(*o)]) for o in payload.inputs]
+    priced = price_roll(fed, net.id, coins, payload.feerate_sat_vb)
+    assert (priced.fee_sat, priced.change_sat) == (r["fee_sat"], r["change_sat"])
+    assert [[spk.hex(), v] for spk, v in priced.outputs] == r["outputs"]
+    assert r["outputs"] == [[deposit_script_pubkey(fed, net.id, CHANGE_CONTRACT).hex(), 250_000],
+                            [deposit_script_pubkey(fed, net.id, FUNDING_CONTRACT).hex(), 40_000 - r["fee_sat"]]]
+    writes = _apply_vector_tx(state, r["tx"], ROLLS)
+    assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == r["writes"]
+    roll_id = x(r["roll_id"])
+    entry = PlanEntry.decode(state[plan_key(roll_id)])
+    assert entry.encode().hex() == r["entry"] and entry.pegouts == () and entry.status == PlanStatus.PLANNED
+    ptx = plan_tx(StateView(state.get), fed, net.id, entry)
+    assert ptx.tx.serialize().hex() == r["unsigned_tx"] and ptx.txid == roll_id and roll_id[::-1].hex() == r["txid"]
+    assert [ptx.sighash(i).hex() for i in range(len(coins))] == r["sighashes"]
+    c = ROLLS["completed"]
+    assert PlanCompleted(roll_id).encode().hex() == c["payload_hex"]
+    writes = _apply_vector_tx(state, c["tx"], ROLLS, ROLLS["height"] + 10)
+    assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == c["writes"]
+    assert FedCoin.decode(state[coin_key(roll_id, 0)]) == FedCoin(roll_id, 0, 250_000, CoinKind.CHANGE,
+                                                                  CHANGE_CONTRACT)
+    assert FedCoin.decode(state[coin_key(roll_id, 1)]).amount_sat == 40_000 - r["fee_sat"]
