@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from bitcoinutils.constants import TAPROOT_SIGHASH_ALL
-from bitcoinutils.script import Script
 from bitcoinutils.transactions import Transaction, TxInput, TxOutput, TxWitnessInput
 from coincurve import PrivateKey
 
 from l2d.core.anchor_format import output_key, p2tr_script, taptweak
 from l2d.core.codec import write_varint
+from l2d.core.kofn import RawScript
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 RBF_SEQUENCE = 0xFFFFFFFD  # signals BIP125 replaceability
@@ -67,17 +67,6 @@ class SignedTx:
 def key_path_script(internal_key: bytes) -> bytes:
     """scriptPubKey of the key-path-only P2TR output of internal_key (BIP86 tweak: no script tree)."""
     return p2tr_script(output_key(internal_key, None)[0])
-
-
-class RawScript(Script):  # type: ignore[misc]
-    """A script given as bytes: bitcoin-utils serializes it as is (its own parser mangles non-standard scripts)."""
-
-    def __init__(self, raw: bytes) -> None:
-        super().__init__([])
-        self.raw = raw
-
-    def to_bytes(self) -> bytes:
-        return self.raw
 
 
 def _transaction(inputs: Sequence[Prevout], outputs: Sequence[TxOut], sequence: int,

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from bitcoin.core import CScriptWitness, CTransaction, CTxInWitness, CTxWitness
 from bitcoinutils.constants import SIGHASH_ALL
 from bitcoinutils.psbt import PSBT
 from bitcoinutils.script import Script
@@ -30,10 +31,10 @@ from coincurve import PrivateKey, PublicKey
 from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_tx import AnchorStatus
 from l2d.core.params import Network
-from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, OP_IF, SECP256K1_N, Federation, PegoutEntry,
+from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, OP_IF, SECP256K1_N, CoinKind, Federation, PegoutEntry,
                            deposit_script_pubkey, pegin_tweak, pegout_key, tweaked_key, witness_script)
 from l2d.core.pegs_tx import PegoutStatus
-from l2d.core.plans import MAX_FEE_SHARE_PPM, RBF_SEQUENCE, PlanTx
+from l2d.core.plans import MAX_FEE_SHARE_PPM, RBF_SEQUENCE, PlanTx, anchor_output, anchor_policy
 
 PROPRIETARY = 0xFC
 _CONTRACT_KEY = bytes((PROPRIETARY, 3)) + b"l2d" + b"\x00"  # PSBT_IN_PROPRIETARY, prefix "l2d", subtype 0
@@ -84,10 +85,29 @@ def add_signatures(fed: Federation, network: Network, psbt_bytes: bytes, signed:
 def signed_transaction(fed: Federation, network: Network, ptx: PlanTx, sigs: Mapping[int, Sequence[bytes]]
                        ) -> Optional[bytes]:
     """The raw signed transaction of a plan from its keys' signatures (l2d.core.plans.signatures_by_key), or None
-    while fewer than m keys have signed."""
+    while fewer than m keys have signed. A plan spending an anchor output (a Taproot script path, which bitcoin-utils'
+    PSBT cannot finalize) is assembled directly from the signatures, which consensus verified."""
     if len(sigs) < fed.threshold:
         return None
-    return finalize(add_signatures(fed, network, build_psbt(fed, network, ptx), sigs))[0]
+    if not any(c.kind == CoinKind.ANCHOR for c in ptx.coins):
+        return finalize(add_signatures(fed, network, build_psbt(fed, network, ptx), sigs))[0]
+    stacks = []
+    for i, c in enumerate(ptx.coins):
+        if c.kind == CoinKind.ANCHOR:  # multi_a: each key from the last to the first, its signature or empty
+            policy = anchor_policy(fed)
+            by_key = {fed.keys[j][1:]: s[i] for j, s in sigs.items()}
+            used = [k for k in policy.keys if k in by_key][:policy.k]
+            stacks.append([by_key[k] if k in used else b"" for k in reversed(policy.keys)]
+                          + [policy.script, anchor_output(fed, c.contract).control_block])
+        else:  # CHECKMULTISIG: the dummy, m signatures in the script's key order, the branch selector, the script
+            ws = ptx.witness_scripts[i]
+            m, keys, emergency = _script_keys(ws)
+            by_key = {tweaked_key(fed.keys[j], network.id, c.contract): s[i] for j, s in sigs.items()}
+            stacks.append([b""] + [by_key[k] for k in keys if k in by_key][:m] + ([b"\x01"] if emergency else [])
+                          + [ws])
+    tx = CTransaction(ptx.tx.vin, ptx.tx.vout, ptx.tx.nLockTime, ptx.tx.nVersion,
+                      CTxWitness([CTxInWitness(CScriptWitness(st)) for st in stacks]))
+    return bytes(tx.serialize())
 
 
 def unsigned_txid(psbt_bytes: bytes) -> bytes:

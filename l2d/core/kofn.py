@@ -12,8 +12,10 @@ Tree hashing and the output tweak are l2d.core.anchor_format's (BIP341-vector te
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
+from bitcoinutils.script import Script
+from bitcoinutils.transactions import Transaction
 from coincurve import PublicKeyXOnly
 
 from .anchor_format import (LEAF_VERSION_TAPSCRIPT, OP_RETURN, AnchorRecord, Leaf, ScriptTree, control_block,
@@ -110,7 +112,35 @@ class KofN:
 
 def commitment_leaf(record: AnchorRecord) -> Leaf:
     """OP_RETURN <link>: a leaf that commits to the anchor record and that no witness can satisfy."""
-    return Leaf(LEAF_VERSION_TAPSCRIPT, bytes((OP_RETURN, PUSH_32)) + record.link)
+    return link_leaf(record.link)
+
+
+def link_leaf(link: bytes) -> Leaf:
+    """commitment_leaf of the record whose link this is."""
+    return Leaf(LEAF_VERSION_TAPSCRIPT, bytes((OP_RETURN, PUSH_32)) + link)
+
+
+class RawScript(Script):  # type: ignore[misc]
+    """A script given as bytes: bitcoin-utils serializes it as is (its own parser mangles non-standard scripts)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__([])
+        self.raw = raw
+
+    def to_bytes(self) -> bytes:
+        return self.raw
+
+
+def script_path_sighash(raw_tx: bytes, index: int, prevouts: Sequence[tuple[bytes, int]], leaf_script: bytes,
+                        hash_type: int) -> bytes:
+    """BIP341/342 signature hash of input `index` of the (unsigned) transaction raw_tx spending the tapscript leaf
+    leaf_script (leaf version 0xc0, no annex, no OP_CODESEPARATOR), given every input's (scriptPubKey, amount);
+    hash_type 0x00 (SIGHASH_DEFAULT) or 0x01 (SIGHASH_ALL, which the message then commits to). bitcoin-utils'
+    digest (BIP341-vector tested in tests/anchoring)."""
+    tx = Transaction.from_raw(raw_tx.hex())
+    return bytes(tx.get_transaction_taproot_digest(index, [RawScript(spk) for spk, _ in prevouts],
+                                                   [amount for _, amount in prevouts], 1, RawScript(leaf_script),
+                                                   sighash=hash_type))
 
 
 @dataclass(frozen=True, slots=True)

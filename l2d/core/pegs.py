@@ -336,13 +336,16 @@ class CoinKind(IntEnum):
     DEPOSIT = 1  # a claimed peg-in deposit (contract: the L2 recipient)
     FUNDING = 2  # a deposit to the funding address (contract: FUNDING_CONTRACT)
     CHANGE = 3  # the change of a completed peg-out plan (contract: CHANGE_CONTRACT)
+    ANCHOR = 4  # the k-of-n Taproot output of a completed anchor plan (contract: the anchor record's link)
 
 
 @dataclass(frozen=True, slots=True)
 class FedCoin:
     """State value under coin_key(txid, vout) (109 bytes): txid 32 (internal order) | vout u32 | amount u64 | kind u8
     | contract 32 | spent_by 32 (the id of the plan spending it, l2d/core/plans.py; zero while unspent). The
-    contract says which deposit script holds the coin (deposit_script_pubkey(federation, network, contract))."""
+    contract says which deposit script holds the coin (deposit_script_pubkey(federation, network, contract)); an
+    ANCHOR coin's is the anchor record's link, its script the federation's k-of-n anchor output
+    (l2d.core.plans.coin_script_pubkey)."""
 
     btc_txid: bytes
     vout: int
@@ -359,7 +362,7 @@ class FedCoin:
         if len(b) != _COIN.size:
             raise DecodeError(f"federation coin value is {len(b)} bytes")
         txid, vout, amount, kind, contract, spent = _COIN.unpack(b)
-        if kind not in (1, 2, 3):
+        if kind not in (1, 2, 3, 4):
             raise DecodeError(f"federation coin kind {kind}")
         return cls(txid, vout, amount, CoinKind(kind), contract, spent)
 

@@ -169,6 +169,7 @@ MAX_PLAN_PEGOUTS = 20  # peg-outs one plan pays
 MAX_FEERATE = 10_000  # sat/vB: a bound on the field; each member's signing policy sets its own, lower cap
 _PLAN_HEAD = struct.Struct(">QI32s")  # anchor height, fee rate, replaces
 _ROLL_HEAD = struct.Struct(">I32s")  # fee rate, replaces
+_ANCHOR_PLAN_HEAD = struct.Struct(">QB32s32sI32s")  # l2 height, mode, state root, previous link, fee rate, replaces
 OUTPOINT = struct.Struct(">32sI")  # a Bitcoin outpoint: txid (internal order) | vout
 
 
@@ -304,6 +305,60 @@ class PlanCompleted:
         if len(b) != 32:
             raise DecodeError(f"plan completion payload is {len(b)} bytes, expected 32")
         return cls(b)
+
+
+class AnchorMode(IntEnum):
+    """How an anchor plan's transaction commits the record (docs/anchoring.md)."""
+
+    OP_RETURN = 1  # OP_RETURN <record>, the funding rest back to the funding script
+    TAPROOT = 2  # one k-of-n Taproot output of the federation committing the record's link, holding the rest
+
+
+@dataclass(frozen=True, slots=True)
+class AnchorPlan:
+    """A member proposes the Bitcoin transaction that anchors the state root of an L2 height, paid by the
+    federation's funding coins (and spending the previous Taproot anchor output), to be signed by m members like
+    any plan (federation members only, fee 0; l2d/core/plans.py, docs/anchoring.md "Anchor plans").
+
+    Layout: l2_height u64 | mode u8 (1 OP_RETURN, 2 Taproot) | state_root 32 | prev_link 32 (the previous anchor
+    record's link, zeros for the first) | feerate u32 (1..10000) | replaces 32 (zero for a first version) | n_in u8
+    (1..20) | n_in x (btc txid 32, internal order | vout u32).
+    """
+
+    TYPE: ClassVar[TxType] = TxType.ANCHOR_PLAN
+    FEELESS: ClassVar[bool] = True
+    l2_height: int
+    mode: AnchorMode
+    state_root: bytes
+    prev_link: bytes
+    feerate_sat_vb: int
+    replaces: bytes
+    inputs: tuple[tuple[bytes, int], ...]
+
+    def __post_init__(self) -> None:
+        if not 0 < self.l2_height < 2**64:
+            raise OutOfRange(f"anchor plan L2 height {self.l2_height} outside 1..2^64-1")
+        if isinstance(self.mode, bool) or self.mode not in (1, 2):
+            raise OutOfRange(f"anchor plan mode {self.mode!r} is not 1 (OP_RETURN) or 2 (Taproot)")
+        object.__setattr__(self, "mode", AnchorMode(self.mode))
+        if len(self.state_root) != 32 or len(self.prev_link) != 32:
+            raise OutOfRange("anchor plan: state root and previous link are 32 bytes each")
+        _check_plan_head(self.feerate_sat_vb, self.replaces, self.inputs)
+
+    def encode(self) -> bytes:
+        return (_ANCHOR_PLAN_HEAD.pack(self.l2_height, self.mode, self.state_root, self.prev_link,
+                                       self.feerate_sat_vb, self.replaces) + _encode_inputs(self.inputs))
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "AnchorPlan":
+        r = Reader(b, "anchor plan payload")
+        height, mode, root, prev, rate, replaces = _ANCHOR_PLAN_HEAD.unpack(r.take(_ANCHOR_PLAN_HEAD.size))
+        inputs = _read_inputs(r)
+        r.end()
+        return cls(height, mode, root, prev, rate, replaces, inputs)
 
 
 MAX_DER_SIG = 73  # a DER ECDSA signature (at most 72 bytes) and its sighash byte

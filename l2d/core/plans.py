@@ -35,18 +35,21 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, cast
 
 from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut
 from bitcoin.core.script import SIGHASH_ALL, SIGVERSION_WITNESS_V0, CScript, SignatureHash
-from coincurve import PublicKey
+from coincurve import PublicKey, PublicKeyXOnly
 
-from .anchor import AnchorEntry, anchor_key
-from .anchor_tx import AnchorStatus
+from .anchor import AnchorEntry, anchor_key, apply_anchor
+from .anchor_format import NO_PREVIOUS, AnchorRecord, op_return_script
+from .anchor_tx import AnchorStatus, AnchorUpdate
 from .codec import Reader
 from .errors import DecodeError, DuplicateDuty
 from .hashing import H_PLAN_SIG
+from .kofn import FederationOutput, KofN, link_leaf, script_path_sighash
 from .pegs import (BRIDGE_TOTALS_KEY, CHANGE_CONTRACT, FUNDING_CONTRACT, BadPegoutTransition, BridgeRejected,
                    BridgeTotals, CoinKind, FedCoin, Federation, PegoutEntry, PegoutNotAnchored, UnknownPegout,
                    bridge_totals, coin_key, deposit_script_pubkey, federation, pegout_key, tweaked_key, witness_script)
-from .pegs_tx import OUTPOINT, PegoutPlan, PegoutStatus, PegoutUpdate, PlanCompleted, PlanSignature, RollPlan
-from .state import Namespace, Rules, StateView, bump_member_nonce, check_member
+from .pegs_tx import (OUTPOINT, AnchorMode, AnchorPlan, PegoutPlan, PegoutStatus, PegoutUpdate, PlanCompleted,
+                      PlanSignature, RollPlan)
+from .state import Namespace, Rules, StateView, bump_member_nonce, check_member, meta_key
 from .tx import Transaction
 
 SPENDABLE = (CoinKind.DEPOSIT, CoinKind.CHANGE)  # the coins peg-outs spend; FUNDING coins pay anchors
@@ -54,6 +57,14 @@ RBF_SEQUENCE = 0xFFFFFFFD
 DUST_SAT = 546  # the largest standard dust threshold (P2PKH); payouts and change stay above it
 MAX_FEE_SHARE_PPM = 100_000  # a peg-out pays at most 10% of its amount in Bitcoin fees (signers may demand less)
 SIG_ITEM = 72  # witness bytes counted per signature: a DER signature of at most 71 bytes (low S) + sighash
+SCHNORR_SIZE = 64
+SCHNORR_ITEM = SCHNORR_SIZE + 1  # an anchor input's signature: BIP340 + the explicit SIGHASH_ALL byte
+TAPROOT_SIGHASH = 0x01  # SIGHASH_ALL, explicit, so the signature ends in 0x01 as every PlanSignature item does
+CONTROL_BLOCK = 65  # leaf version | internal key 32 | the commitment leaf's hash 32
+P2TR_DUST_SAT = 330
+ANCHOR_TIP_KEY = meta_key("anchor_tip")
+_ANCHOR_PLAN_RECORD = struct.Struct(">B32s32s")
+_ANCHOR_TIP = struct.Struct(">Q32s32sI32s")
 ZERO = b"\0" * 32
 _PLAN = struct.Struct(">B32s32sQQIQQ")  # status, replaces, replaced_by, l2 height, anchor height, rate, fee, change
 _PAYOUT = struct.Struct(">32sQ")
@@ -103,6 +114,18 @@ class BadPlanSignature(BridgeRejected):
 
 class NothingToRoll(BridgeRejected):
     reason = "nothing-to-roll"
+
+
+class AnchorOutOfOrder(BridgeRejected):
+    reason = "anchor-out-of-order"
+
+
+class AnchorInFlight(BridgeRejected):
+    reason = "anchor-in-flight"
+
+
+class BadAnchorLink(BridgeRejected):
+    reason = "bad-anchor-link"
 
 
 def plan_key(plan_id: bytes) -> bytes:
@@ -224,10 +247,117 @@ def vsize_bound(fed: Federation, network_id: int, coins: Sequence[FedCoin], outp
     witness = 2  # segwit marker and flag
     branch = 1 if fed.emergency_keys else 0  # the OP_IF selector (0x01) of the federation's path
     for c in coins:
+        if c.kind == CoinKind.ANCHOR:  # the k-of-n leaf: k 65-byte signatures, n - k empty items, script, control
+            leaf = anchor_policy(fed).script
+            witness += (_varint_size(len(fed.keys) + 2) + fed.threshold * (1 + SCHNORR_ITEM)
+                        + (len(fed.keys) - fed.threshold) + _varint_size(len(leaf)) + len(leaf) + 1 + CONTROL_BLOCK)
+            continue
         ws = len(witness_script(fed, network_id, c.contract))
         witness += (_varint_size(fed.threshold + 2 + branch) + 1 + fed.threshold * (1 + SIG_ITEM) + 2 * branch
                     + _varint_size(ws) + ws)
     return (4 * base + witness + 3) // 4
+
+
+# -- anchor plans ------------------------------------------------------------------------------------------------------
+def anchor_policy(fed: Federation) -> KofN:
+    """The federation's k-of-n over its keys' x coordinates (the untweaked keys: every deposit script uses tweaked
+    ones), k = the federation's threshold."""
+    return KofN.of(fed.threshold, [k[1:] for k in fed.keys])
+
+
+def anchor_output(fed: Federation, link: bytes) -> FederationOutput:
+    """The Taproot anchor output committing to the record with this link, spendable by m of the federation's keys."""
+    return FederationOutput(anchor_policy(fed), link_leaf(link))
+
+
+def coin_script_pubkey(fed: Federation, network_id: int, coin: FedCoin) -> bytes:
+    """The scriptPubKey holding a federation coin: the anchor output of an ANCHOR coin, else the deposit script."""
+    if coin.kind == CoinKind.ANCHOR:
+        return anchor_output(fed, coin.contract).script_pubkey
+    return deposit_script_pubkey(fed, network_id, coin.contract)
+
+
+def anchor_plan_key(l2_height: int) -> bytes:
+    return bytes((Namespace.ANCHOR_PLAN,)) + l2_height.to_bytes(32, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class AnchorPlanRecord:
+    """State value under anchor_plan_key(h), written by the first AnchorPlan for h (every version shares it):
+    mode u8 | state_root 32 | prev_link 32."""
+
+    mode: AnchorMode
+    state_root: bytes
+    prev_link: bytes
+
+    def encode(self) -> bytes:
+        return _ANCHOR_PLAN_RECORD.pack(self.mode, self.state_root, self.prev_link)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "AnchorPlanRecord":
+        if len(b) != _ANCHOR_PLAN_RECORD.size:
+            raise DecodeError(f"anchor plan record is {len(b)} bytes, expected {_ANCHOR_PLAN_RECORD.size}")
+        mode, root, prev = _ANCHOR_PLAN_RECORD.unpack(b)
+        if mode not in (1, 2):
+            raise DecodeError(f"anchor plan mode {mode}")
+        return cls(AnchorMode(mode), root, prev)
+
+    def record(self, network_id: int, l2_height: int) -> AnchorRecord:
+        return AnchorRecord(network_id, l2_height, self.state_root, self.prev_link)
+
+
+@dataclass(frozen=True, slots=True)
+class AnchorTip:
+    """State value under ANCHOR_TIP_KEY: where the federation's anchor chain stands. l2_height u64 and link 32 of
+    the last completed anchor (0 and NO_PREVIOUS before the first) | coin txid 32 | coin vout u32 (its Taproot
+    output, an ANCHOR coin the next anchor must spend; zero txid for none) | open 32 (the current version of the
+    anchor plan in flight; zero for none)."""
+
+    l2_height: int = 0
+    link: bytes = NO_PREVIOUS
+    coin_txid: bytes = ZERO
+    coin_vout: int = 0
+    open: bytes = ZERO
+
+    def encode(self) -> bytes:
+        return _ANCHOR_TIP.pack(self.l2_height, self.link, self.coin_txid, self.coin_vout, self.open)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "AnchorTip":
+        if len(b) != _ANCHOR_TIP.size:
+            raise DecodeError(f"anchor tip is {len(b)} bytes, expected {_ANCHOR_TIP.size}")
+        return cls(*_ANCHOR_TIP.unpack(b))
+
+
+def anchor_tip(get: Callable[[bytes], Optional[bytes]]) -> AnchorTip:
+    raw = get(ANCHOR_TIP_KEY)
+    return AnchorTip() if raw is None else AnchorTip.decode(raw)
+
+
+def _anchor_outputs(fed: Federation, network_id: int, rec: AnchorPlanRecord, l2_height: int, value: int
+                    ) -> tuple[tuple[bytes, int], ...]:
+    """Taproot: the anchor output holding value; OP_RETURN: the record, then value (when not zero) to FUNDING."""
+    record = rec.record(network_id, l2_height)
+    if rec.mode == AnchorMode.TAPROOT:
+        return ((anchor_output(fed, record.link).script_pubkey, value),)
+    rest = ((deposit_script_pubkey(fed, network_id, FUNDING_CONTRACT), value),) if value else ()
+    return ((op_return_script(record), 0),) + rest
+
+
+def price_anchor(fed: Federation, network_id: int, coins: Sequence[FedCoin], rec: AnchorPlanRecord, l2_height: int,
+                 feerate_sat_vb: int) -> Priced:
+    """Fee and outputs of an anchor plan over these coins: fee = rate x the vsize bound (with every output), the rest
+    to the anchor output (Taproot: at least P2TR_DUST_SAT) or back to FUNDING (OP_RETURN: 0 or at least DUST_SAT);
+    PlanUnderfunded otherwise."""
+    total = sum(c.amount_sat for c in coins)
+    fee = feerate_sat_vb * vsize_bound(fed, network_id, coins, _anchor_outputs(fed, network_id, rec, l2_height, total))
+    value = total - fee
+    low = P2TR_DUST_SAT if rec.mode == AnchorMode.TAPROOT else DUST_SAT
+    if value < 0 or (value < low and (rec.mode == AnchorMode.TAPROOT or value)):
+        raise PlanUnderfunded(f"coins of {total} sat do not pay a fee of {fee} sat ({feerate_sat_vb} sat/vB) with "
+                              f"{'an anchor output' if rec.mode == AnchorMode.TAPROOT else 'a rest'} of "
+                              f"{'' if rec.mode == AnchorMode.TAPROOT else '0 or '}at least {low} sat")
+    return Priced((), 0, fee, _anchor_outputs(fed, network_id, rec, l2_height, value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,17 +442,24 @@ def _pegouts(view: StateView, ids: Sequence[bytes]) -> list[PegoutEntry]:
 
 @dataclass(frozen=True, slots=True)
 class PlanTx:
-    """The Bitcoin transaction of a plan, with what signing each input needs."""
+    """The Bitcoin transaction of a plan, with what signing each input needs: the witness script of a deposit-script
+    coin (BIP143, SIGHASH_ALL), the k-of-n leaf script of an ANCHOR coin (BIP341 script path, SIGHASH_ALL), and
+    every input's scriptPubKey (BIP341 commits to all of them)."""
 
     tx: CTransaction
     coins: tuple[FedCoin, ...]
     witness_scripts: tuple[bytes, ...]
+    script_pubkeys: tuple[bytes, ...] = ()
 
     @property
     def txid(self) -> bytes:
         return cast(bytes, self.tx.GetTxid())
 
     def sighash(self, i: int) -> bytes:
+        if self.coins[i].kind == CoinKind.ANCHOR:
+            return script_path_sighash(self.tx.serialize(), i, [(spk, c.amount_sat) for spk, c in
+                                                               zip(self.script_pubkeys, self.coins)],
+                                       self.witness_scripts[i], TAPROOT_SIGHASH)
         return cast(bytes, SignatureHash(CScript(self.witness_scripts[i]), self.tx, i, SIGHASH_ALL,
                                          amount=self.coins[i].amount_sat, sigversion=SIGVERSION_WITNESS_V0))
 
@@ -333,16 +470,32 @@ def _rest(coins: Sequence[FedCoin], entry: PlanEntry) -> int:
     return sum(c.amount_sat for c in coins) - sum(entry.payouts) - entry.change_sat - entry.fee_sat
 
 
+def is_anchor_plan(entry: PlanEntry) -> bool:
+    """An anchor plan names the anchored height and pays no peg-out (a roll names height 0)."""
+    return not entry.pegouts and entry.anchor_height != 0
+
+
+def _plan_outputs(view: StateView, fed: Federation, network_id: int, entry: PlanEntry, coins: Sequence[FedCoin]
+                  ) -> list[tuple[bytes, int]]:
+    rest = _rest(coins, entry)
+    if is_anchor_plan(entry):
+        rec = AnchorPlanRecord.decode(cast(bytes, view.get(anchor_plan_key(entry.anchor_height))))
+        return list(_anchor_outputs(fed, network_id, rec, entry.anchor_height, rest))
+    change = ((deposit_script_pubkey(fed, network_id, CHANGE_CONTRACT), entry.change_sat),) if entry.change_sat else ()
+    funding = ((deposit_script_pubkey(fed, network_id, FUNDING_CONTRACT), rest),) if rest else ()
+    outputs = [(e.script_pubkey, v) for e, v in zip(_pegouts(view, entry.pegouts), entry.payouts)] + list(change)
+    return outputs + list(funding)
+
+
 def plan_tx(view: StateView, fed: Federation, network_id: int, entry: PlanEntry) -> PlanTx:
     """The transaction a recorded plan stands for, rebuilt from the state."""
     coins = _coins(view, entry.inputs)
-    change = ((deposit_script_pubkey(fed, network_id, CHANGE_CONTRACT), entry.change_sat),) if entry.change_sat else ()
-    rest = _rest(coins, entry)
-    funding = ((deposit_script_pubkey(fed, network_id, FUNDING_CONTRACT), rest),) if rest else ()
-    outputs = [(e.script_pubkey, v) for e, v in zip(_pegouts(view, entry.pegouts), entry.payouts)] + list(change)
-    outputs += funding
-    return PlanTx(_unsigned_tx(coins, outputs), tuple(coins),
-                  tuple(witness_script(fed, network_id, c.contract) for c in coins))
+    outputs = _plan_outputs(view, fed, network_id, entry, coins)
+    scripts = tuple(anchor_policy(fed).script if c.kind == CoinKind.ANCHOR else witness_script(fed, network_id,
+                                                                                              c.contract)
+                    for c in coins)
+    return PlanTx(_unsigned_tx(coins, outputs), tuple(coins), scripts,
+                  tuple(coin_script_pubkey(fed, network_id, c) for c in coins))
 
 
 def _final_anchor(view: StateView, height: int) -> None:
@@ -470,9 +623,12 @@ def apply_plan_signature(view: StateView, tx: Transaction, rules: Rules) -> None
     ptx = plan_tx(view, fed, rules.network.id, entry)
     key = fed.keys[p.key_index]
     for i, sig in enumerate(p.signatures):
-        pub = PublicKey(tweaked_key(key, rules.network.id, ptx.coins[i].contract))
         try:
-            ok = pub.verify(sig[:-1], ptx.sighash(i), hasher=None)
+            if ptx.coins[i].kind == CoinKind.ANCHOR:  # BIP340 over the BIP341 script-path sighash, SIGHASH_ALL
+                ok = len(sig) == 1 + SCHNORR_SIZE and PublicKeyXOnly(key[1:]).verify(sig[:-1], ptx.sighash(i))
+            else:
+                pub = PublicKey(tweaked_key(key, rules.network.id, ptx.coins[i].contract))
+                ok = pub.verify(sig[:-1], ptx.sighash(i), hasher=None)
         except (ValueError, TypeError):  # not a DER signature
             ok = False
         if not ok:
@@ -481,7 +637,7 @@ def apply_plan_signature(view: StateView, tx: Transaction, rules: Rules) -> None
     view.put(plan_sig_key(p.plan_id, p.key_index), p.encode()[33:])
 
 
-def _complete(view: StateView, plan_id: bytes, plan: PlanEntry) -> None:
+def _complete(view: StateView, plan_id: bytes, plan: PlanEntry, network_id: int) -> None:
     """Version plan_id was mined: its peg-outs are paid, its coins spent, its change (and a roll's funding rest)
     a coin, the other versions REPLACED."""
     view.put(plan_key(plan_id), replace(plan, status=PlanStatus.COMPLETED).encode())
@@ -500,7 +656,16 @@ def _complete(view: StateView, plan_id: bytes, plan: PlanEntry) -> None:
                                                   CHANGE_CONTRACT).encode())
         vout += 1
     rest = _rest(_coins(view, plan.inputs), plan)
-    if rest:
+    if is_anchor_plan(plan):  # Taproot: the anchor output (vout 0) is the next anchor's coin; OP_RETURN: vout 1
+        rec = AnchorPlanRecord.decode(cast(bytes, view.get(anchor_plan_key(plan.anchor_height))))
+        link = rec.record(network_id, plan.anchor_height).link
+        taproot = rec.mode == AnchorMode.TAPROOT
+        if taproot:
+            view.put(coin_key(plan_id, 0), FedCoin(plan_id, 0, rest, CoinKind.ANCHOR, link).encode())
+        elif rest:
+            view.put(coin_key(plan_id, 1), FedCoin(plan_id, 1, rest, CoinKind.FUNDING, FUNDING_CONTRACT).encode())
+        view.put(ANCHOR_TIP_KEY, AnchorTip(plan.anchor_height, link, plan_id if taproot else ZERO, 0, ZERO).encode())
+    elif rest:
         view.put(coin_key(plan_id, vout), FedCoin(plan_id, vout, rest, CoinKind.FUNDING, FUNDING_CONTRACT).encode())
     paid = 0
     for pid in plan.pegouts:
@@ -542,7 +707,7 @@ def apply_pegout_update(view: StateView, tx: Transaction, rules: Rules) -> None:
                                   f"with {p.btc_txid[::-1].hex()}")
     bump_member_nonce(view, tx)
     if p.status == PegoutStatus.COMPLETED:
-        _complete(view, p.btc_txid, plan)
+        _complete(view, p.btc_txid, plan, rules.network.id)
     else:
         view.put(pegout_key(p.pegout_id), replace(entry, status=p.status, btc_txid=p.btc_txid).encode())
 
@@ -568,6 +733,8 @@ def apply_plan_completed(view: StateView, tx: Transaction, rules: Rules) -> None
         raise UnknownPlan(f"no plan {p.plan_id[::-1].hex()}")
     if plan.pegouts:
         raise UnknownPlan(f"plan {p.plan_id[::-1].hex()} pays peg-outs: it completes through PegoutUpdate COMPLETED")
+    if is_anchor_plan(plan):
+        raise UnknownPlan(f"plan {p.plan_id[::-1].hex()} is an anchor: it completes through AnchorUpdate FINAL")
     done = [v for v, e in _versions(view.get, p.plan_id) if e.status == PlanStatus.COMPLETED]
     if done == [p.plan_id]:
         raise DuplicateDuty(f"plan {p.plan_id[::-1].hex()} is COMPLETED already")
@@ -575,4 +742,68 @@ def apply_plan_completed(view: StateView, tx: Transaction, rules: Rules) -> None
         raise PlanClosed(f"version {done[0][::-1].hex()} of this roll is COMPLETED; {p.plan_id[::-1].hex()} cannot "
                          f"be")
     bump_member_nonce(view, tx)
-    _complete(view, p.plan_id, plan)
+    _complete(view, p.plan_id, plan, rules.network.id)
+
+
+def apply_anchor_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
+    """AnchorPlan: the transaction anchoring an L2 height, from funding coins and the previous anchor output."""
+    check_member(view, tx)
+    fed = federation(view)
+    p = cast(AnchorPlan, tx.payload)
+    net = rules.network.id
+    old = _old_version(view, p.replaces)
+    rec = AnchorPlanRecord(p.mode, p.state_root, p.prev_link)
+    tip = anchor_tip(view.get)
+    if old is not None:
+        if not is_anchor_plan(old) or old.anchor_height != p.l2_height:
+            raise BadReplacement(f"plan {p.replaces[::-1].hex()} does not anchor L2 height {p.l2_height}")
+        if view.get(anchor_plan_key(p.l2_height)) != rec.encode():
+            raise BadReplacement("a replacement anchors the same record (mode, state root, previous link)")
+    else:
+        if p.l2_height <= tip.l2_height:
+            raise AnchorOutOfOrder(f"L2 height {p.l2_height} is not above the last anchored height {tip.l2_height}")
+        if p.prev_link != tip.link:
+            raise BadAnchorLink(f"previous link {p.prev_link.hex()} is not the last anchor's {tip.link.hex()}")
+        if tip.coin_txid != ZERO and (tip.coin_txid, tip.coin_vout) not in p.inputs:
+            raise BadAnchorLink(f"the previous anchor output {tip.coin_txid[::-1].hex()}:{tip.coin_vout} is not "
+                                f"spent: each anchor spends the one before it")
+    coins = _coins(view, p.inputs)
+    for c in coins:
+        if c.kind not in (CoinKind.FUNDING, CoinKind.ANCHOR):
+            raise UnknownCoin(f"{c.btc_txid[::-1].hex()}:{c.vout} is a {c.kind.name} coin; anchors spend funding "
+                              f"coins and the previous anchor output")
+    priced = price_anchor(fed, net, coins, rec, p.l2_height, p.feerate_sat_vb)
+    plan_id = cast(bytes, _unsigned_tx(coins, priced.outputs).GetTxid())
+    if view.get(plan_key(plan_id)) is not None:
+        raise DuplicateDuty(f"plan {plan_id[::-1].hex()} is recorded already")
+    if old is not None:
+        _check_replacement(view, fed, p.replaces, old, p.inputs, (), p.feerate_sat_vb)
+    elif tip.open != ZERO:
+        raise AnchorInFlight(f"anchor plan {tip.open[::-1].hex()} is in flight: one anchor at a time")
+    _check_unspent(coins, p.replaces)
+    bump_member_nonce(view, tx)
+    if old is None:
+        view.put(anchor_plan_key(p.l2_height), rec.encode())
+    _record_plan(view, plan_id, PlanEntry(PlanStatus.PLANNED, p.replaces, ZERO, view.height, p.l2_height,
+                                          p.feerate_sat_vb, priced.fee_sat, 0, p.inputs, (), ()), old, coins)
+    view.put(ANCHOR_TIP_KEY, replace(tip, open=plan_id).encode())
+
+
+def apply_anchor_update(view: StateView, tx: Transaction, rules: Rules) -> None:
+    """AnchorUpdate (l2d/core/anchor.py); FINAL with the txid of a version of the anchor plan of that height also
+    completes the plan: its coins spent, its Taproot output the next anchor's coin (or the funding rest a FUNDING
+    coin), the anchor tip moved on."""
+    p = cast(AnchorUpdate, tx.payload)
+    plan = plan_entry(view.get, p.btc_txid) if p.status == AnchorStatus.FINAL else None
+    if plan is not None and is_anchor_plan(plan):
+        if plan.anchor_height != p.l2_height:
+            raise UnknownPlan(f"plan {p.btc_txid[::-1].hex()} anchors L2 height {plan.anchor_height}, not "
+                              f"{p.l2_height}")
+        rec = AnchorPlanRecord.decode(cast(bytes, view.get(anchor_plan_key(plan.anchor_height))))
+        if rec.state_root != p.state_root:
+            raise BadAnchorLink(f"the anchor plan of L2 height {p.l2_height} commits root {rec.state_root.hex()}, "
+                                f"not {p.state_root.hex()}")
+    apply_anchor(view, tx, rules)
+    if plan is not None and is_anchor_plan(plan) and not any(
+            e.status == PlanStatus.COMPLETED for _, e in _versions(view.get, p.btc_txid)):
+        _complete(view, p.btc_txid, plan, rules.network.id)

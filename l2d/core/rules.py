@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Mapping, Protocol
 
 from . import coin, fl, pegs, plans, work
-from .anchor import apply_anchor
 from .errors import BadNonce, ForeignNetwork, InvalidTransaction
 from .payload import TxType
 from .state import Rules, StateView
@@ -26,7 +25,7 @@ RULES: Mapping[int, Rule] = {
     TxType.TRANSFER: coin.apply_transfer,
     TxType.MINT: coin.apply_mint,
     TxType.BURN: pegs.apply_burn,
-    TxType.ANCHOR: apply_anchor,
+    TxType.ANCHOR: plans.apply_anchor_update,
     TxType.PEGIN_CLAIM: pegs.apply_pegin_claim,
     TxType.FEDERATION_FUND: pegs.apply_federation_fund,
     TxType.PEGOUT_UPDATE: plans.apply_pegout_update,
@@ -34,6 +33,7 @@ RULES: Mapping[int, Rule] = {
     TxType.PLAN_SIGNATURE: plans.apply_plan_signature,
     TxType.ROLL_PLAN: plans.apply_roll_plan,
     TxType.PLAN_COMPLETED: plans.apply_plan_completed,
+    TxType.ANCHOR_PLAN: plans.apply_anchor_plan,
     TxType.BTC_HEADERS: pegs.apply_btc_headers,
     TxType.WORKER_REGISTER: work.apply_register,
     TxType.WORKER_HEARTBEAT: work.apply_heartbeat,

@@ -35,6 +35,7 @@ class Namespace(IntEnum):
     FED_COIN = 0x0B
     PLAN = 0x0C
     PLAN_SIG = 0x0D
+    ANCHOR_PLAN = 0x0E
 
 
 def meta_key(name: str) -> bytes:

@@ -23,8 +23,8 @@ from .fl_tx import FlFinish, FlJobPost, FlReclaim, FlRegister, FlRound
 from .hashing import H_TX_SIG, H_TXID
 from .params import MAX_MONEY, Network
 from .payload import Payload, PayloadClass, TxType
-from .pegs_tx import (BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutUpdate, PlanCompleted, PlanSignature,
-                      RollPlan)
+from .pegs_tx import (AnchorPlan, BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutUpdate, PlanCompleted,
+                      PlanSignature, RollPlan)
 from .work_tx import (TaskAssign, TaskCancel, TaskDispute, TaskReassign, TaskResolve, TaskResult, TaskSettle,
                       TaskSubmit, WorkerExit, WorkerHeartbeat, WorkerRegister, WorkerWithdraw)
 
@@ -37,6 +37,7 @@ _HEAD = struct.Struct(">BBB32sQQ")
 _PAYLOAD_CLASSES: tuple[PayloadClass, ...] = (
     Transfer, Mint, Burn, AnchorUpdate,
     PeginClaim, PegoutUpdate, BtcHeaders, FederationFund, PegoutPlan, PlanSignature, RollPlan, PlanCompleted,
+    AnchorPlan,
     WorkerRegister, WorkerHeartbeat, WorkerExit, WorkerWithdraw,
     TaskSubmit, TaskAssign, TaskResult, TaskReassign, TaskSettle, TaskDispute, TaskResolve, TaskCancel,
     FlJobPost, FlRegister, FlRound, FlFinish, FlReclaim,

@@ -49,8 +49,8 @@ from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import (FUNDING_CONTRACT, Federation, deposit_script_pubkey, federation_genesis, pegin_tweak,
                            script_address)
-from l2d.core.pegs_tx import (BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutStatus, PegoutUpdate,
-                              PlanCompleted, PlanSignature, RollPlan)
+from l2d.core.pegs_tx import (AnchorMode, AnchorPlan, BtcHeaders, FederationFund, PeginClaim, PegoutPlan,
+                              PegoutStatus, PegoutUpdate, PlanCompleted, PlanSignature, RollPlan)
 from l2d.core.plans import PlanEntry, plan_key, plan_tx
 from l2d.core.rules import apply_tx
 from l2d.core.snapshot import MAGIC as SNAPSHOT_MAGIC
@@ -210,6 +210,8 @@ def world() -> World:
         c.sign(FEDERATION, plan_signature(BRIDGE_KEYS[1])),
         c.sign(FEDERATION, RollPlan(2, b"\0" * 32, free)),  # refused: this federation has no emergency path
         c.sign(FEDERATION, PlanCompleted(plan_id)),  # refused: a peg-out plan completes through PegoutUpdate
+        c.sign(FEDERATION, AnchorPlan(ANCHORED + 4, AnchorMode.TAPROOT, h("root"), b"\0" * 32, 2, b"\0" * 32,
+                                      ((coin[0], 2),))),  # the funding deposit is not recorded: refused
         c.sign(6, WorkerRegister(2000, CAPS)), c.sign(4, WorkerHeartbeat()), c.sign(5, WorkerExit()),
         c.sign(4, WorkerWithdraw()),
         c.sign(FEDERATION, TaskAssign(task2, pk(4), pk(5), b"\0" * 32, 100, 5)),

@@ -347,10 +347,11 @@ def key_index(sec: bytes) -> int:
 
 def sign_plan(w: World, plan_id: bytes, sec: bytes) -> tuple[bytes, ...]:
     """sec's signatures of the plan's inputs, made directly with coincurve: DER over PlanTx.sighash by the secret
-    tweaked for each input's contract, plus SIGHASH_ALL."""
+    tweaked for each input's contract (an anchor output's: BIP340 by the untweaked secret), plus SIGHASH_ALL."""
     ptx = plan_tx(StateView(w.state.get, w.height), w.fed, REGTEST.id, w.plan(plan_id))
     pub = PrivateKey(sec).public_key.format()
-    return tuple(PrivateKey(sec).add(pegin_tweak(pub, REGTEST.id, c.contract)).sign(ptx.sighash(i), hasher=None)
+    return tuple((PrivateKey(sec).sign_schnorr(ptx.sighash(i), AUX) if c.kind == CoinKind.ANCHOR  # BIP340, ALL
+                  else PrivateKey(sec).add(pegin_tweak(pub, REGTEST.id, c.contract)).sign(ptx.sighash(i), hasher=None))
                  + b"\x01" for i, c in enumerate(ptx.coins))
 
 

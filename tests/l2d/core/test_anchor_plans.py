@@ -1,0 +1,163 @@
+"""Anchor plans (AnchorPlan; l2d/core/plans.py) without bitcoind: the transaction anchoring an L2 height is fixed by
+the state, paid by funding coins, spends the previous Taproot anchor output by the federation's k-of-n leaf, is
+signed by m keys (ECDSA for funding coins, BIP340 for the anchor output) and completed by AnchorUpdate FINAL.
+
+States are built through apply_tx in the world of pegs_world.py (FED, 2-of-3; the 200 000 sat funding coin).
+Every refusal asserts the exact exception class and that the view recorded no write.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import pytest
+from coincurve import PrivateKey, PublicKeyXOnly
+
+from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, op_return_script
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
+from l2d.core.errors import DecodeError, DuplicateDuty, Rejected, Unauthorized
+from l2d.core.kofn import FederationOutput, KofN, link_leaf
+from l2d.core.params import REGTEST
+from l2d.core.pegs import FUNDING_CONTRACT, CoinKind, FedCoin, deposit_script_pubkey
+from l2d.core.pegs_tx import AnchorMode, AnchorPlan, PlanCompleted, PlanSignature
+from l2d.core.plans import (ANCHOR_TIP_KEY, ZERO, AnchorInFlight, AnchorOutOfOrder, AnchorTip, BadAnchorLink,
+                            BadPlanSignature, BadReplacement, PlanStatus, PlanUnderfunded, UnknownCoin, UnknownPlan,
+                            anchor_policy, anchor_tip, coin_script_pubkey, plan_tx, vsize_bound)
+from l2d.core.state import StateView
+from tests.l2d.core.pegs_world import (AUTH, AUTH2, BOB, FED, FED_KEYS, FED_SECRETS, FUNDING_OUTPOINT, FUNDING_SAT,
+                                       World, check_invariants, coin_world, key_index, outpoint, plan_of,
+                                       post_signatures, sign_plan)
+
+NET = REGTEST.id
+ROOT1, ROOT2 = hashlib.sha256(b"root 1").digest(), hashlib.sha256(b"root 2").digest()
+
+
+def world() -> World:
+    w = coin_world()
+    w.height = 20
+    return w
+
+
+def post_anchor(w: World, l2_height: int, inputs: Sequence[tuple[bytes, int]], root: bytes = ROOT1,
+                prev: bytes = NO_PREVIOUS, mode: AnchorMode = AnchorMode.TAPROOT, rate: int = 2,
+                replaces: bytes = ZERO) -> bytes:
+    return plan_of(w.apply(w.sign(AUTH, AnchorPlan(l2_height, mode, root, prev, rate, replaces, tuple(inputs)))))
+
+
+def refuse_anchor(w: World, err: type[Rejected], l2_height: int, inputs: Sequence[tuple[bytes, int]],
+                  root: bytes = ROOT1, prev: bytes = NO_PREVIOUS, mode: AnchorMode = AnchorMode.TAPROOT,
+                  rate: int = 2, replaces: bytes = ZERO, who: bytes = AUTH) -> Rejected:
+    return w.refuse(w.sign(who, AnchorPlan(l2_height, mode, root, prev, rate, replaces, tuple(inputs))), err)
+
+
+def final(w: World, l2_height: int, plan_id: bytes, root: bytes = ROOT1) -> None:
+    w.do(AUTH2, AnchorUpdate(l2_height, root, plan_id, b"\x33" * 32, 150, AnchorStatus.FINAL))
+
+
+def test_anchor_plan_payload_layout_and_strict_decoding() -> None:
+    txid = hashlib.sha256(b"coin").digest()
+    p = AnchorPlan(7, AnchorMode.TAPROOT, b"\x01" * 32, b"\x02" * 32, 25, b"\x09" * 32, ((txid, 1),))
+    raw = p.encode()
+    assert raw == ((7).to_bytes(8, "big") + b"\x02" + b"\x01" * 32 + b"\x02" * 32 + (25).to_bytes(4, "big")
+                   + b"\x09" * 32 + b"\x01" + txid + (1).to_bytes(4, "big"))
+    assert AnchorPlan.decode(raw) == p
+    for bad in (raw[:-1], raw + b"\0", b"\0" * 8 + raw[8:], raw[:8] + b"\x03" + raw[9:], raw[:8] + b"\x00" + raw[9:],
+                raw[:73] + b"\0\0\0\0" + raw[77:], raw[:109] + b"\x00"):
+        with pytest.raises(DecodeError):
+            AnchorPlan.decode(bad)
+
+
+def test_a_taproot_anchor_is_signed_by_m_keys_completed_by_its_final_update_and_spent_by_the_next() -> None:
+    w = world()
+    first = post_anchor(w, 10, [FUNDING_OUTPOINT])
+    entry = w.plan(first)
+    record = AnchorRecord(NET, 10, ROOT1, NO_PREVIOUS)
+    out = FederationOutput(KofN.of(2, [k[1:] for k in FED_KEYS]), link_leaf(record.link))
+    assert anchor_policy(FED) == out.policy
+    ptx = plan_tx(StateView(w.state.get), FED, NET, entry)
+    assert [(bytes(o.scriptPubKey), o.nValue) for o in ptx.tx.vout] == [(out.script_pubkey,
+                                                                         FUNDING_SAT - entry.fee_sat)]
+    assert entry.fee_sat == 2 * vsize_bound(FED, NET, [w.coin(FUNDING_OUTPOINT)], [(out.script_pubkey, 0)])
+    assert (entry.anchor_height, entry.pegouts, entry.change_sat) == (10, (), 0) and ptx.txid == first
+    assert anchor_tip(w.state.get) == AnchorTip(open=first)
+    # one anchor in flight at a time; completions of a roll or by a wrong root are refused
+    refuse_anchor(w, AnchorInFlight, 12, [FUNDING_OUTPOINT])
+    w.refuse(w.sign(AUTH, PlanCompleted(first)), UnknownPlan)
+    post_signatures(w, first)
+    w.refuse(w.sign(AUTH, AnchorUpdate(10, ROOT2, first, b"\x33" * 32, 150, AnchorStatus.FINAL)), BadAnchorLink)
+    w.do(AUTH, AnchorUpdate(10, ROOT1, first, b"\x33" * 32, 149, AnchorStatus.CONFIRMED))
+    assert w.plan(first).status == PlanStatus.PLANNED  # CONFIRMED can still be reorged out: not yet completed
+    final(w, 10, first)
+    assert w.plan(first).status == PlanStatus.COMPLETED
+    coin = w.coin((first, 0))
+    assert coin == FedCoin(first, 0, FUNDING_SAT - entry.fee_sat, CoinKind.ANCHOR, record.link, ZERO)
+    assert coin_script_pubkey(FED, NET, coin) == out.script_pubkey
+    assert w.coin(FUNDING_OUTPOINT).spent_by == first
+    assert anchor_tip(w.state.get) == AnchorTip(10, record.link, first, 0, ZERO)
+    check_invariants(w.state)
+
+    # the next anchor: above height 10, naming its link, spending its output (by the k-of-n leaf, BIP340)
+    refuse_anchor(w, AnchorOutOfOrder, 10, [(first, 0)], prev=record.link)
+    refuse_anchor(w, BadAnchorLink, 12, [(first, 0)])  # the wrong previous link
+    refuse_anchor(w, UnknownCoin, 12, [(first, 0), outpoint(0)], prev=record.link)  # the books never pay anchors
+    second = post_anchor(w, 12, [(first, 0)], root=ROOT2, prev=record.link)
+    ptx2 = plan_tx(StateView(w.state.get), FED, NET, w.plan(second))
+    assert ptx2.witness_scripts == (anchor_policy(FED).script,)
+    assert ptx2.script_pubkeys == (out.script_pubkey,)
+    sec = FED_SECRETS[0]
+    good = sign_plan(w, second, sec)
+    assert len(good[0]) == 65 and good[0][-1] == 1
+    assert PublicKeyXOnly(PrivateKey(sec).public_key_xonly.format()).verify(good[0][:64], ptx2.sighash(0))
+    other = FED_SECRETS[1]
+    w.refuse(w.sign(AUTH, PlanSignature(second, key_index(sec), sign_plan(w, second, other))), BadPlanSignature)
+    der = PrivateKey(sec).sign(ptx2.sighash(0), hasher=None) + b"\x01"  # ECDSA where BIP340 is due
+    w.refuse(w.sign(AUTH, PlanSignature(second, key_index(sec), (der,))), BadPlanSignature)
+    w.do(AUTH, PlanSignature(second, key_index(sec), good))
+    post_signatures(w, second, [FED_SECRETS[2]])
+    final(w, 12, second, ROOT2)
+    link2 = AnchorRecord(NET, 12, ROOT2, record.link).link
+    assert anchor_tip(w.state.get) == AnchorTip(12, link2, second, 0, ZERO)
+    assert w.coin((first, 0)).spent_by == second and w.coin((second, 0)).kind == CoinKind.ANCHOR
+    w.refuse(w.sign(AUTH, AnchorUpdate(12, ROOT2, second, b"\x33" * 32, 150, AnchorStatus.FINAL)), DuplicateDuty)
+    check_invariants(w.state)
+
+
+def test_an_op_return_anchor_returns_the_rest_to_the_funding_script() -> None:
+    w = world()
+    plan = post_anchor(w, 10, [FUNDING_OUTPOINT], mode=AnchorMode.OP_RETURN)
+    entry = w.plan(plan)
+    record = AnchorRecord(NET, 10, ROOT1, NO_PREVIOUS)
+    ptx = plan_tx(StateView(w.state.get), FED, NET, entry)
+    rest = FUNDING_SAT - entry.fee_sat
+    assert [(bytes(o.scriptPubKey), o.nValue) for o in ptx.tx.vout] == [
+        (op_return_script(record), 0), (deposit_script_pubkey(FED, NET, FUNDING_CONTRACT), rest)]
+    post_signatures(w, plan)
+    final(w, 10, plan)
+    assert w.coin((plan, 1)) == FedCoin(plan, 1, rest, CoinKind.FUNDING, FUNDING_CONTRACT, ZERO)
+    assert anchor_tip(w.state.get) == AnchorTip(10, record.link, ZERO, 0, ZERO)  # no output to spend next time
+    nxt = post_anchor(w, 11, [(plan, 1)], prev=record.link, mode=AnchorMode.OP_RETURN)
+    assert w.plan(nxt).status == PlanStatus.PLANNED
+    check_invariants(w.state)
+
+
+def test_anchor_plan_refusals_and_replacement() -> None:
+    w = world()
+    refuse_anchor(w, UnknownCoin, 10, [outpoint(0)])  # a deposit: the books never pay anchors
+    refuse_anchor(w, UnknownCoin, 10, [(hashlib.sha256(b"nowhere").digest(), 0)])
+    refuse_anchor(w, PlanUnderfunded, 10, [FUNDING_OUTPOINT], rate=10_000)
+    for who in (BOB, FED_SECRETS[0]):
+        refuse_anchor(w, Unauthorized, 10, [FUNDING_OUTPOINT], who=who)
+    a = post_anchor(w, 10, [FUNDING_OUTPOINT])
+    refuse_anchor(w, DuplicateDuty, 10, [FUNDING_OUTPOINT])
+    refuse_anchor(w, BadReplacement, 10, [FUNDING_OUTPOINT], rate=3, replaces=a)  # not signed by m keys yet
+    post_signatures(w, a)
+    refuse_anchor(w, BadReplacement, 10, [FUNDING_OUTPOINT], root=ROOT2, rate=3, replaces=a)  # another record
+    refuse_anchor(w, BadReplacement, 11, [FUNDING_OUTPOINT], rate=3, replaces=a)  # another height
+    b = post_anchor(w, 10, [FUNDING_OUTPOINT], rate=3, replaces=a)
+    assert anchor_tip(w.state.get).open == b and w.plan(a).status == PlanStatus.REPLACED
+    assert w.plan(b).fee_sat > w.plan(a).fee_sat
+    final(w, 10, a)  # the first version was mined after all: it completes the anchor, the newer one is REPLACED
+    assert [w.plan(v).status for v in (a, b)] == [PlanStatus.COMPLETED, PlanStatus.REPLACED]
+    assert w.coin((a, 0)).amount_sat == FUNDING_SAT - w.plan(a).fee_sat
+    assert w.state.get(ANCHOR_TIP_KEY) == AnchorTip(10, AnchorRecord(NET, 10, ROOT1).link, a, 0, ZERO).encode()
+    check_invariants(w.state)
