@@ -62,6 +62,7 @@ SCHNORR_ITEM = SCHNORR_SIZE + 1  # an anchor input's signature: BIP340 + the exp
 TAPROOT_SIGHASH = 0x01  # SIGHASH_ALL, explicit, so the signature ends in 0x01 as every PlanSignature item does
 CONTROL_BLOCK = 65  # leaf version | internal key 32 | the commitment leaf's hash 32
 P2TR_DUST_SAT = 330
+SUPERSEDE_AFTER = 10  # L2 blocks after which an anchor plan nobody can broadcast may be superseded by a fresh one
 ANCHOR_TIP_KEY = meta_key("anchor_tip")
 _ANCHOR_PLAN_RECORD = struct.Struct(">B32s32s")
 _ANCHOR_TIP = struct.Struct(">Q32s32sI32s")
@@ -776,12 +777,28 @@ def apply_anchor_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
     plan_id = cast(bytes, _unsigned_tx(coins, priced.outputs).GetTxid())
     if view.get(plan_key(plan_id)) is not None:
         raise DuplicateDuty(f"plan {plan_id[::-1].hex()} is recorded already")
+    stale: Optional[PlanEntry] = None  # an anchor plan in flight that this one supersedes
     if old is not None:
         _check_replacement(view, fed, p.replaces, old, p.inputs, (), p.feerate_sat_vb)
     elif tip.open != ZERO:
-        raise AnchorInFlight(f"anchor plan {tip.open[::-1].hex()} is in flight: one anchor at a time")
-    _check_unspent(coins, p.replaces)
+        stale = cast(PlanEntry, plan_entry(view.get, tip.open))
+        signed = len(signatures_by_key(view.get, fed, tip.open))
+        same = stale.anchor_height == p.l2_height and view.get(anchor_plan_key(p.l2_height)) != rec.encode()
+        if (stale.replaces != ZERO or signed >= fed.threshold or view.height - stale.l2_height < SUPERSEDE_AFTER
+                or same):
+            raise AnchorInFlight(f"anchor plan {tip.open[::-1].hex()} is in flight: one anchor at a time (a plan "
+                                 f"is superseded only while no version of it can be broadcast, {SUPERSEDE_AFTER} "
+                                 f"blocks after it was recorded, by one of its record or of a higher height)")
+    for c in coins:
+        if c.spent_by not in (p.replaces, tip.open if stale is not None else p.replaces):
+            raise CoinSpent(f"{c.btc_txid[::-1].hex()}:{c.vout} is spent by plan {c.spent_by[::-1].hex()}")
     bump_member_nonce(view, tx)
+    if stale is not None:  # it never had m signatures, so it can never be mined: its coins are free again
+        view.put(plan_key(tip.open), replace(stale, status=PlanStatus.REPLACED).encode())
+        for txid, vout in stale.inputs:
+            if (txid, vout) not in p.inputs:
+                c = FedCoin.decode(cast(bytes, view.get(coin_key(txid, vout))))
+                view.put(coin_key(txid, vout), replace(c, spent_by=ZERO).encode())
     if old is None:
         view.put(anchor_plan_key(p.l2_height), rec.encode())
     _record_plan(view, plan_id, PlanEntry(PlanStatus.PLANNED, p.replaces, ZERO, view.height, p.l2_height,

@@ -23,6 +23,9 @@ Files written:
                        PegoutPlan and PlanSignature payloads and transactions, the derived payouts, change, fee and
                        vsize, the unsigned transaction and plan id, per-input sighashes, signatures and the signed
                        transaction, and what each transaction writes
+    anchor_plans.json  two chained Taproot anchor plans (a funding coin, then the first anchor's k-of-n output): every
+                       step's payload, transaction and writes, the unsigned transactions, sighashes (BIP143 and
+                       BIP341 script path) and the second anchor's signed transaction
     rolls.json         a roll (a deposit coin and a funding coin of a federation with an emergency path): the
                        RollPlan and PlanCompleted payloads and transactions, fee, outputs, the unsigned transaction
                        and roll id, per-input sighashes, and what each transaction writes
@@ -48,9 +51,10 @@ from coincurve import PrivateKey  # noqa: E402
 from anchoring.btc_tx import TxOut, finalize  # noqa: E402
 from anchoring.multisig import assemble, prevout
 from anchoring.multisig import sign as sign_input  # noqa: E402
+from bridge.federation import signed_transaction
 from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_format import AnchorRecord, tapleaf_hash  # noqa: E402
-from l2d.core.anchor_tx import AnchorStatus
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.audit import AnchorKind, AuditBundle, CommitEvidence, ProofEvidence, verify_bundle  # noqa: E402
 from l2d.core.block import Block, BlockHeader, genesis_header, tx_root  # noqa: E402
 from l2d.core.chain_file import ChainFileError, genesis_commit, verify_chain, write_chain_file
@@ -65,8 +69,8 @@ from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network 
 from l2d.core.payload import Payload
 from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
                            deposit_script_pubkey, federation_genesis, pegin_tweak, pegout_key)
-from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanCompleted, PlanSignature, RollPlan
-from l2d.core.plans import PlanEntry, plan_key, plan_tx, price, price_roll, vsize_bound
+from l2d.core.pegs_tx import AnchorMode, AnchorPlan, PegoutPlan, PegoutStatus, PlanCompleted, PlanSignature, RollPlan
+from l2d.core.plans import PlanEntry, PlanTx, plan_key, plan_tx, price, price_roll, vsize_bound
 from l2d.core.rules import apply_tx
 from l2d.core.spv import (BITCOIN_REGTEST, Header, bits_to_target, build_partial_merkle_tree, compute_merkle_root,
                           dsha256, make_header, parse_tx, serialize_merkleblock)
@@ -928,10 +932,79 @@ def rolls() -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------- anchor plans
+
+def anchor_plans() -> dict[str, Any]:
+    """Two chained Taproot anchor plans of the plan vector's federation: the first paid by a funding coin (ECDSA),
+    completed by AnchorUpdate FINAL, the second spending its k-of-n output (BIP340, aux zero)."""
+    net, rules = REGTEST, Rules(REGTEST, 1)
+    fed, _, _, _ = plan_records()
+    funding = FedCoin(hashlib.sha256(b"l2d vector anchor funding").digest(), 1, 60_000, CoinKind.FUNDING,
+                      FUNDING_CONTRACT)
+    state = genesis_state([], None, (pubkey(PLAN_MEMBER),))
+    state.update(federation_genesis(fed))
+    state[coin_key(funding.btc_txid, funding.vout)] = funding.encode()
+    initial = sorted(state.items())
+    member = secret(PLAN_MEMBER)
+    nonce = iter(range(100))
+    steps: list[dict[str, Any]] = []
+
+    def step(what: str, payload: Payload, height: int) -> dict[bytes, bytes]:
+        t = sign(net, member, next(nonce), 0, payload, AUX_ZERO)
+        (writes,) = apply_all(state, [t], rules, height)
+        steps.append({"what": what, "height": height, "payload_hex": payload.encode().hex(), "tx": t.raw.hex(),
+                      "writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())]})
+        return writes
+
+    def signatures(plan_id: bytes, height: int) -> tuple[PlanTx, dict[int, tuple[bytes, ...]]]:
+        ptx = plan_tx(StateView(state.get), fed, net.id, PlanEntry.decode(state[plan_key(plan_id)]))
+        by_index = {}
+        for n in PLAN_FED_KEYS[:fed.threshold]:
+            key = PrivateKey(secret(n))
+            index = fed.keys.index(key.public_key.format())
+            sigs = tuple((key.sign_schnorr(ptx.sighash(i), AUX_ZERO) if c.kind == CoinKind.ANCHOR
+                          else key.add(pegin_tweak(key.public_key.format(), net.id, c.contract)).sign(
+                              ptx.sighash(i), hasher=None)) + b"\x01" for i, c in enumerate(ptx.coins))
+            step(f"signatures of key {index}", PlanSignature(plan_id, index, sigs), height)
+            by_index[index] = sigs
+        return ptx, by_index
+
+    root1, root2 = hashlib.sha256(b"l2d vector anchored root 1").digest(), hashlib.sha256(b"l2d vector root 2").digest()
+    (first,) = [k[1:] for k in step("anchor plan 10", AnchorPlan(10, AnchorMode.TAPROOT, root1, bytes(32), 3,
+                                                                  bytes(32), ((funding.btc_txid, funding.vout),)), 20)
+                if k[0] == Namespace.PLAN]
+    ptx1, sigs1 = signatures(first, 21)
+    step("anchor 10 FINAL", AnchorUpdate(10, root1, first, hashlib.sha256(b"block").digest(), 500,
+                                         AnchorStatus.FINAL), 30)
+    link1 = AnchorRecord(net.id, 10, root1).link
+    (second,) = [k[1:] for k in step("anchor plan 12", AnchorPlan(12, AnchorMode.TAPROOT, root2, link1, 3, bytes(32),
+                                                                   ((first, 0),)), 31) if k[0] == Namespace.PLAN]
+    ptx2, sigs2 = signatures(second, 32)
+    raw2 = signed_transaction(fed, net, ptx2, sigs2)
+    if raw2 is None or parse_tx(raw2).txid != second:
+        raise SystemExit("the second anchor's signed transaction is not its plan")
+    return {
+        "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. Two chained Taproot anchor plans "
+                   "(l2d/core/plans.py, docs/anchoring.md 'Anchor plans') of the plan vector's 2-of-3 federation on "
+                   "regtest, member secret(10): each step is applied at its height in order and wrote 'writes'. The "
+                   "first spends a funding coin (ECDSA, BIP143) and its FINAL update makes its output the anchor coin; "
+                   "the second spends that output by the k-of-n leaf (BIP340 with 32 zero bytes of aux randomness "
+                   "over the BIP341 script-path digest, hash type 0x01). Txids in internal byte order.",
+        "network": net.name,
+        "state": [[k.hex(), v.hex()] for k, v in initial],
+        "steps": steps,
+        "first": {"plan_id": first.hex(), "unsigned_tx": ptx1.tx.serialize().hex(),
+                  "sighashes": [ptx1.sighash(i).hex() for i in range(len(ptx1.coins))]},
+        "second": {"plan_id": second.hex(), "unsigned_tx": ptx2.tx.serialize().hex(),
+                   "sighashes": [ptx2.sighash(i).hex() for i in range(len(ptx2.coins))],
+                   "leaf_script": ptx2.witness_scripts[0].hex(), "signed_tx": raw2.hex()},
+    }
+
+
 def render() -> dict[str, str]:
     docs = {"transactions.json": transactions(), "state_tree.json": state_tree(), "blocks.json": blocks(),
             "commits.json": commits(), "audit_kofn.json": audit_kofn(), "plans.json": plans(),
-            "rolls.json": rolls()}
+            "rolls.json": rolls(), "anchor_plans.json": anchor_plans()}
     return {name: json.dumps(doc, indent=1) + "\n" for name, doc in docs.items()}
 
 

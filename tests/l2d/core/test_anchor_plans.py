@@ -20,9 +20,10 @@ from l2d.core.kofn import FederationOutput, KofN, link_leaf
 from l2d.core.params import REGTEST
 from l2d.core.pegs import FUNDING_CONTRACT, CoinKind, FedCoin, deposit_script_pubkey
 from l2d.core.pegs_tx import AnchorMode, AnchorPlan, PlanCompleted, PlanSignature
-from l2d.core.plans import (ANCHOR_TIP_KEY, ZERO, AnchorInFlight, AnchorOutOfOrder, AnchorTip, BadAnchorLink,
-                            BadPlanSignature, BadReplacement, PlanStatus, PlanUnderfunded, UnknownCoin, UnknownPlan,
-                            anchor_policy, anchor_tip, coin_script_pubkey, plan_tx, vsize_bound)
+from l2d.core.plans import (ANCHOR_TIP_KEY, SUPERSEDE_AFTER, ZERO, AnchorInFlight, AnchorOutOfOrder, AnchorTip,
+                            BadAnchorLink, BadPlanSignature, BadReplacement, PlanClosed, PlanStatus, PlanUnderfunded,
+                            UnknownCoin, UnknownPlan, anchor_policy, anchor_tip, coin_script_pubkey, plan_tx,
+                            vsize_bound)
 from l2d.core.state import StateView
 from tests.l2d.core.pegs_world import (AUTH, AUTH2, BOB, FED, FED_KEYS, FED_SECRETS, FUNDING_OUTPOINT, FUNDING_SAT,
                                        World, check_invariants, coin_world, key_index, outpoint, plan_of,
@@ -160,4 +161,27 @@ def test_anchor_plan_refusals_and_replacement() -> None:
     assert [w.plan(v).status for v in (a, b)] == [PlanStatus.COMPLETED, PlanStatus.REPLACED]
     assert w.coin((a, 0)).amount_sat == FUNDING_SAT - w.plan(a).fee_sat
     assert w.state.get(ANCHOR_TIP_KEY) == AnchorTip(10, AnchorRecord(NET, 10, ROOT1).link, a, 0, ZERO).encode()
+    check_invariants(w.state)
+
+
+def test_an_anchor_plan_nobody_can_broadcast_is_superseded_after_ten_blocks() -> None:
+    """A plan the members will not sign (say, a wrong root) must not stop anchoring: once it is SUPERSEDE_AFTER blocks
+    old and has fewer than m signatures (and was never replaced, so no version of it can be broadcast), a fresh
+    plan supersedes it and its coins are free again. A plan with m signatures is never superseded."""
+    w = world()
+    bad = post_anchor(w, 10, [FUNDING_OUTPOINT], root=ROOT2)
+    post_signatures(w, bad, FED_SECRETS[:1])  # one member signed (say, a faulty one): not m
+    refuse_anchor(w, AnchorInFlight, 12, [FUNDING_OUTPOINT])  # too soon
+    w.height += SUPERSEDE_AFTER
+    refuse_anchor(w, AnchorInFlight, 10, [FUNDING_OUTPOINT], rate=3)  # the same height needs the same record
+    good = post_anchor(w, 12, [FUNDING_OUTPOINT])
+    assert w.plan(bad).status == PlanStatus.REPLACED and w.plan(good).status == PlanStatus.PLANNED
+    assert w.coin(FUNDING_OUTPOINT).spent_by == good and anchor_tip(w.state.get).open == good
+    w.refuse(w.sign(AUTH, PlanSignature(bad, key_index(FED_SECRETS[1]), sign_plan(w, bad, FED_SECRETS[1]))),
+             PlanClosed)
+    post_signatures(w, good)
+    w.height += SUPERSEDE_AFTER
+    refuse_anchor(w, AnchorInFlight, 14, [FUNDING_OUTPOINT])  # m signatures: it may be mined; never superseded
+    final(w, 12, good)
+    assert anchor_tip(w.state.get).l2_height == 12
     check_invariants(w.state)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import pytest
 from bitcoin.core import CTransaction
-from coincurve import PrivateKey, PublicKey
+from coincurve import PrivateKey, PublicKey, PublicKeyXOnly
 
 from l2d.core import chain_file, errors
 from l2d.core.anchor import AnchorEntry, anchor_key
@@ -31,7 +31,8 @@ from l2d.core.payload import Payload
 from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
                            deposit_script_pubkey, federation, pegin_tweak, pegout_key, script_address, tweaked_key)
 from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanCompleted, PlanSignature, RollPlan
-from l2d.core.plans import PlanEntry, PlanStatus, plan_key, plan_signatures, plan_tx, price, price_roll, vsize_bound
+from l2d.core.plans import (PlanEntry, PlanStatus, anchor_policy, anchor_tip, plan_key, plan_signatures, plan_tx,
+                            price, price_roll, vsize_bound)
 from l2d.core.rules import apply_tx
 from l2d.core.spv import BITCOIN_REGTEST
 from l2d.core.state import Rules, StateView, genesis_state, is_member
@@ -583,3 +584,40 @@ def test_roll_vector() -> None:
     assert FedCoin.decode(state[coin_key(roll_id, 0)]) == FedCoin(roll_id, 0, 250_000, CoinKind.CHANGE,
                                                                   CHANGE_CONTRACT)
     assert FedCoin.decode(state[coin_key(roll_id, 1)]).amount_sat == 40_000 - r["fee_sat"]
+
+
+# ---------------------------------------------------------------------------------------------- anchor plans
+
+ANCHOR_PLANS = load("anchor_plans.json")
+
+
+def test_anchor_plan_vector() -> None:
+    """Every step (two AnchorPlans, their PlanSignatures, the FINAL update between them) decodes, verifies and writes
+    exactly the recorded records; the derived transactions and sighashes are the recorded ones; the second anchor's
+    signed transaction carries the 2 BIP340 signatures of the state in multi_a's order and has the plan's txid."""
+    net = network_by_name(ANCHOR_PLANS["network"])
+    state = {x(k): x(v) for k, v in ANCHOR_PLANS["state"]}
+    fed = federation(StateView(state.get))
+    for st in ANCHOR_PLANS["steps"]:
+        t = decode(x(st["tx"]), net)
+        assert t.payload.encode().hex() == st["payload_hex"]
+        writes = _apply_vector_tx(state, st["tx"], ANCHOR_PLANS, st["height"])
+        assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == st["writes"], st["what"]
+    for name in ("first", "second"):
+        v = ANCHOR_PLANS[name]
+        plan_id = x(v["plan_id"])
+        ptx = plan_tx(StateView(state.get), fed, net.id, PlanEntry.decode(state[plan_key(plan_id)]))
+        assert ptx.tx.serialize().hex() == v["unsigned_tx"] and ptx.txid == plan_id
+        assert [ptx.sighash(i).hex() for i in range(len(ptx.coins))] == v["sighashes"]
+    second = ANCHOR_PLANS["second"]
+    signed = CTransaction.deserialize(x(second["signed_tx"]))
+    assert signed.GetTxid() == x(second["plan_id"])
+    stack = list(signed.wit.vtxinwit[0].scriptWitness.stack)
+    policy = anchor_policy(fed)
+    assert stack[-2].hex() == second["leaf_script"] == policy.script.hex()
+    digest = x(second["sighashes"][0])
+    for key, item in zip(reversed(policy.keys), stack[:-2]):  # the last key's item first
+        assert item == b"" or (len(item) == 65 and item[-1] == 1 and PublicKeyXOnly(key).verify(item[:64], digest))
+    assert sum(len(item) == 65 for item in stack[:-2]) == fed.threshold
+    assert AnchorEntry.decode(state[anchor_key(10)]).status == AnchorStatus.FINAL
+    assert anchor_tip(state.get).open == x(second["plan_id"])
