@@ -10,7 +10,7 @@ best chain is something only a bitcoind can tell, and each member asks its own b
   transaction is in it, and (FINAL) it is at least ``final_confirmations`` deep;
 - a peg-out update BROADCAST: my bitcoind knows the transaction (mempool or chain; with -txindex for a mined one);
   COMPLETED, and a roll's PlanCompleted: it is mined at least ``pegout_confirmations`` deep;
-- a peg-out plan or a roll: its fee rate is within my cap (``bridge.fee_max_sat_per_vb``), at most FEE_TOLERANCE
+- a peg-out plan, a roll or an anchor plan: its fee rate is within my cap (``bridge.fee_max_sat_per_vb``), at most FEE_TOLERANCE
   times and at least a FEE_TOLERANCE-th of the rate my own bitcoind estimates (``estimatesmartfee``, or
   ``bridge.fee_fallback_sat_per_vb`` without an estimate): a proposer cannot make the federation overpay.
   Replacements double the rate, so at an unchanged estimate two of them are accepted.
@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 from l2d.core.anchor import AnchorEntry
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
-from l2d.core.pegs_tx import BtcHeaders, PegoutPlan, PegoutStatus, PegoutUpdate, PlanCompleted, RollPlan
+from l2d.core.pegs_tx import AnchorPlan, BtcHeaders, PegoutPlan, PegoutStatus, PegoutUpdate, PlanCompleted, RollPlan
 from l2d.core.spv import dsha256
 from l2d.core.tx import Transaction
 
@@ -49,7 +49,7 @@ FEE_TOLERANCE = 4
 
 
 def _claim(p: Any) -> bool:
-    return isinstance(p, (BtcHeaders, PegoutUpdate, PegoutPlan, RollPlan, PlanCompleted)) or (
+    return isinstance(p, (BtcHeaders, PegoutUpdate, PegoutPlan, RollPlan, AnchorPlan, PlanCompleted)) or (
         isinstance(p, AnchorUpdate) and p.status != AnchorStatus.SUBMITTED)
 
 
@@ -82,7 +82,7 @@ class BitcoinClaims:
                                        self.pegout_confirmations if p.status == PegoutStatus.COMPLETED else 0)
                 elif isinstance(p, PlanCompleted):
                     why = await _mined(rpc, "roll", p.plan_id, self.pegout_confirmations)
-                elif isinstance(p, (PegoutPlan, RollPlan)):
+                elif isinstance(p, (PegoutPlan, RollPlan, AnchorPlan)):
                     why = await self._plan_fee(p)
                 else:
                     continue
@@ -92,7 +92,7 @@ class BitcoinClaims:
             return Refusal(f"my bitcoind did not answer ({type(e).__name__}: {e})")
         return None
 
-    async def _plan_fee(self, p: PegoutPlan | RollPlan) -> "Why":
+    async def _plan_fee(self, p: PegoutPlan | RollPlan | AnchorPlan) -> "Why":
         mine = await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
         limit = min(self.fee_max, FEE_TOLERANCE * mine)
         if p.feerate_sat_vb > limit:

@@ -248,6 +248,25 @@ class LocalSigner:
             _sighash(psbt, i), hasher=None) + bytes((SIGHASH_ALL,)) for i, psi in enumerate(psbt.inputs))
 
 
+    def sign_anchor(self, ptx: PlanTx) -> tuple[bytes, ...]:
+        """This key's signatures of an anchor plan's transaction, as this member derived it from its own state (no
+        PSBT: nobody else's bytes are signed): BIP340 by the untweaked key over the BIP341 script-path digest for the
+        previous anchor output, ECDSA by the key tweaked for the funding contract for a funding coin; each followed
+        by 0x01 (SIGHASH_ALL). Refuses (PolicyViolation) a transaction spending any other coin: the books never pay
+        anchors. The anchored root is the caller's check (bridge/service.py: it equals this member's block's)."""
+        out = []
+        for i, c in enumerate(ptx.coins):
+            if c.kind == CoinKind.ANCHOR:
+                out.append(PrivateKey(self._secret).sign_schnorr(ptx.sighash(i), os.urandom(32)) + b"\x01")
+            elif c.kind == CoinKind.FUNDING:
+                out.append(PrivateKey(tweaked_secret(self._secret, self.network.id, c.contract)).sign(
+                    ptx.sighash(i), hasher=None) + bytes((SIGHASH_ALL,)))
+            else:
+                raise PolicyViolation(f"input {i} is a {c.kind.name} coin: anchors spend funding coins and the "
+                                      f"previous anchor output only")
+        return tuple(out)
+
+
 def _script_keys(ws: bytes) -> tuple[int, list[bytes], bool]:
     """(m, the federation path's keys in script order, whether the script has the emergency path) of a deposit
     script (l2d.core.pegs.witness_script)."""

@@ -35,15 +35,17 @@ from typing import Any, Callable, Optional, Sequence
 
 from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_tx import AnchorStatus
+from l2d.core.block import BlockHeader
 from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import (BridgeTotals, CoinKind, FedCoin, Federation, PegoutEntry, bridge_totals, btc_header_key,
                            btc_tip, pegout_key)
-from l2d.core.pegs_tx import (MAX_PLAN_INPUTS, MAX_PLAN_PEGOUTS, MAX_RELAY_HEADERS, BtcHeaders, PegoutPlan,
+from l2d.core.pegs_tx import (MAX_PLAN_INPUTS, MAX_PLAN_PEGOUTS, MAX_RELAY_HEADERS, AnchorPlan, BtcHeaders, PegoutPlan,
                               PegoutStatus, PegoutUpdate, PlanCompleted, PlanSignature, RollPlan)
-from l2d.core.plans import (SPENDABLE, ZERO, PlanEntry, PlanStatus, PlanUnderfunded, held_coins, plan_signatures,
-                            plan_tx, price, price_recorded, price_roll, select_coins, signatures_by_key)
+from l2d.core.plans import (ROLLED, SPENDABLE, ZERO, AnchorPlanRecord, PlanEntry, PlanStatus, PlanUnderfunded,
+                            anchor_plan_key, held_coins, is_anchor_plan, plan_signatures, plan_tx, price,
+                            price_recorded, price_roll, select_coins, signatures_by_key)
 from l2d.core.state import SUPPLY_KEY, Namespace, StateView, Supply
 
 from .claims import anchor_in_my_chain, my_feerate
@@ -70,7 +72,8 @@ class BridgeService:
                  read_state: Callable[[], Any], submit: Callable[[Payload], bytes], headers: Any = None,
                  confirmations: int = 1, rbf_after_blocks: int = 3,
                  fee_fallback_sat_per_vb: int = 2, fee_max_sat_per_vb: int = 500, poll_interval_ms: int = 1000,
-                 roll_margin_blocks: int = 144, now: Callable[[], int]) -> None:
+                 roll_margin_blocks: int = 144, header_at: Optional[Callable[[int], Optional[BlockHeader]]] = None,
+                 now: Callable[[], int]) -> None:
         self.fed = fed
         self.network = network
         self.signers = list(signers)
@@ -87,6 +90,7 @@ class BridgeService:
         self.roll_at: Optional[int] = (fed.emergency_delay - roll_margin_blocks
                                        if fed.emergency_keys and 0 < roll_margin_blocks < fed.emergency_delay else None)
         self._now = now
+        self._header_at = header_at  # my committed L2 block headers (the anchored roots), None: sign no anchor
         # what this run submitted, with the L2 height then: resubmitted if still not in the state 5 blocks later
         self._submitted: dict[tuple[Any, ...], int] = {}
         # plan id -> the Bitcoin height at which this member first saw the version in its bitcoind (for RBF)
@@ -346,6 +350,8 @@ class BridgeService:
         self._record_broadcast(v, p)
         if conf < self.confirmations:
             return
+        if is_anchor_plan(p):  # the anchor service records it (AnchorUpdate CONFIRMED, then FINAL completes it)
+            return
         if not p.pegouts:  # a roll
             self._try_submit(("completed", v), PlanCompleted(v), f"roll {v[::-1].hex()} COMPLETED")
             return
@@ -370,13 +376,32 @@ class BridgeService:
                 return
             ptx = plan_tx(StateView(r.get_state), self.fed, self.network.id, p)
             anchor_raw = r.get_state(anchor_key(p.anchor_height))
+            rec_raw = r.get_state(anchor_plan_key(p.anchor_height)) if is_anchor_plan(p) else None
         what = f"plan {plan_id[::-1].hex()}"
         if p.feerate_sat_vb > self.fee_max:
             self._warn_once(f"cap:{what}", "bridge: %s pays %d sat/vB, above my cap of %d: not signing", what,
                             p.feerate_sat_vb, self.fee_max)
             return
-        if not p.pegouts:  # a roll: every held coin in it is due in my bitcoind (the funding coins pay the fee)
-            early = [c for c in ptx.coins if c.kind != CoinKind.FUNDING and not await self._due(c, fresh=True)]
+        if rec_raw is not None:  # an anchor: the root it commits is my own block's at that height
+            rec = AnchorPlanRecord.decode(bytes(rec_raw))
+            mine = None if self._header_at is None else self._header_at(p.anchor_height)
+            if mine is None or mine.state_root != rec.state_root:
+                self._warn_once(f"root:{what}", "bridge: not signing anchor %s: it commits root %s for L2 height %d, "
+                                "my block there has %s", what, rec.state_root.hex(), p.anchor_height,
+                                None if mine is None else mine.state_root.hex())
+                return
+            for i, s in todo:
+                try:
+                    sigs = s.sign_anchor(ptx)
+                except FederationError as e:
+                    self._warn_once(f"refuse:{i}:{what}:{e}", "bridge: key %d refuses %s: %s", i, what, e)
+                    continue
+                self._try_submit(("sig", plan_id, i), PlanSignature(plan_id, i, sigs),
+                                 f"signature of {what} by key {i}")
+            return
+        if not p.pegouts:  # a roll: every held coin in it is due in my bitcoind (funding coins may pay the fee);
+            held = [c for c in ptx.coins if c.kind != CoinKind.FUNDING]  # a roll of funding coins alone: all due
+            early = [c for c in (held or ptx.coins) if not await self._due(c, fresh=True)]
             if early:
                 self._warn_once(f"early:{what}", "bridge: not signing %s: coin %s:%d is not due for a roll in my "
                                 "bitcoind", what, early[0].btc_txid[::-1].hex(), early[0].vout)
@@ -439,8 +464,14 @@ class BridgeService:
             self._warn_once(f"noreplace:{plan_id.hex()}", "bridge: %s is starved at %d sat/vB, and no higher rate is "
                             "allowed (my cap %d, the 10%% fee share bound)", what, p.feerate_sat_vb, self.fee_max)
             return
-        payload = (PegoutPlan(p.anchor_height, lo, plan_id, p.inputs, p.pegouts) if p.pegouts
-                   else RollPlan(lo, plan_id, p.inputs))
+        payload: Payload
+        if p.pegouts:
+            payload = PegoutPlan(p.anchor_height, lo, plan_id, p.inputs, p.pegouts)
+        elif is_anchor_plan(p):
+            rec = AnchorPlanRecord.decode(self._get(anchor_plan_key(p.anchor_height)) or b"")
+            payload = AnchorPlan(p.anchor_height, rec.mode, rec.state_root, rec.prev_link, lo, plan_id, p.inputs)
+        else:
+            payload = RollPlan(lo, plan_id, p.inputs)
         self._try_submit(("replace", plan_id), payload, f"replacement of {what} at {lo} sat/vB")
 
     # -- rolls ----------------------------------------------------------------------------------------------------
@@ -466,27 +497,32 @@ class BridgeService:
         coin that pays the fee)."""
         if self.roll_at is None:
             return
-        free = [c for c in self.fed_coins() if c.spent_by == ZERO]
+        free = [c for c in self.fed_coins() if c.spent_by == ZERO and c.kind in ROLLED]
         due = [c for c in free if await self._due(c)]
         if not due:
             return
         due.sort(key=lambda c: (self._mined_at[(c.btc_txid, c.vout)], c.btc_txid, c.vout))
         take = due[:MAX_PLAN_INPUTS]
-        if not any(c.kind == CoinKind.FUNDING for c in take):
-            payers = sorted((c for c in free if c.kind == CoinKind.FUNDING and c not in take),
-                            key=lambda c: (-c.amount_sat, c.btc_txid, c.vout))
-            if not payers:
-                self._warn_once("roll-unfunded", "bridge: %d coin(s) are due for a roll but there is no funding coin "
-                                "to pay its fee: fund the federation (l2-cli federation-fund) before they reach the "
-                                "emergency timelock", len(due))
-                return
-            take = take[:MAX_PLAN_INPUTS - 1] + [payers[0]]
+        # fee payers: the due funding coins, then the largest younger ones until the roll is paid for
+        payers = sorted((c for c in free if c.kind == CoinKind.FUNDING and c not in take),
+                        key=lambda c: (-c.amount_sat, c.btc_txid, c.vout))
         rate = await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
-        try:
-            price_roll(self.fed, self.network.id, take, rate)
-        except PlanUnderfunded as e:
-            self._warn_once(f"roll-underfunded:{len(take)}", "bridge: a roll of %d coin(s) waits: %s", len(take), e)
-            return
+        while True:
+            try:
+                price_roll(self.fed, self.network.id, take, rate)
+                break
+            except PlanUnderfunded as e:
+                if not payers:
+                    self._warn_once(f"roll-unfunded:{len(take)}", "bridge: %d coin(s) are due for a roll, and the "
+                                    "funding coins cannot pay its fee (%s): fund the federation (l2-cli "
+                                    "federation-fund) before they reach the emergency timelock", len(due), e)
+                    return
+                held = [c for c in take if c.kind != CoinKind.FUNDING]
+                if len(take) == MAX_PLAN_INPUTS:  # make room: the youngest held coin waits for the next roll
+                    if not held:
+                        return
+                    take.remove(held[-1])
+                take.append(payers.pop(0))
         inputs = tuple((c.btc_txid, c.vout) for c in take)
         self._try_submit(("roll", inputs), RollPlan(rate, ZERO, inputs), f"roll of {len(inputs)} coins")
 

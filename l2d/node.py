@@ -175,19 +175,21 @@ class Node:
                                                 "drop_reasons": len(saved.dropped)})
 
     # -- services --------------------------------------------------------------------------------------------
+    def _header_at(self, height: int) -> Optional[BlockHeader]:
+        """My committed block header at an L2 height (None above my tip)."""
+        blk = self.ledger.block(height)
+        return None if blk is None else blk.header
+
     def _make_anchor_service(self) -> Optional[AnchorService]:
         cfg = self.config.anchoring
         secret = self.genesis.federation_secret  # the anchor's Bitcoin key; the L2 updates carry this member's key
         if not cfg.enabled or secret is None:
             return None
         pub = PrivateKey(secret).public_key_xonly.format()
-        def header_at(height: int) -> Optional[BlockHeader]:
-            blk = self.ledger.block(height)
-            return None if blk is None else blk.header
-
         b = self.config.bitcoind
         service = AnchorService(config=cfg, network=self.network, federation_secret=secret, federation_key=pub,
-                                rpc=self.btc_rpc, store=self.store, tip=lambda: self.chain.final, header_at=header_at,
+                                rpc=self.btc_rpc, store=self.store, tip=lambda: self.chain.final,
+                                header_at=self._header_at,
                                 submit_update=self.admission.submit_as_member,
                                 snapshot_bytes=self.snapshots.anchor_snapshot_bytes,
                                 zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence, bitcoin_chain=b.chain)
@@ -231,7 +233,8 @@ class Node:
                              confirmations=cfg.pegout_confirmations, rbf_after_blocks=cfg.rbf_after_blocks,
                              fee_fallback_sat_per_vb=cfg.fee_fallback_sat_per_vb,
                              fee_max_sat_per_vb=cfg.fee_max_sat_per_vb, poll_interval_ms=cfg.poll_interval_ms,
-                             roll_margin_blocks=cfg.roll_margin_blocks, now=lambda: int(time.time()))
+                             roll_margin_blocks=cfg.roll_margin_blocks, header_at=self._header_at,
+                             now=lambda: int(time.time()))
 
     def web_app(self) -> web.Application:
         """The REST application over this node's parts (each under its own AppKey), with the member routes."""

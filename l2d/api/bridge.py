@@ -18,7 +18,8 @@ from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation,
                          bridge_totals, btc_tip, deposit_script_pubkey, descriptor_of, funded_sat, script_address,
                          witness_script)
 from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
-from ..core.plans import PlanEntry, PlanStatus, held_coins, plan_tx, signatures_by_key
+from ..core.plans import (PlanEntry, PlanStatus, coin_script_pubkey, held_coins, is_anchor_plan, plan_tx,
+                          signatures_by_key)
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
 from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
@@ -122,7 +123,7 @@ async def coins(request: web.Request) -> web.Response:
         c = FedCoin.decode(v)
         out.append({"txid": c.btc_txid[::-1].hex(), "vout": c.vout, "amount_sat": c.amount_sat, "kind": c.kind.name,
                     "contract": c.contract.hex(),
-                    "address": script_address(deposit_script_pubkey(fed, network.id, c.contract), network),
+                    "address": script_address(coin_script_pubkey(fed, network.id, c), network),
                     "spent_by": None if c.spent_by == bytes(32) else c.spent_by[::-1].hex()})
     return web.json_response({"coins": out})
 
@@ -132,9 +133,10 @@ PLANS_MAX = 500
 
 
 async def plans(request: web.Request) -> web.Response:
-    """GET /api/bridge/plans[?status=PLANNED|REPLACED|COMPLETED][&limit=N]: plans (payouts and rolls), newest first
-    (at most limit, default 50, at most 500): its transaction (PSBT as every member builds it, base64), which federation keys
-    have signed, the signed transaction once m have, and its status. Built in a worker thread (each listed plan's
+    """GET /api/bridge/plans[?status=PLANNED|REPLACED|COMPLETED][&limit=N]: plans (payouts, rolls, anchors), newest
+    first (at most limit, default 50, at most 500): its transaction (PSBT as every member builds it, base64; none for
+    an anchor, whose signers sign what they derive), which federation keys have signed, the signed transaction once m
+    have, and its status. Built in a worker thread (each listed plan's
     PSBT is rebuilt and its signatures checked)."""
     fed = _federation(request)
     chain = request.app[CHAIN]
@@ -156,7 +158,8 @@ async def plans(request: web.Request) -> web.Response:
                 sigs = signatures_by_key(r.get_state, fed, plan_id)
                 raw = signed_transaction(fed, network, ptx, sigs)
                 out.append({
-                    "id": plan_id[::-1].hex(), "kind": "payout" if p.pegouts else "roll",
+                    "id": plan_id[::-1].hex(),
+                    "kind": "payout" if p.pegouts else "anchor" if is_anchor_plan(p) else "roll",
                     "status": p.status.name, "l2_height": p.l2_height,
                     "final": p.l2_height <= final,
                     "replaces": None if p.replaces == bytes(32) else p.replaces[::-1].hex(),
@@ -169,7 +172,7 @@ async def plans(request: web.Request) -> web.Response:
                                  "address": script_address(bytes(ptx.tx.vout[j].scriptPubKey), network)}
                                 for j, (pid, pay) in enumerate(zip(p.pegouts, p.payouts))],
                     "threshold": fed.threshold, "signed_by": [fed.keys[i].hex() for i in sorted(sigs)],
-                    "psbt": base64.b64encode(build_psbt(fed, network, ptx)).decode(),
+                    "psbt": None if is_anchor_plan(p) else base64.b64encode(build_psbt(fed, network, ptx)).decode(),
                     "signed_tx": None if raw is None else raw.hex(),
                 })
         return out

@@ -53,6 +53,7 @@ from .state import Namespace, Rules, StateView, bump_member_nonce, check_member,
 from .tx import Transaction
 
 SPENDABLE = (CoinKind.DEPOSIT, CoinKind.CHANGE)  # the coins peg-outs spend; FUNDING coins pay anchors
+ROLLED = (CoinKind.DEPOSIT, CoinKind.CHANGE, CoinKind.FUNDING)  # the coins under the emergency path (rolls move them)
 RBF_SEQUENCE = 0xFFFFFFFD
 DUST_SAT = 546  # the largest standard dust threshold (P2PKH); payouts and change stay above it
 MAX_FEE_SHARE_PPM = 100_000  # a peg-out pays at most 10% of its amount in Bitcoin fees (signers may demand less)
@@ -399,7 +400,7 @@ def price_roll(fed: Federation, network_id: int, coins: Sequence[FedCoin], feera
     """Change, fee and outputs of a roll of these coins: the held coins' total to CHANGE, the funding coins' total
     less the fee (sized with the funding output) to FUNDING when not zero (PlanUnderfunded when the funding coins
     do not cover the fee with a rest of 0 or at least DUST_SAT, or nothing would be left)."""
-    held = sum(c.amount_sat for c in coins if c.kind != CoinKind.FUNDING)
+    held = sum(c.amount_sat for c in coins if c.kind in SPENDABLE)
     funding = sum(c.amount_sat for c in coins if c.kind == CoinKind.FUNDING)
     change = ((deposit_script_pubkey(fed, network_id, CHANGE_CONTRACT), held),) if held else ()
     funding_spk = deposit_script_pubkey(fed, network_id, FUNDING_CONTRACT)
@@ -413,9 +414,12 @@ def price_roll(fed: Federation, network_id: int, coins: Sequence[FedCoin], feera
 
 def price_recorded(view: StateView, fed: Federation, network_id: int, entry: PlanEntry, feerate_sat_vb: int
                    ) -> Priced:
-    """price() (price_roll() for a roll) of a recorded plan's coins and peg-outs at another fee rate (what a
-    replacement would pay)."""
+    """price() (price_roll() for a roll, price_anchor() for an anchor) of a recorded plan's coins and peg-outs at
+    another fee rate (what a replacement would pay)."""
     coins = _coins(view, entry.inputs)
+    if is_anchor_plan(entry):
+        rec = AnchorPlanRecord.decode(cast(bytes, view.get(anchor_plan_key(entry.anchor_height))))
+        return price_anchor(fed, network_id, coins, rec, entry.anchor_height, feerate_sat_vb)
     if not entry.pegouts:
         return price_roll(fed, network_id, coins, feerate_sat_vb)
     return price(fed, network_id, coins, _pegouts(view, entry.pegouts), feerate_sat_vb)
@@ -591,9 +595,13 @@ def apply_roll_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
     if not fed.emergency_keys:
         raise NothingToRoll("the federation's coins have no emergency timelock: there is nothing to roll")
     old = _old_version(view, p.replaces)
-    if old is not None and old.pegouts:
-        raise BadReplacement(f"plan {p.replaces[::-1].hex()} pays peg-outs; a roll replaces only a roll")
+    if old is not None and (old.pegouts or old.anchor_height):
+        raise BadReplacement(f"plan {p.replaces[::-1].hex()} is not a roll; a roll replaces only a roll")
     coins = _coins(view, p.inputs)
+    for c in coins:
+        if c.kind not in ROLLED:
+            raise UnknownCoin(f"{c.btc_txid[::-1].hex()}:{c.vout} is a {c.kind.name} coin; rolls move deposits, "
+                              f"change and funding coins")
     priced = price_roll(fed, rules.network.id, coins, p.feerate_sat_vb)
     plan_id = cast(bytes, _unsigned_tx(coins, priced.outputs).GetTxid())
     if view.get(plan_key(plan_id)) is not None:
@@ -747,27 +755,42 @@ def apply_plan_completed(view: StateView, tx: Transaction, rules: Rules) -> None
 
 
 def apply_anchor_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
-    """AnchorPlan: the transaction anchoring an L2 height, from funding coins and the previous anchor output."""
+    """AnchorPlan: the transaction anchoring an L2 height, from funding coins and the previous anchor output.
+
+    A version replaces another (`replaces`) spending exactly its coins, so at most one version is ever mined: by fee
+    (the same record, a higher rate) once a version of the chain has m signatures, or, while none has (nothing of
+    the chain can be broadcast), SUPERSEDE_AFTER blocks after the last version, with the same record or for a higher
+    height (a plan the members refuse to sign, a wrong root say, cannot stop anchoring)."""
     check_member(view, tx)
     fed = federation(view)
     p = cast(AnchorPlan, tx.payload)
     net = rules.network.id
     old = _old_version(view, p.replaces)
     rec = AnchorPlanRecord(p.mode, p.state_root, p.prev_link)
+    stored = view.get(anchor_plan_key(p.l2_height))
     tip = anchor_tip(view.get)
     if old is not None:
-        if not is_anchor_plan(old) or old.anchor_height != p.l2_height:
-            raise BadReplacement(f"plan {p.replaces[::-1].hex()} does not anchor L2 height {p.l2_height}")
-        if view.get(anchor_plan_key(p.l2_height)) != rec.encode():
-            raise BadReplacement("a replacement anchors the same record (mode, state root, previous link)")
-    else:
-        if p.l2_height <= tip.l2_height:
-            raise AnchorOutOfOrder(f"L2 height {p.l2_height} is not above the last anchored height {tip.l2_height}")
-        if p.prev_link != tip.link:
-            raise BadAnchorLink(f"previous link {p.prev_link.hex()} is not the last anchor's {tip.link.hex()}")
-        if tip.coin_txid != ZERO and (tip.coin_txid, tip.coin_vout) not in p.inputs:
-            raise BadAnchorLink(f"the previous anchor output {tip.coin_txid[::-1].hex()}:{tip.coin_vout} is not "
-                                f"spent: each anchor spends the one before it")
+        if not is_anchor_plan(old) or old.status != PlanStatus.PLANNED:
+            raise BadReplacement(f"plan {p.replaces[::-1].hex()} is not the current version of an anchor plan")
+        if old.inputs != p.inputs:
+            raise BadReplacement("a new version of an anchor plan spends exactly the coins of the one it replaces")
+        same = p.l2_height == old.anchor_height and stored == rec.encode()
+        if any(len(signatures_by_key(view.get, fed, v)) >= fed.threshold for v, _ in _versions(view.get, p.replaces)):
+            if not same or p.feerate_sat_vb <= old.feerate_sat_vb:
+                raise BadReplacement(f"a version of this anchor has {fed.threshold} signatures and may be mined: it is "
+                                     f"replaced only by fee (the same record, a rate above {old.feerate_sat_vb})")
+        elif view.height - old.l2_height < SUPERSEDE_AFTER or not (same or p.l2_height > old.anchor_height):
+            raise BadReplacement(f"an anchor plan nobody can broadcast is superseded {SUPERSEDE_AFTER} blocks after "
+                                 f"it was recorded, by the same record or a higher height")
+    if p.l2_height <= tip.l2_height:
+        raise AnchorOutOfOrder(f"L2 height {p.l2_height} is not above the last anchored height {tip.l2_height}")
+    if p.prev_link != tip.link:
+        raise BadAnchorLink(f"previous link {p.prev_link.hex()} is not the last anchor's {tip.link.hex()}")
+    if tip.coin_txid != ZERO and (tip.coin_txid, tip.coin_vout) not in p.inputs:
+        raise BadAnchorLink(f"the previous anchor output {tip.coin_txid[::-1].hex()}:{tip.coin_vout} is not spent: "
+                            f"each anchor spends the one before it")
+    if stored is not None and stored != rec.encode():
+        raise BadAnchorLink(f"L2 height {p.l2_height} has an anchor plan of another record")
     coins = _coins(view, p.inputs)
     for c in coins:
         if c.kind not in (CoinKind.FUNDING, CoinKind.ANCHOR):
@@ -777,29 +800,11 @@ def apply_anchor_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
     plan_id = cast(bytes, _unsigned_tx(coins, priced.outputs).GetTxid())
     if view.get(plan_key(plan_id)) is not None:
         raise DuplicateDuty(f"plan {plan_id[::-1].hex()} is recorded already")
-    stale: Optional[PlanEntry] = None  # an anchor plan in flight that this one supersedes
-    if old is not None:
-        _check_replacement(view, fed, p.replaces, old, p.inputs, (), p.feerate_sat_vb)
-    elif tip.open != ZERO:
-        stale = cast(PlanEntry, plan_entry(view.get, tip.open))
-        signed = len(signatures_by_key(view.get, fed, tip.open))
-        same = stale.anchor_height == p.l2_height and view.get(anchor_plan_key(p.l2_height)) != rec.encode()
-        if (stale.replaces != ZERO or signed >= fed.threshold or view.height - stale.l2_height < SUPERSEDE_AFTER
-                or same):
-            raise AnchorInFlight(f"anchor plan {tip.open[::-1].hex()} is in flight: one anchor at a time (a plan "
-                                 f"is superseded only while no version of it can be broadcast, {SUPERSEDE_AFTER} "
-                                 f"blocks after it was recorded, by one of its record or of a higher height)")
-    for c in coins:
-        if c.spent_by not in (p.replaces, tip.open if stale is not None else p.replaces):
-            raise CoinSpent(f"{c.btc_txid[::-1].hex()}:{c.vout} is spent by plan {c.spent_by[::-1].hex()}")
+    if old is None and tip.open != ZERO:
+        raise AnchorInFlight(f"anchor plan {tip.open[::-1].hex()} is in flight: one anchor at a time")
+    _check_unspent(coins, p.replaces)
     bump_member_nonce(view, tx)
-    if stale is not None:  # it never had m signatures, so it can never be mined: its coins are free again
-        view.put(plan_key(tip.open), replace(stale, status=PlanStatus.REPLACED).encode())
-        for txid, vout in stale.inputs:
-            if (txid, vout) not in p.inputs:
-                c = FedCoin.decode(cast(bytes, view.get(coin_key(txid, vout))))
-                view.put(coin_key(txid, vout), replace(c, spent_by=ZERO).encode())
-    if old is None:
+    if stored is None:
         view.put(anchor_plan_key(p.l2_height), rec.encode())
     _record_plan(view, plan_id, PlanEntry(PlanStatus.PLANNED, p.replaces, ZERO, view.height, p.l2_height,
                                           p.feerate_sat_vb, priced.fee_sat, 0, p.inputs, (), ()), old, coins)
@@ -820,7 +825,10 @@ def apply_anchor_update(view: StateView, tx: Transaction, rules: Rules) -> None:
         if rec.state_root != p.state_root:
             raise BadAnchorLink(f"the anchor plan of L2 height {p.l2_height} commits root {rec.state_root.hex()}, "
                                 f"not {p.state_root.hex()}")
+        done = [v for v, e in _versions(view.get, p.btc_txid) if e.status == PlanStatus.COMPLETED]
+        if done and done != [p.btc_txid]:
+            raise PlanClosed(f"version {done[0][::-1].hex()} of this anchor is COMPLETED; {p.btc_txid[::-1].hex()} "
+                             f"cannot be")
     apply_anchor(view, tx, rules)
-    if plan is not None and is_anchor_plan(plan) and not any(
-            e.status == PlanStatus.COMPLETED for _, e in _versions(view.get, p.btc_txid)):
+    if plan is not None and is_anchor_plan(plan) and plan.status != PlanStatus.COMPLETED:
         _complete(view, p.btc_txid, plan, rules.network.id)

@@ -30,7 +30,9 @@ from l2d.config import Config
 from l2d.core.coin_tx import Burn
 from l2d.core.params import REGTEST
 from l2d.core.pegs import CHANGE_CONTRACT, deposit_script_pubkey
-from l2d.core.pegs_tx import PeginClaim, RollPlan
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
+from l2d.core.pegs_tx import AnchorMode, AnchorPlan, PeginClaim, RollPlan
+from l2d.core.plans import SUPERSEDE_AFTER
 from l2d.core.tx import sign
 from l2d.node import Node
 from regtest.harness import BitcoindNode, fund_wallet, scan_sat
@@ -455,13 +457,14 @@ async def test_the_circuit_breaker_signs_nothing_while_a_coin_of_the_books_is_of
     assert f["invariant_ok"] is True and f["holdings_sat"] == await holdings_on_chain(rpc, d) == 70_000_000
 
 
-async def rolling_daemon(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC
+async def rolling_daemon(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, emergency_delay: int = 30
                          ) -> tuple[Daemon, BitcoinRPC, str, int, tuple[bytes, int], tuple[bytes, int]]:
-    """A daemon whose federation has a 30-block emergency delay and rolls 10 blocks before it (at 20 confirmations),
+    """A daemon whose federation has a 30-block (emergency_delay) emergency delay and rolls 10 blocks before it,
     anchoring off; Alice's claimed 1 BTC deposit and a recorded 0.01 BTC funding coin, mined in one block at
     `height`. Returns (daemon, wallet, mining address, height, deposit outpoint, funding outpoint), txids internal."""
     w, mine_addr = await fund_wallet(rpc, "miner")
-    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=False, emergency_delay=30, roll_margin=10))
+    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=False, emergency_delay=emergency_delay,
+                                roll_margin=10))
     txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
     fund_addr = (await d.get("/api/bridge/federation"))["funding_address"]
     fund_txid = await w.sendtoaddress(fund_addr, 1_000_000)
@@ -528,6 +531,8 @@ async def test_coins_nearing_the_emergency_timelock_are_rolled_before_the_emerge
         await rpc.generatetoaddress(height + 18 - await rpc.getblockcount(), mine_addr)  # 19 confirmations
         await relayed_to(d, rpc)
         assert [await svc._due(c, fresh=True) for c in svc.fed_coins()] == [False, False]
+        await svc._roll()  # the duty itself, at 19 confirmations: it proposes nothing
+        assert not [k for k in svc._submitted if k[0] == "roll"]
         assert (await d.get("/api/bridge/plans"))["plans"] == []
         await rpc.generatetoaddress(1, mine_addr)
         assert [await svc._due(c, fresh=True) for c in svc.fed_coins()] == [True, True]
@@ -558,5 +563,68 @@ async def test_a_roll_proposed_early_is_signed_only_once_its_coins_are_due(
         await rpc.generatetoaddress(height + 19 - await rpc.getblockcount(), mine_addr)  # 20 confirmations
         roll = await roll_completes(d, rpc, mine_addr, height, {(t[::-1].hex(), v) for t, v in (dep, fund)})
         assert roll["id"] == plan["id"] and roll["feerate_sat_vb"] == 2  # the early plan itself, signed now
+    finally:
+        await stop(d)
+
+
+async def test_the_members_keys_sign_an_anchor_plan_whose_root_is_their_blocks_and_the_final_update_completes_it(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, caplog: pytest.LogCaptureFixture) -> None:
+    """An AnchorPlan with a wrong root is refused by the signers; one committing this daemon's own block root at
+    that height is signed by its two keys (BIP143 for the funding coin), broadcast and mined; the FINAL update
+    completes it, and the anchor output is the federation's next anchor coin. (The emergency delay is long here: no
+    roll takes the funding coin.)"""
+    d, w, mine_addr, height, dep, fund = await rolling_daemon(tmp_path, bitcoind, rpc, emergency_delay=1000)
+    try:
+        at = d.node.chain.final.height
+        wrong = AnchorPlan(at, AnchorMode.TAPROOT, b"\x66" * 32, bytes(32), 2, bytes(32), (fund,))
+        d.node.admission.submit_as_member(wrong)
+
+        async def refused() -> Any:
+            return any("bridge: not signing anchor plan" in r.getMessage() for r in caplog.records)
+        await until(refused, "the wrong-root anchor plan refused")
+        [bad] = (await d.get("/api/bridge/plans"))["plans"]
+        assert bad["signed_by"] == [] and bad["kind"] == "anchor"
+        # superseded (no version of it has m signatures) once SUPERSEDE_AFTER blocks old, by a version of a higher
+        # height spending the same coin
+        async def later() -> Any:  # L2 blocks come with transactions: each Bitcoin block brings a header relay
+            if d.node.chain.final.height >= bad["l2_height"] + SUPERSEDE_AFTER + 1:
+                return True
+            await rpc.generatetoaddress(1, mine_addr)
+            await asyncio.sleep(0.2)
+            return None
+        await until(later, "the bad plan stale")
+        at = d.node.chain.final.height
+        header = d.node._header_at(at)
+        assert header is not None
+        d.node.admission.submit_as_member(AnchorPlan(at, AnchorMode.TAPROOT, header.state_root, bytes(32), 2,
+                                                     bytes.fromhex(bad["id"])[::-1], (fund,)))
+
+        async def signed() -> Any:
+            plans = [p for p in (await d.get("/api/bridge/plans"))["plans"] if p["l2_height"] and p["kind"] == "anchor"
+                     and p["status"] == "PLANNED"]
+            return plans[0] if plans and plans[0]["signed_tx"] else None
+        plan = await until(signed, "the anchor plan signed by both keys")
+        assert len(plan["signed_by"]) == 2 and plan["anchor_height"] == at
+
+        async def in_mempool() -> bool:
+            return plan["id"] in await rpc.call("getrawmempool")
+        await until(in_mempool, "the anchor broadcast")
+        [block] = await rpc.generatetoaddress(1, mine_addr)
+        await rpc.generatetoaddress(2, mine_addr)
+        btc_height = (await rpc.getblockheader(block, True)).height
+        d.node.admission.submit_as_member(AnchorUpdate(at, header.state_root, bytes.fromhex(plan["id"])[::-1],
+                                                       block, btc_height, AnchorStatus.FINAL))
+
+        async def completed() -> Any:
+            [p] = [p for p in (await d.get("/api/bridge/plans"))["plans"] if p["id"] == plan["id"]]
+            return p["status"] == "COMPLETED"
+        await until(completed, "the anchor plan COMPLETED")
+        coins = {(c["txid"], c["vout"]): c for c in (await d.get("/api/bridge/coins"))["coins"]}
+        anchor_coin = coins[(plan["id"], 0)]
+        assert anchor_coin["kind"] == "ANCHOR" and anchor_coin["amount_sat"] == 1_000_000 - plan["fee_sat"]
+        out = await rpc.call("gettxout", [plan["id"], 0])
+        assert out["scriptPubKey"]["address"] == anchor_coin["address"]
+        f = await d.get("/api/bridge/federation")
+        assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 and f["invariant_ok"] is True
     finally:
         await stop(d)

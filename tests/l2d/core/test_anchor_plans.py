@@ -11,8 +11,10 @@ import hashlib
 from typing import Sequence
 
 import pytest
+from bitcoinutils.transactions import Transaction as BuTransaction
 from coincurve import PrivateKey, PublicKeyXOnly
 
+from bridge.federation import signed_transaction
 from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, op_return_script
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.errors import DecodeError, DuplicateDuty, Rejected, Unauthorized
@@ -23,7 +25,8 @@ from l2d.core.pegs_tx import AnchorMode, AnchorPlan, PlanCompleted, PlanSignatur
 from l2d.core.plans import (ANCHOR_TIP_KEY, SUPERSEDE_AFTER, ZERO, AnchorInFlight, AnchorOutOfOrder, AnchorTip,
                             BadAnchorLink, BadPlanSignature, BadReplacement, PlanClosed, PlanStatus, PlanUnderfunded,
                             UnknownCoin, UnknownPlan, anchor_policy, anchor_tip, coin_script_pubkey, plan_tx,
-                            vsize_bound)
+                            signatures_by_key, vsize_bound)
+from l2d.core.spv import parse_tx
 from l2d.core.state import StateView
 from tests.l2d.core.pegs_world import (AUTH, AUTH2, BOB, FED, FED_KEYS, FED_SECRETS, FUNDING_OUTPOINT, FUNDING_SAT,
                                        World, check_invariants, coin_world, key_index, outpoint, plan_of,
@@ -115,6 +118,13 @@ def test_a_taproot_anchor_is_signed_by_m_keys_completed_by_its_final_update_and_
     w.refuse(w.sign(AUTH, PlanSignature(second, key_index(sec), (der,))), BadPlanSignature)
     w.do(AUTH, PlanSignature(second, key_index(sec), good))
     post_signatures(w, second, [FED_SECRETS[2]])
+    # the fee was priced on a vsize bound; the signed transaction (2 BIP340 items of 65 bytes, 1 empty, the leaf,
+    # the 65-byte control block) has exactly that vsize: Schnorr signatures have one size
+    raw = signed_transaction(FED, REGTEST, ptx2, signatures_by_key(w.state.get, FED, second))
+    assert raw is not None and parse_tx(raw).txid == second
+    assert BuTransaction.from_raw(raw.hex()).get_vsize() == vsize_bound(FED, NET, [w.coin((first, 0))],
+                                                                         [(bytes(o.scriptPubKey), o.nValue)
+                                                                          for o in ptx2.tx.vout])
     final(w, 12, second, ROOT2)
     link2 = AnchorRecord(NET, 12, ROOT2, record.link).link
     assert anchor_tip(w.state.get) == AnchorTip(12, link2, second, 0, ZERO)
@@ -149,7 +159,7 @@ def test_anchor_plan_refusals_and_replacement() -> None:
     for who in (BOB, FED_SECRETS[0]):
         refuse_anchor(w, Unauthorized, 10, [FUNDING_OUTPOINT], who=who)
     a = post_anchor(w, 10, [FUNDING_OUTPOINT])
-    refuse_anchor(w, DuplicateDuty, 10, [FUNDING_OUTPOINT])
+    refuse_anchor(w, DuplicateDuty, 10, [FUNDING_OUTPOINT])  # another member posting the same plan
     refuse_anchor(w, BadReplacement, 10, [FUNDING_OUTPOINT], rate=3, replaces=a)  # not signed by m keys yet
     post_signatures(w, a)
     refuse_anchor(w, BadReplacement, 10, [FUNDING_OUTPOINT], root=ROOT2, rate=3, replaces=a)  # another record
@@ -165,23 +175,57 @@ def test_anchor_plan_refusals_and_replacement() -> None:
 
 
 def test_an_anchor_plan_nobody_can_broadcast_is_superseded_after_ten_blocks() -> None:
-    """A plan the members will not sign (say, a wrong root) must not stop anchoring: once it is SUPERSEDE_AFTER blocks
-    old and has fewer than m signatures (and was never replaced, so no version of it can be broadcast), a fresh
-    plan supersedes it and its coins are free again. A plan with m signatures is never superseded."""
+    """A plan the members will not sign (say, a wrong root) must not stop anchoring: while no version of its chain has
+    m signatures, SUPERSEDE_AFTER blocks after it was recorded, a new version spending the same coins (so only one
+    of them can ever be mined) replaces it, for a higher height or the same record. A chain with m signatures is
+    replaced only by fee."""
     w = world()
     bad = post_anchor(w, 10, [FUNDING_OUTPOINT], root=ROOT2)
     post_signatures(w, bad, FED_SECRETS[:1])  # one member signed (say, a faulty one): not m
-    refuse_anchor(w, AnchorInFlight, 12, [FUNDING_OUTPOINT])  # too soon
+    refuse_anchor(w, AnchorInFlight, 12, [FUNDING_OUTPOINT])  # a fresh plan while one is in flight
+    refuse_anchor(w, BadReplacement, 12, [FUNDING_OUTPOINT], replaces=bad)  # too soon
     w.height += SUPERSEDE_AFTER
-    refuse_anchor(w, AnchorInFlight, 10, [FUNDING_OUTPOINT], rate=3)  # the same height needs the same record
-    good = post_anchor(w, 12, [FUNDING_OUTPOINT])
-    assert w.plan(bad).status == PlanStatus.REPLACED and w.plan(good).status == PlanStatus.PLANNED
+    refuse_anchor(w, BadReplacement, 10, [FUNDING_OUTPOINT], rate=3, replaces=bad)  # the same height, another root
+    refuse_anchor(w, BadReplacement, 9, [FUNDING_OUTPOINT], root=ROOT2, rate=3, replaces=bad)  # a lower height
+    refuse_anchor(w, BadReplacement, 12, [outpoint(0)], replaces=bad)  # other coins: both could be mined
+    good = post_anchor(w, 12, [FUNDING_OUTPOINT], replaces=bad)
+    assert (w.plan(bad).status, w.plan(bad).replaced_by, w.plan(good).status) == (
+        PlanStatus.REPLACED, good, PlanStatus.PLANNED)
     assert w.coin(FUNDING_OUTPOINT).spent_by == good and anchor_tip(w.state.get).open == good
     w.refuse(w.sign(AUTH, PlanSignature(bad, key_index(FED_SECRETS[1]), sign_plan(w, bad, FED_SECRETS[1]))),
              PlanClosed)
     post_signatures(w, good)
     w.height += SUPERSEDE_AFTER
-    refuse_anchor(w, AnchorInFlight, 14, [FUNDING_OUTPOINT])  # m signatures: it may be mined; never superseded
+    refuse_anchor(w, BadReplacement, 14, [FUNDING_OUTPOINT], replaces=good)  # m signatures: replaced by fee only
     final(w, 12, good)
-    assert anchor_tip(w.state.get).l2_height == 12
+    assert anchor_tip(w.state.get).l2_height == 12 and w.plan(bad).status == PlanStatus.REPLACED
+    w.refuse(w.sign(AUTH, AnchorUpdate(10, ROOT2, bad, b"\x33" * 32, 150, AnchorStatus.FINAL)), PlanClosed)
+    check_invariants(w.state)
+
+
+def test_a_superseded_version_that_is_mined_after_all_completes_the_anchor_once() -> None:
+    """Superseded versions spend the same coins, so at most one is mined; if it is the old one, its FINAL completes
+    the chain (the newer version REPLACED, the coins spent by it, the tip at its height) and the newer one cannot."""
+    w = world()
+    old = post_anchor(w, 10, [FUNDING_OUTPOINT])
+    w.height += SUPERSEDE_AFTER
+    new = post_anchor(w, 12, [FUNDING_OUTPOINT], root=ROOT2, replaces=old)
+    final(w, 10, old)
+    assert [w.plan(v).status for v in (old, new)] == [PlanStatus.COMPLETED, PlanStatus.REPLACED]
+    assert w.coin(FUNDING_OUTPOINT).spent_by == old
+    assert anchor_tip(w.state.get) == AnchorTip(10, AnchorRecord(NET, 10, ROOT1).link, old, 0, ZERO)
+    w.refuse(w.sign(AUTH, AnchorUpdate(12, ROOT2, new, b"\x33" * 32, 150, AnchorStatus.FINAL)), PlanClosed)
+    check_invariants(w.state)
+
+
+def test_a_roll_neither_spends_an_anchor_output_nor_replaces_an_anchor_plan() -> None:
+    from l2d.core.pegs_tx import RollPlan
+    from tests.l2d.core.pegs_world import FED_E, FUNDING_OUTPOINT_E
+    w = coin_world(fed=FED_E)
+    w.height = 20
+    a = post_anchor(w, 10, [FUNDING_OUTPOINT_E])
+    post_signatures(w, a)
+    w.refuse(w.sign(AUTH, RollPlan(3, a, (FUNDING_OUTPOINT_E,))), BadReplacement)
+    final(w, 10, a)
+    w.refuse(w.sign(AUTH, RollPlan(3, ZERO, ((a, 0),))), UnknownCoin)
     check_invariants(w.state)
