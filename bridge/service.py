@@ -67,6 +67,36 @@ class Books:
     held: list[FedCoin]  # DEPOSIT and CHANGE coins not spent by a COMPLETED plan
 
 
+def choose_roll(fed: Federation, network_id: int, due: Sequence[FedCoin], younger: Sequence[FedCoin], rate: int
+                ) -> tuple[Optional[list[FedCoin]], str]:
+    """The inputs of a roll of the due coins (oldest first) at this rate, or (None, why it waits).
+
+    The due coins (at most MAX_PLAN_INPUTS) go in; while their funding coins do not pay the fee, the largest younger
+    funding coins join (the youngest held coin making room at MAX_PLAN_INPUTS) — but only for a roll that moves held
+    coins: a roll of funding coins alone is signed only when all of them are due, so a young payer would lock it.
+    """
+    take = list(due[:MAX_PLAN_INPUTS])
+    payers = sorted((c for c in younger if c.kind == CoinKind.FUNDING), key=lambda c: (-c.amount_sat, c.btc_txid,
+                                                                                        c.vout))
+    while True:
+        try:
+            price_roll(fed, network_id, take, rate)
+            return take, ""
+        except PlanUnderfunded as e:
+            held = [c for c in take if c.kind in SPENDABLE]
+            if not held:
+                return None, (f"the due funding coins do not pay for rolling themselves ({e}); they wait to be paid "
+                              f"for by a roll of held coins, or for more of them to be due")
+            if not payers:
+                return None, (f"the funding coins cannot pay its fee ({e}): fund the federation (l2-cli "
+                              f"federation-fund) before the coins reach the emergency timelock")
+            if len(take) == MAX_PLAN_INPUTS:  # make room: the youngest held coin waits for the next roll
+                if len(held) == 1:
+                    return None, f"{MAX_PLAN_INPUTS} inputs do not pay the fee of a roll"
+                take.remove(held[-1])
+            take.append(payers.pop(0))
+
+
 class BridgeService:
     def __init__(self, *, fed: Federation, network: Network, signers: Sequence[LocalSigner], rpc: BitcoinRPC,
                  read_state: Callable[[], Any], submit: Callable[[Payload], bytes], headers: Any = None,
@@ -493,8 +523,7 @@ class BridgeService:
         return tip - self._mined_at[outpoint] + 1 >= self.roll_at
 
     async def _roll(self) -> None:
-        """Propose a roll of the free coins that are due (oldest first, at most MAX_PLAN_INPUTS with the funding
-        coin that pays the fee)."""
+        """Propose a roll of the free coins that are due (choose_roll)."""
         if self.roll_at is None:
             return
         free = [c for c in self.fed_coins() if c.spent_by == ZERO and c.kind in ROLLED]
@@ -502,27 +531,11 @@ class BridgeService:
         if not due:
             return
         due.sort(key=lambda c: (self._mined_at[(c.btc_txid, c.vout)], c.btc_txid, c.vout))
-        take = due[:MAX_PLAN_INPUTS]
-        # fee payers: the due funding coins, then the largest younger ones until the roll is paid for
-        payers = sorted((c for c in free if c.kind == CoinKind.FUNDING and c not in take),
-                        key=lambda c: (-c.amount_sat, c.btc_txid, c.vout))
         rate = await my_feerate(self.rpc, self.fee_fallback, self.fee_max)
-        while True:
-            try:
-                price_roll(self.fed, self.network.id, take, rate)
-                break
-            except PlanUnderfunded as e:
-                if not payers:
-                    self._warn_once(f"roll-unfunded:{len(take)}", "bridge: %d coin(s) are due for a roll, and the "
-                                    "funding coins cannot pay its fee (%s): fund the federation (l2-cli "
-                                    "federation-fund) before they reach the emergency timelock", len(due), e)
-                    return
-                held = [c for c in take if c.kind != CoinKind.FUNDING]
-                if len(take) == MAX_PLAN_INPUTS:  # make room: the youngest held coin waits for the next roll
-                    if not held:
-                        return
-                    take.remove(held[-1])
-                take.append(payers.pop(0))
+        take, why = choose_roll(self.fed, self.network.id, due, [c for c in free if c not in due], rate)
+        if take is None:
+            self._warn_once(f"roll-wait:{why}", "bridge: %d coin(s) are due for a roll, which waits: %s", len(due), why)
+            return
         inputs = tuple((c.btc_txid, c.vout) for c in take)
         self._try_submit(("roll", inputs), RollPlan(rate, ZERO, inputs), f"roll of {len(inputs)} coins")
 

@@ -816,6 +816,14 @@ def apply_anchor_update(view: StateView, tx: Transaction, rules: Rules) -> None:
     completes the plan: its coins spent, its Taproot output the next anchor's coin (or the funding rest a FUNDING
     coin), the anchor tip moved on."""
     p = cast(AnchorUpdate, tx.payload)
+    recorded = view.get(anchor_key(p.l2_height))
+    if recorded is not None:  # an anchor plan completed at this height is final: nothing moves it any more
+        was = AnchorEntry.decode(recorded)
+        holder = plan_entry(view.get, was.btc_txid)
+        if (holder is not None and is_anchor_plan(holder) and holder.status == PlanStatus.COMPLETED
+                and (p.btc_txid != was.btc_txid or p.status != AnchorStatus.FINAL)):
+            raise PlanClosed(f"the anchor of L2 height {p.l2_height} is plan {was.btc_txid[::-1].hex()}, completed: "
+                             f"it cannot become {p.status.name} with {p.btc_txid[::-1].hex()}")
     plan = plan_entry(view.get, p.btc_txid) if p.status == AnchorStatus.FINAL else None
     if plan is not None and is_anchor_plan(plan):
         if plan.anchor_height != p.l2_height:

@@ -130,6 +130,12 @@ def test_a_taproot_anchor_is_signed_by_m_keys_completed_by_its_final_update_and_
     assert anchor_tip(w.state.get) == AnchorTip(12, link2, second, 0, ZERO)
     assert w.coin((first, 0)).spent_by == second and w.coin((second, 0)).kind == CoinKind.ANCHOR
     w.refuse(w.sign(AUTH, AnchorUpdate(12, ROOT2, second, b"\x33" * 32, 150, AnchorStatus.FINAL)), DuplicateDuty)
+    # a completed anchor is final: no member moves it back or names another transaction
+    w.refuse(w.sign(AUTH, AnchorUpdate(12, ROOT2, second, ZERO, 0, AnchorStatus.SUBMITTED)), PlanClosed)
+    w.refuse(w.sign(AUTH, AnchorUpdate(12, ROOT2, second, b"\x33" * 32, 150, AnchorStatus.CONFIRMED)), PlanClosed)
+    w.refuse(w.sign(AUTH, AnchorUpdate(12, ROOT2, b"\x44" * 32, b"\x33" * 32, 150, AnchorStatus.FINAL)), PlanClosed)
+    w.do(AUTH, AnchorUpdate(12, ROOT2, second, b"\x34" * 32, 151, AnchorStatus.FINAL))  # its block, corrected
+    assert w.plan(second).status == PlanStatus.COMPLETED and anchor_tip(w.state.get).l2_height == 12
     check_invariants(w.state)
 
 

@@ -220,3 +220,26 @@ def test_the_signer_signs_a_roll_only_when_it_moves_the_coins_to_the_federation(
     bad = PlanTx(short, ptx.coins, ptx.witness_scripts)
     with pytest.raises(PolicyViolation, match="held"):
         signer.sign(build_psbt(FED_E, REGTEST, bad), bad.txid, (), 0)
+
+
+# == the duty's choice of inputs (bridge.service.choose_roll) =========================================================
+def test_the_duty_pays_a_roll_of_held_coins_with_younger_funding_coins_but_never_locks_funding_coins_alone() -> None:
+    from bridge.service import choose_roll
+    w = roll_world()
+    dep, small, big = w.coin(o(0)), FedCoin(b"\x51" * 32, 0, 900, CoinKind.FUNDING, FUNDING_CONTRACT), \
+        w.coin(FUNDING_OUTPOINT_E)
+    # a due deposit and a due funding coin too small for the fee: the largest younger funding coin joins
+    take, why = choose_roll(FED_E, NET, [dep, small], [big], 2)
+    assert take == [dep, small, big] and why == ""
+    assert price_roll(FED_E, NET, take, 2).change_sat == dep.amount_sat
+    # a due funding coin alone that cannot pay for itself waits: a younger payer would make a roll the signers
+    # refuse (a roll of funding coins alone is signed only when all of them are due), locking both coins
+    take, why = choose_roll(FED_E, NET, [small], [big], 2)
+    assert take is None and "do not pay for rolling themselves" in why
+    # held coins and no funding coin at all
+    take, why = choose_roll(FED_E, NET, [dep], [], 2)
+    assert take is None and "fund the federation" in why
+    # 20 due held coins and a payer: the youngest held coin waits for the next roll
+    held = [FedCoin(bytes([i]) * 32, 0, 100_000, CoinKind.DEPOSIT, b"\x02" * 32) for i in range(1, 21)]
+    take, why = choose_roll(FED_E, NET, held, [big], 1)
+    assert take == held[:19] + [big] and why == ""
