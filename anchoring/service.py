@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 from bridge.chain_tracker import ChainTracker, ChainTrackerError, Connected, Disconnected
+from bridge.federation import signed_transaction
 from bridge.rpc import BitcoinRPC, hash_from_hex, hash_to_hex
 from bridge.rpc_errors import RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCVerifyError, RPCVerifyRejected
 from bridge.steps import run_steps
@@ -44,8 +45,14 @@ from l2d.core.anchor import AnchorEntry, anchor_key
 from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.block import BlockHeader
-from l2d.core.errors import DuplicateDuty
+from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import NETWORKS, Network
+from l2d.core.payload import Payload
+from l2d.core.pegs import CoinKind, FedCoin, Federation
+from l2d.core.pegs_tx import MAX_PLAN_INPUTS, AnchorMode, AnchorPlan
+from l2d.core.plans import (ZERO, AnchorPlanRecord, PlanUnderfunded, anchor_output, anchor_plan_key, anchor_policy,
+                            anchor_tip, plan_entry, plan_tx, plan_versions, price_anchor, signatures_by_key)
+from l2d.core.state import Namespace, StateView
 
 from .btc_tx import P2TR_DUST_SAT, Prevout, SignedTx, TxOut, build_signed, estimate_vsize, key_path_script
 
@@ -132,10 +139,15 @@ class AnchorService:
     def __init__(self, *, config: AnchoringConfig, network: Network, federation_secret: bytes,
                  federation_key: bytes, rpc: Optional[BitcoinRPC], store: Any,
                  tip: Callable[[], BlockHeader], header_at: Callable[[int], Optional[BlockHeader]],
-                 submit_update: Callable[[AnchorUpdate], Any],
+                 submit_update: Callable[[Payload], Any],
                  snapshot_bytes: Callable[[int], Optional[bytes]],
-                 zmq_hashblock: str = "", zmq_sequence: str = "", bitcoin_chain: str = "regtest") -> None:
+                 zmq_hashblock: str = "", zmq_sequence: str = "", bitcoin_chain: str = "regtest",
+                 federation: Optional[Federation] = None) -> None:
         self.config = config
+        # anchors as plans of the federation (anchoring.signer = "federation"): proposed here, signed by m members'
+        # bridges, followed here; None: this member signs alone with the anchor key
+        self.fed = federation if config.signer == "federation" else None
+        self._proposed: dict[int, int] = {}  # anchored height -> my L2 tip when I last proposed its plan
         self.network = network
         self._secret = federation_secret
         self.federation_key = federation_key
@@ -286,7 +298,10 @@ class AnchorService:
             await self._follow_chain()
             await self._advance_confirmations()
             await self._write_l2_updates()
-            await self._handle_in_flight()
+            if self.fed is not None:
+                await self._plans_in_flight()
+            else:
+                await self._handle_in_flight()
             await self._start_new()
             await self._write_l2_updates()
 
@@ -295,6 +310,8 @@ class AnchorService:
         h = self._tip().height
         e = h - h % self.config.every_blocks
         last = max(self.anchors) if self.anchors else 0
+        if self.fed is not None:
+            last = max(last, anchor_tip(self.store.get_state).l2_height)
         return e if e > last else None
 
     def _new_anchor(self, height: int) -> Optional[Anchor]:
@@ -305,14 +322,20 @@ class AnchorService:
         sent = [a for a in self.anchors.values() if a.txid is not None or self.rpc is None]
         prev = max(sent, key=lambda a: a.l2_height) if sent else None
         prev_link = NO_PREVIOUS if prev is None else _record(prev.record).link
+        if self.fed is not None:  # the federation's anchor chain is in the state
+            prev_link = anchor_tip(self.store.get_state).link
         record = AnchorRecord(self.network.id, height, header.state_root, prev_link)
-        if self.config.mode == "taproot":
-            spk = TaprootAnchor(record, self.federation_key).script_pubkey
-        else:
-            spk = op_return_script(record)
+        spk = self._anchor_script(record)
         return Anchor(l2_height=height, state_root=header.state_root.hex(), record=record.encode().hex(),
                       mode=self.config.mode, status=AnchorState.BUILT, script_pubkey=spk.hex(),
                       committed_at=self._committed_at.pop(height, None))
+
+    def _anchor_script(self, record: AnchorRecord) -> bytes:
+        if self.config.mode != "taproot":
+            return op_return_script(record)
+        if self.fed is not None:
+            return anchor_output(self.fed, record.link).script_pubkey
+        return TaprootAnchor(record, self.federation_key).script_pubkey
 
     async def _build_offline(self) -> None:
         e = self._eligible()
@@ -512,7 +535,120 @@ class AnchorService:
         if a is None:
             return
         await self._save(a)
-        await self._fund_and_send(a)
+        if self.fed is not None:
+            await self._propose(a)
+        else:
+            await self._fund_and_send(a)
+
+    # -- anchors as plans of the federation (anchoring.signer = "federation") ------------------------------------
+    async def _propose(self, a: Anchor) -> None:
+        """Post the AnchorPlan of `a`: the previous anchor output (if any) and the largest free funding coins that
+        pay the fee at my rate. The members' bridges sign it; at most once per 5 L2 blocks."""
+        fed, rpc = self.fed, self.rpc
+        if fed is None or rpc is None:
+            return
+        l2_tip = self._tip().height
+        if l2_tip < self._proposed.get(a.l2_height, -10) + 5:
+            return
+        tip = anchor_tip(self.store.get_state)
+        if tip.open != ZERO or a.l2_height <= tip.l2_height:
+            return  # one anchor plan at a time; _plans_in_flight follows the one in flight
+        record = _record(a.record)
+        if record.prev_link != tip.link:  # built before the previous anchor completed: chain it to that one
+            record = AnchorRecord(self.network.id, a.l2_height, record.state_root, tip.link)
+            a = replace(a, record=record.encode().hex(), script_pubkey=self._anchor_script(record).hex())
+            await self._save(a)
+        with self.store.reader() as r:
+            coins = [FedCoin.decode(bytes(v)) for _, v in r.iter_prefix(bytes((Namespace.FED_COIN,)))]
+        take = [c for c in coins if (c.btc_txid, c.vout) == (tip.coin_txid, tip.coin_vout)]
+        funding = sorted((c for c in coins if c.kind == CoinKind.FUNDING and c.spent_by == ZERO),
+                         key=lambda c: (-c.amount_sat, c.btc_txid, c.vout))
+        mode = AnchorMode.TAPROOT if a.mode == "taproot" else AnchorMode.OP_RETURN
+        rec = AnchorPlanRecord(mode, record.state_root, record.prev_link)
+        rate = await self._fee_rate()
+        while True:
+            try:
+                if not take:
+                    raise PlanUnderfunded("no coin")
+                price_anchor(fed, self.network.id, take, rec, a.l2_height, rate)
+                break
+            except PlanUnderfunded as e:
+                if not funding or len(take) == MAX_PLAN_INPUTS:
+                    self._warn_once(f"nofunds:{a.l2_height}", "anchoring: the federation's funding coins do not pay "
+                                    "the anchor of L2 height %d (%s); fund them (l2-cli federation-fund)",
+                                    a.l2_height, e)
+                    return
+                take.append(funding.pop(0))
+        plan = AnchorPlan(a.l2_height, mode, record.state_root, record.prev_link, rate, ZERO,
+                          tuple((c.btc_txid, c.vout) for c in take))
+        self._proposed[a.l2_height] = l2_tip
+        try:
+            self._submit_update(plan)
+            log.info("anchor plan proposed", extra={"l2_height": a.l2_height, "inputs": len(take), "rate": rate})
+        except DuplicateDuty:
+            pass  # another member posted the same plan
+        except Rejected as e:  # e.g. another member's plan is in flight: followed by _plans_in_flight
+            log.info("anchor plan for L2 height %d not accepted: %s", a.l2_height, e)
+
+    async def _plans_in_flight(self) -> None:
+        """Follow the state's anchor plan in flight (mine or another member's): once a version with m signatures
+        is in my bitcoind (the bridges broadcast it), the anchor is SUBMITTED with that txid, the other signed
+        versions as replaced txids for the block scan; a waiting anchor without a plan is proposed."""
+        fed, rpc = self.fed, self.rpc
+        if fed is None or rpc is None:
+            return
+        get = self.store.get_state
+        tip = anchor_tip(get)
+        if tip.open == ZERO:
+            waiting = self._waiting_for_funds()
+            if waiting is not None and waiting.l2_height > tip.l2_height:
+                await self._propose(waiting)
+            return
+        entry = plan_entry(get, tip.open)
+        if entry is None:
+            return
+        h = entry.anchor_height
+        a = self.anchors.get(h)
+        if a is None:  # another member's plan: adopt its record
+            rec = AnchorPlanRecord.decode(get(anchor_plan_key(h)) or b"")
+            record = rec.record(self.network.id, h)
+            a = Anchor(l2_height=h, state_root=rec.state_root.hex(), record=record.encode().hex(),
+                       mode="taproot" if rec.mode == AnchorMode.TAPROOT else "op_return", status=AnchorState.BUILT,
+                       script_pubkey=self._anchor_script(record).hex(), committed_at=self._committed_at.pop(h, None))
+            await self._save(a)
+        if a.btc_block_hash is not None:
+            return  # mined: the chain follower takes it on
+        with self.store.reader() as r:
+            view = StateView(r.get_state)
+            signed = []
+            for v, e in plan_versions(r.get_state, tip.open):
+                sigs = signatures_by_key(r.get_state, fed, v)
+                if len(sigs) >= fed.threshold:
+                    signed.append((v, signed_transaction(fed, self.network, plan_tx(view, fed, self.network.id, e),
+                                                         sigs)))
+        mine = None
+        for v, raw in signed:  # newest first: the version my bitcoind has (mempool or chain)
+            try:
+                await rpc.call("getrawtransaction", [hash_to_hex(v), False])
+                mine = (v, raw)
+                break
+            except RPCInvalidAddressOrKey:
+                continue
+        if mine is None:
+            return
+        txid = hash_to_hex(mine[0])
+        others = [hash_to_hex(v) for v, _ in signed if v != mine[0]]
+        if a.txid == txid and a.replaced_txids == others:
+            return
+        now = time.time()
+        latency = a.accept_latency_ms
+        if latency is None and a.committed_at is not None:
+            latency = round((now - a.committed_at) * 1000, 3)
+        await self._save(replace(a, status=AnchorState.SUBMITTED, txid=txid, raw_tx=(mine[1] or b"").hex(),
+                                 anchor_vout=0, replaced_txids=others, accept_latency_ms=latency,
+                                 submit_btc_height=a.submit_btc_height or await rpc.getblockcount(),
+                                 submitted_at=a.submitted_at or now))
+        log.info("anchor plan broadcast", extra={"l2_height": h, "txid": txid})
 
     async def _fee_rate(self) -> int:
         """sat/vB: estimatesmartfee, else the fallback; capped at fee_max."""
@@ -680,13 +816,15 @@ class AnchorService:
                          else ProofEvidence(bytes.fromhex(a.state_root)))
         record = _record(a.record)
         taproot = a.mode == "taproot"
+        kofn = taproot and self.fed is not None  # the federation's k-of-n output, not the anchor key's
         header, raw_commit = self._header_at(l2_height), self.store.get_commit(l2_height)
         # version 2: the anchored block's commit (anchors commit final heights: it is stored; block 0 has none)
         commit = (CommitEvidence(header, Commit.decode(raw_commit))
                   if l2_height > 0 and header is not None and raw_commit else None)
-        bundle = AuditBundle(self.network.id, record, AnchorKind.TAPROOT if taproot else AnchorKind.OP_RETURN,
-                             self.federation_key if taproot else b"", bytes.fromhex(a.raw_tx), merkleblock, start,
-                             b"".join(headers), evidence, commit)
+        kind = AnchorKind.TAPROOT_KOFN if kofn else AnchorKind.TAPROOT if taproot else AnchorKind.OP_RETURN
+        bundle = AuditBundle(self.network.id, record, kind, self.federation_key if kind == AnchorKind.TAPROOT else b"",
+                             bytes.fromhex(a.raw_tx), merkleblock, start, b"".join(headers), evidence, commit,
+                             kofn=anchor_policy(self.fed) if kofn and self.fed is not None else None)
         return bundle.encode()
 
 

@@ -214,6 +214,9 @@ class AnchoringConfig:
     fee_max_sat_per_vb: int  # cap on any fee rate, RBF bumps included
     rbf_after_blocks: int  # fee-bump a SUBMITTED anchor after this many Bitcoin blocks without confirmation
     poll_interval_ms: int  # RPC poll fallback when ZMQ is silent or not configured
+    # "key": this member signs anchors alone with federation_key_file; "federation": anchors are plans in the L2
+    # state, paid by the federation's funding coins and signed by m members' bridges (needs [bridge] enabled)
+    signer: str = "key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,7 +595,7 @@ def _get_bool(s: _Section, key: str, default: bool) -> bool:
 def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringConfig:
     s = _Section("anchoring", t, ("enabled", "mode", "every_blocks", "federation_key_file", "confirmations",
                                   "final_confirmations", "fee_fallback_sat_per_vb", "fee_max_sat_per_vb",
-                                  "rbf_after_blocks", "poll_interval_ms"))
+                                  "rbf_after_blocks", "poll_interval_ms", "signer"))
     enabled = _get_bool(s, "enabled", False)
     # The anchor key is a Bitcoin key only (the L2's system transactions are signed by the federation members'
     # keys): it is defaulted only where it may be created locally (local/regtest) and only when anchoring is on.
@@ -624,6 +627,7 @@ def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringC
         fee_max_sat_per_vb=fee_max,
         rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
         poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=5000),
+        signer=s.get_choice("signer", ("key", "federation"), default="key"),
     )
 
 
@@ -634,6 +638,9 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
                                "header_start_height", "header_start_hash", "emergency_keys",
                                "emergency_threshold", "emergency_delay_blocks", "roll_margin_blocks"))
     enabled = _get_bool(s, "enabled", False)
+    if anchoring.enabled and anchoring.signer == "federation" and not enabled:
+        raise ConfigError('config: anchoring.signer = "federation" needs bridge.enabled: the members\' bridges sign '
+                          'the anchor plans')
     start_hash = s.get_str("header_start_hash", default="")
     if start_hash and not _HEX64.fullmatch(start_hash):
         raise s.fail("header_start_hash", start_hash, 'must be "" or a 64-hex block hash (as bitcoin-cli shows it)')

@@ -721,7 +721,7 @@ def apply_pegout_update(view: StateView, tx: Transaction, rules: Rules) -> None:
         view.put(pegout_key(p.pegout_id), replace(entry, status=p.status, btc_txid=p.btc_txid).encode())
 
 
-def _versions(get: Callable[[bytes], Optional[bytes]], plan_id: bytes) -> list[tuple[bytes, PlanEntry]]:
+def plan_versions(get: Callable[[bytes], Optional[bytes]], plan_id: bytes) -> list[tuple[bytes, PlanEntry]]:
     """Every version of the payout or roll plan_id belongs to, newest first."""
     newest = plan_id
     while (later := cast(PlanEntry, plan_entry(get, newest)).replaced_by) != ZERO:
@@ -744,7 +744,7 @@ def apply_plan_completed(view: StateView, tx: Transaction, rules: Rules) -> None
         raise UnknownPlan(f"plan {p.plan_id[::-1].hex()} pays peg-outs: it completes through PegoutUpdate COMPLETED")
     if is_anchor_plan(plan):
         raise UnknownPlan(f"plan {p.plan_id[::-1].hex()} is an anchor: it completes through AnchorUpdate FINAL")
-    done = [v for v, e in _versions(view.get, p.plan_id) if e.status == PlanStatus.COMPLETED]
+    done = [v for v, e in plan_versions(view.get, p.plan_id) if e.status == PlanStatus.COMPLETED]
     if done == [p.plan_id]:
         raise DuplicateDuty(f"plan {p.plan_id[::-1].hex()} is COMPLETED already")
     if done:
@@ -775,7 +775,8 @@ def apply_anchor_plan(view: StateView, tx: Transaction, rules: Rules) -> None:
         if old.inputs != p.inputs:
             raise BadReplacement("a new version of an anchor plan spends exactly the coins of the one it replaces")
         same = p.l2_height == old.anchor_height and stored == rec.encode()
-        if any(len(signatures_by_key(view.get, fed, v)) >= fed.threshold for v, _ in _versions(view.get, p.replaces)):
+        chain = plan_versions(view.get, p.replaces)
+        if any(len(signatures_by_key(view.get, fed, v)) >= fed.threshold for v, _ in chain):
             if not same or p.feerate_sat_vb <= old.feerate_sat_vb:
                 raise BadReplacement(f"a version of this anchor has {fed.threshold} signatures and may be mined: it is "
                                      f"replaced only by fee (the same record, a rate above {old.feerate_sat_vb})")
@@ -833,7 +834,7 @@ def apply_anchor_update(view: StateView, tx: Transaction, rules: Rules) -> None:
         if rec.state_root != p.state_root:
             raise BadAnchorLink(f"the anchor plan of L2 height {p.l2_height} commits root {rec.state_root.hex()}, "
                                 f"not {p.state_root.hex()}")
-        done = [v for v, e in _versions(view.get, p.btc_txid) if e.status == PlanStatus.COMPLETED]
+        done = [v for v, e in plan_versions(view.get, p.btc_txid) if e.status == PlanStatus.COMPLETED]
         if done and done != [p.btc_txid]:
             raise PlanClosed(f"version {done[0][::-1].hex()} of this anchor is COMPLETED; {p.btc_txid[::-1].hex()} "
                              f"cannot be")

@@ -50,7 +50,8 @@ SIGNERS = [secret(f"signer {i}") for i in range(3)]
 
 
 def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True,
-                pegout_confirmations: int = 1, emergency_delay: int = 1000, roll_margin: int = 144) -> Config:
+                pegout_confirmations: int = 1, emergency_delay: int = 1000, roll_margin: int = 144,
+                anchor_signer: str = "key") -> Config:
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
     for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
@@ -65,7 +66,8 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchor
         "api": {"host": "127.0.0.1", "port": 0, "admin_token": "bridge-test-admin-token-01"},
         "snapshots": {"every_blocks": 0},
         "anchoring": {"enabled": anchoring, "mode": "taproot", "every_blocks": 2, "federation_key_file": files[0],
-                      "confirmations": 1, "final_confirmations": 2, "rbf_after_blocks": 50, "poll_interval_ms": 100},
+                      "confirmations": 1, "final_confirmations": 2, "rbf_after_blocks": 50, "poll_interval_ms": 100,
+                      "signer": anchor_signer},
         "bitcoind": {"rpc_url": btc.rpc_url, "cookie_file": str(btc.cookie_path),
                      "zmq_hashblock": btc.zmq_endpoint, "zmq_sequence": btc.zmq_endpoint},
         "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files[1:],
@@ -457,14 +459,15 @@ async def test_the_circuit_breaker_signs_nothing_while_a_coin_of_the_books_is_of
     assert f["invariant_ok"] is True and f["holdings_sat"] == await holdings_on_chain(rpc, d) == 70_000_000
 
 
-async def rolling_daemon(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, emergency_delay: int = 30
+async def rolling_daemon(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, emergency_delay: int = 30,
+                         anchor_signer: str = ""
                          ) -> tuple[Daemon, BitcoinRPC, str, int, tuple[bytes, int], tuple[bytes, int]]:
     """A daemon whose federation has a 30-block (emergency_delay) emergency delay and rolls 10 blocks before it,
     anchoring off; Alice's claimed 1 BTC deposit and a recorded 0.01 BTC funding coin, mined in one block at
     `height`. Returns (daemon, wallet, mining address, height, deposit outpoint, funding outpoint), txids internal."""
     w, mine_addr = await fund_wallet(rpc, "miner")
-    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=False, emergency_delay=emergency_delay,
-                                roll_margin=10))
+    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=bool(anchor_signer),
+                                emergency_delay=emergency_delay, roll_margin=10, anchor_signer=anchor_signer or "key"))
     txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
     fund_addr = (await d.get("/api/bridge/federation"))["funding_address"]
     fund_txid = await w.sendtoaddress(fund_addr, 1_000_000)
@@ -624,6 +627,48 @@ async def test_the_members_keys_sign_an_anchor_plan_whose_root_is_their_blocks_a
         assert anchor_coin["kind"] == "ANCHOR" and anchor_coin["amount_sat"] == 1_000_000 - plan["fee_sat"]
         out = await rpc.call("gettxout", [plan["id"], 0])
         assert out["scriptPubKey"]["address"] == anchor_coin["address"]
+        f = await d.get("/api/bridge/federation")
+        assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 and f["invariant_ok"] is True
+    finally:
+        await stop(d)
+
+
+async def test_anchors_signed_by_the_federation_chain_through_their_k_of_n_outputs(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:
+    """anchoring.signer = "federation": the anchor service proposes each anchor as a plan paid by the funding coin,
+    the daemon's two keys of the 2-of-3 sign it (no anchor key), it is mined, CONFIRMED and FINAL, and the FINAL update
+    completes the plan; the next anchor spends the previous one's k-of-n output; the audit bundle (k-of-n kind)
+    verifies with l2-verify."""
+    d, w, mine_addr, height, dep, fund = await rolling_daemon(tmp_path, bitcoind, rpc, emergency_delay=1000,
+                                                              anchor_signer="federation")
+    try:
+        svc = d.node.anchor_service
+        assert svc is not None and svc.fed is not None
+
+        async def two_final() -> Any:
+            await rpc.generatetoaddress(1, mine_addr)
+            await asyncio.sleep(0.3)
+            done = [p for p in (await d.get("/api/bridge/plans"))["plans"]
+                    if p["kind"] == "anchor" and p["status"] == "COMPLETED"]
+            return done if len(done) >= 2 else None
+        done = sorted(await until(two_final, "two anchor plans completed", timeout=120), key=lambda p: p["l2_height"])
+        first, second = done[0], done[1]
+        assert len(first["signed_by"]) == 2 and first["inputs"][0]["kind"] == "FUNDING"
+        assert {"txid": first["id"], "vout": 0} in [{"txid": i["txid"], "vout": i["vout"]} for i in second["inputs"]]
+        anchors = {a["l2_height"]: a for a in (await d.get("/api/anchors"))["anchors"]}
+        assert anchors[first["anchor_height"]]["txid"] == first["id"]
+        assert anchors[first["anchor_height"]]["status"] == "FINAL"
+        tx = await rpc.call("getrawtransaction", [second["id"], True])
+        witness = tx["vin"][0]["txinwitness"]  # the previous anchor output, spent by the 2-of-3 leaf
+        assert sorted(len(x) // 2 for x in witness[:3]) == [0, 65, 65]
+        bundle = tmp_path / "audit.bin"
+        resp = await d.client.get(f"/api/anchors/{first['anchor_height']}/audit")
+        assert resp.status == 200, await resp.text()
+        bundle.write_bytes(await resp.read())
+        out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "audit", str(bundle), "--min-conf", "1",
+                              "--json"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+                             timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
         f = await d.get("/api/bridge/federation")
         assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 and f["invariant_ok"] is True
     finally:

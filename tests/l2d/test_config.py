@@ -439,6 +439,14 @@ def test_anchoring_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -
     assert reject(lambda d: d.update(anchoring=table), tmp_path) == msg
 
 
+def test_anchors_signed_by_the_federation_need_the_bridge(tmp_path: Path) -> None:
+    assert reject(lambda d: d.update(anchoring={"enabled": True, "signer": "federation"}), tmp_path) == (
+        'config: anchoring.signer = "federation" needs bridge.enabled: the members\' bridges sign the anchor plans')
+    assert reject(lambda d: d.update(anchoring={"enabled": True, "signer": "both"}), tmp_path).startswith(
+        "config: anchoring.signer = ")
+    assert build(lambda d: d.update(anchoring={"enabled": True}), tmp_path).anchoring.signer == "key"
+
+
 G = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # secp256k1's generator
 
 
