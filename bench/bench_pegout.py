@@ -6,7 +6,8 @@ Two federations, each written by `l2-cli federation-init --network regtest` (gen
 1000, federation.round_ms 2000) with the Bitcoin sections of regtest/members.py (an anchor every 2 L2 blocks,
 CONFIRMED at 1 Bitcoin confirmation, FINAL at 3, peg-outs COMPLETED at 1, bridge and anchoring polling bitcoind
 every 100 ms), each against its own throwaway bitcoind (regtest/harness.py):
-- **4 members**, 3-of-4 peg-out keys, one key per member process (member 1 also holds the anchor key);
+- **4 members**, 3-of-4 federation keys, one key per member process; anchors are plans signed by 3 of the keys
+  (anchoring.signer = "federation"), paid by a funding coin an operator records with federation-fund;
 - **the baseline**: 1 member holding 3 of the 4 keys itself (threshold 3): the same plans, signatures and
   transactions, with no other member process to agree with.
 Alice pegs in 1 BTC (a proven deposit, claimed), then, while bitcoind mines one block every second (a fixed
@@ -21,7 +22,9 @@ flight and its plan finds the previous payout's change). For each peg-out:
 - **mempool**: when the payout (the plan's txid) entered bitcoind's mempool, from bitcoind's ZMQ `sequence`
   notifications received in a thread of this process (same machine, same wall clock as the members' logs);
 - **burn**: this process's wall clock just before it POSTs the burn.
-Reported: payable -> mempool (median, p90, max) for both federations and their ratio 4/1; burn -> mempool for both
+Reported: payable -> mempool (median, p90, max) for both federations and their ratio 4/1; the same for every
+anchor, commit -> mempool (member 1's commit of the anchored L2 block to the anchor plan's signed transaction in
+its bitcoind, its anchor service's `accept_latency_ms`), and their ratio 4/1; burn -> mempool for both
 (the issue's figure is the 4-member one); and the median of each step (burn -> payable, payable -> plan,
 plan -> signed, signed -> mempool).
 
@@ -47,6 +50,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -76,11 +80,12 @@ from l2d.core.coin_tx import Burn  # noqa: E402
 from l2d.core.params import REGTEST  # noqa: E402
 from l2d.core.pegs_tx import PegoutPlan, PlanSignature  # noqa: E402
 from l2d.core.tx import Transaction, sign  # noqa: E402
-from regtest.harness import BitcoindNode, find_bitcoind  # noqa: E402
-from regtest.members import fund_anchor_key, poll, proven_deposit, secret, write_configs  # noqa: E402
+from regtest.harness import BitcoindNode, find_bitcoind, fund_wallet  # noqa: E402
+from regtest.members import poll, proven_deposit, secret, write_configs  # noqa: E402
 
 CADENCE_S = 1.0  # one Bitcoin block every second while peg-outs are in flight
 DEPOSIT_SAT = 100_000_000
+FUNDING_SAT = 5_000_000  # the federation's funding coin: it pays every anchor's fee
 BURN_SAT = 1_000_000
 PEGOUT_TIMEOUT_S = 180.0
 ALICE = secret("bench pegout alice")
@@ -264,9 +269,10 @@ async def run_federation(root: Path, binary: str, n: int, held: Sequence[Sequenc
     watch: Optional[MempoolWatch] = None
     rpc = btc.rpc()
     try:
-        w, mine_addr = await fund_anchor_key(rpc)
+        w, mine_addr = await fund_wallet(rpc, "miner")
         fed.init()
-        write_configs([fed.root / f"member-{k + 1}" for k in range(n)], [btc] * n, held, THRESHOLD)
+        write_configs([fed.root / f"member-{k + 1}" for k in range(n)], [btc] * n, held, THRESHOLD,
+                      anchor_signer="federation")
         r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-genesis", "--dir", str(fed.root)],
                            capture_output=True, text=True, cwd=REPO, timeout=120)
         if r.returncode:
@@ -284,6 +290,19 @@ async def run_federation(root: Path, binary: str, n: int, held: Sequence[Sequenc
         _submit(m1, claim)
         await poll(lambda: _get(m1, f"/api/l2/accounts/{ALICE_ID.hex()}")["balance_sat"] > 0, 60,
                    "Alice's claim committed")
+        # the anchors are plans paid by the federation's funding coins: an operator funds it (federation-fund)
+        fund_addr = _get(m1, "/api/bridge/federation")["funding_address"]
+        _, funding = await proven_deposit(rpc, w, mine_addr, relayed, fund_addr, FUNDING_SAT)
+        token = re.search(r'admin_token = "([0-9a-f]+)"', fed.config(0).read_text())
+        assert token is not None
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{m1.tail.port}/api/admin/bridge/fund", method="POST",
+            data=json.dumps({"btc_height": funding.btc_height, "vout": funding.vout, "tx": funding.btc_tx.hex(),
+                             "proof": funding.merkle_block.hex()}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token.group(1)}"})
+        with urllib.request.urlopen(req, timeout=60):
+            pass
+        await poll(lambda: _get(m1, "/api/bridge/federation")["funded_sat"] > 0, 60, "the federation funded")
 
         watch = MempoolWatch(btc.zmq_endpoint)
         miner = Miner(btc, mine_addr, CADENCE_S)
@@ -306,6 +325,10 @@ async def run_federation(root: Path, binary: str, n: int, held: Sequence[Sequenc
         miner.close()
         samples = _samples(fed, burns, watch)
         blocks_mined = miner.blocks
+        # each anchor as member 1 saw it: its own commit of the anchored block -> the plan's signed transaction in
+        # bitcoind (proposed, signed by m keys, broadcast by the members' bridges)
+        anchored = [a["accept_latency_ms"] / 1000 for a in _get(m1, "/api/anchors")["anchors"]
+                    if a["accept_latency_ms"] is not None]
     finally:
         if miner is not None:
             miner.close()
@@ -318,6 +341,8 @@ async def run_federation(root: Path, binary: str, n: int, held: Sequence[Sequenc
     res: dict[str, Any] = {"members": n, "keys_held_per_member": [len(h) for h in held], "threshold": THRESHOLD,
                            "pegouts": len(samples), "btc_blocks_mined": blocks_mined}
     res.update(_figures("payable_to_mempool", [s.mempool - s.payable for s in samples]))
+    res["anchors"] = len(anchored)
+    res.update(_figures("anchor_commit_to_mempool", anchored))
     res.update(_figures("burn_to_mempool", [s.mempool - s.burn for s in samples]))
     for name, a, b in (("burn_to_payable", "burn", "payable"), ("payable_to_plan", "payable", "plan"),
                        ("plan_to_signed", "plan", "signed"), ("signed_to_mempool", "signed", "mempool")):
@@ -340,6 +365,8 @@ def run(workdir: Path, binary: str, n_pegouts: int, quick: bool) -> dict[str, An
               file=sys.stderr, flush=True)
     out["payable_to_mempool_median_4_vs_1"] = round(out["members_4"]["payable_to_mempool_s_median"]
                                                     / out["members_1"]["payable_to_mempool_s_median"], 2)
+    out["anchor_commit_to_mempool_median_4_vs_1"] = round(out["members_4"]["anchor_commit_to_mempool_s_median"]
+                                                          / out["members_1"]["anchor_commit_to_mempool_s_median"], 2)
     out["total_s"] = round(time.time() - t0, 1)
     return out
 

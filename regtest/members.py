@@ -53,17 +53,22 @@ def signer_pubkey(i: int) -> str:
 
 
 def write_configs(dirs: Sequence[Path], btc: Sequence[BitcoindNode], held: Sequence[Sequence[int]],
-                  threshold: int) -> None:
+                  threshold: int, anchor_signer: str = "key") -> None:
     """Member k (its directory dirs[k], its bitcoind btc[k]) holds the peg-out keys SIGNERS[i] for i in held[k]
     (files signer-I.key) and knows the others of the federation SIGNERS[0..max] by their public keys; threshold of
-    them sign a payout. Member 1 (k = 0) also holds the anchor key and anchors."""
+    them sign a payout. With anchor_signer "key", member 1 (k = 0) also holds the anchor key and anchors; with
+    "federation", every member runs the anchor service on anchor plans, which threshold of the keys sign (the
+    federation must then be funded: federation-fund)."""
     keys = sorted({i for h in held for i in h})
     if keys != list(range(len(keys))) or len(dirs) != len(btc) or len(dirs) != len(held):
         raise ValueError(f"held {held}: every key 0..n-1 held by some member, one entry per member and bitcoind")
     for k, d in enumerate(dirs):
         for i in held[k]:
             (d / f"signer-{i}.key").write_text(SIGNERS[i].hex())
-        if k == 0:
+        if anchor_signer == "federation":
+            anchoring = (f'enabled = true\nmode = "taproot"\nevery_blocks = {ANCHOR_EVERY_BLOCKS}\n'
+                         f'signer = "federation"\npoll_interval_ms = {POLL_INTERVAL_MS}\n')
+        elif k == 0:
             (d / "anchor.key").write_text(ANCHOR_KEY.hex())
             anchoring = (f'enabled = true\nmode = "taproot"\nevery_blocks = {ANCHOR_EVERY_BLOCKS}\n'
                          f'federation_key_file = "anchor.key"\nrbf_after_blocks = 50\n'

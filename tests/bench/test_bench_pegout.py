@@ -37,7 +37,9 @@ def test_quick_run_pays_every_pegout_and_reports_every_figure(tmp_path: Path) ->
         for s in f["samples"]:  # seconds after the burn: payable, then the plan's block, its signatures, mempool
             assert 0 < s["payable"] < s["plan"] < s["signed"] < s["mempool"], s
         assert f["payable_to_mempool_s_median"] < f["burn_to_mempool_s_median"]
-    assert res["payable_to_mempool_median_4_vs_1"] > 0
+        # the anchors covering the burns were plans signed by 3 keys and reached bitcoind's mempool
+        assert f["anchors"] >= 1 and 0 < f["anchor_commit_to_mempool_s_median"] <= f["anchor_commit_to_mempool_s_max"]
+    assert res["payable_to_mempool_median_4_vs_1"] > 0 and res["anchor_commit_to_mempool_median_4_vs_1"] > 0
     for k in range(4):  # every member was its own process, with its own log
         assert (tmp_path / "members-4" / "fed" / f"member-{k + 1}-1.log").exists()
 

@@ -9,6 +9,7 @@ anchor covering the burn in its bitcoind and refuses to sign the plan: members 1
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from l2d.core.commit import Commit
 from l2d.core.params import REGTEST
 from l2d.core.pegs_tx import BtcHeaders, PeginClaim
 from l2d.core.tx import sign
-from regtest.harness import BitcoindNode, find_bitcoind, scan_sat
+from regtest.harness import BitcoindNode, find_bitcoind, fund_wallet, scan_sat
 from regtest.members import fund_anchor_key, proven_deposit, secret, signer_pubkey, write_configs
 from tests.conftest import REPO, L2dProcess
 from tests.l2d.federation_procs import Federation
@@ -372,3 +373,62 @@ async def test_three_members_cannot_move_a_coin_that_needs_four_keys(
         fed.kill_all()
     lowest, _ = fed.check()
     assert lowest >= 1
+
+
+async def test_anchors_are_signed_by_three_of_four_member_processes_and_audited(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
+    """anchoring.signer = "federation" on 4 member processes, 3 of 4 keys, one per process; member 4 is SIGKILLed
+    once the federation is funded (federation-fund). Every K L2 blocks an anchor plan is proposed, signed by the 3
+    live members in their own processes, mined, CONFIRMED and FINAL; each anchor spends the previous one's k-of-n
+    output; the audit bundle of one verifies with l2-verify audit down to the commit of the members."""
+    w, mine_addr = await fund_wallet(rpc, "miner")
+    fed = Federation(tmp_path / "fed", 4, network=REGTEST, federation={"round_ms": 1000})
+    write_configs([fed.dir(k) for k in range(4)], [bitcoind] * 4, ONE_KEY_EACH, 3, anchor_signer="federation")
+    fed.rewrite_genesis()
+    try:
+        for k in range(4):
+            fed.start(k)
+        procs = fed.procs
+
+        async def relayed() -> bool:
+            tip = await rpc.getblockcount()
+            r = relayed_tip(procs[0])
+            return r is not None and r["height"] == tip and r["hash"] == (await rpc.getblockhash(tip))[::-1].hex()
+        await poll(relayed, 120, "headers relayed")
+        fund_addr = procs[0].get("/api/bridge/federation")["funding_address"]
+        _, funding = await proven_deposit(rpc, w, mine_addr, relayed, fund_addr, 2_000_000)
+        out = subprocess.run([sys.executable, "-m", "l2d.cli", "--json", "--api", procs[1].url(""), "federation-fund",
+                              "--btc-height", str(funding.btc_height), "--vout", str(funding.vout), "--tx",
+                              funding.btc_tx.hex(), "--proof", funding.merkle_block.hex(), "--token", fed.token,
+                              "--wait", "60"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 0 and json.loads(out.stdout)["status"] == "committed", out.stdout + out.stderr
+        fed.kill(3)  # SIGKILL: the other three anchor without it
+
+        async def two_completed() -> Any:
+            done = [p for p in procs[0].get("/api/bridge/plans")["plans"]
+                    if p["kind"] == "anchor" and p["status"] == "COMPLETED"]
+            if len(done) >= 2:
+                return sorted(done, key=lambda p: p["anchor_height"])
+            await rpc.generatetoaddress(1, mine_addr)
+            await asyncio.sleep(0.5)
+            return None
+        done = await poll(two_completed, 240, "two anchors signed by the federation completed")
+        first, second = done[0], done[1]
+        member4 = signer_pubkey(3)
+        assert all(len(p["signed_by"]) >= 3 and member4 not in p["signed_by"] for p in (first, second))
+        assert (first["id"], 0) in [(i["txid"], i["vout"]) for i in second["inputs"]]
+        tx = await rpc.call("getrawtransaction", [second["id"], True])
+        witness = tx["vin"][[(i["txid"], i["vout"]) for i in second["inputs"]].index((first["id"], 0))]["txinwitness"]
+        assert sorted(len(x) // 2 for x in witness[:4]) == [0, 65, 65, 65]  # 3 of the 4 keys of the leaf
+        bundle = tmp_path / "audit.bin"
+        with urllib.request.urlopen(procs[0].url(f"/api/anchors/{first['anchor_height']}/audit"), timeout=60) as r:
+            bundle.write_bytes(r.read())
+        out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "audit", str(bundle), "--min-conf", "1",
+                              "--members", str(fed.root / "genesis.json")], capture_output=True, text=True, cwd=REPO,
+                             timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        for k in range(3):  # every live member's anchor service followed the plans
+            anchors = {a["l2_height"]: a for a in procs[k].get("/api/anchors")["anchors"]}
+            assert anchors[first["anchor_height"]]["txid"] == first["id"]
+    finally:
+        fed.kill_all()
