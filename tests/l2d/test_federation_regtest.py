@@ -40,6 +40,18 @@ def relayed_tip(p: L2dProcess) -> Any:
     return p.get("/api/bridge/federation")["btc_tip"]
 
 
+def audited(p: L2dProcess, height: int, fed: Federation, tmp_path: Path) -> None:
+    """The audit bundle of the anchor of `height`, fetched from p, passes `l2-verify audit` down to the members'
+    commit (the genesis file names them)."""
+    bundle = tmp_path / f"audit-{height}.bin"
+    with urllib.request.urlopen(p.url(f"/api/anchors/{height}/audit"), timeout=60) as r:
+        bundle.write_bytes(r.read())
+    out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "audit", str(bundle), "--min-conf", "1",
+                          "--members", str(fed.root / "genesis.json")], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 async def holdings_on_chain(rpc: BitcoinRPC, p: L2dProcess) -> int:
     """The federation's coins on bitcoind A (Alice's deposit script and the change script), by scantxoutset."""
     spks = [p.get(f"/api/bridge/pegin-address/{c}")["script_pubkey"] for c in (ALICE_ID.hex(), "00" * 32)]
@@ -151,13 +163,7 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
             return found
         anchors = await poll(anchored_final, 120, "an anchor FINAL in the L2 state")
         height = anchors[0]["l2_height"]
-        bundle = tmp_path / "audit.bin"
-        with urllib.request.urlopen(procs[0].url(f"/api/anchors/{height}/audit"), timeout=60) as r:
-            bundle.write_bytes(r.read())
-        out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "audit", str(bundle), "--min-conf", "1",
-                              "--members", str(fed.root / "genesis.json")], capture_output=True, text=True, cwd=REPO,
-                             timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
+        audited(procs[0], height, fed, tmp_path)
 
         # recovery from the bundle of a FINAL anchor past the payout (its snapshot evidence): the coins by the books
         # are what bitcoind holds, and Alice is owed what she has left
@@ -168,6 +174,7 @@ async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_me
                 await rpc.generatetoaddress(1, mine_addr)
             return found
         late = (await poll(final_past_payout, 120, "an anchor FINAL past the payout"))[0]
+        bundle = tmp_path / "audit.bin"
         with urllib.request.urlopen(procs[0].url(f"/api/anchors/{late}/audit"), timeout=60) as r:
             bundle.write_bytes(r.read())
         out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "recovery", str(bundle), "--json",
@@ -420,13 +427,7 @@ async def test_anchors_are_signed_by_three_of_four_member_processes_and_audited(
         tx = await rpc.call("getrawtransaction", [second["id"], True])
         witness = tx["vin"][[(i["txid"], i["vout"]) for i in second["inputs"]].index((first["id"], 0))]["txinwitness"]
         assert sorted(len(x) // 2 for x in witness[:4]) == [0, 65, 65, 65]  # 3 of the 4 keys of the leaf
-        bundle = tmp_path / "audit.bin"
-        with urllib.request.urlopen(procs[0].url(f"/api/anchors/{first['anchor_height']}/audit"), timeout=60) as r:
-            bundle.write_bytes(r.read())
-        out = subprocess.run([sys.executable, "-m", "verify_tool.cli", "audit", str(bundle), "--min-conf", "1",
-                              "--members", str(fed.root / "genesis.json")], capture_output=True, text=True, cwd=REPO,
-                             timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
+        audited(procs[0], first["anchor_height"], fed, tmp_path)
         for k in range(3):  # every live member's anchor service followed the plans
             anchors = {a["l2_height"]: a for a in procs[k].get("/api/anchors")["anchors"]}
             assert anchors[first["anchor_height"]]["txid"] == first["id"]
