@@ -629,7 +629,7 @@ class AnchorService:
         mine = None
         for v, raw in signed:  # newest first: the version my bitcoind has (mempool or chain)
             try:
-                await rpc.call("getrawtransaction", [hash_to_hex(v), False])
+                info = await rpc.call("getrawtransaction", [hash_to_hex(v), True])
                 mine = (v, raw)
                 break
             except RPCInvalidAddressOrKey:
@@ -640,14 +640,17 @@ class AnchorService:
         others = [hash_to_hex(v) for v, _ in signed if v != mine[0]]
         if a.txid == txid and a.replaced_txids == others:
             return
+        submit_height = a.submit_btc_height or await rpc.getblockcount()
+        if isinstance(info, dict) and info.get("blockhash"):  # mined before a step saw it: rescan from its block
+            submit_height = (await rpc.getblockheader(hash_from_hex(info["blockhash"]), True)).height - 1
+            self._reconciled = False
         now = time.time()
         latency = a.accept_latency_ms
         if latency is None and a.committed_at is not None:
             latency = round((now - a.committed_at) * 1000, 3)
         await self._save(replace(a, status=AnchorState.SUBMITTED, txid=txid, raw_tx=(mine[1] or b"").hex(),
                                  anchor_vout=0, replaced_txids=others, accept_latency_ms=latency,
-                                 submit_btc_height=a.submit_btc_height or await rpc.getblockcount(),
-                                 submitted_at=a.submitted_at or now))
+                                 submit_btc_height=submit_height, submitted_at=a.submitted_at or now))
         log.info("anchor plan broadcast", extra={"l2_height": h, "txid": txid})
 
     async def _fee_rate(self) -> int:
