@@ -505,14 +505,15 @@ class BridgeService:
         self._try_submit(("replace", plan_id), payload, f"replacement of {what} at {lo} sat/vB")
 
     # -- rolls ----------------------------------------------------------------------------------------------------
-    async def _due(self, c: FedCoin, *, fresh: bool = False) -> bool:
-        """The coin has roll_at confirmations in my bitcoind (False if it is not in its UTXO set). The height that
-        confirmed it is kept, so a step asks bitcoind only about coins it has not seen confirmed; fresh asks again
-        (a signer's check)."""
+    async def _due(self, c: FedCoin, *, fresh: bool = False, tip: Optional[int] = None) -> bool:
+        """The coin has roll_at confirmations in my bitcoind at `tip` (read here when not given) (False if it is not
+        in its UTXO set). The height that confirmed it is kept, so a step asks bitcoind only about coins it has not
+        seen confirmed; fresh asks again (a signer's check)."""
         if self.roll_at is None:
             return False
         outpoint = (c.btc_txid, c.vout)
-        tip = await self.rpc.getblockcount()
+        if tip is None:
+            tip = await self.rpc.getblockcount()
         if fresh or outpoint not in self._mined_at:
             out = await self.rpc.call("gettxout", [c.btc_txid[::-1].hex(), c.vout, False])
             confirmations = 0 if out is None else int(out.get("confirmations", 0))
@@ -527,7 +528,10 @@ class BridgeService:
         if self.roll_at is None:
             return
         free = [c for c in self.fed_coins() if c.spent_by == ZERO and c.kind in ROLLED]
-        due = [c for c in free if await self._due(c)]
+        if not free:
+            return
+        tip = await self.rpc.getblockcount()  # once per step: a coin seen confirmed costs no RPC at all
+        due = [c for c in free if await self._due(c, tip=tip)]
         if not due:
             return
         due.sort(key=lambda c: (self._mined_at[(c.btc_txid, c.vout)], c.btc_txid, c.vout))
