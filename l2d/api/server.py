@@ -6,8 +6,11 @@ descriptor limit asyncio logs every failed accept), it logs a malformed request'
 included) with a traceback at error level, and its `Server` header names the Python and aiohttp versions. This
 module adds the smallest pieces for those, around aiohttp's own `RequestHandler` and `AppRunner`:
 
-- `ApiServer` listens with a protocol factory that answers a connection beyond api.max_connections with a 503 and
-  closes it at once (the process keeps descriptors to spare, checked at start), and serves the others with
+- `ApiServer` accepts connections itself (asyncio's accept loop takes up to a backlog of sockets before any is
+  refused, so a flood could run out of descriptors between accept and close): a connection beyond
+  api.max_connections is answered with a 503 and closed inside the accept, so the daemon never holds more than
+  api.max_connections + 1 client sockets (the process keeps FD_RESERVE more descriptors, checked at start); the
+  others are handed to asyncio (`connect_accepted_socket`) and served by
 - `_GuardedHandler`, which closes a connection whose request header is not complete api.header_timeout_ms after
   its first byte (or after connecting), or whose body is not complete api.body_timeout_ms after its header, and
   answers a malformed request with a fixed 400, counted and logged at info (its error class, never its bytes), at
@@ -20,11 +23,13 @@ pyproject.toml, and tests/l2d/api/test_server.py fails if they change.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
+import socket
 import time
 import weakref
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Optional, Set
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
@@ -39,6 +44,8 @@ FD_RESERVE = 128  # descriptors kept for the rest of the daemon (LMDB, logs, bit
 LOG_LINES = 10  # malformed-request lines logged per interval; the rest are counted in the next line
 LOG_INTERVAL_S = 60.0
 BACKLOG = 128  # aiohttp's TCPSite default
+ACCEPT_RETRY_S = 1.0  # asyncio's pause after an accept failed for lack of descriptors
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _REFUSED = (f"HTTP/1.1 503 Service Unavailable\r\nServer: {SERVER}\r\nConnection: close\r\nRetry-After: 1\r\n"
             "Content-Length: 0\r\n\r\n").encode()
 
@@ -83,15 +90,6 @@ def ensure_descriptors(max_connections: int) -> None:
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER
-
-
-class _Refuse(asyncio.Protocol):
-    """A connection beyond api.max_connections: 503 and closed, without reading it."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tcp = cast(asyncio.Transport, transport)
-        tcp.write(_REFUSED)
-        tcp.close()
 
 
 class _GuardedHandler(web.RequestHandler):
@@ -179,35 +177,79 @@ class ApiServer:
         self._runner = web.AppRunner(app, handle_signals=False)
         self._open: weakref.WeakSet[_GuardedHandler] = weakref.WeakSet()
         self._log_budget = _LogBudget(LOG_LINES, LOG_INTERVAL_S)
-        self._listener: Optional[asyncio.Server] = None
+        self._sock: Optional[socket.socket] = None  # the listening socket, while serving
+        self._starting: Set[asyncio.Task[Any]] = set()  # connect_accepted_socket tasks, referenced until done
 
     async def start(self) -> int:
         ensure_descriptors(self._cfg.max_connections)
         await self._runner.setup()  # the app's startup; its web.Server is the manager of every handler
-        loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(self._protocol, self._cfg.host, self._cfg.port, backlog=BACKLOG)
-        return int(self._listener.sockets[0].getsockname()[1])
+        family = socket.AF_INET6 if ":" in self._cfg.host else socket.AF_INET  # config: an IP literal
+        sock = socket.create_server((self._cfg.host, self._cfg.port), family=family, backlog=BACKLOG)
+        sock.setblocking(False)
+        self._sock = sock
+        self._listen()
+        return int(sock.getsockname()[1])
 
     async def stop(self) -> None:
         """Stop listening, then let aiohttp close the open connections and clean up the app."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
         await self._runner.cleanup()
-        if listener is not None:
-            await listener.wait_closed()
 
-    def _protocol(self) -> asyncio.Protocol:
-        """The protocol factory: counted from creation, so a burst of accepts cannot overshoot the limit."""
-        if len(self._open) >= self._cfg.max_connections:
-            self.metrics.http_dropped.inc(reason="limit")
-            return _Refuse()
-        manager = self._runner.server
-        assert manager is not None  # set by start() before listening
-        handler = _GuardedHandler(self, manager, asyncio.get_running_loop(), access_log=None,
-                                  keepalive_timeout=self._cfg.keepalive_timeout_ms / 1000)
-        self._open.add(handler)
-        return handler
+    def _listen(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        """Accept what is waiting (at most BACKLOG at a time, as asyncio): refuse past the limit here and now."""
+        sock = self._sock
+        loop = asyncio.get_running_loop()
+        for _ in range(BACKLOG):
+            if sock is None:
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # The daemon's other descriptors outgrew FD_RESERVE: pause accepting, as asyncio does, but say so
+                # once per pause at warning rather than as an error with a traceback per connection.
+                log.warning("out of descriptors: not accepting API connections for a second",
+                            extra={"error": errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                                   "open": len(self._open)})
+                loop.remove_reader(sock.fileno())
+                loop.call_later(ACCEPT_RETRY_S, self._listen)
+                return
+            conn.setblocking(False)
+            if len(self._open) >= self._cfg.max_connections:
+                self.metrics.http_dropped.inc(reason="limit")
+                try:
+                    conn.send(_REFUSED)  # a fresh socket's send buffer is empty: this never blocks
+                except OSError:  # the client has gone already
+                    pass
+                conn.close()
+                continue
+            # Counted from here, in the accepting call, so a burst of accepts cannot overshoot the limit.
+            manager = self._runner.server
+            assert manager is not None  # set by start() before listening
+            handler = _GuardedHandler(self, manager, loop, access_log=None,
+                                      keepalive_timeout=self._cfg.keepalive_timeout_ms / 1000)
+            self._open.add(handler)
+            task = loop.create_task(self._serve(conn, handler))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _serve(self, conn: socket.socket, handler: _GuardedHandler) -> None:
+        """Hand an accepted socket to asyncio with its handler; forget the handler if the socket failed first."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: handler, sock=conn)
+        except OSError as exc:
+            self._open.discard(handler)
+            log.info("API connection failed on accept", extra={"error": type(exc).__name__})
 
     def connection_closed(self, handler: _GuardedHandler) -> None:
         self._open.discard(handler)
