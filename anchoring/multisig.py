@@ -2,9 +2,10 @@
 and the witness assembled from k of them.
 
 The outputs themselves (NUMS_KEY, KofN, commitment_leaf, FederationOutput) are pure and live in l2d.core.kofn (the
-verifier checks a k-of-n anchor with them). The anchor service does not use them yet: it still
-spends key-path outputs of one federation key (anchoring/btc_tx.py). Byte layouts and the auditor's check:
-docs/anchoring.md, "Federation outputs (k-of-n)".
+verifier checks a k-of-n anchor with them). This module is the reference the tests and tests/vectors check those
+outputs against (SIGHASH_DEFAULT, 64-byte signatures); the daemon signs and assembles its anchor transactions in
+bridge/federation.py (SIGHASH_ALL, as every plan input). Byte layouts and the auditor's check: docs/anchoring.md,
+"Federation outputs (k-of-n)".
 
 The script-path digest is bitcoin-utils' (through anchoring.btc_tx); keys and signatures are libsecp256k1
 (coincurve).

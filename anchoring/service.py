@@ -1,28 +1,25 @@
 """Anchor service: commits every K-th L2 block's state root to Bitcoin and follows each anchor to FINAL.
 
-Owned by the node (the composition root), which hands it everything through the constructor: the RPC client
-(or None: then anchors are built and stored with status BUILT, never broadcast), the federation secret, the
-network, and callbacks to read committed L2 headers and to submit an AnchorUpdate L2 transaction.
+Owned by the node (the composition root), which hands it everything through the constructor: the federation (the
+bridge's k-of-n keys), the RPC client (or None: then anchors are built and stored with status BUILT, never
+broadcast), the network, and callbacks to read committed L2 headers and to submit L2 transactions as this member.
 
-Policy (docs/anchoring.md):
-* Funding: federation coins are P2TR key-path outputs of the federation key (BIP86-style tweak, no script
-  tree). They are found with ``scantxoutset`` on their exact scriptPubKey (no wallet needed, confirmed coins
-  only). In Taproot mode the previous anchor output (confirmed, checked with ``gettxout``) is spent too, by
-  the key path tweaked with its script tree, and the new anchor is the only output: the anchor is the
-  federation's change. In OP_RETURN mode the change goes back to the federation key-path output.
-* One anchor in flight: a new anchor is built only when every earlier one is CONFIRMED or FINAL; it is for
-  the latest eligible height (a multiple of K), so heights reached meanwhile are skipped, never queued.
-  Each record names its predecessor (prev_link = previous record's link).
-* Fees: estimatesmartfee(6) (sat/kvB), else the configured fallback, capped at fee_max; nSequence signals
-  RBF. testmempoolaccept always runs before sendrawtransaction.
-* RBF: an anchor unconfirmed for rbf_after_blocks Bitcoin blocks is rebuilt over the same inputs with the
-  same record and a fee of at least old fee + 1 sat/vB x vsize (the default incremental relay fee), capped.
-* Reorgs: a disconnected anchor block moves the anchor back to SUBMITTED; it is rebroadcast, and if bitcoind
-  refuses it (inputs gone or conflicting) it is rebuilt from fresh inputs with the same record.
-* The L2 state learns every status change after the first confirmation (CONFIRMED, FINAL, and SUBMITTED
-  again after a reorg) through an AnchorUpdate signed by the federation key.
-* Persistence: one JSON record per anchored L2 height in the store's ``anchors`` database (written on the
-  store's writer thread); on restart the records are reloaded and reconciled against bitcoind.
+Anchors are plans of the federation (docs/anchoring.md, docs/bridge.md "Plans"); no member signs one alone:
+* Propose: for the newest final L2 height that is a multiple of K, this service posts an AnchorPlan (the record,
+  the previous anchor output and the largest free funding coins that pay the fee at its estimatesmartfee rate,
+  capped at fee_max; the funding coins enter the state with `l2-cli federation-fund`). In Taproot mode the anchor
+  output is the k-of-n script path under BIP341's NUMS key and is spent by the next anchor (the anchor is the
+  federation's change); in OP_RETURN mode the change is a federation coin. Consensus fixes the transaction.
+* Sign, broadcast, fee-bump: every member's bridge signs the plan in its own process (it checks the root is its
+  own block's), any member holding k signatures broadcasts it, and a starved plan is replaced at a higher rate
+  (bridge.rbf_after_blocks) by a version spending the same coins.
+* Follow: this service marks its anchor SUBMITTED once a signed version is in its own bitcoind, follows the chain
+  (a reorg moves a mined anchor back to SUBMITTED; the bridges rebroadcast it) and tells the L2 state every status
+  change after the first confirmation (CONFIRMED, FINAL, SUBMITTED again after a reorg) with an AnchorUpdate; the
+  FINAL update completes the plan. One anchor in flight: heights reached meanwhile are skipped, never queued; each
+  record names its predecessor (prev_link = the previous record's link, from the state's anchor chain).
+* Persistence: one JSON record per anchored L2 height in the store's ``anchors`` database (written on the store's
+  writer thread); on restart the records are reloaded and reconciled against bitcoind.
 """
 from __future__ import annotations
 
@@ -30,37 +27,35 @@ import asyncio
 import enum
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
+from bitcoin.core import CTransaction
+
 from bridge.chain_tracker import ChainTracker, ChainTrackerError, Connected, Disconnected
 from bridge.federation import signed_transaction
 from bridge.rpc import BitcoinRPC, hash_from_hex, hash_to_hex
-from bridge.rpc_errors import RPCAlreadyInChain, RPCInvalidAddressOrKey, RPCVerifyError, RPCVerifyRejected
+from bridge.rpc_errors import RPCInvalidAddressOrKey
 from bridge.steps import run_steps
 from l2d.config import AnchoringConfig
 from l2d.core.anchor import AnchorEntry, anchor_key
-from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
+from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, op_return_script
 from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.block import BlockHeader
 from l2d.core.errors import DuplicateDuty, Rejected
 from l2d.core.params import NETWORKS, Network
 from l2d.core.payload import Payload
-from l2d.core.pegs import CoinKind, FedCoin, Federation
+from l2d.core.pegs import CoinKind, FedCoin, Federation, coin_key
 from l2d.core.pegs_tx import MAX_PLAN_INPUTS, AnchorMode, AnchorPlan
-from l2d.core.plans import (ZERO, AnchorPlanRecord, PlanUnderfunded, anchor_output, anchor_plan_key, anchor_policy,
-                            anchor_tip, plan_entry, plan_tx, plan_versions, price_anchor, signatures_by_key)
+from l2d.core.plans import (SUPERSEDE_AFTER, ZERO, AnchorPlanRecord, AnchorTip, PlanEntry, PlanUnderfunded,
+                            anchor_output, anchor_plan_key, anchor_policy, anchor_tip, plan_entry, plan_tx,
+                            plan_versions, price_anchor, signatures_by_key)
 from l2d.core.state import Namespace, StateView
-
-from .btc_tx import P2TR_DUST_SAT, Prevout, SignedTx, TxOut, build_signed, estimate_vsize, key_path_script
 
 log = logging.getLogger(__name__)
 
 FEE_CONF_TARGET = 6
-INCREMENTAL_RELAY_SAT_PER_VB = 1
-MAX_INPUTS = 50
 RESCAN_LIMIT = 2000  # blocks searched for a SUBMITTED anchor after a restart
 HEADERS_BELOW_ANCHOR = 10  # the audit bundle's header chain starts this many blocks below the anchor block
 _ZERO = b"\0" * 32
@@ -86,7 +81,6 @@ class Anchor:
     txid: Optional[str] = None
     raw_tx: Optional[str] = None
     anchor_vout: Optional[int] = None
-    inputs: list[dict[str, Any]] = field(default_factory=list)
     fee_sat: int = 0
     vsize: int = 0
     btc_block_hash: Optional[str] = None
@@ -98,9 +92,6 @@ class Anchor:
     accept_latency_ms: Optional[float] = None
     replaced_txids: list[str] = field(default_factory=list)
     l2_status: Optional[str] = None  # status last submitted to the L2 state
-    # Write-ahead: a signed transaction about to be broadcast, with what to record once bitcoind has it (txid,
-    # raw_tx, inputs, fee_sat, vsize, replaced). Saved before the broadcast, cleared after it; a restart finishes it.
-    sending: Optional[dict[str, Any]] = None
 
     def encode(self) -> bytes:
         d = asdict(self)
@@ -111,6 +102,8 @@ class Anchor:
     def decode(cls, raw: bytes) -> "Anchor":
         d = json.loads(raw)
         d["status"] = AnchorState(d["status"])
+        for gone in ("inputs", "sending"):  # kept by the single anchor key's service (removed); nothing uses them
+            d.pop(gone, None)
         return cls(**d)
 
     def to_json(self) -> dict[str, Any]:
@@ -136,21 +129,17 @@ def _record(record_hex: str) -> AnchorRecord:
 
 
 class AnchorService:
-    def __init__(self, *, config: AnchoringConfig, network: Network, federation_secret: bytes,
-                 federation_key: bytes, rpc: Optional[BitcoinRPC], store: Any,
+    def __init__(self, *, config: AnchoringConfig, network: Network, federation: Federation,
+                 rpc: Optional[BitcoinRPC], store: Any,
                  tip: Callable[[], BlockHeader], header_at: Callable[[int], Optional[BlockHeader]],
                  submit_update: Callable[[Payload], Any],
                  snapshot_bytes: Callable[[int], Optional[bytes]],
-                 zmq_hashblock: str = "", zmq_sequence: str = "", bitcoin_chain: str = "regtest",
-                 federation: Optional[Federation] = None) -> None:
+                 zmq_hashblock: str = "", zmq_sequence: str = "", bitcoin_chain: str = "regtest") -> None:
         self.config = config
-        # anchors as plans of the federation (anchoring.signer = "federation"): proposed here, signed by m members'
-        # bridges, followed here; None: this member signs alone with the anchor key
-        self.fed = federation if config.signer == "federation" else None
+        self.fed = federation  # anchors are its plans: proposed here, signed by m members' bridges, followed here
         self._proposed: dict[int, int] = {}  # anchored height -> my L2 tip when I last proposed its plan
+        self._expected: set[bytes] = set()  # the versions of the anchor plan in flight (txids, internal order)
         self.network = network
-        self._secret = federation_secret
-        self.federation_key = federation_key
         self.rpc = rpc
         self.store = store
         self._tip = tip
@@ -159,7 +148,6 @@ class AnchorService:
         self._snapshot_bytes = snapshot_bytes
         self._zmq = {topic: ep for topic, ep in (("hashblock", zmq_hashblock), ("sequence", zmq_sequence)) if ep}
         self._bitcoin_chain = bitcoin_chain
-        self.fed_script = key_path_script(federation_key)
         self.anchors: dict[int, Anchor] = {}
         self._committed_at: dict[int, float] = {}
         self._wake = asyncio.Event()
@@ -273,9 +261,10 @@ class AnchorService:
                 sub.start()
                 async for ev in sub.events():  # only a trigger: the chain tracker re-reads everything over RPC
                     backoff = 0.1
-                    if isinstance(ev, (BlockHashEvent, ResyncEvent)) or (
-                            isinstance(ev, SequenceEvent) and ev.label in block_labels):
-                        self._wake.set()
+                    if isinstance(ev, (BlockHashEvent, ResyncEvent)) or (isinstance(ev, SequenceEvent) and (
+                            ev.label in block_labels
+                            or (ev.label == SequenceLabel.TX_ADDED and ev.hash in self._expected))):
+                        self._wake.set()  # a block, or a version of the plan in flight broadcast by a bridge
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -298,10 +287,7 @@ class AnchorService:
             await self._follow_chain()
             await self._advance_confirmations()
             await self._write_l2_updates()
-            if self.fed is not None:
-                await self._plans_in_flight()
-            else:
-                await self._handle_in_flight()
+            await self._plans_in_flight()
             await self._start_new()
             await self._write_l2_updates()
 
@@ -309,21 +295,19 @@ class AnchorService:
     def _eligible(self) -> Optional[int]:
         h = self._tip().height
         e = h - h % self.config.every_blocks
-        last = max(self.anchors) if self.anchors else 0
-        if self.fed is not None:
-            last = max(last, anchor_tip(self.store.get_state).l2_height)
+        last = max(max(self.anchors) if self.anchors else 0, anchor_tip(self.store.get_state).l2_height)
         return e if e > last else None
 
     def _new_anchor(self, height: int) -> Optional[Anchor]:
         header = self._header_at(height)
         if header is None:
             return None
-        # The predecessor is the latest anchor that reached Bitcoin (offline: the latest built one).
-        sent = [a for a in self.anchors.values() if a.txid is not None or self.rpc is None]
-        prev = max(sent, key=lambda a: a.l2_height) if sent else None
-        prev_link = NO_PREVIOUS if prev is None else _record(prev.record).link
-        if self.fed is not None:  # the federation's anchor chain is in the state
+        # The predecessor: the federation's anchor chain is in the state (offline: the latest built anchor).
+        prev = self.latest()
+        if self.rpc is not None:
             prev_link = anchor_tip(self.store.get_state).link
+        else:
+            prev_link = NO_PREVIOUS if prev is None else _record(prev.record).link
         record = AnchorRecord(self.network.id, height, header.state_root, prev_link)
         spk = self._anchor_script(record)
         return Anchor(l2_height=height, state_root=header.state_root.hex(), record=record.encode().hex(),
@@ -333,9 +317,7 @@ class AnchorService:
     def _anchor_script(self, record: AnchorRecord) -> bytes:
         if self.config.mode != "taproot":
             return op_return_script(record)
-        if self.fed is not None:
-            return anchor_output(self.fed, record.link).script_pubkey
-        return TaprootAnchor(record, self.federation_key).script_pubkey
+        return anchor_output(self.fed, record.link).script_pubkey
 
     async def _build_offline(self) -> None:
         e = self._eligible()
@@ -401,9 +383,11 @@ class AnchorService:
             a = self.anchors[l2_height]
             if txid != a.txid:  # an earlier (replaced) version was mined: it is the anchor now
                 raw = await rpc.getrawtransaction(hash_from_hex(txid), block_hash)
+                version = plan_entry(self.store.get_state, hash_from_hex(txid))
                 log.info("a replaced version of the anchor was mined", extra={"l2_height": l2_height, "txid": txid})
                 a = replace(a, txid=txid, raw_tx=raw.hex(), replaced_txids=[t for t in a.replaced_txids if t != txid]
-                            + ([a.txid] if a.txid else []))
+                            + ([a.txid] if a.txid else []), vsize=_vsize(raw),
+                            fee_sat=a.fee_sat if version is None else version.fee_sat)
             log.info("anchor mined", extra={"l2_height": a.l2_height, "txid": txid, "btc_height": height})
             await self._save(replace(a, status=AnchorState.CONFIRMED if self.config.confirmations <= 1
                                      else AnchorState.SUBMITTED, btc_block_hash=hash_to_hex(block_hash),
@@ -474,50 +458,6 @@ class AnchorService:
                 continue
             await self._save(replace(a, l2_status=a.status.value))
 
-    # -- in-flight anchors: rebroadcast, RBF, or first broadcast -----------------------------------------------------
-    async def _handle_in_flight(self) -> None:
-        rpc = self.rpc
-        if rpc is None:
-            return
-        await self._finish_sending()
-        older_in_flight = False
-        for h in sorted(self.anchors):  # oldest first: a later anchor may spend an older one's output
-            a = self.anchors[h]
-            if a.status == AnchorState.SUBMITTED and a.btc_block_hash is None and a.raw_tx and a.txid:
-                in_flight_below, older_in_flight = older_in_flight, True
-                try:
-                    await rpc.getmempoolentry(hash_from_hex(a.txid))
-                    in_mempool = True
-                except RPCInvalidAddressOrKey:
-                    in_mempool = False
-                if not in_mempool:
-                    try:
-                        await rpc.sendrawtransaction(bytes.fromhex(a.raw_tx))
-                        log.info("anchor rebroadcast", extra={"l2_height": a.l2_height, "txid": a.txid})
-                    except RPCAlreadyInChain:
-                        pass  # found by the block scan
-                    except (RPCVerifyRejected, RPCVerifyError) as e:
-                        if in_flight_below:
-                            # An older anchor went back to the mempool (a reorg) and this one, built on it or on
-                            # the coins it spends, is invalid: it waits, unbroadcast, until the older one is mined
-                            # (then it is the newest BUILT anchor, sent as usual). Rebuilding it now could take
-                            # the only coins the older one needs.
-                            log.warning("anchor %s no longer valid (%s): it waits until the older anchor in flight "
-                                        "is mined", a.txid, e)
-                            await self._save(replace(a, status=AnchorState.BUILT, txid=None, raw_tx=None,
-                                                     anchor_vout=None, inputs=[], fee_sat=0, vsize=0,
-                                                     submit_btc_height=None, submitted_at=None,
-                                                     replaced_txids=[*a.replaced_txids, a.txid]))
-                            continue
-                        log.warning("anchor %s no longer valid (%s): rebuilding it from fresh inputs", a.txid, e)
-                        await self._fund_and_send(a, rebuild=True)
-                elif (self.btc_tip_height is not None and a.submit_btc_height is not None
-                      and self.btc_tip_height - a.submit_btc_height >= self.config.rbf_after_blocks):
-                    await self._bump(a)
-        waiting = self._waiting_for_funds()
-        if waiting is not None and not any(a.status == AnchorState.SUBMITTED for a in self.anchors.values()):
-            await self._fund_and_send(waiting)
-
     def _waiting_for_funds(self) -> Optional[Anchor]:
         """The newest anchor, if it is BUILT (not broadcast yet). Older BUILT ones (made while no bitcoind was
         configured) stay BUILT: only the newest state is worth anchoring."""
@@ -535,20 +475,16 @@ class AnchorService:
         if a is None:
             return
         await self._save(a)
-        if self.fed is not None:
-            await self._propose(a)
-        else:
-            await self._fund_and_send(a)
+        await self._propose(a)
 
-    # -- anchors as plans of the federation (anchoring.signer = "federation") ------------------------------------
+    # -- anchors as plans of the federation ------------------------------------------------------------------------
     async def _propose(self, a: Anchor) -> None:
         """Post the AnchorPlan of `a`: the previous anchor output (if any) and the largest free funding coins that
         pay the fee at my rate. The members' bridges sign it; at most once per 5 L2 blocks."""
         fed, rpc = self.fed, self.rpc
-        if fed is None or rpc is None:
+        if rpc is None:
             return
-        l2_tip = self._tip().height
-        if l2_tip < self._proposed.get(a.l2_height, -10) + 5:
+        if self._tip().height < self._proposed.get(a.l2_height, -10) + 5:
             return
         tip = anchor_tip(self.store.get_state)
         if tip.open != ZERO or a.l2_height <= tip.l2_height:
@@ -579,23 +515,66 @@ class AnchorService:
                                     a.l2_height, e)
                     return
                 take.append(funding.pop(0))
-        plan = AnchorPlan(a.l2_height, mode, record.state_root, record.prev_link, rate, ZERO,
-                          tuple((c.btc_txid, c.vout) for c in take))
-        self._proposed[a.l2_height] = l2_tip
+        self._post(AnchorPlan(a.l2_height, mode, record.state_root, record.prev_link, rate, ZERO,
+                              tuple((c.btc_txid, c.vout) for c in take)))
+
+    def _post(self, plan: AnchorPlan) -> None:
+        self._proposed = {h: t for h, t in self._proposed.items() if h >= plan.l2_height}  # older: done with
+        self._proposed[plan.l2_height] = self._tip().height
         try:
             self._submit_update(plan)
-            log.info("anchor plan proposed", extra={"l2_height": a.l2_height, "inputs": len(take), "rate": rate})
+            log.info("anchor plan proposed", extra={"l2_height": plan.l2_height, "inputs": len(plan.inputs),
+                                                    "rate": plan.feerate_sat_vb,
+                                                    "replaces": hash_to_hex(plan.replaces) if plan.replaces != ZERO
+                                                    else None})
         except DuplicateDuty:
             pass  # another member posted the same plan
         except Rejected as e:  # e.g. another member's plan is in flight: followed by _plans_in_flight
-            log.info("anchor plan for L2 height %d not accepted: %s", a.l2_height, e)
+            log.info("anchor plan for L2 height %d not accepted: %s", plan.l2_height, e)
+
+    async def _supersede(self, entry: PlanEntry, tip: AnchorTip) -> None:
+        """The plan in flight commits a root that is not my block's at its height, and no version of it has m
+        signatures SUPERSEDE_AFTER L2 blocks after its last version: the members refuse it, so nothing of it can
+        ever be broadcast. Post a version spending the same coins (consensus allows nothing else) for the newest
+        eligible height, with my own root. (A plan of my own root waits for signatures however long: a member down
+        is not mended by a new version.) At most once per 5 L2 blocks."""
+        l2 = self._tip().height
+        if l2 + 1 - entry.l2_height < SUPERSEDE_AFTER:
+            return
+        theirs = AnchorPlanRecord.decode(self.store.get_state(anchor_plan_key(entry.anchor_height)) or b"")
+        mine = self._header_at(entry.anchor_height)
+        if mine is None or mine.state_root == theirs.state_root:
+            return
+        h = l2 - l2 % self.config.every_blocks
+        if h <= entry.anchor_height or l2 < self._proposed.get(h, -10) + 5:
+            return
+        a = self.anchors.get(h) or self._new_anchor(h)  # chained to the state's anchor tip, with my block's root
+        if a is None:
+            return
+        record = _record(a.record)
+        mode = AnchorMode.TAPROOT if a.mode == "taproot" else AnchorMode.OP_RETURN
+        with self.store.reader() as r:
+            coins = [FedCoin.decode(bytes(r.get_state(coin_key(t, v)) or b"")) for t, v in entry.inputs]
+        rate = await self._fee_rate()
+        try:
+            price_anchor(self.fed, self.network.id, coins, AnchorPlanRecord(mode, record.state_root,
+                                                                            record.prev_link), h, rate)
+        except PlanUnderfunded as e:
+            self._warn_once(f"supersede:{h}", "anchoring: cannot supersede anchor plan %s at %d sat/vB: %s",
+                            hash_to_hex(tip.open), rate, e)
+            return
+        await self._save(a)
+        log.warning("anchoring: anchor plan %s commits root %s for L2 height %d, not my block's, and has no %d "
+                    "signatures: superseding it", hash_to_hex(tip.open), theirs.state_root.hex(), entry.anchor_height,
+                    self.fed.threshold)
+        self._post(AnchorPlan(h, mode, record.state_root, record.prev_link, rate, tip.open, entry.inputs))
 
     async def _plans_in_flight(self) -> None:
         """Follow the state's anchor plan in flight (mine or another member's): once a version with m signatures
         is in my bitcoind (the bridges broadcast it), the anchor is SUBMITTED with that txid, the other signed
         versions as replaced txids for the block scan; a waiting anchor without a plan is proposed."""
         fed, rpc = self.fed, self.rpc
-        if fed is None or rpc is None:
+        if rpc is None:
             return
         get = self.store.get_state
         tip = anchor_tip(get)
@@ -607,6 +586,7 @@ class AnchorService:
         entry = plan_entry(get, tip.open)
         if entry is None:
             return
+        self._expected = {v for v, _ in plan_versions(get, tip.open)}  # their broadcast wakes me (ZMQ sequence)
         h = entry.anchor_height
         a = self.anchors.get(h)
         if a is None:  # another member's plan: adopt its record
@@ -623,21 +603,24 @@ class AnchorService:
             signed = []
             for v, e in plan_versions(r.get_state, tip.open):
                 sigs = signatures_by_key(r.get_state, fed, v)
-                if len(sigs) >= fed.threshold:
-                    signed.append((v, signed_transaction(fed, self.network, plan_tx(view, fed, self.network.id, e),
-                                                         sigs)))
+                raw = signed_transaction(fed, self.network, plan_tx(view, fed, self.network.id, e), sigs)
+                if raw is not None:  # m signatures
+                    signed.append((v, e.fee_sat, raw))
+        if not signed:
+            await self._supersede(entry, tip)
+            return
         mine = None
-        for v, raw in signed:  # newest first: the version my bitcoind has (mempool or chain)
+        for v, fee, raw in signed:  # newest first: the version my bitcoind has (mempool or chain)
             try:
                 info = await rpc.call("getrawtransaction", [hash_to_hex(v), True])
-                mine = (v, raw)
+                mine = (v, fee, raw)
                 break
             except RPCInvalidAddressOrKey:
                 continue
         if mine is None:
             return
         txid = hash_to_hex(mine[0])
-        others = [hash_to_hex(v) for v, _ in signed if v != mine[0]]
+        others = [hash_to_hex(v) for v, _, _ in signed if v != mine[0]]
         if a.txid == txid and a.replaced_txids == others:
             return
         submit_height = a.submit_btc_height or await rpc.getblockcount()
@@ -648,8 +631,8 @@ class AnchorService:
         latency = a.accept_latency_ms
         if latency is None and a.committed_at is not None:
             latency = round((now - a.committed_at) * 1000, 3)
-        await self._save(replace(a, status=AnchorState.SUBMITTED, txid=txid, raw_tx=(mine[1] or b"").hex(),
-                                 anchor_vout=0, replaced_txids=others, accept_latency_ms=latency,
+        await self._save(replace(a, status=AnchorState.SUBMITTED, txid=txid, raw_tx=mine[2].hex(), fee_sat=mine[1],
+                                 vsize=_vsize(mine[2]), anchor_vout=0, replaced_txids=others, accept_latency_ms=latency,
                                  submit_btc_height=submit_height, submitted_at=a.submitted_at or now))
         log.info("anchor plan broadcast", extra={"l2_height": h, "txid": txid})
 
@@ -660,139 +643,7 @@ class AnchorService:
         rate = self.config.fee_fallback_sat_per_vb if est is None else -(-est // 1000)
         return max(1, min(rate, self.config.fee_max_sat_per_vb))
 
-    async def _inputs(self, for_anchor: Anchor) -> list[Prevout]:
-        rpc = self.rpc
-        if rpc is None:
-            return []
-        busy = {(i["txid"], i["vout"]) for a in self.anchors.values() if a.status == AnchorState.SUBMITTED
-                and a.l2_height != for_anchor.l2_height for i in a.inputs}  # spent by another in-flight anchor
-        out: list[Prevout] = []
-        if self.config.mode == "taproot":
-            prev = [a for a in self.anchors.values() if a.mode == "taproot" and a.txid and a.status in
-                    (AnchorState.CONFIRMED, AnchorState.FINAL) and a.anchor_vout is not None]
-            if prev:
-                p = max(prev, key=lambda x: x.l2_height)
-                txo = await rpc.call("gettxout", [p.txid, p.anchor_vout, True])  # None if spent, mempool too
-                if txo is not None:
-                    rec = _record(p.record)
-                    out.append(Prevout(hash_from_hex(p.txid or ""), p.anchor_vout or 0,
-                                       _btc_sat(txo["value"]), bytes.fromhex(p.script_pubkey),
-                                       TaprootAnchor(rec, self.federation_key).merkle_root))
-        scan = await rpc.call("scantxoutset", ["start", [f"raw({self.fed_script.hex()})"]], idempotent=False)
-        for u in sorted(scan.get("unspents", []), key=lambda u: (-_btc_sat(u["amount"]), u["txid"], u["vout"])):
-            if len(out) >= MAX_INPUTS:
-                break
-            if (hash_from_hex(u["txid"]).hex(), int(u["vout"])) in busy:
-                continue
-            out.append(Prevout(hash_from_hex(u["txid"]), int(u["vout"]), _btc_sat(u["amount"]), self.fed_script))
-        return out
-
-    def _outputs(self, a: Anchor, value: int) -> list[TxOut]:
-        if a.mode == "taproot":
-            return [TxOut(value, bytes.fromhex(a.script_pubkey))]
-        return [TxOut(0, bytes.fromhex(a.script_pubkey)), TxOut(value, self.fed_script)]
-
-    def _sign(self, a: Anchor, inputs: list[Prevout], fee: int) -> SignedTx:
-        total = sum(i.amount_sat for i in inputs)
-        return build_signed(self._secret, inputs, self._outputs(a, total - fee), os.urandom(32))
-
-    async def _fund_and_send(self, a: Anchor, *, rebuild: bool = False) -> None:
-        inputs = await self._inputs(a)
-        if not inputs:
-            self._warn_once("nofunds", "anchoring: no federation coins to fund anchor transactions; send coins "
-                            "to the federation key-path output (scriptPubKey %s)", self.fed_script.hex())
-            return
-        rate = await self._fee_rate()
-        vsize = estimate_vsize(len(inputs), self._outputs(a, 0))
-        fee = rate * vsize
-        await self._sign_test_send(a, inputs, fee, replaced=a.txid if rebuild else None)
-
-    async def _bump(self, a: Anchor) -> None:
-        """RBF: same inputs, same record, higher fee."""
-        inputs = [Prevout(bytes.fromhex(i["txid"]), i["vout"], i["amount_sat"], bytes.fromhex(i["script_pubkey"]),
-                          None if i["merkle_root"] is None else bytes.fromhex(i["merkle_root"])) for i in a.inputs]
-        vsize = estimate_vsize(len(inputs), self._outputs(a, 0))
-        fee = max(a.fee_sat + INCREMENTAL_RELAY_SAT_PER_VB * vsize, (await self._fee_rate()) * vsize)
-        cap = self.config.fee_max_sat_per_vb * vsize
-        if fee > cap:
-            self._warn_once(f"rbfcap:{a.txid}", "anchor %s: fee bump capped by fee_max_sat_per_vb; waiting", a.txid)
-            return
-        log.info("anchor fee bump (RBF)", extra={"l2_height": a.l2_height, "old_fee": a.fee_sat, "fee": fee})
-        await self._sign_test_send(a, inputs, fee, replaced=a.txid)
-
-    async def _sign_test_send(self, a: Anchor, inputs: list[Prevout], fee: int, replaced: Optional[str]) -> None:
-        rpc = self.rpc
-        if rpc is None:
-            return
-        total = sum(i.amount_sat for i in inputs)
-        min_change = P2TR_DUST_SAT
-        if total - fee < min_change:
-            self._warn_once(f"dust:{a.l2_height}", "anchoring: federation coins (%d sat) do not cover the fee "
-                            "(%d sat) and a non-dust anchor output", total, fee)
-            return
-        signed = self._sign(a, inputs, fee)
-        res = (await rpc.testmempoolaccept([signed.raw]))[0]
-        if not res.allowed:
-            self._warn_once(f"reject:{a.l2_height}:{res.reject_reason}", "anchor transaction for L2 height %d "
-                            "refused by testmempoolaccept: %s %s", a.l2_height, res.reject_reason,
-                            res.reject_details or "")
-            return
-        sending = {"txid": signed.txid_hex, "raw_tx": signed.raw.hex(), "fee_sat": signed.fee_sat,
-                   "vsize": signed.vsize, "replaced": replaced,
-                   "inputs": [{"txid": i.txid.hex(), "vout": i.vout, "amount_sat": i.amount_sat,
-                               "script_pubkey": i.script_pubkey.hex(),
-                               "merkle_root": None if i.merkle_root is None else i.merkle_root.hex()}
-                              for i in inputs]}
-        # Saved before the broadcast, recorded after it: a stop or crash in between is finished at the restart
-        # (_finish_sending), so no transaction spending the anchor chain is ever broadcast unrecorded.
-        a = replace(a, sending=sending)
-        await self._save(a)
-        await rpc.sendrawtransaction(signed.raw)
-        await self._record_sent(a)
-
-    async def _record_sent(self, a: Anchor, *, mined: bool = False) -> None:
-        """The write-ahead transaction of `a` is in bitcoind's mempool (or, mined, in its chain): record it as the
-        anchor's transaction."""
-        rpc, sent = self.rpc, a.sending
-        if rpc is None or sent is None:
-            return
-        now = time.time()
-        tip = None if mined else await rpc.getblockcount()  # mined: no submit height, the rescan looks back
-        replaced = sent["replaced"]
-        replaced_txids = list(a.replaced_txids) + ([replaced] if replaced else [])
-        latency = a.accept_latency_ms
-        if latency is None and a.committed_at is not None:
-            latency = round((now - a.committed_at) * 1000, 3)
-        new = replace(a, status=AnchorState.SUBMITTED, txid=sent["txid"], raw_tx=sent["raw_tx"], anchor_vout=0,
-                      fee_sat=sent["fee_sat"], vsize=sent["vsize"], btc_block_hash=None, btc_height=None,
-                      confirmations=0, submit_btc_height=tip, submitted_at=now, replaced_txids=replaced_txids,
-                      accept_latency_ms=latency, inputs=sent["inputs"], sending=None)
-        await self._save(new)
-        log.info("anchor submitted", extra={"l2_height": a.l2_height, "txid": sent["txid"], "fee_sat": sent["fee_sat"],
-                                            "vsize": sent["vsize"], "replaces": replaced})
-
-    async def _finish_sending(self) -> None:
-        """After a restart: broadcast again and record a transaction saved but maybe never broadcast or recorded."""
-        rpc = self.rpc
-        if rpc is None:
-            return
-        for a in list(self.anchors.values()):
-            if a.sending is None:
-                continue
-            try:
-                await rpc.sendrawtransaction(bytes.fromhex(a.sending["raw_tx"]))
-            except RPCAlreadyInChain:  # mined while stopped: record it and rescan the chain for its block
-                await self._record_sent(a, mined=True)
-                self._reconciled = False
-                continue
-            except (RPCVerifyRejected, RPCVerifyError) as e:  # its inputs went elsewhere: it was never the anchor
-                log.warning("anchor %s: the transaction saved before a stop is no longer valid (%s); dropped",
-                            a.sending["txid"], e)
-                await self._save(replace(a, sending=None))
-                continue
-            await self._record_sent(a)
-
-    # -- audit bundle ---------------------------------------------------------------------------------------------------
+    # -- audit bundle --------------------------------------------------------------------------------------------
     async def audit_bundle(self, l2_height: int) -> Optional[bytes]:
         """The encoded audit bundle of a CONFIRMED/FINAL anchor, or None if there is none (yet)."""
         from l2d.core.audit import AnchorKind, AuditBundle, CommitEvidence, ProofEvidence, SnapshotEvidence
@@ -818,23 +669,16 @@ class AnchorService:
         evidence: Any = (SnapshotEvidence(snap) if snap is not None
                          else ProofEvidence(bytes.fromhex(a.state_root)))
         record = _record(a.record)
-        taproot = a.mode == "taproot"
-        kofn = taproot and self.fed is not None  # the federation's k-of-n output, not the anchor key's
+        kofn = a.mode == "taproot"  # the federation's k-of-n output
         header, raw_commit = self._header_at(l2_height), self.store.get_commit(l2_height)
         # version 2: the anchored block's commit (anchors commit final heights: it is stored; block 0 has none)
         commit = (CommitEvidence(header, Commit.decode(raw_commit))
                   if l2_height > 0 and header is not None and raw_commit else None)
-        kind = AnchorKind.TAPROOT_KOFN if kofn else AnchorKind.TAPROOT if taproot else AnchorKind.OP_RETURN
-        bundle = AuditBundle(self.network.id, record, kind, self.federation_key if kind == AnchorKind.TAPROOT else b"",
-                             bytes.fromhex(a.raw_tx), merkleblock, start, b"".join(headers), evidence, commit,
-                             kofn=anchor_policy(self.fed) if kofn and self.fed is not None else None)
+        kind = AnchorKind.TAPROOT_KOFN if kofn else AnchorKind.OP_RETURN
+        bundle = AuditBundle(self.network.id, record, kind, b"", bytes.fromhex(a.raw_tx), merkleblock, start,
+                             b"".join(headers), evidence, commit, kofn=anchor_policy(self.fed) if kofn else None)
         return bundle.encode()
 
 
-def _btc_sat(v: Any) -> int:
-    from decimal import Decimal
-
-    from bridge.rpc import btc_to_sat
-    return btc_to_sat(Decimal(str(v)) if not isinstance(v, Decimal) else v)
-
-
+def _vsize(raw: bytes) -> int:
+    return -(-CTransaction.deserialize(raw).calc_weight() // 4)

@@ -69,14 +69,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     n = a.participants
     tmp = Path(tempfile.mkdtemp(prefix="l2d-bench-fl-"))
-    fed = tmp / "federation.key"
-    fed.write_text(_secret("federation").hex() + "\n")
-    fed.chmod(0o600)
     alloc = {_pk("poster"): 10**9, **{_pk(f"p{i}"): 10**6 for i in range(n)}}
     cfg = {"node": {"network": "local", "data_dir": "data", "log_level": "INFO"},
            "chain": {"min_fee_sat": 1, "genesis_alloc": alloc}, "block": {"interval_ms": a.block_ms, "max_txs": 500},
            "api": {"port": 0, "admin_token": TOKEN}, "snapshots": {"every_blocks": 0},
-           "anchoring": {"enabled": False, "federation_key_file": str(fed)}}
+           "anchoring": {"enabled": False}}
     (tmp / "l2d.toml").write_text(toml.dumps(cfg))
     log = open(tmp / "l2d.log", "w")
     d = subprocess.Popen([sys.executable, "-m", "l2d.node", "--config", str(tmp / "l2d.toml")], stderr=log,

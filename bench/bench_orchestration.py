@@ -96,13 +96,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         s, pk = _key(n)
         (tmp / f"{n}.key").write_text(s.hex())
         alloc[pk.hex()] = 10**8
-    (tmp / "federation.key").write_text(fed_secret.hex())
-    os.chmod(tmp / "federation.key", 0o600)
     cfg = {"node": {"network": "local", "data_dir": "data", "log_level": "INFO"},
            "chain": {"min_fee_sat": 1, "genesis_alloc": alloc},
            "block": {"interval_ms": args.block_ms, "max_txs": 1000},
            "api": {"port": 0, "admin_token": ""}, "snapshots": {"every_blocks": 0},
-           "anchoring": {"enabled": False, "federation_key_file": str(tmp / "federation.key")},
+           "anchoring": {"enabled": False},
            "orchestration": {"enabled": True, "strategy": "lowest_cost", "audit_rate": args.audit_rate,
                              "challenge_window_blocks": args.window, "poll_interval_ms": 10,
                              "probe_interval_ms": 1000}}

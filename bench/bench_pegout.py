@@ -7,7 +7,7 @@ Two federations, each written by `l2-cli federation-init --network regtest` (gen
 CONFIRMED at 1 Bitcoin confirmation, FINAL at 3, peg-outs COMPLETED at 1, bridge and anchoring polling bitcoind
 every 100 ms), each against its own throwaway bitcoind (regtest/harness.py):
 - **4 members**, 3-of-4 federation keys, one key per member process; anchors are plans signed by 3 of the keys
-  (anchoring.signer = "federation"), paid by a funding coin an operator records with federation-fund;
+  (as every anchor), paid by a funding coin an operator records with federation-fund;
 - **the baseline**: 1 member holding 3 of the 4 keys itself (threshold 3): the same plans, signatures and
   transactions, with no other member process to agree with.
 Alice pegs in 1 BTC (a proven deposit, claimed), then, while bitcoind mines one block every second (a fixed
@@ -81,7 +81,7 @@ from l2d.core.params import REGTEST  # noqa: E402
 from l2d.core.pegs_tx import PegoutPlan, PlanSignature  # noqa: E402
 from l2d.core.tx import Transaction, sign  # noqa: E402
 from regtest.harness import BitcoindNode, find_bitcoind, fund_wallet  # noqa: E402
-from regtest.members import poll, proven_deposit, secret, write_configs  # noqa: E402
+from regtest.members import fund_body, poll, proven_deposit, secret, write_configs  # noqa: E402
 
 CADENCE_S = 1.0  # one Bitcoin block every second while peg-outs are in flight
 DEPOSIT_SAT = 100_000_000
@@ -271,8 +271,7 @@ async def run_federation(root: Path, binary: str, n: int, held: Sequence[Sequenc
     try:
         w, mine_addr = await fund_wallet(rpc, "miner")
         fed.init()
-        write_configs([fed.root / f"member-{k + 1}" for k in range(n)], [btc] * n, held, THRESHOLD,
-                      anchor_signer="federation")
+        write_configs([fed.root / f"member-{k + 1}" for k in range(n)], [btc] * n, held, THRESHOLD)
         r = subprocess.run([sys.executable, "-m", "l2d.cli", "federation-genesis", "--dir", str(fed.root)],
                            capture_output=True, text=True, cwd=REPO, timeout=120)
         if r.returncode:
@@ -297,8 +296,7 @@ async def run_federation(root: Path, binary: str, n: int, held: Sequence[Sequenc
         assert token is not None
         req = urllib.request.Request(
             f"http://127.0.0.1:{m1.tail.port}/api/admin/bridge/fund", method="POST",
-            data=json.dumps({"btc_height": funding.btc_height, "vout": funding.vout, "tx": funding.btc_tx.hex(),
-                             "proof": funding.merkle_block.hex()}).encode(),
+            data=json.dumps(fund_body(funding)).encode(),
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {token.group(1)}"})
         with urllib.request.urlopen(req, timeout=60):
             pass

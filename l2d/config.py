@@ -198,6 +198,7 @@ class StoreConfig:
 
 
 ANCHOR_MODES: Final = ("taproot", "op_return")
+_ANCHOR_KEY_MODE: Final = ("federation_key_file", "signer", "rbf_after_blocks")  # removed [anchoring] keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,16 +208,11 @@ class AnchoringConfig:
     enabled: bool
     mode: str  # "taproot" | "op_return"
     every_blocks: int  # anchor L2 heights that are multiples of K
-    federation_key_file: Path | None  # absolute; the anchors' Bitcoin (Taproot) key, no L2 authority; None = none
     confirmations: int  # SUBMITTED -> CONFIRMED at this many Bitcoin confirmations
     final_confirmations: int  # CONFIRMED -> FINAL
-    fee_fallback_sat_per_vb: int  # when estimatesmartfee has no estimate (fresh regtest)
-    fee_max_sat_per_vb: int  # cap on any fee rate, RBF bumps included
-    rbf_after_blocks: int  # fee-bump a SUBMITTED anchor after this many Bitcoin blocks without confirmation
+    fee_fallback_sat_per_vb: int  # the rate an anchor plan is proposed at when estimatesmartfee has no estimate
+    fee_max_sat_per_vb: int  # cap on the rate an anchor plan is proposed at (fee bumps: bridge.rbf_after_blocks)
     poll_interval_ms: int  # RPC poll fallback when ZMQ is silent or not configured
-    # "key": this member signs anchors alone with federation_key_file; "federation": anchors are plans in the L2
-    # state, paid by the federation's funding coins and signed by m members' bridges (needs [bridge] enabled)
-    signer: str = "key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +374,7 @@ class Config:
         mempool = _mempool(tables["mempool"], chain)
         api = _api(tables["api"], env)
         snapshots = _snapshots(tables["snapshots"], base, node)
-        anchoring = _anchoring(tables["anchoring"], base, node)
+        anchoring = _anchoring(tables["anchoring"])
         bitcoind = _bitcoind(tables["bitcoind"], base, node)
         bridge = _bridge(tables["bridge"], base, node, anchoring)
         orchestration = _orchestration(tables["orchestration"], node)
@@ -592,21 +588,15 @@ def _get_bool(s: _Section, key: str, default: bool) -> bool:
     return value
 
 
-def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringConfig:
-    s = _Section("anchoring", t, ("enabled", "mode", "every_blocks", "federation_key_file", "confirmations",
-                                  "final_confirmations", "fee_fallback_sat_per_vb", "fee_max_sat_per_vb",
-                                  "rbf_after_blocks", "poll_interval_ms", "signer"))
+def _anchoring(t: Mapping[str, Any]) -> AnchoringConfig:
+    for key in _ANCHOR_KEY_MODE:  # the single anchor key is gone: say so rather than "unknown key"
+        if key in t:
+            raise ConfigError(f"config: anchoring.{key} was removed: anchors are plans of the federation, signed "
+                              f"k-of-n by the members' bridge keys ([bridge] signer_key_files; fee bumps: "
+                              f"bridge.rbf_after_blocks). Delete the key (docs/anchoring.md)")
+    s = _Section("anchoring", t, ("enabled", "mode", "every_blocks", "confirmations", "final_confirmations",
+                                  "fee_fallback_sat_per_vb", "fee_max_sat_per_vb", "poll_interval_ms"))
     enabled = _get_bool(s, "enabled", False)
-    # The anchor key is a Bitcoin key only (the L2's system transactions are signed by the federation members'
-    # keys): it is defaulted only where it may be created locally (local/regtest) and only when anchoring is on.
-    key_file: Path | None = None
-    if "federation_key_file" in t:
-        key_file = s.get_path("federation_key_file", base)
-    elif enabled:
-        if not NETWORKS[node.network].admin_mint:
-            raise ConfigError(f"config: missing required key anchoring.federation_key_file (anchoring is "
-                              f"enabled on {node.network}, where the federation key is never created)")
-        key_file = node.data_dir / "federation.key"
     confirmations = s.get_int("confirmations", 1, 1000, default=1)
     final = s.get_int("final_confirmations", 1, 10_000, default=6)
     if final < confirmations:
@@ -620,14 +610,11 @@ def _anchoring(t: Mapping[str, Any], base: Path, node: NodeConfig) -> AnchoringC
         enabled=enabled,
         mode=s.get_choice("mode", ANCHOR_MODES, default="taproot"),
         every_blocks=s.get_int("every_blocks", 1, 10_000_000, default=10),
-        federation_key_file=key_file,
         confirmations=confirmations,
         final_confirmations=final,
         fee_fallback_sat_per_vb=fallback,
         fee_max_sat_per_vb=fee_max,
-        rbf_after_blocks=s.get_int("rbf_after_blocks", 1, 10_000, default=3),
         poll_interval_ms=s.get_int("poll_interval_ms", 50, 3_600_000, default=5000),
-        signer=s.get_choice("signer", ("key", "federation"), default="key"),
     )
 
 
@@ -638,9 +625,9 @@ def _bridge(t: Mapping[str, Any], base: Path, node: NodeConfig, anchoring: Ancho
                                "header_start_height", "header_start_hash", "emergency_keys",
                                "emergency_threshold", "emergency_delay_blocks", "roll_margin_blocks"))
     enabled = _get_bool(s, "enabled", False)
-    if anchoring.enabled and anchoring.signer == "federation" and not enabled:
-        raise ConfigError('config: anchoring.signer = "federation" needs bridge.enabled: the members\' bridges sign '
-                          'the anchor plans')
+    if anchoring.enabled and not enabled:
+        raise ConfigError("config: anchoring.enabled needs bridge.enabled: anchors are paid by the federation's "
+                          "coins and signed k-of-n by the members' bridge keys (bridge.signer_key_files)")
     start_hash = s.get_str("header_start_hash", default="")
     if start_hash and not _HEX64.fullmatch(start_hash):
         raise s.fail("header_start_hash", start_hash, 'must be "" or a 64-hex block hash (as bitcoin-cli shows it)')

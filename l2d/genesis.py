@@ -31,9 +31,6 @@ class Genesis:
 
     state: dict[bytes, bytes]
     authority_secret: Optional[bytes]  # the mint authority (local/regtest only)
-    # anchoring.federation_key_file: the anchor transactions' Bitcoin (Taproot) key, nothing on the L2 (system
-    # transactions are signed by the members' keys)
-    federation_secret: Optional[bytes]
     federation: Optional[Federation]  # the bridge's m-of-n federation
     signer_secrets: tuple[bytes, ...]  # the bridge signers this daemon runs
     # The block-signing federation ([federation]): this member's BIP340 secret (it also signs this member's system
@@ -61,13 +58,6 @@ def load_genesis(config: Config, network: Network) -> Genesis:
         else:
             authority_secret = load_or_create_secret(Path(key_file))
             authority = PrivateKey(authority_secret).public_key_xonly.format()
-    federation_secret: Optional[bytes] = None
-    fed_file = config.anchoring.federation_key_file
-    if fed_file is not None:
-        if not network.admin_mint and not Path(fed_file).exists():
-            raise NodeError(f"anchoring.federation_key_file {fed_file} does not exist (it is only created "
-                            f"on local and regtest)")
-        federation_secret = load_or_create_secret(Path(fed_file), "federation")
     member_secret, membership, ids, urls, index = load_members(config, network)
     try:
         state = genesis_state(config.chain.genesis_alloc, authority, membership.keys)
@@ -76,7 +66,7 @@ def load_genesis(config: Config, network: Network) -> Genesis:
     signer_secrets, fed = _bridge_federation(config, network)
     if fed is not None:
         state.update(federation_genesis(fed))
-    return Genesis(state, authority_secret, federation_secret, fed, tuple(signer_secrets), member_secret=member_secret,
+    return Genesis(state, authority_secret, fed, tuple(signer_secrets), member_secret=member_secret,
                    membership=membership, member_ids=ids, member_urls=urls, member_index=index)
 
 

@@ -181,19 +181,16 @@ class Node:
         return None if blk is None else blk.header
 
     def _make_anchor_service(self) -> Optional[AnchorService]:
-        cfg = self.config.anchoring
-        secret = self.genesis.federation_secret  # the anchor's Bitcoin key; the L2 updates carry this member's key
-        if not cfg.enabled or secret is None:
+        cfg, fed = self.config.anchoring, self.federation
+        if not cfg.enabled or fed is None:  # the config requires [bridge] (the federation) with anchoring
             return None
-        pub = PrivateKey(secret).public_key_xonly.format()
         b = self.config.bitcoind
-        service = AnchorService(config=cfg, network=self.network, federation_secret=secret, federation_key=pub,
-                                rpc=self.btc_rpc, store=self.store, tip=lambda: self.chain.final,
+        service = AnchorService(config=cfg, network=self.network, federation=fed, rpc=self.btc_rpc, store=self.store,
+                                tip=lambda: self.chain.final,
                                 header_at=self._header_at,
                                 submit_update=self.admission.submit_as_member,
                                 snapshot_bytes=self.snapshots.anchor_snapshot_bytes,
-                                zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence, bitcoin_chain=b.chain,
-                                federation=self.federation)
+                                zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence, bitcoin_chain=b.chain)
         service.load()
         return service
 

@@ -24,15 +24,13 @@ else
     cli -named createwallet wallet_name="$WALLET" load_on_startup=false > /dev/null
     echo "wallet $WALLET created"
 fi
-# The wallet is the regtest miner and funding source; the federation's anchor key (created by l2d)
-# receives FUND_BTC below. The m-of-n peg keys arrive with the peg-in/peg-out work.
+# The wallet is the regtest miner and the operator's funding source: FUND_SAT (default 10,000,000) of it go to the
+# federation's funding address and are recorded in l2d with their SPV proof (what `l2-cli federation-fund` does);
+# the federation's anchors are paid from that coin.
 ADDRESS="$(cli -rpcwallet="$WALLET" getnewaddress mining bech32m)"
 cli generatetoaddress "$BLOCKS" "$ADDRESS" > /dev/null
 echo "mined $BLOCKS blocks to $ADDRESS; height $(cli getblockcount)"
 echo "balance of $WALLET: $(cli -rpcwallet="$WALLET" getbalance) BTC"
 if [[ -f "$ROOT/.regtest/l2d.toml" ]]; then
-    FED_ADDRESS="$("$ROOT/.venv/bin/python" "$ROOT/regtest/l2d_config.py" address "$ROOT/.regtest/l2d.toml")"
-    TXID="$(cli -rpcwallet="$WALLET" sendtoaddress "$FED_ADDRESS" "${FUND_BTC:-10}")"
-    cli generatetoaddress 1 "$ADDRESS" > /dev/null
-    echo "sent ${FUND_BTC:-10} BTC to the federation's anchor key $FED_ADDRESS (txid $TXID), mined 1 block"
+    "$ROOT/.venv/bin/python" "$ROOT/regtest/l2d_config.py" fund "$ROOT/.regtest/l2d.toml" "${FUND_SAT:-10000000}" "$WALLET"
 fi

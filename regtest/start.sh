@@ -115,5 +115,5 @@ if [[ "${L2D_START:-1}" == "1" ]]; then
         sleep 0.1
     done
     echo "l2d running: pid $L2D_PID, REST http://127.0.0.1:$PORT, log .regtest/l2d.log, config .regtest/l2d.toml"
-    echo "  next: regtest/fund.sh   (mines 101 blocks, sends coins to the federation's anchor key)"
+    echo "  next: regtest/fund.sh   (mines 101 blocks, funds the federation: its coins pay the anchors)"
 fi

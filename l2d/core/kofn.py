@@ -3,7 +3,8 @@
 The output half of issue 13's federation outputs: the k-of-n policy and its leaf (Bitcoin Core's multi_a), the
 anchor record's commitment leaf (OP_RETURN <link>), and the P2TR output with or without it. Pure and
 consensus-critical: the daemon and the verifier (an audit bundle of a k-of-n anchor, l2d.core.audit) both use it.
-Signing (the script-path sighash, one member's signature, the witness) is anchoring/multisig.py's. Byte layouts:
+Signing (the script-path sighash, each member's signature, the witness) is bridge/federation.py's in the daemon
+(anchoring/multisig.py is the tests' reference). Byte layouts:
 docs/anchoring.md, "Federation outputs (k-of-n)"; the policy's encoding in an audit bundle: docs/audit-bundle.md.
 
 Tree hashing and the output tweak are l2d.core.anchor_format's (BIP341-vector tested); keys are libsecp256k1

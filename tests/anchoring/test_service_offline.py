@@ -14,8 +14,10 @@ from coincurve import PrivateKey
 
 from anchoring.service import Anchor, AnchorService, AnchorState
 from l2d.config import Config
-from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, TaprootAnchor, op_return_script
+from l2d.core.anchor_format import NO_PREVIOUS, AnchorRecord, op_return_script
 from l2d.core.params import REGTEST
+from l2d.core.pegs import Federation
+from l2d.core.plans import anchor_output
 from l2d.core.state import FEDERATION_MEMBERS_KEY
 from l2d.node import Node
 
@@ -29,6 +31,8 @@ def _config(data: Path, mode: str = "taproot") -> Config:
         "api": {"port": 0, "admin_token": TOKEN},
         "snapshots": {"every_blocks": 0},
         "anchoring": {"enabled": True, "mode": mode, "every_blocks": 2, "poll_interval_ms": 50},
+        # the federation whose k-of-n output carries the anchor: one signer key, created 0600 on regtest
+        "bridge": {"enabled": True, "threshold": 1, "signer_key_files": [str(data.parent / "signer.key")]},
     }, data.parent, env={})
 
 
@@ -51,13 +55,12 @@ async def test_builds_and_stores_payloads_without_bitcoind(tmp_path: Path, mode:
     client = TestClient(TestServer(node.web_app()))
     await client.start_server()
     try:
-        # the anchor key is a Bitcoin key only: the L2 authorities are the members (this 1-member federation)
-        assert node.genesis.federation_secret is not None
-        fed_key = PrivateKey(node.genesis.federation_secret).public_key_xonly.format()
-        assert fed_key != node.admission.member_pubkey
+        # the anchor's Bitcoin keys are the bridge's (k-of-n); the L2 authorities are the members (this 1-member
+        # federation), with keys of their own
+        fed = node.federation
+        assert fed is not None and node.admission.member_pubkey not in [k[1:] for k in fed.keys]
         assert node.store.get_state(FEDERATION_MEMBERS_KEY) == b"\x01" + node.admission.member_pubkey
-        assert (cfg.anchoring.federation_key_file is not None
-                and os.stat(cfg.anchoring.federation_key_file).st_mode & 0o777 == 0o600)
+        assert os.stat(tmp_path / "signer.key").st_mode & 0o777 == 0o600
         await _mint_blocks(node, 4, poll)
 
         async def two_built() -> Any:
@@ -78,7 +81,7 @@ async def test_builds_and_stores_payloads_without_bitcoind(tmp_path: Path, mode:
         assert r2.prev_link == NO_PREVIOUS and r4.prev_link == r2.link
         svc = node.anchor_service
         assert svc is not None
-        expected = (TaprootAnchor(r4, fed_key).script_pubkey if mode == "taproot" else op_return_script(r4))
+        expected = (anchor_output(fed, r4.link).script_pubkey if mode == "taproot" else op_return_script(r4))
         assert svc.anchors[4].script_pubkey == expected.hex()
         latest = await (await client.get("/api/anchors/latest")).json()
         assert latest["l2_height"] >= 4
@@ -136,8 +139,8 @@ def test_anchored_snapshots_needed(tmp_path: Path, statuses: dict[int, str], fil
                                    needed: set[int]) -> None:
     final_height = 11 if files[-1:] in ([13], [12]) else max(files, default=0)
     cfg = _config(tmp_path / "data")
-    svc = AnchorService(config=cfg.anchoring, network=REGTEST, federation_secret=b"\x01" * 32,
-                        federation_key=PrivateKey(b"\x01" * 32).public_key_xonly.format(), rpc=None, store=None,
+    fed = Federation(1, (PrivateKey(b"\x01" * 32).public_key.format(),), 6)
+    svc = AnchorService(config=cfg.anchoring, network=REGTEST, federation=fed, rpc=None, store=None,
                         tip=lambda: SimpleNamespace(height=final_height),  # type: ignore[arg-type,return-value]
                         header_at=lambda h: None, submit_update=lambda u: None, snapshot_bytes=lambda h: None)
     svc.anchors = {h: Anchor(l2_height=h, state_root="", record="", mode="taproot", status=AnchorState(s),

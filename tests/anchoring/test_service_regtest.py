@@ -1,13 +1,26 @@
-"""Anchor service end to end: a real l2d process against a regtest bitcoind.
+"""Anchor service end to end: a real l2d process against a regtest bitcoind, anchors as plans of the federation.
 
-Signed transfers make L2 blocks; anchors are broadcast, mined and tracked (ZMQ + RPC poll) to CONFIRMED and
-FINAL, and recorded in the L2 state by AnchorUpdate transactions; a reorg that drops the anchor's block moves it
-back to SUBMITTED and it confirms again; a restart loses nothing; the exported audit bundle verifies offline with
-`l2-verify audit` and tampered variants exit 1.
+The daemon runs a 1-key federation ([bridge] threshold = 1, one signer key file): an operator pays the federation's
+funding address and records the payment with its SPV proof (POST /api/admin/bridge/fund); from then on the anchor
+service proposes each anchor as an AnchorPlan paid by the funding coin, the daemon's bridge signs and broadcasts it,
+and the anchor service follows it (ZMQ + RPC) to CONFIRMED and FINAL, recording each step in the L2 state by
+AnchorUpdate transactions (the FINAL one completes the plan). Tested:
+* Taproot mode end to end: signed transfers make L2 blocks; the anchor is proposed, signed, broadcast, mined,
+  CONFIRMED and FINAL; a restart loses nothing and the next anchor, proposed by the restarted process, names the
+  first's link and spends its k-of-n output; the audit bundle (k-of-n kind) verifies with `l2-verify audit` and
+  tampered variants exit 1;
+* OP_RETURN mode: the anchor transaction carries the record in an OP_RETURN output and its change goes back to the
+  federation as a FUNDING coin, which the next anchor spends;
+* fee bump: an anchor kept out of blocks is replaced by the bridge (bridge.rbf_after_blocks) at a higher rate
+  spending the same coins; the anchor service follows the replacement, which is mined; the original never is.
+  If a miner still holding the original mines it instead, that version becomes the anchor and completes the plan;
+* reorg: the anchor's block is invalidated: SUBMITTED again (in the L2 state too), back in the mempool, mined
+  again on the new branch, CONFIRMED with the new block, then FINAL;
+* a SIGKILL as soon as the anchor transaction is in the mempool, the transaction mined while the daemon is down:
+  after the restart the anchor is found mined, CONFIRMED and FINAL, and nothing is proposed or broadcast again.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import subprocess
@@ -18,35 +31,35 @@ from typing import Any, Awaitable, Callable
 import pytest
 from coincurve import PrivateKey
 
-from anchoring.btc_tx import key_path_script
 from bridge.rpc import BitcoinRPC
-from l2d.config import Config
+from bridge.rpc_errors import RPCError
 from l2d.core.anchor_format import AnchorRecord
 from l2d.core.audit import AuditBundle, ProofEvidence
 from l2d.core.coin_tx import Transfer
+from l2d.core.kofn import KofN
 from l2d.core.params import REGTEST
 from l2d.core.tx import sign
-from l2d.node import Node
 from regtest.harness import BitcoindNode, fund_wallet
+from regtest.members import MIN_DEPTH, fund_body, proven_deposit
+from tests.conftest import L2dProcess
 
 TOKEN = "anchor-test-admin-token-0001"
 USER_SECRET = hashlib.sha256(b"l2d anchor test user").digest()
 USER = PrivateKey(USER_SECRET).public_key_xonly.format()
 REPO = Path(__file__).resolve().parents[2]
+FUNDING_SAT = 2_000_000
+Poll = Callable[..., Awaitable[Any]]
 
 
-def _secret(tag: str) -> bytes:
-    return hashlib.sha256(tag.encode()).digest()
-
-
-def write_config(tmp: Path, btc: BitcoindNode, mode: str, fed_secret: bytes, every: int = 2,
-                 rbf_after: int = 50, poll_ms: int = 200) -> Path:
-    data = tmp / f"l2d-{mode}"
+def write_config(tmp: Path, btc: BitcoindNode, name: str, mode: str = "taproot", poll_ms: int = 200,
+                 rbf_after: int = 50, bridge_poll_ms: int = 100, zmq: bool = True) -> Path:
+    """A regtest daemon anchoring every 2 L2 blocks (CONFIRMED at 1 Bitcoin confirmation, FINAL at 3) through a
+    1-key federation whose key file the daemon creates; its bridge replaces a plan unconfirmed rbf_after blocks.
+    The anchor service steps on every L2 block, every bitcoind block (ZMQ) and every poll_ms; the bridge only
+    every bridge_poll_ms (without zmq, only L2 blocks and polls wake them)."""
+    data = tmp / f"l2d-{name}"
     data.mkdir(parents=True, exist_ok=True)
-    key = data / "federation.key"
-    key.write_text(fed_secret.hex() + "\n")
-    key.chmod(0o600)
-    cfg = tmp / f"l2d-{mode}.toml"
+    cfg = tmp / f"l2d-{name}.toml"
     cfg.write_text(f"""
 [node]
 network = "regtest"
@@ -72,40 +85,57 @@ every_blocks = 0
 [anchoring]
 enabled = true
 mode = "{mode}"
-every_blocks = {every}
-federation_key_file = "{key}"
+every_blocks = 2
 confirmations = 1
 final_confirmations = 3
-rbf_after_blocks = {rbf_after}
 poll_interval_ms = {poll_ms}
+
+[bridge]
+enabled = true
+threshold = 1
+signer_key_files = ["{data / 'signer.key'}"]
+pegin_min_depth = {MIN_DEPTH}
+pegout_confirmations = 1
+rbf_after_blocks = {rbf_after}
+poll_interval_ms = {bridge_poll_ms}
 
 [bitcoind]
 rpc_url = "{btc.rpc_url}"
 cookie_file = "{btc.cookie_path}"
-zmq_hashblock = "{btc.zmq_endpoint}"
-zmq_sequence = "{btc.zmq_endpoint}"
+zmq_hashblock = "{btc.zmq_endpoint if zmq else ''}"
+zmq_sequence = "{btc.zmq_endpoint if zmq else ''}"
 """)
     return cfg
 
 
-async def fund_federation(rpc: BitcoinRPC, fed_secret: bytes, amount_sat: int) -> str:
-    """Mine spendable coins into a 'miner' wallet, send amount_sat to the federation; returns a mining address."""
-    wallets = await rpc.listwallets()
-    if "miner" in wallets:
-        w = rpc.for_wallet("miner")
-        addr = await w.getnewaddress()
-    else:
-        w, addr = await fund_wallet(rpc, "miner")
-    spk = key_path_script(PrivateKey(fed_secret).public_key_xonly.format())
-    info = await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"])
-    fed_addr = (await rpc.call("deriveaddresses", [info["descriptor"]]))[0]
-    await w.sendtoaddress(fed_addr, amount_sat)
-    await rpc.generatetoaddress(1, addr)
-    return addr
+async def relayed(p: L2dProcess, rpc: BitcoinRPC) -> bool:
+    """The federation's relayed Bitcoin tip (in the L2 state) is bitcoind's tip."""
+    tip = p.get("/api/bridge/federation")["btc_tip"]
+    height = await rpc.getblockcount()
+    return tip is not None and tip["height"] == height and tip["hash"] == (await rpc.getblockhash(height))[::-1].hex()
 
 
-async def zmq_sync(p: Any, rpc: BitcoinRPC, addr: str, poll: Callable[..., Awaitable[Any]]) -> None:
-    """Mine until the service sees a block within 2 s: its ZMQ subscription is connected (slow joiner)."""
+async def funded_daemon(tmp: Path, btc: BitcoindNode, rpc: BitcoinRPC, l2d_process: Callable[..., L2dProcess],
+                        poll: Poll, name: str, **config: Any
+                        ) -> tuple[L2dProcess, Path, str, tuple[str, int]]:
+    """A miner wallet, the daemon started, and FUNDING_SAT paid to the federation's funding address and recorded
+    with its proof: (process, config path, mining address, the funding outpoint (display txid, vout))."""
+    w, mine_addr = await fund_wallet(rpc, "miner")
+    cfg = write_config(tmp, btc, name, **config)
+    p = l2d_process(cfg, tmp / f"l2d-{name}-1.log")
+    fund_addr = p.get("/api/bridge/federation")["funding_address"]
+    txid, proof = await proven_deposit(rpc, w, mine_addr, lambda: relayed(p, rpc), fund_addr, FUNDING_SAT)
+    l2_txid = p.post("/api/admin/bridge/fund", fund_body(proof), TOKEN)["txid"]
+    await poll(lambda: p.get(f"/api/l2/tx/{l2_txid}")["status"] == "committed", 60, "the funding recorded")
+    coin = (txid[::-1].hex(), proof.vout)
+    coins = {(c["txid"], c["vout"]): c for c in p.get("/api/bridge/coins")["coins"]}
+    assert coins[coin]["kind"] == "FUNDING" and coins[coin]["amount_sat"] == FUNDING_SAT
+    return p, cfg, mine_addr, coin
+
+
+async def zmq_sync(p: L2dProcess, rpc: BitcoinRPC, addr: str, poll: Poll) -> None:
+    """Mine until the anchor service sees a block within 2 s: it follows bitcoind's chain (its ZMQ subscription is
+    connected, slow joiner; the header relay's L2 block wakes it too)."""
     for _ in range(15):
         [h] = await rpc.generatetoaddress(1, addr)
         height = (await rpc.getblockheader(h, True)).height
@@ -117,18 +147,59 @@ async def zmq_sync(p: Any, rpc: BitcoinRPC, addr: str, poll: Callable[..., Await
     raise AssertionError("the anchor service never saw a ZMQ hashblock")
 
 
-def anchors(p: Any) -> dict[int, dict[str, Any]]:
+def anchors(p: L2dProcess) -> dict[int, dict[str, Any]]:
     return {a["l2_height"]: a for a in p.get("/api/anchors")["anchors"]}
 
 
-async def transfer(p: Any, n: int, poll: Callable[..., Awaitable[Any]]) -> None:
+def anchor_at(p: L2dProcess, height: int, status: str) -> Any:
+    """The anchor of this L2 height if it has this status (else None)."""
+    a = anchors(p).get(height)
+    return a if a is not None and a["status"] == status else None
+
+
+def l2_status(p: L2dProcess, height: int, status: str) -> Any:
+    """The anchor of this L2 height if the L2 state records it with this status (else None)."""
+    a = anchors(p).get(height)
+    return a if a is not None and a["l2_state"] and a["l2_state"]["status"] == status else None
+
+
+def first_submitted(p: L2dProcess, above: int = -1) -> Any:
+    """The lowest anchor above this L2 height that is SUBMITTED (else None)."""
+    found = [a for h, a in sorted(anchors(p).items()) if h > above and a["status"] == "SUBMITTED"]
+    return found[0] if found else None
+
+
+def plan(p: L2dProcess, txid: str) -> dict[str, Any]:
+    [x] = [x for x in p.get("/api/bridge/plans")["plans"] if x["id"] == txid]
+    return x
+
+
+def coins(p: L2dProcess) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(c["txid"], c["vout"]): c for c in p.get("/api/bridge/coins")["coins"]}
+
+
+async def mempool(rpc: BitcoinRPC) -> list[str]:
+    return [h[::-1].hex() for h in await rpc.getrawmempool()]
+
+
+async def transfer(p: L2dProcess, n: int, poll: Poll) -> None:
     """n signed transfers from the genesis-funded user, each waited for: n L2 blocks."""
     recipient = PrivateKey(hashlib.sha256(b"l2d anchor test recipient").digest()).public_key_xonly.format()
     for _ in range(n):
         nonce = p.get(f"/api/l2/accounts/{USER.hex()}")["nonce"]
         tx = sign(REGTEST, USER_SECRET, nonce, 1, Transfer(recipient, 1000), b"\0" * 32)
         txid = p.post("/api/l2/tx", {"tx": tx.raw.hex()}, TOKEN)["txid"]
-        await poll(lambda: p.get(f"/api/l2/tx/{txid}")["status"] == "committed", 20, "transfer committed")
+        await poll(lambda: p.get(f"/api/l2/tx/{txid}")["status"] == "committed", 60, "transfer committed")
+
+
+async def submitted_after_broadcast(p: L2dProcess, rpc: BitcoinRPC, poll: Poll, above: int = -1) -> dict[str, Any]:
+    """The bridge broadcasts an anchor plan (its transaction in bitcoind's mempool), and the anchor service marks the
+    anchor above this L2 height SUBMITTED with that txid: woken by bitcoind's ZMQ sequence notice of that
+    transaction (its RPC poll is 60 s in the tests that use this; no L2 block is made meanwhile)."""
+    [txid] = await poll(lambda: mempool(rpc), 60, "an anchor broadcast")
+    a = await poll(lambda: first_submitted(p, above), 30, "the anchor SUBMITTED")
+    assert a["txid"] == txid
+    return dict(a)
 
 
 def verify(bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -136,73 +207,93 @@ def verify(bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
-async def test_end_to_end_taproot(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
-                                  l2d_process: Callable[..., Any], poll: Callable[..., Awaitable[Any]]) -> None:
-    fed = _secret("l2d e2e federation taproot")
-    mine_addr = await fund_federation(rpc, fed, 2_000_000)
-    # RPC poll every 60 s: within this test, every Bitcoin event reaches the service through ZMQ hashblock
-    cfg = write_config(tmp_path, bitcoind, "taproot", fed, poll_ms=60_000)
-    p = l2d_process(cfg, tmp_path / "l2d-1.log")
-    await zmq_sync(p, rpc, mine_addr, poll)
+def vins(raw: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(i["txid"], i["vout"]) for i in raw["vin"]]
 
-    await transfer(p, 2, poll)  # two L2 blocks (or more): height 2 is the first anchored height
-    a = await poll(lambda: anchors(p).get(2), 20, "an anchor for L2 height 2")
-    a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
-    txid = a["txid"]
-    assert txid in [h[::-1].hex() for h in await rpc.getrawmempool()]
+
+async def test_end_to_end_taproot(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
+                                  l2d_process: Callable[..., L2dProcess], poll: Poll) -> None:
+    """Taproot anchors as plans: proposed (paid by the funding coin), signed by the federation's key, broadcast,
+    mined, CONFIRMED and FINAL, each step in the L2 state; the FINAL update completes the plan and its output is the
+    federation's ANCHOR coin. A restart loses nothing; the next anchor, proposed by the restarted process, names the
+    first's link and spends its k-of-n output. The audit bundle verifies; tampered variants do not."""
+    # RPC poll every 60 s: within this test, every Bitcoin event reaches the anchor service through ZMQ (or the L2
+    # block of the header relay), never through its poll
+    p, cfg, mine_addr, funding = await funded_daemon(tmp_path, bitcoind, rpc, l2d_process, poll, "taproot",
+                                                     poll_ms=60_000)
+    await zmq_sync(p, rpc, mine_addr, poll)
+    fed = p.get("/api/bridge/federation")
+    await transfer(p, 2, poll)  # signed transfers make L2 blocks
+
+    # proposed as a plan paid by the funding coin, signed by the federation's key, broadcast by the bridge
+    a = await submitted_after_broadcast(p, rpc, poll)
+    h, txid = a["l2_height"], a["txid"]
+    assert a["mode"] == "taproot" and a["replaced_txids"] == [] and h % 2 == 0
+    assert txid in await mempool(rpc)
+    pl = plan(p, txid)
+    assert (pl["kind"], pl["anchor_height"], pl["status"]) == ("anchor", h, "PLANNED")
+    assert pl["signed_by"] == fed["keys"] and pl["signed_tx"]
+    assert [(i["txid"], i["vout"], i["kind"]) for i in pl["inputs"]] == [(*funding, "FUNDING")]
+    raw = await rpc.call("getrawtransaction", [txid, 1])
+    assert vins(raw) == [funding] and raw["hex"] == pl["signed_tx"]
+    assert raw["vout"][0]["scriptPubKey"]["type"] == "witness_v1_taproot"  # the k-of-n output
+    assert p.get("/api/anchors/latest")["l2_height"] == h and a["record"][-64:] == "00" * 32  # the first: no prev
 
     [b1] = await rpc.generatetoaddress(1, mine_addr)
-    a = await poll(lambda: (x := anchors(p)[2])["status"] == "CONFIRMED" and x, 20, "anchor confirmed (ZMQ)")
+    a = await poll(lambda: anchor_at(p, h, "CONFIRMED"), 60, "anchor confirmed (ZMQ)")
     assert a["btc_block_hash"] == b1[::-1].hex() and a["txid"] == txid
-    # the AnchorUpdate landed in the L2 state
-    a = await poll(lambda: (x := anchors(p)[2])["l2_state"] and x["l2_state"]["status"] == "CONFIRMED" and x, 20,
-                   "AnchorUpdate CONFIRMED in the L2 state")
+    a = await poll(lambda: l2_status(p, h, "CONFIRMED"), 60, "AnchorUpdate CONFIRMED in the L2 state")
     assert a["l2_state"]["btc_txid"] == txid and a["l2_state"]["btc_block_hash"] == b1[::-1].hex()
     assert a["l2_state"]["state_root"] == a["state_root"]
-    assert p.get("/api/anchors/latest")["l2_height"] >= 2
-
-    # reorg: the anchor's block is invalidated -> SUBMITTED; mining again confirms it again
-    await rpc.invalidateblock(b1)
-    await poll(lambda: anchors(p)[2]["status"] == "SUBMITTED", 20, "anchor back to SUBMITTED after the reorg")
-    await poll(lambda: (s := anchors(p)[2]["l2_state"]) and s["status"] == "SUBMITTED", 20,
-               "the L2 state learns about the reorg")
-    # another address: the same coinbase at the same height and time would rebuild the invalidated block
-    [b2] = await rpc.generatetoaddress(1, await rpc.for_wallet("miner").getnewaddress())
-    a = await poll(lambda: (x := anchors(p)[2])["status"] == "CONFIRMED" and x, 20, "anchor confirmed again")
-    assert a["btc_block_hash"] == b2[::-1].hex()
+    assert plan(p, txid)["status"] == "PLANNED"  # CONFIRMED does not complete the plan (a reorg may undo it)
 
     # restart mid-way: everything survives
     before = anchors(p)
     assert p.stop() == 0
-    p = l2d_process(cfg, tmp_path / "l2d-2.log")
+    p = l2d_process(cfg, tmp_path / "l2d-taproot-2.log")
     after = anchors(p)
-    await zmq_sync(p, rpc, mine_addr, poll)
-    assert {h: (x["status"], x["txid"], x["btc_block_hash"]) for h, x in before.items() if h == 2} == \
-        {h: (x["status"], x["txid"], x["btc_block_hash"]) for h, x in after.items() if h == 2}
+    assert {k: (x["status"], x["txid"], x["btc_block_hash"], x["record"]) for k, x in before.items()} == \
+        {k: (x["status"], x["txid"], x["btc_block_hash"], x["record"]) for k, x in after.items()}
+    await zmq_sync(p, rpc, mine_addr, poll)  # the second confirmation
 
-    # the next anchor chains to this one (and spends its output); FINAL after 3 confirmations
+    # FINAL after 3 confirmations; the FINAL update completes the plan: its output is the federation's ANCHOR coin
     await rpc.generatetoaddress(1, mine_addr)
-    await poll(lambda: anchors(p)[2]["status"] == "FINAL", 20, "anchor FINAL")
-    await poll(lambda: (s := anchors(p)[2]["l2_state"]) and s["status"] == "FINAL", 20, "FINAL in the L2 state")
-    await poll(lambda: [x for h, x in anchors(p).items() if h > 2 and x["txid"]], 20, "a later anchor submitted")
-    chain = [x for _, x in sorted(anchors(p).items()) if x["txid"]]
-    for prev, nxt in zip(chain, chain[1:]):  # each anchor spends the previous one's output, and names its link
-        raw = await rpc.call("getrawtransaction", [nxt["txid"], 1])
-        assert [(i["txid"], i["vout"]) for i in raw["vin"]] == [(prev["txid"], 0)]
-        assert nxt["record"][92:] == prev["link"]  # prev_link: the record's last 32 bytes
+    await poll(lambda: anchor_at(p, h, "FINAL"), 60, "anchor FINAL")
+    await poll(lambda: l2_status(p, h, "FINAL"), 60, "FINAL in the L2 state")
+    await poll(lambda: plan(p, txid)["status"] == "COMPLETED", 60, "the anchor plan COMPLETED")
+    anchor_coin = coins(p)[(txid, 0)]
+    assert anchor_coin["kind"] == "ANCHOR" and anchor_coin["amount_sat"] == FUNDING_SAT - pl["fee_sat"]
+    assert coins(p)[funding]["spent_by"] == txid
+
+    # the next anchor, proposed by the restarted process, chains to this one and spends its k-of-n output
+    nxt = await submitted_after_broadcast(p, rpc, poll, above=h)
+    assert [r for r in p.lines() if r["msg"] == "anchor plan proposed" and r["l2_height"] == nxt["l2_height"]]
+    assert nxt["record"][92:] == a["link"]  # prev_link: the record's last 32 bytes
+    assert [(i["txid"], i["vout"], i["kind"]) for i in plan(p, nxt["txid"])["inputs"]] == [(txid, 0, "ANCHOR")]
+    raw = await rpc.call("getrawtransaction", [nxt["txid"], 1])
+    assert vins(raw) == [(txid, 0)]
+    # the 1-of-1 leaf's witness: one BIP340 signature (65 bytes: SIGHASH_ALL explicit), the leaf, the control block
+    witness = raw["vin"][0]["txinwitness"]
+    assert len(witness) == 3 and len(witness[0]) // 2 == 65
+    await rpc.generatetoaddress(1, mine_addr)
+    await poll(lambda: anchor_at(p, nxt["l2_height"], "CONFIRMED"), 60, "the next anchor confirmed")
+    assert coins(p)[(txid, 0)]["spent_by"] == nxt["txid"]
 
     # audit bundle: export with l2-cli, verify offline; tampered variants exit 1
     out = tmp_path / "audit.bin"
-    cli = subprocess.run([sys.executable, "-m", "l2d.cli", "--api", p.url(""), "export-audit", "--height", "2",
+    cli = subprocess.run([sys.executable, "-m", "l2d.cli", "--api", p.url(""), "export-audit", "--height", str(h),
                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert cli.returncode == 0, cli.stderr
-    res = verify(out, "--min-conf", "1")
+    res = verify(out, "--min-conf", "3")
     assert res.returncode == 0, res.stdout + res.stderr
     assert verify(out, "--min-conf", "1000").returncode == 1  # too few confirmations
     assert p.get_raw("/api/anchors/999/audit")[0] == 404
 
     bundle = AuditBundle.decode(out.read_bytes())
+    assert bundle.kofn is not None and bundle.kofn.k == 1 and [bytes.fromhex(k)[1:] for k in fed["keys"]] == \
+        list(bundle.kofn.keys)
     rec = bundle.record
+    other_key = PrivateKey(hashlib.sha256(b"not the federation").digest()).public_key_xonly.format()
     variants = {
         "changed-root": dataclasses.replace(bundle, record=AnchorRecord(rec.network_id, rec.l2_height,
                                                                         b"\x01" * 32, rec.prev_link)),
@@ -212,6 +303,8 @@ async def test_end_to_end_taproot(tmp_path: Path, bitcoind: BitcoindNode, rpc: B
             [bundle.merkleblock[85] ^ 1]) + bundle.merkleblock[86:]),
         "broken-header-link": dataclasses.replace(bundle, headers=bundle.headers[:80 * 2]
                                                   + bundle.headers[80 * 3:]),
+        # another federation's policy: the anchor output is not its k-of-n output
+        "other-policy": dataclasses.replace(bundle, kofn=KofN.of(1, [other_key])),
     }
     for name, v in variants.items():
         f = tmp_path / f"tampered-{name}.bin"
@@ -221,146 +314,219 @@ async def test_end_to_end_taproot(tmp_path: Path, bitcoind: BitcoindNode, rpc: B
     assert p.stop() == 0
 
 
-async def test_op_return_mode_anchors(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
-                                      l2d_process: Callable[..., Any], poll: Callable[..., Awaitable[Any]]) -> None:
-    fed = _secret("l2d e2e federation op_return")
-    mine_addr = await fund_federation(rpc, fed, 1_000_000)
-    cfg = write_config(tmp_path, bitcoind, "op_return", fed)
-    p = l2d_process(cfg, tmp_path / "l2d.log")
+async def test_op_return_mode_anchors_return_the_change_as_a_funding_coin(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, l2d_process: Callable[..., L2dProcess],
+        poll: Poll) -> None:
+    """OP_RETURN mode: the anchor transaction spends the funding coin into OP_RETURN <record> and a change output to
+    the federation's funding address, which becomes a FUNDING coin once the anchor is FINAL; the next anchor spends
+    it; the audit bundle (OP_RETURN kind) verifies."""
+    p, cfg, mine_addr, funding = await funded_daemon(tmp_path, bitcoind, rpc, l2d_process, poll, "op_return",
+                                                     mode="op_return")
     await transfer(p, 2, poll)
-    a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
-    # l2d is down while its anchor is mined: after the restart it finds it (block scan from the submit height)
-    assert p.stop() == 0
-    await rpc.generatetoaddress(1, mine_addr)
-    p = l2d_process(cfg, tmp_path / "l2d-2.log")
-    await poll(lambda: anchors(p)[2]["status"] == "CONFIRMED", 20, "anchor confirmed after the restart")
-    await poll(lambda: (s := anchors(p)[2]["l2_state"]) and s["status"] == "CONFIRMED", 20, "CONFIRMED in L2 state")
-    raw = await rpc.call("getrawtransaction", [a["txid"], 1])
+    a = await poll(lambda: first_submitted(p), 60, "an anchor SUBMITTED")
+    h, txid = a["l2_height"], a["txid"]
+    raw = await rpc.call("getrawtransaction", [txid, 1])
+    assert vins(raw) == [funding] and len(raw["vout"]) == 2
     assert raw["vout"][0]["scriptPubKey"]["hex"] == "6a4c4e" + a["record"]  # OP_RETURN OP_PUSHDATA1 78 <record>
-    fed_spk = key_path_script(PrivateKey(fed).public_key_xonly.format()).hex()
-    assert raw["vout"][1]["scriptPubKey"]["hex"] == fed_spk  # change back to the federation
+    assert raw["vout"][0]["value"] == 0
+    fund_addr = p.get("/api/bridge/federation")["funding_address"]
+    assert raw["vout"][1]["scriptPubKey"]["address"] == fund_addr  # the change back to the federation's funding
+    change = round(raw["vout"][1]["value"] * 100_000_000)
+    assert change == FUNDING_SAT - plan(p, txid)["fee_sat"]
+
+    await rpc.generatetoaddress(3, mine_addr)
+    await poll(lambda: anchor_at(p, h, "FINAL"), 60, "anchor FINAL")
+    a = await poll(lambda: l2_status(p, h, "FINAL"), 60, "FINAL in the L2 state")
+    assert a["l2_state"]["btc_txid"] == txid
+    await poll(lambda: plan(p, txid)["status"] == "COMPLETED", 60, "the anchor plan COMPLETED")
+    c = coins(p)
+    assert c[funding]["spent_by"] == txid and (txid, 0) not in c
+    assert c[(txid, 1)] == {**c[(txid, 1)], "kind": "FUNDING", "amount_sat": change, "address": fund_addr}
+    assert p.get("/api/bridge/federation")["funded_sat"] == FUNDING_SAT  # recorded funding, not the change
+
     out = tmp_path / "audit.bin"
-    status, body = p.get_raw("/api/anchors/2/audit")
+    status, body = p.get_raw(f"/api/anchors/{h}/audit")
     assert status == 200
     out.write_bytes(body)
-    res = verify(out)
+    assert AuditBundle.decode(body).kofn is None  # the OP_RETURN kind carries no policy
+    res = verify(out, "--min-conf", "3")
     assert res.returncode == 0, res.stdout + res.stderr
+
+    # the next anchor is paid by that change
+    await transfer(p, 2, poll)
+    nxt = await poll(lambda: first_submitted(p, h), 60, "the next anchor SUBMITTED")
+    assert vins(await rpc.call("getrawtransaction", [nxt["txid"], 1])) == [(txid, 1)]
+    assert nxt["record"][92:] == a["link"]
     assert p.stop() == 0
 
 
-async def test_rbf_fee_bump_when_unconfirmed(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
-                                             l2d_process: Callable[..., Any],
-                                             poll: Callable[..., Awaitable[Any]]) -> None:
-    fed = _secret("l2d e2e federation rbf")
-    mine_addr = await fund_federation(rpc, fed, 1_000_000)
-    cfg = write_config(tmp_path, bitcoind, "taproot", fed, rbf_after=2)
-    p = l2d_process(cfg, tmp_path / "l2d.log")
+async def replaced_by_fee(p: L2dProcess, rpc: BitcoinRPC, mine_addr: str, poll: Poll) -> tuple[int, str, str, str]:
+    """The first anchor transaction is kept out of blocks (prioritisetransaction with a large negative delta, as if
+    its fee were too low) until the bridge replaces its plan (bridge.rbf_after_blocks Bitcoin blocks later) and
+    the anchor service follows the replacement: (L2 height, original txid, original raw tx hex, replacement txid)."""
     await transfer(p, 2, poll)
-    a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
-    old_raw = await rpc.call("getrawtransaction", [a["txid"]])
-    # two blocks that leave the anchor out: past rbf_after_blocks, the anchor is replaced with a higher fee
-    for _ in range(2):
-        await rpc.call("generateblock", [mine_addr, []])
-    b = await poll(lambda: (x := anchors(p)[2])["replaced_txids"] and x, 20, "the RBF replacement")
-    assert b["replaced_txids"] == [a["txid"]] and b["txid"] != a["txid"]
-    assert b["fee_sat"] >= a["fee_sat"] + b["vsize"]  # old fee + incremental relay fee x vsize
-    mempool = [h[::-1].hex() for h in await rpc.getrawmempool()]
-    assert b["txid"] in mempool and a["txid"] not in mempool
-    # a miner still holding the replaced version mines it: that version becomes the anchor
-    await rpc.call("generateblock", [mine_addr, [old_raw]])
-    c = await poll(lambda: (x := anchors(p)[2])["status"] == "CONFIRMED" and x, 20, "the old version confirmed")
-    assert c["txid"] == a["txid"] and c["replaced_txids"] == [b["txid"]]
-    status, bundle = p.get_raw("/api/anchors/2/audit")  # the audit bundle carries the mined version
+    a = await poll(lambda: first_submitted(p), 60, "an anchor SUBMITTED")
+    h, old = a["l2_height"], a["txid"]
+    old_raw = (await rpc.call("getrawtransaction", [old, 1]))["hex"]
+    await rpc.call("prioritisetransaction", [old, 0, -10_000_000])
+
+    async def replaced() -> Any:
+        """The anchor, once the service follows its replacement (before, the signed replacement not yet in
+        bitcoind is listed in replaced_txids: the other signed versions); mines a block while only the original
+        waits."""
+        x = anchors(p)[h]
+        if x["txid"] != old:
+            return x
+        if await mempool(rpc) == [old]:
+            await rpc.generatetoaddress(1, mine_addr)
+            await poll(lambda: relayed(p, rpc), 60, "the block relayed")
+        return None
+    b = await poll(replaced, 120, "the anchor replaced by fee")
+    assert b["status"] == "SUBMITTED" and b["replaced_txids"] == [old]
+    assert await mempool(rpc) == [b["txid"]]  # the replacement evicted the original
+    return h, old, old_raw, b["txid"]
+
+
+async def test_a_starved_anchor_is_replaced_by_fee_and_the_service_follows_the_replacement(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, l2d_process: Callable[..., L2dProcess],
+        poll: Poll) -> None:
+    """The first anchor transaction is kept out of blocks; bridge.rbf_after_blocks = 2 blocks later the bridge
+    replaces the plan at a higher rate, spending the same coins; the anchor service follows the replacement, which
+    is mined, CONFIRMED and FINAL; the original never is."""
+    p, cfg, mine_addr, funding = await funded_daemon(tmp_path, bitcoind, rpc, l2d_process, poll, "rbf", rbf_after=2)
+    h, old, _, new = await replaced_by_fee(p, rpc, mine_addr, poll)
+    first, second = plan(p, old), plan(p, new)
+    assert second["replaces"] == old and first["replaced_by"] == new and first["status"] == "REPLACED"
+    assert second["feerate_sat_vb"] > first["feerate_sat_vb"] and second["fee_sat"] > first["fee_sat"]
+    assert second["signed_by"] == first["signed_by"] and second["anchor_height"] == h
+    assert vins(await rpc.call("getrawtransaction", [new, 1])) == [funding]  # the same coin
+
+    [block] = await rpc.generatetoaddress(1, mine_addr)
+    c = await poll(lambda: anchor_at(p, h, "CONFIRMED"), 60, "the replacement confirmed")
+    assert (c["txid"], c["btc_block_hash"], c["replaced_txids"]) == (new, block[::-1].hex(), [old])
+    c = await poll(lambda: l2_status(p, h, "CONFIRMED"), 60, "CONFIRMED in the L2 state")
+    assert c["l2_state"]["btc_txid"] == new
+    await rpc.generatetoaddress(2, mine_addr)
+    await poll(lambda: l2_status(p, h, "FINAL"), 60, "FINAL in the L2 state")
+    await poll(lambda: plan(p, new)["status"] == "COMPLETED", 60, "the replacement's plan COMPLETED")
+    assert plan(p, old)["status"] == "REPLACED" and coins(p)[funding]["spent_by"] == new
+    with pytest.raises(RPCError):  # the original was never mined (txindex knows every mined transaction)
+        await rpc.call("getrawtransaction", [old, 1])
+    status, body = p.get_raw(f"/api/anchors/{h}/audit")  # the audit bundle carries the mined version
     assert status == 200
-    (tmp_path / "audit.bin").write_bytes(bundle)
-    res = verify(tmp_path / "audit.bin")
+    (tmp_path / "audit.bin").write_bytes(body)
+    res = verify(tmp_path / "audit.bin", "--min-conf", "3")
     assert res.returncode == 0, res.stdout + res.stderr
+    # the anchor's fee and vsize (GET /api/anchors) are the mined version's (its vsize at most the plan's bound)
+    mined = await rpc.call("getrawtransaction", [new, 1])
+    assert FUNDING_SAT - round(mined["vout"][0]["value"] * 100_000_000) == second["fee_sat"]
+    c = anchors(p)[h]
+    assert c["fee_sat"] == second["fee_sat"], f"the anchor service records no fee for a federation anchor: {c}"
+    assert mined["vsize"] <= c["vsize"] <= second["fee_sat"] // second["feerate_sat_vb"]
     assert p.stop() == 0
 
 
-async def test_reorg_with_conflicting_spend_reanchors(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
-                                                      l2d_process: Callable[..., Any],
-                                                      poll: Callable[..., Awaitable[Any]]) -> None:
-    """The reorged-out anchor's input is double-spent meanwhile: the anchor is rebuilt from fresh inputs."""
-    from anchoring.btc_tx import Prevout, TxOut, build_signed
+async def test_a_replaced_version_mined_by_a_miner_still_holding_it_becomes_the_anchor(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, l2d_process: Callable[..., L2dProcess],
+        poll: Poll) -> None:
+    """After the fee bump, a miner that still holds the original mines it: that version becomes the anchor (the
+    replacement joins replaced_txids), its FINAL update completes the plan with it, and the audit bundle carries
+    it."""
+    p, cfg, mine_addr, funding = await funded_daemon(tmp_path, bitcoind, rpc, l2d_process, poll, "rbf-old",
+                                                     rbf_after=2)
+    h, old, old_raw, new = await replaced_by_fee(p, rpc, mine_addr, poll)
+    block = (await rpc.call("generateblock", [mine_addr, [old_raw]]))["hash"]
+    c = await poll(lambda: anchor_at(p, h, "CONFIRMED"), 60, "the original confirmed")
+    assert (c["txid"], c["btc_block_hash"], c["replaced_txids"]) == (old, block, [new])
+    c = await poll(lambda: l2_status(p, h, "CONFIRMED"), 60, "CONFIRMED in the L2 state")
+    assert c["l2_state"]["btc_txid"] == old
+    assert new not in await mempool(rpc)  # the block's conflict evicted the replacement
+    await rpc.generatetoaddress(2, mine_addr)
+    await poll(lambda: l2_status(p, h, "FINAL"), 60, "FINAL in the L2 state")
+    await poll(lambda: plan(p, old)["status"] == "COMPLETED", 60, "the original's plan COMPLETED")
+    assert plan(p, new)["status"] == "REPLACED" and coins(p)[funding]["spent_by"] == old
+    with pytest.raises(RPCError):  # the replacement was never mined
+        await rpc.call("getrawtransaction", [new, 1])
+    status, body = p.get_raw(f"/api/anchors/{h}/audit")
+    assert status == 200 and AuditBundle.decode(body).anchor_tx.hex() == old_raw
+    (tmp_path / "audit.bin").write_bytes(body)
+    res = verify(tmp_path / "audit.bin", "--min-conf", "3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    # the anchor's fee and vsize (GET /api/anchors) are those of the version mined
+    c = anchors(p)[h]
+    assert c["fee_sat"] == plan(p, old)["fee_sat"], f"the fee of the replacement, not of the version mined: {c}"
+    assert c["vsize"] == (await rpc.call("getrawtransaction", [old, 1]))["vsize"]
+    assert p.stop() == 0
 
-    fed = _secret("l2d e2e federation conflict")
-    mine_addr = await fund_federation(rpc, fed, 1_000_000)
-    cfg = write_config(tmp_path, bitcoind, "taproot", fed)
-    p = l2d_process(cfg, tmp_path / "l2d.log")
+
+async def test_a_reorg_of_the_anchor_block_moves_it_back_to_submitted_and_it_confirms_again(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, l2d_process: Callable[..., L2dProcess],
+        poll: Poll) -> None:
+    """The anchor's block is invalidated: the anchor is SUBMITTED again (the L2 state is told), its transaction is
+    back in the mempool and is mined on the new branch: CONFIRMED with the new block, then FINAL. (The key-mode test
+    of a conflicting spend of the anchor's input during the reorg is gone: only threshold federation keys can spend
+    the federation's coins, and every spend of an anchor plan's coins is a version of that plan.)"""
+    p, cfg, mine_addr, funding = await funded_daemon(tmp_path, bitcoind, rpc, l2d_process, poll, "reorg")
     await transfer(p, 2, poll)
-    a = await poll(lambda: (x := anchors(p).get(2)) and x["status"] == "SUBMITTED" and x, 20, "anchor submitted")
+    a = await poll(lambda: first_submitted(p), 60, "an anchor SUBMITTED")
+    h, txid = a["l2_height"], a["txid"]
     [b1] = await rpc.generatetoaddress(1, mine_addr)
-    await poll(lambda: anchors(p)[2]["status"] == "CONFIRMED", 20, "anchor confirmed")
+    await poll(lambda: anchor_at(p, h, "CONFIRMED"), 60, "anchor confirmed")
+    await poll(lambda: l2_status(p, h, "CONFIRMED"), 60, "CONFIRMED in the L2 state")
+    # b1's header relayed first: a relay of it still in the L2 mempool when bitcoind's tip drops below it would stop
+    # the L2 chain (the member signs no block whose Bitcoin claims its bitcoind does not confirm) until bitcoind is
+    # back at that height
+    await poll(lambda: relayed(p, rpc), 60, "b1 relayed")
 
-    # Reorg the anchor out and, in the same breath, double-spend its input (the federation coin) back to the
-    # federation with a higher fee, then mine that instead.
-    tx = await rpc.call("getrawtransaction", [a["txid"], 1])
-    [vin] = tx["vin"]
-    prev = await rpc.call("getrawtransaction", [vin["txid"], 1])
-    out = prev["vout"][vin["vout"]]
-    amount = int(out["value"] * 100_000_000)
-    fed_spk = key_path_script(PrivateKey(fed).public_key_xonly.format())
-    coin = Prevout(bytes.fromhex(vin["txid"])[::-1], vin["vout"], amount, fed_spk)
-    conflict = build_signed(fed, [coin], [TxOut(amount - 50_000, fed_spk)], b"\x02" * 32)
     await rpc.invalidateblock(b1)
-    await rpc.sendrawtransaction(conflict.raw)  # replaces the anchor in the mempool (RBF, higher fee)
-    await rpc.generatetoaddress(1, await rpc.for_wallet("miner").getnewaddress())
-
-    b = await poll(lambda: (x := anchors(p)[2])["replaced_txids"] and x["status"] == "SUBMITTED" and x, 30,
-                   "the anchor rebuilt from fresh inputs")
-    assert a["txid"] in b["replaced_txids"] and b["txid"] != a["txid"]
-    new_tx = await rpc.call("getrawtransaction", [b["txid"], 1])
-    assert [(i["txid"], i["vout"]) for i in new_tx["vin"]] == [(conflict.txid_hex, 0)]
-    await rpc.generatetoaddress(1, mine_addr)
-    c = await poll(lambda: (x := anchors(p)[2])["status"] == "CONFIRMED" and x, 20, "re-anchor confirmed")
-    assert c["txid"] == b["txid"] and c["record"] == a["record"]
+    a = await poll(lambda: anchor_at(p, h, "SUBMITTED"), 60, "anchor back to SUBMITTED after the reorg")
+    assert (a["txid"], a["btc_block_hash"], a["confirmations"]) == (txid, None, 0)
+    a = await poll(lambda: l2_status(p, h, "SUBMITTED"), 60, "the L2 state learns about the reorg")
+    assert a["l2_state"]["btc_txid"] == txid
+    assert txid in await mempool(rpc)  # back in the mempool
+    # another address: the same coinbase at the same height and time would rebuild the invalidated block
+    [b2] = await rpc.generatetoaddress(1, await rpc.for_wallet("miner").getnewaddress())
+    a = await poll(lambda: anchor_at(p, h, "CONFIRMED"), 60, "anchor confirmed again")
+    assert (a["txid"], a["btc_block_hash"]) == (txid, b2[::-1].hex()) and b2 != b1
+    a = await poll(lambda: l2_status(p, h, "CONFIRMED"), 60, "CONFIRMED again in the L2 state")
+    assert a["l2_state"]["btc_block_hash"] == b2[::-1].hex()
+    await rpc.generatetoaddress(2, mine_addr)
+    a = await poll(lambda: l2_status(p, h, "FINAL"), 60, "FINAL in the L2 state")
+    assert a["l2_state"]["btc_block_hash"] == b2[::-1].hex() and a["replaced_txids"] == []
+    await poll(lambda: plan(p, txid)["status"] == "COMPLETED", 60, "the anchor plan COMPLETED")
     assert p.stop() == 0
 
 
-async def test_a_stop_right_after_the_broadcast_loses_no_anchor_transaction(
-        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The anchor service stops (its task is cancelled) just after bitcoind accepted an anchor transaction. The
-    transaction used to be recorded only after the broadcast returned: such a stop left it unrecorded, spending the
-    previous anchor's output, and after the restart the service found no coins and anchored nothing more (seen
-    once under CPU load in test_end_to_end_taproot, where the test stops the daemon mid-step)."""
-    fed = _secret("l2d stop after broadcast")
-    mine_addr = await fund_federation(rpc, fed, 1_000_000)
-    cfg = Config.load(write_config(tmp_path, bitcoind, "taproot", fed))
-    recipient = PrivateKey(hashlib.sha256(b"l2d anchor test recipient").digest()).public_key_xonly.format()
-    sent: list[bytes] = []
-    real_send = BitcoinRPC.sendrawtransaction
+async def test_a_kill_right_after_the_broadcast_loses_no_anchor(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, l2d_process: Callable[..., L2dProcess],
+        poll: Poll) -> None:
+    """The daemon is SIGKILLed as soon as its anchor transaction is in bitcoind's mempool, and the transaction is
+    mined while it is down. After the restart the anchor is found mined (the anchor service had not seen the
+    broadcast before the kill: it finds that version already mined, and rescans from just below its block),
+    CONFIRMED and FINAL; nothing is proposed or broadcast again."""
+    # The anchor service must not step between the broadcast and the kill: no ZMQ (whose notice of the broadcast
+    # would wake it), its RPC poll is 60 s, no transfers (the header relay's L2 blocks reach height 2), and the bridge
+    # steps once a second: it broadcasts the anchor long after the last L2 block (the empty one that makes its
+    # signature's block final) woke the anchor service.
+    p, cfg, mine_addr, funding = await funded_daemon(tmp_path, bitcoind, rpc, l2d_process, poll, "kill",
+                                                     poll_ms=60_000, bridge_poll_ms=1000, zmq=False)
+    [txid] = await poll(lambda: mempool(rpc), 60, "the anchor broadcast")
+    p.kill()
+    [h] = [r["l2_height"] for r in p.lines() if r["msg"] == "anchor plan proposed"]
+    seen = [r for r in p.lines() if r["msg"] == "anchor plan broadcast"]
+    [block] = await rpc.generatetoaddress(1, mine_addr)
 
-    async def send_then_stop(self: BitcoinRPC, raw: bytes, *args: Any, **kwargs: Any) -> Any:
-        await real_send(self, raw, *args, **kwargs)
-        sent.append(raw)
-        raise asyncio.CancelledError  # the service's task ends here, as at a stop
-
-    monkeypatch.setattr(BitcoinRPC, "sendrawtransaction", send_then_stop)
-    node = Node.from_config(cfg)
-    await node.start(serve_http=False)
-    try:
-        for nonce in range(2):  # L2 blocks 1 and 2: height 2 is anchored
-            node.admission.submit(sign(REGTEST, USER_SECRET, nonce, 1, Transfer(recipient, 1000), bytes(32)).raw)
-            await poll(lambda: node.chain.tip.height > nonce, 20, "an L2 block")
-        await poll(lambda: sent, 30, "the anchor broadcast")
-    finally:
-        await node.stop()
-    monkeypatch.undo()
-    [raw] = sent
-    assert len(await rpc.getrawmempool()) == 1  # bitcoind holds it
-
-    node = Node.from_config(cfg)
-    await node.start(serve_http=False)
-    try:
-        svc = node.anchor_service
-        assert svc is not None
-        a = await poll(lambda: (x := svc.anchors[2]).status.value == "SUBMITTED" and x, 30,
-                       "the transaction saved before the stop recorded as the anchor's")
-        assert (a.raw_tx, a.sending) == (raw.hex(), None)  # the record names what bitcoind holds
-        assert a.txid in [h[::-1].hex() for h in await rpc.getrawmempool()]
-        await rpc.generatetoaddress(1, mine_addr)
-        await poll(lambda: svc.anchors[2].status.value == "CONFIRMED", 30, "the anchor confirmed after the restart")
-    finally:
-        await node.stop()
+    p = l2d_process(cfg, tmp_path / "l2d-kill-2.log")
+    a = await poll(lambda: anchor_at(p, h, "CONFIRMED"), 60, "the anchor found mined after the restart")
+    assert (a["txid"], a["btc_block_hash"], a["replaced_txids"]) == (txid, block[::-1].hex(), [])
+    await poll(lambda: l2_status(p, h, "CONFIRMED"), 60, "CONFIRMED in the L2 state")
+    await rpc.generatetoaddress(2, mine_addr)
+    a = await poll(lambda: l2_status(p, h, "FINAL"), 60, "FINAL in the L2 state")
+    assert a["l2_state"]["btc_txid"] == txid and a["l2_state"]["btc_block_hash"] == block[::-1].hex()
+    await poll(lambda: plan(p, txid)["status"] == "COMPLETED", 60, "the anchor plan COMPLETED")
+    # one plan, one version: nothing re-proposed, replaced or broadcast again
+    assert [x["id"] for x in p.get("/api/bridge/plans")["plans"] if x["anchor_height"] == h] == [txid]
+    assert not [r for r in p.lines() if r["msg"] == "anchor plan proposed" and r["l2_height"] == h]
+    assert (await rpc.call("getrawtransaction", [txid, 1]))["confirmations"] == 3
+    assert seen == [], "the anchor service saw the broadcast before the kill: the restart took the ordinary path"
+    assert p.stop() == 0

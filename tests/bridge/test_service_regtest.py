@@ -21,16 +21,17 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from bitcoin.core import CTransaction
 from coincurve import PrivateKey
 
-from anchoring.btc_tx import key_path_script
+from anchoring.service import AnchorService
 from bridge.rpc import BitcoinRPC
 from bridge.rpc_errors import RPCError
 from l2d.config import Config
+from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.coin_tx import Burn
 from l2d.core.params import REGTEST
 from l2d.core.pegs import CHANGE_CONTRACT, deposit_script_pubkey
-from l2d.core.anchor_tx import AnchorStatus, AnchorUpdate
 from l2d.core.pegs_tx import AnchorMode, AnchorPlan, PeginClaim, RollPlan
 from l2d.core.plans import SUPERSEDE_AFTER
 from l2d.core.tx import sign
@@ -38,6 +39,7 @@ from l2d.node import Node
 from regtest.harness import BitcoindNode, fund_wallet, scan_sat
 
 MIN_DEPTH = 6
+ADMIN = {"Authorization": "Bearer bridge-test-admin-token-01"}
 
 
 def secret(tag: str) -> bytes:
@@ -50,11 +52,10 @@ SIGNERS = [secret(f"signer {i}") for i in range(3)]
 
 
 def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchoring: bool = True,
-                pegout_confirmations: int = 1, emergency_delay: int = 1000, roll_margin: int = 144,
-                anchor_signer: str = "key") -> Config:
+                pegout_confirmations: int = 1, emergency_delay: int = 1000, roll_margin: int = 144) -> Config:
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
-    for i, s in enumerate([secret("federation")] + SIGNERS[:2]):
+    for i, s in enumerate(SIGNERS[:2]):
         f = tmp / f"key{i}"
         f.write_text(s.hex())
         f.chmod(0o600)
@@ -65,12 +66,11 @@ def make_config(tmp: Path, btc: BitcoindNode, rbf_after_blocks: int = 50, anchor
         "block": {"interval_ms": 50},
         "api": {"host": "127.0.0.1", "port": 0, "admin_token": "bridge-test-admin-token-01"},
         "snapshots": {"every_blocks": 0},
-        "anchoring": {"enabled": anchoring, "mode": "taproot", "every_blocks": 2, "federation_key_file": files[0],
-                      "confirmations": 1, "final_confirmations": 2, "rbf_after_blocks": 50, "poll_interval_ms": 100,
-                      "signer": anchor_signer},
+        "anchoring": {"enabled": anchoring, "mode": "taproot", "every_blocks": 2, "confirmations": 1,
+                      "final_confirmations": 2, "poll_interval_ms": 100},
         "bitcoind": {"rpc_url": btc.rpc_url, "cookie_file": str(btc.cookie_path),
                      "zmq_hashblock": btc.zmq_endpoint, "zmq_sequence": btc.zmq_endpoint},
-        "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files[1:],
+        "bridge": {"enabled": True, "threshold": 2, "signer_key_files": files,
                    "other_keys": [PrivateKey(SIGNERS[2]).public_key.format().hex()],
                    # deposits and change carry the emergency path: the plans spend the federation's branch of it
                    "emergency_keys": [PrivateKey(secret(f"emergency {i}")).public_key.format().hex()
@@ -170,17 +170,32 @@ async def setup(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC,
                 request: pytest.FixtureRequest) -> AsyncIterator[tuple[Config, BitcoinRPC, str, Daemon]]:
     w, mine_addr = await fund_wallet(rpc, "miner")
     cfg = make_config(tmp_path / "l2d", bitcoind, getattr(request, "param", 50))
-    # fund the anchoring key (anchors are paid by the federation key's key-path P2TR output)
-    spk = key_path_script(PrivateKey(secret("federation")).public_key_xonly.format())
-    desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
-    await w.sendtoaddress((await rpc.call("deriveaddresses", [desc]))[0], 50_000_000)
-    await rpc.generatetoaddress(1, mine_addr)
     d = await start(cfg)
     try:
+        await fund_federation(d, rpc, w, mine_addr)  # the anchors' fees
         yield cfg, w, mine_addr, d
     finally:
         if not d.node.stopping:
             await stop(d)
+
+
+async def fund_federation(d: Daemon, rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str, amount: int = 1_000_000
+                          ) -> tuple[bytes, int]:
+    """Pay the federation's funding address, mine it MIN_DEPTH deep and record it (l2-cli federation-fund's admin
+    endpoint, with its SPV proof): the coin anchors are paid from. Returns its outpoint (txid internal order)."""
+    fund_addr = (await d.get("/api/bridge/federation"))["funding_address"]
+    txid = await w.sendtoaddress(fund_addr, amount)
+    [block] = await rpc.generatetoaddress(1, mine_addr)
+    await rpc.generatetoaddress(MIN_DEPTH - 1, mine_addr)
+    await relayed_to(d, rpc)
+    info = await rpc.call("getrawtransaction", [txid[::-1].hex(), True])
+    [vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == fund_addr]
+    resp = await d.client.post("/api/admin/bridge/fund", headers=ADMIN, json={
+        "btc_height": (await rpc.getblockheader(block, True)).height, "vout": vout,
+        "tx": (await rpc.getrawtransaction(txid)).hex(), "proof": (await rpc.gettxoutproof([txid], block)).hex()})
+    assert resp.status == 202, await resp.text()
+    await committed(d, (await resp.json())["txid"])
+    return txid, vout
 
 
 async def test_a_bridge_without_anchoring_follows_the_configured_bitcoind(
@@ -230,7 +245,8 @@ async def test_pegin_claims(setup: tuple[Config, BitcoinRPC, str, Daemon], rpc: 
     h2 = (await rpc.getblockheader(b2, True)).height
     raw2, proof2 = await rpc.getrawtransaction(txid2), await rpc.gettxoutproof([txid2], b2)
     await rpc.invalidateblock(b2)
-    await rpc.generatetoaddress(MIN_DEPTH + 2, mine_addr)  # a longer branch without block b2
+    # a longer branch without block b2 (another address: the same template again would be b2 itself)
+    await rpc.generatetoaddress(MIN_DEPTH + 2, await w.getnewaddress())
     await relayed_to(d, rpc)
     fed_tip = (await d.get("/api/bridge/federation"))["btc_tip"]
     assert fed_tip["hash"] != b2[::-1].hex()
@@ -265,8 +281,8 @@ async def funded(d: Daemon, rpc: BitcoinRPC, w: BitcoinRPC, mine_addr: str) -> N
     await committed(d, body["txid"])
 
 
-async def pegout(d: Daemon, w: BitcoinRPC, amount: int) -> tuple[str, str]:
-    dest = await w.getnewaddress()
+async def pegout(d: Daemon, w: BitcoinRPC, amount: int, dest: str = "") -> tuple[str, str]:
+    dest = dest or await w.getnewaddress()
     tx = sign(REGTEST, ALICE, await d.nonce(ALICE), 1, Burn(amount, dest.encode()), b"\0" * 32)
     status, body = await d.submit(tx.raw)
     assert status == 202, body
@@ -311,10 +327,16 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     svc = d.node.bridge_service
     assert svc is not None
 
-    async def crash(raw: bytes) -> bool:
-        raise RuntimeError("injected crash before broadcast")
+    dest2 = await w.getnewaddress()
+    dest2_spk = bytes.fromhex((await w.call("getaddressinfo", [dest2]))["scriptPubKey"])
+    broadcast = svc._broadcast
+
+    async def crash(raw: bytes) -> bool:  # the payout only: the bridge broadcasts the anchors too
+        if any(o.scriptPubKey == dest2_spk for o in CTransaction.deserialize(raw).vout):
+            raise RuntimeError("injected crash before broadcast")
+        return await broadcast(raw)
     svc._broadcast = crash  # type: ignore[method-assign]
-    pid2, dest2 = await pegout(d, w, 10_000_000)
+    pid2, _ = await pegout(d, w, 10_000_000, dest2)
 
     async def signed() -> Any:
         await rpc.generatetoaddress(1, mine_addr)  # confirms the anchor covering the burn
@@ -350,14 +372,11 @@ async def test_a_mined_payout_not_yet_completed_keeps_the_breaker_closed(
     """Between a payout being mined and its COMPLETED record (pegout_confirmations = 3 deep), its input is gone from
     the UTXO set: the breaker sees that a version of the coin's plan is mined and stays closed."""
     w, mine_addr = await fund_wallet(rpc, "miner")
-    spk = key_path_script(PrivateKey(secret("federation")).public_key_xonly.format())
-    desc = (await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"]))["descriptor"]
-    await w.sendtoaddress((await rpc.call("deriveaddresses", [desc]))[0], 50_000_000)
-    await rpc.generatetoaddress(1, mine_addr)
     d = await start(make_config(tmp_path / "l2d", bitcoind, pegout_confirmations=3))
     try:
         svc = d.node.bridge_service
         assert svc is not None
+        await fund_federation(d, rpc, w, mine_addr)
         await funded(d, rpc, w, mine_addr)
         pid, _ = await pegout(d, w, 30_000_000)
         p = await mine_until(d, rpc, mine_addr, pid, "BROADCAST")
@@ -365,7 +384,7 @@ async def test_a_mined_payout_not_yet_completed_keeps_the_breaker_closed(
             await rpc.generatetoaddress(1, mine_addr)
         [p] = [x for x in (await d.get("/api/bridge/pegouts"))["pegouts"] if x["id"] == pid]
         assert p["status"] == "BROADCAST"  # mined once, 3 needed
-        [coin] = (await d.get("/api/bridge/coins"))["coins"]
+        [coin] = [c for c in (await d.get("/api/bridge/coins"))["coins"] if c["kind"] == "DEPOSIT"]
         assert coin["spent_by"] == p["btc_txid"] and await rpc.call("gettxout", [coin["txid"], coin["vout"]]) is None
         assert await svc.audit() is None
         await mine_until(d, rpc, mine_addr, pid, "COMPLETED")
@@ -441,7 +460,7 @@ async def test_the_circuit_breaker_signs_nothing_while_a_coin_of_the_books_is_of
         return False
     await until(held_back, "an anchor covering the burn while the breaker is open", timeout=90)
     await svc.step()  # one more full step with everything in place: still nothing planned
-    assert svc.plans() == {} and svc.halted is not None
+    assert not [p for p in svc.plans().values() if p.pegouts] and svc.halted is not None  # anchors go on
     [p] = [p for p in (await d.get("/api/bridge/pegouts"))["pegouts"] if p["id"] == pid]
     assert p["status"] == "PENDING" and p["btc_txid"] is None
     f = await d.get("/api/bridge/federation")
@@ -460,14 +479,14 @@ async def test_the_circuit_breaker_signs_nothing_while_a_coin_of_the_books_is_of
 
 
 async def rolling_daemon(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, emergency_delay: int = 30,
-                         anchor_signer: str = ""
+                         anchoring: bool = False
                          ) -> tuple[Daemon, BitcoinRPC, str, int, tuple[bytes, int], tuple[bytes, int]]:
     """A daemon whose federation has a 30-block (emergency_delay) emergency delay and rolls 10 blocks before it,
-    anchoring off; Alice's claimed 1 BTC deposit and a recorded 0.01 BTC funding coin, mined in one block at
+    anchoring off unless asked; Alice's claimed 1 BTC deposit and a recorded 0.01 BTC funding coin, mined in one block at
     `height`. Returns (daemon, wallet, mining address, height, deposit outpoint, funding outpoint), txids internal."""
     w, mine_addr = await fund_wallet(rpc, "miner")
-    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=bool(anchor_signer),
-                                emergency_delay=emergency_delay, roll_margin=10, anchor_signer=anchor_signer or "key"))
+    d = await start(make_config(tmp_path / "l2d", bitcoind, anchoring=anchoring, emergency_delay=emergency_delay,
+                                roll_margin=10))
     txid, vout = await deposit(d, rpc, w, ALICE_ID, 100_000_000)
     fund_addr = (await d.get("/api/bridge/federation"))["funding_address"]
     fund_txid = await w.sendtoaddress(fund_addr, 1_000_000)
@@ -480,8 +499,7 @@ async def rolling_daemon(tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC
     await committed(d, body["txid"])
     info = await rpc.call("getrawtransaction", [fund_txid[::-1].hex(), True])
     [fund_vout] = [o["n"] for o in info["vout"] if o["scriptPubKey"].get("address") == fund_addr]
-    admin = {"Authorization": "Bearer bridge-test-admin-token-01"}
-    resp = await d.client.post("/api/admin/bridge/fund", headers=admin, json={
+    resp = await d.client.post("/api/admin/bridge/fund", headers=ADMIN, json={
         "btc_height": height, "vout": fund_vout, "tx": (await rpc.getrawtransaction(fund_txid)).hex(),
         "proof": (await rpc.gettxoutproof([fund_txid], block)).hex()})
     assert resp.status == 202, await resp.text()
@@ -635,15 +653,13 @@ async def test_the_members_keys_sign_an_anchor_plan_whose_root_is_their_blocks_a
 
 async def test_anchors_signed_by_the_federation_chain_through_their_k_of_n_outputs(
         tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC) -> None:
-    """anchoring.signer = "federation": the anchor service proposes each anchor as a plan paid by the funding coin,
+    """The anchor service proposes each anchor as a plan paid by the funding coin,
     the daemon's two keys of the 2-of-3 sign it (no anchor key), it is mined, CONFIRMED and FINAL, and the FINAL update
     completes the plan; the next anchor spends the previous one's k-of-n output; the audit bundle (k-of-n kind)
     verifies with l2-verify."""
     d, w, mine_addr, height, dep, fund = await rolling_daemon(tmp_path, bitcoind, rpc, emergency_delay=1000,
-                                                              anchor_signer="federation")
+                                                              anchoring=True)
     try:
-        svc = d.node.anchor_service
-        assert svc is not None and svc.fed is not None
 
         async def two_final() -> Any:
             await rpc.generatetoaddress(1, mine_addr)
@@ -671,5 +687,52 @@ async def test_anchors_signed_by_the_federation_chain_through_their_k_of_n_outpu
         assert out.returncode == 0, out.stdout + out.stderr
         f = await d.get("/api/bridge/federation")
         assert f["holdings_sat"] == await holdings_on_chain(rpc, d) == 100_000_000 and f["invariant_ok"] is True
+    finally:
+        await stop(d)
+
+
+async def test_an_anchor_plan_the_members_refuse_is_superseded_by_the_anchor_service(
+        tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another member's anchor plan commits a root that is not this daemon's block's: its keys refuse it, and once
+    SUPERSEDE_AFTER L2 blocks pass without m signatures the anchor service posts a version spending the same coin
+    for a newer height with its own root, which is signed, mined and completed; the refused one never is."""
+    own_propose = AnchorService._propose
+
+    async def held(self: AnchorService, a: Any) -> None:
+        return None
+    # the other member's plan comes first: this daemon's own first proposal is held back until it is in
+    monkeypatch.setattr(AnchorService, "_propose", held)
+    d, w, mine_addr, height, dep, fund = await rolling_daemon(tmp_path, bitcoind, rpc, emergency_delay=1000,
+                                                              anchoring=True)
+    svc = d.node.anchor_service
+    assert svc is not None
+    try:
+        at = d.node.chain.final.height
+        d.node.admission.submit_as_member(AnchorPlan(at, AnchorMode.TAPROOT, b"\x66" * 32, bytes(32), 2, bytes(32),
+                                                     (fund,)))
+
+        async def recorded() -> Any:
+            plans = (await d.get("/api/bridge/plans"))["plans"]
+            return plans[0] if plans else None
+        bad = await until(recorded, "the wrong-root plan recorded")
+        monkeypatch.setattr(AnchorService, "_propose", own_propose)
+
+        async def completed() -> Any:
+            await rpc.generatetoaddress(1, mine_addr)  # each block's header relay is an L2 block
+            await asyncio.sleep(0.3)
+            done = [p for p in (await d.get("/api/bridge/plans"))["plans"]
+                    if p["kind"] == "anchor" and p["status"] == "COMPLETED"]
+            return done[0] if done else None
+        good = await until(completed, "an anchor plan completed", timeout=120)
+        assert good["replaces"] == bad["id"] and good["anchor_height"] > bad["anchor_height"]
+        assert good["inputs"] == bad["inputs"] and len(good["signed_by"]) == 2
+        header = d.node._header_at(good["anchor_height"])
+        assert header is not None and svc.anchors[good["anchor_height"]].state_root == header.state_root.hex()
+        [old] = [p for p in (await d.get("/api/bridge/plans"))["plans"] if p["id"] == bad["id"]]
+        assert old["signed_by"] == [] and old["status"] != "COMPLETED"
+        assert not await rpc.call("getrawmempool") or bad["id"] not in await rpc.call("getrawmempool")
+        assert any(r.getMessage().startswith(f"anchoring: anchor plan {bad['id']} commits root {'66' * 32}")
+                   for r in caplog.records)
     finally:
         await stop(d)

@@ -118,9 +118,6 @@ class Daemon:
         import toml
 
         workdir.mkdir(parents=True, exist_ok=True)
-        fed = workdir / "federation.key"
-        fed.write_text(_secret("federation").hex() + "\n")
-        fed.chmod(0o600)
         self.token_file = workdir / "admin.token"
         self.token_file.write_text(TOKEN + "\n")
         cfg = {"node": {"network": "local", "data_dir": "data", "log_level": "INFO"},
@@ -128,7 +125,7 @@ class Daemon:
                "block": {"interval_ms": 50, "max_txs": 500},
                "api": {"port": 0, "admin_token": TOKEN},
                "snapshots": {"every_blocks": 0},
-               "anchoring": {"enabled": False, "federation_key_file": str(fed)}}
+               "anchoring": {"enabled": False}}
         (workdir / "l2d.toml").write_text(toml.dumps(cfg))
         self.log_path = workdir / "l2d.log"
         self._log = open(self.log_path, "w")

@@ -65,7 +65,9 @@ def test_local_toml_loads() -> None:
     assert c.chain.mint_authority_key_file == (CONFIG_DIR.parent / ".data/local/mint_authority.key").resolve()
     assert c.source == (CONFIG_DIR / "local.toml").resolve()
     assert c.anchoring.enabled and c.bitcoind.rpc_url == ""  # `make run`: anchors built, not broadcast
-    assert c.anchoring.federation_key_file == (CONFIG_DIR.parent / ".data/local/federation.key").resolve()
+    # the anchors' federation: one bridge key, held here
+    assert c.bridge.enabled and c.bridge.threshold == 1
+    assert c.bridge.signer_key_files == ((CONFIG_DIR.parent / ".data/local/signer.key").resolve(),)
     # The demo allocations are the documented, reproducible keys.
     assert dict((pk.hex(), amount) for pk, amount in c.chain.genesis_alloc) == {
         PK1: 50_000_000_000, PK2: 20_000_000_000, PK3: 5_000_000_000}
@@ -77,7 +79,7 @@ def test_regtest_toml_loads() -> None:
     assert c.node.data_dir == (CONFIG_DIR.parent / ".data" / "regtest").resolve()
     assert c.api.port == 8651
     assert c.chain.genesis_alloc == ()
-    assert not c.anchoring.enabled and c.anchoring.federation_key_file is None
+    assert not c.anchoring.enabled and not c.bridge.enabled
 
 
 def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
@@ -396,32 +398,41 @@ def test_toml_unknown_key_from_file(tmp_path: Path) -> None:
 
 # -- [anchoring] and [bitcoind] ----------------------------------------------------------------------------
 
-def test_anchoring_defaults_off_and_no_federation_key(tmp_path: Path) -> None:
+def test_anchoring_defaults_off(tmp_path: Path) -> None:
     c = build(lambda d: None, tmp_path)
     a = c.anchoring
     assert (a.enabled, a.mode, a.every_blocks, a.confirmations, a.final_confirmations) == (False, "taproot", 10, 1, 6)
-    assert (a.fee_fallback_sat_per_vb, a.fee_max_sat_per_vb, a.rbf_after_blocks) == (2, 100, 3)
-    assert a.federation_key_file is None  # the genesis stays what it was without anchoring
+    assert (a.fee_fallback_sat_per_vb, a.fee_max_sat_per_vb, a.poll_interval_ms) == (2, 100, 5000)
     assert c.bitcoind.rpc_url == "" and c.bitcoind.chain == "regtest"
 
 
-def test_anchoring_enabled_defaults_key_file_on_local(tmp_path: Path) -> None:
-    c = build(lambda d: d.update(anchoring={"enabled": True, "mode": "op_return", "every_blocks": 2}), tmp_path)
-    assert c.anchoring.federation_key_file == c.node.data_dir / "federation.key"
-    assert c.anchoring.mode == "op_return" and c.anchoring.every_blocks == 2
+def _bridge(d: dict[str, Any]) -> None:
+    d["bridge"] = {"enabled": True, "signer_key_files": ["signer.key"]}
 
 
-def test_anchoring_on_mainnet_needs_key_file(tmp_path: Path) -> None:
-    def mainnet(d: dict[str, Any]) -> None:
-        d["node"]["network"] = "mainnet"
-        d["anchoring"] = {"enabled": True}
-    assert "anchoring.federation_key_file" in reject(mainnet, tmp_path)
+def test_anchoring_needs_the_federation_of_the_bridge(tmp_path: Path) -> None:
+    # anchors are paid by the federation's coins and signed k-of-n by its keys: there is no anchor key of its own
+    assert reject(lambda d: d.update(anchoring={"enabled": True}), tmp_path) == (
+        "config: anchoring.enabled needs bridge.enabled: anchors are paid by the federation's coins and signed k-of-n "
+        "by the members' bridge keys (bridge.signer_key_files)")
 
-    def with_key(d: dict[str, Any]) -> None:
-        mainnet(d)
-        d["anchoring"]["federation_key_file"] = "fed.key"
-    c = build(with_key, tmp_path)
-    assert c.anchoring.federation_key_file == tmp_path / "fed.key" and c.bitcoind.chain == "main"
+    def on(d: dict[str, Any]) -> None:
+        _bridge(d)
+        d["anchoring"] = {"enabled": True, "mode": "op_return", "every_blocks": 2}
+    c = build(on, tmp_path)
+    assert c.anchoring.enabled and c.anchoring.mode == "op_return" and c.anchoring.every_blocks == 2
+
+
+@pytest.mark.parametrize("key,value", [("federation_key_file", "fed.key"), ("signer", "key"),
+                                       ("rbf_after_blocks", 3)])
+def test_the_single_anchor_key_settings_are_gone_and_say_so(tmp_path: Path, key: str, value: Any) -> None:
+    def old(d: dict[str, Any]) -> None:
+        _bridge(d)
+        d["anchoring"] = {"enabled": True, key: value}
+    assert reject(old, tmp_path) == (
+        f"config: anchoring.{key} was removed: anchors are plans of the federation, signed k-of-n by the members' "
+        "bridge keys ([bridge] signer_key_files; fee bumps: bridge.rbf_after_blocks). Delete the key "
+        "(docs/anchoring.md)")
 
 
 @pytest.mark.parametrize("table,msg", [
@@ -432,19 +443,10 @@ def test_anchoring_on_mainnet_needs_key_file(tmp_path: Path) -> None:
      "config: anchoring.final_confirmations = 2: must be at least anchoring.confirmations (3)"),
     ({"fee_fallback_sat_per_vb": 10, "fee_max_sat_per_vb": 5},
      "config: anchoring.fee_max_sat_per_vb = 5: must be at least anchoring.fee_fallback_sat_per_vb (10)"),
-    ({"rbf_after_blocks": 0}, "config: anchoring.rbf_after_blocks = 0: must be an integer between 1 and 10000"),
     ({"confirmation": 1}, "config: unknown key anchoring.confirmation (did you mean anchoring.confirmations?)"),
 ])
 def test_anchoring_rejections(tmp_path: Path, table: dict[str, Any], msg: str) -> None:
     assert reject(lambda d: d.update(anchoring=table), tmp_path) == msg
-
-
-def test_anchors_signed_by_the_federation_need_the_bridge(tmp_path: Path) -> None:
-    assert reject(lambda d: d.update(anchoring={"enabled": True, "signer": "federation"}), tmp_path) == (
-        'config: anchoring.signer = "federation" needs bridge.enabled: the members\' bridges sign the anchor plans')
-    assert reject(lambda d: d.update(anchoring={"enabled": True, "signer": "both"}), tmp_path).startswith(
-        "config: anchoring.signer = ")
-    assert build(lambda d: d.update(anchoring={"enabled": True}), tmp_path).anchoring.signer == "key"
 
 
 G = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # secp256k1's generator

@@ -27,7 +27,7 @@ from l2d.core.params import REGTEST
 from l2d.core.pegs_tx import BtcHeaders, PeginClaim
 from l2d.core.tx import sign
 from regtest.harness import BitcoindNode, find_bitcoind, fund_wallet, scan_sat
-from regtest.members import fund_anchor_key, proven_deposit, secret, signer_pubkey, write_configs
+from regtest.members import fund_body, proven_deposit, secret, signer_pubkey, write_configs
 from tests.conftest import REPO, L2dProcess
 from tests.l2d.federation_procs import Federation
 
@@ -61,7 +61,7 @@ async def holdings_on_chain(rpc: BitcoinRPC, p: L2dProcess) -> int:
 
 async def test_four_members_anchor_relay_and_peg_against_real_bitcoinds_and_a_member_on_another_branch_refuses(
         tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
-    w, mine_addr = await fund_anchor_key(rpc)
+    w, mine_addr = await fund_wallet(rpc, "miner")
     s = await rpc.getblockcount()
     # bitcoind B: A's blocks up to S, then one of its own
     binary = find_bitcoind()
@@ -230,7 +230,7 @@ class Pegged:
     @classmethod
     async def start(cls, root: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]],
                     threshold: int) -> "Pegged":
-        w, mine_addr = await fund_anchor_key(rpc)
+        w, mine_addr = await fund_wallet(rpc, "miner")
         fed = Federation(root, 4, network=REGTEST, federation={"round_ms": 1000})
         write_configs([fed.dir(k) for k in range(4)], [bitcoind] * 4, ONE_KEY_EACH, threshold)
         fed.rewrite_genesis()
@@ -239,6 +239,12 @@ class Pegged:
             for k in range(4):
                 fed.start(k)
             await poll(pegged.relayed, 120, "headers relayed")
+            # the federation's funding coin, which pays the anchors (signed by threshold members, as payouts)
+            fund_addr = fed.procs[0].get("/api/bridge/federation")["funding_address"]
+            _, funding = await proven_deposit(rpc, w, mine_addr, pegged.relayed, fund_addr, 2_000_000)
+            fed.procs[0].post("/api/admin/bridge/fund", fund_body(funding), fed.token)
+            await poll(lambda: fed.procs[0].get("/api/bridge/federation")["funded_sat"] == 2_000_000, 60,
+                       "the funding coin recorded")
             addr = fed.procs[0].get(f"/api/bridge/pegin-address/{ALICE_ID.hex()}")["address"]
             _, proof = await proven_deposit(rpc, w, mine_addr, pegged.relayed, addr, 100_000_000)
             claim = sign(REGTEST, ALICE, 0, 1, proof, bytes(32))
@@ -335,8 +341,11 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
         out = subprocess.run([sys.executable, "-m", "l2d.cli", "--json", "--api", procs[1].url(""), "plans"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)  # the operator's view
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout) == procs[1].get("/api/bridge/plans")
-        assert {x["status"] for x in json.loads(out.stdout)["plans"]} == {"COMPLETED"}
+
+        def payouts(plans: dict[str, Any]) -> list[Any]:  # the anchors' plans go on meanwhile
+            return [x for x in plans["plans"] if x["kind"] == "payout"]
+        assert payouts(json.loads(out.stdout)) == payouts(procs[1].get("/api/bridge/plans"))
+        assert {x["status"] for x in payouts(json.loads(out.stdout))} == {"COMPLETED"}
     finally:
         fed.kill_all()
     lowest, _ = fed.check()  # same final blocks everywhere, commits valid, signer rules kept
@@ -345,36 +354,42 @@ async def test_a_payout_needs_three_members_signing_in_their_own_processes_and_c
 
 async def test_three_members_cannot_move_a_coin_that_needs_four_keys(
         tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
-    """4 of 4 peg-out keys needed, one per member process. Member 4 is SIGKILLed before the payout's plan exists:
-    the other three keep the L2 going (3 of 4 members sign blocks), record the plan and post their 3 signatures,
-    but 3 keys cannot move the coin: nothing is broadcast however many blocks pass, the plan stays PLANNED with no
-    signed transaction. Member 4 restarted signs too, and the payout is made once."""
+    """4 of 4 keys needed, one per member process. Member 4 is SIGKILLed after Alice's burn: the other three keep
+    the L2 going (3 of 4 members sign blocks), record the next anchor's plan and post their 3 signatures, but 3 keys
+    cannot move the coin it spends: nothing is broadcast however many blocks pass, the plan stays PLANNED with no
+    signed transaction and its coins unspent, so no anchor covers the burn and the peg-out stays PENDING, unpaid.
+    Member 4 restarted signs too: the anchor and then the payout (signed by all 4) are made, the payout once."""
     pegged = await Pegged.start(tmp_path / "fed", bitcoind, rpc, poll, 4)
-    fed = pegged.fed
+    fed, procs = pegged.fed, pegged.fed.procs
     pubs = [signer_pubkey(i) for i in range(4)]
     try:
         pid, dest = await pegged.burn(1, 20_000_000)
         fed.kill(3)
 
-        async def signed_by_three() -> Any:
-            plans = pegged.plans_paying(pid)
-            if plans and plans[0]["final"] and len(plans[0]["signed_by"]) == 3:
+        async def signed_by_three() -> Any:  # by members 1-3 (member 4 may have signed the plan in flight at the kill)
+            plans = [x for x in procs[0].get("/api/bridge/plans")["plans"]
+                     if x["kind"] == "anchor" and x["final"] and sorted(x["signed_by"]) == sorted(pubs[:3])]
+            if plans:
                 return plans[0]
             await rpc.generatetoaddress(1, pegged.mine_addr)
             return None
-        plan = await poll(signed_by_three, 180, "the plan signed by the three members alive")
+        plan = await poll(signed_by_three, 180, "an anchor plan signed by the three members alive")
         assert sorted(plan["signed_by"]) == sorted(pubs[:3]) and plan["threshold"] == 4
         for _ in range(5):  # blocks pass: still nothing can pay
             await rpc.generatetoaddress(1, pegged.mine_addr)
-        [plan] = pegged.plans_paying(pid)
+        [plan] = [x for x in procs[0].get("/api/bridge/plans")["plans"] if x["id"] == plan["id"]]
         assert plan["status"] == "PLANNED" and plan["signed_tx"] is None and len(plan["signed_by"]) == 3
+        assert plan["id"] not in await rpc.call("getrawmempool")
+        for i in plan["inputs"]:  # the coins it would spend are where they were
+            assert await rpc.call("gettxout", [i["txid"], i["vout"], True]) is not None
+        assert not pegged.plans_paying(pid)  # no anchor covers the burn: no payout is even planned
         assert pegged.pegout(pid)["status"] == "PENDING" and await pegged.unpaid(dest)
         fed.start(3)
         p = await pegged.completed(pid)
-        [plan] = pegged.plans_paying(pid)
-        assert plan["status"] == "COMPLETED" and plan["id"] == p["btc_txid"]
-        assert sorted(plan["signed_by"]) == sorted(pubs)
-        assert await scan_sat(rpc, [f"addr({dest})"]) == plan["pegouts"][0]["payout_sat"]  # paid once
+        [payout] = pegged.plans_paying(pid)
+        assert payout["status"] == "COMPLETED" and payout["id"] == p["btc_txid"]
+        assert sorted(payout["signed_by"]) == sorted(pubs)
+        assert await scan_sat(rpc, [f"addr({dest})"]) == payout["pegouts"][0]["payout_sat"]  # paid once
         assert await holdings_on_chain(rpc, fed.procs[0]) == 100_000_000 - 20_000_000
     finally:
         fed.kill_all()
@@ -384,13 +399,13 @@ async def test_three_members_cannot_move_a_coin_that_needs_four_keys(
 
 async def test_anchors_are_signed_by_three_of_four_member_processes_and_audited(
         tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Callable[..., Awaitable[Any]]) -> None:
-    """anchoring.signer = "federation" on 4 member processes, 3 of 4 keys, one per process; member 4 is SIGKILLed
+    """Anchors on 4 member processes, 3 of 4 keys, one per process; member 4 is SIGKILLed
     once the federation is funded (federation-fund). Every K L2 blocks an anchor plan is proposed, signed by the 3
     live members in their own processes, mined, CONFIRMED and FINAL; each anchor spends the previous one's k-of-n
     output; the audit bundle of one verifies with l2-verify audit down to the commit of the members."""
     w, mine_addr = await fund_wallet(rpc, "miner")
     fed = Federation(tmp_path / "fed", 4, network=REGTEST, federation={"round_ms": 1000})
-    write_configs([fed.dir(k) for k in range(4)], [bitcoind] * 4, ONE_KEY_EACH, 3, anchor_signer="federation")
+    write_configs([fed.dir(k) for k in range(4)], [bitcoind] * 4, ONE_KEY_EACH, 3)
     fed.rewrite_genesis()
     try:
         for k in range(4):

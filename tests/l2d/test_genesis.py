@@ -81,10 +81,11 @@ def test_member_key_file_required_where_keys_are_never_created(tmp_path: Path,
     assert load_genesis(cfg, SIGNET).member_secret == secret(1)
 
 
-def test_members_are_in_the_genesis_state_and_the_anchor_key_is_not(tmp_path: Path,
-                                                                     make_cfg: Callable[..., Config]) -> None:
+def test_members_are_in_the_genesis_state_whichever_bridge_keys_a_member_holds(
+        tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
     """The member keys, in member order, are the genesis record FEDERATION_MEMBERS_KEY (the authorities of the
-    system transactions); the anchor key (anchoring.federation_key_file) is a Bitcoin key only."""
+    system transactions); the federation's Bitcoin keys ([bridge], which also sign the anchors) are in the genesis
+    state too, the same whichever of them a member holds."""
     mint = write_key(tmp_path / "mint.key", secret(7))
     key_file = write_key(tmp_path / "me.key", secret(0))
     alone = make_cfg(tmp_path / "a", chain={"mint_authority_key_file": str(mint)},
@@ -96,10 +97,14 @@ def test_members_are_in_the_genesis_state_and_the_anchor_key_is_not(tmp_path: Pa
     assert fed_state[FEDERATION_MEMBERS_KEY] == b"\x04" + b"".join(xonly(secret(i)) for i in range(4))
     anchored = [make_cfg(tmp_path / d, chain={"mint_authority_key_file": str(mint)},
                          federation={"key_file": str(key_file), "members": members(4), "threshold": 4},
-                         anchoring={"enabled": True, "federation_key_file": str(write_key(tmp_path / f"{d}.key",
-                                                                                          secret(k)))})
-                for d, k in (("c", 5), ("d", 6))]
-    assert load_genesis(anchored[0], LOCAL).state == load_genesis(anchored[1], LOCAL).state == fed_state
+                         anchoring={"enabled": True},
+                         bridge={"enabled": True, "threshold": 2,
+                                 "signer_key_files": [str(write_key(tmp_path / f"{d}.key", secret(k)))],
+                                 "other_keys": [PrivateKey(secret(other)).public_key.format().hex()]})
+                for d, k, other in (("c", 5, 6), ("d", 6, 5))]
+    states = [load_genesis(c, LOCAL).state for c in anchored]
+    assert states[0] == states[1] != fed_state
+    assert {k: v for k, v in states[0].items() if k in fed_state} == fed_state  # the members' records unchanged
 
 
 def test_mint_authority_key_gives_the_same_genesis_without_the_secret(tmp_path: Path,

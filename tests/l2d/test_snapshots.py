@@ -10,7 +10,6 @@ from typing import Any, Awaitable, Callable
 import pytest
 from coincurve import PrivateKey
 
-from anchoring.btc_tx import key_path_script
 from anchoring.service import AnchorService, AnchorState
 from bridge.rpc import BitcoinRPC
 from l2d.config import Config
@@ -20,33 +19,30 @@ from l2d.core.params import REGTEST
 from l2d.core.snapshot import list_snapshots
 from l2d.node import Node
 from regtest.harness import BitcoindNode, fund_wallet
+from regtest.members import fund_node
 
-FED_SECRET = hashlib.sha256(b"l2d anchored snapshots test federation").digest()
 USER = PrivateKey(hashlib.sha256(b"l2d anchored snapshots test user").digest()).public_key_xonly.format()
 Poll = Callable[..., Awaitable[Any]]
 
 
 def config(tmp_path: Path, btc: BitcoindNode, **snapshots: int) -> Config:
-    key = tmp_path / "federation.key"
-    key.write_text(FED_SECRET.hex() + "\n")
-    key.chmod(0o600)
     return Config.from_dict({
         "node": {"network": "regtest", "data_dir": str(tmp_path / "data"), "log_level": "DEBUG"},
         "block": {"interval_ms": 20},
         "snapshots": {"every_blocks": 0, **snapshots},
-        "anchoring": {"enabled": True, "every_blocks": 1, "federation_key_file": str(key), "confirmations": 1,
-                      "final_confirmations": 2, "poll_interval_ms": 100},
+        "anchoring": {"enabled": True, "every_blocks": 1, "confirmations": 1, "final_confirmations": 2,
+                      "poll_interval_ms": 100},
+        # the federation whose k-of-n outputs carry the anchors (one key here), funded by fund()
+        "bridge": {"enabled": True, "threshold": 1, "signer_key_files": [str(tmp_path / "signer.key")],
+                   "pegin_min_depth": 1, "poll_interval_ms": 100},
         "bitcoind": {"rpc_url": btc.rpc_url, "cookie_file": str(btc.cookie_path)},
     }, tmp_path, env={})
 
 
-async def fund_federation(rpc: BitcoinRPC) -> str:
-    """Coins for the federation key-path output; returns the miner's address."""
+async def fund(node: Node, rpc: BitcoinRPC) -> str:
+    """The federation's funding coin (it pays the anchors); returns the miner's address."""
     w, addr = await fund_wallet(rpc, "miner")
-    spk = key_path_script(PrivateKey(FED_SECRET).public_key_xonly.format())
-    info = await rpc.call("getdescriptorinfo", [f"rawtr({spk[2:].hex()})"])
-    await w.sendtoaddress((await rpc.call("deriveaddresses", [info["descriptor"]]))[0], 5_000_000)
-    await rpc.generatetoaddress(1, addr)
+    await fund_node(node, rpc, w, addr, 5_000_000)
     return addr
 
 
@@ -62,7 +58,8 @@ def service(node: Node) -> AnchorService:
 
 
 async def anchor_rounds(node: Node, rpc: BitcoinRPC, addr: str, poll: Poll, rounds: int) -> list[int]:
-    """Each round: an L2 block, its anchor submitted, one Bitcoin block (CONFIRMED; the previous one FINAL)."""
+    """Each round: an L2 block, its anchor submitted (the anchor plan starts once the previous one is FINAL: Bitcoin
+    blocks are mined until it is), one Bitcoin block (CONFIRMED)."""
     svc = service(node)
     done: list[int] = []
     for _ in range(rounds):
@@ -70,8 +67,15 @@ async def anchor_rounds(node: Node, rpc: BitcoinRPC, addr: str, poll: Poll, roun
         node.admission.mint(USER, 1000)
         await poll(lambda: node.chain.tip.height > h, 20, "an L2 block")
         last = done[-1] if done else 0
-        a = await poll(lambda: (x := svc.latest()) is not None and x.l2_height > last
-                       and x.status == AnchorState.SUBMITTED and x, 30, "a new anchor submitted")
+
+        async def submitted() -> Any:
+            x = svc.latest()
+            if x is not None and x.l2_height > last and x.status == AnchorState.SUBMITTED:
+                return x
+            if last and svc.anchors[last].status != AnchorState.FINAL:
+                await rpc.generatetoaddress(1, addr)
+            return None
+        a = await poll(submitted, 60, "a new anchor submitted")
         done.append(a.l2_height)
         await rpc.generatetoaddress(1, addr)
         await poll(lambda: svc.anchors[a.l2_height].status == AnchorState.CONFIRMED, 30, "the anchor confirmed")
@@ -81,10 +85,10 @@ async def anchor_rounds(node: Node, rpc: BitcoinRPC, addr: str, poll: Poll, roun
 async def test_anchored_snapshots_follow_the_anchors_and_the_byte_budget(
         tmp_path: Path, bitcoind: BitcoindNode, rpc: BitcoinRPC, poll: Poll,
         caplog: pytest.LogCaptureFixture) -> None:
-    addr = await fund_federation(rpc)
     node = Node.from_config(config(tmp_path, bitcoind, anchored_keep_final=1))
     await node.start(serve_http=False)
     try:
+        addr = await fund(node, rpc)
         svc = service(node)
         a1, a2, a3, a4 = await anchor_rounds(node, rpc, addr, poll, 4)
         await poll(lambda: svc.anchors[a3].status == AnchorState.FINAL, 30, "the third anchor FINAL")

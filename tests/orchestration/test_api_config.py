@@ -95,12 +95,11 @@ def test_config_defaults_and_exact_fractions(tmp_path: Path) -> None:
     assert o.worker_share_ppm + o.verifier_share_ppm + o.treasury_share_ppm == 1_000_000
 
 
-async def test_enabled_without_an_anchor_key_coordinates_as_this_member(tmp_path: Path) -> None:
-    """The coordinator needs no anchor key (anchoring.federation_key_file is a Bitcoin key only): it posts with
-    this member's key."""
+async def test_enabled_without_a_bridge_coordinates_as_this_member(tmp_path: Path) -> None:
+    """The coordinator needs no Bitcoin key (no [bridge]): it posts with this member's key."""
     node = Node.from_config(_cfg(tmp_path, enabled=True))
     try:
-        assert node.genesis.federation_secret is None
+        assert node.federation is None and not node.genesis.signer_secrets
         await node.start(serve_http=False)
         assert node.orchestration_service is not None
     finally:

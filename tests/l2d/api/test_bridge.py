@@ -34,8 +34,7 @@ def bridge_config(tmp_path: Path, make_cfg: Callable[..., Config], **bridge: Any
     data = tmp_path / "data"
     section = {"enabled": True, "threshold": 2, "pegin_min_depth": 3,
                "signer_key_files": [str(tmp_path / f"signer{i}.key") for i in range(3)]} | bridge
-    return make_cfg(data, anchoring={"enabled": True, "federation_key_file": str(tmp_path / "fed.key")},
-                    bridge=section)
+    return make_cfg(data, anchoring={"enabled": True}, bridge=section)
 
 
 @pytest.fixture

@@ -46,16 +46,13 @@ def node_key(n: int) -> str:
 
 @pytest.fixture
 async def nc(tmp_path: Path) -> AsyncIterator[tuple[Node, Client]]:
-    fed = tmp_path / "federation.key"
-    fed.write_text(hashlib.sha256(b"fl api federation").hexdigest() + "\n")
-    fed.chmod(0o600)
     cfg = Config.from_dict({
         "node": {"network": "local", "data_dir": str(tmp_path / "data"), "log_level": "DEBUG"},
         "chain": {"min_fee_sat": 1, "genesis_alloc": {pk(n).hex(): 1_000_000 for n in (1, 2, 3, 4)}},
         "block": {"interval_ms": 50, "max_txs": 100},
         "api": {"host": "127.0.0.1", "port": 0, "admin_token": TOKEN},
         "snapshots": {"every_blocks": 0},
-        "anchoring": {"enabled": False, "federation_key_file": str(fed)},
+        "anchoring": {"enabled": False},
     }, tmp_path, env={})
     node = Node.from_config(cfg)
     await node.start(serve_http=False)
