@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import bench_anchor  # noqa: E402
 import bench_daemon_memory  # noqa: E402
 import bench_fl  # noqa: E402
 import bench_fl_l2  # noqa: E402
@@ -20,6 +21,7 @@ import bench_ledger  # noqa: E402
 import bench_orchestration  # noqa: E402
 import bench_pegout  # noqa: E402
 import bench_scheduler  # noqa: E402
+import bench_sessions  # noqa: E402
 import bench_slow_clients  # noqa: E402
 import bench_spv  # noqa: E402
 import bench_verifier  # noqa: E402
@@ -37,6 +39,7 @@ def main() -> None:
         "verifier": bench_verifier.main(["--records", str(n)]),
         "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
         "spv": bench_spv.main(["--quick"] if a.quick else []),
+        "sessions": bench_sessions.main(["--quick"] if a.quick else []),
         "scheduler": bench_scheduler.main([]),
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
@@ -44,6 +47,7 @@ def main() -> None:
         "slow_clients": bench_slow_clients.main(["--slow", "200", "--pace", "1"] if a.quick else []),
         "federation": federation.main(["--quick"] if a.quick else []),  # real member processes, ~2 min
         "pegout": bench_pegout.main(["--quick"] if a.quick else []),  # member processes and bitcoind, ~4 min
+        "anchor": bench_anchor.main(["--anchors", "3"] if a.quick else []),  # one member, federation anchors
         "soak": soak.main(["--kills", "5"] if a.quick else []),  # 50 SIGKILLs of a real daemon (~1.5 s each)
     }
     out = HERE / "out"

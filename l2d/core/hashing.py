@@ -45,6 +45,8 @@ EMPTY_ROOT = _tagged("l2d/state/empty")(b"")
 H_PEGIN_TWEAK = _tagged("l2d/pegin/tweak")
 H_PEGIN_OUTPOINT = _tagged("l2d/pegin/outpoint")
 H_PLAN_SIG = _tagged("l2d/plan/signature")
+H_RECEIPT = _tagged("l2d/session/receipt")  # what a session key signs (l2d/core/session_tx.py)
+H_RECEIPT_ID = _tagged("l2d/session/receipt-id")  # a settled receipt's hash, kept in its session record
 # Member transport (l2d/federation/wire.py): not consensus, but fixed so members of one version interoperate.
 H_FED_HANDSHAKE = _tagged("l2d/federation/handshake")
 H_FED_REQUEST = _tagged("l2d/federation/request")

@@ -1,6 +1,6 @@
 """What every transaction payload module builds on: the type numbers and the payload interface.
 
-The payload classes live one module per subsystem (coin_tx, anchor_tx, pegs_tx, work_tx, fl_tx); l2d/core/tx.py
+The payload classes live one module per subsystem (coin_tx, anchor_tx, pegs_tx, work_tx, fl_tx, session_tx); l2d/core/tx.py
 maps each TxType to its class in one static table.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from .params import MAX_MONEY
 class TxType(IntEnum):
     """Every transaction type number, in one place so none is ever reused.
 
-    Ranges: 1-15 ledger, anchoring and bridge; 16-31 orchestration (workers, tasks); 32-47 federated learning.
+    Ranges: 1-15 ledger, anchoring and bridge; 16-31 orchestration (workers, tasks); 32-47 federated learning;
+    48-63 paid sessions and the NetFlow relay mesh.
     The payload classes of a subsystem live in its own module (l2d/core/<subsystem>_tx.py), its state
     transitions in another (l2d/core/<subsystem>.py); l2d/core/tx.py (PAYLOAD_TYPES) and l2d/core/rules.py
     (RULES) map every type to both.
@@ -51,6 +52,9 @@ class TxType(IntEnum):
     FL_ROUND = 34
     FL_FINISH = 35
     FL_RECLAIM = 36
+    SESSION_OPEN = 48
+    SESSION_SETTLE = 49
+    SESSION_CLOSE = 50
 
 
 

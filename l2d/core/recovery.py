@@ -5,8 +5,10 @@ Bitcoin, not from any member's word. From the records of a snapshot (the evidenc
 module computes, deterministically:
 - the claims: every account balance; every worker stake not WITHDRAWN (owed to the worker); every task bounty not
   SETTLED or CANCELLED (owed back to its submitter); every OPEN FL job's reward pool (owed to its poster); every
-  peg-out not COMPLETED (burned on the L2, owed to its Bitcoin script, with the transactions that may already have
-  paid it); and whether the money they lock equals the state's locked total;
+  OPEN paid session's deposit less its settlements (owed to its client: receipts its server had not settled by the
+  anchored height are not in the state); every peg-out not COMPLETED (burned on the L2, owed to its Bitcoin script,
+  with the transactions that may already have paid it); and whether the money they lock equals the state's locked
+  total;
 - the federation's Bitcoin by the books: its DEPOSIT and CHANGE coins not spent by a COMPLETED plan (FUNDING coins
   listed apart: they pay anchors, never claims), against pegged_in - paid_out of the bridge totals;
 - the payout: each claim in full if the coins cover them all, else the same share of every claim,
@@ -29,6 +31,7 @@ from .pegs import (BRIDGE_TOTALS_KEY, FEDERATION_KEY, BridgeTotals, CoinKind, Fe
                    deposit_script_pubkey, script_address)
 from .pegs_tx import PegoutStatus
 from .plans import PlanEntry, held_coins, plan_key
+from .session import SessionRecord
 from .snapshot import read_snapshot
 from .state import LOCKED_KEY, Account, Namespace
 from .work import TaskRecord, TaskStatus, WorkerRecord, WorkerStatus
@@ -63,13 +66,15 @@ class ClaimKind(IntEnum):
     BOUNTY = 3  # a task's escrowed bounty (task not SETTLED or CANCELLED), owed to its submitter
     FL_POOL = 4  # an OPEN FL job's reward pool, owed to its poster
     PEGOUT = 5  # a peg-out not COMPLETED: burned on the L2, owed to its Bitcoin script
+    SESSION = 6  # an OPEN paid session's deposit less what its server settled, owed to its client
 
     @property
     def label(self) -> str:
         return self.name.lower().replace("_", "-")
 
 
-LOCKING = (ClaimKind.STAKE, ClaimKind.BOUNTY, ClaimKind.FL_POOL)  # the claims whose money the state counts as locked
+# the claims whose money the state counts as locked
+LOCKING = (ClaimKind.STAKE, ClaimKind.BOUNTY, ClaimKind.FL_POOL, ClaimKind.SESSION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +237,9 @@ def recover(records: Mapping[bytes, bytes], network: Network, l2_height: int, st
             j = _decode(key, value, JobRecord.decode, "FL job")
             if j.status == JobStatus.OPEN:
                 owe(ClaimKind.FL_POOL, rid, j.poster, j.status.name, j.reward_pool_sat)
+        elif ns == Namespace.SESSION:
+            sess = _decode(key, value, SessionRecord.decode, "session")
+            owe(ClaimKind.SESSION, rid, sess.client, sess.status.name, sess.escrow_sat)
         elif ns == Namespace.PEGOUT:
             e = _decode(key, value, PegoutEntry.decode, "peg-out")
             if e.status != PegoutStatus.COMPLETED:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
-from . import coin, fl, pegs, plans, work
+from . import coin, fl, pegs, plans, session, work
 from .errors import BadNonce, ForeignNetwork, InvalidTransaction
 from .payload import TxType
 from .state import Rules, StateView
@@ -52,6 +52,9 @@ RULES: Mapping[int, Rule] = {
     TxType.FL_ROUND: fl.apply_round,
     TxType.FL_FINISH: fl.apply_finish,
     TxType.FL_RECLAIM: fl.apply_reclaim,
+    TxType.SESSION_OPEN: session.apply_open,
+    TxType.SESSION_SETTLE: session.apply_settle,
+    TxType.SESSION_CLOSE: session.apply_close,
 }
 
 

@@ -36,6 +36,7 @@ class Namespace(IntEnum):
     PLAN = 0x0C
     PLAN_SIG = 0x0D
     ANCHOR_PLAN = 0x0E
+    SESSION = 0x0F
 
 
 def meta_key(name: str) -> bytes:

@@ -27,12 +27,13 @@ from l2d.core.pegs_tx import FederationFund, PegoutPlan, PegoutStatus, PegoutUpd
 from l2d.core.plans import PlanEntry, PlanStatus, plan_key
 from l2d.core.recovery import (ClaimKind, NoSnapshotEvidence, NotABridgeChain, RecordMalformed, RecoveryError,
                                bundle_recovery, recover, snapshot_recovery)
+from l2d.core.session_tx import Receipt, SessionClose, SessionOpen, SessionSettle
 from l2d.core.snapshot import ChecksumMismatch
 from l2d.core.spv import BITCOIN_REGTEST
 from l2d.core.state import LOCKED_KEY, Namespace, account_key
 from l2d.core.work import task_key, worker_key
 from l2d.core.work_tx import TaskCancel, TaskSubmit, WorkerCaps, WorkerExit, WorkerRegister, WorkerWithdraw
-from tests.l2d.core.pegs_world import post_signatures
+from tests.l2d.core.pegs_world import post_signatures, secret
 from tests.l2d.core.test_audit import L2_HEIGHT, make_world, snapshot_bytes, tree_of
 from tests.l2d.core.test_pegs import (ALICE, AUTH, AUTH2, BASE, BOB, CAROL, DEPOSIT_ALICE, DEPOSIT_CAROL,
                                       FUNDING_DEPOSIT, Chain, World, check_invariants, xonly)
@@ -332,3 +333,23 @@ def test_any_damaged_record_gives_a_result_or_a_typed_refusal(key: bytes, at: in
     assert r.payout_sat + r.unallocated_sat == r.holdings_sat and r.unallocated_sat >= 0
     assert all(0 <= c.payout_sat <= c.amount_sat for c in r.claims)
     assert [(c.kind, c.record_id) for c in r.claims] == sorted((c.kind, c.record_id) for c in r.claims)
+
+
+def test_an_open_session_is_owed_to_its_client_less_what_its_server_settled() -> None:
+    """A paid session's escrow is locked money: while OPEN, its deposit less the settled receipts is owed to its
+    client (the server was paid the settled part); a CLOSED one is owed nothing."""
+    w = World(bob_funds=TOY_FUNDS)  # the fees exceed it: the pegged-in Bitcoin covers every claim
+    w.do(AUTH, CHAIN.relay(BASE))
+    w.do(ALICE, DEP.claim(1, 0), fee=500)
+    key = secret("session key")
+    opened = w.do(ALICE, SessionOpen(xonly(BOB), xonly(key), 9_000, 1_000, 1, 500), fee=10)
+    w.do(BOB, SessionSettle(Receipt.sign(REGTEST.id, key, opened.txid, 1, 2_500, 2_500)), fee=10)
+    closed = w.do(ALICE, SessionOpen(xonly(BOB), xonly(key), 1_000, 1_000, 1, 500), fee=10)
+    w.do(BOB, SessionClose(closed.txid), fee=10)
+    r = bundle_recovery(anchored(w.state), REGTEST)
+    sessions = [c for c in r.claims if c.kind == ClaimKind.SESSION]
+    assert [(c.record_id, c.owner, c.amount_sat, c.status) for c in sessions] == [
+        (opened.txid, xonly(ALICE), 6_500, "OPEN")]
+    assert (r.locked_sat, r.locked_claims_sat, r.locked_agrees) == (6_500, 6_500, True)
+    assert r.to_dict()["claims"][-1] == {"kind": "session", "id": opened.txid.hex(), "status": "OPEN",
+                                         "amount_sat": 6_500, "payout_sat": 6_500, "owner": xonly(ALICE).hex()}

@@ -34,6 +34,8 @@ from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanCompleted, PlanSignat
 from l2d.core.plans import (PlanEntry, PlanStatus, anchor_policy, anchor_tip, plan_key, plan_signatures, plan_tx,
                             price, price_roll, vsize_bound)
 from l2d.core.rules import apply_tx
+from l2d.core.session import SessionRecord, SessionStatus, StaleReceipt, session_key
+from l2d.core.session_tx import Receipt
 from l2d.core.spv import BITCOIN_REGTEST
 from l2d.core.state import Rules, StateView, genesis_state, is_member
 from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
@@ -621,3 +623,37 @@ def test_anchor_plan_vector() -> None:
     assert sum(len(item) == 65 for item in stack[:-2]) == fed.threshold
     assert AnchorEntry.decode(state[anchor_key(10)]).status == AnchorStatus.FINAL
     assert anchor_tip(state.get).open == x(second["plan_id"])
+
+
+# ---------------------------------------------------------------------------------------------- paid sessions
+
+SESSIONS = load("sessions.json")
+
+
+def test_session_vector() -> None:
+    """The session's steps (open, two settlements, the server's close) decode, verify and write exactly the recorded
+    records; its receipts have the recorded digests, encodings and ids and verify under the session key; the stale
+    receipt is refused with StaleReceipt and writes nothing."""
+    net = network_by_name(SESSIONS["network"])
+    state = {x(k): x(v) for k, v in SESSIONS["state"]}
+    key = PublicKeyXOnly(x(SESSIONS["session_key"]))
+    for r in SESSIONS["receipts"]:
+        receipt = Receipt.decode(x(r["encoded"]))
+        assert (receipt.session_id.hex(), receipt.seq, receipt.amount_sat, receipt.units) == (
+            SESSIONS["session_id"], r["seq"], r["amount_sat"], r["units"])
+        assert receipt.digest(net.id).hex() == r["digest"] and receipt.receipt_id.hex() == r["receipt_id"]
+        assert key.verify(receipt.signature, receipt.digest(net.id))
+    for st in SESSIONS["steps"]:
+        t = decode(x(st["tx"]), net)
+        assert t.payload.encode().hex() == st["payload_hex"]
+        if st["what"] == "close by the server":  # refused before the close, after the second settlement
+            stale = decode(x(SESSIONS["stale"]["tx"]), net)
+            view = StateView(state.get, SESSIONS["stale"]["height"])
+            with pytest.raises(StaleReceipt):
+                apply_tx(view, stale, Rules(net, 1))
+            assert view.writes == {}
+        writes = _apply_vector_tx(state, st["tx"], SESSIONS, st["height"])
+        assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == st["writes"], st["what"]
+    rec = SessionRecord.decode(state[session_key(x(SESSIONS["session_id"]))])
+    assert (rec.status, rec.settled_sat, rec.refunded_sat, rec.seq) == (SessionStatus.CLOSED, 14_000, 986_000, 7)
+    assert rec.receipt_id.hex() == SESSIONS["receipts"][-1]["receipt_id"]
