@@ -139,6 +139,9 @@ class AnchorService:
         self.fed = federation  # anchors are its plans: proposed here, signed by m members' bridges, followed here
         self._proposed: dict[int, int] = {}  # anchored height -> my L2 tip when I last proposed its plan
         self._expected: set[bytes] = set()  # the versions of the anchor plan in flight (txids, internal order)
+        # those of them with m signatures: (fee, signed transaction), made once (signatures only accumulate, and any m
+        # of them give the same txid)
+        self._signed: dict[bytes, tuple[int, bytes]] = {}
         self.network = network
         self.rpc = rpc
         self.store = store
@@ -598,14 +601,19 @@ class AnchorService:
             await self._save(a)
         if a.btc_block_hash is not None:
             return  # mined: the chain follower takes it on
+        self._signed = {v: x for v, x in self._signed.items() if v in self._expected}
         with self.store.reader() as r:
             view = StateView(r.get_state)
             signed = []
             for v, e in plan_versions(r.get_state, tip.open):
-                sigs = signatures_by_key(r.get_state, fed, v)
-                raw = signed_transaction(fed, self.network, plan_tx(view, fed, self.network.id, e), sigs)
-                if raw is not None:  # m signatures
-                    signed.append((v, e.fee_sat, raw))
+                got = self._signed.get(v)
+                if got is None:
+                    sigs = signatures_by_key(r.get_state, fed, v)
+                    raw = signed_transaction(fed, self.network, plan_tx(view, fed, self.network.id, e), sigs)
+                    if raw is None:  # fewer than m signatures
+                        continue
+                    got = self._signed[v] = (e.fee_sat, raw)
+                signed.append((v, *got))
         if not signed:
             await self._supersede(entry, tip)
             return
