@@ -1,7 +1,7 @@
 """What every transaction payload module builds on: the type numbers and the payload interface.
 
-The payload classes live one module per subsystem (coin_tx, anchor_tx, pegs_tx, work_tx, fl_tx, session_tx); l2d/core/tx.py
-maps each TxType to its class in one static table.
+The payload classes live one module per subsystem (coin_tx, anchor_tx, pegs_tx, work_tx, fl_tx, session_tx,
+relay_tx); l2d/core/tx.py maps each TxType to its class in one static table.
 """
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ class TxType(IntEnum):
     SESSION_OPEN = 48
     SESSION_SETTLE = 49
     SESSION_CLOSE = 50
+    RELAY_REGISTER = 51
+    RELAY_HEARTBEAT = 52
+    RELAY_EXIT = 53
+    RELAY_WITHDRAW = 54
+    RELAY_WEIGHTS = 55
 
 
 

@@ -6,9 +6,9 @@ module computes, deterministically:
 - the claims: every account balance; every worker stake not WITHDRAWN (owed to the worker); every task bounty not
   SETTLED or CANCELLED (owed back to its submitter); every OPEN FL job's reward pool (owed to its poster); every
   OPEN paid session's deposit less its settlements (owed to its client: receipts its server had not settled by the
-  anchored height are not in the state); every peg-out not COMPLETED (burned on the L2, owed to its Bitcoin script,
-  with the transactions that may already have paid it); and whether the money they lock equals the state's locked
-  total;
+  anchored height are not in the state); every NetFlow relay stake not WITHDRAWN (owed to the relay); every peg-out
+  not COMPLETED (burned on the L2, owed to its Bitcoin script, with the transactions that may already have paid
+  it); and whether the money they lock equals the state's locked total;
 - the federation's Bitcoin by the books: its DEPOSIT and CHANGE coins not spent by a COMPLETED plan (FUNDING coins
   listed apart: they pay anchors, never claims), against pegged_in - paid_out of the bridge totals;
 - the payout: each claim in full if the coins cover them all, else the same share of every claim,
@@ -31,6 +31,7 @@ from .pegs import (BRIDGE_TOTALS_KEY, FEDERATION_KEY, BridgeTotals, CoinKind, Fe
                    deposit_script_pubkey, script_address)
 from .pegs_tx import PegoutStatus
 from .plans import PlanEntry, held_coins, plan_key
+from .relay import RelayRecord, RelayStatus
 from .session import SessionRecord
 from .snapshot import read_snapshot
 from .state import LOCKED_KEY, Account, Namespace
@@ -67,6 +68,7 @@ class ClaimKind(IntEnum):
     FL_POOL = 4  # an OPEN FL job's reward pool, owed to its poster
     PEGOUT = 5  # a peg-out not COMPLETED: burned on the L2, owed to its Bitcoin script
     SESSION = 6  # an OPEN paid session's deposit less what its server settled, owed to its client
+    RELAY_STAKE = 7  # a NetFlow relay's stake (relay not WITHDRAWN), owed to the relay's key
 
     @property
     def label(self) -> str:
@@ -74,7 +76,7 @@ class ClaimKind(IntEnum):
 
 
 # the claims whose money the state counts as locked
-LOCKING = (ClaimKind.STAKE, ClaimKind.BOUNTY, ClaimKind.FL_POOL, ClaimKind.SESSION)
+LOCKING = (ClaimKind.STAKE, ClaimKind.BOUNTY, ClaimKind.FL_POOL, ClaimKind.SESSION, ClaimKind.RELAY_STAKE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +239,10 @@ def recover(records: Mapping[bytes, bytes], network: Network, l2_height: int, st
             j = _decode(key, value, JobRecord.decode, "FL job")
             if j.status == JobStatus.OPEN:
                 owe(ClaimKind.FL_POOL, rid, j.poster, j.status.name, j.reward_pool_sat)
+        elif ns == Namespace.RELAY:
+            relay = _decode(key, value, RelayRecord.decode, "relay")
+            if relay.status != RelayStatus.WITHDRAWN:
+                owe(ClaimKind.RELAY_STAKE, rid, rid, relay.status.name, relay.stake_sat)
         elif ns == Namespace.SESSION:
             sess = _decode(key, value, SessionRecord.decode, "session")
             owe(ClaimKind.SESSION, rid, sess.client, sess.status.name, sess.escrow_sat)

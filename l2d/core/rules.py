@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
-from . import coin, fl, pegs, plans, session, work
+from . import coin, fl, pegs, plans, relay, session, work
 from .errors import BadNonce, ForeignNetwork, InvalidTransaction
 from .payload import TxType
 from .state import Rules, StateView
@@ -55,6 +55,11 @@ RULES: Mapping[int, Rule] = {
     TxType.SESSION_OPEN: session.apply_open,
     TxType.SESSION_SETTLE: session.apply_settle,
     TxType.SESSION_CLOSE: session.apply_close,
+    TxType.RELAY_REGISTER: relay.apply_register,
+    TxType.RELAY_HEARTBEAT: relay.apply_heartbeat,
+    TxType.RELAY_EXIT: relay.apply_exit,
+    TxType.RELAY_WITHDRAW: relay.apply_withdraw,
+    TxType.RELAY_WEIGHTS: relay.apply_weights,
 }
 
 

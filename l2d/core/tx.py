@@ -25,6 +25,7 @@ from .params import MAX_MONEY, Network
 from .payload import Payload, PayloadClass, TxType
 from .pegs_tx import (AnchorPlan, BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutUpdate, PlanCompleted,
                       PlanSignature, RollPlan)
+from .relay_tx import RelayExit, RelayHeartbeat, RelayRegister, RelayWeights, RelayWithdraw
 from .session_tx import SessionClose, SessionOpen, SessionSettle
 from .work_tx import (TaskAssign, TaskCancel, TaskDispute, TaskReassign, TaskResolve, TaskResult, TaskSettle,
                       TaskSubmit, WorkerExit, WorkerHeartbeat, WorkerRegister, WorkerWithdraw)
@@ -43,6 +44,7 @@ _PAYLOAD_CLASSES: tuple[PayloadClass, ...] = (
     TaskSubmit, TaskAssign, TaskResult, TaskReassign, TaskSettle, TaskDispute, TaskResolve, TaskCancel,
     FlJobPost, FlRegister, FlRound, FlFinish, FlReclaim,
     SessionOpen, SessionSettle, SessionClose,
+    RelayRegister, RelayHeartbeat, RelayExit, RelayWithdraw, RelayWeights,
 )
 PAYLOAD_TYPES: Mapping[int, PayloadClass] = {cls.TYPE: cls for cls in _PAYLOAD_CLASSES}
 

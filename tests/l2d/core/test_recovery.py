@@ -27,6 +27,7 @@ from l2d.core.pegs_tx import FederationFund, PegoutPlan, PegoutStatus, PegoutUpd
 from l2d.core.plans import PlanEntry, PlanStatus, plan_key
 from l2d.core.recovery import (ClaimKind, NoSnapshotEvidence, NotABridgeChain, RecordMalformed, RecoveryError,
                                bundle_recovery, recover, snapshot_recovery)
+from l2d.core.relay_tx import RelayRegister
 from l2d.core.session_tx import Receipt, SessionClose, SessionOpen, SessionSettle
 from l2d.core.snapshot import ChecksumMismatch
 from l2d.core.spv import BITCOIN_REGTEST
@@ -353,3 +354,15 @@ def test_an_open_session_is_owed_to_its_client_less_what_its_server_settled() ->
     assert (r.locked_sat, r.locked_claims_sat, r.locked_agrees) == (6_500, 6_500, True)
     assert r.to_dict()["claims"][-1] == {"kind": "session", "id": opened.txid.hex(), "status": "OPEN",
                                          "amount_sat": 6_500, "payout_sat": 6_500, "owner": xonly(ALICE).hex()}
+
+
+def test_a_relay_stake_is_owed_to_the_relay_until_it_withdraws() -> None:
+    w = World(bob_funds=TOY_FUNDS)
+    w.do(AUTH, CHAIN.relay(BASE))
+    w.do(ALICE, DEP.claim(1, 0), fee=500)
+    w.do(ALICE, RelayRegister(4_000, b"\x05" * 32, b"\x06" * 32, 3, 1_000, 2_000, b"127.0.0.1:9050"), fee=10)
+    r = bundle_recovery(anchored(w.state), REGTEST)
+    [c] = [c for c in r.claims if c.kind == ClaimKind.RELAY_STAKE]
+    assert (c.record_id, c.owner, c.amount_sat, c.status) == (xonly(ALICE), xonly(ALICE), 4_000, "ACTIVE")
+    assert (r.locked_sat, r.locked_claims_sat, r.locked_agrees) == (4_000, 4_000, True)
+    assert r.to_dict()["claims"][-1]["kind"] == "relay-stake"

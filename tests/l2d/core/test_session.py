@@ -24,7 +24,8 @@ from l2d.core.session import (MAX_SESSION_BLOCKS, BadReceiptSignature, ReceiptNo
                               ReceiptOverQuote, SessionClosed, SessionExpired, SessionNotExpired, SessionRecord,
                               SessionStatus, StaleReceipt, UnknownSession, get_session, session_key)
 from l2d.core.session_tx import Receipt, SessionClose, SessionOpen, SessionSettle, quote_sat
-from l2d.core.state import SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state, locked_sat
+from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
+                            locked_sat)
 from l2d.core.tx import Transaction, sign
 
 FEE = 2
@@ -325,4 +326,5 @@ def test_money_is_conserved_and_the_server_gets_exactly_the_settled_receipts(ops
     for r, s in zip(recs, sessions):
         assert r.settled_sat + r.refunded_sat == (r.deposit_sat if r.status == SessionStatus.CLOSED else r.settled_sat)
         if r.seq:  # the record names the receipt that was settled, and it is one the client signed
-            assert r.receipt_id in [x.receipt_id for x in issued[s]] and r.settled_sat == issued[s][r.seq - 1].amount_sat
+            assert r.receipt_id in [x.receipt_id for x in issued[s]]
+            assert r.settled_sat == issued[s][r.seq - 1].amount_sat
