@@ -49,10 +49,12 @@ from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import (FUNDING_CONTRACT, Federation, deposit_script_pubkey, federation_genesis, pegin_tweak,
                            script_address)
-from l2d.core.pegs_tx import (AnchorMode, AnchorPlan, BtcHeaders, FederationFund, PeginClaim, PegoutPlan,
-                              PegoutStatus, PegoutUpdate, PlanCompleted, PlanSignature, RollPlan)
+from l2d.core.pegs_tx import (AnchorMode, AnchorPlan, BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutStatus,
+                              PegoutUpdate, PlanCompleted, PlanSignature, RollPlan)
 from l2d.core.plans import PlanEntry, plan_key, plan_tx
+from l2d.core.relay_tx import Measurement, RelayExit, RelayHeartbeat, RelayRegister, RelayWeights, RelayWithdraw
 from l2d.core.rules import apply_tx
+from l2d.core.session_tx import Receipt, SessionClose, SessionOpen, SessionSettle
 from l2d.core.snapshot import MAGIC as SNAPSHOT_MAGIC
 from l2d.core.snapshot import SnapshotHeader, read_snapshot, verify_snapshot, write_snapshot
 from l2d.core.spv import (BITCOIN_REGTEST, Header, bits_to_target, build_partial_merkle_tree, compute_merkle_root,
@@ -108,6 +110,7 @@ def h(label: str) -> bytes:
 
 # -- transactions: a small chain with something of every kind in it ----------------------------------------------
 MINT_AUTHORITY, FEDERATION = 7, 8  # key numbers; 1..6 hold money
+SESSION_KEY = 11  # the key that signs the world's session receipts
 CAPS = WorkerCaps(0, 0, 10, 500_000, 200, 2, b"eu", (b"digits-mlp",), b"127.0.0.1:1234")
 
 
@@ -197,6 +200,8 @@ def world() -> World:
         return PlanSignature(plan_id, BRIDGE_FED.keys.index(key), (sig,))
 
     c.apply(FEDERATION, plan_signature(BRIDGE_KEYS[0]))
+    session = c.apply(1, SessionOpen(pk(2), pk(SESSION_KEY), 50_000, 1000, 1, 10**6)).txid
+    c.apply(2, RelayRegister(3000, h("x25519 2"), h("operator"), 3, 1000, 2_000_000, b"127.0.0.1:9050"))
     seeds = [
         c.sign(1, Transfer(pk(2), 1000)), c.sign(MINT_AUTHORITY, Mint(pk(2), 5000)), c.sign(2, Burn(700, b"")),
         c.sign(FEDERATION, AnchorUpdate(5, h("root"), h("btc tx"), h("btc block"), 101, AnchorStatus.CONFIRMED)),
@@ -224,6 +229,12 @@ def world() -> World:
         c.sign(FEDERATION, FlRound(job, 2, h("params 2"), h("params 1"), 910_000, 340_000, 9640, 1_234, parts)),
         c.sign(FEDERATION, FlFinish(job, h("params 1"), tuple(sorted(((pk(2), 60_000), (pk(3), 40_000)))))),
         c.sign(1, FlReclaim(job)), c.sign(1, FlJobPost(5000, h("config 2"), 2, 2, 2)),
+        c.sign(1, SessionOpen(pk(3), pk(SESSION_KEY), 7000, 2_000_000, 1 << 20, 10**5)),
+        c.sign(2, SessionSettle(Receipt.sign(LOCAL.id, secret(SESSION_KEY), session, 1, 500, 500))),
+        c.sign(2, SessionClose(session)),
+        c.sign(3, RelayRegister(2000, h("x25519 3"), h("operator 3"), 1, 500, 1_000_000, b"relay.example:443")),
+        c.sign(2, RelayHeartbeat()), c.sign(2, RelayExit()), c.sign(2, RelayWithdraw()),  # refused: not exited
+        c.sign(FEDERATION, RelayWeights(1, (Measurement(pk(2), 900, 900_000),))),
     ]
     return World(c.state, seeds)
 
