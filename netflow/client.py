@@ -1,0 +1,360 @@
+"""`l2-netflow`: a local SOCKS5 front (RFC 1928, CONNECT, no authentication) whose connections go through NetFlow
+relays, paid per MiB with session receipts (docs/netflow.md, "Data plane").
+
+At start it picks a path (`direct`: one relay, an exit; `onion`: 2 or 3 relays of distinct operators, an exit last),
+opens a paid session with each relay (SessionOpen: a deposit, the relay's price per MiB, an ephemeral session key)
+and waits until they are committed. Each SOCKS connection is a circuit: CREATE with the first relay, EXTEND through
+it to the next, and so on (one X25519 handshake per hop, each layer ChaCha20-Poly1305), then CONNECT at the exit.
+The client counts, per relay, every byte that relay carries onward for it (the same bytes the relay counts), and
+sends that relay a cumulative receipt once a MiB more is due, or every 2 seconds while anything is unpaid.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from coincurve import PrivateKey
+
+from l2d.client import AsyncClient
+from l2d.core.params import Network
+from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT
+from l2d.core.session_tx import Receipt, SessionOpen, quote_sat
+from l2d.keys import load_secret
+from l2d.logs import setup_logging
+
+from .wire import MAX_DATA, Cmd, HopKeys, Kind, WireError, client_hop, frame, read_frame
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+RECEIPT_EVERY_BYTES = MIB
+RECEIPT_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class RelayInfo:
+    """A relay as the registry lists it (GET /api/netflow/relays)."""
+
+    identity: bytes
+    x25519: bytes
+    operator: bytes
+    flags: int
+    endpoint: str
+    price_msat_per_mib: int
+    weight: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RelayInfo":
+        return cls(bytes.fromhex(d["identity"]), bytes.fromhex(d["x25519_key"]), bytes.fromhex(d["operator"]),
+                   int(d["flags"]), str(d["endpoint"]), int(d["price_msat_per_mib"]), int(d["weight"]))
+
+
+def choose_path(relays: Sequence[RelayInfo], hops: int, rng: random.Random) -> list[RelayInfo]:
+    """`hops` distinct relays of distinct operators, an entry first and an exit last, each drawn at random in
+    proportion to its measured weight (relays never measured are drawn only when no measured one fits: uniformly).
+    ValueError if no such path exists."""
+    path: list[RelayInfo] = []
+    for i in range(hops):
+        need = FLAG_EXIT if i == hops - 1 else FLAG_ENTRY if i == 0 else 0
+        fits = [r for r in relays if r.flags & need == need and r not in path
+                and r.operator not in {p.operator for p in path}]
+        if not fits:
+            raise ValueError(f"no relay fits hop {i + 1} of {hops} (entry first, exit last, distinct operators)")
+        measured = [r for r in fits if r.weight > 0]
+        if measured:
+            path.append(rng.choices(measured, weights=[r.weight for r in measured])[0])
+        else:
+            path.append(rng.choice(fits))
+    return path
+
+
+@dataclass
+class Paid:
+    """One relay's session, seen from the client: what the relay carried for it, and the last receipt sent."""
+
+    relay: RelayInfo
+    session_id: bytes
+    session_secret: bytes
+    deposit_sat: int
+    units: int = 0
+    seq: int = 0
+    receipted_units: int = 0
+    receipted_at: float = 0.0
+
+    def due(self, now: float) -> bool:
+        unpaid = self.units - self.receipted_units
+        return unpaid >= RECEIPT_EVERY_BYTES or (unpaid > 0 and now - self.receipted_at >= RECEIPT_EVERY_S)
+
+    def receipt(self, network_id: int, now: float) -> Receipt:
+        self.seq += 1
+        amount = min(quote_sat(self.units, self.relay.price_msat_per_mib, MIB), self.deposit_sat)
+        self.receipted_units, self.receipted_at = self.units, now
+        return Receipt.sign(network_id, self.session_secret, self.session_id, self.seq, amount, self.units,
+                            os.urandom(32))
+
+
+class Circuit:
+    """A client's circuit through paid relays (paid[0] is the first hop)."""
+
+    def __init__(self, client: "NetflowClient", paid: list[Paid]) -> None:
+        self.client, self.paid = client, paid
+        self.keys: list[HopKeys] = []
+        self.r: Optional[asyncio.StreamReader] = None
+        self.w: Optional[asyncio.StreamWriter] = None
+
+    async def build(self) -> None:
+        first = self.paid[0]
+        host, _, port = first.relay.endpoint.rpartition(":")
+        r, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 30)
+        self.r, self.w = r, w
+        pub, keys = client_hop(first.relay.x25519)
+        w.write(frame(bytes((Kind.CREATE,)) + pub + first.session_id))
+        await w.drain()
+        created = await asyncio.wait_for(read_frame(r), 30)
+        if len(created) != 17 or created[0] != Kind.CREATED or created[1:] != keys.confirm:
+            raise WireError(f"relay {first.relay.endpoint} did not prove its X25519 key")
+        self.keys.append(keys)
+        for p in self.paid[1:]:
+            pub, keys = client_hop(p.relay.x25519)
+            await self.send(len(self.keys) - 1, Cmd.EXTEND, pub + p.session_id + p.relay.endpoint.encode())
+            hop, cmd, data = await asyncio.wait_for(self.recv(), 30)
+            if (hop, cmd) != (len(self.keys) - 1, Cmd.EXTENDED) or data != keys.confirm:
+                raise WireError(f"relay {p.relay.endpoint} was not reached, or did not prove its X25519 key")
+            self.keys.append(keys)
+
+    async def send(self, hop: int, cmd: Cmd, data: bytes) -> None:
+        """A command for `hop`, in the layers of hops hop..0; counts what each earlier hop carries onward."""
+        body = bytes((Kind.RELAY,)) + self.keys[hop].seal_fwd(bytes((cmd,)) + data)
+        if cmd == Cmd.DATA:
+            self.paid[hop].units += len(data)
+        for i in range(hop - 1, -1, -1):
+            self.paid[i].units += len(body)
+            body = bytes((Kind.RELAY,)) + self.keys[i].seal_fwd(bytes((Cmd.FORWARD,)) + body)
+        assert self.w is not None
+        self.w.write(frame(body))
+        await self.w.drain()
+        await self.pay()
+
+    async def recv(self) -> tuple[int, int, bytes]:
+        """The next command from the circuit: (the hop it came from, command, data)."""
+        assert self.r is not None
+        body = await read_frame(self.r)
+        for i, keys in enumerate(self.keys):
+            if body[0] != Kind.RELAY:
+                raise WireError(f"frame kind {body[0]} inside a circuit")
+            plain = keys.open_bwd(body[1:])
+            if not plain:
+                raise WireError("an empty layer")
+            if plain[0] == Cmd.FORWARD and i + 1 < len(self.keys):
+                body = plain[1:]
+                self.paid[i].units += len(body)
+                continue
+            if plain[0] == Cmd.DATA:
+                self.paid[i].units += len(plain) - 1
+            return i, plain[0], plain[1:]
+        raise WireError("a FORWARD from the last hop")
+
+    async def pay(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for i, p in enumerate(self.paid):
+            if p.due(now) or (force and p.units > p.receipted_units):
+                r = p.receipt(self.client.network.id, now)
+                await self.send(i, Cmd.RECEIPT, r.encode())
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+class NetflowClient:
+    def __init__(self, api: AsyncClient, network: Network, secret: bytes) -> None:
+        self.api, self.network, self.secret = api, network, secret
+        self.paid: list[Paid] = []
+
+    async def relays(self) -> list[RelayInfo]:
+        return [RelayInfo.from_json(r) for r in (await self.api.get("/api/netflow/relays"))["relays"]
+                if r["status"] == "ACTIVE"]
+
+    async def open_sessions(self, path: Sequence[RelayInfo], deposit_sat: int, blocks: int) -> None:
+        """One paid session per relay of the path, committed on the L2 before any byte flows."""
+        tip = int((await self.api.status())["height"])
+        for r in path:
+            session_secret = os.urandom(32)
+            key = PrivateKey(session_secret).public_key_xonly.format()
+            res = await self.api.sign_and_submit(
+                self.secret, SessionOpen(r.identity, key, deposit_sat, r.price_msat_per_mib, MIB, tip + blocks), 1)
+            st = await self.api.wait_tx(res["txid"], 60)
+            if st is None or st.get("status") != "committed":
+                raise RuntimeError(f"the session with relay {r.endpoint} was not committed: {st}")
+            self.paid.append(Paid(r, bytes.fromhex(res["txid"]), session_secret, deposit_sat))
+
+    async def pay_loop(self, circuits: set[Circuit]) -> None:
+        while True:
+            await asyncio.sleep(RECEIPT_EVERY_S / 2)
+            for c in list(circuits):
+                with contextlib.suppress(Exception):
+                    await c.pay()
+
+    async def socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    circuits: set[Circuit]) -> None:
+        circuit: Optional[Circuit] = None
+        try:
+            dest = await socks_handshake(reader, writer)
+            if dest is None:
+                return
+            circuit = Circuit(self, self.paid)
+            try:
+                await circuit.build()
+                await circuit.send(len(self.paid) - 1, Cmd.CONNECT, dest.encode())
+                hop, cmd, data = await asyncio.wait_for(circuit.recv(), 60)
+                ok = (hop, cmd, data) == (len(self.paid) - 1, Cmd.CONNECTED, b"\x00")
+            except (OSError, WireError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                log.warning("circuit failed: %s", e)
+                ok = False
+            writer.write(socks_reply(0x00 if ok else 0x04))
+            await writer.drain()
+            if not ok:
+                return
+            circuits.add(circuit)
+            await pump(circuit, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, WireError) as e:
+            log.info("SOCKS connection ended: %s", e)
+        finally:
+            if circuit is not None:
+                circuits.discard(circuit)
+                with contextlib.suppress(Exception):
+                    await circuit.pay(force=True)
+                circuit.close()
+            writer.close()
+
+
+async def pump(circuit: Circuit, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    exit_hop = len(circuit.paid) - 1
+
+    async def upload() -> None:
+        while True:
+            chunk = await reader.read(MAX_DATA)
+            if not chunk:
+                await circuit.send(exit_hop, Cmd.END, b"")
+                return
+            await circuit.send(exit_hop, Cmd.DATA, chunk)
+
+    up = asyncio.create_task(upload())
+    try:
+        while True:
+            hop, cmd, data = await circuit.recv()
+            if hop != exit_hop:
+                raise WireError(f"command {cmd:#x} from hop {hop + 1}, not the exit")
+            if cmd == Cmd.DATA:
+                writer.write(data)
+                await writer.drain()
+            elif cmd == Cmd.END:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                await asyncio.wait_for(up, 60)
+                return
+            else:
+                raise WireError(f"unexpected command {cmd:#x} from the exit")
+    finally:
+        up.cancel()
+        with contextlib.suppress(BaseException):
+            await up
+
+
+async def socks_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Optional[str]:
+    """RFC 1928: the greeting (method 0, no authentication) and a CONNECT request; the destination as host:port, or
+    None once a refusal was answered."""
+    ver, n = await reader.readexactly(2)
+    methods = await reader.readexactly(n)
+    if ver != 5 or 0 not in methods:
+        writer.write(b"\x05\xff")
+        await writer.drain()
+        return None
+    writer.write(b"\x05\x00")
+    ver, cmd, _, atyp = await reader.readexactly(4)
+    if atyp == 1:
+        host = str(ipaddress.IPv4Address(await reader.readexactly(4)))
+    elif atyp == 3:
+        (ln,) = await reader.readexactly(1)
+        host = (await reader.readexactly(ln)).decode("ascii", "replace")
+    elif atyp == 4:
+        host = f"[{ipaddress.IPv6Address(await reader.readexactly(16))}]"
+    else:
+        writer.write(socks_reply(0x08))
+        await writer.drain()
+        return None
+    (port,) = struct.unpack(">H", await reader.readexactly(2))
+    if ver != 5 or cmd != 1:
+        writer.write(socks_reply(0x07))  # only CONNECT
+        await writer.drain()
+        return None
+    return f"{host}:{port}"
+
+
+def socks_reply(code: int) -> bytes:
+    return bytes((5, code, 0, 1)) + b"\0\0\0\0" + b"\0\0"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="l2-netflow", description=__doc__.splitlines()[0])
+    ap.add_argument("--api", required=True, help="an l2d node's REST base URL")
+    ap.add_argument("--key", required=True, type=Path, help="the client's L2 key file (pays the sessions)")
+    ap.add_argument("--socks", default="127.0.0.1:1080", help="host:port of the SOCKS5 front")
+    ap.add_argument("--mode", choices=("direct", "onion"), default="direct")
+    ap.add_argument("--hops", type=int, default=3, help="relays of an onion path (2 or 3)")
+    ap.add_argument("--deposit", type=int, default=100_000, help="sat escrowed per relay")
+    ap.add_argument("--session-blocks", type=int, default=10_000, help="sessions expire this many L2 blocks on")
+    ap.add_argument("--relays", default="", help="comma-separated relay identities (hex), first hop first")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    if a.mode == "onion" and a.hops not in (2, 3):
+        ap.error("--hops must be 2 or 3")
+    setup_logging(a.log_level)
+    return asyncio.run(_run(a))
+
+
+async def _run(a: Any) -> int:
+    secret = load_secret(a.key)
+    host, _, port = a.socks.rpartition(":")
+    async with AsyncClient(a.api) as api:
+        client = NetflowClient(api, await api.network(), secret)
+        relays = await client.relays()
+        if a.relays:
+            by_id = {r.identity.hex(): r for r in relays}
+            path = [by_id[x] for x in a.relays.split(",")]
+        else:
+            path = choose_path(relays, 1 if a.mode == "direct" else a.hops, random.Random())
+        await client.open_sessions(path, a.deposit, a.session_blocks)
+        circuits: set[Circuit] = set()
+        server = await asyncio.start_server(lambda r, w: client.socks(r, w, circuits), host, int(port))
+        bound = server.sockets[0].getsockname()
+        print(f"l2-netflow SOCKS5 on {bound[0]}:{bound[1]} through "
+              f"{' -> '.join(p.relay.endpoint for p in client.paid)}; sessions "
+              f"{','.join(p.session_id.hex() for p in client.paid)}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        payer = asyncio.create_task(client.pay_loop(circuits))
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            payer.cancel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""`l2-relay`: a NetFlow relay. It carries circuits (docs/netflow.md, "Data plane"), is paid per MiB by session
+receipts, and settles the highest receipt of each session on the L2.
+
+A circuit reaches the relay as a TCP link whose first frame is CREATE (the client's ephemeral X25519 key and the id
+of the client's paid session with this relay). The relay reads the session from the L2 (its server must be this
+relay, OPEN, priced at least at this relay's price per MiB, not about to expire), answers CREATED and then serves the
+circuit's commands: EXTEND (open a link to the next relay), FORWARD (pass a layer on), CONNECT and DATA (the exit:
+a TCP connection to the destination), RECEIPT (a payment for this relay) and END.
+
+Every byte the relay moves onward for the circuit (the next hop's layers, or the destination's data) counts as a unit
+of the session, in both directions; the client counts the same bytes. Once the bytes carried exceed the units paid by
+the best receipt by `window` bytes, the relay stops reading the destination or the next hop (backpressure, so the
+client's downloads pause until it pays); past twice the window, or on a receipt that is not valid, the circuit is
+closed. A relay's loss to a client that stops paying is at most one window.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from l2d.client import ApiError, AsyncClient
+from l2d.core.errors import L2Error
+from l2d.core.params import Network
+from l2d.core.session import SessionRecord, SessionStatus, check_receipt
+from l2d.core.session_tx import Receipt, SessionSettle
+from l2d.keys import load_or_create_secret
+from l2d.logs import setup_logging
+
+from .wire import MAX_DATA, Cmd, HopKeys, Kind, WireError, frame, read_frame, relay_hop, x25519_public
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+WINDOW = 4 * MIB  # default credit window
+EXPIRY_MARGIN = 10  # a session must stay open at least this many L2 blocks to be served
+
+
+@dataclass
+class SessionState:
+    """What the relay knows of one session: its record, the best receipt, the bytes carried (all its circuits)."""
+
+    sid: bytes
+    record: SessionRecord
+    best: Optional[Receipt] = None
+    settled_seq: int = 0
+    carried: int = 0
+    paid: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever a better receipt arrives
+
+    @property
+    def paid_units(self) -> int:
+        """The units the best receipt pays for: its units, or fewer if its amount (capped by the deposit) does
+        not cover them at the session's price."""
+        if self.best is None:
+            return 0
+        rec = self.record
+        if rec.price_msat == 0:
+            return self.best.units
+        return min(self.best.units, self.best.amount_sat * rec.unit * 1000 // rec.price_msat)
+
+
+class CircuitClosed(Exception):
+    pass
+
+
+class Relay:
+    def __init__(self, *, api: AsyncClient, network: Network, identity: bytes, x25519_key: X25519PrivateKey,
+                 price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
+                 fee_sat: int = 1) -> None:
+        self.api, self.network, self.identity = api, network, identity
+        self.x25519 = x25519_key
+        self.price = price_msat_per_mib
+        self.exit_allowed = exit_allowed
+        self.window = window
+        self.settle_every_s = settle_every_s
+        self.fee_sat = fee_sat
+        self._secret = b""
+        self.sessions: dict[bytes, SessionState] = {}
+        self._tip = 0
+
+    def set_secret(self, secret: bytes) -> None:
+        self._secret = secret
+
+    # -- sessions ---------------------------------------------------------------------------------------------
+    async def session(self, sid: bytes) -> SessionState:
+        s = self.sessions.get(sid)
+        if s is not None and s.record.status == SessionStatus.OPEN and s.record.expiry_height > self._tip:
+            return s
+        try:
+            body = await self.api.get(f"/api/sessions/{sid.hex()}")
+            self._tip = int((await self.api.status())["height"])
+        except ApiError as e:
+            raise WireError(f"session {sid.hex()}: {e}") from None
+        rec = SessionRecord.decode(bytes.fromhex(body["value"]))
+        why = None
+        if rec.server != self.identity:
+            why = "its server is another relay"
+        elif rec.status != SessionStatus.OPEN:
+            why = "it is closed"
+        elif rec.unit != MIB or rec.price_msat < self.price:
+            why = f"it pays {rec.price_msat} msat per {rec.unit} units, this relay asks {self.price} per MiB"
+        elif rec.expiry_height < self._tip + EXPIRY_MARGIN:
+            why = f"it expires at L2 height {rec.expiry_height}"
+        if why is not None:
+            raise WireError(f"session {sid.hex()} is not served: {why}")
+        if s is None:
+            s = self.sessions[sid] = SessionState(sid, rec)
+        else:
+            s.record = rec
+        return s
+
+    def take_receipt(self, s: SessionState, raw: bytes) -> None:
+        """A receipt better than the best so far (every consensus rule, against the best rather than the settled
+        one); WireError otherwise."""
+        try:
+            r = Receipt.decode(raw)
+            if r.session_id != s.sid:
+                raise WireError(f"a receipt of session {r.session_id.hex()} on a circuit of {s.sid.hex()}")
+            base = s.record if s.best is None else replace(s.record, seq=s.best.seq, settled_sat=s.best.amount_sat,
+                                                               units=s.best.units)
+            check_receipt(base, r, self.network.id, self._tip)
+        except L2Error as e:
+            raise WireError(f"receipt refused: {e}") from None
+        s.best = r
+        s.paid.set()
+
+    async def settle(self) -> None:
+        """Redeem each session's best receipt not yet settled."""
+        for sid, s in list(self.sessions.items()):
+            if s.best is None or s.best.seq <= s.settled_seq:
+                continue
+            try:
+                best = s.best
+                res = await self.api.sign_and_submit(self._secret, SessionSettle(best), self.fee_sat)
+                await self.api.wait_tx(res["txid"], 30)  # the next settlement takes the next nonce
+                s.settled_seq = best.seq
+                log.info("session settled", extra={"session": sid.hex(), "seq": best.seq, "amount_sat": best.amount_sat,
+                                                   "txid": res.get("txid")})
+            except ApiError as e:
+                log.warning("settlement of session %s refused: %s", sid.hex(), e)
+
+    async def settle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settle_every_s)
+            await self.settle()
+
+    # -- circuits ---------------------------------------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            body = await read_frame(reader)
+            if len(body) != 65 or body[0] != Kind.CREATE:
+                raise WireError("the first frame of a link is CREATE")
+            client_pub, sid = body[1:33], body[33:65]
+            s = await self.session(sid)
+            keys = relay_hop(self.x25519, client_pub)
+            writer.write(frame(bytes((Kind.CREATED,)) + keys.confirm))
+            await writer.drain()
+            await _Circuit(self, s, keys, reader, writer).run()
+        except (WireError, CircuitClosed) as e:
+            log.info("circuit closed", extra={"peer": str(peer), "why": str(e)})
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class _Circuit:
+    def __init__(self, relay: Relay, s: SessionState, keys: HopKeys, up_r: asyncio.StreamReader,
+                 up_w: asyncio.StreamWriter) -> None:
+        self.relay, self.s, self.keys = relay, s, keys
+        self.up_r, self.up_w = up_r, up_w
+        self.down_w: Optional[asyncio.StreamWriter] = None
+        self.down_task: Optional[asyncio.Task[None]] = None
+        self.is_exit = False
+
+    async def send_up(self, cmd: Cmd, data: bytes) -> None:
+        self.up_w.write(frame(bytes((Kind.RELAY,)) + self.keys.seal_bwd(bytes((cmd,)) + data)))
+        await self.up_w.drain()
+
+    def count(self, n: int) -> None:
+        self.s.carried += n
+        if self.s.carried - self.s.paid_units > 2 * self.relay.window:
+            raise CircuitClosed(f"{self.s.carried - self.s.paid_units} bytes carried without a receipt")
+
+    async def credit(self) -> None:
+        """Wait while the bytes carried exceed the paid units by the window (the client pays, or the circuit
+        waits)."""
+        while self.s.carried - self.s.paid_units > self.relay.window:
+            self.s.paid.clear()
+            await self.s.paid.wait()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                body = await read_frame(self.up_r)
+                if body[0] != Kind.RELAY:
+                    raise WireError(f"frame kind {body[0]} inside a circuit")
+                plain = self.keys.open_fwd(body[1:])
+                if not plain:
+                    raise WireError("an empty layer")
+                await self.command(plain[0], plain[1:])
+        finally:
+            if self.down_task is not None:
+                self.down_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self.down_task
+            if self.down_w is not None:
+                self.down_w.close()
+
+    async def command(self, cmd: int, data: bytes) -> None:
+        if cmd == Cmd.RECEIPT:
+            self.relay.take_receipt(self.s, data)
+        elif cmd == Cmd.FORWARD:
+            if self.down_w is None or self.is_exit:
+                raise WireError("FORWARD before EXTEND")
+            self.count(len(data))
+            self.down_w.write(frame(data))
+            await self.down_w.drain()
+        elif cmd == Cmd.DATA:
+            if self.down_w is None or not self.is_exit:
+                raise WireError("DATA before CONNECT")
+            self.count(len(data))
+            self.down_w.write(data)
+            await self.down_w.drain()
+        elif cmd == Cmd.END:
+            if self.down_w is not None and self.is_exit and self.down_w.can_write_eof():
+                self.down_w.write_eof()
+        elif cmd == Cmd.EXTEND:
+            await self.extend(data)
+        elif cmd == Cmd.CONNECT:
+            await self.connect(data)
+        else:
+            raise WireError(f"unknown command {cmd:#x}")
+
+    async def extend(self, data: bytes) -> None:
+        if self.down_w is not None or len(data) < 66:
+            raise WireError("EXTEND on a circuit already extended, or malformed")
+        host, port = _endpoint(data[64:])
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise CircuitClosed(f"next relay {host}:{port} unreachable: {e}") from None
+        w.write(frame(bytes((Kind.CREATE,)) + data[:64]))
+        await w.drain()
+        try:
+            created = await asyncio.wait_for(read_frame(r), 30)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+            w.close()
+            raise CircuitClosed(f"next relay {host}:{port} refused the circuit") from None
+        if len(created) != 17 or created[0] != Kind.CREATED:
+            w.close()
+            raise WireError("the next relay did not answer CREATED")
+        self.down_w = w
+        await self.send_up(Cmd.EXTENDED, created[1:])
+        self.down_task = asyncio.create_task(self.from_next(r))
+
+    async def from_next(self, r: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                body = await read_frame(r)
+                await self.credit()
+                self.count(len(body))
+                await self.send_up(Cmd.FORWARD, body)
+        except (asyncio.IncompleteReadError, ConnectionError, WireError, CircuitClosed):
+            self.up_w.close()  # the rest of the circuit is gone: so is this link
+
+    async def connect(self, data: bytes) -> None:
+        if self.down_w is not None:
+            raise WireError("CONNECT on a circuit already in use")
+        if not self.relay.exit_allowed:
+            await self.send_up(Cmd.CONNECTED, b"\x01")
+            raise CircuitClosed("this relay is not an exit")
+        host, port = _endpoint(data)
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+        except (OSError, asyncio.TimeoutError):
+            await self.send_up(Cmd.CONNECTED, b"\x01")
+            return
+        self.down_w, self.is_exit = w, True
+        await self.send_up(Cmd.CONNECTED, b"\x00")
+        self.down_task = asyncio.create_task(self.from_destination(r))
+
+    async def from_destination(self, r: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                chunk = await r.read(MAX_DATA)
+                if not chunk:
+                    await self.send_up(Cmd.END, b"")
+                    return
+                await self.credit()
+                self.count(len(chunk))
+                await self.send_up(Cmd.DATA, chunk)
+        except (ConnectionError, CircuitClosed):
+            self.up_w.close()
+
+
+def _endpoint(raw: bytes, listen: bool = False) -> tuple[str, int]:
+    """host:port (port 0 only to listen on: any free port)."""
+    try:
+        host, _, port = raw.decode("ascii").rpartition(":")
+        p = int(port)
+    except (UnicodeDecodeError, ValueError):
+        raise WireError(f"bad endpoint {raw[:80]!r}") from None
+    if not host or not (0 if listen else 1) <= p < 65536:
+        raise WireError(f"bad endpoint {raw[:80]!r}")
+    return host.strip("[]"), p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="l2-relay", description=__doc__.splitlines()[0])
+    ap.add_argument("--api", required=True, help="an l2d node's REST base URL")
+    ap.add_argument("--key", required=True, type=Path, help="the relay's identity key file (its L2 account)")
+    ap.add_argument("--x25519-key", required=True, type=Path, help="its X25519 key file (created 0600 if missing)")
+    ap.add_argument("--listen", default="127.0.0.1:9050", help="host:port to accept circuits on")
+    ap.add_argument("--exit", action="store_true", help="open connections to destinations (the last hop)")
+    ap.add_argument("--register", action="store_true", help="register (or keep) the relay on the L2 first")
+    ap.add_argument("--stake", type=int, default=10_000, help="stake locked by --register (sat)")
+    ap.add_argument("--rate", type=int, default=10_240, help="advertised rate, KiB/s (--register)")
+    ap.add_argument("--price", type=int, default=1_000_000, help="price, msat per MiB")
+    ap.add_argument("--operator", default="", help="64-hex operator id (default: the relay's identity)")
+    ap.add_argument("--window", type=int, default=WINDOW, help="credit window, bytes (default 4 MiB)")
+    ap.add_argument("--settle-every", type=float, default=5.0, help="seconds between settlements")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    setup_logging(a.log_level)
+    return asyncio.run(_run(a))
+
+
+async def _run(a: Any) -> int:
+    from coincurve import PrivateKey
+
+    from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
+
+    secret = load_or_create_secret(a.key, "relay identity")
+    x_secret = load_or_create_secret(a.x25519_key, "relay X25519")
+    x_key = X25519PrivateKey.from_private_bytes(x_secret)
+    identity = PrivateKey(secret).public_key_xonly.format()
+    host, port = _endpoint(a.listen.encode(), listen=True)
+    async with AsyncClient(a.api) as api:
+        network = await api.network()
+        relay = Relay(api=api, network=network, identity=identity, x25519_key=x_key, price_msat_per_mib=a.price,
+                      exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every)
+        relay.set_secret(secret)
+        server = await asyncio.start_server(relay.handle, host, port)
+        bound = server.sockets[0].getsockname()
+        endpoint = f"{bound[0]}:{bound[1]}"
+        if a.register:
+            operator = bytes.fromhex(a.operator) if a.operator else identity
+            flags = FLAG_ENTRY | (FLAG_EXIT if a.exit else 0)
+            payload = RelayRegister(a.stake, x25519_public(x_key), operator, flags, a.rate, a.price,
+                                    endpoint.encode())
+            try:
+                res = await api.sign_and_submit(secret, payload, 1)
+                await api.wait_tx(res["txid"], 60)
+            except ApiError as e:
+                if "is registered" not in str(e):
+                    raise
+        print(f"l2-relay {identity.hex()} listening on {endpoint}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        settle = asyncio.create_task(relay.settle_loop())
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            settle.cancel()
+            await relay.settle()  # what was paid is redeemed before the relay goes
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

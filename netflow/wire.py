@@ -1,0 +1,134 @@
+"""NetFlow's link framing and per-hop cryptography (docs/netflow.md, "Data plane").
+
+A link is a TCP connection: frames of `length u32 | body` (body at most MAX_FRAME bytes). The first byte of a body
+is its kind: CREATE and CREATED set a hop up; RELAY carries one onion layer.
+
+A hop's keys: the client makes an ephemeral X25519 key e for each hop and sends e.pub in CREATE; both sides derive
+    shared = X25519(e, relay's registered X25519 key)
+    k_fwd || k_bwd = HKDF-SHA256(shared, salt = e.pub || relay X25519 pub, info = "l2d/netflow/hop v1", 64 bytes)
+and the relay proves it holds its key by CREATED carrying ChaCha20-Poly1305(k_bwd, nonce 0, "", aad = e.pub): the
+16-byte tag. Every later layer in one direction uses the next nonce (a 96-bit big-endian counter from 1), so a
+replayed, dropped, reordered or altered frame fails authentication and the circuit is dropped.
+
+A layer's plaintext is `command u8 | data`; the client wraps a command for hop i in the layers of hops i..1 (hop i's
+innermost), each hop removes its own: FORWARD passes the rest to the next hop, any other command is for this hop.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+MAX_FRAME = 1 << 17  # 128 KiB: a data chunk (at most MAX_DATA) and every layer's overhead fit
+MAX_DATA = 1 << 16  # application bytes per DATA command
+TAG = 16
+_LEN = struct.Struct(">I")
+_INFO = b"l2d/netflow/hop v1"
+
+
+class WireError(Exception):
+    """A peer broke the protocol: a malformed or oversized frame, a failed authentication, a wrong command."""
+
+
+class Kind(enum.IntEnum):
+    CREATE = 1  # e.pub 32 | session id 32
+    CREATED = 2  # confirmation tag 16
+    RELAY = 3  # one onion layer
+
+
+class Cmd(enum.IntEnum):
+    FORWARD = 0x10  # the rest is the next hop's RELAY body (forward), or comes from it (backward)
+    EXTEND = 0x11  # e.pub 32 | session id 32 | endpoint (host:port)
+    EXTENDED = 0x12  # confirmation tag 16 of the new hop
+    RECEIPT = 0x13  # a 120-byte session receipt (l2d.core.session_tx.Receipt) for this hop
+    CONNECT = 0x14  # host:port (exit only)
+    CONNECTED = 0x15  # status u8 (0 = connected)
+    DATA = 0x16  # application bytes
+    END = 0x17  # the stream is over (either direction)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readexactly(4)
+    (n,) = _LEN.unpack(head)
+    if not 0 < n <= MAX_FRAME:
+        raise WireError(f"frame of {n} bytes (1..{MAX_FRAME})")
+    return await reader.readexactly(n)
+
+
+def frame(body: bytes) -> bytes:
+    if not 0 < len(body) <= MAX_FRAME:
+        raise WireError(f"frame of {len(body)} bytes (1..{MAX_FRAME})")
+    return _LEN.pack(len(body)) + body
+
+
+def x25519_public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+@dataclass
+class HopKeys:
+    """One hop's two directions: a key and a nonce counter each."""
+
+    fwd: ChaCha20Poly1305
+    bwd: ChaCha20Poly1305
+    fwd_n: int = 1
+    bwd_n: int = 1
+    confirm: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def derive(cls, shared: bytes, client_pub: bytes, relay_pub: bytes) -> "HopKeys":
+        okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=client_pub + relay_pub, info=_INFO).derive(shared)
+        keys = cls(ChaCha20Poly1305(okm[:32]), ChaCha20Poly1305(okm[32:]))
+        keys.confirm = keys.bwd.encrypt(_nonce(0), b"", client_pub)
+        return keys
+
+    def seal_fwd(self, plain: bytes) -> bytes:
+        n, self.fwd_n = self.fwd_n, self.fwd_n + 1
+        return self.fwd.encrypt(_nonce(n), plain, None)
+
+    def open_fwd(self, sealed: bytes) -> bytes:
+        n, self.fwd_n = self.fwd_n, self.fwd_n + 1
+        return _open(self.fwd, n, sealed)
+
+    def seal_bwd(self, plain: bytes) -> bytes:
+        n, self.bwd_n = self.bwd_n, self.bwd_n + 1
+        return self.bwd.encrypt(_nonce(n), plain, None)
+
+    def open_bwd(self, sealed: bytes) -> bytes:
+        n, self.bwd_n = self.bwd_n, self.bwd_n + 1
+        return _open(self.bwd, n, sealed)
+
+
+def _nonce(n: int) -> bytes:
+    return n.to_bytes(12, "big")
+
+
+def _open(aead: ChaCha20Poly1305, n: int, sealed: bytes) -> bytes:
+    try:
+        return aead.decrypt(_nonce(n), sealed, None)
+    except InvalidTag:
+        raise WireError("a layer failed authentication (tampered, replayed or out of order)") from None
+
+
+def client_hop(relay_pub: bytes) -> tuple[bytes, HopKeys]:
+    """The client's side of a hop: (e.pub for CREATE/EXTEND, the hop's keys)."""
+    e = X25519PrivateKey.generate()
+    pub = x25519_public(e)
+    return pub, HopKeys.derive(e.exchange(X25519PublicKey.from_public_bytes(relay_pub)), pub, relay_pub)
+
+
+def relay_hop(relay_key: X25519PrivateKey, client_pub: bytes) -> HopKeys:
+    """The relay's side of a hop from the client's e.pub (WireError if it is not a usable X25519 key)."""
+    try:
+        shared = relay_key.exchange(X25519PublicKey.from_public_bytes(client_pub))
+    except ValueError as e:
+        raise WireError(f"not an X25519 public key: {e}") from None
+    return HopKeys.derive(shared, client_pub, x25519_public(relay_key))

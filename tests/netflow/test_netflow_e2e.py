@@ -1,0 +1,185 @@
+"""NetFlow end to end with real processes on loopback: an l2d daemon, relays (`l2-relay`, registered on the L2), the
+client (`l2-netflow`, its SOCKS5 front) and `curl --socks5-hostname` downloading from a local aiohttp server.
+
+Direct (one relay) and 3-hop onion paths deliver the file byte-identical; each relay settles what its receipts say
+when it stops, and the balances move by exactly the settled receipts."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+from aiohttp import web
+from coincurve import PrivateKey
+
+from l2d.core.session import SessionRecord, SessionStatus
+from l2d.core.session_tx import quote_sat
+from tests.conftest import REPO, L2dProcess
+
+TOKEN = "netflow-test-admin-token-0001"
+MIB = 1 << 20
+PRICE = 1_000_000  # msat per MiB: 1,000 sat per MiB
+FUNDS = 10_000_000
+
+
+def secret(tag: str) -> bytes:
+    return hashlib.sha256(b"l2d netflow test " + tag.encode()).digest()
+
+
+def pk(s: bytes) -> bytes:
+    return PrivateKey(s).public_key_xonly.format()
+
+
+CLIENT = secret("client")
+RELAYS = [secret(f"relay {i}") for i in range(3)]
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[tuple[str, bytes]]:
+    """A local HTTP server with a 3 MiB file of random bytes: (its base URL, the bytes)."""
+    body = os.urandom(3 * MIB)
+
+    async def file(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/octet-stream")
+    app = web.Application()
+    app.router.add_get("/file", file)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    s = web.TCPSite(runner, "127.0.0.1", 0)
+    await s.start()
+    port = s._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", body
+    finally:
+        await runner.cleanup()
+
+
+class Proc:
+    """A netflow process whose first stdout line says where it listens."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._err = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=self._err,
+                                     text=True, cwd=REPO)
+
+    def first_line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"{self.log.name}: exited: {self.log.read_text()[-2000:]}"
+        return line
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self._close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self._err.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def procs() -> Any:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+async def start_relay(tmp: Path, api: str, i: int, exit_: bool, procs: list[Proc]) -> tuple[Proc, str]:
+    key = tmp / f"relay{i}.key"
+    key.write_text(RELAYS[i].hex())
+    key.chmod(0o600)
+    args = ["netflow.relay", "--api", api, "--key", str(key), "--x25519-key", str(tmp / f"relay{i}.x25519"),
+            "--listen", "127.0.0.1:0", "--register", "--stake", "5000", "--price", str(PRICE), "--settle-every",
+            "3600"] + (["--exit"] if exit_ else [])
+    p = Proc(args, tmp / f"relay{i}.log")
+    procs.append(p)
+    line = await asyncio.to_thread(p.first_line)
+    m = re.search(r"listening on (\S+)", line)
+    assert m, line
+    return p, m.group(1)
+
+
+async def start_client(tmp: Path, api: str, args: list[str], procs: list[Proc]) -> tuple[Proc, str, list[str]]:
+    key = tmp / "client.key"
+    key.write_text(CLIENT.hex())
+    key.chmod(0o600)
+    p = Proc(["netflow.client", "--api", api, "--key", str(key), "--socks", "127.0.0.1:0", "--deposit", "50000",
+              *args], tmp / "client.log")
+    procs.append(p)
+    line = await asyncio.to_thread(p.first_line)
+    m = re.search(r"SOCKS5 on (\S+) .*sessions (\S+)", line)
+    assert m, line
+    return p, m.group(1), m.group(2).split(",")
+
+
+def curl(socks: str, url: str, out: Path) -> None:
+    r = subprocess.run(["curl", "-sS", "--fail", "--max-time", "120", "--socks5-hostname", socks, url, "-o",
+                        str(out)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+
+
+async def run_path(tmp: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+                   poll: Callable[..., Any], site: tuple[str, bytes], procs: list[Proc], n_relays: int) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    alloc = {pk(CLIENT): FUNDS, **{pk(r): FUNDS for r in RELAYS}}
+    d = l2d_process(node_toml(tmp / "node.toml", alloc, TOKEN, block={"interval_ms": 50}))
+    api = d.url("")
+    relays = [await start_relay(tmp, api, i, i == n_relays - 1, procs) for i in range(n_relays)]
+    await poll(lambda: len([r for r in d.get("/api/netflow/relays")["relays"] if r["status"] == "ACTIVE"])
+               == n_relays, 60, "the relays registered")
+    ids = ",".join(pk(RELAYS[i]).hex() for i in range(n_relays))
+    mode = ["--mode", "direct"] if n_relays == 1 else ["--mode", "onion", "--hops", str(n_relays)]
+    client, socks, sessions = await start_client(tmp, api, [*mode, "--relays", ids], procs)
+    before = {i: d.get(f"/api/l2/accounts/{pk(RELAYS[i]).hex()}")["balance_sat"] for i in range(n_relays)}
+    base, body = site
+    out = tmp / "out.bin"
+    await asyncio.to_thread(curl, socks, f"{base}/file", out)
+    assert out.read_bytes() == body  # byte-identical through the relays
+    assert client.stop() == 0  # the client's last receipts went out with each circuit's end
+    for p, _ in relays:
+        assert p.stop() == 0  # each relay settles its best receipt as it stops
+    for i, sid in enumerate(sessions):
+        s = d.get(f"/api/sessions/{sid}")
+        rec = SessionRecord.decode(bytes.fromhex(s["value"]))
+        assert rec.status == SessionStatus.OPEN and rec.server == pk(RELAYS[i]) and rec.seq > 0
+        # paid for at least the file's bytes (each hop also carries the inner layers), at the quoted price
+        assert rec.units >= len(body) and rec.settled_sat == quote_sat(rec.units, PRICE, MIB)
+        after = d.get(f"/api/l2/accounts/{pk(RELAYS[i]).hex()}")["balance_sat"]
+        assert after == before[i] + rec.settled_sat - 1  # paid exactly the settled receipt, less the settle fee
+    for i in range(1, n_relays):  # an inner hop carries every layer of the hops after it: more than the exit
+        inner = SessionRecord.decode(bytes.fromhex(d.get(f"/api/sessions/{sessions[i - 1]}")["value"]))
+        outer = SessionRecord.decode(bytes.fromhex(d.get(f"/api/sessions/{sessions[i]}")["value"]))
+        assert inner.units > outer.units
+    assert d.stop() == 0
+
+
+async def test_a_download_through_one_relay_is_byte_identical_and_paid(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        poll: Callable[..., Any], site: tuple[str, bytes], procs: list[Proc]) -> None:
+    await run_path(tmp_path, l2d_process, node_toml, poll, site, procs, 1)
+
+
+async def test_a_download_through_three_onion_hops_is_byte_identical_and_each_hop_paid(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        poll: Callable[..., Any], site: tuple[str, bytes], procs: list[Proc]) -> None:
+    await run_path(tmp_path, l2d_process, node_toml, poll, site, procs, 3)

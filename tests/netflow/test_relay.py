@@ -1,0 +1,179 @@
+"""A NetFlow relay (netflow/relay.py) against a real l2d process, in-process so its session state can be read: the
+credit window stops a download that is not paid for and releases it when a receipt comes; a forged receipt, or a
+frame altered on the wire, closes the circuit."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+from coincurve import PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from l2d.client import AsyncClient
+from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
+from l2d.core.session_tx import Receipt
+from netflow.client import Circuit, NetflowClient, Paid, RelayInfo
+from netflow.relay import Relay
+from netflow.wire import MAX_DATA, Cmd, WireError, read_frame, x25519_public
+from tests.conftest import L2dProcess
+
+TOKEN = "netflow-relay-test-token-0001"
+MIB = 1 << 20
+PRICE = 1_000_000
+WINDOW = 256 * 1024
+CLIENT = hashlib.sha256(b"netflow relay test client").digest()
+RELAY = hashlib.sha256(b"netflow relay test relay").digest()
+
+
+def pk(s: bytes) -> bytes:
+    return PrivateKey(s).public_key_xonly.format()
+
+
+async def serve(handler: Any) -> tuple[asyncio.AbstractServer, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+async def world(tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path]
+                ) -> AsyncIterator[dict[str, Any]]:
+    """An l2d process, a destination sending 4 MiB to whoever connects, an exit relay (in-process, window 256 KiB)
+    registered on the L2, and a client with a paid session to it."""
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(CLIENT): 10**7, pk(RELAY): 10**7}, TOKEN,
+                              block={"interval_ms": 50}))
+    payload = bytes(range(256)) * (4 * MIB // 256)
+    connections: list[object] = []
+
+    async def destination(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        connections.append(w.get_extra_info("peername"))
+        with contextlib.suppress(ConnectionError):
+            w.write(payload)
+            await w.drain()
+        w.close()
+    dest_server, dest = await serve(destination)
+    async with AsyncClient(d.url("")) as api:
+        network = await api.network()
+        x = X25519PrivateKey.generate()
+        relay = Relay(api=api, network=network, identity=pk(RELAY), x25519_key=x, price_msat_per_mib=PRICE,
+                      exit_allowed=True, window=WINDOW, settle_every_s=3600)
+        relay.set_secret(RELAY)
+        relay_server, endpoint = await serve(relay.handle)
+        res = await api.sign_and_submit(RELAY, RelayRegister(5000, x25519_public(x), pk(RELAY),
+                                                             FLAG_ENTRY | FLAG_EXIT, 1000, PRICE,
+                                                             endpoint.encode()), 1)
+        await api.wait_tx(res["txid"], 60)
+        client = NetflowClient(api, network, CLIENT)
+        [info] = await client.relays()
+        assert info == RelayInfo(pk(RELAY), x25519_public(x), pk(RELAY), 3, endpoint, PRICE, 0)
+        await client.open_sessions([info], 50_000, 1000)
+        try:
+            yield {"d": d, "relay": relay, "client": client, "dest": dest, "payload": payload, "api": api,
+                   "endpoint": endpoint, "connections": connections}
+        finally:
+            relay_server.close()
+            dest_server.close()
+
+
+async def connected(w: dict[str, Any], client: NetflowClient) -> Circuit:
+    c = Circuit(client, client.paid)
+    await c.build()
+    await c.send(0, Cmd.CONNECT, w["dest"].encode())
+    assert await c.recv() == (0, Cmd.CONNECTED, b"\x00")
+    return c
+
+
+async def test_the_credit_window_holds_an_unpaid_download_and_a_receipt_releases_it(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
+    relay, client = world["relay"], world["client"]
+    monkeypatch.setattr(Paid, "due", lambda self, now: False)  # a client that never pays on its own
+    c = await connected(world, client)
+    [s] = relay.sessions.values()
+    got = bytearray()
+
+    async def read_until_held() -> None:
+        while True:
+            hop, cmd, data = await c.recv()
+            assert (hop, cmd) == (0, Cmd.DATA)
+            got.extend(data)
+    reader = asyncio.create_task(read_until_held())
+    try:
+        # the relay carries one window (and the chunk that crossed it), then waits for a receipt
+        await poll(lambda: s.carried > WINDOW, 30, "a window carried")
+        await poll(lambda: len(got) == s.carried, 30, "what was carried received")
+        assert s.carried <= WINDOW + MAX_DATA and s.paid_units == 0 and not reader.done()
+        held = s.carried
+        await c.pay(force=True)  # a receipt for everything received so far
+        await poll(lambda: s.paid_units == held and s.carried > held, 30, "the download released")
+        assert s.best is not None and s.best.amount_sat == -(-held * PRICE // (MIB * 1000))
+        assert s.carried <= held + WINDOW + MAX_DATA  # one more window at most
+    finally:
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+        c.close()
+
+
+async def test_a_forged_receipt_closes_the_circuit(world: dict[str, Any], poll: Callable[..., Any]) -> None:
+    relay, client = world["relay"], world["client"]
+    c = await connected(world, client)
+    paid = client.paid[0]
+    forged = Receipt.sign(client.network.id, hashlib.sha256(b"not the session key").digest(), paid.session_id, 1,
+                          10, 10)
+    await c.send(0, Cmd.RECEIPT, forged.encode())
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError, WireError)):
+        while True:
+            await asyncio.wait_for(c.recv(), 30)
+    [s] = relay.sessions.values()
+    assert s.best is None  # nothing accepted
+    c.close()
+
+
+async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
+        world: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A man in the middle flips one bit of the client's CONNECT layer: the relay's ChaCha20-Poly1305 check fails,
+    the relay closes the link, and nothing reaches the destination."""
+    caplog.set_level(logging.INFO, logger="netflow.relay")
+    host, port = world["endpoint"].rsplit(":", 1)
+    frames = 0
+
+    async def mitm(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        nonlocal frames
+        rr, rw = await asyncio.open_connection(host, int(port))
+
+        async def back() -> None:
+            with contextlib.suppress(Exception):
+                while data := await rr.read(65536):
+                    cw.write(data)
+                    await cw.drain()
+            cw.close()
+        t = asyncio.create_task(back())
+        with contextlib.suppress(Exception):
+            while True:
+                body = await read_frame(cr)
+                frames += 1
+                if frames == 2:  # the first layer after CREATE
+                    body = body[:-1] + bytes((body[-1] ^ 1,))
+                rw.write(len(body).to_bytes(4, "big") + body)
+                await rw.drain()
+        rw.close()
+        t.cancel()
+    server, proxy = await serve(mitm)
+    client = world["client"]
+    info = client.paid[0].relay
+    client.paid[0] = Paid(RelayInfo(info.identity, info.x25519, info.operator, info.flags, proxy,
+                                    info.price_msat_per_mib, info.weight), client.paid[0].session_id,
+                          client.paid[0].session_secret, client.paid[0].deposit_sat)
+    c = Circuit(client, client.paid)
+    await c.build()  # CREATE / CREATED pass untouched
+    await c.send(0, Cmd.CONNECT, world["dest"].encode())
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError, WireError)):
+        await asyncio.wait_for(c.recv(), 30)
+    assert any("failed authentication" in str(getattr(r, "why", "")) for r in caplog.records)
+    assert world["connections"] == []  # the altered CONNECT never reached the destination
+    c.close()
+    server.close()
