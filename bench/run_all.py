@@ -18,6 +18,7 @@ import bench_daemon_memory  # noqa: E402
 import bench_fl  # noqa: E402
 import bench_fl_l2  # noqa: E402
 import bench_ledger  # noqa: E402
+import bench_netflow  # noqa: E402
 import bench_orchestration  # noqa: E402
 import bench_pegout  # noqa: E402
 import bench_scheduler  # noqa: E402
@@ -40,6 +41,7 @@ def main() -> None:
         "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
         "spv": bench_spv.main(["--quick"] if a.quick else []),
         "sessions": bench_sessions.main(["--quick"] if a.quick else []),
+        "netflow": bench_netflow.main(["--quick"] if a.quick else []),  # relays, SOCKS5 and curl, 64 MiB
         "scheduler": bench_scheduler.main([]),
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),

@@ -259,6 +259,7 @@ async def pump(circuit: Circuit, reader: asyncio.StreamReader, writer: asyncio.S
                 raise WireError(f"command {cmd:#x} from hop {hop + 1}, not the exit")
             if cmd == Cmd.DATA:
                 writer.write(data)
+                await circuit.pay()  # a receipt once a MiB more is due: the relays' windows never close
                 await writer.drain()
             elif cmd == Cmd.END:
                 if writer.can_write_eof():
