@@ -105,6 +105,14 @@ class Paid:
                             os.urandom(32))
 
 
+class HopFailed(Exception):
+    """A circuit could not be built: relay `hop` of its path was not reached (or did not prove its key)."""
+
+    def __init__(self, hop: int, why: str) -> None:
+        super().__init__(why)
+        self.hop = hop
+
+
 class Circuit:
     """A client's circuit through paid relays (paid[0] is the first hop)."""
 
@@ -115,23 +123,30 @@ class Circuit:
         self.w: Optional[asyncio.StreamWriter] = None
 
     async def build(self) -> None:
+        """CREATE with the first relay, EXTEND to each next one; HopFailed names the relay that was not reached."""
         first = self.paid[0]
         host, _, port = first.relay.endpoint.rpartition(":")
-        r, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 30)
-        self.r, self.w = r, w
-        pub, keys = client_hop(first.relay.x25519)
-        w.write(frame(bytes((Kind.CREATE,)) + pub + first.session_id))
-        await w.drain()
-        created = await asyncio.wait_for(read_frame(r), 30)
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 30)
+            self.r, self.w = r, w
+            pub, keys = client_hop(first.relay.x25519)
+            w.write(frame(bytes((Kind.CREATE,)) + pub + first.session_id))
+            await w.drain()
+            created = await asyncio.wait_for(read_frame(r), 30)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, WireError) as e:
+            raise HopFailed(0, f"relay {first.relay.endpoint}: {e or type(e).__name__}") from None
         if len(created) != 17 or created[0] != Kind.CREATED or created[1:] != keys.confirm:
-            raise WireError(f"relay {first.relay.endpoint} did not prove its X25519 key")
+            raise HopFailed(0, f"relay {first.relay.endpoint} did not prove its X25519 key")
         self.keys.append(keys)
-        for p in self.paid[1:]:
+        for i, p in enumerate(self.paid[1:], 1):
             pub, keys = client_hop(p.relay.x25519)
-            await self.send(len(self.keys) - 1, Cmd.EXTEND, pub + p.session_id + p.relay.endpoint.encode())
-            hop, cmd, data = await asyncio.wait_for(self.recv(), 30)
-            if (hop, cmd) != (len(self.keys) - 1, Cmd.EXTENDED) or data != keys.confirm:
-                raise WireError(f"relay {p.relay.endpoint} was not reached, or did not prove its X25519 key")
+            try:
+                await self.send(i - 1, Cmd.EXTEND, pub + p.session_id + p.relay.endpoint.encode())
+                hop, cmd, data = await asyncio.wait_for(self.recv(), 30)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, WireError) as e:
+                raise HopFailed(i, f"relay {p.relay.endpoint} not reached: {e or type(e).__name__}") from None
+            if (hop, cmd) != (i - 1, Cmd.EXTENDED) or data != keys.confirm:
+                raise HopFailed(i, f"relay {p.relay.endpoint} was not reached, or did not prove its X25519 key")
             self.keys.append(keys)
 
     async def send(self, hop: int, cmd: Cmd, data: bytes) -> None:
@@ -179,26 +194,60 @@ class Circuit:
 
 
 class NetflowClient:
-    def __init__(self, api: AsyncClient, network: Network, secret: bytes) -> None:
+    def __init__(self, api: AsyncClient, network: Network, secret: bytes, hops: int = 1, deposit_sat: int = 100_000,
+                 session_blocks: int = 10_000, rng: Optional[random.Random] = None) -> None:
         self.api, self.network, self.secret = api, network, secret
-        self.paid: list[Paid] = []
+        self.hops, self.deposit_sat, self.session_blocks = hops, deposit_sat, session_blocks
+        self.rng = rng or random.Random()
+        self.paid: list[Paid] = []  # the current path, first hop first
+        self.sessions: dict[bytes, Paid] = {}  # every relay paid so far (a relay taken again keeps its session)
+        self.dead: set[bytes] = set()  # relays a circuit could not reach
+        self._repath = asyncio.Lock()
 
     async def relays(self) -> list[RelayInfo]:
         return [RelayInfo.from_json(r) for r in (await self.api.get("/api/netflow/relays"))["relays"]
                 if r["status"] == "ACTIVE"]
 
-    async def open_sessions(self, path: Sequence[RelayInfo], deposit_sat: int, blocks: int) -> None:
-        """One paid session per relay of the path, committed on the L2 before any byte flows."""
+    async def open_sessions(self, path: Sequence[RelayInfo], deposit_sat: Optional[int] = None,
+                            blocks: Optional[int] = None) -> None:
+        """The path: one paid session per relay (opened and committed on the L2 before any byte flows, unless this
+        client has one with that relay already)."""
+        deposit_sat = self.deposit_sat if deposit_sat is None else deposit_sat
+        blocks = self.session_blocks if blocks is None else blocks
         tip = int((await self.api.status())["height"])
+        paid = []
         for r in path:
-            session_secret = os.urandom(32)
-            key = PrivateKey(session_secret).public_key_xonly.format()
-            res = await self.api.sign_and_submit(
-                self.secret, SessionOpen(r.identity, key, deposit_sat, r.price_msat_per_mib, MIB, tip + blocks), 1)
-            st = await self.api.wait_tx(res["txid"], 60)
-            if st is None or st.get("status") != "committed":
-                raise RuntimeError(f"the session with relay {r.endpoint} was not committed: {st}")
-            self.paid.append(Paid(r, bytes.fromhex(res["txid"]), session_secret, deposit_sat))
+            p = self.sessions.get(r.identity)
+            if p is None:
+                session_secret = os.urandom(32)
+                key = PrivateKey(session_secret).public_key_xonly.format()
+                payload = SessionOpen(r.identity, key, deposit_sat, r.price_msat_per_mib, MIB, tip + blocks)
+                res = await self.api.sign_and_submit(self.secret, payload, 1)
+                st = await self.api.wait_tx(res["txid"], 60)
+                if st is None or st.get("status") != "committed":
+                    raise RuntimeError(f"the session with relay {r.endpoint} was not committed: {st}")
+                p = self.sessions[r.identity] = Paid(r, bytes.fromhex(res["txid"]), session_secret, deposit_sat)
+            paid.append(p)
+        self.paid = paid
+
+    async def circuit(self, attempts: int = 3) -> "Circuit":
+        """A circuit over the current path; when a relay of it cannot be reached, another path without the relays
+        found dead (the others keep their sessions) — failover, up to `attempts` paths."""
+        for attempt in range(attempts):
+            c = Circuit(self, list(self.paid))
+            try:
+                await c.build()
+                return c
+            except HopFailed as e:
+                c.close()
+                dead = c.paid[e.hop].relay
+                log.warning("relay %s failed (%s): choosing another path", dead.endpoint, e)
+                async with self._repath:
+                    self.dead.add(dead.identity)
+                    if any(p.relay.identity in self.dead for p in self.paid):
+                        live = [r for r in await self.relays() if r.identity not in self.dead]
+                        await self.open_sessions(choose_path(live, self.hops, self.rng))
+        raise HopFailed(-1, f"no path worked in {attempts} attempts")
 
     async def pay_loop(self, circuits: set[Circuit]) -> None:
         while True:
@@ -214,18 +263,18 @@ class NetflowClient:
             dest = await socks_handshake(reader, writer)
             if dest is None:
                 return
-            circuit = Circuit(self, self.paid)
             try:
-                await circuit.build()
-                await circuit.send(len(self.paid) - 1, Cmd.CONNECT, dest.encode())
+                circuit = await self.circuit()
+                exit_hop = len(circuit.paid) - 1
+                await circuit.send(exit_hop, Cmd.CONNECT, dest.encode())
                 hop, cmd, data = await asyncio.wait_for(circuit.recv(), 60)
-                ok = (hop, cmd, data) == (len(self.paid) - 1, Cmd.CONNECTED, b"\x00")
-            except (OSError, WireError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                ok = (hop, cmd, data) == (exit_hop, Cmd.CONNECTED, b"\x00")
+            except (OSError, WireError, HopFailed, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
                 log.warning("circuit failed: %s", e)
                 ok = False
             writer.write(socks_reply(0x00 if ok else 0x04))
             await writer.drain()
-            if not ok:
+            if not ok or circuit is None:
                 return
             circuits.add(circuit)
             await pump(circuit, reader, writer)
@@ -330,14 +379,15 @@ async def _run(a: Any) -> int:
     secret = load_secret(a.key)
     host, _, port = a.socks.rpartition(":")
     async with AsyncClient(a.api) as api:
-        client = NetflowClient(api, await api.network(), secret)
+        hops = 1 if a.mode == "direct" else a.hops
+        client = NetflowClient(api, await api.network(), secret, hops, a.deposit, a.session_blocks)
         relays = await client.relays()
         if a.relays:
             by_id = {r.identity.hex(): r for r in relays}
             path = [by_id[x] for x in a.relays.split(",")]
         else:
-            path = choose_path(relays, 1 if a.mode == "direct" else a.hops, random.Random())
-        await client.open_sessions(path, a.deposit, a.session_blocks)
+            path = choose_path(relays, hops, client.rng)
+        await client.open_sessions(path)
         circuits: set[Circuit] = set()
         server = await asyncio.start_server(lambda r, w: client.socks(r, w, circuits), host, int(port))
         bound = server.sockets[0].getsockname()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -183,3 +184,64 @@ async def test_a_download_through_three_onion_hops_is_byte_identical_and_each_ho
         tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
         poll: Callable[..., Any], site: tuple[str, bytes], procs: list[Proc]) -> None:
     await run_path(tmp_path, l2d_process, node_toml, poll, site, procs, 3)
+
+
+async def test_a_relay_killed_mid_download_the_client_fails_over_and_the_download_completes(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        poll: Callable[..., Any], procs: list[Proc]) -> None:
+    """Two exits, A and B. A download through A is cut by SIGKILLing A halfway (the server holds the second half until
+    then); curl retries, the client cannot reach A, takes B (opening a session with it) and the download completes
+    byte-identical. B is paid for the bytes it carried, within the few bytes of the HTTP exchange."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    body = os.urandom(2 * MIB)
+    half = asyncio.Event()
+    killed = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(len(body))})
+        await resp.prepare(request)
+        await resp.write(body[:MIB])
+        half.set()
+        await killed.wait()
+        await resp.write(body[MIB:])
+        return resp
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    s = web.TCPSite(runner, "127.0.0.1", 0)
+    await s.start()
+    url = f"http://127.0.0.1:{s._server.sockets[0].getsockname()[1]}/slow"  # type: ignore[union-attr]
+    try:
+        d = l2d_process(node_toml(tmp_path / "node.toml", {pk(CLIENT): FUNDS, **{pk(r): FUNDS for r in RELAYS[:2]}},
+                                  TOKEN, block={"interval_ms": 50}))
+        api = d.url("")
+        (a, _), (b, _) = [await start_relay(tmp_path, api, i, True, procs) for i in range(2)]
+        await poll(lambda: len(d.get("/api/netflow/relays")["relays"]) == 2, 60, "the relays registered")
+        client, socks, [sid_a] = await start_client(tmp_path, api, ["--mode", "direct", "--relays",
+                                                                   pk(RELAYS[0]).hex()], procs)
+        out = tmp_path / "out.bin"
+        download = asyncio.create_task(asyncio.to_thread(
+            subprocess.run, ["curl", "-sS", "--fail", "--max-time", "120", "--retry", "3", "--retry-all-errors",
+                             "--retry-delay", "1", "--socks5-hostname", socks, url, "-o", str(out)],
+            capture_output=True, text=True, timeout=180))
+        await asyncio.wait_for(half.wait(), 60)
+        a.kill()  # SIGKILL mid-download
+        killed.set()
+        r = await download
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == body
+        assert "choosing another path" in (tmp_path / "client.log").read_text()
+        assert client.stop() == 0
+        assert b.stop() == 0  # B settles
+        settles = [json.loads(x) for x in (tmp_path / "relay1.log").read_text().splitlines() if "session settled" in x]
+        assert len(settles) == 1
+        settled = settles[0]
+        rec = SessionRecord.decode(bytes.fromhex(d.get(f"/api/sessions/{settled['session']}")["value"]))
+        assert rec.server == pk(RELAYS[1]) and rec.session_key and rec.settled_sat == settled["amount_sat"]
+        assert len(body) <= rec.units <= len(body) + 4096  # the body, the request and the response headers
+        assert d.get(f"/api/sessions/{sid_a}")["settled"]["seq"] == 0  # A died before settling: its loss
+        assert d.stop() == 0
+    finally:
+        await runner.cleanup()
