@@ -116,16 +116,17 @@ class Admission:
             return self._refuse(Refused(decode_reason(e), str(e)))
         return self._admit(tx, signature_checked=True)
 
-    def submit_as_member(self, payload: Payload) -> bytes:
+    def submit_as_member(self, payload: Payload, fee_sat: int = 0) -> bytes:
         """Sign a fee-less system payload (anchor update, header relay, peg-out update, task coordination, FL
         round...) with this member's key (federation.key_file) and admit it like any transaction; returns its
         txid. Every federation member's key is an authority of these types (FEDERATION_MEMBERS_KEY), each with its
         own nonces; one already done by another member (or an earlier run) is refused with DuplicateDuty
-        (reason "duplicate-duty"), which the services take as "done"."""
+        (reason "duplicate-duty"), which the services take as "done". A member's own fee-paying transaction (the
+        NetFlow prober's sessions) gives its fee."""
         self._space_left()
         pub = self.member_pubkey
         nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
-        tx = T.sign(self.network, self._member_secret, nonce, 0, payload, os.urandom(32))
+        tx = T.sign(self.network, self._member_secret, nonce, fee_sat, payload, os.urandom(32))
         return self._admit(tx, signature_checked=True)
 
     def tx_status(self, txid: bytes) -> Optional[dict[str, Any]]:

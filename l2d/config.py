@@ -316,7 +316,20 @@ class FederationConfig:
 
 
 _SECTIONS: Final = ("node", "chain", "block", "mempool", "api", "snapshots", "anchoring", "bitcoind", "bridge",
-                       "orchestration", "store", "federation")
+                       "orchestration", "store", "federation", "netflow")
+
+
+@dataclass(frozen=True, slots=True)
+class NetflowConfig:
+    """[netflow]: this member's probing duty (netflow/prober.py): it downloads probe_bytes through each NetFlow relay
+    from a sink of its own, paying like any client, and posts the measurements (RelayWeights)."""
+
+    probe: bool
+    probe_interval_ms: int
+    probe_bytes: int
+    probe_timeout_ms: int
+    probe_deposit_sat: int  # escrowed per relay session the prober opens
+    sink_host: str  # where the sink listens: relays must reach it (an IP literal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +347,7 @@ class Config:
     orchestration: OrchestrationConfig = None  # type: ignore[assignment]  # always set by from_dict
     store: StoreConfig = None  # type: ignore[assignment]  # always set by from_dict
     federation: FederationConfig = None  # type: ignore[assignment]  # always set by from_dict
+    netflow: NetflowConfig = None  # type: ignore[assignment]  # always set by from_dict
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -380,8 +394,9 @@ class Config:
         orchestration = _orchestration(tables["orchestration"], node)
         store = _store(tables["store"])
         federation = _federation(tables["federation"], base, node)
+        netflow = _netflow(tables["netflow"])
         return cls(node, chain, block, mempool, api, snapshots, anchoring, bitcoind, source, bridge=bridge,
-                   orchestration=orchestration, store=store, federation=federation)
+                   orchestration=orchestration, store=store, federation=federation, netflow=netflow)
 
     def effective(self) -> dict[str, Any]:
         """The effective configuration as a JSON-able dict, admin token redacted (for the start-up log)."""
@@ -418,6 +433,7 @@ class Config:
                        for k, v in ((f, getattr(self.bridge, f)) for f in BridgeConfig.__slots__)},
             "orchestration": {k: (dict(v) if k == "weights_ppm" else v) for k, v in
                               ((f, getattr(self.orchestration, f)) for f in OrchestrationConfig.__slots__)},
+            "netflow": {f: getattr(self.netflow, f) for f in NetflowConfig.__slots__},
             "bitcoind": {"rpc_url": self.bitcoind.rpc_url,
                          "cookie_file": None if self.bitcoind.cookie_file is None else str(self.bitcoind.cookie_file),
                          "rpc_user": self.bitcoind.rpc_user,
@@ -570,6 +586,24 @@ def _snapshots(t: Mapping[str, Any], base: Path, node: NodeConfig) -> SnapshotCo
         keep=s.get_int("keep", 1, 10_000, default=5),
         anchored_keep_final=s.get_int("anchored_keep_final", 0, 10_000, default=2),
         anchored_max_bytes=s.get_int("anchored_max_bytes", 0, MAX_BYTES, default=4 * GIB),
+    )
+
+
+def _netflow(t: Mapping[str, Any]) -> NetflowConfig:
+    s = _Section("netflow", t, ("probe", "probe_interval_ms", "probe_bytes", "probe_timeout_ms", "probe_deposit_sat",
+                                "sink_host"))
+    sink = s.get_str("sink_host", default="127.0.0.1")
+    try:
+        ipaddress.ip_address(sink)
+    except ValueError:
+        raise s.fail("sink_host", sink, "must be an IP address literal the relays can reach") from None
+    return NetflowConfig(
+        probe=_get_bool(s, "probe", False),
+        probe_interval_ms=s.get_int("probe_interval_ms", 1000, 86_400_000, default=300_000),
+        probe_bytes=s.get_int("probe_bytes", 65_536, 1 << 26, default=1 << 20),
+        probe_timeout_ms=s.get_int("probe_timeout_ms", 1000, 600_000, default=30_000),
+        probe_deposit_sat=s.get_int("probe_deposit_sat", 1, 10**12, default=20_000),
+        sink_host=sink,
     )
 
 

@@ -27,6 +27,7 @@ from bridge.federation import LocalSigner
 from bridge.headers import HEADER_STORE_DIR, HeaderStore
 from bridge.rpc import BitcoinRPC, CookieAuth, UserPassAuth
 from bridge.service import BridgeService
+from netflow.prober import Prober
 from orchestration.service import OrchestrationService
 
 from . import __version__, mempool_file
@@ -239,8 +240,8 @@ class Node:
         app = make_app(ApiDeps(
             chain=self.chain, admission=self.admission, snapshots=self.snapshots, metrics=self.metrics,
             models=self.models, admin_token=self.config.api.admin_token or "",
-            max_body_bytes=self.config.api.max_body_bytes, members=self.host, anchors=self.anchor_service, federation=self.federation,
-            bridge=self.bridge_service, orchestration=self.orchestration_service))
+            max_body_bytes=self.config.api.max_body_bytes, members=self.host, anchors=self.anchor_service,
+            federation=self.federation, bridge=self.bridge_service, orchestration=self.orchestration_service))
         if self.transport is not None:
             app.router.add_routes(transport_routes(self.transport))
             app.on_shutdown.append(self.transport.close_inbound)  # else peers' WebSockets hold the API's stop
@@ -291,6 +292,11 @@ class Node:
         self.orchestration_service = self._make_orchestration_service()
         if self.orchestration_service is not None:
             self._tasks.append(asyncio.create_task(self.orchestration_service.run(), name="orchestration-service"))
+        if self.config.netflow.probe:  # this member's NetFlow probing duty (netflow/prober.py)
+            prober = Prober(self.config.netflow, network=self.network, read_prefix=self.chain.records,
+                            tip_height=lambda: self.chain.tip.height, submit=self.admission.submit_as_member,
+                            tx_status=self.admission.tx_status, min_fee_sat=self.config.mempool.min_fee_sat)
+            self._tasks.append(asyncio.create_task(prober.run(), name="netflow-prober"))
         self.bridge_service = self._make_bridge_service()
         if self.bridge_service is not None:
             svc = self.bridge_service

@@ -116,8 +116,8 @@ class HopFailed(Exception):
 class Circuit:
     """A client's circuit through paid relays (paid[0] is the first hop)."""
 
-    def __init__(self, client: "NetflowClient", paid: list[Paid]) -> None:
-        self.client, self.paid = client, paid
+    def __init__(self, network: Network, paid: list[Paid]) -> None:
+        self.network, self.paid = network, paid
         self.keys: list[HopKeys] = []
         self.r: Optional[asyncio.StreamReader] = None
         self.w: Optional[asyncio.StreamWriter] = None
@@ -185,7 +185,7 @@ class Circuit:
         now = time.monotonic()
         for i, p in enumerate(self.paid):
             if p.due(now) or (force and p.units > p.receipted_units):
-                r = p.receipt(self.client.network.id, now)
+                r = p.receipt(self.network.id, now)
                 await self.send(i, Cmd.RECEIPT, r.encode())
 
     def close(self) -> None:
@@ -234,7 +234,7 @@ class NetflowClient:
         """A circuit over the current path; when a relay of it cannot be reached, another path without the relays
         found dead (the others keep their sessions) — failover, up to `attempts` paths."""
         for attempt in range(attempts):
-            c = Circuit(self, list(self.paid))
+            c = Circuit(self.network, list(self.paid))
             try:
                 await c.build()
                 return c

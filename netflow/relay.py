@@ -21,6 +21,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -74,7 +75,7 @@ class CircuitClosed(Exception):
 class Relay:
     def __init__(self, *, api: AsyncClient, network: Network, identity: bytes, x25519_key: X25519PrivateKey,
                  price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
-                 fee_sat: int = 1) -> None:
+                 fee_sat: int = 1, max_rate_kib_s: int = 0) -> None:
         self.api, self.network, self.identity = api, network, identity
         self.x25519 = x25519_key
         self.price = price_msat_per_mib
@@ -85,6 +86,18 @@ class Relay:
         self._secret = b""
         self.sessions: dict[bytes, SessionState] = {}
         self._tip = 0
+        self.max_rate = max_rate_kib_s * 1024  # bytes/s over all circuits; 0 = unlimited
+        self._free_at = 0.0  # when the rate limit lets the next byte go
+
+    async def throttle(self, n: int) -> None:
+        """Hold n bytes back as long as the relay's rate limit (--max-rate) asks."""
+        if not self.max_rate:
+            return
+        now = time.monotonic()
+        start = max(now, self._free_at)
+        self._free_at = start + n / self.max_rate
+        if start > now:
+            await asyncio.sleep(start - now)
 
     def set_secret(self, secret: bytes) -> None:
         self._secret = secret
@@ -188,6 +201,11 @@ class _Circuit:
         self.up_w.write(frame(bytes((Kind.RELAY,)) + self.keys.seal_bwd(bytes((cmd,)) + data)))
         await self.up_w.drain()
 
+    async def carry(self, n: int) -> None:
+        """n more bytes moved onward: counted for the session, after the relay's rate limit."""
+        await self.relay.throttle(n)
+        self.count(n)
+
     def count(self, n: int) -> None:
         self.s.carried += n
         if self.s.carried - self.s.paid_units > 2 * self.relay.window:
@@ -224,13 +242,13 @@ class _Circuit:
         elif cmd == Cmd.FORWARD:
             if self.down_w is None or self.is_exit:
                 raise WireError("FORWARD before EXTEND")
-            self.count(len(data))
+            await self.carry(len(data))
             self.down_w.write(frame(data))
             await self.down_w.drain()
         elif cmd == Cmd.DATA:
             if self.down_w is None or not self.is_exit:
                 raise WireError("DATA before CONNECT")
-            self.count(len(data))
+            await self.carry(len(data))
             self.down_w.write(data)
             await self.down_w.drain()
         elif cmd == Cmd.END:
@@ -270,7 +288,7 @@ class _Circuit:
             while True:
                 body = await read_frame(r)
                 await self.credit()
-                self.count(len(body))
+                await self.carry(len(body))
                 await self.send_up(Cmd.FORWARD, body)
         except (asyncio.IncompleteReadError, ConnectionError, WireError, CircuitClosed):
             self.up_w.close()  # the rest of the circuit is gone: so is this link
@@ -299,7 +317,7 @@ class _Circuit:
                     await self.send_up(Cmd.END, b"")
                     return
                 await self.credit()
-                self.count(len(chunk))
+                await self.carry(len(chunk))
                 await self.send_up(Cmd.DATA, chunk)
         except (ConnectionError, CircuitClosed):
             self.up_w.close()
@@ -331,6 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--operator", default="", help="64-hex operator id (default: the relay's identity)")
     ap.add_argument("--window", type=int, default=WINDOW, help="credit window, bytes (default 4 MiB)")
     ap.add_argument("--settle-every", type=float, default=5.0, help="seconds between settlements")
+    ap.add_argument("--max-rate", type=int, default=0, help="carry at most this many KiB/s (0: no limit)")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     setup_logging(a.log_level)
@@ -350,7 +369,7 @@ async def _run(a: Any) -> int:
     async with AsyncClient(a.api) as api:
         network = await api.network()
         relay = Relay(api=api, network=network, identity=identity, x25519_key=x_key, price_msat_per_mib=a.price,
-                      exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every)
+                      exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate)
         relay.set_secret(secret)
         server = await asyncio.start_server(relay.handle, host, port)
         bound = server.sockets[0].getsockname()

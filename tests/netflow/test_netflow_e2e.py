@@ -11,9 +11,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -23,7 +21,8 @@ from coincurve import PrivateKey
 
 from l2d.core.session import SessionRecord, SessionStatus
 from l2d.core.session_tx import quote_sat
-from tests.conftest import REPO, L2dProcess
+from tests.conftest import L2dProcess
+from tests.netflow.procs import Proc
 
 TOKEN = "netflow-test-admin-token-0001"
 MIB = 1 << 20
@@ -61,47 +60,6 @@ async def site() -> AsyncIterator[tuple[str, bytes]]:
         yield f"http://127.0.0.1:{port}", body
     finally:
         await runner.cleanup()
-
-
-class Proc:
-    """A netflow process whose first stdout line says where it listens."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._err = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=self._err,
-                                     text=True, cwd=REPO)
-
-    def first_line(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, f"{self.log.name}: exited: {self.log.read_text()[-2000:]}"
-        return line
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=60)
-        self._close()
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close()
-
-    def _close(self) -> None:
-        self._err.close()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def procs() -> Any:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 async def start_relay(tmp: Path, api: str, i: int, exit_: bool, procs: list[Proc]) -> tuple[Proc, str]:

@@ -80,7 +80,7 @@ async def world(tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_tom
 
 
 async def connected(w: dict[str, Any], client: NetflowClient) -> Circuit:
-    c = Circuit(client, client.paid)
+    c = Circuit(client.network, client.paid)
     await c.build()
     await c.send(0, Cmd.CONNECT, w["dest"].encode())
     assert await c.recv() == (0, Cmd.CONNECTED, b"\x00")
@@ -168,7 +168,7 @@ async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
     client.paid[0] = Paid(RelayInfo(info.identity, info.x25519, info.operator, info.flags, proxy,
                                     info.price_msat_per_mib, info.weight), client.paid[0].session_id,
                           client.paid[0].session_secret, client.paid[0].deposit_sat)
-    c = Circuit(client, client.paid)
+    c = Circuit(client.network, client.paid)
     await c.build()  # CREATE / CREATED pass untouched
     await c.send(0, Cmd.CONNECT, world["dest"].encode())
     with pytest.raises((asyncio.IncompleteReadError, ConnectionError, WireError)):

@@ -1,0 +1,58 @@
+"""The federation's NetFlow probing duty (netflow/prober.py) in a real l2d process: it downloads through each relay
+(real `l2-relay` processes) from its own sink, pays them from its member key's sessions, and posts RelayWeights; a
+relay advertising far more than it carries (`--max-rate` caps it) weighs what was measured, an honest one what it
+advertised."""
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from l2d.core.relay import relay_weight
+from tests.conftest import L2dProcess
+from tests.netflow.procs import Proc
+from tests.netflow.test_netflow_e2e import FUNDS, PRICE, RELAYS, TOKEN, pk, secret
+
+MEMBER = secret("member")
+
+
+async def relay_proc(tmp: Path, api: str, i: int, rate: int, max_rate: int, procs: list[Proc]) -> Proc:
+    key = tmp / f"relay{i}.key"
+    key.write_text(RELAYS[i].hex())
+    key.chmod(0o600)
+    p = Proc(["netflow.relay", "--api", api, "--key", str(key), "--x25519-key", str(tmp / f"relay{i}.x25519"),
+              "--listen", "127.0.0.1:0", "--register", "--exit", "--rate", str(rate), "--max-rate", str(max_rate),
+              "--price", str(PRICE), "--settle-every", "3600"], tmp / f"relay{i}.log")
+    procs.append(p)
+    assert re.search(r"listening on", await asyncio.to_thread(p.first_line))
+    return p
+
+
+async def test_relays_weigh_what_the_federation_measured(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        poll: Callable[..., Any], procs: list[Proc]) -> None:
+    member_key = tmp_path / "member.key"
+    member_key.write_text(MEMBER.hex())
+    member_key.chmod(0o600)
+    alloc = {pk(MEMBER): FUNDS, **{pk(r): FUNDS for r in RELAYS[:2]}}
+    d = l2d_process(node_toml(tmp_path / "node.toml", alloc, TOKEN, block={"interval_ms": 50},
+                              federation={"key_file": str(member_key)},
+                              netflow={"probe": True, "probe_interval_ms": 1000, "probe_bytes": 262_144}))
+    api = d.url("")
+    await relay_proc(tmp_path, api, 0, 100_000, 256, procs)  # claims 100 MiB/s, carries 256 KiB/s
+    await relay_proc(tmp_path, api, 1, 512, 0, procs)  # claims 512 KiB/s, carries far more
+
+    def measured() -> Any:
+        rs = {r["identity"]: r for r in d.get("/api/netflow/relays")["relays"]}
+        return rs if len(rs) == 2 and all(r["measured_height"] > 0 and r["success_ppm"] for r in rs.values()) else None
+    rs = await poll(measured, 120, "both relays measured and weighed")
+    liar, honest = rs[pk(RELAYS[0]).hex()], rs[pk(RELAYS[1]).hex()]
+    for r in (liar, honest):
+        assert r["weight"] == relay_weight(r["measured_kib_s"], r["rate_kib_s"], r["success_ppm"])
+    assert liar["measured_kib_s"] <= 2 * 256 and liar["weight"] <= 2 * 256  # not the 100,000 it advertises
+    assert honest["measured_kib_s"] > 512 and honest["weight"] == 512 * honest["success_ppm"] // 1_000_000
+    assert honest["weight"] > liar["weight"]
+    # the prober paid like any client: sessions from the member key, one per relay
+    member = d.get(f"/api/l2/accounts/{pk(MEMBER).hex()}")
+    assert member["balance_sat"] < FUNDS
