@@ -359,7 +359,7 @@ def socks_reply(code: int) -> bytes:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="l2-netflow", description=__doc__.splitlines()[0])
-    ap.add_argument("--api", required=True, help="an l2d node's REST base URL")
+    ap.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL (default: make run's)")
     ap.add_argument("--key", required=True, type=Path, help="the client's L2 key file (pays the sessions)")
     ap.add_argument("--socks", default="127.0.0.1:1080", help="host:port of the SOCKS5 front")
     ap.add_argument("--mode", choices=("direct", "onion"), default="direct")

@@ -337,7 +337,7 @@ def _endpoint(raw: bytes, listen: bool = False) -> tuple[str, int]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="l2-relay", description=__doc__.splitlines()[0])
-    ap.add_argument("--api", required=True, help="an l2d node's REST base URL")
+    ap.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL (default: make run's)")
     ap.add_argument("--key", required=True, type=Path, help="the relay's identity key file (its L2 account)")
     ap.add_argument("--x25519-key", required=True, type=Path, help="its X25519 key file (created 0600 if missing)")
     ap.add_argument("--listen", default="127.0.0.1:9050", help="host:port to accept circuits on")
