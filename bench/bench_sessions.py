@@ -33,7 +33,7 @@ from l2d.core.rules import apply_tx  # noqa: E402
 from l2d.core.session import SessionRecord, SessionStatus, check_receipt  # noqa: E402
 from l2d.core.session_tx import Receipt, SessionOpen, SessionSettle  # noqa: E402
 from l2d.core.state import Rules, StateView, genesis_state  # noqa: E402
-from l2d.core.tx import Transaction, sign  # noqa: E402
+from l2d.core.tx import Transaction, sign, xonly_key  # noqa: E402
 
 MIB = 1 << 20
 PRICE_MSAT = 2_000_000  # per MiB
@@ -58,16 +58,19 @@ def receipts_per_second(n: int) -> dict[str, Any]:
     key = _secret("session key")
     pk = PrivateKey(key).public_key_xonly
     sid = _secret("session id")
-    msgs = [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(n)]
     priv = PrivateKey(key)
-    bare_sign = _rate(lambda i: priv.sign_schnorr(msgs[i], b""), n)
-    sigs = [priv.sign_schnorr(m, b"") for m in msgs]
-    bare_verify = _rate(lambda i: pk.verify(sigs[i], msgs[i]), n)
     receipts = [Receipt.sign(LOCAL.id, key, sid, i + 1, 2 * (i + 1), (i + 1) * 1000) for i in range(n)]
-    sign_rate = _rate(lambda i: Receipt.sign(LOCAL.id, key, sid, i + 1, 2 * (i + 1), (i + 1) * 1000), n)
+    msgs = [r.digest(LOCAL.id) for r in receipts]  # the baseline signs and verifies the very same digests
+    verifier = xonly_key(pk.format())  # the key object check_receipt uses (parsed once, cached)
     rec = SessionRecord(SessionStatus.OPEN, _secret("c"), _secret("s"), pk.format(), 10**9, 2_000_000, 1000, 10**6, 1,
                         0, 0, 0, b"\0" * 32, 0, 0)
-    verify_rate = _rate(lambda i: check_receipt(rec, receipts[i], LOCAL.id, 2), n)
+    bare_sign = sign_rate = bare_verify = verify_rate = 0.0
+    for _ in range(3):  # interleaved, best of 3 each: the same machine state for the pairs compared
+        bare_sign = max(bare_sign, _rate(lambda i: priv.sign_schnorr(msgs[i], b""), n, 1))
+        sign_rate = max(sign_rate, _rate(lambda i: Receipt.sign(LOCAL.id, key, sid, i + 1, 2 * (i + 1),
+                                                                (i + 1) * 1000), n, 1))
+        bare_verify = max(bare_verify, _rate(lambda i: verifier.verify(receipts[i].signature, msgs[i]), n, 1))
+        verify_rate = max(verify_rate, _rate(lambda i: check_receipt(rec, receipts[i], LOCAL.id, 2), n, 1))
     return {"receipts": n, "sign_per_s": round(sign_rate), "bare_bip340_sign_per_s": round(bare_sign),
             "sign_ratio": round(sign_rate / bare_sign, 3), "check_per_s": round(verify_rate),
             "bare_bip340_verify_per_s": round(bare_verify), "check_ratio": round(verify_rate / bare_verify, 3)}
