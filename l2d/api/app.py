@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import anchors, bridge, federation, fl, ledger, netflow, sessions, work
+from . import anchors, bridge, federation, fl, ledger, models, netflow, sessions, work
 from .deps import (ADMIN_TOKEN, ADMISSION, ANCHORS, BRIDGE, CHAIN, FEDERATION, MEMBERS, METRICS, MODELS, ORCHESTRATION,
                    SNAPSHOTS, ApiDeps)
 from .http import error_middleware
@@ -23,6 +23,6 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[FEDERATION] = deps.federation
     app[BRIDGE] = deps.bridge
     app[ORCHESTRATION] = deps.orchestration
-    for routes in (ledger, federation, anchors, bridge, work, fl, sessions, netflow):
+    for routes in (ledger, federation, anchors, bridge, work, fl, sessions, netflow, models):
         routes.add_routes(app.router)
     return app

@@ -1,7 +1,7 @@
 """What every transaction payload module builds on: the type numbers and the payload interface.
 
 The payload classes live one module per subsystem (coin_tx, anchor_tx, pegs_tx, work_tx, fl_tx, session_tx,
-relay_tx); l2d/core/tx.py maps each TxType to its class in one static table.
+relay_tx, model_tx); l2d/core/tx.py maps each TxType to its class in one static table.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class TxType(IntEnum):
     """Every transaction type number, in one place so none is ever reused.
 
     Ranges: 1-15 ledger, anchoring and bridge; 16-31 orchestration (workers, tasks); 32-47 federated learning;
-    48-63 paid sessions and the NetFlow relay mesh.
+    48-63 paid sessions and the NetFlow relay mesh; 64-79 inference (models, offers).
     The payload classes of a subsystem live in its own module (l2d/core/<subsystem>_tx.py), its state
     transitions in another (l2d/core/<subsystem>.py); l2d/core/tx.py (PAYLOAD_TYPES) and l2d/core/rules.py
     (RULES) map every type to both.
@@ -60,6 +60,8 @@ class TxType(IntEnum):
     RELAY_EXIT = 53
     RELAY_WITHDRAW = 54
     RELAY_WEIGHTS = 55
+    MODEL_REGISTER = 64
+    MODEL_SERVE = 65
 
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
-from . import coin, fl, pegs, plans, relay, session, work
+from . import coin, fl, model, pegs, plans, relay, session, work
 from .errors import BadNonce, ForeignNetwork, InvalidTransaction
 from .payload import TxType
 from .state import Rules, StateView
@@ -60,6 +60,8 @@ RULES: Mapping[int, Rule] = {
     TxType.RELAY_EXIT: relay.apply_exit,
     TxType.RELAY_WITHDRAW: relay.apply_withdraw,
     TxType.RELAY_WEIGHTS: relay.apply_weights,
+    TxType.MODEL_REGISTER: model.apply_register,
+    TxType.MODEL_SERVE: model.apply_serve,
 }
 
 

@@ -37,6 +37,8 @@ class Namespace(IntEnum):
     PLAN_SIG = 0x0D
     ANCHOR_PLAN = 0x0E
     SESSION = 0x0F
+    MODEL = 0x10
+    MODEL_OFFER = 0x11
 
 
 def meta_key(name: str) -> bytes:

@@ -22,6 +22,7 @@ from l2d.core.rules import apply_tx
 from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
                             locked_sat)
 from l2d.core.tx import Transaction, sign
+from l2d.core.work import WorkerRecord
 
 FEE = 2
 RULES = Rules(LOCAL, FEE)
@@ -71,7 +72,9 @@ class Chain:
         balances = sum(Account.decode(v).balance_sat for k, v in self.state.items() if k[0] == Namespace.ACCOUNT)
         locked = locked_sat(StateView(self.state.get))
         assert balances + sup.fees_sat + locked == sup.minted_sat - sup.burned_sat
-        assert locked == sum(RelayRecord.decode(v).stake_sat for k, v in self.state.items() if k[0] == Namespace.RELAY)
+        stakes = sum(RelayRecord.decode(v).stake_sat for k, v in self.state.items() if k[0] == Namespace.RELAY)
+        stakes += sum(WorkerRecord.decode(v).stake_sat for k, v in self.state.items() if k[0] == Namespace.WORKER)
+        assert locked == stakes  # relays' (and workers', for the model tests that reuse this chain) stakes
         return t
 
     def reject(self, exc: type[Rejected], n: int, payload: Payload, match: Optional[str] = None, **kw: Any) -> None:
