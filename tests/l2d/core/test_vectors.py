@@ -26,6 +26,7 @@ from l2d.core.errors import BadSignature, DecodeError, ProofError
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.kofn import FederationOutput, KofN, commitment_leaf
 from l2d.core.members import Membership
+from l2d.core.model import ModelRecord, OfferRecord
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
@@ -33,11 +34,12 @@ from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin,
 from l2d.core.pegs_tx import PegoutPlan, PegoutStatus, PlanCompleted, PlanSignature, RollPlan
 from l2d.core.plans import (PlanEntry, PlanStatus, anchor_policy, anchor_tip, plan_key, plan_signatures, plan_tx,
                             price, price_roll, vsize_bound)
+from l2d.core.relay import RelayRecord
 from l2d.core.rules import apply_tx
 from l2d.core.session import SessionRecord, SessionStatus, StaleReceipt, session_key
 from l2d.core.session_tx import Receipt
 from l2d.core.spv import BITCOIN_REGTEST
-from l2d.core.state import Rules, StateView, genesis_state, is_member
+from l2d.core.state import Namespace, Rules, StateView, genesis_state, is_member
 from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
 from l2d.core.tx import check_signature, decode, sign, signature_ok
 
@@ -657,3 +659,25 @@ def test_session_vector() -> None:
     rec = SessionRecord.decode(state[session_key(x(SESSIONS["session_id"]))])
     assert (rec.status, rec.settled_sat, rec.refunded_sat, rec.seq) == (SessionStatus.CLOSED, 14_000, 986_000, 7)
     assert rec.receipt_id.hex() == SESSIONS["receipts"][-1]["receipt_id"]
+
+
+# ---------------------------------------------------------------------------------------------- registries
+
+REGISTRIES = load("registries.json")
+
+
+def test_registries_vector() -> None:
+    """The relay and model registry steps decode, verify and write exactly the recorded records; the relay's weight
+    is derived from the measurement, never the advertised rate."""
+    net = network_by_name(REGISTRIES["network"])
+    state = {x(k): x(v) for k, v in REGISTRIES["state"]}
+    for st in REGISTRIES["steps"]:
+        t = decode(x(st["tx"]), net)
+        assert t.payload.encode().hex() == st["payload_hex"]
+        writes = _apply_vector_tx(state, st["tx"], REGISTRIES, st["height"])
+        assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == st["writes"], st["what"]
+    [relay] = [RelayRecord.decode(v) for k, v in state.items() if k[0] == Namespace.RELAY]
+    assert (relay.weight, relay.measured_height) == (9_000, 6)
+    [model] = [ModelRecord.decode(v) for k, v in state.items() if k[0] == Namespace.MODEL]
+    [offer] = [OfferRecord.decode(v) for k, v in state.items() if k[0] == Namespace.MODEL_OFFER]
+    assert model.name == b"SmolLM2-135M-Instruct" and offer.price_out_msat_per_1k == 4_000
