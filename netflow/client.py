@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 RECEIPT_EVERY_BYTES = MIB
 RECEIPT_EVERY_S = 2.0
+RENEW_MARGIN = 8 * MIB  # a session is renewed once its deposit would not pay for this many more bytes
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class Paid:
     seq: int = 0
     receipted_units: int = 0
     receipted_at: float = 0.0
+
+    def spent(self) -> bool:
+        """The deposit cannot pay for another credit window: a new circuit takes a new session."""
+        return quote_sat(self.units + RENEW_MARGIN, self.relay.price_msat_per_mib, MIB) > self.deposit_sat
 
     def due(self, now: float) -> bool:
         unpaid = self.units - self.receipted_units
@@ -218,7 +223,7 @@ class NetflowClient:
         paid = []
         for r in path:
             p = self.sessions.get(r.identity)
-            if p is None:
+            if p is None or p.spent():
                 session_secret = os.urandom(32)
                 key = PrivateKey(session_secret).public_key_xonly.format()
                 payload = SessionOpen(r.identity, key, deposit_sat, r.price_msat_per_mib, MIB, tip + blocks)
@@ -233,6 +238,10 @@ class NetflowClient:
     async def circuit(self, attempts: int = 3) -> "Circuit":
         """A circuit over the current path; when a relay of it cannot be reached, another path without the relays
         found dead (the others keep their sessions) — failover, up to `attempts` paths."""
+        if any(p.spent() for p in self.paid):  # renew spent sessions before a new circuit needs them
+            async with self._repath:
+                if any(p.spent() for p in self.paid):
+                    await self.open_sessions([p.relay for p in self.paid])
         for attempt in range(attempts):
             c = Circuit(self.network, list(self.paid))
             try:

@@ -146,9 +146,14 @@ class Relay:
         s.paid.set()
 
     async def settle(self) -> None:
-        """Redeem each session's best receipt not yet settled."""
+        """Redeem each session's best receipt not yet settled; forget sessions past their expiry once settled (a
+        receipt is worth nothing after it: the client may close the session)."""
+        with contextlib.suppress(ApiError):
+            self._tip = int((await self.api.status())["height"])
         for sid, s in list(self.sessions.items()):
             if s.best is None or s.best.seq <= s.settled_seq:
+                if s.record.expiry_height < self._tip:
+                    del self.sessions[sid]
                 continue
             try:
                 best = s.best

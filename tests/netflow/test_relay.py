@@ -177,3 +177,19 @@ async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
     assert world["connections"] == []  # the altered CONNECT never reached the destination
     c.close()
     server.close()
+
+
+async def test_a_spent_session_is_renewed_for_the_next_circuit(world: dict[str, Any]) -> None:
+    """A session whose deposit would not pay for RENEW_MARGIN more bytes is replaced by a fresh one (opened and
+    committed on the L2) before the next circuit; the relay serves the circuit on the new session."""
+    relay, client = world["relay"], world["client"]
+    old = client.paid[0]
+    old.units = 45 * MIB  # 45 MiB of a 50,000-sat deposit at 1,000 sat/MiB: less than 8 MiB left
+    assert old.spent()
+    c = await client.circuit()
+    new = client.paid[0]
+    assert new.session_id != old.session_id and new.units == 0 and not new.spent()
+    assert new.session_id in relay.sessions  # CREATE named the new session
+    body = await world["api"].get(f"/api/sessions/{new.session_id.hex()}")
+    assert body["status"] == "OPEN" and body["deposit_sat"] == client.deposit_sat
+    c.close()
