@@ -5,10 +5,11 @@ relay_tx, model_tx); l2d/core/tx.py maps each TxType to its class in one static 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Protocol
 
-from .errors import OutOfRange
+from .errors import DecodeError, OutOfRange
 from .params import MAX_MONEY
 
 
@@ -69,6 +70,24 @@ def check_amount(amount: int, what: str) -> None:
     if not 0 < amount <= MAX_MONEY:
         raise OutOfRange(f"{what} {amount} is outside 1..{MAX_MONEY}")
 
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyPayload:
+    """The base of payloads with no fields (the sender and the nonce say everything): heartbeats, exits..."""
+
+    FEELESS: ClassVar[bool] = False
+
+    def encode(self) -> bytes:
+        return b""
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @staticmethod
+    def check_empty(b: bytes, what: str) -> None:
+        if b:
+            raise DecodeError(f"{what} payload is {len(b)} bytes, expected 0")
 
 
 class Payload(Protocol):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .codec import Reader, write_bytes, write_varint
-from .errors import DecodeError, OutOfRange
+from .errors import OutOfRange
 from .params import MAX_MONEY
-from .payload import TxType
+from .payload import EmptyPayload, TxType
 
 FLAG_ENTRY = 1  # takes clients' connections (first hop)
 FLAG_EXIT = 2  # opens connections to destinations (last hop)
@@ -94,54 +94,38 @@ class RelayRegister:
 
 
 @dataclass(frozen=True, slots=True)
-class _Empty:
-    FEELESS: ClassVar[bool] = False
-
-    def encode(self) -> bytes:
-        return b""
-
-    def debit_sat(self) -> int:
-        return 0
-
-    @staticmethod
-    def _empty(b: bytes, what: str) -> None:
-        if b:
-            raise DecodeError(f"{what} payload is {len(b)} bytes, expected 0")
-
-
-@dataclass(frozen=True, slots=True)
-class RelayHeartbeat(_Empty):
+class RelayHeartbeat(EmptyPayload):
     """The relay is alive (records the block height)."""
 
     TYPE: ClassVar[TxType] = TxType.RELAY_HEARTBEAT
 
     @classmethod
     def decode(cls, b: bytes) -> "RelayHeartbeat":
-        cls._empty(b, "relay heartbeat")
+        cls.check_empty(b, "relay heartbeat")
         return cls()
 
 
 @dataclass(frozen=True, slots=True)
-class RelayExit(_Empty):
+class RelayExit(EmptyPayload):
     """Leave the mesh: no longer selected; the stake is withdrawable EXIT_DELAY_BLOCKS later."""
 
     TYPE: ClassVar[TxType] = TxType.RELAY_EXIT
 
     @classmethod
     def decode(cls, b: bytes) -> "RelayExit":
-        cls._empty(b, "relay exit")
+        cls.check_empty(b, "relay exit")
         return cls()
 
 
 @dataclass(frozen=True, slots=True)
-class RelayWithdraw(_Empty):
+class RelayWithdraw(EmptyPayload):
     """An exited relay takes its stake back."""
 
     TYPE: ClassVar[TxType] = TxType.RELAY_WITHDRAW
 
     @classmethod
     def decode(cls, b: bytes) -> "RelayWithdraw":
-        cls._empty(b, "relay withdraw")
+        cls.check_empty(b, "relay withdraw")
         return cls()
 
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 from .codec import Reader, write_bytes
 from .errors import DecodeError, OutOfRange
 from .params import MAX_MONEY
-from .payload import TxType
+from .payload import EmptyPayload, TxType
 
 PPM = 1_000_000
 MAX_PRICE_SAT = 10**12
@@ -207,56 +207,38 @@ class WorkerRegister:
 
 
 @dataclass(frozen=True, slots=True)
-class _Empty:
-    """A payload with no fields (the sender and the nonce say everything)."""
-
-    FEELESS: ClassVar[bool] = False
-
-    def encode(self) -> bytes:
-        return b""
-
-    def debit_sat(self) -> int:
-        return 0
-
-    @classmethod
-    def _check_empty(cls, b: bytes, what: str) -> None:
-        if b:
-            raise DecodeError(f"{what} payload is {len(b)} bytes, expected 0")
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerHeartbeat(_Empty):
+class WorkerHeartbeat(EmptyPayload):
     """The worker is alive (records the block height)."""
 
     TYPE: ClassVar[TxType] = TxType.WORKER_HEARTBEAT
 
     @classmethod
     def decode(cls, b: bytes) -> "WorkerHeartbeat":
-        cls._check_empty(b, "worker heartbeat")
+        cls.check_empty(b, "worker heartbeat")
         return cls()
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerExit(_Empty):
+class WorkerExit(EmptyPayload):
     """Stop taking tasks; the stake can be withdrawn EXIT_DELAY_BLOCKS later once no task holds it."""
 
     TYPE: ClassVar[TxType] = TxType.WORKER_EXIT
 
     @classmethod
     def decode(cls, b: bytes) -> "WorkerExit":
-        cls._check_empty(b, "worker exit")
+        cls.check_empty(b, "worker exit")
         return cls()
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerWithdraw(_Empty):
+class WorkerWithdraw(EmptyPayload):
     """Unlock the stake of an exited worker back to its balance."""
 
     TYPE: ClassVar[TxType] = TxType.WORKER_WITHDRAW
 
     @classmethod
     def decode(cls, b: bytes) -> "WorkerWithdraw":
-        cls._check_empty(b, "worker withdraw")
+        cls.check_empty(b, "worker withdraw")
         return cls()
 
 

@@ -7,16 +7,14 @@ from typing import Any
 
 import pytest
 
-from l2d.core import tx as T
-from l2d.core.errors import InvalidTransaction, OutOfRange, TrailingBytes, Truncated
+from l2d.core.errors import InvalidTransaction, OutOfRange
 from l2d.core.model import ModelRecord, OfferRecord, get_model, model_key, offer_key
 from l2d.core.model_tx import MAX_CONTEXT, ModelFormat, ModelRegister, ModelServe
-from l2d.core.params import LOCAL
 from l2d.core.payload import Payload
 from l2d.core.state import StateView
-from l2d.core.tx import sign
 from l2d.core.work_tx import WorkerCaps, WorkerExit, WorkerRegister
-from tests.l2d.core.test_relay import FEE, OTHER, RELAY, RELAY2, Chain, pk, secret
+from tests.l2d.core.payload_checks import check_round_trip, check_strict
+from tests.l2d.core.test_relay import OTHER, RELAY, RELAY2, Chain, pk
 
 H = hashlib.sha256(b"SmolLM2-135M-Instruct.Q4_1.gguf bytes").digest()
 CAPS = WorkerCaps(0, 0, 10, 500_000, 100, 2, b"eu", (b"smollm2",), b"127.0.0.1:9000")
@@ -33,19 +31,12 @@ def sample_payloads() -> list[Payload]:
 
 @pytest.mark.parametrize("payload", sample_payloads(), ids=lambda p: type(p).__name__)
 def test_payloads_round_trip_through_signed_transactions(payload: Payload) -> None:
-    assert type(payload).decode(payload.encode()) == payload  # type: ignore[attr-defined]
-    t = sign(LOCAL, secret(1), 0, FEE, payload, b"\0" * 32)
-    assert T.decode(t.raw, LOCAL).payload == payload
+    check_round_trip(payload)
 
 
 @pytest.mark.parametrize("payload", sample_payloads(), ids=lambda p: type(p).__name__)
 def test_decoders_are_strict(payload: Payload) -> None:
-    raw = payload.encode()
-    cls: Any = type(payload)
-    with pytest.raises(Truncated):
-        cls.decode(raw[:-1])
-    with pytest.raises(TrailingBytes):
-        cls.decode(raw + b"\0")
+    check_strict(payload)
 
 
 @pytest.mark.parametrize("make, match", [

@@ -8,10 +8,8 @@ from typing import Any, Optional
 import pytest
 from coincurve import PrivateKey
 
-from l2d.core import tx as T
 from l2d.core.coin_tx import Transfer
-from l2d.core.errors import (DecodeError, InsufficientBalance, InvalidTransaction, OutOfRange, Rejected, TrailingBytes,
-                             Truncated, Unauthorized)
+from l2d.core.errors import (DecodeError, InsufficientBalance, InvalidTransaction, OutOfRange, Rejected, Unauthorized)
 from l2d.core.params import LOCAL, MAX_MONEY
 from l2d.core.payload import Payload
 from l2d.core.relay import (EXIT_DELAY_BLOCKS, WEIGHT_CAP_KIB_S, RelayRecord, RelayStatus, get_relay, relay_key,
@@ -23,6 +21,7 @@ from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Su
                             locked_sat)
 from l2d.core.tx import Transaction, sign
 from l2d.core.work import WorkerRecord
+from tests.l2d.core.payload_checks import check_round_trip, check_strict
 
 FEE = 2
 RULES = Rules(LOCAL, FEE)
@@ -105,19 +104,12 @@ def sample_payloads() -> list[Payload]:
 
 @pytest.mark.parametrize("payload", sample_payloads(), ids=lambda p: type(p).__name__)
 def test_payloads_round_trip_through_signed_transactions(payload: Payload) -> None:
-    assert type(payload).decode(payload.encode()) == payload  # type: ignore[attr-defined]
-    t = sign(LOCAL, secret(1), 0, 0 if payload.FEELESS else FEE, payload, b"\0" * 32)
-    assert T.decode(t.raw, LOCAL).payload == payload
+    check_round_trip(payload)
 
 
 @pytest.mark.parametrize("payload", [p for p in sample_payloads() if p.encode()], ids=lambda p: type(p).__name__)
 def test_decoders_are_strict(payload: Payload) -> None:
-    raw = payload.encode()
-    cls: Any = type(payload)
-    with pytest.raises(Truncated):
-        cls.decode(raw[:-1])
-    with pytest.raises(TrailingBytes):
-        cls.decode(raw + b"\0")
+    check_strict(payload)
 
 
 def test_empty_payloads_carry_nothing() -> None:
