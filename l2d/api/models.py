@@ -18,10 +18,12 @@ async def models(request: web.Request) -> web.Response:
     for _, v in chain.records(bytes((Namespace.MODEL_OFFER,))):
         o = OfferRecord.decode(bytes(v))
         raw = chain.get_state(worker_key(o.worker))
-        if raw is None or WorkerRecord.decode(raw).status != WorkerStatus.ACTIVE:
+        w = None if raw is None else WorkerRecord.decode(raw)
+        if w is None or w.status != WorkerStatus.ACTIVE:
             continue
         offers.setdefault(o.model, []).append({
-            "worker": o.worker.hex(), "context_length": o.context_length,
+            "worker": o.worker.hex(), "endpoint": w.caps.endpoint.decode(), "region": w.caps.region.decode(),
+            "reputation_ppm": w.reputation_ppm, "context_length": o.context_length,
             "price_in_msat_per_1k": o.price_in_msat_per_1k, "price_out_msat_per_1k": o.price_out_msat_per_1k,
             "height": o.height})
     out = []

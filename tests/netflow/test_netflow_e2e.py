@@ -21,8 +21,7 @@ from coincurve import PrivateKey
 
 from l2d.core.session import SessionRecord, SessionStatus
 from l2d.core.session_tx import quote_sat
-from tests.conftest import L2dProcess
-from tests.netflow.procs import Proc
+from tests.conftest import L2dProcess, Proc
 
 TOKEN = "netflow-test-admin-token-0001"
 MIB = 1 << 20

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from l2d.core.relay import relay_weight
-from tests.conftest import L2dProcess
-from tests.netflow.procs import Proc
+from tests.conftest import L2dProcess, Proc
 from tests.netflow.test_netflow_e2e import FUNDS, PRICE, RELAYS, TOKEN, pk, secret
 
 MEMBER = secret("member")

@@ -1,0 +1,162 @@
+"""`l2-llm-worker`: a worker serving a registered language model over HTTP (docs/inference.md, "Workers").
+
+It loads the model once (orchestration/llm.py), registers on the L2 as a worker (WorkerRegister with a stake, its
+endpoint in the capabilities) and offers the model (ModelServe: context length, msat per 1k input and output
+tokens), then serves
+
+    POST /v1/generate  {"prompt": [token ids], "max_tokens": n, "seed": null | int, "temperature": float}
+
+as newline-delimited JSON, one line per token as it is decoded, `{"token": id, "text": the new text}`, then
+`{"done": true, "finish_reason": "stop" | "length", "tokens": n, "fingerprint": hex}` (the commitment to every
+position's top-4 logits); and `GET /ping` (the coordinator's latency probe). Decoding runs in one thread, one request
+at a time (the model is one per process); the others wait.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from aiohttp import web
+
+from l2d.client import ApiError, AsyncClient
+from l2d.keys import load_secret
+from l2d.logs import setup_logging
+
+from .llm import LanguageModel, TopK, fingerprint_hash, weights_sha256
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 1024
+
+
+class Server:
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self._lock = asyncio.Lock()
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            prompt = [int(x) for x in body["prompt"]]
+            max_tokens = int(body.get("max_tokens", 256))
+            seed = body.get("seed")
+            temperature = float(body.get("temperature", 1.0))
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"error": f"malformed request: {e}"}, status=400)
+        if not prompt or not 0 < max_tokens <= MAX_TOKENS or len(prompt) + max_tokens > self.lm.context_length:
+            return web.json_response({"error": "prompt + max_tokens do not fit the context"}, status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            q: asyncio.Queue[Optional[tuple[int, TopK]]] = asyncio.Queue()
+            stop = threading.Event()
+
+            def run() -> None:
+                try:
+                    for item in self.lm.generate(prompt, max_tokens, None if seed is None else int(seed),
+                                                 temperature):
+                        if stop.is_set():
+                            return
+                        loop.call_soon_threadsafe(q.put_nowait, item)
+                finally:
+                    loop.call_soon_threadsafe(q.put_nowait, None)
+            worker = loop.run_in_executor(None, run)
+            out: list[int] = []
+            tops: list[TopK] = []
+            text = ""
+            try:
+                while (item := await q.get()) is not None:
+                    tok, top = item
+                    out.append(tok)
+                    tops.append(top)
+                    now = self.lm.decode(out)
+                    delta, text = now[len(text):], now
+                    await resp.write(json.dumps({"token": tok, "text": delta}).encode() + b"\n")
+                reason = "stop" if out and out[-1] == self.lm.eos else "length"
+                await resp.write(json.dumps({"done": True, "finish_reason": reason, "tokens": len(out),
+                                             "fingerprint": fingerprint_hash(tops).hex()}).encode() + b"\n")
+            finally:
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await worker
+        return resp
+
+
+def make_app(lm: LanguageModel) -> web.Application:
+    s = Server(lm)
+    app = web.Application()
+    app.router.add_get("/ping", s.ping)
+    app.router.add_post("/v1/generate", s.generate)
+    return app
+
+
+async def register(api: AsyncClient, secret: bytes, lm: LanguageModel, endpoint: str, stake: int,
+                   price_in: int, price_out: int) -> None:
+    """WorkerRegister (unless registered) and ModelServe of the loaded model, each committed."""
+    from l2d.core.model_tx import ModelServe
+    from l2d.core.work_tx import WorkerCaps, WorkerRegister
+
+    caps = WorkerCaps(0, 0, 0, 0, 0, 1, b"local", (b"smollm2",), endpoint.encode())
+    for payload in (WorkerRegister(stake, caps),
+                    ModelServe(weights_sha256(lm.path), lm.context_length, price_in, price_out)):
+        try:
+            res = await api.sign_and_submit(secret, payload, 1)
+            await api.wait_tx(res["txid"], 60)
+        except ApiError as e:
+            if "already registered" not in str(e):
+                raise
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="l2-llm-worker", description=__doc__.splitlines()[0])
+    ap.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL")
+    ap.add_argument("--key", type=Path, help="the worker's L2 key file (registers and offers the model)")
+    ap.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve on")
+    ap.add_argument("--stake", type=int, default=10_000)
+    ap.add_argument("--price-in", type=int, default=1_000, help="msat per 1k input tokens")
+    ap.add_argument("--price-out", type=int, default=4_000, help="msat per 1k output tokens")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    setup_logging(a.log_level)
+    return asyncio.run(_run(a))
+
+
+async def _run(a: Any) -> int:
+    lm = LanguageModel(device=a.device)
+    host, _, port = a.listen.rpartition(":")
+    runner = web.AppRunner(make_app(lm), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, int(port))
+    await site.start()
+    bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+    endpoint = f"{bound[0]}:{bound[1]}"
+    if a.key is not None:
+        async with AsyncClient(a.api) as api:
+            await register(api, load_secret(a.key), lm, endpoint, a.stake, a.price_in, a.price_out)
+    print(f"l2-llm-worker serving {weights_sha256(lm.path).hex()} on {endpoint}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
