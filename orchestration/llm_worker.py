@@ -35,6 +35,7 @@ from .llm import LanguageModel, TopK, fingerprint_hash, weights_sha256
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 1024
+MODEL_NAME, MODEL_VERSION = b"SmolLM2-135M-Instruct", b"Q4_1"  # how the worker registers the model if nobody has
 
 
 class Server:
@@ -104,18 +105,23 @@ def make_app(lm: LanguageModel) -> web.Application:
 
 async def register(api: AsyncClient, secret: bytes, lm: LanguageModel, endpoint: str, stake: int,
                    price_in: int, price_out: int) -> None:
-    """WorkerRegister (unless registered) and ModelServe of the loaded model, each committed."""
-    from l2d.core.model_tx import ModelServe
+    """The model registered by its weights hash (by this worker's key, unless someone registered it), WorkerRegister
+    (unless registered) and ModelServe of the loaded model, each committed."""
+    from l2d.core.model_tx import ModelFormat, ModelRegister, ModelServe
     from l2d.core.work_tx import WorkerCaps, WorkerRegister
 
+    h = weights_sha256(lm.path)
     caps = WorkerCaps(0, 0, 0, 0, 0, 1, b"local", (b"smollm2",), endpoint.encode())
-    for payload in (WorkerRegister(stake, caps),
-                    ModelServe(weights_sha256(lm.path), lm.context_length, price_in, price_out)):
+    payloads: list[Any] = []
+    if h.hex() not in [m["weights_sha256"] for m in (await api.get("/api/models"))["models"]]:
+        payloads.append(ModelRegister(h, ModelFormat.GGUF, lm.context_length, MODEL_NAME, MODEL_VERSION))
+    payloads += [WorkerRegister(stake, caps), ModelServe(h, lm.context_length, price_in, price_out)]
+    for payload in payloads:
         try:
             res = await api.sign_and_submit(secret, payload, 1)
             await api.wait_tx(res["txid"], 60)
         except ApiError as e:
-            if "already registered" not in str(e):
+            if "already registered" not in str(e) and "registered already" not in str(e):
                 raise
 
 

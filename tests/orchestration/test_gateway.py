@@ -1,5 +1,5 @@
 """The OpenAI-compatible gateway end to end, with real processes: an l2d daemon holding the model registry, an
-`l2-llm-worker` serving SmolLM2-135M-Instruct (registered by its weights hash, offered by the worker), `l2-gateway`,
+`l2-llm-worker` serving SmolLM2-135M-Instruct (it registers the model by its weights hash and offers it), `l2-gateway`,
 and the official `openai` client: the model list, chat and text completions streamed and not (greedy: the stream
 spells the same answer), usage on request, and the errors in OpenAI's shape."""
 from __future__ import annotations
@@ -14,14 +14,10 @@ import openai
 import pytest
 from coincurve import PrivateKey
 
-from l2d.core.model_tx import ModelFormat, ModelRegister
-from l2d.core.params import LOCAL
-from l2d.core.tx import sign
 from orchestration.llm import model_path, weights_sha256
 from tests.conftest import L2dProcess, Proc
 
 TOKEN = "gateway-test-admin-token-0001"
-REGISTRANT = hashlib.sha256(b"gateway test registrant").digest()
 WORKER = hashlib.sha256(b"gateway test worker").digest()
 NAME = "SmolLM2-135M-Instruct"
 
@@ -33,12 +29,8 @@ def pk(s: bytes) -> bytes:
 async def test_the_openai_client_against_the_gateway(tmp_path: Path, l2d_process: Callable[..., L2dProcess],
                                                      node_toml: Callable[..., Path], poll: Callable[..., Any],
                                                      procs: list[Proc]) -> None:
-    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(REGISTRANT): 10**6, pk(WORKER): 10**6}, TOKEN,
-                              block={"interval_ms": 50}))
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(WORKER): 10**6}, TOKEN, block={"interval_ms": 50}))
     h = weights_sha256(model_path())
-    reg = sign(LOCAL, REGISTRANT, 0, 1, ModelRegister(h, ModelFormat.GGUF, 8192, NAME.encode(), b"Q4_1"), b"\0" * 32)
-    d.post("/api/l2/tx", {"tx": reg.raw.hex()}, TOKEN)
-    await poll(lambda: d.get("/api/models")["models"], 60, "the model registered")
     key = tmp_path / "worker.key"
     key.write_text(WORKER.hex())
     key.chmod(0o600)
@@ -46,6 +38,8 @@ async def test_the_openai_client_against_the_gateway(tmp_path: Path, l2d_process
                   tmp_path / "worker.log")
     procs.append(worker)
     assert re.search(r"serving " + h.hex(), await asyncio.to_thread(worker.first_line))
+    [reg] = d.get("/api/models")["models"]  # nobody had registered the model: the worker did, by its weights hash
+    assert (reg["weights_sha256"], reg["name"], reg["registrant"]) == (h.hex(), NAME, pk(WORKER).hex())
     gateway = Proc(["orchestration.gateway", "--api", d.url(""), "--listen", "127.0.0.1:0"], tmp_path / "gw.log")
     procs.append(gateway)
     url = re.search(r"on (\S+)", await asyncio.to_thread(gateway.first_line))
