@@ -17,6 +17,7 @@ import bench_anchor  # noqa: E402
 import bench_daemon_memory  # noqa: E402
 import bench_fl  # noqa: E402
 import bench_fl_l2  # noqa: E402
+import bench_gateway  # noqa: E402
 import bench_ledger  # noqa: E402
 import bench_netflow  # noqa: E402
 import bench_orchestration  # noqa: E402
@@ -42,6 +43,7 @@ def main() -> None:
         "spv": bench_spv.main(["--quick"] if a.quick else []),
         "sessions": bench_sessions.main(["--quick"] if a.quick else []),
         "netflow": bench_netflow.main(["--quick"] if a.quick else []),  # relays, SOCKS5 and curl, 64 MiB
+        "gateway": bench_gateway.main(["--quick"] if a.quick else []),  # SmolLM2 direct vs through the gateway
         "scheduler": bench_scheduler.main([]),
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),

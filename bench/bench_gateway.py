@@ -1,0 +1,172 @@
+"""Inference through the gateway vs the same model called directly, in one run.
+
+    python bench/bench_gateway.py [--tokens N] [--quick]
+
+The baseline: SmolLM2-135M-Instruct loaded in this process (orchestration/llm.py), greedy decoding of N tokens
+(default 64) for a fixed chat prompt: tokens/s and the time to the first token. Then the same request through real
+processes on loopback, an l2d daemon (the registry), `l2-llm-worker` (the model, on the CPU) and `l2-gateway`,
+with the official openai client, streamed: tokens/s and time to the first token, for one client and for 4
+concurrent ones (the worker decodes one request at a time). Prints the ratios (the issue's goal: >= 0.8 for one
+client) and the time-to-first-token overhead in ms.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import toml
+from coincurve import PrivateKey
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+PROMPT = [{"role": "user", "content": "Write a short paragraph about the sea."}]
+NAME = "SmolLM2-135M-Instruct"
+
+
+class _Proc:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self._log = open(log, "w")
+        self.p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                  cwd=REPO)
+
+    def line(self, pattern: str) -> re.Match[str]:
+        assert self.p.stdout is not None
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.p.args}: exited ({self._log.name})")
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        if self.p.stdout is not None:
+            self.p.stdout.close()
+        self._log.close()
+
+
+def direct(n: int) -> dict[str, float]:
+    from orchestration.llm import LanguageModel
+
+    lm = LanguageModel(device="cpu")
+    prompt = lm.chat_ids(PROMPT)
+    list(lm.generate(prompt, 4))  # warm up
+    best_rate, best_ttft = 0.0, float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        first = None
+        count = 0
+        for _tok, _top in lm.generate(prompt, n):
+            count += 1
+            if first is None:
+                first = time.perf_counter() - t
+        rate = count / (time.perf_counter() - t)
+        best_rate, best_ttft = max(best_rate, rate), min(best_ttft, first or 0.0)
+    return {"tokens_per_s": best_rate, "ttft_ms": best_ttft * 1000}
+
+
+def through(base_url: str, n: int) -> tuple[float, float, int]:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+    t = time.perf_counter()
+    first = None
+    count = 0
+    for chunk in client.chat.completions.create(model=NAME, messages=PROMPT, max_tokens=n,  # type: ignore[arg-type]
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter() - t
+        if chunk.usage is not None:
+            count = chunk.usage.completion_tokens
+    return count / (time.perf_counter() - t), (first or 0.0) * 1000, count
+
+
+async def run(n: int, work: Path) -> dict[str, Any]:
+    base = await asyncio.to_thread(direct, n)
+    worker_secret = hashlib.sha256(b"l2d bench gateway worker").digest()
+    cfg = work / "l2d.toml"
+    cfg.write_text(toml.dumps({"node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
+                               "chain": {"genesis_alloc": {
+                                   PrivateKey(worker_secret).public_key_xonly.format().hex(): 10**8}},
+                               "block": {"interval_ms": 50}, "api": {"port": 0, "admin_token": ""},
+                               "snapshots": {"every_blocks": 0}}))
+    procs: list[_Proc] = []
+    try:
+        node = _Proc(["-m", "l2d.node", "--config", str(cfg)], work / "l2d.log")
+        procs.append(node)
+        port = None
+        for _ in range(600):
+            for line in (work / "l2d.log").read_text().splitlines():
+                rec = json.loads(line) if line.startswith("{") else {}
+                if rec.get("msg") == "api listening":
+                    port = int(rec["port"])
+            if port is not None:
+                break
+            await asyncio.sleep(0.1)
+        if port is None:
+            raise RuntimeError("l2d did not start")
+        api = f"http://127.0.0.1:{port}"
+        (work / "worker.key").write_text(worker_secret.hex())
+        w = _Proc(["-m", "orchestration.llm_worker", "--api", api, "--key", str(work / "worker.key"), "--device",
+                   "cpu", "--log-level", "WARNING"], work / "worker.log")
+        procs.append(w)
+        await asyncio.to_thread(w.line, r"serving")
+        g = _Proc(["-m", "orchestration.gateway", "--api", api, "--listen", "127.0.0.1:0", "--log-level", "WARNING"],
+                  work / "gateway.log")
+        procs.append(g)
+        url = (await asyncio.to_thread(g.line, r"on (\S+)"))[1]
+        await asyncio.to_thread(through, url, 4)  # warm up
+        one = [await asyncio.to_thread(through, url, n) for _ in range(2)]
+        rate1 = max(r for r, _, _ in one)
+        ttft1 = min(f for _, f, _ in one)
+        t = time.perf_counter()
+        four = await asyncio.gather(*(asyncio.to_thread(through, url, n) for _ in range(4)))
+        wall = time.perf_counter() - t
+        return {
+            "tokens": n,
+            "direct_tokens_per_s": round(base["tokens_per_s"], 1), "direct_ttft_ms": round(base["ttft_ms"], 1),
+            "gateway_tokens_per_s": round(rate1, 1), "gateway_ttft_ms": round(ttft1, 1),
+            "ratio": round(rate1 / base["tokens_per_s"], 3), "ttft_overhead_ms": round(ttft1 - base["ttft_ms"], 1),
+            "four_clients": {"aggregate_tokens_per_s": round(sum(c for _, _, c in four) / wall, 1),
+                             "median_ttft_ms": round(statistics.median(f for _, f, _ in four), 1),
+                             "aggregate_ratio": round(sum(c for _, _, c in four) / wall / base["tokens_per_s"], 3)},
+            "goal_ratio": 0.8,
+        }
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per request (default 64)")
+    ap.add_argument("--quick", action="store_true", help="16 tokens (smoke run)")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="l2d-bench-gateway-") as d:
+        out = asyncio.run(run(16 if a.quick else a.tokens, Path(d)))
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
