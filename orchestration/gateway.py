@@ -138,14 +138,15 @@ class Gateway:
         seed = body.get("seed")
         gen = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed if isinstance(seed, int) else None,
                "temperature": float(body.get("temperature") or 1.0)}
-        stream, first = await self.open_stream(offers, gen)
+        stream, first, worker = await self.open_stream(offers, gen)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        served_by = f"l2-worker-{worker}"  # system_fingerprint: which worker answered
         created = int(time.time())
         name = m["name"]
         if body.get("stream"):
             opts = body.get("stream_options") or {}
             return await self.sse(request, stream, first, ident, created, name, chat, len(prompt),
-                                  bool(isinstance(opts, dict) and opts.get("include_usage")))
+                                  bool(isinstance(opts, dict) and opts.get("include_usage")), served_by)
         text, done = "", None
         async for line in _chain(first, stream):
             if line.get("done"):
@@ -161,11 +162,13 @@ class Gateway:
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
         return web.json_response({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                                  "created": created, "model": name, "choices": [choice], "usage": usage})
+                                  "created": created, "model": name, "system_fingerprint": served_by,
+                                  "choices": [choice], "usage": usage})
 
     async def open_stream(self, offers: list[dict[str, Any]], gen: dict[str, Any]
-                          ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
-        """The first worker that answers with a first token (failover before it); its remaining lines."""
+                          ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any], str]:
+        """The first worker that answers with a first token (failover before it): its remaining lines, the first,
+        and the worker's key."""
         assert self.http is not None
         for o in offers:
             try:
@@ -177,20 +180,20 @@ class Gateway:
                     continue
                 lines = _lines(resp)
                 first = await lines.__anext__()
-                return lines, first
+                return lines, first, str(o["worker"])
             except (aiohttp.ClientError, asyncio.TimeoutError, StopAsyncIteration, ValueError) as e:
                 log.warning("worker %s failed before its first token (%s): trying the next", o["worker"], e)
         raise OpenAIError(503, "no worker is free to serve this model", "server_error", code="no_worker")
 
     async def sse(self, request: web.Request, stream: AsyncIterator[dict[str, Any]], first: dict[str, Any],
                   ident: str, created: int, name: str, chat: bool, n_prompt: int,
-                  include_usage: bool) -> web.StreamResponse:
+                  include_usage: bool, served_by: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         async def send(choice: dict[str, Any], usage: Any = None, choices: Optional[list[Any]] = None) -> None:
-            chunk = {"id": ident, "object": obj, "created": created, "model": name,
+            chunk = {"id": ident, "object": obj, "created": created, "model": name, "system_fingerprint": served_by,
                      "choices": [choice] if choices is None else choices}
             if include_usage:
                 chunk["usage"] = usage

@@ -75,3 +75,41 @@ async def test_the_openai_client_against_the_gateway(tmp_path: Path, l2d_process
         assert big.value.code == "context_length_exceeded" and "maximum context length is 8192" in str(big.value)
     await asyncio.to_thread(run)
     assert gateway.stop() == 0 and worker.stop() == 0
+
+
+async def test_requests_go_to_the_cheaper_worker_and_fail_over_when_it_dies(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        procs: list[Proc]) -> None:
+    """Two workers serve the model, one cheaper: requests go to it (system_fingerprint names the worker); SIGKILLed,
+    the next request is served by the other, before any first token was lost."""
+    cheap_key, dear_key = hashlib.sha256(b"gateway cheap").digest(), hashlib.sha256(b"gateway dear").digest()
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheap_key): 10**6, pk(dear_key): 10**6}, TOKEN,
+                              block={"interval_ms": 50}))
+    workers = {}
+    for name, secret_, price in (("cheap", cheap_key, 3_000), ("dear", dear_key, 5_000)):
+        key = tmp_path / f"{name}.key"
+        key.write_text(secret_.hex())
+        key.chmod(0o600)
+        workers[name] = Proc(["orchestration.llm_worker", "--api", d.url(""), "--key", str(key), "--device", "cpu",
+                              "--price-out", str(price)], tmp_path / f"{name}.log")
+        procs.append(workers[name])
+    for w in workers.values():
+        assert re.search(r"serving", await asyncio.to_thread(w.first_line))
+    gateway = Proc(["orchestration.gateway", "--api", d.url(""), "--listen", "127.0.0.1:0"], tmp_path / "gw.log")
+    procs.append(gateway)
+    url = re.search(r"on (\S+)", await asyncio.to_thread(gateway.first_line))
+    assert url
+    client = openai.OpenAI(base_url=url.group(1), api_key="none", max_retries=0)
+    q = [{"role": "user", "content": "Say hello."}]
+
+    def ask() -> Any:
+        return client.chat.completions.create(model=NAME, messages=q, max_tokens=4)  # type: ignore[arg-type]
+    first = await asyncio.to_thread(ask)
+    assert first.system_fingerprint == f"l2-worker-{pk(cheap_key).hex()}"
+    assert (await asyncio.to_thread(client.models.list)).data[0].model_extra["workers"] == 2
+    workers["cheap"].kill()  # SIGKILL: its offer is still on the L2, its endpoint refuses
+    again = await asyncio.to_thread(ask)
+    assert again.system_fingerprint == f"l2-worker-{pk(dear_key).hex()}"
+    assert again.choices[0].message.content == first.choices[0].message.content  # the same model, greedy
+    assert "failed before its first token" in (tmp_path / "gw.log").read_text()
+    assert gateway.stop() == 0
