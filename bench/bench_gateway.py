@@ -15,54 +15,24 @@ import argparse
 import asyncio
 import hashlib
 import json
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import toml
 from coincurve import PrivateKey
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from common import Proc, start_l2d  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a short paragraph about the sea."}]
 NAME = "SmolLM2-135M-Instruct"
-
-
-class _Proc:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self._log = open(log, "w")
-        self.p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                  cwd=REPO)
-
-    def line(self, pattern: str) -> re.Match[str]:
-        assert self.p.stdout is not None
-        while True:
-            line = self.p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.p.args}: exited ({self._log.name})")
-            m = re.search(pattern, line)
-            if m:
-                return m
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self.p.stdout is not None:
-            self.p.stdout.close()
-        self._log.close()
 
 
 def direct(n: int) -> dict[str, float]:
@@ -104,35 +74,17 @@ def through(base_url: str, n: int) -> tuple[float, float, int]:
 async def run(n: int, work: Path) -> dict[str, Any]:
     base = await asyncio.to_thread(direct, n)
     worker_secret = hashlib.sha256(b"l2d bench gateway worker").digest()
-    cfg = work / "l2d.toml"
-    cfg.write_text(toml.dumps({"node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
-                               "chain": {"genesis_alloc": {
-                                   PrivateKey(worker_secret).public_key_xonly.format().hex(): 10**8}},
-                               "block": {"interval_ms": 50}, "api": {"port": 0, "admin_token": ""},
-                               "snapshots": {"every_blocks": 0}}))
-    procs: list[_Proc] = []
+    procs: list[Proc] = []
     try:
-        node = _Proc(["-m", "l2d.node", "--config", str(cfg)], work / "l2d.log")
+        node, api = start_l2d(work, {PrivateKey(worker_secret).public_key_xonly.format(): 10**8}, REPO)
         procs.append(node)
-        port = None
-        for _ in range(600):
-            for line in (work / "l2d.log").read_text().splitlines():
-                rec = json.loads(line) if line.startswith("{") else {}
-                if rec.get("msg") == "api listening":
-                    port = int(rec["port"])
-            if port is not None:
-                break
-            await asyncio.sleep(0.1)
-        if port is None:
-            raise RuntimeError("l2d did not start")
-        api = f"http://127.0.0.1:{port}"
         (work / "worker.key").write_text(worker_secret.hex())
-        w = _Proc(["-m", "orchestration.llm_worker", "--api", api, "--key", str(work / "worker.key"), "--device",
-                   "cpu", "--log-level", "WARNING"], work / "worker.log")
+        w = Proc(["-m", "orchestration.llm_worker", "--api", api, "--key", str(work / "worker.key"), "--device",
+                   "cpu", "--log-level", "WARNING"], work / "worker.log", REPO)
         procs.append(w)
         await asyncio.to_thread(w.line, r"serving")
-        g = _Proc(["-m", "orchestration.gateway", "--api", api, "--listen", "127.0.0.1:0", "--log-level", "WARNING"],
-                  work / "gateway.log")
+        g = Proc(["-m", "orchestration.gateway", "--api", api, "--listen", "127.0.0.1:0", "--log-level", "WARNING"],
+                  work / "gateway.log", REPO)
         procs.append(g)
         url = (await asyncio.to_thread(g.line, r"on (\S+)"))[1]
         await asyncio.to_thread(through, url, 4)  # warm up

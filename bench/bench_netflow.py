@@ -17,9 +17,7 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,13 +25,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import toml
 from aiohttp import web
 from coincurve import PrivateKey
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from common import Proc, start_l2d  # noqa: E402
+
+from l2d.aio import serve_app  # noqa: E402
 
 MIB = 1 << 20
 PRICE = 1_000_000  # msat per MiB
@@ -45,35 +47,6 @@ def _secret(tag: str) -> bytes:
 
 def _pk(s: bytes) -> str:
     return PrivateKey(s).public_key_xonly.format().hex()
-
-
-class _Proc:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self._log = open(log, "w")
-        self.p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                  cwd=REPO)
-
-    def line(self, pattern: str) -> re.Match[str]:
-        assert self.p.stdout is not None
-        while True:
-            line = self.p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.p.args}: exited ({self._log.name})")
-            m = re.search(pattern, line)
-            if m:
-                return m
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self.p.stdout is not None:
-            self.p.stdout.close()
-        self._log.close()
 
 
 def _curl(url: str, out: Path, socks: Optional[str] = None) -> float:
@@ -92,42 +65,21 @@ async def run(mib: int, work: Path) -> dict[str, Any]:
     async def file(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/octet-stream")
     app.router.add_get("/file", file)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/file"  # type: ignore[union-attr]
+    runner, served = await serve_app(app, "127.0.0.1:0")
+    url = f"http://{served}/file"
     client, relays = _secret("client"), [_secret(f"relay {i}") for i in range(3)]
-    cfg = work / "l2d.toml"
-    cfg.write_text(toml.dumps({"node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
-                               "chain": {"genesis_alloc": {_pk(s): 10**9 for s in (client, *relays)}},
-                               "block": {"interval_ms": 50}, "api": {"port": 0, "admin_token": ""},
-                               "snapshots": {"every_blocks": 0}}))
-    procs: list[_Proc] = []
+    procs: list[Proc] = []
     try:
-        node = _Proc(["-m", "l2d.node", "--config", str(cfg)], work / "l2d.log")
+        node, api = start_l2d(work, {PrivateKey(s).public_key_xonly.format(): 10**9 for s in (client, *relays)}, REPO)
         procs.append(node)
-        port = None
-        for _ in range(600):  # the daemon logs "api listening" with its port (a JSON line on stderr)
-            for line in (work / "l2d.log").read_text().splitlines():
-                rec = json.loads(line) if line.startswith("{") else {}
-                if rec.get("msg") == "api listening":
-                    port = int(rec["port"])
-            if port is not None:
-                break
-            await asyncio.sleep(0.1)
-        if port is None:
-            raise RuntimeError("l2d did not start: " + (work / "l2d.log").read_text()[-500:])
-        api = f"http://127.0.0.1:{port}"
-        endpoints = []
         for i, s in enumerate(relays):
             (work / f"relay{i}.key").write_text(s.hex())
-            r = _Proc(["-m", "netflow.relay", "--api", api, "--key", str(work / f"relay{i}.key"), "--x25519-key",
+            r = Proc(["-m", "netflow.relay", "--api", api, "--key", str(work / f"relay{i}.key"), "--x25519-key",
                        str(work / f"relay{i}.x25519"), "--listen", "127.0.0.1:0", "--register", "--price", str(PRICE),
                        "--settle-every", "3600", "--log-level", "WARNING"] + (["--exit"] if i == 2 else []),
-                      work / f"relay{i}.log")
+                      work / f"relay{i}.log", REPO)
             procs.append(r)
-            endpoints.append(await asyncio.to_thread(r.line, r"listening on (\S+)"))
+            await asyncio.to_thread(r.line, r"listening on")
         (work / "client.key").write_text(client.hex())
         out = work / "out.bin"
         results: dict[str, Any] = {"mib": mib}
@@ -136,9 +88,9 @@ async def run(mib: int, work: Path) -> dict[str, Any]:
         results["loopback_mib_s"] = round(mib / base, 1)
         for name, mode in (("direct", ["--mode", "direct", "--relays", _pk(relays[2])]),
                            ("onion", ["--mode", "onion", "--hops", "3", "--relays", ",".join(_pk(s) for s in relays)])):
-            c = _Proc(["-m", "netflow.client", "--api", api, "--key", str(work / "client.key"), "--socks",
+            c = Proc(["-m", "netflow.client", "--api", api, "--key", str(work / "client.key"), "--socks",
                        "127.0.0.1:0", "--deposit", str(10 * mib * PRICE // 1000), *mode, "--log-level", "WARNING"],
-                      work / f"client-{name}.log")
+                      work / f"client-{name}.log", REPO)
             procs.append(c)
             socks = (await asyncio.to_thread(c.line, r"SOCKS5 on (\S+) "))[1]
             best = min([await asyncio.to_thread(_curl, url, out, socks) for _ in range(2)])

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import resource
-import time
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import toml
 from coincurve import PrivateKey, PublicKeyXOnly
 
 
@@ -101,3 +107,61 @@ def current_rss_mb(pid: int | None = None) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class Proc:
+    """A helper process of a bench (python's arguments after `python`), its stderr to log, its stdout read for
+    the line that says where it listens."""
+
+    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
+        self._log = open(log, "w")
+        self.log = log
+        self.p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                  cwd=cwd)
+
+    def line(self, pattern: str) -> re.Match[str]:
+        """The first stdout line matching pattern (RuntimeError if the process exits first)."""
+        assert self.p.stdout is not None
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.p.args}: exited ({self._log.name})")
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 60 s), then close the pipes."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        if self.p.stdout is not None:
+            self.p.stdout.close()
+        self._log.close()
+
+
+def start_l2d(work: Path, alloc: dict[bytes, int], cwd: Path) -> tuple[Proc, str]:
+    """A local-network l2d (50 ms blocks, API on a free port, no admin token) with genesis money for alloc's keys:
+    the process and its API base URL, read from its "api listening" log line."""
+    cfg = work / "l2d.toml"
+    cfg.write_text(toml.dumps({"node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
+                               "chain": {"genesis_alloc": {k.hex(): v for k, v in alloc.items()}},
+                               "block": {"interval_ms": 50}, "api": {"port": 0, "admin_token": ""},
+                               "snapshots": {"every_blocks": 0}}))
+    node = Proc(["-m", "l2d.node", "--config", str(cfg)], work / "l2d.log", cwd)
+
+    def port() -> Optional[int]:
+        for line in node.log.read_text().splitlines():
+            rec = json.loads(line) if line.startswith("{") else {}
+            if rec.get("msg") == "api listening":
+                return int(rec["port"])
+        return None
+    try:
+        return node, f"http://127.0.0.1:{poll(port, 60, 'l2d listening', 0.1)}"
+    except TimeoutError:
+        node.stop()
+        raise

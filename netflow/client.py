@@ -17,7 +17,6 @@ import ipaddress
 import logging
 import os
 import random
-import signal
 import struct
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 from coincurve import PrivateKey
 
+from l2d.aio import until_signalled
 from l2d.client import AsyncClient
 from l2d.core.params import Network
 from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT
@@ -403,13 +403,9 @@ async def _run(a: Any) -> int:
         print(f"l2-netflow SOCKS5 on {bound[0]}:{bound[1]} through "
               f"{' -> '.join(p.relay.endpoint for p in client.paid)}; sessions "
               f"{','.join(p.session_id.hex() for p in client.paid)}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         payer = asyncio.create_task(client.pay_loop(circuits))
         try:
-            await stop.wait()
+            await until_signalled()
         finally:
             server.close()
             payer.cancel()

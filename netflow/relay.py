@@ -19,15 +19,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from coincurve import PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from l2d.aio import until_signalled
 from l2d.client import ApiError, AsyncClient
 from l2d.core.errors import L2Error
 from l2d.core.params import Network
@@ -73,17 +74,18 @@ class CircuitClosed(Exception):
 
 
 class Relay:
-    def __init__(self, *, api: AsyncClient, network: Network, identity: bytes, x25519_key: X25519PrivateKey,
+    def __init__(self, *, api: AsyncClient, network: Network, secret: bytes, x25519_key: X25519PrivateKey,
                  price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
                  fee_sat: int = 1, max_rate_kib_s: int = 0) -> None:
-        self.api, self.network, self.identity = api, network, identity
+        self.api, self.network = api, network
+        self._secret = secret  # the identity key: it signs the settlements
+        self.identity = PrivateKey(secret).public_key_xonly.format()
         self.x25519 = x25519_key
         self.price = price_msat_per_mib
         self.exit_allowed = exit_allowed
         self.window = window
         self.settle_every_s = settle_every_s
         self.fee_sat = fee_sat
-        self._secret = b""
         self.sessions: dict[bytes, SessionState] = {}
         self._tip = 0
         self.max_rate = max_rate_kib_s * 1024  # bytes/s over all circuits; 0 = unlimited
@@ -98,9 +100,6 @@ class Relay:
         self._free_at = start + n / self.max_rate
         if start > now:
             await asyncio.sleep(start - now)
-
-    def set_secret(self, secret: bytes) -> None:
-        self._secret = secret
 
     # -- sessions ---------------------------------------------------------------------------------------------
     async def session(self, sid: bytes) -> SessionState:
@@ -362,25 +361,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 async def _run(a: Any) -> int:
-    from coincurve import PrivateKey
-
     from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
 
     secret = load_or_create_secret(a.key, "relay identity")
     x_secret = load_or_create_secret(a.x25519_key, "relay X25519")
     x_key = X25519PrivateKey.from_private_bytes(x_secret)
-    identity = PrivateKey(secret).public_key_xonly.format()
     host, port = _endpoint(a.listen.encode(), listen=True)
     async with AsyncClient(a.api) as api:
         network = await api.network()
-        relay = Relay(api=api, network=network, identity=identity, x25519_key=x_key, price_msat_per_mib=a.price,
+        relay = Relay(api=api, network=network, secret=secret, x25519_key=x_key, price_msat_per_mib=a.price,
                       exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate)
-        relay.set_secret(secret)
         server = await asyncio.start_server(relay.handle, host, port)
         bound = server.sockets[0].getsockname()
         endpoint = f"{bound[0]}:{bound[1]}"
         if a.register:
-            operator = bytes.fromhex(a.operator) if a.operator else identity
+            operator = bytes.fromhex(a.operator) if a.operator else relay.identity
             flags = FLAG_ENTRY | (FLAG_EXIT if a.exit else 0)
             payload = RelayRegister(a.stake, x25519_public(x_key), operator, flags, a.rate, a.price,
                                     endpoint.encode())
@@ -390,14 +385,10 @@ async def _run(a: Any) -> int:
             except ApiError as e:
                 if "is registered" not in str(e):
                     raise
-        print(f"l2-relay {identity.hex()} listening on {endpoint}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        print(f"l2-relay {relay.identity.hex()} listening on {endpoint}", flush=True)
         settle = asyncio.create_task(relay.settle_loop())
         try:
-            await stop.wait()
+            await until_signalled()
         finally:
             server.close()
             settle.cancel()

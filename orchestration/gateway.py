@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import uuid
@@ -33,6 +32,7 @@ from typing import Any, AsyncIterator, Optional
 import aiohttp
 from aiohttp import web
 
+from l2d.aio import serve_app, until_signalled
 from l2d.client import AsyncClient
 from l2d.logs import setup_logging
 
@@ -273,19 +273,10 @@ async def _run(a: Any) -> int:
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     async with AsyncClient(a.api) as api:
-        runner = web.AppRunner(make_app(Gateway(api, tokenizer)), access_log=None)
-        await runner.setup()
-        host, _, port = a.listen.rpartition(":")
-        site = web.TCPSite(runner, host, int(port))
-        await site.start()
-        bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-        print(f"l2-gateway on http://{bound[0]}:{bound[1]}/v1", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        runner, endpoint = await serve_app(make_app(Gateway(api, tokenizer)), a.listen)
+        print(f"l2-gateway on http://{endpoint}/v1", flush=True)
         try:
-            await stop.wait()
+            await until_signalled()
         finally:
             await runner.cleanup()
     return 0

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from l2d.aio import serve_app, until_signalled
 from l2d.client import ApiError, AsyncClient
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
@@ -142,23 +142,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 async def _run(a: Any) -> int:
     lm = LanguageModel(device=a.device)
-    host, _, port = a.listen.rpartition(":")
-    runner = web.AppRunner(make_app(lm), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, int(port))
-    await site.start()
-    bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-    endpoint = f"{bound[0]}:{bound[1]}"
+    runner, endpoint = await serve_app(make_app(lm), a.listen)
     if a.key is not None:
         async with AsyncClient(a.api) as api:
             await register(api, load_secret(a.key), lm, endpoint, a.stake, a.price_in, a.price_out)
     print(f"l2-llm-worker serving {weights_sha256(lm.path).hex()} on {endpoint}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await runner.cleanup()
     return 0

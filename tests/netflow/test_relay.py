@@ -59,9 +59,8 @@ async def world(tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_tom
     async with AsyncClient(d.url("")) as api:
         network = await api.network()
         x = X25519PrivateKey.generate()
-        relay = Relay(api=api, network=network, identity=pk(RELAY), x25519_key=x, price_msat_per_mib=PRICE,
+        relay = Relay(api=api, network=network, secret=RELAY, x25519_key=x, price_msat_per_mib=PRICE,
                       exit_allowed=True, window=WINDOW, settle_every_s=3600)
-        relay.set_secret(RELAY)
         relay_server, endpoint = await serve(relay.handle)
         res = await api.sign_and_submit(RELAY, RelayRegister(5000, x25519_public(x), pk(RELAY),
                                                              FLAG_ENTRY | FLAG_EXIT, 1000, PRICE,
