@@ -6,6 +6,10 @@ Byte layouts (big-endian integers):
                    | version (CompactSize + 1..32 bytes)                                                   (40..135)
     ModelServe     model 32 (a registered weights_sha256) | context_length u32 | price_in_msat_per_1k u64
                    | price_out_msat_per_1k u64                                                                 (52)
+    Completion     session_id 32 | worker 32 | model 32 | verifier 32 (all zero: none) | prompt_hash 32
+                   | output_hash 32 | fingerprint 32 | n_prompt u32 | n_output u32 | cost_msat u64 | seed u64
+                   | sampling u8 (0 greedy, 1 seeded) | temperature_milli u32 | worker_bp u16 | verifier_bp u16
+                   | treasury_bp u16                                                                          (259)
 The registrant is the transaction's sender: its BIP340 signature is the creator's signature over the record.
 """
 from __future__ import annotations
@@ -28,6 +32,10 @@ MAX_TOKEN_PRICE_MSAT = MAX_MONEY * 1000
 _NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REGISTER = struct.Struct(">32sBI")
 _SERVE = struct.Struct(">32sIQQ")
+_COMPLETION = struct.Struct(">32s32s32s32s32s32s32sIIQQBIHHH")
+BP = 10_000  # basis points: the fee split's shares are out of BP, the burn takes what they leave
+DEFAULT_SPLIT = (5_000, 0, 1_000)  # worker, verifier, treasury: 50 %, 0 %, 10 %; burned: 40 %
+MAX_TEMPERATURE_MILLI = 100_000
 
 
 class ModelFormat(enum.IntEnum):
@@ -119,3 +127,94 @@ class ModelServe:
         v = _SERVE.unpack(r.take(_SERVE.size))
         r.end()
         return cls(v[0], v[1], v[2], v[3])
+
+
+class Sampling(enum.IntEnum):
+    GREEDY = 0
+    SEEDED = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A gateway (the sender: the paid session's server) records one completion and bills it to the session: the
+    worker that produced it at the worker's offered prices, cost_msat = ceil((n_prompt x price_in + n_output x
+    price_out) / 1000), and the hashes an audit re-executes against (prompt and output token ids, the worker's
+    fingerprint). The session is charged in msat, cumulatively; the whole satoshis that crosses are split between
+    the worker, the verifier and the treasury (the gateway) by the basis points given, the rest burned."""
+
+    TYPE: ClassVar[TxType] = TxType.COMPLETION
+    FEELESS: ClassVar[bool] = False
+    session_id: bytes
+    worker: bytes
+    model: bytes
+    verifier: bytes
+    prompt_hash: bytes
+    output_hash: bytes
+    fingerprint: bytes
+    n_prompt: int
+    n_output: int
+    cost_msat: int
+    seed: int
+    sampling: int
+    temperature_milli: int
+    worker_bp: int
+    verifier_bp: int
+    treasury_bp: int
+
+    def __post_init__(self) -> None:
+        for what in ("session_id", "worker", "model"):
+            _b32(getattr(self, what), f"completion {what}")
+        for what in ("verifier", "prompt_hash", "output_hash", "fingerprint"):
+            v = getattr(self, what)
+            if not isinstance(v, bytes) or len(v) != 32:
+                raise OutOfRange(f"completion {what} must be 32 bytes")
+        for what, bits in (("n_prompt", 32), ("n_output", 32), ("cost_msat", 64), ("seed", 64),
+                           ("temperature_milli", 32), ("worker_bp", 16), ("verifier_bp", 16), ("treasury_bp", 16)):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << bits:
+                raise OutOfRange(f"completion {what} {v!r} is outside u{bits}")
+        if self.n_prompt == 0:
+            raise OutOfRange("a completion has at least one prompt token")
+        if self.sampling not in tuple(Sampling):
+            raise OutOfRange(f"completion sampling {self.sampling!r} is not 0 (greedy) or 1 (seeded)")
+        if self.sampling == Sampling.GREEDY and (self.seed or self.temperature_milli):
+            raise OutOfRange("a greedy completion has no seed and no temperature")
+        if self.sampling == Sampling.SEEDED and not 0 < self.temperature_milli <= MAX_TEMPERATURE_MILLI:
+            raise OutOfRange(f"completion temperature {self.temperature_milli} milli is outside "
+                             f"1..{MAX_TEMPERATURE_MILLI}")
+        if self.worker_bp + self.verifier_bp + self.treasury_bp > BP:
+            raise OutOfRange(f"fee split {self.worker_bp} + {self.verifier_bp} + {self.treasury_bp} bp exceeds {BP}")
+        if (self.verifier_bp > 0) != (self.verifier != b"\0" * 32):
+            raise OutOfRange("a verifier share needs a verifier key, and a verifier key a share")
+
+    @property
+    def split(self) -> tuple[int, int, int]:
+        return self.worker_bp, self.verifier_bp, self.treasury_bp
+
+    def encode(self) -> bytes:
+        return _COMPLETION.pack(self.session_id, self.worker, self.model, self.verifier, self.prompt_hash,
+                                self.output_hash, self.fingerprint, self.n_prompt, self.n_output, self.cost_msat,
+                                self.seed, self.sampling, self.temperature_milli, self.worker_bp, self.verifier_bp,
+                                self.treasury_bp)
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "Completion":
+        r = Reader(b, "completion payload")
+        v = _COMPLETION.unpack(r.take(_COMPLETION.size))
+        r.end()
+        return cls(*v)
+
+
+def token_cost_msat(n_prompt: int, n_output: int, price_in_msat_per_1k: int, price_out_msat_per_1k: int) -> int:
+    """What n_prompt input and n_output output tokens cost at these prices per 1,000 tokens, in msat rounded up."""
+    return -(-(n_prompt * price_in_msat_per_1k + n_output * price_out_msat_per_1k) // 1000)
+
+
+def split_sat(amount_sat: int, worker_bp: int, verifier_bp: int, treasury_bp: int) -> tuple[int, int, int, int]:
+    """amount_sat shared out (worker, verifier, treasury, burned): each share rounded down, the burn takes the rest,
+    so the four sum to amount_sat exactly."""
+    w, v, t = (amount_sat * bp // BP for bp in (worker_bp, verifier_bp, treasury_bp))
+    return w, v, t, amount_sat - w - v - t

@@ -63,6 +63,7 @@ class TxType(IntEnum):
     RELAY_WEIGHTS = 55
     MODEL_REGISTER = 64
     MODEL_SERVE = 65
+    COMPLETION = 66
 
 
 

@@ -62,6 +62,7 @@ RULES: Mapping[int, Rule] = {
     TxType.RELAY_WEIGHTS: relay.apply_weights,
     TxType.MODEL_REGISTER: model.apply_register,
     TxType.MODEL_SERVE: model.apply_serve,
+    TxType.COMPLETION: model.apply_completion,
 }
 
 

@@ -127,7 +127,7 @@ def get_session(view: StateView, session_id: bytes) -> Optional[SessionRecord]:
     return None if raw is None else SessionRecord.decode(raw)
 
 
-def _open_session(view: StateView, session_id: bytes) -> SessionRecord:
+def open_session(view: StateView, session_id: bytes) -> SessionRecord:
     rec = get_session(view, session_id)
     if rec is None:
         raise UnknownSession(f"no session {session_id.hex()}")
@@ -178,7 +178,7 @@ def apply_settle(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = tx.payload
     assert isinstance(p, SessionSettle)
     r = p.receipt
-    rec = _open_session(view, r.session_id)
+    rec = open_session(view, r.session_id)
     if tx.sender != rec.server:
         raise Unauthorized(f"only the session's server {rec.server.hex()} settles its receipts")
     check_receipt(rec, r, rules.network.id, view.height)
@@ -194,7 +194,7 @@ def apply_settle(view: StateView, tx: Transaction, rules: Rules) -> None:
 def apply_close(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = tx.payload
     assert isinstance(p, SessionClose)
-    rec = _open_session(view, p.session_id)
+    rec = open_session(view, p.session_id)
     if tx.sender == rec.client:
         if view.height <= rec.expiry_height:
             raise SessionNotExpired(f"the client may close the session after L2 height {rec.expiry_height}; this "

@@ -39,6 +39,7 @@ class Namespace(IntEnum):
     SESSION = 0x0F
     MODEL = 0x10
     MODEL_OFFER = 0x11
+    COMPLETION = 0x12
 
 
 def meta_key(name: str) -> bytes:

@@ -237,7 +237,7 @@ def _rep_up(w: WorkerRecord) -> int:
     return w.reputation_ppm + (cap - w.reputation_ppm) // 8 if w.reputation_ppm < cap else cap
 
 
-def _burn(view: StateView, amount: int) -> None:
+def burn_supply(view: StateView, amount: int) -> None:
     if amount:
         raw = view.get(SUPPLY_KEY)
         sup = Supply.decode(raw) if raw is not None else Supply(0, 0, 0)
@@ -442,13 +442,13 @@ def _pay(view: StateView, payouts: list[tuple[bytes, int]], total: int, what: st
         raise InvalidTransaction(f"{what} shares sum to {sum(a for _, a in payouts)}, the bounty is {total}")
 
 
-def _credit_all(view: StateView, payouts: list[tuple[bytes, int]]) -> None:
+def credit_all(view: StateView, payouts: list[tuple[bytes, int]]) -> None:
     for pk, amount in payouts:
         if amount:
             credit(view, pk, amount)
 
 
-def _check_credits(view: StateView, payouts: list[tuple[bytes, int]]) -> None:
+def check_credits(view: StateView, payouts: list[tuple[bytes, int]]) -> None:
     """Overflow checks before any write (credit checks too, but only after earlier writes)."""
     totals: dict[bytes, int] = {}
     for pk, amount in payouts:
@@ -474,14 +474,14 @@ def apply_settle(view: StateView, tx: Transaction, rules: Rules) -> None:
         raise InvalidTransaction("task has no verifier to pay")
     payouts = [(t.worker, p.worker_sat), (t.verifier, p.verifier_sat), (tx.sender, p.treasury_sat)]
     _pay(view, payouts, t.bounty_sat, "settle")
-    _check_credits(view, payouts)
+    check_credits(view, payouts)
     ws = {pk: _need_worker(view, pk, "party") for pk in (t.worker, t.verifier) if pk != ZERO_KEY}
     _authority(view, tx)
     for pk, w in ws.items():
         ws[pk] = replace(w, active_tasks=w.active_tasks - 1, tasks_done=w.tasks_done + 1, reputation_ppm=_rep_up(w))
     _put_workers(view, ws)
     add_locked(view, -t.bounty_sat)
-    _credit_all(view, payouts)
+    credit_all(view, payouts)
     view.put(task_key(p.task_id), replace(t, status=TaskStatus.SETTLED, outcome=Outcome.PAID).encode())
 
 
@@ -541,7 +541,7 @@ def apply_resolve(view: StateView, tx: Transaction, rules: Rules) -> None:
     payouts = [(t.worker, p.worker_sat), (t.verifier, p.verifier_sat), (t.referee, p.referee_sat),
                (tx.sender, p.treasury_sat)]
     _pay(view, payouts, t.bounty_sat, "resolve")
-    _check_credits(view, payouts + [(winner_pk, p.challenger_sat)])
+    check_credits(view, payouts + [(winner_pk, p.challenger_sat)])
     ws = {pk: _need_worker(view, pk, "party") for pk in (t.worker, t.verifier, t.referee)}
     _authority(view, tx)
     slashes = loser.slashes + 1
@@ -553,7 +553,7 @@ def apply_resolve(view: StateView, tx: Transaction, rules: Rules) -> None:
         ws[pk] = replace(w, active_tasks=w.active_tasks - 1, tasks_done=w.tasks_done + 1, reputation_ppm=_rep_up(w))
     _put_workers(view, ws)
     add_locked(view, -(t.bounty_sat + p.slash_sat))
-    _burn(view, p.slash_sat - p.challenger_sat)
-    _credit_all(view, payouts + [(winner_pk, p.challenger_sat)])
+    burn_supply(view, p.slash_sat - p.challenger_sat)
+    credit_all(view, payouts + [(winner_pk, p.challenger_sat)])
     outcome = Outcome.WORKER_SLASHED if p.loser == Role.WORKER else Outcome.VERIFIER_SLASHED
     view.put(task_key(p.task_id), replace(t, status=TaskStatus.SETTLED, outcome=outcome).encode())

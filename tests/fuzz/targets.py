@@ -45,7 +45,7 @@ from l2d.core.genesis_file import FederationGenesis
 from l2d.core.header_file import MAGIC as HEADERS_MAGIC
 from l2d.core.header_file import load_header_file, write_header_file
 from l2d.core.kofn import FederationOutput, KofN
-from l2d.core.model_tx import ModelFormat, ModelRegister, ModelServe
+from l2d.core.model_tx import DEFAULT_SPLIT, Completion, ModelFormat, ModelRegister, ModelServe
 from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import (FUNDING_CONTRACT, Federation, deposit_script_pubkey, federation_genesis, pegin_tweak,
@@ -204,6 +204,8 @@ def world() -> World:
     session = c.apply(1, SessionOpen(pk(2), pk(SESSION_KEY), 50_000, 1000, 1, 10**6)).txid
     c.apply(2, RelayRegister(3000, h("x25519 2"), h("operator"), 3, 1000, 2_000_000, b"127.0.0.1:9050"))
     c.apply(1, ModelRegister(h("weights"), ModelFormat.GGUF, 8192, b"SmolLM2-135M-Instruct", b"Q4_1"))
+    c.apply(4, ModelServe(h("weights"), 4096, 1_000, 4_000))
+    billed = c.apply(1, SessionOpen(pk(2), pk(SESSION_KEY), 50_000, 1, 1, 10**6)).txid
     seeds = [
         c.sign(1, Transfer(pk(2), 1000)), c.sign(MINT_AUTHORITY, Mint(pk(2), 5000)), c.sign(2, Burn(700, b"")),
         c.sign(FEDERATION, AnchorUpdate(5, h("root"), h("btc tx"), h("btc block"), 101, AnchorStatus.CONFIRMED)),
@@ -239,6 +241,8 @@ def world() -> World:
         c.sign(FEDERATION, RelayWeights(1, (Measurement(pk(2), 900, 900_000),))),
         c.sign(2, ModelRegister(h("weights 2"), ModelFormat.SAFETENSORS, 2048, b"tiny", b"1.0")),
         c.sign(3, ModelServe(h("weights"), 4096, 1_000, 4_000)),
+        c.sign(2, Completion(billed, pk(4), h("weights"), b"\0" * 32, h("prompt"), h("output"), h("fingerprint"), 30,
+                             200, 830, 0, 0, 0, *DEFAULT_SPLIT)),
     ]
     return World(c.state, seeds)
 

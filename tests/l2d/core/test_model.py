@@ -3,18 +3,25 @@ typed, nothing written)."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Optional
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from l2d.core.errors import InvalidTransaction, OutOfRange
-from l2d.core.model import ModelRecord, OfferRecord, get_model, model_key, offer_key
-from l2d.core.model_tx import MAX_CONTEXT, ModelFormat, ModelRegister, ModelServe
+from l2d.core.errors import InvalidTransaction, OutOfRange, Unauthorized
+from l2d.core.model import (CompletionRecord, CompletionStatus, ModelRecord, OfferRecord, get_completion, get_model,
+                            model_key, offer_key)
+from l2d.core.model_tx import (BP, DEFAULT_SPLIT, MAX_CONTEXT, Completion, ModelFormat, ModelRegister, ModelServe,
+                               Sampling, split_sat, token_cost_msat)
+from l2d.core.params import MAX_MONEY
 from l2d.core.payload import Payload
-from l2d.core.state import StateView
+from l2d.core.session import ReceiptOverEscrow, SessionClosed, SessionExpired, UnknownSession, get_session
+from l2d.core.session_tx import SessionClose, SessionOpen
+from l2d.core.state import SUPPLY_KEY, Account, StateView, Supply, account_key
 from l2d.core.work_tx import WorkerCaps, WorkerExit, WorkerRegister
 from tests.l2d.core.payload_checks import check_round_trip, check_strict
-from tests.l2d.core.test_relay import OTHER, RELAY, RELAY2, Chain, pk
+from tests.l2d.core.test_relay import FEE, MEMBER, OTHER, RELAY, RELAY2, Chain, pk
 
 H = hashlib.sha256(b"SmolLM2-135M-Instruct.Q4_1.gguf bytes").digest()
 CAPS = WorkerCaps(0, 0, 10, 500_000, 100, 2, b"eu", (b"smollm2",), b"127.0.0.1:9000")
@@ -74,3 +81,104 @@ def test_a_model_is_registered_once_by_its_hash_and_served_by_active_workers() -
     assert OfferRecord.decode(c.state[offer_key(H, pk(WORKER))]).price_in_msat_per_1k == 800
     c.apply(WORKER, WorkerExit())
     c.reject(InvalidTransaction, WORKER, ModelServe(H, 2048, 1, 1), match="not an active worker")
+
+
+# -- completions: billed to a paid session, the split paid out ------------------------------------------------------
+GATEWAY, CLIENT = REGISTRANT, OTHER
+SESSION_KEY = bytes.fromhex("79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798")
+PRICES = (100_000, 400_000)  # msat per 1k input / output tokens: 7 in + 11 out cost 5,100 msat
+
+
+def completion(sid: bytes, n_prompt: int = 7, n_output: int = 11, cost: Optional[int] = None,
+               split: tuple[int, int, int] = DEFAULT_SPLIT, verifier: bytes = b"\0" * 32, **kw: Any) -> Completion:
+    fields: dict[str, Any] = dict(
+        session_id=sid, worker=pk(WORKER), model=H, verifier=verifier, prompt_hash=b"\1" * 32,
+        output_hash=b"\2" * 32, fingerprint=b"\3" * 32, n_prompt=n_prompt, n_output=n_output,
+        cost_msat=token_cost_msat(n_prompt, n_output, *PRICES) if cost is None else cost, seed=0,
+        sampling=Sampling.GREEDY, temperature_milli=0, worker_bp=split[0], verifier_bp=split[1],
+        treasury_bp=split[2])
+    fields.update(kw)
+    return Completion(**fields)
+
+
+def served_chain(deposit: int = 1_000, price: int = 1, expiry: int = 50) -> tuple[Chain, bytes]:
+    c = Chain()
+    c.apply(WORKER, WorkerRegister(1000, CAPS))
+    c.apply(REGISTRANT, smol())
+    c.apply(WORKER, ModelServe(H, 2048, *PRICES))
+    sid = c.apply(CLIENT, SessionOpen(pk(GATEWAY), SESSION_KEY, deposit, price, 1, expiry)).txid
+    return c, sid
+
+
+def balance(c: Chain, n: int) -> int:
+    return Account.decode(c.state[account_key(pk(n))]).balance_sat
+
+
+def test_completion_payloads_round_trip_and_refuse_bad_fields() -> None:
+    sid = b"\7" * 32
+    for p in (completion(sid), completion(sid, verifier=b"\5" * 32, split=(5_000, 1_000, 1_000), seed=9,
+                                          sampling=Sampling.SEEDED, temperature_milli=700)):
+        check_round_trip(p)
+        check_strict(p)
+    for kw, match in [(dict(split=(9_000, 0, 1_001)), "exceeds 10000"),
+                      (dict(split=(5_000, 100, 0)), "verifier share needs a verifier key"),
+                      (dict(verifier=b"\5" * 32), "verifier share needs a verifier key"),
+                      (dict(n_prompt=0), "at least one prompt token"),
+                      (dict(seed=3), "greedy completion has no seed"),
+                      (dict(sampling=Sampling.SEEDED, temperature_milli=0), "temperature 0 milli"),
+                      (dict(sampling=2), "sampling 2"), (dict(cost=-1), "cost_msat"),
+                      (dict(worker=b"\0" * 32), "completion worker")]:
+        with pytest.raises(OutOfRange, match=match):
+            completion(sid, **kw)
+
+
+@given(st.integers(0, MAX_MONEY), st.integers(0, BP), st.integers(0, BP), st.integers(0, BP))
+def test_the_split_always_sums_to_the_amount(amount: int, a: int, b: int, c: int) -> None:
+    if a + b + c > BP:
+        return
+    shares = split_sat(amount, a, b, c)
+    assert sum(shares) == amount and min(shares) >= 0
+    assert shares[:3] == tuple(amount * x // BP for x in (a, b, c))
+
+
+def test_completions_bill_the_session_cumulatively_and_pay_the_split_exactly() -> None:
+    c, sid = served_chain()
+    before = {n: balance(c, n) for n in (GATEWAY, WORKER, CLIENT)}
+    burned0 = Supply.decode(c.state[SUPPLY_KEY]).burned_sat
+    ids = [c.apply(GATEWAY, completion(sid)).txid for _ in range(3)]  # 5,100 msat each: 5.1 sat
+    s = get_session(StateView(c.state.get), sid)
+    assert s is not None and (s.units, s.settled_sat, s.seq, s.receipt_id) == (15_300, 15, 3, ids[-1])
+    recs = [get_completion(StateView(c.state.get), i) for i in ids]
+    assert [(r.units_after, r.worker_sat, r.treasury_sat, r.burned_sat) for r in recs if r] == [
+        (5_100, 2, 0, 3), (10_200, 2, 0, 3), (15_300, 2, 0, 3)]  # 5 sat crossed each time: 50 % / 10 % / rest
+    assert balance(c, WORKER) - before[WORKER] == 6 and balance(c, CLIENT) == before[CLIENT]
+    assert balance(c, GATEWAY) - before[GATEWAY] == 0 - 3 * FEE
+    assert Supply.decode(c.state[SUPPLY_KEY]).burned_sat - burned0 == 9
+    big = c.apply(GATEWAY, completion(sid, 1000, 1000, split=(5_000, 1_000, 1_000), verifier=pk(MEMBER))).txid
+    r = get_completion(StateView(c.state.get), big)
+    assert r is not None and (r.worker_sat, r.verifier_sat, r.treasury_sat, r.burned_sat) == (250, 50, 50, 150)
+    assert r.status == CompletionStatus.RECORDED and r.gateway == pk(GATEWAY) and r.height == c.height - 1
+    assert CompletionRecord.decode(r.encode()) == r and len(r.encode()) == CompletionRecord.SIZE
+    c.apply(GATEWAY, SessionClose(sid))  # the gateway closes: the client gets back what was not billed
+    assert balance(c, CLIENT) == before[CLIENT] + 1_000 - 515
+
+
+def test_completions_that_break_a_rule_are_refused_and_write_nothing() -> None:
+    c, sid = served_chain(deposit=10)
+    c.reject(Unauthorized, CLIENT, completion(sid), match="only the session's server")
+    c.reject(UnknownSession, GATEWAY, completion(b"\7" * 32))
+    c.reject(InvalidTransaction, GATEWAY, completion(sid, cost=5_099), match="the offer's prices make it 5100")
+    c.reject(InvalidTransaction, GATEWAY, completion(sid, model=b"\4" * 32), match="offers no model")
+    c.reject(InvalidTransaction, GATEWAY, completion(sid, 2000, 49), match="exceed the offer's context length")
+    c.reject(ReceiptOverEscrow, GATEWAY, completion(sid, 10, 26), match="deposit is 10 sat")  # 11,400 msat
+    c.apply(GATEWAY, completion(sid, 10, 22))  # 9,800 msat: 9 sat of the 10
+    c.reject(ReceiptOverEscrow, GATEWAY, completion(sid, 1, 3))  # 11,100 msat
+    c.apply(GATEWAY, completion(sid, 1, 0))  # 100 msat more: 9,900
+    c2, sid2 = served_chain(price=2)
+    c2.reject(InvalidTransaction, GATEWAY, completion(sid2), match="1 msat per unit")
+    c3, sid3 = served_chain(expiry=7)
+    c3.height = 8
+    c3.reject(SessionExpired, GATEWAY, completion(sid3))
+    c3.height = 7
+    c3.apply(GATEWAY, SessionClose(sid3))
+    c3.reject(SessionClosed, GATEWAY, completion(sid3))

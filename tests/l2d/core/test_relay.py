@@ -17,6 +17,7 @@ from l2d.core.relay import (EXIT_DELAY_BLOCKS, WEIGHT_CAP_KIB_S, RelayRecord, Re
 from l2d.core.relay_tx import (FLAG_ENTRY, FLAG_EXIT, Measurement, RelayExit, RelayHeartbeat, RelayRegister,
                                RelayWeights, RelayWithdraw)
 from l2d.core.rules import apply_tx
+from l2d.core.session import SessionRecord
 from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
                             locked_sat)
 from l2d.core.tx import Transaction, sign
@@ -73,7 +74,8 @@ class Chain:
         assert balances + sup.fees_sat + locked == sup.minted_sat - sup.burned_sat
         stakes = sum(RelayRecord.decode(v).stake_sat for k, v in self.state.items() if k[0] == Namespace.RELAY)
         stakes += sum(WorkerRecord.decode(v).stake_sat for k, v in self.state.items() if k[0] == Namespace.WORKER)
-        assert locked == stakes  # relays' (and workers', for the model tests that reuse this chain) stakes
+        escrow = sum(SessionRecord.decode(v).escrow_sat for k, v in self.state.items() if k[0] == Namespace.SESSION)
+        assert locked == stakes + escrow  # relays' stakes (and workers' and sessions', for the model tests)
         return t
 
     def reject(self, exc: type[Rejected], n: int, payload: Payload, match: Optional[str] = None, **kw: Any) -> None:

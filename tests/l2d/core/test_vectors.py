@@ -26,7 +26,7 @@ from l2d.core.errors import BadSignature, DecodeError, ProofError
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.kofn import FederationOutput, KofN, commitment_leaf
 from l2d.core.members import Membership
-from l2d.core.model import ModelRecord, OfferRecord
+from l2d.core.model import CompletionRecord, ModelRecord, OfferRecord
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
@@ -680,4 +680,6 @@ def test_registries_vector() -> None:
     assert (relay.weight, relay.measured_height) == (9_000, 6)
     [model] = [ModelRecord.decode(v) for k, v in state.items() if k[0] == Namespace.MODEL]
     [offer] = [OfferRecord.decode(v) for k, v in state.items() if k[0] == Namespace.MODEL_OFFER]
-    assert model.name == b"SmolLM2-135M-Instruct" and offer.price_out_msat_per_1k == 4_000
+    assert model.name == b"SmolLM2-135M-Instruct" and offer.price_out_msat_per_1k == 400_000
+    [done] = [CompletionRecord.decode(v) for k, v in state.items() if k[0] == Namespace.COMPLETION]
+    assert (done.units_after, done.worker_sat, done.treasury_sat, done.burned_sat) == (83_000, 41, 8, 34)
