@@ -1,14 +1,17 @@
-"""Routes of the model registry (docs/inference.md): registered models by content hash, and the workers' offers."""
+"""Routes of the model registry (docs/inference.md): registered models by content hash, the workers' offers, and the
+completions the gateways recorded."""
 from __future__ import annotations
 
 from typing import Any
 
 from aiohttp import web
 
-from ..core.model import ModelRecord, OfferRecord
+from ..core.model import CompletionRecord, ModelRecord, OfferRecord, completion_key
+from ..core.model_tx import Sampling
 from ..core.state import Namespace
 from ..core.work import WorkerRecord, WorkerStatus, worker_key
 from .deps import CHAIN
+from .http import ApiError, path_hex32
 
 
 async def models(request: web.Request) -> web.Response:
@@ -23,7 +26,8 @@ async def models(request: web.Request) -> web.Response:
             continue
         offers.setdefault(o.model, []).append({
             "worker": o.worker.hex(), "endpoint": w.caps.endpoint.decode(), "region": w.caps.region.decode(),
-            "reputation_ppm": w.reputation_ppm, "context_length": o.context_length,
+            "reputation_ppm": w.reputation_ppm, "green_ppm": w.caps.green_ppm, "stake_sat": w.stake_sat,
+            "context_length": o.context_length,
             "price_in_msat_per_1k": o.price_in_msat_per_1k, "price_out_msat_per_1k": o.price_out_msat_per_1k,
             "height": o.height})
     out = []
@@ -37,5 +41,31 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"models": out, "height": chain.tip.height})
 
 
+def completion_json(rec: CompletionRecord) -> dict[str, Any]:
+    c = rec.completion
+    return {"status": rec.status.name, "height": rec.height, "gateway": rec.gateway.hex(),
+            "session_id": c.session_id.hex(), "worker": c.worker.hex(), "model": c.model.hex(),
+            "prompt_hash": c.prompt_hash.hex(), "output_hash": c.output_hash.hex(), "fingerprint": c.fingerprint.hex(),
+            "prompt_tokens": c.n_prompt, "completion_tokens": c.n_output, "cost_msat": c.cost_msat,
+            "sampling": Sampling(c.sampling).name.lower(), "seed": c.seed, "temperature_milli": c.temperature_milli,
+            "split_bp": {"worker": c.worker_bp, "verifier": c.verifier_bp, "treasury": c.treasury_bp},
+            "verifier": c.verifier.hex(), "session_units_after": rec.units_after,
+            "paid_sat": {"worker": rec.worker_sat, "verifier": rec.verifier_sat, "treasury": rec.treasury_sat,
+                         "burned": rec.burned_sat}}
+
+
+async def completion(request: web.Request) -> web.Response:
+    """GET /api/completions/{id}: a recorded completion (id: the recording txid) with its state proof."""
+    cid = path_hex32(request, "id")
+    key = completion_key(cid)
+    proven = await request.app[CHAIN].prove(key)
+    if proven.value is None or proven.proof is None:
+        raise ApiError(404, "not-found", f"no completion {cid.hex()} (its recording may still be pending)")
+    return web.json_response({"completion_id": cid.hex(), **completion_json(CompletionRecord.decode(proven.value)),
+                              "key": key.hex(), "value": proven.value.hex(), "proof": proven.proof.encode().hex(),
+                              "state_root": proven.tip.state_root.hex(), "tip_height": proven.tip.height})
+
+
 def add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/models", models)
+    r.add_get("/api/completions/{id}", completion)

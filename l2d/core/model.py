@@ -159,10 +159,12 @@ class CompletionRecord:
     def decode(cls, b: bytes) -> "CompletionRecord":
         if len(b) != cls.SIZE:
             raise DecodeError(f"completion record of {len(b)} bytes, expected {cls.SIZE}")
-        v = _COMPLETION_HEAD.unpack(b[:_COMPLETION_HEAD.size])
-        if v[0] not in tuple(CompletionStatus):
-            raise DecodeError(f"completion record status {v[0]}")
-        return cls(CompletionStatus(v[0]), *v[1:], Completion.decode(b[_COMPLETION_HEAD.size:]))
+        status, height, gateway, units, worker, verifier, treasury, burned = _COMPLETION_HEAD.unpack(
+            b[:_COMPLETION_HEAD.size])
+        if status not in tuple(CompletionStatus):
+            raise DecodeError(f"completion record status {status}")
+        return cls(CompletionStatus(status), height, gateway, units, worker, verifier, treasury, burned,
+                   Completion.decode(b[_COMPLETION_HEAD.size:]))
 
 
 def get_completion(view: StateView, completion_id: bytes) -> Optional[CompletionRecord]:
