@@ -6,8 +6,9 @@ The baseline: SmolLM2-135M-Instruct loaded in this process (orchestration/llm.py
 (default 64) for a fixed chat prompt: tokens/s and the time to the first token. Then the same request through real
 processes on loopback, an l2d daemon (the registry), `l2-llm-worker` (the model, on the CPU) and `l2-gateway`,
 with the official openai client, streamed: tokens/s and time to the first token, for one client and for 4
-concurrent ones (the worker decodes one request at a time). Prints the ratios (the issue's goal: >= 0.8 for one
-client) and the time-to-first-token overhead in ms.
+concurrent ones (the worker decodes one request at a time), every request paid from a session and recorded on the
+L2 as in production. Prints the ratios (the issue's goal: >= 0.8 for one client), the time-to-first-token overhead
+in ms, and the cost of verification: an audit's teacher-forced re-execution of a result ÷ its generation.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,29 +38,34 @@ NAME = "SmolLM2-135M-Instruct"
 
 
 def direct(n: int) -> dict[str, float]:
-    from orchestration.llm import LanguageModel
+    from orchestration.llm import LanguageModel, reveal_positions
 
     lm = LanguageModel(device="cpu")
     prompt = lm.chat_ids(PROMPT)
     list(lm.generate(prompt, 4))  # warm up
-    best_rate, best_ttft = 0.0, float("inf")
+    best_rate, best_ttft, best_gen, best_audit = 0.0, float("inf"), float("inf"), float("inf")
     for _ in range(2):
         t = time.perf_counter()
         first = None
-        count = 0
-        for _tok, _top in lm.generate(prompt, n):
-            count += 1
+        out = []
+        for tok, top in lm.generate(prompt, n):
+            out.append((tok, top))
             if first is None:
                 first = time.perf_counter() - t
-        rate = count / (time.perf_counter() - t)
-        best_rate, best_ttft = max(best_rate, rate), min(best_ttft, first or 0.0)
-    return {"tokens_per_s": best_rate, "ttft_ms": best_ttft * 1000}
+        gen = time.perf_counter() - t
+        best_rate, best_ttft = max(best_rate, len(out) / gen), min(best_ttft, first or 0.0)
+        best_gen = min(best_gen, gen)
+        t = time.perf_counter()
+        output = [tok for tok, _ in out]
+        lm.audit(prompt, output, {i: out[i][1] for i in reveal_positions(b"j" * 32, b"b" * 32, len(out))}, True)
+        best_audit = min(best_audit, time.perf_counter() - t)
+    return {"tokens_per_s": best_rate, "ttft_ms": best_ttft * 1000, "generate_s": best_gen, "audit_s": best_audit}
 
 
-def through(base_url: str, n: int) -> tuple[float, float, int]:
+def through(base_url: str, key: str, n: int) -> tuple[float, float, int]:
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
     t = time.perf_counter()
     first = None
     count = 0
@@ -73,26 +80,32 @@ def through(base_url: str, n: int) -> tuple[float, float, int]:
 
 async def run(n: int, work: Path) -> dict[str, Any]:
     base = await asyncio.to_thread(direct, n)
-    worker_secret = hashlib.sha256(b"l2d bench gateway worker").digest()
+    secrets = {who: hashlib.sha256(b"l2d bench gateway " + who.encode()).digest()
+               for who in ("worker", "gateway", "client")}
     procs: list[Proc] = []
     try:
-        node, api = start_l2d(work, {PrivateKey(worker_secret).public_key_xonly.format(): 10**8}, REPO)
+        node, api = start_l2d(work, {PrivateKey(s).public_key_xonly.format(): 10**8 for s in secrets.values()}, REPO)
         procs.append(node)
-        (work / "worker.key").write_text(worker_secret.hex())
+        for who, s in secrets.items():
+            (work / f"{who}.key").write_text(s.hex())
+            (work / f"{who}.key").chmod(0o600)
         w = Proc(["-m", "orchestration.llm_worker", "--api", api, "--key", str(work / "worker.key"), "--device",
                    "cpu", "--log-level", "WARNING"], work / "worker.log", REPO)
         procs.append(w)
         await asyncio.to_thread(w.line, r"serving")
-        g = Proc(["-m", "orchestration.gateway", "--api", api, "--listen", "127.0.0.1:0", "--log-level", "WARNING"],
-                  work / "gateway.log", REPO)
+        g = Proc(["-m", "orchestration.gateway", "serve", "--api", api, "--listen", "127.0.0.1:0", "--key",
+                  str(work / "gateway.key"), "--log-level", "WARNING"], work / "gateway.log", REPO)
         procs.append(g)
         url = (await asyncio.to_thread(g.line, r"on (\S+)"))[1]
-        await asyncio.to_thread(through, url, 4)  # warm up
-        one = [await asyncio.to_thread(through, url, n) for _ in range(2)]
+        key = subprocess.run([sys.executable, "-m", "orchestration.gateway", "open-session", "--api", api, "--key",
+                              str(work / "client.key"), "--gateway", url.removesuffix("/v1"), "--deposit", "100000"],
+                             capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+        await asyncio.to_thread(through, url, key, 4)  # warm up
+        one = [await asyncio.to_thread(through, url, key, n) for _ in range(2)]
         rate1 = max(r for r, _, _ in one)
         ttft1 = min(f for _, f, _ in one)
         t = time.perf_counter()
-        four = await asyncio.gather(*(asyncio.to_thread(through, url, n) for _ in range(4)))
+        four = await asyncio.gather(*(asyncio.to_thread(through, url, key, n) for _ in range(4)))
         wall = time.perf_counter() - t
         return {
             "tokens": n,
@@ -103,6 +116,8 @@ async def run(n: int, work: Path) -> dict[str, Any]:
                              "median_ttft_ms": round(statistics.median(f for _, f, _ in four), 1),
                              "aggregate_ratio": round(sum(c for _, _, c in four) / wall / base["tokens_per_s"], 3)},
             "goal_ratio": 0.8,
+            "audit_reexecution_s": round(base["audit_s"], 3), "generation_s": round(base["generate_s"], 3),
+            "audit_over_generation": round(base["audit_s"] / base["generate_s"], 3),
         }
     finally:
         for p in reversed(procs):

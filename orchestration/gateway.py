@@ -1,21 +1,25 @@
-"""`l2-gateway`: an OpenAI-compatible front for the registered language models (docs/inference.md, "Gateway").
+"""`l2-gateway`: an OpenAI-compatible front for the registered language models, paid per token through paid sessions
+and recorded on the L2 (docs/inference.md, "Gateway").
 
 Its own process, not a part of the daemon: it holds long streaming HTTP requests and a tokenizer, restarts and
-scales apart from the member's consensus work, and talks to the daemon over REST like any client (the registry, and
-later the sessions and settlements). It serves
+scales apart from the member's consensus work, and talks to the daemon over REST like any client. It serves
 
-    GET  /v1/models             the registered models (GET /api/models) that an ACTIVE worker offers, with pricing,
-                                context length and workers
-    POST /v1/chat/completions   messages -> the chat template -> a worker's /v1/generate; streamed (SSE: the first
+    GET  /v1/models             the registered models an ACTIVE worker offers, with pricing, context length, workers
+    POST /v1/chat/completions   messages -> the chat template -> a worker's /v1/generate, streamed (SSE: the first
                                 delta carries the role, `data: [DONE]` last; usage only if stream_options.include_usage)
                                 or not
     POST /v1/completions        a prompt string, the same way
+    POST /v1/estimate           the exact prompt tokens, the most the request can cost, a quote valid to an L2 height
+    GET  /v1/jobs/{id}          one request's status, tokens, cost, worker and the L2 transaction that recorded it
+    GET  /v1/gateway            the gateway's L2 key (the server of its sessions) and fee split
 
-routing each request to the offer with the lowest output price (then the worker key), failing over to the next one
-if a worker cannot be reached before its first token. Errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`: 404 unknown model, 400 context overflow or a malformed request,
-503 no worker. Payment per token by paid sessions, `/v1/estimate`, `/v1/jobs/{id}` and recording the completions on
-the L2 for audits are not built yet.
+The API key is a paid session (`sk-l2-` ‖ session id ‖ session secret, hex; `l2-gateway open-session` opens one):
+the session's server must be this gateway, its key the secret's, its price 1 msat per unit. Each request reserves
+its largest cost (prompt + max_tokens at the dearest offer) against the deposit (402 insufficient_quota when it does
+not fit), is routed by the scheduler's weighted score (reputation, time to first token, price, green share) with
+failover before the first token, and is billed for the tokens the client actually received at the serving worker's
+on-chain prices. A Completion transaction records each one (hashes of prompt, output and fingerprint; the split
+worker / verifier / treasury by basis points, the rest burned), one block at a time, in order.
 """
 from __future__ import annotations
 
@@ -26,19 +30,38 @@ import logging
 import os
 import sys
 import time
-import uuid
-from typing import Any, AsyncIterator, Optional
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 import aiohttp
 from aiohttp import web
+from coincurve import PrivateKey
 
 from l2d.aio import serve_app, until_signalled
-from l2d.client import AsyncClient
+from l2d.client import ApiError, AsyncClient, Unreachable
+from l2d.core.model_tx import BP, DEFAULT_SPLIT, Completion, Sampling, token_cost_msat
+from l2d.core.session_tx import SessionOpen
+from l2d.core.tx import public_key
+from l2d.keys import load_secret
 from l2d.logs import setup_logging
+
+from .llm import TopK, fingerprint_hash, token_hash
+from .scheduler import Requirements, Scheduler, Weights
+from .workers import DeviceKind, WorkerInfo, WorkerTable, latency_ema
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+KEY_PREFIX = "sk-l2-"
+QUOTE_BLOCKS = 6  # an estimate's quote holds this many L2 blocks
+EXPIRY_MARGIN = 2  # a session must stay open this many blocks past the tip for a request (time to record it)
+MAX_JOBS = 10_000  # jobs kept for GET /v1/jobs/{id}, oldest dropped first
+PRIOR_TTFT_US = 100_000  # a worker's time to first token until it has served one
+DOWN_S = 30.0  # a worker that failed before its first token is tried last for this long
+DEFAULT_WEIGHTS = "reputation=0.2,latency=0.2,cost=0.5,green=0.1"
+ZERO = bytes(32)
 
 
 class OpenAIError(Exception):
@@ -47,9 +70,15 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.status, self.type, self.code, self.param = status, type_, code, param
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> web.Response:
-        return web.json_response({"error": {"message": str(self), "type": self.type, "param": self.param,
-                                            "code": self.code}}, status=self.status)
+        return web.json_response(self.body(), status=self.status)
+
+
+def bad_key(message: str) -> OpenAIError:
+    return OpenAIError(401, message, "invalid_request_error", code="invalid_api_key")
 
 
 @web.middleware
@@ -60,13 +89,120 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return e.response()
     except web.HTTPException as e:
         return OpenAIError(e.status, e.reason or "error", "invalid_request_error").response()
+    except (ApiError, Unreachable) as e:
+        log.warning("the L2 node failed a request: %s", e)
+        return OpenAIError(503, f"the L2 node is unavailable: {e}", "server_error", code="l2_unavailable").response()
+
+
+def api_key(session_id: bytes, secret: bytes) -> str:
+    return KEY_PREFIX + session_id.hex() + secret.hex()
+
+
+def parse_api_key(header: Optional[str]) -> tuple[bytes, bytes]:
+    """(session id, session secret) from an `Authorization: Bearer sk-l2-…` header (401 when it is not one)."""
+    token = (header or "").removeprefix("Bearer ").strip()
+    if not token.startswith(KEY_PREFIX) or len(token) != len(KEY_PREFIX) + 128:
+        raise bad_key("Incorrect API key: an l2-gateway key is sk-l2- followed by a paid session's id and secret "
+                      "(l2-gateway open-session makes one)")
+    try:
+        sid, secret = bytes.fromhex(token[len(KEY_PREFIX):][:64]), bytes.fromhex(token[len(KEY_PREFIX) + 64:])
+        PrivateKey(secret)
+    except ValueError:
+        raise bad_key("Incorrect API key: not hex, or not a valid secret") from None
+    return sid, secret
+
+
+@dataclass
+class Tab:
+    """What this gateway knows of one paid session, in msat: the deposit, what it billed (recorded or being
+    recorded) and what requests in flight may still cost."""
+
+    deposit_msat: int
+    billed_msat: int = 0
+    reserved_msat: int = 0
+
+    def available(self) -> int:
+        return self.deposit_msat - self.billed_msat - self.reserved_msat
+
+
+@dataclass
+class Offer:
+    worker: bytes
+    endpoint: str
+    price_in: int
+    price_out: int
+    context_length: int
+
+
+@dataclass
+class Job:
+    """One request, from routing to its Completion on the L2 (GET /v1/jobs/{id})."""
+
+    id: str
+    session_id: bytes
+    model: str
+    model_hash: bytes
+    prompt: list[int]
+    max_tokens: int
+    seed: Optional[int]
+    temperature_milli: int
+    created: int
+    offer: Optional[Offer] = None
+    output: list[int] = field(default_factory=list)
+    tops: list[TopK] = field(default_factory=list)
+    fingerprint: bytes = ZERO
+    status: str = "routing"  # running, completed, cancelled (the client left), failed (the worker did)
+    finish_reason: Optional[str] = None
+    cost_msat: int = 0
+    billing: str = "none"  # pending, recorded, refused
+    txid: Optional[str] = None
+    l2_height: Optional[int] = None
+    error: Optional[str] = None
+    attempts: int = 0
+
+    def json(self) -> dict[str, Any]:
+        o = self.offer
+        return {"id": self.id, "object": "job", "created": self.created, "model": self.model,
+                "model_sha256": self.model_hash.hex(), "status": self.status, "finish_reason": self.finish_reason,
+                "worker": o.worker.hex() if o else None, "prompt_tokens": len(self.prompt),
+                "completion_tokens": len(self.output), "cost_msat": self.cost_msat,
+                "price_in_msat_per_1k": o.price_in if o else None, "price_out_msat_per_1k": o.price_out if o else None,
+                "sampling": "greedy" if self.seed is None else "seeded", "seed": self.seed,
+                "fingerprint": self.fingerprint.hex(), "prompt_hash": token_hash(self.prompt).hex(),
+                "output_hash": token_hash(self.output).hex(), "session_id": self.session_id.hex(),
+                "billing": {"status": self.billing, "txid": self.txid, "l2_height": self.l2_height,
+                            "completion": f"/api/completions/{self.txid}" if self.billing == "recorded" else None},
+                "error": self.error}
+
+
+@dataclass(frozen=True)
+class Quote:
+    session_id: Optional[bytes]
+    price_in: int
+    price_out: int
+    valid_until_height: int
 
 
 class Gateway:
-    def __init__(self, api: AsyncClient, tokenizer: Any) -> None:
-        self.api, self.tok = api, tokenizer
+    def __init__(self, api: AsyncClient, tokenizer: Any, secret: bytes, split: tuple[int, int, int] = DEFAULT_SPLIT,
+                 verifier: bytes = ZERO, weights: Optional[Weights] = None, fee_sat: int = 1) -> None:
+        if (split[1] > 0) != (verifier != ZERO) or sum(split) > BP:
+            raise ValueError("a verifier share needs a verifier key (and one key a share); shares sum to <= 100 %")
+        self.api, self.tok, self.secret = api, tokenizer, secret
+        self.pubkey = public_key(secret)
+        self.split, self.verifier, self.fee_sat = split, verifier, fee_sat
+        self.weights = weights or Weights.from_config(_pairs(DEFAULT_WEIGHTS))
         self.http: Optional[aiohttp.ClientSession] = None
+        self.tabs: dict[bytes, Tab] = {}
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.quotes: OrderedDict[str, Quote] = OrderedDict()
+        self.ttft_us: dict[bytes, int] = {}
+        self.load: dict[bytes, int] = {}
+        self.down: dict[bytes, float] = {}  # worker -> when it last failed before a first token
+        self.to_record: asyncio.Queue[Job] = asyncio.Queue()
+        self.recording: list[Job] = []  # the batch being recorded
 
+    # -- the registry ------------------------------------------------------------------------------------------------
     async def models(self) -> list[dict[str, Any]]:
         return [m for m in (await self.api.get("/api/models"))["models"] if m["offers"]]
 
@@ -88,6 +224,37 @@ class Gateway:
                  "workers": len(m["offers"])} for m in await self.models()]
         return web.json_response({"object": "list", "data": data})
 
+    async def info(self, request: web.Request) -> web.Response:
+        w, v, t = self.split
+        return web.json_response({"server": self.pubkey.hex(), "verifier": self.verifier.hex(),
+                                  "split_bp": {"worker": w, "verifier": v, "treasury": t, "burned": BP - w - v - t},
+                                  "session": {"price_msat": 1, "unit": 1}, "weights_ppm": self.weights.as_dict()})
+
+    # -- sessions ----------------------------------------------------------------------------------------------------
+    async def authorize(self, request: web.Request) -> tuple[bytes, Tab, int]:
+        """The request's paid session: (id, its tab, the L2 tip height); 401 unless it is an open session of this
+        gateway's, at 1 msat per unit, keyed by the secret given, and not about to expire."""
+        sid, secret = parse_api_key(request.headers.get("Authorization"))
+        try:
+            s = await self.api.get(f"/api/sessions/{sid.hex()}")
+        except ApiError as e:
+            if e.status == 404:
+                raise bad_key(f"no paid session {sid.hex()} on the L2 (its opening may still be pending)") from None
+            raise
+        if s["server"] != self.pubkey.hex():
+            raise bad_key(f"session {sid.hex()} pays server {s['server']}, not this gateway ({self.pubkey.hex()})")
+        if s["session_key"] != PrivateKey(secret).public_key_xonly.format().hex():
+            raise bad_key("Incorrect API key: the secret is not the session's key")
+        if (s["price_msat"], s["unit"]) != (1, 1):
+            raise bad_key(f"session {sid.hex()} is not priced at 1 msat per unit (the gateway bills msat)")
+        if s["status"] != "OPEN" or s["tip_height"] + EXPIRY_MARGIN > s["expiry_height"]:
+            raise bad_key(f"session {sid.hex()} is {s['status'].lower()}, expiring at L2 height {s['expiry_height']} "
+                          f"(tip {s['tip_height']}): open another")
+        tab = self.tabs.setdefault(sid, Tab(s["deposit_sat"] * 1000))
+        tab.billed_msat = max(tab.billed_msat, int(s["settled"]["units"]))
+        return sid, tab, int(s["tip_height"])
+
+    # -- requests ----------------------------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
@@ -97,135 +264,385 @@ class Gateway:
             raise OpenAIError(400, "the body must be a JSON object", "invalid_request_error")
         return body
 
-    def _max_tokens(self, body: dict[str, Any]) -> int:
+    def _prompt(self, body: dict[str, Any], chat: bool) -> list[int]:
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(x, dict) and isinstance(x.get("content"), str) and isinstance(x.get("role"), str)
+                    for x in messages):
+                raise OpenAIError(400, "messages must be a non-empty list of {role, content}",
+                                  "invalid_request_error", param="messages")
+            enc: Any = self.tok.apply_chat_template([{"role": x["role"], "content": x["content"]} for x in messages],
+                                                    add_generation_prompt=True)
+            return [int(t) for t in (enc["input_ids"] if hasattr(enc, "keys") else enc)]
+        if not isinstance(body.get("prompt"), str) or not body["prompt"]:
+            raise OpenAIError(400, "prompt must be a non-empty string", "invalid_request_error", param="prompt")
+        return [int(t) for t in self.tok(body["prompt"])["input_ids"]]
+
+    @staticmethod
+    def _max_tokens(body: dict[str, Any]) -> int:
         v = body.get("max_completion_tokens", body.get("max_tokens", DEFAULT_MAX_TOKENS))
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise OpenAIError(400, "max_tokens must be a positive integer", "invalid_request_error",
                               param="max_tokens")
         return v
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    @staticmethod
+    def _sampling(body: dict[str, Any]) -> tuple[Optional[int], int]:
+        """(seed, temperature in thousandths): greedy (None, 0) unless a seed is given, or a temperature > 0 without
+        one (then the gateway draws the seed, and records it: the audit replays it)."""
+        seed, t = body.get("seed"), body.get("temperature")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63):
+            raise OpenAIError(400, "seed must be an integer in 0 … 2^63-1", "invalid_request_error", param="seed")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2):
+            raise OpenAIError(400, "temperature must be a number in 0 … 2", "invalid_request_error",
+                              param="temperature")
+        milli = round((1 if t is None else t) * 1000)
+        if seed is None and (t is None or milli == 0):
+            return None, 0
+        if milli == 0:
+            raise OpenAIError(400, "a seeded request needs a temperature above 0", "invalid_request_error",
+                              param="temperature")
+        return (int.from_bytes(os.urandom(8), "big") >> 1 if seed is None else seed), milli
+
+    def _check_context(self, offers: list[Offer], n_prompt: int, max_tokens: int, chat: bool) -> None:
+        ctx = max(o.context_length for o in offers)
+        if n_prompt + max_tokens > ctx:
+            raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens; the prompt is "
+                              f"{n_prompt} tokens and max_tokens {max_tokens}", "invalid_request_error",
+                              code="context_length_exceeded", param="messages" if chat else "prompt")
+
+    def ranked(self, m: dict[str, Any], cap: Optional[Quote] = None) -> list[Offer]:
+        """The model's offers best first by the scheduler's weighted score (ties by worker key), those that failed
+        in the last DOWN_S seconds last; a quote excludes offers dearer than it."""
+        table, offers = WorkerTable(), {}
+        for o in m["offers"]:
+            off = Offer(bytes.fromhex(o["worker"]), o["endpoint"], o["price_in_msat_per_1k"],
+                        o["price_out_msat_per_1k"], o["context_length"])
+            if cap is not None and (off.price_in > cap.price_in or off.price_out > cap.price_out):
+                continue
+            offers[off.worker] = off
+            table.add(WorkerInfo(
+                worker_id=off.worker, device=DeviceKind.CPU, accelerator_mem_mb=0, models=frozenset({m["name"]}),
+                region=o["region"] or "any", price_sat_per_unit=min(off.price_in + off.price_out, 10**12),
+                green_share_ppm=o["green_ppm"], carbon_g_per_kwh=0, stake_sat=o["stake_sat"],
+                reputation_ppm=o["reputation_ppm"], latency_ema_us=self.ttft_us.get(off.worker, PRIOR_TTFT_US),
+                capacity=10**6, load=self.load.get(off.worker, 0)))
+        if not offers:
+            return []
+        ev = Scheduler(table, self.weights).evaluate(Requirements(model=m["name"]))
+        now = time.monotonic()
+        order = sorted(zip(ev.score.tolist(), (table.id_at(int(r)) for r in ev.rows)),
+                       key=lambda s: (now - self.down.get(s[1], -DOWN_S) < DOWN_S, -s[0], s[1]))
+        return [offers[w] for _, w in order]
+
+    async def estimate(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        sid: Optional[bytes] = None
+        tab: Optional[Tab] = None
+        if request.headers.get("Authorization"):
+            sid, tab, _ = await self.authorize(request)
         m = await self.model(body.get("model"))
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(x, dict) and isinstance(x.get("content"), str) and isinstance(x.get("role"), str)
-                for x in messages):
-            raise OpenAIError(400, "messages must be a non-empty list of {role, content}", "invalid_request_error",
-                              param="messages")
-        enc: Any = self.tok.apply_chat_template([{"role": x["role"], "content": x["content"]} for x in messages],
-                                                add_generation_prompt=True)
-        prompt = [int(t) for t in (enc["input_ids"] if hasattr(enc, "keys") else enc)]
-        return await self.complete(request, body, m, prompt, chat=True)
+        chat = "messages" in body
+        prompt, max_tokens = self._prompt(body, chat), self._max_tokens(body)
+        offers = self.ranked(m)
+        self._check_context(offers, len(prompt), max_tokens, chat)
+        tip = int((await self.api.status())["height"])
+        q = Quote(sid, max(o.price_in for o in offers), max(o.price_out for o in offers), tip + QUOTE_BLOCKS)
+        qid = "quote-" + os.urandom(16).hex()
+        self.quotes[qid] = q
+        while len(self.quotes) > MAX_JOBS:
+            self.quotes.popitem(last=False)
+        cost = token_cost_msat(len(prompt), max_tokens, q.price_in, q.price_out)
+        out: dict[str, Any] = {"object": "estimate", "quote": qid, "model": m["name"], "prompt_tokens": len(prompt),
+                               "max_tokens": max_tokens, "price_in_msat_per_1k": q.price_in,
+                               "price_out_msat_per_1k": q.price_out, "max_cost_msat": cost,
+                               "valid_until_height": q.valid_until_height, "l2_height": tip}
+        if tab is not None:
+            out.update(available_msat=tab.available(), sufficient=cost <= tab.available())
+        return web.json_response(out)
+
+    async def job(self, request: web.Request) -> web.Response:
+        sid, _, _ = await self.authorize(request)
+        j = self.jobs.get(request.match_info["id"])
+        if j is None or j.session_id != sid:
+            raise OpenAIError(404, f"no job {request.match_info['id']} of this session", "invalid_request_error",
+                              code="job_not_found")
+        return web.json_response(j.json())
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.complete(request, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.complete(request, chat=False)
+
+    async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        sid, tab, tip = await self.authorize(request)
         body = await self._body(request)
         m = await self.model(body.get("model"))
-        if not isinstance(body.get("prompt"), str) or not body["prompt"]:
-            raise OpenAIError(400, "prompt must be a non-empty string", "invalid_request_error", param="prompt")
-        prompt = [int(t) for t in self.tok(body["prompt"])["input_ids"]]
-        return await self.complete(request, body, m, prompt, chat=False)
+        prompt, max_tokens = self._prompt(body, chat), self._max_tokens(body)
+        seed, temp = self._sampling(body)
+        cap = self.quotes.get(body["quote"]) if isinstance(body.get("quote"), str) else None
+        if body.get("quote") is not None and (cap is None or cap.session_id not in (None, sid)
+                                              or tip > cap.valid_until_height):
+            raise OpenAIError(400, "unknown or expired quote", "invalid_request_error", param="quote",
+                              code="quote_expired")
+        offers = self.ranked(m, cap)
+        if not offers:
+            raise OpenAIError(503, "no worker serves this model at the quoted prices", "server_error",
+                              code="no_worker")
+        self._check_context(offers, len(prompt), max_tokens, chat)
+        offers = [o for o in offers if o.context_length >= len(prompt) + max_tokens]
+        quote = token_cost_msat(len(prompt), max_tokens, max(o.price_in for o in offers),
+                                max(o.price_out for o in offers))
+        if quote > tab.available():
+            raise OpenAIError(402, f"This request may cost up to {quote} msat ({len(prompt)} prompt tokens, "
+                              f"max_tokens {max_tokens}); the session has {tab.available()} msat left",
+                              "insufficient_quota", code="insufficient_quota")
+        job = Job(("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex(), sid, m["name"],
+                  bytes.fromhex(m["weights_sha256"]), prompt, max_tokens, seed, temp, int(time.time()))
+        self.jobs[job.id] = job
+        while len(self.jobs) > MAX_JOBS:
+            self.jobs.popitem(last=False)
+        tab.reserved_msat += quote
+        stream: Optional[AsyncGenerator[dict[str, Any], None]] = None
+        try:
+            stream, first = await self.open_stream(offers, job)
+            if body.get("stream"):
+                opts = body.get("stream_options") or {}
+                return await self.sse(request, job, stream, first, chat,
+                                      bool(isinstance(opts, dict) and opts.get("include_usage")))
+            return await self.whole(request, job, stream, first, chat)
+        finally:
+            if stream is not None:  # the worker's connection closed: a worker whose client left stops decoding
+                await stream.aclose()
+                assert job.offer is not None
+                self.load[job.offer.worker] -= 1
+            tab.reserved_msat -= quote
+            self.bill(job, tab)
 
-    async def complete(self, request: web.Request, body: dict[str, Any], m: dict[str, Any], prompt: list[int],
-                       chat: bool) -> web.StreamResponse:
-        max_tokens = self._max_tokens(body)
-        offers = sorted(m["offers"], key=lambda o: (o["price_out_msat_per_1k"], o["worker"]))
-        ctx = max(o["context_length"] for o in offers)
-        if len(prompt) + max_tokens > ctx:
-            raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens; the prompt is "
-                              f"{len(prompt)} tokens and max_tokens {max_tokens}", "invalid_request_error",
-                              code="context_length_exceeded", param="messages" if chat else "prompt")
-        seed = body.get("seed")
-        gen = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed if isinstance(seed, int) else None,
-               "temperature": float(body.get("temperature") or 1.0)}
-        stream, first, worker = await self.open_stream(offers, gen)
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        served_by = f"l2-worker-{worker}"  # system_fingerprint: which worker answered
-        created = int(time.time())
-        name = m["name"]
-        if body.get("stream"):
-            opts = body.get("stream_options") or {}
-            return await self.sse(request, stream, first, ident, created, name, chat, len(prompt),
-                                  bool(isinstance(opts, dict) and opts.get("include_usage")), served_by)
-        text, done = "", None
-        async for line in _chain(first, stream):
-            if line.get("done"):
-                done = line
-                break
-            text += line["text"]
-        n_out = int(done["tokens"]) if done else 0
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": n_out, "total_tokens": len(prompt) + n_out}
-        reason = done["finish_reason"] if done else "length"
-        if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return web.json_response({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                                  "created": created, "model": name, "system_fingerprint": served_by,
-                                  "choices": [choice], "usage": usage})
+    def bill(self, job: Job, tab: Tab) -> None:
+        """Charge the tokens delivered at the serving worker's prices and queue the Completion transaction."""
+        if job.offer is None:
+            job.status = "failed"
+            return
+        if job.status in ("routing", "running"):
+            job.status = "cancelled"
+        job.cost_msat = token_cost_msat(len(job.prompt), len(job.output), job.offer.price_in, job.offer.price_out)
+        tab.billed_msat += job.cost_msat
+        job.billing = "pending"
+        self.to_record.put_nowait(job)
 
-    async def open_stream(self, offers: list[dict[str, Any]], gen: dict[str, Any]
-                          ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any], str]:
-        """The first worker that answers with a first token (failover before it): its remaining lines, the first,
-        and the worker's key."""
+    async def open_stream(self, offers: list[Offer], job: Job) -> tuple[AsyncGenerator[dict[str, Any], None],
+                                                                          dict[str, Any]]:
+        """The first worker that answers with a first token (failover before it): its remaining lines and the
+        first; its time to first token feeds the score."""
         assert self.http is not None
+        gen = {"prompt": job.prompt, "max_tokens": job.max_tokens, "seed": job.seed,
+               "temperature": job.temperature_milli / 1000 if job.seed is not None else 1.0}
         for o in offers:
+            start = time.monotonic()
             try:
-                resp = await self.http.post(f"http://{o['endpoint']}/v1/generate", json=gen,
+                resp = await self.http.post(f"http://{o.endpoint}/v1/generate", json=gen,
                                             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120))
                 if resp.status != 200:
-                    log.warning("worker %s refused: %s", o["worker"], resp.status)
+                    log.warning("worker %s refused: %s", o.worker.hex(), resp.status)
                     resp.release()
                     continue
                 lines = _lines(resp)
                 first = await lines.__anext__()
-                return lines, first, str(o["worker"])
+                us = int((time.monotonic() - start) * 1e6)
+                self.ttft_us[o.worker] = latency_ema(self.ttft_us.get(o.worker, us), us)
+                self.load[o.worker] = self.load.get(o.worker, 0) + 1
+                self.down.pop(o.worker, None)
+                job.offer, job.status = o, "running"
+                return lines, first
             except (aiohttp.ClientError, asyncio.TimeoutError, StopAsyncIteration, ValueError) as e:
-                log.warning("worker %s failed before its first token (%s): trying the next", o["worker"], e)
+                log.warning("worker %s failed before its first token (%s): trying the next", o.worker.hex(), e)
+                self.down[o.worker] = time.monotonic()
         raise OpenAIError(503, "no worker is free to serve this model", "server_error", code="no_worker")
 
-    async def sse(self, request: web.Request, stream: AsyncIterator[dict[str, Any]], first: dict[str, Any],
-                  ident: str, created: int, name: str, chat: bool, n_prompt: int,
-                  include_usage: bool, served_by: str) -> web.StreamResponse:
+    def _take(self, job: Job, line: dict[str, Any]) -> bool:
+        """One line of the worker's stream into the job; True at its end (the fingerprint checked against the
+        top-K the worker sent)."""
+        if not line.get("done"):
+            job.output.append(int(line["token"]))
+            job.tops.append(TopK(tuple(line["top"][0]), tuple(line["top"][1])))
+            return False
+        fp = bytes.fromhex(line["fingerprint"])
+        if fp != fingerprint_hash(job.tops) or int(line["tokens"]) != len(job.output):
+            raise ValueError("the worker's fingerprint does not commit to the top-K it streamed")
+        job.fingerprint, job.finish_reason, job.status = fp, line["finish_reason"], "completed"
+        return True
+
+    async def whole(self, request: web.Request, job: Job, stream: AsyncIterator[dict[str, Any]],
+                    first: dict[str, Any], chat: bool) -> web.Response:
+        text = ""
+        try:
+            async for line in _chain(first, stream):
+                if self._take(job, line):
+                    break
+                text += line["text"]
+                if request.transport is None or request.transport.is_closing():
+                    return web.Response(status=499)  # the client left: billed for what was made until then
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            job.status, job.error = "failed", f"the worker failed after {len(job.output)} tokens: {e}"
+            raise OpenAIError(502, job.error, "server_error", code="worker_failed") from None
+        n_out = len(job.output)
+        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": n_out, "total_tokens": len(job.prompt) + n_out}
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": job.finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": job.finish_reason, "logprobs": None}
+        assert job.offer is not None
+        return web.json_response({"id": job.id, "object": "chat.completion" if chat else "text_completion",
+                                  "created": job.created, "model": job.model,
+                                  "system_fingerprint": f"l2-worker-{job.offer.worker.hex()}",
+                                  "choices": [choice], "usage": usage})
+
+    async def sse(self, request: web.Request, job: Job, stream: AsyncIterator[dict[str, Any]],
+                  first: dict[str, Any], chat: bool, include_usage: bool) -> web.StreamResponse:
+        assert job.offer is not None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
+        served_by = f"l2-worker-{job.offer.worker.hex()}"  # system_fingerprint: which worker answered
 
         async def send(choice: dict[str, Any], usage: Any = None, choices: Optional[list[Any]] = None) -> None:
-            chunk = {"id": ident, "object": obj, "created": created, "model": name, "system_fingerprint": served_by,
-                     "choices": [choice] if choices is None else choices}
+            chunk = {"id": job.id, "object": obj, "created": job.created, "model": job.model,
+                     "system_fingerprint": served_by, "choices": [choice] if choices is None else choices}
             if include_usage:
                 chunk["usage"] = usage
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        if chat:
-            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        n_out, reason = 0, "length"
         try:
-            async for line in _chain(first, stream):
-                if line.get("done"):
-                    n_out, reason = int(line["tokens"]), line["finish_reason"]
-                    break
-                n_out += 1
-                if chat:
-                    await send({"index": 0, "delta": {"content": line["text"]}, "finish_reason": None})
-                else:
-                    await send({"index": 0, "text": line["text"], "finish_reason": None})
-            final = ({"index": 0, "delta": {}, "finish_reason": reason} if chat
-                     else {"index": 0, "text": "", "finish_reason": reason})
-            await send(final)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:  # the worker died mid-stream
-            err = {"error": {"message": f"the worker failed after {n_out} tokens: {e}", "type": "server_error",
-                             "param": None, "code": "worker_failed"}}
-            await resp.write(f"data: {json.dumps(err)}\n\n".encode())
-        if include_usage:
-            await send({}, {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                            "total_tokens": n_prompt + n_out}, choices=[])
-        await resp.write(b"data: [DONE]\n\n")
+            if chat:
+                await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            try:
+                async for line in _chain(first, stream):
+                    if self._take(job, line):
+                        break
+                    try:
+                        if chat:
+                            await send({"index": 0, "delta": {"content": line["text"]}, "finish_reason": None})
+                        else:
+                            await send({"index": 0, "text": line["text"], "finish_reason": None})
+                    except ConnectionResetError:  # not delivered: the client pays for the tokens before it
+                        job.output.pop()
+                        job.tops.pop()
+                        raise
+                final = ({"index": 0, "delta": {}, "finish_reason": job.finish_reason} if chat
+                         else {"index": 0, "text": "", "finish_reason": job.finish_reason})
+                await send(final)
+            except ConnectionResetError:  # aiohttp's is a ClientError too: the client left, not the worker
+                raise
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:  # the worker died mid-stream
+                job.status, job.error = "failed", f"the worker failed after {len(job.output)} tokens: {e}"
+                err = OpenAIError(502, job.error, "server_error", code="worker_failed").body()
+                await resp.write(f"data: {json.dumps(err)}\n\n".encode())
+            if include_usage:
+                n = len(job.output)
+                await send({}, {"prompt_tokens": len(job.prompt), "completion_tokens": n,
+                                "total_tokens": len(job.prompt) + n}, choices=[])
+            await resp.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:
+            log.info("job %s: the client left after %d tokens", job.id, len(job.output))
         return resp
 
+    # -- recording on the L2 -------------------------------------------------------------------------------------------
+    def completion(self, job: Job) -> Completion:
+        assert job.offer is not None
+        greedy = job.seed is None
+        return Completion(job.session_id, job.offer.worker, job.model_hash, self.verifier, token_hash(job.prompt),
+                          token_hash(job.output), job.fingerprint, len(job.prompt), len(job.output), job.cost_msat,
+                          0 if greedy else job.seed or 0, Sampling.GREEDY if greedy else Sampling.SEEDED,
+                          0 if greedy else job.temperature_milli, *self.split)
 
-async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    async def recorder(self) -> None:
+        """Record the billed jobs: each batch signed with consecutive nonces, submitted, then followed until every
+        transaction committed or was dropped; a dropped one is signed again (3 attempts), then refused (its cost
+        leaves the tab). A job is never signed again while its earlier transaction may still commit."""
+        while True:
+            batch = [await self.to_record.get()]
+            while not self.to_record.empty():
+                batch.append(self.to_record.get_nowait())
+            self.recording = batch
+            try:
+                await self.record(batch)
+            except (ApiError, Unreachable) as e:
+                log.warning("recording %d completions failed (%s): trying again", len(batch), e)
+                for job in batch:
+                    if job.billing == "pending":
+                        self.to_record.put_nowait(job)
+                await asyncio.sleep(1)
+
+    async def record(self, batch: list[Job]) -> None:
+        fresh = [j for j, done in zip(batch, await asyncio.gather(*(self._resolved(j) for j in batch))) if not done]
+        if not fresh:
+            return
+        network = await self.api.network()
+        nonce = int((await self.api.account(self.pubkey.hex()))["nonce"])
+        sent: list[Job] = []
+        for job in fresh:
+            job.attempts += 1
+            try:
+                res = await self.api.sign_and_submit(self.secret, self.completion(job), self.fee_sat, nonce=nonce,
+                                                     network=network)
+            except ApiError as e:
+                self.refused(job, str(e))
+                continue
+            job.txid = res["txid"]
+            sent.append(job)
+            nonce += 1
+        for job, done in zip(sent, await asyncio.gather(*(self._resolved(j) for j in sent))):
+            if done:
+                continue
+            if job.attempts < 3:
+                self.to_record.put_nowait(job)
+            else:
+                self.refused(job, f"its transaction was dropped {job.attempts} times")
+
+    async def _resolved(self, job: Job) -> bool:
+        """Follow the job's transaction until it is committed (the job is recorded: True) or dropped or unknown
+        (False: sign it again). False at once for a job not sent yet."""
+        while job.txid is not None:
+            try:
+                st = await self.api.tx(job.txid)
+            except ApiError:
+                st = {"status": "unknown"}
+            if st.get("status") == "committed":
+                job.billing, job.l2_height = "recorded", int(st["height"])
+                return True
+            if st.get("status") != "pending":
+                job.error, job.txid = f"transaction {job.txid} {st.get('status')}: {st.get('reason')}", None
+                return False
+            await asyncio.sleep(0.05)
+        return False
+
+    def refused(self, job: Job, why: str) -> None:
+        log.warning("the L2 refused job %s (%d msat): %s", job.id, job.cost_msat, why)
+        job.billing, job.error = "refused", why
+        tab = self.tabs.get(job.session_id)
+        if tab is not None:
+            tab.billed_msat -= job.cost_msat
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """On shutdown: the jobs still queued are recorded (up to timeout)."""
+        batch = [j for j in self.recording if j.billing == "pending"]
+        while not self.to_record.empty():
+            batch.append(self.to_record.get_nowait())
+        try:
+            async with asyncio.timeout(timeout):
+                while batch:
+                    await self.record(batch)
+                    batch = []
+                    while not self.to_record.empty():
+                        batch.append(self.to_record.get_nowait())
+        except (TimeoutError, ApiError, Unreachable) as e:
+            log.warning("shutting down with completions not recorded: %s", e)
+
+
+async def _lines(resp: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
     try:
         async for raw in resp.content:
             if raw.strip():
@@ -243,28 +660,92 @@ async def _chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> 
 def make_app(gw: Gateway) -> web.Application:
     app = web.Application(middlewares=[errors])
     app.router.add_get("/v1/models", gw.list_models)
+    app.router.add_get("/v1/gateway", gw.info)
     app.router.add_post("/v1/chat/completions", gw.chat)
     app.router.add_post("/v1/completions", gw.completions)
+    app.router.add_post("/v1/estimate", gw.estimate)
+    app.router.add_get("/v1/jobs/{id}", gw.job)
 
-    async def session(app: web.Application) -> AsyncIterator[None]:
+    async def running(app: web.Application) -> AsyncIterator[None]:
         gw.http = aiohttp.ClientSession()
+        recorder = asyncio.create_task(gw.recorder())
         yield
+        recorder.cancel()
+        try:
+            await recorder
+        except asyncio.CancelledError:
+            pass
+        await gw.drain()
         await gw.http.close()
-    app.cleanup_ctx.append(session)
+    app.cleanup_ctx.append(running)
     return app
+
+
+def _pairs(text: str) -> dict[str, str]:
+    try:
+        return {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in text.split(",") if p.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=value,…: {text!r}") from None
+
+
+def _split(text: str) -> tuple[int, int, int]:
+    """"50/0/10": worker / verifier / treasury percent (decimals allowed to 0.01 %) in basis points."""
+    try:
+        parts = [round(float(p) * 100) for p in text.split("/")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) > BP:
+        raise argparse.ArgumentTypeError(f"--split wants worker/verifier/treasury percent summing to <= 100: {text!r}")
+    return parts[0], parts[1], parts[2]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="l2-gateway", description=__doc__.splitlines()[0])
-    ap.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL")
-    ap.add_argument("--listen", default="127.0.0.1:8700")
-    ap.add_argument("--log-level", default="INFO")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    s.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL")
+    s.add_argument("--listen", default="127.0.0.1:8700", help="host:port (port 0: any free one)")
+    s.add_argument("--key", type=Path, required=True,
+                   help="the gateway's L2 key file: the server of its sessions, the sender of its Completion records, "
+                        "paid the treasury share")
+    s.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
+                   help="worker/verifier/treasury percent of each billed satoshi, the rest burned (default 50/0/10)")
+    s.add_argument("--verifier", default=ZERO.hex(), help="the verifier's L2 key (hex), needed for a verifier share")
+    s.add_argument("--weights", type=_pairs, default=_pairs(DEFAULT_WEIGHTS),
+                   help=f"routing score weights, fractions summing to 1 (default {DEFAULT_WEIGHTS})")
+    s.add_argument("--fee", type=int, default=1, help="L2 fee per Completion transaction, sat")
+    s.add_argument("--log-level", default="INFO")
+    o = sub.add_parser("open-session", help="open a paid session with a gateway and print its API key")
+    o.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL")
+    o.add_argument("--key", type=Path, required=True, help="the client's L2 key file (pays the deposit)")
+    o.add_argument("--gateway", default="http://127.0.0.1:8700", help="the gateway's base URL")
+    o.add_argument("--deposit", type=int, required=True, help="sat escrowed for the gateway")
+    o.add_argument("--blocks", type=int, default=1_000, help="L2 blocks the session stays open")
+    o.add_argument("--log-level", default="WARNING")
     a = ap.parse_args(argv)
     setup_logging(a.log_level)
-    return asyncio.run(_run(a))
+    return asyncio.run(_serve(a) if a.cmd == "serve" else _open_session(a))
 
 
-async def _run(a: Any) -> int:
+async def _open_session(a: Any) -> int:
+    secret = load_secret(a.key)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(a.gateway.rstrip("/") + "/v1/gateway") as r:
+            server = bytes.fromhex((await r.json())["server"])
+    session_secret = os.urandom(32)
+    async with AsyncClient(a.api) as api:
+        tip = int((await api.status())["height"])
+        res = await api.sign_and_submit(secret, SessionOpen(server, PrivateKey(session_secret).public_key_xonly
+                                                            .format(), a.deposit, 1, 1, tip + a.blocks), 1)
+        st = await api.wait_tx(res["txid"], 60)
+    if st is None or st.get("status") != "committed":
+        print(f"l2-gateway: the session was not committed: {st}", file=sys.stderr)
+        return 1
+    print(api_key(bytes.fromhex(res["txid"]), session_secret), flush=True)
+    return 0
+
+
+async def _serve(a: Any) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -273,8 +754,10 @@ async def _run(a: Any) -> int:
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     async with AsyncClient(a.api) as api:
-        runner, endpoint = await serve_app(make_app(Gateway(api, tokenizer)), a.listen)
-        print(f"l2-gateway on http://{endpoint}/v1", flush=True)
+        gw = Gateway(api, tokenizer, load_secret(a.key), a.split, bytes.fromhex(a.verifier),
+                     Weights.from_config(a.weights), a.fee)
+        runner, endpoint = await serve_app(make_app(gw), a.listen)
+        print(f"l2-gateway {gw.pubkey.hex()} on http://{endpoint}/v1", flush=True)
         try:
             await until_signalled()
         finally:

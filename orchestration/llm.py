@@ -70,6 +70,12 @@ def reveal_positions(job_id: bytes, block_hash: bytes, n_output: int, count: int
     return sorted(picked)
 
 
+def token_hash(ids: Sequence[int]) -> bytes:
+    """How a completion record commits to a prompt's or an output's token ids: SHA-256("l2d/inference/tokens" ||
+    each id as u32 big-endian)."""
+    return hashlib.sha256(b"l2d/inference/tokens" + b"".join(i.to_bytes(4, "big") for i in ids)).digest()
+
+
 def fingerprint_hash(tops: Sequence[TopK]) -> bytes:
     """The commitment to a result's fingerprint: SHA-256 over every position's ids and quantised logits."""
     h = hashlib.sha256(b"l2d/inference/fingerprint")

@@ -6,7 +6,8 @@ tokens), then serves
 
     POST /v1/generate  {"prompt": [token ids], "max_tokens": n, "seed": null | int, "temperature": float}
 
-as newline-delimited JSON, one line per token as it is decoded, `{"token": id, "text": the new text}`, then
+as newline-delimited JSON, one line per token as it is decoded, `{"token": id, "text": the new text, "top": [[the
+top-4 ids], [their quantised logits]]}`, then
 `{"done": true, "finish_reason": "stop" | "length", "tokens": n, "fingerprint": hex}` (the commitment to every
 position's top-4 logits); and `GET /ping` (the coordinator's latency probe). Decoding runs in one thread, one request
 at a time (the model is one per process); the others wait.
@@ -84,7 +85,8 @@ class Server:
                     tops.append(top)
                     now = self.lm.decode(out)
                     delta, text = now[len(text):], now
-                    await resp.write(json.dumps({"token": tok, "text": delta}).encode() + b"\n")
+                    await resp.write(json.dumps({"token": tok, "text": delta,
+                                                 "top": [list(top.ids), list(top.logits)]}).encode() + b"\n")
                 reason = "stop" if out and out[-1] == self.lm.eos else "length"
                 await resp.write(json.dumps({"done": True, "finish_reason": reason, "tokens": len(out),
                                              "fingerprint": fingerprint_hash(tops).hex()}).encode() + b"\n")

@@ -1,115 +1,271 @@
-"""The OpenAI-compatible gateway end to end, with real processes: an l2d daemon holding the model registry, an
-`l2-llm-worker` serving SmolLM2-135M-Instruct (it registers the model by its weights hash and offers it), `l2-gateway`,
-and the official `openai` client: the model list, chat and text completions streamed and not (greedy: the stream
-spells the same answer), usage on request, and the errors in OpenAI's shape."""
+"""The OpenAI-compatible gateway end to end, with real processes: an l2d daemon holding the model registry and the
+paid sessions, `l2-llm-worker`s serving SmolLM2-135M-Instruct (each registers the model by its weights hash and
+offers it), `l2-gateway`, and the official `openai` client: the model list, chat and text completions streamed and
+not, usage on request, the errors in OpenAI's shape, estimates and jobs, and every request billed per token to the
+client's paid session and recorded on the L2, the satoshis split exactly."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 import openai
 import pytest
 from coincurve import PrivateKey
 
-from orchestration.llm import model_path, weights_sha256
-from tests.conftest import L2dProcess, Proc
+from l2d.core.model_tx import split_sat, token_cost_msat
+from orchestration.gateway import api_key
+from orchestration.llm import model_path, token_hash, weights_sha256
+from tests.conftest import REPO, L2dProcess, Proc
 
 TOKEN = "gateway-test-admin-token-0001"
 WORKER = hashlib.sha256(b"gateway test worker").digest()
+CLIENT = hashlib.sha256(b"gateway test client").digest()
+GATEWAY = hashlib.sha256(b"gateway test gateway").digest()
 NAME = "SmolLM2-135M-Instruct"
+Q = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def pk(s: bytes) -> bytes:
     return PrivateKey(s).public_key_xonly.format()
 
 
+def keyfile(path: Path, secret: bytes) -> Path:
+    path.write_text(secret.hex())
+    path.chmod(0o600)
+    return path
+
+
+def start_gateway(d: L2dProcess, tmp_path: Path, procs: list[Proc], *extra: str) -> str:
+    gw = Proc(["orchestration.gateway", "serve", "--api", d.url(""), "--listen", "127.0.0.1:0",
+               "--key", str(keyfile(tmp_path / "gateway.key", GATEWAY)), *extra], tmp_path / "gw.log")
+    procs.append(gw)
+    m = re.search(r"l2-gateway ([0-9a-f]{64}) on (\S+)", gw.first_line())
+    assert m and m.group(1) == pk(GATEWAY).hex()
+    return m.group(2)
+
+
+def open_session(d: L2dProcess, url: str, key: Path, deposit: int) -> str:
+    """`l2-gateway open-session`, as a client runs it: the API key it prints."""
+    r = subprocess.run([sys.executable, "-m", "orchestration.gateway", "open-session", "--api", d.url(""), "--key",
+                        str(key), "--gateway", url.removesuffix("/v1"), "--deposit", str(deposit)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def recorded(d: L2dProcess, http: httpx.Client, key: str, job_id: str) -> dict[str, Any]:
+    """The job once its Completion committed (the gateway records in the background)."""
+    for _ in range(600):
+        j = http.get(f"/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
+        if j["billing"]["status"] in ("recorded", "refused"):
+            return j  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} was never recorded")
+
+
 async def test_the_openai_client_against_the_gateway(tmp_path: Path, l2d_process: Callable[..., L2dProcess],
-                                                     node_toml: Callable[..., Path], poll: Callable[..., Any],
-                                                     procs: list[Proc]) -> None:
-    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(WORKER): 10**6}, TOKEN, block={"interval_ms": 50}))
+                                                     node_toml: Callable[..., Path], procs: list[Proc]) -> None:
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(WORKER): 10**6, pk(CLIENT): 10**6, pk(GATEWAY): 10**6},
+                              TOKEN, block={"interval_ms": 50}))
     h = weights_sha256(model_path())
-    key = tmp_path / "worker.key"
-    key.write_text(WORKER.hex())
-    key.chmod(0o600)
-    worker = Proc(["orchestration.llm_worker", "--api", d.url(""), "--key", str(key), "--device", "cpu"],
-                  tmp_path / "worker.log")
+    worker = Proc(["orchestration.llm_worker", "--api", d.url(""), "--key", str(keyfile(tmp_path / "w.key", WORKER)),
+                   "--device", "cpu"], tmp_path / "worker.log")
     procs.append(worker)
     assert re.search(r"serving " + h.hex(), await asyncio.to_thread(worker.first_line))
     [reg] = d.get("/api/models")["models"]  # nobody had registered the model: the worker did, by its weights hash
     assert (reg["weights_sha256"], reg["name"], reg["registrant"]) == (h.hex(), NAME, pk(WORKER).hex())
-    gateway = Proc(["orchestration.gateway", "--api", d.url(""), "--listen", "127.0.0.1:0"], tmp_path / "gw.log")
-    procs.append(gateway)
-    url = re.search(r"on (\S+)", await asyncio.to_thread(gateway.first_line))
-    assert url
-    client = openai.OpenAI(base_url=url.group(1), api_key="none", max_retries=0)
+    url = await asyncio.to_thread(start_gateway, d, tmp_path, procs)
+    client_key = keyfile(tmp_path / "client.key", CLIENT)
+    key = await asyncio.to_thread(open_session, d, url, client_key, 200)
+    sid = key[len("sk-l2-"):][:64]
+    client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+    http = httpx.Client(base_url=url, timeout=60)
+    balances = {who: d.get(f"/api/l2/accounts/{pk(s).hex()}")["balance_sat"] for who, s in
+                (("worker", WORKER), ("gateway", GATEWAY))}
 
-    def run() -> None:
+    def run() -> list[str]:
         [m] = client.models.list().data
         assert m.id == NAME and m.model_extra is not None and m.model_extra["weights_sha256"] == h.hex()
         assert m.model_extra["workers"] == 1 and m.model_extra["pricing"]["output_msat_per_1k"] == 4_000
-        q = [{"role": "user", "content": "What is the capital of France?"}]
-        full = client.chat.completions.create(model=NAME, messages=q, max_tokens=12)  # type: ignore[arg-type]
+        est = http.post("/estimate", json={"model": NAME, "messages": Q, "max_tokens": 12},
+                        headers={"Authorization": f"Bearer {key}"}).json()
+        full = client.chat.completions.create(model=NAME, messages=Q, max_tokens=12)  # type: ignore[arg-type]
         answer = full.choices[0].message.content
         assert answer and full.choices[0].message.role == "assistant"
         assert full.usage is not None and 0 < full.usage.completion_tokens <= 12
         assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
-        chunks = list(client.chat.completions.create(model=NAME, messages=q, max_tokens=12,  # type: ignore[arg-type]
+        # the estimate counts the prompt exactly as the request did, after the chat template
+        assert est["prompt_tokens"] == full.usage.prompt_tokens and est["sufficient"] is True
+        assert est["max_cost_msat"] == token_cost_msat(est["prompt_tokens"], 12, 1_000, 4_000)
+        assert est["valid_until_height"] > est["l2_height"] and est["available_msat"] <= 200_000
+        chunks = list(client.chat.completions.create(model=NAME, messages=Q, max_tokens=12,  # type: ignore[arg-type]
                                                      stream=True, stream_options={"include_usage": True}))
         assert chunks[0].choices[0].delta.role == "assistant"
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == answer  # greedy: the same answer, token by token
         assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
-        plain = list(client.chat.completions.create(model=NAME, messages=q, max_tokens=4,  # type: ignore[arg-type]
+        plain = list(client.chat.completions.create(model=NAME, messages=Q, max_tokens=4,  # type: ignore[arg-type]
                                                     stream=True))
         assert all(c.usage is None for c in plain)  # usage only when asked
         text = client.completions.create(model=NAME, prompt="The sky is", max_tokens=6)
         assert text.choices[0].text and text.usage is not None and text.usage.completion_tokens <= 6
+        # with the quote of an estimate: the request is never billed above it
+        q = http.post("/estimate", json={"model": NAME, "prompt": "One, two,", "max_tokens": 5}).json()
+        assert "available_msat" not in q  # no key, no session figures
+        quoted = client.completions.create(model=NAME, prompt="One, two,", max_tokens=5,
+                                           extra_body={"quote": q["quote"]})
+        with pytest.raises(openai.BadRequestError) as stale:
+            client.completions.create(model=NAME, prompt="x", max_tokens=1, extra_body={"quote": "quote-nonsense"})
+        assert stale.value.code == "quote_expired"
+        return [full.id, chunks[0].id, plain[0].id, text.id, quoted.id]
+    ids = await asyncio.to_thread(run)
+
+    # every request billed, recorded on the L2 and paid out exactly
+    jobs = [await asyncio.to_thread(recorded, d, http, key, i) for i in ids]
+    assert [j["billing"]["status"] for j in jobs] == ["recorded"] * 5
+    assert [j["status"] for j in jobs] == ["completed"] * 5
+    for j in jobs:
+        assert j["cost_msat"] == token_cost_msat(j["prompt_tokens"], j["completion_tokens"], 1_000, 4_000)
+        assert j["worker"] == pk(WORKER).hex() and j["session_id"] == sid
+    by_txid = {j["billing"]["txid"]: j for j in jobs}
+    records = sorted((d.get(f"/api/completions/{t}") for t in by_txid), key=lambda r: r["session_units_after"])
+    total, paid = 0, {"worker": 0, "verifier": 0, "treasury": 0, "burned": 0}
+    for r in records:  # in the order they were recorded
+        j = by_txid[r["completion_id"]]
+        assert r["cost_msat"] == j["cost_msat"] and r["completion_tokens"] == j["completion_tokens"]
+        assert r["output_hash"] == j["output_hash"] and r["fingerprint"] == j["fingerprint"] != "00" * 32
+        assert r["prompt_hash"] != token_hash([]).hex() and r["split_bp"] == {"worker": 5000, "verifier": 0,
+                                                                              "treasury": 1000}
+        before = total
+        total += r["cost_msat"]
+        assert r["session_units_after"] == total
+        share = dict(zip(paid, split_sat(total // 1000 - before // 1000, 5000, 0, 1000)))
+        assert r["paid_sat"] == share
+        paid = {k: paid[k] + share[k] for k in paid}
+    s = d.get(f"/api/sessions/{sid}")
+    assert s["settled"]["units"] == total == sum(j["cost_msat"] for j in jobs)
+    assert s["settled"]["amount_sat"] == total // 1000 == sum(paid.values())
+    assert d.get(f"/api/l2/accounts/{pk(WORKER).hex()}")["balance_sat"] == balances["worker"] + paid["worker"]
+    assert d.get(f"/api/l2/accounts/{pk(GATEWAY).hex()}")["balance_sat"] == (
+        balances["gateway"] + paid["treasury"] - 5)  # the treasury share, less 1 sat fee per Completion
+
+    n_prompt = jobs[0]["prompt_tokens"]
+
+    def errors() -> None:
         with pytest.raises(openai.NotFoundError) as nf:
-            client.chat.completions.create(model="no-such-model", messages=q)  # type: ignore[arg-type]
+            client.chat.completions.create(model="no-such-model", messages=Q)  # type: ignore[arg-type]
         assert nf.value.code == "model_not_found"
         with pytest.raises(openai.BadRequestError) as big:
-            client.chat.completions.create(model=NAME, messages=q, max_tokens=9000)  # type: ignore[arg-type]
+            client.chat.completions.create(model=NAME, messages=Q, max_tokens=9000)  # type: ignore[arg-type]
         assert big.value.code == "context_length_exceeded" and "maximum context length is 8192" in str(big.value)
-    await asyncio.to_thread(run)
-    assert gateway.stop() == 0 and worker.stop() == 0
+        assert f"the prompt is {n_prompt} tokens" in str(big.value)
+        for bad in ("none", "sk-l2-" + "ab" * 64, api_key(bytes.fromhex(sid), hashlib.sha256(b"wrong").digest())):
+            with openai.OpenAI(base_url=url, api_key=bad, max_retries=0) as c, \
+                    pytest.raises(openai.AuthenticationError) as no:
+                c.chat.completions.create(model=NAME, messages=Q, max_tokens=2)  # type: ignore[arg-type]
+            assert no.value.code == "invalid_api_key" and no.value.status_code == 401
+        poor = open_session(d, url, client_key, 1)  # 1 sat: 1,000 msat
+        with openai.OpenAI(base_url=url, api_key=poor, max_retries=0) as c, \
+                pytest.raises(openai.APIStatusError) as quota:
+            c.chat.completions.create(model=NAME, messages=Q, max_tokens=300)  # type: ignore[arg-type]
+        assert quota.value.status_code == 402 and quota.value.code == "insufficient_quota"
+        assert f"may cost up to {n_prompt + 1200} msat" in str(quota.value) and "1000 msat left" in str(quota.value)
+        other = http.get(f"/jobs/{ids[0]}", headers={"Authorization": f"Bearer {poor}"})
+        assert other.status_code == 404 and other.json()["error"]["code"] == "job_not_found"
+    await asyncio.to_thread(errors)
+    client.close()
+    assert d.get(f"/api/sessions/{sid}")["settled"]["units"] == total  # the refused requests cost nothing
+    assert (tmp_path / "gw.log").read_text().count("Traceback") == 0
+    http.close()
+    assert procs[-1].stop() == 0 and worker.stop() == 0
 
 
-async def test_requests_go_to_the_cheaper_worker_and_fail_over_when_it_dies(
+async def test_routing_failover_mid_stream_failure_and_cancel_are_billed_for_what_was_received(
         tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
         procs: list[Proc]) -> None:
-    """Two workers serve the model, one cheaper: requests go to it (system_fingerprint names the worker); SIGKILLed,
-    the next request is served by the other, before any first token was lost."""
+    """Two workers serve the model, one cheaper: the scheduler's score sends requests to it (system_fingerprint
+    names the worker). SIGKILLed mid-stream, the client gets an error chunk and pays for the tokens it received;
+    the next request fails over to the other worker before any first token is lost. A client that closes a stream
+    pays for the tokens it read (up to the two the gateway had written before it noticed)."""
     cheap_key, dear_key = hashlib.sha256(b"gateway cheap").digest(), hashlib.sha256(b"gateway dear").digest()
-    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheap_key): 10**6, pk(dear_key): 10**6}, TOKEN,
-                              block={"interval_ms": 50}))
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheap_key): 10**6, pk(dear_key): 10**6,
+                                                       pk(CLIENT): 10**6, pk(GATEWAY): 10**6},
+                              TOKEN, block={"interval_ms": 50}))
     workers = {}
     for name, secret_, price in (("cheap", cheap_key, 3_000), ("dear", dear_key, 5_000)):
-        key = tmp_path / f"{name}.key"
-        key.write_text(secret_.hex())
-        key.chmod(0o600)
-        workers[name] = Proc(["orchestration.llm_worker", "--api", d.url(""), "--key", str(key), "--device", "cpu",
+        workers[name] = Proc(["orchestration.llm_worker", "--api", d.url(""), "--key",
+                              str(keyfile(tmp_path / f"{name}.key", secret_)), "--device", "cpu",
                               "--price-out", str(price)], tmp_path / f"{name}.log")
         procs.append(workers[name])
     for w in workers.values():
         assert re.search(r"serving", await asyncio.to_thread(w.first_line))
-    gateway = Proc(["orchestration.gateway", "--api", d.url(""), "--listen", "127.0.0.1:0"], tmp_path / "gw.log")
-    procs.append(gateway)
-    url = re.search(r"on (\S+)", await asyncio.to_thread(gateway.first_line))
-    assert url
-    client = openai.OpenAI(base_url=url.group(1), api_key="none", max_retries=0)
-    q = [{"role": "user", "content": "Say hello."}]
+    url = await asyncio.to_thread(start_gateway, d, tmp_path, procs)
+    key = await asyncio.to_thread(open_session, d, url, keyfile(tmp_path / "client.key", CLIENT), 500)
+    client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+    http = httpx.Client(base_url=url, timeout=60)
 
     def ask() -> Any:
-        return client.chat.completions.create(model=NAME, messages=q, max_tokens=4)  # type: ignore[arg-type]
+        return client.chat.completions.create(model=NAME, messages=Q, max_tokens=4)  # type: ignore[arg-type]
+
+    def story(n: int) -> tuple[str, int]:
+        """A long stream read for n content chunks, then the worker is SIGKILLed: the stream ends in an error."""
+        s = client.chat.completions.create(model=NAME, max_tokens=200, stream=True,  # type: ignore[call-overload]
+                                           messages=[{"role": "user", "content": "Tell me a long story."}])
+        got, ident = 0, ""
+        with pytest.raises(openai.APIError) as e:
+            for c in s:
+                ident = c.id
+                got += bool(c.choices and c.choices[0].delta.content is not None and c.choices[0].delta.role is None)
+                if got == n:
+                    workers["cheap"].kill()
+        assert "the worker failed after" in str(e.value)
+        return ident, got
+
+    def cancel(n: int) -> tuple[str, int]:
+        s = client.chat.completions.create(model=NAME, max_tokens=200, stream=True,  # type: ignore[call-overload]
+                                           messages=[{"role": "user", "content": "Tell me a long story."}])
+        got, ident = 0, ""
+        for c in s:
+            ident = c.id
+            got += bool(c.choices and c.choices[0].delta.content is not None and c.choices[0].delta.role is None)
+            if got == n:
+                break
+        s.close()
+        return ident, got
+
     first = await asyncio.to_thread(ask)
     assert first.system_fingerprint == f"l2-worker-{pk(cheap_key).hex()}"
     assert (await asyncio.to_thread(client.models.list)).data[0].model_extra["workers"] == 2
-    workers["cheap"].kill()  # SIGKILL: its offer is still on the L2, its endpoint refuses
-    again = await asyncio.to_thread(ask)
+    failed_id, got = await asyncio.to_thread(story, 5)
+    again = await asyncio.to_thread(ask)  # the cheap worker's offer is still on the L2; its endpoint refuses
     assert again.system_fingerprint == f"l2-worker-{pk(dear_key).hex()}"
     assert again.choices[0].message.content == first.choices[0].message.content  # the same model, greedy
-    assert "failed before its first token" in (tmp_path / "gw.log").read_text()
-    assert gateway.stop() == 0
+    assert (tmp_path / "gw.log").read_text().count("failed before its first token") == 1
+    ident, read = await asyncio.to_thread(cancel, 6)
+    client.close()
+    assert read == 6
+
+    jobs = [await asyncio.to_thread(recorded, d, http, key, j) for j in (first.id, again.id, ident)]
+    assert [j["status"] for j in jobs] == ["completed", "completed", "cancelled"]
+    assert 6 <= jobs[2]["completion_tokens"] <= 8, jobs[2]  # what it read, and what was in flight
+    assert jobs[2]["cost_msat"] == token_cost_msat(jobs[2]["prompt_tokens"], jobs[2]["completion_tokens"], 1_000,
+                                                   5_000)
+    assert jobs[2]["fingerprint"] == "00" * 32 and jobs[2]["billing"]["status"] == "recorded"
+    assert jobs[2]["worker"] == pk(dear_key).hex()  # the dead worker is tried last: no second failover
+    assert (tmp_path / "gw.log").read_text().count("failed before its first token") == 1
+    failed = await asyncio.to_thread(recorded, d, http, key, failed_id)
+    assert failed["status"] == "failed" and failed["worker"] == pk(cheap_key).hex()
+    assert failed["completion_tokens"] == got >= 5  # the worker's tokens until it died, every one delivered
+    assert failed["cost_msat"] == token_cost_msat(failed["prompt_tokens"], got, 1_000, 3_000)
+    units = d.get(f"/api/sessions/{key[6:70]}")["settled"]["units"]
+    assert units == failed["cost_msat"] + sum(j["cost_msat"] for j in jobs)
+    http.close()
+    assert procs[-1].stop() == 0
+
