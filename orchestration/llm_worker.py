@@ -9,7 +9,12 @@ tokens), then serves
 as newline-delimited JSON, one line per token as it is decoded, `{"token": id, "text": the new text, "top": [[the
 top-4 ids], [their quantised logits]]}`, then
 `{"done": true, "finish_reason": "stop" | "length", "tokens": n, "fingerprint": hex}` (the commitment to every
-position's top-4 logits); and `GET /ping` (the coordinator's latency probe). Decoding runs in one thread, one request
+position's top-4 logits);
+
+    POST /v1/audit  {"prompt": [ids], "output": [ids], "positions": [i, ...]}
+
+-> `{"tops": [[i, [top-4 ids], [quantised logits]], ...]}`, this worker's teacher-forced re-execution of another's
+result (a gateway's audit); and `GET /ping` (the coordinator's latency probe). Decoding runs in one thread, one request
 at a time (the model is one per process); the others wait.
 """
 from __future__ import annotations
@@ -96,12 +101,30 @@ class Server:
                     await worker
         return resp
 
+    async def audit(self, request: web.Request) -> web.Response:
+        """Re-execute someone else's result, teacher-forced: the top-K of this worker's model at the positions
+        asked (the gateway compares them with what the result's worker committed to)."""
+        try:
+            body = await request.json()
+            prompt, output = [int(x) for x in body["prompt"]], [int(x) for x in body["output"]]
+            positions = sorted({int(x) for x in body["positions"]})
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"error": f"malformed request: {e}"}, status=400)
+        if (not prompt or not output or len(prompt) + len(output) > self.lm.context_length
+                or not all(0 <= p < len(output) for p in positions)):
+            return web.json_response({"error": "prompt + output do not fit the context, or a position is outside "
+                                               "the output"}, status=400)
+        async with self._lock:
+            tops = await asyncio.get_running_loop().run_in_executor(None, self.lm.forward_tops, prompt, output)
+        return web.json_response({"tops": [[p, list(tops[p].ids), list(tops[p].logits)] for p in positions]})
+
 
 def make_app(lm: LanguageModel) -> web.Application:
     s = Server(lm)
     app = web.Application()
     app.router.add_get("/ping", s.ping)
     app.router.add_post("/v1/generate", s.generate)
+    app.router.add_post("/v1/audit", s.audit)
     return app
 
 

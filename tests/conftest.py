@@ -160,13 +160,15 @@ def l2d_process() -> Iterator[Callable[..., L2dProcess]]:
 
 
 class Proc:
-    """A netflow process whose first stdout line says where it listens."""
+    """A helper process (`python -m MODULE ARGS`, or `python SCRIPT.py ARGS`) whose first stdout line says where it
+    listens."""
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
         self._err = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=self._err,
-                                     text=True, cwd=REPO)
+        run = [] if args[0].endswith(".py") else ["-m"]
+        self.proc = subprocess.Popen([sys.executable, *run, *args], stdout=subprocess.PIPE, stderr=self._err,
+                                     text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
     def first_line(self) -> str:
         assert self.proc.stdout is not None

@@ -43,8 +43,10 @@ def keyfile(path: Path, secret: bytes) -> Path:
 
 
 def start_gateway(d: L2dProcess, tmp_path: Path, procs: list[Proc], *extra: str) -> str:
+    """`l2-gateway serve` (its URL); every recorded completion audited unless extra says otherwise."""
     gw = Proc(["orchestration.gateway", "serve", "--api", d.url(""), "--listen", "127.0.0.1:0",
-               "--key", str(keyfile(tmp_path / "gateway.key", GATEWAY)), *extra], tmp_path / "gw.log")
+               "--key", str(keyfile(tmp_path / "gateway.key", GATEWAY)), "--audit-share", "100", *extra],
+              tmp_path / "gw.log")
     procs.append(gw)
     m = re.search(r"l2-gateway ([0-9a-f]{64}) on (\S+)", gw.first_line())
     assert m and m.group(1) == pk(GATEWAY).hex()
@@ -259,6 +261,10 @@ async def test_routing_failover_mid_stream_failure_and_cancel_are_billed_for_wha
                                                    5_000)
     assert jobs[2]["fingerprint"] == "00" * 32 and jobs[2]["billing"]["status"] == "recorded"
     assert jobs[2]["worker"] == pk(dear_key).hex()  # the dead worker is tried last: no second failover
+    # the first answer, re-executed by the other worker at positions drawn after it was recorded: it matches
+    audit = await poll_audit(http, key, first.id)
+    assert audit["status"] == "passed" and audit["auditor"] == pk(dear_key).hex() and audit["positions"]
+    assert jobs[2]["audit"]["status"] == "none"  # a cancelled answer has no fingerprint to audit
     assert (tmp_path / "gw.log").read_text().count("failed before its first token") == 1
     failed = await asyncio.to_thread(recorded, d, http, key, failed_id)
     assert failed["status"] == "failed" and failed["worker"] == pk(cheap_key).hex()
@@ -269,3 +275,53 @@ async def test_routing_failover_mid_stream_failure_and_cancel_are_billed_for_wha
     http.close()
     assert procs[-1].stop() == 0
 
+
+
+async def poll_audit(http: httpx.Client, key: str, job_id: str) -> dict[str, Any]:
+    for _ in range(600):
+        j = (await asyncio.to_thread(http.get, f"/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"})).json()
+        if j["audit"]["status"] not in ("none", "not-drawn"):
+            return j["audit"]  # type: ignore[no-any-return]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"job {job_id} was never audited")
+
+
+async def test_a_worker_answering_with_sampling_noise_is_caught_by_the_audit(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        procs: list[Proc]) -> None:
+    """The cheaper worker answers greedy requests with the second-best token at every position (its top-4 are
+    true): its first answer is drawn for audit, re-executed by the honest worker, and fails at a drawn position;
+    the gateway routes nothing more to it. It was paid for that answer (the dispute and slashing on the L2 are the
+    next step, docs/inference.md)."""
+    cheat, honest = hashlib.sha256(b"gateway cheat").digest(), hashlib.sha256(b"gateway honest").digest()
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheat): 10**6, pk(honest): 10**6, pk(CLIENT): 10**6,
+                                                       pk(GATEWAY): 10**6}, TOKEN, block={"interval_ms": 50}))
+    workers = [Proc(["tests/orchestration/cheating_worker.py", "--api", d.url(""), "--key",
+                     str(keyfile(tmp_path / "cheat.key", cheat)), "--device", "cpu", "--price-out", "3000"],
+                    tmp_path / "cheat.log"),
+               Proc(["orchestration.llm_worker", "--api", d.url(""), "--key",
+                     str(keyfile(tmp_path / "honest.key", honest)), "--device", "cpu", "--price-out", "5000"],
+                    tmp_path / "honest.log")]
+    procs.extend(workers)
+    for w in workers:
+        assert re.search(r"serving", await asyncio.to_thread(w.first_line))
+    url = await asyncio.to_thread(start_gateway, d, tmp_path, procs)
+    key = await asyncio.to_thread(open_session, d, url, keyfile(tmp_path / "client.key", CLIENT), 500)
+    http = httpx.Client(base_url=url, timeout=60)
+    with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as client:
+        def ask() -> Any:
+            return client.chat.completions.create(model=NAME, messages=Q, max_tokens=12)  # type: ignore[arg-type]
+        first = await asyncio.to_thread(ask)
+        assert first.system_fingerprint == f"l2-worker-{pk(cheat).hex()}"
+        audit = await poll_audit(http, key, first.id)
+        assert audit["status"] == "failed" and audit["auditor"] == pk(honest).hex()
+        assert "is not the greedy choice" in audit["reason"]
+        second = await asyncio.to_thread(ask)
+    assert second.system_fingerprint == f"l2-worker-{pk(honest).hex()}"  # the cheat gets nothing more
+    assert second.choices[0].message.content != first.choices[0].message.content
+    # the honest answer has nobody left to audit it: the caught worker does not judge
+    assert (await poll_audit(http, key, second.id))["status"] == "skipped"
+    job = (await asyncio.to_thread(http.get, f"/jobs/{first.id}", headers={"Authorization": f"Bearer {key}"})).json()
+    assert job["billing"]["status"] == "recorded"
+    http.close()
+    assert procs[-1].stop() == 0
