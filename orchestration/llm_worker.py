@@ -8,8 +8,9 @@ tokens), then serves
 
 as newline-delimited JSON, one line per token as it is decoded, `{"token": id, "text": the new text, "top": [[the
 top-4 ids], [their quantised logits]]}`, then
-`{"done": true, "finish_reason": "stop" | "length", "tokens": n, "fingerprint": hex}` (the commitment to every
-position's top-4 logits);
+`{"done": true, "finish_reason": "stop" | "length", "tokens": n, "fingerprint": hex, "signature": hex}` (the Merkle
+root over every position's token and top-4, and the worker key's BIP340 signature of the result: what a Completion
+records);
 
     POST /v1/audit  {"prompt": [ids], "output": [ids], "positions": [i, ...]}
 
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -33,10 +35,11 @@ from aiohttp import web
 
 from l2d.aio import serve_app, until_signalled
 from l2d.client import ApiError, AsyncClient
+from l2d.core.model_tx import sign_result
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .llm import LanguageModel, TopK, fingerprint_hash, weights_sha256
+from .llm import LanguageModel, TopK, fingerprint, token_hash, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,19 @@ MODEL_NAME, MODEL_VERSION = b"SmolLM2-135M-Instruct", b"Q4_1"  # how the worker 
 
 
 class Server:
-    def __init__(self, lm: LanguageModel) -> None:
-        self.lm = lm
+    def __init__(self, lm: LanguageModel, secret: Optional[bytes] = None, network_id: int = 0) -> None:
+        """secret: the worker's L2 key, which signs each result (without one, results are unsigned and their
+        fingerprints cannot be recorded)."""
+        self.lm, self.secret, self.network_id = lm, secret, network_id
+        self.model_hash = weights_sha256(lm.path)
         self._lock = asyncio.Lock()
+
+    def sign(self, prompt: list[int], out: list[int], fp: bytes, seed: Optional[int], temperature: float) -> bytes:
+        if self.secret is None:
+            return bytes(64)
+        return sign_result(self.secret, self.network_id, self.model_hash, token_hash(prompt), token_hash(out), fp,
+                           len(prompt), len(out), int(seed is not None), seed or 0,
+                           0 if seed is None else round(temperature * 1000), os.urandom(32))
 
     async def ping(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -93,8 +106,10 @@ class Server:
                     await resp.write(json.dumps({"token": tok, "text": delta,
                                                  "top": [list(top.ids), list(top.logits)]}).encode() + b"\n")
                 reason = "stop" if out and out[-1] == self.lm.eos else "length"
+                fp = fingerprint(out, tops)
+                sig = self.sign(prompt, out, fp, None if seed is None else int(seed), temperature)
                 await resp.write(json.dumps({"done": True, "finish_reason": reason, "tokens": len(out),
-                                             "fingerprint": fingerprint_hash(tops).hex()}).encode() + b"\n")
+                                             "fingerprint": fp.hex(), "signature": sig.hex()}).encode() + b"\n")
             finally:
                 stop.set()
                 with contextlib.suppress(Exception):
@@ -119,8 +134,8 @@ class Server:
         return web.json_response({"tops": [[p, list(tops[p].ids), list(tops[p].logits)] for p in positions]})
 
 
-def make_app(lm: LanguageModel) -> web.Application:
-    s = Server(lm)
+def make_app(lm: LanguageModel, secret: Optional[bytes] = None, network_id: int = 0) -> web.Application:
+    s = Server(lm, secret, network_id)
     app = web.Application()
     app.router.add_get("/ping", s.ping)
     app.router.add_post("/v1/generate", s.generate)
@@ -167,10 +182,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 async def _run(a: Any) -> int:
     lm = LanguageModel(device=a.device)
-    runner, endpoint = await serve_app(make_app(lm), a.listen)
-    if a.key is not None:
+    secret = None if a.key is None else load_secret(a.key)
+    network_id = 0
+    if secret is not None:
         async with AsyncClient(a.api) as api:
-            await register(api, load_secret(a.key), lm, endpoint, a.stake, a.price_in, a.price_out)
+            network_id = (await api.network()).id
+    runner, endpoint = await serve_app(make_app(lm, secret, network_id), a.listen)
+    if secret is not None:
+        async with AsyncClient(a.api) as api:
+            await register(api, secret, lm, endpoint, a.stake, a.price_in, a.price_out)
     print(f"l2-llm-worker serving {weights_sha256(lm.path).hex()} on {endpoint}", flush=True)
     try:
         await until_signalled()

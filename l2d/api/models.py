@@ -49,7 +49,7 @@ def completion_json(rec: CompletionRecord) -> dict[str, Any]:
             "prompt_tokens": c.n_prompt, "completion_tokens": c.n_output, "cost_msat": c.cost_msat,
             "sampling": Sampling(c.sampling).name.lower(), "seed": c.seed, "temperature_milli": c.temperature_milli,
             "split_bp": {"worker": c.worker_bp, "verifier": c.verifier_bp, "treasury": c.treasury_bp},
-            "verifier": c.verifier.hex(), "session_units_after": rec.units_after,
+            "verifier": c.verifier.hex(), "worker_sig": c.worker_sig.hex(), "session_units_after": rec.units_after,
             "paid_sat": {"worker": rec.worker_sat, "verifier": rec.verifier_sat, "treasury": rec.treasury_sat,
                          "burned": rec.burned_sat}}
 

@@ -47,6 +47,10 @@ H_PEGIN_OUTPOINT = _tagged("l2d/pegin/outpoint")
 H_PLAN_SIG = _tagged("l2d/plan/signature")
 H_RECEIPT = _tagged("l2d/session/receipt")  # what a session key signs (l2d/core/session_tx.py)
 H_RECEIPT_ID = _tagged("l2d/session/receipt-id")  # a settled receipt's hash, kept in its session record
+H_FP_LEAF = _tagged("l2d/inference/fp-leaf")  # one output position of a completion's fingerprint (model_tx.py)
+H_FP_NODE = _tagged("l2d/inference/fp-node")
+H_FP_ROOT = _tagged("l2d/inference/fp-root")
+H_RESULT = _tagged("l2d/inference/result")  # what a worker signs for a result it produced
 # Member transport (l2d/federation/wire.py): not consensus, but fixed so members of one version interoperate.
 H_FED_HANDSHAKE = _tagged("l2d/federation/handshake")
 H_FED_REQUEST = _tagged("l2d/federation/request")

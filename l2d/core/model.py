@@ -4,7 +4,7 @@ them.
 State values (canonical, big-endian):
   model_key(weights_sha256)   = 0x10 || weights_sha256          -> ModelRecord
   offer_key(model, worker)    = 0x11 || H("l2d/model/offer", model || worker) -> OfferRecord (88 bytes)
-  completion_key(id)          = 0x12 || completion id (the recording txid) -> CompletionRecord (340 bytes)
+  completion_key(id)          = 0x12 || completion id (the recording txid) -> CompletionRecord (404 bytes)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .model_tx import (MAX_MODEL_NAME, MAX_MODEL_VERSION, Completion, ModelForma
 from .session import ReceiptOverEscrow, SessionExpired, open_session, session_key
 from .session_tx import MSAT
 from .state import Namespace, Rules, StateView, add_locked, charge_sender
-from .tx import Transaction
+from .tx import Transaction, xonly_key
 from .work import WorkerStatus, burn_supply, check_credits, credit_all, get_worker
 
 _M = bytes((Namespace.MODEL,))
@@ -137,7 +137,7 @@ def apply_serve(view: StateView, tx: Transaction, rules: Rules) -> None:
 class CompletionRecord:
     """Value under completion_key: status u8 | height u64 | gateway 32 | units_after u64 (the session's billed msat
     after it) | worker_sat u64 | verifier_sat u64 | treasury_sat u64 | burned_sat u64 (what its recording paid out)
-    | the Completion payload (259 bytes)."""
+    | the Completion payload (323 bytes)."""
 
     status: CompletionStatus
     height: int
@@ -149,7 +149,7 @@ class CompletionRecord:
     burned_sat: int
     completion: Completion
 
-    SIZE = _COMPLETION_HEAD.size + 259
+    SIZE = _COMPLETION_HEAD.size + 323
 
     def encode(self) -> bytes:
         return _COMPLETION_HEAD.pack(self.status, self.height, self.gateway, self.units_after, self.worker_sat,
@@ -165,6 +165,12 @@ class CompletionRecord:
             raise DecodeError(f"completion record status {status}")
         return cls(CompletionStatus(status), height, gateway, units, worker, verifier, treasury, burned,
                    Completion.decode(b[_COMPLETION_HEAD.size:]))
+
+
+class BadResultSignature(InvalidTransaction):
+    """A completion's fingerprint is not signed by the worker it names."""
+
+    reason = "bad-result-signature"
 
 
 def get_completion(view: StateView, completion_id: bytes) -> Optional[CompletionRecord]:
@@ -188,6 +194,8 @@ def apply_completion(view: StateView, tx: Transaction, rules: Rules) -> None:
     if raw is None:
         raise InvalidTransaction(f"worker {p.worker.hex()} offers no model {p.model.hex()}")
     offer = OfferRecord.decode(raw)
+    if p.fingerprint != bytes(32) and not xonly_key(p.worker).verify(p.worker_sig, p.result_digest(rules.network.id)):
+        raise BadResultSignature(f"the result is not signed by worker {p.worker.hex()}")
     if p.n_prompt + p.n_output > offer.context_length:
         raise InvalidTransaction(f"{p.n_prompt} + {p.n_output} tokens exceed the offer's context length "
                                  f"{offer.context_length}")

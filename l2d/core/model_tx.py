@@ -9,8 +9,13 @@ Byte layouts (big-endian integers):
     Completion     session_id 32 | worker 32 | model 32 | verifier 32 (all zero: none) | prompt_hash 32
                    | output_hash 32 | fingerprint 32 | n_prompt u32 | n_output u32 | cost_msat u64 | seed u64
                    | sampling u8 (0 greedy, 1 seeded) | temperature_milli u32 | worker_bp u16 | verifier_bp u16
-                   | treasury_bp u16                                                                          (259)
+                   | treasury_bp u16 | worker_sig 64 (zero when fingerprint is)                                (323)
 The registrant is the transaction's sender: its BIP340 signature is the creator's signature over the record.
+
+A completion's fingerprint is a Merkle root over its output positions: leaf i = H_FP_LEAF(i u32 | token u32 | the
+top-4 token ids u32 each | their logits quantised, i32 each); a level's odd last node is promoted, never duplicated;
+root = H_FP_ROOT(n u32 | the top node) (n = 0: no node). The worker signs H_RESULT(network id u8 | model | prompt_hash |
+output_hash | fingerprint | n_prompt u32 | n_output u32 | sampling u8 | seed u64 | temperature_milli u32).
 """
 from __future__ import annotations
 
@@ -20,8 +25,11 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .codec import Reader, write_bytes
+from coincurve import PrivateKey
+
+from .codec import U32, Reader, write_bytes
 from .errors import OutOfRange
+from .hashing import H_FP_LEAF, H_FP_NODE, H_FP_ROOT, H_RESULT
 from .params import MAX_MONEY
 from .payload import TxType
 
@@ -32,7 +40,11 @@ MAX_TOKEN_PRICE_MSAT = MAX_MONEY * 1000
 _NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REGISTER = struct.Struct(">32sBI")
 _SERVE = struct.Struct(">32sIQQ")
-_COMPLETION = struct.Struct(">32s32s32s32s32s32s32sIIQQBIHHH")
+_COMPLETION = struct.Struct(">32s32s32s32s32s32s32sIIQQBIHHH64s")
+_RESULT = struct.Struct(">B32s32s32s32sIIBQI")
+FP_TOP_K = 4
+FP_LEAF = struct.Struct(">I4I4i")  # token | top-4 ids | their quantised logits (36 bytes)
+ZERO32 = b"\0" * 32
 BP = 10_000  # basis points: the fee split's shares are out of BP, the burn takes what they leave
 DEFAULT_SPLIT = (5_000, 0, 1_000)  # worker, verifier, treasury: 50 %, 0 %, 10 %; burned: 40 %
 MAX_TEMPERATURE_MILLI = 100_000
@@ -160,6 +172,7 @@ class Completion:
     worker_bp: int
     verifier_bp: int
     treasury_bp: int
+    worker_sig: bytes
 
     def __post_init__(self) -> None:
         for what in ("session_id", "worker", "model"):
@@ -186,6 +199,15 @@ class Completion:
             raise OutOfRange(f"fee split {self.worker_bp} + {self.verifier_bp} + {self.treasury_bp} bp exceeds {BP}")
         if (self.verifier_bp > 0) != (self.verifier != b"\0" * 32):
             raise OutOfRange("a verifier share needs a verifier key, and a verifier key a share")
+        if not isinstance(self.worker_sig, bytes) or len(self.worker_sig) != 64:
+            raise OutOfRange("completion worker_sig must be 64 bytes")
+        if (self.fingerprint == ZERO32) != (self.worker_sig == b"\0" * 64):
+            raise OutOfRange("a fingerprint comes with the worker's signature, and no fingerprint without one")
+
+    def result_digest(self, network_id: int) -> bytes:
+        """What the worker signed (result_digest below)."""
+        return result_digest(network_id, self.model, self.prompt_hash, self.output_hash, self.fingerprint,
+                             self.n_prompt, self.n_output, self.sampling, self.seed, self.temperature_milli)
 
     @property
     def split(self) -> tuple[int, int, int]:
@@ -195,7 +217,7 @@ class Completion:
         return _COMPLETION.pack(self.session_id, self.worker, self.model, self.verifier, self.prompt_hash,
                                 self.output_hash, self.fingerprint, self.n_prompt, self.n_output, self.cost_msat,
                                 self.seed, self.sampling, self.temperature_milli, self.worker_bp, self.verifier_bp,
-                                self.treasury_bp)
+                                self.treasury_bp, self.worker_sig)
 
     def debit_sat(self) -> int:
         return 0
@@ -218,3 +240,71 @@ def split_sat(amount_sat: int, worker_bp: int, verifier_bp: int, treasury_bp: in
     so the four sum to amount_sat exactly."""
     w, v, t = (amount_sat * bp // BP for bp in (worker_bp, verifier_bp, treasury_bp))
     return w, v, t, amount_sat - w - v - t
+
+
+def result_digest(network_id: int, model: bytes, prompt_hash: bytes, output_hash: bytes, fingerprint: bytes,
+                  n_prompt: int, n_output: int, sampling: int, seed: int, temperature_milli: int) -> bytes:
+    """The 32-byte digest a worker signs for a result it produced (its fingerprint binds it to every position)."""
+    return H_RESULT(_RESULT.pack(network_id, model, prompt_hash, output_hash, fingerprint, n_prompt, n_output,
+                                 sampling, seed, temperature_milli))
+
+
+def sign_result(secret: bytes, network_id: int, model: bytes, prompt_hash: bytes, output_hash: bytes,
+                fingerprint: bytes, n_prompt: int, n_output: int, sampling: int, seed: int, temperature_milli: int,
+                aux: bytes = ZERO32) -> bytes:
+    """The worker's BIP340 signature of its result (what Completion.worker_sig holds)."""
+    return bytes(PrivateKey(secret).sign_schnorr(result_digest(network_id, model, prompt_hash, output_hash, fingerprint,
+                                                               n_prompt, n_output, sampling, seed, temperature_milli),
+                                                 aux))
+
+
+def fp_leaf(token: int, ids: tuple[int, ...], logits: tuple[int, ...]) -> bytes:
+    """One output position's leaf: its token, the top-4 ids (best first) and their quantised logits."""
+    if len(ids) != FP_TOP_K or len(logits) != FP_TOP_K:
+        raise OutOfRange(f"a fingerprint position has {FP_TOP_K} ids and {FP_TOP_K} logits")
+    try:
+        return FP_LEAF.pack(token, *ids, *logits)
+    except struct.error as e:
+        raise OutOfRange(f"fingerprint position out of range: {e}") from None
+
+
+def _fp_levels(leaves: list[bytes]) -> list[list[bytes]]:
+    level = [H_FP_LEAF(U32.pack(i) + leaf) for i, leaf in enumerate(leaves)]
+    levels = [level]
+    while len(level) > 1:
+        nxt = [H_FP_NODE(level[i] + level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) & 1:
+            nxt.append(level[-1])
+        levels.append(nxt)
+        level = nxt
+    return levels
+
+
+def fp_root(leaves: list[bytes]) -> bytes:
+    """The fingerprint: the Merkle root over the output positions' leaves (fp_leaf), the count committed."""
+    return H_FP_ROOT(U32.pack(len(leaves)) + (_fp_levels(leaves)[-1][0] if leaves else b""))
+
+
+def fp_proof(leaves: list[bytes], pos: int) -> list[bytes]:
+    """The siblings from position pos's leaf to the top (a promoted node has none at its level)."""
+    out = []
+    for level in _fp_levels(leaves)[:-1]:
+        if pos ^ 1 < len(level):
+            out.append(level[pos ^ 1])
+        pos //= 2
+    return out
+
+
+def fp_verify(root: bytes, n: int, pos: int, leaf: bytes, proof: list[bytes]) -> bool:
+    """Whether leaf is position pos of n under the fingerprint root."""
+    if not 0 <= pos < n:
+        return False
+    h, size, i = H_FP_LEAF(U32.pack(pos) + leaf), n, 0
+    while size > 1:
+        if pos ^ 1 < size:
+            if i == len(proof):
+                return False
+            h = H_FP_NODE(proof[i] + h) if pos & 1 else H_FP_NODE(h + proof[i])
+            i += 1
+        pos, size = pos // 2, (size + 1) // 2
+    return i == len(proof) and H_FP_ROOT(U32.pack(n) + h) == root

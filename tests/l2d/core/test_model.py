@@ -3,17 +3,22 @@ typed, nothing written)."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any, Optional
 
 import pytest
+from coincurve import PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
 from l2d.core.errors import InvalidTransaction, OutOfRange, Unauthorized
 from l2d.core.model import (CompletionRecord, CompletionStatus, ModelRecord, OfferRecord, get_completion, get_model,
                             model_key, offer_key)
+from l2d.core.model import BadResultSignature
 from l2d.core.model_tx import (BP, DEFAULT_SPLIT, MAX_CONTEXT, Completion, ModelFormat, ModelRegister, ModelServe,
-                               Sampling, split_sat, token_cost_msat)
+                               Sampling, fp_leaf, fp_proof, fp_root, fp_verify, result_digest, split_sat,
+                               token_cost_msat)
+from l2d.core.params import LOCAL
 from l2d.core.params import MAX_MONEY
 from l2d.core.payload import Payload
 from l2d.core.session import ReceiptOverEscrow, SessionClosed, SessionExpired, UnknownSession, get_session
@@ -21,7 +26,7 @@ from l2d.core.session_tx import SessionClose, SessionOpen
 from l2d.core.state import SUPPLY_KEY, Account, StateView, Supply, account_key
 from l2d.core.work_tx import WorkerCaps, WorkerExit, WorkerRegister
 from tests.l2d.core.payload_checks import check_round_trip, check_strict
-from tests.l2d.core.test_relay import FEE, MEMBER, OTHER, RELAY, RELAY2, Chain, pk
+from tests.l2d.core.test_relay import FEE, MEMBER, OTHER, RELAY, RELAY2, Chain, pk, secret
 
 H = hashlib.sha256(b"SmolLM2-135M-Instruct.Q4_1.gguf bytes").digest()
 CAPS = WorkerCaps(0, 0, 10, 500_000, 100, 2, b"eu", (b"smollm2",), b"127.0.0.1:9000")
@@ -98,6 +103,11 @@ def completion(sid: bytes, n_prompt: int = 7, n_output: int = 11, cost: Optional
         sampling=Sampling.GREEDY, temperature_milli=0, worker_bp=split[0], verifier_bp=split[1],
         treasury_bp=split[2])
     fields.update(kw)
+    if "worker_sig" not in fields:  # the worker's signature over the result, on the test chain's network
+        digest = result_digest(LOCAL.id, *(fields[f] for f in ("model", "prompt_hash", "output_hash", "fingerprint",
+                                                                "n_prompt", "n_output", "sampling", "seed",
+                                                                "temperature_milli")))
+        fields["worker_sig"] = PrivateKey(secret(WORKER)).sign_schnorr(digest, b"\0" * 32)
     return Completion(**fields)
 
 
@@ -127,7 +137,10 @@ def test_completion_payloads_round_trip_and_refuse_bad_fields() -> None:
                       (dict(seed=3), "greedy completion has no seed"),
                       (dict(sampling=Sampling.SEEDED, temperature_milli=0), "temperature 0 milli"),
                       (dict(sampling=2), "sampling 2"), (dict(cost=-1), "cost_msat"),
-                      (dict(worker=b"\0" * 32), "completion worker")]:
+                      (dict(worker=b"\0" * 32), "completion worker"),
+                      (dict(worker_sig=b"\0" * 64), "comes with the worker's signature"),
+                      (dict(fingerprint=b"\0" * 32), "comes with the worker's signature"),
+                      (dict(worker_sig=b"\1" * 63), "worker_sig must be 64 bytes")]:
         with pytest.raises(OutOfRange, match=match):
             completion(sid, **kw)
 
@@ -171,9 +184,17 @@ def test_completions_that_break_a_rule_are_refused_and_write_nothing() -> None:
     c.reject(InvalidTransaction, GATEWAY, completion(sid, model=b"\4" * 32), match="offers no model")
     c.reject(InvalidTransaction, GATEWAY, completion(sid, 2000, 49), match="exceed the offer's context length")
     c.reject(ReceiptOverEscrow, GATEWAY, completion(sid, 10, 26), match="deposit is 10 sat")  # 11,400 msat
+    # a fingerprint is the worker's: signed by someone else, for other tokens, or on another network, refused
+    c.reject(BadResultSignature, GATEWAY, completion(
+        sid, worker_sig=PrivateKey(secret(GATEWAY)).sign_schnorr(b"\0" * 32, b"\0" * 32)), match="not signed by worker")
+    c.reject(BadResultSignature, GATEWAY, replace(completion(sid), output_hash=b"\6" * 32))
+    wrong_net = result_digest(LOCAL.id + 1, H, b"\1" * 32, b"\2" * 32, b"\3" * 32, 7, 11, 0, 0, 0)
+    c.reject(BadResultSignature, GATEWAY, completion(
+        sid, worker_sig=PrivateKey(secret(WORKER)).sign_schnorr(wrong_net, b"\0" * 32)))
     c.apply(GATEWAY, completion(sid, 10, 22))  # 9,800 msat: 9 sat of the 10
     c.reject(ReceiptOverEscrow, GATEWAY, completion(sid, 1, 3))  # 11,100 msat
-    c.apply(GATEWAY, completion(sid, 1, 0))  # 100 msat more: 9,900
+    c.apply(GATEWAY, completion(sid, 1, 0, fingerprint=b"\0" * 32, worker_sig=b"\0" * 64))  # a cut-short answer:
+    # billed (100 msat more: 9,900), with no fingerprint and no signature to check
     c2, sid2 = served_chain(price=2)
     c2.reject(InvalidTransaction, GATEWAY, completion(sid2), match="1 msat per unit")
     c3, sid3 = served_chain(expiry=7)
@@ -182,3 +203,29 @@ def test_completions_that_break_a_rule_are_refused_and_write_nothing() -> None:
     c3.height = 7
     c3.apply(GATEWAY, SessionClose(sid3))
     c3.reject(SessionClosed, GATEWAY, completion(sid3))
+
+
+def test_fingerprint_merkle_proofs_prove_every_position_and_nothing_else() -> None:
+    """The fingerprint root commits to each position's token and top-4 (and to the count): every position of every
+    size proves against it with fp_proof, and a changed leaf, position, count, or sibling does not."""
+    for n in range(1, 34):
+        leaves = [fp_leaf(i * 7, (i, i + 1, i + 2, i + 3), (900 - i, 800, -5, -(1 << 31))) for i in range(n)]
+        root = fp_root(leaves)
+        for pos in range(n):
+            proof = fp_proof(leaves, pos)
+            assert fp_verify(root, n, pos, leaves[pos], proof)
+            assert len(proof) <= max(1, (n - 1).bit_length())
+            assert not fp_verify(root, n, pos, fp_leaf(pos * 7 + 1, (pos, pos + 1, pos + 2, pos + 3),
+                                                       (900 - pos, 800, -5, -(1 << 31))), proof)
+            assert not fp_verify(root, n + 1, pos, leaves[pos], proof)
+            assert not fp_verify(root, n, (pos + 1) % n, leaves[pos], proof) or n == 1
+            if proof:
+                assert not fp_verify(root, n, pos, leaves[pos], proof[:-1])
+                assert not fp_verify(root, n, pos, leaves[pos], [b"\x09" * 32] + proof[1:])
+            assert not fp_verify(root, n, pos, leaves[pos], proof + [b"\x09" * 32])
+        assert not fp_verify(root, n, n, leaves[0], fp_proof(leaves, 0))
+    assert fp_root([]) != fp_root([fp_leaf(0, (0, 0, 0, 0), (0, 0, 0, 0))])
+    with pytest.raises(OutOfRange):
+        fp_leaf(1, (1, 2, 3), (1, 2, 3))
+    with pytest.raises(OutOfRange):
+        fp_leaf(1, (1, 2, 3, 4), (1, 2, 3, 1 << 31))
