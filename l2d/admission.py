@@ -208,7 +208,7 @@ class Admission:
             raise StaleNonce(f"nonce {tx.nonce} is below the committed nonce {committed} of {tx.sender.hex()}")
         spent = sum(p.payload.debit_sat() + p.fee_sat for p in self.mempool.pending_of(tx.sender)
                     if p.nonce != tx.nonce)
-        view = StateView(store.get_state, self.chain.tip.height + 1)
+        view = StateView(store.get_state, self.chain.tip.height + 1, self.chain.tip.hash)
         if acc is not None or tx.nonce > 0:  # nonce > 0: the sender's pending transactions create its account
             balance = acc.balance_sat if acc is not None else 0
             view.put(skey, Account(max(balance - spent, 0), tx.nonce).encode())

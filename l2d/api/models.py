@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..core.model import CompletionRecord, ModelRecord, OfferRecord, completion_key
+from ..core.model import ChallengeRecord, CompletionRecord, ModelRecord, OfferRecord, challenge_key, completion_key
 from ..core.model_tx import Sampling
 from ..core.state import Namespace
 from ..core.work import WorkerRecord, WorkerStatus, worker_key
@@ -50,20 +50,30 @@ def completion_json(rec: CompletionRecord) -> dict[str, Any]:
             "sampling": Sampling(c.sampling).name.lower(), "seed": c.seed, "temperature_milli": c.temperature_milli,
             "split_bp": {"worker": c.worker_bp, "verifier": c.verifier_bp, "treasury": c.treasury_bp},
             "verifier": c.verifier.hex(), "worker_sig": c.worker_sig.hex(), "session_units_after": rec.units_after,
+            "draw_seed": rec.draw_seed.hex(), "audit_positions": rec.positions(),
             "paid_sat": {"worker": rec.worker_sat, "verifier": rec.verifier_sat, "treasury": rec.treasury_sat,
                          "burned": rec.burned_sat}}
 
 
 async def completion(request: web.Request) -> web.Response:
-    """GET /api/completions/{id}: a recorded completion (id: the recording txid) with its state proof."""
+    """GET /api/completions/{id}: a recorded completion (id: the recording txid) with its state proof, its audit
+    draw, and its challenge (if any) with that record's proof."""
     cid = path_hex32(request, "id")
     key = completion_key(cid)
     proven = await request.app[CHAIN].prove(key)
     if proven.value is None or proven.proof is None:
         raise ApiError(404, "not-found", f"no completion {cid.hex()} (its recording may still be pending)")
-    return web.json_response({"completion_id": cid.hex(), **completion_json(CompletionRecord.decode(proven.value)),
-                              "key": key.hex(), "value": proven.value.hex(), "proof": proven.proof.encode().hex(),
-                              "state_root": proven.tip.state_root.hex(), "tip_height": proven.tip.height})
+    out = {"completion_id": cid.hex(), **completion_json(CompletionRecord.decode(proven.value)), "challenge": None,
+           "key": key.hex(), "value": proven.value.hex(), "proof": proven.proof.encode().hex(),
+           "state_root": proven.tip.state_root.hex(), "tip_height": proven.tip.height}
+    ch = await request.app[CHAIN].prove(challenge_key(cid))
+    if ch.value is not None and ch.proof is not None:
+        c = ChallengeRecord.decode(ch.value)
+        out["challenge"] = {"challenger": c.challenger.hex(), "height": c.height, "loser": c.loser.name.lower(),
+                            "referee": c.referee.hex(), "slash_sat": c.slash_sat, "key": challenge_key(cid).hex(),
+                            "value": ch.value.hex(), "proof": ch.proof.encode().hex(),
+                            "state_root": ch.tip.state_root.hex()}
+    return web.json_response(out)
 
 
 def add_routes(r: web.UrlDispatcher) -> None:

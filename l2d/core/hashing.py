@@ -51,6 +51,7 @@ H_FP_LEAF = _tagged("l2d/inference/fp-leaf")  # one output position of a complet
 H_FP_NODE = _tagged("l2d/inference/fp-node")
 H_FP_ROOT = _tagged("l2d/inference/fp-root")
 H_RESULT = _tagged("l2d/inference/result")  # what a worker signs for a result it produced
+H_DRAW = _tagged("l2d/inference/draw")  # a recorded completion's audit seed: its id and the block it was built on
 # Member transport (l2d/federation/wire.py): not consensus, but fixed so members of one version interoperate.
 H_FED_HANDSHAKE = _tagged("l2d/federation/handshake")
 H_FED_REQUEST = _tagged("l2d/federation/request")

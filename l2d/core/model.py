@@ -4,7 +4,8 @@ them.
 State values (canonical, big-endian):
   model_key(weights_sha256)   = 0x10 || weights_sha256          -> ModelRecord
   offer_key(model, worker)    = 0x11 || H("l2d/model/offer", model || worker) -> OfferRecord (88 bytes)
-  completion_key(id)          = 0x12 || completion id (the recording txid) -> CompletionRecord (404 bytes)
+  completion_key(id)          = 0x12 || completion id (the recording txid) -> CompletionRecord (436 bytes)
+  challenge_key(id)           = 0x13 || completion id -> ChallengeRecord (a dispute of it, and its verdict)
 """
 from __future__ import annotations
 
@@ -15,22 +16,27 @@ from typing import Optional
 
 from .codec import Reader, write_bytes
 
-from .errors import DecodeError, InvalidTransaction, Unauthorized
+from .errors import DecodeError, DuplicateDuty, InvalidTransaction, Unauthorized
 from .hashing import tagged_hash
-from .model_tx import (MAX_MODEL_NAME, MAX_MODEL_VERSION, Completion, ModelFormat, ModelRegister, ModelServe,
-                       split_sat, token_cost_msat)
+from .model_tx import (CHALLENGE_WINDOW, COMPLETION_SLASH_SAT, FP_LEAF, MAX_MODEL_NAME, MAX_MODEL_VERSION,
+                       REFEREE_WINDOW, Completion, CompletionChallenge, CompletionReferee, ModelFormat, ModelRegister,
+                       ModelServe, TopK, agrees, draw_seed, fp_verify, leaf_parts, reveal_positions, split_sat,
+                       token_cost_msat)
 from .session import ReceiptOverEscrow, SessionExpired, open_session, session_key
 from .session_tx import MSAT
 from .state import Namespace, Rules, StateView, add_locked, charge_sender
 from .tx import Transaction, xonly_key
-from .work import WorkerStatus, burn_supply, check_credits, credit_all, get_worker
+from .work import WorkerRecord, WorkerStatus, burn_supply, check_credits, credit_all, get_worker, rep_up, worker_key
+from .work_tx import PPM
 
 _M = bytes((Namespace.MODEL,))
 _O = bytes((Namespace.MODEL_OFFER,))
 _MODEL_HEAD = struct.Struct(">32sBIQ")
 _OFFER = struct.Struct(">32s32sIQQQ")
 _C = bytes((Namespace.COMPLETION,))
-_COMPLETION_HEAD = struct.Struct(">BQ32sQQQQQ")
+_COMPLETION_HEAD = struct.Struct(">BQ32s32sQQQQQ")
+_X = bytes((Namespace.COMPLETION_CHALLENGE,))
+_CHALLENGE_HEAD = struct.Struct(">B32sQ32sQB")
 
 
 def model_key(weights_sha256: bytes) -> bytes:
@@ -45,8 +51,15 @@ def completion_key(completion_id: bytes) -> bytes:
     return _C + completion_id
 
 
+def challenge_key(completion_id: bytes) -> bytes:
+    return _X + completion_id
+
+
 class CompletionStatus(IntEnum):
     RECORDED = 1  # billed and paid out; open to audit
+    CHALLENGED = 2  # a worker's re-execution disagrees: waiting for a referee
+    WORKER_SLASHED = 3  # the referee agreed with the challenger
+    CHALLENGER_SLASHED = 4  # the referee agreed with the worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +148,15 @@ def apply_serve(view: StateView, tx: Transaction, rules: Rules) -> None:
 
 @dataclass(frozen=True, slots=True)
 class CompletionRecord:
-    """Value under completion_key: status u8 | height u64 | gateway 32 | units_after u64 (the session's billed msat
-    after it) | worker_sat u64 | verifier_sat u64 | treasury_sat u64 | burned_sat u64 (what its recording paid out)
-    | the Completion payload (323 bytes)."""
+    """Value under completion_key: status u8 | height u64 | gateway 32 | draw_seed 32 (draw_seed(id, the parent
+    block's hash): its audit draw) | units_after u64 (the session's billed msat after it) | worker_sat u64 |
+    verifier_sat u64 | treasury_sat u64 | burned_sat u64 (what its recording paid out) | the Completion payload (323
+    bytes)."""
 
     status: CompletionStatus
     height: int
     gateway: bytes
+    draw_seed: bytes
     units_after: int
     worker_sat: int
     verifier_sat: int
@@ -152,19 +167,71 @@ class CompletionRecord:
     SIZE = _COMPLETION_HEAD.size + 323
 
     def encode(self) -> bytes:
-        return _COMPLETION_HEAD.pack(self.status, self.height, self.gateway, self.units_after, self.worker_sat,
-                                     self.verifier_sat, self.treasury_sat, self.burned_sat) + self.completion.encode()
+        return _COMPLETION_HEAD.pack(self.status, self.height, self.gateway, self.draw_seed, self.units_after,
+                                     self.worker_sat, self.verifier_sat, self.treasury_sat,
+                                     self.burned_sat) + self.completion.encode()
 
     @classmethod
     def decode(cls, b: bytes) -> "CompletionRecord":
         if len(b) != cls.SIZE:
             raise DecodeError(f"completion record of {len(b)} bytes, expected {cls.SIZE}")
-        status, height, gateway, units, worker, verifier, treasury, burned = _COMPLETION_HEAD.unpack(
+        status, height, gateway, seed, units, worker, verifier, treasury, burned = _COMPLETION_HEAD.unpack(
             b[:_COMPLETION_HEAD.size])
         if status not in tuple(CompletionStatus):
             raise DecodeError(f"completion record status {status}")
-        return cls(CompletionStatus(status), height, gateway, units, worker, verifier, treasury, burned,
+        return cls(CompletionStatus(status), height, gateway, seed, units, worker, verifier, treasury, burned,
                    Completion.decode(b[_COMPLETION_HEAD.size:]))
+
+    def positions(self) -> list[int]:
+        """The output positions its audit reveals."""
+        return reveal_positions(self.draw_seed, self.completion.n_output)
+
+
+class Loser(IntEnum):
+    NONE = 0
+    WORKER = 1
+    CHALLENGER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeRecord:
+    """Value under challenge_key: loser u8 (0 until decided) | challenger 32 | height u64 | referee 32 (zero until
+    decided) | slash_sat u64 | k u8 | k x the worker's leaf (36) | k x the challenger's top-4 (32)."""
+
+    loser: Loser
+    challenger: bytes
+    height: int
+    referee: bytes
+    slash_sat: int
+    leaves: tuple[bytes, ...]
+    tops: tuple[TopK, ...]
+
+    def encode(self) -> bytes:
+        head = _CHALLENGE_HEAD.pack(self.loser, self.challenger, self.height, self.referee, self.slash_sat,
+                                    len(self.leaves))
+        return head + b"".join(self.leaves) + b"".join(t.encode() for t in self.tops)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "ChallengeRecord":
+        r = Reader(b, "challenge record")
+        loser, challenger, height, referee, slash, k = _CHALLENGE_HEAD.unpack(r.take(_CHALLENGE_HEAD.size))
+        if loser not in tuple(Loser):
+            raise DecodeError(f"challenge record loser {loser}")
+        leaves = tuple(r.take(FP_LEAF.size) for _ in range(k))
+        tops = tuple(TopK.decode(r.take(32)) for _ in range(k))
+        r.end()
+        return cls(Loser(loser), challenger, height, referee, slash, leaves, tops)
+
+    def claims(self, positions: list[int]) -> tuple[dict[int, int], dict[int, TopK], dict[int, TopK]]:
+        """(the worker's tokens, the worker's top-K, the challenger's top-K) by position."""
+        parts = [leaf_parts(leaf) for leaf in self.leaves]
+        return ({p: t for p, (t, _) in zip(positions, parts)}, {p: k for p, (_, k) in zip(positions, parts)},
+                dict(zip(positions, self.tops)))
+
+
+def get_challenge(view: StateView, completion_id: bytes) -> Optional[ChallengeRecord]:
+    raw = view.get(challenge_key(completion_id))
+    return None if raw is None else ChallengeRecord.decode(raw)
 
 
 class BadResultSignature(InvalidTransaction):
@@ -194,6 +261,9 @@ def apply_completion(view: StateView, tx: Transaction, rules: Rules) -> None:
     if raw is None:
         raise InvalidTransaction(f"worker {p.worker.hex()} offers no model {p.model.hex()}")
     offer = OfferRecord.decode(raw)
+    w_rec = get_worker(view, p.worker)
+    if w_rec is None or w_rec.status != WorkerStatus.ACTIVE:  # an exiting worker's stake must outlast the disputes
+        raise InvalidTransaction(f"worker {p.worker.hex()} is not active")
     if p.fingerprint != bytes(32) and not xonly_key(p.worker).verify(p.worker_sig, p.result_digest(rules.network.id)):
         raise BadResultSignature(f"the result is not signed by worker {p.worker.hex()}")
     if p.n_prompt + p.n_output > offer.context_length:
@@ -218,5 +288,106 @@ def apply_completion(view: StateView, tx: Transaction, rules: Rules) -> None:
     burn_supply(view, burned)
     view.put(session_key(p.session_id), replace(rec, seq=rec.seq + 1, settled_sat=settled, units=units,
                                                 receipt_id=tx.txid).encode())
-    view.put(completion_key(tx.txid), CompletionRecord(CompletionStatus.RECORDED, view.height, tx.sender, units,
-                                                       w, v, t, burned, p).encode())
+    view.put(completion_key(tx.txid), CompletionRecord(CompletionStatus.RECORDED, view.height, tx.sender,
+                                                       draw_seed(tx.txid, view.parent_hash), units, w, v, t, burned,
+                                                       p).encode())
+
+
+def _serving_worker(view: StateView, pk: bytes, model: bytes, role: str) -> WorkerRecord:
+    """An ACTIVE worker that offers the model: only such a worker re-executes it for a dispute."""
+    w = get_worker(view, pk)
+    if w is None or w.status != WorkerStatus.ACTIVE:
+        raise InvalidTransaction(f"the {role} {pk.hex()} is not an active worker")
+    if view.get(offer_key(model, pk)) is None:
+        raise InvalidTransaction(f"the {role} {pk.hex()} does not serve model {model.hex()}")
+    return w
+
+
+def _need_completion(view: StateView, completion_id: bytes) -> CompletionRecord:
+    rec = get_completion(view, completion_id)
+    if rec is None:
+        raise InvalidTransaction(f"no completion {completion_id.hex()}")
+    return rec
+
+
+def apply_challenge(view: StateView, tx: Transaction, rules: Rules) -> None:
+    """A worker disputes a recorded completion: the worker's leaves at the drawn positions must prove against its
+    fingerprint, and the challenger's top-K disagree with them by the audit rule."""
+    p = tx.payload
+    assert isinstance(p, CompletionChallenge)
+    rec = _need_completion(view, p.completion_id)
+    c = rec.completion
+    if rec.status != CompletionStatus.RECORDED:
+        raise DuplicateDuty(f"completion {p.completion_id.hex()} is {rec.status.name} already")
+    if c.fingerprint == bytes(32):
+        raise InvalidTransaction("the completion was cut short: it has no fingerprint to dispute")
+    if view.height > rec.height + CHALLENGE_WINDOW:
+        raise InvalidTransaction(f"the challenge window closed at height {rec.height + CHALLENGE_WINDOW}")
+    if tx.sender == c.worker:
+        raise InvalidTransaction("a worker does not challenge its own result")
+    _serving_worker(view, tx.sender, c.model, "challenger")
+    positions = rec.positions()
+    if len(p.leaves) != len(positions):
+        raise InvalidTransaction(f"the audit reveals {len(positions)} positions, the challenge {len(p.leaves)}")
+    for pos, leaf, proof in zip(positions, p.leaves, p.proofs):
+        if not fp_verify(c.fingerprint, c.n_output, pos, leaf, list(proof)):
+            raise InvalidTransaction(f"position {pos}: the leaf is not the one the worker committed to")
+    ch = ChallengeRecord(Loser.NONE, tx.sender, view.height, bytes(32), 0, p.leaves, p.tops)
+    tokens, worker_tops, mine = ch.claims(positions)
+    if agrees(tokens, worker_tops, mine, c.sampling == 0):
+        raise InvalidTransaction("the challenger's re-execution agrees with the worker's result: nothing to dispute")
+    charge_sender(view, tx, rules, 0)
+    view.put(challenge_key(p.completion_id), ch.encode())
+    view.put(completion_key(p.completion_id), replace(rec, status=CompletionStatus.CHALLENGED).encode())
+
+
+def apply_referee(view: StateView, tx: Transaction, rules: Rules) -> None:
+    """A third worker's re-execution decides a challenge: the side it shows wrong, while agreeing with the other,
+    loses up to COMPLETION_SLASH_SAT of its stake: half to the other side, a quarter to the referee, the rest
+    burned. A re-execution that agrees with both or neither decides nothing (refused: another referee may answer)."""
+    p = tx.payload
+    assert isinstance(p, CompletionReferee)
+    rec = _need_completion(view, p.completion_id)
+    c = rec.completion
+    ch = get_challenge(view, p.completion_id)
+    if rec.status != CompletionStatus.CHALLENGED or ch is None:
+        raise DuplicateDuty(f"completion {p.completion_id.hex()} is {rec.status.name}: nothing to referee")
+    if view.height > ch.height + REFEREE_WINDOW:
+        raise InvalidTransaction(f"the referee window closed at height {ch.height + REFEREE_WINDOW}")
+    if tx.sender in (c.worker, ch.challenger):
+        raise InvalidTransaction("the referee must be a third worker")
+    _serving_worker(view, tx.sender, c.model, "referee")
+    if len(p.tops) != len(ch.tops):
+        raise InvalidTransaction(f"the challenge reveals {len(ch.tops)} positions, the referee {len(p.tops)}")
+    positions = rec.positions()
+    tokens, worker_tops, challenger_tops = ch.claims(positions)
+    ref = dict(zip(positions, p.tops))
+    worker_ok = agrees(tokens, worker_tops, ref, c.sampling == 0)
+    challenger_ok = agrees(tokens, challenger_tops, ref, False)
+    if worker_ok == challenger_ok:
+        sides = "both sides" if worker_ok else "neither side"
+        raise InvalidTransaction(f"the referee's re-execution agrees with {sides}: it decides nothing")
+    loser_pk, winner_pk = (ch.challenger, c.worker) if worker_ok else (c.worker, ch.challenger)
+    ws = {pk: get_worker(view, pk) for pk in (loser_pk, winner_pk, tx.sender)}
+    loser, winner, referee = ws[loser_pk], ws[winner_pk], ws[tx.sender]
+    if loser is None or winner is None or referee is None:  # unreachable: workers are never deleted
+        raise InvalidTransaction("a party is not a registered worker")
+    slash = min(loser.stake_sat, COMPLETION_SLASH_SAT)
+    payouts = [(winner_pk, slash // 2), (tx.sender, slash // 4)]
+    check_credits(view, payouts)
+    charge_sender(view, tx, rules, 0)
+    slashes = loser.slashes + 1
+    updated = {loser_pk: replace(loser, stake_sat=loser.stake_sat - slash, slashes=slashes,
+                                 tasks_failed=loser.tasks_failed + 1,
+                                 reputation_ppm=min(loser.reputation_ppm // 4, PPM // (1 + slashes))),
+               winner_pk: replace(winner, tasks_done=winner.tasks_done + 1, reputation_ppm=rep_up(winner)),
+               tx.sender: replace(referee, tasks_done=referee.tasks_done + 1, reputation_ppm=rep_up(referee))}
+    for pk in sorted(updated):
+        view.put(worker_key(pk), updated[pk].encode())
+    add_locked(view, -slash)
+    burn_supply(view, slash - slash // 2 - slash // 4)
+    credit_all(view, payouts)
+    who = Loser.CHALLENGER if worker_ok else Loser.WORKER
+    view.put(challenge_key(p.completion_id), replace(ch, loser=who, referee=tx.sender, slash_sat=slash).encode())
+    status = CompletionStatus.CHALLENGER_SLASHED if worker_ok else CompletionStatus.WORKER_SLASHED
+    view.put(completion_key(p.completion_id), replace(rec, status=status).encode())

@@ -10,6 +10,9 @@ Byte layouts (big-endian integers):
                    | output_hash 32 | fingerprint 32 | n_prompt u32 | n_output u32 | cost_msat u64 | seed u64
                    | sampling u8 (0 greedy, 1 seeded) | temperature_milli u32 | worker_bp u16 | verifier_bp u16
                    | treasury_bp u16 | worker_sig 64 (zero when fingerprint is)                                (323)
+    CompletionChallenge  completion_id 32 | k u8 (1..8) | k x (worker's leaf 36 | m u8 | m x proof hash 32
+                   | challenger's top-4 ids u32 x 4 | quantised logits i32 x 4)
+    CompletionReferee    completion_id 32 | k u8 (1..8) | k x (top-4 ids u32 x 4 | quantised logits i32 x 4)
 The registrant is the transaction's sender: its BIP340 signature is the creator's signature over the record.
 
 A completion's fingerprint is a Merkle root over its output positions: leaf i = H_FP_LEAF(i u32 | token u32 | the
@@ -20,16 +23,17 @@ output_hash | fingerprint | n_prompt u32 | n_output u32 | sampling u8 | seed u64
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 from coincurve import PrivateKey
 
 from .codec import U32, Reader, write_bytes
 from .errors import OutOfRange
-from .hashing import H_FP_LEAF, H_FP_NODE, H_FP_ROOT, H_RESULT
+from .hashing import H_DRAW, H_FP_LEAF, H_FP_NODE, H_FP_ROOT, H_RESULT
 from .params import MAX_MONEY
 from .payload import TxType
 
@@ -44,6 +48,13 @@ _COMPLETION = struct.Struct(">32s32s32s32s32s32s32sIIQQBIHHH64s")
 _RESULT = struct.Struct(">B32s32s32s32sIIBQI")
 FP_TOP_K = 4
 FP_LEAF = struct.Struct(">I4I4i")  # token | top-4 ids | their quantised logits (36 bytes)
+_TOPS = struct.Struct(">4I4i")  # a re-execution's top-4 ids and quantised logits (32 bytes)
+REVEAL = 8  # positions an audit reveals (all of them when the output is shorter)
+TOLERANCE = 2  # quanta (1/16 of a logit) by which hardware may move a logit: the audit's tolerance
+CHALLENGE_WINDOW = 40  # blocks after its recording in which a completion can be challenged
+REFEREE_WINDOW = 40  # blocks after a challenge in which a referee decides it (both within a worker's exit delay)
+COMPLETION_SLASH_SAT = 10_000  # what the side a referee shows wrong loses of its stake (at most all of it)
+MAX_PROOF = 32  # siblings in a fingerprint proof (2^32 positions)
 ZERO32 = b"\0" * 32
 BP = 10_000  # basis points: the fee split's shares are out of BP, the burn takes what they leave
 DEFAULT_SPLIT = (5_000, 0, 1_000)  # worker, verifier, treasury: 50 %, 0 %, 10 %; burned: 40 %
@@ -308,3 +319,178 @@ def fp_verify(root: bytes, n: int, pos: int, leaf: bytes, proof: list[bytes]) ->
             i += 1
         pos, size = pos // 2, (size + 1) // 2
     return i == len(proof) and H_FP_ROOT(U32.pack(n) + h) == root
+
+
+@dataclass(frozen=True, slots=True)
+class TopK:
+    """One output position as a model saw it: the top-4 token ids (best first) and their logits quantised."""
+
+    ids: tuple[int, ...]
+    logits: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        if len(self.ids) != FP_TOP_K or len(self.logits) != FP_TOP_K:
+            raise OutOfRange(f"a top-K has {FP_TOP_K} ids and {FP_TOP_K} logits")
+        try:
+            return _TOPS.pack(*self.ids, *self.logits)
+        except struct.error as e:
+            raise OutOfRange(f"top-K out of range: {e}") from None
+
+    @classmethod
+    def decode(cls, b: bytes) -> "TopK":
+        v = _TOPS.unpack(b)
+        return cls(tuple(v[:FP_TOP_K]), tuple(v[FP_TOP_K:]))
+
+
+def leaf_parts(leaf: bytes) -> tuple[int, TopK]:
+    """A fingerprint leaf's token and top-K."""
+    v = FP_LEAF.unpack(leaf)
+    return v[0], TopK(tuple(v[1:1 + FP_TOP_K]), tuple(v[1 + FP_TOP_K:]))
+
+
+class Mismatch(ValueError):
+    """A result does not re-execute to what it claims."""
+
+
+def check_revealed(tokens: Mapping[int, int], revealed: Mapping[int, TopK], reference: Mapping[int, TopK],
+                   greedy: bool) -> None:
+    """The audit rule, off the ledger and on it: at each revealed position, the claimed top-K has the reference's
+    ids, every quantised logit within TOLERANCE of its own, and (greedy) the output token there is the reference's
+    top-1. Mismatch names the first position that fails."""
+    for pos, claimed in sorted(revealed.items()):
+        if pos not in tokens or pos not in reference:
+            raise Mismatch(f"position {pos} is outside the output")
+        ref = reference[pos]
+        if claimed.ids != ref.ids:
+            raise Mismatch(f"position {pos}: top-{FP_TOP_K} ids {claimed.ids}, re-execution gives {ref.ids}")
+        worst = max(abs(a - b) for a, b in zip(claimed.logits, ref.logits))
+        if worst > TOLERANCE:
+            raise Mismatch(f"position {pos}: a logit is {worst} quanta away from re-execution (tolerance "
+                           f"{TOLERANCE})")
+        if greedy and tokens[pos] != ref.ids[0]:
+            raise Mismatch(f"position {pos}: token {tokens[pos]} is not the greedy choice {ref.ids[0]}")
+
+
+def agrees(tokens: Mapping[int, int], revealed: Mapping[int, TopK], reference: Mapping[int, TopK],
+           greedy: bool) -> bool:
+    try:
+        check_revealed(tokens, revealed, reference, greedy)
+    except Mismatch:
+        return False
+    return True
+
+
+def draw_seed(completion_id: bytes, parent_hash: bytes) -> bytes:
+    """A recorded completion's audit seed: its id and the hash of the block its recording was built on, neither
+    known to the worker when it committed to the result."""
+    return H_DRAW(completion_id + parent_hash)
+
+
+def reveal_positions(seed: bytes, n_output: int, count: int = REVEAL) -> list[int]:
+    """The output positions an audit reveals: `count` distinct positions in 0..n_output-1 drawn from
+    SHA-256("l2d/inference/reveal" ‖ seed ‖ i u32) (all of them when fewer), ascending."""
+    if n_output <= count:
+        return list(range(n_output))
+    picked: set[int] = set()
+    i = 0
+    while len(picked) < count:
+        d = hashlib.sha256(b"l2d/inference/reveal" + seed + i.to_bytes(4, "big")).digest()
+        picked.add(int.from_bytes(d[:8], "big") % n_output)
+        i += 1
+    return sorted(picked)
+
+
+def audit_drawn(seed: bytes, share_bp: int) -> bool:
+    """Whether a recorded completion is drawn for audit at share_bp basis points: SHA-256("l2d/inference/audit" ‖
+    seed), first 8 bytes big-endian, mod 10,000."""
+    d = hashlib.sha256(b"l2d/inference/audit" + seed).digest()
+    return int.from_bytes(d[:8], "big") % BP < share_bp
+
+
+def _tops_list(r: Reader, k: int) -> tuple[TopK, ...]:
+    return tuple(TopK.decode(r.take(_TOPS.size)) for _ in range(k))
+
+
+def _check_tops(tops: tuple[TopK, ...], what: str) -> None:
+    if not 1 <= len(tops) <= REVEAL:
+        raise OutOfRange(f"{what}: 1..{REVEAL} positions, not {len(tops)}")
+    for t in tops:
+        if not isinstance(t, TopK):
+            raise OutOfRange(f"{what}: a position is not a TopK")
+        t.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionChallenge:
+    """A worker that re-executed a recorded completion disputes it (the sender: an ACTIVE worker offering the model,
+    not the completion's): at each position drawn from the completion's seed, the worker's committed leaf with its
+    proof against the recorded fingerprint, and the challenger's own top-K. The ledger checks the proofs and that
+    the two disagree by the audit rule; a referee decides."""
+
+    TYPE: ClassVar[TxType] = TxType.COMPLETION_CHALLENGE
+    FEELESS: ClassVar[bool] = False
+    completion_id: bytes
+    leaves: tuple[bytes, ...]
+    proofs: tuple[tuple[bytes, ...], ...]
+    tops: tuple[TopK, ...]
+
+    def __post_init__(self) -> None:
+        _b32(self.completion_id, "challenged completion id")
+        _check_tops(self.tops, "challenge")
+        if len(self.leaves) != len(self.tops) or len(self.proofs) != len(self.tops):
+            raise OutOfRange("a challenge has one leaf, proof and top-K per position")
+        for leaf, proof in zip(self.leaves, self.proofs):
+            if not isinstance(leaf, bytes) or len(leaf) != FP_LEAF.size:
+                raise OutOfRange(f"a fingerprint leaf is {FP_LEAF.size} bytes")
+            if len(proof) > MAX_PROOF or not all(isinstance(x, bytes) and len(x) == 32 for x in proof):
+                raise OutOfRange(f"a fingerprint proof is at most {MAX_PROOF} hashes of 32 bytes")
+
+    def encode(self) -> bytes:
+        out = bytearray(self.completion_id + bytes((len(self.tops),)))
+        for leaf, proof, top in zip(self.leaves, self.proofs, self.tops):
+            out += leaf + bytes((len(proof),)) + b"".join(proof) + top.encode()
+        return bytes(out)
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "CompletionChallenge":
+        r = Reader(b, "completion challenge payload")
+        cid = r.take(32)
+        leaves, proofs, tops = [], [], []
+        for _ in range(r.u8()):
+            leaves.append(r.take(FP_LEAF.size))
+            proofs.append(tuple(r.take(32) for _ in range(r.u8())))
+            tops.append(TopK.decode(r.take(_TOPS.size)))
+        r.end()
+        return cls(cid, tuple(leaves), tuple(proofs), tuple(tops))
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionReferee:
+    """A third worker's re-execution of a challenged completion (its top-K at the drawn positions): the ledger
+    slashes the side it shows wrong while it agrees with the other."""
+
+    TYPE: ClassVar[TxType] = TxType.COMPLETION_REFEREE
+    FEELESS: ClassVar[bool] = False
+    completion_id: bytes
+    tops: tuple[TopK, ...]
+
+    def __post_init__(self) -> None:
+        _b32(self.completion_id, "refereed completion id")
+        _check_tops(self.tops, "referee")
+
+    def encode(self) -> bytes:
+        return self.completion_id + bytes((len(self.tops),)) + b"".join(t.encode() for t in self.tops)
+
+    def debit_sat(self) -> int:
+        return 0
+
+    @classmethod
+    def decode(cls, b: bytes) -> "CompletionReferee":
+        r = Reader(b, "completion referee payload")
+        cid = r.take(32)
+        tops = _tops_list(r, r.u8())
+        r.end()
+        return cls(cid, tops)

@@ -63,6 +63,8 @@ RULES: Mapping[int, Rule] = {
     TxType.MODEL_REGISTER: model.apply_register,
     TxType.MODEL_SERVE: model.apply_serve,
     TxType.COMPLETION: model.apply_completion,
+    TxType.COMPLETION_CHALLENGE: model.apply_challenge,
+    TxType.COMPLETION_REFEREE: model.apply_referee,
 }
 
 

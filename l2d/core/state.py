@@ -40,6 +40,7 @@ class Namespace(IntEnum):
     MODEL = 0x10
     MODEL_OFFER = 0x11
     COMPLETION = 0x12
+    COMPLETION_CHALLENGE = 0x13
 
 
 def meta_key(name: str) -> bytes:
@@ -121,15 +122,17 @@ class StateView:
     """Write overlay over a read-only base; writes maps key -> value, or None for a deletion.
 
     height is the L2 height of the block the transactions are applied in (the only notion of time the
-    state transition has: challenge windows, exit delays and timeouts are counted in blocks).
+    state transition has: challenge windows, exit delays and timeouts are counted in blocks); parent_hash the hash
+    of the block it is built on (what no transaction's author knew when it signed: the audit draws use it).
     """
 
-    __slots__ = ("_base", "writes", "height")
+    __slots__ = ("_base", "writes", "height", "parent_hash")
 
-    def __init__(self, base: Getter, height: int = 0) -> None:
+    def __init__(self, base: Getter, height: int = 0, parent_hash: bytes = bytes(32)) -> None:
         self._base = base
         self.writes: dict[bytes, Optional[bytes]] = {}
         self.height = height
+        self.parent_hash = parent_hash
 
     def get(self, key: bytes) -> Optional[bytes]:
         v = self.writes.get(key, _MISSING)

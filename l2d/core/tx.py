@@ -21,7 +21,7 @@ from .coin_tx import Burn, Mint, Transfer
 from .errors import BadSignature, OutOfRange, TrailingBytes, Truncated, UnknownType, UnknownVersion
 from .fl_tx import FlFinish, FlJobPost, FlReclaim, FlRegister, FlRound
 from .hashing import H_TX_SIG, H_TXID
-from .model_tx import Completion, ModelRegister, ModelServe
+from .model_tx import Completion, CompletionChallenge, CompletionReferee, ModelRegister, ModelServe
 from .params import MAX_MONEY, Network
 from .payload import Payload, PayloadClass, TxType
 from .pegs_tx import (AnchorPlan, BtcHeaders, FederationFund, PeginClaim, PegoutPlan, PegoutUpdate, PlanCompleted,
@@ -46,7 +46,7 @@ _PAYLOAD_CLASSES: tuple[PayloadClass, ...] = (
     FlJobPost, FlRegister, FlRound, FlFinish, FlReclaim,
     SessionOpen, SessionSettle, SessionClose,
     RelayRegister, RelayHeartbeat, RelayExit, RelayWithdraw, RelayWeights,
-    ModelRegister, ModelServe, Completion,
+    ModelRegister, ModelServe, Completion, CompletionChallenge, CompletionReferee,
 )
 PAYLOAD_TYPES: Mapping[int, PayloadClass] = {cls.TYPE: cls for cls in _PAYLOAD_CLASSES}
 

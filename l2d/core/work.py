@@ -232,7 +232,7 @@ def _deadline(view: StateView, deadline: int) -> None:
         raise InvalidTransaction(f"deadline {deadline} is not after the current height {view.height}")
 
 
-def _rep_up(w: WorkerRecord) -> int:
+def rep_up(w: WorkerRecord) -> int:
     cap = w.reputation_cap
     return w.reputation_ppm + (cap - w.reputation_ppm) // 8 if w.reputation_ppm < cap else cap
 
@@ -478,7 +478,7 @@ def apply_settle(view: StateView, tx: Transaction, rules: Rules) -> None:
     ws = {pk: _need_worker(view, pk, "party") for pk in (t.worker, t.verifier) if pk != ZERO_KEY}
     _authority(view, tx)
     for pk, w in ws.items():
-        ws[pk] = replace(w, active_tasks=w.active_tasks - 1, tasks_done=w.tasks_done + 1, reputation_ppm=_rep_up(w))
+        ws[pk] = replace(w, active_tasks=w.active_tasks - 1, tasks_done=w.tasks_done + 1, reputation_ppm=rep_up(w))
     _put_workers(view, ws)
     add_locked(view, -t.bounty_sat)
     credit_all(view, payouts)
@@ -550,7 +550,7 @@ def apply_resolve(view: StateView, tx: Transaction, rules: Rules) -> None:
                            reputation_ppm=min(loser.reputation_ppm // 4, PPM // (1 + slashes)))
     for pk in (winner_pk, t.referee):
         w = ws[pk]
-        ws[pk] = replace(w, active_tasks=w.active_tasks - 1, tasks_done=w.tasks_done + 1, reputation_ppm=_rep_up(w))
+        ws[pk] = replace(w, active_tasks=w.active_tasks - 1, tasks_done=w.tasks_done + 1, reputation_ppm=rep_up(w))
     _put_workers(view, ws)
     add_locked(view, -(t.bounty_sat + p.slash_sat))
     burn_supply(view, p.slash_sat - p.challenger_sat)

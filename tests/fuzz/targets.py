@@ -45,7 +45,8 @@ from l2d.core.genesis_file import FederationGenesis
 from l2d.core.header_file import MAGIC as HEADERS_MAGIC
 from l2d.core.header_file import load_header_file, write_header_file
 from l2d.core.kofn import FederationOutput, KofN
-from l2d.core.model_tx import DEFAULT_SPLIT, Completion, ModelFormat, ModelRegister, ModelServe, sign_result
+from l2d.core.model_tx import (DEFAULT_SPLIT, Completion, CompletionChallenge, CompletionReferee, ModelFormat,
+                               ModelRegister, ModelServe, TopK, fp_leaf, sign_result)
 from l2d.core.params import LOCAL, NETWORKS, REGTEST, Network
 from l2d.core.payload import Payload
 from l2d.core.pegs import (FUNDING_CONTRACT, Federation, deposit_script_pubkey, federation_genesis, pegin_tweak,
@@ -245,6 +246,9 @@ def world() -> World:
                              200, 830, 0, 0, 0, *DEFAULT_SPLIT, sign_result(
                                  secret(4), LOCAL.id, h("weights"), h("prompt"), h("output"), h("fingerprint"), 30,
                                  200, 0, 0, 0))),
+        c.sign(3, CompletionChallenge(h("completion"), (fp_leaf(5, (5, 1, 2, 3), (160, 150, 140, -130)),),
+                                      ((h("sibling 1"), h("sibling 2")),), (TopK((5, 1, 2, 3), (170, 150, 140, 0)),))),
+        c.sign(3, CompletionReferee(h("completion"), (TopK((5, 1, 2, 3), (170, 150, 140, 0)),))),
     ]
     return World(c.state, seeds)
 

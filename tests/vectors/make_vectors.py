@@ -65,8 +65,9 @@ from l2d.core.genesis_file import FederationGenesis
 from l2d.core.hashing import EMPTY_ROOT  # noqa: E402
 from l2d.core.kofn import FederationOutput, KofN
 from l2d.core.members import Membership
-from l2d.core.model_tx import (DEFAULT_SPLIT, Completion, ModelFormat, ModelRegister, ModelServe, fp_leaf,
-                               fp_root, sign_result, token_cost_msat)
+from l2d.core.model_tx import (DEFAULT_SPLIT, Completion, CompletionChallenge, CompletionReferee, ModelFormat,
+                               ModelRegister, ModelServe, TopK, draw_seed, fp_leaf, fp_proof, fp_root,
+                               reveal_positions, sign_result, token_cost_msat)
 from l2d.core.params import LOCAL, MAINNET, MAX_MONEY, REGTEST, SIGNET, Network  # noqa: E402
 from l2d.core.payload import Payload
 from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
@@ -777,12 +778,13 @@ def plan_records() -> tuple[Federation, list[FedCoin], list[tuple[bytes, PegoutE
     return fed, coins, pegouts, anchor
 
 
-def apply_all(state: dict[bytes, bytes], txs: list[Transaction], rules: Rules, height: int
-              ) -> list[dict[bytes, bytes]]:
-    """Apply txs one after the other to state (in place); the writes of each."""
+def apply_all(state: dict[bytes, bytes], txs: list[Transaction], rules: Rules, height: int,
+              parent_hash: bytes = bytes(32)) -> list[dict[bytes, bytes]]:
+    """Apply txs one after the other to state (in place), in a block at height built on parent_hash; the writes of
+    each."""
     out = []
     for t in txs:
-        view = StateView(state.get, height)
+        view = StateView(state.get, height, parent_hash)
         apply_tx(view, t, rules)
         writes = {k: v for k, v in view.writes.items() if v is not None}
         if len(writes) != len(view.writes):
@@ -1069,12 +1071,14 @@ def registries() -> dict[str, Any]:
     nonces = {1: 0, 2: 0, 3: 0, 10: 0}
     steps: list[dict[str, Any]] = []
 
-    def step(what: str, who: int, payload: Payload, height: int) -> None:
+    def step(what: str, who: int, payload: Payload, height: int) -> Transaction:
         t = sign(net, secret(who), nonces[who], 0 if payload.FEELESS else 2, payload, AUX_ZERO)
         nonces[who] += 1
-        (writes,) = apply_all(state, [t], rules, height)
-        steps.append({"what": what, "height": height, "payload_hex": payload.encode().hex(), "tx": t.raw.hex(),
-                      "writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())]})
+        parent = hashlib.sha256(b"l2d vector block %d" % (height - 1)).digest()  # the block it is built on
+        (writes,) = apply_all(state, [t], rules, height, parent)
+        steps.append({"what": what, "height": height, "parent_hash": parent.hex(), "payload_hex": payload.encode().hex(),
+                      "tx": t.raw.hex(), "writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())]})
+        return t
 
     step("relay register", 1, RelayRegister(50_000, hashlib.sha256(b"l2d vector x25519").digest(),
                                             hashlib.sha256(b"l2d vector operator").digest(), FLAG_ENTRY | FLAG_EXIT,
@@ -1088,17 +1092,31 @@ def registries() -> dict[str, Any]:
     session = sign(net, secret(3), nonces[3], 2, SessionOpen(pubkey(1), pubkey(4), 1_000, 1, 1, 100), AUX_ZERO)
     step("session open", 3, session.payload, 11)
     prompt, output = hashlib.sha256(b"prompt").digest(), hashlib.sha256(b"output").digest()
-    fp = fp_root([fp_leaf(i, (i, 1, 2, 3), (160, 150, 140, -130)) for i in range(200)])
-    step("completion", 1, Completion(session.txid, pubkey(2), weights, b"\0" * 32, prompt, output, fp, 30, 200,
-                                     token_cost_msat(30, 200, 100_000, 400_000), 0, 0, 0, *DEFAULT_SPLIT,
-                                     sign_result(secret(2), net.id, weights, prompt, output, fp, 30, 200, 0, 0, 0)), 12)
+    leaves = [fp_leaf(i, (i, 1, 2, 3), (160, 150, 140, -130)) for i in range(200)]
+    fp = fp_root(leaves)
+    done = step("completion", 1, Completion(session.txid, pubkey(2), weights, b"\0" * 32, prompt, output, fp, 30, 200,
+                                            token_cost_msat(30, 200, 100_000, 400_000), 0, 0, 0, *DEFAULT_SPLIT,
+                                            sign_result(secret(2), net.id, weights, prompt, output, fp, 30, 200, 0, 0,
+                                                        0)), 12)
+    for who, h in ((3, 13), (1, 15)):  # two more workers serving the model: a challenger and a referee
+        step("worker register", who, WorkerRegister(1000, WorkerCaps(0, 0, 10, 500_000, 100, 2, b"eu", (b"smollm2",),
+                                                                     b"127.0.0.1:9001")), h)
+        step("model serve", who, ModelServe(weights, 2048, 100_000, 400_000), h + 1)
+    positions = reveal_positions(draw_seed(done.txid, hashlib.sha256(b"l2d vector block 11").digest()), 200)
+    other = tuple(TopK((p, 1, 2, 3), (165, 150, 140, -130)) for p in positions)  # the top logit 5 quanta higher
+    step("completion challenge", 3, CompletionChallenge(done.txid, tuple(leaves[p] for p in positions),
+                                                        tuple(tuple(fp_proof(leaves, p)) for p in positions), other), 17)
+    step("completion referee", 1, CompletionReferee(done.txid, other), 18)
     return {
         "comment": "Generated by tests/vectors/make_vectors.py; do not edit by hand. The relay registry "
                    "(l2d/core/relay.py, docs/netflow.md) and the model registry (l2d/core/model.py, "
                    "docs/inference.md) on regtest: each step is applied at its height in order and wrote 'writes'. "
                    "The relay's weight is min(10,000 measured, 100,000 advertised) x 0.9 = 9,000. The completion "
                    "costs ceil((30 x 100,000 + 200 x 400,000) / 1000) = 83,000 msat = 83 sat: 41 to the worker, 8 to "
-                   "the gateway (treasury), 34 burned.",
+                   "the gateway (treasury), 34 burned. Its worker's fingerprint commits to a top logit of 160 "
+                   "quanta at every position; secret(3) re-executes and challenges with 165 at the 8 drawn "
+                   "positions (beyond the tolerance of 2), secret(1) referees with 165: the worker loses "
+                   "min(1,000 stake, 10,000) = 1,000 sat, 500 to the challenger, 250 to the referee, 250 burned.",
         "network": net.name,
         "state": [[k.hex(), v.hex()] for k, v in initial],
         "steps": steps,

@@ -11,20 +11,21 @@ from coincurve import PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l2d.core.errors import InvalidTransaction, OutOfRange, Unauthorized
+from l2d.core.errors import DuplicateDuty, InvalidTransaction, OutOfRange, Unauthorized
 from l2d.core.model import (CompletionRecord, CompletionStatus, ModelRecord, OfferRecord, get_completion, get_model,
                             model_key, offer_key)
-from l2d.core.model import BadResultSignature
-from l2d.core.model_tx import (BP, DEFAULT_SPLIT, MAX_CONTEXT, Completion, ModelFormat, ModelRegister, ModelServe,
-                               Sampling, fp_leaf, fp_proof, fp_root, fp_verify, result_digest, split_sat,
-                               token_cost_msat)
+from l2d.core.model import BadResultSignature, Loser, get_challenge
+from l2d.core.model_tx import (BP, CHALLENGE_WINDOW, DEFAULT_SPLIT, MAX_CONTEXT, REFEREE_WINDOW, Completion,
+                               CompletionChallenge, CompletionReferee, ModelFormat, ModelRegister, ModelServe, Sampling,
+                               TopK, fp_leaf, fp_proof, fp_root, fp_verify, result_digest, split_sat, token_cost_msat)
 from l2d.core.params import LOCAL
 from l2d.core.params import MAX_MONEY
 from l2d.core.payload import Payload
 from l2d.core.session import ReceiptOverEscrow, SessionClosed, SessionExpired, UnknownSession, get_session
 from l2d.core.session_tx import SessionClose, SessionOpen
 from l2d.core.state import SUPPLY_KEY, Account, StateView, Supply, account_key
-from l2d.core.work_tx import WorkerCaps, WorkerExit, WorkerRegister
+from l2d.core.work import WorkerRecord, get_worker
+from l2d.core.work_tx import PPM, WorkerCaps, WorkerExit, WorkerRegister
 from tests.l2d.core.payload_checks import check_round_trip, check_strict
 from tests.l2d.core.test_relay import FEE, MEMBER, OTHER, RELAY, RELAY2, Chain, pk, secret
 
@@ -229,3 +230,133 @@ def test_fingerprint_merkle_proofs_prove_every_position_and_nothing_else() -> No
         fp_leaf(1, (1, 2, 3), (1, 2, 3))
     with pytest.raises(OutOfRange):
         fp_leaf(1, (1, 2, 3, 4), (1, 2, 3, 1 << 31))
+
+
+# -- disputes: a challenger's re-execution against the worker's committed leaves, a referee's verdict -------------
+CHALLENGER, REFEREE = CLIENT, GATEWAY  # workers too (roles are per transaction)
+HONEST = (160, 150, 140, -130)
+
+
+def disputed_chain(tokens: Optional[list[int]] = None) -> tuple[Chain, bytes, list[bytes], list[int]]:
+    """A chain where the worker's recorded 20-token completion commits to top logits HONEST at every position
+    (token i, top-4 ids (i, 1, 2, 3) unless tokens says otherwise), and two more workers serve the model."""
+    c, sid = served_chain()
+    for who in (CHALLENGER, REFEREE):
+        c.apply(who, WorkerRegister(1000, CAPS))
+        c.apply(who, ModelServe(H, 2048, *PRICES))
+    toks = tokens or list(range(20))
+    leaves = [fp_leaf(toks[i], (i, 1, 2, 3), HONEST) for i in range(20)]
+    done = c.apply(GATEWAY, completion(sid, 7, 20, fingerprint=fp_root(leaves))).txid
+    rec = get_completion(StateView(c.state.get), done)
+    assert rec is not None
+    return c, done, leaves, rec.positions()
+
+
+def tops(positions: list[int], top: int) -> tuple[TopK, ...]:
+    return tuple(TopK((p, 1, 2, 3), (top, 150, 140, -130)) for p in positions)
+
+
+def challenge(done: bytes, leaves: list[bytes], positions: list[int], top: int) -> CompletionChallenge:
+    return CompletionChallenge(done, tuple(leaves[p] for p in positions),
+                               tuple(tuple(fp_proof(leaves, p)) for p in positions), tops(positions, top))
+
+
+def worker(c: Chain, n: int) -> WorkerRecord:
+    w = get_worker(StateView(c.state.get), pk(n))
+    assert w is not None
+    return w
+
+
+def test_dispute_payloads_round_trip_and_refuse_bad_fields() -> None:
+    leaves = [fp_leaf(i, (i, 1, 2, 3), HONEST) for i in range(20)]
+    for p in (challenge(b"\7" * 32, leaves, [0, 5, 19], 170), CompletionReferee(b"\7" * 32, tops([1, 2], 150))):
+        check_round_trip(p)
+        check_strict(p)
+    with pytest.raises(OutOfRange, match="1..8 positions"):
+        CompletionReferee(b"\7" * 32, tops(list(range(9)), 1))
+    with pytest.raises(OutOfRange, match="1..8 positions"):
+        CompletionReferee(b"\7" * 32, ())
+    with pytest.raises(OutOfRange, match="one leaf, proof and top-K per position"):
+        CompletionChallenge(b"\7" * 32, (leaves[0],), (), tops([0], 1))
+    with pytest.raises(OutOfRange, match="36 bytes"):
+        CompletionChallenge(b"\7" * 32, (leaves[0][:35],), ((),), tops([0], 1))
+    with pytest.raises(OutOfRange, match="top-K out of range"):
+        CompletionReferee(b"\7" * 32, (TopK((1, 2, 3, -4), (0, 0, 0, 0)),))
+
+
+def test_a_challenge_upheld_by_the_referee_slashes_the_worker() -> None:
+    c, done, leaves, positions = disputed_chain()
+    assert len(positions) == 8
+    before = {n: balance(c, n) for n in (CHALLENGER, REFEREE)}
+    burned0 = Supply.decode(c.state[SUPPLY_KEY]).burned_sat
+    rep0 = worker(c, WORKER).reputation_ppm
+    c.apply(CHALLENGER, challenge(done, leaves, positions, 165))  # 5 quanta away: beyond the tolerance of 2
+    c.apply(REFEREE, CompletionReferee(done, tops(positions, 166)))  # within 2 of the challenger, 6 of the worker
+    rec, ch = get_completion(StateView(c.state.get), done), get_challenge(StateView(c.state.get), done)
+    assert rec is not None and ch is not None and rec.status == CompletionStatus.WORKER_SLASHED
+    assert (ch.loser, ch.challenger, ch.referee, ch.slash_sat) == (Loser.WORKER, pk(CHALLENGER), pk(REFEREE), 1000)
+    assert worker(c, WORKER).stake_sat == 0 and worker(c, WORKER).slashes == 1
+    assert worker(c, WORKER).reputation_ppm == min(rep0 // 4, PPM // 2) < rep0
+    assert balance(c, CHALLENGER) == before[CHALLENGER] - FEE + 500
+    assert balance(c, REFEREE) == before[REFEREE] - FEE + 250
+    assert Supply.decode(c.state[SUPPLY_KEY]).burned_sat - burned0 == 250
+    c.reject(DuplicateDuty, REFEREE, CompletionReferee(done, tops(positions, 166)))
+    c.reject(DuplicateDuty, CHALLENGER, challenge(done, leaves, positions, 165))
+
+
+def test_a_challenge_the_referee_rejects_slashes_the_challenger() -> None:
+    c, done, leaves, positions = disputed_chain()
+    c.apply(CHALLENGER, challenge(done, leaves, positions, 170))
+    c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions, 180)), match="neither side")
+    c.apply(REFEREE, CompletionReferee(done, tops(positions, 161)))
+    rec = get_completion(StateView(c.state.get), done)
+    assert rec is not None and rec.status == CompletionStatus.CHALLENGER_SLASHED
+    assert worker(c, CHALLENGER).stake_sat == 0 and worker(c, WORKER).stake_sat == 1000
+    assert worker(c, WORKER).tasks_done == 1
+
+
+def test_sampling_noise_is_slashed_from_the_workers_own_leaves() -> None:
+    """A greedy answer whose tokens are not its own top-1: the challenger and the referee see the same logits, and
+    the worker's committed tokens convict it."""
+    c, done, leaves, positions = disputed_chain(tokens=[1] * 20)  # top-1 of position i is i: token 1 is noise
+    c.apply(CHALLENGER, challenge(done, leaves, positions, 160))
+    c.apply(REFEREE, CompletionReferee(done, tops(positions, 160)))
+    rec = get_completion(StateView(c.state.get), done)
+    assert rec is not None and rec.status == CompletionStatus.WORKER_SLASHED
+
+
+def test_disputes_that_break_a_rule_are_refused_and_write_nothing() -> None:
+    c, done, leaves, positions = disputed_chain()
+    c.reject(InvalidTransaction, CHALLENGER, challenge(done, leaves, positions, 161), match="nothing to dispute")
+    c.reject(InvalidTransaction, WORKER, challenge(done, leaves, positions, 170), match="its own result")
+    c.reject(InvalidTransaction, MEMBER, challenge(done, leaves, positions, 170), match="not an active worker")
+    c.reject(InvalidTransaction, CHALLENGER, challenge(b"\5" * 32, leaves, positions, 170), match="no completion")
+    forged = [fp_leaf(i, (i, 1, 2, 3), (170, 150, 140, -130)) for i in range(20)]
+    c.reject(InvalidTransaction, CHALLENGER, challenge(done, forged, positions, 170), match="committed to")
+    c.reject(InvalidTransaction, CHALLENGER, challenge(done, leaves, positions[:-1], 170), match="reveals 8")
+    shifted = [(p + 1) % 20 for p in positions]
+    c.reject(InvalidTransaction, CHALLENGER, challenge(done, leaves, shifted, 170))
+    c.reject(DuplicateDuty, REFEREE, CompletionReferee(done, tops(positions, 170)), match="nothing to referee")
+    height = c.height
+    c.height = height + CHALLENGE_WINDOW + 1
+    c.reject(InvalidTransaction, CHALLENGER, challenge(done, leaves, positions, 170), match="window closed")
+    c.height = height
+    c.apply(CHALLENGER, challenge(done, leaves, positions, 164))  # 4 quanta from the worker: a referee at 162 is
+    # within 2 of both
+    for who in (WORKER, CHALLENGER):
+        c.reject(InvalidTransaction, who, CompletionReferee(done, tops(positions, 170)), match="third worker")
+    c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions[:3], 170)), match="reveals 8")
+    c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions, 162)), match="both sides")
+    c.height += REFEREE_WINDOW + 1
+    c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions, 170)), match="window closed")
+
+
+def test_a_cut_short_answer_cannot_be_challenged_and_an_exited_worker_is_not_billed() -> None:
+    c, sid = served_chain()
+    c.apply(CHALLENGER, WorkerRegister(1000, CAPS))
+    c.apply(CHALLENGER, ModelServe(H, 2048, *PRICES))
+    short = c.apply(GATEWAY, completion(sid, 7, 3, fingerprint=b"\0" * 32, worker_sig=b"\0" * 64)).txid
+    leaves = [fp_leaf(i, (i, 1, 2, 3), HONEST) for i in range(3)]
+    c.reject(InvalidTransaction, CHALLENGER, challenge(short, leaves, [0, 1, 2], 170), match="no fingerprint")
+    c.apply(WORKER, WorkerExit())
+    c.reject(InvalidTransaction, GATEWAY, completion(sid), match="is not active")

@@ -26,7 +26,8 @@ from l2d.core.errors import BadSignature, DecodeError, ProofError
 from l2d.core.genesis_file import FederationGenesis
 from l2d.core.kofn import FederationOutput, KofN, commitment_leaf
 from l2d.core.members import Membership
-from l2d.core.model import CompletionRecord, ModelRecord, OfferRecord
+from l2d.core.model import ChallengeRecord, CompletionRecord, CompletionStatus, Loser, ModelRecord, OfferRecord
+from l2d.core.work import WorkerRecord
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, CoinKind, FedCoin, Federation, PegoutEntry, coin_key,
@@ -422,14 +423,14 @@ def _plan_state() -> dict[bytes, bytes]:
 
 
 def _apply_vector_tx(state: dict[bytes, bytes], raw: str, vector: Optional[dict[str, Any]] = None,
-                     height: Optional[int] = None) -> dict[bytes, bytes]:
+                     height: Optional[int] = None, parent_hash: bytes = bytes(32)) -> dict[bytes, bytes]:
     """Decode and apply one of the vector's L2 transactions at the vector's height (or `height`); returns (and keeps)
     its writes."""
     vector = PLANS if vector is None else vector
     net = network_by_name(vector["network"])
     t = decode(x(raw), net)
     check_signature(t)
-    view = StateView(state.get, vector["height"] if height is None else height)
+    view = StateView(state.get, vector["height"] if height is None else height, parent_hash)
     apply_tx(view, t, Rules(net, 1))
     writes = {k: v for k, v in view.writes.items() if v is not None}
     assert len(writes) == len(view.writes)
@@ -674,12 +675,18 @@ def test_registries_vector() -> None:
     for st in REGISTRIES["steps"]:
         t = decode(x(st["tx"]), net)
         assert t.payload.encode().hex() == st["payload_hex"]
-        writes = _apply_vector_tx(state, st["tx"], REGISTRIES, st["height"])
+        writes = _apply_vector_tx(state, st["tx"], REGISTRIES, st["height"], x(st["parent_hash"]))
         assert [[k.hex(), v.hex()] for k, v in sorted(writes.items())] == st["writes"], st["what"]
     [relay] = [RelayRecord.decode(v) for k, v in state.items() if k[0] == Namespace.RELAY]
     assert (relay.weight, relay.measured_height) == (9_000, 6)
     [model] = [ModelRecord.decode(v) for k, v in state.items() if k[0] == Namespace.MODEL]
-    [offer] = [OfferRecord.decode(v) for k, v in state.items() if k[0] == Namespace.MODEL_OFFER]
-    assert model.name == b"SmolLM2-135M-Instruct" and offer.price_out_msat_per_1k == 400_000
+    offers = [OfferRecord.decode(v) for k, v in state.items() if k[0] == Namespace.MODEL_OFFER]
+    assert model.name == b"SmolLM2-135M-Instruct" and [o.price_out_msat_per_1k for o in offers] == [400_000] * 3
     [done] = [CompletionRecord.decode(v) for k, v in state.items() if k[0] == Namespace.COMPLETION]
     assert (done.units_after, done.worker_sat, done.treasury_sat, done.burned_sat) == (83_000, 41, 8, 34)
+    # challenged with a top logit 5 quanta away at the drawn positions, refereed the same way: the worker slashed
+    assert done.status == CompletionStatus.WORKER_SLASHED and len(done.positions()) == 8
+    [ch] = [ChallengeRecord.decode(v) for k, v in state.items() if k[0] == Namespace.COMPLETION_CHALLENGE]
+    assert (ch.loser, ch.slash_sat, ch.height) == (Loser.WORKER, 1_000, 17)
+    stakes = {k[1:]: WorkerRecord.decode(v).stake_sat for k, v in state.items() if k[0] == Namespace.WORKER}
+    assert sorted(stakes.values()) == [0, 1_000, 1_000]
