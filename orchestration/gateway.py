@@ -47,7 +47,7 @@ from l2d.core.tx import public_key, xonly_key
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .llm import Mismatch, TopK, audit_drawn, check_revealed, fingerprint, reveal_positions, token_hash
+from .llm import TopK, audit_drawn, fingerprint, token_hash
 from .scheduler import Requirements, Scheduler, Weights
 from .workers import DeviceKind, WorkerInfo, WorkerTable, latency_ema
 
@@ -647,36 +647,50 @@ class Gateway:
                 job.audit = {"status": "error", "reason": str(e)}
 
     async def audit(self, job: Job) -> None:
-        """Drawn from H(completion id ‖ the recording block's hash) at audit_bp, a completed answer is re-executed
-        teacher-forced by the best-scored other worker serving the model, at positions drawn from the same
-        hashes after it was recorded; the top-K its worker streamed (and committed to) must match. A worker whose
-        answer fails is caught: this gateway routes nothing more to it."""
+        """A completed answer drawn (from its record's draw seed, at audit_bp) is audited by the best-scored other
+        worker serving the model: it re-executes the answer and, when it does not match what the worker committed
+        to, challenges it on the L2; the next worker referees and the ledger slashes the side shown wrong. A worker
+        slashed is routed nothing more by this gateway (nor is an auditor slashed for a false challenge)."""
         assert job.offer is not None and job.txid is not None
-        seed = bytes.fromhex((await self.api.get(f"/api/completions/{job.txid}"))["draw_seed"])
-        if not audit_drawn(seed, self.audit_bp):
+        rec = await self.api.get(f"/api/completions/{job.txid}")
+        if not audit_drawn(bytes.fromhex(rec["draw_seed"]), self.audit_bp):
             job.audit = {"status": "not-drawn"}
             return
-        positions = reveal_positions(seed, len(job.output))
         others = [o for o in self.ranked(await self.model(job.model)) if o.worker != job.offer.worker]
         if not others:
-            job.audit = {"status": "skipped", "reason": "no other worker serves the model", "positions": positions}
+            job.audit = {"status": "skipped", "reason": "no other worker serves the model"}
             return
-        assert self.http is not None
+        work = {"completion_id": job.txid, "prompt": job.prompt, "output": job.output}
         auditor = others[0]
-        async with self.http.post(f"http://{auditor.endpoint}/v1/audit", json={
-                "prompt": job.prompt, "output": job.output, "positions": positions},
-                timeout=aiohttp.ClientTimeout(total=300)) as r:
-            r.raise_for_status()
-            reference = {int(p): TopK(tuple(ids), tuple(q)) for p, ids, q in (await r.json())["tops"]}
-        job.audit = {"status": "passed", "auditor": auditor.worker.hex(), "positions": positions}
-        try:
-            check_revealed(dict(enumerate(job.output)), {p: job.tops[p] for p in positions}, reference,
-                           job.seed is None)
-        except Mismatch as e:
-            job.audit.update(status="failed", reason=str(e))
-            self.caught[job.offer.worker] = f"{job.id}: {e}"
-            log.warning("audit: worker %s failed on %s (%s): no more requests go to it", job.offer.worker.hex(),
-                        job.id, e)
+        res = await self._ask(auditor, "/v1/audit", {**work, "tops": [[list(t.ids), list(t.logits)] for t in job.tops]})
+        job.audit = {"status": "passed" if res["verdict"] == "match" else "challenged", "auditor": auditor.worker.hex(),
+                     "positions": res["positions"]}
+        if res["verdict"] == "match":
+            return
+        job.audit.update(reason=res["reason"], challenge=res["challenge"])
+        if res["challenge"].get("status") != "committed":
+            return
+        for referee in others[1:]:
+            ref = await self._ask(referee, "/v1/referee", work)
+            job.audit["referee"] = {"worker": referee.worker.hex(), **ref["referee"]}
+            if ref["referee"].get("status") == "committed":
+                break
+        verdict = (await self.api.get(f"/api/completions/{job.txid}"))["status"]
+        if verdict == "WORKER_SLASHED":
+            job.audit["status"] = "worker-slashed"
+            self.caught[job.offer.worker] = f"{job.id}: slashed on the L2 ({res['reason']})"
+        elif verdict == "CHALLENGER_SLASHED":
+            job.audit["status"] = "auditor-slashed"
+            self.caught[auditor.worker] = f"{job.id}: its challenge was refuted on the L2"
+        log.warning("audit of %s by %s: %s (%s)", job.id, auditor.worker.hex(), job.audit["status"], res["reason"])
+
+    async def _ask(self, o: Offer, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.http is not None
+        async with self.http.post(f"http://{o.endpoint}{path}", json=body,
+                                  timeout=aiohttp.ClientTimeout(total=300)) as r:
+            if r.status != 200:
+                raise ValueError(f"worker {o.worker.hex()} answered {path} with {r.status}: {await r.text()}")
+            return await r.json()  # type: ignore[no-any-return]
 
     def refused(self, job: Job, why: str) -> None:
         log.warning("the L2 refused job %s (%d msat): %s", job.id, job.cost_msat, why)

@@ -12,11 +12,15 @@ top-4 ids], [their quantised logits]]}`, then
 root over every position's token and top-4, and the worker key's BIP340 signature of the result: what a Completion
 records);
 
-    POST /v1/audit  {"prompt": [ids], "output": [ids], "positions": [i, ...]}
+    POST /v1/audit    {"completion_id": hex, "prompt": [ids], "output": [ids], "tops": [[[ids], [logits]], ...]}
+    POST /v1/referee  {"completion_id": hex, "prompt": [ids], "output": [ids]}
 
--> `{"tops": [[i, [top-4 ids], [quantised logits]], ...]}`, this worker's teacher-forced re-execution of another's
-result (a gateway's audit); and `GET /ping` (the coordinator's latency probe). Decoding runs in one thread, one request
-at a time (the model is one per process); the others wait.
+a gateway's audit of another worker's recorded completion (the prompt and output must hash to the record, the top-K
+make its fingerprint): this worker re-executes it teacher-forced and compares at the positions the record's draw
+seed reveals -> `{"verdict": "match"}`, or `{"verdict": "mismatch", "reason", "challenge": its COMPLETION_CHALLENGE's
+txid and status}`; and a challenged one's referee, whose re-execution the L2 judges (`{"referee": txid and status}`).
+`GET /ping` answers the coordinator's latency probe. Decoding runs in one thread, one request at a time (the model is
+one per process); the others wait.
 """
 from __future__ import annotations
 
@@ -35,11 +39,11 @@ from aiohttp import web
 
 from l2d.aio import serve_app, until_signalled
 from l2d.client import ApiError, AsyncClient
-from l2d.core.model_tx import sign_result
+from l2d.core.model_tx import CompletionChallenge, CompletionReferee, fp_proof, fp_root, sign_result
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .llm import LanguageModel, TopK, fingerprint, token_hash, weights_sha256
+from .llm import LanguageModel, Mismatch, TopK, check_revealed, fingerprint, leaves, token_hash, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,11 @@ MODEL_NAME, MODEL_VERSION = b"SmolLM2-135M-Instruct", b"Q4_1"  # how the worker 
 
 
 class Server:
-    def __init__(self, lm: LanguageModel, secret: Optional[bytes] = None, network_id: int = 0) -> None:
-        """secret: the worker's L2 key, which signs each result (without one, results are unsigned and their
-        fingerprints cannot be recorded)."""
-        self.lm, self.secret, self.network_id = lm, secret, network_id
+    def __init__(self, lm: LanguageModel, secret: Optional[bytes] = None, network_id: int = 0,
+                 api: Optional[AsyncClient] = None) -> None:
+        """secret: the worker's L2 key, which signs each result and its audits (without one, results are unsigned
+        and unauditable, and the worker audits nothing); api: the node it reads records from and submits to."""
+        self.lm, self.secret, self.network_id, self.api = lm, secret, network_id, api
         self.model_hash = weights_sha256(lm.path)
         self._lock = asyncio.Lock()
 
@@ -116,30 +121,88 @@ class Server:
                     await worker
         return resp
 
-    async def audit(self, request: web.Request) -> web.Response:
-        """Re-execute someone else's result, teacher-forced: the top-K of this worker's model at the positions
-        asked (the gateway compares them with what the result's worker committed to)."""
+    async def _recorded(self, request: web.Request, status: str) -> tuple[dict[str, Any], list[int], list[int]]:
+        """The completion a request names, as the ledger recorded it (in `status`), with the prompt and output
+        the request gives, which must hash to the recorded ones; 400 otherwise."""
         try:
             body = await request.json()
+            cid = bytes.fromhex(body["completion_id"])
             prompt, output = [int(x) for x in body["prompt"]], [int(x) for x in body["output"]]
-            positions = sorted({int(x) for x in body["positions"]})
         except (ValueError, KeyError, TypeError) as e:
-            return web.json_response({"error": f"malformed request: {e}"}, status=400)
-        if (not prompt or not output or len(prompt) + len(output) > self.lm.context_length
-                or not all(0 <= p < len(output) for p in positions)):
-            return web.json_response({"error": "prompt + output do not fit the context, or a position is outside "
-                                               "the output"}, status=400)
+            raise web.HTTPBadRequest(text=f"malformed request: {e}") from None
+        if self.api is None or self.secret is None:
+            raise web.HTTPServiceUnavailable(text="this worker has no L2 key: it does not audit")
+        try:
+            rec = await self.api.get(f"/api/completions/{cid.hex()}")
+        except ApiError as e:
+            raise web.HTTPBadRequest(text=f"completion {cid.hex()}: {e}") from None
+        if rec["status"] != status or rec["model"] != self.model_hash.hex():
+            raise web.HTTPBadRequest(text=f"completion {cid.hex()} is {rec['status']} for model {rec['model']}")
+        if (token_hash(prompt).hex(), token_hash(output).hex()) != (rec["prompt_hash"], rec["output_hash"]):
+            raise web.HTTPBadRequest(text="the prompt or output is not the one recorded")
+        if not output or len(prompt) + len(output) > self.lm.context_length:
+            raise web.HTTPBadRequest(text="prompt + output do not fit the context")
+        body["recorded"] = rec
+        return body, prompt, output
+
+    async def _forward(self, prompt: list[int], output: list[int]) -> list[TopK]:
         async with self._lock:
-            tops = await asyncio.get_running_loop().run_in_executor(None, self.lm.forward_tops, prompt, output)
-        return web.json_response({"tops": [[p, list(tops[p].ids), list(tops[p].logits)] for p in positions]})
+            return await asyncio.get_running_loop().run_in_executor(None, self.lm.forward_tops, prompt, output)
+
+    async def _submit(self, payload: Any) -> dict[str, Any]:
+        assert self.api is not None and self.secret is not None
+        try:
+            res = await self.api.sign_and_submit(self.secret, payload, 1)
+        except ApiError as e:
+            return {"status": "refused", "reason": str(e)}
+        st = await self.api.wait_tx(res["txid"], 60)
+        return {"txid": res["txid"], **(st or {"status": "pending"})}
+
+    async def audit(self, request: web.Request) -> web.Response:
+        """Audit a recorded completion: re-execute it teacher-forced and compare, at the positions its draw seed
+        reveals, with the top-K its worker committed to (the request brings them; they must make the recorded
+        fingerprint). On a mismatch this worker challenges it on the L2 (COMPLETION_CHALLENGE)."""
+        body, prompt, output = await self._recorded(request, "RECORDED")
+        rec = body["recorded"]
+        try:
+            tops = [TopK(tuple(int(i) for i in ids), tuple(int(q) for q in qs)) for ids, qs in body["tops"]]
+            committed = leaves(output, tops)
+        except (ValueError, KeyError, TypeError) as e:
+            raise web.HTTPBadRequest(text=f"malformed top-K: {e}") from None
+        if fp_root(committed).hex() != rec["fingerprint"]:
+            raise web.HTTPBadRequest(text="the top-K given do not make the recorded fingerprint")
+        positions = [int(p) for p in rec["audit_positions"]]
+        mine = await self._forward(prompt, output)
+        try:
+            check_revealed(dict(enumerate(output)), {p: tops[p] for p in positions}, {p: mine[p] for p in positions},
+                           rec["sampling"] == "greedy")
+        except Mismatch as e:
+            challenge = CompletionChallenge(bytes.fromhex(rec["completion_id"]), tuple(committed[p] for p in positions),
+                                            tuple(tuple(fp_proof(committed, p)) for p in positions),
+                                            tuple(mine[p] for p in positions))
+            log.warning("completion %s does not re-execute (%s): challenging it", rec["completion_id"], e)
+            return web.json_response({"verdict": "mismatch", "reason": str(e), "positions": positions,
+                                      "challenge": await self._submit(challenge)})
+        return web.json_response({"verdict": "match", "positions": positions})
+
+    async def referee(self, request: web.Request) -> web.Response:
+        """Referee a challenged completion: this worker's re-execution at the drawn positions goes to the L2
+        (COMPLETION_REFEREE), which decides."""
+        body, prompt, output = await self._recorded(request, "CHALLENGED")
+        positions = [int(p) for p in body["recorded"]["audit_positions"]]
+        mine = await self._forward(prompt, output)
+        verdict = CompletionReferee(bytes.fromhex(body["recorded"]["completion_id"]), tuple(mine[p] for p in positions))
+        return web.json_response({"referee": await self._submit(verdict)})
 
 
-def make_app(lm: LanguageModel, secret: Optional[bytes] = None, network_id: int = 0) -> web.Application:
-    s = Server(lm, secret, network_id)
+def make_app(lm: LanguageModel, secret: Optional[bytes] = None, network_id: int = 0,
+             api: Optional[AsyncClient] = None) -> web.Application:
+    s = Server(lm, secret, network_id, api)
     app = web.Application()
     app.router.add_get("/ping", s.ping)
     app.router.add_post("/v1/generate", s.generate)
     app.router.add_post("/v1/audit", s.audit)
+    app.router.add_post("/v1/referee", s.referee)
     return app
 
 
@@ -183,19 +246,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 async def _run(a: Any) -> int:
     lm = LanguageModel(device=a.device)
     secret = None if a.key is None else load_secret(a.key)
-    network_id = 0
-    if secret is not None:
-        async with AsyncClient(a.api) as api:
-            network_id = (await api.network()).id
-    runner, endpoint = await serve_app(make_app(lm, secret, network_id), a.listen)
-    if secret is not None:
-        async with AsyncClient(a.api) as api:
+    async with AsyncClient(a.api) as api:
+        network_id = 0 if secret is None else (await api.network()).id
+        runner, endpoint = await serve_app(make_app(lm, secret, network_id, api if secret else None), a.listen)
+        if secret is not None:
             await register(api, secret, lm, endpoint, a.stake, a.price_in, a.price_out)
-    print(f"l2-llm-worker serving {weights_sha256(lm.path).hex()} on {endpoint}", flush=True)
-    try:
-        await until_signalled()
-    finally:
-        await runner.cleanup()
+        print(f"l2-llm-worker serving {weights_sha256(lm.path).hex()} on {endpoint}", flush=True)
+        try:
+            await until_signalled()
+        finally:
+            await runner.cleanup()
     return 0
 
 

@@ -278,50 +278,66 @@ async def test_routing_failover_mid_stream_failure_and_cancel_are_billed_for_wha
 
 
 async def poll_audit(http: httpx.Client, key: str, job_id: str) -> dict[str, Any]:
-    for _ in range(600):
+    """The job's audit once it has a verdict."""
+    for _ in range(1200):
         j = (await asyncio.to_thread(http.get, f"/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"})).json()
-        if j["audit"]["status"] not in ("none", "not-drawn"):
+        if j["audit"]["status"] in ("passed", "worker-slashed", "auditor-slashed", "skipped", "error"):
             return j["audit"]  # type: ignore[no-any-return]
         await asyncio.sleep(0.1)
     raise AssertionError(f"job {job_id} was never audited")
 
 
-async def test_a_worker_answering_with_sampling_noise_is_caught_by_the_audit(
+async def test_a_worker_answering_with_sampling_noise_is_challenged_refereed_and_slashed(
         tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
         procs: list[Proc]) -> None:
-    """The cheaper worker answers greedy requests with the second-best token at every position (its top-4 are
-    true): its first answer is drawn for audit, re-executed by the honest worker, and fails at a drawn position;
-    the gateway routes nothing more to it. It was paid for that answer (the dispute and slashing on the L2 are the
-    next step, docs/inference.md)."""
-    cheat, honest = hashlib.sha256(b"gateway cheat").digest(), hashlib.sha256(b"gateway honest").digest()
-    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheat): 10**6, pk(honest): 10**6, pk(CLIENT): 10**6,
-                                                       pk(GATEWAY): 10**6}, TOKEN, block={"interval_ms": 50}))
+    """The cheapest worker answers greedy requests with the second-best token at every position (its top-4 are
+    true): its answer is drawn for audit; the next worker re-executes it, finds the tokens are not the greedy
+    choice at the drawn positions and challenges it on the L2; the third referees; the ledger slashes the cheat's
+    stake (half to the challenger, a quarter to the referee, the rest burned). The gateway routes nothing more to
+    it, and the next answer, from an honest worker, passes its audit."""
+    cheat, a, b = (hashlib.sha256(b"gateway " + n).digest() for n in (b"cheat", b"honest a", b"honest b"))
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheat): 10**6, pk(a): 10**6, pk(b): 10**6,
+                                                       pk(CLIENT): 10**6, pk(GATEWAY): 10**6}, TOKEN,
+                              block={"interval_ms": 50}))
     workers = [Proc(["tests/orchestration/cheating_worker.py", "--api", d.url(""), "--key",
                      str(keyfile(tmp_path / "cheat.key", cheat)), "--device", "cpu", "--price-out", "3000"],
-                    tmp_path / "cheat.log"),
-               Proc(["orchestration.llm_worker", "--api", d.url(""), "--key",
-                     str(keyfile(tmp_path / "honest.key", honest)), "--device", "cpu", "--price-out", "5000"],
-                    tmp_path / "honest.log")]
+                    tmp_path / "cheat.log")]
+    for name, secret_, price in (("a", a, "4000"), ("b", b, "5000")):
+        workers.append(Proc(["orchestration.llm_worker", "--api", d.url(""), "--key",
+                             str(keyfile(tmp_path / f"{name}.key", secret_)), "--device", "cpu", "--price-out", price],
+                            tmp_path / f"{name}.log"))
     procs.extend(workers)
     for w in workers:
         assert re.search(r"serving", await asyncio.to_thread(w.first_line))
     url = await asyncio.to_thread(start_gateway, d, tmp_path, procs)
     key = await asyncio.to_thread(open_session, d, url, keyfile(tmp_path / "client.key", CLIENT), 500)
     http = httpx.Client(base_url=url, timeout=60)
+    balances = {n: d.get(f"/api/l2/accounts/{pk(s).hex()}")["balance_sat"] for n, s in (("a", a), ("b", b))}
     with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as client:
         def ask() -> Any:
             return client.chat.completions.create(model=NAME, messages=Q, max_tokens=12)  # type: ignore[arg-type]
         first = await asyncio.to_thread(ask)
         assert first.system_fingerprint == f"l2-worker-{pk(cheat).hex()}"
         audit = await poll_audit(http, key, first.id)
-        assert audit["status"] == "failed" and audit["auditor"] == pk(honest).hex()
-        assert "is not the greedy choice" in audit["reason"]
+        assert audit["status"] == "worker-slashed" and audit["auditor"] == pk(a).hex(), audit
+        assert "is not the greedy choice" in audit["reason"] and audit["challenge"]["status"] == "committed"
+        assert audit["referee"]["worker"] == pk(b).hex() and audit["referee"]["status"] == "committed"
         second = await asyncio.to_thread(ask)
-    assert second.system_fingerprint == f"l2-worker-{pk(honest).hex()}"  # the cheat gets nothing more
+    assert second.system_fingerprint == f"l2-worker-{pk(a).hex()}"  # the cheat gets nothing more
     assert second.choices[0].message.content != first.choices[0].message.content
-    # the honest answer has nobody left to audit it: the caught worker does not judge
-    assert (await poll_audit(http, key, second.id))["status"] == "skipped"
+    passed = await poll_audit(http, key, second.id)
+    assert passed["status"] == "passed" and passed["auditor"] == pk(b).hex()
+    # the ledger's record of it: the challenge, the verdict, the slash and who was paid
     job = (await asyncio.to_thread(http.get, f"/jobs/{first.id}", headers={"Authorization": f"Bearer {key}"})).json()
-    assert job["billing"]["status"] == "recorded"
+    rec = d.get(f"/api/completions/{job['billing']['txid']}")
+    assert rec["status"] == "WORKER_SLASHED" and rec["fingerprint"] == job["fingerprint"]
+    assert rec["challenge"]["challenger"] == pk(a).hex() and rec["challenge"]["referee"] == pk(b).hex()
+    assert (rec["challenge"]["loser"], rec["challenge"]["slash_sat"]) == ("worker", 10_000)
+    offers = d.get("/api/models")["models"][0]["offers"]
+    assert [w["stake_sat"] for w in offers if w["worker"] == pk(cheat).hex()] == [0]  # its whole 10,000 stake
+    job2 = (await asyncio.to_thread(http.get, f"/jobs/{second.id}", headers={"Authorization": f"Bearer {key}"})).json()
+    earned = d.get(f"/api/completions/{job2['billing']['txid']}")["paid_sat"]["worker"]  # a served the second
+    got = {n: d.get(f"/api/l2/accounts/{pk(s).hex()}")["balance_sat"] - balances[n] for n, s in (("a", a), ("b", b))}
+    assert got == {"a": 5_000 - 1 + earned, "b": 2_500 - 1}  # half and a quarter of the slash, less a 1-sat fee
     http.close()
     assert procs[-1].stop() == 0
