@@ -1,8 +1,10 @@
-"""A dishonest `l2-llm-worker`, for the gateway's audit test only: it serves greedy requests with sampling noise
-(the second-best token at every position) while reporting each position's top-4 truthfully, so its answers are
-cheaper to fake than to compute but its fingerprint commits to logits that do not make its tokens. Its teacher-forced
-re-execution (/v1/audit) is the honest model's. Run as `python tests/orchestration/cheating_worker.py ARGS` (the
-worker's own arguments) with the repository on PYTHONPATH."""
+"""A dishonest `l2-llm-worker`, for the gateway's audit test only. `--cheat noise`: it serves greedy requests with
+sampling noise (the second-best token at every position) while reporting each position's top-4 truthfully;
+`--cheat model`: it serves a different model (the same one with a layer perturbed) and reports that model's top-4.
+Either way its fingerprint commits to what it did, which is not what the registered model does (the test never
+asks it to audit). Run as
+`python tests/orchestration/cheating_worker.py --cheat MODE ARGS` (then the worker's own arguments) with the
+repository on PYTHONPATH."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +12,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 from orchestration import llm_worker
 from orchestration.llm import LanguageModel, TopK
+
+honest_init = LanguageModel.__init__
 
 
 def noisy_generate(self: LanguageModel, prompt: Sequence[int], max_tokens: int, seed: Optional[int] = None,
@@ -27,6 +31,22 @@ def noisy_generate(self: LanguageModel, prompt: Sequence[int], max_tokens: int, 
             ids = torch.tensor([[tok]], device=self.device)
 
 
+def other_model_init(self: LanguageModel, *args: Any, **kw: Any) -> None:
+    honest_init(self, *args, **kw)
+    torch: Any = self.torch
+    w = self.model.model.layers[0].mlp.down_proj.weight
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w.add_(torch.randn(w.shape, generator=gen) * 0.2)
+
+
 if __name__ == "__main__":
-    LanguageModel.generate = noisy_generate  # type: ignore[method-assign]
+    mode = sys.argv[sys.argv.index("--cheat") + 1]
+    del sys.argv[sys.argv.index("--cheat"):sys.argv.index("--cheat") + 2]
+    if mode == "noise":
+        LanguageModel.generate = noisy_generate  # type: ignore[method-assign]
+    elif mode == "model":
+        LanguageModel.__init__ = other_model_init  # type: ignore[method-assign]
+    else:
+        raise SystemExit(f"unknown cheat {mode!r}")
     sys.exit(llm_worker.main())

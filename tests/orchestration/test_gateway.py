@@ -287,19 +287,20 @@ async def poll_audit(http: httpx.Client, key: str, job_id: str) -> dict[str, Any
     raise AssertionError(f"job {job_id} was never audited")
 
 
-async def test_a_worker_answering_with_sampling_noise_is_challenged_refereed_and_slashed(
-        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
-        procs: list[Proc]) -> None:
-    """The cheapest worker answers greedy requests with the second-best token at every position (its top-4 are
-    true): its answer is drawn for audit; the next worker re-executes it, finds the tokens are not the greedy
-    choice at the drawn positions and challenges it on the L2; the third referees; the ledger slashes the cheat's
-    stake (half to the challenger, a quarter to the referee, the rest burned). The gateway routes nothing more to
-    it, and the next answer, from an honest worker, passes its audit."""
+@pytest.mark.parametrize("cheat_mode, why", [("noise", "is not the greedy choice"), ("model", "re-execution")])
+async def test_a_cheating_worker_is_challenged_refereed_and_slashed(
+        cheat_mode: str, why: str, tmp_path: Path, l2d_process: Callable[..., L2dProcess],
+        node_toml: Callable[..., Path], procs: list[Proc]) -> None:
+    """The cheapest worker cheats: it answers greedy requests with the second-best token at every position (its
+    top-4 true), or answers from another model (one layer perturbed). Its answer is drawn for audit; the next worker
+    re-executes it, finds it does not match at the drawn positions and challenges it on the L2; the third referees;
+    the ledger slashes the cheat's stake (half to the challenger, a quarter to the referee, the rest burned). The
+    gateway routes nothing more to it, and the next answer, from an honest worker, passes its audit."""
     cheat, a, b = (hashlib.sha256(b"gateway " + n).digest() for n in (b"cheat", b"honest a", b"honest b"))
     d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheat): 10**6, pk(a): 10**6, pk(b): 10**6,
                                                        pk(CLIENT): 10**6, pk(GATEWAY): 10**6}, TOKEN,
                               block={"interval_ms": 50}))
-    workers = [Proc(["tests/orchestration/cheating_worker.py", "--api", d.url(""), "--key",
+    workers = [Proc(["tests/orchestration/cheating_worker.py", "--cheat", cheat_mode, "--api", d.url(""), "--key",
                      str(keyfile(tmp_path / "cheat.key", cheat)), "--device", "cpu", "--price-out", "3000"],
                     tmp_path / "cheat.log")]
     for name, secret_, price in (("a", a, "4000"), ("b", b, "5000")):
@@ -320,7 +321,7 @@ async def test_a_worker_answering_with_sampling_noise_is_challenged_refereed_and
         assert first.system_fingerprint == f"l2-worker-{pk(cheat).hex()}"
         audit = await poll_audit(http, key, first.id)
         assert audit["status"] == "worker-slashed" and audit["auditor"] == pk(a).hex(), audit
-        assert "is not the greedy choice" in audit["reason"] and audit["challenge"]["status"] == "committed"
+        assert why in audit["reason"] and audit["challenge"]["status"] == "committed"
         assert audit["referee"]["worker"] == pk(b).hex() and audit["referee"]["status"] == "committed"
         second = await asyncio.to_thread(ask)
     assert second.system_fingerprint == f"l2-worker-{pk(a).hex()}"  # the cheat gets nothing more
