@@ -227,7 +227,8 @@ class Gateway:
                  "context_length": max(o["context_length"] for o in m["offers"]),
                  "pricing": {"input_msat_per_1k": min(o["price_in_msat_per_1k"] for o in m["offers"]),
                              "output_msat_per_1k": min(o["price_out_msat_per_1k"] for o in m["offers"])},
-                 "workers": len(m["offers"])} for m in await self.models()]
+                 "workers": len(m["offers"]), "workers_live": len(self.ranked(m, live=True))}
+                for m in await self.models()]
         return web.json_response({"object": "list", "data": data})
 
     async def info(self, request: web.Request) -> web.Response:
@@ -318,10 +319,10 @@ class Gateway:
                               f"{n_prompt} tokens and max_tokens {max_tokens}", "invalid_request_error",
                               code="context_length_exceeded", param="messages" if chat else "prompt")
 
-    def ranked(self, m: dict[str, Any], cap: Optional[Quote] = None) -> list[Offer]:
+    def ranked(self, m: dict[str, Any], cap: Optional[Quote] = None, live: bool = False) -> list[Offer]:
         """The model's offers best first by the scheduler's weighted score (ties by worker key), those that failed
-        in the last DOWN_S seconds last; workers caught by an audit, and with a quote the offers dearer than it,
-        are left out."""
+        in the last DOWN_S seconds last (left out if live); workers slashed by an audit, and with a quote the offers
+        dearer than it, are left out."""
         table, offers = WorkerTable(), {}
         for o in m["offers"]:
             off = Offer(bytes.fromhex(o["worker"]), o["endpoint"], o["price_in_msat_per_1k"],
@@ -342,7 +343,7 @@ class Gateway:
         now = time.monotonic()
         order = sorted(zip(ev.score.tolist(), (table.id_at(int(r)) for r in ev.rows)),
                        key=lambda s: (now - self.down.get(s[1], -DOWN_S) < DOWN_S, -s[0], s[1]))
-        return [offers[w] for _, w in order]
+        return [offers[w] for _, w in order if not live or now - self.down.get(w, -DOWN_S) >= DOWN_S]
 
     async def estimate(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -354,6 +355,8 @@ class Gateway:
         chat = "messages" in body
         prompt, max_tokens = self._prompt(body, chat), self._max_tokens(body)
         offers = self.ranked(m)
+        if not offers:
+            raise OpenAIError(503, "no worker serves this model", "server_error", code="no_worker")
         self._check_context(offers, len(prompt), max_tokens, chat)
         tip = int((await self.api.status())["height"])
         q = Quote(sid, max(o.price_in for o in offers), max(o.price_out for o in offers), tip + QUOTE_BLOCKS)

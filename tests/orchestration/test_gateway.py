@@ -212,6 +212,8 @@ async def test_routing_failover_mid_stream_failure_and_cancel_are_billed_for_wha
     key = await asyncio.to_thread(open_session, d, url, keyfile(tmp_path / "client.key", CLIENT), 500)
     client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
     http = httpx.Client(base_url=url, timeout=60)
+    balances = {who: d.get(f"/api/l2/accounts/{pk(s).hex()}")["balance_sat"] for who, s in
+                (("cheap", cheap_key), ("dear", dear_key), ("gateway", GATEWAY))}
 
     def ask() -> Any:
         return client.chat.completions.create(model=NAME, messages=Q, max_tokens=4)  # type: ignore[arg-type]
@@ -272,6 +274,23 @@ async def test_routing_failover_mid_stream_failure_and_cancel_are_billed_for_wha
     assert failed["cost_msat"] == token_cost_msat(failed["prompt_tokens"], got, 1_000, 3_000)
     units = d.get(f"/api/sessions/{key[6:70]}")["settled"]["units"]
     assert units == failed["cost_msat"] + sum(j["cost_msat"] for j in jobs)
+    # each worker was paid exactly its share of what it served, the gateway its treasury share less its fees
+    records = [d.get(f"/api/completions/{j['billing']['txid']}") for j in [*jobs, failed]]
+    for who, secret_ in (("cheap", cheap_key), ("dear", dear_key)):
+        mine = sum(r["paid_sat"]["worker"] for r in records if r["worker"] == pk(secret_).hex())
+        assert d.get(f"/api/l2/accounts/{pk(secret_).hex()}")["balance_sat"] == balances[who] + mine
+    assert d.get(f"/api/l2/accounts/{pk(GATEWAY).hex()}")["balance_sat"] == (
+        balances["gateway"] + sum(r["paid_sat"]["treasury"] for r in records) - len(records))
+    assert sum(sum(r["paid_sat"].values()) for r in records) == units // 1000
+    # no worker left: 503 in OpenAI's shape, and the model is listed with no live worker
+    workers["dear"].kill()
+    with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as c:
+        with pytest.raises(openai.InternalServerError) as none:
+            await asyncio.to_thread(c.chat.completions.create, model=NAME, messages=Q,  # type: ignore[arg-type]
+                                    max_tokens=2)
+        assert none.value.status_code == 503 and none.value.code == "no_worker"
+        listed = (await asyncio.to_thread(c.models.list)).data[0].model_extra
+        assert listed is not None and (listed["workers"], listed["workers_live"]) == (2, 0)
     http.close()
     assert procs[-1].stop() == 0
 
