@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence
 
 import pytest
@@ -163,12 +164,14 @@ class Proc:
     """A helper process (`python -m MODULE ARGS`, or `python SCRIPT.py ARGS`) whose first stdout line says where it
     listens."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, netns: Optional[str] = None) -> None:
+        """netns: run inside that network namespace (`ip netns exec`)."""
         self.log = log
         self._err = open(log, "w")
         run = [] if args[0].endswith(".py") else ["-m"]
-        self.proc = subprocess.Popen([sys.executable, *run, *args], stdout=subprocess.PIPE, stderr=self._err,
-                                     text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        inside = [] if netns is None else ["ip", "netns", "exec", netns]
+        self.proc = subprocess.Popen([*inside, sys.executable, *run, *args], stdout=subprocess.PIPE,
+                                     stderr=self._err, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
     def first_line(self) -> str:
         assert self.proc.stdout is not None
@@ -192,6 +195,56 @@ class Proc:
         self._err.close()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+@dataclass
+class Lan:
+    """Network namespaces on one bridge, each a host with its own address; the bridge's address is the root
+    namespace's (where the l2d daemon runs)."""
+
+    hosts: list[str]  # namespace names
+    addrs: list[str]  # their addresses
+    gateway: str  # the root namespace's address on the bridge
+    bridge: str
+
+
+@pytest.fixture
+def lan() -> Iterator[Callable[[int], Lan]]:
+    """lan(n): n network namespaces on a bridge (10.231.x.0/24, made and removed by the test). Skips with one line
+    where namespaces cannot be made (not root, no `ip`)."""
+    made: list[Lan] = []
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, text=True)
+
+    def make(n: int) -> Lan:
+        tag = f"l2{os.getpid() % 10_000}{len(made)}"
+        net = f"10.231.{(os.getpid() + len(made)) % 250}"
+        hosts = [f"{tag}h{i}" for i in range(n)]
+        lan = Lan(hosts, [f"{net}.{10 + i}" for i in range(n)], f"{net}.1", tag)
+        made.append(lan)
+        try:
+            sh("ip", "link", "add", tag, "type", "bridge")
+        except (OSError, subprocess.CalledProcessError) as e:
+            made.pop()
+            pytest.skip(f"cannot make network namespaces here: {getattr(e, 'stderr', e)}".strip())
+        sh("ip", "addr", "add", f"{lan.gateway}/24", "dev", tag)
+        sh("ip", "link", "set", tag, "up")
+        for i, (h, addr) in enumerate(zip(hosts, lan.addrs)):
+            sh("ip", "netns", "add", h)
+            sh("ip", "link", "add", f"{tag}v{i}", "type", "veth", "peer", "name", f"{tag}p{i}")
+            sh("ip", "link", "set", f"{tag}p{i}", "netns", h)
+            sh("ip", "link", "set", f"{tag}v{i}", "master", tag, "up")
+            sh("ip", "netns", "exec", h, "ip", "addr", "add", f"{addr}/24", "dev", f"{tag}p{i}")
+            sh("ip", "netns", "exec", h, "ip", "link", "set", f"{tag}p{i}", "up")
+            sh("ip", "netns", "exec", h, "ip", "link", "set", "lo", "up")
+        return lan
+
+    yield make
+    for lan in made:
+        for h in lan.hosts:
+            subprocess.run(["ip", "netns", "del", h], capture_output=True)
+        subprocess.run(["ip", "link", "del", lan.bridge], capture_output=True)
 
 
 @pytest.fixture

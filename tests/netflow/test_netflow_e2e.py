@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Optional
 
 import pytest
 from aiohttp import web
@@ -21,7 +21,7 @@ from coincurve import PrivateKey
 
 from l2d.core.session import SessionRecord, SessionStatus
 from l2d.core.session_tx import quote_sat
-from tests.conftest import L2dProcess, Proc
+from tests.conftest import L2dProcess, Lan, Proc
 
 TOKEN = "netflow-test-admin-token-0001"
 MIB = 1 << 20
@@ -43,7 +43,8 @@ RELAYS = [secret(f"relay {i}") for i in range(3)]
 
 @pytest.fixture
 async def site() -> AsyncIterator[tuple[str, bytes]]:
-    """A local HTTP server with a 3 MiB file of random bytes: (its base URL, the bytes)."""
+    """A local HTTP server with a 3 MiB file of random bytes: (its base URL on loopback, the bytes). It listens on
+    every address, so that network namespaces on a bridge reach it too."""
     body = os.urandom(3 * MIB)
 
     async def file(request: web.Request) -> web.Response:
@@ -52,7 +53,7 @@ async def site() -> AsyncIterator[tuple[str, bytes]]:
     app.router.add_get("/file", file)
     runner = web.AppRunner(app)
     await runner.setup()
-    s = web.TCPSite(runner, "127.0.0.1", 0)
+    s = web.TCPSite(runner, "0.0.0.0", 0)
     await s.start()
     port = s._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
@@ -61,14 +62,15 @@ async def site() -> AsyncIterator[tuple[str, bytes]]:
         await runner.cleanup()
 
 
-async def start_relay(tmp: Path, api: str, i: int, exit_: bool, procs: list[Proc]) -> tuple[Proc, str]:
+async def start_relay(tmp: Path, api: str, i: int, exit_: bool, procs: list[Proc], host: str = "127.0.0.1",
+                      netns: Optional[str] = None) -> tuple[Proc, str]:
     key = tmp / f"relay{i}.key"
     key.write_text(RELAYS[i].hex())
     key.chmod(0o600)
     args = ["netflow.relay", "--api", api, "--key", str(key), "--x25519-key", str(tmp / f"relay{i}.x25519"),
-            "--listen", "127.0.0.1:0", "--register", "--stake", "5000", "--price", str(PRICE), "--settle-every",
+            "--listen", f"{host}:0", "--register", "--stake", "5000", "--price", str(PRICE), "--settle-every",
             "3600"] + (["--exit"] if exit_ else [])
-    p = Proc(args, tmp / f"relay{i}.log")
+    p = Proc(args, tmp / f"relay{i}.log", netns)
     procs.append(p)
     line = await asyncio.to_thread(p.first_line)
     m = re.search(r"listening on (\S+)", line)
@@ -76,12 +78,13 @@ async def start_relay(tmp: Path, api: str, i: int, exit_: bool, procs: list[Proc
     return p, m.group(1)
 
 
-async def start_client(tmp: Path, api: str, args: list[str], procs: list[Proc]) -> tuple[Proc, str, list[str]]:
+async def start_client(tmp: Path, api: str, args: list[str], procs: list[Proc],
+                       netns: Optional[str] = None) -> tuple[Proc, str, list[str]]:
     key = tmp / "client.key"
     key.write_text(CLIENT.hex())
     key.chmod(0o600)
     p = Proc(["netflow.client", "--api", api, "--key", str(key), "--socks", "127.0.0.1:0", "--deposit", "50000",
-              *args], tmp / "client.log")
+              *args], tmp / "client.log", netns)
     procs.append(p)
     line = await asyncio.to_thread(p.first_line)
     m = re.search(r"SOCKS5 on (\S+) .*sessions (\S+)", line)
@@ -89,29 +92,37 @@ async def start_client(tmp: Path, api: str, args: list[str], procs: list[Proc]) 
     return p, m.group(1), m.group(2).split(",")
 
 
-def curl(socks: str, url: str, out: Path) -> None:
-    r = subprocess.run(["curl", "-sS", "--fail", "--max-time", "120", "--socks5-hostname", socks, url, "-o",
+def curl(socks: str, url: str, out: Path, netns: Optional[str] = None) -> None:
+    inside = [] if netns is None else ["ip", "netns", "exec", netns]
+    r = subprocess.run([*inside, "curl", "-sS", "--fail", "--max-time", "120", "--socks5-hostname", socks, url, "-o",
                         str(out)], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
 
 
 async def run_path(tmp: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
-                   poll: Callable[..., Any], site: tuple[str, bytes], procs: list[Proc], n_relays: int) -> None:
+                   poll: Callable[..., Any], site: tuple[str, bytes], procs: list[Proc], n_relays: int,
+                   lan: Optional[Lan] = None) -> None:
+    """A download through n relays (each in its own network namespace, and the client in another, with lan; the
+    daemon and the site in the root namespace), then every settlement checked."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     alloc = {pk(CLIENT): FUNDS, **{pk(r): FUNDS for r in RELAYS}}
-    d = l2d_process(node_toml(tmp / "node.toml", alloc, TOKEN, block={"interval_ms": 50}))
-    api = d.url("")
-    relays = [await start_relay(tmp, api, i, i == n_relays - 1, procs) for i in range(n_relays)]
+    api_host = {} if lan is None else {"api": {"host": "0.0.0.0"}}  # for the namespaces, on the bridge
+    d = l2d_process(node_toml(tmp / "node.toml", alloc, TOKEN, block={"interval_ms": 50}, **api_host))
+    api = d.url("") if lan is None else f"http://{lan.gateway}:{d.port}"
+    relays = [await start_relay(tmp, api, i, i == n_relays - 1, procs, *(() if lan is None else (
+        lan.addrs[i], lan.hosts[i]))) for i in range(n_relays)]
     await poll(lambda: len([r for r in d.get("/api/netflow/relays")["relays"] if r["status"] == "ACTIVE"])
                == n_relays, 60, "the relays registered")
     ids = ",".join(pk(RELAYS[i]).hex() for i in range(n_relays))
     mode = ["--mode", "direct"] if n_relays == 1 else ["--mode", "onion", "--hops", str(n_relays)]
-    client, socks, sessions = await start_client(tmp, api, [*mode, "--relays", ids], procs)
+    client_ns = None if lan is None else lan.hosts[n_relays]
+    client, socks, sessions = await start_client(tmp, api, [*mode, "--relays", ids], procs, client_ns)
     before = {i: d.get(f"/api/l2/accounts/{pk(RELAYS[i]).hex()}")["balance_sat"] for i in range(n_relays)}
     base, body = site
     out = tmp / "out.bin"
-    await asyncio.to_thread(curl, socks, f"{base}/file", out)
+    url = f"{base}/file" if lan is None else f"{base.replace('127.0.0.1', lan.gateway)}/file"
+    await asyncio.to_thread(curl, socks, url, out, client_ns)
     assert out.read_bytes() == body  # byte-identical through the relays
     assert client.stop() == 0  # the client's last receipts went out with each circuit's end
     for p, _ in relays:
@@ -128,6 +139,7 @@ async def run_path(tmp: Path, l2d_process: Callable[..., L2dProcess], node_toml:
         inner = SessionRecord.decode(bytes.fromhex(d.get(f"/api/sessions/{sessions[i - 1]}")["value"]))
         outer = SessionRecord.decode(bytes.fromhex(d.get(f"/api/sessions/{sessions[i]}")["value"]))
         assert inner.units > outer.units
+    (tmp / "relays.json").write_text(json.dumps(d.get("/api/netflow/relays")["relays"]))
     assert d.stop() == 0
 
 
@@ -202,3 +214,14 @@ async def test_a_relay_killed_mid_download_the_client_fails_over_and_the_downloa
         assert d.stop() == 0
     finally:
         await runner.cleanup()
+
+
+async def test_an_onion_path_across_network_namespaces_is_byte_identical_and_each_hop_paid(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        poll: Callable[..., Any], site: tuple[str, bytes], procs: list[Proc], lan: Callable[[int], Lan]) -> None:
+    """The three relays and the client each in a network namespace of their own (separate network stacks and
+    addresses on a bridge, as separate hosts): each relay registers and is reached at its own address."""
+    hosts = lan(4)
+    await run_path(tmp_path, l2d_process, node_toml, poll, site, procs, 3, hosts)
+    relays = {r["endpoint"].rpartition(":")[0] for r in json.loads((tmp_path / "relays.json").read_text())}
+    assert relays == set(hosts.addrs[:3])
