@@ -34,7 +34,8 @@ from l2d.core.session_tx import Receipt, SessionOpen, quote_sat
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .wire import MAX_DATA, Cmd, HopKeys, Kind, WireError, client_hop, frame, read_frame
+from .wire import (LINK_BUFFER, MAX_DATA, Cmd, HopKeys, Kind, WireError, buffered, client_hop, connect, frame,
+                   read_frame)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Circuit:
         first = self.paid[0]
         host, _, port = first.relay.endpoint.rpartition(":")
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 30)
+            r, w = await asyncio.wait_for(connect(host.strip("[]"), int(port)), 30)
             self.r, self.w = r, w
             pub, keys = client_hop(first.relay.x25519)
             w.write(frame(bytes((Kind.CREATE,)) + pub + first.session_id))
@@ -398,7 +399,8 @@ async def _run(a: Any) -> int:
             path = choose_path(relays, hops, client.rng)
         await client.open_sessions(path)
         circuits: set[Circuit] = set()
-        server = await asyncio.start_server(lambda r, w: client.socks(r, w, circuits), host, int(port))
+        server = await asyncio.start_server(lambda r, w: client.socks(r, buffered(w), circuits), host, int(port),
+                                            limit=LINK_BUFFER)
         bound = server.sockets[0].getsockname()
         print(f"l2-netflow SOCKS5 on {bound[0]}:{bound[1]} through "
               f"{' -> '.join(p.relay.endpoint for p in client.paid)}; sessions "

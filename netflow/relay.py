@@ -37,7 +37,8 @@ from l2d.core.session_tx import Receipt, SessionSettle
 from l2d.keys import load_or_create_secret
 from l2d.logs import setup_logging
 
-from .wire import MAX_DATA, Cmd, HopKeys, Kind, WireError, frame, read_frame, relay_hop, x25519_public
+from .wire import (LINK_BUFFER, MAX_DATA, Cmd, HopKeys, Kind, WireError, buffered, connect, frame, read_frame,
+                   relay_hop, x25519_public)
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,13 @@ class Relay:
         self._free_at = 0.0  # when the rate limit lets the next byte go
 
     async def throttle(self, n: int) -> None:
-        """Hold n bytes back as long as the relay's rate limit (--max-rate) asks."""
+        """Hold n bytes back until the relay's rate limit (--max-rate) has had time to carry them: never faster,
+        whatever the chunk size."""
         if not self.max_rate:
             return
         now = time.monotonic()
-        start = max(now, self._free_at)
-        self._free_at = start + n / self.max_rate
-        if start > now:
-            await asyncio.sleep(start - now)
+        self._free_at = max(now, self._free_at) + n / self.max_rate
+        await asyncio.sleep(self._free_at - now)
 
     # -- sessions ---------------------------------------------------------------------------------------------
     async def session(self, sid: bytes) -> SessionState:
@@ -270,7 +270,7 @@ class _Circuit:
             raise WireError("EXTEND on a circuit already extended, or malformed")
         host, port = _endpoint(data[64:])
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+            r, w = await asyncio.wait_for(connect(host, port), 30)
         except (OSError, asyncio.TimeoutError) as e:
             raise CircuitClosed(f"next relay {host}:{port} unreachable: {e}") from None
         w.write(frame(bytes((Kind.CREATE,)) + data[:64]))
@@ -305,7 +305,7 @@ class _Circuit:
             raise CircuitClosed("this relay is not an exit")
         host, port = _endpoint(data)
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+            r, w = await asyncio.wait_for(connect(host, port), 30)
         except (OSError, asyncio.TimeoutError):
             await self.send_up(Cmd.CONNECTED, b"\x01")
             return
@@ -371,7 +371,7 @@ async def _run(a: Any) -> int:
         network = await api.network()
         relay = Relay(api=api, network=network, secret=secret, x25519_key=x_key, price_msat_per_mib=a.price,
                       exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate)
-        server = await asyncio.start_server(relay.handle, host, port)
+        server = await asyncio.start_server(lambda r, w: relay.handle(r, buffered(w)), host, port, limit=LINK_BUFFER)
         bound = server.sockets[0].getsockname()
         endpoint = f"{bound[0]}:{bound[1]}"
         if a.register:

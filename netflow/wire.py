@@ -27,8 +27,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-MAX_FRAME = 1 << 17  # 128 KiB: a data chunk (at most MAX_DATA) and every layer's overhead fit
-MAX_DATA = 1 << 16  # application bytes per DATA command
+MAX_FRAME = 1 << 19  # 512 KiB: a data chunk (at most MAX_DATA) and every layer's overhead fit
+MAX_DATA = 1 << 18  # application bytes per DATA command
+LINK_BUFFER = 1 << 20  # bytes a link's reader buffers and its writer queues before waiting (asyncio's 64 KiB default
+# would make every 256 KiB frame wait for the socket)
 TAG = 16
 _LEN = struct.Struct(">I")
 _INFO = b"l2d/netflow/hop v1"
@@ -53,6 +55,18 @@ class Cmd(enum.IntEnum):
     CONNECTED = 0x15  # status u8 (0 = connected)
     DATA = 0x16  # application bytes
     END = 0x17  # the stream is over (either direction)
+
+
+async def connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP stream with the link's buffers (LINK_BUFFER)."""
+    r, w = await asyncio.open_connection(host, port, limit=LINK_BUFFER)
+    return r, buffered(w)
+
+
+def buffered(w: asyncio.StreamWriter) -> asyncio.StreamWriter:
+    """A writer that queues up to LINK_BUFFER bytes before drain() waits (for a server's accepted streams too)."""
+    w.transport.set_write_buffer_limits(high=LINK_BUFFER)
+    return w
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes:
