@@ -171,6 +171,10 @@ class ApiConfig:
     header_timeout_ms: int
     body_timeout_ms: int
     keepalive_timeout_ms: int
+    # Writes and large downloads per client (its address, or the admin token's holder) and second, in bursts of
+    # rate_limit_burst; 0 = no limit (l2d/api/limits.py).
+    rate_limit_per_s: int = 0
+    rate_limit_burst: int = 1
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and debug logs
         token = REDACTED if self.admin_token else ""
@@ -420,7 +424,8 @@ class Config:
                     "admin_token": REDACTED if self.api.admin_token else None,
                     "max_body_bytes": self.api.max_body_bytes, "max_connections": self.api.max_connections,
                     "header_timeout_ms": self.api.header_timeout_ms, "body_timeout_ms": self.api.body_timeout_ms,
-                    "keepalive_timeout_ms": self.api.keepalive_timeout_ms},
+                    "keepalive_timeout_ms": self.api.keepalive_timeout_ms,
+                    "rate_limit_per_s": self.api.rate_limit_per_s, "rate_limit_burst": self.api.rate_limit_burst},
             "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
                           "keep": self.snapshots.keep, "anchored_keep_final": self.snapshots.anchored_keep_final,
                           "anchored_max_bytes": self.snapshots.anchored_max_bytes},
@@ -545,7 +550,7 @@ def _mempool(t: Mapping[str, Any], chain: ChainConfig) -> MempoolConfig:
 
 def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
     s = _Section("api", t, ("host", "port", "admin_token", "max_body_bytes", "max_connections", "header_timeout_ms",
-                            "body_timeout_ms", "keepalive_timeout_ms"))
+                            "body_timeout_ms", "keepalive_timeout_ms", "rate_limit_per_s", "rate_limit_burst"))
     host = s.get_str("host", default="127.0.0.1")
     if host != "localhost":
         try:
@@ -575,6 +580,8 @@ def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
         header_timeout_ms=s.get_int("header_timeout_ms", 100, 600_000, default=20_000),
         body_timeout_ms=s.get_int("body_timeout_ms", 100, 3_600_000, default=60_000),
         keepalive_timeout_ms=s.get_int("keepalive_timeout_ms", 100, 3_600_000, default=75_000),
+        rate_limit_per_s=s.get_int("rate_limit_per_s", 0, 1_000_000, default=0),
+        rate_limit_burst=s.get_int("rate_limit_burst", 1, 1_000_000, default=20),
     )
 
 

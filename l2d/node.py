@@ -34,6 +34,7 @@ from . import __version__, mempool_file
 from .admission import Admission
 from .api.app import make_app
 from .api.deps import ApiDeps
+from .api.limits import RateLimiter
 from .api.server import ApiServer, ensure_descriptors
 from .config import BitcoindConfig, Config, ConfigError
 from .consensus import EVIDENCE_FILE, FederationHost
@@ -237,11 +238,13 @@ class Node:
 
     def web_app(self) -> web.Application:
         """The REST application over this node's parts (each under its own AppKey), with the member routes."""
+        api = self.config.api
         app = make_app(ApiDeps(
             chain=self.chain, admission=self.admission, snapshots=self.snapshots, metrics=self.metrics,
             models=self.models, admin_token=self.config.api.admin_token or "",
             max_body_bytes=self.config.api.max_body_bytes, members=self.host, anchors=self.anchor_service,
-            federation=self.federation, bridge=self.bridge_service, orchestration=self.orchestration_service))
+            federation=self.federation, bridge=self.bridge_service, orchestration=self.orchestration_service,
+            rate_limit=RateLimiter(api.rate_limit_per_s, api.rate_limit_burst) if api.rate_limit_per_s else None))
         if self.transport is not None:
             app.router.add_routes(transport_routes(self.transport))
             app.on_shutdown.append(self.transport.close_inbound)  # else peers' WebSockets hold the API's stop

@@ -7,11 +7,13 @@ from . import anchors, bridge, federation, fl, ledger, models, netflow, sessions
 from .deps import (ADMIN_TOKEN, ADMISSION, ANCHORS, BRIDGE, CHAIN, FEDERATION, MEMBERS, METRICS, MODELS, ORCHESTRATION,
                    SNAPSHOTS, ApiDeps)
 from .http import error_middleware
+from .limits import LIMITER, rate_limit
 
 
 def make_app(deps: ApiDeps) -> web.Application:
     """The REST application over deps."""
-    app = web.Application(client_max_size=deps.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=deps.max_body_bytes, middlewares=[error_middleware, rate_limit])
+    app[LIMITER] = deps.rate_limit
     app[CHAIN] = deps.chain
     app[ADMISSION] = deps.admission
     app[SNAPSHOTS] = deps.snapshots

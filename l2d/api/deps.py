@@ -5,7 +5,7 @@ The composition root (l2d/node.py) fills an ApiDeps; make_app puts each part und
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from aiohttp import web
 
@@ -20,6 +20,9 @@ from ..metrics import Metrics
 from ..model_store import ModelStore
 from ..snapshots import Snapshots
 from ..views import ChainView
+
+if TYPE_CHECKING:
+    from .limits import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ class ApiDeps:
     federation: Optional[Federation] = None
     bridge: Optional[BridgeService] = None
     orchestration: Optional[OrchestrationService] = None
+    rate_limit: Optional[RateLimiter] = None  # None: no limit (l2d/api/limits.py)
 
 
 CHAIN = web.AppKey("chain", ChainView)
