@@ -60,31 +60,47 @@ class Counter:
         return out
 
 
+class _Series:
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self, n: int) -> None:
+        self.counts = [0] * n
+        self.sum = 0.0
+        self.count = 0
+
+
 class Histogram:
-    """A histogram with fixed upper bounds (seconds)."""
+    """A histogram with fixed upper bounds (seconds), optionally one series per label set."""
 
     def __init__(self, name: str, help_text: str, buckets: Iterable[float]) -> None:
         self.name = name
         self.help = help_text
         self.bounds = tuple(sorted(buckets))
-        self.counts = [0] * len(self.bounds)
-        self.sum = 0.0
-        self.count = 0
+        self.series: dict[Labels, _Series] = {}
 
-    def observe(self, v: float) -> None:
-        self.sum += v
-        self.count += 1
+    def observe(self, v: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = _Series(len(self.bounds))
+        s.sum += v
+        s.count += 1
         for i, b in enumerate(self.bounds):
             if v <= b:
-                self.counts[i] += 1
+                s.counts[i] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.series.values())
 
     def render(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for b, c in zip(self.bounds, self.counts):
-            out.append(f'{self.name}_bucket{{le="{_fmt_value(b)}"}} {c}')
-        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        out.append(f"{self.name}_sum {_fmt_value(self.sum)}")
-        out.append(f"{self.name}_count {self.count}")
+        for labels, s in sorted(self.series.items()) or [((), _Series(len(self.bounds)))]:
+            for b, c in zip(self.bounds, s.counts):
+                out.append(f"{self.name}_bucket{_fmt_labels(labels + (('le', _fmt_value(b)),))} {c}")
+            out.append(f"{self.name}_bucket{_fmt_labels(labels + (('le', '+Inf'),))} {s.count}")
+            out.append(f"{self.name}_sum{_fmt_labels(labels)} {_fmt_value(s.sum)}")
+            out.append(f"{self.name}_count{_fmt_labels(labels)} {s.count}")
         return out
 
 
@@ -104,6 +120,8 @@ class Metrics:
                                     "Transactions refused, by stage (admission or block) and reason.")
         self.snapshots = Counter("l2d_snapshots_total", "Snapshots written, by trigger.")
         self.http_requests = Counter("l2d_http_requests_total", "HTTP requests served, by route and status.")
+        self.http_seconds = Histogram("l2d_http_request_seconds", "Time to serve an HTTP request, by route.",
+                                      (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
         self.http_malformed = Counter("l2d_http_malformed_requests_total",
                                       "Requests answered 400 before routing: not valid HTTP.")
         self.http_dropped = Counter("l2d_http_connections_dropped_total", "Client connections the API closed: over "
@@ -138,6 +156,7 @@ class Metrics:
                   self.federation_refused, self.federation_dropped, self.federation_evidence, self.federation_rounds):
             lines += c.render()
         lines += self.block_build.render()
+        lines += self.http_seconds.render()
         lines += self.federation_precommit.render()
         lines += self.federation_commit.render()
         return "\n".join(lines) + "\n"

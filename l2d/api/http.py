@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import re
+import time
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
@@ -60,8 +61,9 @@ def _route_label(request: web.Request) -> str:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every exception into a JSON error response and count the request."""
+    """Turn every exception into a JSON error response; count and time the request."""
     resp: web.StreamResponse
+    start = time.perf_counter()
     try:
         resp = await handler(request)
     except ApiError as e:
@@ -86,7 +88,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         else:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             resp = json_error(500, "internal", "internal error (logged)")
-    request.app[METRICS].http_requests.inc(path=_route_label(request), status=str(resp.status))
+    route = _route_label(request)
+    request.app[METRICS].http_requests.inc(path=route, status=str(resp.status))
+    request.app[METRICS].http_seconds.observe(time.perf_counter() - start, path=route)
     return resp
 
 

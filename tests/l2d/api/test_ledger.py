@@ -263,6 +263,11 @@ async def test_metrics(client: Client, wait_until: Any) -> None:
     assert float(samples["l2d_uptime_seconds"]) >= 0
     assert samples['l2d_http_requests_total{path="/api/l2/tx",status="202"}'] == "1"
     assert "# TYPE l2d_block_build_seconds histogram" in text
+    # one latency histogram per route: the two transaction posts (accepted and refused) in /api/l2/tx's
+    assert samples['l2d_http_request_seconds_count{path="/api/l2/tx"}'] == "2"
+    assert samples['l2d_http_request_seconds_bucket{path="/api/l2/tx",le="+Inf"}'] == "2"
+    assert float(samples['l2d_http_request_seconds_sum{path="/api/l2/tx"}']) > 0
+    assert int(samples['l2d_http_request_seconds_count{path="/metrics"}']) >= 1
 
 
 def test_metric_label_escaping() -> None:
