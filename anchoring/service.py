@@ -89,6 +89,7 @@ class Anchor:
     submit_btc_height: Optional[int] = None
     submitted_at: Optional[float] = None
     committed_at: Optional[float] = None  # when the L2 block was committed (this process), for latency
+    status_at: Optional[float] = None  # when it reached its current status (for the stage metrics)
     accept_latency_ms: Optional[float] = None
     replaced_txids: list[str] = field(default_factory=list)
     l2_status: Optional[str] = None  # status last submitted to the L2 state
@@ -134,8 +135,12 @@ class AnchorService:
                  tip: Callable[[], BlockHeader], header_at: Callable[[int], Optional[BlockHeader]],
                  submit_update: Callable[[Payload], Any],
                  snapshot_bytes: Callable[[int], Optional[bytes]],
-                 zmq_hashblock: str = "", zmq_sequence: str = "", bitcoin_chain: str = "regtest") -> None:
+                 zmq_hashblock: str = "", zmq_sequence: str = "", bitcoin_chain: str = "regtest",
+                 on_stage: Optional[Callable[[str, float], None]] = None) -> None:
+        """on_stage(status, seconds): called when an anchor reaches a status, with the time since its previous one
+        (BUILT: since its L2 block was committed), for the daemon's metrics."""
         self.config = config
+        self._on_stage = on_stage
         self.fed = federation  # anchors are its plans: proposed here, signed by m members' bridges, followed here
         self._proposed: dict[int, int] = {}  # anchored height -> my L2 tip when I last proposed its plan
         self._expected: set[bytes] = set()  # the versions of the anchor plan in flight (txids, internal order)
@@ -174,6 +179,13 @@ class AnchorService:
             log.info("anchor service loaded %d anchor(s); latest L2 height %d", len(self.anchors), max(self.anchors))
 
     async def _save(self, a: Anchor) -> None:
+        before = self.anchors.get(a.l2_height)
+        if before is None or before.status != a.status:
+            now = time.time()
+            since = a.committed_at if before is None else before.status_at
+            if since is not None and self._on_stage is not None:
+                self._on_stage(a.status.value, max(0.0, now - since))
+            a.status_at = now
         self.anchors[a.l2_height] = a
         await self.store.put_anchor_async(a.l2_height, a.encode())
 

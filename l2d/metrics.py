@@ -120,6 +120,9 @@ class Metrics:
                                     "Transactions refused, by stage (admission or block) and reason.")
         self.snapshots = Counter("l2d_snapshots_total", "Snapshots written, by trigger.")
         self.http_requests = Counter("l2d_http_requests_total", "HTTP requests served, by route and status.")
+        self.anchor_stage = Histogram("l2d_anchor_stage_seconds", "Time an anchor took to reach each status from "
+                                      "the one before (BUILT: from its L2 block's commit).",
+                                      (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0))
         self.http_seconds = Histogram("l2d_http_request_seconds", "Time to serve an HTTP request, by route.",
                                       (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
         self.http_malformed = Counter("l2d_http_malformed_requests_total",
@@ -157,6 +160,7 @@ class Metrics:
             lines += c.render()
         lines += self.block_build.render()
         lines += self.http_seconds.render()
+        lines += self.anchor_stage.render()
         lines += self.federation_precommit.render()
         lines += self.federation_commit.render()
         return "\n".join(lines) + "\n"

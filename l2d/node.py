@@ -192,7 +192,8 @@ class Node:
                                 header_at=self._header_at,
                                 submit_update=self.admission.submit_as_member,
                                 snapshot_bytes=self.snapshots.anchor_snapshot_bytes,
-                                zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence, bitcoin_chain=b.chain)
+                                zmq_hashblock=b.zmq_hashblock, zmq_sequence=b.zmq_sequence, bitcoin_chain=b.chain,
+                                on_stage=lambda stage, s: self.metrics.anchor_stage.observe(s, stage=stage))
         service.load()
         return service
 

@@ -90,6 +90,11 @@ async def test_builds_and_stores_payloads_without_bitcoind(tmp_path: Path, mode:
         assert any("NOT broadcast" in r.getMessage() for r in caplog.records)
         # no bitcoind: no anchor can be confirmed, so no audit bundle can need a snapshot; none is written
         assert node.snapshots.anchor_snapshot_bytes(2) is None and not node.snapshots.anchor_dir.exists()
+        # the stage metrics: each BUILT anchor timed from its L2 block's commit, no later stage reached
+        metrics = await (await client.get("/metrics")).text()
+        built = [ln for ln in metrics.splitlines() if ln.startswith('l2d_anchor_stage_seconds_count{stage="BUILT"}')]
+        assert len(built) == 1 and int(built[0].rsplit(" ", 1)[1]) >= 2
+        assert 'stage="SUBMITTED"' not in metrics
     finally:
         await client.close()
         await node.stop()

@@ -269,6 +269,10 @@ async def test_end_to_end_taproot(tmp_path: Path, bitcoind: BitcoindNode, rpc: B
     nxt = await submitted_after_broadcast(p, rpc, poll, above=h)
     assert [r for r in p.lines() if r["msg"] == "anchor plan proposed" and r["l2_height"] == nxt["l2_height"]]
     assert nxt["record"][92:] == a["link"]  # prev_link: the record's last 32 bytes
+    status, text = p.get_raw("/metrics")  # the restarted process timed the stages (from their persisted times)
+    counts = {ln.split('"')[1]: int(ln.rsplit(" ", 1)[1]) for ln in text.decode().splitlines()
+              if ln.startswith("l2d_anchor_stage_seconds_count{")}
+    assert status == 200 and counts.get("SUBMITTED", 0) >= 1 and counts.get("FINAL", 0) >= 1, counts
     assert [(i["txid"], i["vout"], i["kind"]) for i in plan(p, nxt["txid"])["inputs"]] == [(txid, 0, "ANCHOR")]
     raw = await rpc.call("getrawtransaction", [nxt["txid"], 1])
     assert vins(raw) == [(txid, 0)]
