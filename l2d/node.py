@@ -34,7 +34,6 @@ from . import __version__, mempool_file
 from .admission import Admission
 from .api.app import make_app
 from .api.deps import ApiDeps
-from .api.limits import RateLimiter
 from .api.server import ApiServer, ensure_descriptors
 from .config import BitcoindConfig, Config, ConfigError
 from .consensus import EVIDENCE_FILE, FederationHost
@@ -56,6 +55,7 @@ from .ledger import Ledger
 from .logs import setup_logging
 from .mempool import Mempool
 from .metrics import Metrics
+from .ratelimit import RateLimiter
 from .model_store import MODEL_DIR, ModelStore
 from .snapshots import Snapshots
 from .store import Store, StoreError

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Optional, Sequence
@@ -77,19 +78,49 @@ def _hex32(text: str, what: str) -> bytes:
     return bytes.fromhex(s)
 
 
-def _open(path: str) -> BinaryIO:
+def _open(path: str, progress: Optional[argparse.Namespace] = None) -> BinaryIO:
+    """The file (stdin for "-"); with progress (the command's arguments), a bar of the bytes read on stderr when it
+    is a terminal and --json is not asked for."""
     if path == "-":
         return sys.stdin.buffer
     try:
-        return open(path, "rb")
+        f = open(path, "rb")
     except OSError as e:
         raise _Outcome(EXIT_ERROR, f"cannot open {path}: {e.strerror or e}", "io-error") from None
+    if progress is None or progress.json or not sys.stderr.isatty():
+        return f
+    return _Progress(f, f"{progress.command} {os.path.basename(path)}")  # type: ignore[return-value]
+
+
+class _Progress:
+    """A file read through a progress bar (tqdm, on stderr); closing it closes both."""
+
+    def __init__(self, f: BinaryIO, what: str) -> None:
+        from tqdm import tqdm
+
+        self._f = f
+        self._bar = tqdm(total=os.fstat(f.fileno()).st_size, desc=what, unit="B", unit_scale=True,
+                         unit_divisor=1024, leave=False, file=sys.stderr, mininterval=0.25,
+                         ncols=shutil.get_terminal_size().columns,  # 80 x 24 where a terminal reports no size
+                         nrows=shutil.get_terminal_size().lines)
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(n)
+        self._bar.update(len(b))
+        return b
+
+    def close(self) -> None:
+        self._bar.close()
+        self._f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
     expect = _hex32(a.expect_root, "--expect-root") if a.expect_root is not None else None
     network = network_by_name(a.network) if a.network else None
-    f = _open(a.file)
+    f = _open(a.file, a)
     try:
         header = verify_snapshot(f, network, expect)
         checksum: Optional[str] = None
@@ -215,7 +246,7 @@ def cmd_headers(a: argparse.Namespace) -> dict[str, Any]:
             raise _Outcome(EXIT_ERROR, f"--checkpoint must be HEIGHT:HASH (a height and 64 hex characters), got "
                                        f"{a.checkpoint!r}", "bad-argument")
         checkpoint = (int(m.group(1)), bytes.fromhex(m.group(2))[::-1])
-    f = _open(a.file)
+    f = _open(a.file, a)
     try:
         # The clock is read here, at the command-line boundary, for the 2-hour future limit; the checks are pure.
         loaded = load_header_file(f, now=int(time.time()), require_chain=a.chain, checkpoint=checkpoint)
@@ -275,7 +306,7 @@ def cmd_chain(a: argparse.Namespace) -> dict[str, Any]:
     if a.file == "-" and a.members == "-":
         raise _Outcome(EXIT_ERROR, "the chain file and --members cannot both be stdin", "bad-argument")
     genesis = load_federation(a.members)
-    f = _open(a.file)
+    f = _open(a.file, a)
     try:
         r = verify_chain(f, genesis, checkpoint)
     except ChainFileMalformed as e:

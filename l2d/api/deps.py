@@ -5,7 +5,7 @@ The composition root (l2d/node.py) fills an ApiDeps; make_app puts each part und
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from aiohttp import web
 
@@ -19,10 +19,8 @@ from ..core.pegs import Federation
 from ..metrics import Metrics
 from ..model_store import ModelStore
 from ..snapshots import Snapshots
+from ..ratelimit import RateLimiter
 from ..views import ChainView
-
-if TYPE_CHECKING:
-    from .limits import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)

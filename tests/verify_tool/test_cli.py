@@ -271,3 +271,35 @@ def test_verifier_imports_only_the_core() -> None:
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def _on_a_terminal(*argv: str) -> tuple[int, str, str]:
+    """l2-verify with its stderr on a pseudo-terminal: (exit code, stdout, what the terminal showed)."""
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "verify_tool.cli", *argv], stdout=subprocess.PIPE, stderr=slave,
+                         env=_env(), cwd=REPO)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal is gone once the process exits
+            break
+        if not chunk:
+            break
+        shown += chunk
+    out, _ = p.communicate(timeout=120)
+    os.close(master)
+    return p.returncode, out.decode(), shown.decode(errors="replace")
+
+
+def test_progress_shows_on_a_terminal_and_never_in_json_or_a_pipe(snap: Path) -> None:
+    code, out, shown = _on_a_terminal("snapshot", str(snap))
+    assert code == 0 and out.startswith("OK snapshot height 42")
+    assert f"snapshot {snap.name}" in shown and "B" in shown  # the bar: what is read, in bytes
+    code, out, shown = _on_a_terminal("snapshot", str(snap), "--json")
+    assert code == 0 and json.loads(out)["ok"] is True and shown == ""  # --json: quiet
+    piped = subprocess.run([sys.executable, "-m", "verify_tool.cli", "snapshot", str(snap)], capture_output=True,
+                           text=True, env=_env(), cwd=REPO, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == ""  # not a terminal: quiet

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from l2d.api import limits
-from l2d.api.limits import LIMITER, RateLimiter
+from l2d import ratelimit
+from l2d.api.limits import LIMITER
+from l2d.ratelimit import RateLimiter
 from tests.conftest import ADMIN_TOKEN, _node_and_client, make_config
 
 
@@ -34,7 +35,7 @@ def test_a_bucket_allows_its_burst_then_its_rate() -> None:
 
 
 def test_the_buckets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(limits, "MAX_CLIENTS", 3)
+    monkeypatch.setattr(ratelimit, "MAX_CLIENTS", 3)
     lim = RateLimiter(1, 1, Clock())
     for c in "abcd":
         assert lim.take(c) == 0
