@@ -5,7 +5,7 @@ is its kind: CREATE and CREATED set a hop up; RELAY carries one onion layer.
 
 A hop's keys: the client makes an ephemeral X25519 key e for each hop and sends e.pub in CREATE; both sides derive
     shared = X25519(e, relay's registered X25519 key)
-    k_fwd || k_bwd = HKDF-SHA256(shared, salt = e.pub || relay X25519 pub, info = "l2d/netflow/hop v1", 64 bytes)
+    k_fwd || k_bwd = HKDF-SHA256(shared, salt = e.pub || relay X25519 pub, info = "l2d/netflow/hop v2", 64 bytes)
 and the relay proves it holds its key by CREATED carrying ChaCha20-Poly1305(k_bwd, nonce 0, "", aad = e.pub): the
 16-byte tag. Every later layer in one direction uses the next nonce (a 96-bit big-endian counter from 1), so a
 replayed, dropped, reordered or altered frame fails authentication and the circuit is dropped.
@@ -33,7 +33,7 @@ LINK_BUFFER = 1 << 20  # bytes a link's reader buffers and its writer queues bef
 # would make every 256 KiB frame wait for the socket)
 TAG = 16
 _LEN = struct.Struct(">I")
-_INFO = b"l2d/netflow/hop v1"
+_INFO = b"l2d/netflow/hop v2"  # v2: 256 KiB DATA chunks in frames of up to 512 KiB (v1: 64 / 128 KiB)
 
 
 class WireError(Exception):

@@ -41,7 +41,8 @@ from coincurve import PrivateKey
 
 from l2d.aio import serve_app, until_signalled
 from l2d.client import ApiError, AsyncClient, Unreachable
-from l2d.core.model_tx import BP, DEFAULT_SPLIT, Completion, Sampling, result_digest, token_cost_msat
+from l2d.core.errors import OutOfRange
+from l2d.core.model_tx import BP, DEFAULT_SPLIT, Completion, Sampling, fp_leaf, result_digest, token_cost_msat
 from l2d.core.session_tx import SessionOpen
 from l2d.core.tx import public_key, xonly_key
 from l2d.keys import load_secret
@@ -75,6 +76,10 @@ class OpenAIError(Exception):
 
     def response(self) -> web.Response:
         return web.json_response(self.body(), status=self.status)
+
+
+class WorkerFault(Exception):
+    """A worker's stream broke the protocol (a value out of range, too many tokens, a result not its own)."""
 
 
 def bad_key(message: str) -> OpenAIError:
@@ -160,6 +165,7 @@ class Job:
     l2_height: Optional[int] = None
     error: Optional[str] = None
     attempts: int = 0
+    billable: bool = True  # False: the client got no answer, or the worker broke the protocol
     audit: dict[str, Any] = field(default_factory=lambda: {"status": "none"})
 
     def json(self) -> dict[str, Any]:
@@ -434,7 +440,7 @@ class Gateway:
 
     def bill(self, job: Job, tab: Tab) -> None:
         """Charge the tokens delivered at the serving worker's prices and queue the Completion transaction."""
-        if job.offer is None:
+        if job.offer is None or not job.billable:
             job.status = "failed"
             return
         if job.status in ("routing", "running"):
@@ -474,23 +480,41 @@ class Gateway:
         raise OpenAIError(503, "no worker is free to serve this model", "server_error", code="no_worker")
 
     def _take(self, job: Job, line: dict[str, Any]) -> bool:
-        """One line of the worker's stream into the job; True at its end (the fingerprint checked against the
-        top-K the worker sent)."""
+        """One line of the worker's stream into the job; True at its end. A line out of range, a token past
+        max_tokens, or a result whose fingerprint or signature is not the worker's own is the worker's fault
+        (WorkerFault): its answer is not paid, and it is routed nothing more."""
+        assert job.offer is not None and self.network_id is not None
         if not line.get("done"):
-            job.output.append(int(line["token"]))
-            job.tops.append(TopK(tuple(line["top"][0]), tuple(line["top"][1])))
+            if len(job.output) >= job.max_tokens:
+                raise WorkerFault(f"more than max_tokens {job.max_tokens} tokens")
+            top = TopK(tuple(int(i) for i in line["top"][0]), tuple(int(q) for q in line["top"][1]))
+            token = int(line["token"])
+            try:
+                fp_leaf(token, top.ids, top.logits)  # u32 ids, i32 logits: what a fingerprint can hold
+            except OutOfRange as e:
+                raise WorkerFault(f"a token out of range: {e}") from None
+            job.output.append(token)
+            job.tops.append(top)
             return False
         fp, sig = bytes.fromhex(line["fingerprint"]), bytes.fromhex(line["signature"])
         if fp != fingerprint(job.output, job.tops) or int(line["tokens"]) != len(job.output):
-            raise ValueError("the worker's fingerprint does not commit to the tokens and top-K it streamed")
-        job.finish_reason, job.status = line["finish_reason"], "completed"
-        assert job.offer is not None and self.network_id is not None
+            raise WorkerFault("its fingerprint does not commit to the tokens and top-K it streamed")
         digest = result_digest(self.network_id, job.model_hash, token_hash(job.prompt), token_hash(job.output), fp,
                                len(job.prompt), len(job.output), int(job.seed is not None), job.seed or 0,
                                job.temperature_milli)
-        if sig != bytes(64) and xonly_key(job.offer.worker).verify(sig, digest):
-            job.fingerprint, job.worker_sig = fp, sig  # else recorded without them: not auditable
+        if len(sig) != 64 or not xonly_key(job.offer.worker).verify(sig, digest):
+            raise WorkerFault("its result is not signed by its key")
+        job.fingerprint, job.worker_sig = fp, sig
+        job.finish_reason, job.status = line["finish_reason"], "completed"
         return True
+
+    def fault(self, job: Job, e: Exception) -> str:
+        """A worker's answer broke the protocol: the job failed, unpaid, and the worker is routed nothing more."""
+        assert job.offer is not None
+        job.status, job.error, job.billable = "failed", f"the worker failed after {len(job.output)} tokens: {e}", False
+        self.caught[job.offer.worker] = f"{job.id}: {e}"
+        log.warning("worker %s broke the protocol on %s: %s", job.offer.worker.hex(), job.id, e)
+        return job.error
 
     async def whole(self, request: web.Request, job: Job, stream: AsyncIterator[dict[str, Any]],
                     first: dict[str, Any], chat: bool) -> web.Response:
@@ -502,8 +526,11 @@ class Gateway:
                 text += line["text"]
                 if request.transport is None or request.transport.is_closing():
                     return web.Response(status=499)  # the client left: billed for what was made until then
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except WorkerFault as e:
+            raise OpenAIError(502, self.fault(job, e), "server_error", code="worker_failed") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
             job.status, job.error = "failed", f"the worker failed after {len(job.output)} tokens: {e}"
+            job.billable = False  # the client gets no answer: it pays nothing
             raise OpenAIError(502, job.error, "server_error", code="worker_failed") from None
         n_out = len(job.output)
         usage = {"prompt_tokens": len(job.prompt), "completion_tokens": n_out, "total_tokens": len(job.prompt) + n_out}
@@ -553,7 +580,11 @@ class Gateway:
                 await send(final)
             except ConnectionResetError:  # aiohttp's is a ClientError too: the client left, not the worker
                 raise
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:  # the worker died mid-stream
+            except WorkerFault as e:
+                err = OpenAIError(502, self.fault(job, e), "server_error", code="worker_failed").body()
+                await resp.write(f"data: {json.dumps(err)}\n\n".encode())
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
+                # the worker died mid-stream: the client pays for the tokens it received
                 job.status, job.error = "failed", f"the worker failed after {len(job.output)} tokens: {e}"
                 err = OpenAIError(502, job.error, "server_error", code="worker_failed").body()
                 await resp.write(f"data: {json.dumps(err)}\n\n".encode())
@@ -576,56 +607,50 @@ class Gateway:
                           0 if greedy else job.temperature_milli, *self.split, job.worker_sig)
 
     async def recorder(self) -> None:
-        """Record the billed jobs: each batch signed with consecutive nonces, submitted, then followed until every
-        transaction committed or was dropped; a dropped one is signed again (3 attempts), then refused (its cost
-        leaves the tab). A job is never signed again while its earlier transaction may still commit."""
+        """Record the billed jobs one transaction at a time, each signed at the gateway's committed nonce and
+        followed until it is committed or dropped (sequential, so a dropped transaction never strands later nonces,
+        and a job signed again reuses the nonce its earlier transaction held: at most one of them can commit). A
+        dropped one is signed again (3 attempts), then refused (its cost leaves the tab); the node being
+        unreachable, busy (429, 5xx) or refusing for a reason of its own is waited out."""
         while True:
-            batch = [await self.to_record.get()]
-            while not self.to_record.empty():
-                batch.append(self.to_record.get_nowait())
-            self.recording = batch
+            job = await self.to_record.get()
+            self.recording = [job]
             try:
-                await self.record(batch)
+                await self.record(job)
             except (ApiError, Unreachable) as e:
-                log.warning("recording %d completions failed (%s): trying again", len(batch), e)
-                for job in batch:
-                    if job.billing == "pending":
-                        self.to_record.put_nowait(job)
+                log.warning("recording %s failed (%s): trying again", job.id, e)
+                self.recording = []
+                self.to_record.put_nowait(job)
                 await asyncio.sleep(1)
+            except Exception as e:  # a job that cannot make a valid transaction: refused, the recorder goes on
+                log.exception("job %s cannot be recorded", job.id)
+                self.refused(job, f"cannot be recorded: {e}")
+            self.recording = []
 
-    async def record(self, batch: list[Job]) -> None:
-        fresh = [j for j, done in zip(batch, await asyncio.gather(*(self._resolved(j) for j in batch))) if not done]
-        if not fresh:
-            return
-        network = await self.api.network()
-        nonce = int((await self.api.account(self.pubkey.hex()))["nonce"])
-        sent: list[Job] = []
-        for job in fresh:
+    async def record(self, job: Job) -> None:
+        while not await self._resolved(job):
+            if job.attempts >= 3:
+                self.refused(job, f"its transaction was dropped {job.attempts} times: {job.error}")
+                return
             job.attempts += 1
             try:
-                res = await self.api.sign_and_submit(self.secret, self.completion(job), self.fee_sat, nonce=nonce,
-                                                     network=network)
+                res = await self.api.sign_and_submit(self.secret, self.completion(job), self.fee_sat)
             except ApiError as e:
+                if e.status == 429 or e.status >= 500:
+                    raise
                 self.refused(job, str(e))
-                continue
+                return
             job.txid = res["txid"]
-            sent.append(job)
-            nonce += 1
-        for job, done in zip(sent, await asyncio.gather(*(self._resolved(j) for j in sent))):
-            if done:
-                continue
-            if job.attempts < 3:
-                self.to_record.put_nowait(job)
-            else:
-                self.refused(job, f"its transaction was dropped {job.attempts} times")
 
     async def _resolved(self, job: Job) -> bool:
         """Follow the job's transaction until it is committed (the job is recorded: True) or dropped or unknown
-        (False: sign it again). False at once for a job not sent yet."""
+        to the node (False: sign it again, at the nonce it held). False at once for a job not sent yet."""
         while job.txid is not None:
             try:
                 st = await self.api.tx(job.txid)
-            except ApiError:
+            except ApiError as e:
+                if e.status != 404:
+                    raise
                 st = {"status": "unknown"}
             if st.get("status") == "committed":
                 job.billing, job.l2_height = "recorded", int(st["height"])
@@ -703,20 +728,16 @@ class Gateway:
             tab.billed_msat -= job.cost_msat
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """On shutdown: the jobs still queued are recorded (up to timeout)."""
-        batch = [j for j in self.recording if j.billing == "pending"]
+        """On shutdown: the job being recorded and those still queued are recorded (up to timeout)."""
+        jobs = [j for j in self.recording if j.billing == "pending"]
         while not self.to_record.empty():
-            batch.append(self.to_record.get_nowait())
+            jobs.append(self.to_record.get_nowait())
         try:
             async with asyncio.timeout(timeout):
-                while batch:
-                    await self.record(batch)
-                    batch = []
-                    while not self.to_record.empty():
-                        batch.append(self.to_record.get_nowait())
+                for job in jobs:
+                    await self.record(job)
         except (TimeoutError, ApiError, Unreachable) as e:
             log.warning("shutting down with completions not recorded: %s", e)
-
 
 async def _lines(resp: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
     try:

@@ -59,6 +59,7 @@ class Server:
         self.lm, self.secret, self.network_id, self.api = lm, secret, network_id, api
         self.model_hash = weights_sha256(lm.path)
         self._lock = asyncio.Lock()
+        self._submitting = asyncio.Lock()
 
     def sign(self, prompt: list[int], out: list[int], fp: bytes, seed: Optional[int], temperature: float) -> bytes:
         if self.secret is None:
@@ -150,12 +151,15 @@ class Server:
             return await asyncio.get_running_loop().run_in_executor(None, self.lm.forward_tops, prompt, output)
 
     async def _submit(self, payload: Any) -> dict[str, Any]:
+        """Sign (at the committed nonce: one submission at a time, each awaited), submit and await one
+        transaction of this worker's."""
         assert self.api is not None and self.secret is not None
-        try:
-            res = await self.api.sign_and_submit(self.secret, payload, 1)
-        except ApiError as e:
-            return {"status": "refused", "reason": str(e)}
-        st = await self.api.wait_tx(res["txid"], 60)
+        async with self._submitting:
+            try:
+                res = await self.api.sign_and_submit(self.secret, payload, 1)
+            except ApiError as e:
+                return {"status": "refused", "reason": str(e)}
+            st = await self.api.wait_tx(res["txid"], 60)
         return {"txid": res["txid"], **(st or {"status": "pending"})}
 
     async def audit(self, request: web.Request) -> web.Response:

@@ -1,6 +1,7 @@
 """A dishonest `l2-llm-worker`, for the gateway's audit test only. `--cheat noise`: it serves greedy requests with
 sampling noise (the second-best token at every position) while reporting each position's top-4 truthfully;
-`--cheat model`: it serves a different model (the same one with a layer perturbed) and reports that model's top-4.
+`--cheat model`: it serves a different model (the same one with a layer perturbed) and reports that model's top-4;
+`--cheat unsigned`: it answers but does not sign its results.
 Either way its fingerprint commits to what it did, which is not what the registered model does (the test never
 asks it to audit). Run as
 `python tests/orchestration/cheating_worker.py --cheat MODE ARGS` (then the worker's own arguments) with the
@@ -47,6 +48,8 @@ if __name__ == "__main__":
         LanguageModel.generate = noisy_generate  # type: ignore[method-assign]
     elif mode == "model":
         LanguageModel.__init__ = other_model_init  # type: ignore[method-assign]
+    elif mode == "unsigned":  # answers honestly but does not sign its results (nothing to hold it to)
+        llm_worker.Server.sign = lambda self, *args: bytes(64)  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown cheat {mode!r}")
     sys.exit(llm_worker.main())

@@ -361,3 +361,41 @@ async def test_a_cheating_worker_is_challenged_refereed_and_slashed(
     assert got == {"a": 5_000 - 1 + earned, "b": 2_500 - 1}  # half and a quarter of the slash, less a 1-sat fee
     http.close()
     assert procs[-1].stop() == 0
+
+
+async def test_a_worker_that_does_not_sign_its_result_is_not_paid_and_gets_nothing_more(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        procs: list[Proc]) -> None:
+    """A result the gateway cannot hold its worker to (no signature) is the worker's fault: the client gets 502
+    worker_failed and pays nothing, the worker is paid nothing and routed nothing more; the next request goes to
+    the other worker and is billed as usual."""
+    cheat, honest = hashlib.sha256(b"gateway unsigned").digest(), hashlib.sha256(b"gateway signed").digest()
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(cheat): 10**6, pk(honest): 10**6, pk(CLIENT): 10**6,
+                                                       pk(GATEWAY): 10**6}, TOKEN, block={"interval_ms": 50}))
+    workers = [Proc(["tests/orchestration/cheating_worker.py", "--cheat", "unsigned", "--api", d.url(""), "--key",
+                     str(keyfile(tmp_path / "cheat.key", cheat)), "--device", "cpu", "--price-out", "3000"],
+                    tmp_path / "cheat.log"),
+               Proc(["orchestration.llm_worker", "--api", d.url(""), "--key",
+                     str(keyfile(tmp_path / "honest.key", honest)), "--device", "cpu", "--price-out", "5000"],
+                    tmp_path / "honest.log")]
+    procs.extend(workers)
+    for w in workers:
+        assert re.search(r"serving", await asyncio.to_thread(w.first_line))
+    url = await asyncio.to_thread(start_gateway, d, tmp_path, procs)
+    key = await asyncio.to_thread(open_session, d, url, keyfile(tmp_path / "client.key", CLIENT), 500)
+    before = d.get(f"/api/l2/accounts/{pk(cheat).hex()}")["balance_sat"]
+    with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as client:
+        def ask() -> Any:
+            return client.chat.completions.create(model=NAME, messages=Q, max_tokens=4)  # type: ignore[arg-type]
+        with pytest.raises(openai.APIStatusError) as bad:
+            await asyncio.to_thread(ask)
+        assert bad.value.status_code == 502 and bad.value.code == "worker_failed"
+        assert "not signed by its key" in str(bad.value)
+        good = await asyncio.to_thread(ask)
+    assert good.system_fingerprint == f"l2-worker-{pk(honest).hex()}"
+    http = httpx.Client(base_url=url, timeout=60)
+    job = await asyncio.to_thread(recorded, d, http, key, good.id)
+    http.close()
+    assert d.get(f"/api/sessions/{key[6:70]}")["settled"]["units"] == job["cost_msat"]  # only the good answer
+    assert d.get(f"/api/l2/accounts/{pk(cheat).hex()}")["balance_sat"] == before
+    assert procs[-1].stop() == 0
