@@ -677,8 +677,9 @@ class Gateway:
     async def audit(self, job: Job) -> None:
         """A completed answer drawn (from its record's draw seed, at audit_bp) is audited by the best-scored other
         worker serving the model: it re-executes the answer and, when it does not match what the worker committed
-        to, challenges it on the L2; the next worker referees and the ledger slashes the side shown wrong. A worker
-        slashed is routed nothing more by this gateway (nor is an auditor slashed for a false challenge)."""
+        to, challenges it on the L2; the referee the ledger drew re-executes it too and the ledger slashes the side
+        shown wrong. A worker slashed is routed nothing more by this gateway (nor is an auditor slashed for a false
+        challenge)."""
         assert job.offer is not None and job.txid is not None
         rec = await self.api.get(f"/api/completions/{job.txid}")
         if not audit_drawn(bytes.fromhex(rec["draw_seed"]), self.audit_bp):
@@ -698,11 +699,13 @@ class Gateway:
         job.audit.update(reason=res["reason"], challenge=res["challenge"])
         if res["challenge"].get("status") != "committed":
             return
-        for referee in others[1:]:
-            ref = await self._ask(referee, "/v1/referee", work)
-            job.audit["referee"] = {"worker": referee.worker.hex(), **ref["referee"]}
-            if ref["referee"].get("status") == "committed":
-                break
+        drawn = (await self.api.get(f"/api/completions/{job.txid}"))["challenge"]["referee"]  # the ledger's choice
+        referee = next((o for o in others if o.worker.hex() == drawn), None)
+        if referee is None:
+            job.audit["referee"] = {"worker": drawn, "status": "unreachable: not among the live offers"}
+            return
+        ref = await self._ask(referee, "/v1/referee", work)
+        job.audit["referee"] = {"worker": drawn, **ref["referee"]}
         verdict = (await self.api.get(f"/api/completions/{job.txid}"))["status"]
         if verdict == "WORKER_SLASHED":
             job.audit["status"] = "worker-slashed"

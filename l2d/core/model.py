@@ -5,7 +5,9 @@ State values (canonical, big-endian):
   model_key(weights_sha256)   = 0x10 || weights_sha256          -> ModelRecord
   offer_key(model, worker)    = 0x11 || H("l2d/model/offer", model || worker) -> OfferRecord (88 bytes)
   completion_key(id)          = 0x12 || completion id (the recording txid) -> CompletionRecord (436 bytes)
-  challenge_key(id)           = 0x13 || completion id -> ChallengeRecord (a dispute of it, and its verdict)
+  servers_key(model)          = 0x14 || weights_sha256 -> n u16 | n x worker key 32 (the workers that offered it, in
+                                order of their first offer: the pool its referees are drawn from)
+  challenge_key(id)           = 0x13 || completion id -> ChallengeRecord (a dispute of it, its referee, its verdict)
 """
 from __future__ import annotations
 
@@ -45,6 +47,23 @@ def model_key(weights_sha256: bytes) -> bytes:
 
 def offer_key(model: bytes, worker: bytes) -> bytes:
     return _O + tagged_hash("l2d/model/offer", model + worker)
+
+
+def servers_key(model: bytes) -> bytes:
+    return bytes((Namespace.MODEL_SERVERS,)) + model
+
+
+MAX_SERVERS = 1024  # workers a model's referee pool holds
+
+
+def get_servers(view: StateView, model: bytes) -> list[bytes]:
+    raw = view.get(servers_key(model))
+    if raw is None:
+        return []
+    n = int.from_bytes(raw[:2], "big")
+    if len(raw) != 2 + 32 * n:
+        raise DecodeError(f"servers record of {len(raw)} bytes for {n} workers")
+    return [raw[2 + 32 * i:34 + 32 * i] for i in range(n)]
 
 
 def completion_key(completion_id: bytes) -> bytes:
@@ -141,7 +160,13 @@ def apply_serve(view: StateView, tx: Transaction, rules: Rules) -> None:
         raise InvalidTransaction(f"model {p.model.hex()} is not registered")
     if p.context_length > m.context_length:
         raise InvalidTransaction(f"context length {p.context_length} exceeds the model's {m.context_length}")
+    servers = get_servers(view, p.model)
+    if tx.sender not in servers and len(servers) >= MAX_SERVERS:
+        raise InvalidTransaction(f"model {p.model.hex()} has {MAX_SERVERS} workers already")
     charge_sender(view, tx, rules, 0)
+    if tx.sender not in servers:
+        servers.append(tx.sender)
+        view.put(servers_key(p.model), len(servers).to_bytes(2, "big") + b"".join(servers))
     view.put(offer_key(p.model, tx.sender), OfferRecord(tx.sender, p.model, p.context_length, p.price_in_msat_per_1k,
                                                         p.price_out_msat_per_1k, view.height).encode())
 
@@ -195,8 +220,9 @@ class Loser(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ChallengeRecord:
-    """Value under challenge_key: loser u8 (0 until decided) | challenger 32 | height u64 | referee 32 (zero until
-    decided) | slash_sat u64 | k u8 | k x the worker's leaf (36) | k x the challenger's top-4 (32)."""
+    """Value under challenge_key: loser u8 (0 until decided) | challenger 32 | height u64 | referee 32 (drawn by the
+    ledger when the challenge is applied) | slash_sat u64 | k u8 | k x the worker's leaf (36) | k x the
+    challenger's top-4 (32)."""
 
     loser: Loser
     challenger: bytes
@@ -336,15 +362,33 @@ def apply_challenge(view: StateView, tx: Transaction, rules: Rules) -> None:
     tokens, worker_tops, mine = ch.claims(positions)
     if agrees(tokens, worker_tops, mine, c.sampling == 0):
         raise InvalidTransaction("the challenger's re-execution agrees with the worker's result: nothing to dispute")
+    ch = replace(ch, referee=draw_referee(view, c.model, p.completion_id, (c.worker, tx.sender)))
     charge_sender(view, tx, rules, 0)
     view.put(challenge_key(p.completion_id), ch.encode())
     view.put(completion_key(p.completion_id), replace(rec, status=CompletionStatus.CHALLENGED).encode())
 
 
+def draw_referee(view: StateView, model: bytes, completion_id: bytes, parties: tuple[bytes, ...]) -> bytes:
+    """The referee of a challenge, drawn by the ledger (neither side chooses it): from the model's workers, starting
+    at H("l2d/inference/referee", completion id ‖ parent block hash) mod their count, the first that is ACTIVE, still
+    offers the model, is neither party and has at least COMPLETION_SLASH_SAT staked."""
+    servers = get_servers(view, model)
+    if servers:
+        start = int.from_bytes(tagged_hash("l2d/inference/referee", completion_id + view.parent_hash)[:8], "big")
+        for i in range(len(servers)):
+            pk = servers[(start + i) % len(servers)]
+            w = get_worker(view, pk)
+            if (pk not in parties and w is not None and w.status == WorkerStatus.ACTIVE
+                    and w.stake_sat >= COMPLETION_SLASH_SAT and view.get(offer_key(model, pk)) is not None):
+                return pk
+    raise InvalidTransaction("no third worker with a stake of at least "
+                             f"{COMPLETION_SLASH_SAT} sat serves the model: nobody could referee the challenge")
+
+
 def apply_referee(view: StateView, tx: Transaction, rules: Rules) -> None:
-    """A third worker's re-execution decides a challenge: the side it shows wrong, while agreeing with the other,
-    loses up to COMPLETION_SLASH_SAT of its stake: half to the other side, a quarter to the referee, the rest
-    burned. A re-execution that agrees with both or neither decides nothing (refused: another referee may answer)."""
+    """The drawn referee's re-execution decides a challenge: if the worker's committed leaves agree with it, the
+    challenger loses, else the worker does: up to COMPLETION_SLASH_SAT of the loser's stake, half to the other side,
+    a quarter to the referee, the rest burned."""
     p = tx.payload
     assert isinstance(p, CompletionReferee)
     rec = _need_completion(view, p.completion_id)
@@ -354,19 +398,14 @@ def apply_referee(view: StateView, tx: Transaction, rules: Rules) -> None:
         raise DuplicateDuty(f"completion {p.completion_id.hex()} is {rec.status.name}: nothing to referee")
     if view.height > ch.height + REFEREE_WINDOW:
         raise InvalidTransaction(f"the referee window closed at height {ch.height + REFEREE_WINDOW}")
-    if tx.sender in (c.worker, ch.challenger):
-        raise InvalidTransaction("the referee must be a third worker")
+    if tx.sender != ch.referee:
+        raise Unauthorized(f"the referee drawn for this challenge is {ch.referee.hex()}")
     _serving_worker(view, tx.sender, c.model, "referee")
     if len(p.tops) != len(ch.tops):
         raise InvalidTransaction(f"the challenge reveals {len(ch.tops)} positions, the referee {len(p.tops)}")
     positions = rec.positions()
-    tokens, worker_tops, challenger_tops = ch.claims(positions)
-    ref = dict(zip(positions, p.tops))
-    worker_ok = agrees(tokens, worker_tops, ref, c.sampling == 0)
-    challenger_ok = agrees(tokens, challenger_tops, ref, False)
-    if worker_ok == challenger_ok:
-        sides = "both sides" if worker_ok else "neither side"
-        raise InvalidTransaction(f"the referee's re-execution agrees with {sides}: it decides nothing")
+    tokens, worker_tops, _ = ch.claims(positions)
+    worker_ok = agrees(tokens, worker_tops, dict(zip(positions, p.tops)), c.sampling == 0)
     loser_pk, winner_pk = (ch.challenger, c.worker) if worker_ok else (c.worker, ch.challenger)
     ws = {pk: get_worker(view, pk) for pk in (loser_pk, winner_pk, tx.sender)}
     loser, winner, referee = ws[loser_pk], ws[winner_pk], ws[tx.sender]

@@ -41,6 +41,7 @@ class Namespace(IntEnum):
     MODEL_OFFER = 0x11
     COMPLETION = 0x12
     COMPLETION_CHALLENGE = 0x13
+    MODEL_SERVERS = 0x14
 
 
 def meta_key(name: str) -> bytes:

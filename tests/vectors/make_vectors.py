@@ -1099,7 +1099,7 @@ def registries() -> dict[str, Any]:
                                             sign_result(secret(2), net.id, weights, prompt, output, fp, 30, 200, 0, 0,
                                                         0)), 12)
     for who, h in ((3, 13), (1, 15)):  # two more workers serving the model: a challenger and a referee
-        step("worker register", who, WorkerRegister(1000, WorkerCaps(0, 0, 10, 500_000, 100, 2, b"eu", (b"smollm2",),
+        step("worker register", who, WorkerRegister(10_000, WorkerCaps(0, 0, 10, 500_000, 100, 2, b"eu", (b"smollm2",),
                                                                      b"127.0.0.1:9001")), h)
         step("model serve", who, ModelServe(weights, 2048, 100_000, 400_000), h + 1)
     positions = reveal_positions(draw_seed(done.txid, hashlib.sha256(b"l2d vector block 11").digest()), 200)
@@ -1115,7 +1115,8 @@ def registries() -> dict[str, Any]:
                    "costs ceil((30 x 100,000 + 200 x 400,000) / 1000) = 83,000 msat = 83 sat: 41 to the worker, 8 to "
                    "the gateway (treasury), 34 burned. Its worker's fingerprint commits to a top logit of 160 "
                    "quanta at every position; secret(3) re-executes and challenges with 165 at the 8 drawn "
-                   "positions (beyond the tolerance of 2), secret(1) referees with 165: the worker loses "
+                   "positions (beyond the tolerance of 2); the ledger draws secret(1), the only third worker staked "
+                   "10,000, as the referee, which answers 165: the worker loses "
                    "min(1,000 stake, 10,000) = 1,000 sat, 500 to the challenger, 250 to the referee, 250 burned.",
         "network": net.name,
         "state": [[k.hex(), v.hex()] for k, v in initial],

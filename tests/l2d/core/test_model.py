@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from l2d.core.errors import DuplicateDuty, InvalidTransaction, OutOfRange, Unauthorized
 from l2d.core.model import (CompletionRecord, CompletionStatus, ModelRecord, OfferRecord, get_completion, get_model,
                             model_key, offer_key)
-from l2d.core.model import BadResultSignature, Loser, get_challenge
-from l2d.core.model_tx import (BP, CHALLENGE_WINDOW, DEFAULT_SPLIT, MAX_CONTEXT, REFEREE_WINDOW, Completion,
-                               CompletionChallenge, CompletionReferee, ModelFormat, ModelRegister, ModelServe, Sampling,
-                               TopK, fp_leaf, fp_proof, fp_root, fp_verify, result_digest, split_sat, token_cost_msat)
+from l2d.core.model import BadResultSignature, Loser, get_challenge, get_servers
+from l2d.core.model_tx import (BP, CHALLENGE_WINDOW, COMPLETION_SLASH_SAT, DEFAULT_SPLIT, MAX_CONTEXT,
+                               REFEREE_WINDOW, Completion, CompletionChallenge, CompletionReferee, ModelFormat,
+                               ModelRegister, ModelServe, Sampling, TopK, fp_leaf, fp_proof, fp_root, fp_verify,
+                               result_digest, split_sat, token_cost_msat)
 from l2d.core.params import LOCAL
 from l2d.core.params import MAX_MONEY
 from l2d.core.payload import Payload
@@ -242,7 +243,7 @@ def disputed_chain(tokens: Optional[list[int]] = None) -> tuple[Chain, bytes, li
     (token i, top-4 ids (i, 1, 2, 3) unless tokens says otherwise), and two more workers serve the model."""
     c, sid = served_chain()
     for who in (CHALLENGER, REFEREE):
-        c.apply(who, WorkerRegister(1000, CAPS))
+        c.apply(who, WorkerRegister(COMPLETION_SLASH_SAT, CAPS))  # a referee stakes at least what it may cost
         c.apply(who, ModelServe(H, 2048, *PRICES))
     toks = tokens or list(range(20))
     leaves = [fp_leaf(toks[i], (i, 1, 2, 3), HONEST) for i in range(20)]
@@ -295,6 +296,7 @@ def test_a_challenge_upheld_by_the_referee_slashes_the_worker() -> None:
     rec, ch = get_completion(StateView(c.state.get), done), get_challenge(StateView(c.state.get), done)
     assert rec is not None and ch is not None and rec.status == CompletionStatus.WORKER_SLASHED
     assert (ch.loser, ch.challenger, ch.referee, ch.slash_sat) == (Loser.WORKER, pk(CHALLENGER), pk(REFEREE), 1000)
+    assert get_servers(StateView(c.state.get), H) == [pk(WORKER), pk(CHALLENGER), pk(REFEREE)]
     assert worker(c, WORKER).stake_sat == 0 and worker(c, WORKER).slashes == 1
     assert worker(c, WORKER).reputation_ppm == min(rep0 // 4, PPM // 2) < rep0
     assert balance(c, CHALLENGER) == before[CHALLENGER] - FEE + 500
@@ -307,8 +309,7 @@ def test_a_challenge_upheld_by_the_referee_slashes_the_worker() -> None:
 def test_a_challenge_the_referee_rejects_slashes_the_challenger() -> None:
     c, done, leaves, positions = disputed_chain()
     c.apply(CHALLENGER, challenge(done, leaves, positions, 170))
-    c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions, 180)), match="neither side")
-    c.apply(REFEREE, CompletionReferee(done, tops(positions, 161)))
+    c.apply(REFEREE, CompletionReferee(done, tops(positions, 161)))  # within 2 of the worker's leaves
     rec = get_completion(StateView(c.state.get), done)
     assert rec is not None and rec.status == CompletionStatus.CHALLENGER_SLASHED
     assert worker(c, CHALLENGER).stake_sat == 0 and worker(c, WORKER).stake_sat == 1000
@@ -341,14 +342,27 @@ def test_disputes_that_break_a_rule_are_refused_and_write_nothing() -> None:
     c.height = height + CHALLENGE_WINDOW + 1
     c.reject(InvalidTransaction, CHALLENGER, challenge(done, leaves, positions, 170), match="window closed")
     c.height = height
-    c.apply(CHALLENGER, challenge(done, leaves, positions, 164))  # 4 quanta from the worker: a referee at 162 is
-    # within 2 of both
-    for who in (WORKER, CHALLENGER):
-        c.reject(InvalidTransaction, who, CompletionReferee(done, tops(positions, 170)), match="third worker")
+    c.apply(CHALLENGER, challenge(done, leaves, positions, 170))
+    ch = get_challenge(StateView(c.state.get), done)
+    assert ch is not None and ch.referee == pk(REFEREE)  # drawn by the ledger: the only third worker staked enough
+    for who in (WORKER, CHALLENGER, MEMBER):
+        c.reject(Unauthorized, who, CompletionReferee(done, tops(positions, 170)), match="drawn for this challenge")
     c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions[:3], 170)), match="reveals 8")
-    c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions, 162)), match="both sides")
     c.height += REFEREE_WINDOW + 1
     c.reject(InvalidTransaction, REFEREE, CompletionReferee(done, tops(positions, 170)), match="window closed")
+
+
+def test_no_challenge_without_a_third_worker_staked_enough_to_referee_it() -> None:
+    c, sid = served_chain()
+    c.apply(CHALLENGER, WorkerRegister(COMPLETION_SLASH_SAT, CAPS))
+    c.apply(CHALLENGER, ModelServe(H, 2048, *PRICES))
+    c.apply(REFEREE, WorkerRegister(COMPLETION_SLASH_SAT - 1, CAPS))  # staked too little to judge
+    c.apply(REFEREE, ModelServe(H, 2048, *PRICES))
+    leaves = [fp_leaf(i, (i, 1, 2, 3), HONEST) for i in range(20)]
+    done = c.apply(GATEWAY, completion(sid, 7, 20, fingerprint=fp_root(leaves))).txid
+    rec = get_completion(StateView(c.state.get), done)
+    assert rec is not None
+    c.reject(InvalidTransaction, CHALLENGER, challenge(done, leaves, rec.positions(), 170), match="nobody could")
 
 
 def test_a_cut_short_answer_cannot_be_challenged_and_an_exited_worker_is_not_billed() -> None:

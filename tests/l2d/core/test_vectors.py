@@ -689,4 +689,4 @@ def test_registries_vector() -> None:
     [ch] = [ChallengeRecord.decode(v) for k, v in state.items() if k[0] == Namespace.COMPLETION_CHALLENGE]
     assert (ch.loser, ch.slash_sat, ch.height) == (Loser.WORKER, 1_000, 17)
     stakes = {k[1:]: WorkerRecord.decode(v).stake_sat for k, v in state.items() if k[0] == Namespace.WORKER}
-    assert sorted(stakes.values()) == [0, 1_000, 1_000]
+    assert sorted(stakes.values()) == [0, 10_000, 10_000]  # the worker slashed its whole 1,000
