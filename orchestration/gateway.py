@@ -210,7 +210,7 @@ class Gateway:
         self.load: dict[bytes, int] = {}
         self.down: dict[bytes, float] = {}  # worker -> when it last failed before a first token
         self.to_record: asyncio.Queue[Job] = asyncio.Queue()
-        self.recording: list[Job] = []  # the batch being recorded
+        self.recording: list[Job] = []  # the job being recorded (drained on shutdown)
         self.to_audit: asyncio.Queue[Job] = asyncio.Queue()
         self.caught: dict[bytes, str] = {}  # worker -> the audit it failed: never routed to (nor asked to audit)
 
