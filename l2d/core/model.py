@@ -152,9 +152,7 @@ def apply_register(view: StateView, tx: Transaction, rules: Rules) -> None:
 def apply_serve(view: StateView, tx: Transaction, rules: Rules) -> None:
     p = tx.payload
     assert isinstance(p, ModelServe)
-    w = get_worker(view, tx.sender)
-    if w is None or w.status != WorkerStatus.ACTIVE:
-        raise InvalidTransaction(f"{tx.sender.hex()} is not an active worker")
+    _active_worker(view, tx.sender, "sender")
     m = get_model(view, p.model)
     if m is None:
         raise InvalidTransaction(f"model {p.model.hex()} is not registered")
@@ -319,11 +317,16 @@ def apply_completion(view: StateView, tx: Transaction, rules: Rules) -> None:
                                                        p).encode())
 
 
-def _serving_worker(view: StateView, pk: bytes, model: bytes, role: str) -> WorkerRecord:
-    """An ACTIVE worker that offers the model: only such a worker re-executes it for a dispute."""
+def _active_worker(view: StateView, pk: bytes, role: str) -> WorkerRecord:
     w = get_worker(view, pk)
     if w is None or w.status != WorkerStatus.ACTIVE:
         raise InvalidTransaction(f"the {role} {pk.hex()} is not an active worker")
+    return w
+
+
+def _serving_worker(view: StateView, pk: bytes, model: bytes, role: str) -> WorkerRecord:
+    """An ACTIVE worker that offers the model: only such a worker re-executes it for a dispute."""
+    w = _active_worker(view, pk, role)
     if view.get(offer_key(model, pk)) is None:
         raise InvalidTransaction(f"the {role} {pk.hex()} does not serve model {model.hex()}")
     return w
