@@ -165,6 +165,8 @@ class AnchorService:
         self._chain_checked = False
         self._warned: set[str] = set()
         self.btc_tip_height: Optional[int] = None
+        self.bitcoind_error: Optional[str] = None  # why the last step could not reach bitcoind (None: it could)
+        self.zmq_error: Optional[str] = None  # why the ZMQ subscription is down (None: up, or not configured)
 
     # -- state ------------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -256,12 +258,19 @@ class AnchorService:
                 zmq_task = asyncio.create_task(self._zmq_loop(), name="anchor-zmq")
         poll = self.config.poll_interval_ms / 1000
         try:
-            await run_steps(self.step, self._wake, poll, "anchor service",
-                            lambda e: self._warn_once("transient", "anchoring: bitcoind unavailable (%s); retrying", e))
+            await run_steps(self._step_reached, self._wake, poll, "anchor service", self._unreachable)
         finally:
             if zmq_task is not None:
                 zmq_task.cancel()
                 await asyncio.gather(zmq_task, return_exceptions=True)
+
+    async def _step_reached(self) -> None:
+        await self.step()
+        self.bitcoind_error = None
+
+    def _unreachable(self, e: Exception) -> None:
+        self.bitcoind_error = str(e) or type(e).__name__
+        self._warn_once("transient", "anchoring: bitcoind unavailable (%s); retrying", e)
 
     async def _zmq_loop(self) -> None:
         from bridge.zmq_sub import BlockHashEvent, ResyncEvent, SequenceEvent, SequenceLabel, ZmqSubscriber
@@ -274,6 +283,7 @@ class AnchorService:
             sub = ZmqSubscriber(self._zmq, self.rpc)
             try:
                 sub.start()
+                self.zmq_error = None
                 async for ev in sub.events():  # only a trigger: the chain tracker re-reads everything over RPC
                     backoff = 0.1
                     if isinstance(ev, (BlockHashEvent, ResyncEvent)) or (isinstance(ev, SequenceEvent) and (
@@ -282,7 +292,8 @@ class AnchorService:
                         self._wake.set()  # a block, or a version of the plan in flight broadcast by a bridge
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as e:
+                self.zmq_error = str(e) or type(e).__name__
                 log.exception("anchoring: ZMQ subscription failed; re-subscribing in %.1fs", backoff)
             finally:
                 sub.close()

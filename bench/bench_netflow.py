@@ -7,7 +7,9 @@ an exit), an aiohttp server holding N MiB (default 64) of random bytes, and `l2-
 and in `onion` mode (3 hops), each paying its relays with session receipts. `curl` downloads the file three ways:
 straight from the server (the baseline), through the direct path and through the onion path (`--socks5-hostname`),
 each twice (the best counts); every download is checked byte-identical. Prints MiB/s of each and the ratios to the
-baseline (the issue's goals: direct >= 0.8, onion >= 0.3), and what each relay was paid for the bytes it carried.
+baseline (the issue's goals: direct >= 0.8, onion >= 0.3). The same download through two bare Python stream
+forwarders (bench/forwarder.py: the direct path's process count, nothing else) is the ceiling any Python relay
+design reaches on this machine; each path's share of it is printed too.
 Needs curl; returns {"skipped": reason} without it.
 """
 from __future__ import annotations
@@ -86,6 +88,17 @@ async def run(mib: int, work: Path) -> dict[str, Any]:
         base = min([await asyncio.to_thread(_curl, url, out) for _ in range(2)])
         assert out.read_bytes() == body
         results["loopback_mib_s"] = round(mib / base, 1)
+        # The ceiling of any Python relay design here: the same download through two bare stream forwarders (the
+        # direct path's two processes, client and relay, with no framing, cipher or payment).
+        target = served
+        for i in range(2):
+            f = Proc([str(HERE / "forwarder.py"), target], work / f"forwarder{i}.log", REPO)
+            procs.append(f)
+            target = (await asyncio.to_thread(f.line, r"listening on (\S+)"))[1]
+        bare = min([await asyncio.to_thread(_curl, f"http://{target}/file", out) for _ in range(2)])
+        assert out.read_bytes() == body
+        results["two_bare_forwarders_mib_s"] = round(mib / bare, 1)
+        results["two_bare_forwarders_ratio"] = round(base / bare, 3)
         for name, mode in (("direct", ["--mode", "direct", "--relays", _pk(relays[2])]),
                            ("onion", ["--mode", "onion", "--hops", "3", "--relays", ",".join(_pk(s) for s in relays)])):
             c = Proc(["-m", "netflow.client", "--api", api, "--key", str(work / "client.key"), "--socks",
@@ -98,6 +111,7 @@ async def run(mib: int, work: Path) -> dict[str, Any]:
             c.stop()
             results[f"{name}_mib_s"] = round(mib / best, 1)
             results[f"{name}_ratio"] = round(base / best, 3)
+            results[f"{name}_of_bare_forwarders"] = round(bare / best, 3)
         results["goals"] = {"direct_ratio": 0.8, "onion_ratio": 0.3}
         return results
     finally:

@@ -200,10 +200,13 @@ class FederationHost:
         return {
             "threshold": self.members.threshold, "n": self.members.n, "me": self.index,
             "members": [{"index": i, "id": self.ids[i], "key": k.hex(), "url": self.urls[i],
-                         "last_seen_s_ago": None if i not in self.last_seen else round(now - self.last_seen[i], 3)}
+                         "last_seen_s_ago": None if i not in self.last_seen else round(now - self.last_seen[i], 3),
+                         "height": m.height if i == self.index else m.peer_height(i),
+                         "evidence": sum(1 for e in self.evidence if e.proposer == i)}
                         for i, k in enumerate(self.members.keys)],
             "height": m.height, "round": m.round, "proposer": proposer(m.height, m.round, self.members.n),
             "final_height": None if final is None else final.height, "evidence": len(self.evidence),
+            "behind": m.behind(), "catching_up_from": sorted(self._fetching),
         }
 
     # -- serving peers ---------------------------------------------------------------------------------------

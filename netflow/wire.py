@@ -19,6 +19,7 @@ import asyncio
 import enum
 import struct
 from dataclasses import dataclass, field
+from typing import Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -33,6 +34,7 @@ LINK_BUFFER = 1 << 20  # bytes a link's reader buffers and its writer queues bef
 # would make every 256 KiB frame wait for the socket)
 TAG = 16
 _LEN = struct.Struct(">I")
+Buf = Union[bytes, bytearray, memoryview]
 _INFO = b"l2d/netflow/hop v2"  # v2: 256 KiB DATA chunks in frames of up to 512 KiB (v1: 64 / 128 KiB)
 
 
@@ -78,9 +80,14 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
 
 
 def frame(body: bytes) -> bytes:
+    return frame_head(body) + body
+
+
+def frame_head(body: Buf) -> bytes:
+    """The length that goes before `body` (written apart from it: a large body is not copied)."""
     if not 0 < len(body) <= MAX_FRAME:
         raise WireError(f"frame of {len(body)} bytes (1..{MAX_FRAME})")
-    return _LEN.pack(len(body)) + body
+    return _LEN.pack(len(body))
 
 
 def x25519_public(key: X25519PrivateKey) -> bytes:
@@ -104,32 +111,57 @@ class HopKeys:
         keys.confirm = keys.bwd.encrypt(_nonce(0), b"", client_pub)
         return keys
 
-    def seal_fwd(self, plain: bytes) -> bytes:
+    def seal_fwd(self, cmd: int, data: Buf, framed: bool = False) -> bytearray:
+        """The RELAY body carrying the layer `cmd | data` forward (a whole frame, length first, if `framed`)."""
         n, self.fwd_n = self.fwd_n, self.fwd_n + 1
-        return self.fwd.encrypt(_nonce(n), plain, None)
+        return _seal(self.fwd, n, cmd, data, framed)
 
-    def open_fwd(self, sealed: bytes) -> bytes:
+    def seal_bwd(self, cmd: int, data: Buf, framed: bool = False) -> bytearray:
+        n, self.bwd_n = self.bwd_n, self.bwd_n + 1
+        return _seal(self.bwd, n, cmd, data, framed)
+
+    def open_fwd(self, body: Buf) -> memoryview:
+        """The layer `cmd | data` of a RELAY body coming forward (WireError if it is not one, or fails
+        authentication)."""
         n, self.fwd_n = self.fwd_n, self.fwd_n + 1
-        return _open(self.fwd, n, sealed)
+        return _open(self.fwd, n, body)
 
-    def seal_bwd(self, plain: bytes) -> bytes:
+    def open_bwd(self, body: Buf) -> memoryview:
         n, self.bwd_n = self.bwd_n, self.bwd_n + 1
-        return self.bwd.encrypt(_nonce(n), plain, None)
-
-    def open_bwd(self, sealed: bytes) -> bytes:
-        n, self.bwd_n = self.bwd_n, self.bwd_n + 1
-        return _open(self.bwd, n, sealed)
+        return _open(self.bwd, n, body)
 
 
 def _nonce(n: int) -> bytes:
     return n.to_bytes(12, "big")
 
 
-def _open(aead: ChaCha20Poly1305, n: int, sealed: bytes) -> bytes:
+# A data chunk is copied once on each side of a hop: into the plaintext buffer (sealing), or out of the frame by
+# the stream reader (opening); the cipher writes into the frame, and a layer is a view of its frame.
+def _seal(aead: ChaCha20Poly1305, n: int, cmd: int, data: Buf, framed: bool) -> bytearray:
+    plain = bytearray(1 + len(data))
+    plain[0] = cmd
+    plain[1:] = data
+    size = 1 + len(plain) + TAG
+    if size > MAX_FRAME:
+        raise WireError(f"frame of {size} bytes (1..{MAX_FRAME})")
+    head = _LEN.size if framed else 0
+    out = bytearray(head + size)
+    if framed:
+        _LEN.pack_into(out, 0, size)
+    out[head] = Kind.RELAY
+    aead.encrypt_into(_nonce(n), plain, None, memoryview(out)[head + 1:])
+    return out
+
+
+def _open(aead: ChaCha20Poly1305, n: int, body: Buf) -> memoryview:
+    if len(body) < 2 + TAG or body[0] != Kind.RELAY:
+        raise WireError(f"a frame of kind {body[0] if body else None} and {len(body)} bytes inside a circuit")
+    plain = bytearray(len(body) - 1 - TAG)
     try:
-        return aead.decrypt(_nonce(n), sealed, None)
+        aead.decrypt_into(_nonce(n), memoryview(body)[1:], None, plain)
     except InvalidTag:
         raise WireError("a layer failed authentication (tampered, replayed or out of order)") from None
+    return memoryview(plain)
 
 
 def client_hop(relay_pub: bytes) -> tuple[bytes, HopKeys]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import anchors, bridge, federation, fl, ledger, models, netflow, sessions, work
+from . import anchors, bridge, dashboard, federation, fl, ledger, models, netflow, sessions, work
 from .deps import (ADMIN_TOKEN, ADMISSION, ANCHORS, BRIDGE, CHAIN, FEDERATION, MEMBERS, METRICS, MODELS, ORCHESTRATION,
                    SNAPSHOTS, ApiDeps)
 from .http import error_middleware
@@ -27,4 +27,5 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[ORCHESTRATION] = deps.orchestration
     for routes in (ledger, federation, anchors, bridge, work, fl, sessions, netflow, models):
         routes.add_routes(app.router)
+    dashboard.setup(app)
     return app

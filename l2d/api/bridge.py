@@ -21,6 +21,7 @@ from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
 from ..core.plans import (PlanEntry, PlanStatus, coin_script_pubkey, held_coins, is_anchor_plan, plan_tx,
                           signatures_by_key)
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
+from ..store import Reader
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
 from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
 
@@ -32,21 +33,36 @@ def _federation(request: web.Request) -> Federation:
     return fed
 
 
+def books(r: Reader) -> dict[str, Any]:
+    """The bridge's books from one read: what came in, is pending and was paid out, the coins held, and the
+    invariant between them (L2 money that came in through the bridge == BTC the federation holds - peg-outs not yet
+    paid)."""
+    view = StateView(r.get_state)
+    totals = bridge_totals(view)
+    tip = btc_tip(view)
+    sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
+    plans = {bytes(k[1:]): PlanEntry.decode(bytes(v)) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))}
+    holdings = sum(c.amount_sat for c in held_coins(
+        (FedCoin.decode(bytes(v)) for _, v in r.iter_prefix(bytes((Namespace.FED_COIN,)))), plans))
+    bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
+    return {
+        "funded_sat": funded_sat(view),
+        "btc_tip": None if tip is None else {"base_height": tip.base_height, "height": tip.height,
+                                             "hash": tip.block_hash[::-1].hex()},
+        "pegged_in_sat": totals.pegged_in_sat, "pending_pegouts_sat": totals.pending_out_sat,
+        "paid_out_sat": totals.paid_out_sat,
+        "l2_supply_sat": sup.minted_sat - sup.burned_sat, "bridged_supply_sat": bridged,
+        "holdings_sat": holdings, "invariant_ok": holdings - totals.pending_out_sat == bridged,
+    }
+
+
 async def federation(request: web.Request) -> web.Response:
     """GET /api/bridge/federation: keys, threshold, deposit rule, relayed Bitcoin tip, totals, supply invariant."""
     fed = _federation(request)
     chain = request.app[CHAIN]
     with chain.reader() as r:
-        view = StateView(r.get_state)
-        totals = bridge_totals(view)
-        tip = btc_tip(view)
-        sup = Supply.decode(bytes(r.get_state(SUPPLY_KEY) or bytes(24)))
-        funded = funded_sat(view)
-        plans = {bytes(k[1:]): PlanEntry.decode(bytes(v)) for k, v in r.iter_prefix(bytes((Namespace.PLAN,)))}
-        holdings = sum(c.amount_sat for c in held_coins(
-            (FedCoin.decode(bytes(v)) for _, v in r.iter_prefix(bytes((Namespace.FED_COIN,)))), plans))
+        figures = books(r)
     svc = request.app[BRIDGE]
-    bridged = totals.pegged_in_sat - totals.pending_out_sat - totals.paid_out_sat
     network = chain.network
     return web.json_response({
         "threshold": fed.threshold, "keys": [k.hex() for k in fed.keys], "pegin_min_depth": fed.min_depth,
@@ -60,15 +76,7 @@ async def federation(request: web.Request) -> web.Response:
                          "GET /api/bridge/pegin-address/{account} gives the address",
         "change_address": script_address(deposit_script_pubkey(fed, network.id, CHANGE_CONTRACT), network),
         "funding_address": script_address(deposit_script_pubkey(fed, network.id, FUNDING_CONTRACT), network),
-        "funded_sat": funded,
-        "btc_tip": None if tip is None else {"base_height": tip.base_height, "height": tip.height,
-                                             "hash": tip.block_hash[::-1].hex()},
-        "pegged_in_sat": totals.pegged_in_sat, "pending_pegouts_sat": totals.pending_out_sat,
-        "paid_out_sat": totals.paid_out_sat,
-        "l2_supply_sat": sup.minted_sat - sup.burned_sat, "bridged_supply_sat": bridged,
-        "holdings_sat": holdings,
-        # L2 money that came in through the bridge == BTC the federation holds - peg-outs not yet paid
-        "invariant_ok": holdings - totals.pending_out_sat == bridged,
+        **figures,
         # the circuit breaker: why this member signs no peg-outs now (None while its coins match the books)
         "halted": None if svc is None else svc.halted,
     })

@@ -235,6 +235,10 @@ class Member:
         """Did a proposal of the current height reach me in this round (kept for ROUND_WINDOW rounds)?"""
         return round_ in self._proposals
 
+    def peer_height(self, member: int) -> Optional[int]:
+        """The highest height member is known to work on (from its signed messages and fetched blocks), if any."""
+        return self._peer_height.get(member)
+
     def behind(self) -> bool:
         """Members who could all be honest (n - m + 1 of them) report a height above mine: catch up, sign nothing."""
         ahead = sum(1 for s, h in self._peer_height.items() if s != self.index and h > self.height)
