@@ -14,6 +14,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import bench_anchor  # noqa: E402
+import bench_api_load  # noqa: E402
 import bench_daemon_memory  # noqa: E402
 import bench_fl  # noqa: E402
 import bench_fl_l2  # noqa: E402
@@ -48,6 +49,7 @@ def main() -> None:
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
         "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
+        "api_load": bench_api_load.main(["--quick"] if a.quick else []),  # 200 connections vs bare aiohttp
         "slow_clients": bench_slow_clients.main(["--slow", "200", "--pace", "1"] if a.quick else []),
         "federation": federation.main(["--quick"] if a.quick else []),  # real member processes, ~2 min
         "pegout": bench_pegout.main(["--quick"] if a.quick else []),  # member processes and bitcoind, ~4 min

@@ -17,7 +17,7 @@ from coincurve import PrivateKey
 
 from .core import tx as T
 from .core.coin_tx import Mint
-from .core.errors import DecodeError, OutOfRange, Rejected, UnknownType, UnknownVersion, WrongNetwork
+from .core.errors import BadSignature, DecodeError, OutOfRange, Rejected, UnknownType, UnknownVersion, WrongNetwork
 from .core.hashing import H_TXID
 from .core.payload import Payload
 from .core.rules import apply_tx
@@ -83,6 +83,12 @@ class Admission:
         self._space_left()
         return self._submit(raw)
 
+    def submit_checked(self, raw: bytes, signature_ok: bool) -> bytes:
+        """submit, for a transaction whose signature was already checked on its raw bytes (`l2d.sigpool`):
+        `signature_ok` is that check's answer. Everything else is checked here as for submit."""
+        self._space_left()
+        return self._submit(raw, signature_ok=signature_ok)
+
     def submit_from_peer(self, raw: bytes) -> bytes:
         """A transaction another member forwarded: the same checks as submit, and it is not forwarded again."""
         self._space_left()
@@ -94,12 +100,14 @@ class Admission:
         except Rejected as e:
             self._refuse(e)
 
-    def _submit(self, raw: bytes, from_peer: bool = False) -> bytes:
+    def _submit(self, raw: bytes, from_peer: bool = False, signature_ok: Optional[bool] = None) -> bytes:
         try:
             tx = T.decode(raw, self.network)
         except DecodeError as e:
             return self._refuse(Refused(decode_reason(e), str(e)))
-        return self._admit(tx, signature_checked=False, from_peer=from_peer)
+        if signature_ok is False:
+            return self._refuse(BadSignature(f"signature does not verify for sender {tx.sender.hex()}"))
+        return self._admit(tx, signature_checked=signature_ok is True, from_peer=from_peer)
 
     def mint(self, recipient: bytes, amount_sat: int) -> bytes:
         """Sign a Mint with the authority key and admit it like any transaction; returns its txid."""

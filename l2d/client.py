@@ -16,13 +16,14 @@ import time
 import urllib.error
 import urllib.request
 from types import TracebackType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import aiohttp
 
 from .core import tx as T
 from .core.params import Network, network_by_name
 from .core.payload import Payload
+from .txbatch import MAX_BATCH, encode_batch
 
 NOT_JSON = "http-error"  # the code of an error answered with a body that is not the daemon's JSON
 
@@ -151,6 +152,10 @@ class Client(_Base):
     def anchors(self) -> dict[str, Any]:
         return self.get("/api/anchors")
 
+    def latest_anchor(self) -> dict[str, Any]:
+        """The anchor of the highest L2 height (ApiError 404 where anchoring is off or nothing is anchored yet)."""
+        return self.get("/api/anchors/latest")
+
     def plans(self, status: Optional[str] = None, limit: int = 50) -> dict[str, Any]:
         """The federation's peg-out plans, newest first: transaction, PSBT, signers, status (GET /api/bridge/plans)."""
         return self.get(f"/api/bridge/plans?limit={limit}" + (f"&status={status}" if status else ""))
@@ -161,6 +166,14 @@ class Client(_Base):
     def submit_tx(self, raw: bytes) -> dict[str, Any]:
         """Submit a signed transaction; the answer is {"txid"} once the mempool admitted it."""
         return self.post("/api/l2/tx", {"tx": raw.hex()})
+
+    def submit_txs(self, raws: Sequence[bytes]) -> list[dict[str, Any]]:
+        """Submit signed transactions in batches of MAX_BATCH (POST /api/l2/txs, binary): one result per
+        transaction, in order: {"txid", "status": "pending"} or {"txid", "error", "message"}."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(raws), MAX_BATCH):
+            out += self.request("POST", "/api/l2/txs", data=encode_batch(raws[i:i + MAX_BATCH]))["results"]
+        return out
 
     def sign(self, secret: bytes, payload: Payload, fee_sat: int, *, nonce: Optional[int] = None,
              network: Optional[Network] = None) -> T.Transaction:
@@ -308,6 +321,13 @@ class AsyncClient(_Base):
 
     async def submit_tx(self, raw: bytes) -> dict[str, Any]:
         return await self.post("/api/l2/tx", {"tx": raw.hex()})
+
+    async def submit_txs(self, raws: Sequence[bytes]) -> list[dict[str, Any]]:
+        """Client.submit_txs."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(raws), MAX_BATCH):
+            out += (await self.request("POST", "/api/l2/txs", data=encode_batch(raws[i:i + MAX_BATCH])))["results"]
+        return out
 
     async def sign(self, secret: bytes, payload: Payload, fee_sat: int, *, nonce: Optional[int] = None,
                    network: Optional[Network] = None) -> T.Transaction:

@@ -175,6 +175,8 @@ class ApiConfig:
     # rate_limit_burst; 0 = no limit (l2d/api/limits.py).
     rate_limit_per_s: int = 0
     rate_limit_burst: int = 1
+    # Processes checking the signatures of batch submissions (POST /api/l2/txs, l2d/sigpool.py); 0 = in the loop.
+    signature_workers: int = 0
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and debug logs
         token = REDACTED if self.admin_token else ""
@@ -425,7 +427,8 @@ class Config:
                     "max_body_bytes": self.api.max_body_bytes, "max_connections": self.api.max_connections,
                     "header_timeout_ms": self.api.header_timeout_ms, "body_timeout_ms": self.api.body_timeout_ms,
                     "keepalive_timeout_ms": self.api.keepalive_timeout_ms,
-                    "rate_limit_per_s": self.api.rate_limit_per_s, "rate_limit_burst": self.api.rate_limit_burst},
+                    "rate_limit_per_s": self.api.rate_limit_per_s, "rate_limit_burst": self.api.rate_limit_burst,
+                    "signature_workers": self.api.signature_workers},
             "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
                           "keep": self.snapshots.keep, "anchored_keep_final": self.snapshots.anchored_keep_final,
                           "anchored_max_bytes": self.snapshots.anchored_max_bytes},
@@ -550,7 +553,8 @@ def _mempool(t: Mapping[str, Any], chain: ChainConfig) -> MempoolConfig:
 
 def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
     s = _Section("api", t, ("host", "port", "admin_token", "max_body_bytes", "max_connections", "header_timeout_ms",
-                            "body_timeout_ms", "keepalive_timeout_ms", "rate_limit_per_s", "rate_limit_burst"))
+                            "body_timeout_ms", "keepalive_timeout_ms", "rate_limit_per_s", "rate_limit_burst",
+                            "signature_workers"))
     host = s.get_str("host", default="127.0.0.1")
     if host != "localhost":
         try:
@@ -582,6 +586,7 @@ def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
         keepalive_timeout_ms=s.get_int("keepalive_timeout_ms", 100, 3_600_000, default=75_000),
         rate_limit_per_s=s.get_int("rate_limit_per_s", 0, 1_000_000, default=0),
         rate_limit_burst=s.get_int("rate_limit_burst", 1, 1_000_000, default=20),
+        signature_workers=s.get_int("signature_workers", 0, 64, default=max(1, (os.cpu_count() or 2) - 1)),
     )
 
 

@@ -56,6 +56,7 @@ from .logs import setup_logging
 from .mempool import Mempool
 from .metrics import Metrics
 from .ratelimit import RateLimiter
+from .sigpool import SignaturePool
 from .model_store import MODEL_DIR, ModelStore
 from .snapshots import Snapshots
 from .store import Store, StoreError
@@ -85,6 +86,7 @@ class Node:
         # Held from build_block until commit returns: in between, the tree is ahead of the committed state.
         tree_lock = asyncio.Lock()
         self.chain = ChainView(network, store, ledger, self.mempool, self.metrics, tree_lock, VERSION)
+        self.signatures = SignaturePool(config.api.signature_workers)
         self.admission = Admission(self.chain, ledger, self.mempool, self.metrics, admitted=self._tx_admitted,
                                    authority_secret=genesis.authority_secret,
                                    member_secret=genesis.member_secret, check_space=datadir.check_space)
@@ -245,7 +247,8 @@ class Node:
             models=self.models, admin_token=self.config.api.admin_token or "",
             max_body_bytes=self.config.api.max_body_bytes, members=self.host, anchors=self.anchor_service,
             federation=self.federation, bridge=self.bridge_service, orchestration=self.orchestration_service,
-            rate_limit=RateLimiter(api.rate_limit_per_s, api.rate_limit_burst) if api.rate_limit_per_s else None))
+            rate_limit=RateLimiter(api.rate_limit_per_s, api.rate_limit_burst) if api.rate_limit_per_s else None,
+            signatures=self.signatures))
         if self.transport is not None:
             app.router.add_routes(transport_routes(self.transport))
             app.on_shutdown.append(self.transport.close_inbound)  # else peers' WebSockets hold the API's stop
@@ -357,6 +360,7 @@ class Node:
             if isinstance(res, Exception) and not self.failed:
                 self.failed = True
                 log.error("task failed during shutdown", exc_info=(type(res), res, res.__traceback__))
+        self.signatures.close()
         if self.bridge_service is not None:
             self.bridge_service.close()
         if self.btc_rpc is not None:

@@ -5,7 +5,7 @@ from typing import Any
 
 from aiohttp import web
 
-from anchoring.service import Anchor, AnchorService
+from anchoring.service import Anchor, AnchorService, AnchorState
 
 from ..core.anchor import AnchorEntry, anchor_key
 from ..views import ChainView
@@ -34,10 +34,13 @@ def _service(request: web.Request) -> AnchorService:
 
 
 async def anchors(request: web.Request) -> web.Response:
-    """GET /api/anchors[?status=S]: every anchor with its status, Bitcoin txid/height, L2 height and root."""
+    """GET /api/anchors[?status=S]: every anchor with its status, Bitcoin txid/height, L2 height and root; S is one of
+    AnchorState's values in any case of ASCII letters (400 otherwise)."""
     svc = _service(request)
     chain = request.app[CHAIN]
     want = request.query.get("status")
+    if want is not None and not (want.isascii() and want.upper() in AnchorState.__members__):
+        raise ApiError(400, "malformed", f"status must be one of {', '.join(AnchorState.__members__)}")
     items = [_anchor_json(chain, a) for a in svc.all_anchors() if want is None or a.status.value == want.upper()]
     return web.json_response({"broadcasting": svc.broadcasting, "mode": svc.mode, "every_blocks": svc.every_blocks,
                               "btc_tip_height": svc.btc_tip_height, "anchors": items})

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import anchors, bridge, dashboard, federation, fl, ledger, models, netflow, sessions, work
+from . import anchors, bridge, dashboard, federation, fl, ledger, models, netflow, openapi, sessions, work
 from .deps import (ADMIN_TOKEN, ADMISSION, ANCHORS, BRIDGE, CHAIN, FEDERATION, MEMBERS, METRICS, MODELS, ORCHESTRATION,
-                   SNAPSHOTS, ApiDeps)
+                   SIGNATURES, SNAPSHOTS, ApiDeps)
 from .http import error_middleware
 from .limits import LIMITER, rate_limit
 
@@ -25,7 +25,8 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[FEDERATION] = deps.federation
     app[BRIDGE] = deps.bridge
     app[ORCHESTRATION] = deps.orchestration
-    for routes in (ledger, federation, anchors, bridge, work, fl, sessions, netflow, models):
+    app[SIGNATURES] = deps.signatures
+    for routes in (ledger, federation, anchors, bridge, work, fl, sessions, netflow, models, openapi):
         routes.add_routes(app.router)
     dashboard.setup(app)
     return app

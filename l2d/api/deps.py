@@ -20,6 +20,7 @@ from ..metrics import Metrics
 from ..model_store import ModelStore
 from ..snapshots import Snapshots
 from ..ratelimit import RateLimiter
+from ..sigpool import SignaturePool
 from ..views import ChainView
 
 
@@ -38,6 +39,7 @@ class ApiDeps:
     bridge: Optional[BridgeService] = None
     orchestration: Optional[OrchestrationService] = None
     rate_limit: Optional[RateLimiter] = None  # None: no limit (l2d/api/limits.py)
+    signatures: SignaturePool = SignaturePool(0)  # batch submissions' signature checks (0 workers: inline)
 
 
 CHAIN = web.AppKey("chain", ChainView)
@@ -51,3 +53,4 @@ ANCHORS: web.AppKey[Optional[AnchorService]] = web.AppKey("anchors")
 FEDERATION: web.AppKey[Optional[Federation]] = web.AppKey("federation")
 BRIDGE: web.AppKey[Optional[BridgeService]] = web.AppKey("bridge")
 ORCHESTRATION: web.AppKey[Optional[OrchestrationService]] = web.AppKey("orchestration")
+SIGNATURES = web.AppKey("signatures", SignaturePool)

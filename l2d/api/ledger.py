@@ -13,9 +13,12 @@ from ..core.coin_tx import Burn, Transfer
 from ..core.params import MAX_MONEY
 from ..core.snapshot import SnapshotExists
 from ..core.state import account_key
+from ..core.errors import DecodeError, Rejected
+from ..core.hashing import H_TXID
 from ..core.tx import MAX_TX_SIZE, Transaction
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .deps import ADMISSION, CHAIN, MEMBERS, SNAPSHOTS
+from ..txbatch import MAX_BATCH, decode_batch
+from .deps import ADMISSION, CHAIN, MEMBERS, SIGNATURES, SNAPSHOTS
 from .http import HEX, ApiError, admin, field, hex32, path_hex32, read_json_object, uint
 
 
@@ -114,6 +117,39 @@ async def submit_tx(request: web.Request) -> web.Response:
     return web.json_response({"txid": txid.hex()}, status=202)
 
 
+async def submit_txs(request: web.Request) -> web.Response:
+    """POST /api/l2/txs: up to MAX_BATCH transactions, as application/octet-stream (each `length u32 | bytes`,
+    l2d/txbatch.py) or JSON {"txs": [hex, ...]}; 200 with one result per transaction, in order: {"txid", "status":
+    "pending"} once admitted, or {"txid", "error": reason, "message"}. Signatures are checked in worker processes
+    (l2d/sigpool.py), then each transaction is admitted in order as POST /api/l2/tx would. 400 for a body that is
+    not a batch (nothing admitted)."""
+    if request.content_type == "application/octet-stream":
+        try:
+            raws = decode_batch(await request.read())
+        except DecodeError as e:
+            raise ApiError(400, "malformed", f"not a batch body: {e}") from None
+    else:
+        items = field(await read_json_object(request), "txs", list)
+        if len(items) > MAX_BATCH:
+            raise ApiError(400, "out-of-range", f"at most {MAX_BATCH} transactions per batch")
+        if not all(isinstance(t, str) and len(t) <= 2 * MAX_TX_SIZE and HEX.fullmatch(t) for t in items):
+            raise ApiError(400, "malformed", "field 'txs' must be a list of transactions' hex encodings")
+        raws = [bytes.fromhex(t) for t in items]
+    if not raws:
+        raise ApiError(400, "malformed", "an empty batch")
+    admission = request.app[ADMISSION]
+    results: list[dict[str, Any]] = []
+    for raw, ok in zip(raws, await request.app[SIGNATURES].check(raws)):
+        txid = H_TXID(raw).hex()
+        try:
+            admission.submit_checked(raw, ok)
+        except Rejected as e:
+            results.append({"txid": txid, "error": e.reason, "message": str(e)})
+        else:
+            results.append({"txid": txid, "status": "pending"})
+    return web.json_response({"results": results})
+
+
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
     text = request.app[CHAIN].render_metrics()
@@ -171,6 +207,7 @@ def add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/l2/blocks/{height}", block)
     r.add_get("/api/l2/tx/{txid}", tx_status)
     r.add_post("/api/l2/tx", submit_tx)
+    r.add_post("/api/l2/txs", submit_txs)
     r.add_get("/metrics", metrics)
     r.add_post("/api/admin/mint", admin_mint)
     r.add_post("/api/admin/snapshot", admin_snapshot)

@@ -36,7 +36,8 @@ def _limited(request: web.Request) -> bool:
 def client_of(request: web.Request) -> str:
     token = request.app[ADMIN_TOKEN]
     header = request.headers.get("Authorization", "")
-    if token and hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+    # aiohttp reads header bytes that are not UTF-8 as surrogates: compare the bytes as sent (plain encode() raised)
+    if token and hmac.compare_digest(header.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
         return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
     return f"addr:{request.remote}"
 

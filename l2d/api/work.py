@@ -77,7 +77,7 @@ async def tasks(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks[?status=S]: every task in the committed state (oldest first)."""
     chain = request.app[CHAIN]
     want = request.query.get("status")
-    if want is not None and want.upper() not in TaskStatus.__members__:
+    if want is not None and not (want.isascii() and want.upper() in TaskStatus.__members__):  # "ſettled" is not one
         raise ApiError(400, "malformed", f"status must be one of {', '.join(TaskStatus.__members__)}")
     items = [task_json(k[1:], TaskRecord.decode(v)) for k, v in chain.records(bytes((Namespace.TASK,)))]
     items = [i for i in items if want is None or i["status"] == want.upper()]

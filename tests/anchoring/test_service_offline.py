@@ -124,6 +124,32 @@ async def test_anchors_endpoint_404_when_disabled(tmp_path: Path) -> None:
         await node.stop()
 
 
+async def test_anchors_status_filter_refuses_what_is_not_a_status(tmp_path: Path,
+                                                                   poll: Callable[..., Awaitable[Any]]) -> None:
+    """Regression (found by schemathesis, tests/l2d/api/test_openapi.py): ?status= with anything but a status was
+    answered 200 with an empty list, as if no anchor had it; now 400 malformed naming the statuses."""
+    node = Node.from_config(_config(tmp_path / "data"))
+    await node.start(serve_http=False)
+    client = TestClient(TestServer(node.web_app()))
+    await client.start_server()
+    try:
+        await _mint_blocks(node, 2, poll)
+
+        async def built() -> Any:
+            return (await (await client.get("/api/anchors?status=BUILT")).json())["anchors"]
+        assert [a["l2_height"] for a in await poll(built, 10, "a BUILT anchor")] == [2]
+        assert [a["l2_height"] for a in (await (await client.get("/api/anchors?status=built")).json())["anchors"]] \
+            == [2]  # any case
+        assert (await (await client.get("/api/anchors?status=FINAL")).json())["anchors"] == []
+        for bad in ("", "BOGUS", "BUILT ", "ﬁnal"):  # "ﬁnal".upper() == "FINAL": ASCII letters only
+            resp = await client.get("/api/anchors", params={"status": bad})
+            body = await resp.json()
+            assert resp.status == 400 and body["error"] == "malformed" and "BUILT" in body["message"], bad
+    finally:
+        await client.close()
+        await node.stop()
+
+
 @pytest.mark.parametrize("statuses,files,keep_final,needed", [
     # FINAL 10/20/30, CONFIRMED 40, SUBMITTED 50; 5 and 15 were skipped; 55..70 came after the last anchor
     ({10: "FINAL", 20: "FINAL", 30: "FINAL", 40: "CONFIRMED", 50: "SUBMITTED"},

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from aiohttp.test_utils import TestClient
 
 from l2d.config import Config, ConfigError
 from l2d.core.coin_tx import Transfer
@@ -57,6 +58,18 @@ async def test_rest_rejections_are_typed_and_change_nothing(orch_net: Callable[.
             net.get(path)
         e.value.close()
         assert e.value.code == code, path
+
+
+async def test_tasks_status_filter_takes_ascii_names_in_any_case(client: TestClient) -> None:
+    """Regression: "ſettled".upper() == "SETTLED", so a name with a non-ASCII letter was taken for a status; only
+    the ASCII names, in any case, are (as GET /api/openapi.json says)."""
+    for ok in ("SETTLED", "settled", "Result_Submitted"):
+        resp = await client.get("/api/orchestration/tasks", params={"status": ok})
+        assert resp.status == 200 and (await resp.json())["tasks"] == [], ok
+    for bad in ("ſettled", "", "BOGUS"):
+        resp = await client.get("/api/orchestration/tasks", params={"status": bad})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"] == "malformed" and "SETTLED" in body["message"], bad
 
 
 def _cfg(tmp_path: Path, **orch: Any) -> Config:

@@ -25,6 +25,7 @@ from l2d.core.tx import sign
 from l2d.genesis import NodeError
 from l2d.node import Node
 from tests.conftest import ADMIN_TOKEN
+from tests.l2d.api.test_openapi import assert_conforms
 
 REGTEST_P2WPKH = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 MAINNET_P2WPKH = "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"
@@ -139,6 +140,8 @@ async def test_burn_to_an_address_is_a_pending_pegout(bridge_client: tuple[Node,
                  "address": REGTEST_P2WPKH, "btc_txid": None}
     f = await (await client.get("/api/bridge/federation")).json()
     assert f["pending_pegouts_sat"] == 50_000 and f["bridged_supply_sat"] == -50_000
+    assert_conforms("GET", "/api/bridge/pegouts", 200, "application/json", {"pegouts": [p]})  # GET /api/openapi.json
+    assert_conforms("GET", "/api/bridge/federation", 200, "application/json", f)
 
 
 @pytest.mark.parametrize("dest, amount, reason", [

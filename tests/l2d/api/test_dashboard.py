@@ -14,6 +14,7 @@ from l2d.core.coin_tx import Transfer
 from l2d.core.params import LOCAL
 from l2d.core.tx import sign
 from tests.conftest import Keys
+from tests.l2d.api.test_openapi import assert_conforms
 
 Client = TestClient[web.Request, web.Application]
 
@@ -21,7 +22,9 @@ Client = TestClient[web.Request, web.Application]
 async def _json(client: Client, path: str) -> Any:
     r = await client.get(path)
     assert r.status == 200, await r.text()
-    return await r.json()
+    body = await r.json()
+    assert_conforms("GET", path, r.status, r.content_type, body)  # as GET /api/openapi.json describes it
+    return body
 
 
 async def _transfers(client: Client, n: int, wait_until: Any) -> None:

@@ -23,6 +23,7 @@ from l2d.core.fl_tx import FlJobPost, FlRegister
 from l2d.core.params import LOCAL
 from l2d.core.tree import Proof, verify_proof
 from l2d.node import Node
+from tests.l2d.api.test_openapi import assert_conforms
 
 TOKEN = "fl-api-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -78,12 +79,16 @@ async def until(cond: Any, what: str, timeout: float = 20.0) -> Any:
 
 async def get(c: Client, path: str) -> tuple[int, Any]:
     r = await c.get(path)
-    return r.status, (await r.json() if r.content_type == "application/json" else await r.read())
+    body = await r.json() if r.content_type == "application/json" else await r.read()
+    assert_conforms("GET", path, r.status, r.content_type, body)  # as GET /api/openapi.json describes it
+    return r.status, body
 
 
 async def post(c: Client, path: str, body: Any, headers: dict[str, str] = AUTH) -> tuple[int, Any]:
     r = await c.post(path, json=body, headers=headers)
-    return r.status, await r.json()
+    out = await r.json()
+    assert_conforms("POST", path, r.status, r.content_type, out)
+    return r.status, out
 
 
 async def signed(node: Node, c: Client, n: int, payload: Any) -> str:

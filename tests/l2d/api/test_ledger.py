@@ -22,6 +22,7 @@ from l2d.core.tree import Proof, ProofKind, verify_proof
 from l2d.core.tx import Transaction, sign
 from l2d.metrics import escape_label_value
 from l2d.node import Node
+from tests.l2d.api.test_openapi import assert_conforms
 
 Client = TestClient[web.Request, web.Application]
 
@@ -48,7 +49,9 @@ async def get_json(client: Client, path: str, status: int = 200, **kw: Any) -> A
     resp = await client.get(path, **kw)
     assert resp.status == status, await resp.text()
     assert resp.content_type == "application/json"
-    return await resp.json()
+    body = await resp.json()
+    assert_conforms("GET", path, resp.status, resp.content_type, body)  # as GET /api/openapi.json describes it
+    return body
 
 
 async def post_tx(client: Client, tx: Transaction) -> Any:
@@ -74,6 +77,7 @@ async def expect_error(client: Client, method: str, path: str, status: int, code
     assert resp.content_type == "application/json", text
     body: dict[str, Any] = json.loads(text)
     assert set(body) == {"error", "message"} and body["message"], body
+    assert_conforms(method, path, resp.status, resp.content_type, body)
     if code is not None:
         assert body["error"] == code, body
     assert await tip_state(client) == before

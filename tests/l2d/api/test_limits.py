@@ -3,6 +3,7 @@ the bucket with 429, Retry-After and the JSON error, before any work; cheap read
 holder counted apart from its address."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,27 @@ async def test_no_limit_unless_configured(tmp_path: Path) -> None:
     async for node, client in _node_and_client(make_config(tmp_path / "data")):
         assert client.app[LIMITER] is None
         assert {(await client.post("/api/l2/tx", json={"tx": "00"})).status for _ in range(30)} == {400}
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_an_address_client(tmp_path: Path) -> None:
+    """Regression (found probing the error paths of the OpenAPI contract): bytes that are not UTF-8 in the header
+    made the limiter's client lookup raise, a 500; it is an unknown key, so the request counts for its address."""
+    cfg = make_config(tmp_path / "data", api={"rate_limit_per_s": 1, "rate_limit_burst": 1})
+    async for node, client in _node_and_client(cfg):
+        lim = client.app[LIMITER]
+        assert lim is not None
+        lim.clock = Clock()
+        assert client.server.host is not None and client.server.port is not None
+        statuses = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+            try:
+                writer.write(b"POST /api/l2/tx HTTP/1.1\r\nHost: l2d\r\nAuthorization: Bearer \xff\xfe\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 11\r\nConnection: close\r\n\r\n"
+                             b'{"tx":"00"}')
+                statuses.append(int((await reader.readline()).split()[1]))
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        assert statuses == [400, 429]  # served (a malformed transaction), then the address's bucket is empty
+        assert (await client.post("/api/l2/tx", json={"tx": "00"})).status == 429  # the same client: its address

@@ -1,0 +1,141 @@
+"""Committed transfers per second through REST (the batch endpoint, 3 clients) vs the in-process ledger, one run.
+
+    python bench/bench_rest.py [--transfers N] [--quick]
+
+The baseline is the in-process ledger (bench_ledger.throughput: blocks of 1,000 pre-signed transfers decoded,
+signature-checked, executed and committed to LMDB, serially) over the same number of accounts. The measured path:
+a real one-member l2d daemon (local network, 1,000 transactions per block), three client threads each sending its
+share of the pre-signed transfers with `Client.submit_txs` (POST /api/l2/txs, binary, 500 per request), from the
+first request to the last transfer committed. Also the same through POST /api/l2/tx one at a time (3 threads),
+the path users had before the batch endpoint. Prints each rate and its ratio to the in-process rate (the issue's
+goal for the batch path: >= 0.7).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import toml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from bench_ledger import throughput  # noqa: E402
+from common import Proc, keypairs, poll  # noqa: E402
+
+from l2d.client import Client  # noqa: E402
+from l2d.core import tx as T  # noqa: E402
+from l2d.core.coin_tx import Transfer  # noqa: E402
+from l2d.core.params import LOCAL  # noqa: E402
+
+SENDERS = 600
+CLIENTS = 3
+BATCH = 500
+
+
+def _daemon(work: Path, senders: list[bytes]) -> tuple[Proc, str]:
+    cfg = work / "l2d.toml"
+    cfg.write_text(toml.dumps({
+        "node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
+        "chain": {"genesis_alloc": {pk.hex(): 10**12 for pk in senders}},
+        "block": {"interval_ms": 50, "max_txs": 1000},
+        "mempool": {"max_txs": 200_000, "max_per_sender": 1000},
+        "api": {"port": 0, "admin_token": ""}, "snapshots": {"every_blocks": 0}}))
+    node = Proc(["-m", "l2d.node", "--config", str(cfg)], work / "l2d.log", REPO)
+    log = work / "l2d.log"
+
+    def port() -> Optional[int]:
+        for line in log.read_text().splitlines():
+            rec = json.loads(line) if line.startswith("{") else {}
+            if rec.get("msg") == "api listening":
+                return int(rec["port"])
+        return None
+    return node, f"http://127.0.0.1:{poll(port, 60, 'l2d listening', 0.1)}"
+
+
+def _signed(keys: list[tuple[bytes, bytes]], per_sender: int, first_nonce: int) -> list[list[bytes]]:
+    """Per client: its senders' transfers, nonce by nonce (each sender's in order)."""
+    out: list[list[bytes]] = [[] for _ in range(CLIENTS)]
+    for n in range(first_nonce, first_nonce + per_sender):
+        for i, (sk, _) in enumerate(keys):
+            to = keys[(i + 1) % len(keys)][1]
+            out[i % CLIENTS].append(T.sign(LOCAL, sk, n, 1, Transfer(to, 1), b"\0" * 32).raw)
+    return out
+
+
+def _drive(api: str, parts: list[list[bytes]], send: Callable[[Client, list[bytes]], None]) -> float:
+    """Send each part from its own thread; seconds from the start to the last transfer committed."""
+    client = Client(api)
+    last = T.decode(parts[-1][-1], LOCAL).txid.hex()
+    errors: list[str] = []
+
+    def run(part: list[bytes]) -> None:
+        try:
+            send(Client(api, timeout=120), part)
+        except Exception as e:  # surfaced below
+            errors.append(f"{type(e).__name__}: {e}")
+    threads = [threading.Thread(target=run, args=(p,)) for p in parts]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    poll(lambda: client.tx(last).get("status") == "committed", 600, "the last transfer committed", 0.01)
+    return time.perf_counter() - t0
+
+
+def _batches(c: Client, part: list[bytes]) -> None:
+    for i in range(0, len(part), BATCH):
+        for r in c.submit_txs(part[i:i + BATCH]):
+            if "error" in r:
+                raise RuntimeError(f"refused: {r}")
+
+
+def _singles(c: Client, part: list[bytes]) -> None:
+    for raw in part:
+        c.submit_tx(raw)
+
+
+def run(transfers: int, work: Path) -> dict[str, Any]:
+    keys = keypairs(SENDERS)
+    per_sender = max(1, transfers // SENDERS)
+    total = per_sender * SENDERS
+    base = throughput(SENDERS, max(1, total // 1000), 1)["tx_per_s"]
+    node, api = _daemon(work, [pk for _, pk in keys])
+    try:
+        batch_s = _drive(api, _signed(keys, per_sender, 0), _batches)
+        single_n = max(1, per_sender // 4)
+        single_s = _drive(api, _signed(keys, single_n, per_sender), _singles)
+    finally:
+        node.stop()
+    batch_rate, single_rate = total / batch_s, single_n * SENDERS / single_s
+    return {"transfers": total, "senders": SENDERS, "clients": CLIENTS, "batch_size": BATCH,
+            "in_process_tx_per_s": round(base, 1),
+            "rest_batch_tx_per_s": round(batch_rate, 1), "rest_batch_ratio": round(batch_rate / base, 3),
+            "rest_single_tx_per_s": round(single_rate, 1), "rest_single_ratio": round(single_rate / base, 3),
+            "goal": {"rest_batch_ratio": 0.7}}
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--transfers", type=int, default=60_000)
+    ap.add_argument("--quick", action="store_true", help="6,000 transfers")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="l2d-bench-rest-") as d:
+        out = run(6_000 if a.quick else a.transfers, Path(d))
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

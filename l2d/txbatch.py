@@ -1,0 +1,36 @@
+"""The binary body of a batch submission (POST /api/l2/txs, application/octet-stream): each transaction as
+`length u32 big-endian | its bytes`, back to back (docs/transaction-format.md, "Batches")."""
+from __future__ import annotations
+
+import struct
+from typing import Iterable
+
+from .core.errors import DecodeError, OutOfRange
+from .core.tx import MAX_TX_SIZE
+
+MAX_BATCH = 1000  # transactions per request
+_LEN = struct.Struct(">I")
+
+
+def encode_batch(raws: Iterable[bytes]) -> bytes:
+    return b"".join(_LEN.pack(len(r)) + r for r in raws)
+
+
+def decode_batch(body: bytes) -> list[bytes]:
+    """The transactions of a batch body; DecodeError for a truncated entry, OutOfRange for an entry larger than a
+    transaction can be, an empty entry or more than MAX_BATCH entries (each transaction is decoded later, alone)."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(body):
+        if len(out) == MAX_BATCH:
+            raise OutOfRange(f"more than {MAX_BATCH} transactions in one batch")
+        if pos + 4 > len(body):
+            raise DecodeError(f"batch entry {len(out)}: {len(body) - pos} bytes left, a length needs 4")
+        (n,) = _LEN.unpack_from(body, pos)
+        if not 0 < n <= MAX_TX_SIZE:
+            raise OutOfRange(f"batch entry {len(out)}: length {n} (1..{MAX_TX_SIZE})")
+        if pos + 4 + n > len(body):
+            raise DecodeError(f"batch entry {len(out)}: {n} bytes announced, {len(body) - pos - 4} left")
+        out.append(body[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
