@@ -58,7 +58,11 @@ def _daemon(work: Path, senders: list[bytes]) -> tuple[Proc, str]:
             if rec.get("msg") == "api listening":
                 return int(rec["port"])
         return None
-    return node, f"http://127.0.0.1:{poll(port, 60, 'l2d listening', 0.1)}"
+    try:
+        return node, f"http://127.0.0.1:{poll(port, 60, 'l2d listening', 0.1)}"
+    except TimeoutError:
+        node.stop()
+        raise
 
 
 def _signed(keys: list[tuple[bytes, bytes]], per_sender: int, first_nonce: int) -> list[list[bytes]]:

@@ -6,6 +6,7 @@
                                             start a SuperNode running the project's ClientApp
   l2-fl dev [--nodes 3] [--rounds 3] [--strategy fedavg] [--compression none] [--set k=v ...] [--out DIR]
                                             SuperLink + N SuperNodes on loopback, one job, stop
+                                            (progress on stderr, the result on stdout)
 
 On the L2 (docs/federated.md; L2KEY is an l2-cli key file, 64 hex characters):
   l2-fl post --node URL --key L2KEY --pool SAT --rounds R --min M --max X [--set k=v ...]
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,48 @@ from l2d.core.errors import DecodeError
 from l2d.keys import KeyFileError, load_secret
 
 
+def existing_path(arg: str) -> str:
+    """An argparse type: a path that exists (a missing one is a usage error, exit 2, before anything starts)."""
+    if not Path(arg).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {arg}")
+    return str(Path(arg).expanduser())
+
+
+def existing_file(arg: str) -> str:
+    """An argparse type: a path that names an existing file."""
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {arg}")
+    return str(p)
+
+
+def output_file(arg: str) -> str:
+    """An argparse type: a file to write, in a directory that exists."""
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
+    if not p.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {p.parent} (to write {arg})")
+    return str(p)
+
+
+class _Usage(Exception):
+    """Arguments that parse but cannot be used: reported as argparse reports its own errors (exit 2)."""
+
+
 def _join_argv(a: argparse.Namespace) -> list[str]:
     d = Path(a.data)
     path = d / "partition.npz" if d.is_dir() else d
-    data.read_split(path)  # fail early on bad data
-    tls = ["--insecure"] if a.insecure else (["--root-certificates", a.root_certificates] if a.root_certificates else [])
+    if not path.is_file():
+        raise _Usage(f"argument --data: no partition.npz in {d} (write one with l2-fl partition --out {d})")
+    try:
+        data.read_split(path)  # fail early on bad data
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise _Usage(f"argument --data: {path} is not a partition written by l2-fl partition ({e})") from None
+    tls = (["--insecure"] if a.insecure
+           else ["--root-certificates", a.root_certificates] if a.root_certificates else [])
     extra = "".join(f" {k}={_toml(v)}" for k, v in _settings(a.node_config).items())
     argv = [str(BIN / "flower-supernode"), *tls, "--superlink", a.superlink,
             "--port", str(a.port or free_port()), "--node-config", f'data-path="{path}"' + extra]
@@ -98,79 +137,125 @@ def _l2_command(a: argparse.Namespace) -> dict[str, Any]:
                          Path(a.token_file).resolve(), say=lambda m: sys.stderr.write(m + "\n"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="l2-fl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    k = sub.add_parser("keygen")
-    k.add_argument("keyfile")
-    pa = sub.add_parser("partition")
-    pa.add_argument("--out", required=True)
-    pa.add_argument("--id", type=int, required=True)
-    pa.add_argument("--num", type=int, required=True)
-    pa.add_argument("--alpha", type=float, default=0.5)
-    pa.add_argument("--seed", type=int, default=0)
-    j = sub.add_parser("join")
-    j.add_argument("--superlink", required=True)
-    j.add_argument("--key", help="SuperNode private key registered on the L2 (OpenSSH EC)")
-    j.add_argument("--data", required=True, help="dir with partition.npz, or an .npz file")
-    j.add_argument("--root-certificates")
-    j.add_argument("--insecure", action="store_true")
-    j.add_argument("--port", type=int, default=0)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.set_defaults(usage=c.error)  # for usage errors found after parsing (_Usage)
+        return c
+
+    k = cmd("keygen", "make an EC P-384 OpenSSH key pair for a SuperNode (register KEYFILE.pub on the L2)")
+    k.add_argument("keyfile", type=output_file, metavar="KEYFILE", help="private key to write (KEYFILE.pub beside it)")
+    pa = cmd("partition", "write one participant's digits partition, DIR/partition.npz (what join --data reads)")
+    pa.add_argument("--out", required=True, metavar="DIR", help="directory to write partition.npz in (created)")
+    pa.add_argument("--id", type=int, required=True, help="this partition's index, 0..NUM-1")
+    pa.add_argument("--num", type=int, required=True, help="number of partitions the data is split into")
+    pa.add_argument("--alpha", type=float, default=0.5,
+                    help="Dirichlet concentration: lower is less IID (default %(default)s)")
+    pa.add_argument("--seed", type=int, default=0, help="split seed (default %(default)s)")
+    j = cmd("join", "start a SuperNode running the project's ClientApp against a federation's SuperLink")
+    j.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the federation's SuperLink")
+    j.add_argument("--key", type=existing_file, metavar="KEYFILE",
+                   help="SuperNode private key registered on the L2 (OpenSSH EC, from l2-fl keygen)")
+    j.add_argument("--data", required=True, type=existing_path, metavar="DIR",
+                   help="dir with partition.npz, or an .npz file")
+    j.add_argument("--root-certificates", type=existing_file, metavar="CA",
+                   help="CA certificate (PEM) of the SuperLink's TLS")
+    j.add_argument("--insecure", action="store_true", help="connect without TLS (a dev SuperLink only)")
+    j.add_argument("--port", type=int, default=0, help="the SuperNode's own port (default: a free one)")
     j.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
                    help="extra node config for the ClientApp (e.g. local-epochs overrides); repeatable")
-    d = sub.add_parser("dev")
-    d.add_argument("--nodes", type=int, default=3)
-    d.add_argument("--rounds", type=int, default=3)
-    d.add_argument("--strategy", default="fedavg")
-    d.add_argument("--compression", default="none")
-    d.add_argument("--dp", default="none")
-    d.add_argument("--out", default="l2fl-dev", help="work dir: logs, rounds.jsonl, checkpoints")
+    d = cmd("dev", "SuperLink + N SuperNodes on loopback, one job, stop (progress on stderr, result on stdout)")
+    d.add_argument("--nodes", type=int, default=3, help="SuperNodes (default %(default)s)")
+    d.add_argument("--rounds", type=int, default=3, help="training rounds (default %(default)s)")
+    d.add_argument("--strategy", default="fedavg", help="aggregation (fedavg, krum, multikrum, fedtrimmedavg, ...; "
+                                                        "default %(default)s)")
+    d.add_argument("--compression", default="none", help="update compression (default %(default)s)")
+    d.add_argument("--dp", default="none", help="differential privacy (default %(default)s)")
+    d.add_argument("--out", default="l2fl-dev", help="work dir: logs, rounds.jsonl, checkpoints (default %(default)s)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config (e.g. trim-beta=0.34)")
-    po = sub.add_parser("post")
-    po.add_argument("--node", required=True)
-    po.add_argument("--key", required=True)
-    po.add_argument("--pool", type=int, required=True)
-    po.add_argument("--rounds", type=int, required=True)
-    po.add_argument("--min", type=int, required=True)
-    po.add_argument("--max", type=int, required=True)
+    po = cmd("post", "post a job on the L2, escrowing the reward pool; prints the job id")
+    po.add_argument("--node", required=True, metavar="URL", help="the L2 daemon's REST address")
+    po.add_argument("--key", required=True, type=existing_file, metavar="L2KEY", help="the poster's l2-cli key file")
+    po.add_argument("--pool", type=int, required=True, metavar="SAT", help="reward pool in satoshis")
+    po.add_argument("--rounds", type=int, required=True, help="training rounds")
+    po.add_argument("--min", type=int, required=True, help="fewest participants a round runs with")
+    po.add_argument("--max", type=int, required=True, help="most participants that may register")
     po.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training setting (run config)")
-    po.add_argument("--fee", type=int, default=1)
-    rg = sub.add_parser("register")
-    rg.add_argument("--node", required=True)
-    rg.add_argument("--key", required=True)
-    rg.add_argument("--job", required=True)
-    rg.add_argument("--node-key", required=True, help="the .pub of the key given to l2-fl join --key")
-    rg.add_argument("--fee", type=int, default=1)
-    rc = sub.add_parser("reclaim")
-    rc.add_argument("--node", required=True)
-    rc.add_argument("--key", required=True)
-    rc.add_argument("--job", required=True)
-    rc.add_argument("--fee", type=int, default=1)
-    co = sub.add_parser("coordinate")
-    co.add_argument("--node", required=True)
-    co.add_argument("--token-file", required=True)
-    co.add_argument("--job", required=True)
-    co.add_argument("--out", required=True)
-    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    a = p.parse_args(argv)
+    po.add_argument("--fee", type=int, default=1, help="transaction fee in satoshis (default %(default)s)")
+    rg = cmd("register", "register as a job's participant with the node key you join with")
+    rg.add_argument("--node", required=True, metavar="URL", help="the L2 daemon's REST address")
+    rg.add_argument("--key", required=True, type=existing_file, metavar="L2KEY", help="your l2-cli key file")
+    rg.add_argument("--job", required=True, metavar="ID", help="job id (64 hex characters)")
+    rg.add_argument("--node-key", required=True, type=existing_file, metavar="KEYFILE.pub",
+                    help="the .pub of the key given to l2-fl join --key")
+    rg.add_argument("--fee", type=int, default=1, help="transaction fee in satoshis (default %(default)s)")
+    rc = cmd("reclaim", "(poster) close a job idle for 1000 L2 blocks: contributions so far are paid, the rest of "
+                        "the pool comes back")
+    rc.add_argument("--node", required=True, metavar="URL", help="the L2 daemon's REST address")
+    rc.add_argument("--key", required=True, type=existing_file, metavar="L2KEY", help="the poster's l2-cli key file")
+    rc.add_argument("--job", required=True, metavar="ID", help="job id (64 hex characters)")
+    rc.add_argument("--fee", type=int, default=1, help="transaction fee in satoshis (default %(default)s)")
+    co = cmd("coordinate", "(federation) run or resume a job: an auth SuperLink allowing exactly the job's L2 "
+                           "registrations, every round committed to the L2, rewards paid at the end")
+    co.add_argument("--node", required=True, metavar="URL", help="the L2 daemon's REST address")
+    co.add_argument("--token-file", required=True, type=existing_file, metavar="F",
+                    help="file holding the daemon's admin token")
+    co.add_argument("--job", required=True, metavar="ID", help="job id (64 hex characters)")
+    co.add_argument("--out", required=True, metavar="DIR", help="work dir: logs, checkpoints (created)")
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="training setting: must be the ones the job was posted with")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        try:
+            return _run(a)
+        except _Usage as e:
+            a.usage(str(e))  # prints the command's usage and the message, exits 2
+            return 2
+    except SystemExit as e:  # argparse: usage errors (2), --help (0)
+        return e.code if isinstance(e.code, int) else 0
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"l2-fl dev: {message}\n")
+    sys.stderr.flush()
+
+
+def _run(a: argparse.Namespace) -> int:
     if a.cmd in ("post", "register", "reclaim", "coordinate"):
         try:
-            out = _l2_command(a)
+            result = _l2_command(a)
         except Unreachable as e:  # worded as before the shared client: the connection error's own text
             sys.stderr.write(f"l2-fl {a.cmd}: {e.error}\n")
             return 1
         except (ApiError, KeyFileError, LaunchError, DecodeError, OSError, ValueError) as e:
             sys.stderr.write(f"l2-fl {a.cmd}: {e}\n")
             return 1
-        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.write(json.dumps(result) + "\n")
         return 0
 
     if a.cmd == "keygen":
-        pub = generate_node_key(Path(a.keyfile))
+        try:
+            pub = generate_node_key(Path(a.keyfile))
+        except OSError as e:
+            sys.stderr.write(f"l2-fl keygen: {e}\n")
+            return 1
         sys.stdout.write(pub.read_text())
         return 0
     if a.cmd == "partition":
-        out = data.write_partition(Path(a.out) / "partition.npz", a.id, a.num, a.alpha, a.seed)
+        if not 0 <= a.id < a.num:
+            raise _Usage(f"argument --id: {a.id} is not in 0..{a.num - 1} (--num {a.num})")
+        try:
+            out = data.write_partition(Path(a.out) / "partition.npz", a.id, a.num, a.alpha, a.seed)
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"l2-fl partition: {e}\n")
+            return 1
         sys.stdout.write(f"{out}\n")
         return 0
     if a.cmd == "join":
@@ -183,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {"num-rounds": a.rounds, "strategy": a.strategy, "compression": a.compression, "dp": a.dp,
                    "local-epochs": 5, **_settings(a.set)}
             server_app.run_settings({**cfg, "out-dir": "-", "min-nodes": a.nodes})  # refused before Flower starts
-            out = dev(a.nodes, cfg, workdir=Path(a.out).resolve())
-        except (LaunchError, ValueError) as e:
+            out = dev(a.nodes, cfg, workdir=Path(a.out).resolve(), say=_say)
+        except (LaunchError, ValueError, OSError) as e:
             sys.stderr.write(f"l2-fl dev: {e}\n")
             return 1
         sys.stdout.write(json.dumps({"out_dir": str(out)}) + "\n")

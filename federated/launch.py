@@ -15,12 +15,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from federated import data
+from federated.recorder import JsonlRecorder, RoundCommitment
 
 log = logging.getLogger(__name__)
 
@@ -295,17 +297,64 @@ class Federation:
 
 
 def dev(num_nodes: int, run_config: dict[str, Any], node_configs: list[dict[str, Any]] | None = None,
-        workdir: Path | None = None) -> Path:
-    """Start a federation, run one job, stop everything; returns the job's out-dir."""
-    with Federation(workdir=workdir) as fed:
+        workdir: Path | None = None, say: Callable[[str], None] | None = None) -> Path:
+    """Start a federation, run one job, stop everything; returns the job's out-dir. say (if given) hears each step:
+    the SuperLink, each SuperNode, the run, each round as it is committed."""
+    tell = say or (lambda _m: None)
+    fed = Federation(workdir=workdir)
+    tell(f"starting the SuperLink (work dir {fed.workdir})")
+    with fed:
         assert fed.workdir is not None
+        tell(f"SuperLink listening on 127.0.0.1:{fed.port}")
         for i in range(num_nodes):
             part = data.write_partition(fed.workdir / f"data-{i}.npz", i, num_nodes)
             nc = {"partition-id": i, "num-partitions": num_nodes, "data-path": str(part)}
             if node_configs and i < len(node_configs):
                 nc.update(node_configs[i])
-            fed.add_supernode(nc)
+            proc = fed.add_supernode(nc)
+            tell(f"started SuperNode {i + 1}/{num_nodes} (partition {i}, log {proc.log_path})")
         out = Path(run_config.get("out-dir") or (fed.workdir / "job"))  # kept only if workdir is given
         cfg = dict(run_config, **{"out-dir": str(out), "min-nodes": num_nodes})
-        fed.run(cfg)
+        rounds = cfg.get("num-rounds", "?")
+        tell(f"running the job: {rounds} rounds of {num_nodes} nodes (rounds are committed to {out / 'rounds.jsonl'})")
+        if say is None:
+            fed.run(cfg)
+        else:
+            watch = RoundWatcher(out / "rounds.jsonl", rounds, say)
+            stop = threading.Event()
+            t = threading.Thread(target=watch.follow, args=(stop,), name="l2fl-dev-rounds", daemon=True)
+            t.start()
+            try:
+                fed.run(cfg)
+            finally:
+                stop.set()
+                t.join()
+            watch.report()  # whatever the last poll missed
+        tell("job finished; stopping the SuperNodes and the SuperLink")
         return out
+
+
+class RoundWatcher:
+    """Reports the rounds appended to a rounds.jsonl (federated/recorder.py) since it was made, one line each."""
+
+    def __init__(self, path: Path, num_rounds: Any, say: Callable[[str], None]) -> None:
+        self.path, self.num_rounds, self.say = path, num_rounds, say
+        self.seen = len(self._rounds())  # rounds of an earlier run in the same --out are not news
+
+    def _rounds(self) -> list[RoundCommitment]:
+        return JsonlRecorder(self.path).all()
+
+    def report(self) -> None:
+        rounds = self._rounds()
+        for c in rounds[self.seen:]:
+            ok = sum(p.accepted for p in c.participants)
+            acc = c.metrics.get("accuracy")
+            self.say(f"round {c.round}/{self.num_rounds} committed: "
+                     + (f"accuracy {acc:.4f}, " if acc is not None else "")
+                     + f"{ok}/{len(c.participants)} participants accepted, params {c.params_hash[:16]}")
+        self.seen = max(self.seen, len(rounds))
+
+    def follow(self, stop: threading.Event, poll: float = 0.5) -> None:
+        """report() every poll seconds until stop is set."""
+        while not stop.wait(poll):
+            self.report()

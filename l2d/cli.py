@@ -3,6 +3,7 @@ federation-init writes the configs, keys and genesis file of an n-member federat
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import io
 import json
@@ -11,7 +12,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from coincurve import PrivateKey
 
@@ -65,16 +66,51 @@ def write_private(path: Path, data: bytes, force: bool = False) -> None:
     os.chmod(path, 0o600)
 
 
+def _is_account_hex(arg: str) -> bool:
+    try:
+        return len(bytes.fromhex(arg)) == 32
+    except ValueError:
+        return False
+
+
 def _account_id(arg: str) -> str:
     p = Path(arg)
     if p.is_file():
         return public_key(load_secret(p)).hex()
-    try:
-        if len(bytes.fromhex(arg)) == 32:
-            return arg.lower()
-    except ValueError:
-        pass
-    raise CliError(f"{arg!r} is neither a key file nor a 64-hex-character account")
+    if _is_account_hex(arg):
+        return arg.lower()
+    raise UsageError(f"{arg!r} is neither a key file nor a 64-hex-character account")
+
+
+# -- argument types: a missing input file or output directory is a usage error (argparse's message, exit 2),
+# found before anything is asked of the daemon or written --------------------------------------------------------
+def existing_file(arg: str) -> str:
+    """An argparse type: a path that names an existing file."""
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {arg}")
+    return str(p)
+
+
+def output_file(arg: str) -> str:
+    """An argparse type: a file to write, in a directory that exists."""
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
+    if not p.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {p.parent} (to write {arg})")
+    return str(p)
+
+
+def account_arg(arg: str) -> str:
+    """An argparse type: a key file or a 64-hex account id."""
+    if Path(arg).expanduser().is_file():
+        return str(Path(arg).expanduser())
+    if _is_account_hex(arg):
+        return arg
+    raise argparse.ArgumentTypeError(f"{arg!r} is neither a key file nor a 64-hex-character account id")
 
 
 def _send(a: argparse.Namespace, payload: Payload) -> dict[str, Any]:
@@ -94,7 +130,10 @@ def cmd_keygen(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_pubkey(a: argparse.Namespace) -> dict[str, Any]:
-    return {"account": public_key(load_secret(Path(a.key))).hex()}
+    key = a.key_file or a.key  # --key: the old spelling, kept as a hidden alias
+    if key is None or (a.key_file and a.key):
+        raise UsageError("pubkey takes one key file: l2-cli pubkey KEY_FILE")
+    return {"account": public_key(load_secret(Path(key))).hex()}
 
 
 def cmd_status(a: argparse.Namespace) -> dict[str, Any]:
@@ -110,10 +149,32 @@ def cmd_balance(a: argparse.Namespace) -> dict[str, Any]:
     return {k: acc[k] for k in ("account", "exists", "balance_sat", "nonce", "height", "state_root", "proof_verified")}
 
 
+def _latest_anchor(c: Client) -> Optional[dict[str, Any]]:
+    """The latest anchor's L2 height, state root and status; None where anchoring is off or nothing is anchored."""
+    try:
+        a = c.latest_anchor()
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+    l2 = a.get("l2_state") or {}
+    return {"l2_height": a["l2_height"], "state_root": l2.get("state_root") or a["state_root"],
+            "status": a["status"], "l2_status": l2.get("status"), "txid": a.get("txid")}
+
+
+def _root_fields(c: Client, height: int, root: str) -> dict[str, Any]:
+    """Say which root a proof or snapshot is under: the tip's (the REST API proves against the tip only), and the
+    latest anchored root, the one an auditor compares with."""
+    return {"root": root, "height": height, "root_is": f"state root at tip height {height} (not an anchored root)",
+            "latest_anchor": _latest_anchor(c)}
+
+
 def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
-    acc = _client(a).account(_account_id(a.account))
+    c = _client(a)
+    acc = c.account(_account_id(a.account))
     Path(a.out).write_bytes(bytes.fromhex(acc["proof"]))
-    return {"proof_file": a.out, "root": acc["state_root"], "height": acc["height"],
+    return {"proof_file": a.out, "account": acc["account"], "exists": acc["exists"],
+            **_root_fields(c, acc["height"], acc["state_root"]),
             "verify_with": f"l2-verify proof --root {acc['state_root']} {a.out}"}
 
 
@@ -192,7 +253,8 @@ def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
     info = c.snapshot()
     data = c.snapshot_file(info["name"])
     Path(a.out).write_bytes(data)
-    info.update(snapshot_file=a.out, verify_with=f"l2-verify snapshot {a.out} --expect-root {info['state_root']}")
+    info.update(snapshot_file=a.out, **_root_fields(c, info["height"], info["state_root"]),
+                verify_with=f"l2-verify snapshot {a.out} --expect-root {info['state_root']}")
     return info
 
 
@@ -217,6 +279,127 @@ def cmd_block(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_tx(a: argparse.Namespace) -> dict[str, Any]:
     return _client(a).tx(a.txid)
+
+
+# -- human output (the default; --json prints the result, for read commands the API's JSON, as is) --------------
+def _scalar(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+def _lines(d: dict[str, Any], indent: str = "") -> list[str]:
+    """Nested JSON as indented "key: value" lines (lists one item a line), never a Python repr."""
+    out: list[str] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += [f"{indent}{k}:", *_lines(v, indent + "  ")]
+        elif isinstance(v, list):
+            out.append(f"{indent}{k}:" + ("" if v else " (none)"))
+            for item in v:
+                if isinstance(item, dict):
+                    sub = _lines(item, indent + "    ")
+                    out += [f"{indent}  - {sub[0].lstrip()}", *sub[1:]] if sub else [f"{indent}  - {{}}"]
+                else:
+                    out.append(f"{indent}  - {_scalar(item)}")
+        else:
+            out.append(f"{indent}{k}: {_scalar(v)}")
+    return out
+
+
+def human_default(res: dict[str, Any]) -> str:
+    return "\n".join(_lines(res))
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows)]
+
+
+def human_anchors(res: dict[str, Any]) -> str:
+    """GET /api/anchors as a table: L2 height, status, confirmations, Bitcoin height, txid."""
+    head = (f"anchors: mode {res.get('mode')}, every {res.get('every_blocks')} L2 blocks, "
+            f"{'broadcasting' if res.get('broadcasting') else 'not broadcasting (no bitcoind)'}, "
+            f"Bitcoin tip {_scalar(res.get('btc_tip_height'))}")
+    items = res.get("anchors") or []
+    if not items:
+        return f"{head}\nno anchors yet"
+    rows = [(str(x["l2_height"]), str(x["status"]), str(x.get("confirmations", 0)), _scalar(x.get("btc_height")),
+             _scalar(x.get("txid"))) for x in items]
+    return "\n".join([head, *_table(("L2 HEIGHT", "STATUS", "CONFIRMATIONS", "BTC HEIGHT", "TXID"), rows)])
+
+
+def _utc(ms: int) -> str:
+    t = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M:%S.") + f"{ms % 1000:03d} UTC"
+
+
+def _tx_line(i: int, t: dict[str, Any]) -> str:
+    amount = f"{t['amount_sat']} sat" if "amount_sat" in t else "-"
+    line = f"  {i:>3}  {t['type']:<16} amount {amount:<16} fee {t['fee_sat']} sat  from {t['sender']}"
+    if t.get("recipient"):
+        line += f"  to {t['recipient']}"
+    if t.get("destination"):
+        line += f"  to {bytes.fromhex(t['destination']).decode('ascii', 'replace')}"
+    return f"{line}  txid {t['txid']}"
+
+
+def human_block(res: dict[str, Any]) -> str:
+    """GET /api/l2/blocks/H as a summary and one line per transaction (the raw bytes only with --json)."""
+    commit = res.get("commit")
+    signed = ("-" if commit is None else
+              f"members {', '.join(map(str, commit['signers'])) or 'none'} (threshold {commit['threshold']})")
+    txs = res.get("txs") or []
+    return "\n".join([
+        f"block {res['height']}" + (" (final)" if res.get("final") else " (not final)"),
+        f"hash:       {res['hash']}",
+        f"prev:       {res['prev_hash']}",
+        f"time:       {_utc(res['timestamp_ms'])}",
+        f"state root: {res['state_root']}",
+        f"signed by:  {signed}",
+        f"tx count:   {res['tx_count']}",
+        *(_tx_line(i, t) for i, t in enumerate(txs)),
+    ])
+
+
+def human_plans(res: dict[str, Any]) -> str:
+    """GET /api/bridge/plans as one line per plan (PSBT and signed transaction only with --json)."""
+    plans = res.get("plans") or []
+    if not plans:
+        return "no plans"
+    rows = [(p["id"], p["kind"], p["status"], str(p["l2_height"]), f"{len(p['signed_by'])}/{p['threshold']}",
+             str(p["fee_sat"]), str(sum(x["payout_sat"] for x in p.get("pegouts") or [])))
+            for p in plans]
+    return "\n".join(_table(("ID", "KIND", "STATUS", "L2 HEIGHT", "SIGNED", "FEE SAT", "PAYS SAT"), rows))
+
+
+def _anchor_line(res: dict[str, Any]) -> str:
+    la = res.get("latest_anchor")
+    if la is None:
+        return "latest anchor: none (anchoring is off on this node, or nothing is anchored yet)"
+    return (f"latest anchor: L2 height {la['l2_height']}, status {la['status']}, state root {la['state_root']} "
+            f"(the root to compare with; its audit bundle: l2-cli export-audit --height {la['l2_height']})")
+
+
+def human_proof(res: dict[str, Any]) -> str:
+    return "\n".join([
+        f"proof of account {res['account']} ({'present' if res['exists'] else 'absent'}) written to "
+        f"{res['proof_file']}",
+        f"{res['root_is']}: {res['root']}",
+        _anchor_line(res),
+        f"verify with: {res['verify_with']}",
+    ])
+
+
+def human_snapshot(res: dict[str, Any]) -> str:
+    return "\n".join([
+        f"snapshot {res['name']} ({res['size']} bytes, block {res['block_hash']}) written to {res['snapshot_file']}",
+        f"{res['root_is']}: {res['root']}",
+        _anchor_line(res),
+        f"verify with: {res['verify_with']}",
+    ])
 
 
 # -- federation-init ---------------------------------------------------------------------------------------------
@@ -383,100 +566,108 @@ def _sat(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="l2-cli", description=__doc__)
-    ap.add_argument("--api", default=DEFAULT_API, help="daemon REST address (default %(default)s, or $L2D_API); several members' addresses, "
-                    "comma-separated: each request goes to the first that answers")
+    ap = argparse.ArgumentParser(prog="l2-cli", description=__doc__,
+                                 epilog="Output: readable lines; --json (before or after the command) prints one "
+                                        "JSON object, for read commands the API's JSON as is. Exit codes: 0 done, "
+                                        "1 refused or failed, 2 usage (a missing file, bad arguments).")
+    ap.add_argument("--api", default=DEFAULT_API, help="daemon REST address (default %(default)s, or $L2D_API); "
+                    "several members' addresses, comma-separated: each request goes to the first that answers")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("keygen", help="create a key file (mode 0600)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(fn=cmd_keygen)
-    p = sub.add_parser("pubkey", help="account id (x-only public key) of a key file")
-    p.add_argument("--key", required=True)
-    p.set_defaults(fn=cmd_pubkey)
-    sub.add_parser("status", help="daemon status").set_defaults(fn=cmd_status)
-    p = sub.add_parser("balance", help="balance and nonce, with the proof checked locally")
-    p.add_argument("account", help="64-hex account id or a key file")
-    p.set_defaults(fn=cmd_balance)
-    p = sub.add_parser("proof", help="write an account's state proof for l2-verify")
-    p.add_argument("account")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_proof)
+    common = argparse.ArgumentParser(add_help=False)  # --json also after the command: `l2-cli anchors --json`
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def cmd(name: str, fn: Any, help: str, human: Any = human_default) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(fn=fn, human=human)
+        return p
+
+    def wait(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                       help="wait up to SECONDS until the transaction is committed (default: do not wait)")
+
+    def token(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--token", help="admin token (default $L2D_ADMIN_TOKEN)")
+
+    p = cmd("keygen", cmd_keygen, "create a key file (mode 0600) and print its account id")
+    p.add_argument("--out", required=True, type=output_file, metavar="KEY_FILE", help="the key file to create")
+    p.add_argument("--force", action="store_true", help="overwrite KEY_FILE if it exists")
+    p = cmd("pubkey", cmd_pubkey, "account id (x-only public key) of a key file")
+    p.add_argument("key_file", nargs="?", type=existing_file, metavar="KEY_FILE", help="key file (64 hex characters)")
+    p.add_argument("--key", type=existing_file, help=argparse.SUPPRESS)  # deprecated spelling of KEY_FILE
+    cmd("status", cmd_status, "daemon status: network, tip height and hash, final height, state root, mempool")
+    p = cmd("balance", cmd_balance, "balance and nonce, with the proof checked locally")
+    p.add_argument("account", type=account_arg, metavar="ACCOUNT", help="64-hex account id or a key file")
+    p = cmd("proof", cmd_proof, "write an account's state proof (against the tip's state root) for l2-verify",
+            human_proof)
+    p.add_argument("account", type=account_arg, metavar="ACCOUNT", help="64-hex account id or a key file")
+    p.add_argument("--out", required=True, type=output_file, metavar="FILE", help="proof file to write")
     for name, fn in (("transfer", cmd_transfer), ("burn", cmd_burn)):
-        p = sub.add_parser(name, help=f"sign and submit a {name}")
-        p.add_argument("--key", required=True)
+        p = cmd(name, fn, "sign and submit a transfer to another account" if name == "transfer" else
+                "sign and submit a burn (with --destination, a peg-out to Bitcoin)")
+        p.add_argument("--key", required=True, type=existing_file, metavar="KEY_FILE", help="the sender's key file")
         if name == "transfer":
-            p.add_argument("--to", required=True, help="recipient account id or key file")
+            p.add_argument("--to", required=True, type=account_arg, help="recipient account id or key file")
         else:
             p.add_argument("--destination", default="",
                            help="a Bitcoin address of the daemon's network: the burn becomes a peg-out")
         p.add_argument("--amount", type=_sat, required=True, help="satoshis")
         p.add_argument("--fee", type=int, default=1, help="satoshis (default %(default)s)")
         p.add_argument("--nonce", type=int, help="override the committed nonce (to queue several)")
-        p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
-        p.set_defaults(fn=fn)
-    p = sub.add_parser("pegin-address", help="the deposit address only ACCOUNT can claim (checked locally)")
-    p.add_argument("account", help="64-hex account id or a key file")
-    p.set_defaults(fn=cmd_pegin_address)
-    p = sub.add_parser("pegin-claim", help="claim a deposit with its raw transaction and merkle proof")
-    p.add_argument("--key", required=True, help="the key of the account the deposit address was made for")
+        wait(p)
+    p = cmd("pegin-address", cmd_pegin_address, "the deposit address only ACCOUNT can claim (checked locally)")
+    p.add_argument("account", type=account_arg, metavar="ACCOUNT", help="64-hex account id or a key file")
+    p = cmd("pegin-claim", cmd_pegin_claim, "claim a deposit with its raw transaction and merkle proof")
+    p.add_argument("--key", required=True, type=existing_file, metavar="KEY_FILE",
+                   help="the key of the account the deposit address was made for")
     p.add_argument("--tx", required=True, help="raw Bitcoin transaction (hex)")
     p.add_argument("--proof", required=True, help="bitcoin-cli gettxoutproof output (hex)")
     p.add_argument("--btc-height", type=int, required=True, help="height of the block holding the deposit")
     p.add_argument("--vout", type=int, required=True, help="index of the output paying the deposit address")
     p.add_argument("--fee", type=int, default=1, help="satoshis, taken from the deposit (default %(default)s)")
     p.add_argument("--nonce", type=int, help="override the committed nonce")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
-    p.set_defaults(fn=cmd_pegin_claim)
-    p = sub.add_parser("federation-fund", help="admin: the member behind --api records a deposit to the federation's "
-                                               "funding address (coins for Bitcoin fees)")
+    wait(p)
+    p = cmd("federation-fund", cmd_federation_fund, "admin: the member behind --api records a deposit to the "
+            "federation's funding address (coins for Bitcoin fees)")
     p.add_argument("--tx", required=True, help="raw Bitcoin transaction (hex)")
     p.add_argument("--proof", required=True, help="bitcoin-cli gettxoutproof output (hex)")
     p.add_argument("--btc-height", type=int, required=True, help="height of the block holding the deposit")
     p.add_argument("--vout", type=int, required=True, help="index of the output paying the funding address")
-    p.add_argument("--token", help="admin token (or L2D_ADMIN_TOKEN)")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until committed")
-    p.set_defaults(fn=cmd_federation_fund)
-    p = sub.add_parser("mint", help="admin: mint on local/regtest")
-    p.add_argument("--to", required=True)
-    p.add_argument("--amount", type=_sat, required=True)
-    p.add_argument("--token", help="admin token (default $L2D_ADMIN_TOKEN)")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS")
-    p.set_defaults(fn=cmd_mint)
-    p = sub.add_parser("snapshot", help="admin: take a snapshot now and download it")
-    p.add_argument("--out", required=True)
-    p.add_argument("--token")
-    p.set_defaults(fn=cmd_snapshot)
-    p = sub.add_parser("export-audit", help="download the audit bundle of a confirmed anchor (for l2-verify audit)")
+    token(p)
+    wait(p)
+    p = cmd("mint", cmd_mint, "admin: mint on local/regtest")
+    p.add_argument("--to", required=True, type=account_arg, help="recipient account id or key file")
+    p.add_argument("--amount", type=_sat, required=True, help="satoshis")
+    token(p)
+    wait(p)
+    p = cmd("snapshot", cmd_snapshot, "admin: take a snapshot of the tip now and download it", human_snapshot)
+    p.add_argument("--out", required=True, type=output_file, metavar="FILE", help="snapshot file to write")
+    token(p)
+    p = cmd("export-audit", cmd_export_audit, "download the audit bundle of a confirmed anchor (for l2-verify audit)")
     p.add_argument("--height", type=int, required=True, help="anchored L2 height")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_export_audit)
-    sub.add_parser("anchors", help="anchors and their status").set_defaults(fn=cmd_anchors)
-    p = sub.add_parser("plans", help="the federation's peg-out plans, newest first: transaction, PSBT, who signed, "
-                       "status")
-    p.add_argument("--status", choices=("PLANNED", "REPLACED", "COMPLETED"))
+    p.add_argument("--out", required=True, type=output_file, metavar="FILE", help="bundle file to write")
+    cmd("anchors", cmd_anchors, "anchors and their status: L2 height, status, confirmations, Bitcoin height, txid",
+        human_anchors)
+    p = cmd("plans", cmd_plans, "the federation's peg-out plans, newest first: kind, status, who signed, fee "
+            "(transaction and PSBT with --json)", human_plans)
+    p.add_argument("--status", choices=("PLANNED", "REPLACED", "COMPLETED"), help="only plans with this status")
     p.add_argument("--limit", type=int, default=50, help="at most this many (1..500, default 50)")
-    p.set_defaults(fn=cmd_plans)
-    p = sub.add_parser("block", help="show a block")
-    p.add_argument("height", type=int)
-    p.set_defaults(fn=cmd_block)
-    p = sub.add_parser("tx", help="status of a transaction")
-    p.add_argument("txid")
-    p.set_defaults(fn=cmd_tx)
-    p = sub.add_parser("federation-init", help="write the configs, member keys and genesis file of an N-member "
-                                                 "federation on this machine (never overwrites)")
+    p = cmd("block", cmd_block, "show a block: header and one line per transaction (raw bytes with --json)",
+            human_block)
+    p.add_argument("height", type=int, help="L2 block height")
+    p = cmd("tx", cmd_tx, "status of a transaction: committed (height, index), pending or dropped (reason)")
+    p.add_argument("txid", help="transaction id (64 hex characters)")
+    p = cmd("federation-init", cmd_federation_init, "write the configs, member keys and genesis file of an "
+            "N-member federation on this machine (never overwrites)")
     p.add_argument("--members", type=int, required=True, metavar="N", help=f"1..{MAX_MEMBERS} members")
     p.add_argument("--dir", required=True, help="DIR/member-K/l2d.toml, DIR/member-K/member.key, DIR/genesis.json")
-    p.add_argument("--network", choices=("local", "regtest"), default="local")
+    p.add_argument("--network", choices=("local", "regtest"), default="local", help="default %(default)s")
     p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT, metavar="P",
                    help="member K serves its API on P + K - 1 (default %(default)s)")
     p.add_argument("--threshold", type=int, metavar="M", help="signatures a block needs (default floor(2N/3) + 1)")
-    p.set_defaults(fn=cmd_federation_init)
-    p = sub.add_parser("federation-genesis", help="rewrite DIR/genesis.json from the members' configs (after a change "
-                                                    "every member made, such as the same [bridge] section)")
+    p = cmd("federation-genesis", cmd_federation_genesis, "rewrite DIR/genesis.json from the members' configs "
+            "(after a change every member made, such as the same [bridge] section)")
     p.add_argument("--dir", required=True, help="the federation-init directory")
-    p.set_defaults(fn=cmd_federation_genesis)
     return ap
 
 
@@ -488,7 +679,10 @@ def _describe(e: ApiError) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    a = build_parser().parse_args(argv)
+    try:
+        a = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors (2), --help (0)
+        return e.code if isinstance(e.code, int) else 0
     try:
         res = a.fn(a)
     except ApiError as e:
@@ -500,11 +694,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (KeyFileError, DecodeError, ValueError, NodeError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if a.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k}: {v}")
+    except OSError as e:  # e.g. an output file that cannot be written
+        print(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(res) if a.json else a.human(res))
     return 0
 
 

@@ -4,10 +4,12 @@ aiohttp test client on its REST app) with their test configs and deterministic k
 
 Tests that need bitcoind are skipped with one line when it is absent (neither $BITCOIND nor PATH). Test modules
 cannot import each other (site-packages holds a `tests` package), so shared helpers are handed out as fixtures:
-`keys` (deterministic test keys), `wait_until` and `poll` (a condition with a timeout), `make_cfg`, `node_toml`.
+`keys` (deterministic test keys), `wait_until` and `poll` (a condition with a timeout), `make_cfg`, `node_toml`,
+`undocumented` (a CLI's subcommands and arguments without help).
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -74,6 +76,27 @@ async def _poll(cond: Callable[[], Any], timeout: float = 20.0, what: str = "con
         return await members.poll(cond, timeout, what)
     except TimeoutError as e:
         pytest.fail(str(e))
+
+
+def _undocumented(parser: argparse.ArgumentParser) -> list[str]:
+    """Every subcommand and argument of a command-line parser (recursively) that has no help text."""
+    missing: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not helps.get(name):
+                    missing.append(f"{parser.prog} {name}")
+                missing += _undocumented(sub)
+        elif not isinstance(action, argparse._HelpAction) and not action.help:
+            missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+    return missing
+
+
+@pytest.fixture
+def undocumented() -> Callable[[argparse.ArgumentParser], list[str]]:
+    """The subcommands and arguments of a CLI's parser that lack a help text (for l2-cli, l2-verify, l2-fl)."""
+    return _undocumented
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ A snapshot damaged after it was written (its own checksum fails) reports the che
 first inconsistency found; only running out of bytes is always "truncated" (2).
 
 Output: one line (OK ... on stdout; FAIL ... / ERROR ... on stderr), or with --json one JSON object on stdout:
-{"ok", "command", "exit_code", "error", "error_type", ...details}.
+{"ok", "command", "exit_code", "error", "error_type", ...details}. A proof of an account shows its balance and
+nonce ("account": {"id", "balance_sat", "nonce"} in JSON); any other value is shown as hex.
 """
 from __future__ import annotations
 
@@ -181,15 +182,36 @@ def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
         value = verify_proof(root, proof)
     except ProofError as e:
         raise _Outcome(EXIT_FAIL, f"key {key}: {e}", "proof-mismatch", **details) from None
+    account: Optional[dict[str, Any]] = None
     if value is not None:
-        shown = value.hex() if len(value) <= 64 else value[:64].hex() + "..."
-        line = f"OK proof: key {key} present, value {shown} ({len(value)} bytes) under root {root.hex()}"
+        account = _account(proof.key, value)
+        if account is not None:
+            line = (f"OK proof: account {account['id']} present under root {root.hex()}: balance "
+                    f"{account['balance_sat']} sat, nonce {account['nonce']}")
+        else:
+            shown = value.hex() if len(value) <= 64 else value[:64].hex() + "..."
+            line = f"OK proof: key {key} present, value (hex) {shown} ({len(value)} bytes) under root {root.hex()}"
     elif proof.kind == ProofKind.ABSENT_OTHER:
         line = (f"OK proof: key {key} absent under root {root.hex()} (its path ends at the leaf of "
                 f"{proof.other_key.hex()})")
     else:
         line = f"OK proof: key {key} absent under root {root.hex()} (its path ends in an empty slot)"
-    return {"line": line, **details, "present": value is not None, "value": None if value is None else value.hex()}
+    return {"line": line, **details, "present": value is not None, "value": None if value is None else value.hex(),
+            **({} if account is None else {"account": account})}
+
+
+def _account(key: bytes, value: bytes) -> Optional[dict[str, Any]]:
+    """An account's id, balance and nonce when key is in the account namespace and value decodes as one."""
+    # imported here: l2d.core.state pulls in the envelope (coincurve), which snapshot runs do not need
+    from l2d.core.state import Account, Namespace
+
+    if len(key) != 33 or key[0] != Namespace.ACCOUNT:
+        return None
+    try:
+        acc = Account.decode(value)
+    except DecodeError:
+        return None
+    return {"id": key[1:].hex(), "balance_sat": acc.balance_sat, "nonce": acc.nonce}
 
 
 # -- audit: l2-verify audit BUNDLE (the checks live in verify_tool/audit.py) -------------------------------------

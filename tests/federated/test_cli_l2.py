@@ -24,8 +24,13 @@ def test_post_register_and_coordinate_refusals(daemon, tmp_path: Path, capsys: p
                      "--max", "2", "--set", "strategy=nope"]) == 1
     assert "strategy must be one of" in capsys.readouterr().err
     assert cli.main(["post", "--node", url, "--key", str(tmp_path / "missing"), "--pool", "1000", "--rounds", "2",
+                     "--min", "1", "--max", "2"]) == 2  # a usage error, before anything is signed
+    assert f"argument --key: no such file: {tmp_path / 'missing'}" in capsys.readouterr().err
+    unreadable = tmp_path / "not-a-key"
+    unreadable.write_text("not hex\n")
+    assert cli.main(["post", "--node", url, "--key", str(unreadable), "--pool", "1000", "--rounds", "2",
                      "--min", "1", "--max", "2"]) == 1
-    assert "cannot read key file" in capsys.readouterr().err
+    assert "must hold a valid secp256k1 secret" in capsys.readouterr().err
     assert cli.main(["post", "--node", url, "--key", str(key), "--pool", "1000", "--rounds", "2", "--min", "3",
                      "--max", "2"]) == 1
     assert "participants need 1 <= min" in capsys.readouterr().err

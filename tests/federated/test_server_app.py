@@ -174,11 +174,12 @@ def test_negative_or_fractional_krum_counts_are_refused(key, value):
         sa.run_settings({"strategy": "krum", "out-dir": "-", key: value})
 
 
-def test_post_and_dev_refuse_a_trimmed_mean_that_trims_nothing_before_anything_starts(capsys):
+def test_post_and_dev_refuse_a_trimmed_mean_that_trims_nothing_before_anything_starts(capsys, tmp_path):
     """`l2-fl post` checks with the job's --min (coordinate runs with min-nodes = --min), before reaching the
-    daemon (nothing listens on the URL); `l2-fl dev` checks with --nodes before starting Flower."""
-    argv = ["post", "--node", "http://127.0.0.1:9", "--key", "/nonexistent", "--pool", "1000", "--rounds", "3",
-            "--min", "3", "--max", "8", "--set", "strategy=fedtrimmedavg"]
+    daemon (nothing listens on the URL) or reading the key; `l2-fl dev` checks with --nodes before starting Flower."""
+    (tmp_path / "poster.key").write_text("not read\n")
+    argv = ["post", "--node", "http://127.0.0.1:9", "--key", str(tmp_path / "poster.key"), "--pool", "1000",
+            "--rounds", "3", "--min", "3", "--max", "8", "--set", "strategy=fedtrimmedavg"]
     assert cli.main(argv) == 1
     assert "trim-beta 0.2 with min-nodes 3" in capsys.readouterr().err
     assert cli.main(["dev", "--nodes", "4", "--strategy", "fedtrimmedavg", "--out", "/nonexistent/dev"]) == 1

@@ -6,7 +6,7 @@ import json
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 from coincurve import PrivateKey
@@ -59,6 +59,11 @@ def test_cli_end_to_end(tmp_path: Path, keys: Any, l2d_process: Callable[..., An
     rc, out = run(capsys, *api, "transfer", "--key", str(alice), "--to", str(bob), "--amount", "1200", "--fee", "3",
                   "--wait", "20")
     assert rc == 0 and out["status"] == "committed"
+    assert cli.main([*api, "block", str(out["height"])]) == 0  # the real API's block, read by a human
+    text = capsys.readouterr().out
+    assert text.startswith(f"block {out['height']} ") and "raw" not in text
+    assert [line.split()[1:9] for line in text.splitlines() if " transfer " in line] == [
+        ["transfer", "amount", "1200", "sat", "fee", "3", "sat", "from"]]
     assert run(capsys, *api, "balance", str(alice))[1]["balance_sat"] == 5000 - 1200 - 3
     assert run(capsys, *api, "balance", str(bob))[1]["balance_sat"] == 1200
 
@@ -71,21 +76,203 @@ def test_cli_end_to_end(tmp_path: Path, keys: Any, l2d_process: Callable[..., An
     # Exports that the offline verifier accepts.
     rc, out = run(capsys, *api, "proof", str(bob), "--out", str(tmp_path / "bob.proof"))
     assert rc == 0
+    # the REST API proves against the tip only, and says so; this node anchors nothing
+    assert out["root_is"] == f"state root at tip height {out['height']} (not an anchored root)"
+    assert out["latest_anchor"] is None
     assert verify_cli.main(["proof", "--root", out["root"], str(tmp_path / "bob.proof")]) == 0
-    assert "present" in capsys.readouterr().out
+    assert "balance 1200 sat, nonce 0" in capsys.readouterr().out
     rc, snap = run(capsys, *api, "snapshot", "--out", str(tmp_path / "s.l2snap"), "--token", TOKEN)
     assert rc == 0
     assert verify_cli.main(["snapshot", str(tmp_path / "s.l2snap"), "--expect-root", snap["state_root"]]) == 0
     capsys.readouterr()
 
     rc, err = run(capsys, *api, "balance", "not-an-account")
-    assert rc == 1 and "neither a key file" in err
+    assert rc == 2 and "neither a key file" in err and "usage: l2-cli balance" in err
     assert d.stop() == 0
 
 
 def test_cli_reports_an_unreachable_daemon(capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli.main(["--api", "http://127.0.0.1:9", "status"])
     assert rc == 1 and "cannot reach the daemon" in capsys.readouterr().err
+
+
+# -- help, argument style, output ---------------------------------------------------------------------------------
+ACCOUNT = "ab" * 32
+ROOT = "cd" * 32
+
+
+def test_every_command_and_argument_has_help(undocumented: Callable[[Any], list[str]]) -> None:
+    assert undocumented(cli.build_parser()) == []
+
+
+def test_pubkey_takes_the_key_file_as_its_siblings_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "k.key"
+    rc, out = run(capsys, "keygen", "--out", str(key))
+    assert rc == 0
+    assert run(capsys, "pubkey", str(key)) == (0, {"account": out["account"]})
+    assert run(capsys, "pubkey", "--key", str(key)) == (0, {"account": out["account"]})  # the old spelling
+    rc, err = run(capsys, "pubkey")
+    assert rc == 2 and "pubkey KEY_FILE" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["pubkey", "{missing}"],
+    ["balance", "{missing}"],
+    ["pegin-address", "{missing}"],
+    ["proof", "{missing}", "--out", "{tmp}/p"],
+    ["proof", ACCOUNT, "--out", "{tmp}/no-such-dir/p"],
+    ["keygen", "--out", "{tmp}/no-such-dir/k.key"],
+    ["transfer", "--key", "{missing}", "--to", ACCOUNT, "--amount", "1"],
+    ["transfer", "--key", "{tmp}", "--to", ACCOUNT, "--amount", "1"],
+    ["burn", "--key", "{missing}", "--amount", "1"],
+    ["pegin-claim", "--key", "{missing}", "--tx", "00", "--proof", "00", "--btc-height", "1", "--vout", "0"],
+    ["mint", "--to", "{missing}", "--amount", "1", "--token", TOKEN],
+    ["snapshot", "--out", "{tmp}/no-such-dir/s.l2snap", "--token", TOKEN],
+    ["export-audit", "--height", "1", "--out", "{tmp}/no-such-dir/a.bundle"],
+])
+def test_a_missing_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """Before anything is asked of the daemon (nothing listens on --api): argparse's message, exit 2."""
+    args = [a.format(missing=tmp_path / "missing.key", tmp=tmp_path) for a in argv]
+    assert cli.main(["--api", "http://127.0.0.1:9", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"usage: l2-cli {argv[0]}" in err and "error: argument " in err, err
+    assert "Traceback" not in err and "cannot reach" not in err
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+ANCHORS = {"broadcasting": True, "mode": "kofn", "every_blocks": 5, "btc_tip_height": 130, "anchors": [
+    {"l2_height": 10, "state_root": ROOT, "status": "FINAL", "mode": "kofn", "txid": "e1" * 32,
+     "btc_block_hash": "b1" * 32, "btc_height": 120, "confirmations": 11, "fee_sat": 300, "vsize": 150,
+     "record": "00" * 40, "link": "11" * 32, "replaced_txids": [], "accept_latency_ms": 40,
+     "l2_state": {"status": "FINAL", "btc_txid": "e1" * 32, "btc_block_hash": "b1" * 32, "btc_height": 120,
+                  "state_root": ROOT}},
+    {"l2_height": 15, "state_root": "ef" * 32, "status": "BUILT", "mode": "kofn", "txid": None,
+     "btc_block_hash": None, "btc_height": None, "confirmations": 0, "fee_sat": 0, "vsize": 0,
+     "record": "00" * 40, "link": "22" * 32, "replaced_txids": [], "accept_latency_ms": None, "l2_state": None},
+]}
+RAW_BLOCK = "5a" * 300
+BLOCK = {"height": 7, "hash": "a7" * 32, "prev_hash": "a6" * 32, "timestamp_ms": 1_700_000_000_123, "tx_count": 2,
+         "tx_root": "77" * 32, "state_root": ROOT, "final": True, "raw": RAW_BLOCK,
+         "commit": {"signers": [0, 2], "threshold": 2, "raw": "6b" * 100},
+         "txs": [{"txid": "f1" * 32, "type": "transfer", "sender": "51" * 32, "nonce": 4, "fee_sat": 3,
+                  "recipient": "52" * 32, "amount_sat": 1200},
+                 {"txid": "f2" * 32, "type": "burn", "sender": "53" * 32, "nonce": 0, "fee_sat": 2,
+                  "amount_sat": 30000, "destination": b"bcrt1qdest".hex()}]}
+PLANS = {"plans": [{"id": "9a" * 32, "kind": "payout", "status": "PLANNED", "l2_height": 12, "final": True,
+                    "replaces": None, "replaced_by": None, "anchor_height": 0, "feerate_sat_vb": 2, "fee_sat": 400,
+                    "change_sat": 100, "inputs": [{"txid": "c1" * 32, "vout": 0, "amount_sat": 50000,
+                                                   "kind": "PEGIN"}],
+                    "pegouts": [{"id": "d1" * 32, "payout_sat": 29600, "address": "bcrt1qdest"}], "threshold": 2,
+                    "signed_by": ["02" + "e5" * 32], "psbt": "cHNidP8BAHECAAAAAf" * 10, "signed_tx": None}]}
+
+
+class FakeClient:
+    """The daemon's answers, as l2d/client.py returns them; latest is what GET /api/anchors/latest answers."""
+
+    latest: Optional[dict[str, Any]] = None
+
+    def __init__(self, url: str, token: str = "") -> None:
+        pass
+
+    def anchors(self) -> dict[str, Any]:
+        return ANCHORS
+
+    def block(self, height: int) -> dict[str, Any]:
+        return BLOCK
+
+    def plans(self, status: Optional[str], limit: int) -> dict[str, Any]:
+        return PLANS
+
+    def account(self, account: str) -> dict[str, Any]:
+        return {"account": account, "exists": True, "balance_sat": 5, "nonce": 1, "height": 57, "state_root": ROOT,
+                "key": "01" + account, "proof": "0102"}
+
+    def latest_anchor(self) -> dict[str, Any]:
+        if self.latest is None:
+            raise cli.ApiError(404, "not-found", "anchoring is not enabled on this node", "GET",
+                               "/api/anchors/latest")
+        return self.latest
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"name": "snap-57.l2snap", "height": 57, "state_root": ROOT, "block_hash": "a7" * 32, "size": 2}
+
+    def snapshot_file(self, name: str) -> bytes:
+        return b"SN"
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
+    monkeypatch.setattr(cli, "Client", FakeClient)
+    monkeypatch.setattr(FakeClient, "latest", None)
+    return FakeClient
+
+
+def human(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert cli.main(list(argv)) == 0
+    out = capsys.readouterr().out
+    assert "{'" not in out and "['" not in out, out  # never a Python repr
+    return out
+
+
+def test_anchors_prints_a_table_and_json_on_request(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    out = human(capsys, "anchors").splitlines()
+    assert out[0] == "anchors: mode kofn, every 5 L2 blocks, broadcasting, Bitcoin tip 130"
+    assert out[1].split() == ["L2", "HEIGHT", "STATUS", "CONFIRMATIONS", "BTC", "HEIGHT", "TXID"]
+    assert out[2].split() == ["10", "FINAL", "11", "120", "e1" * 32]
+    assert out[3].split() == ["15", "BUILT", "0", "-", "-"]
+    for argv in (["--json", "anchors"], ["anchors", "--json"]):  # before or after the command
+        assert cli.main(argv) == 0
+        assert json.loads(capsys.readouterr().out) == ANCHORS  # the API's JSON as is
+
+
+def test_block_prints_a_summary_not_its_hex(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    out = human(capsys, "block", "7")
+    assert RAW_BLOCK not in out and "5a5a5a" not in out and "6b6b6b" not in out
+    lines = out.splitlines()
+    assert lines[:7] == ["block 7 (final)", f"hash:       {'a7' * 32}", f"prev:       {'a6' * 32}",
+                         "time:       2023-11-14 22:13:20.123 UTC", f"state root: {ROOT}",
+                         "signed by:  members 0, 2 (threshold 2)", "tx count:   2"]
+    assert lines[7].split() == ["0", "transfer", "amount", "1200", "sat", "fee", "3", "sat", "from", "51" * 32, "to",
+                                "52" * 32, "txid", "f1" * 32]
+    assert lines[8].split() == ["1", "burn", "amount", "30000", "sat", "fee", "2", "sat", "from", "53" * 32, "to",
+                                "bcrt1qdest", "txid", "f2" * 32]
+    assert cli.main(["block", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == BLOCK
+
+
+def test_plans_print_one_line_each(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    out = human(capsys, "plans").splitlines()
+    assert out[1].split() == ["9a" * 32, "payout", "PLANNED", "12", "1/2", "400", "29600"]
+    assert len(out) == 2 and "cHNidP8" not in "".join(out)
+    assert cli.main(["plans", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == PLANS
+
+
+def test_proof_and_snapshot_name_the_tip_root_and_the_latest_anchor(fake: Any, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The REST API proves against the tip only (no --height): the output says so and names the anchored root."""
+    tip = f"state root at tip height 57 (not an anchored root): {ROOT}"
+    out = human(capsys, "proof", ACCOUNT, "--out", str(tmp_path / "p")).splitlines()
+    assert out[1] == tip
+    assert out[2] == "latest anchor: none (anchoring is off on this node, or nothing is anchored yet)"
+    assert out[3] == f"verify with: l2-verify proof --root {ROOT} {tmp_path / 'p'}"
+    fake.latest = ANCHORS["anchors"][0]
+    out = human(capsys, "proof", ACCOUNT, "--out", str(tmp_path / "p")).splitlines()
+    assert out[1] == tip
+    assert out[2].startswith(f"latest anchor: L2 height 10, status FINAL, state root {ROOT} ")
+    out = human(capsys, "snapshot", "--out", str(tmp_path / "s"), "--token", TOKEN).splitlines()
+    assert out[1] == tip and out[2].startswith("latest anchor: L2 height 10, status FINAL")
+    assert (tmp_path / "s").read_bytes() == b"SN"
+    rc, res = run(capsys, "proof", ACCOUNT, "--out", str(tmp_path / "p"))
+    assert rc == 0 and (tmp_path / "p").read_bytes() == b"\x01\x02"
+    assert res["root_is"] == "state root at tip height 57 (not an anchored root)" and res["root"] == ROOT
+    assert res["latest_anchor"] == {"l2_height": 10, "state_root": ROOT, "status": "FINAL", "l2_status": "FINAL",
+                                    "txid": "e1" * 32}
+
+
+def test_other_results_print_as_lines_not_reprs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = human(capsys, "federation-init", "--members", "2", "--dir", str(tmp_path / "fed"), "--base-port", "18671")
+    assert "apis:\n  - http://127.0.0.1:18671\n  - http://127.0.0.1:18672\n" in out
 
 
 # -- federation-init ------------------------------------------------------------------------------------------

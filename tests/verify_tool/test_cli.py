@@ -14,6 +14,7 @@ import pytest
 
 from l2d.core import snapshot as S
 from l2d.core.params import LOCAL
+from l2d.core.state import Account, account_key, meta_key
 from l2d.core.tree import Proof, ProofKind, StateTree, root_of
 from verify_tool.cli import main
 
@@ -191,11 +192,35 @@ def test_proof_present(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
         p = proof_file(tmp_path, proof, hex_form)
         code, out, err = run(capsys, "proof", "--root", root.hex(), str(p))
         assert code == 0 and err == ""
-        assert out == f"OK proof: key {A.hex()} present, value {b'alpha'.hex()} (5 bytes) under root {root.hex()}\n"
+        # under an account key but not an account's 16 bytes: shown as what it is, labelled hex
+        assert out == (f"OK proof: key {A.hex()} present, value (hex) {b'alpha'.hex()} (5 bytes) under root "
+                       f"{root.hex()}\n")
     code, obj = run_json(capsys, "proof", "--root", root.hex(), str(p))
     assert obj == {"ok": True, "command": "proof", "file": str(p), "exit_code": 0, "error": None,
                    "error_type": None, "root": root.hex(), "key": A.hex(), "kind": "present",
                    "levels": len(proof.levels), "present": True, "value": b"alpha".hex()}
+
+
+def test_proof_of_an_account_prints_its_balance_and_nonce(capsys: pytest.CaptureFixture[str],
+                                                          tmp_path: Path) -> None:
+    pk = bytes.fromhex("5e" * 32)
+    state = {**STATE, account_key(pk): Account(123_456, 7).encode(), meta_key("x"): b"\x00\x01"}
+    t = StateTree()
+    for k, v in state.items():
+        t.set(k, v)
+    root = t.root().hex()
+    p = proof_file(tmp_path, t.prove(account_key(pk), state.__getitem__))
+    code, out, err = run(capsys, "proof", "--root", root, str(p))
+    assert code == 0 and err == ""
+    assert out == f"OK proof: account {pk.hex()} present under root {root}: balance 123456 sat, nonce 7\n"
+    code, obj = run_json(capsys, "proof", "--root", root, str(p))
+    assert obj["account"] == {"id": pk.hex(), "balance_sat": 123_456, "nonce": 7}
+    assert obj["value"] == Account(123_456, 7).encode().hex() and obj["present"] is True
+    p = proof_file(tmp_path, t.prove(meta_key("x"), state.__getitem__))  # not an account: its value in hex
+    code, out, err = run(capsys, "proof", "--root", root, str(p))
+    assert code == 0 and out.startswith(f"OK proof: key {meta_key('x').hex()} present, value (hex) 0001 (2 bytes)")
+    code, obj = run_json(capsys, "proof", "--root", root, str(p))
+    assert "account" not in obj and obj["value"] == "0001"
 
 
 @pytest.mark.parametrize("missing,kind", [
@@ -239,6 +264,26 @@ def test_proof_malformed_is_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert code == 2 and "cannot open" in err
     code, out, err = run(capsys, "proof", str(p))
     assert code == 2 and "--root" in err
+
+
+def test_every_command_and_argument_has_help(undocumented: Any) -> None:
+    from verify_tool.cli import _parser
+
+    assert undocumented(_parser()) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["snapshot", "{missing}"], ["proof", "--root", "11" * 32, "{missing}"], ["audit", "{missing}"],
+    ["recovery", "{missing}"], ["headers", "{missing}"], ["chain", "{missing}", "--members", "{missing}"],
+    ["audit", "{file}", "--members", "{missing}"], ["chain", "{file}", "--members", "{missing}"],
+])
+def test_a_missing_file_is_a_one_line_error_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                              argv: list[str]) -> None:
+    (tmp_path / "file").write_bytes(b"x")
+    args = [a.format(missing=tmp_path / "missing", file=tmp_path / "file") for a in argv]
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"ERROR {argv[0]} ") and f"{tmp_path / 'missing'}: No such file or directory" in err
 
 
 # -- as a program --------------------------------------------------------------------------------------------------
