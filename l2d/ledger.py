@@ -2,16 +2,17 @@
 tip, and block execution over the LMDB store.
 
 Executing a block applies its transactions to an overlay of its parent's state (the tip, the final block below
-a non-final tip, or a complete sibling of the tip: see docs/federation.md, "Storage") and yields its header;
-the tree is moved to the parent's state and back, so it always equals the stored tip's state between calls.
-Storing writes block, commit, state changes, undo record and final height in one LMDB transaction. On open,
-the tree is rebuilt from the stored state and its root must equal the tip header's: a mismatch means corruption.
+a non-final tip, or a complete sibling of the tip: see docs/federation.md, "Storage") and yields its header; its
+root comes from a fork of the tip's tree (StateTree.fork), so the tip's tree is never changed: readers prove
+against it (`view`) while blocks are built. Storing writes block, commit, state changes, undo record and final
+height in one LMDB transaction, then publishes the new tip with its tree. On open, the tree is rebuilt from the
+stored state and its root must equal the tip header's: a mismatch means corruption.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
 
 from .core.block import Block, BlockHeader, genesis_header, tx_root
 from .core.errors import Rejected
@@ -33,6 +34,10 @@ class BuiltBlock:
     raw: bytes
     writes: Changes  # relative to the parent's state
     rejected: tuple[tuple[Transaction, Rejected], ...]
+    # The state tree after the block, and the tip's tree it was made from: stored while that is still the tip's,
+    # the block publishes it instead of applying its writes again.
+    tree: Optional[StateTree] = field(default=None, compare=False, repr=False)
+    from_tree: Optional[StateTree] = field(default=None, compare=False, repr=False)
 
     @property
     def header(self) -> BlockHeader:
@@ -49,9 +54,10 @@ class Ledger:
     def __init__(self, store: Store, rules: Rules) -> None:
         self.store = store
         self.rules = rules
-        self.tree = StateTree()
+        self.tree = StateTree()  # the stored tip's state; replaced, never changed, when a block is stored
         self.tip: Optional[BlockHeader] = None
         self.final: Optional[BlockHeader] = None
+        self.view: Optional[tuple[StateTree, BlockHeader]] = None  # (tree, tip), published together
         self._sibling_writes: dict[bytes, Changes] = {}  # hash of a sibling of the tip -> its writes over final
 
     def open(self, genesis_state: dict[bytes, bytes], genesis_timestamp_ms: int) -> BlockHeader:
@@ -83,6 +89,7 @@ class Ledger:
             raise StoreError(f"state in the database hashes to {tree.root().hex()}, but block {tip.height} "
                              f"commits to {tip.state_root.hex()}: the database is corrupt")
         self.tree, self.tip, self.final = tree, tip, final
+        self.view = (tree, tip)
         log.info("ledger open at height %d, state root %s, %d records", tip.height, tip.state_root.hex(), len(tree))
         return tip
 
@@ -114,11 +121,12 @@ class Ledger:
                 else:
                     accepted.append(tx)
             writes = view.writes
-            root = self._root_with({**base, **writes} if base else writes, r.get_state)
+            changes = {**base, **writes} if base else writes
+            tree = _changed(self.tree, changes) if changes else self.tree
         header = BlockHeader(parent.network_id, parent.height + 1, parent.hash, max(timestamp_ms, parent.timestamp_ms),
-                             len(accepted), tx_root([t.txid for t in accepted]), root)
+                             len(accepted), tx_root([t.txid for t in accepted]), tree.root())
         block = Block(header, tuple(accepted))
-        return BuiltBlock(block, block.encode(), writes, tuple(rejected))
+        return BuiltBlock(block, block.encode(), writes, tuple(rejected), tree, self.tree)
 
     def _tip(self) -> BlockHeader:
         if self.tip is None or self.final is None:
@@ -158,18 +166,16 @@ class Ledger:
         self._sibling_writes[sib.header.hash] = view.writes
         return view.writes
 
-    def _root_with(self, changes: Changes, tip_value: Callable[[bytes], Optional[bytes]]) -> bytes:
-        """The tree root after changes to the tip's state; the tree is back at the tip's state afterwards."""
-        tree = self.tree
-        if not changes:
-            return tree.root()
-        old = {k: tip_value(k) for k in changes}
-        old = {k: None if v is None else bytes(v) for k, v in old.items()}
-        _apply(tree, {k: v for k, v in changes.items() if old[k] != v})
-        try:
-            return tree.root()
-        finally:
-            _apply(tree, {k: old[k] for k, v in changes.items() if old[k] != v})
+    def _tree_after(self, built: BuiltBlock, changes: Changes) -> StateTree:
+        """The tree after a block stored over the tip's state: the one executing it made, if made from this tip's
+        tree, else the tip's with changes applied."""
+        if built.tree is not None and built.from_tree is self.tree:
+            return built.tree
+        return _changed(self.tree, changes)
+
+    def _publish(self, tree: StateTree, tip: BlockHeader) -> None:
+        self.tree, self.tip = tree, tip
+        self.view = (tree, tip)
 
     # -- storing -----------------------------------------------------------------------------------------------
     def _undo_of(self, writes: Changes, base: Changes) -> Changes:
@@ -193,7 +199,7 @@ class Ledger:
             undo = self._undo_of(built.writes, {})
             self.store.commit_block(h.height, built.raw, [t.txid for t in built.block.txs], built.writes,
                                     commit=commit, final=None if final is None else final.height, undo=undo)
-            _apply(self.tree, built.writes)
+            tree = self._tree_after(built, built.writes)
         elif self.final is not None and tip.height > self.final.height and h.prev_hash == self.final.hash:
             if final is not None:
                 raise StoreError("replacing the tip cannot move the final height")
@@ -204,8 +210,7 @@ class Ledger:
             self.store.replace_tip(tip.hash, [t.txid for t in old.txs], h.height, built.raw,
                                    [t.txid for t in built.block.txs], built.writes, commit=commit, undo=undo,
                                    new_hash=h.hash)
-            _apply(self.tree, base)
-            _apply(self.tree, built.writes)
+            tree = self._tree_after(built, {**base, **built.writes})
         else:
             raise UnknownParent(f"block {h.height} does not extend the tip or the final block")
         if final is not None:
@@ -213,20 +218,18 @@ class Ledger:
             self._sibling_writes.clear()
         else:
             self._sibling_writes.pop(h.hash, None)
-        self.tip = h
+        self._publish(tree, h)
 
     def _commit_args(self, built: BuiltBlock) -> tuple[int, bytes, list[bytes], dict[bytes, Optional[bytes]]]:
         return (built.block.header.height, built.raw, [t.txid for t in built.block.txs], built.writes)
 
     def commit(self, built: BuiltBlock) -> None:
         self.store.commit_block(*self._commit_args(built))
-        _apply(self.tree, built.writes)
-        self.tip = built.block.header
+        self._publish(self._tree_after(built, built.writes), built.block.header)
 
     async def commit_async(self, built: BuiltBlock) -> None:
         await self.store.commit_block_async(*self._commit_args(built))
-        _apply(self.tree, built.writes)
-        self.tip = built.block.header
+        self._publish(self._tree_after(built, built.writes), built.block.header)
 
     def get(self, key: bytes) -> Optional[bytes]:
         """Committed value of a state key."""
@@ -240,9 +243,13 @@ class Ledger:
         return [self.store.tx_location(t) is not None for t in txids]
 
 
-def _apply(tree: StateTree, changes: Changes) -> None:
+def _changed(tree: StateTree, changes: Changes) -> StateTree:
+    """A fork of tree with changes applied, hashed (so readers on other threads only ever read it)."""
+    t = tree.fork()
     for k, v in changes.items():
         if v is None:
-            tree.delete(k)
+            t.delete(k)
         else:
-            tree.set_hash(k, leaf_hash(k, v))  # keys come from the state transition: already well-formed
+            t.set_hash(k, leaf_hash(k, v))  # keys come from the state transition: already well-formed
+    t.root()
+    return t

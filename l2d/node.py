@@ -83,9 +83,9 @@ class Node:
         self.federation = genesis.federation
         self.metrics = Metrics()
         self.mempool = Mempool(config.mempool.max_txs, config.mempool.max_per_sender, config.mempool.min_fee_sat)
-        # Held from build_block until commit returns: in between, the tree is ahead of the committed state.
+        # The consensus host stores one block at a time under it (readers never take it: l2d/views.py).
         tree_lock = asyncio.Lock()
-        self.chain = ChainView(network, store, ledger, self.mempool, self.metrics, tree_lock, VERSION)
+        self.chain = ChainView(network, store, ledger, self.mempool, self.metrics, VERSION)
         self.signatures = SignaturePool(config.api.signature_workers)
         self.admission = Admission(self.chain, ledger, self.mempool, self.metrics, admitted=self._tx_admitted,
                                    authority_secret=genesis.authority_secret,

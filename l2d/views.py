@@ -1,21 +1,23 @@
 """Read views of the committed chain for the API and the services: tip, summaries, records and proofs.
 
-Every read comes from the store (LMDB read transactions over committed data). Proofs come from the in-memory
-tree, which equals the committed state only while no block is being built: they are taken under tree_lock.
+Every read comes from the store (LMDB read transactions over committed data). Proofs come from the committed
+tip's in-memory tree, which the ledger never changes (a block is built on a fork of it): they never wait for the
+block being built.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from .core.block import HEADER_SIZE, Block, BlockHeader
 from .core.commit import Commit
 from .core.params import Network
 from .core.state import SUPPLY_KEY, Account, Supply, account_key
-from .core.tree import Proof
+from .core.tree import Proof, StateTree
 from .ledger import Ledger
 from .mempool import Mempool
 from .metrics import Metrics
@@ -52,13 +54,12 @@ class ChainView:
     """What the committed chain looks like now. Holds no state of its own beyond the start time."""
 
     def __init__(self, network: Network, store: Store, ledger: Ledger, mempool: Mempool, metrics: Metrics,
-                 tree_lock: asyncio.Lock, version: str) -> None:
+                 version: str) -> None:
         self.network = network
         self.store = store
         self.ledger = ledger
         self.mempool = mempool
         self.metrics = metrics
-        self.tree_lock = tree_lock
         self.version = version
         self._started = time.monotonic()
         self.peers_connected: Callable[[], int] = lambda: 0  # the node sets it when it has member peers
@@ -139,26 +140,36 @@ class ChainView:
 
     async def prove(self, key: bytes) -> ProvenValue:
         """The committed value under key and its inclusion proof against the committed tip (both None if absent)."""
-        async with self.tree_lock:  # the tree equals the committed state while no block is in flight
-            tip = self.tip
-            raw = self.store.get_state(key)
-            proof = self.ledger.tree.prove(key, self._committed_value) if raw is not None else None
+        async with self._committed() as (tip, tree, get):
+            raw = get(key)
+            proof = tree.prove(key, _present(get)) if raw is not None else None
         return ProvenValue(tip, raw, proof)
 
     async def account(self, pubkey: bytes) -> AccountView:
         """Committed account and its proof (inclusion or non-inclusion) against the committed tip's state root."""
         key = account_key(pubkey)
-        async with self.tree_lock:
-            tip = self.tip
-            raw = self.store.get_state(key)
-            proof = self.ledger.tree.prove(key, self._committed_value)
+        async with self._committed() as (tip, tree, get):
+            raw = get(key)
+            proof = tree.prove(key, _present(get))
         return AccountView(None if raw is None else Account.decode(raw), tip.height, tip.state_root, proof)
 
-    def _committed_value(self, key: bytes) -> bytes:
-        v = self.store.get_state(key)
-        if v is None:
-            raise StoreError(f"key {key.hex()} is in the tree but not in the store")
-        return v
+    @contextlib.asynccontextmanager
+    async def _committed(self) -> AsyncIterator[tuple[BlockHeader, StateTree, Callable[[bytes], Optional[bytes]]]]:
+        """The committed tip, its tree and the stored values of that same state, without waiting for the block
+        being built: the ledger publishes (tree, tip) right after storing a block, so an LMDB read that sees a
+        newer tip than the published one is in that short gap; it is read again after the publication."""
+        while True:
+            view = self.ledger.view
+            if view is None:
+                raise StoreError("ledger is not open")
+            tree, tip = view
+            with self.store.reader() as r:
+                h = r.tip_height()
+                raw = r.get_block(h) if h is not None else None
+                if raw is not None and BlockHeader.decode(bytes(raw[:HEADER_SIZE]), self.network).hash == tip.hash:
+                    yield tip, tree, lambda k: None if (v := r.get_state(k)) is None else bytes(v)
+                    return
+            await asyncio.sleep(0.001)
 
     def render_metrics(self) -> str:
         """The Prometheus exposition of this node."""
@@ -178,3 +189,13 @@ class ChainView:
             "l2d_uptime_seconds": ("Seconds since the node started.", lambda: round(self.uptime_s(), 3)),
         }
         return self.metrics.render(gauges)
+
+
+def _present(get: Callable[[bytes], Optional[bytes]]) -> Callable[[bytes], bytes]:
+    """The stored value of a key the tree holds (StoreError if the store lacks it: corruption)."""
+    def value(key: bytes) -> bytes:
+        v = get(key)
+        if v is None:
+            raise StoreError(f"key {key.hex()} is in the tree but not in the store")
+        return v
+    return value

@@ -9,7 +9,9 @@ where S_i are the keys of S whose nibble d is i, only non-empty S_i are hashed (
 bit i of the bitmap is set for each of them. The root is therefore a function of the key/value set alone.
 
 Three implementations share that definition:
-    StateTree     in memory, incremental: only the nodes on changed paths are rehashed;
+    StateTree     in memory, incremental: only the nodes on changed paths are rehashed; fork() is a copy in O(1)
+                  whose changes copy the nodes they touch, so a tree that is only read (the committed state,
+                  proved by readers while the next block is built on a fork of it) is never modified;
     RootBuilder   streaming from key-sorted records in O(depth) memory (used by snapshots and l2-verify);
     reference_root  a direct recursive transcription, for tests.
 Proofs (inclusion and non-inclusion) come from StateTree.prove and are checked by verify_proof.
@@ -31,7 +33,8 @@ _SHIFT1 = 4 * NIBBLES  # nibble d of key int k is (k >> (_SHIFT1 - 4 * (d + 1)))
 MAX_VALUE = 1 << 16
 _BITMAP = [U16.pack(i) for i in range(1 << 16)]  # bitmap -> its 2 encoded bytes
 
-# Leaf: tuple (leaf_hash, key).  Internal node: list [hash|None, bitmap, child_0 .. child_15].
+# Leaf: tuple (leaf_hash, key).  Internal node: list [hash|None, bitmap, child_0 .. child_15, owner]: owner is the
+# token of the tree (fork) that made it; a tree changes only its own nodes and copies any other it must change.
 # The hot paths tell them apart with type(); a precise Union would only add casts, so children are Any.
 Leaf = tuple[bytes, bytes]
 Node = list[Any]
@@ -53,17 +56,20 @@ def _check_key(key: bytes) -> None:
 
 
 def _hash_node(node: Node) -> bytes:
-    h = H_NODE(_BITMAP[node[1]] + b"".join([c[0] or _hash_node(c) for c in node[2:] if c is not None]))
+    h = H_NODE(_BITMAP[node[1]] + b"".join([c[0] or _hash_node(c) for c in node[2:18] if c is not None]))
     node[0] = h
     return h
 
 
-def _split(a: Leaf, b: Leaf, d: int) -> Node:
+_OWNER = 18
+
+
+def _split(a: Leaf, b: Leaf, d: int, owner: object) -> Node:
     """A new internal node at depth d holding two leaves that share their first d nibbles."""
-    node: Node = [None, 0] + [None] * 16
+    node: Node = [None, 0] + [None] * 16 + [owner]
     na, nb = _nib(a[1], d), _nib(b[1], d)
     if na == nb:
-        node[2 + na] = _split(a, b, d + 1)
+        node[2 + na] = _split(a, b, d + 1, owner)
         node[1] = 1 << na
     else:
         node[2 + na], node[2 + nb] = a, b
@@ -71,19 +77,18 @@ def _split(a: Leaf, b: Leaf, d: int) -> Node:
     return node
 
 
-def _delete(node: Node, key: bytes, d: int) -> Child:
-    """Remove key below node (depth d); returns what replaces node in its parent."""
+def _delete(node: Node, key: bytes, d: int, owner: object) -> Child:
+    """Remove key (present) below node (depth d); returns what replaces node in its parent (node, or its copy
+    owned by owner)."""
+    if node[_OWNER] is not owner:
+        node = node[:_OWNER] + [owner]
     slot = _nib(key, d)
     child = node[2 + slot]
-    if child is None:
-        return node
     if type(child) is tuple:
-        if child[1] != key:
-            return node
         node[2 + slot] = None
         node[1] &= ~(1 << slot)
     else:
-        node[2 + slot] = _delete(child, key, d + 1)
+        node[2 + slot] = _delete(child, key, d + 1, owner)
     node[0] = None
     bm = node[1]
     if bm & (bm - 1) == 0:  # one child left: a lone leaf moves up, a lone internal node stays
@@ -96,14 +101,23 @@ def _delete(node: Node, key: bytes, d: int) -> Child:
 class StateTree:
     """In-memory incremental tree. set/delete mark paths dirty; root() rehashes only dirty nodes."""
 
-    __slots__ = ("_root", "_count")
+    __slots__ = ("_root", "_count", "_owner")
 
     def __init__(self) -> None:
         self._root: Child = None
         self._count = 0
+        self._owner = object()
 
     def __len__(self) -> int:
         return self._count
+
+    def fork(self) -> "StateTree":
+        """A tree equal to this one, sharing its nodes: changing either copies what it changes, so neither sees
+        the other's changes. Hash this tree first (root()) if another thread may read it meanwhile."""
+        t = StateTree()
+        t._root, t._count = self._root, self._count
+        self._owner = object()  # the nodes both now share are neither's to change
+        return t
 
     def set(self, key: bytes, value: bytes) -> None:
         _check_key(key)
@@ -111,6 +125,7 @@ class StateTree:
 
     def set_hash(self, key: bytes, lh: bytes) -> None:
         new: Leaf = (lh, key)
+        owner = self._owner
         node = self._root
         if node is None:
             self._root = new
@@ -120,9 +135,11 @@ class StateTree:
             if node[1] == key:
                 self._root = new
             else:
-                self._root = _split(node, new, 0)
+                self._root = _split(node, new, 0, owner)
                 self._count += 1
             return
+        if node[18] is not owner:
+            node = self._root = node[:18] + [owner]
         d = 0
         while True:
             node[0] = None
@@ -138,9 +155,11 @@ class StateTree:
                 if child[1] == key:
                     node[2 + nib] = new
                 else:
-                    node[2 + nib] = _split(child, new, d + 1)
+                    node[2 + nib] = _split(child, new, d + 1, owner)
                     self._count += 1
                 return
+            if child[18] is not owner:
+                child = node[2 + nib] = child[:18] + [owner]
             node = child
             d += 1
 
@@ -158,7 +177,7 @@ class StateTree:
             return
         if self.contains(key):
             self._count = before - 1
-            self._root = _delete(node, key, 0)
+            self._root = _delete(node, key, 0, self._owner)
 
     def contains(self, key: bytes) -> bool:
         node = self._root
@@ -186,7 +205,7 @@ class StateTree:
         d = 0
         while node is not None and type(node) is not tuple:
             slot = _nib(key, d)
-            sibs = tuple(c[0] for i, c in enumerate(node[2:]) if c is not None and i != slot)
+            sibs = tuple(c[0] for i, c in enumerate(node[2:18]) if c is not None and i != slot)
             levels.append((node[1], sibs))
             node = node[2 + slot]
             d += 1

@@ -455,3 +455,35 @@ def test_decode_of_mutated_proofs_is_strict_and_canonical(name: str, data: st.Da
     except ProofError:
         return
     assert got == MODEL.get(p.key)
+
+
+ops_st = st.lists(st.tuples(keys_st, st.one_of(st.none(), values_st)), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(keys_st, values_st, max_size=30), ops_st, ops_st)
+def test_a_fork_and_its_origin_change_apart_and_a_read_tree_never_changes(
+        base: dict[bytes, bytes], ops_a: list[tuple[bytes, bytes | None]],
+        ops_b: list[tuple[bytes, bytes | None]]) -> None:
+    """Readers prove against the committed tree while the next block is built on a fork of it: whatever is done to
+    a fork (or to the origin after forking), the other's root, size and proofs stay those of its own items."""
+    origin = build(base)
+    root_before = origin.root()
+    fork = origin.fork()
+    second = fork.fork()  # a fork of a fork shares nodes with both
+    models = {"fork": dict(base), "origin": dict(base), "second": dict(base)}
+    for (tree, name), ops in (((fork, "fork"), ops_a), ((origin, "origin"), ops_b), ((second, "second"), ops_a[::-1])):
+        for k, v in ops:
+            if v is None:
+                tree.delete(k)
+                models[name].pop(k, None)
+            else:
+                tree.set(k, v)
+                models[name][k] = v
+    for tree, name in ((fork, "fork"), (origin, "origin"), (second, "second")):
+        model = models[name]
+        assert tree.root() == reference_root(model) and len(tree) == len(model)
+        for k in list(model)[:5] + [k for k, _ in ops_a[:3]]:
+            assert verify_proof(tree.root(), tree.prove(k, model.__getitem__)) == model.get(k)
+    untouched = build(base).fork()
+    assert untouched.root() == root_before
