@@ -3,7 +3,8 @@
   l2-fl keygen KEYFILE                      EC P-384 OpenSSH key pair; register KEYFILE.pub on the L2
   l2-fl partition --out DIR --id I --num N  write one digits partition (DIR/partition.npz)
   l2-fl join --superlink HOST:PORT --key KEYFILE --data DIR [--root-certificates CA | --insecure]
-                                            start a SuperNode running the project's ClientApp
+                                            start a SuperNode running the project's ClientApp (CA: the
+                                            federation operator's, which signed the SuperLink's certificate)
   l2-fl dev [--nodes 3] [--rounds 3] [--strategy fedavg] [--compression none] [--set k=v ...] [--out DIR]
                                             SuperLink + N SuperNodes on loopback, one job, stop
                                             (progress on stderr, the result on stdout)
@@ -17,22 +18,27 @@ On the L2 (docs/federated.md; L2KEY is an l2-cli key file, 64 hex characters):
                                             (poster) close a job idle for 1000 L2 blocks: contributions
                                             so far are paid, the rest of the pool comes back
   l2-fl coordinate --node URL --token-file F --job ID --out DIR [--set k=v ...]
+                   [--bind HOST] [--port P] [--tls-cert F --tls-key F --tls-ca F]
                                             (federation) auth SuperLink allowing exactly the job's L2
                                             registrations; runs or resumes the job, commits every round
-                                            to the L2, pays rewards at the end
+                                            to the L2, pays rewards at the end. Across machines: bind a
+                                            reachable address with the operator's certificate for it
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import signal
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from federated import data, l2, server_app
+from federated import data, l2, server_app, tls
 from federated.launch import BIN, LaunchError, dev, flower_env, free_port, generate_node_key
 from l2d.client import ApiError, Client, Unreachable
 from l2d.core.errors import DecodeError
@@ -79,10 +85,19 @@ def _join_argv(a: argparse.Namespace) -> list[str]:
         data.read_split(path)  # fail early on bad data
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise _Usage(f"argument --data: {path} is not a partition written by l2-fl partition ({e})") from None
-    tls = (["--insecure"] if a.insecure
-           else ["--root-certificates", a.root_certificates] if a.root_certificates else [])
+    try:
+        tls.split_hostport(a.superlink)
+    except ValueError as e:
+        raise _Usage(f"argument --superlink: {e}") from None
+    if a.root_certificates:
+        try:
+            tls.load_ca(Path(a.root_certificates), "--root-certificates")
+        except tls.TlsError as e:
+            raise _Usage(f"argument {e.arg}: {e}") from None
+    tls_args = (["--insecure"] if a.insecure
+                else ["--root-certificates", a.root_certificates] if a.root_certificates else [])
     extra = "".join(f" {k}={_toml(v)}" for k, v in _settings(a.node_config).items())
-    argv = [str(BIN / "flower-supernode"), *tls, "--superlink", a.superlink,
+    argv = [str(BIN / "flower-supernode"), *tls_args, "--superlink", a.superlink,
             "--port", str(a.port or free_port()), "--node-config", f'data-path="{path}"' + extra]
     if a.key:
         argv += ["--auth-supernode-private-key", a.key]
@@ -132,9 +147,41 @@ def _l2_command(a: argparse.Namespace) -> dict[str, Any]:
         return {"txid": txid}
     if a.cmd == "reclaim":
         return {"txid": l2.reclaim_job(Client(a.node), load_secret(Path(a.key)), _job_id(a.job), a.fee)}
+    server_tls, advertise = _coordinate_tls(a)
     token = Path(a.token_file).read_text().strip()
     return l2.coordinate(Client(a.node, token), _job_id(a.job), Path(a.out).resolve(), _settings(a.set),
-                         Path(a.token_file).resolve(), say=lambda m: sys.stderr.write(m + "\n"))
+                         Path(a.token_file).resolve(), say=lambda m: sys.stderr.write(m + "\n"),
+                         host=a.bind, port=a.port, tls=server_tls, advertise=advertise)
+
+
+def _coordinate_tls(a: argparse.Namespace) -> tuple[tls.ServerTls | None, str]:
+    """coordinate's --bind and --tls-* checked before anything starts: the operator's TLS files (or None) and the
+    host participants dial. The certificate must name the bound address (or, bound to all addresses, 127.0.0.1,
+    which Flower's own ServerApp runtime and the flwr CLI dial on this machine)."""
+    try:
+        ipaddress.ip_address(a.bind)
+    except ValueError:
+        raise _Usage(f"argument --bind: {a.bind!r} is not an IP address (the address of this machine the "
+                     "SuperLink listens on, e.g. 10.0.0.5, or 0.0.0.0 for all)") from None
+    given = [name for name, v in (("--tls-cert", a.tls_cert), ("--tls-key", a.tls_key), ("--tls-ca", a.tls_ca))
+             if v]
+    if not given:
+        if tls.dial_host(a.bind) != "127.0.0.1":
+            raise _Usage(f"argument --bind: {a.bind} needs the operator's --tls-cert, --tls-key and --tls-ca (the "
+                         "throwaway CA made without them names only 127.0.0.1)")
+        return None, ""
+    if len(given) < 3:
+        missing = sorted({"--tls-cert", "--tls-key", "--tls-ca"} - set(given))
+        raise _Usage(f"argument {given[0]}: the operator's TLS needs --tls-cert, --tls-key and --tls-ca together "
+                     f"(missing {', '.join(missing)})")
+    server_tls = tls.ServerTls(Path(a.tls_ca).resolve(), Path(a.tls_cert).resolve(), Path(a.tls_key).resolve())
+    try:
+        have = tls.check_server_tls(server_tls, [tls.dial_host(a.bind)])
+    except tls.TlsError as e:
+        raise _Usage(f"argument {e.arg}: {e}") from None
+    advertise = a.bind if tls.dial_host(a.bind) == a.bind else next(
+        (n for n in have if n not in ("127.0.0.1", "::1", "localhost")), a.bind)
+    return server_tls, advertise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, metavar="DIR", help="work dir: logs, checkpoints (created)")
     co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="training setting: must be the ones the job was posted with")
+    co.add_argument("--bind", default="127.0.0.1", metavar="HOST",
+                    help="IP address the SuperLink listens on, e.g. this machine's LAN address (default "
+                         "%(default)s; any other needs the --tls-* files)")
+    co.add_argument("--port", type=int, default=0,
+                    help="the SuperLink's port, the one participants must reach (default: a free one, printed)")
+    co.add_argument("--tls-cert", type=existing_file, metavar="F",
+                    help="the SuperLink's TLS certificate (PEM); its subjectAltName must name the --bind address")
+    co.add_argument("--tls-key", type=existing_file, metavar="F", help="the certificate's private key (PEM)")
+    co.add_argument("--tls-ca", type=existing_file, metavar="F",
+                    help="the CA certificate that signed --tls-cert (participants join with it)")
     return p
 
 
@@ -227,8 +284,15 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds coordinate's clean-up: its SuperLink and ServerApp are stopped too
+
+
 def _run(a: argparse.Namespace) -> int:
     if a.cmd in ("post", "register", "reclaim", "coordinate"):
+        # SIGTERM (a service manager's stop) stops coordinate the way Ctrl-C does, not leaving Flower running.
+        trap = a.cmd == "coordinate" and threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _stop) if trap else None
         try:
             result = _l2_command(a)
         except Unreachable as e:  # worded as before the shared client: the connection error's own text
@@ -237,6 +301,9 @@ def _run(a: argparse.Namespace) -> int:
         except (ApiError, KeyFileError, LaunchError, DecodeError, OSError, ValueError) as e:
             sys.stderr.write(f"l2-fl {a.cmd}: {e}\n")
             return 1
+        finally:
+            if trap:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
 
@@ -260,6 +327,14 @@ def _run(a: argparse.Namespace) -> int:
         return 0
     if a.cmd == "join":
         argv2 = _join_argv(a)
+        if a.root_certificates:
+            try:  # a certificate that does not name the address is caught here, not as gRPC retries
+                note = tls.probe(a.superlink, Path(a.root_certificates))
+            except tls.TlsError as e:
+                sys.stderr.write(f"l2-fl join: {e}\n")
+                return 1
+            if note:
+                sys.stderr.write(f"l2-fl join: {note}\n")
         env = flower_env(Path(os.environ.get("HOME", "/tmp")))
         env["HOME"] = os.environ.get("HOME", env["HOME"])  # a real participant keeps their own home
         os.execve(argv2[0], argv2, env)  # Flower in its own process; never returns

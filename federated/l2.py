@@ -27,6 +27,7 @@ from typing import Any
 
 from federated.launch import Federation, LaunchError
 from federated.recorder import JsonlRecorder, RoundCommitment
+from federated.tls import ServerTls, hostport
 from l2d.client import ApiError, Client
 from l2d.core.fl_tx import FlJobPost, FlReclaim, FlRegister
 
@@ -159,9 +160,14 @@ def sync_registrations(fed: Any, api: Client, job_id: str, node_map_path: Path) 
 
 def coordinate(api: Client, job_id: str, out: Path, settings: dict[str, Any], token_file: Path,
                say: Any = log.info, poll: float = 1.0, on_ready: Any = None,
-               status_every: float = 10.0) -> dict[str, Any]:
+               status_every: float = 10.0, host: str = "127.0.0.1", port: int = 0, tls: ServerTls | None = None,
+               advertise: str = "") -> dict[str, Any]:
     """Run (or resume) an L2 job as the federation: an auth SuperLink whose allow-list follows the job's L2
     registrations, one Flower run committing every round, until the job is FINISHED on the L2.
+
+    host/port: where the SuperLink listens (port 0: a free one); tls: the operator's certificate, key and CA
+    (checked by the caller, federated.tls.check_server_tls), else a throwaway CA for 127.0.0.1; advertise: the host
+    participants dial (default host), only for the join line printed.
 
     on_ready(federation) is called once the SuperLink is up and the registered keys are allowed (tests use it
     to start participants)."""
@@ -173,12 +179,13 @@ def coordinate(api: Client, job_id: str, out: Path, settings: dict[str, Any], to
                          f"{job['config_hash']}: pass the same --set values as the poster")
     api.check_admin()  # the ServerApp commits rounds with this token: refuse a wrong one before starting Flower
     out.mkdir(parents=True, exist_ok=True)
-    fed = Federation(workdir=out / f"fed-{time.time_ns()}", auth=True)
+    fed = Federation(workdir=out / f"fed-{time.time_ns()}", auth=True, host=host, port=port, tls=tls)
     try:
         fed.start_superlink()
         node_map = Path(str(fed.workdir)) / "node-map.json"
         sync_registrations(fed, api, job_id, node_map)
-        say(f"SuperLink on 127.0.0.1:{fed.port}; participants join with: l2-fl join --superlink 127.0.0.1:{fed.port} "
+        where = hostport(advertise or host, fed.port)
+        say(f"SuperLink on {hostport(host, fed.port)}; participants join with: l2-fl join --superlink {where} "
             f"--root-certificates {fed.ca} --key NODE_KEY --data DIR")
         if on_ready is not None:
             on_ready(fed)

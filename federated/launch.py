@@ -1,4 +1,5 @@
-"""Dev launcher: one SuperLink and N SuperNodes on free loopback ports, each in its own process.
+"""Launcher: one SuperLink and N SuperNodes, each in its own process; on free loopback ports by default (the dev
+federation), or bound to an operator's address with the operator's TLS (``l2-fl coordinate --bind``).
 
 Everything lives under one work dir (HOME and FLWR_HOME point there, telemetry is off), so
 the user's ~/.flwr is never touched. ``Federation`` is used by tests, the benchmark and
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from federated import data
 from federated.recorder import JsonlRecorder, RoundCommitment
+from federated.tls import ServerTls, dial_host, hostport
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,9 @@ class LaunchError(RuntimeError):
     """A Flower process did not start, or a run did not finish."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -120,13 +122,19 @@ class Proc:
 
 @dataclass
 class Federation:
-    """A loopback SuperLink plus SuperNodes. Use as a context manager."""
+    """A SuperLink plus SuperNodes. Use as a context manager.
+
+    host: the address the SuperLink binds (its Fleet, Control and Runtime APIs share one port); port 0 picks a
+    free one. tls: the operator's certificate, key and CA; without it an auth federation makes a throwaway CA for
+    127.0.0.1 and a plain one runs without TLS (loopback only)."""
 
     workdir: Path | None = None
     auth: bool = False
     procs: list[Proc] = field(default_factory=list)
     port: int = 0
     ca: Path | None = None
+    host: str = "127.0.0.1"
+    tls: ServerTls | None = None
 
     def __post_init__(self) -> None:
         self._tmp = None
@@ -150,37 +158,46 @@ class Federation:
         self.procs.append(proc)
         return proc
 
+    @property
+    def local_address(self) -> str:
+        """HOST:PORT that clients on this machine dial (flwr, the SuperNodes of a dev federation)."""
+        return hostport(dial_host(self.host), self.port)
+
     def start_superlink(self) -> None:
-        self.port = free_port()
-        argv = [str(BIN / "flower-superlink"), "--port", str(self.port)]
-        if self.auth:
+        self.port = self.port or free_port(self.host)
+        argv = [str(BIN / "flower-superlink"), "--host", self.host, "--port", str(self.port)]
+        if self.tls is not None:
+            self.ca, cert, key = self.tls.ca, self.tls.cert, self.tls.key
+        elif self.auth:
             # Flower refuses node authentication without TLS: use a throwaway dev CA.
             assert self.workdir is not None
             self.ca, cert, key = generate_tls(self.workdir / "tls")
-            argv += ["--enable-supernode-auth", "--ssl-ca-certfile", str(self.ca),
-                     "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        if self.ca is not None:
+            argv += ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         else:
             argv.append("--insecure")
+        if self.auth:
+            argv.append("--enable-supernode-auth")
         self._spawn("superlink", argv)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             self._check_alive("superlink")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((dial_host(self.host), self.port), timeout=0.5):
                     break
             except OSError:
                 time.sleep(0.1)
         else:
             raise LaunchError("SuperLink did not open its port")
         (self.home / ".flwr" / "config.toml").write_text(
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.local_address}"\n'
             + (f'root-certificates = "{self.ca}"\n' if self.ca else "insecure = true\n"))
 
     def add_supernode(self, node_config: dict[str, Any], key: Path | None = None, name: str | None = None) -> Proc:
         name = name or f"supernode-{len([p for p in self.procs if p.name.startswith('supernode')])}"
         nc = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
         tls = ["--root-certificates", str(self.ca)] if self.ca else ["--insecure"]
-        argv = [str(BIN / "flower-supernode"), *tls, "--superlink", f"127.0.0.1:{self.port}",
+        argv = [str(BIN / "flower-supernode"), *tls, "--superlink", self.local_address,
                 "--port", str(free_port()), "--node-config", nc, "--max-retries", "3", "--max-wait-time", "20"]
         if key is not None:
             argv += ["--auth-supernode-private-key", str(key)]
