@@ -65,6 +65,7 @@ import hashlib
 import logging
 import os
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,19 +183,37 @@ class HeaderSource(Protocol):
     async def getblockhash(self, height: int) -> bytes: ...
 
 
-class _Recording:
-    """Passes the tracker's RPCs through and keeps the headers it fetched (every connected block's is among them)."""
+PROGRESS_EVERY_S = 5.0  # a long header sync logs how far it is this often
 
-    def __init__(self, source: HeaderSource) -> None:
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class _Recording:
+    """Passes the tracker's RPCs through and keeps the headers it fetched (every connected block's is among them);
+    logs its progress every PROGRESS_EVERY_S while it fetches (a first sync from an old start height is long)."""
+
+    def __init__(self, source: HeaderSource, from_height: int) -> None:
         self._source = source
         self.headers: dict[bytes, bytes] = {}
+        self._from, self._to = from_height, from_height
+        self._logged = _now()
 
     async def getblockchaininfo(self) -> _TipInfo:
-        return await self._source.getblockchaininfo()
+        info = await self._source.getblockchaininfo()
+        self._to = info.blocks
+        return info
 
     async def getblockheader(self, block_hash: bytes) -> bytes:
         raw = await self._source.getblockheader(block_hash)
         self.headers[block_hash] = raw
+        now = _now()
+        if now - self._logged >= PROGRESS_EVERY_S:
+            self._logged = now
+            want = max(1, self._to - self._from)
+            log.info("header sync: %d of %d headers fetched (%d%%), bitcoind's tip at height %d",
+                     len(self.headers), want, min(100, 100 * len(self.headers) // want), self._to)
         return raw
 
 
@@ -579,7 +598,7 @@ class HeaderStore:
             if not known:
                 start_ref, init = await self._fetch_start(source)
                 known = [start_ref]
-            recording = _Recording(source)
+            recording = _Recording(source, known[-1].height)
             tracker = ChainTracker(recording, window=len(known), known=known)
             try:
                 events = await tracker.sync()

@@ -48,6 +48,11 @@ from .metrics import Metrics
 from .store import Store
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 5.0  # a block fetch from a member logs how far it is this often
+
+
+def _now() -> float:
+    return time.monotonic()
 
 EVIDENCE_FILE = "evidence.jsonl"  # in the data dir: the equivocations this member saw
 INBOX_MAX = 10_000  # inputs waiting for the machine; beyond it a peer's message is dropped (it is re-sent)
@@ -507,9 +512,16 @@ class FederationHost:
 
     async def _fetch_from(self, peer: int, from_height: int) -> None:
         assert self.peers is not None
+        logged = _now()
         try:
             async for raw, raw_commit in self.peers.fetch_blocks(peer, from_height):
                 blk = Block.decode(raw, self.network)
+                if _now() - logged >= PROGRESS_EVERY_S:  # a long catch-up says how far it is
+                    logged = _now()
+                    log.info("catching up", extra={"peer": peer, "height": blk.header.height,
+                                                   "members_report": max(
+                                                       (self.member.peer_height(i) or 0 for i in range(self.members.n)),
+                                                       default=0)})
                 commit = Commit.decode(raw_commit)
                 bodies = False
                 for tx in blk.txs:

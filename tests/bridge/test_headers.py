@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import struct
 import subprocess
 import sys
@@ -906,3 +907,17 @@ async def test_follow_woken_by_zmq_hashblock(bitcoind: BitcoindNode, rpc: Bitcoi
             with pytest.raises(asyncio.CancelledError):
                 await pump_task
             store.close()
+
+
+async def test_a_long_sync_logs_its_progress(store_factory: Callable[..., HeaderStore], params: ChainParams,
+                                             main_chain: list[Header], monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Each header fetched past PROGRESS_EVERY_S of (a fake) clock logs how many of how many."""
+    ticks = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(headers_mod, "_now", lambda: float(next(ticks)))
+    store = store_factory(params)
+    with caplog.at_level(logging.INFO, logger="bridge.headers"):
+        await store.sync(FakeBitcoind(main_chain), now=NOW)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("header sync:")]
+    assert progress and all("headers fetched" in m for m in progress)
+    assert f"bitcoind's tip at height {len(main_chain) - 1}" in progress[-1]

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -219,12 +220,17 @@ async def test_an_idle_federation_counts_its_rounds_idle_not_failed(
 
 
 async def test_a_block_waiting_for_a_missing_body_is_stored_when_a_block_fetch_brings_the_body(
-        tmp_path: Path, poll: Callable[..., Any]) -> None:
+        tmp_path: Path, poll: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Member 4 (this node) hears block 1 complete (relayed with its commit) but lacks its transaction's body, and
     the body is asked in vain (a committed transaction leaves the mempool the peers serve bodies from). Its
     catch-up fetch then brings block 1 with the body: the fetched copy is ignored as a block already held, so the
     body must wake the held block, or the member stays at height 0 for good (seen in the flapping-links fault
-    test). The test plays member 1 with a real transport, answering body requests with nothing."""
+    test). The test plays member 1 with a real transport, answering body requests with nothing. The fetch logs its
+    progress (every fetched block, with a clock that jumps past the interval each time it is read)."""
+    ticks = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(consensus, "_now", lambda: float(next(ticks)))
+    caplog.set_level(logging.INFO, logger="l2d.consensus")
     fed = Federation(tmp_path / "fed", federation={"round_ms": 1000, "max_round_ms": 8000})  # configs only
     node = Node.from_config(Config.load(fed.config(3), env={}))
     genesis = node.ledger.final
@@ -260,6 +266,7 @@ async def test_a_block_waiting_for_a_missing_body_is_stored_when_a_block_fetch_b
         await poll(lambda: node.store.tx_location(tx.txid) is not None, 60, "block 1 stored by member 4")
         assert asked.index("txs") < asked.index("blocks")  # the body was asked in vain, then the block fetched
         assert node.ledger.block(1).header.hash == built.header.hash  # type: ignore[union-attr]
+        assert any(r.getMessage() == "catching up" and getattr(r, "height", None) == 1 for r in caplog.records)
     finally:
         await member1.close()
         await node.stop()
