@@ -1,4 +1,5 @@
-"""Daemon memory: RSS of a real `l2d` process whose state holds N accounts, and its start-up time.
+"""Daemon memory: RSS of a real `l2d` process whose state holds N accounts, its start-up time, and the median latency
+of GET /api/dashboard and of an account read (with its proof) at that size.
 
     python bench/bench_daemon_memory.py [--accounts N]
 """
@@ -106,6 +107,17 @@ def _listening_port(pid: int) -> int | None:
     return None
 
 
+def _latency_ms(url: str, n: int = 30) -> float:
+    """Median milliseconds of n sequential GETs (after one to warm up)."""
+    urllib.request.urlopen(url, timeout=60).read()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        urllib.request.urlopen(url, timeout=60).read()
+        times.append(time.perf_counter() - t)
+    return round(1000 * sorted(times)[n // 2], 2)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--accounts", type=int, default=1_000_000)
@@ -124,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         res["start_seconds"] = round(secs, 2)  # LMDB scan + tree rebuild + root check
         res["rss_mb"] = round(current_rss_mb(p.pid), 1)
         res["rss_bytes_per_account"] = round((res["rss_mb"] - res["empty_rss_mb"]) * 2**20 / a.accounts)
+        port = _listening_port(p.pid)
+        for name, path in (("dashboard", "/api/dashboard"), ("account", f"/api/l2/accounts/{'ab' * 32}")):
+            res[f"{name}_ms"] = _latency_ms(f"http://127.0.0.1:{port}{path}")
         p.terminate()
         p.wait(timeout=120)
     print(json.dumps(res, indent=1))

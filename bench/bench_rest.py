@@ -8,7 +8,8 @@ a real one-member l2d daemon (local network, 1,000 transactions per block), thre
 share of the pre-signed transfers with `Client.submit_txs` (POST /api/l2/txs, binary, 500 per request), from the
 first request to the last transfer committed. Also the same through POST /api/l2/tx one at a time (3 threads),
 the path users had before the batch endpoint. Prints each rate and its ratio to the in-process rate (the issue's
-goal for the batch path: >= 0.7).
+goal for the batch path: >= 0.7), and the p99 of account reads (GET /api/l2/accounts/{id}, one reader thread back
+to back) while the batches are committed vs for 5 s with no writes (goal: <= 1.5).
 """
 from __future__ import annotations
 
@@ -75,8 +76,39 @@ def _signed(keys: list[tuple[bytes, bytes]], per_sender: int, first_nonce: int) 
     return out
 
 
-def _drive(api: str, parts: list[list[bytes]], send: Callable[[Client, list[bytes]], None]) -> float:
-    """Send each part from its own thread; seconds from the start to the last transfer committed."""
+class Reader(threading.Thread):
+    """GET /api/l2/accounts/{id} (balance, nonce and proof) back to back until stopped: each read's seconds."""
+
+    def __init__(self, api: str, account: bytes) -> None:
+        super().__init__(daemon=True)
+        self.client, self.path = Client(api), f"/api/l2/accounts/{account.hex()}"
+        self.times: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            self.client.get(self.path)
+            self.times.append(time.perf_counter() - t)
+
+    def p99_ms(self) -> float:
+        xs = sorted(self.times)
+        return round(1000 * xs[int(len(xs) * 0.99)], 2)
+
+
+def _reads(api: str, account: bytes, seconds: float) -> Reader:
+    r = Reader(api, account)
+    r.start()
+    time.sleep(seconds)
+    r.stop.set()
+    r.join()
+    return r
+
+
+def _drive(api: str, parts: list[list[bytes]], send: Callable[[Client, list[bytes]], None],
+           reader: Optional[Reader] = None) -> float:
+    """Send each part from its own thread; seconds from the start to the last transfer committed (reader: reads
+    running meanwhile)."""
     client = Client(api)
     last = T.decode(parts[-1][-1], LOCAL).txid.hex()
     errors: list[str] = []
@@ -88,6 +120,8 @@ def _drive(api: str, parts: list[list[bytes]], send: Callable[[Client, list[byte
             errors.append(f"{type(e).__name__}: {e}")
     threads = [threading.Thread(target=run, args=(p,)) for p in parts]
     t0 = time.perf_counter()
+    if reader is not None:
+        reader.start()
     for th in threads:
         th.start()
     for th in threads:
@@ -95,7 +129,11 @@ def _drive(api: str, parts: list[list[bytes]], send: Callable[[Client, list[byte
     if errors:
         raise RuntimeError(errors[0])
     poll(lambda: client.tx(last).get("status") == "committed", 600, "the last transfer committed", 0.01)
-    return time.perf_counter() - t0
+    took = time.perf_counter() - t0
+    if reader is not None:
+        reader.stop.set()
+        reader.join()
+    return took
 
 
 def _batches(c: Client, part: list[bytes]) -> None:
@@ -117,7 +155,9 @@ def run(transfers: int, work: Path) -> dict[str, Any]:
     base = throughput(SENDERS, max(1, total // 1000), 1)["tx_per_s"]
     node, api = _daemon(work, [pk for _, pk in keys])
     try:
-        batch_s = _drive(api, _signed(keys, per_sender, 0), _batches)
+        idle = _reads(api, keys[0][1], 5.0)  # account reads with no write load, then under the batch load
+        loaded = Reader(api, keys[0][1])
+        batch_s = _drive(api, _signed(keys, per_sender, 0), _batches, loaded)
         single_n = max(1, per_sender // 4)
         single_s = _drive(api, _signed(keys, single_n, per_sender), _singles)
     finally:
@@ -127,7 +167,10 @@ def run(transfers: int, work: Path) -> dict[str, Any]:
             "in_process_tx_per_s": round(base, 1),
             "rest_batch_tx_per_s": round(batch_rate, 1), "rest_batch_ratio": round(batch_rate / base, 3),
             "rest_single_tx_per_s": round(single_rate, 1), "rest_single_ratio": round(single_rate / base, 3),
-            "goal": {"rest_batch_ratio": 0.7}}
+            "account_read_p99_ms": {"idle": idle.p99_ms(), "under_batch_load": loaded.p99_ms(),
+                                    "ratio": round(loaded.p99_ms() / idle.p99_ms(), 2),
+                                    "reads": {"idle": len(idle.times), "under_load": len(loaded.times)}},
+            "goal": {"rest_batch_ratio": 0.7, "account_read_p99_ratio": 1.5}}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(HERE.parent))
 import bench_anchor  # noqa: E402
 import bench_api_load  # noqa: E402
 import bench_daemon_memory  # noqa: E402
+import bench_dashboard  # noqa: E402
 import bench_fl  # noqa: E402
 import bench_fl_l2  # noqa: E402
 import bench_gateway  # noqa: E402
@@ -23,6 +24,7 @@ import bench_ledger  # noqa: E402
 import bench_netflow  # noqa: E402
 import bench_orchestration  # noqa: E402
 import bench_pegout  # noqa: E402
+import bench_rest  # noqa: E402
 import bench_scheduler  # noqa: E402
 import bench_sessions  # noqa: E402
 import bench_slow_clients  # noqa: E402
@@ -49,6 +51,8 @@ def main() -> None:
         "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
         "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
         "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
+        "rest": bench_rest.main(["--quick"] if a.quick else []),  # batch submissions vs the in-process ledger
+        "dashboard": bench_dashboard.main(["--loads", "3"] if a.quick else []),  # chromium: first render, bytes
         "api_load": bench_api_load.main(["--quick"] if a.quick else []),  # 200 connections vs bare aiohttp
         "slow_clients": bench_slow_clients.main(["--slow", "200", "--pace", "1"] if a.quick else []),
         "federation": federation.main(["--quick"] if a.quick else []),  # real member processes, ~2 min
