@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -69,19 +71,52 @@ def leaves(output: Sequence[int], tops: Sequence[TopK]) -> list[bytes]:
     return [fp_leaf(t, k.ids, k.logits) for t, k in zip(output, tops)]
 
 
+def cache_root() -> Path:
+    """Where dequantised models are kept: $L2D_MODEL_CACHE, else ~/.cache/l2d/models."""
+    return Path(os.environ.get("L2D_MODEL_CACHE") or Path.home() / ".cache" / "l2d" / "models")
+
+
+def _load(path: Path, cache: Optional[Path]) -> tuple[Any, Any]:
+    """(tokenizer, model) of a GGUF file. Dequantising it takes seconds (about 12 s for SmolLM2-135M here), so the
+    fp32 result is kept under cache/<weights SHA-256> (safetensors: the same numbers, read back in about a second);
+    the first load writes it beside and renames it into place, so concurrent workers never read half a copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kept = None if cache is None else cache / weights_sha256(path).hex()
+    if kept is not None and (kept / "config.json").exists():
+        return AutoTokenizer.from_pretrained(kept), AutoModelForCausalLM.from_pretrained(kept)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    if kept is not None:
+        tmp = None
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=kept.parent))
+            # the weights are plain fp32 now; transformers refuses to save a model it still marks GGUF-quantised
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.rename(tmp, kept)
+        except OSError:  # another worker renamed its copy first, or no room: the model is loaded either way
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer, model
+
+
 class LanguageModel:
     """One loaded model (load once per process, never per request)."""
 
-    def __init__(self, path: Optional[Path] = None, device: Optional[str] = None) -> None:
+    def __init__(self, path: Optional[Path] = None, device: Optional[str] = None,
+                 cache: Optional[Path] = None, use_cache: bool = True) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.path = path or model_path()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
-        loaded: Any = AutoModelForCausalLM.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        self.tokenizer, loaded = _load(self.path, (cache or cache_root()) if use_cache else None)
         self.model: Any = loaded.to(self.device).eval()
         self.eos = int(self.tokenizer.eos_token_id)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 8192))

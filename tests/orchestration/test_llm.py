@@ -4,6 +4,7 @@ sampling noise and a different model (the same one with perturbed weights) fail 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -19,7 +20,18 @@ QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 @pytest.fixture(scope="module")
 def lm() -> Iterator[LanguageModel]:
-    yield LanguageModel(device="cpu")
+    yield LanguageModel(device="cpu", use_cache=False)  # straight from the GGUF file
+
+
+def test_the_dequantised_copy_a_worker_keeps_decodes_exactly_as_the_gguf_file(lm: LanguageModel,
+                                                                            tmp_path: Path) -> None:
+    first = LanguageModel(device="cpu", cache=tmp_path)  # dequantises, and keeps the copy
+    kept = tmp_path / weights_sha256(model_path()).hex()
+    assert (kept / "config.json").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    again = LanguageModel(device="cpu", cache=tmp_path)  # reads the copy
+    prompt = lm.chat_ids(QUESTION)
+    assert again.chat_ids(QUESTION) == first.chat_ids(QUESTION) == prompt
+    assert list(again.generate(prompt, 16)) == list(lm.generate(prompt, 16))  # tokens and quantised top-K
 
 
 def test_the_model_file_is_the_registered_one() -> None:
