@@ -3,6 +3,7 @@ federation-init writes the configs, keys and genesis file of an n-member federat
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import hashlib
 import io
@@ -11,20 +12,25 @@ import os
 import secrets
 import shutil
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from coincurve import PrivateKey
 
+from bridge.rpc import BitcoinRPC, CookieAuth, RetryPolicy, UserPassAuth, hash_from_hex
+from bridge.rpc_errors import RPCError
+
 from .client import ApiError, Client, Unreachable
 from .config import DEFAULT_GENESIS_TIMESTAMP_MS, Config, ConfigError
+from .core.chains import btc_chain
 from .core.coin_tx import Burn, Transfer
 from .core.errors import DecodeError
 from .core.genesis_file import FederationGenesis, write_genesis_file
 from .core.members import MAX_MEMBERS, default_threshold
 from .core.params import Network, network_by_name
 from .core.payload import Payload
-from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey
+from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey, script_address
 from .core.pegs_tx import PeginClaim
 from .core.tree import Proof, verify_proof
 from .core.tx import public_key
@@ -192,16 +198,20 @@ def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
     return _send(a, Burn(a.amount, a.destination.encode()))
 
 
+def _federation_of(fed_json: dict[str, Any]) -> Federation:
+    """The bridge's federation from GET /api/bridge/federation (to derive deposit addresses locally)."""
+    em = fed_json.get("emergency") or {"threshold": 0, "keys": [], "delay_blocks": 0}
+    return Federation(fed_json["threshold"], tuple(bytes.fromhex(k) for k in fed_json["keys"]),
+                      fed_json["pegin_min_depth"], em["threshold"], tuple(bytes.fromhex(k) for k in em["keys"]),
+                      em["delay_blocks"])
+
+
 def cmd_pegin_address(a: argparse.Namespace) -> dict[str, Any]:
     """The deposit address only this account can claim, re-derived locally from the federation's keys."""
     account = _account_id(a.account)
     c = _client(a)
     network = c.network()
-    fed_json = c.federation()
-    em = fed_json.get("emergency") or {"threshold": 0, "keys": [], "delay_blocks": 0}
-    fed = Federation(fed_json["threshold"], tuple(bytes.fromhex(k) for k in fed_json["keys"]),
-                     fed_json["pegin_min_depth"], em["threshold"], tuple(bytes.fromhex(k) for k in em["keys"]),
-                     em["delay_blocks"])
+    fed = _federation_of(c.federation())
     res = c.pegin_address(account)
     if res["script_pubkey"] != deposit_script_pubkey(fed, network.id, bytes.fromhex(account)).hex():
         raise CliError("the daemon's deposit address does not match the one derived from the federation keys")
@@ -210,12 +220,139 @@ def cmd_pegin_address(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_pegin_claim(a: argparse.Namespace) -> dict[str, Any]:
-    """Claim a deposit: the raw Bitcoin transaction and `bitcoin-cli gettxoutproof` of its block."""
+    """Claim a deposit: the raw Bitcoin transaction and `bitcoin-cli gettxoutproof` of its block, its height and the
+    output paying the deposit address; or, with --txid, all of these found in the user's bitcoind."""
+    if a.txid is not None:
+        if a.tx is not None or a.proof is not None or a.btc_height is not None:
+            raise UsageError("--txid finds the transaction, its proof and its height itself: drop --tx, --proof and "
+                             "--btc-height")
+        found = _deposit_from_bitcoind(a)
+        res = _send(a, PeginClaim(found["btc_height"], found["vout"], found["tx"], found["proof"]))
+        return {**res, "btc_txid": a.txid, "btc_height": found["btc_height"], "vout": found["vout"],
+                "amount_sat": found["amount_sat"], "confirmations": found["confirmations"]}
+    if a.tx is None or a.proof is None or a.btc_height is None or a.vout is None:
+        raise UsageError("pegin-claim needs --txid (with --bitcoin-datadir or --bitcoin-rpc), or all of --tx, --proof, "
+                         "--btc-height and --vout")
     try:
         btc_tx, proof = bytes.fromhex(a.tx), bytes.fromhex(a.proof)
     except ValueError:
         raise CliError("--tx and --proof must be hex") from None
     return _send(a, PeginClaim(a.btc_height, a.vout, btc_tx, proof))
+
+
+# bitcoind's data dir layout, as bitcoin-cli -datadir reads it: the chain's subdirectory (its .cookie) and RPC port
+_CHAIN_DIRS = {"main": ("", 8332), "test": ("testnet3", 18332), "testnet4": ("testnet4", 48332),
+               "signet": ("signet", 38332), "regtest": ("regtest", 18443)}
+
+
+def bitcoind_from_datadir(datadir: Path, chain: str) -> tuple[str, Path]:
+    """The RPC URL and cookie file bitcoin-cli -datadir=DIR uses for chain: rpcconnect and rpcport from DIR/bitcoin.conf
+    (the top section, then the chain's `[section]`), else 127.0.0.1 and the chain's default port; the cookie in the
+    chain's subdirectory."""
+    subdir, port = _CHAIN_DIRS[chain]
+    section, conf = "", {}  # later settings win; the chain's section over the top one
+    conf_file = datadir / "bitcoin.conf"
+    lines = conf_file.read_text().splitlines() if conf_file.is_file() else []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif "=" in line and section in ("", chain):
+            k, v = (x.strip() for x in line.split("=", 1))
+            if section or k not in conf:
+                conf[k] = v
+    host = conf.get("rpcconnect", "127.0.0.1")
+    return f"http://{host}:{conf.get('rpcport', port)}", Path(conf.get("rpccookiefile") or datadir / subdir / ".cookie")
+
+
+def _deposit_from_bitcoind(a: argparse.Namespace) -> dict[str, Any]:
+    """Find a deposit to --key's address in the user's bitcoind: the transaction, its block's height, the output that
+    pays the address, the confirmations and the merkle proof; refused (with what to do) below the federation's depth
+    or when the federation's header relay has not reached the block yet."""
+    c = _client(a)
+    network = c.network()
+    chain = btc_chain(network).bitcoind_chain
+    account = public_key(load_secret(Path(a.key)))
+    fed_json = c.federation()
+    spk = deposit_script_pubkey(_federation_of(fed_json), network.id, account)
+    auth: Any
+    if a.bitcoin_datadir:
+        url, cookie = bitcoind_from_datadir(Path(a.bitcoin_datadir).expanduser(), chain)
+        auth = CookieAuth(a.bitcoin_cookie or cookie)
+    elif a.bitcoin_rpc:
+        url = a.bitcoin_rpc
+        if a.bitcoin_cookie:
+            auth = CookieAuth(a.bitcoin_cookie)
+        elif a.bitcoin_rpc_user:
+            auth = UserPassAuth(a.bitcoin_rpc_user, a.bitcoin_rpc_password or "")
+        else:
+            raise UsageError("--bitcoin-rpc needs --bitcoin-cookie FILE or --bitcoin-rpc-user/--bitcoin-rpc-password")
+    else:
+        raise UsageError("--txid needs the bitcoind to read it from: --bitcoin-datadir DIR (as bitcoin-cli -datadir) "
+                         "or --bitcoin-rpc URL with --bitcoin-cookie FILE")
+    try:
+        txid = hash_from_hex(a.txid)
+    except ValueError:
+        raise UsageError(f"--txid {a.txid!r} is not a 64-hex-character transaction id") from None
+
+    async def find() -> dict[str, Any]:
+        async with BitcoinRPC(url, auth, retry=RetryPolicy(max_attempts=2)) as rpc:
+            await rpc.require_chain(chain)
+            info = await rpc.call("getrawtransaction", [a.txid, True])
+            outs = [o for o in info["vout"] if o["scriptPubKey"]["hex"] == spk.hex()]
+            if not outs:
+                raise CliError(f"transaction {a.txid} pays nothing to the deposit address of {account.hex()} "
+                               f"({script_address(spk, network)})")
+            if a.vout is not None:
+                outs = [o for o in outs if o["n"] == a.vout]
+                if not outs:
+                    raise CliError(f"output {a.vout} of {a.txid} does not pay the deposit address of {account.hex()}")
+            elif len(outs) > 1:
+                raise CliError(f"transaction {a.txid} pays the deposit address in outputs "
+                               f"{', '.join(str(o['n']) for o in outs)}: claim each with --vout N")
+            if not info.get("blockhash"):
+                raise CliError(f"transaction {a.txid} is not in a block yet: wait until it is mined and "
+                               f"{fed_json['pegin_min_depth']} deep")
+            block = hash_from_hex(info["blockhash"])
+            header = await rpc.getblockheader(block, True)
+            if header.confirmations < 0:
+                raise CliError(f"the block of {a.txid} ({info['blockhash']}) is not on bitcoind's best chain")
+            proof = await rpc.gettxoutproof([txid], block)
+            return {"tx": bytes.fromhex(info["hex"]), "proof": proof, "btc_height": header.height,
+                    "vout": int(outs[0]["n"]), "confirmations": header.confirmations,
+                    "amount_sat": _btc_sat(outs[0]["value"])}
+    try:
+        found = asyncio.run(find())
+    except RPCError as e:
+        raise CliError(f"bitcoind at {url}: {e}") from None
+    depth = int(fed_json["pegin_min_depth"])
+    if found["confirmations"] < depth:
+        raise CliError(f"deposit {a.txid}:{found['vout']} has {found['confirmations']} confirmation(s); the federation "
+                       f"needs {depth} (bridge.pegin_min_depth): claim it after {depth - found['confirmations']} more "
+                       "block(s)")
+    need = found["btc_height"] + depth - 1
+
+    def relayed() -> int:
+        return int((c.federation().get("btc_tip") or {}).get("height", -1))
+    tip = relayed()
+    if tip < need and a.wait:  # the header relay follows bitcoind within moments: --wait covers it too
+        try:
+            c.wait(lambda: relayed() >= need, "the header relay", a.wait)
+        except ApiError:
+            pass  # timed out: refused below, naming the heights
+        tip = relayed()
+    if tip < need:
+        raise CliError(f"the federation's Bitcoin headers reach height {tip}; the claim needs {need} (the deposit's "
+                       f"block and {depth - 1} on top): the header relay follows bitcoind, try again shortly")
+    return found
+
+
+def _btc_sat(value: Any) -> int:
+    """A bitcoind JSON amount (BTC, parsed as Decimal or float) in satoshis, exactly."""
+    sat = Decimal(str(value)) * 100_000_000
+    if sat != sat.to_integral_value():
+        raise CliError(f"amount {value} BTC is not a whole number of satoshis")
+    return int(sat)
 
 
 def cmd_federation_fund(a: argparse.Namespace) -> dict[str, Any]:
@@ -617,13 +754,23 @@ def build_parser() -> argparse.ArgumentParser:
         wait(p)
     p = cmd("pegin-address", cmd_pegin_address, "the deposit address only ACCOUNT can claim (checked locally)")
     p.add_argument("account", type=account_arg, metavar="ACCOUNT", help="64-hex account id or a key file")
-    p = cmd("pegin-claim", cmd_pegin_claim, "claim a deposit with its raw transaction and merkle proof")
+    p = cmd("pegin-claim", cmd_pegin_claim, "claim a deposit: by its txid, read from your bitcoind (--txid with "
+            "--bitcoin-datadir or --bitcoin-rpc), or with its raw transaction, merkle proof, height and output")
     p.add_argument("--key", required=True, type=existing_file, metavar="KEY_FILE",
                    help="the key of the account the deposit address was made for")
-    p.add_argument("--tx", required=True, help="raw Bitcoin transaction (hex)")
-    p.add_argument("--proof", required=True, help="bitcoin-cli gettxoutproof output (hex)")
-    p.add_argument("--btc-height", type=int, required=True, help="height of the block holding the deposit")
-    p.add_argument("--vout", type=int, required=True, help="index of the output paying the deposit address")
+    p.add_argument("--txid", help="the deposit's Bitcoin txid: transaction, height, output and proof are read from "
+                   "bitcoind (which needs -txindex, or the wallet that sent it)")
+    p.add_argument("--bitcoin-datadir", metavar="DIR", help="bitcoind's data dir, as bitcoin-cli -datadir: RPC port "
+                   "from DIR/bitcoin.conf, cookie from the chain's subdirectory")
+    p.add_argument("--bitcoin-rpc", metavar="URL", help="bitcoind's RPC URL, e.g. http://127.0.0.1:18443")
+    p.add_argument("--bitcoin-cookie", metavar="FILE", help="bitcoind's .cookie file (RPC credentials)")
+    p.add_argument("--bitcoin-rpc-user", metavar="USER", help="RPC user (instead of the cookie)")
+    p.add_argument("--bitcoin-rpc-password", metavar="PASSWORD", help="RPC password of --bitcoin-rpc-user")
+    p.add_argument("--tx", help="raw Bitcoin transaction (hex), without --txid")
+    p.add_argument("--proof", help="bitcoin-cli gettxoutproof output (hex), without --txid")
+    p.add_argument("--btc-height", type=int, help="height of the block holding the deposit, without --txid")
+    p.add_argument("--vout", type=int, help="index of the output paying the deposit address (with --txid: only "
+                   "needed when several outputs pay it)")
     p.add_argument("--fee", type=int, default=1, help="satoshis, taken from the deposit (default %(default)s)")
     p.add_argument("--nonce", type=int, help="override the committed nonce")
     wait(p)

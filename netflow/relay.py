@@ -12,6 +12,10 @@ of the session, in both directions; the client counts the same bytes. Once the b
 the best receipt by `window` bytes, the relay stops reading the destination or the next hop (backpressure, so the
 client's downloads pause until it pays); past twice the window, or on a receipt that is not valid, the circuit is
 closed. A relay's loss to a client that stops paying is at most one window.
+
+SIGINT/SIGTERM stop it after a last settlement; a registered relay stays ACTIVE (a restart resumes it) and says how
+to leave: `l2-relay exit --api URL --key K` (no longer selected), then after the exit delay `l2-relay withdraw --api
+URL --key K` (the stake back).
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from l2d.core.params import Network
 from l2d.core.session import SessionRecord, SessionStatus, check_receipt
 from l2d.core.session_tx import Receipt, SessionSettle
 from l2d.keys import load_or_create_secret
+from l2d.leave import COMMANDS, RELAY, stop_note
+from l2d.leave import main as leave_main
 from l2d.logs import setup_logging
 
 from .wire import (LINK_BUFFER, MAX_DATA, Buf, Cmd, HopKeys, Kind, WireError, buffered, connect, frame, frame_head,
@@ -337,7 +343,13 @@ def _endpoint(raw: bytes, listen: bool = False) -> tuple[str, int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="l2-relay", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in COMMANDS:  # `l2-relay exit|withdraw ...`: leave the registry (l2d/leave.py)
+        return leave_main(RELAY, argv, "http://127.0.0.1:8650")
+    ap = argparse.ArgumentParser(prog="l2-relay", description=__doc__.splitlines()[0],
+                                 epilog="Leaving: `l2-relay exit --api URL --key K` (no longer selected), then after "
+                                        "the exit delay `l2-relay withdraw --api URL --key K` (the stake back); "
+                                        "`l2-relay exit --help`.")
     ap.add_argument("--api", default="http://127.0.0.1:8650", help="an l2d node's REST base URL (default: make run's)")
     ap.add_argument("--key", required=True, type=Path, help="the relay's identity key file (its L2 account)")
     ap.add_argument("--x25519-key", required=True, type=Path, help="its X25519 key file (created 0600 if missing)")
@@ -390,7 +402,22 @@ async def _run(a: Any) -> int:
             server.close()
             settle.cancel()
             await relay.settle()  # what was paid is redeemed before the relay goes
+            await _stop_note(api, a, relay.identity.hex())
     return 0
+
+
+async def _stop_note(api: AsyncClient, a: Any, identity: str) -> None:
+    """Say where the stake stands and how to leave (stopping leaves a registered relay ACTIVE: a restart resumes
+    it)."""
+    try:
+        rec = next((r for r in (await api.get(RELAY.listing))[RELAY.list_key] if r[RELAY.id_key] == identity), None)
+    except (ApiError, ValueError) as e:
+        log.warning("stopped; could not read the relay's record (%s)", e)
+        return
+    if rec is not None:
+        rec = {**rec, "exit_height": rec["exit_height"] or 0}
+    note = stop_note(RELAY, a.api, str(a.key), rec)
+    (log.warning if rec is not None and rec["status"] == "ACTIVE" else log.info)("stopped: %s", note)
 
 
 if __name__ == "__main__":

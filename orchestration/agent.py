@@ -3,6 +3,11 @@ heartbeats, answers latency probes, polls its assignments over REST, runs real t
 model (CUDA when present) and returns each output with its fingerprint as a signed TaskResult transaction.
 
     l2-worker --node http://127.0.0.1:8650 --key-file worker.key --stake 100000 --price 10 --region eu
+    l2-worker exit --node http://127.0.0.1:8650 --key-file worker.key       # leave: no new tasks
+    l2-worker withdraw --node http://127.0.0.1:8650 --key-file worker.key   # the stake back, after the exit delay
+
+SIGINT/SIGTERM stop the agent; the worker stays registered ACTIVE (a restart resumes it; an exit cannot be undone),
+and the agent logs how to exit and withdraw. With --exit-on-stop it posts its exit before it stops (decommissioning).
 """
 from __future__ import annotations
 
@@ -22,8 +27,10 @@ from l2d.client import ApiError, AsyncClient, Unreachable
 from l2d.core.params import network_by_name
 from l2d.core.payload import Payload
 from l2d.core.tx import public_key
-from l2d.core.work_tx import TaskResult, WorkerCaps, WorkerHeartbeat, WorkerRegister
+from l2d.core.work_tx import TaskResult, WorkerCaps, WorkerExit, WorkerHeartbeat, WorkerRegister
 from l2d.keys import KeyFileError, load_or_create_secret
+from l2d.leave import COMMANDS, WORKER, stop_note
+from l2d.leave import main as leave_main
 from l2d.logs import setup_logging
 
 log = logging.getLogger("orchestration.agent")
@@ -166,9 +173,29 @@ class Agent:
                     raise AgentError(f"cannot reach the node at {self.node}: {e.reason}") from None
                 log.info("worker ready", extra={"worker": self.pubkey.hex(), "port": port})
                 await asyncio.gather(self.heartbeats(), self.work())
+                await self.stopping()
         finally:
             await runner.cleanup()
         return 0
+
+    async def stopping(self) -> None:
+        """On SIGINT/SIGTERM: post the exit with --exit-on-stop; in any case say where the stake stands and how to
+        leave (a worker that only stops stays ACTIVE with its stake locked, by design: a restart resumes it)."""
+        if self.args.exit_on_stop:
+            err = await self.send(WorkerExit())
+            if err is not None:
+                log.error("--exit-on-stop: exit not committed: %s", err, extra={"worker": self.pubkey.hex()})
+        try:
+            rec = next((w for w in (await self.api.get(WORKER.listing))[WORKER.list_key]
+                        if w[WORKER.id_key] == self.pubkey.hex()), None)
+        except (ApiError, ValueError) as e:
+            log.warning("stopped; could not read the worker's record (%s). To leave: l2-worker exit --node %s "
+                        "--key-file %s, then l2-worker withdraw (same arguments) after the exit delay", e, self.node,
+                        self.args.key_file, extra={"worker": self.pubkey.hex()})
+            return
+        note = stop_note(WORKER, self.node, self.args.key_file, rec)
+        (log.warning if rec is not None and rec["status"] == "ACTIVE" else log.info)(
+            "stopped: %s", note, extra={"worker": self.pubkey.hex(), "status": None if rec is None else rec["status"]})
 
 
 def _cuda() -> bool:
@@ -186,7 +213,13 @@ def _accel_mem_mb() -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="l2-worker", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in COMMANDS:  # `l2-worker exit|withdraw ...`: leave the registry (l2d/leave.py)
+        return leave_main(WORKER, argv, "http://127.0.0.1:8650")
+    ap = argparse.ArgumentParser(prog="l2-worker", description=__doc__.split("\n\n")[0],
+                                 epilog="Leaving: `l2-worker exit --node URL --key-file K` (no new tasks), then after "
+                                        "the exit delay `l2-worker withdraw --node URL --key-file K` (the stake back); "
+                                        "`l2-worker exit --help`.")
     ap.add_argument("--node", required=True, help="l2d REST base URL, e.g. http://127.0.0.1:8650")
     ap.add_argument("--key-file", required=True, help="the worker's secret key (hex); created if missing")
     ap.add_argument("--network", default="local", help="network the transactions are signed for")
@@ -204,6 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--commit-timeout", type=float, default=30.0)
     ap.add_argument("--model-cache", default="", help="file for the trained weights (trained once, then loaded)")
     ap.add_argument("--work-ms", type=int, default=0, help="extra time each task takes (a heavier job)")
+    ap.add_argument("--exit-on-stop", action="store_true",
+                    help="on SIGINT/SIGTERM, post the worker's exit before stopping (to decommission it; without it "
+                         "the worker stays ACTIVE and a restart resumes it)")
     ap.add_argument("--cheat", action="store_true", help="TEST ONLY: return altered outputs")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)

@@ -18,8 +18,8 @@ from ..core.pegs import (CHANGE_CONTRACT, FUNDING_CONTRACT, FedCoin, Federation,
                          bridge_totals, btc_tip, deposit_script_pubkey, descriptor_of, funded_sat, script_address,
                          witness_script)
 from ..core.pegs_tx import MAX_CLAIM_TX, MAX_MERKLE_BLOCK, FederationFund
-from ..core.plans import (PlanEntry, PlanStatus, coin_script_pubkey, held_coins, is_anchor_plan, plan_tx,
-                          signatures_by_key)
+from ..core.plans import (PlanEntry, PlanStatus, coin_script_pubkey, held_coins, is_anchor_plan, pegout_paid_sat,
+                          plan_tx, signatures_by_key)
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
 from ..store import Reader
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
@@ -110,14 +110,20 @@ async def pegins(request: web.Request) -> web.Response:
 
 
 async def pegouts(request: web.Request) -> web.Response:
-    """GET /api/bridge/pegouts: every peg-out request and where its payment stands."""
-    network = request.app[CHAIN].network
+    """GET /api/bridge/pegouts: every peg-out request and where its payment stands; once COMPLETED, what its Bitcoin
+    output paid (paid_sat, the payout its completed plan recorded) and its share of that transaction's fee
+    (fee_share_sat = amount_sat - paid_sat), both null before."""
+    _federation(request)
+    chain = request.app[CHAIN]
     out: list[dict[str, Any]] = []
-    for k, v in _listing(request, Namespace.PEGOUT):
-        e = PegoutEntry.decode(v)
-        out.append({"id": k[1:].hex(), "status": e.status.name, "amount_sat": e.amount_sat,
-                    "l2_height": e.l2_height, "address": script_address(e.script_pubkey, network),
-                    "btc_txid": None if e.btc_txid == bytes(32) else e.btc_txid[::-1].hex()})
+    with chain.reader() as r:  # the peg-outs and the plans that paid them from one read
+        for k, v in r.iter_prefix(bytes((Namespace.PEGOUT,))):
+            pid, e = bytes(k[1:]), PegoutEntry.decode(bytes(v))
+            paid = pegout_paid_sat(r.get_state, pid, e)
+            out.append({"id": pid.hex(), "status": e.status.name, "amount_sat": e.amount_sat,
+                        "l2_height": e.l2_height, "address": script_address(e.script_pubkey, chain.network),
+                        "btc_txid": None if e.btc_txid == bytes(32) else e.btc_txid[::-1].hex(),
+                        "paid_sat": paid, "fee_share_sat": None if paid is None else e.amount_sat - paid})
     return web.json_response({"pegouts": out})
 
 

@@ -32,7 +32,7 @@ from ..core.plans import PlanStatus
 from ..core.relay import RelayStatus
 from ..core.session import SessionStatus
 from ..core.tx import MAX_TX_SIZE
-from ..core.work import Outcome, TaskStatus, WorkerStatus
+from ..core.work import Outcome, TaskPhase, TaskStatus, WorkerStatus
 from ..core.work_tx import Role
 from ..txbatch import MAX_BATCH
 from .bridge import PLANS_MAX
@@ -141,6 +141,11 @@ TASK = obj({
     "submit_height": NAT, "worker": null(H32), "backup": null(H32), "verifier": null(H32), "referee": null(H32),
     "deadline_height": NAT, "window_blocks": NAT, "result_height": NAT, "timeouts": NAT,
     "waiting_for": arr(names(Role, lower=True)),
+    "phase": {**names(TaskPhase, lower=True), "description": "what the task waits for next: assignment, results "
+              "(of waiting_for's roles, by deadline_height), challenge_window (settled from window_ends_height on), "
+              "dispute, referee, resolution, done"},
+    "window_ends_height": {**null(NAT), "description": "result_height + window_blocks: the first L2 height the task "
+                           "may be settled at; null where no challenge window applies"},
     "spec": obj({"model": STR, "images": NAT, "region": STR, "min_reputation_ppm": NAT, "max_price_sat": NAT}),
     "results": {"type": "object", "additionalProperties": obj({"output": arr(INT), "fingerprint": HEX})}})
 FL_PARTICIPANT = obj({"key": H32, "node_key": STR, "accepted_examples": NAT, "rounds_accepted": NAT,
@@ -392,7 +397,11 @@ def _bridge() -> list[Operation]:
            errors={404: off}),
         op("get", "/api/bridge/pegouts", "bridge", "Peg-outs and where each payment stands",
            {200: json_(obj({"pegouts": arr(obj({"id": H32, "status": names(PegoutStatus), "amount_sat": NAT,
-                                                "l2_height": NAT, "address": STR, "btc_txid": null(H32)}))}),
+                                                "l2_height": NAT, "address": STR, "btc_txid": null(H32),
+                                                "paid_sat": {**null(NAT), "description": "once COMPLETED: what its "
+                                                             "Bitcoin output paid, amount_sat less its fee share"},
+                                                "fee_share_sat": {**null(NAT), "description": "once COMPLETED: its "
+                                                                  "equal share of the payout transaction's fee"}}))}),
                        "the peg-outs")}, errors={404: off}),
         op("get", "/api/bridge/coins", "bridge", "The federation's coins and the plan spending each",
            {200: json_(obj({"coins": arr(obj({"txid": H32, "vout": NAT, "amount_sat": NAT, "kind": names(CoinKind),

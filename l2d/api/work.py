@@ -49,6 +49,7 @@ def task_json(tid: bytes, t: TaskRecord) -> dict[str, Any]:
         "backup": _hex(t.backup), "verifier": _hex(t.verifier), "referee": _hex(t.referee),
         "deadline_height": t.deadline_height, "window_blocks": t.window_blocks, "result_height": t.result_height,
         "timeouts": t.timeouts, "waiting_for": [r.name.lower() for r in t.waiting_for()],
+        "phase": t.phase().name.lower(), "window_ends_height": t.window_ends_height,
         "spec": {"model": t.spec.model.decode(), "images": t.spec.images, "region": t.spec.region.decode(),
                  "min_reputation_ppm": t.spec.min_reputation_ppm, "max_price_sat": t.spec.max_price_sat},
         "results": results,

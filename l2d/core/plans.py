@@ -181,6 +181,19 @@ def plan_entry(get: Callable[[bytes], Optional[bytes]], plan_id: bytes) -> Optio
     return None if raw is None else PlanEntry.decode(raw)
 
 
+def pegout_paid_sat(get: Callable[[bytes], Optional[bytes]], pegout_id: bytes, entry: PegoutEntry) -> Optional[int]:
+    """What the Bitcoin output of a COMPLETED peg-out paid: its payout in the plan that completed it (the plan id is
+    the txid the entry records), i.e. its amount less its share of that transaction's fee (price()). None while it
+    is not COMPLETED."""
+    if entry.status != PegoutStatus.COMPLETED:
+        return None
+    plan = plan_entry(get, entry.btc_txid)
+    if plan is None or pegout_id not in plan.pegouts:
+        raise DecodeError(f"peg-out {pegout_id.hex()} is COMPLETED by {entry.btc_txid[::-1].hex()}, which is not a "
+                          "recorded plan paying it")
+    return plan.payouts[plan.pegouts.index(pegout_id)]
+
+
 def held_coins(coins: Iterable[FedCoin], plans: Mapping[bytes, PlanEntry]) -> list[FedCoin]:
     """The coins that back peg-ins by the books: DEPOSIT and CHANGE coins not spent by a COMPLETED plan (a coin of an
     open plan is reserved, not spent). Their total is pegged_in - paid_out. KeyError if a coin names a plan that

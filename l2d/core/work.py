@@ -47,6 +47,18 @@ class TaskStatus(IntEnum):
     CANCELLED = 6
 
 
+class TaskPhase(IntEnum):
+    """What a task waits for next, derived from its record (not stored): the answer to "why is it not settled?"."""
+
+    ASSIGNMENT = 1  # SUBMITTED: the coordinator has not assigned it yet
+    RESULTS = 2  # ASSIGNED: the roles of waiting_for() owe their results by deadline_height
+    CHALLENGE_WINDOW = 3  # RESULT_SUBMITTED, results agree: settled once the window ends (window_ends_height)
+    DISPUTE = 4  # RESULT_SUBMITTED, the verifier disagrees: the coordinator opens a dispute (no settling)
+    REFEREE = 5  # DISPUTED: the referee owes its result by deadline_height
+    RESOLUTION = 6  # DISPUTED, the referee answered: the coordinator resolves (or hands it to another referee)
+    DONE = 7  # SETTLED or CANCELLED
+
+
 class Outcome(IntEnum):
     NONE = 0
     PAID = 1  # settled after the window
@@ -167,6 +179,27 @@ class TaskRecord:
         else:
             return []
         return [role for role in roles if self.result(role) is None]
+
+    @property
+    def window_ends_height(self) -> Optional[int]:
+        """The first L2 height at which the task may be settled (apply_settle checks exactly this): result_height +
+        window_blocks, while the challenge window runs (RESULT_SUBMITTED) and after a task was settled PAID; None
+        where no window applies (before every result is in, disputed, slashed or cancelled)."""
+        if self.status == TaskStatus.RESULT_SUBMITTED or self.outcome == Outcome.PAID:
+            return self.result_height + self.window_blocks
+        return None
+
+    def phase(self) -> TaskPhase:
+        """What the task waits for next (see TaskPhase)."""
+        if self.status in (TaskStatus.SETTLED, TaskStatus.CANCELLED):
+            return TaskPhase.DONE
+        if self.status == TaskStatus.SUBMITTED:
+            return TaskPhase.ASSIGNMENT
+        if self.status == TaskStatus.ASSIGNED:
+            return TaskPhase.RESULTS
+        if self.status == TaskStatus.DISPUTED:
+            return TaskPhase.REFEREE if self.result(Role.REFEREE) is None else TaskPhase.RESOLUTION
+        return TaskPhase.CHALLENGE_WINDOW if _verified(self) else TaskPhase.DISPUTE
 
 
 _Results = tuple[tuple[bytes, bytes], tuple[bytes, bytes], tuple[bytes, bytes]]
@@ -465,7 +498,7 @@ def apply_settle(view: StateView, tx: Transaction, rules: Rules) -> None:
     if t.status == TaskStatus.SETTLED:
         raise DuplicateDuty(f"task {p.task_id.hex()} is settled already")
     _need_status(t, TaskStatus.RESULT_SUBMITTED)
-    if view.height < t.result_height + t.window_blocks:
+    if view.height < t.result_height + t.window_blocks:  # TaskRecord.window_ends_height
         raise InvalidTransaction(f"challenge window open until height {t.result_height + t.window_blocks} "
                                  f"(now {view.height})")
     if not _verified(t):

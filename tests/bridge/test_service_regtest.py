@@ -315,6 +315,10 @@ async def test_pegout_completes_and_survives_a_crash_before_broadcast(
     assert info["confirmations"] >= 1
     paid = [round(o["value"] * 100_000_000) for o in info["vout"] if o["scriptPubKey"].get("address") == dest]
     assert len(paid) == 1 and 27_000_000 <= paid[0] < 30_000_000  # amount less its share of the fee
+    # the API names the exact figure the Bitcoin output paid, from the plan recorded in the state
+    assert (p["paid_sat"], p["fee_share_sat"]) == (paid[0], 30_000_000 - paid[0])
+    [plan] = [x for x in (await d.get("/api/bridge/plans"))["plans"] if x["id"] == p["btc_txid"]]
+    assert p["fee_share_sat"] <= plan["fee_sat"]
     witness = info["vin"][0]["txinwitness"]
     # "", 2 signatures (2-of-3 with the third key elsewhere), 01 (OP_IF: the federation's path), the script
     assert len(witness) == 5 and witness[0] == "" and witness[3] == "01"

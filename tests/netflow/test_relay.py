@@ -1,12 +1,18 @@
 """A NetFlow relay (netflow/relay.py) against a real l2d process, in-process so its session state can be read: the
 credit window stops a download that is not paid for and releases it when a receipt comes; a forged receipt, or a
-frame altered on the wire, closes the circuit."""
+frame altered on the wire, closes the circuit. A relay process stopped while registered says how to leave, and
+`l2-relay exit` does."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -15,12 +21,13 @@ from coincurve import PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from l2d.client import AsyncClient
+from l2d.core.relay import EXIT_DELAY_BLOCKS
 from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
 from l2d.core.session_tx import Receipt
 from netflow.client import Circuit, NetflowClient, Paid, RelayInfo
 from netflow.relay import Relay
 from netflow.wire import MAX_DATA, Cmd, WireError, read_frame, x25519_public
-from tests.conftest import L2dProcess
+from tests.conftest import REPO, L2dProcess, Proc
 
 TOKEN = "netflow-relay-test-token-0001"
 MIB = 1 << 20
@@ -192,3 +199,41 @@ async def test_a_spent_session_is_renewed_for_the_next_circuit(world: dict[str, 
     body = await world["api"].get(f"/api/sessions/{new.session_id.hex()}")
     assert body["status"] == "OPEN" and body["deposit_sat"] == client.deposit_sat
     c.close()
+
+
+async def test_a_stopped_relay_says_how_to_leave_and_l2_relay_exit_takes_it_out_of_selection(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        poll: Callable[..., Any], procs: list[Any]) -> None:
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(RELAY): 1_000_000}, TOKEN, block={"interval_ms": 50}))
+    api = d.url("")
+    key = tmp_path / "relay.key"
+    key.write_text(RELAY.hex())
+    key.chmod(0o600)
+    p = Proc(["netflow.relay", "--api", api, "--key", str(key), "--x25519-key", str(tmp_path / "relay.x25519"),
+              "--listen", "127.0.0.1:0", "--register", "--stake", "5000", "--settle-every", "3600"],
+             tmp_path / "relay.log")
+    procs.append(p)
+    assert re.search(r"listening on", await asyncio.to_thread(p.first_line))
+    ident = pk(RELAY).hex()
+
+    def record() -> Any:
+        return next((r for r in d.get("/api/netflow/relays")["relays"] if r["identity"] == ident), None)
+    await poll(lambda: (record() or {}).get("status") == "ACTIVE", 60, "the relay registered")
+    assert p.stop() == 0
+    assert record()["status"] == "ACTIVE"  # a restart resumes it
+    [note] = [json.loads(x) for x in p.log.read_text().splitlines()
+              if x.startswith("{") and json.loads(x)["msg"].startswith("stopped:")]
+    assert note["level"] == "warning"
+    assert f"l2-relay exit --api {api} --key {key}" in note["msg"]
+    assert f"l2-relay withdraw --api {api} --key {key}" in note["msg"]
+
+    def l2_relay(*args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([sys.executable, "-m", "netflow.relay", *args], capture_output=True, text=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    r = l2_relay("exit", "--api", api, "--key", str(key))
+    assert r.returncode == 0, r.stderr
+    rec = record()
+    assert rec["status"] == "EXITING" and f"from L2 height {rec['exit_height'] + EXIT_DELAY_BLOCKS}" in r.stdout
+    r = l2_relay("withdraw", "--api", api, "--key", str(key))
+    assert r.returncode == 1 and f"locked until height {rec['exit_height'] + EXIT_DELAY_BLOCKS}" in r.stderr
+    assert record()["stake_sat"] == 5000

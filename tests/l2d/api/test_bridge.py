@@ -137,7 +137,7 @@ async def test_burn_to_an_address_is_a_pending_pegout(bridge_client: tuple[Node,
     await wait_until(listed, what="peg-out listed")
     [p] = (await (await client.get("/api/bridge/pegouts")).json())["pegouts"]
     assert p == {"id": tx.txid.hex(), "status": "PENDING", "amount_sat": 50_000, "l2_height": p["l2_height"],
-                 "address": REGTEST_P2WPKH, "btc_txid": None}
+                 "address": REGTEST_P2WPKH, "btc_txid": None, "paid_sat": None, "fee_share_sat": None}
     f = await (await client.get("/api/bridge/federation")).json()
     assert f["pending_pegouts_sat"] == 50_000 and f["bridged_supply_sat"] == -50_000
     assert_conforms("GET", "/api/bridge/pegouts", 200, "application/json", {"pegouts": [p]})  # GET /api/openapi.json

@@ -656,7 +656,13 @@ def test_the_first_completed_version_of_an_rbf_chain_completes_the_plan(winner: 
         w.do(AUTH, PegoutUpdate(p2, PegoutStatus.BROADCAST, won, ANCHOR_HEIGHT))
     before = w.totals()
     entry = w.plan(won)
+    assert core_plans.pegout_paid_sat(w.state.get, p2, w.pegout(p2)) is None  # BROADCAST: not paid yet
     writes = w.apply(w.sign(AUTH, PegoutUpdate(p2, PegoutStatus.COMPLETED, won, ANCHOR_HEIGHT)))
+    # what each peg-out was paid is the value of its output in the mined version: its amount less its fee share
+    won_tx = plan_tx(view(w), FED, NET, entry).tx
+    paid = [core_plans.pegout_paid_sat(w.state.get, p, w.pegout(p)) for p in (p1, p2)]
+    assert paid == [won_tx.vout[0].nValue, won_tx.vout[1].nValue]
+    assert sum(a - v for a, v in zip((A1, A2), paid)) == entry.fee_sat  # the fee shares add up to the fee
     assert [w.plan(v).status for v in versions] == [PlanStatus.COMPLETED if v == won else PlanStatus.REPLACED
                                                      for v in versions]
     assert [w.plan(v).replaced_by for v in versions] == [b, c, ZERO]  # the chain itself is kept

@@ -23,8 +23,8 @@ from l2d.core.rules import apply_tx
 from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
                             locked_sat)
 from l2d.core.tx import Transaction, sign
-from l2d.core.work import (EXIT_DELAY_BLOCKS, INITIAL_REPUTATION_PPM, Outcome, TaskRecord, TaskStatus, WorkerRecord,
-                           WorkerStatus, get_task, get_worker, task_key, worker_key)
+from l2d.core.work import (EXIT_DELAY_BLOCKS, INITIAL_REPUTATION_PPM, Outcome, TaskPhase, TaskRecord, TaskStatus,
+                           WorkerRecord, WorkerStatus, get_task, get_worker, task_key, worker_key)
 from l2d.core.work_tx import (FP_ENTRY, ZERO_KEY, Role, TaskAssign, TaskCancel, TaskDispute, TaskReassign, TaskResolve,
                               TaskResult, TaskSettle, TaskSubmit, WorkerCaps, WorkerExit, WorkerHeartbeat,
                               WorkerRegister, WorkerWithdraw)
@@ -240,6 +240,51 @@ def test_happy_path_settles_after_the_window_with_the_configured_split(chain: Ch
     assert chain.worker(W1).tasks_done == 1 and chain.worker(W1).active_tasks == 0
     assert chain.worker(W1).reputation_ppm > INITIAL_REPUTATION_PPM
     chain.reject(DuplicateDuty, AUTH, settle, "settled already")  # settles once
+
+
+def test_a_task_says_what_it_waits_for_and_the_window_ends_where_settle_is_first_accepted(chain: Chain) -> None:
+    chain.register(W1, W2, W3)
+    tid = chain.submit()
+    assert (chain.task(tid).phase(), chain.task(tid).window_ends_height) == (TaskPhase.ASSIGNMENT, None)
+    chain.assign(tid, W1, W2, W3, window=4)
+    assert (chain.task(tid).phase(), chain.task(tid).window_ends_height) == (TaskPhase.RESULTS, None)
+    chain.apply(W1, TaskResult(tid, b"\3", fp(b"\3")))
+    chain.apply(W3, TaskResult(tid, b"\3", fp(b"\3")))
+    t = chain.task(tid)
+    # every result is in: nothing is due from anyone, yet the task is not stuck, it waits for the window
+    assert (t.status, t.waiting_for(), t.phase()) == (TaskStatus.RESULT_SUBMITTED, [], TaskPhase.CHALLENGE_WINDOW)
+    ends = t.window_ends_height
+    assert ends == t.result_height + 4 and ends > chain.height
+    settle = TaskSettle(tid, 800, 100, 100)
+    while chain.height < ends - 1:
+        chain.mine(1)
+    chain.reject(InvalidTransaction, AUTH, settle, f"open until height {ends}")  # one block early
+    chain.mine(1)
+    assert chain.height == ends
+    chain.apply(AUTH, settle)  # the first height it is accepted at
+    t = chain.task(tid)
+    assert (t.phase(), t.window_ends_height) == (TaskPhase.DONE, ends)
+
+
+def test_a_disagreement_is_waiting_for_a_dispute_then_its_referee_then_its_resolution(chain: Chain) -> None:
+    chain.register(W1, W2, W3, W4)
+    tid = chain.submit()
+    chain.assign(tid, W1, W2, W3, window=5)
+    chain.apply(W1, TaskResult(tid, b"\7", fp(b"\7")))
+    chain.apply(W3, TaskResult(tid, b"\3", fp(b"\3")))
+    assert (chain.task(tid).phase(), chain.task(tid).waiting_for()) == (TaskPhase.DISPUTE, [])
+    chain.apply(AUTH, TaskDispute(tid, pk(W4), chain.height + 9))
+    assert (chain.task(tid).phase(), chain.task(tid).window_ends_height) == (TaskPhase.REFEREE, None)
+    chain.apply(W4, TaskResult(tid, b"\3", fp(b"\3")))
+    assert chain.task(tid).phase() == TaskPhase.RESOLUTION
+    chain.apply(AUTH, TaskResolve(tid, Role.WORKER, 4000, 1000, 0, 500, 300, 200))
+    assert (chain.task(tid).phase(), chain.task(tid).window_ends_height) == (TaskPhase.DONE, None)
+
+
+def test_a_cancelled_task_waits_for_nothing(chain: Chain) -> None:
+    tid = chain.submit()
+    chain.apply(CLIENT, TaskCancel(tid))
+    assert (chain.task(tid).phase(), chain.task(tid).window_ends_height) == (TaskPhase.DONE, None)
 
 
 def test_results_only_from_assigned_workers_and_of_the_right_size(chain: Chain) -> None:
