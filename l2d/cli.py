@@ -388,8 +388,20 @@ def cmd_mint(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
     c = _client(a, _token(a))
     info = c.snapshot()
-    data = c.snapshot_file(info["name"])
-    Path(a.out).write_bytes(data)
+    bar = None
+    if not getattr(a, "json", False) and sys.stderr.isatty():  # progress on a terminal only, never with --json
+        from tqdm import tqdm
+        bar = tqdm(total=info.get("size"), desc="snapshot", unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+    def progress(done: int, total: Optional[int]) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+    try:
+        with open(a.out, "wb") as f:
+            c.download_snapshot(info["name"], f, progress)
+    finally:
+        if bar is not None:
+            bar.close()
     info.update(snapshot_file=a.out, **_root_fields(c, info["height"], info["state_root"]),
                 verify_with=f"l2-verify snapshot {a.out} --expect-root {info['state_root']}")
     return info

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from types import TracebackType
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Optional, Sequence
 
 import aiohttp
 
@@ -219,8 +219,28 @@ class Client(_Base):
         """Take a snapshot now; the answer names it."""
         return self.post("/api/admin/snapshot", {}, admin=True)
 
-    def snapshot_file(self, name: str) -> bytes:
-        return self.request("GET", f"/api/admin/snapshots/{name}", admin=True, raw=True)
+    def download_snapshot(self, name: str, out: BinaryIO, progress: Callable[[int, Optional[int]], None]) -> int:
+        """Stream a snapshot file into out (admin), calling progress(bytes so far, total or None) after each MiB;
+        returns its size. Snapshots grow with the state (hundreds of MB at millions of accounts): never held in
+        memory whole."""
+        path = f"/api/admin/snapshots/{name}"
+        _, headers = self._encode(None, None, True)
+        req = urllib.request.Request(self.url + path, method="GET", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                total = int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None
+                done = 0
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    progress(done, total)
+        except urllib.error.HTTPError as e:
+            with e:
+                err = e.read()
+            raise error_from_body(e.code, err, "GET", path) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise Unreachable(self.url, "GET", path, e) from e
+        return done
 
     def check_admin(self) -> None:
         """Raise ApiError 401 unless the token is the daemon's admin token (an empty model upload: refused as

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import socket
 import stat
@@ -196,8 +197,11 @@ class FakeClient:
     def snapshot(self) -> dict[str, Any]:
         return {"name": "snap-57.l2snap", "height": 57, "state_root": ROOT, "block_hash": "a7" * 32, "size": 2}
 
-    def snapshot_file(self, name: str) -> bytes:
-        return b"SN"
+    def download_snapshot(self, name: str, out: Any, progress: Any) -> int:
+        for i, part in enumerate((b"S", b"N")):
+            out.write(part)
+            progress(i + 1, 2)
+        return 2
 
 
 @pytest.fixture
@@ -449,3 +453,18 @@ def test_federation_init_failure_leaves_nothing(tmp_path: Path, capsys: pytest.C
     rc, err = run(capsys, "federation-init", "--members", "4", "--dir", str(fed))
     assert rc == 1 and err == "error: provoked\n"
     assert (tree(fed) == {"notes.txt": b"mine"}) if not fresh else not fed.exists()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_snapshot_download_shows_progress_on_a_terminal_only(fake: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    for argv, shown in ((["snapshot"], True), (["--json", "snapshot"], False)):
+        err = Terminal()
+        monkeypatch.setattr(cli.sys, "stderr", err)
+        assert cli.main([*argv, "--out", str(tmp_path / "s"), "--token", TOKEN]) == 0
+        assert (tmp_path / "s").read_bytes() == b"SN"
+        assert ("snapshot:" in err.getvalue() and "/2.00" in err.getvalue()) == shown, err.getvalue()  # of 2 B
