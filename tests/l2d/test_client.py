@@ -5,6 +5,7 @@ The synchronous Client blocks, so it runs in a thread while the daemon serves on
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 import urllib.error
 from typing import Any, Iterator
@@ -78,8 +79,10 @@ async def test_the_admin_token_is_sent_only_on_admin_calls(node_client: tuple[No
     assert st["status"] == "committed"
     assert (await asyncio.to_thread(admin.account, keys.pubkey(2).hex()))["balance_sat"] == GENESIS_SAT + 5
     info = await asyncio.to_thread(admin.snapshot)
-    data = await asyncio.to_thread(admin.snapshot_file, info["name"])
-    assert isinstance(data, bytes) and len(data) > 0
+    out, seen = io.BytesIO(), []
+    size = await asyncio.to_thread(admin.download_snapshot, info["name"], out, lambda n, t: seen.append((n, t)))
+    assert size == len(out.getvalue()) == info["size"] > 0 and seen[-1] == (size, size)
+    assert out.getvalue().startswith(b"L2DSNAP\0")
 
 
 async def test_sign_and_submit_uses_the_next_nonce_and_the_tx_is_found_committed(
