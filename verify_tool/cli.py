@@ -4,6 +4,7 @@
     l2-verify proof --root HEX PROOF_FILE [--json]
     l2-verify headers FILE [--chain NAME] [--checkpoint HEIGHT:HASH] [--json]
     l2-verify audit BUNDLE [--members GENESIS_FILE] [--checkpoint HEIGHT:HASH] [--min-conf K] [--chain NAME] [--json]
+    l2-verify audit BUNDLE --checkpoint [HEIGHT:]HASH --headers HEADER_FILE [...]
     l2-verify chain FILE --members GENESIS_FILE [--checkpoint HEIGHT:HASH] [--json]
     l2-verify recovery BUNDLE [--members GENESIS_FILE] [--checkpoint HEIGHT:HASH] [--min-conf K] [--chain NAME]
                        [--json]
@@ -220,9 +221,18 @@ def _add_audit_parser(sub: "argparse._SubParsersAction[_Parser]", common: _Parse
             ("audit", cmd_audit, "check an audit bundle: anchor commitment, merkle proof, header chain, confirmations"),
             ("recovery", cmd_recovery, "check an audit bundle as audit does, then list what every account is owed "
                                        "at its anchored state and the payout from the federation's Bitcoin")):
-        c = sub.add_parser(name, parents=[common], help=what)
+        c = sub.add_parser(name, parents=[common], help=what, **(_AUDIT_HELP if name == "audit" else {}))
         c.add_argument("file", metavar="BUNDLE", help="audit bundle file ('-' for stdin)")
-        c.add_argument("--checkpoint", metavar="HEIGHT:HASH", help="trusted block hash (display hex) at a height")
+        if name == "audit":
+            c.add_argument("--checkpoint", metavar="[HEIGHT:]HASH",
+                           help="trusted block hash (display hex): HEIGHT:HASH at a height of the bundle's headers, "
+                                "or with --headers HASH (or HEIGHT:HASH) at any height of the header file")
+            c.add_argument("--headers", metavar="HEADER_FILE",
+                           help="header file (docs/header-file.md, from GET /api/bridge/headers) holding the "
+                                "--checkpoint and the bundle's first header: it must verify as 'l2-verify headers' "
+                                "verifies it and connect the checkpoint to the bundle ('-' for stdin)")
+        else:
+            c.add_argument("--checkpoint", metavar="HEIGHT:HASH", help="trusted block hash (display hex) at a height")
         c.add_argument("--min-conf", metavar="K", type=int, default=1, help="required confirmations (default 1)")
         c.add_argument("--chain", choices=("regtest", "testnet", "signet", "mainnet"),
                        help="Bitcoin chain (default: the one the bundle's L2 network anchors to)")
@@ -232,10 +242,28 @@ def _add_audit_parser(sub: "argparse._SubParsersAction[_Parser]", common: _Parse
         c.set_defaults(fn=fn)
 
 
+_AUDIT_HELP: dict[str, Any] = {
+    "formatter_class": argparse.RawDescriptionHelpFormatter,
+    "description": "Check an audit bundle offline: L2 evidence, anchor output, merkle proof, header chain,\n"
+                   "confirmations (docs/audit-bundle.md).",
+    "epilog": """checkpoint at any height (--headers):
+  l2-verify audit BUNDLE --checkpoint HASH --headers HEADER_FILE
+  Without --headers the checkpoint must be one of the bundle's own headers. With it, HEADER_FILE must
+  hold the checkpoint's hash (CheckpointNotInFile), verify from its start with that checkpoint (proof of
+  work, difficulty, links, timestamps, checksum: as 'l2-verify headers'), hold the bundle's first header at
+  the bundle's start height (BundleNotConnected) and, up to the checkpoint's height, every header of the
+  bundle (CheckpointOnOtherBranch). Confirmations are then counted in the bundle as without --headers.
+
+exit codes: 0 verified; 1 verification failed (including the header file's rules, checksum, the three
+errors above); 2 malformed input or usage (a header file that is not one, or for another chain).""",
+}
+
+
 def cmd_audit(a: argparse.Namespace) -> dict[str, Any]:
     from verify_tool.audit import run_audit  # imported here: snapshot/proof runs need no Bitcoin libraries
 
-    return _bundle_result(*run_audit(a.file, a.checkpoint, a.min_conf, a.chain, members=a.members))
+    return _bundle_result(*run_audit(a.file, a.checkpoint, a.min_conf, a.chain, members=a.members,
+                                     headers=a.headers))
 
 
 def cmd_recovery(a: argparse.Namespace) -> dict[str, Any]:
