@@ -21,7 +21,9 @@ from typing import Any
 
 import toml
 
-ROOT = Path(__file__).resolve().parents[1]
+# absolute(), not resolve(): a checkout whose regtest/ is a link to another's (tests/test_walkthroughs.py) keeps its
+# own config/ and so its own .data/, as regtest/start.sh keeps its own .regtest/.
+ROOT = Path(__file__).absolute().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bridge.rpc import BitcoinRPC, CookieAuth  # noqa: E402
