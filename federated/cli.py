@@ -32,6 +32,7 @@ import ipaddress
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import zipfile
@@ -77,6 +78,14 @@ class _Usage(Exception):
 
 
 def _join_argv(a: argparse.Namespace) -> list[str]:
+    if (a.job is None) != (a.node is None):
+        raise _Usage("argument --job: --job JOB_ID and --node URL go together")
+    if a.job is not None:
+        try:
+            if len(bytes.fromhex(a.job)) != 32:
+                raise ValueError
+        except ValueError:
+            raise _Usage(f"argument --job: {a.job!r} is not a 64-hex-character job id") from None
     d = Path(a.data)
     path = d / "partition.npz" if d.is_dir() else d
     if not path.is_file():
@@ -102,6 +111,37 @@ def _join_argv(a: argparse.Namespace) -> list[str]:
     if a.key:
         argv += ["--auth-supernode-private-key", a.key]
     return argv
+
+
+def _join_job(a: argparse.Namespace, argv: list[str], env: dict[str, str]) -> int:
+    """The SuperNode as a child, stopped once the job is no longer OPEN on the L2 (a SuperNode left alone retries
+    its SuperLink forever after the job ended): exit 0 then, the SuperNode's own code if it ends first."""
+    client = Client(a.node)
+    proc = subprocess.Popen(argv, env=env)
+    stop = threading.Event()
+    before = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.poll() is None and not stop.is_set():
+            try:
+                job = client.fl_job_or_none(a.job)
+            except (ApiError, Unreachable) as e:  # the node may be restarting: the SuperNode keeps going
+                sys.stderr.write(f"l2-fl join: job status unknown ({e}); asking again\n")
+                job = None
+            if job is not None and job["status"] != "OPEN":
+                sys.stderr.write(f"l2-fl join: job {a.job} is {job['status']} on the L2: stopping the SuperNode\n")
+                break
+            stop.wait(a.poll_s)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return 0 if stop.is_set() or proc.returncode in (0, -signal.SIGTERM) else int(proc.returncode)
 
 
 def _settings(pairs: list[str]) -> dict[str, Any]:
@@ -212,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CA certificate (PEM) of the SuperLink's TLS")
     j.add_argument("--insecure", action="store_true", help="connect without TLS (a dev SuperLink only)")
     j.add_argument("--port", type=int, default=0, help="the SuperNode's own port (default: a free one)")
+    j.add_argument("--job", metavar="JOB_ID", help="stop once this FL job is no longer OPEN on the L2 (needs --node); "
+                   "without it the SuperNode runs until stopped")
+    j.add_argument("--node", metavar="URL", help="an l2d node's REST API, to follow --job")
+    j.add_argument("--poll-s", type=float, default=5.0, help="seconds between job status checks (default 5)")
     j.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
                    help="extra node config for the ClientApp (e.g. local-epochs overrides); repeatable")
     d = cmd("dev", "SuperLink + N SuperNodes on loopback, one job, stop (progress on stderr, result on stdout)")
@@ -337,6 +381,8 @@ def _run(a: argparse.Namespace) -> int:
                 sys.stderr.write(f"l2-fl join: {note}\n")
         env = flower_env(Path(os.environ.get("HOME", "/tmp")))
         env["HOME"] = os.environ.get("HOME", env["HOME"])  # a real participant keeps their own home
+        if a.job:
+            return _join_job(a, argv2, env)
         os.execve(argv2[0], argv2, env)  # Flower in its own process; never returns
     if a.cmd == "dev":
         try:

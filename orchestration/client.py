@@ -42,7 +42,7 @@ def digits_input(indices: Sequence[int]) -> bytes:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m orchestration.client", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="l2-task", description=__doc__.split("\n\n")[0])
     ap.add_argument("--node", required=True)
     ap.add_argument("--key-file", help="the client's secret key (hex)")
     ap.add_argument("--network", default="local")

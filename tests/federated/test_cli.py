@@ -99,3 +99,49 @@ def test_dev_reports_progress_on_stderr(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(launch.Federation, "run", lambda self, cfg, timeout=300: None)
     assert cli.main(["dev", "--nodes", "2", "--rounds", "2", "--out", str(out_dir)]) == 0
     assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("l2-fl dev: round ")] == []
+
+
+def test_join_with_a_job_stops_its_supernode_once_the_job_is_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A SuperNode left alone retries its SuperLink forever after the job ended: with --job/--node, join follows the
+    job on the L2 and stops the SuperNode (here a stand-in that records its start and waits) when it is FINISHED."""
+    import http.server
+    import json as json_
+    import threading
+
+    from federated import cli as fl_cli
+
+    assert fl_cli.main(["partition", "--out", str(tmp_path / "data"), "--id", "0", "--num", "2"]) == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "flower-supernode"
+    fake.write_text(f"#!/bin/sh\necho started > {tmp_path / 'supernode.started'}\nexec sleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(fl_cli, "BIN", bin_dir)
+    job = "ab" * 32
+    answers = iter(["OPEN", "OPEN", "FINISHED"])
+
+    class Node(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            status = next(answers, "FINISHED") if self.path == f"/api/fl/jobs/{job}" else None
+            body = json_.dumps({"job_id": job, "status": status}).encode()
+            self.send_response(200 if status else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Node)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rc = fl_cli.main(["join", "--superlink", "127.0.0.1:9", "--insecure", "--data", str(tmp_path / "data"),
+                          "--job", job, "--node", f"http://127.0.0.1:{server.server_address[1]}", "--poll-s", "0.05"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rc == 0 and (tmp_path / "supernode.started").exists()
+    assert f"job {job} is FINISHED on the L2: stopping the SuperNode" in capsys.readouterr().err
+    assert next(answers, None) is None  # it asked until the job was over
+    assert fl_cli.main(["join", "--superlink", "127.0.0.1:9", "--insecure", "--data", str(tmp_path / "data"),
+                        "--job", job]) == 2  # --job without --node
