@@ -106,7 +106,13 @@ class Histogram:
 
 def gauge(name: str, help_text: str, value: float, labels: Labels = ()) -> list[str]:
     """Lines of one gauge sample, read at render time."""
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{_fmt_labels(labels)} {_fmt_value(value)}"]
+    return gauges(name, help_text, [(labels, value)])
+
+
+def gauges(name: str, help_text: str, samples: Iterable[tuple[Labels, float]]) -> list[str]:
+    """Lines of one gauge family: its samples, each with its labels."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
+            *(f"{name}{_fmt_labels(labels)} {_fmt_value(v)}" for labels, v in samples)]
 
 
 class Metrics:

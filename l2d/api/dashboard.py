@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,6 +29,7 @@ from ..core.relay import RelayRecord
 from ..core.session import SessionRecord
 from ..core.state import SUPPLY_KEY, Namespace, Supply
 from ..core.work import TaskRecord, WorkerRecord
+from ..metrics import gauge, gauges
 from ..store import Reader
 from . import bridge
 from .deps import ANCHORS, BRIDGE, CHAIN, FEDERATION, MEMBERS, METRICS, ORCHESTRATION
@@ -256,6 +258,43 @@ def snapshot(app: web.Application, now: Callable[[], float] = time.time) -> dict
     t = now()
     out["status"] = _status(fed, out["anchors"], books, halted, out["mempool"]["size"], head.timestamp_ms, t)
     out["generated_ms"] = int(t * 1000)
+    return out
+
+
+def _by(counts: dict[str, int], label: str) -> list[tuple[tuple[tuple[str, str], ...], float]]:
+    return [(((label, k),), v) for k, v in sorted(counts.items())]
+
+
+def metric_lines(s: dict[str, Any]) -> list[str]:
+    """The subsystems' figures of a snapshot as Prometheus gauges (GET /metrics adds them to its own)."""
+    out = gauges("l2d_status", "1 for the node's state (READY, SYNCING, DEGRADED), 0 for the others.",
+                 [((("state", k),), int(s["status"]["state"] == k)) for k in ("READY", "SYNCING", "DEGRADED")])
+    a = s["anchors"]
+    if a["enabled"]:
+        out += gauges("l2d_anchors", "Anchors this node keeps, by status.",
+                      _by({k: a["counts"].get(k, 0) for k in ("BUILT", "SUBMITTED", "CONFIRMED", "FINAL")}, "status"))
+        out += gauge("l2d_anchor_next_in_blocks", "L2 blocks until the next anchored height.", a["next_in_blocks"])
+        out += gauge("l2d_bitcoind_reachable", "0 while the anchor service cannot reach bitcoind.",
+                     int(a["broadcasting"] and a["bitcoind_error"] is None))
+    b = s["bridge"]
+    if b is not None:
+        out += gauges("l2d_bridge_sat", "The bridge's books (satoshi): what came in, is pending, was paid out, and "
+                      "the coins held.", [((("book", k),), b[f"{k}_sat"]) for k in
+                                          ("pegged_in", "pending_pegouts", "paid_out", "holdings")])
+        out += gauge("l2d_bridge_invariant_ok", "1 while holdings - pending peg-outs == bridged supply.",
+                     int(b["invariant_ok"]))
+    w = s["work"]
+    out += gauges("l2d_workers", "Registered workers, by status.", _by(w["workers"], "status"))
+    out += gauges("l2d_tasks", "Tasks in the state, by status.", _by(w["tasks"], "status"))
+    out += gauge("l2d_worker_slashes", "Slashes of all workers.", w["slashes"])
+    out += gauges("l2d_fl_jobs", "FL jobs, by status.", _by(s["fl"]["jobs"], "status"))
+    n = s["netflow"]
+    out += gauges("l2d_relays", "NetFlow relays, by status.", _by(Counter(r["status"] for r in n["relays"]), "status"))
+    out += gauges("l2d_sessions", "Paid sessions, by status.", _by(n["sessions"], "status"))
+    g = s["gateway"]
+    out += gauges("l2d_completions", "Recorded completions, by status.", _by(g["completions"], "status"))
+    out += gauges("l2d_completion_tokens", "Tokens of recorded completions.",
+                  [((("kind", "prompt"),), g["tokens_in"]), ((("kind", "output"),), g["tokens_out"])])
     return out
 
 

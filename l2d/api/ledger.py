@@ -19,6 +19,7 @@ from ..core.hashing import H_TXID
 from ..core.tx import MAX_TX_SIZE, Transaction
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..txbatch import MAX_BATCH, decode_batch
+from . import dashboard
 from .deps import ADMISSION, CHAIN, MEMBERS, SIGNATURES, SNAPSHOTS
 from .http import HEX, ApiError, admin, field, hex32, path_hex32, read_json_object, uint
 
@@ -158,7 +159,8 @@ async def submit_txs(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
-    text = request.app[CHAIN].render_metrics()
+    subsystems = dashboard.metric_lines(dashboard.snapshot(request.app))  # anchors, bridge, work, FL, NetFlow...
+    text = request.app[CHAIN].render_metrics() + "\n".join(subsystems) + "\n"
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

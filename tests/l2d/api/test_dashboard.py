@@ -141,3 +141,27 @@ def test_the_banner_is_ready_only_when_nothing_is_wrong_and_names_every_reason()
     # what is off by configuration is a note, not a fault
     s = dashboard._status(_fed(), {"enabled": True, "broadcasting": False}, None, None, 0, 0, 1000.0)
     assert s == {"state": "READY", "reasons": [], "notes": ["no bitcoind configured: anchors are built, not broadcast"]}
+
+
+def test_the_subsystems_figures_become_prometheus_gauges() -> None:
+    snap = {"status": {"state": "DEGRADED"},
+            "anchors": {"enabled": True, "counts": {"FINAL": 3, "SUBMITTED": 1}, "next_in_blocks": 4,
+                        "broadcasting": True, "bitcoind_error": "refused"},
+            "bridge": {"pegged_in_sat": 900, "pending_pegouts_sat": 100, "paid_out_sat": 200, "holdings_sat": 800,
+                       "invariant_ok": True},
+            "work": {"workers": {"ACTIVE": 2}, "tasks": {"SETTLED": 5, "DISPUTED": 1}, "slashes": 1},
+            "fl": {"jobs": {"FINISHED": 1}},
+            "netflow": {"relays": [{"status": "ACTIVE"}, {"status": "ACTIVE"}, {"status": "WITHDRAWN"}],
+                        "sessions": {"OPEN": 2}},
+            "gateway": {"completions": {"RECORDED": 7}, "tokens_in": 70, "tokens_out": 140}}
+    lines = dashboard.metric_lines(snap)
+    samples = {ln.rsplit(" ", 1)[0]: ln.rsplit(" ", 1)[1] for ln in lines if not ln.startswith("#")}
+    assert samples['l2d_status{state="DEGRADED"}'] == "1" and samples['l2d_status{state="READY"}'] == "0"
+    assert samples['l2d_anchors{status="FINAL"}'] == "3" and samples['l2d_anchors{status="BUILT"}'] == "0"
+    assert samples["l2d_bitcoind_reachable"] == "0" and samples["l2d_anchor_next_in_blocks"] == "4"
+    assert samples['l2d_bridge_sat{book="holdings"}'] == "800" and samples["l2d_bridge_invariant_ok"] == "1"
+    assert samples['l2d_tasks{status="DISPUTED"}'] == "1" and samples['l2d_workers{status="ACTIVE"}'] == "2"
+    assert samples['l2d_relays{status="ACTIVE"}'] == "2" and samples['l2d_relays{status="WITHDRAWN"}'] == "1"
+    assert samples['l2d_completion_tokens{kind="output"}'] == "140" and samples['l2d_fl_jobs{status="FINISHED"}'] == "1"
+    types = [ln.split()[2] for ln in lines if ln.startswith("# TYPE")]
+    assert len(types) == len(set(types))  # one HELP/TYPE per family

@@ -272,6 +272,10 @@ async def test_metrics(client: Client, wait_until: Any) -> None:
     assert samples['l2d_http_request_seconds_bucket{path="/api/l2/tx",le="+Inf"}'] == "2"
     assert float(samples['l2d_http_request_seconds_sum{path="/api/l2/tx"}']) > 0
     assert int(samples['l2d_http_request_seconds_count{path="/metrics"}']) >= 1
+    # the subsystems' figures, from the dashboard's snapshot
+    assert samples['l2d_status{state="READY"}'] == "1" and samples['l2d_status{state="DEGRADED"}'] == "0"
+    for family in ("l2d_workers", "l2d_tasks", "l2d_fl_jobs", "l2d_relays", "l2d_sessions", "l2d_completions"):
+        assert f"# TYPE {family} gauge" in text
 
 
 def test_metric_label_escaping() -> None:
