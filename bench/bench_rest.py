@@ -22,15 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import toml
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from bench_ledger import throughput  # noqa: E402
-from common import Proc, keypairs, poll  # noqa: E402
+from common import Proc, keypairs, poll, start_l2d  # noqa: E402
 
 from l2d.client import Client  # noqa: E402
 from l2d.core import tx as T  # noqa: E402
@@ -43,27 +41,8 @@ BATCH = 500
 
 
 def _daemon(work: Path, senders: list[bytes]) -> tuple[Proc, str]:
-    cfg = work / "l2d.toml"
-    cfg.write_text(toml.dumps({
-        "node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
-        "chain": {"genesis_alloc": {pk.hex(): 10**12 for pk in senders}},
-        "block": {"interval_ms": 50, "max_txs": 1000},
-        "mempool": {"max_txs": 200_000, "max_per_sender": 1000},
-        "api": {"port": 0, "admin_token": ""}, "snapshots": {"every_blocks": 0}}))
-    node = Proc(["-m", "l2d.node", "--config", str(cfg)], work / "l2d.log", REPO)
-    log = work / "l2d.log"
-
-    def port() -> Optional[int]:
-        for line in log.read_text().splitlines():
-            rec = json.loads(line) if line.startswith("{") else {}
-            if rec.get("msg") == "api listening":
-                return int(rec["port"])
-        return None
-    try:
-        return node, f"http://127.0.0.1:{poll(port, 60, 'l2d listening', 0.1)}"
-    except TimeoutError:
-        node.stop()
-        raise
+    return start_l2d(work, {pk: 10**12 for pk in senders}, REPO, block={"max_txs": 1000},
+                     mempool={"max_txs": 200_000, "max_per_sender": 1000})
 
 
 def _signed(keys: list[tuple[bytes, bytes]], per_sender: int, first_nonce: int) -> list[list[bytes]]:

@@ -144,14 +144,18 @@ class Proc:
         self._log.close()
 
 
-def start_l2d(work: Path, alloc: dict[bytes, int], cwd: Path) -> tuple[Proc, str]:
-    """A local-network l2d (50 ms blocks, API on a free port, no admin token) with genesis money for alloc's keys:
-    the process and its API base URL, read from its "api listening" log line."""
+def start_l2d(work: Path, alloc: dict[bytes, int], cwd: Path,
+              **sections: dict[str, Any]) -> tuple[Proc, str]:
+    """A local-network l2d (50 ms blocks, API on a free port, no admin token; sections: more config keys) with
+    genesis money for alloc's keys: the process and its API base URL, read from its "api listening" log line."""
     cfg = work / "l2d.toml"
-    cfg.write_text(toml.dumps({"node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
-                               "chain": {"genesis_alloc": {k.hex(): v for k, v in alloc.items()}},
-                               "block": {"interval_ms": 50}, "api": {"port": 0, "admin_token": ""},
-                               "snapshots": {"every_blocks": 0}}))
+    d: dict[str, dict[str, Any]] = {
+        "node": {"network": "local", "data_dir": str(work / "data"), "log_level": "INFO"},
+        "chain": {"genesis_alloc": {k.hex(): v for k, v in alloc.items()}},
+        "block": {"interval_ms": 50}, "api": {"port": 0, "admin_token": ""}, "snapshots": {"every_blocks": 0}}
+    for name, values in sections.items():
+        d[name] = {**d.get(name, {}), **values}
+    cfg.write_text(toml.dumps(d))
     node = Proc(["-m", "l2d.node", "--config", str(cfg)], work / "l2d.log", cwd)
 
     def port() -> Optional[int]:

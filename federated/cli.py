@@ -41,6 +41,7 @@ from typing import Any
 
 from federated import data, l2, server_app, tls
 from federated.launch import BIN, LaunchError, dev, flower_env, free_port, generate_node_key
+from l2d.argtypes import existing_file, output_file
 from l2d.client import ApiError, Client, Unreachable
 from l2d.core.errors import DecodeError
 from l2d.keys import KeyFileError, load_secret
@@ -51,26 +52,6 @@ def existing_path(arg: str) -> str:
     if not Path(arg).expanduser().exists():
         raise argparse.ArgumentTypeError(f"no such file or directory: {arg}")
     return str(Path(arg).expanduser())
-
-
-def existing_file(arg: str) -> str:
-    """An argparse type: a path that names an existing file."""
-    p = Path(arg).expanduser()
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
-    if not p.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {arg}")
-    return str(p)
-
-
-def output_file(arg: str) -> str:
-    """An argparse type: a file to write, in a directory that exists."""
-    p = Path(arg).expanduser()
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
-    if not p.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"no such directory: {p.parent} (to write {arg})")
-    return str(p)
 
 
 class _Usage(Exception):

@@ -21,6 +21,7 @@ from coincurve import PrivateKey
 from bridge.rpc import BitcoinRPC, CookieAuth, RetryPolicy, UserPassAuth, hash_from_hex
 from bridge.rpc_errors import RPCError
 
+from .argtypes import existing_file, output_file
 from .client import ApiError, Client, Unreachable
 from .config import DEFAULT_GENESIS_TIMESTAMP_MS, Config, ConfigError
 from .core.chains import btc_chain
@@ -86,28 +87,6 @@ def _account_id(arg: str) -> str:
     if _is_account_hex(arg):
         return arg.lower()
     raise UsageError(f"{arg!r} is neither a key file nor a 64-hex-character account")
-
-
-# -- argument types: a missing input file or output directory is a usage error (argparse's message, exit 2),
-# found before anything is asked of the daemon or written --------------------------------------------------------
-def existing_file(arg: str) -> str:
-    """An argparse type: a path that names an existing file."""
-    p = Path(arg).expanduser()
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
-    if not p.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {arg}")
-    return str(p)
-
-
-def output_file(arg: str) -> str:
-    """An argparse type: a file to write, in a directory that exists."""
-    p = Path(arg).expanduser()
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{arg} is a directory, not a file")
-    if not p.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"no such directory: {p.parent} (to write {arg})")
-    return str(p)
 
 
 def account_arg(arg: str) -> str:
