@@ -409,6 +409,32 @@ def cmd_tx(a: argparse.Namespace) -> dict[str, Any]:
     return _client(a).tx(a.txid)
 
 
+def cmd_submit(a: argparse.Namespace) -> dict[str, Any]:
+    """Signed transactions from a file, one hex encoding per line, sent in batches (POST /api/l2/txs)."""
+    text = sys.stdin.read() if a.file == "-" else Path(a.file).read_text()
+    raws = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                raws.append(bytes.fromhex(line.strip()))
+            except ValueError:
+                raise UsageError(f"{a.file} line {n}: not a transaction's hex encoding") from None
+    if not raws:
+        raise UsageError(f"{a.file}: no transactions")
+    results = _client(a).submit_txs(raws)
+    refused: dict[str, int] = {}
+    for r in results:
+        if "error" in r:
+            refused[r["error"]] = refused.get(r["error"], 0) + 1
+    out = {"submitted": len(raws), "pending": len(raws) - sum(refused.values()), "results": results}
+    if refused:  # every result on stdout (the refused ones, or all with --json), then exit 1
+        sys.stdout.write((json.dumps(out) if getattr(a, "json", False) else "\n".join(
+            f"{r['txid']} refused: {r['error']}: {r['message']}" for r in results if "error" in r)) + "\n")
+        raise CliError(f"{sum(refused.values())} of {len(raws)} transactions refused: " +
+                       ", ".join(f"{k} {v}" for k, v in sorted(refused.items())))
+    return out
+
+
 # -- human output (the default; --json prints the result, for read commands the API's JSON, as is) --------------
 def _scalar(v: Any) -> str:
     if v is None:
@@ -519,6 +545,10 @@ def human_proof(res: dict[str, Any]) -> str:
         _anchor_line(res),
         f"verify with: {res['verify_with']}",
     ])
+
+
+def human_submit(res: dict[str, Any]) -> str:
+    return f"{res['pending']} of {res['submitted']} transactions admitted (pending)"
 
 
 def human_snapshot(res: dict[str, Any]) -> str:
@@ -795,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("height", type=int, help="L2 block height")
     p = cmd("tx", cmd_tx, "status of a transaction: committed (height, index), pending or dropped (reason)")
     p.add_argument("txid", help="transaction id (64 hex characters)")
+    p = cmd("submit", cmd_submit, "send signed transactions, one hex encoding per line, in batches of up to 1,000 "
+            "(each admitted or refused alone)", human_submit)
+    p.add_argument("file", help="the file of transactions, or - for standard input")
     p = cmd("federation-init", cmd_federation_init, "write the configs, member keys and genesis file of an "
             "N-member federation on this machine (never overwrites)")
     p.add_argument("--members", type=int, required=True, metavar="N", help=f"1..{MAX_MEMBERS} members")

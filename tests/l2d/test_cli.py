@@ -14,9 +14,11 @@ from coincurve import PrivateKey
 
 from l2d import cli
 from l2d.config import Config
+from l2d.core.coin_tx import Transfer
 from l2d.core.errors import Rejected
 from l2d.core.genesis_file import load_genesis_file
-from l2d.core.tx import public_key
+from l2d.core.params import LOCAL
+from l2d.core.tx import public_key, sign
 from l2d.genesis import NodeError
 from l2d.keys import load_secret
 from l2d.node import Node
@@ -86,6 +88,18 @@ def test_cli_end_to_end(tmp_path: Path, keys: Any, l2d_process: Callable[..., An
     assert rc == 0
     assert verify_cli.main(["snapshot", str(tmp_path / "s.l2snap"), "--expect-root", snap["state_root"]]) == 0
     capsys.readouterr()
+
+    # signed transactions from a file, in one batch: each admitted or refused alone
+    signed = [sign(LOCAL, keys.secret(1), n, 1, Transfer(bytes.fromhex(alice_id), 10 + n), bytes(32)) for n in range(3)]
+    txfile = tmp_path / "txs.hex"
+    txfile.write_text("".join(t.raw.hex() + "\n" for t in signed))
+    rc, out = run(capsys, *api, "submit", str(txfile))
+    assert rc == 0 and out["pending"] == 3 and [r["txid"] for r in out["results"]] == [t.txid.hex() for t in signed]
+    assert cli.main([*api, "submit", str(txfile)]) == 1  # the same again: each one a duplicate (or committed)
+    outerr = capsys.readouterr()
+    assert outerr.out.count(" refused: ") == 3 and "3 of 3 transactions refused" in outerr.err
+    txfile.write_text("zz\n")
+    assert run(capsys, *api, "submit", str(txfile))[0] == 2
 
     rc, err = run(capsys, *api, "balance", "not-an-account")
     assert rc == 2 and "neither a key file" in err and "usage: l2-cli balance" in err
