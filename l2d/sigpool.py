@@ -7,12 +7,16 @@ whose bytes do not even decode is refused by admission's decoder, whatever its w
 (`api.signature_workers = 0`), or for a batch too small to be worth the round trip, the checks run inline.
 
 The workers are started (spawn: a fresh interpreter, never a fork of a process with LMDB and threads) at the
-first batch large enough, and stopped with the node.
+first batch large enough, and stopped with the node; a worker whose node died without stopping it (SIGKILL, a
+crash) exits by itself within a second (it would otherwise wait on its queue forever).
 """
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
@@ -25,6 +29,15 @@ def _check(raws: Sequence[bytes]) -> list[bool]:
     return [signature_ok(r) for r in raws]
 
 
+def _exit_with(parent: int) -> None:
+    """A worker's initializer: exit once the node that started it is gone (its parent is no longer that pid)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 class SignaturePool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -35,7 +48,8 @@ class SignaturePool:
         if self.workers <= 0 or len(raws) < INLINE_BELOW:
             return _check(raws)
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with, initargs=(os.getpid(),))
         loop = asyncio.get_running_loop()
         size = -(-len(raws) // self.workers)
         parts = await asyncio.gather(*(loop.run_in_executor(self._pool, _check, list(raws[i:i + size]))
@@ -44,5 +58,5 @@ class SignaturePool:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)  # idle workers: they stop at once
             self._pool = None

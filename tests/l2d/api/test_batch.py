@@ -126,3 +126,25 @@ def test_the_shared_client_submits_in_batches(tmp_path: Path, l2d_process: Any, 
     res = L2Client(node.url("")).submit_txs([t.raw for t in txs] + [txs[0].raw])
     assert [x.get("status") for x in res[:50]] == ["pending"] * 50 and res[50]["error"] == "duplicate"
     assert [x["txid"] for x in res[:50]] == [t.txid.hex() for t in txs]
+
+
+def test_signature_workers_do_not_outlive_a_killed_daemon(tmp_path: Path, l2d_process: Any, node_toml: Any,
+                                                          poll: Any) -> None:
+    """A daemon SIGKILLed with its pool of signature workers running: the workers exit by themselves (a pool's
+    worker otherwise waits on its queue forever, an orphan)."""
+    import signal
+    import time
+
+    node = l2d_process(node_toml(tmp_path / "node.toml", {Keys.pubkey(1): 10**8}, ADMIN_TOKEN,
+                                 api={"signature_workers": 1}, mempool={"max_per_sender": 64}))
+    res = L2Client(node.url("")).submit_txs([_transfer(1, n).raw for n in range(40)])
+    assert all(r.get("status") == "pending" for r in res)
+    children = Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children").read_text().split()
+    assert children, "the batch started a signature worker"
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{c}").exists() and "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
+              for c in children):
+        assert time.monotonic() < deadline, f"signature workers {children} outlived their daemon"
+        time.sleep(0.1)
