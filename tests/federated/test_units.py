@@ -140,7 +140,7 @@ def test_model_runs_on_cpu_or_cuda():
     assert out.shape == (2, 10)
 
 
-def test_cli_keygen_partition_and_join_command(tmp_path, capsys):
+def test_cli_keygen_partition_and_join_command(tmp_path, capsys, pki):
     import argparse
 
     from federated import cli
@@ -150,9 +150,10 @@ def test_cli_keygen_partition_and_join_command(tmp_path, capsys):
     assert cli.main(["partition", "--out", str(tmp_path / "d"), "--id", "1", "--num", "3"]) == 0
     split = data.read_split(tmp_path / "d" / "partition.npz")
     assert len(split) == len(data.load_partition(1, 3))
+    ca, _, _ = pki(tmp_path / "pki", ["10.0.0.1"])
     argv = cli._join_argv(argparse.Namespace(
-        data=str(tmp_path / "d"), insecure=False, root_certificates="ca.crt", superlink="10.0.0.1:9092",
-        port=0, key=str(tmp_path / "node.key"), node_config=["local-epochs=2"]))
+        data=str(tmp_path / "d"), insecure=False, root_certificates=str(ca), superlink="10.0.0.1:9092",
+        port=0, key=str(tmp_path / "node.key"), node_config=["local-epochs=2"], job=None, node=None))
     assert argv[0].endswith("flower-supernode")
     assert argv[argv.index("--superlink") + 1] == "10.0.0.1:9092"
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "node.key")
