@@ -143,6 +143,7 @@ async def submit_txs(request: web.Request) -> web.Response:
     if not raws:
         raise ApiError(400, "malformed", "an empty batch")
     admission = request.app[ADMISSION]
+    admission.check_space()  # once for the batch: 503 disk-low, nothing admitted
     results: list[dict[str, Any]] = []
     for i, (raw, ok) in enumerate(zip(raws, await request.app[SIGNATURES].check(raws))):
         if i and i % ADMIT_SLICE == 0:

@@ -314,7 +314,8 @@ def _ledger() -> list[Operation]:
                                                               maxItems=MAX_BATCH)})},
                "application/octet-stream": {"schema": {**BINARY, "description": "each transaction as `length u32 "
                                                        "big-endian | its bytes` (l2d/txbatch.py)"}}}},
-           errors={400: "not a batch (malformed, empty, or more than MAX_BATCH transactions); nothing admitted"}),
+           errors={400: "not a batch (malformed, empty, or more than MAX_BATCH transactions); nothing admitted"},
+           admits=True),
         op("get", "/metrics", "ledger", "Prometheus metrics", {200: text("text/plain", "Prometheus text format")}),
         op("post", "/api/admin/mint", "admin", "Mint (networks with admin minting: local, regtest)",
            {202: json_(ref("Txid"), "the mint transaction, admitted")},

@@ -137,8 +137,11 @@ async def test_below_the_floor_transactions_get_503_until_it_is_lowered(
         mint = await client.post("/api/admin/mint", json={"recipient": keys.pubkey(5).hex(), "amount_sat": 5},
                                  headers={"Authorization": "Bearer test-admin-token-0123456789abcdef"})
         assert mint.status == 503 and (await mint.json())["error"] == "disk-low"
+        batch = await client.post("/api/l2/txs", json={"txs": [tx.raw.hex()]})  # a batch: refused as a whole
+        assert (batch.status, (await batch.json())["error"], batch.headers.get("Retry-After")) == (
+            503, "disk-low", "10")
         assert len(node.mempool) == 0 and node.admission.tx_status(tx.txid) is None
-        assert node.metrics.txs_rejected.get(stage="admission", reason="disk-low") == 2
+        assert node.metrics.txs_rejected.get(stage="admission", reason="disk-low") == 3
 
         node.datadir.min_free_bytes = free_bytes(tmp_path) // 2  # re-configured below the free space
         status, body, _ = await _post(client, tx)
