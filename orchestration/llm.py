@@ -76,13 +76,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("L2D_MODEL_CACHE") or Path.home() / ".cache" / "l2d" / "models")
 
 
-def _load(path: Path, cache: Optional[Path]) -> tuple[Any, Any]:
+def _load(path: Path, weights: bytes, cache: Optional[Path]) -> tuple[Any, Any]:
     """(tokenizer, model) of a GGUF file. Dequantising it takes seconds (about 12 s for SmolLM2-135M here), so the
     fp32 result is kept under cache/<weights SHA-256> (safetensors: the same numbers, read back in about a second);
     the first load writes it beside and renames it into place, so concurrent workers never read half a copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kept = None if cache is None else cache / weights_sha256(path).hex()
+    kept = None if cache is None else cache / weights.hex()
     if kept is not None and (kept / "config.json").exists():
         return AutoTokenizer.from_pretrained(kept), AutoModelForCausalLM.from_pretrained(kept)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -115,8 +115,9 @@ class LanguageModel:
 
         self.torch = torch
         self.path = path or model_path()
+        self.weights_sha256 = weights_sha256(self.path)  # the model's identity on the L2 (read once: 98 MB)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer, loaded = _load(self.path, (cache or cache_root()) if use_cache else None)
+        self.tokenizer, loaded = _load(self.path, self.weights_sha256, (cache or cache_root()) if use_cache else None)
         self.model: Any = loaded.to(self.device).eval()
         self.eos = int(self.tokenizer.eos_token_id)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 8192))

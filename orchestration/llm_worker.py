@@ -43,7 +43,7 @@ from l2d.core.model_tx import CompletionChallenge, CompletionReferee, fp_proof, 
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .llm import LanguageModel, Mismatch, TopK, check_revealed, fingerprint, leaves, token_hash, weights_sha256
+from .llm import LanguageModel, Mismatch, TopK, check_revealed, fingerprint, leaves, token_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Server:
         """secret: the worker's L2 key, which signs each result and its audits (without one, results are unsigned
         and unauditable, and the worker audits nothing); api: the node it reads records from and submits to."""
         self.lm, self.secret, self.network_id, self.api = lm, secret, network_id, api
-        self.model_hash = weights_sha256(lm.path)
+        self.model_hash = lm.weights_sha256
         self._lock = asyncio.Lock()
         self._submitting = asyncio.Lock()
 
@@ -217,7 +217,7 @@ async def register(api: AsyncClient, secret: bytes, lm: LanguageModel, endpoint:
     from l2d.core.model_tx import ModelFormat, ModelRegister, ModelServe
     from l2d.core.work_tx import WorkerCaps, WorkerRegister
 
-    h = weights_sha256(lm.path)
+    h = lm.weights_sha256
     caps = WorkerCaps(0, 0, 0, 0, 0, 1, b"local", (b"smollm2",), endpoint.encode())
     payloads: list[Any] = []
     if h.hex() not in [m["weights_sha256"] for m in (await api.get("/api/models"))["models"]]:
@@ -255,7 +255,7 @@ async def _run(a: Any) -> int:
         runner, endpoint = await serve_app(make_app(lm, secret, network_id, api if secret else None), a.listen)
         if secret is not None:
             await register(api, secret, lm, endpoint, a.stake, a.price_in, a.price_out)
-        print(f"l2-llm-worker serving {weights_sha256(lm.path).hex()} on {endpoint}", flush=True)
+        print(f"l2-llm-worker serving {lm.weights_sha256.hex()} on {endpoint}", flush=True)
         try:
             await until_signalled()
         finally:
