@@ -80,12 +80,8 @@ class Admission:
 
     def submit(self, raw: bytes) -> bytes:
         """Admit a signed transaction to the mempool; returns its txid or raises a Rejected with .reason."""
-        self._space_left()
+        self.check_space()
         return self._submit(raw)
-
-    def check_space(self) -> None:
-        """DiskLow (HTTP 503) while the data dir's filesystem is below store.min_free_bytes."""
-        self._space_left()
 
     def submit_checked(self, raw: bytes, signature_ok: bool) -> bytes:
         """submit for one transaction of a batch, whose signature was already checked on its raw bytes
@@ -95,10 +91,11 @@ class Admission:
 
     def submit_from_peer(self, raw: bytes) -> bytes:
         """A transaction another member forwarded: the same checks as submit, and it is not forwarded again."""
-        self._space_left()
+        self.check_space()
         return self._submit(raw, from_peer=True)
 
-    def _space_left(self) -> None:
+    def check_space(self) -> None:
+        """DiskLow (HTTP 503) while the data dir's filesystem is below store.min_free_bytes."""
         try:
             self._check_space()
         except Rejected as e:
@@ -120,7 +117,7 @@ class Admission:
             return self._refuse(Refused("unauthorized", f"minting is not allowed on {self.network.name}"))
         if secret is None or pub is None:  # chain.mint_authority_key: another member holds the secret
             return self._refuse(Refused("unauthorized", "this node does not hold the mint authority key"))
-        self._space_left()
+        self.check_space()
         nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
         try:
             tx = T.sign(self.network, secret, nonce, 0, Mint(recipient, amount_sat), os.urandom(32))
@@ -135,7 +132,7 @@ class Admission:
         own nonces; one already done by another member (or an earlier run) is refused with DuplicateDuty
         (reason "duplicate-duty"), which the services take as "done". A member's own fee-paying transaction (the
         NetFlow prober's sessions) gives its fee."""
-        self._space_left()
+        self.check_space()
         pub = self.member_pubkey
         nonce = self.mempool.next_nonce(pub, self.chain.committed_nonce(pub))
         tx = T.sign(self.network, self._member_secret, nonce, fee_sat, payload, os.urandom(32))

@@ -148,19 +148,18 @@ async def submit_txs(request: web.Request) -> web.Response:
     for i, (raw, ok) in enumerate(zip(raws, await request.app[SIGNATURES].check(raws))):
         if i and i % ADMIT_SLICE == 0:
             await asyncio.sleep(0)  # let other requests (reads) in between slices of a large batch
-        txid = H_TXID(raw).hex()
         try:
-            admission.submit_checked(raw, ok)
+            txid = admission.submit_checked(raw, ok)
         except Rejected as e:
-            results.append({"txid": txid, "error": e.reason, "message": str(e)})
+            results.append({"txid": H_TXID(raw).hex(), "error": e.reason, "message": str(e)})
         else:
-            results.append({"txid": txid, "status": "pending"})
+            results.append({"txid": txid.hex(), "status": "pending"})
     return web.json_response({"results": results})
 
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
-    subsystems = dashboard.metric_lines(dashboard.snapshot(request.app))  # anchors, bridge, work, FL, NetFlow...
+    subsystems = dashboard.metric_lines(await dashboard.snapshot(request.app))  # anchors, bridge, work, FL, NetFlow...
     text = request.app[CHAIN].render_metrics() + "\n".join(subsystems) + "\n"
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
