@@ -54,10 +54,10 @@ class Ledger:
     def __init__(self, store: Store, rules: Rules) -> None:
         self.store = store
         self.rules = rules
-        self.tree = StateTree()  # the stored tip's state; replaced, never changed, when a block is stored
-        self.tip: Optional[BlockHeader] = None
         self.final: Optional[BlockHeader] = None
-        self.view: Optional[tuple[StateTree, BlockHeader]] = None  # (tree, tip), published together
+        # The stored tip and its state's tree, published together (one reference: a reader on another thread
+        # never pairs one tip with another's tree); a tree is replaced, never changed, when a block is stored.
+        self.view: Optional[tuple[StateTree, BlockHeader]] = None
         self._sibling_writes: dict[bytes, Changes] = {}  # hash of a sibling of the tip -> its writes over final
 
     def open(self, genesis_state: dict[bytes, bytes], genesis_timestamp_ms: int) -> BlockHeader:
@@ -88,8 +88,8 @@ class Ledger:
         if tree.root() != tip.state_root:
             raise StoreError(f"state in the database hashes to {tree.root().hex()}, but block {tip.height} "
                              f"commits to {tip.state_root.hex()}: the database is corrupt")
-        self.tree, self.tip, self.final = tree, tip, final
-        self.view = (tree, tip)
+        self.final = final
+        self._publish(tree, tip)
         log.info("ledger open at height %d, state root %s, %d records", tip.height, tip.state_root.hex(), len(tree))
         return tip
 
@@ -174,8 +174,16 @@ class Ledger:
         return _changed(self.tree, changes)
 
     def _publish(self, tree: StateTree, tip: BlockHeader) -> None:
-        self.tree, self.tip = tree, tip
         self.view = (tree, tip)
+
+    @property
+    def tree(self) -> StateTree:
+        """The stored tip's state tree (an empty tree before open)."""
+        return StateTree() if self.view is None else self.view[0]
+
+    @property
+    def tip(self) -> Optional[BlockHeader]:
+        return None if self.view is None else self.view[1]
 
     # -- storing -----------------------------------------------------------------------------------------------
     def _undo_of(self, writes: Changes, base: Changes) -> Changes:
