@@ -71,14 +71,12 @@ def _bare(status_body: bytes, account_body: bytes) -> None:
         return web.Response(body=account_body, content_type="application/json")
 
     async def main() -> None:
+        from l2d.aio import serve_app
         app = web.Application()
         app.router.add_get("/api/status", status)
         app.router.add_get("/api/l2/accounts/{id}", account)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        print("listening on 127.0.0.1:%d" % site._server.sockets[0].getsockname()[1], flush=True)  # type: ignore
+        _, served = await serve_app(app, "127.0.0.1:0")
+        print(f"listening on {served}", flush=True)
         await asyncio.Event().wait()
     asyncio.run(main())
 

@@ -95,13 +95,19 @@ class Client(_Base):
     """Synchronous client (urllib). Every call raises ApiError when refused, Unreachable when there is no answer."""
 
     def request(self, method: str, path: str, body: Any = None, *, data: Optional[bytes] = None, admin: bool = False,
-                raw: bool = False) -> Any:
-        """One request: body is sent as JSON, data as raw bytes; the answer is parsed JSON, or bytes when raw."""
+                raw: bool = False, sink: Optional[Callable[[Any], Any]] = None) -> Any:
+        """One request: body is sent as JSON, data as raw bytes; the answer is parsed JSON, or bytes when raw, or
+        what sink(response) returns (it reads the response itself: a large answer is never held whole)."""
         data, headers = self._encode(body, data, admin)
         for i, url in enumerate(self.urls):
             req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    if sink is not None:  # no failover once the answer has started into the sink
+                        try:
+                            return sink(resp)
+                        except (OSError, http.client.HTTPException) as e:
+                            raise Unreachable(url, method, path, e) from e
                     payload = resp.read()
             except urllib.error.HTTPError as e:
                 with e:
@@ -223,24 +229,15 @@ class Client(_Base):
         """Stream a snapshot file into out (admin), calling progress(bytes so far, total or None) after each MiB;
         returns its size. Snapshots grow with the state (hundreds of MB at millions of accounts): never held in
         memory whole."""
-        path = f"/api/admin/snapshots/{name}"
-        _, headers = self._encode(None, None, True)
-        req = urllib.request.Request(self.url + path, method="GET", headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                total = int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None
-                done = 0
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
-                    progress(done, total)
-        except urllib.error.HTTPError as e:
-            with e:
-                err = e.read()
-            raise error_from_body(e.code, err, "GET", path) from None
-        except (OSError, http.client.HTTPException) as e:
-            raise Unreachable(self.url, "GET", path, e) from e
-        return done
+        def copy(resp: Any) -> int:
+            total = int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None
+            done = 0
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                progress(done, total)
+            return done
+        return int(self.request("GET", f"/api/admin/snapshots/{name}", admin=True, sink=copy))
 
     def check_admin(self) -> None:
         """Raise ApiError 401 unless the token is the daemon's admin token (an empty model upload: refused as

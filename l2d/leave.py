@@ -60,7 +60,12 @@ def command(role: StakedRole, verb: str, node: str, key_file: str) -> str:
 
 def record(c: Client, role: StakedRole, ident: str) -> Optional[dict[str, Any]]:
     """The role's record as the daemon lists it, None when not registered."""
-    return next((r for r in c.get(role.listing)[role.list_key] if r[role.id_key] == ident), None)
+    return find(role, c.get(role.listing), ident)
+
+
+def find(role: StakedRole, listing: dict[str, Any], ident: str) -> Optional[dict[str, Any]]:
+    """ident's record in the role's listing (GET role.listing's answer), None when not registered."""
+    return next((r for r in listing[role.list_key] if r[role.id_key] == ident), None)
 
 
 def stop_note(role: StakedRole, node: str, key_file: str, rec: Optional[dict[str, Any]]) -> str:

@@ -40,7 +40,7 @@ from l2d.core.params import Network
 from l2d.core.session import SessionRecord, SessionStatus, check_receipt
 from l2d.core.session_tx import Receipt, SessionSettle
 from l2d.keys import load_or_create_secret
-from l2d.leave import COMMANDS, RELAY, stop_note
+from l2d.leave import COMMANDS, RELAY, find, stop_note
 from l2d.leave import main as leave_main
 from l2d.logs import setup_logging
 
@@ -410,12 +410,10 @@ async def _stop_note(api: AsyncClient, a: Any, identity: str) -> None:
     """Say where the stake stands and how to leave (stopping leaves a registered relay ACTIVE: a restart resumes
     it)."""
     try:
-        rec = next((r for r in (await api.get(RELAY.listing))[RELAY.list_key] if r[RELAY.id_key] == identity), None)
+        rec = find(RELAY, await api.get(RELAY.listing), identity)
     except (ApiError, ValueError) as e:
         log.warning("stopped; could not read the relay's record (%s)", e)
         return
-    if rec is not None:
-        rec = {**rec, "exit_height": rec["exit_height"] or 0}
     note = stop_note(RELAY, a.api, str(a.key), rec)
     (log.warning if rec is not None and rec["status"] == "ACTIVE" else log.info)("stopped: %s", note)
 

@@ -29,7 +29,7 @@ from l2d.core.payload import Payload
 from l2d.core.tx import public_key
 from l2d.core.work_tx import TaskResult, WorkerCaps, WorkerExit, WorkerHeartbeat, WorkerRegister
 from l2d.keys import KeyFileError, load_or_create_secret
-from l2d.leave import COMMANDS, WORKER, stop_note
+from l2d.leave import COMMANDS, WORKER, find, stop_note
 from l2d.leave import main as leave_main
 from l2d.logs import setup_logging
 
@@ -186,8 +186,7 @@ class Agent:
             if err is not None:
                 log.error("--exit-on-stop: exit not committed: %s", err, extra={"worker": self.pubkey.hex()})
         try:
-            rec = next((w for w in (await self.api.get(WORKER.listing))[WORKER.list_key]
-                        if w[WORKER.id_key] == self.pubkey.hex()), None)
+            rec = find(WORKER, await self.api.get(WORKER.listing), self.pubkey.hex())
         except (ApiError, ValueError) as e:
             log.warning("stopped; could not read the worker's record (%s). To leave: l2-worker exit --node %s "
                         "--key-file %s, then l2-worker withdraw (same arguments) after the exit delay", e, self.node,

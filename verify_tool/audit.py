@@ -39,7 +39,6 @@ checks themselves (anchoring.audit, bridge.spv) are pure.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import sys
@@ -54,7 +53,7 @@ from l2d.core.header_file import (CheckpointNotInFile, HeaderFileChecksum, Heade
                                   load_header_file, read_preamble)
 from l2d.core.params import NETWORKS, Network
 from l2d.core.snapshot import SnapshotError, SnapshotInvalid
-from l2d.core.spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, SpvError
+from l2d.core.spv import BITCOIN_CHAINS, HEADER_SIZE, ChainParams, SpvError, dsha256
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 CHAIN_CHOICES = ("regtest", "testnet", "signet", "mainnet")
@@ -122,10 +121,6 @@ class FileAnchor:
                 "connected_at": f"{self.connected_at[0]}:{self.connected_at[1][::-1].hex()}"}
 
 
-def _hash256(b: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(b).digest()).digest()
-
-
 def _scan(f: BinaryIO, chain_name: str, want: bytes, heights: range) -> tuple[Optional[int], dict[int, bytes]]:
     """One pass over a header file's headers, validating nothing: (the height whose header hashes to want, or None;
     the hashes of the headers at the given heights that the file holds). Memory: one batch and len(heights) hashes.
@@ -138,7 +133,7 @@ def _scan(f: BinaryIO, chain_name: str, want: bytes, heights: range) -> tuple[Op
         n = min(left, _SCAN_BATCH)
         data = f.read(n * HEADER_SIZE)
         for off in range(0, len(data) - HEADER_SIZE + 1, HEADER_SIZE):
-            h = _hash256(data[off:off + HEADER_SIZE])
+            h = dsha256(data[off:off + HEADER_SIZE])
             if found is None and h == want:
                 found = height
             if height in heights:
@@ -177,7 +172,7 @@ def anchor_via_header_file(bundle: AuditBundle, chain_name: str, params: ChainPa
     """
     cp_height, cp_hash = checkpoint
     start, tip = bundle.headers_start_height, bundle.tip_height
-    bundle_hashes = {start + i: _hash256(bundle.headers[i * HEADER_SIZE:(i + 1) * HEADER_SIZE])
+    bundle_hashes = {start + i: dsha256(bundle.headers[i * HEADER_SIZE:(i + 1) * HEADER_SIZE])
                      for i in range(bundle.header_count)}
     scan_f, load_f = _open_twice(path)
     try:

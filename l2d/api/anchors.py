@@ -10,7 +10,7 @@ from anchoring.service import Anchor, AnchorService, AnchorState
 from ..core.anchor import AnchorEntry, anchor_key
 from ..views import ChainView
 from .deps import ANCHORS, CHAIN
-from .http import ApiError, uint
+from .http import ApiError, status_query, uint
 
 
 def _anchor_json(chain: ChainView, a: Anchor) -> dict[str, Any]:
@@ -38,10 +38,8 @@ async def anchors(request: web.Request) -> web.Response:
     AnchorState's values in any case of ASCII letters (400 otherwise)."""
     svc = _service(request)
     chain = request.app[CHAIN]
-    want = request.query.get("status")
-    if want is not None and not (want.isascii() and want.upper() in AnchorState.__members__):
-        raise ApiError(400, "malformed", f"status must be one of {', '.join(AnchorState.__members__)}")
-    items = [_anchor_json(chain, a) for a in svc.all_anchors() if want is None or a.status.value == want.upper()]
+    want = status_query(request, AnchorState.__members__)
+    items = [_anchor_json(chain, a) for a in svc.all_anchors() if want is None or a.status.value == want]
     return web.json_response({"broadcasting": svc.broadcasting, "mode": svc.mode, "every_blocks": svc.every_blocks,
                               "btc_tip_height": svc.btc_tip_height, "anchors": items})
 

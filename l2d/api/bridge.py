@@ -23,7 +23,7 @@ from ..core.plans import (PlanEntry, PlanStatus, coin_script_pubkey, held_coins,
 from ..core.state import SUPPLY_KEY, Namespace, StateView, Supply
 from ..store import Reader
 from .deps import ADMISSION, BRIDGE, CHAIN, FEDERATION
-from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, uint
+from .http import HEX, ApiError, admin, field, path_hex32, read_json_object, status_query, uint
 
 
 def _federation(request: web.Request) -> Federation:
@@ -155,9 +155,7 @@ async def plans(request: web.Request) -> web.Response:
     fed = _federation(request)
     chain = request.app[CHAIN]
     network = chain.network
-    status = request.query.get("status")
-    if status is not None and status not in PlanStatus.__members__:
-        raise ApiError(400, "malformed", f"status must be one of {', '.join(PlanStatus.__members__)}")
+    status = status_query(request, PlanStatus.__members__, any_case=False)
     limit = uint(request.query.get("limit", str(PLANS_LIMIT)), "limit", 1, PLANS_MAX)
 
     def listing() -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Collection, Optional
 
 from aiohttp import web
 
@@ -138,6 +138,19 @@ def hex32(value: object, what: str, code: str = "malformed") -> bytes:
 def path_hex32(request: web.Request, name: str) -> bytes:
     """Path parameter `name` as 32 bytes from 64 hex characters; 400 malformed otherwise."""
     return hex32(request.match_info[name], name)
+
+
+def status_query(request: web.Request, names: Collection[str], any_case: bool = True) -> Optional[str]:
+    """The ?status= filter: None when absent, else one of names (upper-cased when any_case; ASCII letters only, so
+    "ſettled" is not SETTLED), 400 otherwise."""
+    want = request.query.get("status")
+    if want is None:
+        return None
+    if any_case and want.isascii():
+        want = want.upper()
+    if want not in names:
+        raise ApiError(400, "malformed", f"status must be one of {', '.join(names)}")
+    return want
 
 
 def uint(s: str, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:

@@ -13,7 +13,7 @@ from ..core.state import Namespace
 from ..core.work import TaskRecord, TaskStatus, WorkerRecord, task_key, worker_key
 from ..core.work_tx import ZERO_KEY, Role
 from .deps import ADMISSION, CHAIN, ORCHESTRATION
-from .http import HEX, ApiError, path_hex32, read_json_object
+from .http import HEX, ApiError, path_hex32, read_json_object, status_query
 
 
 def _hex(k: bytes) -> Optional[str]:
@@ -77,11 +77,9 @@ async def submit(request: web.Request) -> web.Response:
 async def tasks(request: web.Request) -> web.Response:
     """GET /api/orchestration/tasks[?status=S]: every task in the committed state (oldest first)."""
     chain = request.app[CHAIN]
-    want = request.query.get("status")
-    if want is not None and not (want.isascii() and want.upper() in TaskStatus.__members__):  # "ſettled" is not one
-        raise ApiError(400, "malformed", f"status must be one of {', '.join(TaskStatus.__members__)}")
+    want = status_query(request, TaskStatus.__members__)
     items = [task_json(k[1:], TaskRecord.decode(v)) for k, v in chain.records(bytes((Namespace.TASK,)))]
-    items = [i for i in items if want is None or i["status"] == want.upper()]
+    items = [i for i in items if want is None or i["status"] == want]
     items.sort(key=lambda i: (i["submit_height"], i["task_id"]))
     return web.json_response({"height": chain.tip.height, "tasks": items})
 
