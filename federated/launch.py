@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from federated import data
 from federated.recorder import JsonlRecorder, RoundCommitment
@@ -77,8 +77,10 @@ def generate_node_key(private_path: Path) -> Path:
     return pub
 
 
-def generate_tls(dirpath: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost: (ca, cert, key)."""
+def generate_tls(dirpath: Path, names: Sequence[str] = ("localhost", "127.0.0.1"),
+                 ca_name: str = "l2fl dev CA") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate it signs whose subjectAltName holds names (IP literals or DNS
+    names; by default 127.0.0.1/localhost): (ca, cert, key) PEM paths in dirpath."""
     import datetime
     import ipaddress
 
@@ -87,21 +89,26 @@ def generate_tls(dirpath: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    def san(n: str) -> x509.GeneralName:
+        try:
+            return x509.IPAddress(ipaddress.ip_address(n))
+        except ValueError:
+            return x509.DNSName(n)
+
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "l2fl dev CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+    ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+    ca = (x509.CertificateBuilder().subject_name(ca_subject).issuer_name(ca_subject)
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([san(n) for n in names]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     dirpath.mkdir(parents=True, exist_ok=True)
     paths = (dirpath / "ca.crt", dirpath / "server.pem", dirpath / "server.key")

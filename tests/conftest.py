@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence
 
@@ -76,6 +78,19 @@ async def _poll(cond: Callable[[], Any], timeout: float = 20.0, what: str = "con
         return await members.poll(cond, timeout, what)
     except TimeoutError as e:
         pytest.fail(str(e))
+
+
+def load_by_path(relpath: str, name: str) -> ModuleType:
+    """Another test file's helpers (relpath from the repo root), loaded once by path under name (a 'tests' package may
+    exist elsewhere; dataclasses look their module up in sys.modules, so it is registered there)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _undocumented(parser: argparse.ArgumentParser) -> list[str]:

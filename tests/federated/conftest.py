@@ -39,7 +39,7 @@ from coincurve import PrivateKey
 
 from federated import data
 from federated.l2 import coordinate, post_job, register_participant, sync_registrations
-from federated.launch import Federation, generate_node_key
+from federated.launch import Federation, generate_node_key, generate_tls
 from federated.recorder import JsonlRecorder, RoundCommitment
 from l2d.client import Client
 
@@ -364,44 +364,9 @@ def poison_scenario(scenarios: dict[str, cf.Future[ScenarioResult]]) -> Scenario
 
 
 def make_pki(dirpath: Path, names: list[str], ca_name: str = "l2fl test CA") -> tuple[Path, Path, Path]:
-    """An operator's PKI as a test stands it up with `cryptography`: a fresh CA (key + self-signed certificate) and a
-    server certificate it signs whose subjectAltName holds names (IP literals or DNS names). Returns (ca, cert, key)
-    paths (PEM) in dirpath."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def san(n: str) -> x509.GeneralName:
-        try:
-            return x509.IPAddress(ipaddress.ip_address(n))
-        except ValueError:
-            return x509.DNSName(n)
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    day = datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
-    ca = (x509.CertificateBuilder().subject_name(ca_subject).issuer_name(ca_subject).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - day).not_valid_after(now + day)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]))
-            .issuer_name(ca_subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - day).not_valid_after(now + day)
-            .add_extension(x509.SubjectAlternativeName([san(n) for n in names]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    dirpath.mkdir(parents=True, exist_ok=True)
-    paths = (dirpath / "ca.crt", dirpath / "server.crt", dirpath / "server.key")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
+    """An operator's PKI as a test stands it up: a fresh CA and a server certificate it signs whose subjectAltName
+    holds names (IP literals or DNS names), made by the launcher's own generate_tls. Returns (ca, cert, key)."""
+    return generate_tls(dirpath, names, ca_name)
 
 
 @pytest.fixture

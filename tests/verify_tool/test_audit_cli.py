@@ -2,34 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from tests.conftest import load_by_path
 from verify_tool.audit import run_audit
 from verify_tool.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _builder() -> ModuleType:
-    """The bundle builder of tests/l2d/core/test_audit.py, loaded by path (a 'tests' package may exist elsewhere)."""
-    path = REPO / "tests" / "l2d" / "core" / "test_audit.py"
-    spec = importlib.util.spec_from_file_location("_l2d_audit_bundle_builder", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-B = _builder()
+B = load_by_path("tests/l2d/core/test_audit.py", "_l2d_audit_bundle_builder")  # its builders
 
 
 @pytest.fixture(scope="module")

@@ -4,34 +4,20 @@ tests/verify_tool/test_audit_headers_regtest.py does the same with a real bitcoi
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Sequence
 
 import pytest
 
 from l2d.core.header_file import write_header_file
+from tests.conftest import load_by_path
 from verify_tool.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _builder() -> ModuleType:
-    """The bundle builder of tests/l2d/core/test_audit.py, loaded by path (as test_audit_cli.py does)."""
-    path = REPO / "tests" / "l2d" / "core" / "test_audit.py"
-    spec = importlib.util.spec_from_file_location("_l2d_audit_bundle_builder_headers", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-B = _builder()
+B = load_by_path("tests/l2d/core/test_audit.py", "_l2d_audit_bundle_builder")  # its builders
 START = 3  # the bundle's headers are 3..25 (anchor block at 5); the header files below run to 30
 TIP = 30
 

@@ -4,13 +4,11 @@ byte for byte what GET /api/bridge/headers serves); then a reorg onto another br
 checkpoint on another branch. Skipped when bitcoind is absent ($BITCOIND or PATH)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -20,24 +18,14 @@ from l2d.core.audit import AnchorKind, AuditBundle
 from l2d.core.header_file import write_header_file
 from l2d.core.params import REGTEST
 from regtest.harness import BitcoindNode
+from tests.conftest import load_by_path
 from verify_tool.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.regtest
 
 
-def _builder() -> ModuleType:
-    """The state and proof helpers of tests/l2d/core/test_audit.py, loaded by path (as test_audit_cli.py does)."""
-    path = REPO / "tests" / "l2d" / "core" / "test_audit.py"
-    spec = importlib.util.spec_from_file_location("_l2d_audit_bundle_builder_regtest", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-B = _builder()
+B = load_by_path("tests/l2d/core/test_audit.py", "_l2d_audit_bundle_builder")  # its builders
 
 
 def header_at(node: BitcoindNode, height: int) -> bytes:

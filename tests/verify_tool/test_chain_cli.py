@@ -2,35 +2,22 @@
 exit 0 verified, 1 refused (naming the height and the reason), 2 malformed or usage; --json; a subprocess run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from l2d.core.commit import Commit
+from tests.conftest import load_by_path
 from verify_tool.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _builder() -> ModuleType:
-    """The chain builder of tests/l2d/core/test_chain_file.py, loaded by path (a 'tests' package may exist
-    elsewhere)."""
-    path = REPO / "tests" / "l2d" / "core" / "test_chain_file.py"
-    spec = importlib.util.spec_from_file_location("_l2d_chain_file_builder", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-B = _builder()
+B = load_by_path("tests/l2d/core/test_chain_file.py", "_l2d_chain_file_builder")  # its builders
 
 
 @pytest.fixture
