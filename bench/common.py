@@ -101,6 +101,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_parts_mb(pid: int | None = None) -> dict[str, float]:
+    """RSS split into anonymous memory (the heap: what the process allocated) and file-backed pages (here: LMDB's
+    memory map, pages of the database the kernel keeps cached and reclaims under pressure), in MiB."""
+    out = {}
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "VmRSS:")):
+                out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
 def current_rss_mb(pid: int | None = None) -> float:
     with open(f"/proc/{pid or os.getpid()}/status") as f:
         for line in f:

@@ -201,6 +201,7 @@ class StoreConfig:
 
     map_size: int  # bytes: the most each LMDB environment may hold (sparse: only what is used takes disk)
     min_free_bytes: int  # below this free space on the data dir's filesystem new transactions get 503; 0 = off
+    tree_cache_mb: int  # MiB of recently written state-tree nodes the block executor keeps in memory
 
 
 ANCHOR_MODES: Final = ("taproot", "op_return")
@@ -432,7 +433,8 @@ class Config:
             "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
                           "keep": self.snapshots.keep, "anchored_keep_final": self.snapshots.anchored_keep_final,
                           "anchored_max_bytes": self.snapshots.anchored_max_bytes},
-            "store": {"map_size": self.store.map_size, "min_free_bytes": self.store.min_free_bytes},
+            "store": {"map_size": self.store.map_size, "min_free_bytes": self.store.min_free_bytes,
+                      "tree_cache_mb": self.store.tree_cache_mb},
             "anchoring": {k: (str(v) if isinstance(v, Path) else v)
                           for k, v in ((f, getattr(self.anchoring, f)) for f in AnchoringConfig.__slots__)},
             "bridge": {k: ([str(x) for x in v] if isinstance(v, tuple) and k == "signer_key_files"
@@ -620,10 +622,11 @@ def _netflow(t: Mapping[str, Any]) -> NetflowConfig:
 
 
 def _store(t: Mapping[str, Any]) -> StoreConfig:
-    s = _Section("store", t, ("map_size", "min_free_bytes"))
+    s = _Section("store", t, ("map_size", "min_free_bytes", "tree_cache_mb"))
     return StoreConfig(
         map_size=s.get_int("map_size", MIN_MAP_SIZE, MAX_BYTES, default=64 * GIB),
         min_free_bytes=s.get_int("min_free_bytes", 0, MAX_BYTES, default=256 * MIB),
+        tree_cache_mb=s.get_int("tree_cache_mb", 0, 1 << 20, default=256),
     )
 
 

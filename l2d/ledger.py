@@ -1,12 +1,13 @@
-"""The ledger: the stored chain (final blocks and at most one non-final tip), the in-memory state tree of the
-tip, and block execution over the LMDB store.
+"""The ledger: the stored chain (final blocks and at most one non-final tip) with its state tree, and block
+execution over the LMDB store.
 
 Executing a block applies its transactions to an overlay of its parent's state (the tip, the final block below
 a non-final tip, or a complete sibling of the tip: see docs/federation.md, "Storage") and yields its header; its
-root comes from a fork of the tip's tree (StateTree.fork), so the tip's tree is never changed: readers prove
-against it (`view`) while blocks are built. Storing writes block, commit, state changes, undo record and final
-height in one LMDB transaction, then publishes the new tip with its tree. On open, the tree is rebuilt from the
-stored state and its root must equal the tip header's: a mismatch means corruption.
+root comes from a TreeOverlay over the tip's stored tree (nodes in LMDB, read through the store's cache), so the
+stored tree is never changed by building: readers prove against it in their own LMDB read transactions while
+blocks are built. Storing writes block, commit, state changes, the tree's changed nodes, undo record and final
+height in one LMDB transaction. On open, the stored tree's root must equal the tip header's (a mismatch means
+corruption); `check()` recomputes it from every record.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from .core.block import Block, BlockHeader, genesis_header, tx_root
 from .core.errors import Rejected
 from .core.rules import apply_tx
 from .core.state import Rules, StateView
-from .core.tree import StateTree, leaf_hash
+from .core.tree import RootBuilder, TreeChanges, TreeOverlay, build_tree, leaf_hash, stored_root
 from .core.tx import Transaction
-from .store import Store, StoreError
+from .store import Reader, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,10 @@ class BuiltBlock:
     raw: bytes
     writes: Changes  # relative to the parent's state
     rejected: tuple[tuple[Transaction, Rejected], ...]
-    # The state tree after the block, and the tip's tree it was made from: stored while that is still the tip's,
-    # the block publishes it instead of applying its writes again.
-    tree: Optional[StateTree] = field(default=None, compare=False, repr=False)
-    from_tree: Optional[StateTree] = field(default=None, compare=False, repr=False)
+    # The tree's changes for the block over the stored tree of the tip `from_tip`: stored while that is still the
+    # tip, the block writes them instead of applying its writes to the tree again.
+    tree: Optional[TreeChanges] = field(default=None, compare=False, repr=False)
+    from_tip: Optional[bytes] = field(default=None, compare=False, repr=False)
 
     @property
     def header(self) -> BlockHeader:
@@ -49,27 +50,24 @@ class UnknownParent(StoreError):
 
 
 class Ledger:
-    """Owns the tree and the tip. Not thread-safe: one caller at a time (the node serialises them)."""
+    """Owns the tip. Not thread-safe for writes: one caller at a time stores (the node serialises them); execute may
+    run beside a store (it reads its own LMDB transaction)."""
 
     def __init__(self, store: Store, rules: Rules) -> None:
         self.store = store
         self.rules = rules
         self.final: Optional[BlockHeader] = None
-        # The stored tip and its state's tree, published together (one reference: a reader on another thread
-        # never pairs one tip with another's tree); a tree is replaced, never changed, when a block is stored.
-        self.view: Optional[tuple[StateTree, BlockHeader]] = None
+        self.tip: Optional[BlockHeader] = None
         self._sibling_writes: dict[bytes, Changes] = {}  # hash of a sibling of the tip -> its writes over final
 
     def open(self, genesis_state: dict[bytes, bytes], genesis_timestamp_ms: int) -> BlockHeader:
-        """Load the tip and rebuild the tree; on an empty database, commit the genesis block first."""
+        """Load the tip and check the stored tree's root; on an empty database, commit the genesis block first."""
         net = self.rules.network
         if self.store.tip_height() is None:
-            tree = StateTree()
-            for k, v in genesis_state.items():
-                tree.set(k, v)
-            header = genesis_header(net, genesis_timestamp_ms, tree.root())
+            root, changes = build_tree(sorted(genesis_state.items()))
+            header = genesis_header(net, genesis_timestamp_ms, root)
             block = Block(header, ())
-            self.store.commit_block(0, block.encode(), [], dict(genesis_state), final=0)
+            self.store.commit_block(0, block.encode(), [], dict(genesis_state), final=0, tree=changes)
             log.info("genesis block %s committed with %d state records", header.hash.hex(), len(genesis_state))
         with self.store.reader() as r:
             height = r.tip_height()
@@ -82,16 +80,32 @@ class Ledger:
             if raw_final is None:
                 raise StoreError(f"database has no final block {final_h}")
             final = Block.decode(bytes(raw_final), net).header
-            tree = StateTree()
-            for k, v in r.iter_state():
-                tree.set(k, v)
-        if tree.root() != tip.state_root:
-            raise StoreError(f"state in the database hashes to {tree.root().hex()}, but block {tip.height} "
+            root, records = stored_root(r.get_node), r.state_count()
+        if root != tip.state_root:
+            raise StoreError(f"the stored state tree's root is {root.hex()}, but block {tip.height} "
                              f"commits to {tip.state_root.hex()}: the database is corrupt")
-        self.final = final
-        self._publish(tree, tip)
-        log.info("ledger open at height %d, state root %s, %d records", tip.height, tip.state_root.hex(), len(tree))
+        self.final, self.tip = final, tip
+        log.info("ledger open at height %d, state root %s, %d records", tip.height, tip.state_root.hex(), records)
         return tip
+
+    def state_root(self) -> bytes:
+        """The stored tree's root (the tip's state root)."""
+        with self.store.reader() as r:
+            return stored_root(r.get_node)
+
+    def check(self) -> bytes:
+        """Recompute the root from every stored record (RootBuilder) and compare it with the stored tree's and the
+        tip's: StoreError on any difference. The full cross-check the daemon no longer does at start."""
+        with self.store.reader() as r:
+            b = RootBuilder()
+            for k, v in r.iter_state():
+                b.add(bytes(k), bytes(v))
+            full, stored = b.root(), stored_root(r.get_node)
+        tip = self._tip()
+        if not full == stored == tip.state_root:
+            raise StoreError(f"state root from the records {full.hex()}, from the stored tree {stored.hex()}, "
+                             f"in block {tip.height} {tip.state_root.hex()}: the database is corrupt")
+        return full
 
     def build_block(self, txs: Iterable[Transaction], timestamp_ms: int, *,
                     signatures_checked: bool = False) -> BuiltBlock:
@@ -104,11 +118,14 @@ class Ledger:
         rejected transaction raises its Rejected (a proposal with an invalid transaction is invalid as a whole);
         otherwise rejected ones are skipped and reported. UnknownParent if parent's state is not at hand. The tree
         is left at the tip's state."""
+        tip = self._tip()
         base = self._changes_to(parent.hash)
         accepted: list[Transaction] = []
         rejected: list[tuple[Transaction, Rejected]] = []
         rules = self.rules
         with self.store.reader() as r:
+            if r.tip_height() != tip.height:
+                raise StoreError(f"block {r.tip_height()} was stored while block {parent.height + 1} was built")
             get = r.get_state if not base else (lambda k: base[k] if k in base else r.get_state(k))
             view = StateView(get, parent.height + 1, parent.hash)
             for tx in txs:
@@ -121,12 +138,11 @@ class Ledger:
                 else:
                     accepted.append(tx)
             writes = view.writes
-            changes = {**base, **writes} if base else writes
-            tree = _changed(self.tree, changes) if changes else self.tree
+            tree = _tree_changes(self.store, r, {**base, **writes} if base else writes)
         header = BlockHeader(parent.network_id, parent.height + 1, parent.hash, max(timestamp_ms, parent.timestamp_ms),
-                             len(accepted), tx_root([t.txid for t in accepted]), tree.root())
+                             len(accepted), tx_root([t.txid for t in accepted]), tree[0])
         block = Block(header, tuple(accepted))
-        return BuiltBlock(block, block.encode(), writes, tuple(rejected), tree, self.tree)
+        return BuiltBlock(block, block.encode(), writes, tuple(rejected), tree[1], tip.hash)
 
     def _tip(self) -> BlockHeader:
         if self.tip is None or self.final is None:
@@ -166,24 +182,17 @@ class Ledger:
         self._sibling_writes[sib.header.hash] = view.writes
         return view.writes
 
-    def _tree_after(self, built: BuiltBlock, changes: Changes) -> StateTree:
-        """The tree after a block stored over the tip's state: the one executing it made, if made from this tip's
-        tree, else the tip's with changes applied."""
-        if built.tree is not None and built.from_tree is self.tree:
+    def _tree_after(self, built: BuiltBlock, changes: Changes) -> TreeChanges:
+        """The tree's changes for a block stored over the tip's state: the ones executing it made, if made over
+        this tip's tree, else the tip's with changes applied."""
+        if built.tree is not None and built.from_tip == self._tip().hash:
             return built.tree
-        return _changed(self.tree, changes)
-
-    def _publish(self, tree: StateTree, tip: BlockHeader) -> None:
-        self.view = (tree, tip)
-
-    @property
-    def tree(self) -> StateTree:
-        """The stored tip's state tree (an empty tree before open)."""
-        return StateTree() if self.view is None else self.view[0]
-
-    @property
-    def tip(self) -> Optional[BlockHeader]:
-        return None if self.view is None else self.view[1]
+        with self.store.reader() as r:
+            root, tree = _tree_changes(self.store, r, changes)
+        if root != built.header.state_root:
+            raise StoreError(f"block {built.header.height}: its writes make root {root.hex()}, its header says "
+                             f"{built.header.state_root.hex()}")
+        return tree
 
     # -- storing -----------------------------------------------------------------------------------------------
     def _undo_of(self, writes: Changes, base: Changes) -> Changes:
@@ -206,8 +215,8 @@ class Ledger:
         if h.prev_hash == tip.hash:
             undo = self._undo_of(built.writes, {})
             self.store.commit_block(h.height, built.raw, [t.txid for t in built.block.txs], built.writes,
-                                    commit=commit, final=None if final is None else final.height, undo=undo)
-            tree = self._tree_after(built, built.writes)
+                                    commit=commit, final=None if final is None else final.height, undo=undo,
+                                    tree=self._tree_after(built, built.writes))
         elif self.final is not None and tip.height > self.final.height and h.prev_hash == self.final.hash:
             if final is not None:
                 raise StoreError("replacing the tip cannot move the final height")
@@ -217,8 +226,7 @@ class Ledger:
             assert old is not None
             self.store.replace_tip(tip.hash, [t.txid for t in old.txs], h.height, built.raw,
                                    [t.txid for t in built.block.txs], built.writes, commit=commit, undo=undo,
-                                   new_hash=h.hash)
-            tree = self._tree_after(built, {**base, **built.writes})
+                                   new_hash=h.hash, tree=self._tree_after(built, {**base, **built.writes}))
         else:
             raise UnknownParent(f"block {h.height} does not extend the tip or the final block")
         if final is not None:
@@ -226,18 +234,20 @@ class Ledger:
             self._sibling_writes.clear()
         else:
             self._sibling_writes.pop(h.hash, None)
-        self._publish(tree, h)
-
-    def _commit_args(self, built: BuiltBlock) -> tuple[int, bytes, list[bytes], dict[bytes, Optional[bytes]]]:
-        return (built.block.header.height, built.raw, [t.txid for t in built.block.txs], built.writes)
+        self.tip = h
 
     def commit(self, built: BuiltBlock) -> None:
-        self.store.commit_block(*self._commit_args(built))
-        self._publish(self._tree_after(built, built.writes), built.block.header)
+        """Store a block on the tip without a commit (tests and benchmarks of a single member)."""
+        b = built.block
+        self.store.commit_block(b.header.height, built.raw, [t.txid for t in b.txs], built.writes,
+                                tree=self._tree_after(built, built.writes))
+        self.tip = b.header
 
     async def commit_async(self, built: BuiltBlock) -> None:
-        await self.store.commit_block_async(*self._commit_args(built))
-        self._publish(self._tree_after(built, built.writes), built.block.header)
+        b = built.block
+        await self.store.commit_block_async(b.header.height, built.raw, [t.txid for t in b.txs], built.writes,
+                                            tree=self._tree_after(built, built.writes))
+        self.tip = b.header
 
     def get(self, key: bytes) -> Optional[bytes]:
         """Committed value of a state key."""
@@ -251,13 +261,13 @@ class Ledger:
         return [self.store.tx_location(t) is not None for t in txids]
 
 
-def _changed(tree: StateTree, changes: Changes) -> StateTree:
-    """A fork of tree with changes applied, hashed (so readers on other threads only ever read it)."""
-    t = tree.fork()
-    for k, v in changes.items():
+def _tree_changes(store: Store, r: Reader, changes: Changes) -> tuple[bytes, TreeChanges]:
+    """The root and the tree's changes after changes to the tree stored as of r."""
+    t = TreeOverlay(store.tree_loader(r))
+    for k in sorted(changes):  # key order: neighbouring paths share the nodes they decode
+        v = changes[k]
         if v is None:
             t.delete(k)
         else:
             t.set_hash(k, leaf_hash(k, v))  # keys come from the state transition: already well-formed
-    t.root()
-    return t
+    return t.root(), t.changes()

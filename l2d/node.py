@@ -144,7 +144,8 @@ class Node:
         datadir = DataDir.open(Path(config.node.data_dir), config.store.min_free_bytes)
         try:
             genesis = load_genesis(config, network)
-            store = Store(Path(config.node.data_dir) / "ledger", network, config.store.map_size)
+            store = Store(Path(config.node.data_dir) / "ledger", network, config.store.map_size,
+                          config.store.tree_cache_mb << 20)
         except BaseException:
             datadir.close()
             raise

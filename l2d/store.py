@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import struct
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,15 +25,18 @@ from typing import Iterator, Mapping, Optional
 import lmdb
 
 from .core.params import Network
+from .core.tree import ROOT_REF, Load, NodeBuilder, TreeChanges, leaf_hash
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: block commits, the final height, undo records and siblings (issue 12)
+SCHEMA_VERSION = 3  # 2: block commits, the final height, undo records and siblings (issue 12); 3: tree nodes
 _U64 = struct.Struct(">Q")
 _LOC = struct.Struct(">QI")
 
 
 DEFAULT_MAP_SIZE = 64 << 30  # store.map_size's default
+DEFAULT_TREE_CACHE = 256 << 20  # store.tree_cache_mb's default, in bytes
+_CACHE_ENTRY = 160  # bytes a cached node costs beyond its key and value (objects and the ordered dict's links)
 
 
 class StoreError(Exception):
@@ -63,11 +67,19 @@ def write_error(e: lmdb.Error, path: Path, map_size: int, what: str) -> StoreErr
 
 
 class Store:
-    def __init__(self, path: Path, network: Network, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(self, path: Path, network: Network, map_size: int = DEFAULT_MAP_SIZE,
+                 tree_cache: int = DEFAULT_TREE_CACHE) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self.network = network
         self.map_size = map_size
+        # The most recently written tree nodes (path key -> node), for the block executor: filled only by commits,
+        # so it holds the committed tree's nodes; _gen is odd while a commit changes the tree (a seqlock: a loader
+        # that sees _gen move ignores what the cache gave it and reads its own LMDB transaction).
+        self.tree_cache_limit = tree_cache
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._gen = 0
         # mode: the environment's files are created 0600 (LMDB clears the execute bits), the directory 0700.
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, subdir=True, sync=True, metasync=True,
                              max_readers=256, mode=0o700)
@@ -79,6 +91,7 @@ class Store:
         self._commits = self.env.open_db(b"commits")  # height u64 -> the block's commit (b"" for block 0)
         self._undo = self.env.open_db(b"undo")  # height u64 -> undo record of a non-final block
         self._siblings = self.env.open_db(b"siblings")  # block hash -> u32 block length | block | commit
+        self._nodes = self.env.open_db(b"nodes")  # the state tree: path key -> node (l2d/core/tree.py)
         try:
             self._check_or_init_meta()
         except BaseException:
@@ -97,12 +110,33 @@ class Store:
         if net != self.network.name.encode():
             raise StoreError(f"database at {self.path} was made for network {net!r}, "
                              f"not {self.network.name!r}: refusing to open it")
+        if schema is not None and _U64.unpack(schema)[0] == 2:
+            self._add_tree_nodes()
+            return
         if schema is None or _U64.unpack(schema)[0] != SCHEMA_VERSION:
             got = None if schema is None else _U64.unpack(schema)[0]
             hint = (": it was made before blocks carried member signatures (schema 1); move it away and start "
                     "a fresh data dir, or sync one from the federation" if got == 1 else "")
             raise StoreError(f"database at {self.path} has schema version {got}, this code needs "
                              f"{SCHEMA_VERSION}{hint}")
+
+    def _add_tree_nodes(self) -> None:
+        """Upgrade schema 2 to 3: write the state tree's nodes (one pass over the state, one transaction)."""
+        log.info("upgrading %s to schema %d: writing the state tree's nodes", self.path, SCHEMA_VERSION)
+        try:
+            with self.env.begin(write=True) as txn:
+                put = functools.partial(txn.put, db=self._nodes)
+                b = NodeBuilder(put)
+                with txn.cursor(db=self._state) as cur:
+                    for k, v in cur.iternext(keys=True, values=True):
+                        b.add(k, leaf_hash(k, v))
+                ref = b.finish()
+                if ref:
+                    put(ROOT_REF, ref)
+                txn.put(b"schema", _U64.pack(SCHEMA_VERSION), db=self._meta)
+        except lmdb.Error as e:
+            raise write_error(e, self.path, self.map_size, "cannot write the state tree's nodes") from e
+        log.info("upgraded %s: %d state records in the tree", self.path, b.count)
 
     # -- reads (any thread) -------------------------------------------------------------------------------
     def tip_height(self) -> Optional[int]:
@@ -151,55 +185,62 @@ class Store:
     @contextmanager
     def reader(self) -> Iterator["Reader"]:
         """A consistent read view (one LMDB read transaction) for bulk work such as snapshots."""
+        gen = self._gen  # before the transaction begins: see tree_loader
         txn = self.env.begin(buffers=False)
         try:
-            yield Reader(self, txn)
+            yield Reader(self, txn, gen)
         finally:
             txn.abort()
 
     # -- writes (writer thread only) ----------------------------------------------------------------------
     def commit_block(self, height: int, block: bytes, txids: list[bytes], writes: Mapping[bytes, Optional[bytes]],
                      *, commit: bytes = b"", final: Optional[int] = None,
-                     undo: Optional[Mapping[bytes, Optional[bytes]]] = None) -> None:
-        """Commit block `height` with its commit, its state writes (None = delete), its undo record (the prior
-        value of every key it writes; kept while it is not final) and the new final height (None: unchanged), in
-        one LMDB transaction. Siblings and undo records at or below the new final height are dropped with it.
+                     undo: Optional[Mapping[bytes, Optional[bytes]]] = None,
+                     tree: Optional[TreeChanges] = None) -> None:
+        """Commit block `height` with its commit, its state writes (None = delete) and the tree's changes for them,
+        its undo record (the prior value of every key it writes; kept while it is not final) and the new final
+        height (None: unchanged), in one LMDB transaction. Siblings and undo records at or below the new final
+        height are dropped with it.
 
         StoreFull / StoreWriteError when LMDB cannot write it (then nothing of it was stored)."""
-        try:
-            with self.env.begin(write=True) as txn:
-                self._append(txn, height, block, txids, writes, commit, undo)
-                if final is not None:
-                    self._set_final(txn, final, height)
-        except lmdb.Error as e:
-            raise write_error(e, self.path, self.map_size, f"cannot commit block {height}") from e
+        with self._tree_write(tree):
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._append(txn, height, block, txids, writes, commit, undo, tree)
+                    if final is not None:
+                        self._set_final(txn, final, height)
+            except lmdb.Error as e:
+                raise write_error(e, self.path, self.map_size, f"cannot commit block {height}") from e
 
     def replace_tip(self, old_hash: bytes, old_txids: list[bytes], height: int, block: bytes, txids: list[bytes],
                     writes: Mapping[bytes, Optional[bytes]], *, commit: bytes,
-                    undo: Mapping[bytes, Optional[bytes]], new_hash: bytes) -> None:
+                    undo: Mapping[bytes, Optional[bytes]], new_hash: bytes, tree: TreeChanges) -> None:
         """Replace the non-final tip (height, hash old_hash) by a complete sibling, in one LMDB transaction: the
         tip's state changes are undone, its transactions unindexed, and it moves to the siblings; the sibling (its
-        writes and undo record relative to the common parent) becomes the tip."""
-        try:
-            with self.env.begin(write=True) as txn:
-                tip = txn.get(b"tip", db=self._meta)
-                final = txn.get(b"final", db=self._meta)
-                if tip is None or _U64.unpack(tip)[0] != height or (final and _U64.unpack(final)[0] >= height):
-                    raise StoreError(f"cannot replace block {height}: it is not the non-final tip")
-                key = _U64.pack(height)
-                raw_undo = txn.get(key, db=self._undo)
-                if raw_undo is None:
-                    raise StoreError(f"block {height} has no undo record")
-                self._write_state(txn, decode_undo(bytes(raw_undo)))
-                for txid in old_txids:
-                    txn.delete(txid, db=self._txs)
-                old_block, old_commit = bytes(txn.get(key, db=self._blocks)), bytes(txn.get(key, db=self._commits))
-                txn.put(old_hash, _join_sibling(old_block, old_commit), db=self._siblings)
-                txn.delete(new_hash, db=self._siblings)
-                txn.put(b"tip", _U64.pack(height - 1), db=self._meta)
-                self._append(txn, height, block, txids, writes, commit, undo)
-        except lmdb.Error as e:
-            raise write_error(e, self.path, self.map_size, f"cannot replace block {height}") from e
+        writes and undo record relative to the common parent, and the tree's changes from the old tip's) becomes
+        the tip."""
+        with self._tree_write(tree):
+            try:
+                with self.env.begin(write=True) as txn:
+                    tip = txn.get(b"tip", db=self._meta)
+                    final = txn.get(b"final", db=self._meta)
+                    if tip is None or _U64.unpack(tip)[0] != height or (final and _U64.unpack(final)[0] >= height):
+                        raise StoreError(f"cannot replace block {height}: it is not the non-final tip")
+                    key = _U64.pack(height)
+                    raw_undo = txn.get(key, db=self._undo)
+                    if raw_undo is None:
+                        raise StoreError(f"block {height} has no undo record")
+                    self._write_state(txn, decode_undo(bytes(raw_undo)))
+                    for txid in old_txids:
+                        txn.delete(txid, db=self._txs)
+                    old_block = bytes(txn.get(key, db=self._blocks))
+                    old_commit = bytes(txn.get(key, db=self._commits))
+                    txn.put(old_hash, _join_sibling(old_block, old_commit), db=self._siblings)
+                    txn.delete(new_hash, db=self._siblings)
+                    txn.put(b"tip", _U64.pack(height - 1), db=self._meta)
+                    self._append(txn, height, block, txids, writes, commit, undo, tree)
+            except lmdb.Error as e:
+                raise write_error(e, self.path, self.map_size, f"cannot replace block {height}") from e
 
     def put_sibling(self, block_hash: bytes, block: bytes, commit: bytes) -> None:
         """Keep a complete child of the final block that is not the tip (it may become the tip)."""
@@ -211,7 +252,7 @@ class Store:
 
     def _append(self, txn: "lmdb.Transaction", height: int, block: bytes, txids: list[bytes],
                 writes: Mapping[bytes, Optional[bytes]], commit: bytes,
-                undo: Optional[Mapping[bytes, Optional[bytes]]]) -> None:
+                undo: Optional[Mapping[bytes, Optional[bytes]]], tree: Optional[TreeChanges]) -> None:
         tip = txn.get(b"tip", db=self._meta)
         expected = 0 if tip is None else _U64.unpack(tip)[0] + 1
         if height != expected:
@@ -224,7 +265,72 @@ class Store:
         with txn.cursor(db=self._txs) as cur:
             cur.putmulti([(txid, _LOC.pack(height, i)) for i, txid in enumerate(txids)])
         self._write_state(txn, writes)
+        if tree is not None:
+            if tree.replace:
+                txn.drop(self._nodes, delete=False)
+            with txn.cursor(db=self._nodes) as cur:
+                cur.putmulti(sorted(tree.puts.items()))
+            for p in tree.deletes:
+                txn.delete(p, db=self._nodes)
+            if tree.root_ref:
+                txn.put(ROOT_REF, tree.root_ref, db=self._nodes)
+            else:
+                txn.delete(ROOT_REF, db=self._nodes)
         txn.put(b"tip", key, db=self._meta)
+
+    @contextmanager
+    def _tree_write(self, tree: Optional[TreeChanges]) -> Iterator[None]:
+        """Around a commit that changes the tree: the cache takes the new nodes once LMDB has them (and drops them
+        all if the commit failed, keeping only what is sure to be committed)."""
+        if tree is None:
+            yield
+            return
+        self._gen += 1  # odd: loaders stop trusting the cache
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            cache = self._cache
+            if not ok or tree.replace:
+                cache.clear()
+                self._cache_bytes = 0
+            else:
+                size = self._cache_bytes
+                for p in tree.deletes:
+                    old = cache.pop(p, None)
+                    if old is not None:
+                        size -= len(p) + len(old) + _CACHE_ENTRY
+                for p, enc in tree.puts.items():
+                    old = cache.pop(p, None)
+                    if old is not None:
+                        size -= len(p) + len(old) + _CACHE_ENTRY
+                    cache[p] = enc
+                    size += len(p) + len(enc) + _CACHE_ENTRY
+                limit = self.tree_cache_limit
+                while size > limit and cache:
+                    p, enc = cache.popitem(last=False)
+                    size -= len(p) + len(enc) + _CACHE_ENTRY
+                self._cache_bytes = size
+            self._gen += 1
+
+    def tree_loader(self, r: "Reader") -> Load:
+        """Tree nodes as of r's transaction, from the cache of committed nodes when it is that version: r's
+        generation was taken before its transaction began, a commit makes the generation odd before LMDB has the new
+        tree and even again after the cache has it, so a node from the cache is r's version if the generation is
+        still r's after reading it."""
+        get, db = r._txn.get, self._nodes
+        gen = r.gen
+        if gen & 1:
+            return lambda p: get(p, db=db)  # type: ignore[no-any-return]
+        cache = self._cache
+
+        def load(p: bytes) -> Optional[bytes]:
+            enc = cache.get(p)
+            if enc is not None and self._gen == gen:
+                return enc
+            return get(p, db=db)  # type: ignore[no-any-return]
+        return load
 
     def _write_state(self, txn: "lmdb.Transaction", writes: Mapping[bytes, Optional[bytes]]) -> None:
         puts = [(k, v) for k, v in writes.items() if v is not None]
@@ -249,10 +355,11 @@ class Store:
     async def commit_block_async(self, height: int, block: bytes, txids: list[bytes],
                                  writes: Mapping[bytes, Optional[bytes]], *, commit: bytes = b"",
                                  final: Optional[int] = None,
-                                 undo: Optional[Mapping[bytes, Optional[bytes]]] = None) -> None:
+                                 undo: Optional[Mapping[bytes, Optional[bytes]]] = None,
+                                 tree: Optional[TreeChanges] = None) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, functools.partial(
-            self.commit_block, height, block, txids, writes, commit=commit, final=final, undo=undo))
+            self.commit_block, height, block, txids, writes, commit=commit, final=final, undo=undo, tree=tree))
 
     # -- anchors (the anchor service's local records; not consensus state) --------------------------------
     def put_anchor(self, l2_height: int, value: bytes) -> None:
@@ -281,11 +388,12 @@ class Store:
 class Reader:
     """Reads inside one read transaction."""
 
-    __slots__ = ("_s", "_txn")
+    __slots__ = ("_s", "_txn", "gen")
 
-    def __init__(self, store: Store, txn: "lmdb.Transaction") -> None:
+    def __init__(self, store: Store, txn: "lmdb.Transaction", gen: int) -> None:
         self._s = store
         self._txn = txn
+        self.gen = gen  # the tree cache's generation when the transaction began
 
     def tip_height(self) -> Optional[int]:
         v = self._txn.get(b"tip", db=self._s._meta)
@@ -303,6 +411,10 @@ class Reader:
     def final_height(self) -> int:
         v = self._txn.get(b"final", db=self._s._meta)
         return 0 if v is None else int(_U64.unpack(v)[0])
+
+    def get_node(self, path: bytes) -> Optional[bytes]:
+        """A stored tree node (or ROOT_REF) as of this transaction."""
+        return self._txn.get(path, db=self._s._nodes)  # type: ignore[no-any-return]
 
     def state_count(self) -> int:
         return int(self._txn.stat(self._s._state)["entries"])

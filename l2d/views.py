@@ -1,23 +1,22 @@
 """Read views of the committed chain for the API and the services: tip, summaries, records and proofs.
 
-Every read comes from the store (LMDB read transactions over committed data). Proofs come from the committed
-tip's in-memory tree, which the ledger never changes (a block is built on a fork of it): they never wait for the
+Every read comes from the store (LMDB read transactions over committed data). Proofs come from the tree nodes
+stored with the committed tip, read in the same transaction as the values they prove: they never wait for the
 block being built.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from .core.block import HEADER_SIZE, Block, BlockHeader
 from .core.commit import Commit
 from .core.params import Network
 from .core.state import SUPPLY_KEY, Account, Supply, account_key
-from .core.tree import Proof, StateTree
+from .core.tree import Proof, prove_stored
 from .ledger import Ledger
 from .mempool import Mempool
 from .metrics import Metrics
@@ -140,36 +139,30 @@ class ChainView:
 
     async def prove(self, key: bytes) -> ProvenValue:
         """The committed value under key and its inclusion proof against the committed tip (both None if absent)."""
-        async with self._committed() as (tip, tree, get):
+        with self._committed() as (tip, r, get):
             raw = get(key)
-            proof = tree.prove(key, _present(get)) if raw is not None else None
+            proof = prove_stored(r.get_node, key, _present(get)) if raw is not None else None
         return ProvenValue(tip, raw, proof)
 
     async def account(self, pubkey: bytes) -> AccountView:
         """Committed account and its proof (inclusion or non-inclusion) against the committed tip's state root."""
         key = account_key(pubkey)
-        async with self._committed() as (tip, tree, get):
+        with self._committed() as (tip, r, get):
             raw = get(key)
-            proof = tree.prove(key, _present(get))
+            proof = prove_stored(r.get_node, key, _present(get))
         return AccountView(None if raw is None else Account.decode(raw), tip.height, tip.state_root, proof)
 
-    @contextlib.asynccontextmanager
-    async def _committed(self) -> AsyncIterator[tuple[BlockHeader, StateTree, Callable[[bytes], Optional[bytes]]]]:
-        """The committed tip, its tree and the stored values of that same state, without waiting for the block
-        being built: the ledger publishes (tree, tip) right after storing a block, so an LMDB read that sees a
-        newer tip than the published one is in that short gap; it is read again after the publication."""
-        while True:
-            view = self.ledger.view
-            if view is None:
-                raise StoreError("ledger is not open")
-            tree, tip = view
-            with self.store.reader() as r:
-                h = r.tip_height()
-                raw = r.get_block(h) if h is not None else None
-                if raw is not None and BlockHeader.decode(bytes(raw[:HEADER_SIZE]), self.network).hash == tip.hash:
-                    yield tip, tree, lambda k: None if (v := r.get_state(k)) is None else bytes(v)
-                    return
-            await asyncio.sleep(0.001)
+    @contextlib.contextmanager
+    def _committed(self) -> Iterator[tuple[BlockHeader, Reader, Callable[[bytes], Optional[bytes]]]]:
+        """The committed tip, its tree and its values, all from one LMDB read transaction: never waiting for the
+        block being built (a block's nodes and records are written in the transaction that stores it)."""
+        with self.store.reader() as r:
+            h = r.tip_height()
+            raw = r.get_block(h) if h is not None else None
+            if raw is None:
+                raise StoreError("database has no tip block")
+            tip = BlockHeader.decode(bytes(raw[:HEADER_SIZE]), self.network)
+            yield tip, r, lambda k: None if (v := r.get_state(k)) is None else bytes(v)
 
     def render_metrics(self) -> str:
         """The Prometheus exposition of this node."""

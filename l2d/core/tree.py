@@ -8,16 +8,17 @@ Definition (the one every implementation here must agree with; see docs/state-tr
 where S_i are the keys of S whose nibble d is i, only non-empty S_i are hashed (in nibble order) and
 bit i of the bitmap is set for each of them. The root is therefore a function of the key/value set alone.
 
-Three implementations share that definition:
-    StateTree     in memory, incremental: only the nodes on changed paths are rehashed; fork() is a copy in O(1)
-                  whose changes copy the nodes they touch, so a tree that is only read (the committed state,
-                  proved by readers while the next block is built on a fork of it) is never modified;
+Four implementations share that definition:
+    TreeOverlay   over the stored tree (one record per inner node, keyed by its path, in the daemon's LMDB): only
+                  the nodes on changed paths are read, rehashed and written back; NodeBuilder bulk-loads it;
+    StateTree     in memory, incremental (the reference the stored tree is tested against; vectors, benchmarks);
     RootBuilder   streaming from key-sorted records in O(depth) memory (used by snapshots and l2-verify);
     reference_root  a direct recursive transcription, for tests.
-Proofs (inclusion and non-inclusion) come from StateTree.prove and are checked by verify_proof.
+Proofs (inclusion and non-inclusion) come from prove_stored / StateTree.prove and are checked by verify_proof.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -33,8 +34,7 @@ _SHIFT1 = 4 * NIBBLES  # nibble d of key int k is (k >> (_SHIFT1 - 4 * (d + 1)))
 MAX_VALUE = 1 << 16
 _BITMAP = [U16.pack(i) for i in range(1 << 16)]  # bitmap -> its 2 encoded bytes
 
-# Leaf: tuple (leaf_hash, key).  Internal node: list [hash|None, bitmap, child_0 .. child_15, owner]: owner is the
-# token of the tree (fork) that made it; a tree changes only its own nodes and copies any other it must change.
+# Leaf: tuple (leaf_hash, key).  Internal node: list [hash|None, bitmap, child_0 .. child_15].
 # The hot paths tell them apart with type(); a precise Union would only add casts, so children are Any.
 Leaf = tuple[bytes, bytes]
 Node = list[Any]
@@ -56,20 +56,17 @@ def _check_key(key: bytes) -> None:
 
 
 def _hash_node(node: Node) -> bytes:
-    h = H_NODE(_BITMAP[node[1]] + b"".join([c[0] or _hash_node(c) for c in node[2:18] if c is not None]))
+    h = H_NODE(_BITMAP[node[1]] + b"".join([c[0] or _hash_node(c) for c in node[2:] if c is not None]))
     node[0] = h
     return h
 
 
-_OWNER = 18
-
-
-def _split(a: Leaf, b: Leaf, d: int, owner: object) -> Node:
+def _split(a: Leaf, b: Leaf, d: int) -> Node:
     """A new internal node at depth d holding two leaves that share their first d nibbles."""
-    node: Node = [None, 0] + [None] * 16 + [owner]
+    node: Node = [None, 0] + [None] * 16
     na, nb = _nib(a[1], d), _nib(b[1], d)
     if na == nb:
-        node[2 + na] = _split(a, b, d + 1, owner)
+        node[2 + na] = _split(a, b, d + 1)
         node[1] = 1 << na
     else:
         node[2 + na], node[2 + nb] = a, b
@@ -77,18 +74,19 @@ def _split(a: Leaf, b: Leaf, d: int, owner: object) -> Node:
     return node
 
 
-def _delete(node: Node, key: bytes, d: int, owner: object) -> Child:
-    """Remove key (present) below node (depth d); returns what replaces node in its parent (node, or its copy
-    owned by owner)."""
-    if node[_OWNER] is not owner:
-        node = node[:_OWNER] + [owner]
+def _delete(node: Node, key: bytes, d: int) -> Child:
+    """Remove key below node (depth d); returns what replaces node in its parent."""
     slot = _nib(key, d)
     child = node[2 + slot]
+    if child is None:
+        return node
     if type(child) is tuple:
+        if child[1] != key:
+            return node
         node[2 + slot] = None
         node[1] &= ~(1 << slot)
     else:
-        node[2 + slot] = _delete(child, key, d + 1, owner)
+        node[2 + slot] = _delete(child, key, d + 1)
     node[0] = None
     bm = node[1]
     if bm & (bm - 1) == 0:  # one child left: a lone leaf moves up, a lone internal node stays
@@ -101,23 +99,14 @@ def _delete(node: Node, key: bytes, d: int, owner: object) -> Child:
 class StateTree:
     """In-memory incremental tree. set/delete mark paths dirty; root() rehashes only dirty nodes."""
 
-    __slots__ = ("_root", "_count", "_owner")
+    __slots__ = ("_root", "_count")
 
     def __init__(self) -> None:
         self._root: Child = None
         self._count = 0
-        self._owner = object()
 
     def __len__(self) -> int:
         return self._count
-
-    def fork(self) -> "StateTree":
-        """A tree equal to this one, sharing its nodes: changing either copies what it changes, so neither sees
-        the other's changes. Hash this tree first (root()) if another thread may read it meanwhile."""
-        t = StateTree()
-        t._root, t._count = self._root, self._count
-        self._owner = object()  # the nodes both now share are neither's to change
-        return t
 
     def set(self, key: bytes, value: bytes) -> None:
         _check_key(key)
@@ -125,7 +114,6 @@ class StateTree:
 
     def set_hash(self, key: bytes, lh: bytes) -> None:
         new: Leaf = (lh, key)
-        owner = self._owner
         node = self._root
         if node is None:
             self._root = new
@@ -135,11 +123,9 @@ class StateTree:
             if node[1] == key:
                 self._root = new
             else:
-                self._root = _split(node, new, 0, owner)
+                self._root = _split(node, new, 0)
                 self._count += 1
             return
-        if node[18] is not owner:
-            node = self._root = node[:18] + [owner]
         d = 0
         while True:
             node[0] = None
@@ -155,11 +141,9 @@ class StateTree:
                 if child[1] == key:
                     node[2 + nib] = new
                 else:
-                    node[2 + nib] = _split(child, new, d + 1, owner)
+                    node[2 + nib] = _split(child, new, d + 1)
                     self._count += 1
                 return
-            if child[18] is not owner:
-                child = node[2 + nib] = child[:18] + [owner]
             node = child
             d += 1
 
@@ -177,7 +161,7 @@ class StateTree:
             return
         if self.contains(key):
             self._count = before - 1
-            self._root = _delete(node, key, 0, self._owner)
+            self._root = _delete(node, key, 0)
 
     def contains(self, key: bytes) -> bool:
         node = self._root
@@ -205,7 +189,7 @@ class StateTree:
         d = 0
         while node is not None and type(node) is not tuple:
             slot = _nib(key, d)
-            sibs = tuple(c[0] for i, c in enumerate(node[2:18]) if c is not None and i != slot)
+            sibs = tuple(c[0] for i, c in enumerate(node[2:]) if c is not None and i != slot)
             levels.append((node[1], sibs))
             node = node[2 + slot]
             d += 1
@@ -426,3 +410,326 @@ def verify_proof(root: bytes, proof: Proof) -> Optional[bytes]:
     if h != root:
         raise ProofError(f"proof computes root {h.hex()}, expected {root.hex()}")
     return proof.value if proof.kind == ProofKind.PRESENT else None
+
+
+# -- the stored tree -------------------------------------------------------------------------------------------
+# The same tree kept as one record per inner node in a key-value store (the daemon's LMDB), keyed by the node's
+# path, so a node holds only the current version of the tree: a change overwrites the nodes on its path and
+# deletes the ones it collapses (readers of an older version keep it through the store's own snapshots, LMDB's
+# MVCC). Layout (docs/state-tree.md, "Stored tree"):
+#   path key   packed nibbles of the path (ceil(d/2) bytes, an odd path's last low nibble 0) || depth u8
+#   node       bitmap u16 | leafmask u16 | child hash (32) per bitmap bit | key (33) per leafmask bit
+#   ROOT_REF   absent: empty tree | root hash (32): an inner node at ROOT_PATH | leaf hash || key (65): one leaf
+ROOT_PATH = b"\x00"
+ROOT_REF = b"root"  # its last byte (116) is no depth (<= 65), so it is no path key
+_U16x2 = struct.Struct(">HH")
+_DIRTY = b""  # in a decoded node: an inner child changed since it was last hashed
+Load = Callable[[bytes], Optional[bytes]]
+
+
+class TreeCorrupt(Exception):
+    """A stored node the tree refers to is missing or malformed."""
+
+
+def path_key(key: bytes, d: int) -> bytes:
+    """The path key of the node at depth d on key's path."""
+    h = d >> 1
+    return key[:h] + (bytes((key[h] & 0xF0, d)) if d & 1 else bytes((d,)))
+
+
+def _child_path(path: bytes, slot: int) -> bytes:
+    d = path[-1]
+    if d & 1:
+        return path[:-2] + bytes((path[-2] | slot, d + 1))
+    return path[:-1] + bytes((slot << 4, d + 1))
+
+
+def decode_node(enc: bytes) -> list[Any]:
+    """A stored node as 16 slots: None, a leaf (hash, key), or an inner child's hash."""
+    try:
+        bm, lm = _U16x2.unpack_from(enc)
+    except struct.error:
+        raise TreeCorrupt("stored node shorter than its bitmaps") from None
+    slots: list[Any] = [None] * 16
+    hi, ki = 4, 4 + 32 * bin(bm).count("1")
+    if lm & ~bm or not bm or len(enc) != ki + KEY_SIZE * bin(lm).count("1"):
+        raise TreeCorrupt(f"stored node of {len(enc)} bytes disagrees with its bitmaps {bm:04x}/{lm:04x}")
+    for i in range(16):
+        if bm >> i & 1:
+            if lm >> i & 1:
+                slots[i] = (enc[hi:hi + 32], enc[ki:ki + KEY_SIZE])
+                ki += KEY_SIZE
+            else:
+                slots[i] = enc[hi:hi + 32]
+            hi += 32
+    return slots
+
+
+def encode_node(slots: list[Any]) -> tuple[bytes, bytes]:
+    """(stored bytes, hash) of a node whose slots are all hashed."""
+    bm = lm = 0
+    hs: list[bytes] = []
+    ks: list[bytes] = []
+    for i in range(16):
+        c = slots[i]
+        if c is None:
+            continue
+        bm |= 1 << i
+        if type(c) is tuple:
+            lm |= 1 << i
+            hs.append(c[0])
+            ks.append(c[1])
+        else:
+            hs.append(c)
+    body = b"".join(hs)
+    b = _BITMAP[bm]
+    return b + _BITMAP[lm] + body + b"".join(ks), H_NODE(b + body)
+
+
+def _decode_ref(ref: Optional[bytes]) -> Child:
+    if not ref:
+        return None
+    if len(ref) == 32:
+        return bytes(ref)
+    if len(ref) == 32 + KEY_SIZE:
+        return (bytes(ref[:32]), bytes(ref[32:]))
+    raise TreeCorrupt(f"stored root reference of {len(ref)} bytes")
+
+
+def stored_root(load: Load) -> bytes:
+    """The root of a stored tree."""
+    ref = _decode_ref(load(ROOT_REF))
+    return EMPTY_ROOT if ref is None else ref[0] if type(ref) is tuple else ref
+
+
+class TreeOverlay:
+    """Changes to a stored tree, kept in memory until written: set/delete decode the nodes on their paths from
+    load(path key), root() hashes what changed, changes() is what to write so the store holds the new tree."""
+
+    __slots__ = ("_load", "_nodes", "_ref", "_puts", "_deleted", "_count_delta")
+
+    def __init__(self, load: Load) -> None:
+        self._load = load
+        self._nodes: dict[bytes, list[Any]] = {}
+        self._ref: Any = _decode_ref(load(ROOT_REF))
+        self._puts: dict[bytes, bytes] = {}
+        self._deleted: set[bytes] = set()
+
+    def _node(self, path: bytes) -> list[Any]:
+        n = self._nodes.get(path)
+        if n is None:
+            enc = self._load(path)
+            if enc is None:
+                raise TreeCorrupt(f"stored tree lacks the node at path {path.hex()}")
+            n = self._nodes[path] = decode_node(bytes(enc))
+        return n
+
+    def set(self, key: bytes, value: bytes) -> None:
+        _check_key(key)
+        self.set_hash(key, leaf_hash(key, value))
+
+    def set_hash(self, key: bytes, lh: bytes) -> None:
+        new = (lh, key)
+        ref = self._ref
+        if ref is None or (type(ref) is tuple and ref[1] == key):
+            self._ref = new
+            return
+        if type(ref) is tuple:
+            self._ref = _DIRTY
+            self._split(ref, new, 0)
+            return
+        self._ref = _DIRTY
+        d = 0
+        path = ROOT_PATH
+        while True:
+            node = self._node(path)
+            slot = key[d >> 1]
+            slot = slot & 15 if d & 1 else slot >> 4
+            c = node[slot]
+            if c is None or (type(c) is tuple and c[1] == key):
+                node[slot] = new
+                return
+            node[slot] = _DIRTY
+            d += 1
+            path = path_key(key, d)
+            if type(c) is tuple:
+                self._split(c, new, d)
+                return
+
+    def _split(self, a: Leaf, b: Leaf, d: int) -> None:
+        """New inner nodes from depth d down, holding two leaves that share their first d nibbles."""
+        while True:
+            path = path_key(b[1], d)
+            node: list[Any] = [None] * 16
+            self._nodes[path] = node
+            self._deleted.discard(path)
+            na, nb = _nib(a[1], d), _nib(b[1], d)
+            if na != nb:
+                node[na], node[nb] = a, b
+                return
+            node[na] = _DIRTY
+            d += 1
+
+    def delete(self, key: bytes) -> None:
+        """Remove key if present (absent keys are a no-op)."""
+        _check_key(key)
+        ref = self._ref
+        if type(ref) is tuple or ref is None:
+            if ref is not None and ref[1] == key:
+                self._ref = None
+            return
+        stack: list[tuple[bytes, list[Any], int]] = []
+        path, d = ROOT_PATH, 0
+        while True:
+            node = self._node(path)
+            slot = _nib(key, d)
+            c = node[slot]
+            if c is None or (type(c) is tuple and c[1] != key):
+                return
+            stack.append((path, node, slot))
+            if type(c) is tuple:
+                break
+            d += 1
+            path = path_key(key, d)
+        self._ref = _DIRTY
+        for _, n, s in stack[:-1]:
+            n[s] = _DIRTY
+        path, node, slot = stack.pop()
+        node[slot] = None
+        while True:  # a node left with one child that is a leaf is replaced by that leaf
+            rest = [c for c in node if c is not None]
+            if len(rest) != 1 or type(rest[0]) is not tuple:
+                return
+            del self._nodes[path]
+            self._puts.pop(path, None)
+            self._deleted.add(path)
+            if not stack:
+                self._ref = rest[0]
+                return
+            path, node, slot = stack.pop()
+            node[slot] = rest[0]
+
+    def root(self) -> bytes:
+        ref = self._ref
+        if ref is None:
+            return EMPTY_ROOT
+        if ref is _DIRTY:
+            ref = self._ref = self._hash(ROOT_PATH)
+        return ref[0] if type(ref) is tuple else ref  # type: ignore[no-any-return]
+
+    def _hash(self, path: bytes) -> bytes:
+        node = self._nodes[path]
+        for i in range(16):
+            if node[i] is _DIRTY:
+                node[i] = self._hash(_child_path(path, i))
+        enc, h = encode_node(node)
+        self._puts[path] = enc
+        return h
+
+    def changes(self) -> "TreeChanges":
+        """What to write (after root()): node puts, paths to delete, and the new root reference."""
+        self.root()
+        ref = self._ref
+        ref_b = b"" if ref is None else ref[0] + ref[1] if type(ref) is tuple else ref
+        return TreeChanges(dict(self._puts), frozenset(self._deleted - self._puts.keys()), ref_b)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeChanges:
+    puts: dict[bytes, bytes]  # path key -> node
+    deletes: frozenset[bytes]  # path keys
+    root_ref: bytes  # b"" for the empty tree
+    replace: bool = False  # the puts are the whole tree: every other stored node goes
+
+
+def build_tree(items: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, TreeChanges]:
+    """The root and the whole stored tree of key-sorted (key, value) records."""
+    puts: dict[bytes, bytes] = {}
+    b = NodeBuilder(puts.__setitem__)
+    for k, v in items:
+        b.add(k, leaf_hash(k, v))
+    ref = b.finish()
+    return stored_root({ROOT_REF: ref}.get), TreeChanges(puts, frozenset(), ref, replace=True)
+
+
+def prove_stored(load: Load, key: bytes, value_of: Callable[[bytes], bytes]) -> "Proof":
+    """StateTree.prove over a stored tree (load: path key -> node; all reads from one version)."""
+    _check_key(key)
+    ref = _decode_ref(load(ROOT_REF))
+    levels: list[tuple[int, tuple[bytes, ...]]] = []
+    d = 0
+    c: Child = ref
+    while c is not None and type(c) is not tuple:
+        enc = load(path_key(key, d))
+        if enc is None:
+            raise TreeCorrupt(f"stored tree lacks the node at depth {d} on the path of {key.hex()}")
+        node = decode_node(bytes(enc))
+        slot = _nib(key, d)
+        bm, _ = _U16x2.unpack_from(enc)
+        levels.append((bm, tuple((s if type(s) is bytes else s[0]) for i, s in enumerate(node)
+                                 if s is not None and i != slot)))
+        c = node[slot]
+        d += 1
+    if c is None:
+        return Proof(key, ProofKind.ABSENT_EMPTY, b"", b"", b"", tuple(levels))
+    if c[1] == key:
+        return Proof(key, ProofKind.PRESENT, value_of(key), b"", b"", tuple(levels))
+    other = c[1]
+    return Proof(key, ProofKind.ABSENT_OTHER, b"", other, value_of(other), tuple(levels))
+
+
+class NodeBuilder:
+    """The stored tree of a key-sorted stream of (key, leaf hash): emit(path key, node) for every inner node, in
+    bounded memory (the bulk load of a store that has records but no nodes, e.g. after an upgrade)."""
+
+    __slots__ = ("_emit", "_open", "_prev", "count")
+
+    def __init__(self, emit: Callable[[bytes, bytes], None]) -> None:
+        self._emit = emit
+        self._open: list[list[Any]] = []  # per depth: 16 slots
+        self._prev: Optional[Leaf] = None
+        self.count = 0
+
+    def add(self, key: bytes, lh: bytes) -> None:
+        prev = self._prev
+        if prev is not None:
+            if key <= prev[1]:
+                raise DecodeError(f"record {self.count}: key {key.hex()} not after {prev[1].hex()}")
+            common = (_BITS - (int.from_bytes(key, "big") ^ int.from_bytes(prev[1], "big")).bit_length()) >> 2
+            self._place(prev, common)
+        self._prev = (lh, key)
+        self.count += 1
+
+    def _place(self, leaf: Leaf, common: int) -> None:
+        """Put the previous leaf in the node at depth max(depth it shares with its left neighbour, common) and
+        close every open node deeper than common (the next key leaves them)."""
+        stack = self._open
+        depth = max(len(stack), common + 1)
+        while len(stack) < depth:
+            stack.append([None] * 16)
+        stack[depth - 1][_nib(leaf[1], depth - 1)] = leaf
+        self._close(common + 1, leaf[1])
+
+    def _close(self, keep: int, key: bytes) -> None:
+        stack = self._open
+        while len(stack) > keep:
+            node = stack.pop()
+            d = len(stack)
+            enc, h = encode_node(node)
+            self._emit(path_key(key, d), enc)
+            if d:
+                stack[d - 1][_nib(key, d - 1)] = h
+
+    def finish(self) -> bytes:
+        """Emit what is still open; returns the root reference (see ROOT_REF)."""
+        prev = self._prev
+        if prev is None:
+            return b""
+        if not self._open:
+            return prev[0] + prev[1]
+        stack = self._open
+        stack[-1][_nib(prev[1], len(stack) - 1)] = prev
+        self._close(1, prev[1])
+        enc, h = encode_node(stack.pop())
+        self._emit(ROOT_PATH, enc)
+        return h

@@ -537,7 +537,7 @@ def test_store_and_anchored_snapshot_defaults(tmp_path: Path) -> None:
     c = Config.from_dict({"node": {"network": "local", "data_dir": "d"}}, tmp_path, env={})
     assert c.store.map_size == 64 << 30 and c.store.min_free_bytes == 256 << 20
     assert c.snapshots.anchored_keep_final == 2 and c.snapshots.anchored_max_bytes == 4 << 30
-    assert c.effective()["store"] == {"map_size": 64 << 30, "min_free_bytes": 256 << 20}
+    assert c.effective()["store"] == {"map_size": 64 << 30, "min_free_bytes": 256 << 20, "tree_cache_mb": 256}
     assert c.effective()["snapshots"]["anchored_max_bytes"] == 4 << 30
 
 

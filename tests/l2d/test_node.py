@@ -73,7 +73,7 @@ async def test_restart_keeps_height_and_root(tmp_path: Path, make_cfg: Callable[
     again = Node.from_config(cfg)
     try:
         assert again.chain.tip == tip
-        assert again.ledger.tree.root() == tip.state_root
+        assert again.ledger.state_root() == tip.state_root
         assert balance(again, 1) == (GENESIS_SAT - 303, 3)
         assert balance(again, 4) == (307, 0)
     finally:
@@ -197,7 +197,7 @@ async def test_snapshot_now_verifies_against_the_tip(tmp_path: Path, make_cfg: C
         assert (info.height, info.state_root, info.block_hash) == (tip.height, tip.state_root, tip.hash)
         with open(info.path, "rb") as f:
             header = verify_snapshot(f, LOCAL, expect_root=tip.state_root)
-        assert header.height == tip.height and header.record_count == len(node.ledger.tree)
+        assert header.height == tip.height and header.record_count == node.chain.state_summary().records
         assert len(list_snapshots(node.snapshots.dir, LOCAL)) <= 2  # pruned to snapshots.keep
         assert node.metrics.snapshots.get(trigger="periodic") >= 1
     finally:

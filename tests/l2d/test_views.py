@@ -3,6 +3,7 @@ state's values."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from aiohttp import web
@@ -41,26 +42,32 @@ async def test_account_reads_and_proofs_are_served_while_a_block_is_being_stored
         assert body["state_root"] == node.ledger.tip.state_root.hex()  # type: ignore[union-attr]
 
 
-async def test_a_read_between_storing_and_publishing_a_block_waits_for_the_publication(
+async def test_a_read_while_a_block_is_being_stored_proves_against_the_tip_it_read(
         node_client: tuple[Node, Client], wait_until: Any, monkeypatch: Any) -> None:
-    """LMDB holds a new tip before the ledger publishes its tree: a read in that gap must not prove the new values
-    against the old tree (the proof would not verify), so it waits for the publication."""
+    """A block's records and tree nodes are written in one LMDB transaction, so a read overlapping a store proves
+    its values against the tip of its own transaction: the old one or the new one, never a mix. The store is
+    paused inside its LMDB transaction (after the writes, before the commit) while reads go on."""
     node, client = node_client
-    ledger = node.ledger
-    old_view = ledger.view
-    await _committed_transfer(client, 0, wait_until)
-    async with node.host.tree_lock:  # no block is stored meanwhile
-        monkeypatch.setattr(node.host, "build", lambda *_a, **_k: None)  # nor proposed on the rolled-back tip
-        new_view = ledger.view
-        assert old_view is not None and new_view is not None and old_view[1] != new_view[1]
-        ledger.view = old_view  # as if the newest block were stored but not yet published
-        try:
-            read = asyncio.ensure_future(node.chain.prove(account_key(Keys.pubkey(1))))
-            for _ in range(20):
-                await asyncio.sleep(0.002)
-            assert not read.done()
-        finally:
-            ledger.view = new_view
-        proven = await asyncio.wait_for(read, 30)
-    assert proven.tip == new_view[1] and proven.proof is not None
-    assert verify_proof(proven.tip.state_root, proven.proof) == proven.value
+    store = node.ledger.store
+    entered, release = threading.Event(), threading.Event()
+    real = store._write_state
+
+    def paused(txn: Any, writes: Any) -> None:
+        real(txn, writes)
+        entered.set()
+        release.wait(30)
+
+    monkeypatch.setattr(store, "_write_state", paused)
+    before = node.chain.tip
+    sent = asyncio.ensure_future(_committed_transfer(client, 0, wait_until))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        proven = await node.chain.prove(account_key(Keys.pubkey(1)))  # the store holds LMDB's write lock now
+        assert proven.tip == before and proven.proof is not None
+        assert verify_proof(before.state_root, proven.proof) == proven.value
+    finally:
+        release.set()
+    await sent
+    after = await node.chain.prove(account_key(Keys.pubkey(1)))
+    assert after.tip.height > before.height and after.value != proven.value
+    assert after.proof is not None and verify_proof(after.tip.state_root, after.proof) == after.value

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from l2d.core.errors import DecodeError, OutOfRange, ProofError, TrailingBytes, Truncated, UnknownVersion
 from l2d.core.hashing import EMPTY_ROOT, tagged_hash
-from l2d.core.tree import (KEY_SIZE, NIBBLES, Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of,
-                           verify_proof)
+from l2d.core.tree import (KEY_SIZE, NIBBLES, ROOT_REF, NodeBuilder, Proof, ProofKind, RootBuilder, StateTree,
+                           TreeChanges, TreeCorrupt, TreeOverlay, path_key, prove_stored, reference_root, root_of,
+                           stored_root, verify_proof)
 
 U16 = struct.Struct(">H")
 
@@ -460,30 +461,67 @@ def test_decode_of_mutated_proofs_is_strict_and_canonical(name: str, data: st.Da
 ops_st = st.lists(st.tuples(keys_st, st.one_of(st.none(), values_st)), max_size=30)
 
 
+def _store_changes(store: dict[bytes, bytes], ch: TreeChanges) -> None:
+    for p in ch.deletes:
+        store.pop(p, None)
+    store.update(ch.puts)
+    if ch.root_ref:
+        store[ROOT_REF] = ch.root_ref
+    else:
+        store.pop(ROOT_REF, None)
+
+
+def _bulk(model: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    b = NodeBuilder(out.__setitem__)
+    for k in sorted(model):
+        b.add(k, leaf(k, model[k]))
+    ref = b.finish()
+    if ref:
+        out[ROOT_REF] = ref
+    return out
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(keys_st, values_st, max_size=30), ops_st, ops_st)
-def test_a_fork_and_its_origin_change_apart_and_a_read_tree_never_changes(
-        base: dict[bytes, bytes], ops_a: list[tuple[bytes, bytes | None]],
-        ops_b: list[tuple[bytes, bytes | None]]) -> None:
-    """Readers prove against the committed tree while the next block is built on a fork of it: whatever is done to
-    a fork (or to the origin after forking), the other's root, size and proofs stay those of its own items."""
-    origin = build(base)
-    root_before = origin.root()
-    fork = origin.fork()
-    second = fork.fork()  # a fork of a fork shares nodes with both
-    models = {"fork": dict(base), "origin": dict(base), "second": dict(base)}
-    for (tree, name), ops in (((fork, "fork"), ops_a), ((origin, "origin"), ops_b), ((second, "second"), ops_a[::-1])):
-        if name == "origin":  # the fork changed: the tree it was made from (a published tree) did not
-            assert origin.root() == root_before and len(origin) == len(base)
+@given(st.dictionaries(keys_st, values_st, max_size=30), st.lists(ops_st, min_size=1, max_size=4))
+def test_the_stored_tree_matches_the_reference_block_after_block(
+        base: dict[bytes, bytes], blocks: list[list[tuple[bytes, bytes | None]]]) -> None:
+    """Blocks of changes applied through TreeOverlay to a stored tree: after each, the root is the reference's,
+    the stored nodes are exactly those a bulk load of the same records writes (nothing stale is left), and every
+    proof is StateTree's, byte for byte."""
+    store = _bulk(base)
+    model = dict(base)
+    assert stored_root(store.get) == reference_root(model)
+    for ops in blocks:
+        overlay = TreeOverlay(store.get)
         for k, v in ops:
             if v is None:
-                tree.delete(k)
-                models[name].pop(k, None)
+                overlay.delete(k)
+                model.pop(k, None)
             else:
-                tree.set(k, v)
-                models[name][k] = v
-    for tree, name in ((fork, "fork"), (origin, "origin"), (second, "second")):
-        model = models[name]
-        assert tree.root() == reference_root(model) and len(tree) == len(model)
-        for k in list(model)[:5] + [k for k, _ in ops_a[:3]]:
-            assert verify_proof(tree.root(), tree.prove(k, model.__getitem__)) == model.get(k)
+                overlay.set(k, v)
+                model[k] = v
+        root = overlay.root()
+        assert root == reference_root(model)
+        _store_changes(store, overlay.changes())
+        assert store == _bulk(model) and stored_root(store.get) == root
+    tree = build(model)
+    for k in list(model)[:6] + [k for ops in blocks for k, _ in ops[:3]]:
+        proof = prove_stored(store.get, k, model.__getitem__)
+        assert proof == tree.prove(k, model.__getitem__)
+        assert verify_proof(tree.root(), proof) == model.get(k)
+
+
+def test_a_missing_or_malformed_stored_node_is_tree_corrupt() -> None:
+    model = {h33(str(i)): b"v" for i in range(40)}
+    store = _bulk(model)
+    key = sorted(model)[7]
+    deepest = [path_key(key, d) for d in range(NIBBLES) if path_key(key, d) in store][-1]
+    for broken in ({**store, deepest: store[deepest][:-1]}, {k: v for k, v in store.items() if k != deepest},
+                   {**store, ROOT_REF: b"\1" * 5}):
+        with pytest.raises(TreeCorrupt):
+            prove_stored(broken.get, key, model.__getitem__)
+        with pytest.raises(TreeCorrupt):
+            overlay = TreeOverlay(broken.get)
+            overlay.set(key, b"w")
+            overlay.root()

@@ -1,0 +1,156 @@
+"""The state tree in LMDB at scale (issue 17): a ledger of N accounts opened in a fresh process — start-up time and
+RSS with the default tree cache —, block throughput there against bare BIP340 verification measured in the same
+process, and the cost per touched key of updating the stored tree with a cold and a warm cache.
+
+    python bench/bench_state_store.py [--accounts N] [--blocks B] [--quick]
+
+The database is made once by a separate process (genesis with N records: 5,000 funded signing accounts and
+filler accounts), so the measured process holds nothing but what the daemon's ledger holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_ledger import BLOCK, _verify_chunk, genesis, signed_blocks  # noqa: E402
+from common import keypairs, rss_parts_mb, schnorr_baseline, timed  # noqa: E402
+
+from l2d.core import tx as T  # noqa: E402
+from l2d.core.params import LOCAL  # noqa: E402
+from l2d.core.state import SUPPLY_KEY, Account, Rules  # noqa: E402
+from l2d.ledger import Ledger, _tree_changes  # noqa: E402
+from l2d.store import DEFAULT_TREE_CACHE, Store  # noqa: E402
+
+ACTIVE = 5000
+
+
+def make(path: Path, accounts: int) -> None:
+    """The database: genesis with `accounts` records (run in its own process)."""
+    rnd = random.Random(7)
+    state = genesis(accounts, keypairs(ACTIVE), rnd)
+    ledger = Ledger(Store(path, LOCAL), Rules(LOCAL, 1))
+    ledger.open(state, 0)
+    ledger.store.close()
+
+
+def _open(path: Path) -> tuple[Ledger, float]:
+    t = time.perf_counter()
+    ledger = Ledger(Store(path, LOCAL, tree_cache=DEFAULT_TREE_CACHE), Rules(LOCAL, 1))
+    ledger.open({}, 0)
+    return ledger, time.perf_counter() - t
+
+
+def throughput(ledger: Ledger, payload: list[list[bytes]]) -> float:
+    """Blocks of 1,000 transfers, signatures checked in a second process one block ahead (as bench_ledger)."""
+    committed = 0
+
+    def run(pool: ProcessPoolExecutor) -> None:
+        nonlocal committed
+        futs = [pool.submit(_verify_chunk, payload[0])]
+        for b, raws in enumerate(payload):
+            if b + 1 < len(payload):
+                futs.append(pool.submit(_verify_chunk, payload[b + 1]))
+            ok = futs[b].result()
+            built = ledger.build_block([T.decode(r, LOCAL) for r, good in zip(raws, ok) if good], 1,
+                                       signatures_checked=True)
+            ledger.commit(built)
+            committed += len(built.block.txs)
+
+    with ProcessPoolExecutor(1) as pool:
+        pool.submit(_verify_chunk, []).result()
+        dt = timed(lambda: run(pool))
+    if committed != len(payload) * BLOCK:
+        raise SystemExit(f"only {committed} of {len(payload) * BLOCK} transfers committed")
+    return committed / dt
+
+
+def per_key_us(ledger: Ledger, keys: list[bytes], rounds: int) -> float:
+    """Microseconds per touched key to change `keys` (+ the supply record) in the stored tree and commit: read the
+    nodes on their paths, rehash, write the block's nodes (one LMDB transaction per round)."""
+    store = ledger.store
+    total = 0.0
+    for i in range(rounds):
+        writes: dict[bytes, bytes | None] = {k: Account(1000 + i, 1).encode() for k in keys}
+        writes[SUPPLY_KEY] = os.urandom(24)
+
+        def one() -> None:
+            with store.reader() as r:
+                root, tree = _tree_changes(store, r, writes)
+            tip = store.tip_height()
+            store.commit_block(tip + 1, b"bench", [], writes, tree=tree)  # type: ignore[operator]
+
+        total += timed(one)
+    return total / rounds / (len(keys) + 1) * 1e6
+
+
+def measure(path: Path, accounts: int, blocks: int) -> dict[str, object]:
+    """In a fresh process: start-up, RSS, throughput and per-key cost."""
+    res: dict[str, object] = {}
+    sig = schnorr_baseline()
+    res["schnorr_verify_per_s"] = round(sig)
+    ledger, secs = _open(path)
+    res["start_seconds"] = round(secs, 3)
+    res["rss_after_open_mb"] = rss_parts_mb()
+    rnd = random.Random(9)
+    payload = signed_blocks(keypairs(ACTIVE), blocks, rnd)
+    T.xonly_key.cache_clear()
+    tps = throughput(ledger, payload)
+    res["tx_per_s_2core"] = round(tps)
+    res["ratio_to_verify"] = round(tps / sig, 3)
+    res["rss_after_blocks_mb"] = rss_parts_mb()
+    # filler accounts touched for the first time (their nodes are not in the cache), then again (they are)
+    with ledger.store.reader() as r:
+        sample = [bytes(k) for k, _ in r.iter_prefix(b"\x01")][:: max(1, accounts // 20_000)][:4000]
+    random.Random(3).shuffle(sample)
+    res["update_us_per_key_cold"] = round(per_key_us(ledger, sample[:2000], 1), 2)
+    res["update_us_per_key_warm"] = round(per_key_us(ledger, sample[:2000], 3), 2)
+    res["cache_mb"] = round(ledger.store._cache_bytes / 2**20, 1)
+    res["rss_end_mb"] = rss_parts_mb()
+    ledger.store.close()
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--accounts", type=int, default=10_000_000)
+    ap.add_argument("--blocks", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--_make", help=argparse.SUPPRESS)
+    ap.add_argument("--_measure", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._make:
+        make(Path(a._make), a.accounts)
+        return {}
+    if a._measure:
+        print(json.dumps(measure(Path(a._measure), a.accounts, a.blocks)))
+        return {}
+    if a.quick:
+        a.accounts, a.blocks = 200_000, 3
+    res: dict[str, object] = {"accounts": a.accounts}
+    me = [sys.executable, str(Path(__file__).resolve()), "--accounts", str(a.accounts), "--blocks", str(a.blocks)]
+    with tempfile.TemporaryDirectory() as d:
+        db = Path(d) / "ledger"
+        t = time.perf_counter()
+        subprocess.run(me + ["--_make", str(db)], check=True)
+        res["make_seconds"] = round(time.perf_counter() - t, 1)
+        res["db_mb"] = round(sum(f.stat().st_blocks * 512 for f in db.iterdir()) / 2**20)
+        out = subprocess.run(me + ["--_measure", str(db)], check=True, capture_output=True, text=True).stdout
+        res.update(json.loads(out.strip().splitlines()[-1]))
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
