@@ -502,18 +502,33 @@ def stored_root(load: Load) -> bytes:
     return EMPTY_ROOT if ref is None else ref[0] if type(ref) is tuple else ref
 
 
-class TreeOverlay:
-    """Changes to a stored tree, kept in memory until written: set/delete decode the nodes on their paths from
-    load(path key), root() hashes what changed, changes() is what to write so the store holds the new tree."""
+def _check_node(enc: bytes, path: bytes) -> bytes:
+    if len(enc) >= 4:
+        bm, lm = _U16x2.unpack_from(enc)
+        if bm and not lm & ~bm and len(enc) == 4 + 32 * bm.bit_count() + KEY_SIZE * lm.bit_count():
+            return enc
+    raise TreeCorrupt(f"stored node at path {path.hex()} ({len(enc)} bytes) disagrees with its bitmaps")
 
-    __slots__ = ("_load", "_nodes", "_ref", "_puts", "_deleted", "_count_delta")
+
+class TreeOverlay:
+    """Changes to a stored tree, kept in memory until written: set/delete load the nodes on their paths through
+    load(path key), root() rehashes what changed, changes() is what to write so the store holds the new tree.
+
+    A changed node is kept in its stored form (a bytearray) with a mask of its inner children that changed: a new
+    leaf hash or child hash is patched in place and the node's hash is H_NODE over its own bytes, so the common
+    change (a record's value) neither decodes nor re-encodes a node. Keys set in key order share the walk down
+    the nodes their paths share (the previous key's path is kept until a delete)."""
+
+    __slots__ = ("_load", "_nodes", "_ref", "_puts", "_deleted", "_last", "_walk")
 
     def __init__(self, load: Load) -> None:
         self._load = load
-        self._nodes: dict[bytes, list[Any]] = {}
+        self._nodes: dict[bytes, list[Any]] = {}  # path key -> [node bytes (bytearray), mask of changed children]
         self._ref: Any = _decode_ref(load(ROOT_REF))
         self._puts: dict[bytes, bytes] = {}
         self._deleted: set[bytes] = set()
+        self._last = b""  # the key set last, and the inner nodes its walk passed, by depth
+        self._walk: list[list[Any]] = []
 
     def _node(self, path: bytes) -> list[Any]:
         n = self._nodes.get(path)
@@ -521,7 +536,7 @@ class TreeOverlay:
             enc = self._load(path)
             if enc is None:
                 raise TreeCorrupt(f"stored tree lacks the node at path {path.hex()}")
-            n = self._nodes[path] = decode_node(bytes(enc))
+            n = self._nodes[path] = [bytearray(_check_node(enc, path)), 0]
         return n
 
     def set(self, key: bytes, value: bytes) -> None:
@@ -529,50 +544,79 @@ class TreeOverlay:
         self.set_hash(key, leaf_hash(key, value))
 
     def set_hash(self, key: bytes, lh: bytes) -> None:
-        new = (lh, key)
         ref = self._ref
         if ref is None or (type(ref) is tuple and ref[1] == key):
-            self._ref = new
-            return
-        if type(ref) is tuple:
-            self._ref = _DIRTY
-            self._split(ref, new, 0)
+            self._ref = (lh, key)
             return
         self._ref = _DIRTY
-        d = 0
-        path = ROOT_PATH
+        if type(ref) is tuple:
+            self._split(ref, (lh, key), 0)
+            return
+        walk = self._walk
+        if walk:  # resume at the deepest node this key's path shares with the last key's
+            common = (_BITS - (int.from_bytes(key, "big") ^ int.from_bytes(self._last, "big")).bit_length()) >> 2
+            d = min(common, len(walk) - 1)
+            del walk[d + 1:]
+            node = walk[d]
+        else:
+            d = 0
+            node = self._node(ROOT_PATH)
+            walk.append(node)
+        self._last = key
+        nodes = self._nodes
         while True:
-            node = self._node(path)
+            enc = node[0]
+            bm = enc[0] << 8 | enc[1]
+            lm = enc[2] << 8 | enc[3]
             slot = key[d >> 1]
             slot = slot & 15 if d & 1 else slot >> 4
-            c = node[slot]
-            if c is None or (type(c) is tuple and c[1] == key):
-                node[slot] = new
+            bit = 1 << slot
+            hpos = 4 + 32 * (bm & (bit - 1)).bit_count()
+            if not bm & bit:  # an empty slot: the new leaf goes there
+                kpos = 4 + 32 * bm.bit_count() + KEY_SIZE * (lm & (bit - 1)).bit_count()
+                enc[kpos:kpos] = key  # keys follow the hashes: insert it first, then the hash before it
+                enc[hpos:hpos] = lh
+                enc[0:4] = _BITMAP[bm | bit] + _BITMAP[lm | bit]
                 return
-            node[slot] = _DIRTY
-            d += 1
-            path = path_key(key, d)
-            if type(c) is tuple:
-                self._split(c, new, d)
+            if not lm & bit:  # an inner child: on down
+                node[1] |= bit
+                d += 1
+                path = path_key(key, d)
+                node = nodes.get(path) or self._node(path)
+                walk.append(node)
+                continue
+            kpos = 4 + 32 * bm.bit_count() + KEY_SIZE * (lm & (bit - 1)).bit_count()
+            other = bytes(enc[kpos:kpos + KEY_SIZE])
+            if other == key:
+                enc[hpos:hpos + 32] = lh
                 return
+            # another key's leaf: the slot becomes an inner node holding both
+            old = (bytes(enc[hpos:hpos + 32]), other)
+            del enc[kpos:kpos + KEY_SIZE]
+            enc[2:4] = _BITMAP[lm & ~bit]
+            node[1] |= bit
+            self._split(old, (lh, key), d + 1)
+            return
 
     def _split(self, a: Leaf, b: Leaf, d: int) -> None:
         """New inner nodes from depth d down, holding two leaves that share their first d nibbles."""
         while True:
             path = path_key(b[1], d)
-            node: list[Any] = [None] * 16
-            self._nodes[path] = node
             self._deleted.discard(path)
             na, nb = _nib(a[1], d), _nib(b[1], d)
             if na != nb:
-                node[na], node[nb] = a, b
+                lo, hi = (a, b) if na < nb else (b, a)
+                bits = (1 << na) | (1 << nb)
+                self._nodes[path] = [bytearray(_BITMAP[bits] + _BITMAP[bits] + lo[0] + hi[0] + lo[1] + hi[1]), 0]
                 return
-            node[na] = _DIRTY
+            bit = 1 << na
+            self._nodes[path] = [bytearray(_BITMAP[bit] + _BITMAP[0] + bytes(32)), bit]
             d += 1
 
     def delete(self, key: bytes) -> None:
         """Remove key if present (absent keys are a no-op)."""
         _check_key(key)
+        self._walk.clear()  # a delete may remove nodes on the last walk
         ref = self._ref
         if type(ref) is tuple or ref is None:
             if ref is not None and ref[1] == key:
@@ -580,34 +624,55 @@ class TreeOverlay:
             return
         stack: list[tuple[bytes, list[Any], int]] = []
         path, d = ROOT_PATH, 0
-        while True:
+        while True:  # find the key's leaf first: an absent key changes nothing
             node = self._node(path)
+            enc = node[0]
+            bm, lm = _U16x2.unpack_from(enc)
             slot = _nib(key, d)
-            c = node[slot]
-            if c is None or (type(c) is tuple and c[1] != key):
+            bit = 1 << slot
+            if not bm & bit:
                 return
             stack.append((path, node, slot))
-            if type(c) is tuple:
+            if lm & bit:
+                kpos = 4 + 32 * bm.bit_count() + KEY_SIZE * (lm & (bit - 1)).bit_count()
+                if enc[kpos:kpos + KEY_SIZE] != key:
+                    return
                 break
             d += 1
             path = path_key(key, d)
         self._ref = _DIRTY
         for _, n, s in stack[:-1]:
-            n[s] = _DIRTY
+            n[1] |= 1 << s
         path, node, slot = stack.pop()
-        node[slot] = None
-        while True:  # a node left with one child that is a leaf is replaced by that leaf
-            rest = [c for c in node if c is not None]
-            if len(rest) != 1 or type(rest[0]) is not tuple:
-                return
+        leaf: Optional[Leaf] = None  # what replaces the child at `slot`: nothing, or a leaf moving up
+        while True:
+            enc = node[0]
+            bm, lm = _U16x2.unpack_from(enc)
+            bit = 1 << slot
+            hpos = 4 + 32 * (bm & (bit - 1)).bit_count()
+            if leaf is None:  # remove the child
+                kpos = 4 + 32 * bm.bit_count() + KEY_SIZE * (lm & (bit - 1)).bit_count()
+                if lm & bit:
+                    del enc[kpos:kpos + KEY_SIZE]
+                del enc[hpos:hpos + 32]
+                bm, lm = bm & ~bit, lm & ~bit
+            else:  # the inner child at slot became a leaf
+                kpos = 4 + 32 * bm.bit_count() + KEY_SIZE * (lm & (bit - 1)).bit_count()
+                enc[kpos:kpos] = leaf[1]
+                enc[hpos:hpos + 32] = leaf[0]
+                lm |= bit
+            enc[0:4] = _BITMAP[bm] + _BITMAP[lm]
+            node[1] &= ~bit
+            if bm.bit_count() != 1 or lm != bm:
+                return  # the node stays (a lone inner child keeps its node too)
+            leaf = (bytes(enc[4:36]), bytes(enc[36:36 + KEY_SIZE]))  # one leaf left: it moves up
             del self._nodes[path]
             self._puts.pop(path, None)
             self._deleted.add(path)
             if not stack:
-                self._ref = rest[0]
+                self._ref = leaf
                 return
             path, node, slot = stack.pop()
-            node[slot] = rest[0]
 
     def root(self) -> bytes:
         ref = self._ref
@@ -619,12 +684,16 @@ class TreeOverlay:
 
     def _hash(self, path: bytes) -> bytes:
         node = self._nodes[path]
-        for i in range(16):
-            if node[i] is _DIRTY:
-                node[i] = self._hash(_child_path(path, i))
-        enc, h = encode_node(node)
-        self._puts[path] = enc
-        return h
+        enc, dirty = node
+        bm = enc[0] << 8 | enc[1]
+        while dirty:
+            bit = dirty & -dirty
+            dirty ^= bit
+            pos = 4 + 32 * (bm & (bit - 1)).bit_count()
+            enc[pos:pos + 32] = self._hash(_child_path(path, bit.bit_length() - 1))
+        node[1] = 0
+        self._puts[path] = b = bytes(enc)
+        return H_NODE(b[:2] + b[4:4 + 32 * bm.bit_count()])
 
     def changes(self) -> "TreeChanges":
         """What to write (after root()): node puts, paths to delete, and the new root reference."""
