@@ -42,7 +42,7 @@ from .federation.messages import BlockSignature, Candidate, Equivocation
 from .federation.signer import load_state, save_state
 from .federation.transport import PeerStats
 from .federation.wire import TransportError
-from .ledger import BuiltBlock, Ledger, UnknownParent
+from .ledger import BuiltBlock, Ledger, TipMoved, UnknownParent
 from .mempool import Mempool
 from .metrics import Metrics
 from .store import Store
@@ -133,6 +133,11 @@ class FederationHost:
         self.committed_locked: Optional[Callable[[BlockHeader], Awaitable[None]]] = None
         self.after_commit: list[Callable[[BlockHeader], None]] = []
         self._built: OrderedDict[bytes, BuiltBlock] = OrderedDict()
+        self._invalid: OrderedDict[bytes, None] = OrderedDict()  # proposals whose execution failed
+        self._checking: set[bytes] = set()  # proposals being executed in a worker thread
+        self._prebuilt: Optional[BuiltBlock] = None  # my next proposal, built in a worker thread
+        self._building = False
+        self._executing: set["asyncio.Future[BuiltBlock]"] = set()
         self._txs: OrderedDict[bytes, Transaction] = OrderedDict()  # bodies from peers, signatures checked
         self._inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(INBOX_MAX)
         self._news = asyncio.Event()
@@ -321,26 +326,57 @@ class FederationHost:
 
     # -- BlockLogic ------------------------------------------------------------------------------------------
     def build(self, parent: BlockHeader, timestamp_ms: int, allow_empty: bool) -> Optional[Candidate]:
+        """The block built on parent in a worker thread, once it is ready; until then None, and the thread's end
+        wakes the machine (so the event loop keeps serving while a block executes)."""
+        ready, self._prebuilt = self._prebuilt, None
+        if ready is not None and ready.header.prev_hash == parent.hash:
+            if not ready.block.txs and not allow_empty:
+                return None
+            self._keep(ready)
+            return _candidate(ready.block)
+        if self._building:
+            return None
         with self.store.reader() as r:
             txs = self.mempool.select(self.max_txs, _nonce_reader(r.get_state))
         if not txs and not allow_empty:
             return None
-        t0 = time.perf_counter()
-        built = self.ledger.execute(parent, txs, timestamp_ms, signatures_checked=True)
-        self.metrics.block_build.observe(time.perf_counter() - t0)
-        if built.rejected:
-            self.mempool.drop([t for t, _ in built.rejected])
-            for t, e in built.rejected:
-                self.metrics.txs_rejected.inc(stage="block", reason=e.reason)
-                self.admission.remember(t.txid, e.reason)
-        if not built.block.txs and not allow_empty:
-            return None
-        self._keep(built)
-        return _candidate(built.block)
+        self._building = True
+        self._spawn(self._build(parent, txs, timestamp_ms))
+        return None
+
+    async def _build(self, parent: BlockHeader, txs: list[Transaction], timestamp_ms: int) -> None:
+        try:
+            t0 = time.perf_counter()
+            try:
+                built = await self._execute(parent, txs, timestamp_ms, signatures_checked=True)
+            except TipMoved as e:  # a block was stored meanwhile: the machine asks again on another parent
+                log.debug("block built on a parent that stopped being the tip", extra={"error": str(e)})
+                return
+            self.metrics.block_build.observe(time.perf_counter() - t0)
+            if built.rejected:
+                self.mempool.drop([t for t, _ in built.rejected])
+                for t, e in built.rejected:
+                    self.metrics.txs_rejected.inc(stage="block", reason=e.reason)
+                    self.admission.remember(t.txid, e.reason)
+            self._prebuilt = built
+        finally:
+            self._building = False
+            self.wake()
+
+    async def _execute(self, parent: BlockHeader, txs: Sequence[Transaction], timestamp_ms: int, *,
+                       strict: bool = False, signatures_checked: bool = False) -> BuiltBlock:
+        """ledger.execute in a worker thread; close() waits for it (a cancelled caller does not stop it)."""
+        fut = asyncio.ensure_future(asyncio.to_thread(self.ledger.execute, parent, txs, timestamp_ms, strict=strict,
+                                                      signatures_checked=signatures_checked))
+        self._executing.add(fut)
+        fut.add_done_callback(self._executing.discard)
+        return await asyncio.shield(fut)
 
     def consensus_valid(self, parent: BlockHeader, block: Candidate) -> Validity:
         if block.hash in self._built:
             return Validity.VALID
+        if block.hash in self._invalid:
+            return Validity.INVALID
         txs: list[Transaction] = []
         missing: list[bytes] = []
         for t in block.txids:
@@ -352,21 +388,42 @@ class FederationHost:
         if missing:
             self._ask_txs(missing)
             return Validity.PENDING
+        if block.hash not in self._checking:
+            self._checking.add(block.hash)
+            self._spawn(self._check(parent, block, txs))
+        return Validity.PENDING
+
+    async def _check(self, parent: BlockHeader, block: Candidate, txs: list[Transaction]) -> None:
+        """Execute a proposal in a worker thread: kept if its header is the proposal's, else remembered invalid;
+        the machine is woken to ask again."""
         try:
-            built = self.ledger.execute(parent, txs, block.header.timestamp_ms, strict=True, signatures_checked=True)
-        except Rejected as e:
-            log.info("block refused: a transaction is invalid", extra={"height": block.height, "reason": e.reason,
-                                                                       "hash": block.hash.hex()})
-            return Validity.INVALID
-        except UnknownParent as e:
-            log.warning("block refused: %s", e)
-            return Validity.INVALID
-        if built.header != block.header:
-            log.info("block refused: re-execution gives another header",
-                     extra={"height": block.height, "hash": block.hash.hex()})
-            return Validity.INVALID
-        self._keep(built)
-        return Validity.VALID
+            try:
+                built = await self._execute(parent, txs, block.header.timestamp_ms, strict=True,
+                                            signatures_checked=True)
+            except Rejected as e:
+                log.info("block refused: a transaction is invalid",
+                         extra={"height": block.height, "reason": e.reason, "hash": block.hash.hex()})
+                return self._refuse(block.hash)
+            except UnknownParent as e:
+                log.warning("block refused: %s", e)
+                return self._refuse(block.hash)
+            except TipMoved as e:  # a block was stored meanwhile: checked again when the machine asks
+                log.debug("proposal executed beside a store", extra={"error": str(e)})
+                return None
+            if built.header != block.header:
+                log.info("block refused: re-execution gives another header",
+                         extra={"height": block.height, "hash": block.hash.hex()})
+                return self._refuse(block.hash)
+            self._keep(built)
+            return None
+        finally:
+            self._checking.discard(block.hash)
+            self.wake()
+
+    def _refuse(self, block_hash: bytes) -> None:
+        self._invalid[block_hash] = None
+        while len(self._invalid) > BUILT_KEPT:
+            self._invalid.popitem(last=False)
 
     def policy_ok(self, parent: BlockHeader, block: Candidate, now_ms: int) -> bool:
         if not timestamp_ok(parent, block.header, now_ms, self.drift_ms):
@@ -431,11 +488,11 @@ class FederationHost:
             commit = a.commit.encode()
             replaced: Optional[Block] = None
             if a.block.parent == tip.hash:
-                built = self._built_for(a.block)
+                built = await self._built_for(a.block)
                 new_final = a.final if a.final.hash != final.hash else None
                 await asyncio.to_thread(ledger.store_block, built, commit, new_final)
             elif a.block.parent == final.hash and tip.height == a.block.height:  # a sibling of the tip
-                built = self._built_for(a.block)
+                built = await self._built_for(a.block)
                 if a.head.hash != a.block.hash:
                     await asyncio.to_thread(self.store.put_sibling, a.block.hash, built.raw, commit)
                     return
@@ -447,24 +504,24 @@ class FederationHost:
                     raise UnknownParent(f"block {a.block.height}: its parent is not stored")
                 sib_block, sib_commit = sib
                 replaced = ledger.block(tip.height)
-                sib_built = ledger.execute(final, sib_block.txs, sib_block.header.timestamp_ms, strict=True,
-                                           signatures_checked=True)
+                sib_built = await self._execute(final, sib_block.txs, sib_block.header.timestamp_ms, strict=True,
+                                                signatures_checked=True)
                 await asyncio.to_thread(ledger.store_block, sib_built, sib_commit, None)
-                built = self._built_for(a.block)
+                built = await self._built_for(a.block)
                 await asyncio.to_thread(ledger.store_block, built, commit, a.final)
             header = built.header
             if self.committed_locked is not None:
                 await self.committed_locked(header)
         self._committed(built, replaced)
 
-    def _built_for(self, block: Candidate) -> BuiltBlock:
+    async def _built_for(self, block: Candidate) -> BuiltBlock:
         built = self._built.get(block.hash)
         if built is not None:
             return built
         parent = self.ledger.tip if block.parent == self.ledger.tip.hash else self.ledger.final  # type: ignore[union-attr]
         assert parent is not None
         txs = [self.mempool.get(t) or self._txs[t] for t in block.txids]
-        built = self.ledger.execute(parent, txs, block.header.timestamp_ms, strict=True, signatures_checked=True)
+        built = await self._execute(parent, txs, block.header.timestamp_ms, strict=True, signatures_checked=True)
         if built.header != block.header:
             raise UnknownParent(f"block {block.height} re-executes to another header")
         return built
@@ -583,6 +640,7 @@ class FederationHost:
         for t in list(self._background):
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._executing, return_exceptions=True)  # blocks executing in worker threads
 
     def _remember_tx(self, tx: Transaction) -> None:
         self._txs[tx.txid] = tx

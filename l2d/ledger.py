@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from .core.block import Block, BlockHeader, genesis_header, tx_root
+from .core.block import HEADER_SIZE, Block, BlockHeader, genesis_header, tx_root
 from .core.errors import Rejected
 from .core.rules import apply_tx
 from .core.state import Rules, StateView
@@ -47,6 +47,11 @@ class BuiltBlock:
 
 class UnknownParent(StoreError):
     """A block whose parent is neither the tip, the final block below it, nor a stored sibling of the tip."""
+
+
+class TipMoved(StoreError):
+    """A block was stored while another was being executed (in another thread) over the tip before it: execute
+    again."""
 
 
 class Ledger:
@@ -124,8 +129,10 @@ class Ledger:
         rejected: list[tuple[Transaction, Rejected]] = []
         rules = self.rules
         with self.store.reader() as r:
-            if r.tip_height() != tip.height:
-                raise StoreError(f"block {r.tip_height()} was stored while block {parent.height + 1} was built")
+            raw = r.get_block(tip.height)
+            if (r.tip_height() != tip.height or raw is None
+                    or BlockHeader.decode(bytes(raw[:HEADER_SIZE]), self.rules.network) != tip):
+                raise TipMoved(f"a block was stored while block {parent.height + 1} was being executed")
             get = r.get_state if not base else (lambda k: base[k] if k in base else r.get_state(k))
             view = StateView(get, parent.height + 1, parent.hash)
             for tx in txs:

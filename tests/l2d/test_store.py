@@ -11,6 +11,7 @@ import lmdb
 import pytest
 
 from l2d.core.params import LOCAL, REGTEST
+from l2d.core.tree import ROOT_PATH, TreeOverlay, build_tree, stored_root
 from l2d.store import SCHEMA_VERSION, Store, StoreError, StoreFull, StoreWriteError
 
 K1, K2 = b"\x01" + b"a" * 32, b"\x01" + b"b" * 32
@@ -127,3 +128,28 @@ def test_lmdb_files_are_created_private(tmp_path: Path) -> None:
     assert oct((tmp_path / "ledger").stat().st_mode & 0o777) == "0o700"
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "ledger").iterdir()} == \
         {"data.mdb": "0o600", "lock.mdb": "0o600"}
+
+
+def test_the_tree_cache_serves_a_reader_only_the_version_its_transaction_sees(tmp_path: Path) -> None:
+    """The cache holds the nodes the last commit wrote; a reader that began before that commit, or while a commit
+    was under way (odd generation), reads its own transaction instead."""
+    s = Store(tmp_path, LOCAL)
+    items = {bytes([1, i]) + bytes(31): b"v%d" % i for i in range(40)}
+    root0, tree = build_tree(sorted(items.items()))
+    s.commit_block(0, b"g", [], dict(items), tree=tree)
+    with s.reader() as before:
+        overlay = TreeOverlay(s.tree_loader(before))
+        overlay.set(K1, b"new")
+        root1, changes = overlay.root(), overlay.changes()
+        s.commit_block(1, b"b", [], {K1: b"new"}, tree=changes)
+        assert ROOT_PATH in s._cache and s._cache[ROOT_PATH] == changes.puts[ROOT_PATH]
+        assert stored_root(before.get_node) == root0
+        assert s.tree_loader(before)(ROOT_PATH) == before.get_node(ROOT_PATH) != changes.puts[ROOT_PATH]
+    s._cache[ROOT_PATH] = b"poison"  # to tell what the cache served from what LMDB did
+    with s.reader() as after:
+        assert s.tree_loader(after)(ROOT_PATH) == b"poison"
+        assert stored_root(after.get_node) == root1
+    s._gen += 1  # a commit under way
+    with s.reader() as during:
+        assert s.tree_loader(during)(ROOT_PATH) == changes.puts[ROOT_PATH]
+    s.close()

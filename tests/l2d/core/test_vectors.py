@@ -41,7 +41,8 @@ from l2d.core.session import SessionRecord, SessionStatus, StaleReceipt, session
 from l2d.core.session_tx import Receipt
 from l2d.core.spv import BITCOIN_REGTEST
 from l2d.core.state import Namespace, Rules, StateView, genesis_state, is_member
-from l2d.core.tree import Proof, ProofKind, RootBuilder, StateTree, reference_root, root_of, verify_proof
+from l2d.core.tree import (ROOT_REF, Proof, ProofKind, RootBuilder, StateTree, TreeOverlay, build_tree, prove_stored,
+                           reference_root, root_of, stored_root, verify_proof)
 from l2d.core.tx import check_signature, decode, sign, signature_ok
 
 VECTORS = Path(__file__).resolve().parents[2] / "vectors"
@@ -123,6 +124,25 @@ def test_invalid_transaction_vector(v: dict[str, Any]) -> None:
 SETS = {s["name"]: s for s in TREE["sets"]}
 
 
+def replay_stored(history: list[list[str]]) -> dict[bytes, bytes]:
+    """The stored tree (path key -> node) after the history, one TreeOverlay per operation (as blocks would)."""
+    store: dict[bytes, bytes] = {}
+    for op in history:
+        overlay = TreeOverlay(store.get)
+        if op[0] == "set":
+            overlay.set(x(op[1]), x(op[2]))
+        else:
+            overlay.delete(x(op[1]))
+        ch = overlay.changes()
+        for path in ch.deletes:
+            store.pop(path, None)
+        store.update(ch.puts)
+        store.pop(ROOT_REF, None)
+        if ch.root_ref:
+            store[ROOT_REF] = ch.root_ref
+    return store
+
+
 def replay(history: list[list[str]]) -> tuple[StateTree, dict[bytes, bytes]]:
     tree, model = StateTree(), {}
     for op in history:
@@ -164,6 +184,10 @@ def test_tree_set_vector(name: str) -> None:
     for k, v in reversed(items):
         fresh.set(k, v)
     assert fresh.root() == root
+    stored = replay_stored(s["history"])  # the daemon's stored tree: same root, same nodes as a bulk load
+    assert stored_root(stored.get) == root
+    bulk_root, bulk = build_tree(items)
+    assert bulk_root == root and {**bulk.puts, **({ROOT_REF: bulk.root_ref} if bulk.root_ref else {})} == stored
 
 
 @pytest.mark.parametrize("p", TREE["proofs"], ids=[p["name"] for p in TREE["proofs"]])
@@ -182,6 +206,7 @@ def test_proof_vector(p: dict[str, Any]) -> None:
     tree, model = replay(SETS[p["set"]]["history"])
     assert tree.root() == root
     assert tree.prove(proof.key, model.__getitem__).encode() == raw
+    assert prove_stored(replay_stored(SETS[p["set"]]["history"]).get, proof.key, model.__getitem__).encode() == raw
 
 
 @pytest.mark.parametrize("p", TREE["invalid_proofs"], ids=[p["name"] for p in TREE["invalid_proofs"]])
