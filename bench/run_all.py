@@ -29,6 +29,7 @@ import bench_scheduler  # noqa: E402
 import bench_sessions  # noqa: E402
 import bench_slow_clients  # noqa: E402
 import bench_spv  # noqa: E402
+import bench_state_store  # noqa: E402
 import bench_verifier  # noqa: E402
 import federation  # noqa: E402
 import soak  # noqa: E402
@@ -41,6 +42,7 @@ def main() -> None:
     n = 20_000 if a.quick else 1_000_000
     results = {
         "ledger": bench_ledger.main(["--quick"] if a.quick else []),
+        "state_store": bench_state_store.main(["--quick"] if a.quick else []),  # 10 M accounts, tree in LMDB
         "verifier": bench_verifier.main(["--records", str(n)]),
         "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
         "spv": bench_spv.main(["--quick"] if a.quick else []),

@@ -208,18 +208,18 @@ class Admission:
         rule (authority, fee floor, balance, recipient, self-transfer) is the consensus one. Returns the
         committed nonce, None if the sender has no account.
         """
-        store = self.chain.store
         skey = account_key(tx.sender)
-        raw = store.get_state(skey)
-        acc = None if raw is None else Account.decode(raw)
-        committed = None if acc is None else acc.nonce
-        if tx.nonce < (committed or 0):
-            raise StaleNonce(f"nonce {tx.nonce} is below the committed nonce {committed} of {tx.sender.hex()}")
-        spent = sum(p.payload.debit_sat() + p.fee_sat for p in self.mempool.pending_of(tx.sender)
-                    if p.nonce != tx.nonce)
-        view = StateView(store.get_state, self.chain.tip.height + 1, self.chain.tip.hash)
-        if acc is not None or tx.nonce > 0:  # nonce > 0: the sender's pending transactions create its account
-            balance = acc.balance_sat if acc is not None else 0
-            view.put(skey, Account(max(balance - spent, 0), tx.nonce).encode())
-        apply_tx(view, tx, self.ledger.rules, signature_checked=True)
+        with self.chain.store.reader() as r:  # one read transaction for every record the checks read
+            raw = r.get_state(skey)
+            acc = None if raw is None else Account.decode(raw)
+            committed = None if acc is None else acc.nonce
+            if tx.nonce < (committed or 0):
+                raise StaleNonce(f"nonce {tx.nonce} is below the committed nonce {committed} of {tx.sender.hex()}")
+            spent = self.mempool.spent_of(tx.sender, tx.nonce)
+            tip = self.chain.tip
+            view = StateView(r.get_state, tip.height + 1, tip.hash)
+            if acc is not None or tx.nonce > 0:  # nonce > 0: the sender's pending transactions create its account
+                balance = acc.balance_sat if acc is not None else 0
+                view.put(skey, Account(max(balance - spent, 0), tx.nonce).encode())
+            apply_tx(view, tx, self.ledger.rules, signature_checked=True)
         return committed

@@ -60,7 +60,7 @@ class FeeBelowFloor(MempoolError):
 class Mempool:
     """Pending transactions: by txid, and per sender by nonce; senders kept in order of first arrival."""
 
-    __slots__ = ("max_txs", "max_per_sender", "min_fee_sat", "_by_id", "_by_sender", "_size_bytes")
+    __slots__ = ("max_txs", "max_per_sender", "min_fee_sat", "_by_id", "_by_sender", "_spent", "_size_bytes")
 
     def __init__(self, max_txs: int, max_per_sender: int, min_fee_sat: int) -> None:
         if max_txs < 1 or max_per_sender < 1 or min_fee_sat < 0:
@@ -72,6 +72,7 @@ class Mempool:
         self._by_id: dict[bytes, Transaction] = {}
         # sender -> {nonce: tx}; dict order is the order in which senders (re)appeared, which select() honours.
         self._by_sender: dict[bytes, dict[int, Transaction]] = {}
+        self._spent: dict[bytes, int] = {}  # sender -> what its pending transactions spend (debits and fees)
         self._size_bytes = 0
 
     def __len__(self) -> int:
@@ -96,6 +97,14 @@ class Mempool:
         """The sender's pending transactions in nonce order."""
         q = self._by_sender.get(sender)
         return [q[n] for n in sorted(q)] if q else []
+
+    def spent_of(self, sender: bytes, except_nonce: int) -> int:
+        """What the sender's pending transactions spend (debits and fees), but the one with except_nonce."""
+        q = self._by_sender.get(sender)
+        if not q:
+            return 0
+        same = q.get(except_nonce)
+        return self._spent[sender] - (0 if same is None else _cost(same))
 
     def next_nonce(self, sender: bytes, committed_nonce: int) -> int:
         """The first nonce after the run of consecutive pending nonces starting at committed_nonce."""
@@ -134,7 +143,9 @@ class Mempool:
             raise MempoolFull(f"mempool holds {len(self._by_id)} transactions (limit {self.max_txs})")
         if q is None:
             q = self._by_sender[tx.sender] = {}
+            self._spent[tx.sender] = 0
         q[tx.nonce] = tx
+        self._spent[tx.sender] += _cost(tx)
         self._by_id[txid] = tx
         self._size_bytes += len(tx.raw)
         return txid
@@ -175,8 +186,10 @@ class Mempool:
         if q is not None:
             if q.get(tx.nonce) is not None and q[tx.nonce].txid == txid:
                 del q[tx.nonce]
+                self._spent[tx.sender] -= _cost(tx)
             if not q:
                 del self._by_sender[tx.sender]
+                del self._spent[tx.sender]
         return True
 
     def remove_committed(self, txs: Iterable[Transaction]) -> int:
@@ -205,3 +218,7 @@ def _run(q: dict[int, Transaction], start: int) -> Iterator[Transaction]:
     while n in q:
         yield q[n]
         n += 1
+
+
+def _cost(tx: Transaction) -> int:
+    return int(tx.payload.debit_sat() + tx.fee_sat)

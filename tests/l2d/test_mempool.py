@@ -210,3 +210,24 @@ def test_sender_order_after_a_sender_empties_and_returns() -> None:
 def test_bad_limits_refused() -> None:
     with pytest.raises(ValueError):
         Mempool(0, 1, 0)
+
+
+def test_spent_of_follows_adds_removals_and_prunes() -> None:
+    """What a sender's pending transactions spend (the admission balance check) is kept as they come and go."""
+    m = Mempool(20, 8, 1)
+
+    def expected(key: int, except_nonce: int) -> int:
+        return sum(t.payload.debit_sat() + t.fee_sat for t in m.pending_of(pubkey(key)) if t.nonce != except_nonce)
+
+    txs = [tx(1, n, fee=1 + n, amount=10 * (n + 1)) for n in range(5)] + [tx(2, 0, amount=7)]
+    for t in txs:
+        m.add(t, 0)
+    assert m.spent_of(pubkey(1), 99) == expected(1, 99) == sum(10 * (n + 1) + 1 + n for n in range(5))
+    assert m.spent_of(pubkey(1), 2) == expected(1, 2) == expected(1, 99) - 33
+    m.remove_committed([txs[0]])
+    m.drop([txs[5]])
+    assert m.spent_of(pubkey(1), 99) == expected(1, 99) and m.spent_of(pubkey(2), 0) == 0
+    m.prune(nonces({1: 3}))
+    assert m.spent_of(pubkey(1), 99) == expected(1, 99) == (40 + 4) + (50 + 5)
+    m.prune(nonces({1: 5}))
+    assert m.spent_of(pubkey(1), 0) == 0 and len(m) == 0

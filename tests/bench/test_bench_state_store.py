@@ -1,0 +1,20 @@
+"""bench/bench_state_store.py, briefly (`make bench` runs it with 10 M accounts): a database made by one process
+opens in another without rebuilding anything, takes blocks and reports every figure the issue asks for."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_state_store_benchmark_runs_and_reports_its_figures() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_state_store.py"), "--accounts", "20000",
+                          "--blocks", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["accounts"] == 20000 and res["tx_per_s_2core"] > 0 and 0 < res["ratio_to_verify"]
+    assert res["update_us_per_key_cold"] > 0 and res["update_us_per_key_warm"] > 0
+    assert res["rss_after_open_mb"]["RssAnon"] > 0 and res["start_seconds"] > 0
