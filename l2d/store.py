@@ -81,8 +81,11 @@ class Store:
         self._cache_bytes = 0
         self._gen = 0
         # mode: the environment's files are created 0600 (LMDB clears the execute bits), the directory 0700.
+        # readahead off: blocks and proofs read records and tree nodes at random places; the kernel's readahead
+        # would map (and, from a cold cache, read) neighbouring pages nobody asked for: at 10 M accounts 1.1 GB
+        # of RSS for 10 blocks instead of 0.16 GB, at no gain in speed.
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, subdir=True, sync=True, metasync=True,
-                             max_readers=256, mode=0o700)
+                             max_readers=256, mode=0o700, readahead=False)
         self._meta = self.env.open_db(b"meta")
         self._state = self.env.open_db(b"state")
         self._blocks = self.env.open_db(b"blocks")
