@@ -15,7 +15,7 @@ from l2d.core.params import LOCAL
 from l2d.core.state import Rules, account_key, genesis_state
 from l2d.core.tree import ROOT_REF, prove_stored, root_of, verify_proof
 from l2d.core.tx import Transaction, sign
-from l2d.ledger import Ledger, UnknownParent
+from l2d.ledger import Ledger, TipMoved, UnknownParent
 from l2d.store import Store, StoreError
 from tests.conftest import Keys
 
@@ -138,3 +138,19 @@ def test_a_stored_tree_that_disagrees_with_the_tip_is_refused_at_open(tmp_path: 
     store.close()
     with pytest.raises(StoreError, match="stored state tree's root is 1111"):
         _open(tmp_path / "db")
+
+
+def test_executing_over_a_tip_that_was_replaced_meanwhile_raises_tip_moved(tmp_path: Path) -> None:
+    """Blocks execute in a worker thread beside stores: one that began over the old tip, while LMDB already holds
+    a newer block, must not build on a mix of the two (TipMoved, then it is executed again)."""
+    ledger = _open(tmp_path / "db")
+    g = ledger.tip
+    assert g is not None
+    b = ledger.execute(g, [transfer(1, 3, 100, 0)], GENESIS_TS + 1)
+    ledger.store.commit_block(1, b.raw, [], b.writes, tree=b.tree)  # stored, the ledger's tip not yet moved
+    with pytest.raises(TipMoved):
+        ledger.execute(g, [transfer(2, 3, 5, 0)], GENESIS_TS + 2)
+    ledger.tip = b.header
+    c = ledger.execute(b.header, [transfer(2, 3, 5, 0)], GENESIS_TS + 2)
+    ledger.commit(c)
+    assert ledger.check() == c.header.state_root
