@@ -177,6 +177,10 @@ class ApiConfig:
     rate_limit_burst: int = 1
     # Processes checking the signatures of batch submissions (POST /api/l2/txs, l2d/sigpool.py); 0 = in the loop.
     signature_workers: int = 0
+    # Read-only API processes serving GET /api/l2/accounts/{id} on read_port from the ledger's LMDB (l2d/readapi.py),
+    # beside the main API; 0 = none.
+    read_workers: int = 0
+    read_port: int = 0
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and debug logs
         token = REDACTED if self.admin_token else ""
@@ -429,7 +433,8 @@ class Config:
                     "header_timeout_ms": self.api.header_timeout_ms, "body_timeout_ms": self.api.body_timeout_ms,
                     "keepalive_timeout_ms": self.api.keepalive_timeout_ms,
                     "rate_limit_per_s": self.api.rate_limit_per_s, "rate_limit_burst": self.api.rate_limit_burst,
-                    "signature_workers": self.api.signature_workers},
+                    "signature_workers": self.api.signature_workers, "read_workers": self.api.read_workers,
+                    "read_port": self.api.read_port},
             "snapshots": {"dir": str(self.snapshots.dir), "every_blocks": self.snapshots.every_blocks,
                           "keep": self.snapshots.keep, "anchored_keep_final": self.snapshots.anchored_keep_final,
                           "anchored_max_bytes": self.snapshots.anchored_max_bytes},
@@ -556,7 +561,7 @@ def _mempool(t: Mapping[str, Any], chain: ChainConfig) -> MempoolConfig:
 def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
     s = _Section("api", t, ("host", "port", "admin_token", "max_body_bytes", "max_connections", "header_timeout_ms",
                             "body_timeout_ms", "keepalive_timeout_ms", "rate_limit_per_s", "rate_limit_burst",
-                            "signature_workers"))
+                            "signature_workers", "read_workers", "read_port"))
     host = s.get_str("host", default="127.0.0.1")
     if host != "localhost":
         try:
@@ -565,6 +570,11 @@ def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
             raise s.fail("host", host, "must be an IP address literal (e.g. 127.0.0.1, ::1) "
                          "or localhost") from None
     port = s.get_int("port", 0, 65535, default=8650)
+    read_workers = s.get_int("read_workers", 0, 64, default=0)
+    read_port = s.get_int("read_port", 0, 65535, default=0)
+    if read_workers and (read_port == 0 or read_port == port):
+        raise s.fail("read_port", read_port, "must be a port of its own (not 0, not api.port) when "
+                     "api.read_workers is set")
 
     token = s.get_str("admin_token", default="")
     where = "api.admin_token"
@@ -589,6 +599,8 @@ def _api(t: Mapping[str, Any], env: Mapping[str, str]) -> ApiConfig:
         rate_limit_per_s=s.get_int("rate_limit_per_s", 0, 1_000_000, default=0),
         rate_limit_burst=s.get_int("rate_limit_burst", 1, 1_000_000, default=20),
         signature_workers=s.get_int("signature_workers", 0, 64, default=max(1, (os.cpu_count() or 2) - 1)),
+        read_workers=read_workers,
+        read_port=read_port,
     )
 
 

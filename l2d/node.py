@@ -56,6 +56,7 @@ from .logs import setup_logging
 from .mempool import Mempool
 from .metrics import Metrics
 from .ratelimit import RateLimiter
+from .readapi import ReadWorkers
 from .sigpool import SignaturePool
 from .model_store import MODEL_DIR, ModelStore
 from .snapshots import Snapshots
@@ -130,6 +131,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Future[Any]] = set()
         self._api: Optional[ApiServer] = None
+        self._readers: Optional[ReadWorkers] = None  # [api] read_workers
         self._stop_future: Optional[asyncio.Future[None]] = None
         self.failed = False
         self.port: Optional[int] = None
@@ -314,6 +316,13 @@ class Node:
             self._api = ApiServer(self.web_app(), self.config.api, self.metrics)
             self.port = await self._api.start()
             log.info("api listening", extra={"host": self.config.api.host, "port": self.port})
+            api = self.config.api
+            if api.read_workers:
+                self._readers = ReadWorkers(Path(self.config.node.data_dir) / "ledger", self.network.name,
+                                            api.host, api.read_port, api.read_workers)
+                self._readers.start()
+                log.info("read api started", extra={"host": api.host, "port": api.read_port,
+                                                     "workers": api.read_workers})
         if self.transport is not None:
             await self.transport.start()
 
@@ -347,6 +356,9 @@ class Node:
         if self._api is not None:
             await self._api.stop()
             self._api = None
+        if self._readers is not None:
+            await asyncio.to_thread(self._readers.close)
+            self._readers = None
         if self.transport is not None:
             await self.transport.close()
         await self.host.close()

@@ -29,7 +29,7 @@ def _check(raws: Sequence[bytes]) -> list[bool]:
     return [signature_ok(r) for r in raws]
 
 
-def _exit_with(parent: int) -> None:
+def exit_with(parent: int) -> None:
     """A worker's initializer: exit once the node that started it is gone (its parent is no longer that pid)."""
     def watch() -> None:
         while os.getppid() == parent:
@@ -49,7 +49,7 @@ class SignaturePool:
             return _check(raws)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_exit_with, initargs=(os.getpid(),))
+                                             initializer=exit_with, initargs=(os.getpid(),))
         loop = asyncio.get_running_loop()
         size = -(-len(raws) // self.workers)
         parts = await asyncio.gather(*(loop.run_in_executor(self._pool, _check, list(raws[i:i + size]))

@@ -68,8 +68,11 @@ def write_error(e: lmdb.Error, path: Path, map_size: int, what: str) -> StoreErr
 
 class Store:
     def __init__(self, path: Path, network: Network, map_size: int = DEFAULT_MAP_SIZE,
-                 tree_cache: int = DEFAULT_TREE_CACHE) -> None:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                 tree_cache: int = DEFAULT_TREE_CACHE, *, readonly: bool = False) -> None:
+        """readonly: for another process reading a daemon's ledger (l2d/readapi.py); it must exist and have this
+        code's schema, and nothing can be written through it."""
+        if not readonly:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self.network = network
         self.map_size = map_size
@@ -85,35 +88,36 @@ class Store:
         # would map (and, from a cold cache, read) neighbouring pages nobody asked for: at 10 M accounts 1.1 GB
         # of RSS for 10 blocks instead of 0.16 GB, at no gain in speed.
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, subdir=True, sync=True, metasync=True,
-                             max_readers=256, mode=0o700, readahead=False)
-        self._meta = self.env.open_db(b"meta")
-        self._state = self.env.open_db(b"state")
-        self._blocks = self.env.open_db(b"blocks")
-        self._txs = self.env.open_db(b"txs")
-        self._anchors = self.env.open_db(b"anchors")  # anchor service records: l2 height u64 -> JSON
-        self._commits = self.env.open_db(b"commits")  # height u64 -> the block's commit (b"" for block 0)
-        self._undo = self.env.open_db(b"undo")  # height u64 -> undo record of a non-final block
-        self._siblings = self.env.open_db(b"siblings")  # block hash -> u32 block length | block | commit
-        self._nodes = self.env.open_db(b"nodes")  # the state tree: path key -> node (l2d/core/tree.py)
+                             max_readers=256, mode=0o700, readahead=False, readonly=readonly, create=not readonly)
+        db = functools.partial(self.env.open_db, create=not readonly)
+        self._meta = db(b"meta")
+        self._state = db(b"state")
+        self._blocks = db(b"blocks")
+        self._txs = db(b"txs")
+        self._anchors = db(b"anchors")  # anchor service records: l2 height u64 -> JSON
+        self._commits = db(b"commits")  # height u64 -> the block's commit (b"" for block 0)
+        self._undo = db(b"undo")  # height u64 -> undo record of a non-final block
+        self._siblings = db(b"siblings")  # block hash -> u32 block length | block | commit
+        self._nodes = db(b"nodes")  # the state tree: path key -> node (l2d/core/tree.py)
         try:
-            self._check_or_init_meta()
+            self._check_or_init_meta(readonly)
         except BaseException:
             self.env.close()
             raise
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
 
-    def _check_or_init_meta(self) -> None:
-        with self.env.begin(write=True, db=self._meta) as txn:
+    def _check_or_init_meta(self, readonly: bool) -> None:
+        with self.env.begin(write=not readonly, db=self._meta) as txn:
             schema = txn.get(b"schema")
             net = txn.get(b"network")
-            if schema is None and net is None:
+            if schema is None and net is None and not readonly:
                 txn.put(b"schema", _U64.pack(SCHEMA_VERSION))
                 txn.put(b"network", self.network.name.encode())
                 return
         if net != self.network.name.encode():
             raise StoreError(f"database at {self.path} was made for network {net!r}, "
                              f"not {self.network.name!r}: refusing to open it")
-        if schema is not None and _U64.unpack(schema)[0] == 2:
+        if schema is not None and _U64.unpack(schema)[0] == 2 and not readonly:
             self._add_tree_nodes()
             return
         if schema is None or _U64.unpack(schema)[0] != SCHEMA_VERSION:

@@ -139,30 +139,13 @@ class ChainView:
 
     async def prove(self, key: bytes) -> ProvenValue:
         """The committed value under key and its inclusion proof against the committed tip (both None if absent)."""
-        with self._committed() as (tip, r, get):
+        with committed(self.store, self.network) as (tip, r, get):
             raw = get(key)
             proof = prove_stored(r.get_node, key, _present(get)) if raw is not None else None
         return ProvenValue(tip, raw, proof)
 
     async def account(self, pubkey: bytes) -> AccountView:
-        """Committed account and its proof (inclusion or non-inclusion) against the committed tip's state root."""
-        key = account_key(pubkey)
-        with self._committed() as (tip, r, get):
-            raw = get(key)
-            proof = prove_stored(r.get_node, key, _present(get))
-        return AccountView(None if raw is None else Account.decode(raw), tip.height, tip.state_root, proof)
-
-    @contextlib.contextmanager
-    def _committed(self) -> Iterator[tuple[BlockHeader, Reader, Callable[[bytes], Optional[bytes]]]]:
-        """The committed tip, its tree and its values, all from one LMDB read transaction: never waiting for the
-        block being built (a block's nodes and records are written in the transaction that stores it)."""
-        with self.store.reader() as r:
-            h = r.tip_height()
-            raw = r.get_block(h) if h is not None else None
-            if raw is None:
-                raise StoreError("database has no tip block")
-            tip = BlockHeader.decode(bytes(raw[:HEADER_SIZE]), self.network)
-            yield tip, r, lambda k: None if (v := r.get_state(k)) is None else bytes(v)
+        return committed_account(self.store, self.network, pubkey)
 
     def render_metrics(self) -> str:
         """The Prometheus exposition of this node."""
@@ -182,6 +165,30 @@ class ChainView:
             "l2d_uptime_seconds": ("Seconds since the node started.", lambda: round(self.uptime_s(), 3)),
         }
         return self.metrics.render(gauges)
+
+
+@contextlib.contextmanager
+def committed(store: Store, network: Network) -> Iterator[tuple[BlockHeader, Reader, Callable[[bytes],
+                                                                                        Optional[bytes]]]]:
+    """The committed tip, its tree and its values, all from one LMDB read transaction: never waiting for the block
+    being built (a block's nodes and records are written in the transaction that stores it). Any process that
+    opens the ledger's LMDB can read this way (l2d/readapi.py)."""
+    with store.reader() as r:
+        h = r.tip_height()
+        raw = r.get_block(h) if h is not None else None
+        if raw is None:
+            raise StoreError("database has no tip block")
+        tip = BlockHeader.decode(bytes(raw[:HEADER_SIZE]), network)
+        yield tip, r, lambda k: None if (v := r.get_state(k)) is None else bytes(v)
+
+
+def committed_account(store: Store, network: Network, pubkey: bytes) -> AccountView:
+    """Committed account and its proof (inclusion or non-inclusion) against the committed tip's state root."""
+    key = account_key(pubkey)
+    with committed(store, network) as (tip, r, get):
+        raw = get(key)
+        proof = prove_stored(r.get_node, key, _present(get))
+    return AccountView(None if raw is None else Account.decode(raw), tip.height, tip.state_root, proof)
 
 
 def _present(get: Callable[[bytes], Optional[bytes]]) -> Callable[[bytes], bytes]:

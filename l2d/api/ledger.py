@@ -19,6 +19,7 @@ from ..core.hashing import H_TXID
 from ..core.tx import MAX_TX_SIZE, Transaction
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..txbatch import MAX_BATCH, decode_batch
+from ..views import AccountView
 from . import dashboard
 from .deps import ADMISSION, CHAIN, MEMBERS, SIGNATURES, SNAPSHOTS
 from .http import HEX, ApiError, admin, field, hex32, path_hex32, read_json_object, uint
@@ -69,13 +70,17 @@ async def l2_state(request: web.Request) -> web.Response:
 async def account(request: web.Request) -> web.Response:
     """GET /api/l2/accounts/{id}: balance, nonce and an inclusion or non-inclusion proof."""
     pubkey = hex32(request.match_info["id"], "account id")
-    a = await request.app[CHAIN].account(pubkey)
-    return web.json_response({
+    return web.json_response(account_json(pubkey, await request.app[CHAIN].account(pubkey)))
+
+
+def account_json(pubkey: bytes, a: AccountView) -> dict[str, Any]:
+    """The body of GET /api/l2/accounts/{id} (also served by the read-only API processes, l2d/readapi.py)."""
+    return {
         "account": pubkey.hex(), "exists": a.account is not None,
         "balance_sat": a.account.balance_sat if a.account else 0, "nonce": a.account.nonce if a.account else 0,
         "height": a.height, "state_root": a.state_root.hex(), "key": account_key(pubkey).hex(),
         "proof": a.proof.encode().hex(),
-    })
+    }
 
 
 async def block(request: web.Request) -> web.Response:
