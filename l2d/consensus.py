@@ -135,6 +135,7 @@ class FederationHost:
         self._built: OrderedDict[bytes, BuiltBlock] = OrderedDict()
         self._invalid: OrderedDict[bytes, None] = OrderedDict()  # proposals whose execution failed
         self._checking: set[bytes] = set()  # proposals being executed in a worker thread
+        self._parent_unknown: set[bytes] = set()  # proposals whose parent was not at hand (invalid once)
         self._prebuilt: Optional[BuiltBlock] = None  # my next proposal, built in a worker thread
         self._building = False
         self._executing: set["asyncio.Future[BuiltBlock]"] = set()
@@ -377,6 +378,9 @@ class FederationHost:
             return Validity.VALID
         if block.hash in self._invalid:
             return Validity.INVALID
+        if block.hash in self._parent_unknown:
+            self._parent_unknown.discard(block.hash)
+            return Validity.INVALID
         txs: list[Transaction] = []
         missing: list[bytes] = []
         for t in block.txids:
@@ -404,9 +408,10 @@ class FederationHost:
                 log.info("block refused: a transaction is invalid",
                          extra={"height": block.height, "reason": e.reason, "hash": block.hash.hex()})
                 return self._refuse(block.hash)
-            except UnknownParent as e:
+            except UnknownParent as e:  # not the block's fault: refused this time, executed again if asked again
                 log.warning("block refused: %s", e)
-                return self._refuse(block.hash)
+                self._parent_unknown.add(block.hash)
+                return None
             except TipMoved as e:  # a block was stored meanwhile: checked again when the machine asks
                 log.debug("proposal executed beside a store", extra={"error": str(e)})
                 return None

@@ -121,8 +121,8 @@ class Ledger:
                 signatures_checked: bool = False) -> BuiltBlock:
         """Apply txs on parent's state; the header takes max(timestamp_ms, parent's timestamp). strict: the first
         rejected transaction raises its Rejected (a proposal with an invalid transaction is invalid as a whole);
-        otherwise rejected ones are skipped and reported. UnknownParent if parent's state is not at hand. The tree
-        is left at the tip's state."""
+        otherwise rejected ones are skipped and reported. UnknownParent if parent's state is not at hand; TipMoved
+        if a block was stored meanwhile (by another thread). Nothing is written."""
         tip = self._tip()
         base = self._changes_to(parent.hash)
         accepted: list[Transaction] = []
@@ -145,11 +145,11 @@ class Ledger:
                 else:
                     accepted.append(tx)
             writes = view.writes
-            tree = _tree_changes(self.store, r, {**base, **writes} if base else writes)
+            root, tree = _tree_changes(self.store, r, {**base, **writes} if base else writes)
         header = BlockHeader(parent.network_id, parent.height + 1, parent.hash, max(timestamp_ms, parent.timestamp_ms),
-                             len(accepted), tx_root([t.txid for t in accepted]), tree[0])
+                             len(accepted), tx_root([t.txid for t in accepted]), root)
         block = Block(header, tuple(accepted))
-        return BuiltBlock(block, block.encode(), writes, tuple(rejected), tree[1], tip.hash)
+        return BuiltBlock(block, block.encode(), writes, tuple(rejected), tree, tip.hash)
 
     def _tip(self) -> BlockHeader:
         if self.tip is None or self.final is None:
