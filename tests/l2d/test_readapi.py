@@ -1,6 +1,6 @@
 """Read-only API processes ([api] read_workers): a real daemon starts them on read_port; they answer account reads
 with the main API's body and a proof against the committed tip, follow new blocks, refuse a malformed id with the
-one error shape, and exit with the daemon (also when it is SIGKILLed)."""
+one error shape, and stop with the daemon (also when it is SIGKILLed)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +21,7 @@ from l2d.core.params import LOCAL
 from l2d.core.state import Account
 from l2d.core.tree import Proof, verify_proof
 from l2d.core.tx import sign
+from l2d.node import Node
 from tests.conftest import Keys
 
 
@@ -105,3 +106,16 @@ def test_read_workers_serve_proven_account_reads_and_exit_with_the_daemon(
 def test_read_workers_need_a_port_of_their_own(tmp_path: Path, api: dict[str, int]) -> None:
     with pytest.raises(ConfigError, match="api.read_port"):
         Config.from_dict({"node": {"network": "local", "data_dir": "d"}, "api": api}, tmp_path, env={})
+
+
+async def test_a_stopping_node_stops_its_read_workers(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
+    read_port = _free_port()
+    node = Node.from_config(make_cfg(tmp_path / "data", api={"port": 0, "read_workers": 1, "read_port": read_port}))
+    await node.start()
+    try:
+        assert node._readers is not None
+        procs = list(node._readers.procs)
+        assert len(procs) == 1 and procs[0].poll() is None
+    finally:
+        await node.stop()
+    assert node._readers is None and all(p.poll() is not None for p in procs)
