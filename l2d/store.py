@@ -304,18 +304,14 @@ class Store:
                 self._cache_bytes = 0
             else:
                 size = self._cache_bytes
-                for p in tree.deletes:
+                for p in (*tree.deletes, *tree.puts):  # a written node moves to the newest end
                     old = cache.pop(p, None)
                     if old is not None:
                         size -= len(p) + len(old) + _CACHE_ENTRY
                 for p, enc in tree.puts.items():
-                    old = cache.pop(p, None)
-                    if old is not None:
-                        size -= len(p) + len(old) + _CACHE_ENTRY
                     cache[p] = enc
                     size += len(p) + len(enc) + _CACHE_ENTRY
-                limit = self.tree_cache_limit
-                while size > limit and cache:
+                while size > self.tree_cache_limit and cache:
                     p, enc = cache.popitem(last=False)
                     size -= len(p) + len(enc) + _CACHE_ENTRY
                 self._cache_bytes = size

@@ -193,12 +193,7 @@ class StateTree:
             levels.append((node[1], sibs))
             node = node[2 + slot]
             d += 1
-        if node is None:
-            return Proof(key, ProofKind.ABSENT_EMPTY, b"", b"", b"", tuple(levels))
-        if node[1] == key:
-            return Proof(key, ProofKind.PRESENT, value_of(key), b"", b"", tuple(levels))
-        other = node[1]
-        return Proof(key, ProofKind.ABSENT_OTHER, b"", other, value_of(other), tuple(levels))
+        return _proof(key, node, levels, value_of)
 
 
 class RootBuilder:
@@ -363,6 +358,16 @@ class Proof:
             levels.append((bitmap, tuple(r.take(32) for _ in range(count))))
         r.end()
         return cls(key, kind, value, other, ovh, tuple(levels))
+
+
+def _proof(key: bytes, end: Optional[Leaf], levels: list[tuple[int, tuple[bytes, ...]]],
+           value_of: Callable[[bytes], bytes]) -> Proof:
+    """The proof for key whose path (levels) ends at `end`: an empty slot, key's leaf or another key's leaf."""
+    if end is None:
+        return Proof(key, ProofKind.ABSENT_EMPTY, b"", b"", b"", tuple(levels))
+    if end[1] == key:
+        return Proof(key, ProofKind.PRESENT, value_of(key), b"", b"", tuple(levels))
+    return Proof(key, ProofKind.ABSENT_OTHER, b"", end[1], value_of(end[1]), tuple(levels))
 
 
 def verify_proof(root: bytes, proof: Proof) -> Optional[bytes]:
@@ -739,12 +744,7 @@ def prove_stored(load: Load, key: bytes, value_of: Callable[[bytes], bytes]) -> 
                                  if s is not None and i != slot)))
         c = node[slot]
         d += 1
-    if c is None:
-        return Proof(key, ProofKind.ABSENT_EMPTY, b"", b"", b"", tuple(levels))
-    if c[1] == key:
-        return Proof(key, ProofKind.PRESENT, value_of(key), b"", b"", tuple(levels))
-    other = c[1]
-    return Proof(key, ProofKind.ABSENT_OTHER, b"", other, value_of(other), tuple(levels))
+    return _proof(key, c, levels, value_of)
 
 
 class NodeBuilder:
