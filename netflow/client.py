@@ -35,8 +35,7 @@ from l2d.core.session_tx import Receipt, SessionOpen, quote_sat
 from l2d.keys import load_secret
 from l2d.logs import setup_logging
 
-from .wire import (LINK_BUFFER, MAX_DATA, Buf, Cmd, HopKeys, Kind, WireError, buffered, client_hop, connect, frame,
-                   read_frame)
+from .wire import LINK_BUFFER, MAX_DATA, Buf, Cmd, HopKeys, Kind, Link, WireError, buffered, client_hop, connect, frame
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +125,18 @@ class Circuit:
     def __init__(self, network: Network, paid: list[Paid]) -> None:
         self.network, self.paid = network, paid
         self.keys: list[HopKeys] = []
-        self.r: Optional[asyncio.StreamReader] = None
-        self.w: Optional[asyncio.StreamWriter] = None
+        self.link: Optional[Link] = None  # to the first relay
 
     async def build(self) -> None:
         """CREATE with the first relay, EXTEND to each next one; HopFailed names the relay that was not reached."""
         first = self.paid[0]
         host, _, port = first.relay.endpoint.rpartition(":")
         try:
-            r, w = await asyncio.wait_for(connect(host.strip("[]"), int(port)), 30)
-            self.r, self.w = r, w
+            link = self.link = await asyncio.wait_for(connect(host.strip("[]"), int(port)), 30)
             pub, keys = client_hop(first.relay.x25519)
-            w.write(frame(bytes((Kind.CREATE,)) + pub + first.session_id))
-            await w.drain()
-            created = await asyncio.wait_for(read_frame(r), 30)
+            link.write(frame(bytes((Kind.CREATE,)) + pub + first.session_id))
+            await link.drain()
+            created = bytes(await asyncio.wait_for(link.read_frame(), 30))
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, WireError) as e:
             raise HopFailed(0, f"relay {first.relay.endpoint}: {e or type(e).__name__}") from None
         if len(created) != 17 or created[0] != Kind.CREATED or created[1:] != keys.confirm:
@@ -164,15 +161,16 @@ class Circuit:
         for i in range(hop - 1, -1, -1):
             self.paid[i].units += len(body)
             body = self.keys[i].seal_fwd(Cmd.FORWARD, body, framed=i == 0)
-        assert self.w is not None
-        self.w.write(body)
-        await self.w.drain()
+        assert self.link is not None
+        self.link.write(body)
+        await self.link.drain()
         await self.pay()
 
     async def recv(self) -> tuple[int, int, Buf]:
-        """The next command from the circuit: (the hop it came from, command, data: a view for DATA, else bytes)."""
-        assert self.r is not None
-        body: Buf = await read_frame(self.r)
+        """The next command from the circuit: (the hop it came from, command, data: a view for DATA, else bytes);
+        each layer is opened in the buffer the frame was received in."""
+        assert self.link is not None
+        body: Buf = await self.link.read_frame()
         for i, keys in enumerate(self.keys):
             plain = keys.open_bwd(body)
             if plain[0] == Cmd.FORWARD and i + 1 < len(self.keys):
@@ -193,8 +191,8 @@ class Circuit:
                 await self.send(i, Cmd.RECEIPT, r.encode())
 
     def close(self) -> None:
-        if self.w is not None:
-            self.w.close()
+        if self.link is not None:
+            self.link.close()
 
 
 class NetflowClient:

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from coincurve import PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -44,8 +44,8 @@ from l2d.leave import COMMANDS, RELAY, find, stop_note
 from l2d.leave import main as leave_main
 from l2d.logs import setup_logging
 
-from .wire import (LINK_BUFFER, MAX_DATA, Buf, Cmd, HopKeys, Kind, WireError, buffered, connect, frame, frame_head,
-                   read_frame, relay_hop, x25519_public)
+from .wire import (Buf, Chunk, Cmd, HopKeys, Kind, Link, WireError, connect, frame, frame_head, relay_hop, serve,
+                   x25519_public)
 
 log = logging.getLogger(__name__)
 
@@ -177,40 +177,38 @@ class Relay:
             await self.settle()
 
     # -- circuits ---------------------------------------------------------------------------------------------
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    async def handle(self, link: Link) -> None:
+        """Serve one link from a client or a previous hop (netflow.wire.serve runs this for each)."""
+        peer = link.get_extra_info("peername")
         try:
-            body = await read_frame(reader)
+            body = bytes(await link.read_frame())
             if len(body) != 65 or body[0] != Kind.CREATE:
                 raise WireError("the first frame of a link is CREATE")
             client_pub, sid = body[1:33], body[33:65]
             s = await self.session(sid)
             keys = relay_hop(self.x25519, client_pub)
-            writer.write(frame(bytes((Kind.CREATED,)) + keys.confirm))
-            await writer.drain()
-            await _Circuit(self, s, keys, reader, writer).run()
+            link.write(frame(bytes((Kind.CREATED,)) + keys.confirm))
+            await link.drain()
+            await _Circuit(self, s, keys, link).run()
         except (WireError, CircuitClosed) as e:
             log.info("circuit closed", extra={"peer": str(peer), "why": str(e)})
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            link.close()
 
 
 class _Circuit:
-    def __init__(self, relay: Relay, s: SessionState, keys: HopKeys, up_r: asyncio.StreamReader,
-                 up_w: asyncio.StreamWriter) -> None:
+    def __init__(self, relay: Relay, s: SessionState, keys: HopKeys, up: Link) -> None:
         self.relay, self.s, self.keys = relay, s, keys
-        self.up_r, self.up_w = up_r, up_w
-        self.down_w: Optional[asyncio.StreamWriter] = None
+        self.up = up
+        self.down: Optional[Link] = None  # the next relay, or the destination (the exit)
         self.down_task: Optional[asyncio.Task[None]] = None
         self.is_exit = False
 
-    async def send_up(self, cmd: Cmd, data: Buf) -> None:
-        self.up_w.write(self.keys.seal_bwd(cmd, data, framed=True))
-        await self.up_w.drain()
+    async def send_up(self, cmd: Cmd, data: Union[Buf, Chunk]) -> None:
+        self.up.write(self.keys.seal_bwd(cmd, data, framed=True))
+        await self.up.drain()
 
     async def carry(self, n: int) -> None:
         """n more bytes moved onward: counted for the session, after the relay's rate limit."""
@@ -232,35 +230,35 @@ class _Circuit:
     async def run(self) -> None:
         try:
             while True:
-                plain = self.keys.open_fwd(await read_frame(self.up_r))
+                plain = self.keys.open_fwd(await self.up.read_frame())
                 await self.command(plain[0], plain[1:])
         finally:
             if self.down_task is not None:
                 self.down_task.cancel()
                 with contextlib.suppress(BaseException):
                     await self.down_task
-            if self.down_w is not None:
-                self.down_w.close()
+            if self.down is not None:
+                self.down.close()
 
     async def command(self, cmd: int, data: memoryview) -> None:
         if cmd == Cmd.FORWARD:
-            if self.down_w is None or self.is_exit:
+            if self.down is None or self.is_exit:
                 raise WireError("FORWARD before EXTEND")
             await self.carry(len(data))
-            self.down_w.write(frame_head(data))
-            self.down_w.write(data)
-            await self.down_w.drain()
+            self.down.write(frame_head(data))
+            self.down.write(data)
+            await self.down.drain()
         elif cmd == Cmd.DATA:
-            if self.down_w is None or not self.is_exit:
+            if self.down is None or not self.is_exit:
                 raise WireError("DATA before CONNECT")
             await self.carry(len(data))
-            self.down_w.write(data)
-            await self.down_w.drain()
+            self.down.write(data)
+            await self.down.drain()
         elif cmd == Cmd.RECEIPT:
             self.relay.take_receipt(self.s, bytes(data))
         elif cmd == Cmd.END:
-            if self.down_w is not None and self.is_exit and self.down_w.can_write_eof():
-                self.down_w.write_eof()
+            if self.down is not None and self.is_exit and self.down.can_write_eof():
+                self.down.write_eof()
         elif cmd == Cmd.EXTEND:
             await self.extend(bytes(data))
         elif cmd == Cmd.CONNECT:
@@ -269,65 +267,63 @@ class _Circuit:
             raise WireError(f"unknown command {cmd:#x}")
 
     async def extend(self, data: bytes) -> None:
-        if self.down_w is not None or len(data) < 66:
+        if self.down is not None or len(data) < 66:
             raise WireError("EXTEND on a circuit already extended, or malformed")
         host, port = _endpoint(data[64:])
         try:
-            r, w = await asyncio.wait_for(connect(host, port), 30)
+            down = await asyncio.wait_for(connect(host, port), 30)
         except (OSError, asyncio.TimeoutError) as e:
             raise CircuitClosed(f"next relay {host}:{port} unreachable: {e}") from None
-        w.write(frame(bytes((Kind.CREATE,)) + data[:64]))
-        await w.drain()
+        down.write(frame(bytes((Kind.CREATE,)) + data[:64]))
+        await down.drain()
         try:
-            created = await asyncio.wait_for(read_frame(r), 30)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
-            w.close()
+            created = bytes(await asyncio.wait_for(down.read_frame(), 30))
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, WireError):
+            down.close()
             raise CircuitClosed(f"next relay {host}:{port} refused the circuit") from None
         if len(created) != 17 or created[0] != Kind.CREATED:
-            w.close()
+            down.close()
             raise WireError("the next relay did not answer CREATED")
-        self.down_w = w
+        self.down = down
         await self.send_up(Cmd.EXTENDED, created[1:])
-        self.down_task = asyncio.create_task(self.from_next(r))
+        self.down_task = asyncio.create_task(self.from_next(down))
 
-    async def from_next(self, r: asyncio.StreamReader) -> None:
+    async def from_next(self, down: Link) -> None:
         try:
             while True:
-                body = await read_frame(r)
+                chunk = await down.read()
+                assert chunk is not None  # a framed link raises at its end
                 await self.credit()
-                await self.carry(len(body))
-                await self.send_up(Cmd.FORWARD, body)
+                await self.carry(chunk.n)
+                await self.send_up(Cmd.FORWARD, chunk)  # sealed around the next hop's body, in its buffer
         except (asyncio.IncompleteReadError, ConnectionError, WireError, CircuitClosed):
-            self.up_w.close()  # the rest of the circuit is gone: so is this link
+            self.up.close()  # the rest of the circuit is gone: so is this link
 
     async def connect(self, data: bytes) -> None:
-        if self.down_w is not None:
+        if self.down is not None:
             raise WireError("CONNECT on a circuit already in use")
         if not self.relay.exit_allowed:
             await self.send_up(Cmd.CONNECTED, b"\x01")
             raise CircuitClosed("this relay is not an exit")
         host, port = _endpoint(data)
         try:
-            r, w = await asyncio.wait_for(connect(host, port), 30)
+            down = await asyncio.wait_for(connect(host, port, framed=False), 30)
         except (OSError, asyncio.TimeoutError):
             await self.send_up(Cmd.CONNECTED, b"\x01")
             return
-        self.down_w, self.is_exit = w, True
+        self.down, self.is_exit = down, True
         await self.send_up(Cmd.CONNECTED, b"\x00")
-        self.down_task = asyncio.create_task(self.from_destination(r))
+        self.down_task = asyncio.create_task(self.from_destination(down))
 
-    async def from_destination(self, r: asyncio.StreamReader) -> None:
+    async def from_destination(self, down: Link) -> None:
         try:
-            while True:
-                chunk = await r.read(MAX_DATA)
-                if not chunk:
-                    await self.send_up(Cmd.END, b"")
-                    return
+            while (chunk := await down.read()) is not None:
                 await self.credit()
-                await self.carry(len(chunk))
-                await self.send_up(Cmd.DATA, chunk)
+                await self.carry(chunk.n)
+                await self.send_up(Cmd.DATA, chunk)  # sealed in the buffer the destination's bytes came in
+            await self.send_up(Cmd.END, b"")
         except (ConnectionError, CircuitClosed):
-            self.up_w.close()
+            self.up.close()
 
 
 def _endpoint(raw: bytes, listen: bool = False) -> tuple[str, int]:
@@ -380,7 +376,7 @@ async def _run(a: Any) -> int:
         network = await api.network()
         relay = Relay(api=api, network=network, secret=secret, x25519_key=x_key, price_msat_per_mib=a.price,
                       exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate)
-        server = await asyncio.start_server(lambda r, w: relay.handle(r, buffered(w)), host, port, limit=LINK_BUFFER)
+        server = await serve(relay.handle, host, port)
         bound = server.sockets[0].getsockname()
         endpoint = f"{bound[0]}:{bound[1]}"
         if a.register:

@@ -16,10 +16,12 @@ innermost), each hop removes its own: FORWARD passes the rest to the next hop, a
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
+import logging
 import struct
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Awaitable, Callable, Optional, Union, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -36,6 +38,9 @@ TAG = 16
 _LEN = struct.Struct(">I")
 Buf = Union[bytes, bytearray, memoryview]
 _INFO = b"l2d/netflow/hop v2"  # v2: 256 KiB DATA chunks in frames of up to 512 KiB (v1: 64 / 128 KiB)
+HEAD = 6  # room before a received chunk's bytes for its frame's length, kind and command: it is sealed in place
+
+log = logging.getLogger(__name__)
 
 
 class WireError(Exception):
@@ -59,24 +64,200 @@ class Cmd(enum.IntEnum):
     END = 0x17  # the stream is over (either direction)
 
 
-async def connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TCP stream with the link's buffers (LINK_BUFFER)."""
-    r, w = await asyncio.open_connection(host, port, limit=LINK_BUFFER)
-    return r, buffered(w)
+@dataclass
+class Chunk:
+    """n bytes received straight into `buf` at offset HEAD, with HEAD bytes of room before them and at least TAG
+    after: a layer sealed around them is written in place (no copy)."""
+
+    buf: bytearray
+    n: int
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.buf)[HEAD:HEAD + self.n]
+
+
+Handler = Callable[["Link"], Awaitable[None]]
+
+
+class Link(asyncio.BufferedProtocol):
+    """One TCP connection of the data plane, read without copying: the kernel writes each frame (`framed`) or each
+    chunk of a plain stream (at most MAX_DATA bytes) straight into a buffer of its own (a Chunk), which the reader
+    then opens or seals in place. Up to LINK_BUFFER received bytes wait for the reader before the socket is no longer
+    read (backpressure); writes queue up to LINK_BUFFER before drain() waits. (asyncio's StreamReader copies every
+    byte twice, into its buffer and out of it, and moves what remains on each read: measured in bench_netflow.)"""
+
+    def __init__(self, framed: bool, handler: Optional[Handler] = None) -> None:
+        self.framed = framed
+        self._handler = handler  # run with the link once connected (a server's links)
+        self.transport: Optional[asyncio.Transport] = None
+        self._ready: collections.deque[Chunk] = collections.deque()
+        self._queued = 0  # bytes in _ready
+        self._buf: Optional[bytearray] = None  # the chunk being received, bytes [HEAD, _pos) so far, up to _end
+        self._pos = self._end = 0
+        self._head = bytearray(4)  # a frame's length, being received while _buf is None
+        self._head_n = 0
+        self._paused = False  # reading, for backpressure
+        self._error: Optional[BaseException] = None  # raised by read() once _ready is empty
+        self._eof = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed = asyncio.get_running_loop().create_future()
+        self._task: Optional[asyncio.Task[None]] = None
+
+    # -- protocol callbacks --------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        self.transport.set_write_buffer_limits(high=LINK_BUFFER)
+        if self._handler is not None:
+            self._task = asyncio.get_running_loop().create_task(self._serve(self._handler))
+
+    async def _serve(self, handler: Handler) -> None:
+        try:
+            await handler(self)
+        except Exception:
+            log.exception("link handler failed")
+        finally:
+            self.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._buf is None and self.framed:
+            return memoryview(self._head)[self._head_n:]
+        if self._buf is None:
+            self._buf, self._pos, self._end = bytearray(HEAD + MAX_DATA + TAG), HEAD, HEAD + MAX_DATA
+        return memoryview(self._buf)[self._pos:self._end]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._buf is None:  # a frame's length
+            self._head_n += nbytes
+            if self._head_n < 4:
+                return
+            self._head_n = 0
+            (n,) = _LEN.unpack(self._head)
+            if not 0 < n <= MAX_FRAME:
+                self._fail(WireError(f"frame of {n} bytes (1..{MAX_FRAME})"))
+                return
+            self._buf, self._pos, self._end = bytearray(HEAD + n + TAG), HEAD, HEAD + n
+            return
+        self._pos += nbytes
+        if self._pos == self._end or not (self.framed or self._ready):  # a frame, or what a reader can take
+            self._push()
+
+    def _push(self) -> None:
+        assert self._buf is not None
+        chunk = Chunk(self._buf, self._pos - HEAD)
+        self._buf = None
+        self._ready.append(chunk)
+        self._queued += chunk.n
+        self._readable.set()
+        if self._queued >= LINK_BUFFER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _fail(self, e: BaseException) -> None:
+        self._error = e
+        self._readable.set()
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._readable.set()
+        return True  # the other direction stays open until closed
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._eof = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._readable.set()
+        self._writable.set()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- the reader's side ---------------------------------------------------------------------------------------
+    async def read(self) -> Optional[Chunk]:
+        """The next frame's body, or the next bytes of a plain stream (None at its end). A framed link raises
+        IncompleteReadError at the end of the stream, WireError for a malformed frame, the connection's error if
+        it broke."""
+        while not self._ready:
+            if not self.framed and self._buf is not None and self._pos > HEAD:
+                self._push()  # what has come so far
+                break
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                if self.framed:
+                    raise asyncio.IncompleteReadError(b"", None)
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        chunk = self._ready.popleft()
+        self._queued -= chunk.n
+        if self._paused and self._queued < LINK_BUFFER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    async def read_frame(self) -> memoryview:
+        """The next frame's body (writable: opening a layer decrypts it in place)."""
+        chunk = await self.read()
+        assert chunk is not None  # a framed link raises at its end
+        return chunk.data
+
+    # -- the writer's side ---------------------------------------------------------------------------------------
+    def write(self, data: Buf) -> None:
+        """Queue data (not copied: a chunk's buffer is not reused)."""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while more than LINK_BUFFER bytes are queued; ConnectionResetError once the link is closed."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the link is closed")
+        await self._writable.wait()
+        if self.transport.is_closing():
+            raise ConnectionResetError("the link is closed")
+
+    def can_write_eof(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        assert self.transport is not None
+        self.transport.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    def get_extra_info(self, name: str) -> object:
+        return None if self.transport is None else self.transport.get_extra_info(name)
+
+
+async def connect(host: str, port: int, framed: bool = True) -> Link:
+    """A link to host:port (a relay: `framed`; a destination: plain)."""
+    _, link = await asyncio.get_running_loop().create_connection(lambda: Link(framed), host, port)
+    return link
+
+
+async def serve(handler: Handler, host: str, port: int) -> asyncio.AbstractServer:
+    """Accept framed links on host:port (0: any free port), each served by handler(link), closed when it returns."""
+    return await asyncio.get_running_loop().create_server(lambda: Link(True, handler), host, port)
 
 
 def buffered(w: asyncio.StreamWriter) -> asyncio.StreamWriter:
     """A writer that queues up to LINK_BUFFER bytes before drain() waits (for a server's accepted streams too)."""
     w.transport.set_write_buffer_limits(high=LINK_BUFFER)
     return w
-
-
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readexactly(4)
-    (n,) = _LEN.unpack(head)
-    if not 0 < n <= MAX_FRAME:
-        raise WireError(f"frame of {n} bytes (1..{MAX_FRAME})")
-    return await reader.readexactly(n)
 
 
 def frame(body: bytes) -> bytes:
@@ -111,18 +292,19 @@ class HopKeys:
         keys.confirm = keys.bwd.encrypt(_nonce(0), b"", client_pub)
         return keys
 
-    def seal_fwd(self, cmd: int, data: Buf, framed: bool = False) -> bytearray:
-        """The RELAY body carrying the layer `cmd | data` forward (a whole frame, length first, if `framed`)."""
+    def seal_fwd(self, cmd: int, data: Union[Buf, Chunk], framed: bool = False) -> memoryview:
+        """The RELAY body carrying the layer `cmd | data` forward (a whole frame, length first, if `framed`). A
+        Chunk is sealed in place: its buffer becomes the frame; other data is copied once."""
         n, self.fwd_n = self.fwd_n, self.fwd_n + 1
         return _seal(self.fwd, n, cmd, data, framed)
 
-    def seal_bwd(self, cmd: int, data: Buf, framed: bool = False) -> bytearray:
+    def seal_bwd(self, cmd: int, data: Union[Buf, Chunk], framed: bool = False) -> memoryview:
         n, self.bwd_n = self.bwd_n, self.bwd_n + 1
         return _seal(self.bwd, n, cmd, data, framed)
 
     def open_fwd(self, body: Buf) -> memoryview:
-        """The layer `cmd | data` of a RELAY body coming forward (WireError if it is not one, or fails
-        authentication)."""
+        """The layer `cmd | data` of a RELAY body coming forward, decrypted in place when `body` is writable (its
+        bytes become the plaintext); WireError if it is not a RELAY body, or fails authentication."""
         n, self.fwd_n = self.fwd_n, self.fwd_n + 1
         return _open(self.fwd, n, body)
 
@@ -135,33 +317,34 @@ def _nonce(n: int) -> bytes:
     return n.to_bytes(12, "big")
 
 
-# A data chunk is copied once on each side of a hop: into the plaintext buffer (sealing), or out of the frame by
-# the stream reader (opening); the cipher writes into the frame, and a layer is a view of its frame.
-def _seal(aead: ChaCha20Poly1305, n: int, cmd: int, data: Buf, framed: bool) -> bytearray:
-    plain = bytearray(1 + len(data))
-    plain[0] = cmd
-    plain[1:] = data
-    size = 1 + len(plain) + TAG
+def _seal(aead: ChaCha20Poly1305, n: int, cmd: int, data: Union[Buf, Chunk], framed: bool) -> memoryview:
+    """`length | RELAY | ChaCha20-Poly1305(cmd | data)` encrypted in the chunk's own buffer (the length only if
+    `framed`)."""
+    if not isinstance(data, Chunk):
+        chunk = Chunk(bytearray(HEAD + len(data) + TAG), len(data))
+        chunk.buf[HEAD:HEAD + len(data)] = data
+        data = chunk
+    size = 2 + data.n + TAG
     if size > MAX_FRAME:
         raise WireError(f"frame of {size} bytes (1..{MAX_FRAME})")
-    head = _LEN.size if framed else 0
-    out = bytearray(head + size)
-    if framed:
-        _LEN.pack_into(out, 0, size)
-    out[head] = Kind.RELAY
-    aead.encrypt_into(_nonce(n), plain, None, memoryview(out)[head + 1:])
-    return out
+    buf = memoryview(data.buf)
+    _LEN.pack_into(buf, 0, size)
+    buf[4], buf[5] = Kind.RELAY, cmd
+    aead.encrypt_into(_nonce(n), buf[5:HEAD + data.n], None, buf[5:HEAD + data.n + TAG])
+    return buf[0 if framed else 4:HEAD + data.n + TAG]
 
 
 def _open(aead: ChaCha20Poly1305, n: int, body: Buf) -> memoryview:
     if len(body) < 2 + TAG or body[0] != Kind.RELAY:
         raise WireError(f"a frame of kind {body[0] if body else None} and {len(body)} bytes inside a circuit")
-    plain = bytearray(len(body) - 1 - TAG)
+    view = memoryview(body)
+    if view.readonly:
+        view = memoryview(bytearray(view))
     try:
-        aead.decrypt_into(_nonce(n), memoryview(body)[1:], None, plain)
+        aead.decrypt_into(_nonce(n), view[1:], None, view[1:-TAG])  # in place: OpenSSL's AEADs allow it
     except InvalidTag:
         raise WireError("a layer failed authentication (tampered, replayed or out of order)") from None
-    return memoryview(plain)
+    return view[1:-TAG]
 
 
 def client_hop(relay_pub: bytes) -> tuple[bytes, HopKeys]:

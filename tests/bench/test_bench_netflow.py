@@ -20,6 +20,9 @@ def test_the_netflow_bench_downloads_through_both_paths() -> None:
     spec.loader.exec_module(bench)
     out = bench.main(["--quick"])
     assert out["mib"] == 8
-    for name in ("loopback", "direct", "onion"):
-        assert out[f"{name}_mib_s"] > 0
-    assert out["direct_ratio"] > 0 and out["onion_ratio"] > 0
+    for server in ("body", "sendfile"):
+        for name in ("loopback", "direct", "onion"):
+            assert out[f"{server}_{name}_mib_s"] > 0
+        assert out[f"{server}_direct_ratio"] > 0 and out[f"{server}_onion_ratio"] > 0
+    # CPU per MiB of each process in the path: the exit and the client; three relays and the client
+    assert len(out["direct_cpu_ms_per_mib"]) == 2 and len(out["onion_cpu_ms_per_mib"]) == 4

@@ -26,7 +26,8 @@ from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
 from l2d.core.session_tx import Receipt
 from netflow.client import Circuit, NetflowClient, Paid, RelayInfo
 from netflow.relay import Relay
-from netflow.wire import MAX_DATA, Cmd, WireError, read_frame, x25519_public
+from netflow import wire
+from netflow.wire import MAX_DATA, Cmd, WireError, x25519_public
 from tests.conftest import REPO, L2dProcess, Proc
 
 TOKEN = "netflow-relay-test-token-0001"
@@ -68,7 +69,8 @@ async def world(tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_tom
         x = X25519PrivateKey.generate()
         relay = Relay(api=api, network=network, secret=RELAY, x25519_key=x, price_msat_per_mib=PRICE,
                       exit_allowed=True, window=WINDOW, settle_every_s=3600)
-        relay_server, endpoint = await serve(relay.handle)
+        relay_server = await wire.serve(relay.handle, "127.0.0.1", 0)
+        endpoint = "127.0.0.1:%d" % relay_server.sockets[0].getsockname()[1]
         res = await api.sign_and_submit(RELAY, RelayRegister(5000, x25519_public(x), pk(RELAY),
                                                              FLAG_ENTRY | FLAG_EXIT, 1000, PRICE,
                                                              endpoint.encode()), 1)
@@ -160,7 +162,7 @@ async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
         t = asyncio.create_task(back())
         with contextlib.suppress(Exception):
             while True:
-                body = await read_frame(cr)
+                body = await cr.readexactly(int.from_bytes(await cr.readexactly(4), "big"))
                 frames += 1
                 if frames == 2:  # the first layer after CREATE
                     body = body[:-1] + bytes((body[-1] ^ 1,))
