@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 WINDOW = 4 * MIB  # default credit window
 EXPIRY_MARGIN = 10  # a session must stay open at least this many L2 blocks to be served
+HANDSHAKE_S = 30.0  # a link's CREATE must arrive within this (a link that sends nothing, or half a frame, is closed)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class CircuitClosed(Exception):
 class Relay:
     def __init__(self, *, api: AsyncClient, network: Network, secret: bytes, x25519_key: X25519PrivateKey,
                  price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
-                 fee_sat: int = 1, max_rate_kib_s: int = 0) -> None:
+                 fee_sat: int = 1, max_rate_kib_s: int = 0, handshake_s: float = HANDSHAKE_S) -> None:
         self.api, self.network = api, network
         self._secret = secret  # the identity key: it signs the settlements
         self.identity = PrivateKey(secret).public_key_xonly.format()
@@ -94,6 +95,7 @@ class Relay:
         self.window = window
         self.settle_every_s = settle_every_s
         self.fee_sat = fee_sat
+        self.handshake_s = handshake_s
         self.sessions: dict[bytes, SessionState] = {}
         self._tip = 0
         self.max_rate = max_rate_kib_s * 1024  # bytes/s over all circuits; 0 = unlimited
@@ -181,7 +183,10 @@ class Relay:
         """Serve one link from a client or a previous hop (netflow.wire.serve runs this for each)."""
         peer = link.get_extra_info("peername")
         try:
-            body = bytes(await link.read_frame())
+            try:
+                body = bytes(await asyncio.wait_for(link.read_frame(), self.handshake_s))
+            except asyncio.TimeoutError:
+                raise WireError(f"no CREATE within {self.handshake_s:g} s") from None
             if len(body) != 65 or body[0] != Kind.CREATE:
                 raise WireError("the first frame of a link is CREATE")
             client_pub, sid = body[1:33], body[33:65]

@@ -187,6 +187,20 @@ async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
     server.close()
 
 
+async def test_a_link_that_sends_half_a_frame_is_closed_after_the_handshake_time(
+        world: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A slow or silent peer does not hold a relay's connection: no CREATE within handshake_s closes the link."""
+    caplog.set_level(logging.INFO, logger="netflow.relay")
+    world["relay"].handshake_s = 0.2
+    host, port = world["endpoint"].rsplit(":", 1)
+    r, w = await asyncio.open_connection(host, int(port))
+    w.write(b"\x00\x00")  # half of a frame's length, then nothing
+    assert await asyncio.wait_for(r.read(), 30) == b""  # the relay closed the link
+    assert any("no CREATE within 0.2 s" in str(getattr(rec, "why", "")) for rec in caplog.records)
+    assert world["relay"].sessions == {}
+    w.close()
+
+
 async def test_a_spent_session_is_renewed_for_the_next_circuit(world: dict[str, Any]) -> None:
     """A session whose deposit would not pay for RENEW_MARGIN more bytes is replaced by a fresh one (opened and
     committed on the L2) before the next circuit; the relay serves the circuit on the new session."""
