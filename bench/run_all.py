@@ -1,38 +1,45 @@
 """Run every benchmark (make bench) and print one JSON object of figures, each with its same-run baseline.
 
     python bench/run_all.py [--quick]
+
+Each benchmark runs in a fresh interpreter of its own, one after the other: what one leaves behind (torch and
+Flower imported, a large heap that makes every garbage collection slower, threads) does not slow the next. (In one
+process, bench_rest's client threads ran after the FL benchmarks' imports and committed 0.56 of the in-process rate
+instead of 0.74, and its spawned readers re-imported every benchmark before their first read.) A benchmark that
+fails is reported as {"error": ...} and the others still run; the exit status is then non-zero.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+REPO = HERE.parent
+RESULT = "RESULT "  # the line a benchmark's process ends with: its figures as JSON
+_CHILD = ("import importlib, json, sys; sys.path[:0] = sys.argv[1:3]; "
+          "out = importlib.import_module(sys.argv[3]).main(sys.argv[4:]); "
+          "print(" + repr("\n" + RESULT) + " + json.dumps(out, default=str), flush=True)")
 
-import bench_anchor  # noqa: E402
-import bench_api_load  # noqa: E402
-import bench_daemon_memory  # noqa: E402
-import bench_dashboard  # noqa: E402
-import bench_fl  # noqa: E402
-import bench_fl_l2  # noqa: E402
-import bench_gateway  # noqa: E402
-import bench_ledger  # noqa: E402
-import bench_netflow  # noqa: E402
-import bench_orchestration  # noqa: E402
-import bench_pegout  # noqa: E402
-import bench_rest  # noqa: E402
-import bench_scheduler  # noqa: E402
-import bench_sessions  # noqa: E402
-import bench_slow_clients  # noqa: E402
-import bench_spv  # noqa: E402
-import bench_state_store  # noqa: E402
-import bench_verifier  # noqa: E402
-import federation  # noqa: E402
-import soak  # noqa: E402
+
+def run(module: str, args: list[str]) -> Any:
+    """module.main(args) in a fresh interpreter: its result, its own output passed through."""
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, str(HERE), str(REPO), module, *args], stdout=subprocess.PIPE,
+                         text=True, cwd=REPO)
+    assert p.stdout is not None
+    result: Any = {"error": f"{module} printed no result"}
+    for line in p.stdout:
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT):])
+        else:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    if p.wait() != 0:
+        result = {"error": f"{module} exited with status {p.returncode}"}
+    return result
 
 
 def main() -> None:
@@ -40,32 +47,37 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     a = ap.parse_args()
     n = 20_000 if a.quick else 1_000_000
-    results = {
-        "ledger": bench_ledger.main(["--quick"] if a.quick else []),
-        "state_store": bench_state_store.main(["--quick"] if a.quick else []),  # 10 M accounts, tree in LMDB
-        "verifier": bench_verifier.main(["--records", str(n)]),
-        "daemon_memory": bench_daemon_memory.main(["--accounts", str(n)]),
-        "spv": bench_spv.main(["--quick"] if a.quick else []),
-        "sessions": bench_sessions.main(["--quick"] if a.quick else []),
-        "netflow": bench_netflow.main(["--quick"] if a.quick else []),  # relays, SOCKS5 and curl, 64 MiB
-        "gateway": bench_gateway.main(["--quick"] if a.quick else []),  # SmolLM2 direct vs through the gateway
-        "scheduler": bench_scheduler.main([]),
-        "orchestration": bench_orchestration.main(["--tasks", "10"] if a.quick else []),
-        "federated": bench_fl.main(["--quick"] if a.quick else ["--epochs", "400"]),
-        "federated_l2": bench_fl_l2.main(["--rounds", "10"] if a.quick else []),
-        "rest": bench_rest.main(["--quick"] if a.quick else []),  # batch submissions vs the in-process ledger
-        "dashboard": bench_dashboard.main(["--loads", "3"] if a.quick else []),  # chromium: first render, bytes
-        "api_load": bench_api_load.main(["--quick"] if a.quick else []),  # 200 connections vs bare aiohttp
-        "slow_clients": bench_slow_clients.main(["--slow", "200", "--pace", "1"] if a.quick else []),
-        "federation": federation.main(["--quick"] if a.quick else []),  # real member processes, ~2 min
-        "pegout": bench_pegout.main(["--quick"] if a.quick else []),  # member processes and bitcoind, ~4 min
-        "anchor": bench_anchor.main(["--anchors", "3"] if a.quick else []),  # one member, federation anchors
-        "soak": soak.main(["--kills", "5"] if a.quick else []),  # 50 SIGKILLs of a real daemon (~1.5 s each)
+    q = ["--quick"] if a.quick else []
+    plan: dict[str, tuple[str, list[str]]] = {
+        "ledger": ("bench_ledger", q),
+        "state_store": ("bench_state_store", q),  # 10 M accounts, tree in LMDB
+        "verifier": ("bench_verifier", ["--records", str(n)]),
+        "daemon_memory": ("bench_daemon_memory", ["--accounts", str(n)]),
+        "spv": ("bench_spv", q),
+        "sessions": ("bench_sessions", q),
+        "netflow": ("bench_netflow", q),  # relays, SOCKS5 and curl, 64 MiB
+        "gateway": ("bench_gateway", q),  # SmolLM2 direct vs through the gateway
+        "scheduler": ("bench_scheduler", []),
+        "orchestration": ("bench_orchestration", ["--tasks", "10"] if a.quick else []),
+        "federated": ("bench_fl", q or ["--epochs", "400"]),
+        "federated_l2": ("bench_fl_l2", ["--rounds", "10"] if a.quick else []),
+        "rest": ("bench_rest", q),  # batch submissions vs the in-process ledger
+        "dashboard": ("bench_dashboard", ["--loads", "3"] if a.quick else []),  # chromium: first render, bytes
+        "api_load": ("bench_api_load", q),  # 200 connections vs bare aiohttp
+        "slow_clients": ("bench_slow_clients", ["--slow", "200", "--pace", "1"] if a.quick else []),
+        "federation": ("federation", q),  # real member processes, ~2 min
+        "pegout": ("bench_pegout", q),  # member processes and bitcoind, ~4 min
+        "anchor": ("bench_anchor", ["--anchors", "3"] if a.quick else []),  # one member, federation anchors
+        "soak": ("soak", ["--kills", "5"] if a.quick else []),  # 50 SIGKILLs of a real daemon (~1.5 s each)
     }
+    results = {name: run(module, args) for name, (module, args) in plan.items()}
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results, indent=1, default=str))
+    failed = [name for name, r in results.items() if isinstance(r, dict) and "error" in r]
+    if failed:
+        sys.exit(f"benchmarks that failed: {', '.join(failed)}")
     if not results["soak"]["ok"]:
         sys.exit(f"soak: {results['soak']['problems'][:3]}")
 

@@ -301,7 +301,7 @@ class _Circuit:
                 await self.credit()
                 await self.carry(chunk.n)
                 await self.send_up(Cmd.FORWARD, chunk)  # sealed around the next hop's body, in its buffer
-        except (asyncio.IncompleteReadError, ConnectionError, WireError, CircuitClosed):
+        except (asyncio.IncompleteReadError, OSError, WireError, CircuitClosed):
             self.up.close()  # the rest of the circuit is gone: so is this link
 
     async def connect(self, data: bytes) -> None:
@@ -327,7 +327,7 @@ class _Circuit:
                 await self.carry(chunk.n)
                 await self.send_up(Cmd.DATA, chunk)  # sealed in the buffer the destination's bytes came in
             await self.send_up(Cmd.END, b"")
-        except (ConnectionError, CircuitClosed):
+        except (OSError, CircuitClosed):  # the destination's connection broke (reset, timed out), or the circuit
             self.up.close()
 
 
