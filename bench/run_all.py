@@ -27,17 +27,17 @@ _CHILD = ("import importlib, json, sys; sys.path[:0] = sys.argv[1:3]; "
 
 def run(module: str, args: list[str]) -> Any:
     """module.main(args) in a fresh interpreter: its result, its own output passed through."""
-    p = subprocess.Popen([sys.executable, "-c", _CHILD, str(HERE), str(REPO), module, *args], stdout=subprocess.PIPE,
-                         text=True, cwd=REPO)
-    assert p.stdout is not None
     result: Any = {"error": f"{module} printed no result"}
-    for line in p.stdout:
-        if line.startswith(RESULT):
-            result = json.loads(line[len(RESULT):])
-        else:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-    if p.wait() != 0:
+    with subprocess.Popen([sys.executable, "-c", _CHILD, str(HERE), str(REPO), module, *args],
+                          stdout=subprocess.PIPE, text=True, cwd=REPO) as p:
+        assert p.stdout is not None
+        for line in p.stdout:
+            if line.startswith(RESULT):
+                result = json.loads(line[len(RESULT):])
+            else:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    if p.returncode != 0:
         result = {"error": f"{module} exited with status {p.returncode}"}
     return result
 
