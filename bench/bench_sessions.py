@@ -59,7 +59,7 @@ def receipts_per_second(n: int) -> dict[str, Any]:
     pk = PrivateKey(key).public_key_xonly
     sid = _secret("session id")
     priv = PrivateKey(key)
-    receipts = [Receipt.sign(LOCAL.id, key, sid, i + 1, 2 * (i + 1), (i + 1) * 1000) for i in range(n)]
+    receipts = [Receipt.sign(LOCAL.id, priv, sid, i + 1, 2 * (i + 1), (i + 1) * 1000) for i in range(n)]
     msgs = [r.digest(LOCAL.id) for r in receipts]  # the baseline signs and verifies the very same digests
     verifier = xonly_key(pk.format())  # the key object check_receipt uses (parsed once, cached)
     rec = SessionRecord(SessionStatus.OPEN, _secret("c"), _secret("s"), pk.format(), 10**9, 2_000_000, 1000, 10**6, 1,
@@ -67,7 +67,7 @@ def receipts_per_second(n: int) -> dict[str, Any]:
     bare_sign = sign_rate = bare_verify = verify_rate = 0.0
     for _ in range(3):  # interleaved, best of 3 each: the same machine state for the pairs compared
         bare_sign = max(bare_sign, _rate(lambda i: priv.sign_schnorr(msgs[i], b""), n, 1))
-        sign_rate = max(sign_rate, _rate(lambda i: Receipt.sign(LOCAL.id, key, sid, i + 1, 2 * (i + 1),
+        sign_rate = max(sign_rate, _rate(lambda i: Receipt.sign(LOCAL.id, priv, sid, i + 1, 2 * (i + 1),
                                                                 (i + 1) * 1000), n, 1))
         bare_verify = max(bare_verify, _rate(lambda i: verifier.verify(receipts[i].signature, msgs[i]), n, 1))
         verify_rate = max(verify_rate, _rate(lambda i: check_receipt(rec, receipts[i], LOCAL.id, 2), n, 1))
@@ -89,7 +89,7 @@ def settlement_cost(n_receipts: int, rounds: int) -> dict[str, Any]:
     apply_tx(view, opened, rules)
     state.update({k: v for k, v in view.writes.items() if v is not None})
     step_sat = PRICE_MSAT // 1000
-    last = Receipt.sign(LOCAL.id, key, opened.txid, n_receipts, n_receipts * step_sat, n_receipts * MIB)
+    last = Receipt.sign(LOCAL.id, PrivateKey(key), opened.txid, n_receipts, n_receipts * step_sat, n_receipts * MIB)
     settle = sign(LOCAL, server, 0, 1, SessionSettle(last), b"\0" * 32)
     transfers = [sign(LOCAL, client, 1 + i, 1, Transfer(spk, step_sat), b"\0" * 32) for i in range(n_receipts)]
 

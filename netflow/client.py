@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -95,6 +96,10 @@ class Paid:
     receipted_units: int = 0
     receipted_at: float = 0.0
 
+    @functools.cached_property
+    def session_key(self) -> PrivateKey:
+        return PrivateKey(self.session_secret)
+
     def spent(self) -> bool:
         """The deposit cannot pay for another credit window: a new circuit takes a new session."""
         return quote_sat(self.units + RENEW_MARGIN, self.relay.price_msat_per_mib, MIB) > self.deposit_sat
@@ -107,7 +112,7 @@ class Paid:
         self.seq += 1
         amount = min(quote_sat(self.units, self.relay.price_msat_per_mib, MIB), self.deposit_sat)
         self.receipted_units, self.receipted_at = self.units, now
-        return Receipt.sign(network_id, self.session_secret, self.session_id, self.seq, amount, self.units,
+        return Receipt.sign(network_id, self.session_key, self.session_id, self.seq, amount, self.units,
                             os.urandom(32))
 
 

@@ -235,7 +235,7 @@ def world() -> World:
         c.sign(FEDERATION, FlFinish(job, h("params 1"), tuple(sorted(((pk(2), 60_000), (pk(3), 40_000)))))),
         c.sign(1, FlReclaim(job)), c.sign(1, FlJobPost(5000, h("config 2"), 2, 2, 2)),
         c.sign(1, SessionOpen(pk(3), pk(SESSION_KEY), 7000, 2_000_000, 1 << 20, 10**5)),
-        c.sign(2, SessionSettle(Receipt.sign(LOCAL.id, secret(SESSION_KEY), session, 1, 500, 500))),
+        c.sign(2, SessionSettle(Receipt.sign(LOCAL.id, PrivateKey(secret(SESSION_KEY)), session, 1, 500, 500))),
         c.sign(2, SessionClose(session)),
         c.sign(3, RelayRegister(2000, h("x25519 3"), h("operator 3"), 1, 500, 1_000_000, b"relay.example:443")),
         c.sign(2, RelayHeartbeat()), c.sign(2, RelayExit()), c.sign(2, RelayWithdraw()),  # refused: not exited

@@ -130,7 +130,8 @@ async def test_a_forged_receipt_closes_the_circuit(world: dict[str, Any], poll: 
     relay, client = world["relay"], world["client"]
     c = await connected(world, client)
     paid = client.paid[0]
-    forged = Receipt.sign(client.network.id, hashlib.sha256(b"not the session key").digest(), paid.session_id, 1,
+    not_the_key = PrivateKey(hashlib.sha256(b"not the session key").digest())
+    forged = Receipt.sign(client.network.id, not_the_key, paid.session_id, 1,
                           10, 10)
     await c.send(0, Cmd.RECEIPT, forged.encode())
     with pytest.raises((asyncio.IncompleteReadError, ConnectionError, WireError)):

@@ -1032,7 +1032,8 @@ def sessions() -> dict[str, Any]:
     opened = step("open", client, SessionOpen(pubkey(2), PrivateKey(session_secret).public_key_xonly.format(),
                                               1_000_000, 2_000_000, mib, 40), 10)
     sid = opened.txid
-    receipts = [Receipt.sign(net.id, session_secret, sid, seq, 2_000 * seq, seq * mib, AUX_ZERO) for seq in (3, 7)]
+    session_key = PrivateKey(session_secret)
+    receipts = [Receipt.sign(net.id, session_key, sid, seq, 2_000 * seq, seq * mib, AUX_ZERO) for seq in (3, 7)]
     for r in receipts:
         step(f"settle seq {r.seq}", server, SessionSettle(r), 11 + r.seq)
     stale = sign(net, server, nonces[server], 2, SessionSettle(receipts[0]), AUX_ZERO)

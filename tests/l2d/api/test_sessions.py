@@ -51,13 +51,14 @@ async def test_a_session_read_back_with_its_proof_through_open_settle_and_close(
     assert (s["status"], s["client"], s["server"], s["session_key"]) == ("OPEN", pubkey(CLIENT).hex(),
                                                                        pubkey(SERVER).hex(), key.hex())
     assert s["deposit_sat"] == s["escrow_sat"] == 50_000 and s["settled"]["receipt_id"] is None
-    r2 = Receipt.sign(LOCAL.id, SESSION_SECRET, bytes.fromhex(sid), 2, 700, 700)
+    r2 = Receipt.sign(LOCAL.id, PrivateKey(SESSION_SECRET), bytes.fromhex(sid), 2, 700, 700)
     await send(c, wait_until, SERVER, SessionSettle(r2))
     s = await session(c, sid)
     assert s["settled"] == {"seq": 2, "amount_sat": 700, "units": 700, "receipt_id": r2.receipt_id.hex()}
     assert s["escrow_sat"] == 49_300
     stale = sign(LOCAL, secret(SERVER), await nonce(c, SERVER), 1,
-                 SessionSettle(Receipt.sign(LOCAL.id, SESSION_SECRET, bytes.fromhex(sid), 1, 300, 300)), b"\0" * 32)
+                 SessionSettle(Receipt.sign(LOCAL.id, PrivateKey(SESSION_SECRET), bytes.fromhex(sid), 1, 300, 300)),
+                 b"\0" * 32)
     body = await expect_error(c, "POST", "/api/l2/tx", 400, "stale-receipt", json={"tx": stale.raw.hex()})
     assert "not above the settled seq 2" in body["message"]
     await send(c, wait_until, SERVER, SessionClose(bytes.fromhex(sid)))

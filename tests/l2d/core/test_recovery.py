@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
+from coincurve import PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -344,7 +345,7 @@ def test_an_open_session_is_owed_to_its_client_less_what_its_server_settled() ->
     w.do(ALICE, DEP.claim(1, 0), fee=500)
     key = secret("session key")
     opened = w.do(ALICE, SessionOpen(xonly(BOB), xonly(key), 9_000, 1_000, 1, 500), fee=10)
-    w.do(BOB, SessionSettle(Receipt.sign(REGTEST.id, key, opened.txid, 1, 2_500, 2_500)), fee=10)
+    w.do(BOB, SessionSettle(Receipt.sign(REGTEST.id, PrivateKey(key), opened.txid, 1, 2_500, 2_500)), fee=10)
     closed = w.do(ALICE, SessionOpen(xonly(BOB), xonly(key), 1_000, 1_000, 1, 500), fee=10)
     w.do(BOB, SessionClose(closed.txid), fee=10)
     r = bundle_recovery(anchored(w.state), REGTEST)

@@ -110,7 +110,7 @@ class Chain:
 
 def receipt(sid: bytes, seq: int, amount: int, units: int, secret_: bytes = SESSION_SECRET,
             network_id: int = LOCAL.id) -> Receipt:
-    return Receipt.sign(network_id, secret_, sid, seq, amount, units)
+    return Receipt.sign(network_id, PrivateKey(secret_), sid, seq, amount, units)
 
 
 MIB = 1 << 20
