@@ -41,7 +41,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from common import Proc, start_l2d  # noqa: E402
+from common import Proc, cpu_s, start_l2d  # noqa: E402
 
 from l2d.aio import serve_app  # noqa: E402
 
@@ -65,12 +65,6 @@ def _curl(url: str, out: Path, socks: Optional[str] = None) -> float:
     t = time.perf_counter()
     subprocess.run(args, check=True, capture_output=True)
     return time.perf_counter() - t
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) the process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run(mib: int, work: Path) -> dict[str, Any]:
@@ -131,11 +125,11 @@ async def run(mib: int, work: Path) -> dict[str, Any]:
                 for name, (host, socks, counted) in ways.items():
                     if server == "sendfile" and name == "two_bare_forwarders":
                         continue  # the ceiling is measured once
-                    before = [_cpu_s(p.p.pid) for p in counted]
+                    before = [cpu_s(p.p.pid) for p in counted]
                     t = await asyncio.to_thread(_curl, f"http://{host}/{server}", out, socks)
                     assert out.read_bytes() == body, f"{name} from {server}: the download differs"
                     best[server, name] = min(best.get((server, name), t), t)
-                    used = [_cpu_s(p.p.pid) - b for p, b in zip(counted, before)]
+                    used = [cpu_s(p.p.pid) - b for p, b in zip(counted, before)]
                     cpu[name] = [a + b for a, b in zip(cpu.get(name, [0.0] * len(used)), used)]
         for (server, name), t in best.items():
             results[f"{server}_{name}_mib_s"] = round(mib / t, 1)

@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import BUSY, poll, workdir  # noqa: E402
+from common import BUSY, cpu_s, poll, workdir  # noqa: E402
 from l2d.config import Config  # noqa: E402
 from l2d.core.block import Block  # noqa: E402
 from l2d.core.coin_tx import Transfer  # noqa: E402
@@ -163,9 +163,7 @@ class Member:
         poll(up, START_TIMEOUT, f"{self.config}: 'api listening'")
 
     def cpu_s(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
