@@ -118,6 +118,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def disk_written_bytes(path: Path) -> Optional[int]:
+    """Bytes written so far to the block device holding path (/proc/diskstats; every process's writes, the
+    filesystem's journal included), or None where path is on no block device listed there (tmpfs, overlay)."""
+    dev = os.stat(path).st_dev
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if (int(fields[0]), int(fields[1])) == (os.major(dev), os.minor(dev)):
+                return int(fields[9]) * 512  # sectors written, 512 bytes each whatever the device's sector size
+    return None
+
+
 def current_rss_mb(pid: int | None = None) -> float:
     with open(f"/proc/{pid or os.getpid()}/status") as f:
         for line in f:

@@ -68,9 +68,11 @@ def write_error(e: lmdb.Error, path: Path, map_size: int, what: str) -> StoreErr
 
 class Store:
     def __init__(self, path: Path, network: Network, map_size: int = DEFAULT_MAP_SIZE,
-                 tree_cache: int = DEFAULT_TREE_CACHE, *, readonly: bool = False) -> None:
+                 tree_cache: int = DEFAULT_TREE_CACHE, *, readonly: bool = False, durable: bool = True) -> None:
         """readonly: for another process reading a daemon's ledger (l2d/readapi.py); it must exist and have this
-        code's schema, and nothing can be written through it."""
+        code's schema, and nothing can be written through it. durable=False: commits are not flushed to the disk
+        (no fsync; a crash of the process loses nothing, one of the machine may lose the last commits) — for
+        benchmarks that measure the store without the disk's flush (bench/bench_state_store.py), never the daemon."""
         if not readonly:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
@@ -87,7 +89,7 @@ class Store:
         # readahead off: blocks and proofs read records and tree nodes at random places; the kernel's readahead
         # would map (and, from a cold cache, read) neighbouring pages nobody asked for: at 10 M accounts 1.1 GB
         # of RSS for 10 blocks instead of 0.16 GB, at no gain in speed.
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, subdir=True, sync=True, metasync=True,
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, subdir=True, sync=durable, metasync=durable,
                              max_readers=256, mode=0o700, readahead=False, readonly=readonly, create=not readonly)
         db = functools.partial(self.env.open_db, create=not readonly)
         self._meta = db(b"meta")

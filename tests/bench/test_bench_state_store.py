@@ -18,3 +18,9 @@ def test_the_state_store_benchmark_runs_and_reports_its_figures() -> None:
     assert res["accounts"] == 20000 and res["tx_per_s_2core_warm"] > 0 and 0 < res["ratio_to_verify_warm"]
     assert all(res[f"update_us_per_key_{c}"][part] > 0 for c in ("cold", "warm") for part in ("tree", "commit"))
     assert res["rss_after_open_mb"]["RssAnon"] > 0 and res["start_seconds"] > 0
+    # per block: building and storing it, with LMDB's flush and without (durable=False), and what the disk took
+    for phase in ("warm", "warm_not_flushed"):
+        assert res[f"tx_per_s_2core_{phase}"] > 0
+        assert res[f"per_block_{phase}"]["build_ms"] > 0 and res[f"per_block_{phase}"]["store_ms"] > 0
+    disk = res["per_block_warm"]["disk_mb"]
+    assert disk is None or disk > 0  # a block's commit is flushed: the disk was written (None: no block device)
