@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from coincurve import PrivateKey
 import uvloop
@@ -67,20 +67,41 @@ class RelayInfo:
 def choose_path(relays: Sequence[RelayInfo], hops: int, rng: random.Random) -> list[RelayInfo]:
     """`hops` distinct relays of distinct operators, an entry first and an exit last, each drawn at random in
     proportion to its measured weight (relays never measured are drawn only when no measured one fits: uniformly).
-    ValueError if no such path exists."""
-    path: list[RelayInfo] = []
-    for i in range(hops):
-        need = FLAG_EXIT if i == hops - 1 else FLAG_ENTRY if i == 0 else 0
-        fits = [r for r in relays if r.flags & need == need and r not in path
-                and r.operator not in {p.operator for p in path}]
-        if not fits:
-            raise ValueError(f"no relay fits hop {i + 1} of {hops} (entry first, exit last, distinct operators)")
-        measured = [r for r in fits if r.weight > 0]
-        if measured:
-            path.append(rng.choices(measured, weights=[r.weight for r in measured])[0])
-        else:
-            path.append(rng.choice(fits))
-    return path
+    As Tor does, the exit is drawn first, then the entry, then the middle hops (which need no flag): a relay that is
+    both entry and exit never takes the first hop when it is the only exit. An exit for which no entry of another
+    operator exists is passed over for the next draw, so a path is found whenever one exists; ValueError if none
+    does."""
+    if len({r.operator for r in relays}) >= hops:  # then any exit and entry leave enough operators for the middle
+        for exit_ in _draws([r for r in relays if r.flags & FLAG_EXIT], rng):
+            if hops == 1:
+                return [exit_]
+            entry = next(_draws([r for r in relays if r.flags & FLAG_ENTRY and r.operator != exit_.operator], rng),
+                         None)
+            if entry is None:
+                continue  # every entry is this exit's operator's: another exit
+            path, taken = [entry], {exit_.operator, entry.operator}
+            for r in _draws([r for r in relays if r.operator not in taken], rng):
+                if len(path) == hops - 1:
+                    break
+                if r.operator not in taken:
+                    path.append(r)
+                    taken.add(r.operator)
+            return [*path, exit_]
+    raise ValueError(f"no path of {hops} relays (an entry first, an exit last, distinct operators) among "
+                     f"{len(relays)} relays")
+
+
+def _draws(relays: Sequence[RelayInfo], rng: random.Random) -> Iterator[RelayInfo]:
+    """relays in the order of successive draws without replacement: the measured ones in proportion to their
+    weights, then the others uniformly."""
+    measured = [r for r in relays if r.weight > 0]
+    while measured:
+        r = rng.choices(measured, weights=[m.weight for m in measured])[0]
+        measured.remove(r)
+        yield r
+    rest = [r for r in relays if r.weight <= 0]
+    rng.shuffle(rest)
+    yield from rest
 
 
 @dataclass
@@ -393,11 +414,18 @@ async def _run(a: Any) -> int:
         hops = 1 if a.mode == "direct" else a.hops
         client = NetflowClient(api, await api.network(), secret, hops, a.deposit, a.session_blocks)
         relays = await client.relays()
-        if a.relays:
-            by_id = {r.identity.hex(): r for r in relays}
-            path = [by_id[x] for x in a.relays.split(",")]
-        else:
-            path = choose_path(relays, hops, client.rng)
+        try:
+            if a.relays:
+                by_id = {r.identity.hex(): r for r in relays}
+                unknown = [x for x in a.relays.split(",") if x not in by_id]
+                if unknown:
+                    raise ValueError(f"not an active registered relay: {', '.join(unknown)}")
+                path = [by_id[x] for x in a.relays.split(",")]
+            else:
+                path = choose_path(relays, hops, client.rng)
+        except ValueError as e:
+            print(f"l2-netflow: {e}", file=sys.stderr)
+            return 2
         await client.open_sessions(path)
         circuits: set[Circuit] = set()
         server = await asyncio.start_server(lambda r, w: client.socks(r, buffered(w), circuits), host, int(port),
