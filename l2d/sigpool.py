@@ -8,19 +8,24 @@ whose bytes do not even decode is refused by admission's decoder, whatever its w
 
 The workers are started (spawn: a fresh interpreter, never a fork of a process with LMDB and threads) at the
 first batch large enough, and stopped with the node; a worker whose node died without stopping it (SIGKILL, a
-crash) exits by itself within a second (it would otherwise wait on its queue forever).
+crash) exits by itself within a second (it would otherwise wait on its queue forever). A worker that dies (the OOM
+killer, say) breaks the pool: the batch it was checking is checked inline and the next one starts a fresh pool.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Optional, Sequence
 
 from .core.tx import signature_ok
+
+log = logging.getLogger(__name__)
 
 INLINE_BELOW = 16  # transactions: a smaller batch is checked in the event loop (cheaper than the round trip)
 
@@ -52,8 +57,14 @@ class SignaturePool:
                                              initializer=exit_with, initargs=(os.getpid(),))
         loop = asyncio.get_running_loop()
         size = -(-len(raws) // self.workers)
-        parts = await asyncio.gather(*(loop.run_in_executor(self._pool, _check, list(raws[i:i + size]))
-                                       for i in range(0, len(raws), size)))
+        try:
+            parts = await asyncio.gather(*(loop.run_in_executor(self._pool, _check, list(raws[i:i + size]))
+                                           for i in range(0, len(raws), size)))
+        except BrokenProcessPool as e:
+            log.error("a signature worker died (%s): this batch is checked inline, the next starts new workers", e)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            return _check(raws)
         return [ok for part in parts for ok in part]
 
     def close(self) -> None:
