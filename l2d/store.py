@@ -34,6 +34,7 @@ _U64 = struct.Struct(">Q")
 _LOC = struct.Struct(">QI")
 
 
+READER_CHECK_EVERY = 64  # commits between two sweeps of LMDB's reader table for slots of dead processes
 DEFAULT_MAP_SIZE = 64 << 30  # store.map_size's default
 DEFAULT_TREE_CACHE = 256 << 20  # store.tree_cache_mb's default, in bytes
 _CACHE_ENTRY = 160  # bytes a cached node costs beyond its key and value (objects and the ordered dict's links)
@@ -107,6 +108,18 @@ class Store:
             self.env.close()
             raise
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
+        self._since_reader_check = 0
+        if not readonly:
+            self.check_readers()
+
+    def check_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction (a read API worker killed
+        mid-read): such a slot pins the version it read, so every later commit's pages would be kept and the file
+        would grow until the map is full. Done at open and every READER_CHECK_EVERY commits; the count freed."""
+        n = int(self.env.reader_check())
+        if n:
+            log.warning("freed %d LMDB reader slot(s) of dead processes in %s", n, self.path)
+        return n
 
     def _check_or_init_meta(self, readonly: bool) -> None:
         with self.env.begin(write=not readonly, db=self._meta) as txn:
@@ -220,6 +233,10 @@ class Store:
                         self._set_final(txn, final, height)
             except lmdb.Error as e:
                 raise write_error(e, self.path, self.map_size, f"cannot commit block {height}") from e
+        self._since_reader_check += 1
+        if self._since_reader_check >= READER_CHECK_EVERY:
+            self._since_reader_check = 0
+            self.check_readers()
 
     def replace_tip(self, old_hash: bytes, old_txids: list[bytes], height: int, block: bytes, txids: list[bytes],
                     writes: Mapping[bytes, Optional[bytes]], *, commit: bytes,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -12,7 +16,7 @@ import pytest
 
 from l2d.core.params import LOCAL, REGTEST
 from l2d.core.tree import ROOT_PATH, TreeOverlay, build_tree, stored_root
-from l2d.store import SCHEMA_VERSION, Store, StoreError, StoreFull, StoreWriteError
+from l2d.store import READER_CHECK_EVERY, SCHEMA_VERSION, Store, StoreError, StoreFull, StoreWriteError
 
 K1, K2 = b"\x01" + b"a" * 32, b"\x01" + b"b" * 32
 
@@ -153,3 +157,32 @@ def test_the_tree_cache_serves_a_reader_only_the_version_its_transaction_sees(tm
     with s.reader() as during:
         assert s.tree_loader(during)(ROOT_PATH) == changes.puts[ROOT_PATH]
     s.close()
+
+
+def test_the_reader_slot_of_a_process_killed_mid_read_is_freed(tmp_path: Path) -> None:
+    # a read API worker killed inside a read transaction leaves its slot in LMDB's reader table, pinning the version
+    # it read; the store frees such slots at open and every READER_CHECK_EVERY commits
+    s = Store(tmp_path / "db", LOCAL)
+    s.commit_block(0, b"genesis", [], {b"k": b"v"})  # the first commit since open
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import lmdb, time\n"
+        f"e = lmdb.open({str(tmp_path / 'db')!r}, max_dbs=16, readonly=True)\n"
+        "t = e.begin()\n"
+        "print('reading', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    slot = re.compile(rf"^\s*{reader.pid}\s", re.M)  # env.readers(): one line per slot, its pid first
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+        assert slot.search(s.env.readers())
+    finally:
+        reader.send_signal(signal.SIGKILL)
+        reader.wait()
+        reader.stdout.close()  # type: ignore[union-attr]
+    for h in range(1, READER_CHECK_EVERY - 1):
+        s.commit_block(h, b"block", [], {b"k": bytes([h])})
+    assert slot.search(s.env.readers())  # dead, still pinning: the sweep is one commit away
+    s.commit_block(READER_CHECK_EVERY - 1, b"block", [], {b"k": b"x"})
+    assert not slot.search(s.env.readers())
+    s.close()
+    reopened = Store(tmp_path / "db", LOCAL)  # and at open, for a process that died while the daemon was down
+    reopened.close()
