@@ -53,6 +53,7 @@ MIB = 1 << 20
 WINDOW = 4 * MIB  # default credit window
 EXPIRY_MARGIN = 10  # a session must stay open at least this many L2 blocks to be served
 HANDSHAKE_S = 30.0  # a link's CREATE must arrive within this (a link that sends nothing, or half a frame, is closed)
+PAY_WAIT_S = 300.0  # a circuit waiting this long for a receipt with its credit window used up is closed
 
 
 @dataclass
@@ -85,7 +86,8 @@ class CircuitClosed(Exception):
 class Relay:
     def __init__(self, *, api: AsyncClient, network: Network, secret: bytes, x25519_key: X25519PrivateKey,
                  price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
-                 fee_sat: int = 1, max_rate_kib_s: int = 0, handshake_s: float = HANDSHAKE_S) -> None:
+                 fee_sat: int = 1, max_rate_kib_s: int = 0, handshake_s: float = HANDSHAKE_S,
+                 pay_wait_s: float = PAY_WAIT_S) -> None:
         self.api, self.network = api, network
         self._secret = secret  # the identity key: it signs the settlements
         self.identity = PrivateKey(secret).public_key_xonly.format()
@@ -96,6 +98,7 @@ class Relay:
         self.settle_every_s = settle_every_s
         self.fee_sat = fee_sat
         self.handshake_s = handshake_s
+        self.pay_wait_s = pay_wait_s
         self.sessions: dict[bytes, SessionState] = {}
         self._tip = 0
         self.max_rate = max_rate_kib_s * 1024  # bytes/s over all circuits; 0 = unlimited
@@ -165,8 +168,16 @@ class Relay:
                 continue
             try:
                 best = s.best
+                # what the L2 has settled: a settlement this relay saw time out may have been committed since
+                on_l2 = SessionRecord.decode(bytes.fromhex((await self.api.get(f"/api/sessions/{sid.hex()}"))["value"]))
+                if on_l2.seq >= best.seq:
+                    s.settled_seq = on_l2.seq
+                    continue
                 res = await self.api.sign_and_submit(self._secret, SessionSettle(best), self.fee_sat)
-                await self.api.wait_tx(res["txid"], 30)  # the next settlement takes the next nonce
+                st = await self.api.wait_tx(res["txid"], 30)  # the next settlement takes the next nonce
+                if st is None or st.get("status") != "committed":  # tried again at the next settlement
+                    log.warning("settlement of session %s not committed yet: %s", sid.hex(), st)
+                    continue
                 s.settled_seq = best.seq
                 log.info("session settled", extra={"session": sid.hex(), "seq": best.seq, "amount_sat": best.amount_sat,
                                                    "txid": res.get("txid")})
@@ -227,10 +238,15 @@ class _Circuit:
 
     async def credit(self) -> None:
         """Wait while the bytes carried exceed the paid units by the window (the client pays, or the circuit
-        waits)."""
+        waits); CircuitClosed once no better receipt came for pay_wait_s (a client that stopped paying holds no
+        connection for ever; one whose application pauses reading that long opens a new circuit)."""
         while self.s.carried - self.s.paid_units > self.relay.window:
             self.s.paid.clear()
-            await self.s.paid.wait()
+            try:
+                await asyncio.wait_for(self.s.paid.wait(), self.relay.pay_wait_s)
+            except asyncio.TimeoutError:
+                raise CircuitClosed(f"no receipt for {self.relay.pay_wait_s:g} s with the credit window of "
+                                    f"{self.relay.window} bytes used up") from None
 
     async def run(self) -> None:
         try:
@@ -363,6 +379,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--operator", default="", help="64-hex operator id (default: the relay's identity)")
     ap.add_argument("--window", type=int, default=WINDOW, help="credit window, bytes (default 4 MiB)")
     ap.add_argument("--settle-every", type=float, default=5.0, help="seconds between settlements")
+    ap.add_argument("--pay-wait", type=float, default=PAY_WAIT_S,
+                    help="seconds a circuit waits for a receipt with its window used up before it is closed")
     ap.add_argument("--max-rate", type=int, default=0, help="carry at most this many KiB/s (0: no limit)")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
@@ -380,7 +398,8 @@ async def _run(a: Any) -> int:
     async with AsyncClient(a.api) as api:
         network = await api.network()
         relay = Relay(api=api, network=network, secret=secret, x25519_key=x_key, price_msat_per_mib=a.price,
-                      exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate)
+                      exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate,
+                      pay_wait_s=a.pay_wait)
         server = await serve(relay.handle, host, port)
         bound = server.sockets[0].getsockname()
         endpoint = f"{bound[0]}:{bound[1]}"

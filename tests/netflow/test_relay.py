@@ -126,6 +126,53 @@ async def test_the_credit_window_holds_an_unpaid_download_and_a_receipt_releases
         c.close()
 
 
+async def test_a_client_that_stops_paying_is_cut_off_after_pay_wait(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
+    relay, client = world["relay"], world["client"]
+    relay.pay_wait_s = 0.5
+    monkeypatch.setattr(Paid, "due", lambda self, now: False)  # receives, never pays
+    c = await connected(world, client)
+    [s] = relay.sessions.values()
+    got = 0
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError, WireError)):
+        while True:  # one window, then no more data: the link is closed
+            hop, cmd, data = await asyncio.wait_for(c.recv(), 30)
+            assert (hop, cmd) == (0, Cmd.DATA)
+            got += len(data)
+    assert s.paid_units == 0 and WINDOW < s.carried <= WINDOW + MAX_DATA and got == s.carried
+    c.close()
+
+
+async def test_a_settlement_not_seen_committed_is_retried_and_one_the_l2_has_is_not_sent_again(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
+    relay, client, api = world["relay"], world["client"], world["api"]
+    c = await connected(world, client)
+    while client.paid[0].units < 3 * MIB:  # a download paid as it arrives (this relay's window is 256 KiB)
+        await asyncio.wait_for(c.recv(), 30)
+        await c.pay(force=True)
+    [s] = relay.sessions.values()
+    await poll(lambda: s.best is not None and s.best.seq == client.paid[0].seq, 30, "every receipt at the relay")
+    c.close()
+    real_wait = api.wait_tx
+    submitted: list[str] = []
+    real_submit = api.sign_and_submit
+
+    async def submit(*a: Any, **k: Any) -> Any:
+        res = await real_submit(*a, **k)
+        submitted.append(res["txid"])
+        return res
+
+    async def times_out(txid: str, timeout: float) -> Any:  # the settlement commits, but not within the wait
+        return {"txid": txid, "status": "pending"}
+    monkeypatch.setattr(api, "sign_and_submit", submit)
+    monkeypatch.setattr(api, "wait_tx", times_out)
+    await relay.settle()
+    assert len(submitted) == 1 and s.settled_seq == 0  # not known to be settled
+    assert (await real_wait(submitted[0], 60))["status"] == "committed"
+    await relay.settle()  # the L2's record already has this receipt: nothing sent again
+    assert len(submitted) == 1 and s.settled_seq == s.best.seq
+
+
 async def test_a_forged_receipt_closes_the_circuit(world: dict[str, Any], poll: Callable[..., Any]) -> None:
     relay, client = world["relay"], world["client"]
     c = await connected(world, client)
