@@ -169,8 +169,8 @@ class Circuit:
             raise HopFailed(0, f"relay {first.relay.endpoint} did not prove its X25519 key")
         self.keys.append(keys)
         for i, p in enumerate(self.paid[1:], 1):
-            pub, keys = client_hop(p.relay.x25519)
             try:
+                pub, keys = client_hop(p.relay.x25519)
                 await self.send(i - 1, Cmd.EXTEND, pub + p.session_id + p.relay.endpoint.encode())
                 hop, cmd, data = await asyncio.wait_for(self.recv(), 30)
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, WireError) as e:

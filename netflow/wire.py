@@ -348,10 +348,16 @@ def _open(aead: ChaCha20Poly1305, n: int, body: Buf) -> memoryview:
 
 
 def client_hop(relay_pub: bytes) -> tuple[bytes, HopKeys]:
-    """The client's side of a hop: (e.pub for CREATE/EXTEND, the hop's keys)."""
+    """The client's side of a hop: (e.pub for CREATE/EXTEND, the hop's keys); WireError if the relay's registered
+    key is not a usable X25519 key (the registry checks only its length: a low-order point makes no shared
+    secret)."""
     e = X25519PrivateKey.generate()
     pub = x25519_public(e)
-    return pub, HopKeys.derive(e.exchange(X25519PublicKey.from_public_bytes(relay_pub)), pub, relay_pub)
+    try:
+        shared = e.exchange(X25519PublicKey.from_public_bytes(relay_pub))
+    except ValueError as err:
+        raise WireError(f"the relay's X25519 key is not usable: {err}") from None
+    return pub, HopKeys.derive(shared, pub, relay_pub)
 
 
 def relay_hop(relay_key: X25519PrivateKey, client_pub: bytes) -> HopKeys:

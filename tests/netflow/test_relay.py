@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from l2d.client import AsyncClient
 from l2d.core.relay import EXIT_DELAY_BLOCKS
 from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
 from l2d.core.session_tx import Receipt
-from netflow.client import Circuit, NetflowClient, Paid, RelayInfo
+from netflow.client import Circuit, HopFailed, NetflowClient, Paid, RelayInfo
 from netflow.relay import Relay
 from netflow import wire
 from netflow.wire import MAX_DATA, Cmd, WireError, x25519_public
@@ -171,6 +172,18 @@ async def test_a_settlement_not_seen_committed_is_retried_and_one_the_l2_has_is_
     assert (await real_wait(submitted[0], 60))["status"] == "committed"
     await relay.settle()  # the L2's record already has this receipt: nothing sent again
     assert len(submitted) == 1 and s.settled_seq == s.best.seq
+
+
+async def test_a_relay_registered_with_an_unusable_x25519_key_is_a_failed_hop(world: dict[str, Any]) -> None:
+    # the registry checks the key's length only; a low-order point makes no shared secret: that relay is a hop that
+    # failed (the client fails over, the prober counts a failed probe), not an error that stops them
+    client = world["client"]
+    p = client.paid[0]
+    c = Circuit(client.network, [dataclasses.replace(p, relay=dataclasses.replace(p.relay, x25519=bytes(32)))])
+    with pytest.raises(HopFailed) as e:
+        await c.build()
+    assert e.value.hop == 0 and "X25519" in str(e.value)
+    c.close()
 
 
 async def test_a_forged_receipt_closes_the_circuit(world: dict[str, Any], poll: Callable[..., Any]) -> None:
