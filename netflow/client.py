@@ -310,7 +310,11 @@ class NetflowClient:
                 return
             circuits.add(circuit)
             await pump(circuit, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, WireError) as e:
+        except WireError as e:  # a layer that did not open, or a command out of place: a relay of the path is bad
+            log.warning("path dropped: %s", e)
+            if circuit is not None:
+                self.dead.update(p.relay.identity for p in circuit.paid)  # the next circuit takes another path
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
             log.info("SOCKS connection ended: %s", e)
         finally:
             if circuit is not None:

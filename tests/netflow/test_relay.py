@@ -248,6 +248,50 @@ async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
     server.close()
 
 
+async def test_a_frame_altered_on_its_way_back_drops_the_path(world: dict[str, Any]) -> None:
+    """A man in the middle flips one bit of a DATA frame the relay sends back: the client's ChaCha20-Poly1305 check
+    fails, the SOCKS connection ends and the path's relays are not used again (the next circuit takes another)."""
+    host, port = world["endpoint"].rsplit(":", 1)
+
+    async def mitm(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        rr, rw = await asyncio.open_connection(host, int(port))
+
+        async def forth() -> None:
+            with contextlib.suppress(Exception):
+                while data := await cr.read(65536):
+                    rw.write(data)
+                    await rw.drain()
+            rw.close()
+        t = asyncio.create_task(forth())
+        frames = 0
+        with contextlib.suppress(Exception):
+            while True:
+                body = await rr.readexactly(int.from_bytes(await rr.readexactly(4), "big"))
+                frames += 1
+                if frames == 4:  # CREATED, CONNECTED, a DATA frame, then this one altered
+                    body = body[:-1] + bytes((body[-1] ^ 1,))
+                cw.write(len(body).to_bytes(4, "big") + body)
+                await cw.drain()
+        cw.close()
+        t.cancel()
+    server, proxy = await serve(mitm)
+    client = world["client"]
+    client.paid[0] = dataclasses.replace(client.paid[0], relay=dataclasses.replace(client.paid[0].relay,
+                                                                                   endpoint=proxy))
+    circuits: set[Circuit] = set()
+    front = await asyncio.start_server(lambda r, w: client.socks(r, wire.buffered(w), circuits), "127.0.0.1", 0)
+    r, w = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
+    dhost, dport = world["dest"].rsplit(":", 1)
+    w.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + bytes(map(int, dhost.split("."))) + int(dport).to_bytes(2, "big"))
+    assert await r.readexactly(2) == b"\x05\x00" and (await r.readexactly(10))[:2] == b"\x05\x00"
+    got = await asyncio.wait_for(r.read(), 30)  # until the client ends the connection
+    assert 0 < len(got) < len(world["payload"]) and world["payload"].startswith(got)
+    assert client.paid[0].relay.identity in client.dead and not circuits
+    w.close()
+    front.close()
+    server.close()
+
+
 async def test_a_link_that_sends_half_a_frame_is_closed_after_the_handshake_time(
         world: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A slow or silent peer does not hold a relay's connection: no CREATE within handshake_s closes the link."""
