@@ -250,12 +250,6 @@ class Ledger:
                                 tree=self._tree_after(built, built.writes))
         self.tip = b.header
 
-    async def commit_async(self, built: BuiltBlock) -> None:
-        b = built.block
-        await self.store.commit_block_async(b.header.height, built.raw, [t.txid for t in b.txs], built.writes,
-                                            tree=self._tree_after(built, built.writes))
-        self.tip = b.header
-
     def get(self, key: bytes) -> Optional[bytes]:
         """Committed value of a state key."""
         return self.store.get_state(key)

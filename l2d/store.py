@@ -6,8 +6,10 @@ Layout (docs/federation.md, "Storage"): the chain is the final blocks plus at mo
 value of every key it wrote), so it can be replaced by a sibling in one write transaction; the other complete
 children of the final block wait in `siblings`. Both go when the final height passes them.
 
-All writes run on one dedicated writer thread (`commit_block_async`); reads may come from any thread,
-each in its own LMDB read transaction (MVCC: readers see the last committed block, never half of one).
+Block commits come from one caller at a time (the node's consensus stores blocks under its tree lock, on a
+worker thread); the anchor service's records are written on the store's writer thread (`put_anchor_async`); LMDB
+serialises write transactions between threads. Reads may come from any thread, each in its own LMDB read
+transaction (MVCC: readers see the last committed block, never half of one).
 """
 from __future__ import annotations
 
@@ -214,7 +216,7 @@ class Store:
         finally:
             txn.abort()
 
-    # -- writes (writer thread only) ----------------------------------------------------------------------
+    # -- writes (one caller at a time) --------------------------------------------------------------------
     def commit_block(self, height: int, block: bytes, txids: list[bytes], writes: Mapping[bytes, Optional[bytes]],
                      *, commit: bytes = b"", final: Optional[int] = None,
                      undo: Optional[Mapping[bytes, Optional[bytes]]] = None,
@@ -373,15 +375,6 @@ class Store:
             txn.delete(_U64.pack(h), db=self._undo)
         txn.drop(self._siblings, delete=False)  # the children of the old final block are final or lost
         txn.put(b"final", _U64.pack(final), db=self._meta)
-
-    async def commit_block_async(self, height: int, block: bytes, txids: list[bytes],
-                                 writes: Mapping[bytes, Optional[bytes]], *, commit: bytes = b"",
-                                 final: Optional[int] = None,
-                                 undo: Optional[Mapping[bytes, Optional[bytes]]] = None,
-                                 tree: Optional[TreeChanges] = None) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, functools.partial(
-            self.commit_block, height, block, txids, writes, commit=commit, final=final, undo=undo, tree=tree))
 
     # -- anchors (the anchor service's local records; not consensus state) --------------------------------
     def put_anchor(self, l2_height: int, value: bytes) -> None:

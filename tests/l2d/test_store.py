@@ -2,7 +2,6 @@
 a full map or a full disk is a typed error saying what to do, and nothing of that block is stored."""
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -45,7 +44,7 @@ def test_heights_must_follow_the_tip(tmp_path: Path) -> None:
 def test_deletes_and_index(tmp_path: Path) -> None:
     s = Store(tmp_path, LOCAL)
     s.commit_block(0, b"g", [], {K1: b"v1", K2: b"v2"})
-    asyncio.run(s.commit_block_async(1, b"b1", [b"x" * 32, b"y" * 32], {K1: None}))
+    s.commit_block(1, b"b1", [b"x" * 32, b"y" * 32], {K1: None})
     assert s.get_state(K1) is None and s.get_state(K2) == b"v2"
     assert s.tx_location(b"y" * 32) == (1, 1)
     with s.reader() as r:
