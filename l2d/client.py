@@ -23,7 +23,7 @@ import aiohttp
 from .core import tx as T
 from .core.params import Network, network_by_name
 from .core.payload import Payload
-from .txbatch import MAX_BATCH, encode_batch
+from .txbatch import batches
 
 NOT_JSON = "http-error"  # the code of an error answered with a body that is not the daemon's JSON
 
@@ -174,11 +174,11 @@ class Client(_Base):
         return self.post("/api/l2/tx", {"tx": raw.hex()})
 
     def submit_txs(self, raws: Sequence[bytes]) -> list[dict[str, Any]]:
-        """Submit signed transactions in batches of MAX_BATCH (POST /api/l2/txs, binary): one result per
+        """Submit signed transactions in batches (POST /api/l2/txs, binary; l2d/txbatch.py `batches`): one result per
         transaction, in order: {"txid", "status": "pending"} or {"txid", "error", "message"}."""
         out: list[dict[str, Any]] = []
-        for i in range(0, len(raws), MAX_BATCH):
-            out += self.request("POST", "/api/l2/txs", data=encode_batch(raws[i:i + MAX_BATCH]))["results"]
+        for body in batches(raws):
+            out += self.request("POST", "/api/l2/txs", data=body)["results"]
         return out
 
     def sign(self, secret: bytes, payload: Payload, fee_sat: int, *, nonce: Optional[int] = None,
@@ -342,8 +342,8 @@ class AsyncClient(_Base):
     async def submit_txs(self, raws: Sequence[bytes]) -> list[dict[str, Any]]:
         """Client.submit_txs."""
         out: list[dict[str, Any]] = []
-        for i in range(0, len(raws), MAX_BATCH):
-            out += (await self.request("POST", "/api/l2/txs", data=encode_batch(raws[i:i + MAX_BATCH])))["results"]
+        for body in batches(raws):
+            out += (await self.request("POST", "/api/l2/txs", data=body))["results"]
         return out
 
     async def sign(self, secret: bytes, payload: Payload, fee_sat: int, *, nonce: Optional[int] = None,

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import struct
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 from .core.errors import DecodeError, OutOfRange
 from .core.tx import MAX_TX_SIZE
 
 MAX_BATCH = 1000  # transactions per request
+BATCH_BYTES = 1 << 20  # a client's batch body at most (the daemon's default api.max_body_bytes)
 _LEN = struct.Struct(">I")
 
 
 def encode_batch(raws: Iterable[bytes]) -> bytes:
     return b"".join(_LEN.pack(len(r)) + r for r in raws)
+
+
+def batches(raws: Sequence[bytes]) -> Iterator[bytes]:
+    """raws as batch bodies of at most MAX_BATCH transactions and BATCH_BYTES bytes each, in order (1,000
+    transactions of the largest size would be 4.2 MB: a daemon with the default body limit answers 413)."""
+    start, size = 0, 0
+    for i, r in enumerate(raws):
+        if i - start == MAX_BATCH or (i > start and size + 4 + len(r) > BATCH_BYTES):
+            yield encode_batch(raws[start:i])
+            start, size = i, 0
+        size += 4 + len(r)
+    if start < len(raws):
+        yield encode_batch(raws[start:])
 
 
 def decode_batch(body: bytes) -> list[bytes]:

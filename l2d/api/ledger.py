@@ -14,7 +14,7 @@ from ..core.coin_tx import Burn, Transfer
 from ..core.params import MAX_MONEY
 from ..core.snapshot import SnapshotExists
 from ..core.state import account_key
-from ..core.errors import DecodeError, Rejected
+from ..core.errors import DecodeError, OutOfRange, Rejected
 from ..core.hashing import H_TXID
 from ..core.tx import MAX_TX_SIZE, Transaction
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -136,6 +136,8 @@ async def submit_txs(request: web.Request) -> web.Response:
     if request.content_type == "application/octet-stream":
         try:
             raws = decode_batch(await request.read())
+        except OutOfRange as e:  # more than MAX_BATCH entries, or an entry no transaction can be: as for JSON
+            raise ApiError(400, "out-of-range", f"not a batch body: {e}") from None
         except DecodeError as e:
             raise ApiError(400, "malformed", f"not a batch body: {e}") from None
     else:

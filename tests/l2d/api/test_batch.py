@@ -3,6 +3,7 @@ checked in worker processes; a malformed batch admits nothing; the shared client
 daemon."""
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from l2d.core.errors import DecodeError, OutOfRange
 from l2d.core.hashing import H_TXID
 from l2d.core.params import LOCAL
 from l2d.core.tx import MAX_TX_SIZE, Transaction, sign
-from l2d.txbatch import MAX_BATCH, decode_batch, encode_batch
+from l2d.txbatch import BATCH_BYTES, MAX_BATCH, batches, decode_batch, encode_batch
 from tests.conftest import ADMIN_TOKEN, Keys, _node_and_client, make_config
 
 Client = TestClient[web.Request, web.Application]
@@ -76,11 +77,13 @@ async def test_each_transaction_of_a_batch_gets_its_own_result_in_order(client: 
     assert (await r.json())["status"] in ("dropped", "unknown")
 
 
-@pytest.mark.parametrize("body", [b"\0\0\0", struct.pack(">I", 500) + b"short", struct.pack(">I", 0)])
-async def test_a_body_that_is_not_a_batch_admits_nothing(client: Client, body: bytes) -> None:
+@pytest.mark.parametrize("body, error", [(b"\0\0\0", "malformed"), (struct.pack(">I", 500) + b"short", "malformed"),
+                                         (struct.pack(">I", 0), "out-of-range"),
+                                         (encode_batch([b"x"] * MAX_BATCH), "out-of-range")])  # MAX_BATCH + 1
+async def test_a_body_that_is_not_a_batch_admits_nothing(client: Client, body: bytes, error: str) -> None:
     before = await _mempool(client)
     r = await client.post("/api/l2/txs", data=encode_batch([_transfer(1, 0).raw]) + body, headers=BIN)
-    assert r.status == 400 and (await r.json())["error"] == "malformed"
+    assert r.status == 400 and (await r.json())["error"] == error  # as the JSON body's errors
     assert await _mempool(client) == before
     r = await client.get(f"/api/l2/tx/{_transfer(1, 0).txid.hex()}")
     assert r.status == 404
@@ -91,6 +94,27 @@ async def test_a_body_that_is_not_a_batch_admits_nothing(client: Client, body: b
 async def test_a_json_body_that_is_not_a_batch_is_refused(client: Client, body: Any) -> None:
     r = await client.post("/api/l2/txs", json=body)
     assert r.status == 400 and (await r.json())["error"] in ("malformed", "out-of-range", "bad-field")
+
+
+async def test_a_batch_in_another_content_type_or_over_the_body_limit_admits_nothing(client: Client) -> None:
+    before = await _mempool(client)
+    r = await client.post("/api/l2/txs", data=encode_batch([_transfer(1, 0).raw]),
+                          headers={"Content-Type": "text/plain"})
+    assert r.status == 415
+    r = await client.post("/api/l2/txs", data=io.BytesIO(encode_batch([_transfer(1, 0).raw]) + bytes(BATCH_BYTES)),
+                          headers=BIN)
+    assert r.status == 413
+    assert await _mempool(client) == before
+
+
+def test_client_batches_keep_to_the_count_and_the_body_size() -> None:
+    big = [bytes([i % 251]) * MAX_TX_SIZE for i in range(600)]  # 600 of the largest: 2.5 MB in all
+    small = [bytes([i % 251]) * 100 for i in range(2500)]
+    for raws in (big, small, big[:1], []):
+        bodies = list(batches(raws))
+        assert all(len(b) <= BATCH_BYTES and len(decode_batch(b)) <= MAX_BATCH for b in bodies)
+        assert [r for b in bodies for r in decode_batch(b)] == raws  # all of them, in order
+    assert len(list(batches(small))) == 3 and len(list(batches(big))) == 3  # by count; by size (248 a body)
 
 
 async def test_worker_processes_check_the_signatures_of_a_large_batch(tmp_path: Path, wait_until: Any) -> None:
