@@ -100,6 +100,7 @@ class Link(asyncio.BufferedProtocol):
         self._paused = False  # reading, for backpressure
         self._error: Optional[BaseException] = None  # raised by read() once _ready is empty
         self._eof = False
+        self._eof_written = False
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
@@ -213,8 +214,12 @@ class Link(asyncio.BufferedProtocol):
 
     # -- the writer's side ---------------------------------------------------------------------------------------
     def write(self, data: Buf) -> None:
-        """Queue data (not copied: a chunk's buffer is not reused)."""
-        assert self.transport is not None
+        """Queue data (not copied: a chunk's buffer is not reused). ConnectionResetError once the link is closed,
+        WireError after write_eof (the peer sent data after its end: the transports' RuntimeError otherwise)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the link is closed")
+        if self._eof_written:
+            raise WireError("data after the end of the stream")
         self.transport.write(data)
 
     async def drain(self) -> None:
@@ -230,6 +235,7 @@ class Link(asyncio.BufferedProtocol):
 
     def write_eof(self) -> None:
         assert self.transport is not None
+        self._eof_written = True
         self.transport.write_eof()
 
     def close(self) -> None:

@@ -113,6 +113,20 @@ async def test_frames_written_in_pieces_arrive_whole_and_a_bad_length_is_refused
     server.close()
 
 
+async def test_writing_after_the_end_or_after_close_is_a_typed_error() -> None:
+    # the same on every event loop (asyncio's transport raises RuntimeError after write_eof, uvloop's after close)
+    link, w, server = await _pair_of_links(framed=False)
+    link.write(b"before")
+    link.write_eof()
+    with pytest.raises(WireError, match="after the end"):
+        link.write(b"after")
+    link.close()
+    with pytest.raises(ConnectionResetError):
+        link.write(b"closed")
+    w.close()
+    server.close()
+
+
 async def test_a_link_ending_mid_frame_raises_incomplete_read() -> None:
     link, w, server = await _pair_of_links(framed=True)
     w.write(frame(b"\x03whole") + (100).to_bytes(4, "big") + b"part")
