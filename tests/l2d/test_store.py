@@ -2,7 +2,9 @@
 a full map or a full disk is a typed error saying what to do, and nothing of that block is stored."""
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import re
 import signal
 import struct
@@ -14,8 +16,8 @@ import lmdb
 import pytest
 
 from l2d.core.params import LOCAL, REGTEST
-from l2d.core.tree import ROOT_PATH, TreeOverlay, build_tree, stored_root
-from l2d.store import READER_CHECK_EVERY, SCHEMA_VERSION, Store, StoreError, StoreFull, StoreWriteError
+from l2d.core.tree import ROOT_PATH, TreeChanges, TreeOverlay, build_tree, stored_root
+from l2d.store import _CACHE_ENTRY, READER_CHECK_EVERY, SCHEMA_VERSION, Store, StoreError, StoreFull, StoreWriteError
 
 K1, K2 = b"\x01" + b"a" * 32, b"\x01" + b"b" * 32
 
@@ -185,3 +187,55 @@ def test_the_reader_slot_of_a_process_killed_mid_read_is_freed(tmp_path: Path) -
     s.close()
     reopened = Store(tmp_path / "db", LOCAL)  # and at open, for a process that died while the daemon was down
     reopened.close()
+
+
+def _keys(n: int) -> list[bytes]:
+    return sorted(b"\x01" + hashlib.sha256(b"%d" % i).digest() for i in range(n))
+
+
+def test_the_tree_cache_stays_within_its_limit_and_holds_only_committed_nodes(tmp_path: Path) -> None:
+    limit = 12_000  # bytes: less than one commit below writes, so every commit evicts
+    s = Store(tmp_path, LOCAL, tree_cache=limit)
+    keys = _keys(2000)
+    _, tree = build_tree([(k, b"v0") for k in keys])
+    s.commit_block(0, b"g", [], {k: b"v0" for k in keys}, tree=tree)
+    rnd = random.Random(5)
+    for h in range(1, 8):
+        writes: dict[bytes, bytes | None] = {k: b"v%d" % h for k in rnd.sample(keys, 150)}
+        with s.reader() as r:
+            overlay = TreeOverlay(s.tree_loader(r))
+            for k in sorted(writes):
+                overlay.set(k, writes[k])  # type: ignore[arg-type]
+            overlay.root()
+            changes = overlay.changes()
+        s.commit_block(h, b"b", [], writes, tree=changes)
+        assert 0 < s._cache_bytes <= limit
+        assert s._cache_bytes == sum(len(p) + len(v) + _CACHE_ENTRY for p, v in s._cache.items())
+        with s.env.begin() as txn:  # every cached node is the committed one
+            assert all(txn.get(p, db=s._nodes) == v for p, v in s._cache.items())
+        # more than fit: what is kept is the end of this commit's writes
+        assert sum(len(p) + len(v) + _CACHE_ENTRY for p, v in changes.puts.items()) > limit
+        assert list(s._cache) == list(changes.puts)[-len(s._cache):]
+    s.close()
+
+
+def test_a_commit_that_fails_leaves_no_cached_node_of_it(tmp_path: Path) -> None:
+    s = Store(tmp_path, LOCAL, map_size=1 << 20)
+    keys = _keys(200)
+    _, tree = build_tree([(k, b"v") for k in keys])
+    s.commit_block(0, b"g", [], {k: b"v" for k in keys}, tree=tree)
+
+    def changed(value: bytes) -> TreeChanges:
+        with s.reader() as r:
+            overlay = TreeOverlay(s.tree_loader(r))
+            overlay.set(keys[0], value)
+            overlay.root()
+            return overlay.changes()
+    s.commit_block(1, b"b", [], {keys[0]: b"w"}, tree=changed(b"w"))
+    assert s._cache  # the nodes block 1 wrote
+    with pytest.raises(StoreFull):
+        s.commit_block(2, b"x" * (2 << 20), [], {keys[0]: b"y"}, tree=changed(b"y"))  # larger than the map
+    assert not s._cache and s._cache_bytes == 0 and s._gen % 2 == 0  # nothing of it; loaders trust the cache again
+    with s.reader() as r:
+        assert stored_root(s.tree_loader(r)) == stored_root(r.get_node)  # the committed tree, from LMDB
+    s.close()
