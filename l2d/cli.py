@@ -33,6 +33,7 @@ from .core.params import Network, network_by_name
 from .core.payload import Payload
 from .core.pegs import BridgeRejected, Federation, address_script, deposit_script_pubkey, script_address
 from .core.pegs_tx import PeginClaim
+from .core.session_tx import SessionClose
 from .core.tree import Proof, verify_proof
 from .core.tx import public_key
 from .genesis import NodeError, genesis_block_header, load_genesis
@@ -87,6 +88,13 @@ def _account_id(arg: str) -> str:
     if _is_account_hex(arg):
         return arg.lower()
     raise UsageError(f"{arg!r} is neither a key file nor a 64-hex-character account")
+
+
+def hex32_arg(arg: str) -> str:
+    """An argparse type: 64 hex characters (a session or transaction id)."""
+    if not _is_account_hex(arg):
+        raise argparse.ArgumentTypeError(f"{arg!r} is not 64 hex characters")
+    return arg.lower()
 
 
 def account_arg(arg: str) -> str:
@@ -165,6 +173,12 @@ def cmd_proof(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
     return _send(a, Transfer(bytes.fromhex(_account_id(a.to)), a.amount))
+
+
+def cmd_session_close(a: argparse.Namespace) -> dict[str, Any]:
+    """Close a paid session: its server at any time, its client once it expired; the deposit's unsettled rest goes
+    back to the client (docs/sessions.md)."""
+    return _send(a, SessionClose(bytes.fromhex(a.session_id)))
 
 
 def cmd_burn(a: argparse.Namespace) -> dict[str, Any]:
@@ -773,6 +787,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fee", type=int, default=1, help="satoshis (default %(default)s)")
         p.add_argument("--nonce", type=int, help="override the committed nonce (to queue several)")
         wait(p)
+    p = cmd("session-close", cmd_session_close, "close a paid session (its server at any time, its client after "
+            "it expired): the deposit's unsettled rest goes back to the client")
+    p.add_argument("session_id", type=hex32_arg, metavar="SESSION_ID", help="the session (the txid that opened it)")
+    p.add_argument("--key", required=True, type=existing_file, metavar="KEY_FILE",
+                   help="the key of the session's client or server")
+    p.add_argument("--fee", type=int, default=1, help="satoshis (default %(default)s)")
+    p.add_argument("--nonce", type=int, help="override the committed nonce")
+    wait(p)
     p = cmd("pegin-address", cmd_pegin_address, "the deposit address only ACCOUNT can claim (checked locally)")
     p.add_argument("account", type=account_arg, metavar="ACCOUNT", help="64-hex account id or a key file")
     p = cmd("pegin-claim", cmd_pegin_claim, "claim a deposit: by its txid, read from your bitcoind (--txid with "

@@ -13,11 +13,13 @@ import pytest
 from coincurve import PrivateKey
 
 from l2d import cli
+from l2d.client import Client as L2Client
 from l2d.config import Config
 from l2d.core.coin_tx import Transfer
 from l2d.core.errors import Rejected
 from l2d.core.genesis_file import load_genesis_file
 from l2d.core.params import LOCAL
+from l2d.core.session_tx import SessionOpen
 from l2d.core.tx import public_key, sign
 from l2d.genesis import NodeError
 from l2d.keys import load_secret
@@ -103,6 +105,36 @@ def test_cli_end_to_end(tmp_path: Path, keys: Any, l2d_process: Callable[..., An
 
     rc, err = run(capsys, *api, "balance", "not-an-account")
     assert rc == 2 and "neither a key file" in err and "usage: l2-cli balance" in err
+    assert d.stop() == 0
+
+
+def test_session_close_refunds_the_client_after_expiry_and_not_before(
+        tmp_path: Path, keys: Any, l2d_process: Callable[..., Any], node_toml: Callable[..., Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = node_toml(tmp_path / "node.toml", {keys.pubkey(1): 1_000_000}, TOKEN, block={"interval_ms": 20})
+    d = l2d_process(cfg)
+    api = ["--api", d.url("")]
+    client_key = tmp_path / "client.key"
+    client_key.write_text(keys.secret(1).hex())
+    c = L2Client(d.url(""))
+    expiry = int(c.status()["height"]) + 3
+    opened = c.sign_and_submit(keys.secret(1), SessionOpen(keys.pubkey(2), keys.pubkey(3), 5000, 1000, 1 << 20,
+                                                           expiry), 1)
+    assert c.wait_tx(opened["txid"], 20)["status"] == "committed"
+    before = run(capsys, *api, "balance", str(client_key))[1]["balance_sat"]
+    rc, err = run(capsys, *api, "session-close", opened["txid"], "--key", str(client_key))
+    assert rc == 1 and "session-not-expired" in err  # the client waits for the expiry; nothing written
+    while int(c.status()["height"]) <= expiry:  # blocks are made for transactions: a few transfers pass it
+        sent = c.sign_and_submit(keys.secret(1), Transfer(keys.pubkey(4), 1), 1)
+        assert c.wait_tx(sent["txid"], 20)["status"] == "committed"
+        before -= 2
+    rc, out = run(capsys, *api, "session-close", opened["txid"], "--key", str(client_key), "--fee", "2",
+                  "--wait", "20")
+    assert rc == 0 and out["status"] == "committed"
+    s = c.get(f"/api/sessions/{opened['txid']}")
+    assert (s["status"], s["refunded_sat"]) == ("CLOSED", 5000)
+    assert run(capsys, *api, "balance", str(client_key))[1]["balance_sat"] == before + 5000 - 2
+    assert run(capsys, *api, "session-close", "not-a-session", "--key", str(client_key))[0] == 2
     assert d.stop() == 0
 
 
