@@ -52,6 +52,8 @@ class Prober:
         self._read, self._tip, self._submit, self._status = read_prefix, tip_height, submit, tx_status
         self.min_fee = max(1, min_fee_sat)
         self.history: dict[bytes, collections.deque[Optional[int]]] = {}  # relay -> last KiB/s (None: failed)
+        self.probed: dict[bytes, int] = {}  # relay -> the round it was last probed in
+        self.rounds = 0
         self.sessions: dict[bytes, Paid] = {}
         self._payload = os.urandom(cfg.probe_bytes)
         self._sink: Optional[asyncio.AbstractServer] = None
@@ -91,11 +93,14 @@ class Prober:
     async def round(self) -> None:
         relays = self.relays()
         epoch = self._tip()
-        for r in relays[:MAX_WEIGHTS]:
+        batch = to_probe(relays, self.probed, MAX_WEIGHTS)
+        for r in batch:
             kib_s = await self.probe(r, relays)
             self.history.setdefault(r.identity, collections.deque(maxlen=PROBES_KEPT)).append(kib_s)
+            self.probed[r.identity] = self.rounds
+        self.rounds += 1
         ms = []
-        for r in sorted(relays[:MAX_WEIGHTS], key=lambda x: x.identity):
+        for r in sorted(batch, key=lambda x: x.identity):
             h = self.history[r.identity]
             ok = [x for x in h if x is not None]
             ms.append(Measurement(r.identity, int(statistics.median(ok)) if ok else 0, len(ok) * PPM // len(h)))
@@ -162,4 +167,10 @@ class Prober:
             return max(1, int(got / 1024 / max(elapsed, 1e-6)))
         finally:
             c.close()
+
+
+def to_probe(relays: list[RelayInfo], probed: dict[bytes, int], limit: int) -> list[RelayInfo]:
+    """The `limit` relays (one RelayWeights transaction's worth) probed longest ago, never-probed ones first (then
+    by identity): with more relays than that, successive rounds go round all of them."""
+    return sorted(relays, key=lambda r: (probed.get(r.identity, -1), r.identity))[:limit]
 

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from l2d.core.relay import relay_weight
+from l2d.core.relay_tx import MAX_WEIGHTS
+from netflow.client import RelayInfo
+from netflow.prober import to_probe
 from tests.conftest import L2dProcess, Proc
 from tests.netflow.test_netflow_e2e import FUNDS, PRICE, RELAYS, TOKEN, pk, secret
 
@@ -55,3 +58,17 @@ async def test_relays_weigh_what_the_federation_measured(
     # the prober paid like any client: sessions from the member key, one per relay
     member = d.get(f"/api/l2/accounts/{pk(MEMBER).hex()}")
     assert member["balance_sat"] < FUNDS
+
+
+def test_rounds_go_round_every_relay_when_there_are_more_than_one_transaction_holds() -> None:
+    relays = [RelayInfo(bytes([i]) * 32, bytes(32), bytes([i]) * 32, 3, f"127.0.0.1:{9000 + i}", 1000, 0)
+              for i in range(MAX_WEIGHTS + 6)]
+    probed: dict[bytes, int] = {}
+    seen = []
+    for n in range(3):
+        batch = to_probe(relays, probed, MAX_WEIGHTS)
+        assert len(batch) == MAX_WEIGHTS and len({r.identity for r in batch}) == MAX_WEIGHTS
+        probed.update((r.identity, n) for r in batch)
+        seen.append({r.identity for r in batch})
+    assert seen[0] | seen[1] == {r.identity for r in relays}  # two rounds measure every relay
+    assert seen[1] >= {r.identity for r in relays[MAX_WEIGHTS:]}  # the ones left out first come first next
