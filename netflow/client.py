@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 RECEIPT_EVERY_BYTES = MIB
 RECEIPT_EVERY_S = 2.0
+UPLOAD_END_S = 60.0  # after the destination's end, the application's side may still send this long
 RENEW_MARGIN = 8 * MIB  # a session is renewed once its deposit would not pay for this many more bytes
 
 
@@ -349,7 +350,8 @@ async def pump(circuit: Circuit, reader: asyncio.StreamReader, writer: asyncio.S
             elif cmd == Cmd.END:
                 if writer.can_write_eof():
                     writer.write_eof()
-                await asyncio.wait_for(up, 60)
+                with contextlib.suppress(asyncio.TimeoutError):  # an application that never ends its side
+                    await asyncio.wait_for(up, UPLOAD_END_S)
                 return
             else:
                 raise WireError(f"unexpected command {cmd:#x} from the exit")

@@ -27,6 +27,7 @@ from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
 from l2d.core.session_tx import Receipt
 from netflow.client import Circuit, HopFailed, NetflowClient, Paid, RelayInfo
 from netflow.relay import Relay
+from netflow import client as netflow_client
 from netflow import wire
 from netflow.wire import MAX_DATA, Cmd, WireError, x25519_public
 from tests.conftest import REPO, L2dProcess, Proc
@@ -290,6 +291,38 @@ async def test_a_frame_altered_on_its_way_back_drops_the_path(world: dict[str, A
     w.close()
     front.close()
     server.close()
+
+
+async def test_a_socks_connection_whose_application_never_ends_its_side_closes_cleanly(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination sends its bytes and ends; the application keeps its side open: after UPLOAD_END_S the
+    connection is closed, with every byte delivered and no error out of the handler."""
+    monkeypatch.setattr(netflow_client, "UPLOAD_END_S", 0.2)
+    world["relay"].window = 8 * MIB  # the whole download in one window: no receipt to wait for
+    client = world["client"]
+    circuits: set[Circuit] = set()
+    errors: list[BaseException] = []
+    done = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await client.socks(r, wire.buffered(w), circuits)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            done.set()
+    front = await asyncio.start_server(handler, "127.0.0.1", 0)
+    r, w = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
+    dhost, dport = world["dest"].rsplit(":", 1)
+    w.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + bytes(map(int, dhost.split("."))) + int(dport).to_bytes(2, "big"))
+    assert await r.readexactly(2) == b"\x05\x00" and (await r.readexactly(10))[:2] == b"\x05\x00"
+    assert await asyncio.wait_for(r.read(), 30) == world["payload"]  # then the end; w stays open meanwhile
+    await asyncio.wait_for(done.wait(), 30)  # the handler ends by itself
+    assert r.at_eof()
+    w.close()
+    front.close()
+    await front.wait_closed()
+    assert errors == [] and not circuits
 
 
 async def test_a_link_that_sends_half_a_frame_is_closed_after_the_handshake_time(
