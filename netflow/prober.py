@@ -173,4 +173,3 @@ def to_probe(relays: list[RelayInfo], probed: dict[bytes, int], limit: int) -> l
     """The `limit` relays (one RelayWeights transaction's worth) probed longest ago, never-probed ones first (then
     by identity): with more relays than that, successive rounds go round all of them."""
     return sorted(relays, key=lambda r: (probed.get(r.identity, -1), r.identity))[:limit]
-
