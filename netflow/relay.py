@@ -114,16 +114,19 @@ class Relay:
         await asyncio.sleep(self._free_at - now)
 
     # -- sessions ---------------------------------------------------------------------------------------------
+    async def record(self, sid: bytes) -> SessionRecord:
+        """The session's committed record (ApiError if the L2 has none)."""
+        return SessionRecord.decode(bytes.fromhex((await self.api.get(f"/api/sessions/{sid.hex()}"))["value"]))
+
     async def session(self, sid: bytes) -> SessionState:
         s = self.sessions.get(sid)
         if s is not None and s.record.status == SessionStatus.OPEN and s.record.expiry_height > self._tip:
             return s
         try:
-            body = await self.api.get(f"/api/sessions/{sid.hex()}")
+            rec = await self.record(sid)
             self._tip = int((await self.api.status())["height"])
         except ApiError as e:
             raise WireError(f"session {sid.hex()}: {e}") from None
-        rec = SessionRecord.decode(bytes.fromhex(body["value"]))
         why = None
         if rec.server != self.identity:
             why = "its server is another relay"
@@ -169,7 +172,7 @@ class Relay:
             try:
                 best = s.best
                 # what the L2 has settled: a settlement this relay saw time out may have been committed since
-                on_l2 = SessionRecord.decode(bytes.fromhex((await self.api.get(f"/api/sessions/{sid.hex()}"))["value"]))
+                on_l2 = await self.record(sid)
                 if on_l2.seq >= best.seq:
                     s.settled_seq = on_l2.seq
                     continue
