@@ -203,41 +203,60 @@ async def test_a_forged_receipt_closes_the_circuit(world: dict[str, Any], poll: 
     c.close()
 
 
+def bit_flipper(endpoint: str, *, towards_relay: bool, frame: int) -> Callable[..., Any]:
+    """A man in the middle of a link to the relay at endpoint: it passes frames through, flipping the last bit of the
+    frame-th one going towards_relay (or coming back from it), and the other direction untouched."""
+    host, port = endpoint.rsplit(":", 1)
+
+    async def mitm(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        rr, rw = await asyncio.open_connection(host, int(port))
+        (src, dst), (plain_src, plain_dst) = ((cr, rw), (rr, cw)) if towards_relay else ((rr, cw), (cr, rw))
+
+        async def untouched() -> None:
+            with contextlib.suppress(Exception):
+                while data := await plain_src.read(65536):
+                    plain_dst.write(data)
+                    await plain_dst.drain()
+            plain_dst.close()
+        t = asyncio.create_task(untouched())
+        n = 0
+        with contextlib.suppress(Exception):
+            while True:
+                body = await src.readexactly(int.from_bytes(await src.readexactly(4), "big"))
+                n += 1
+                if n == frame:
+                    body = body[:-1] + bytes((body[-1] ^ 1,))
+                dst.write(len(body).to_bytes(4, "big") + body)
+                await dst.drain()
+        dst.close()
+        t.cancel()
+    return mitm
+
+
+def through(client: NetflowClient, endpoint: str) -> None:
+    """The client's (one-relay) path reaches its relay at endpoint instead."""
+    p = client.paid[0]
+    client.paid[0] = dataclasses.replace(p, relay=dataclasses.replace(p.relay, endpoint=endpoint))
+
+
+async def socks_connect(front: asyncio.AbstractServer, dest: str) -> tuple[asyncio.StreamReader,
+                                                                        asyncio.StreamWriter]:
+    """A SOCKS5 CONNECT to dest (IPv4 host:port) through front, answered: the connection."""
+    r, w = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
+    host, port = dest.rsplit(":", 1)
+    w.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + bytes(map(int, host.split("."))) + int(port).to_bytes(2, "big"))
+    assert await r.readexactly(2) == b"\x05\x00" and (await r.readexactly(10))[:2] == b"\x05\x00"
+    return r, w
+
+
 async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
         world: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A man in the middle flips one bit of the client's CONNECT layer: the relay's ChaCha20-Poly1305 check fails,
     the relay closes the link, and nothing reaches the destination."""
     caplog.set_level(logging.INFO, logger="netflow.relay")
-    host, port = world["endpoint"].rsplit(":", 1)
-    frames = 0
-
-    async def mitm(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        nonlocal frames
-        rr, rw = await asyncio.open_connection(host, int(port))
-
-        async def back() -> None:
-            with contextlib.suppress(Exception):
-                while data := await rr.read(65536):
-                    cw.write(data)
-                    await cw.drain()
-            cw.close()
-        t = asyncio.create_task(back())
-        with contextlib.suppress(Exception):
-            while True:
-                body = await cr.readexactly(int.from_bytes(await cr.readexactly(4), "big"))
-                frames += 1
-                if frames == 2:  # the first layer after CREATE
-                    body = body[:-1] + bytes((body[-1] ^ 1,))
-                rw.write(len(body).to_bytes(4, "big") + body)
-                await rw.drain()
-        rw.close()
-        t.cancel()
-    server, proxy = await serve(mitm)
+    server, proxy = await serve(bit_flipper(world["endpoint"], towards_relay=True, frame=2))  # the layer after CREATE
     client = world["client"]
-    info = client.paid[0].relay
-    client.paid[0] = Paid(RelayInfo(info.identity, info.x25519, info.operator, info.flags, proxy,
-                                    info.price_msat_per_mib, info.weight), client.paid[0].session_id,
-                          client.paid[0].session_secret, client.paid[0].deposit_sat)
+    through(client, proxy)
     c = Circuit(client.network, client.paid)
     await c.build()  # CREATE / CREATED pass untouched
     await c.send(0, Cmd.CONNECT, world["dest"].encode())
@@ -252,39 +271,13 @@ async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
 async def test_a_frame_altered_on_its_way_back_drops_the_path(world: dict[str, Any]) -> None:
     """A man in the middle flips one bit of a DATA frame the relay sends back: the client's ChaCha20-Poly1305 check
     fails, the SOCKS connection ends and the path's relays are not used again (the next circuit takes another)."""
-    host, port = world["endpoint"].rsplit(":", 1)
-
-    async def mitm(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        rr, rw = await asyncio.open_connection(host, int(port))
-
-        async def forth() -> None:
-            with contextlib.suppress(Exception):
-                while data := await cr.read(65536):
-                    rw.write(data)
-                    await rw.drain()
-            rw.close()
-        t = asyncio.create_task(forth())
-        frames = 0
-        with contextlib.suppress(Exception):
-            while True:
-                body = await rr.readexactly(int.from_bytes(await rr.readexactly(4), "big"))
-                frames += 1
-                if frames == 4:  # CREATED, CONNECTED, a DATA frame, then this one altered
-                    body = body[:-1] + bytes((body[-1] ^ 1,))
-                cw.write(len(body).to_bytes(4, "big") + body)
-                await cw.drain()
-        cw.close()
-        t.cancel()
-    server, proxy = await serve(mitm)
+    # CREATED, CONNECTED, a DATA frame, then the fourth altered
+    server, proxy = await serve(bit_flipper(world["endpoint"], towards_relay=False, frame=4))
     client = world["client"]
-    client.paid[0] = dataclasses.replace(client.paid[0], relay=dataclasses.replace(client.paid[0].relay,
-                                                                                   endpoint=proxy))
+    through(client, proxy)
     circuits: set[Circuit] = set()
     front = await asyncio.start_server(lambda r, w: client.socks(r, wire.buffered(w), circuits), "127.0.0.1", 0)
-    r, w = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
-    dhost, dport = world["dest"].rsplit(":", 1)
-    w.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + bytes(map(int, dhost.split("."))) + int(dport).to_bytes(2, "big"))
-    assert await r.readexactly(2) == b"\x05\x00" and (await r.readexactly(10))[:2] == b"\x05\x00"
+    r, w = await socks_connect(front, world["dest"])
     got = await asyncio.wait_for(r.read(), 30)  # until the client ends the connection
     assert 0 < len(got) < len(world["payload"]) and world["payload"].startswith(got)
     assert client.paid[0].relay.identity in client.dead and not circuits
@@ -312,10 +305,7 @@ async def test_a_socks_connection_whose_application_never_ends_its_side_closes_c
         finally:
             done.set()
     front = await asyncio.start_server(handler, "127.0.0.1", 0)
-    r, w = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
-    dhost, dport = world["dest"].rsplit(":", 1)
-    w.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + bytes(map(int, dhost.split("."))) + int(dport).to_bytes(2, "big"))
-    assert await r.readexactly(2) == b"\x05\x00" and (await r.readexactly(10))[:2] == b"\x05\x00"
+    r, w = await socks_connect(front, world["dest"])
     assert await asyncio.wait_for(r.read(), 30) == world["payload"]  # then the end; w stays open meanwhile
     await asyncio.wait_for(done.wait(), 30)  # the handler ends by itself
     assert r.at_eof()
