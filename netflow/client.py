@@ -45,6 +45,7 @@ RECEIPT_EVERY_BYTES = MIB
 RECEIPT_EVERY_S = 2.0
 UPLOAD_END_S = 60.0  # after the destination's end, the application's side may still send this long
 RENEW_MARGIN = 8 * MIB  # a session is renewed once its deposit would not pay for this many more bytes
+MAX_HEARTBEAT_AGE_S = 180.0  # a relay silent longer (3 of l2-relay's default heartbeat intervals) is not chosen
 
 
 @dataclass(frozen=True)
@@ -224,9 +225,11 @@ class Circuit:
 
 class NetflowClient:
     def __init__(self, api: AsyncClient, network: Network, secret: bytes, hops: int = 1, deposit_sat: int = 100_000,
-                 session_blocks: int = 10_000, rng: Optional[random.Random] = None) -> None:
+                 session_blocks: int = 10_000, rng: Optional[random.Random] = None,
+                 max_heartbeat_age_s: float = MAX_HEARTBEAT_AGE_S) -> None:
         self.api, self.network, self.secret = api, network, secret
         self.hops, self.deposit_sat, self.session_blocks = hops, deposit_sat, session_blocks
+        self.max_heartbeat_age_ms = int(max_heartbeat_age_s * 1000)
         self.rng = rng or random.Random()
         self.paid: list[Paid] = []  # the current path, first hop first
         self.sessions: dict[bytes, Paid] = {}  # every relay paid so far (a relay taken again keeps its session)
@@ -234,8 +237,10 @@ class NetflowClient:
         self._repath = asyncio.Lock()
 
     async def relays(self) -> list[RelayInfo]:
+        """The relays a path may take: ACTIVE, and heard from (a heartbeat, or the registration) within the
+        accepted age (by the node's clock)."""
         return [RelayInfo.from_json(r) for r in (await self.api.get("/api/netflow/relays"))["relays"]
-                if r["status"] == "ACTIVE"]
+                if r["status"] == "ACTIVE" and int(r["heartbeat_age_ms"]) <= self.max_heartbeat_age_ms]
 
     async def open_sessions(self, path: Sequence[RelayInfo], deposit_sat: Optional[int] = None,
                             blocks: Optional[int] = None) -> None:
@@ -405,6 +410,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--deposit", type=int, default=100_000, help="sat escrowed per relay")
     ap.add_argument("--session-blocks", type=int, default=10_000, help="sessions expire this many L2 blocks on")
     ap.add_argument("--relays", default="", help="comma-separated relay identities (hex), first hop first")
+    ap.add_argument("--max-heartbeat-age", type=float, default=MAX_HEARTBEAT_AGE_S,
+                    help="seconds: relays silent longer are not chosen (default 180)")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     if a.mode == "onion" and a.hops not in (2, 3):
@@ -418,14 +425,16 @@ async def _run(a: Any) -> int:
     host, _, port = a.socks.rpartition(":")
     async with AsyncClient(a.api) as api:
         hops = 1 if a.mode == "direct" else a.hops
-        client = NetflowClient(api, await api.network(), secret, hops, a.deposit, a.session_blocks)
+        client = NetflowClient(api, await api.network(), secret, hops, a.deposit, a.session_blocks,
+                               max_heartbeat_age_s=a.max_heartbeat_age)
         relays = await client.relays()
         try:
             if a.relays:
                 by_id = {r.identity.hex(): r for r in relays}
                 unknown = [x for x in a.relays.split(",") if x not in by_id]
                 if unknown:
-                    raise ValueError(f"not an active registered relay: {', '.join(unknown)}")
+                    raise ValueError(f"not an active registered relay heard from within {a.max_heartbeat_age:g} s: "
+                                     f"{', '.join(unknown)}")
                 path = [by_id[x] for x in a.relays.split(",")]
             else:
                 path = choose_path(relays, hops, client.rng)

@@ -13,9 +13,11 @@ the best receipt by `window` bytes, the relay stops reading the destination or t
 client's downloads pause until it pays); past twice the window, or on a receipt that is not valid, the circuit is
 closed. A relay's loss to a client that stops paying is at most one window.
 
-SIGINT/SIGTERM stop it after a last settlement; a registered relay stays ACTIVE (a restart resumes it) and says how
-to leave: `l2-relay exit --api URL --key K` (no longer selected), then after the exit delay `l2-relay withdraw --api
-URL --key K` (the stake back).
+It sends a RelayHeartbeat at start (registering counts as one) and every `--heartbeat-every` seconds (60): clients
+pass over a relay not heard from for longer than they accept (180 s by default), so a relay that dies stops being
+chosen even before the federation's probes weigh it 0. SIGINT/SIGTERM stop it after a last settlement; a registered
+relay stays ACTIVE (a restart resumes it) and says how to leave: `l2-relay exit --api URL --key K` (no longer
+selected), then after the exit delay `l2-relay withdraw --api URL --key K` (the stake back).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from l2d.aio import until_signalled
 from l2d.client import ApiError, AsyncClient
 from l2d.core.errors import L2Error
 from l2d.core.params import Network
+from l2d.core.relay_tx import RelayHeartbeat
 from l2d.core.session import SessionRecord, SessionStatus, check_receipt
 from l2d.core.session_tx import Receipt, SessionSettle
 from l2d.keys import load_or_create_secret
@@ -54,6 +57,7 @@ WINDOW = 4 * MIB  # default credit window
 EXPIRY_MARGIN = 10  # a session must stay open at least this many L2 blocks to be served
 HANDSHAKE_S = 30.0  # a link's CREATE must arrive within this (a link that sends nothing, or half a frame, is closed)
 PAY_WAIT_S = 300.0  # a circuit waiting this long for a receipt with its credit window used up is closed
+HEARTBEAT_EVERY_S = 60.0  # between RelayHeartbeats (l2-netflow passes over relays silent for 180 s)
 
 
 @dataclass
@@ -87,7 +91,7 @@ class Relay:
     def __init__(self, *, api: AsyncClient, network: Network, secret: bytes, x25519_key: X25519PrivateKey,
                  price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
                  fee_sat: int = 1, max_rate_kib_s: int = 0, handshake_s: float = HANDSHAKE_S,
-                 pay_wait_s: float = PAY_WAIT_S) -> None:
+                 pay_wait_s: float = PAY_WAIT_S, heartbeat_every_s: float = HEARTBEAT_EVERY_S) -> None:
         self.api, self.network = api, network
         self._secret = secret  # the identity key: it signs the settlements
         self.identity = PrivateKey(secret).public_key_xonly.format()
@@ -99,6 +103,8 @@ class Relay:
         self.fee_sat = fee_sat
         self.handshake_s = handshake_s
         self.pay_wait_s = pay_wait_s
+        self.heartbeat_every_s = heartbeat_every_s  # 0: none
+        self.beat_at = -float("inf")  # when the last heartbeat was sent (monotonic): the first tick sends one
         self.sessions: dict[bytes, SessionState] = {}
         self._tip = 0
         self.max_rate = max_rate_kib_s * 1024  # bytes/s over all circuits; 0 = unlimited
@@ -187,10 +193,33 @@ class Relay:
             except ApiError as e:
                 log.warning("settlement of session %s refused: %s", sid.hex(), e)
 
-    async def settle_loop(self) -> None:
+    async def heartbeat(self) -> None:
+        """A RelayHeartbeat once heartbeat_every_s have passed since the last: clients pass over relays silent for
+        longer than they accept (GET /api/netflow/relays gives each relay's heartbeat age)."""
+        if not self.heartbeat_every_s or time.monotonic() - self.beat_at < self.heartbeat_every_s:
+            return
+        self.beat_at = time.monotonic()  # a refused one is not tried again before the next interval
+        try:
+            res = await self.api.sign_and_submit(self._secret, RelayHeartbeat(), self.fee_sat)
+            st = await self.api.wait_tx(res["txid"], 30)
+            if st is None or st.get("status") != "committed":
+                log.warning("heartbeat not committed: %s", st)
+            else:
+                log.info("heartbeat", extra={"height": st.get("height"), "txid": res["txid"]})
+        except ApiError as e:
+            log.warning("heartbeat refused: %s", e)
+
+    async def duties(self) -> None:
+        """Settle every settle_every_s, send a heartbeat every heartbeat_every_s, one after the other (each
+        transaction takes the next nonce)."""
+        tick = min(self.settle_every_s, self.heartbeat_every_s or self.settle_every_s)
+        settled_at = time.monotonic()
         while True:
-            await asyncio.sleep(self.settle_every_s)
-            await self.settle()
+            await self.heartbeat()
+            await asyncio.sleep(tick)
+            if time.monotonic() - settled_at >= self.settle_every_s:
+                settled_at = time.monotonic()
+                await self.settle()
 
     # -- circuits ---------------------------------------------------------------------------------------------
     async def handle(self, link: Link) -> None:
@@ -382,6 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--operator", default="", help="64-hex operator id (default: the relay's identity)")
     ap.add_argument("--window", type=int, default=WINDOW, help="credit window, bytes (default 4 MiB)")
     ap.add_argument("--settle-every", type=float, default=5.0, help="seconds between settlements")
+    ap.add_argument("--heartbeat-every", type=float, default=HEARTBEAT_EVERY_S,
+                    help="seconds between heartbeats (default 60; 0: none, clients then pass the relay over)")
     ap.add_argument("--pay-wait", type=float, default=PAY_WAIT_S,
                     help="seconds a circuit waits for a receipt with its window used up before it is closed")
     ap.add_argument("--max-rate", type=int, default=0, help="carry at most this many KiB/s (0: no limit)")
@@ -402,7 +433,7 @@ async def _run(a: Any) -> int:
         network = await api.network()
         relay = Relay(api=api, network=network, secret=secret, x25519_key=x_key, price_msat_per_mib=a.price,
                       exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate,
-                      pay_wait_s=a.pay_wait)
+                      pay_wait_s=a.pay_wait, heartbeat_every_s=a.heartbeat_every)
         server = await serve(relay.handle, host, port)
         bound = server.sockets[0].getsockname()
         endpoint = f"{bound[0]}:{bound[1]}"
@@ -414,11 +445,12 @@ async def _run(a: Any) -> int:
             try:
                 res = await api.sign_and_submit(secret, payload, 1)
                 await api.wait_tx(res["txid"], 60)
+                relay.beat_at = time.monotonic()  # registering counts as a heartbeat
             except ApiError as e:
                 if "is registered" not in str(e):
                     raise
         print(f"l2-relay {relay.identity.hex()} listening on {endpoint}", flush=True)
-        settle = asyncio.create_task(relay.settle_loop())
+        settle = asyncio.create_task(relay.duties())
         try:
             await until_signalled()
         finally:

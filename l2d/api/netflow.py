@@ -1,13 +1,18 @@
-"""Routes of the NetFlow relay registry (docs/netflow.md): every relay's record, with its measured weight."""
+"""Routes of the NetFlow relay registry (docs/netflow.md): every relay's record, with its measured weight and how
+long ago it last sent a heartbeat; one NetFlow session with its relay."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
 
-from ..core.relay import RelayRecord
+from ..core.block import HEADER_SIZE, BlockHeader
+from ..core.relay import RelayRecord, relay_key
 from ..core.state import Namespace
 from .deps import CHAIN
+from .http import ApiError
+from .sessions import session_json
 
 
 def relay_json(identity: bytes, r: RelayRecord) -> dict[str, Any]:
@@ -21,12 +26,34 @@ def relay_json(identity: bytes, r: RelayRecord) -> dict[str, Any]:
 
 
 async def relays(request: web.Request) -> web.Response:
-    """GET /api/netflow/relays: every registered relay (withdrawn ones too, with their status), by identity."""
+    """GET /api/netflow/relays: every registered relay (withdrawn ones too, with their status), by identity, with
+    the timestamp of the block of its last heartbeat (or registration) and its age by this node's clock: clients
+    pass over relays silent for longer than they accept."""
     chain = request.app[CHAIN]
-    out = [relay_json(bytes(k[1:]), RelayRecord.decode(bytes(v)))
-           for k, v in chain.records(bytes((Namespace.RELAY,)))]
-    return web.json_response({"relays": out, "height": chain.tip.height})
+    now_ms = int(time.time() * 1000)
+    out = []
+    with chain.reader() as r:
+        height = r.tip_height() or 0
+        for k, v in r.iter_prefix(bytes((Namespace.RELAY,))):
+            rec = RelayRecord.decode(v)
+            raw = r.get_block(rec.last_heartbeat)
+            beat_ms = 0 if raw is None else BlockHeader.decode(bytes(raw[:HEADER_SIZE]), chain.network).timestamp_ms
+            out.append({**relay_json(k[1:], rec), "last_heartbeat_ms": beat_ms,
+                        "heartbeat_age_ms": max(0, now_ms - beat_ms)})
+    return web.json_response({"relays": out, "height": height})
+
+
+async def session(request: web.Request) -> web.Response:
+    """GET /api/netflow/sessions/{id}: a paid session whose server is a registered relay (as GET /api/sessions/{id},
+    with its state proof) and that relay's record; 404 for a session with any other server (e.g. a gateway's)."""
+    body, rec = await session_json(request)
+    raw = request.app[CHAIN].get_state(relay_key(rec.server))
+    if raw is None:
+        raise ApiError(404, "not-found", f"session {body['session_id']} is not a NetFlow session: its server "
+                                         f"{rec.server.hex()} is not a registered relay")
+    return web.json_response({**body, "relay": relay_json(rec.server, RelayRecord.decode(raw))})
 
 
 def add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/netflow/relays", relays)
+    r.add_get("/api/netflow/sessions/{id}", session)

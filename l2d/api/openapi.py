@@ -492,6 +492,7 @@ def _others() -> list[Operation]:
         "flags": NAT, "entry": BOOL, "exit": BOOL, "endpoint": STR, "rate_kib_s": NAT, "price_msat_per_mib": NAT,
         "measured_kib_s": NAT, "success_ppm": NAT, "weight": NAT, "measured_height": NAT, "last_heartbeat": NAT,
         "registered_height": NAT, "exit_height": null(NAT)})
+    listed = obj({**relay["properties"], "last_heartbeat_ms": NAT, "heartbeat_age_ms": NAT})
     session = obj({
         "session_id": H32, "status": names(SessionStatus), "client": H32, "server": H32, "session_key": HEX,
         "deposit_sat": NAT, "price_msat": NAT, "unit": NAT, "expiry_height": NAT, "open_height": NAT,
@@ -504,7 +505,11 @@ def _others() -> list[Operation]:
            {200: json_(session, "the session")}, params=[id_param("id", "the session id")],
            errors={400: "", 404: "no such session (its opening may still be pending)"}),
         op("get", "/api/netflow/relays", "netflow", "Every registered relay with its measured weight",
-           {200: json_(obj({"height": NAT, "relays": arr(relay)}), "the relays")}),
+           {200: json_(obj({"height": NAT, "relays": arr(listed)}), "the relays")}),
+        op("get", "/api/netflow/sessions/{id}", "netflow", "A NetFlow session (its server a relay) and that relay",
+           {200: json_(obj({**session["properties"], "relay": relay}), "the session and its relay")},
+           params=[id_param("id", "the session id")],
+           errors={400: "", 404: "no such session, or its server is not a registered relay"}),
         op("get", "/api/models", "models", "Registered models with the offers of ACTIVE workers",
            {200: json_(obj({"height": NAT, "models": arr(model)}), "the models")}),
         op("get", "/api/completions/{id}", "models", "A recorded completion with its proof, audit draw, challenge",

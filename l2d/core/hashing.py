@@ -45,6 +45,7 @@ EMPTY_ROOT = _tagged("l2d/state/empty")(b"")
 H_PEGIN_TWEAK = _tagged("l2d/pegin/tweak")
 H_PEGIN_OUTPOINT = _tagged("l2d/pegin/outpoint")
 H_PLAN_SIG = _tagged("l2d/plan/signature")
+H_RELAY_VOTE = _tagged("l2d/relay/vote")  # a member's vote on a relay's weight: its state key (l2d/core/relay.py)
 H_RECEIPT = _tagged("l2d/session/receipt")  # what a session key signs (l2d/core/session_tx.py)
 H_RECEIPT_ID = _tagged("l2d/session/receipt-id")  # a settled receipt's hash, kept in its session record
 H_FP_LEAF = _tagged("l2d/inference/fp-leaf")  # one output position of a completion's fingerprint (model_tx.py)

@@ -1,10 +1,13 @@
 """NetFlow relay registry state transitions: register (stake locked), heartbeat, exit, withdraw, and the weights
 the federation derives from its own probes (docs/netflow.md).
 
-State value (canonical, big-endian):
+State values (canonical, big-endian):
   relay_key(identity) = 0x08 || the relay's L2 key -> RelayRecord (130 fixed bytes, then the endpoint)
-A relay's selection weight is never what it advertises: weight = min(measured, advertised, WEIGHT_CAP) x probe
-success, from the latest RelayWeights of a federation member; 0 until it is first measured.
+  vote_key(identity, member) = 0x15 || H_RELAY_VOTE(relay || member) -> RelayVote (16 bytes): that member's latest
+    measurement of the relay
+A relay's selection weight is never what it advertises, nor what one member says: measured and success are the low
+medians over the current members of their latest votes since the relay registered (a member without one counts 0),
+and weight = min(measured, advertised, WEIGHT_CAP) x success; 0 until more than half the members have measured it.
 """
 from __future__ import annotations
 
@@ -15,14 +18,18 @@ from typing import Optional
 
 from .codec import Reader, write_bytes
 from .errors import DecodeError, InvalidTransaction
+from .hashing import H_RELAY_VOTE
 from .relay_tx import MAX_ENDPOINT, PPM, RelayRegister, RelayWeights
-from .state import Namespace, Rules, StateView, add_locked, bump_member_nonce, charge_sender, check_member, credit
+from .state import (FEDERATION_MEMBERS_KEY, Namespace, Rules, StateView, add_locked, bump_member_nonce, charge_sender,
+                    check_member, credit, decode_members)
 from .tx import Transaction
 
 EXIT_DELAY_BLOCKS = 100  # an exited relay's stake stays locked this long (sessions it served settle meanwhile)
 WEIGHT_CAP_KIB_S = 1 << 20  # 1 GiB/s: no relay weighs more, whatever it measures
 _R = bytes((Namespace.RELAY,))
+_V = bytes((Namespace.RELAY_VOTE,))
 _HEAD = struct.Struct(">BQQQQ32s32sBIQIIIQ")
+_VOTE = struct.Struct(">QII")
 
 
 class RelayStatus(IntEnum):
@@ -33,6 +40,10 @@ class RelayStatus(IntEnum):
 
 def relay_key(identity: bytes) -> bytes:
     return _R + identity
+
+
+def vote_key(identity: bytes, member: bytes) -> bytes:
+    return _V + H_RELAY_VOTE(identity + member)
 
 
 def relay_weight(measured_kib_s: int, advertised_kib_s: int, success_ppm: int) -> int:
@@ -80,6 +91,24 @@ class RelayRecord:
             raise DecodeError(f"relay record status {st}")
         return cls(RelayStatus(st), stake, exit_h, beat, reg, x25519, operator, flags, rate, price, measured, success,
                    weight, at, endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayVote:
+    """Value under vote_key: epoch u64 | measured_kib_s u32 | success_ppm u32 (one member's latest measurement)."""
+
+    epoch: int
+    measured_kib_s: int
+    success_ppm: int
+
+    def encode(self) -> bytes:
+        return _VOTE.pack(self.epoch, self.measured_kib_s, self.success_ppm)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "RelayVote":
+        if len(b) != _VOTE.size:
+            raise DecodeError(f"relay vote of {len(b)} bytes, not {_VOTE.size}")
+        return cls(*_VOTE.unpack(b))
 
 
 def get_relay(view: StateView, identity: bytes) -> Optional[RelayRecord]:
@@ -137,24 +166,51 @@ def apply_withdraw(view: StateView, tx: Transaction, rules: Rules) -> None:
 
 
 def apply_weights(view: StateView, tx: Transaction, rules: Rules) -> None:
-    """A member's probes: each named relay (registered, not withdrawn, not measured at a later epoch) gets the
-    measurement and the weight derived from it. All checked before the first write."""
+    """A member's probes: each named relay (registered since before the epoch, not withdrawn, not measured by this
+    member at this or a later epoch) gets the member's vote, and the measurement and weight the current members'
+    votes give together (aggregate). All checked before the first write."""
     p = tx.payload
     assert isinstance(p, RelayWeights)
     check_member(view, tx)  # a non-member hears Unauthorized first
     if p.epoch > view.height:
         raise InvalidTransaction(f"weights epoch {p.epoch} is above this block's height {view.height}")
+    members = decode_members(view.get(FEDERATION_MEMBERS_KEY) or b"")
+    vote = {m.relay: RelayVote(p.epoch, m.measured_kib_s, m.success_ppm) for m in p.measurements}
     updated = []
     for m in p.measurements:
         rec = _need_relay(view, m.relay)
         if rec.status == RelayStatus.WITHDRAWN:
             raise InvalidTransaction(f"relay {m.relay.hex()} has withdrawn")
-        if p.epoch <= rec.measured_height:
-            raise InvalidTransaction(f"relay {m.relay.hex()} was measured at epoch {rec.measured_height}, not before "
-                                     f"{p.epoch}")
-        updated.append(replace(rec, measured_kib_s=m.measured_kib_s, success_ppm=m.success_ppm,
-                               weight=relay_weight(m.measured_kib_s, rec.rate_kib_s, m.success_ppm),
-                               measured_height=p.epoch))
+        if p.epoch < rec.registered_height:
+            raise InvalidTransaction(f"relay {m.relay.hex()} registered at height {rec.registered_height}, after "
+                                     f"epoch {p.epoch}")
+        mine = _vote(view, m.relay, tx.sender, rec)
+        if mine is not None and p.epoch <= mine.epoch:
+            raise InvalidTransaction(f"relay {m.relay.hex()} was measured by this member at epoch {mine.epoch}, "
+                                     f"not before {p.epoch}")
+        votes = [vote[m.relay] if k == tx.sender else _vote(view, m.relay, k, rec) for k in members]
+        updated.append(aggregate(rec, votes))
     bump_member_nonce(view, tx)
     for m, rec in zip(p.measurements, updated):
+        view.put(vote_key(m.relay, tx.sender), vote[m.relay].encode())
         view.put(relay_key(m.relay), rec.encode())
+
+
+def _vote(view: StateView, relay: bytes, member: bytes, rec: RelayRecord) -> Optional[RelayVote]:
+    """member's vote on relay's current registration (a vote from before it last registered counts for nothing)."""
+    raw = view.get(vote_key(relay, member))
+    v = None if raw is None else RelayVote.decode(raw)
+    return v if v is not None and v.epoch >= rec.registered_height else None
+
+
+def aggregate(rec: RelayRecord, votes: list[Optional[RelayVote]]) -> RelayRecord:
+    """The relay's measurement from every current member's vote (None: that member has not measured it, which
+    counts as 0): the low medians of the measured rates and of the success shares, so members fewer than half can
+    raise neither above what an honest member measured, nor lower it below; the weight derived from them; and the
+    newest vote's epoch."""
+    low = (len(votes) - 1) // 2
+    measured = sorted(0 if v is None else v.measured_kib_s for v in votes)[low]
+    success = sorted(0 if v is None else v.success_ppm for v in votes)[low]
+    return replace(rec, measured_kib_s=measured, success_ppm=success,
+                   weight=relay_weight(measured, rec.rate_kib_s, success),
+                   measured_height=max(v.epoch for v in votes if v is not None))

@@ -42,6 +42,7 @@ class Namespace(IntEnum):
     COMPLETION = 0x12
     COMPLETION_CHALLENGE = 0x13
     MODEL_SERVERS = 0x14
+    RELAY_VOTE = 0x15
 
 
 def meta_key(name: str) -> bytes:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -21,7 +22,7 @@ from coincurve import PrivateKey
 
 from l2d.core.session import SessionRecord, SessionStatus
 from l2d.core.session_tx import quote_sat
-from tests.conftest import L2dProcess, Lan, Proc
+from tests.conftest import REPO, L2dProcess, Lan, Proc
 
 TOKEN = "netflow-test-admin-token-0001"
 MIB = 1 << 20
@@ -63,13 +64,13 @@ async def site() -> AsyncIterator[tuple[str, bytes]]:
 
 
 async def start_relay(tmp: Path, api: str, i: int, exit_: bool, procs: list[Proc], host: str = "127.0.0.1",
-                      netns: Optional[str] = None) -> tuple[Proc, str]:
+                      netns: Optional[str] = None, extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
     key = tmp / f"relay{i}.key"
     key.write_text(RELAYS[i].hex())
     key.chmod(0o600)
     args = ["netflow.relay", "--api", api, "--key", str(key), "--x25519-key", str(tmp / f"relay{i}.x25519"),
             "--listen", f"{host}:0", "--register", "--stake", "5000", "--price", str(PRICE), "--settle-every",
-            "3600"] + (["--exit"] if exit_ else [])
+            "3600", *extra] + (["--exit"] if exit_ else [])
     p = Proc(args, tmp / f"relay{i}.log", netns)
     procs.append(p)
     line = await asyncio.to_thread(p.first_line)
@@ -214,6 +215,40 @@ async def test_a_relay_killed_mid_download_the_client_fails_over_and_the_downloa
         assert d.stop() == 0
     finally:
         await runner.cleanup()
+
+
+async def test_relays_send_heartbeats_and_a_silent_one_is_passed_over(
+        tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
+        poll: Callable[..., Any], procs: list[Proc]) -> None:
+    """Two exits, A and B, heartbeating every 0.2 s: each one's last_heartbeat moves on past its registration. A is
+    SIGKILLed; once it has been silent for more than the client's --max-heartbeat-age (5 s), a client naming it
+    exits 2 saying why, and a client left to choose takes B, the only relay heard from (as GET
+    /api/netflow/sessions/{id} shows)."""
+    d = l2d_process(node_toml(tmp_path / "node.toml", {pk(CLIENT): FUNDS, **{pk(r): FUNDS for r in RELAYS[:2]}},
+                              TOKEN, block={"interval_ms": 50}))
+    api = d.url("")
+    (a, _), (b, _) = [await start_relay(tmp_path, api, i, True, procs, extra=("--heartbeat-every", "0.2"))
+                      for i in range(2)]
+
+    def listed() -> dict[str, Any]:
+        return {r["identity"]: r for r in d.get("/api/netflow/relays")["relays"]}
+    ida, idb = pk(RELAYS[0]).hex(), pk(RELAYS[1]).hex()
+    await poll(lambda: len(rs := listed()) == 2 and all(r["last_heartbeat"] > r["registered_height"]
+                                                        for r in rs.values()), 60, "both relays' heartbeats")
+    assert "heartbeat" in (tmp_path / "relay0.log").read_text()
+    a.kill()
+    await poll(lambda: listed()[ida]["heartbeat_age_ms"] > 5_000, 60, "A silent for over 5 s")
+    key = tmp_path / "client.key"
+    key.write_text(CLIENT.hex())
+    key.chmod(0o600)
+    named = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "netflow.client", "--api", api, "--key", str(key), "--socks",
+                         "127.0.0.1:0", "--max-heartbeat-age", "5", "--relays", ida], capture_output=True, text=True,
+        timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert named.returncode == 2 and f"heard from within 5 s: {ida}" in named.stderr, named.stderr
+    client, _, [sid] = await start_client(tmp_path, api, ["--mode", "direct", "--max-heartbeat-age", "5"], procs)
+    assert d.get(f"/api/netflow/sessions/{sid}")["relay"]["identity"] == idb
+    assert client.stop() == 0 and b.stop() == 0 and d.stop() == 0
 
 
 async def test_an_onion_path_across_network_namespaces_is_byte_identical_and_each_hop_paid(

@@ -12,14 +12,15 @@ from l2d.core.coin_tx import Transfer
 from l2d.core.errors import (DecodeError, InsufficientBalance, InvalidTransaction, OutOfRange, Rejected, Unauthorized)
 from l2d.core.params import LOCAL, MAX_MONEY
 from l2d.core.payload import Payload
-from l2d.core.relay import (EXIT_DELAY_BLOCKS, WEIGHT_CAP_KIB_S, RelayRecord, RelayStatus, get_relay, relay_key,
-                            relay_weight)
+from l2d.core.relay import (EXIT_DELAY_BLOCKS, WEIGHT_CAP_KIB_S, RelayRecord, RelayStatus, RelayVote, get_relay,
+                            relay_key, relay_weight, vote_key)
 from l2d.core.relay_tx import (FLAG_ENTRY, FLAG_EXIT, Measurement, RelayExit, RelayHeartbeat, RelayRegister,
                                RelayWeights, RelayWithdraw)
 from l2d.core.rules import apply_tx
 from l2d.core.session import SessionRecord
 from l2d.core.state import (SUPPLY_KEY, Account, Namespace, Rules, StateView, Supply, account_key, genesis_state,
                             locked_sat)
+from l2d.core.tree import KEY_SIZE
 from l2d.core.tx import Transaction, sign
 from l2d.core.work import WorkerRecord
 from tests.l2d.core.payload_checks import check_round_trip, check_strict
@@ -28,7 +29,7 @@ FEE = 2
 RULES = Rules(LOCAL, FEE)
 FUNDS = 1_000_000
 STAKE = 50_000
-RELAY, RELAY2, OTHER, MEMBER, MEMBER2 = 1, 2, 3, 9, 8
+RELAY, RELAY2, OTHER, MEMBER, MEMBER2, MEMBER3 = 1, 2, 3, 9, 8, 7
 
 
 def secret(n: int) -> bytes:
@@ -48,8 +49,9 @@ def register(rate: int = 10_000, flags: int = FLAG_ENTRY | FLAG_EXIT, stake: int
 class Chain:
     """A ledger in a dict: each apply is one block (height + 1), writes committed on success."""
 
-    def __init__(self) -> None:
-        self.state = genesis_state([(pk(n), FUNDS) for n in (RELAY, RELAY2, OTHER)], None, (pk(MEMBER), pk(MEMBER2)))
+    def __init__(self, members: tuple[int, ...] = (MEMBER, MEMBER2)) -> None:
+        self.state = genesis_state([(pk(n), FUNDS) for n in (RELAY, RELAY2, OTHER)], None,
+                                   tuple(pk(m) for m in members))
         self.height = 1
 
     def nonce(self, n: int) -> int:
@@ -65,7 +67,7 @@ class Chain:
         view = StateView(self.state.get, self.height)
         apply_tx(view, t, RULES)
         for k, v in view.writes.items():
-            assert v is not None
+            assert v is not None and len(k) == KEY_SIZE  # the state tree's keys are 33 bytes
             self.state[k] = v
         self.height += 1
         sup = Supply.decode(self.state[SUPPLY_KEY])
@@ -165,7 +167,7 @@ def test_register_heartbeat_exit_withdraw() -> None:
 
 
 def test_a_relay_weighs_what_the_federation_measured_never_what_it_advertises() -> None:
-    c = Chain()
+    c = Chain((MEMBER,))  # one member: its vote decides
     c.apply(RELAY, register(rate=100_000))  # advertises 10x what it really carries
     c.apply(RELAY2, register(rate=5_000))  # advertises less than it carries
     ms = tuple(sorted((Measurement(pk(RELAY), 10_000, 1_000_000), Measurement(pk(RELAY2), 9_000, 500_000)),
@@ -176,12 +178,49 @@ def test_a_relay_weighs_what_the_federation_measured_never_what_it_advertises() 
     assert (c.relay(RELAY).measured_kib_s, c.relay(RELAY).measured_height) == (10_000, epoch)
     assert relay_weight(2 * WEIGHT_CAP_KIB_S, 4 * WEIGHT_CAP_KIB_S, 1_000_000) == WEIGHT_CAP_KIB_S
     one = (Measurement(pk(RELAY), 1, 1),)
-    c.reject(InvalidTransaction, MEMBER2, RelayWeights(epoch, one), match=f"measured at epoch {epoch}")
-    c.reject(InvalidTransaction, MEMBER2, RelayWeights(c.height + 1, one), match="above this block's height")
-    c.reject(InvalidTransaction, MEMBER2, RelayWeights(c.height, (Measurement(pk(OTHER), 1, 1),)),
+    c.reject(InvalidTransaction, MEMBER, RelayWeights(epoch, one), match=f"measured by this member at epoch {epoch}")
+    c.reject(InvalidTransaction, MEMBER, RelayWeights(c.height + 1, one), match="above this block's height")
+    c.reject(InvalidTransaction, MEMBER, RelayWeights(c.height, (Measurement(pk(OTHER), 1, 1),)),
              match="not a registered relay")
+    c.reject(InvalidTransaction, MEMBER, RelayWeights(0, one), match="registered at height")
     c.reject(Unauthorized, OTHER, RelayWeights(c.height, one), fee=0)
-    c.reject(InvalidTransaction, MEMBER2, RelayWeights(c.height, one), fee=FEE, match="carries no fee")
-    c.apply(MEMBER2, RelayWeights(c.height, one))  # a later epoch, by another member, replaces the measurement
+    c.reject(InvalidTransaction, MEMBER, RelayWeights(c.height, one), fee=FEE, match="carries no fee")
+    c.apply(MEMBER, RelayWeights(c.height, one))  # a later epoch replaces the member's measurement
     assert c.relay(RELAY).weight == 0  # 1 KiB/s x 1 ppm success
+    assert RelayVote.decode(c.state[vote_key(pk(RELAY), pk(MEMBER))]) == RelayVote(c.height - 1, 1, 1)
     assert c.state[relay_key(pk(RELAY))] == c.relay(RELAY).encode()
+
+
+def test_a_relay_weighs_the_median_of_the_members_votes_so_a_lying_minority_cannot_move_it() -> None:
+    c = Chain((MEMBER, MEMBER2, MEMBER3))
+    c.apply(RELAY, register(rate=100_000))
+
+    def vote(member: int, kib_s: int, ppm: int = 1_000_000, epoch: Optional[int] = None) -> None:
+        c.apply(member, RelayWeights(c.height if epoch is None else epoch, (Measurement(pk(RELAY), kib_s, ppm),)))
+    vote(MEMBER, 100_000)  # one vote of three: a member that has not measured the relay counts 0
+    assert (c.relay(RELAY).weight, c.relay(RELAY).measured_height) == (0, c.height - 1)
+    vote(MEMBER2, 9_000, 900_000, epoch=c.height - 1)  # another member's vote at the same epoch is its own
+    assert c.relay(RELAY).weight == 9_000 * 900_000 // 1_000_000  # the lower of the two, never the liar's
+    vote(MEMBER3, 10_000)
+    r = c.relay(RELAY)  # medians of (100,000, 9,000, 10,000) and (1, 0.9, 1): honest members' figures
+    assert (r.measured_kib_s, r.success_ppm, r.weight) == (10_000, 1_000_000, 10_000)
+    vote(MEMBER, 0, 0)  # the liar now says the relay is dead: still the median of the three
+    assert c.relay(RELAY).weight == 9_000 * 900_000 // 1_000_000
+    # a relay that withdraws and registers again starts afresh: earlier votes count for nothing
+    c.apply(RELAY, RelayExit())
+    c.height += EXIT_DELAY_BLOCKS
+    c.apply(RELAY, RelayWithdraw())
+    c.apply(RELAY, register(rate=100_000))
+    vote(MEMBER3, 50_000)
+    assert c.relay(RELAY).weight == 0
+    vote(MEMBER2, 60_000)
+    r = c.relay(RELAY)
+    assert (r.measured_kib_s, r.weight, r.measured_height) == (50_000, 50_000, c.height - 1)
+    vote(MEMBER3, 70_000)  # a member's later vote replaces its own earlier one
+    assert c.relay(RELAY).weight == 60_000
+
+
+def test_a_malformed_vote_record_is_a_decode_error() -> None:
+    assert RelayVote.decode(RelayVote(1, 2, 3).encode()) == RelayVote(1, 2, 3)
+    with pytest.raises(DecodeError, match="relay vote of 15 bytes"):
+        RelayVote.decode(bytes(15))

@@ -238,7 +238,7 @@ def test_state_keys_and_values_layout() -> None:
     for bad in (b"", b"\0" * 16, b"\0" * 23, b"\0" * 25):
         with pytest.raises(DecodeError):
             Supply.decode(bad)
-    assert [int(n) for n in Namespace] == list(range(21))  # ... 0x12 completions, 0x13 challenges, 0x14 servers
+    assert [int(n) for n in Namespace] == list(range(22))  # ... 0x13 challenges, 0x14 servers, 0x15 relay votes
 
 
 # ---------------------------------------------------------------------------------------------- genesis
