@@ -23,7 +23,7 @@ import aiohttp
 from .core import tx as T
 from .core.params import Network, network_by_name
 from .core.payload import Payload
-from .txbatch import batches
+from .txbatch import batches, unanswered
 
 NOT_JSON = "http-error"  # the code of an error answered with a body that is not the daemon's JSON
 
@@ -175,10 +175,18 @@ class Client(_Base):
 
     def submit_txs(self, raws: Sequence[bytes]) -> list[dict[str, Any]]:
         """Submit signed transactions in batches (POST /api/l2/txs, binary; l2d/txbatch.py `batches`): one result per
-        transaction, in order: {"txid", "status": "pending"} or {"txid", "error", "message"}."""
+        transaction, in order: {"txid", "status": "pending"} or {"txid", "error", "message"}. The ApiError (or
+        Unreachable) of the first batch is raised: nothing was admitted; that of a later one is the result of its
+        transactions (they may have been admitted if it got no answer) and of the ones after it ("not-sent"),
+        so the results of the batches admitted before it are not lost."""
         out: list[dict[str, Any]] = []
-        for body in batches(raws):
-            out += self.request("POST", "/api/l2/txs", data=body)["results"]
+        for part, body in batches(raws):
+            try:
+                out += self.request("POST", "/api/l2/txs", data=body)["results"]
+            except ApiError as e:
+                if not out:
+                    raise
+                return out + unanswered(part, raws[len(out) + len(part):], e.code, str(e))
         return out
 
     def sign(self, secret: bytes, payload: Payload, fee_sat: int, *, nonce: Optional[int] = None,
@@ -342,8 +350,13 @@ class AsyncClient(_Base):
     async def submit_txs(self, raws: Sequence[bytes]) -> list[dict[str, Any]]:
         """Client.submit_txs."""
         out: list[dict[str, Any]] = []
-        for body in batches(raws):
-            out += (await self.request("POST", "/api/l2/txs", data=body))["results"]
+        for part, body in batches(raws):
+            try:
+                out += (await self.request("POST", "/api/l2/txs", data=body))["results"]
+            except ApiError as e:
+                if not out:
+                    raise
+                return out + unanswered(part, raws[len(out) + len(part):], e.code, str(e))
         return out
 
     async def sign(self, secret: bytes, payload: Payload, fee_sat: int, *, nonce: Optional[int] = None,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .core.errors import DecodeError, OutOfRange
+from .core.hashing import H_TXID
 from .core.tx import MAX_TX_SIZE
 
 MAX_BATCH = 1000  # transactions per request
@@ -17,17 +18,27 @@ def encode_batch(raws: Iterable[bytes]) -> bytes:
     return b"".join(_LEN.pack(len(r)) + r for r in raws)
 
 
-def batches(raws: Sequence[bytes]) -> Iterator[bytes]:
-    """raws as batch bodies of at most MAX_BATCH transactions and BATCH_BYTES bytes each, in order (1,000
-    transactions of the largest size would be 4.2 MB: a daemon with the default body limit answers 413)."""
+def batches(raws: Sequence[bytes]) -> Iterator[tuple[Sequence[bytes], bytes]]:
+    """raws in batches of at most MAX_BATCH transactions and BATCH_BYTES bytes each, in order: (the transactions,
+    their body). 1,000 transactions of the largest size would be 4.2 MB: a daemon with the default body limit
+    answers 413."""
     start, size = 0, 0
     for i, r in enumerate(raws):
         if i - start == MAX_BATCH or (i > start and size + 4 + len(r) > BATCH_BYTES):
-            yield encode_batch(raws[start:i])
+            yield raws[start:i], encode_batch(raws[start:i])
             start, size = i, 0
         size += 4 + len(r)
     if start < len(raws):
-        yield encode_batch(raws[start:])
+        yield raws[start:], encode_batch(raws[start:])
+
+
+def unanswered(batch: Sequence[bytes], rest: Sequence[bytes], code: str, why: str) -> list[dict[str, Any]]:
+    """The results of transactions whose batch got an error answer (or none: `why` says it) and of those after it,
+    never sent: one {"txid", "error", "message"} each, as the daemon's refusals."""
+    return ([{"txid": H_TXID(r).hex(), "error": code, "message": f"its batch was refused or not answered: {why}"}
+             for r in batch] +
+            [{"txid": H_TXID(r).hex(), "error": "not-sent", "message": f"an earlier batch failed: {why}"}
+             for r in rest])
 
 
 def decode_batch(body: bytes) -> list[bytes]:

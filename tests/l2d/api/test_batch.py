@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l2d.client import Client as L2Client
+from l2d.client import ApiError, Client as L2Client
 from l2d.core.coin_tx import Transfer
 from l2d.core.errors import DecodeError, OutOfRange
 from l2d.core.hashing import H_TXID
@@ -111,9 +112,9 @@ def test_client_batches_keep_to_the_count_and_the_body_size() -> None:
     big = [bytes([i % 251]) * MAX_TX_SIZE for i in range(600)]  # 600 of the largest: 2.5 MB in all
     small = [bytes([i % 251]) * 100 for i in range(2500)]
     for raws in (big, small, big[:1], []):
-        bodies = list(batches(raws))
-        assert all(len(b) <= BATCH_BYTES and len(decode_batch(b)) <= MAX_BATCH for b in bodies)
-        assert [r for b in bodies for r in decode_batch(b)] == raws  # all of them, in order
+        parts = list(batches(raws))
+        assert all(len(b) <= BATCH_BYTES and decode_batch(b) == list(p) and len(p) <= MAX_BATCH for p, b in parts)
+        assert [r for p, _ in parts for r in p] == raws  # all of them, in order
     assert len(list(batches(small))) == 3 and len(list(batches(big))) == 3  # by count; by size (248 a body)
 
 
@@ -152,12 +153,38 @@ def test_the_shared_client_submits_in_batches(tmp_path: Path, l2d_process: Any, 
     assert [x["txid"] for x in res[:50]] == [t.txid.hex() for t in txs]
 
 
+def test_a_refused_later_batch_keeps_the_results_of_the_batches_before_it(tmp_path: Path, l2d_process: Any,
+                                                                           node_toml: Any) -> None:
+    """A daemon whose body limit (200 kB) the second batch exceeds (413): the first batch's 1,000 results come back
+    (its 20 transfers pending), the second's transactions carry its error, and a batch after it is "not-sent";
+    with the first batch refused, the error is raised (nothing was admitted)."""
+    node = l2d_process(node_toml(tmp_path / "node.toml", {Keys.pubkey(1): 10**8}, ADMIN_TOKEN,
+                                 api={"max_body_bytes": 200_000}, mempool={"max_per_sender": 64}))
+    txs = [_transfer(1, n).raw for n in range(20)]
+    filler = [bytes([n % 251]) * 100 for n in range(MAX_BATCH - 20)]  # not transactions: each refused alone
+    big = [bytes([n % 251]) * MAX_TX_SIZE for n in range(300)]  # 1.3 MB: a 413 for the first of its bodies
+    raws = txs + filler + big
+    assert [len(p) for p, _ in batches(raws)] == [MAX_BATCH, 248, 52]
+    res = L2Client(node.url("")).submit_txs(raws)
+    assert len(res) == len(raws) and [r["txid"] for r in res] == [H_TXID(r).hex() for r in raws]
+    assert [r.get("status") for r in res[:20]] == ["pending"] * 20
+    assert all("error" in r and r["error"] != "not-sent" for r in res[20:MAX_BATCH])
+    assert {r["error"] for r in res[MAX_BATCH:MAX_BATCH + 248]} == {"body-too-large"}
+    assert {r["error"] for r in res[MAX_BATCH + 248:]} == {"not-sent"}
+    with pytest.raises(ApiError) as e:
+        L2Client(node.url("")).submit_txs(big)
+    assert e.value.status == 413
+    api, deadline = L2Client(node.url("")), time.monotonic() + 60
+    while api.account(Keys.pubkey(1).hex())["nonce"] != 20:  # the first batch's transfers commit
+        assert time.monotonic() < deadline, "the 20 admitted transfers were not committed"
+        time.sleep(0.05)
+
+
 def test_signature_workers_do_not_outlive_a_killed_daemon(tmp_path: Path, l2d_process: Any, node_toml: Any,
                                                           poll: Any) -> None:
     """A daemon SIGKILLed with its pool of signature workers running: the workers exit by themselves (a pool's
     worker otherwise waits on its queue forever, an orphan)."""
     import signal
-    import time
 
     node = l2d_process(node_toml(tmp_path / "node.toml", {Keys.pubkey(1): 10**8}, ADMIN_TOKEN,
                                  api={"signature_workers": 1}, mempool={"max_per_sender": 64}))
