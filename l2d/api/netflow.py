@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from ..core.block import HEADER_SIZE, BlockHeader
-from ..core.relay import RelayRecord, relay_key
-from ..core.state import Namespace
+from ..core.relay import RelayRecord, member_votes, relay_key
+from ..core.state import FEDERATION_MEMBERS_KEY, Namespace, decode_members
 from .deps import CHAIN
 from .http import ApiError
 from .sessions import session_json
@@ -27,19 +27,24 @@ def relay_json(identity: bytes, r: RelayRecord) -> dict[str, Any]:
 
 async def relays(request: web.Request) -> web.Response:
     """GET /api/netflow/relays: every registered relay (withdrawn ones too, with their status), by identity, with
-    the timestamp of the block of its last heartbeat (or registration) and its age by this node's clock: clients
-    pass over relays silent for longer than they accept."""
+    the timestamp of the block of its last heartbeat (or registration) and its age by this node's clock (clients
+    pass over relays silent for longer than they accept), and the members' votes its weight comes from."""
     chain = request.app[CHAIN]
     now_ms = int(time.time() * 1000)
     out = []
     with chain.reader() as r:
         height = r.tip_height() or 0
+        raw_members = r.get_state(FEDERATION_MEMBERS_KEY)
+        members = decode_members(raw_members) if raw_members is not None else ()
         for k, v in r.iter_prefix(bytes((Namespace.RELAY,))):
             rec = RelayRecord.decode(v)
             raw = r.get_block(rec.last_heartbeat)
             beat_ms = 0 if raw is None else BlockHeader.decode(bytes(raw[:HEADER_SIZE]), chain.network).timestamp_ms
+            votes = [{"member": m.hex(), "epoch": x.epoch, "measured_kib_s": x.measured_kib_s,
+                      "success_ppm": x.success_ppm}
+                     for m, x in zip(members, member_votes(r.get_state, k[1:], rec, members)) if x is not None]
             out.append({**relay_json(k[1:], rec), "last_heartbeat_ms": beat_ms,
-                        "heartbeat_age_ms": max(0, now_ms - beat_ms)})
+                        "heartbeat_age_ms": max(0, now_ms - beat_ms), "votes": votes})
     return web.json_response({"relays": out, "height": height})
 
 

@@ -492,7 +492,8 @@ def _others() -> list[Operation]:
         "flags": NAT, "entry": BOOL, "exit": BOOL, "endpoint": STR, "rate_kib_s": NAT, "price_msat_per_mib": NAT,
         "measured_kib_s": NAT, "success_ppm": NAT, "weight": NAT, "measured_height": NAT, "last_heartbeat": NAT,
         "registered_height": NAT, "exit_height": null(NAT)})
-    listed = obj({**relay["properties"], "last_heartbeat_ms": NAT, "heartbeat_age_ms": NAT})
+    listed = obj({**relay["properties"], "last_heartbeat_ms": NAT, "heartbeat_age_ms": NAT, "votes": arr(obj({
+        "member": H32, "epoch": NAT, "measured_kib_s": NAT, "success_ppm": NAT}))})
     session = obj({
         "session_id": H32, "status": names(SessionStatus), "client": H32, "server": H32, "session_key": HEX,
         "deposit_sat": NAT, "price_msat": NAT, "unit": NAT, "expiry_height": NAT, "open_height": NAT,

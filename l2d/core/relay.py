@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from .codec import Reader, write_bytes
 from .errors import DecodeError, InvalidTransaction
@@ -175,7 +175,7 @@ def apply_weights(view: StateView, tx: Transaction, rules: Rules) -> None:
     if p.epoch > view.height:
         raise InvalidTransaction(f"weights epoch {p.epoch} is above this block's height {view.height}")
     members = decode_members(view.get(FEDERATION_MEMBERS_KEY) or b"")
-    vote = {m.relay: RelayVote(p.epoch, m.measured_kib_s, m.success_ppm) for m in p.measurements}
+    me = members.index(tx.sender)
     updated = []
     for m in p.measurements:
         rec = _need_relay(view, m.relay)
@@ -184,23 +184,29 @@ def apply_weights(view: StateView, tx: Transaction, rules: Rules) -> None:
         if p.epoch < rec.registered_height:
             raise InvalidTransaction(f"relay {m.relay.hex()} registered at height {rec.registered_height}, after "
                                      f"epoch {p.epoch}")
-        mine = _vote(view, m.relay, tx.sender, rec)
+        votes = member_votes(view.get, m.relay, rec, members)
+        mine = votes[me]
         if mine is not None and p.epoch <= mine.epoch:
             raise InvalidTransaction(f"relay {m.relay.hex()} was measured by this member at epoch {mine.epoch}, "
                                      f"not before {p.epoch}")
-        votes = [vote[m.relay] if k == tx.sender else _vote(view, m.relay, k, rec) for k in members]
-        updated.append(aggregate(rec, votes))
+        votes[me] = RelayVote(p.epoch, m.measured_kib_s, m.success_ppm)
+        updated.append((votes[me], aggregate(rec, votes)))
     bump_member_nonce(view, tx)
-    for m, rec in zip(p.measurements, updated):
-        view.put(vote_key(m.relay, tx.sender), vote[m.relay].encode())
+    for m, (vote, rec) in zip(p.measurements, updated):
+        view.put(vote_key(m.relay, tx.sender), vote.encode())
         view.put(relay_key(m.relay), rec.encode())
 
 
-def _vote(view: StateView, relay: bytes, member: bytes, rec: RelayRecord) -> Optional[RelayVote]:
-    """member's vote on relay's current registration (a vote from before it last registered counts for nothing)."""
-    raw = view.get(vote_key(relay, member))
-    v = None if raw is None else RelayVote.decode(raw)
-    return v if v is not None and v.epoch >= rec.registered_height else None
+def member_votes(get: Callable[[bytes], Optional[bytes]], relay: bytes, rec: RelayRecord,
+                 members: Sequence[bytes]) -> list[Optional[RelayVote]]:
+    """Each member's vote on the relay's current registration, in member order (None: it has none, or only one
+    from before the relay last registered, which counts for nothing)."""
+    out: list[Optional[RelayVote]] = []
+    for k in members:
+        raw = get(vote_key(relay, k))
+        v = None if raw is None else RelayVote.decode(raw)
+        out.append(v if v is not None and v.epoch >= rec.registered_height else None)
+    return out
 
 
 def aggregate(rec: RelayRecord, votes: list[Optional[RelayVote]]) -> RelayRecord:
