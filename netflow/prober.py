@@ -5,8 +5,10 @@ each ACTIVE relay from a sink of its own (a TCP server that sends probe_bytes to
 any other relay as the first hop of a 2-hop circuit to the exit weighing most among those of another operator
 (sbws's pairing with a fast exit). It pays like any client, from sessions it opens with its member key, so a relay
 cannot tell a probe from a user. It keeps each relay's last PROBES_KEPT results and posts one RelayWeights
-transaction per round: the median throughput of the successful probes and the share that succeeded; the state
-derives the weight, min(measured, advertised, cap) x success.
+transaction per round: the median throughput of the successful probes and the share that succeeded. That is this
+member's vote; the state derives the weight from all current members' votes (low medians, then min(measured,
+advertised, cap) x success). It probes every ACTIVE relay, silent ones too: a dead relay's failed probes weigh it 0,
+and one that comes back is measured again.
 """
 from __future__ import annotations
 
