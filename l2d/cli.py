@@ -36,6 +36,7 @@ from .core.pegs_tx import PeginClaim
 from .core.session_tx import SessionClose
 from .core.tree import Proof, verify_proof
 from .core.tx import public_key
+from .datadir import write_atomic
 from .genesis import NodeError, genesis_block_header, load_genesis
 from .keys import KeyFileError, load_or_create_secret, load_secret
 
@@ -631,21 +632,6 @@ threshold = {threshold}   # a block needs this many of the {n} member signatures
 {listed}"""
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write path through a temporary file beside it: fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _write_genesis(dirs: list[Path], network: Network, genesis_path: Path) -> FederationGenesis:
     """Each member's genesis, computed as its daemon will from DIR/member-K/l2d.toml: the same block 0 for all (or
     CliError), written to genesis_path (the file `l2-verify chain --members` reads)."""
@@ -661,7 +647,7 @@ def _write_genesis(dirs: list[Path], network: Network, genesis_path: Path) -> Fe
     fed = FederationGenesis(network, genesis.membership, genesis.member_ids, headers[0])
     buf = io.BytesIO()
     write_genesis_file(buf, fed)
-    _write_durably(genesis_path, buf.getvalue())
+    write_atomic(genesis_path, buf.getvalue(), 0o644)
     return fed
 
 

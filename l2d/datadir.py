@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,33 @@ def free_bytes(path: Path) -> int:
     """Bytes an unprivileged process may still write on path's filesystem."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace path's contents with data at once and durably: a temporary file beside it (mode `mode`), fsynced,
+    renamed over path, then the directory fsynced. A crash at any point leaves the old contents or the new."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in directory durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_private_dir(path: Path) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +18,7 @@ from .core.codec import U8, U32, Reader
 from .core.errors import DecodeError, TrailingBytes, UnknownVersion, WrongNetwork
 from .core.params import Network
 from .core.tx import MAX_TX_SIZE
+from .datadir import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +124,5 @@ def save_logged(path: Path, network: Network, contents: MempoolFile) -> None:
 def save(path: Path, network: Network, contents: MempoolFile) -> int:
     """Write the file atomically (tmp + fsync + rename + directory fsync), mode 0600; returns its size."""
     data = encode(network, contents)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, data)
     return len(data)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

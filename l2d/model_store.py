@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Optional
+
+from .datadir import write_atomic
 
 MODEL_DIR = "fl-models"
 
@@ -30,12 +31,7 @@ class ModelStore:
         p = self.path(h)
         if not p.exists():
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+            write_atomic(p, raw, 0o644)
         return h
 
     def get(self, params_hash: bytes) -> Optional[bytes]:
