@@ -44,6 +44,7 @@ MIB = 1 << 20
 RECEIPT_EVERY_BYTES = MIB
 RECEIPT_EVERY_S = 2.0
 UPLOAD_END_S = 60.0  # after the destination's end, the application's side may still send this long
+ABANDON_S = 10.0  # a stream the application left: the exit's END (after what was on its way) is awaited this long
 RENEW_MARGIN = 8 * MIB  # a session is renewed once its deposit would not pay for this many more bytes
 MAX_HEARTBEAT_AGE_S = 180.0  # a relay silent longer (3 of l2-relay's default heartbeat intervals) is not chosen
 
@@ -154,6 +155,7 @@ class Circuit:
         self.network, self.paid = network, paid
         self.keys: list[HopKeys] = []
         self.link: Optional[Link] = None  # to the first relay
+        self.ended = False  # the exit's END came: nothing more is on its way
 
     async def build(self) -> None:
         """CREATE with the first relay, EXTEND to each next one; HopFailed names the relay that was not reached."""
@@ -210,6 +212,17 @@ class Circuit:
                 return i, Cmd.DATA, plain[1:]
             return i, plain[0], bytes(plain[1:])
         raise WireError("a FORWARD from the last hop")
+
+    async def abandon(self) -> None:
+        """Stop the stream mid-way (the application went away): CLOSE to the exit, then read what the path had sent
+        already up to the exit's END, counting it as each relay counted it when it sent it, so that the next receipts
+        pay each relay exactly what it carried (bytes left unread would count against this session's credit window
+        at every relay, for every later circuit)."""
+        exit_hop = len(self.paid) - 1
+        await self.send(exit_hop, Cmd.CLOSE, b"")
+        while (await self.recv())[:2] != (exit_hop, Cmd.END):
+            pass
+        self.ended = True
 
     async def pay(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -313,6 +326,8 @@ class NetflowClient:
             writer.write(socks_reply(0x00 if ok else 0x04))
             await writer.drain()
             if not ok or circuit is None:
+                if circuit is not None:
+                    circuit.ended = True  # no stream began
                 return
             circuits.add(circuit)
             await pump(circuit, reader, writer)
@@ -320,11 +335,15 @@ class NetflowClient:
             log.warning("path dropped: %s", e)
             if circuit is not None:
                 self.dead.update(p.relay.identity for p in circuit.paid)  # the next circuit takes another path
+                circuit.ended = True  # nothing more is read from it
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             log.info("SOCKS connection ended: %s", e)
         finally:
             if circuit is not None:
                 circuits.discard(circuit)
+                if not circuit.ended:  # the application went away mid-stream (or the path broke: this fails fast)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(circuit.abandon(), ABANDON_S)
                 with contextlib.suppress(Exception):
                     await circuit.pay(force=True)
                 circuit.close()
@@ -353,6 +372,7 @@ async def pump(circuit: Circuit, reader: asyncio.StreamReader, writer: asyncio.S
                 await circuit.pay()  # a receipt once a MiB more is due: the relays' windows never close
                 await writer.drain()
             elif cmd == Cmd.END:
+                circuit.ended = True
                 if writer.can_write_eof():
                     writer.write_eof()
                 with contextlib.suppress(asyncio.TimeoutError):  # an application that never ends its side

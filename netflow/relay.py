@@ -13,6 +13,9 @@ the best receipt by `window` bytes, the relay stops reading the destination or t
 client's downloads pause until it pays); past twice the window, or on a receipt that is not valid, the circuit is
 closed. A relay's loss to a client that stops paying is at most one window.
 
+Each receipt accepted is appended to a file (`--receipts`, beside the key by default) before the relay relies on it:
+a relay killed before it settled reads the file back when it restarts and settles what the L2 has not (ReceiptLog).
+
 It sends a RelayHeartbeat at start (registering counts as one) and every `--heartbeat-every` seconds (60): clients
 pass over a relay not heard from for longer than they accept (180 s by default), so a relay that dies stops being
 chosen even before the federation's probes weigh it 0. SIGINT/SIGTERM stop it after a last settlement; a registered
@@ -25,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -37,6 +41,7 @@ import uvloop
 
 from l2d.aio import until_signalled
 from l2d.client import ApiError, AsyncClient
+from l2d.datadir import write_atomic
 from l2d.core.errors import L2Error
 from l2d.core.params import Network
 from l2d.core.relay_tx import RelayHeartbeat
@@ -87,11 +92,58 @@ class CircuitClosed(Exception):
     pass
 
 
+class ReceiptLog:
+    """The receipts the relay accepted, appended to a file as they arrive (Receipt.SIZE bytes each, nothing else):
+    the best of each session is what the relay is owed until it has settled it, so a relay killed before settling
+    reads them back when it restarts and settles them. Each append is one write(2), in the kernel's page cache once
+    made (a killed process loses none); the file is fsynced before every settlement pass (a power cut loses at most
+    the receipts since). At start, and once it has grown past COMPACT_BYTES, the file is rewritten (atomically)
+    with only the receipts still owed."""
+
+    COMPACT_BYTES = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def append(self, r: Receipt) -> None:
+        os.write(self._fd, r.encode())
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def best(self) -> dict[bytes, Receipt]:
+        """The highest-seq receipt of each session in the file (a torn last record, or one that does not decode,
+        is skipped: the relay checks the others against the L2 before it settles them)."""
+        data = self.path.read_bytes()
+        out: dict[bytes, Receipt] = {}
+        for i in range(0, len(data) - Receipt.SIZE + 1, Receipt.SIZE):
+            try:
+                r = Receipt.decode(data[i:i + Receipt.SIZE])
+            except L2Error:
+                continue
+            if r.session_id not in out or r.seq > out[r.session_id].seq:
+                out[r.session_id] = r
+        return out
+
+    def rewrite(self, keep: list[Receipt]) -> None:
+        write_atomic(self.path, b"".join(r.encode() for r in keep))
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class Relay:
     def __init__(self, *, api: AsyncClient, network: Network, secret: bytes, x25519_key: X25519PrivateKey,
                  price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
                  fee_sat: int = 1, max_rate_kib_s: int = 0, handshake_s: float = HANDSHAKE_S,
-                 pay_wait_s: float = PAY_WAIT_S, heartbeat_every_s: float = HEARTBEAT_EVERY_S) -> None:
+                 pay_wait_s: float = PAY_WAIT_S, heartbeat_every_s: float = HEARTBEAT_EVERY_S,
+                 receipts: Optional[ReceiptLog] = None) -> None:
         self.api, self.network = api, network
         self._secret = secret  # the identity key: it signs the settlements
         self.identity = PrivateKey(secret).public_key_xonly.format()
@@ -106,6 +158,7 @@ class Relay:
         self.heartbeat_every_s = heartbeat_every_s  # 0: none
         self.beat_at = -float("inf")  # when the last heartbeat was sent (monotonic): the first tick sends one
         self.sessions: dict[bytes, SessionState] = {}
+        self.receipts = receipts  # None: kept in memory only (a killed relay loses what it had not settled)
         self._tip = 0
         self.max_rate = max_rate_kib_s * 1024  # bytes/s over all circuits; 0 = unlimited
         self._free_at = 0.0  # when the rate limit lets the next byte go
@@ -162,14 +215,37 @@ class Relay:
             check_receipt(base, r, self.network.id, self._tip)
         except L2Error as e:
             raise WireError(f"receipt refused: {e}") from None
+        if self.receipts is not None:
+            self.receipts.append(r)
         s.best = r
         s.paid.set()
+
+    async def recover(self) -> None:
+        """The receipts the log holds that the L2 has not settled (sessions of this relay, not closed): owed, so
+        the next settlement redeems them; the log is rewritten with just those."""
+        if self.receipts is None:
+            return
+        owed = []
+        for sid, r in self.receipts.best().items():
+            try:
+                rec = await self.record(sid)
+            except ApiError as e:
+                log.warning("receipt of session %s not recovered: %s", sid.hex(), e)
+                continue
+            if rec.server != self.identity or rec.status != SessionStatus.OPEN or r.seq <= rec.seq:
+                continue
+            self.sessions[sid] = SessionState(sid, rec, best=r, settled_seq=rec.seq)
+            owed.append(r)
+            log.info("receipt recovered", extra={"session": sid.hex(), "seq": r.seq, "amount_sat": r.amount_sat})
+        self.receipts.rewrite(owed)  # before any circuit: no append can fall between
 
     async def settle(self) -> None:
         """Redeem each session's best receipt not yet settled; forget sessions past their expiry once settled (a
         receipt is worth nothing after it: the client may close the session)."""
         with contextlib.suppress(ApiError):
             self._tip = int((await self.api.status())["height"])
+        if self.receipts is not None:
+            await asyncio.to_thread(self.receipts.sync)
         for sid, s in list(self.sessions.items()):
             if s.best is None or s.best.seq <= s.settled_seq:
                 if s.record.expiry_height < self._tip:
@@ -192,6 +268,10 @@ class Relay:
                                                    "txid": res.get("txid")})
             except ApiError as e:
                 log.warning("settlement of session %s refused: %s", sid.hex(), e)
+        if self.receipts is not None and self.receipts.size() > ReceiptLog.COMPACT_BYTES:
+            # on the event loop, so that no receipt is appended to the file being replaced
+            self.receipts.rewrite([s.best for s in self.sessions.values()
+                                   if s.best is not None and s.best.seq > s.settled_seq])
 
     async def heartbeat(self) -> None:
         """A RelayHeartbeat once heartbeat_every_s have passed since the last: clients pass over relays silent for
@@ -210,16 +290,16 @@ class Relay:
             log.warning("heartbeat refused: %s", e)
 
     async def duties(self) -> None:
-        """Settle every settle_every_s, send a heartbeat every heartbeat_every_s, one after the other (each
-        transaction takes the next nonce)."""
+        """Settle at once and every settle_every_s, send a heartbeat every heartbeat_every_s, one after the other
+        (each transaction takes the next nonce)."""
         tick = min(self.settle_every_s, self.heartbeat_every_s or self.settle_every_s)
-        settled_at = time.monotonic()
+        settled_at = -float("inf")  # the first pass at once: it redeems what recover() found owed
         while True:
-            await self.heartbeat()
-            await asyncio.sleep(tick)
             if time.monotonic() - settled_at >= self.settle_every_s:
                 settled_at = time.monotonic()
                 await self.settle()
+            await self.heartbeat()
+            await asyncio.sleep(tick)
 
     # -- circuits ---------------------------------------------------------------------------------------------
     async def handle(self, link: Link) -> None:
@@ -253,6 +333,7 @@ class _Circuit:
         self.down: Optional[Link] = None  # the next relay, or the destination (the exit)
         self.down_task: Optional[asyncio.Task[None]] = None
         self.is_exit = False
+        self.stopping = False  # CLOSE came: the destination is no longer read
 
     async def send_up(self, cmd: Cmd, data: Union[Buf, Chunk]) -> None:
         self.up.write(self.keys.seal_bwd(cmd, data, framed=True))
@@ -272,7 +353,7 @@ class _Circuit:
         """Wait while the bytes carried exceed the paid units by the window (the client pays, or the circuit
         waits); CircuitClosed once no better receipt came for pay_wait_s (a client that stopped paying holds no
         connection for ever; one whose application pauses reading that long opens a new circuit)."""
-        while self.s.carried - self.s.paid_units > self.relay.window:
+        while self.s.carried - self.s.paid_units > self.relay.window and not self.stopping:
             self.s.paid.clear()
             try:
                 await asyncio.wait_for(self.s.paid.wait(), self.relay.pay_wait_s)
@@ -312,6 +393,8 @@ class _Circuit:
         elif cmd == Cmd.END:
             if self.down is not None and self.is_exit and self.down.can_write_eof():
                 self.down.write_eof()
+        elif cmd == Cmd.CLOSE:
+            self.close_stream()
         elif cmd == Cmd.EXTEND:
             await self.extend(bytes(data))
         elif cmd == Cmd.CONNECT:
@@ -368,10 +451,23 @@ class _Circuit:
         await self.send_up(Cmd.CONNECTED, b"\x00")
         self.down_task = asyncio.create_task(self.from_destination(down))
 
+    def close_stream(self) -> None:
+        """CLOSE: the destination's connection is closed and no more of it is read; from_destination then sends END
+        after the last chunk it counted (a chunk is counted just before it is sealed and written), so the client,
+        reading up to END, counts the same bytes this relay does, and pays for them. (Not by cancelling the task:
+        Python 3.11's wait_for, in credit(), can swallow a cancellation that meets a receipt.)"""
+        if self.down is None or not self.is_exit:
+            raise WireError("CLOSE before CONNECT")
+        self.stopping = True
+        self.down.close()
+        self.s.paid.set()  # a credit() wait re-checks, and sees stopping
+
     async def from_destination(self, down: Link) -> None:
         try:
             while (chunk := await down.read()) is not None:
                 await self.credit()
+                if self.stopping:
+                    break
                 await self.carry(chunk.n)
                 await self.send_up(Cmd.DATA, chunk)  # sealed in the buffer the destination's bytes came in
             await self.send_up(Cmd.END, b"")
@@ -413,6 +509,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--settle-every", type=float, default=5.0, help="seconds between settlements")
     ap.add_argument("--heartbeat-every", type=float, default=HEARTBEAT_EVERY_S,
                     help="seconds between heartbeats (default 60; 0: none, clients then pass the relay over)")
+    ap.add_argument("--receipts", type=Path, default=None,
+                    help="the file the receipts are kept in until settled (default: the key file's name, .receipts)")
     ap.add_argument("--pay-wait", type=float, default=PAY_WAIT_S,
                     help="seconds a circuit waits for a receipt with its window used up before it is closed")
     ap.add_argument("--max-rate", type=int, default=0, help="carry at most this many KiB/s (0: no limit)")
@@ -433,7 +531,9 @@ async def _run(a: Any) -> int:
         network = await api.network()
         relay = Relay(api=api, network=network, secret=secret, x25519_key=x_key, price_msat_per_mib=a.price,
                       exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate,
-                      pay_wait_s=a.pay_wait, heartbeat_every_s=a.heartbeat_every)
+                      pay_wait_s=a.pay_wait, heartbeat_every_s=a.heartbeat_every,
+                      receipts=ReceiptLog(a.receipts or a.key.with_suffix(".receipts")))
+        await relay.recover()  # what an earlier run was paid and did not settle, settled by the first pass below
         server = await serve(relay.handle, host, port)
         bound = server.sockets[0].getsockname()
         endpoint = f"{bound[0]}:{bound[1]}"
@@ -457,6 +557,8 @@ async def _run(a: Any) -> int:
             server.close()
             settle.cancel()
             await relay.settle()  # what was paid is redeemed before the relay goes
+            if relay.receipts is not None:
+                relay.receipts.close()
             await _stop_note(api, a, relay.identity.hex())
     return 0
 

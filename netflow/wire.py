@@ -62,6 +62,7 @@ class Cmd(enum.IntEnum):
     CONNECTED = 0x15  # status u8 (0 = connected)
     DATA = 0x16  # application bytes
     END = 0x17  # the stream is over (either direction)
+    CLOSE = 0x18  # to the exit: stop the stream (the application went away); the exit answers END
 
 
 @dataclass

@@ -189,11 +189,11 @@ def apply_weights(view: StateView, tx: Transaction, rules: Rules) -> None:
         if mine is not None and p.epoch <= mine.epoch:
             raise InvalidTransaction(f"relay {m.relay.hex()} was measured by this member at epoch {mine.epoch}, "
                                      f"not before {p.epoch}")
-        votes[me] = RelayVote(p.epoch, m.measured_kib_s, m.success_ppm)
-        updated.append((votes[me], aggregate(rec, votes)))
+        vote = votes[me] = RelayVote(p.epoch, m.measured_kib_s, m.success_ppm)
+        updated.append((vote, aggregate(rec, votes)))
     bump_member_nonce(view, tx)
-    for m, (vote, rec) in zip(p.measurements, updated):
-        view.put(vote_key(m.relay, tx.sender), vote.encode())
+    for m, (v, rec) in zip(p.measurements, updated):
+        view.put(vote_key(m.relay, tx.sender), v.encode())
         view.put(relay_key(m.relay), rec.encode())
 
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from coincurve import PrivateKey
 
 from l2d.core.session import SessionRecord, SessionStatus
-from l2d.core.session_tx import quote_sat
+from l2d.core.session_tx import Receipt, quote_sat
 from tests.conftest import REPO, L2dProcess, Lan, Proc
 
 TOKEN = "netflow-test-admin-token-0001"
@@ -160,8 +160,10 @@ async def test_a_relay_killed_mid_download_the_client_fails_over_and_the_downloa
         tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_toml: Callable[..., Path],
         poll: Callable[..., Any], procs: list[Proc]) -> None:
     """Two exits, A and B. A download through A is cut by SIGKILLing A halfway (the server holds the second half until
-    then); curl retries, the client cannot reach A, takes B (opening a session with it) and the download completes
-    byte-identical. B is paid for the bytes it carried, within the few bytes of the HTTP exchange."""
+    then, and A is killed once its receipts file holds the client's receipt for that first MiB); curl retries, the
+    client cannot reach A, takes B (opening a session with it) and the download completes byte-identical. B is paid
+    for the bytes it carried, within the few bytes of the HTTP exchange; A, restarted, settles the receipt it had
+    written before it died: bytes paid == bytes carried, for both."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     body = os.urandom(2 * MIB)
@@ -197,7 +199,13 @@ async def test_a_relay_killed_mid_download_the_client_fails_over_and_the_downloa
                              "--retry-delay", "1", "--socks5-hostname", socks, url, "-o", str(out)],
             capture_output=True, text=True, timeout=180))
         await asyncio.wait_for(half.wait(), 60)
-        a.kill()  # SIGKILL mid-download
+
+        def paid_a() -> Optional[Receipt]:
+            raw = (tmp_path / "relay0.receipts").read_bytes()
+            last = Receipt.decode(raw[-Receipt.SIZE:]) if len(raw) >= Receipt.SIZE else None
+            return last if last is not None and last.units >= MIB else None
+        owed = await poll(paid_a, 60, "A's receipt for the first MiB on its disk")
+        a.kill()  # SIGKILL mid-download, before any settlement (--settle-every 3600)
         killed.set()
         r = await download
         assert r.returncode == 0, r.stderr
@@ -211,7 +219,13 @@ async def test_a_relay_killed_mid_download_the_client_fails_over_and_the_downloa
         rec = SessionRecord.decode(bytes.fromhex(d.get(f"/api/sessions/{settled['session']}")["value"]))
         assert rec.server == pk(RELAYS[1]) and rec.session_key and rec.settled_sat == settled["amount_sat"]
         assert len(body) <= rec.units <= len(body) + 4096  # the body, the request and the response headers
-        assert d.get(f"/api/sessions/{sid_a}")["settled"]["seq"] == 0  # A died before settling: its loss
+        assert d.get(f"/api/sessions/{sid_a}")["settled"]["seq"] == 0  # A died before settling
+        a, _ = await start_relay(tmp_path, api, 0, True, procs)  # the same key and receipts file
+        await poll(lambda: d.get(f"/api/sessions/{sid_a}")["settled"]["seq"] >= owed.seq, 60, "A's receipts settled")
+        rec_a = SessionRecord.decode(bytes.fromhex(d.get(f"/api/sessions/{sid_a}")["value"]))
+        assert MIB <= rec_a.units <= MIB + 4096  # what A carried before it died: half the body and the headers
+        assert "receipt recovered" in (tmp_path / "relay0.log").read_text()
+        assert a.stop() == 0
         assert d.stop() == 0
     finally:
         await runner.cleanup()

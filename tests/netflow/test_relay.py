@@ -21,12 +21,12 @@ import pytest
 from coincurve import PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from l2d.client import AsyncClient
+from l2d.client import ApiError, AsyncClient
 from l2d.core.relay import EXIT_DELAY_BLOCKS
 from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
 from l2d.core.session_tx import Receipt
 from netflow.client import Circuit, HopFailed, NetflowClient, Paid, RelayInfo
-from netflow.relay import Relay
+from netflow.relay import ReceiptLog, Relay
 from netflow import client as netflow_client
 from netflow import wire
 from netflow.wire import MAX_DATA, Cmd, WireError, x25519_public
@@ -175,6 +175,62 @@ async def test_a_settlement_not_seen_committed_is_retried_and_one_the_l2_has_is_
     assert len(submitted) == 1 and s.settled_seq == s.best.seq
 
 
+async def test_receipts_on_disk_are_settled_by_the_relay_that_restarts_and_only_what_is_owed_is_kept(
+        world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
+    """Every receipt the relay accepts is appended to its log before it counts; a new Relay on the same file (a
+    restart) recovers the best receipt of each session the L2 has not settled, skipping a torn last record, records
+    that do not decode and sessions the L2 does not know, rewrites the file with just that, and its first settlement
+    redeems it; once settled nothing is owed. A log past COMPACT_BYTES is cut to what is owed after a settlement."""
+    relay, client, api = world["relay"], world["client"], world["api"]
+    path = tmp_path / "relay.receipts"
+    relay.receipts = ReceiptLog(path)
+    c = await connected(world, client)
+    while client.paid[0].units < 2 * MIB:
+        await asyncio.wait_for(c.recv(), 30)
+        await c.pay(force=True)
+    [s] = relay.sessions.values()
+    await c.abandon()  # the stream stopped mid-way: what was on its way read and counted
+    await c.pay(force=True)
+    await poll(lambda: s.best is not None and s.best.seq == client.paid[0].seq, 30, "every receipt at the relay")
+    c.close()
+    raw = path.read_bytes()
+    assert len(raw) == s.best.seq * Receipt.SIZE and raw[-Receipt.SIZE:] == s.best.encode()  # each, in order
+    stranger = Receipt.sign(relay.network.id, PrivateKey(), os.urandom(32), 9, 1, 1)
+    with path.open("ab") as f:  # a session the L2 does not know, a record that is not a receipt, half a record
+        f.write(stranger.encode() + bytes(Receipt.SIZE) + s.best.encode()[:50])
+
+    restarted = Relay(api=api, network=relay.network, secret=RELAY, x25519_key=relay.x25519, price_msat_per_mib=PRICE,
+                      exit_allowed=True, settle_every_s=3600, receipts=ReceiptLog(path))
+    await restarted.recover()
+    [r] = restarted.sessions.values()
+    assert (r.sid, r.best, r.settled_seq) == (s.sid, s.best, 0)
+    assert path.read_bytes() == s.best.encode()  # only what is owed
+    await restarted.settle()
+    settled = await api.get(f"/api/sessions/{s.sid.hex()}")
+    assert settled["settled"]["seq"] == s.best.seq and settled["settled"]["units"] == s.best.units
+
+    again = Relay(api=api, network=relay.network, secret=RELAY, x25519_key=relay.x25519, price_msat_per_mib=PRICE,
+                  exit_allowed=True, settle_every_s=3600, receipts=ReceiptLog(path))
+    await again.recover()
+    assert again.sessions == {} and path.read_bytes() == b""  # settled: nothing owed
+
+    monkeypatch.setattr(ReceiptLog, "COMPACT_BYTES", 2 * Receipt.SIZE)
+    c = await connected(world, client)  # the same session, paid further: the first relay object logs it
+    relay.receipts = again.receipts
+    relay.sessions[s.sid].settled_seq = s.best.seq
+    for _ in range(3):
+        await asyncio.wait_for(c.recv(), 30)
+        await c.pay(force=True)
+    await poll(lambda: s.best is not None and s.best.seq == client.paid[0].seq, 30, "the new receipts at the relay")
+    c.close()
+    assert len(path.read_bytes()) == 3 * Receipt.SIZE
+    async def refused(*a: Any, **k: Any) -> Any:
+        raise ApiError(503, "busy", "the daemon is busy")
+    monkeypatch.setattr(api, "sign_and_submit", refused)
+    await relay.settle()  # refused: still owed, and the log past its limit keeps just the best
+    assert path.read_bytes() == s.best.encode()
+
+
 async def test_a_relay_registered_with_an_unusable_x25519_key_is_a_failed_hop(world: dict[str, Any]) -> None:
     # the registry checks the key's length only; a low-order point makes no shared secret: that relay is a hop that
     # failed (the client fails over, the prober counts a failed probe), not an error that stops them
@@ -313,6 +369,40 @@ async def test_a_socks_connection_whose_application_never_ends_its_side_closes_c
     front.close()
     await front.wait_closed()
     assert errors == [] and not circuits
+
+
+async def test_an_application_that_leaves_mid_download_leaves_the_session_usable_and_exactly_paid(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
+    """An application reads 1 MiB of a 4 MiB download and resets its connection. The client stops the stream
+    (CLOSE), reads what was already on its way up to the exit's END and pays for it: every byte the relay carried is
+    paid, to the byte, and the next download on the same session is not held by bytes nobody paid for (without
+    the CLOSE they stayed counted against the credit window, and every later circuit waited for a receipt that
+    never came: the session was wedged)."""
+    relay, client = world["relay"], world["client"]
+    monkeypatch.setattr(netflow_client, "RECEIPT_EVERY_BYTES", 64 * 1024)  # paid well within the 256 KiB window
+    circuits: set[Circuit] = set()
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        await client.socks(r, wire.buffered(w), circuits)
+    front = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        r, w = await socks_connect(front, world["dest"])
+        assert await asyncio.wait_for(r.readexactly(MIB), 30) == world["payload"][:MIB]
+        w.transport.abort()  # a reset, with the rest of the download on its way
+        await asyncio.wait_for(handlers[0], 30)
+        [s] = relay.sessions.values()
+        assert s.carried == client.paid[0].units  # the client counted every byte the relay carried
+        await poll(lambda: s.paid_units == s.carried, 30, "the last receipt at the relay")  # paid, to the byte
+        r, w = await socks_connect(front, world["dest"])
+        assert await asyncio.wait_for(r.read(), 30) == world["payload"]  # the same session carries on
+        w.close()
+        await asyncio.wait_for(handlers[1], 30)
+        assert s.carried == client.paid[0].units
+        await poll(lambda: s.paid_units == s.carried, 30, "the last receipt at the relay")
+    finally:
+        front.close()
 
 
 async def test_a_link_that_sends_half_a_frame_is_closed_after_the_handshake_time(
