@@ -107,7 +107,11 @@ class ReceiptLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def append(self, r: Receipt) -> None:
-        os.write(self._fd, r.encode())
+        """One record, whole (a short write is continued). OSError (a full disk): the caller logs it, and the
+        receipt is then only in memory."""
+        data = memoryview(r.encode())
+        while data:
+            data = data[os.write(self._fd, data):]
 
     def sync(self) -> None:
         os.fsync(self._fd)
@@ -133,9 +137,6 @@ class ReceiptLog:
         write_atomic(self.path, b"".join(r.encode() for r in keep))
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 class Relay:
@@ -216,28 +217,39 @@ class Relay:
         except L2Error as e:
             raise WireError(f"receipt refused: {e}") from None
         if self.receipts is not None:
-            self.receipts.append(r)
+            try:
+                self.receipts.append(r)
+            except OSError as e:  # the relay's own disk: the receipt still counts, but a crash would lose it
+                log.error("receipt of session %s not written to %s: %s", s.sid.hex(), self.receipts.path, e)
         s.best = r
         s.paid.set()
 
     async def recover(self) -> None:
-        """The receipts the log holds that the L2 has not settled (sessions of this relay, not closed): owed, so
-        the next settlement redeems them; the log is rewritten with just those."""
+        """The receipts the log holds that the L2 has not settled (sessions of this relay, OPEN, not expired): owed,
+        so the next settlement redeems them. A receipt whose session could not be read (the node unreachable,
+        busy) stays in the log for the next start; one of a session the L2 does not have is dropped. The log is
+        rewritten with what is kept."""
         if self.receipts is None:
             return
-        owed = []
+        with contextlib.suppress(ApiError):
+            self._tip = int((await self.api.status())["height"])
+        keep = []
         for sid, r in self.receipts.best().items():
             try:
                 rec = await self.record(sid)
             except ApiError as e:
                 log.warning("receipt of session %s not recovered: %s", sid.hex(), e)
+                if e.status != 404:
+                    keep.append(r)
                 continue
-            if rec.server != self.identity or rec.status != SessionStatus.OPEN or r.seq <= rec.seq:
+            if (rec.server != self.identity or rec.status != SessionStatus.OPEN or r.seq <= rec.seq
+                    or rec.expiry_height < self._tip):
                 continue
-            self.sessions[sid] = SessionState(sid, rec, best=r, settled_seq=rec.seq)
-            owed.append(r)
+            # it carried at least what it was paid: the credit window starts from there
+            self.sessions[sid] = SessionState(sid, rec, best=r, settled_seq=rec.seq, carried=r.units)
+            keep.append(r)
             log.info("receipt recovered", extra={"session": sid.hex(), "seq": r.seq, "amount_sat": r.amount_sat})
-        self.receipts.rewrite(owed)  # before any circuit: no append can fall between
+        self.receipts.rewrite(keep)  # before any circuit: no append can fall between
 
     async def settle(self) -> None:
         """Redeem each session's best receipt not yet settled; forget sessions past their expiry once settled (a
@@ -258,6 +270,11 @@ class Relay:
                 if on_l2.seq >= best.seq:
                     s.settled_seq = on_l2.seq
                     continue
+                if on_l2.status != SessionStatus.OPEN or on_l2.expiry_height < self._tip:
+                    log.warning("receipt %d of session %s cannot be settled any more (%s, expiry height %d): lost",
+                                best.seq, sid.hex(), on_l2.status.name, on_l2.expiry_height)
+                    del self.sessions[sid]
+                    continue
                 res = await self.api.sign_and_submit(self._secret, SessionSettle(best), self.fee_sat)
                 st = await self.api.wait_tx(res["txid"], 30)  # the next settlement takes the next nonce
                 if st is None or st.get("status") != "committed":  # tried again at the next settlement
@@ -268,6 +285,7 @@ class Relay:
                                                    "txid": res.get("txid")})
             except ApiError as e:
                 log.warning("settlement of session %s refused: %s", sid.hex(), e)
+            await self.heartbeat()  # when due: many slow settlements must not make the relay look silent
         if self.receipts is not None and self.receipts.size() > ReceiptLog.COMPACT_BYTES:
             # on the event loop, so that no receipt is appended to the file being replaced
             self.receipts.rewrite([s.best for s in self.sessions.values()
@@ -295,10 +313,13 @@ class Relay:
         tick = min(self.settle_every_s, self.heartbeat_every_s or self.settle_every_s)
         settled_at = -float("inf")  # the first pass at once: it redeems what recover() found owed
         while True:
-            if time.monotonic() - settled_at >= self.settle_every_s:
-                settled_at = time.monotonic()
-                await self.settle()
-            await self.heartbeat()
+            try:
+                if time.monotonic() - settled_at >= self.settle_every_s:
+                    settled_at = time.monotonic()
+                    await self.settle()
+                await self.heartbeat()
+            except Exception:  # a pass that fails (a full disk, say) is logged; the next one starts afresh
+                log.exception("settlement or heartbeat failed")
             await asyncio.sleep(tick)
 
     # -- circuits ---------------------------------------------------------------------------------------------
@@ -527,12 +548,19 @@ async def _run(a: Any) -> int:
     x_secret = load_or_create_secret(a.x25519_key, "relay X25519")
     x_key = X25519PrivateKey.from_private_bytes(x_secret)
     host, port = _endpoint(a.listen.encode(), listen=True)
+    receipts_path = a.receipts or a.key.with_suffix(".receipts")
+    try:
+        receipts = ReceiptLog(receipts_path)
+    except OSError as e:
+        print(f"l2-relay: cannot open the receipts file {receipts_path} ({e.strerror}): give a writable one with "
+              f"--receipts", file=sys.stderr)
+        return 2
     async with AsyncClient(a.api) as api:
         network = await api.network()
         relay = Relay(api=api, network=network, secret=secret, x25519_key=x_key, price_msat_per_mib=a.price,
                       exit_allowed=a.exit, window=a.window, settle_every_s=a.settle_every, max_rate_kib_s=a.max_rate,
                       pay_wait_s=a.pay_wait, heartbeat_every_s=a.heartbeat_every,
-                      receipts=ReceiptLog(a.receipts or a.key.with_suffix(".receipts")))
+                      receipts=receipts)
         await relay.recover()  # what an earlier run was paid and did not settle, settled by the first pass below
         server = await serve(relay.handle, host, port)
         bound = server.sockets[0].getsockname()
@@ -556,9 +584,11 @@ async def _run(a: Any) -> int:
         finally:
             server.close()
             settle.cancel()
-            await relay.settle()  # what was paid is redeemed before the relay goes
-            if relay.receipts is not None:
-                relay.receipts.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settle
+            # what was paid is redeemed before the relay goes (its receipts file stays open until the process
+            # ends: links still open may still pay)
+            await relay.settle()
             await _stop_note(api, a, relay.identity.hex())
     return 0
 

@@ -22,8 +22,10 @@ from coincurve import PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from l2d.client import ApiError, AsyncClient
+from l2d.core.coin_tx import Transfer
 from l2d.core.relay import EXIT_DELAY_BLOCKS
 from l2d.core.relay_tx import FLAG_ENTRY, FLAG_EXIT, RelayRegister
+from l2d.core.session import SessionStatus
 from l2d.core.session_tx import Receipt
 from netflow.client import Circuit, HopFailed, NetflowClient, Paid, RelayInfo
 from netflow.relay import ReceiptLog, Relay
@@ -179,8 +181,10 @@ async def test_receipts_on_disk_are_settled_by_the_relay_that_restarts_and_only_
         world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
     """Every receipt the relay accepts is appended to its log before it counts; a new Relay on the same file (a
     restart) recovers the best receipt of each session the L2 has not settled, skipping a torn last record, records
-    that do not decode and sessions the L2 does not know, rewrites the file with just that, and its first settlement
-    redeems it; once settled nothing is owed. A log past COMPACT_BYTES is cut to what is owed after a settlement."""
+    that do not decode and sessions the L2 does not know or that expired, rewrites the file with just that (what
+    could not be checked, the node being down, is kept), and its first settlement redeems it; once settled nothing
+    is owed. A log past COMPACT_BYTES is cut to what is owed after a settlement; a session closed before its receipt
+    was settled is given up."""
     relay, client, api = world["relay"], world["client"], world["api"]
     path = tmp_path / "relay.receipts"
     relay.receipts = ReceiptLog(path)
@@ -199,18 +203,37 @@ async def test_receipts_on_disk_are_settled_by_the_relay_that_restarts_and_only_
     with path.open("ab") as f:  # a session the L2 does not know, a record that is not a receipt, half a record
         f.write(stranger.encode() + bytes(Receipt.SIZE) + s.best.encode()[:50])
 
-    restarted = Relay(api=api, network=relay.network, secret=RELAY, x25519_key=relay.x25519, price_msat_per_mib=PRICE,
-                      exit_allowed=True, settle_every_s=3600, receipts=ReceiptLog(path))
+    def restart(log_path: Path) -> Relay:
+        return Relay(api=api, network=relay.network, secret=RELAY, x25519_key=relay.x25519, price_msat_per_mib=PRICE,
+                     exit_allowed=True, settle_every_s=3600, receipts=ReceiptLog(log_path))
+    copy = tmp_path / "copy.receipts"
+    copy.write_bytes(path.read_bytes())
+    down = restart(path)
+
+    async def unreachable(sid: bytes) -> Any:
+        raise ApiError(0, "unreachable", "the node is down")
+    monkeypatch.setattr(down, "record", unreachable)
+    await down.recover()  # nothing can be checked: every receipt that decodes is kept for the next start
+    assert down.sessions == {} and path.read_bytes() == s.best.encode() + stranger.encode()
+    expired = restart(copy)
+    real_record = expired.record
+
+    async def past_expiry(sid: bytes) -> Any:
+        return dataclasses.replace(await real_record(sid), expiry_height=0)
+    monkeypatch.setattr(expired, "record", past_expiry)
+    await expired.recover()  # a session past its expiry can no longer be settled: dropped
+    assert expired.sessions == {} and copy.read_bytes() == b""
+
+    restarted = restart(path)
     await restarted.recover()
     [r] = restarted.sessions.values()
-    assert (r.sid, r.best, r.settled_seq) == (s.sid, s.best, 0)
+    assert (r.sid, r.best, r.settled_seq, r.carried) == (s.sid, s.best, 0, s.best.units)
     assert path.read_bytes() == s.best.encode()  # only what is owed
     await restarted.settle()
     settled = await api.get(f"/api/sessions/{s.sid.hex()}")
     assert settled["settled"]["seq"] == s.best.seq and settled["settled"]["units"] == s.best.units
 
-    again = Relay(api=api, network=relay.network, secret=RELAY, x25519_key=relay.x25519, price_msat_per_mib=PRICE,
-                  exit_allowed=True, settle_every_s=3600, receipts=ReceiptLog(path))
+    again = restart(path)
     await again.recover()
     assert again.sessions == {} and path.read_bytes() == b""  # settled: nothing owed
 
@@ -229,6 +252,13 @@ async def test_receipts_on_disk_are_settled_by_the_relay_that_restarts_and_only_
     monkeypatch.setattr(api, "sign_and_submit", refused)
     await relay.settle()  # refused: still owed, and the log past its limit keeps just the best
     assert path.read_bytes() == s.best.encode()
+    real_record = relay.record
+
+    async def closed(sid: bytes) -> Any:
+        return dataclasses.replace(await real_record(sid), status=SessionStatus.CLOSED)
+    monkeypatch.setattr(relay, "record", closed)
+    await relay.settle()  # a session closed before its receipt was settled: given up, not tried for ever
+    assert s.sid not in relay.sessions
 
 
 async def test_a_relay_registered_with_an_unusable_x25519_key_is_a_failed_hop(world: dict[str, Any]) -> None:
@@ -403,6 +433,54 @@ async def test_an_application_that_leaves_mid_download_leaves_the_session_usable
         await poll(lambda: s.paid_units == s.carried, 30, "the last receipt at the relay")
     finally:
         front.close()
+
+
+async def test_a_two_hop_stream_left_mid_way_is_paid_to_the_byte_at_both_relays(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
+    """The same through two relays (an entry in front of the world's exit, each with a 256 KiB window): after the
+    reset, the client reads up to the exit's END paying as it goes (the entry may be waiting at its window for bytes
+    already on their way), and each relay's count equals the client's count for it, paid; the next download on the
+    same path completes."""
+    exit_relay, api = world["relay"], world["api"]
+    monkeypatch.setattr(netflow_client, "RECEIPT_EVERY_BYTES", 64 * 1024)
+    entry_secret = hashlib.sha256(b"netflow relay test entry").digest()
+    res = await api.sign_and_submit(CLIENT, Transfer(pk(entry_secret), 100_000), 1)
+    await api.wait_tx(res["txid"], 60)
+    x = X25519PrivateKey.generate()
+    entry = Relay(api=api, network=exit_relay.network, secret=entry_secret, x25519_key=x, price_msat_per_mib=PRICE,
+                  exit_allowed=False, window=WINDOW, settle_every_s=3600)
+    server = await wire.serve(entry.handle, "127.0.0.1", 0)
+    endpoint = "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    res = await api.sign_and_submit(entry_secret, RelayRegister(5000, x25519_public(x), pk(entry_secret), FLAG_ENTRY,
+                                                                1000, PRICE, endpoint.encode()), 1)
+    await api.wait_tx(res["txid"], 60)
+    client = NetflowClient(api, exit_relay.network, CLIENT, hops=2)
+    infos = {r.identity: r for r in await client.relays()}
+    await client.open_sessions([infos[pk(entry_secret)], infos[pk(RELAY)]], 50_000, 1000)
+    circuits: set[Circuit] = set()
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        await client.socks(r, wire.buffered(w), circuits)
+    front = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        for n, whole in enumerate((False, True)):
+            r, w = await socks_connect(front, world["dest"])
+            if whole:
+                assert await asyncio.wait_for(r.read(), 30) == world["payload"]
+                w.close()
+            else:
+                assert await asyncio.wait_for(r.readexactly(MIB), 30) == world["payload"][:MIB]
+                w.transport.abort()
+            await asyncio.wait_for(handlers[n], 30)
+            for relay, paid in ((entry, client.paid[0]), (exit_relay, client.paid[1])):
+                [s] = relay.sessions.values()
+                assert s.carried == paid.units  # the client counted every byte this relay carried
+                await poll(lambda: s.paid_units == s.carried, 30, "the last receipt at the relay")
+    finally:
+        front.close()
+        server.close()
 
 
 async def test_a_link_that_sends_half_a_frame_is_closed_after_the_handshake_time(

@@ -3,6 +3,7 @@ checked in worker processes; a malformed batch admits nothing; the shared client
 daemon."""
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import time
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l2d.client import ApiError, Client as L2Client
+from l2d.client import ApiError, AsyncClient, Client as L2Client
 from l2d.core.coin_tx import Transfer
 from l2d.core.errors import DecodeError, OutOfRange
 from l2d.core.hashing import H_TXID
@@ -178,6 +179,15 @@ def test_a_refused_later_batch_keeps_the_results_of_the_batches_before_it(tmp_pa
     while api.account(Keys.pubkey(1).hex())["nonce"] != 20:  # the first batch's transfers commit
         assert time.monotonic() < deadline, "the 20 admitted transfers were not committed"
         time.sleep(0.05)
+
+    async def submit_async(raws: list[bytes]) -> list[dict[str, Any]]:
+        async with AsyncClient(node.url("")) as c:
+            return await c.submit_txs(raws)
+    more = [_transfer(1, n).raw for n in range(20, 40)] + filler + big  # the async client does the same
+    res = asyncio.run(submit_async(more))
+    assert [r["txid"] for r in res] == [H_TXID(r).hex() for r in more]
+    assert [r.get("status") for r in res[:20]] == ["pending"] * 20
+    assert [r["error"] for r in res[MAX_BATCH:]] == ["body-too-large"] * 248 + ["not-sent"] * 52
 
 
 def test_signature_workers_do_not_outlive_a_killed_daemon(tmp_path: Path, l2d_process: Any, node_toml: Any,
