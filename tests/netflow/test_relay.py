@@ -549,3 +549,14 @@ async def test_a_stopped_relay_says_how_to_leave_and_l2_relay_exit_takes_it_out_
     r = l2_relay("withdraw", "--api", api, "--key", str(key))
     assert r.returncode == 1 and f"locked until height {rec['exit_height'] + EXIT_DELAY_BLOCKS}" in r.stderr
     assert record()["stake_sat"] == 5000
+
+
+def test_a_receipts_file_that_cannot_be_opened_is_a_clear_exit_2(tmp_path: Path) -> None:
+    key = tmp_path / "relay.key"
+    key.write_text(RELAY.hex())
+    key.chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "netflow.relay", "--key", str(key), "--x25519-key",
+                        str(tmp_path / "relay.x25519"), "--receipts", str(tmp_path / "missing" / "relay.receipts")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and "cannot open the receipts file" in r.stderr and "--receipts" in r.stderr, r.stderr
