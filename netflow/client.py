@@ -225,8 +225,12 @@ class Circuit:
         self.ended = True
 
     async def pay(self, force: bool = False) -> None:
+        """A receipt to each relay that is due one (every one still unpaid, with force). The last hop first: a
+        receipt for a hop is carried, and counted, by the hops before it, so each hop's own receipt comes after the
+        ones it carries and pays for them too."""
         now = time.monotonic()
-        for i, p in enumerate(self.paid):
+        for i in reversed(range(len(self.paid))):
+            p = self.paid[i]
             if p.due(now) or (force and p.units > p.receipted_units):
                 r = p.receipt(self.network.id, now)
                 await self.send(i, Cmd.RECEIPT, r.encode())
