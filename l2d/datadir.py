@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .core.errors import Rejected
+from .core.snapshot import fsync_dir
 from .genesis import NodeError
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in directory durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_private_dir(path: Path) -> None:

@@ -494,7 +494,8 @@ def snapshot_name(network: Network, height: int) -> str:
     return f"snapshot-{network.name}-{height:012d}.l2snap"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in directory durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -551,7 +552,7 @@ def write_snapshot_file(directory: Union[str, os.PathLike[str]], network: Networ
             os.rename(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return final
 
 
@@ -585,5 +586,5 @@ def prune_snapshots(directory: Union[str, os.PathLike[str]], keep: int,
             continue
         removed.append(path)
     if removed:
-        _fsync_dir(Path(directory))
+        fsync_dir(Path(directory))
     return removed
