@@ -143,8 +143,8 @@ class Relay:
     def __init__(self, *, api: AsyncClient, network: Network, secret: bytes, x25519_key: X25519PrivateKey,
                  price_msat_per_mib: int, exit_allowed: bool, window: int = WINDOW, settle_every_s: float = 5.0,
                  fee_sat: int = 1, max_rate_kib_s: int = 0, handshake_s: float = HANDSHAKE_S,
-                 pay_wait_s: float = PAY_WAIT_S, heartbeat_every_s: float = HEARTBEAT_EVERY_S,
-                 receipts: Optional[ReceiptLog] = None) -> None:
+                 receipts: ReceiptLog, pay_wait_s: float = PAY_WAIT_S,
+                 heartbeat_every_s: float = HEARTBEAT_EVERY_S) -> None:
         self.api, self.network = api, network
         self._secret = secret  # the identity key: it signs the settlements
         self.identity = PrivateKey(secret).public_key_xonly.format()
@@ -159,7 +159,7 @@ class Relay:
         self.heartbeat_every_s = heartbeat_every_s  # 0: none
         self.beat_at = -float("inf")  # when the last heartbeat was sent (monotonic): the first tick sends one
         self.sessions: dict[bytes, SessionState] = {}
-        self.receipts = receipts  # None: kept in memory only (a killed relay loses what it had not settled)
+        self.receipts = receipts
         self._tip = 0
         self.max_rate = max_rate_kib_s * 1024  # bytes/s over all circuits; 0 = unlimited
         self._free_at = 0.0  # when the rate limit lets the next byte go
@@ -216,11 +216,10 @@ class Relay:
             check_receipt(base, r, self.network.id, self._tip)
         except L2Error as e:
             raise WireError(f"receipt refused: {e}") from None
-        if self.receipts is not None:
-            try:
-                self.receipts.append(r)
-            except OSError as e:  # the relay's own disk: the receipt still counts, but a crash would lose it
-                log.error("receipt of session %s not written to %s: %s", s.sid.hex(), self.receipts.path, e)
+        try:
+            self.receipts.append(r)
+        except OSError as e:  # the relay's own disk: the receipt still counts, but a crash would lose it
+            log.error("receipt of session %s not written to %s: %s", s.sid.hex(), self.receipts.path, e)
         s.best = r
         s.paid.set()
 
@@ -229,8 +228,6 @@ class Relay:
         so the next settlement redeems them. A receipt whose session could not be read (the node unreachable,
         busy) stays in the log for the next start; one of a session the L2 does not have is dropped. The log is
         rewritten with what is kept."""
-        if self.receipts is None:
-            return
         with contextlib.suppress(ApiError):
             self._tip = int((await self.api.status())["height"])
         keep = []
@@ -256,8 +253,7 @@ class Relay:
         receipt is worth nothing after it: the client may close the session)."""
         with contextlib.suppress(ApiError):
             self._tip = int((await self.api.status())["height"])
-        if self.receipts is not None:
-            await asyncio.to_thread(self.receipts.sync)
+        await asyncio.to_thread(self.receipts.sync)
         for sid, s in list(self.sessions.items()):
             if s.best is None or s.best.seq <= s.settled_seq:
                 if s.record.expiry_height < self._tip:
@@ -286,7 +282,7 @@ class Relay:
             except ApiError as e:
                 log.warning("settlement of session %s refused: %s", sid.hex(), e)
             await self.heartbeat()  # when due: many slow settlements must not make the relay look silent
-        if self.receipts is not None and self.receipts.size() > ReceiptLog.COMPACT_BYTES:
+        if self.receipts.size() > ReceiptLog.COMPACT_BYTES:
             # on the event loop, so that no receipt is appended to the file being replaced
             self.receipts.rewrite([s.best for s in self.sessions.values()
                                    if s.best is not None and s.best.seq > s.settled_seq])

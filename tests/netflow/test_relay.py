@@ -72,7 +72,8 @@ async def world(tmp_path: Path, l2d_process: Callable[..., L2dProcess], node_tom
         network = await api.network()
         x = X25519PrivateKey.generate()
         relay = Relay(api=api, network=network, secret=RELAY, x25519_key=x, price_msat_per_mib=PRICE,
-                      exit_allowed=True, window=WINDOW, settle_every_s=3600)
+                      exit_allowed=True, window=WINDOW, settle_every_s=3600,
+                      receipts=ReceiptLog(tmp_path / "relay.receipts"))
         relay_server = await wire.serve(relay.handle, "127.0.0.1", 0)
         endpoint = "127.0.0.1:%d" % relay_server.sockets[0].getsockname()[1]
         res = await api.sign_and_submit(RELAY, RelayRegister(5000, x25519_public(x), pk(RELAY),
@@ -186,8 +187,7 @@ async def test_receipts_on_disk_are_settled_by_the_relay_that_restarts_and_only_
     is owed. A log past COMPACT_BYTES is cut to what is owed after a settlement; a session closed before its receipt
     was settled is given up."""
     relay, client, api = world["relay"], world["client"], world["api"]
-    path = tmp_path / "relay.receipts"
-    relay.receipts = ReceiptLog(path)
+    path = relay.receipts.path
     c = await connected(world, client)
     while client.paid[0].units < 2 * MIB:
         await asyncio.wait_for(c.recv(), 30)
@@ -335,6 +335,18 @@ async def socks_connect(front: asyncio.AbstractServer, dest: str) -> tuple[async
     return r, w
 
 
+async def socks_front(client: NetflowClient) -> tuple[asyncio.AbstractServer, list[asyncio.Task[Any]]]:
+    """The client's SOCKS5 front on a free port, and the tasks serving its connections (one per connection, in
+    order: a test waits for one to know the client is done with that connection)."""
+    circuits: set[Circuit] = set()
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        await client.socks(r, wire.buffered(w), circuits)
+    return await asyncio.start_server(handler, "127.0.0.1", 0), handlers
+
+
 async def test_a_frame_altered_on_the_wire_is_detected_and_the_circuit_dropped(
         world: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A man in the middle flips one bit of the client's CONNECT layer: the relay's ChaCha20-Poly1305 check fails,
@@ -410,13 +422,7 @@ async def test_an_application_that_leaves_mid_download_leaves_the_session_usable
     never came: the session was wedged)."""
     relay, client = world["relay"], world["client"]
     monkeypatch.setattr(netflow_client, "RECEIPT_EVERY_BYTES", 64 * 1024)  # paid well within the 256 KiB window
-    circuits: set[Circuit] = set()
-    handlers: list[asyncio.Task[Any]] = []
-
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
-        await client.socks(r, wire.buffered(w), circuits)
-    front = await asyncio.start_server(handler, "127.0.0.1", 0)
+    front, handlers = await socks_front(client)
     try:
         r, w = await socks_connect(front, world["dest"])
         assert await asyncio.wait_for(r.readexactly(MIB), 30) == world["payload"][:MIB]
@@ -436,7 +442,7 @@ async def test_an_application_that_leaves_mid_download_leaves_the_session_usable
 
 
 async def test_a_two_hop_stream_left_mid_way_is_paid_to_the_byte_at_both_relays(
-        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
+        world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poll: Callable[..., Any]) -> None:
     """The same through two relays (an entry in front of the world's exit, each with a 256 KiB window): after the
     reset, the client reads up to the exit's END paying as it goes (the entry may be waiting at its window for bytes
     already on their way), and each relay's count equals the client's count for it, paid; the next download on the
@@ -448,7 +454,8 @@ async def test_a_two_hop_stream_left_mid_way_is_paid_to_the_byte_at_both_relays(
     await api.wait_tx(res["txid"], 60)
     x = X25519PrivateKey.generate()
     entry = Relay(api=api, network=exit_relay.network, secret=entry_secret, x25519_key=x, price_msat_per_mib=PRICE,
-                  exit_allowed=False, window=WINDOW, settle_every_s=3600)
+                  exit_allowed=False, window=WINDOW, settle_every_s=3600,
+                  receipts=ReceiptLog(tmp_path / "entry.receipts"))
     server = await wire.serve(entry.handle, "127.0.0.1", 0)
     endpoint = "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
     res = await api.sign_and_submit(entry_secret, RelayRegister(5000, x25519_public(x), pk(entry_secret), FLAG_ENTRY,
@@ -457,13 +464,7 @@ async def test_a_two_hop_stream_left_mid_way_is_paid_to_the_byte_at_both_relays(
     client = NetflowClient(api, exit_relay.network, CLIENT, hops=2)
     infos = {r.identity: r for r in await client.relays()}
     await client.open_sessions([infos[pk(entry_secret)], infos[pk(RELAY)]], 50_000, 1000)
-    circuits: set[Circuit] = set()
-    handlers: list[asyncio.Task[Any]] = []
-
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
-        await client.socks(r, wire.buffered(w), circuits)
-    front = await asyncio.start_server(handler, "127.0.0.1", 0)
+    front, handlers = await socks_front(client)
     try:
         for n, whole in enumerate((False, True)):
             r, w = await socks_connect(front, world["dest"])
