@@ -36,10 +36,14 @@ async def relays(request: web.Request) -> web.Response:
         height = r.tip_height() or 0
         raw_members = r.get_state(FEDERATION_MEMBERS_KEY)
         members = decode_members(raw_members) if raw_members is not None else ()
+        stamps: dict[int, int] = {}  # height -> its block's timestamp (relays often beat in one block)
         for k, v in r.iter_prefix(bytes((Namespace.RELAY,))):
             rec = RelayRecord.decode(v)
-            raw = r.get_block(rec.last_heartbeat)
-            beat_ms = 0 if raw is None else BlockHeader.decode(bytes(raw[:HEADER_SIZE]), chain.network).timestamp_ms
+            if rec.last_heartbeat not in stamps:
+                raw = r.get_block(rec.last_heartbeat)
+                stamps[rec.last_heartbeat] = 0 if raw is None else BlockHeader.decode(
+                    bytes(raw[:HEADER_SIZE]), chain.network).timestamp_ms
+            beat_ms = stamps[rec.last_heartbeat]
             votes = [{"member": m.hex(), "epoch": x.epoch, "measured_kib_s": x.measured_kib_s,
                       "success_ppm": x.success_ppm}
                      for m, x in zip(members, member_votes(r.get_state, k[1:], rec, members)) if x is not None]
