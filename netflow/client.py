@@ -255,9 +255,9 @@ class NetflowClient:
 
     async def relays(self) -> list[RelayInfo]:
         """The relays a path may take: ACTIVE, and heard from (a heartbeat, or the registration) within the
-        accepted age (by the node's clock; a node too old to say is taken at its word: ACTIVE)."""
+        accepted age (by the node's clock)."""
         return [RelayInfo.from_json(r) for r in (await self.api.get("/api/netflow/relays"))["relays"]
-                if r["status"] == "ACTIVE" and int(r.get("heartbeat_age_ms", 0)) <= self.max_heartbeat_age_ms]
+                if r["status"] == "ACTIVE" and int(r["heartbeat_age_ms"]) <= self.max_heartbeat_age_ms]
 
     async def open_sessions(self, path: Sequence[RelayInfo], deposit_sat: Optional[int] = None,
                             blocks: Optional[int] = None) -> None:
